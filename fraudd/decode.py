@@ -1,0 +1,272 @@
+"""Turn a batch of raw stream entries into validated numpy columns.
+
+The happy path decodes the whole batch with one ``orjson.loads`` over the payloads joined into a
+JSON array; only a batch that holds a bad payload falls back to one ``loads`` per entry, so that
+each bad entry gets its own reason and the good ones in the same batch are still scored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import orjson
+
+MAX_PAYLOAD_BYTES = 16 * 1024
+MAX_ID_CHARS = 64
+MAX_TEXT_CHARS = 256
+
+# Reasons written to the DLQ; operators filter on them, so they are a contract.
+REASON_TOO_LARGE = "payload_too_large"
+REASON_NOT_UTF8 = "invalid_utf8"
+REASON_NOT_JSON = "invalid_json"
+REASON_NOT_OBJECT = "not_an_object"
+REASON_MISSING = "missing_field"
+REASON_INVALID = "invalid_field"
+REASON_NO_DATA = "missing_data_field"
+REASON_MAX_DELIVERIES = "max_deliveries"
+REASON_PROCESSING = "processing_error"
+
+# A payload holding two top-level values ("{...},{...}") would shift every later element of the
+# joined array onto the wrong entry; such batches take the per-entry path instead.
+_VALUE_BOUNDARY = re.compile(rb"\}\s*,")
+_CHANNELS = frozenset(("pos", "ecom", "atm"))
+_NUMBER_TYPES = (int, float)
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An entry that cannot be scored, with the reason the DLQ records."""
+
+    entry_id: str
+    payload: bytes
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The valid transactions of one read, as columns; row i of every column is one transaction.
+
+    Text columns are Python lists (they go to Redis and PostgreSQL as text anyway); numeric
+    columns are numpy arrays so features and rules work on the whole batch at once.
+    """
+
+    entry_ids: list[str]
+    transaction_id: list[str]
+    user_id: list[str]
+    merchant: list[str]
+    amount: np.ndarray  # float64
+    timestamp: np.ndarray  # float64 Unix seconds (event time)
+    card_id: list[str | None]
+    currency: list[str]
+    mcc: list[str | None]
+    country: list[str | None]
+    device_id: list[str | None]
+    ip: list[str | None]
+    channel: list[str | None]
+    lat: np.ndarray  # float64, NaN when absent
+    lon: np.ndarray
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entry_ids)
+
+    def take(self, rows: np.ndarray | list[int]) -> DecodedBatch:
+        """The sub-batch of the given row positions (rejections are not carried over)."""
+        rows = list(rows)
+        pick = _picker(rows)
+        index = np.asarray(rows, dtype=np.intp)
+        return DecodedBatch(
+            entry_ids=pick(self.entry_ids),
+            transaction_id=pick(self.transaction_id),
+            user_id=pick(self.user_id),
+            merchant=pick(self.merchant),
+            amount=self.amount[index],
+            timestamp=self.timestamp[index],
+            card_id=pick(self.card_id),
+            currency=pick(self.currency),
+            mcc=pick(self.mcc),
+            country=pick(self.country),
+            device_id=pick(self.device_id),
+            ip=pick(self.ip),
+            channel=pick(self.channel),
+            lat=self.lat[index],
+            lon=self.lon[index],
+        )
+
+
+def _picker(rows: list[int]):
+    return lambda column: [column[i] for i in rows]
+
+
+def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedBatch:
+    """Validate and decode one batch. Never raises on bad input: bad entries become ``rejected``."""
+    rejected: list[Rejected] = []
+    ok_ids: list[str] = []
+    ok_payloads: list[bytes] = []
+    for entry_id, payload in zip(entry_ids, payloads):
+        if payload is None:
+            rejected.append(Rejected(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field"))
+        elif len(payload) > MAX_PAYLOAD_BYTES:
+            rejected.append(
+                Rejected(entry_id, payload, REASON_TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+            )
+        else:
+            ok_ids.append(entry_id)
+            ok_payloads.append(payload)
+
+    objects = _loads_joined(ok_payloads)
+    if objects is None:
+        objects = [_loads_one(entry_id, payload, rejected) for entry_id, payload in zip(ok_ids, ok_payloads)]
+    return _columns(ok_ids, ok_payloads, objects, rejected)
+
+
+def _loads_joined(payloads: list[bytes]) -> list | None:
+    """One ``loads`` for the batch, or None when some payload needs the per-entry path."""
+    if not payloads:
+        return []
+    for payload in payloads:
+        if payload[:1] != b"{" or payload[-1:] != b"}":
+            return None
+    if _VALUE_BOUNDARY.search(b"\n".join(payloads)):
+        return None
+    try:
+        objects = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return objects if len(objects) == len(payloads) else None
+
+
+def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            rejected.append(Rejected(entry_id, payload, REASON_NOT_UTF8, str(exc)))
+        else:
+            rejected.append(Rejected(entry_id, payload, REASON_NOT_JSON, str(exc)))
+        return _ALREADY_REJECTED
+
+
+_ALREADY_REJECTED = object()
+
+
+def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejected: list[Rejected]) -> DecodedBatch:
+    out = _empty_columns()
+    for entry_id, payload, obj in zip(entry_ids, payloads, objects):
+        if obj is _ALREADY_REJECTED:
+            continue
+        problem = _check_required(obj)
+        if problem is not None:
+            reason, detail = problem
+            rejected.append(Rejected(entry_id, payload, reason, detail))
+            continue
+        timestamp = _timestamp(obj["timestamp"])
+        if timestamp is None:
+            rejected.append(Rejected(entry_id, payload, REASON_INVALID, "timestamp: not Unix seconds or RFC 3339"))
+            continue
+        out["entry_ids"].append(entry_id)
+        out["transaction_id"].append(obj["transaction_id"])
+        out["user_id"].append(obj["user_id"])
+        out["merchant"].append(obj["merchant"])
+        out["amount"].append(obj["amount"])
+        out["timestamp"].append(timestamp)
+        out["card_id"].append(_text(obj.get("card_id"), MAX_ID_CHARS))
+        currency = obj.get("currency")
+        out["currency"].append(currency.upper() if _is_code(currency, 3) else "USD")
+        mcc = obj.get("mcc")
+        out["mcc"].append(mcc if isinstance(mcc, str) and len(mcc) == 4 and mcc.isdigit() else None)
+        country = obj.get("country")
+        out["country"].append(country.upper() if _is_code(country, 2) else None)
+        out["device_id"].append(_text(obj.get("device_id"), MAX_TEXT_CHARS))
+        out["ip"].append(_text(obj.get("ip"), 64))
+        channel = obj.get("channel")
+        out["channel"].append(channel if channel in _CHANNELS else None)
+        out["lat"].append(_coordinate(obj.get("lat"), 90.0))
+        out["lon"].append(_coordinate(obj.get("lon"), 180.0))
+    return DecodedBatch(
+        entry_ids=out["entry_ids"],
+        transaction_id=out["transaction_id"],
+        user_id=out["user_id"],
+        merchant=out["merchant"],
+        amount=np.asarray(out["amount"], dtype=np.float64),
+        timestamp=np.asarray(out["timestamp"], dtype=np.float64),
+        card_id=out["card_id"],
+        currency=out["currency"],
+        mcc=out["mcc"],
+        country=out["country"],
+        device_id=out["device_id"],
+        ip=out["ip"],
+        channel=out["channel"],
+        lat=np.asarray(out["lat"], dtype=np.float64),
+        lon=np.asarray(out["lon"], dtype=np.float64),
+        rejected=rejected,
+    )
+
+
+def _empty_columns() -> dict[str, list]:
+    names = ("entry_ids", "transaction_id", "user_id", "merchant", "amount", "timestamp", "card_id",
+             "currency", "mcc", "country", "device_id", "ip", "channel", "lat", "lon")
+    return {name: [] for name in names}
+
+
+def _check_required(obj) -> tuple[str, str] | None:
+    """The first problem with the required fields, or None when they are all usable."""
+    if not isinstance(obj, dict):
+        return REASON_NOT_OBJECT, f"payload is a JSON {type(obj).__name__}, not an object"
+    for name in ("transaction_id", "user_id", "amount", "merchant", "timestamp"):
+        if name not in obj or obj[name] is None:
+            return REASON_MISSING, name
+    txid = obj["transaction_id"]
+    if not isinstance(txid, str) or not 1 <= len(txid) <= MAX_ID_CHARS:
+        return REASON_INVALID, f"transaction_id: must be a string of 1-{MAX_ID_CHARS} characters"
+    user_id = obj["user_id"]
+    if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_TEXT_CHARS:
+        return REASON_INVALID, f"user_id: must be a string of 1-{MAX_TEXT_CHARS} characters"
+    merchant = obj["merchant"]
+    if not isinstance(merchant, str) or not 1 <= len(merchant) <= MAX_TEXT_CHARS:
+        return REASON_INVALID, f"merchant: must be a string of 1-{MAX_TEXT_CHARS} characters"
+    amount = obj["amount"]
+    # bool is an int subclass, and JSON true is not an amount.
+    if amount.__class__ not in _NUMBER_TYPES:
+        return REASON_INVALID, "amount: must be a number"
+    if not (math.isfinite(amount) and amount > 0):
+        return REASON_INVALID, "amount: must be finite and > 0"
+    return None
+
+
+def _timestamp(value) -> float | None:
+    if value.__class__ in _NUMBER_TYPES:
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        seconds = parsed.timestamp()
+    else:
+        return None
+    # Year 2001 .. 2100: anything outside is a unit mix-up (ms instead of s) or garbage.
+    return seconds if 978307200.0 <= seconds < 4102444800.0 else None
+
+
+def _text(value, limit: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _is_code(value, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and value.isalpha() and value.isascii()
+
+
+def _coordinate(value, limit: float) -> float:
+    if value.__class__ in _NUMBER_TYPES and math.isfinite(value) and -limit <= value <= limit:
+        return float(value)
+    return math.nan

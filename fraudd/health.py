@@ -1,0 +1,177 @@
+"""What the supervisor does besides supervising: group gauges, upkeep, and ``/metrics`` + ``/healthz``.
+
+The housekeeper runs in the supervisor's loop every few seconds. It must never take the daemon
+down: while Redis or PostgreSQL is away it records that (``fraudd_dependency_up``), logs it once,
+and tries again next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import psycopg
+import redis
+from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from . import metrics
+from .config import Settings
+from .schema import ensure_partitions
+
+log = logging.getLogger(__name__)
+
+PARTITION_UPKEEP_INTERVAL_S = 3600.0
+PARTITION_DAYS_AHEAD = 7
+GONE_CONSUMER_MIN_IDLE_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    lag: int
+    pending: int
+    oldest_pending_age_s: float
+    consumers: list[dict]
+
+
+def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
+    """Lag, pending count and oldest pending age of ``group`` (computing lag when Redis has none)."""
+    info = next((g for g in client.xinfo_groups(stream) if _text(g["name"]) == group), None)
+    if info is None:
+        return GroupState(client.xlen(stream), 0, 0.0, [])
+    lag = info.get("lag")
+    if lag is None:
+        # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
+        lag = len(client.xrange(stream, min=f"({_text(info['last-delivered-id'])}", count=100_000))
+    summary = client.xpending(stream, group)
+    oldest = 0.0
+    if summary["pending"]:
+        oldest = max(0.0, time.time() - int(_text(summary["min"]).split("-")[0]) / 1000.0)
+    return GroupState(int(lag), int(info["pending"]), oldest, client.xinfo_consumers(stream, group))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Housekeeper:
+    """Periodic supervisor chores; each one tolerates its dependency being down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._next_partitions = 0.0
+        self._down: set[str] = set()
+
+    def run_once(self) -> None:
+        self._guard("redis", self._group_gauges)
+        self._guard("postgres", self._partitions)
+
+    def _guard(self, dependency: str, chore: Callable[[], None]) -> None:
+        try:
+            chore()
+        except (redis.RedisError, psycopg.Error, OSError) as exc:
+            metrics.dependency_up.labels(dependency).set(0)
+            if dependency not in self._down:
+                self._down.add(dependency)
+                log.error(f"{dependency} unavailable to the supervisor", extra={"event": "outage", "component": dependency,
+                                                                               "error": str(exc)})
+            return
+        metrics.dependency_up.labels(dependency).set(1)
+        if dependency in self._down:
+            self._down.discard(dependency)
+            log.info(f"{dependency} back", extra={"event": "recovered", "component": dependency})
+
+    def _group_gauges(self) -> None:
+        s = self.settings
+        state = group_state(self.redis, s.stream, s.group)
+        metrics.group_lag.set(state.lag)
+        metrics.group_pending.set(state.pending)
+        metrics.oldest_pending_age.set(state.oldest_pending_age_s)
+        # A consumer that owns nothing and has not read for long is gone (its worker died and its
+        # name was not reused, e.g. after --workers was lowered): drop it to keep the group tidy.
+        ours = {s.consumer_name(i) for i in range(s.workers)}
+        for consumer in state.consumers:
+            name = _text(consumer["name"])
+            if name not in ours and consumer["pending"] == 0 and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms):
+                self.redis.xgroup_delconsumer(s.stream, s.group, name)
+                log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
+
+    def _partitions(self) -> None:
+        if time.monotonic() < self._next_partitions:
+            check_postgres(self.settings)
+            return
+        with connect_postgres(self.settings) as conn:
+            created = ensure_partitions(conn, PARTITION_DAYS_AHEAD)
+        if created:
+            log.info("partitions created", extra={"event": "partitions_created", "count": created})
+        self._next_partitions = time.monotonic() + PARTITION_UPKEEP_INTERVAL_S
+
+
+def connect_postgres(settings: Settings, timeout_s: int = 3) -> psycopg.Connection:
+    conn = psycopg.connect(settings.postgres_url, connect_timeout=timeout_s, autocommit=True,
+                           application_name="fraudd-supervisor")
+    conn.execute(f'SET search_path TO "{settings.pg_schema}"')
+    return conn
+
+
+def check_postgres(settings: Settings) -> None:
+    with connect_postgres(settings, timeout_s=2) as conn:
+        conn.execute("SELECT 1")
+
+
+def health_problems(settings: Settings, client: redis.Redis, workers: tuple[int, int]) -> list[str]:
+    """What is wrong right now; empty when Redis and PostgreSQL answer and every worker is up."""
+    problems = []
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        problems.append(f"redis: {exc}")
+    try:
+        check_postgres(settings)
+    except (psycopg.Error, OSError) as exc:
+        problems.append(f"postgres: {str(exc).strip()}")
+    ready, wanted = workers
+    if ready < wanted:
+        problems.append(f"workers: {ready} of {wanted} ready")
+    return problems
+
+
+class HealthServer:
+    """``/metrics`` (all workers' metrics summed) and ``/healthz`` on ``--metrics-port``, in a thread."""
+
+    def __init__(self, settings: Settings, housekeeper: Housekeeper, workers: Callable[[], tuple[int, int]]) -> None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        self._metrics_app = make_wsgi_app(registry)
+        self._settings = settings
+        self._client = housekeeper.redis
+        self._workers = workers
+        self._server = make_server("", settings.metrics_port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            problems = health_problems(self._settings, self._client, self._workers())
+            body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
+            start_response("200 OK" if not problems else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [body]
+        return self._metrics_app(environ, start_response)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # scrapes every few seconds are not news
+        pass

@@ -1,0 +1,59 @@
+"""Redis key names, shaped for Redis Cluster from day one.
+
+Every key that one batch operation touches carries the hash tag of the input stream it belongs to,
+so a shard's streams, dedup markers and per-user feature state live in one slot and a batch
+operation never crosses slots. On a single Redis (the default) the tag is just part of the name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_HASH_TAG = re.compile(r"\{([^}]+)\}")
+
+
+def hash_tag(stream: str) -> str:
+    """The tag Redis Cluster hashes for ``stream``: its ``{...}`` part, or the whole name."""
+    match = _HASH_TAG.search(stream)
+    return match.group(1) if match else stream
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The names of one stream shard's keys.
+
+    With the default names (``transactions:raw`` and friends) the derived keys are tagged
+    ``{transactions:raw}``, which is the slot of the input stream itself. A cluster deployment
+    names its shards' streams with a shared tag (``transactions:raw{s1}``,
+    ``transactions:fraud{s1}``, ``transactions:dlq{s1}``) and every derived key follows.
+    """
+
+    stream: str
+    fraud_stream: str
+    dlq_stream: str
+    namespace: str = "fraudd"
+
+    @property
+    def prefix(self) -> str:
+        """Common prefix of every derived key of this shard (ends with ``:``)."""
+        return f"{self.namespace}:{{{hash_tag(self.stream)}}}:"
+
+    @property
+    def seen_prefix(self) -> str:
+        """``<prefix>seen:<transaction_id>``: the dedup marker, valued with the first event time."""
+        return self.prefix + "seen:"
+
+    @property
+    def alerted_prefix(self) -> str:
+        """``<prefix>alerted:<transaction_id>``: an alert was already written for this id."""
+        return self.prefix + "alerted:"
+
+    @property
+    def dead_prefix(self) -> str:
+        """``<prefix>dead:<entry id>``: this entry was already dead-lettered."""
+        return self.prefix + "dead:"
+
+    def blocklist(self, kind: str) -> str:
+        """The set of blocked values of ``kind`` (merchant, device, ip, country), edited live by operators."""
+        return f"{self.prefix}blocklist:{kind}"

@@ -1,0 +1,273 @@
+"""The supervisor: forks the workers, keeps them alive, and stops them cleanly.
+
+Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
+through a pipe; everything else happens in the loop, outside signal context:
+
+- SIGCHLD: reap dead workers and respawn them, with back-off;
+- SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
+  stops at once (SIGKILL: whatever was not settled stays pending, nothing is lost);
+- SIGQUIT: immediate stop;
+- SIGHUP: forwarded to the workers, which reload rules and model at their next batch boundary.
+
+A worker reports through a pipe when it has booted (``R``) or why it could not (``E<reason>``).
+A boot error, or a worker that keeps dying before it is ready, halts the daemon with the reason
+and a non-zero exit instead of crash-looping; a worker killed while running is simply respawned.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import multiprocess
+
+from . import logs, metrics
+from .config import Settings
+from .health import HealthServer, Housekeeper
+from .worker import EXIT_BOOT_ERROR, worker_main
+
+log = logging.getLogger(__name__)
+
+MAX_BOOT_FAILURES = 5
+RESPAWN_DELAY_FIRST_S = 0.1
+RESPAWN_DELAY_MAX_S = 10.0
+HOUSEKEEPING_INTERVAL_S = 5.0
+
+
+class Halt(Exception):
+    """The daemon must stop with ``reason`` and a non-zero exit code."""
+
+    def __init__(self, reason: str, exit_code: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+@dataclass
+class Slot:
+    """Worker position ``index``: survives its processes, so respawns reuse the consumer name."""
+
+    index: int
+    pid: int | None = None
+    status_fd: int | None = None
+    ready: bool = False
+    boot_failures: int = 0
+    respawn_at: float = 0.0
+    last_error: str = ""
+    spawned_at: float = field(default=0.0)
+
+
+class Supervisor:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.slots = [Slot(i) for i in range(settings.workers)]
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop_deadline: float | None = None
+        self._housekeeper = Housekeeper(settings)
+        self._health: HealthServer | None = None
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._queue_signal)
+        if self.settings.metrics_port:
+            self._health = HealthServer(self.settings, self._housekeeper, self.workers_alive)
+            self._health.start()
+        log.info("fraudd started", extra={"event": "started", "workers": self.settings.workers,
+                                           "stream": self.settings.stream, "group": self.settings.group})
+        next_housekeeping = 0.0
+        try:
+            while True:
+                self._handle_signals()
+                self._reap()
+                if self._stop_deadline is not None:
+                    if not self._alive():
+                        log.info("fraudd stopped", extra={"event": "stopped"})
+                        return 0
+                    if time.monotonic() >= self._stop_deadline:
+                        log.error("workers did not stop in time, killing them", extra={"event": "stop_timeout"})
+                        self._kill_all(signal.SIGKILL)
+                else:
+                    self._spawn_due()
+                    if time.monotonic() >= next_housekeeping:
+                        self._housekeeper.run_once()
+                        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
+                self._sleep(0.5)
+        except Halt as halt:
+            log.error("fraudd halted: %s", halt.reason, extra={"event": "halted", "reason": halt.reason})
+            self._stop_deadline = time.monotonic()
+            self._kill_all(signal.SIGTERM)
+            self._wait_all(self.settings.shutdown_timeout_s)
+            return halt.exit_code
+        finally:
+            if self._health is not None:
+                self._health.stop()
+
+    def workers_alive(self) -> tuple[int, int]:
+        """(ready workers, configured workers), for /healthz."""
+        return sum(1 for s in self.slots if s.pid is not None and s.ready), len(self.slots)
+
+    def _queue_signal(self, signum, frame) -> None:
+        if len(self._signals) < 10:
+            self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b".")
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EINTR):
+                raise
+
+    def _sleep(self, timeout: float) -> None:
+        status_fds = [s.status_fd for s in self.slots if s.status_fd is not None]
+        try:
+            readable, _, _ = select.select([self._wake_r, *status_fds], [], [], timeout)
+        except InterruptedError:
+            return
+        for fd in readable:
+            if fd == self._wake_r:
+                while True:
+                    try:
+                        if not os.read(self._wake_r, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+            else:
+                self._read_status(fd)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens on every loop turn
+            if signum == signal.SIGHUP:
+                log.info("reload requested, forwarding to workers", extra={"event": "reload_requested"})
+                self._kill_all(signal.SIGHUP)
+            elif signum == signal.SIGQUIT or self._stop_deadline is not None:
+                log.warning("stopping immediately", extra={"event": "stop_immediate"})
+                self._stop_deadline = time.monotonic()
+                self._kill_all(signal.SIGKILL)
+                self._wait_all(5.0)
+                raise SystemExit(0)
+            else:
+                log.info("stopping: workers settle their current batch", extra={"event": "stop_graceful"})
+                self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+                self._kill_all(signal.SIGTERM)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None and now >= slot.respawn_at:
+                self._spawn(slot)
+
+    def _spawn(self, slot: Slot) -> None:
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(status_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                logs.setup(self.settings.log_level, self.settings.consumer_name(slot.index))
+                code = worker_main(self.settings, slot.index, status_w)
+            except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
+                logging.getLogger("fraudd.worker").exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
+            finally:
+                os._exit(code)
+        os.close(status_w)
+        slot.pid, slot.status_fd, slot.ready, slot.spawned_at = pid, status_r, False, time.monotonic()
+        log.info("worker spawned", extra={"event": "worker_spawned", "pid": pid,
+                                          "consumer": self.settings.consumer_name(slot.index)})
+
+    def _read_status(self, fd: int) -> None:
+        slot = next(s for s in self.slots if s.status_fd == fd)
+        try:
+            message = os.read(fd, 4096)
+        except OSError:
+            message = b""
+        if not message:
+            os.close(fd)
+            slot.status_fd = None
+            return
+        for line in message.decode(errors="replace").splitlines():
+            if line == "R":
+                slot.ready, slot.boot_failures = True, 0
+            elif line.startswith("E"):
+                slot.last_error = line[1:]
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            self._worker_exited(slot, status)
+
+    def _worker_exited(self, slot: Slot, status: int) -> None:
+        if slot.status_fd is not None:
+            self._read_status(slot.status_fd)
+            if slot.status_fd is not None:
+                os.close(slot.status_fd)
+                slot.status_fd = None
+        pid, was_ready = slot.pid, slot.ready
+        slot.pid, slot.ready = None, False
+        multiprocess.mark_process_dead(pid)
+        consumer = self.settings.consumer_name(slot.index)
+        if self._stop_deadline is not None:
+            return
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with code {os.WEXITSTATUS(status)}"
+        metrics.worker_restarts.inc()
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+            raise Halt(f"worker {consumer} cannot start: {slot.last_error or how}", exit_code=EXIT_BOOT_ERROR)
+        if not was_ready and not os.WIFSIGNALED(status):
+            slot.boot_failures += 1
+            if slot.boot_failures >= MAX_BOOT_FAILURES:
+                raise Halt(f"worker {consumer} died during start-up {slot.boot_failures} times in a row: "
+                           f"{slot.last_error or how}")
+        delay = min(RESPAWN_DELAY_FIRST_S * 2 ** slot.boot_failures, RESPAWN_DELAY_MAX_S)
+        slot.respawn_at = time.monotonic() + delay
+        log.warning("worker died, respawning", extra={"event": "worker_died", "pid": pid, "consumer": consumer,
+                                                      "how": how, "respawn_in_s": round(delay, 2)})
+
+    def _alive(self) -> list[Slot]:
+        return [s for s in self.slots if s.pid is not None]
+
+    def _kill_all(self, sig: int) -> None:
+        for slot in self._alive():
+            try:
+                os.kill(slot.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._alive() and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        if self._alive():
+            self._kill_all(signal.SIGKILL)
+            while self._alive():
+                self._reap()
+                time.sleep(0.01)

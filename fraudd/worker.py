@@ -1,0 +1,439 @@
+"""One worker process: a consumer of the group that scores batch after batch.
+
+The batch loop, top to bottom (DESIGN.md):
+
+    read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries)
+    decode    one orjson call; invalid entries become dead letters
+    features  one Redis Function call: behaviour features, dedup markers, blocklists
+    inference one ONNX call for the batch, then vectorized rules and thresholds
+    copy      one COPY of every decision into PostgreSQL (durable first)
+    settle    one Redis script call: alerts, dead letters, XACK (ack last)
+
+Failures are handled per kind. An unreachable Redis or PostgreSQL is waited out: the batch stays
+pending, nothing new is read, and the same batch is retried with bounded, jittered back-off. A
+batch that fails for any other reason is bisected, so only the entries that cause the failure are
+dead-lettered. A worker that cannot start (bad model or rules) exits with ``EXIT_BOOT_ERROR`` and
+the supervisor stops instead of respawning it in a loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import psycopg
+import redis
+
+from . import metrics
+from .config import Settings
+from .decode import REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .features import FEATURE_NAMES, FeatureStore
+from .keys import Keys
+from .model import FraudModel, ModelError
+from .rules import DECISIONS, Rules, RulesError, decide
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settler, alert_documents
+
+log = logging.getLogger(__name__)
+
+EXIT_BOOT_ERROR = 3
+_PR_SET_PDEATHSIG = 1
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 5.0
+
+# Errors that mean "a dependency is away", not "this batch is bad": the batch is retried as is.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+POSTGRES_DOWN = (
+    psycopg.OperationalError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.InsufficientPrivilege,
+)
+_T = TypeVar("_T")
+
+
+class BootError(RuntimeError):
+    """The worker cannot start with this configuration; respawning it would not help."""
+
+
+class Stopping(Exception):
+    """Shutdown was requested while the current batch could not be settled; it stays pending."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    entry_id: str
+    payload: bytes | None
+    deliveries: int
+
+
+def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> list[Entry]:
+    """Entries from a raw (RESP2, undecoded) XREADGROUP/XAUTOCLAIM reply."""
+    entries = []
+    for entry_id, fields in raw_entries:
+        entry_id = entry_id.decode()
+        payload = None
+        if fields:
+            values = dict(zip(fields[::2], fields[1::2]))
+            payload = values.get(b"data")
+        entries.append(Entry(entry_id, payload, deliveries.get(entry_id, 1) if deliveries else 1))
+    return entries
+
+
+class Worker:
+    """Consumer ``<consumer-id>-<index>``; run() returns the process exit code."""
+
+    def __init__(self, settings: Settings, index: int, status_fd: int | None = None) -> None:
+        self.settings = settings
+        self._status_fd = status_fd
+        self.consumer = settings.consumer_name(index)
+        self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
+        self.stopping = False
+        self._reload_requested = False
+        self._parent = os.getppid()
+        # Start with this consumer's own pending entries: a respawned worker finishes what its
+        # previous life read but never acked.
+        self._own_pending_cursor: str | None = "0"
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._in_flight: list[str] = []
+        self._payloads: dict[str, bytes] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self._boot()
+        except BootError as exc:
+            log.error("worker cannot start", extra={"event": "boot_error", "reason": str(exc)})
+            self._report(f"E{exc}")
+            return EXIT_BOOT_ERROR
+        self._report("R")
+        log.info("worker started", extra={"event": "worker_started", "consumer": self.consumer})
+        metrics.workers_alive.set(1)
+        try:
+            while not self.stopping and self._parent_alive():
+                if self._reload_requested:
+                    self._reload()
+                entries = self._read()
+                if entries:
+                    self._process(entries)
+        except Stopping:
+            log.warning("stopped with a batch unsettled; it stays pending for the next worker",
+                        extra={"event": "stopped_unsettled", "entries": len(self._in_flight)})
+        finally:
+            self.store.close()
+        log.info("worker stopped", extra={"event": "worker_stopped", "consumer": self.consumer})
+        return 0
+
+    def _report(self, status: str) -> None:
+        """Tell the supervisor this worker is ready ("R") or why it cannot start ("E<reason>")."""
+        if self._status_fd is not None:
+            os.write(self._status_fd, (status.replace("\n", " ") + "\n").encode())
+
+    def _install_signals(self) -> None:
+        # Die with the supervisor: a worker outliving it would keep consuming under a name the
+        # next supervisor reuses.
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _on_reload(self, signum, frame) -> None:
+        self._reload_requested = True
+
+    def _parent_alive(self) -> bool:
+        return os.getppid() == self._parent
+
+    def _boot(self) -> None:
+        s = self.settings
+        self.model = _load_model(s)
+        self.rules = _load_rules(s)
+        self.redis = connect_redis(s.redis_url)
+        self.store = DecisionStore(s.postgres_url, s.pg_schema)
+        window_ms = s.dedup_window_s * 1000
+        self.features = self._until_done(lambda: FeatureStore(self.redis, self.keys, window_ms), "redis")
+        self.settler = Settler(self.redis, self.keys, s.group, self.consumer, window_ms)
+        self._publish_versions()
+
+    def _reload(self) -> None:
+        """Swap rules and model at a batch boundary; a bad file is refused and the old one kept."""
+        self._reload_requested = False
+        try:
+            model, rules = _load_model(self.settings), _load_rules(self.settings)
+        except BootError as exc:
+            metrics.reloads.labels("refused").inc()
+            log.error("reload refused, keeping the running model and rules",
+                      extra={"event": "reload_refused", "reason": str(exc)})
+            return
+        metrics.model_info.labels(self.model.version).set(0)
+        metrics.rules_info.labels(self.rules.version).set(0)
+        self.model, self.rules = model, rules
+        self._publish_versions()
+        metrics.reloads.labels("ok").inc()
+        log.info("model and rules reloaded", extra={"event": "reloaded", "model_version": model.version,
+                                                     "rules_version": rules.version})
+
+    def _publish_versions(self) -> None:
+        metrics.model_info.labels(self.model.version).set(1)
+        metrics.rules_info.labels(self.rules.version).set(1)
+
+    # -- the batch loop --------------------------------------------------------------------
+
+    def _read(self) -> list[Entry]:
+        started = time.perf_counter()
+        entries = self._until_done(self._next_entries, "redis")
+        if entries:
+            metrics.stage_duration.labels("read").observe(time.perf_counter() - started)
+            metrics.batch_size.observe(len(entries))
+        return entries
+
+    def _next_entries(self) -> list[Entry]:
+        if self._own_pending_cursor is not None:
+            reply = self._xreadgroup(self._own_pending_cursor, block=False)
+            if reply:
+                self._own_pending_cursor = reply[-1][0].decode()
+                return read_entries(reply, self._deliveries(reply))
+            self._own_pending_cursor = None
+        if time.monotonic() >= self._next_claim:
+            entries = self._claim()
+            if entries:
+                return entries
+        return read_entries(self._xreadgroup(">", block=True))
+
+    def _xreadgroup(self, start: str, block: bool) -> list:
+        s = self.settings
+        args = ["GROUP", s.group, self.consumer, "COUNT", s.batch_size]
+        if block:
+            args += ["BLOCK", s.block_ms]
+        try:
+            reply = self.redis.execute_command("XREADGROUP", *args, "STREAMS", s.stream, start)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The group vanished (Redis lost its data): recreate it rather than stop scoring.
+            log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
+            ensure_group(self.redis, s.stream, s.group)
+            return []
+        return reply[0][1] if reply else []
+
+    def _claim(self) -> list[Entry]:
+        """Take over entries idle for longer than ``--claim-idle-ms`` (their consumer died or hung)."""
+        s = self.settings
+        cursor, raw, _deleted = self.redis.execute_command(
+            "XAUTOCLAIM", s.stream, s.group, self.consumer, s.claim_idle_ms, self._claim_cursor, "COUNT", s.batch_size
+        )
+        self._claim_cursor = cursor.decode()
+        if self._claim_cursor == "0-0":
+            # A full pass over the pending list is done; the next one can wait a while.
+            self._next_claim = time.monotonic() + s.claim_idle_ms / 2000.0
+        raw = [item for item in raw if item]
+        if not raw:
+            return []
+        metrics.reclaimed.inc(len(raw))
+        log.info("reclaimed pending entries", extra={"event": "reclaimed", "entries": len(raw)})
+        return read_entries(raw, self._deliveries(raw))
+
+    def _deliveries(self, raw: list) -> dict[str, int]:
+        """Delivery counts of entries this consumer holds, for the poison check."""
+        first, last = raw[0][0], raw[-1][0]
+        pending = self.redis.execute_command(
+            "XPENDING", self.settings.stream, self.settings.group, first, last, len(raw), self.consumer
+        )
+        return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
+
+    def _process(self, entries: list[Entry]) -> None:
+        self._in_flight = [e.entry_id for e in entries]
+        limit = self.settings.max_deliveries
+        poison = [e for e in entries if e.deliveries > limit and e.payload is not None]
+        fresh = [e for e in entries if e.deliveries <= limit and e.payload is not None]
+        dead = [DeadLetter(Rejected(e.entry_id, e.payload, REASON_MAX_DELIVERIES, f"delivered {e.deliveries} times"), e.deliveries)
+                for e in poison]
+
+        started = time.perf_counter()
+        batch = decode_batch([e.entry_id for e in fresh], [e.payload for e in fresh])
+        metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
+        deliveries = {e.entry_id: e.deliveries for e in fresh}
+        self._payloads = {e.entry_id: e.payload for e in fresh}
+        dead += [DeadLetter(r, deliveries[r.entry_id]) for r in batch.rejected]
+
+        stored, failed = self._score_and_store(batch)
+        dead += [DeadLetter(r, deliveries[r.entry_id]) for r in failed]
+
+        started = time.perf_counter()
+        alerts = [doc for scored in stored for doc in alert_documents(scored)]
+        settled = self._until_done(lambda: self.settler.settle(self._in_flight, alerts, dead), "redis")
+        committed_at = time.time()
+        metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
+        self._in_flight = []
+        self._count(stored, dead, settled.alerts, committed_at)
+
+    def _score_and_store(self, batch: DecodedBatch) -> tuple[list[ScoredBatch], list[Rejected]]:
+        """Score and store ``batch``; when it fails as a whole, bisect down to the entries at fault."""
+        if len(batch) == 0:
+            return [], []
+        try:
+            return [self._score_and_store_whole(batch)], []
+        except Stopping:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                log.error("entry cannot be processed", extra={"event": "dead_lettered", "reason": REASON_PROCESSING,
+                                                              "entry_id": batch.entry_ids[0], "error": repr(exc)})
+                entry_id = batch.entry_ids[0]
+                return [], [Rejected(entry_id, self._payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
+            metrics.batch_failures.inc()
+            log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(batch), "error": repr(exc)})
+            middle = len(batch) // 2
+            left = self._score_and_store(batch.take(range(middle)))
+            right = self._score_and_store(batch.take(range(middle, len(batch))))
+            return left[0] + right[0], left[1] + right[1]
+
+    def _score_and_store_whole(self, batch: DecodedBatch) -> ScoredBatch:
+        started = time.perf_counter()
+        features = self._until_done(lambda: self.features.compute(batch), "redis")
+        after_features = time.perf_counter()
+        model, rules = self.model, self.rules
+        scores = model.score(features.matrix)
+        outcome = rules.evaluate(features)
+        decision = decide(scores, self._threshold("review"), self._threshold("decline"), outcome)
+        reasons = _reason_codes(model, features.matrix, decision, outcome.codes)
+        scored = ScoredBatch(
+            batch=batch,
+            event_ms=features.event_ms,
+            seen=features.seen,
+            score=scores,
+            decision=decision,
+            reasons=reasons,
+            model_version=model.version,
+            scored_at_ms=int(time.time() * 1000),
+        )
+        after_inference = time.perf_counter()
+        self._until_done(lambda: self.store.store(scored), "postgres")
+        metrics.stage_duration.labels("features").observe(after_features - started)
+        metrics.stage_duration.labels("inference").observe(after_inference - after_features)
+        metrics.stage_duration.labels("copy").observe(time.perf_counter() - after_inference)
+        metrics.duplicates.inc(int(features.seen.sum()))
+        return scored
+
+    def _threshold(self, which: str) -> float:
+        configured = getattr(self.settings, f"{which}_threshold")
+        return configured if configured is not None else getattr(self.model, f"{which}_threshold")
+
+    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+        for scored in stored:
+            counts = np.bincount(scored.decision, minlength=len(DECISIONS))
+            for name, count in zip(DECISIONS, counts.tolist()):
+                if count:
+                    metrics.transactions.labels(name).inc(count)
+            accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
+            metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
+        for letter in dead:
+            metrics.dead_letters.labels(letter.rejected.reason).inc()
+            log.warning("dead-lettered", extra={"event": "dead_lettered", "entry_id": letter.rejected.entry_id,
+                                               "reason": letter.rejected.reason, "detail": letter.rejected.detail})
+        metrics.alerts_written.inc(alerts)
+
+    # -- waiting out outages ---------------------------------------------------------------
+
+    def _until_done(self, attempt: Callable[[], _T], component: str) -> _T:
+        """Run ``attempt`` until it succeeds, waiting out Redis/PostgreSQL outages with back-off.
+
+        While waiting, the batch in flight is kept claimed (its idle time reset) so that no other
+        worker takes over a batch this live worker is still responsible for.
+        """
+        delay = _BACKOFF_FIRST_S
+        down_since = None
+        while True:
+            try:
+                result = attempt()
+            except REDIS_DOWN + POSTGRES_DOWN as exc:
+                kind = "redis" if isinstance(exc, REDIS_DOWN) else "postgres"
+                metrics.errors.labels(kind, type(exc).__name__).inc()
+                if kind == "postgres":
+                    self.store.close()
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.error(f"{kind} unavailable, retrying", extra={"event": "outage", "component": kind, "error": str(exc)})
+                if self.stopping and time.monotonic() - down_since > self.settings.shutdown_timeout_s / 2:
+                    raise Stopping() from exc
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                self._keep_claimed()
+                continue
+            if down_since is not None:
+                log.info(f"{component} back", extra={"event": "recovered", "component": component,
+                                                     "down_s": round(time.monotonic() - down_since, 3)})
+            return result
+
+    def _keep_claimed(self) -> None:
+        if not self._in_flight:
+            return
+        try:
+            self.redis.execute_command(
+                "XCLAIM", self.settings.stream, self.settings.group, self.consumer, 0, *self._in_flight, "JUSTID"
+            )
+        except REDIS_DOWN:
+            pass
+
+
+def _reason_codes(model: FraudModel, matrix: np.ndarray, decision: np.ndarray, rule_codes: list[list[str]]) -> list[list[str]]:
+    """Per row: the rules that fired, then the model's top features for non-approved rows."""
+    reasons = [list(codes) for codes in rule_codes]
+    flagged = np.flatnonzero(decision > 0)
+    for i, codes in zip(flagged.tolist(), model.reasons(matrix[flagged])):
+        reasons[i].extend(codes)
+    return reasons
+
+
+def _load_model(settings: Settings) -> FraudModel:
+    try:
+        return FraudModel.load(settings.model_path, FEATURE_NAMES)
+    except ModelError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def _load_rules(settings: Settings) -> Rules:
+    try:
+        return Rules.load(settings.rules_path)
+    except RulesError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts."""
+    client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5,
+                                  retry_on_timeout=False, health_check_interval=0)
+    for command in ("XREADGROUP", "XAUTOCLAIM", "XPENDING"):
+        client.set_response_callback(command, lambda response, **options: response)
+    return client
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group from the stream's beginning if missing; True if it was created."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+def worker_main(settings: Settings, index: int, status_fd: int | None = None) -> int:
+    """Entry point of a forked worker process; ``status_fd`` is its pipe to the supervisor."""
+    return Worker(settings, index, status_fd).run()
