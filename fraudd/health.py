@@ -39,23 +39,19 @@ class GroupState:
 
 
 def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
-    """Lag, pending count and oldest pending age of ``group`` (computing lag when Redis has none)."""
-    info = next((g for g in client.xinfo_groups(stream) if _text(g["name"]) == group), None)
+    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing lag when Redis has none)."""
+    info = next((g for g in client.xinfo_groups(stream) if g["name"] == group), None)
     if info is None:
         return GroupState(client.xlen(stream), 0, 0.0, [])
     lag = info.get("lag")
     if lag is None:
         # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
-        lag = len(client.xrange(stream, min=f"({_text(info['last-delivered-id'])}", count=100_000))
+        lag = len(client.xrange(stream, min=f"({info['last-delivered-id']}", count=100_000))
     summary = client.xpending(stream, group)
     oldest = 0.0
     if summary["pending"]:
-        oldest = max(0.0, time.time() - int(_text(summary["min"]).split("-")[0]) / 1000.0)
+        oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
     return GroupState(int(lag), int(info["pending"]), oldest, client.xinfo_consumers(stream, group))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Housekeeper:
@@ -63,7 +59,8 @@ class Housekeeper:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True,
+                                          socket_timeout=2, socket_connect_timeout=2)
         self._next_partitions = 0.0
         self._down: set[str] = set()
 
@@ -96,7 +93,7 @@ class Housekeeper:
         # name was not reused, e.g. after --workers was lowered): drop it to keep the group tidy.
         ours = {s.consumer_name(i) for i in range(s.workers)}
         for consumer in state.consumers:
-            name = _text(consumer["name"])
+            name = consumer["name"]
             if name not in ours and consumer["pending"] == 0 and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms):
                 self.redis.xgroup_delconsumer(s.stream, s.group, name)
                 log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})

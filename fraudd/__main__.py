@@ -1,0 +1,3 @@
+from fraudd.cli import main
+
+main()

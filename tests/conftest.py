@@ -1,0 +1,159 @@
+"""Fixtures on the machine's real Redis and PostgreSQL.
+
+Each test gets its own namespace: a PostgreSQL schema and stream names (hence Redis key tags) of
+its own, removed afterwards, so tests never see each other's data and never flush anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+REDIS_URL = os.environ.get("FRAUDD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("FRAUDD_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+FRAUDD = str(Path(sys.executable).with_name("fraudd"))
+
+
+@dataclass
+class Namespace:
+    """One test's streams, group, schema and the environment that points ``fraudd`` at them."""
+
+    name: str
+    redis_url: str = REDIS_URL
+    postgres_url: str = POSTGRES_URL
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> str:
+        return f"{self.name}:transactions:raw"
+
+    @property
+    def fraud_stream(self) -> str:
+        return f"{self.name}:transactions:fraud"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.name}:transactions:dlq"
+
+    @property
+    def group(self) -> str:
+        return "fraud-group"
+
+    @property
+    def schema(self) -> str:
+        return self.name
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=self.redis_url,
+            POSTGRES_URL=self.postgres_url,
+            FRAUDD_PG_SCHEMA=self.schema,
+            FRAUDD_STREAM=self.stream,
+            FRAUDD_FRAUD_STREAM=self.fraud_stream,
+            FRAUDD_DLQ_STREAM=self.dlq_stream,
+            CONSUMER_GROUP=self.group,
+            CONSUMER_ID=f"{self.name}-c",
+            FRAUDD_BLOCK_MS="20",
+            FRAUDD_SHUTDOWN_TIMEOUT_S="20",
+        )
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    def fraudd(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([FRAUDD, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args: str, **env: str) -> Daemon:
+        process = subprocess.Popen([FRAUDD, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return Daemon(process)
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
+            conn.execute(f'SET search_path TO "{self.schema}"')
+            return conn.execute(query, params).fetchall()
+
+
+@dataclass
+class Daemon:
+    """A ``fraudd run`` subprocess (its own process group, so a test can always clean it up)."""
+
+    process: subprocess.Popen
+
+    def stop(self, timeout: float = 60) -> tuple[int, str]:
+        """SIGTERM, wait, and return (exit code, stderr)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=timeout)
+        return self.process.returncode, stderr
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.communicate(timeout=30)
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
+    try:
+        return [int(pid) for pid in children.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def drained(client: redis.Redis, ns: Namespace) -> bool:
+    """Every entry of the stream delivered to the group and acked."""
+    try:
+        groups = client.xinfo_groups(ns.stream)
+    except redis.ResponseError:
+        return False
+    group = next((g for g in groups if g["name"] in (ns.group, ns.group.encode())), None)
+    return group is not None and group["pending"] == 0 and group.get("lag") == 0
+
+
+def drop_namespace(client: redis.Redis, ns: Namespace) -> None:
+    keys = [ns.stream, ns.fraud_stream, ns.dlq_stream]
+    for pattern in (f"fraudd:{{{ns.stream}}}:*", f"{ns.name}:*"):
+        keys += list(client.scan_iter(match=pattern, count=10_000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    with psycopg.connect(ns.postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{ns.schema}" CASCADE')
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
+    """A fresh, migrated namespace, dropped after the test."""
+    namespace = Namespace(f"t{uuid.uuid4().hex[:10]}")
+    result = namespace.fraudd("migrate")
+    assert result.returncode == 0, result.stderr
+    yield namespace
+    drop_namespace(redis_client, namespace)
