@@ -22,16 +22,34 @@ Reply: { features blob (one OUT_FMT record per input record, same order), then p
 ]]
 
 -- Time buckets. The 1 h window is the current 10-minute slot and the 5 before it, the 24 h
--- window the current 2-hour slot and the 11 before it: one byte per slot keeps the rings cheap.
+-- window the current 2-hour slot and the 11 before it.
 local S1H, N1H = 600000, 6
 local S24, N24 = 7200000, 12
 local MINUTE_MS = 60000
 -- Recent transactions kept exactly (1-minute count, seconds since previous, and to take later
--- transactions back out of a bucket when features are computed at an earlier event time).
+-- transactions back out of a slot when features are computed at an earlier event time).
 local KR, KRC = 6, 4
 -- Entities kept per user (least recently seen is evicted): merchants, countries, devices.
 local KM, KC, KD = 4, 3, 3
 local EMPTY = 4294967295
+
+-- A state is the flat array struct.unpack returns, used in place: a table per entity or ring
+-- would cost more Redis CPU than everything else in the call (measured: 4x).
+-- User: head_ms, n, mean, KR x (recent ts, amount), N1H counts, N24 counts, N24 amount sums,
+-- KM x (merchant, first s, last s), KC x (country, first, last), KD x (device, first, last).
+local U_HEAD, U_N, U_MEAN, U_RECENT = 1, 2, 3, 4
+local U_C1 = U_RECENT + 2 * KR
+local U_C24 = U_C1 + N1H
+local U_S24 = U_C24 + N24
+local U_M = U_S24 + N24
+local U_C = U_M + 3 * KM
+local U_D = U_C + 3 * KC
+local U_LEN = U_D + 3 * KD - 1
+-- Card: head_ms, KRC x recent ts, N1H counts, N24 counts.
+local C_HEAD, C_RECENT = 1, 2
+local C_C1 = C_RECENT + KRC
+local C_C24 = C_C1 + N1H
+local C_LEN = C_C24 + N24 - 1
 
 local USER_FMT, CARD_FMT, REC_FMT, OUT_FMT
 local floor
@@ -40,59 +58,49 @@ local floor
 local function init()
     floor = math.floor
     local r = string.rep
-    USER_FMT = '<dId' .. r('If', KR) .. 'c6c12' .. r('f', N24) .. r('III', KM) .. r('HII', KC) .. r('III', KD)
-    CARD_FMT = '<d' .. r('I', KRC) .. 'c6c12'
+    USER_FMT = '<dId' .. r('If', KR) .. r('H', N1H + N24) .. r('f', N24)
+        .. r('III', KM) .. r('HII', KC) .. r('III', KD)
+    CARD_FMT = '<d' .. r('I', KRC) .. r('H', N1H + N24)
     REC_FMT = '<HHHddIHI'
     OUT_FMT = '<BdBHHffdBBBBBBBBHH'
 end
 
-local function bytes(raw, len)
-    if raw then return { string.byte(raw, 1, len) } end
-    local t = {}
-    for i = 1, len do t[i] = 0 end
-    return t
-end
-
-local function clamp8(v)
-    if v > 255 then return 255 end
-    return v
-end
-
--- Slot rings are indexed by absolute slot number mod N; `head` is the newest event time applied.
--- Moving the head forward clears the slots it passes, so a gap longer than the window resets it.
-local function advance(ring, S, N, head, ts)
+-- Slot rings are indexed by absolute slot number mod N; the head is the newest event time
+-- applied. Moving it forward clears the slots it passes, so a gap longer than the window resets.
+local function advance(v, base, S, N, head, ts)
     local h, s = floor(head / S), floor(ts / S)
     if s - h >= N then
-        for j = 1, N do ring[j] = 0 end
+        for j = base, base + N - 1 do v[j] = 0 end
     else
-        for j = h + 1, s do ring[j % N + 1] = 0 end
+        for j = h + 1, s do v[base + j % N] = 0 end
     end
 end
 
-local function add(ring, S, N, head, ts, v, cap)
+local function add(v, base, S, N, head, ts, x, cap)
     local s = floor(ts / S)
     if s > floor(head / S) - N then
-        local j = s % N + 1
-        local x = ring[j] + v
-        if cap and x > cap then x = cap end
-        ring[j] = x
+        local j = base + s % N
+        local y = v[j] + x
+        if y > cap then y = cap end
+        v[j] = y
     end
 end
 
--- Sum of the window ending at event time t, minus the recent transactions later than t that sit
--- in t's own slot (the only slot of t's window a later transaction can be in).
-local function window(ring, S, N, head, t, rts, ramt)
+-- Sum of the window ending at event time t, minus the recent transactions later than t in t's
+-- own slot (the only slot of t's window a later transaction can be in). Recent entries are
+-- (ts[, amount]) at rbase with the given stride; amounts are taken back when `amount` is set.
+local function window(v, base, S, N, head, t, rbase, stride, K, amount)
     local s, h = floor(t / S), floor(head / S)
     local lo, hi = s - N + 1, s
     if h - N + 1 > lo then lo = h - N + 1 end
     if h < hi then hi = h end
     local sum = 0
-    for j = lo, hi do sum = sum + ring[j % N + 1] end
+    for j = lo, hi do sum = sum + v[base + j % N] end
     if hi == s then
-        for k = 1, #rts do
-            local r = rts[k]
+        for k = rbase, rbase + (K - 1) * stride, stride do
+            local r = v[k]
             if r > t and floor(r / S) == s then
-                sum = sum - (ramt and ramt[k] or 1)
+                if amount then sum = sum - v[k + 1] else sum = sum - 1 end
             end
         end
     end
@@ -100,201 +108,109 @@ local function window(ring, S, N, head, t, rts, ramt)
     return sum
 end
 
--- Recent event times, unsorted; a new one replaces the oldest when full.
-local function remember(rts, ramt, K, ts, amount)
-    local n = #rts
-    if n < K then
-        rts[n + 1] = ts
-        if ramt then ramt[n + 1] = amount end
-        return
+-- Recent event times (-1 = empty), unsorted; a new one replaces the oldest.
+local function remember(v, rbase, stride, K, ts, amount)
+    local oldest = rbase
+    for k = rbase, rbase + (K - 1) * stride, stride do
+        if v[k] < v[oldest] then oldest = k end
     end
-    local oldest = 1
-    for k = 2, n do if rts[k] < rts[oldest] then oldest = k end end
-    if ts > rts[oldest] then
-        rts[oldest] = ts
-        if ramt then ramt[oldest] = amount end
+    if ts > v[oldest] then
+        v[oldest] = ts
+        if amount then v[oldest + 1] = amount end
     end
 end
 
-local function recent_stats(rts, t)
+local function recent_stats(v, rbase, stride, K, t)
     local c1m, prev = 0, -1
-    for k = 1, #rts do
-        local r = rts[k]
+    for k = rbase, rbase + (K - 1) * stride, stride do
+        local r = v[k]
         if r <= t and r > t - MINUTE_MS then c1m = c1m + 1 end
         if r < t and r > prev then prev = r end
     end
-    local since = -1
-    if prev >= 0 then since = (t - prev) / 1000 end
-    return c1m, since
+    if c1m > 255 then c1m = 255 end
+    if prev < 0 then return c1m, -1 end
+    return c1m, (t - prev) / 1000
 end
 
--- Entity lists: parallel arrays id / first seen / last seen (Unix seconds), id 0 = empty slot.
--- Returns whether this is the first time the entity is seen (nothing earlier than tsec).
-local function observe(e, K, id, tsec)
-    local free, lru
-    for k = 1, K do
-        local eid = e.id[k]
+-- Entity lists: (id, first seen, last seen) in Unix seconds, id 0 = empty slot.
+local function observe(v, base, K, id, tsec)
+    local slot
+    for k = base, base + 3 * (K - 1), 3 do
+        local eid = v[k]
         if eid == id then
-            local new = e.first[k] > tsec
-            if new then e.first[k] = tsec end
-            if tsec > e.last[k] then e.last[k] = tsec end
-            return new
+            if v[k + 1] > tsec then v[k + 1] = tsec end
+            if v[k + 2] < tsec then v[k + 2] = tsec end
+            return
         elseif eid == 0 then
-            if not free then free = k end
-        elseif not lru or e.last[k] < e.last[lru] then
-            lru = k
+            if not slot or v[slot] ~= 0 then slot = k end
+        elseif not slot or (v[slot] ~= 0 and v[k + 2] < v[slot + 2]) then
+            slot = k
         end
     end
-    local k = free
-    if not k and tsec > e.last[lru] then k = lru end
-    if k then e.id[k], e.first[k], e.last[k] = id, tsec, tsec end
-    return true
-end
-
--- Read-only variant for a redelivered transaction, whose own observation is already stored.
-local function was_first(e, K, id, tsec)
-    for k = 1, K do
-        if e.id[k] == id then return e.first[k] >= tsec end
+    if v[slot] == 0 or tsec > v[slot + 2] then
+        v[slot], v[slot + 1], v[slot + 2] = id, tsec, tsec
     end
-    return true
 end
 
-local function distinct(e, K, tsec, wsec)
+-- Whether no observation of the entity is earlier than tsec (the transaction's own one is stored).
+local function first_time(v, base, K, id, tsec)
+    for k = base, base + 3 * (K - 1), 3 do
+        if v[k] == id then
+            if v[k + 1] >= tsec then return 1 end
+            return 0
+        end
+    end
+    return 1
+end
+
+local function distinct(v, base, K, tsec, wsec)
     local c = 0
-    for k = 1, K do
-        if e.id[k] ~= 0 and e.first[k] <= tsec and e.last[k] > tsec - wsec then c = c + 1 end
+    for k = base, base + 3 * (K - 1), 3 do
+        if v[k] ~= 0 and v[k + 1] <= tsec and v[k + 2] > tsec - wsec then c = c + 1 end
     end
     return c
 end
 
-local function unpack_entities(v, i, K)
-    local e = { id = {}, first = {}, last = {} }
-    for k = 1, K do
-        e.id[k], e.first[k], e.last[k] = v[i], v[i + 1], v[i + 2]
-        i = i + 3
+-- Recent times are stored as offsets back from the head so they fit 32 bits.
+local function load(raw, fmt, len, rbase, stride, K)
+    local v
+    if raw then
+        v = { struct.unpack(fmt, raw) }
+        local head = v[1]
+        for k = rbase, rbase + (K - 1) * stride, stride do
+            if v[k] == EMPTY then v[k] = -1 else v[k] = head - v[k] end
+        end
+    else
+        v = {}
+        for j = 1, len do v[j] = 0 end
+        v[1] = -1
+        for k = rbase, rbase + (K - 1) * stride, stride do v[k] = -1 end
     end
-    return e, i
+    return v
 end
 
-local function push_entities(out, e, K)
-    for k = 1, K do
-        out[#out + 1] = e.id[k]; out[#out + 1] = e.first[k]; out[#out + 1] = e.last[k]
-    end
-end
-
-local function offsets(rts, ramt, K, head, out)
-    for k = 1, K do
-        local r = rts[k]
-        if r then
-            local off = head - r
-            if off > EMPTY - 1 then off = EMPTY - 1 end
-            out[#out + 1] = off
+local function dump(v, fmt, len, rbase, stride, K)
+    local head = v[1]
+    for k = rbase, rbase + (K - 1) * stride, stride do
+        local r = v[k]
+        if r < 0 then
+            v[k] = EMPTY
+        elseif head - r >= EMPTY then
+            v[k] = EMPTY - 1
         else
-            out[#out + 1] = EMPTY
+            v[k] = head - r
         end
-        if ramt then out[#out + 1] = ramt[k] or 0 end
     end
-end
-
-local function empty_entities(K)
-    local e = { id = {}, first = {}, last = {} }
-    for k = 1, K do e.id[k], e.first[k], e.last[k] = 0, 0, 0 end
-    return e
-end
-
-local function load_user(raw)
-    local u = { rts = {}, ramt = {} }
-    if not raw then
-        u.head, u.n, u.mean = -1, 0, 0
-        u.c1, u.c24, u.s24 = bytes(nil, N1H), bytes(nil, N24), bytes(nil, N24)
-        u.m, u.c, u.d = empty_entities(KM), empty_entities(KC), empty_entities(KD)
-        return u
-    end
-    local v = { struct.unpack(USER_FMT, raw) }
-    u.head, u.n, u.mean = v[1], v[2], v[3]
-    local i = 4
-    for _ = 1, KR do
-        local off = v[i]
-        if off ~= EMPTY then
-            u.rts[#u.rts + 1] = u.head - off
-            u.ramt[#u.ramt + 1] = v[i + 1]
-        end
-        i = i + 2
-    end
-    u.c1, u.c24 = bytes(v[i], N1H), bytes(v[i + 1], N24)
-    i = i + 2
-    u.s24 = {}
-    for k = 1, N24 do u.s24[k] = v[i]; i = i + 1 end
-    u.m, i = unpack_entities(v, i, KM)
-    u.c, i = unpack_entities(v, i, KC)
-    u.d = unpack_entities(v, i, KD)
-    return u
-end
-
-local function dump_user(u)
-    local out = { u.head, u.n, u.mean }
-    offsets(u.rts, u.ramt, KR, u.head, out)
-    out[#out + 1] = string.char(unpack(u.c1))
-    out[#out + 1] = string.char(unpack(u.c24))
-    for k = 1, N24 do out[#out + 1] = u.s24[k] end
-    push_entities(out, u.m, KM)
-    push_entities(out, u.c, KC)
-    push_entities(out, u.d, KD)
-    return struct.pack(USER_FMT, unpack(out))
-end
-
-local function load_card(raw)
-    local c = { rts = {} }
-    if not raw then
-        c.head, c.c1, c.c24 = -1, bytes(nil, N1H), bytes(nil, N24)
-        return c
-    end
-    local v = { struct.unpack(CARD_FMT, raw) }
-    c.head = v[1]
-    for k = 2, KRC + 1 do
-        if v[k] ~= EMPTY then c.rts[#c.rts + 1] = c.head - v[k] end
-    end
-    c.c1, c.c24 = bytes(v[KRC + 2], N1H), bytes(v[KRC + 3], N24)
-    return c
-end
-
-local function dump_card(c)
-    local out = { c.head }
-    offsets(c.rts, nil, KRC, c.head, out)
-    out[#out + 1] = string.char(unpack(c.c1))
-    out[#out + 1] = string.char(unpack(c.c24))
-    return struct.pack(CARD_FMT, unpack(out))
-end
-
--- Apply one new transaction to a state that has rings c1/c24 and a recent list.
-local function apply_velocity(st, ts, amount, ramt, K)
-    if st.head < 0 then
-        st.head = ts
-    elseif ts > st.head then
-        advance(st.c1, S1H, N1H, st.head, ts)
-        advance(st.c24, S24, N24, st.head, ts)
-        if st.s24 then advance(st.s24, S24, N24, st.head, ts) end
-        st.head = ts
-    end
-    add(st.c1, S1H, N1H, st.head, ts, 1, 255)
-    add(st.c24, S24, N24, st.head, ts, 1, 255)
-    if st.s24 then add(st.s24, S24, N24, st.head, ts, amount) end
-    remember(st.rts, ramt, K, ts, amount)
-end
-
-local function card_counts(c, t)
-    if not c or c.head < 0 then return 0, 0, 0 end
-    local c1m = recent_stats(c.rts, t)
-    return c1m, window(c.c1, S1H, N1H, c.head, t, c.rts), window(c.c24, S24, N24, c.head, t, c.rts)
+    return struct.pack(fmt, unpack(v, 1, len))
 end
 
 -- Mean amount of the user's transactions before event time t: the running mean with the recent
 -- ones at or after t taken back out, so a redelivery sees what the original saw.
 local function mean_before(u, t)
-    local sum, count = u.n * u.mean, u.n
-    for k = 1, #u.rts do
-        if u.rts[k] >= t then
-            sum = sum - u.ramt[k]
+    local sum, count = u[U_N] * u[U_MEAN], u[U_N]
+    for k = U_RECENT, U_RECENT + 2 * (KR - 1), 2 do
+        if u[k] >= t then
+            sum = sum - u[k + 1]
             count = count - 1
         end
     end
@@ -302,33 +218,69 @@ local function mean_before(u, t)
     return sum / count
 end
 
-local function apply(u, c, ts, amount, mh, cc, dh)
-    if c then apply_velocity(c, ts, 0, nil, KRC) end
-    apply_velocity(u, ts, amount, u.ramt, KR)
-    u.n = u.n + 1
-    u.mean = u.mean + (amount - u.mean) / u.n
+local function apply_card(c, ts)
+    local head = c[C_HEAD]
+    if ts > head then
+        if head >= 0 then
+            advance(c, C_C1, S1H, N1H, head, ts)
+            advance(c, C_C24, S24, N24, head, ts)
+        end
+        head = ts
+        c[C_HEAD] = ts
+    end
+    add(c, C_C1, S1H, N1H, head, ts, 1, 65535)
+    add(c, C_C24, S24, N24, head, ts, 1, 65535)
+    remember(c, C_RECENT, 1, KRC, ts)
+end
+
+local function apply_user(u, ts, amount, mh, cc, dh)
+    local head = u[U_HEAD]
+    if ts > head then
+        if head >= 0 then
+            advance(u, U_C1, S1H, N1H, head, ts)
+            advance(u, U_C24, S24, N24, head, ts)
+            advance(u, U_S24, S24, N24, head, ts)
+        end
+        head = ts
+        u[U_HEAD] = ts
+    end
+    add(u, U_C1, S1H, N1H, head, ts, 1, 65535)
+    add(u, U_C24, S24, N24, head, ts, 1, 65535)
+    add(u, U_S24, S24, N24, head, ts, amount, math.huge)
+    remember(u, U_RECENT, 2, KR, ts, amount)
+    local n = u[U_N] + 1
+    u[U_N] = n
+    u[U_MEAN] = u[U_MEAN] + (amount - u[U_MEAN]) / n
     local tsec = floor(ts / 1000)
-    observe(u.m, KM, mh, tsec)
-    if cc > 0 then observe(u.c, KC, cc, tsec) end
-    if dh > 0 then observe(u.d, KD, dh, tsec) end
+    observe(u, U_M, KM, mh, tsec)
+    if cc > 0 then observe(u, U_C, KC, cc, tsec) end
+    if dh > 0 then observe(u, U_D, KD, dh, tsec) end
 end
 
 -- Features as of event time t, read-only: the state already holds the transaction itself.
 local function evaluate(u, c, seen, t, mh, cc, dh)
     local tsec = floor(t / 1000)
-    local c1m, since = recent_stats(u.rts, t)
-    local cc1m, cc1h, cc24 = card_counts(c, t)
-    return struct.pack(OUT_FMT, seen, t, clamp8(c1m),
-        window(u.c1, S1H, N1H, u.head, t, u.rts),
-        window(u.c24, S24, N24, u.head, t, u.rts),
-        window(u.s24, S24, N24, u.head, t, u.rts, u.ramt),
+    local head = u[U_HEAD]
+    local c1m, since = recent_stats(u, U_RECENT, 2, KR, t)
+    -- An event older than a ring's reach still counts what the exact recent list knows of it.
+    local c1h = math.max(window(u, U_C1, S1H, N1H, head, t, U_RECENT, 2, KR), c1m)
+    local c24 = math.max(window(u, U_C24, S24, N24, head, t, U_RECENT, 2, KR), c1h)
+    local cc1m, cc1h, cc24 = 0, 0, 0
+    if c and c[C_HEAD] >= 0 then
+        local chead = c[C_HEAD]
+        cc1m = recent_stats(c, C_RECENT, 1, KRC, t)
+        cc1h = math.max(window(c, C_C1, S1H, N1H, chead, t, C_RECENT, 1, KRC), cc1m)
+        cc24 = math.max(window(c, C_C24, S24, N24, chead, t, C_RECENT, 1, KRC), cc1h)
+    end
+    local new_c, new_d = 0, 0
+    if cc > 0 then new_c = first_time(u, U_C, KC, cc, tsec) end
+    if dh > 0 then new_d = first_time(u, U_D, KD, dh, tsec) end
+    return struct.pack(OUT_FMT, seen, t, c1m, c1h, c24,
+        window(u, U_S24, S24, N24, head, t, U_RECENT, 2, KR, true),
         mean_before(u, t), since,
-        distinct(u.m, KM, tsec, 3600), distinct(u.m, KM, tsec, 86400),
-        distinct(u.c, KC, tsec, 3600), distinct(u.c, KC, tsec, 86400),
-        (dh > 0 and was_first(u.d, KD, dh, tsec)) and 1 or 0,
-        (cc > 0 and was_first(u.c, KC, cc, tsec)) and 1 or 0,
-        was_first(u.m, KM, mh, tsec) and 1 or 0,
-        clamp8(cc1m), cc1h, cc24)
+        distinct(u, U_M, KM, tsec, 3600), distinct(u, U_M, KM, tsec, 86400),
+        distinct(u, U_C, KC, tsec, 3600), distinct(u, U_C, KC, tsec, 86400),
+        new_d, new_c, first_time(u, U_M, KM, mh, tsec), cc1m, cc1h, cc24)
 end
 
 local function split(s)
@@ -377,7 +329,7 @@ local function features(keys, args)
         if card == 0 then return nil end
         local c = cards[card]
         if not c then
-            c = load_card(raws[n_users + card])
+            c = load(raws[n_users + card], CARD_FMT, C_LEN, C_RECENT, 1, KRC)
             cards[card] = c
         end
         return c
@@ -387,7 +339,7 @@ local function features(keys, args)
     local k = 1
     while k <= n do
         local user = recs[k][2]
-        local u = load_user(raws[user])
+        local u = load(raws[user], USER_FMT, U_LEN, U_RECENT, 2, KR)
         local dirty = false
         local last = k
         while last < n and recs[last + 1][2] == user do last = last + 1 end
@@ -398,7 +350,8 @@ local function features(keys, args)
             local pos, card, ts = r[1], r[3], r[4]
             if not seen_ms[pos] then
                 local c = card_state(card)
-                apply(u, c, ts, r[5], r[6], r[7], r[8])
+                if c then apply_card(c, ts) end
+                apply_user(u, ts, r[5], r[6], r[7], r[8])
                 if c then card_dirty[card] = true end
                 dirty = true
                 out[q] = evaluate(u, c, 0, ts, r[6], r[7], r[8])
@@ -412,11 +365,12 @@ local function features(keys, args)
             if t then out[q] = evaluate(u, card_state(r[3]), 1, t, r[6], r[7], r[8]) end
         end
 
-        if dirty then redis.call('SET', keys[n + user], dump_user(u), 'PX', ttl_ms) end
+        if dirty then redis.call('SET', keys[n + user], dump(u, USER_FMT, U_LEN, U_RECENT, 2, KR), 'PX', ttl_ms) end
         k = last + 1
     end
     for card in pairs(card_dirty) do
-        redis.call('SET', keys[n + n_users + card], dump_card(cards[card]), 'PX', ttl_ms)
+        local c = dump(cards[card], CARD_FMT, C_LEN, C_RECENT, 1, KRC)
+        redis.call('SET', keys[n + n_users + card], c, 'PX', ttl_ms)
     end
 
     local b = n + n_users + n_cards

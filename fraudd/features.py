@@ -125,6 +125,9 @@ class FeatureStore:
     """Computes features for a batch and records it in the shared behaviour state, exactly once."""
 
     def __init__(self, redis_client: redis.Redis, keys: Keys, dedup_window_ms: int) -> None:
+        # The reply is a binary blob parsed with numpy; a decoding client would mangle it.
+        if redis_client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("FeatureStore needs a Redis client with decode_responses=False")
         self._redis = redis_client
         self._keys = keys
         self._dedup_window_ms = int(dedup_window_ms)

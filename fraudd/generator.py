@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cache
 
 import numpy as np
 import orjson
@@ -110,17 +111,15 @@ _ATM_MCC = "6011"
 _N_FAVOURITES = 8
 _BLOCK = 8192  # rows drawn per internal step; fixed so slicing never changes the stream
 _DAY = 86_400.0
-_B36 = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyz", dtype=np.uint8).astype(np.uint32)
+_B36 = np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 _ID_DIGITS = 8  # 36**8 ~ 2.8e12 transactions per seed
 _EARTH_KM = 6371.0
 _FAR_KM = 3000.0  # impossible-travel destinations are at least this far from the user
 
-_PAYLOAD = (
-    '{"transaction_id":"%s","user_id":"%s","amount":%r,"merchant":"%s","timestamp":%r,'
-    '"card_id":"%s","currency":"%s","mcc":"%s","country":"%s","device_id":"%s","ip":"%s",'
-    '"channel":"%s","lat":%r,"lon":%r}'
-)
-
+# Field order groups the parts that are pre-rendered once per user, merchant and place, so that
+# per transaction only the id, amount, timestamp, card and device are formatted.
+_PAYLOAD = b'{"transaction_id":"%s",%s,"amount":%s,%s,"timestamp":%d.%03d,"card_id":"%s","device_id":"%s",%s}'
+_AMOUNT_TABLE_CENTS = 1 << 18  # amounts below $2621.44 are rendered by table lookup
 
 @dataclass(frozen=True)
 class GeneratorConfig:
@@ -140,11 +139,12 @@ class GeneratorConfig:
     # so per-user windows of minutes to days hold realistic counts.
     tx_per_second: float = 1.0
     # Benign noise: the look-alikes that keep single-message scoring from being enough.
-    trips_per_user_day: float = 0.01  # legit travel abroad, 2-10 days each
+    trips_per_user_day: float = 0.015  # legit travel abroad, 2-10 days each (~9% of user-days)
     new_device_per_user_day: float = 0.003  # new phone: a legit "new device"
     new_merchant_share: float = 0.06  # legit purchases at a merchant outside the usual ones
-    big_purchase_share: float = 0.005  # legit purchases 3-8x the user's usual amount
-    risky_user_share: float = 0.06  # users who legitimately gamble / buy crypto
+    big_purchase_share: float = 0.005  # legit purchases 3-8x the user's usual amount (6x as
+    # often at resellable-goods merchants, where account takeovers cash out)
+    risky_user_share: float = 0.12  # users who legitimately gamble / buy crypto, some a lot
 
     def __post_init__(self) -> None:
         unknown = set(self.typology_mix) - set(TYPOLOGIES[1:])
@@ -173,52 +173,149 @@ class FaultyPayloads:
     reason: list[str | None]
 
 
+class _Table:
+    """Append-only columns. A row keeps its index forever, so batches already handed out can
+    keep referring to rows (places, devices) that later blocks add."""
+
+    def __init__(self, **columns: np.ndarray) -> None:
+        self.size = len(next(iter(columns.values())))
+        self.columns = columns
+
+    def append(self, **columns: np.ndarray) -> np.ndarray:
+        n = len(next(iter(columns.values())))
+        if self.size + n > len(next(iter(self.columns.values()))):
+            capacity = max(2 * (self.size + n), 1024)
+            for name, old in self.columns.items():
+                grown = np.empty(capacity, dtype=old.dtype)
+                grown[: self.size] = old[: self.size]
+                self.columns[name] = grown
+        for name, values in columns.items():
+            self.columns[name][self.size : self.size + n] = values
+        self.size += n
+        return np.arange(self.size - n, self.size)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+
+@dataclass(frozen=True)
+class _World:
+    """The generator's users, merchants, cards, devices and places, as text and as pre-rendered
+    JSON pieces. Batches keep indices into it and render columns and payloads on demand."""
+
+    id_prefix: bytes
+    user_id: np.ndarray  # str per user
+    user_raw: np.ndarray  # bytes per user: "user_id":"…"
+    merchant_name: np.ndarray
+    merchant_mcc: np.ndarray
+    merchant_channel: np.ndarray
+    merchant_raw: np.ndarray  # bytes per merchant: "merchant":"…","mcc":"…","channel":"…"
+    card: np.ndarray  # str per card; card index = user * 2 + slot
+    card_raw: np.ndarray
+    country_code: np.ndarray
+    country_currency: np.ndarray
+    devices: _Table  # text (str), raw (bytes)
+    places: _Table  # country (index), lat, lon, ip, raw (bytes: "currency":…,"country":…,"ip":…,"lat":…,"lon":…)
+
+
 @dataclass(frozen=True)
 class GeneratedBatch:
-    """Transactions in event-time order as columns (row i of every column is one transaction).
+    """Transactions in event-time order (row i of every column is one transaction).
 
-    Text columns are object arrays of ``str``; ``typology`` holds codes into ``TYPOLOGIES``.
+    Numeric columns are stored; text columns (object arrays of ``str``) are rendered from the
+    generator's tables on each access (keep the result if you index it in a loop), so that
+    generating costs nothing a caller does not use.
+    ``sequence`` (position in the stream) and ``user_index`` never appear in the payload.
     """
 
-    transaction_id: np.ndarray
-    user_id: np.ndarray
-    amount: np.ndarray  # float64, 2 decimals
-    merchant: np.ndarray
+    sequence: np.ndarray  # int64
     timestamp: np.ndarray  # float64 Unix seconds, millisecond precision
-    card_id: np.ndarray
-    currency: np.ndarray
-    mcc: np.ndarray
-    country: np.ndarray
-    device_id: np.ndarray
-    ip: np.ndarray
-    channel: np.ndarray
-    lat: np.ndarray
-    lon: np.ndarray
+    amount: np.ndarray  # float64, 2 decimals
     typology: np.ndarray  # int8 codes into TYPOLOGIES
+    user_index: np.ndarray
+    merchant_index: np.ndarray
+    card_index: np.ndarray
+    device_index: np.ndarray
+    place_index: np.ndarray
+    world: _World = field(repr=False, compare=False)
 
     typology_names = TYPOLOGIES
 
     def __len__(self) -> int:
-        return len(self.transaction_id)
+        return len(self.sequence)
 
     @property
     def is_fraud(self) -> np.ndarray:
         return self.typology != LEGIT
 
     @property
+    def transaction_id(self) -> np.ndarray:
+        return _id_bytes(self.world.id_prefix, self.sequence).astype(str).astype(object)
+
+    @property
     def transaction_ids(self) -> list[str]:
         return self.transaction_id.tolist()
 
+    @property
+    def user_id(self) -> np.ndarray:
+        return self.world.user_id[self.user_index]
+
+    @property
+    def currency(self) -> np.ndarray:
+        return self.world.country_currency[self.world.places["country"][self.place_index]]
+
+    @property
+    def merchant(self) -> np.ndarray:
+        return self.world.merchant_name[self.merchant_index]
+
+    @property
+    def mcc(self) -> np.ndarray:
+        return self.world.merchant_mcc[self.merchant_index]
+
+    @property
+    def channel(self) -> np.ndarray:
+        return self.world.merchant_channel[self.merchant_index]
+
+    @property
+    def card_id(self) -> np.ndarray:
+        return self.world.card[self.card_index]
+
+    @property
+    def device_id(self) -> np.ndarray:
+        return self.world.devices["text"][self.device_index]
+
+    @property
+    def country(self) -> np.ndarray:
+        return self.world.country_code[self.world.places["country"][self.place_index]]
+
+    @property
+    def ip(self) -> np.ndarray:
+        return self.world.places["ip"][self.place_index]
+
+    @property
+    def lat(self) -> np.ndarray:
+        return self.world.places["lat"][self.place_index]
+
+    @property
+    def lon(self) -> np.ndarray:
+        return self.world.places["lon"][self.place_index]
+
     def payloads(self) -> list[bytes]:
         """The ``data`` field of each transaction, as the origin producer writes it."""
+        world = self.world
+        millis = np.rint(self.timestamp * 1000.0).astype(np.int64)
         columns = (
-            self.transaction_id.tolist(), self.user_id.tolist(), self.amount.tolist(),
-            self.merchant.tolist(), self.timestamp.tolist(), self.card_id.tolist(),
-            self.currency.tolist(), self.mcc.tolist(), self.country.tolist(),
-            self.device_id.tolist(), self.ip.tolist(), self.channel.tolist(),
-            self.lat.tolist(), self.lon.tolist(),
+            _id_bytes(world.id_prefix, self.sequence).tolist(),
+            world.user_raw[self.user_index].tolist(),
+            _amount_text(self.amount).tolist(),
+            world.merchant_raw[self.merchant_index].tolist(),
+            (millis // 1000).tolist(),
+            (millis % 1000).tolist(),
+            world.card_raw[self.card_index].tolist(),
+            world.devices["raw"][self.device_index].tolist(),
+            world.places["raw"][self.place_index].tolist(),
         )
-        return [text.encode() for text in map(_PAYLOAD.__mod__, zip(*columns))]
+        return list(map(_PAYLOAD.__mod__, zip(*columns)))
 
     def with_faults(self, duplicate_rate: float, invalid_rate: float, rng: np.random.Generator) -> FaultyPayloads:
         """Every payload once, plus ``duplicate_rate * len`` exact re-sends (same bytes, at a later
@@ -260,10 +357,14 @@ class GeneratedBatch:
 
     @classmethod
     def concat(cls, batches: list[GeneratedBatch]) -> GeneratedBatch:
-        return cls(**{f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)})
+        columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in _COLUMNS}
+        return cls(**columns, world=batches[0].world)
 
     def slice(self, start: int, stop: int) -> GeneratedBatch:
-        return GeneratedBatch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+        return GeneratedBatch(**{name: getattr(self, name)[start:stop] for name in _COLUMNS}, world=self.world)
+
+
+_COLUMNS = tuple(f.name for f in fields(GeneratedBatch) if f.name != "world")
 
 
 def _with(obj: dict, **changes) -> dict:
@@ -313,18 +414,15 @@ _INVALID_KINDS = (
 
 @dataclass(slots=True)
 class _Rows:
-    """Transactions mid-generation, before text columns are materialised."""
+    """Transactions mid-generation: numbers and indices into the user/merchant/place tables."""
 
     ts: np.ndarray
     user: np.ndarray
     merchant: np.ndarray
     amount: np.ndarray
-    country: np.ndarray
-    lat: np.ndarray
-    lon: np.ndarray
-    card: np.ndarray
+    place: np.ndarray
+    card: np.ndarray  # index into the card table: user * 2 + slot
     device: np.ndarray
-    ip: np.ndarray
     typology: np.ndarray
 
     def take(self, index: np.ndarray) -> _Rows:
@@ -341,7 +439,6 @@ class TransactionGenerator:
     def __init__(self, config: GeneratorConfig | None = None) -> None:
         self.config = config = config or GeneratorConfig()
         self._rng = np.random.default_rng(config.seed)
-        self._id_prefix = f"txn_{_base36(config.seed)}_"
         self._setup_world()
         self._setup_users()
         self._now = float(config.start_ts)
@@ -351,9 +448,7 @@ class TransactionGenerator:
         self._ready_rows = 0
         mix = np.array([config.typology_mix.get(name, 0.0) for name in TYPOLOGIES[1:]], dtype=np.float64)
         odds = config.fraud_rate / (1.0 - config.fraud_rate)
-        self._fraud_rows_per_row = odds * mix / mix.sum() if mix.sum() > 0 else np.zeros(5)
-
-    # ---- public -------------------------------------------------------------------------------
+        self._fraud_rows_per_row = odds * mix / mix.sum() if mix.sum() > 0 else np.zeros(len(mix))
 
     def generate(self, n: int) -> GeneratedBatch:
         """The next ``n`` transactions of the stream."""
@@ -389,9 +484,9 @@ class TransactionGenerator:
         per_cat[0] += max(0, cfg.n_merchants - per_cat.sum())  # the remainder are supermarkets
         cat = np.repeat(np.arange(len(_CATEGORIES)), per_cat)
         n = len(cat)
-        names = rng.choice(len(_NAME_WORDS_A) * len(_NAME_WORDS_B) * len(_CATEGORIES), n, replace=False)
-        # Distinct names per category: the (adjective, noun) pair is unique within each suffix.
-        pair = names % (len(_NAME_WORDS_A) * len(_NAME_WORDS_B))
+        n_pairs = len(_NAME_WORDS_A) * len(_NAME_WORDS_B)
+        # Distinct (adjective, noun, suffix) triples, so merchant names are unique.
+        pair = rng.choice(n_pairs * len(_CATEGORIES), n, replace=False) % n_pairs
         online = rng.random(n) < np.array(cats[3])[cat]
         mcc = np.array(cats[0], dtype=object)[cat]
         self._merchant_name = np.array(
@@ -405,16 +500,18 @@ class TransactionGenerator:
         role = np.array(cats[5], dtype=object)[cat]
         self._merchant_p = popularity[cat] / per_cat[cat]
         self._merchant_p /= self._merchant_p.sum()
-        # New-to-the-user merchants that fraud uses; non-risky pools are online-only.
+        # Merchants new to the user that fraud uses; the non-risky pools are online shops.
         self._small_pool = np.flatnonzero((role == "small") & online)
         self._resale_pool = np.flatnonzero((role == "resale") & online)
+        self._big_purchase_weight = np.where(role == "resale", 6.0, 1.0)
         self._risky_pool = np.flatnonzero(role == "risky")
         self._plain_pool = np.flatnonzero(role != "risky")
         plain_p = self._merchant_p[self._plain_pool]
         self._plain_p = plain_p / plain_p.sum()
+        self._card_present_pool = self._plain_pool[self._merchant_channel[self._plain_pool] == _CHANNELS[0]]
 
-        # Daily rhythm: P(user's peak-hour group | UTC hour). Legit users are mostly active near
-        # their peak; "odd" hours are 7+ hours away from it.
+        # Daily rhythm: users are mostly active within a few hours of their peak; "odd" hours are
+        # 7+ hours away from it.
         delta = np.abs(np.arange(24)[:, None] - np.arange(24)[None])
         delta = np.minimum(delta, 24 - delta)
         self._hour_kernel = np.exp(-(delta**2) / (2 * 3.0**2)) + 0.02
@@ -423,12 +520,9 @@ class TransactionGenerator:
     def _setup_users(self) -> None:
         rng, cfg = self._rng, self.config
         n = cfg.n_users
-        self._user_id = np.array([f"user_{_base36(i)}" for i in range(n)], dtype=object)
+        user_id = np.array([f"user_{_base36(i)}" for i in range(n)], dtype=object)
         home = rng.choice(len(_COUNTRIES), n, p=self._country_p)
         self._home = home
-        self._home_lat, self._home_lon = self._spot(home)
-        self._home_ip = self._ips(home)
-        self._currency = self._country_currency[home]
         self._mu = rng.normal(np.log(30.0), 0.6, n)  # log of the user's usual amount
         self._sigma = rng.uniform(0.35, 0.8, n)
         activity = rng.lognormal(0.0, 0.5, n)
@@ -436,16 +530,19 @@ class TransactionGenerator:
         night_owl = rng.random(n) < np.where(risky, 0.4, 0.2)
         peak_local = np.where(night_owl, rng.normal(23.0, 2.0, n), rng.normal(15.0, 2.5, n))
         peak = np.rint(peak_local - self._country_offset[home]).astype(np.int64) % 24
-        self._peak = peak
 
-        n_cards = 1 + (rng.random(n) < 0.3)
-        cards = rng.integers(0, 2**48, (n, 2))
-        self._cards = np.array([[f"card_{c:012x}" for c in pair] for pair in cards.tolist()], dtype=object)
-        self._n_cards = n_cards
-        self._device = np.array([_device_id(v) for v in rng.integers(0, 2**63, n).tolist()], dtype=object)
+        self._n_cards = 1 + (rng.random(n) < 0.3).astype(np.int64)
+        cards = np.array([f"card_{c:012x}" for c in rng.integers(0, 2**48, 2 * n).tolist()], dtype=object)
+        self._devices = _Table(text=np.empty(0, dtype=object), raw=np.empty(0, dtype=object))
+        self._device_of = self._new_devices(n)
+        self._places = _Table(
+            country=np.empty(0, np.int64), lat=np.empty(0), lon=np.empty(0),
+            ip=np.empty(0, dtype=object), raw=np.empty(0, dtype=object),
+        )
+        self._home_place = self._new_places(home)
 
         fav = rng.choice(self._plain_pool, (n, _N_FAVOURITES), p=self._plain_p)
-        slot = rng.integers(1, 5, n)
+        slot = rng.integers(0, 4, n)
         fav[risky, slot[risky]] = rng.choice(self._risky_pool, int(risky.sum()))
         self._favourites = fav
         rank_p = 1.0 / np.arange(1, _N_FAVOURITES + 1) ** 1.1
@@ -462,12 +559,27 @@ class TransactionGenerator:
         self._hour_group_cdf = _row_cdf(self._hour_kernel * group_activity[None])
         self._odd_group_cdf = _row_cdf(self._odd_hour * group_activity[None])
 
-        # Travel: where each user is between trip start and end.
+        # Legit travel: where each user is between trip start and end.
         self._trip_start = np.full(n, np.inf)
         self._trip_end = np.full(n, -np.inf)
-        self._trip_country = home.copy()
-        self._trip_lat, self._trip_lon = self._home_lat.copy(), self._home_lon.copy()
-        self._trip_ip = self._home_ip.copy()
+        self._trip_place = self._home_place.copy()
+
+        self._world = _World(
+            id_prefix=f"txn_{_base36(cfg.seed)}_".encode(),
+            user_id=user_id,
+            user_raw=_encoded('"user_id":"{}"', user_id),
+            merchant_name=self._merchant_name,
+            merchant_mcc=self._merchant_mcc,
+            merchant_channel=self._merchant_channel,
+            merchant_raw=_encoded('"merchant":"{}","mcc":"{}","channel":"{}"', self._merchant_name,
+                                  self._merchant_mcc, self._merchant_channel),
+            card=cards,
+            card_raw=_encoded("{}", cards),
+            country_code=self._country_code,
+            country_currency=self._country_currency,
+            devices=self._devices,
+            places=self._places,
+        )
 
     # ---- one block ----------------------------------------------------------------------------
 
@@ -490,84 +602,68 @@ class TransactionGenerator:
         return self._materialise(rows)
 
     def _life_events(self, t0: float, t1: float) -> None:
-        """Start legit trips and replace phones for some users (benign novelty)."""
+        """Start legit trips abroad and replace some users' phones (benign novelty)."""
         rng, cfg = self._rng, self.config
         days = (t1 - t0) / _DAY
         travellers = rng.integers(0, cfg.n_users, rng.poisson(cfg.n_users * cfg.trips_per_user_day * days))
-        dest = rng.choice(len(_COUNTRIES), len(travellers), p=self._country_p)
-        home = self._home[travellers]
-        dest = np.where(dest == home, (home + 1 + rng.integers(0, len(_COUNTRIES) - 1, len(dest))) % len(_COUNTRIES), dest)
         start = rng.uniform(t0, t1, len(travellers))
         self._trip_start[travellers] = start
         self._trip_end[travellers] = start + rng.uniform(2, 10, len(travellers)) * _DAY
-        self._trip_country[travellers] = dest
-        self._trip_lat[travellers], self._trip_lon[travellers] = self._spot(dest)
-        self._trip_ip[travellers] = self._ips(dest)
+        self._trip_place[travellers] = self._new_places(self._elsewhere(self._home[travellers]))
         upgraded = rng.integers(0, cfg.n_users, rng.poisson(cfg.n_users * cfg.new_device_per_user_day * days))
-        self._device[upgraded] = self._new_devices(len(upgraded))
+        self._device_of[upgraded] = self._new_devices(len(upgraded))
 
     def _legit(self, ts: np.ndarray, users: np.ndarray) -> _Rows:
         rng, cfg = self._rng, self.config
         n = len(users)
-        rank = np.searchsorted(self._rank_cdf, rng.random(n))
-        merchant = self._favourites[users, np.minimum(rank, _N_FAVOURITES - 1)]
+        rank = np.minimum(np.searchsorted(self._rank_cdf, rng.random(n)), _N_FAVOURITES - 1)
+        merchant = self._favourites[users, rank]
         new = rng.random(n) < cfg.new_merchant_share
         merchant[new] = rng.choice(len(self._merchant_p), int(new.sum()), p=self._merchant_p)
-        big = rng.random(n) < cfg.big_purchase_share
+        big = rng.random(n) < cfg.big_purchase_share * self._big_purchase_weight[merchant]
         amount = self._usual_amount(users, merchant) * np.where(big, rng.uniform(3.0, 8.0, n), 1.0)
-        card = self._cards[users, ((rng.random(n) < 0.3) & (self._n_cards[users] == 2)).astype(np.int64)]
-        country, lat, lon, ip = self._whereabouts(users, ts)
-        return self._rows(ts, users, merchant, amount, country, lat, lon, card, self._device[users], ip, LEGIT)
+        second_card = (rng.random(n) < 0.3) & (self._n_cards[users] == 2)
+        return self._rows(ts, users, merchant, amount, self._whereabouts(users, ts), 2 * users + second_card,
+                          self._device_of[users], LEGIT)
 
     def _fraud(self, t0: float, t1: float) -> list[_Rows]:
         """Fraud events starting in [t0, t1); rows may spill past t1 and wait in ``_pending``."""
         rng = self._rng
-        expected_rows = self._fraud_rows_per_row * _BLOCK
         makers = (self._card_testing, self._account_takeover, self._velocity_burst,
                   self._impossible_travel, self._high_risk_odd_hour)
+        mean_rows = (6.5, 2.0, 10.0, 1.5, 1.5)  # fraud rows per event of each typology
         parts = []
-        for maker, rows, mean_rows in zip(makers, expected_rows, (6.5, 2.0, 10.0, 1.5, 1.5)):
-            n_events = rng.poisson(rows / mean_rows)
+        for maker, rows_per_row, per_event in zip(makers, self._fraud_rows_per_row, mean_rows):
+            n_events = rng.poisson(rows_per_row * _BLOCK / per_event)
             if n_events:
                 parts.append(maker(np.sort(rng.uniform(t0, t1, n_events))))
         return parts
 
     def _card_testing(self, start: np.ndarray) -> _Rows:
-        """4-9 tiny charges on one card at shops new to the user within ~30-150 s, from a
-        fraudster's device. Tiny online charges are common; the burst of new merchants on one card
-        is what only the card's history reveals."""
+        """4-9 tiny online charges (0.50-3.00) on one card at shops new to the user within
+        ~30-150 s, from a fraudster's device. Tiny online charges are everyday traffic; the burst
+        of new merchants on one card is what only the card's history reveals."""
         rng = self._rng
         users = self._pick_users(start, self._hour_group_cdf)
         size = rng.integers(4, 10, len(users))
         event, ts = self._spread(start, size, 30.0, 150.0)
         u = users[event]
-        merchant = self._fresh_merchants(u, self._small_pool)
-        amount = rng.uniform(0.5, 3.0, len(u))
-        card = self._cards[users, rng.integers(0, self._n_cards[users])][event]
-        device = self._new_devices(len(users))[event]
-        ip = self._ips(rng.choice(len(_COUNTRIES), len(users), p=self._country_p))[event]
-        country, lat, lon, _ = self._whereabouts(u, ts)
-        return self._rows(ts, u, merchant, amount, country, lat, lon, card, device, ip, CARD_TESTING)
+        card = (2 * users + rng.integers(0, self._n_cards[users]))[event]
+        return self._rows(ts, u, self._fresh_merchants(u, self._small_pool), rng.uniform(0.5, 3.0, len(u)),
+                          self._whereabouts(u, ts), card, self._new_devices(len(users))[event], CARD_TESTING)
 
     def _account_takeover(self, start: np.ndarray) -> _Rows:
-        """1-3 purchases of resellable goods 5-12x the user's usual amount (globally ordinary),
-        from a new device in a country that is not the user's home."""
+        """1-3 online purchases of resellable goods at 5-12x the user's usual amount (ordinary for
+        the population), from a new device in a country that is not the user's home."""
         rng = self._rng
         users = self._pick_users(start, self._hour_group_cdf)
         size = rng.integers(1, 4, len(users))
         event, ts = self._spread(start, size, 120.0, 1200.0)
         u = users[event]
-        merchant = self._fresh_merchants(u, self._resale_pool)
         amount = np.exp(self._mu[u]) * rng.uniform(5.0, 12.0, len(u))
-        home = self._home[users]
-        place = rng.choice(len(_COUNTRIES), len(users), p=self._country_p)
-        place = np.where(place == home, (home + 1 + rng.integers(0, len(_COUNTRIES) - 1, len(users))) % len(_COUNTRIES), place)
-        lat, lon = self._spot(place)
-        card = self._cards[u, 0]
-        device = self._new_devices(len(users))[event]
-        ip = self._ips(place)[event]
-        return self._rows(ts, u, merchant, amount, place[event], lat[event], lon[event], card, device, ip,
-                          ACCOUNT_TAKEOVER)
+        place = self._new_places(self._elsewhere(self._home[users]))[event]
+        return self._rows(ts, u, self._fresh_merchants(u, self._resale_pool), amount, place, 2 * u,
+                          self._new_devices(len(users))[event], ACCOUNT_TAKEOVER)
 
     def _velocity_burst(self, start: np.ndarray) -> _Rows:
         """6-14 ordinary-looking purchases by one user within 2-10 minutes, on the usual device:
@@ -580,36 +676,31 @@ class TransactionGenerator:
         merchant = np.where(rng.random(len(u)) < 0.5, self._favourites[u, rng.integers(0, _N_FAVOURITES, len(u))],
                             rng.choice(self._plain_pool, len(u), p=self._plain_p))
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 2.0, len(u))
-        country, lat, lon, ip = self._whereabouts(u, ts)
-        card = self._cards[u, 0]
-        return self._rows(ts, u, merchant, amount, country, lat, lon, card, self._device[u], ip, VELOCITY_BURST)
+        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u],
+                          VELOCITY_BURST)
 
     def _impossible_travel(self, start: np.ndarray) -> _Rows:
         """A genuine purchase where the user is, then 1-2 card-present purchases 5-90 minutes later
-        in a country >= 3000 km away. Foreign purchases are common (trips); the time and distance
-        since the user's previous transaction are what give it away."""
+        in a country >= 3000 km away. Foreign purchases are everyday traffic (trips); the time
+        and distance since the user's previous transaction are what give it away."""
         rng = self._rng
         users = self._pick_users(start, self._hour_group_cdf)
         genuine = self._legit(start, users)
         size = rng.integers(1, 3, len(users))
         event, ts = self._spread(start + rng.uniform(300.0, 5400.0, len(users)), size, 60.0, 900.0)
         u = users[event]
-        keys = rng.random((len(users), len(_COUNTRIES))) * self._country_far[genuine.country]
-        place = np.argmax(keys, axis=1)
-        lat, lon = self._spot(place)
-        pos = self._merchant_channel[self._plain_pool] == _CHANNELS[0]
-        merchant = rng.choice(self._plain_pool[pos], len(u))
+        here = self._places["country"][genuine.place]
+        far = np.argmax(rng.random((len(users), len(_COUNTRIES))) * self._country_far[here], axis=1)
+        merchant = rng.choice(self._card_present_pool, len(u))
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 3.0, len(u))
-        card = genuine.card[event]
-        device = self._new_devices(len(users))[event]
-        fraud = self._rows(ts, u, merchant, amount, place[event], lat[event], lon[event], card, device,
-                           self._ips(place)[event], IMPOSSIBLE_TRAVEL)
+        fraud = self._rows(ts, u, merchant, amount, self._new_places(far)[event], genuine.card[event],
+                           self._new_devices(len(users))[event], IMPOSSIBLE_TRAVEL)
         return _Rows.concat([genuine, fraud])
 
     def _high_risk_odd_hour(self, start: np.ndarray) -> _Rows:
-        """1-2 charges at a gambling / crypto / direct-marketing merchant new to the user, at an
-        hour 7+ hours from the user's daily peak. Some users gamble legitimately, and night owls
-        exist; the user's own merchants and rhythm are what make it odd."""
+        """1-2 charges at a gambling / crypto / direct-marketing merchant new to the user, 7+ hours
+        from the user's daily peak, on the usual device. Some users gamble legitimately and night
+        owls exist; the user's own merchants and rhythm are what make it odd."""
         rng = self._rng
         users = self._pick_users(start, self._odd_group_cdf)
         size = rng.integers(1, 3, len(users))
@@ -617,9 +708,7 @@ class TransactionGenerator:
         u = users[event]
         merchant = self._fresh_merchants(u, self._risky_pool)
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 4.0, len(u))
-        country, lat, lon, ip = self._whereabouts(u, ts)
-        card = self._cards[u, 0]
-        return self._rows(ts, u, merchant, amount, country, lat, lon, card, self._device[u], ip,
+        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u],
                           HIGH_RISK_ODD_HOUR)
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -628,20 +717,17 @@ class TransactionGenerator:
         """Users by activity, given the UTC hour: first the peak-hour group, then a user in it."""
         rng = self._rng
         hour = ((ts % _DAY) // 3600).astype(np.int64)
-        group = (group_cdf[hour] < rng.random(len(ts))[:, None]).sum(axis=1)
-        group = np.minimum(group, 23)
+        group = np.minimum((group_cdf[hour] < rng.random(len(ts))[:, None]).sum(axis=1), 23)
         lo, hi = self._group_lo[group], self._group_hi[group]
         at = np.searchsorted(self._activity_cdf, lo + rng.random(len(ts)) * (hi - lo), side="right")
         return self._by_peak[np.minimum(at, len(self._by_peak) - 1)]
 
     def _spread(self, start: np.ndarray, size: np.ndarray, low: float, high: float):
-        """Event index and timestamp of each row of events of ``size`` rows over low-high seconds."""
+        """Event index and time of each row, for events of ``size`` rows over low-high seconds."""
         rng = self._rng
         event = np.repeat(np.arange(len(start)), size)
-        span = rng.uniform(low, high, len(start))[event]
-        first = np.concatenate([[0], np.cumsum(size)[:-1]])
-        offset = rng.random(len(event)) * span
-        offset[first] = 0.0
+        offset = rng.random(len(event)) * rng.uniform(low, high, len(start))[event]
+        offset[np.cumsum(size) - size] = 0.0  # each event's first row is at its start
         ts = start[event] + offset
         order = np.lexsort((ts, event))
         return event[order], ts[order]
@@ -661,61 +747,68 @@ class TransactionGenerator:
         z = self._rng.standard_normal(len(users))
         return np.exp(self._mu[users] + self._sigma[users] * z) * self._merchant_factor[merchant]
 
-    def _whereabouts(self, users: np.ndarray, ts: np.ndarray):
-        """Country, lat, lon and IP of each user at ``ts``: home, or the trip destination."""
+    def _elsewhere(self, home: np.ndarray) -> np.ndarray:
+        """A country other than ``home``, drawn like users' home countries."""
         rng = self._rng
+        other = rng.choice(len(_COUNTRIES), len(home), p=self._country_p)
+        shift = 1 + rng.integers(0, len(_COUNTRIES) - 1, len(home))
+        return np.where(other == home, (home + shift) % len(_COUNTRIES), other)
+
+    def _whereabouts(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """The place of each user at ``ts``: home, or the destination of a trip in progress."""
         away = (self._trip_start[users] <= ts) & (ts < self._trip_end[users])
-        country = np.where(away, self._trip_country[users], self._home[users])
-        lat = np.where(away, self._trip_lat[users], self._home_lat[users]) + rng.normal(0.0, 0.03, len(users))
-        lon = np.where(away, self._trip_lon[users], self._home_lon[users]) + rng.normal(0.0, 0.03, len(users))
-        ip = np.where(away, self._trip_ip[users], self._home_ip[users])
-        return country, lat, lon, ip
+        return np.where(away, self._trip_place[users], self._home_place[users])
 
-    def _spot(self, country: np.ndarray):
-        """A point inside each country: its centre plus a country-sized jitter."""
+    def _new_places(self, country: np.ndarray) -> np.ndarray:
+        """Register a spot (lat/lon inside the country, a local IP) per entry; their indices."""
+        rng = self._rng
         spread = self._country_spread[country] / 2.0
-        lat = self._country_lat[country] + self._rng.normal(0.0, 1.0, len(country)) * spread
-        lon = self._country_lon[country] + self._rng.normal(0.0, 1.0, len(country)) * spread
-        return np.clip(lat, -89.0, 89.0), lon
-
-    def _ips(self, country: np.ndarray) -> np.ndarray:
-        octets = self._rng.integers(0, 256, (len(country), 4)).tolist()
-        pick = self._rng.integers(0, 1 << 30, len(country)).tolist()
-        return np.array(
-            [f"{self._country_octets[c][p % len(self._country_octets[c])]}.{o[1]}.{o[2]}.{o[3] % 254 + 1}"
-             for c, p, o in zip(country.tolist(), pick, octets)],
+        lat = np.round(np.clip(self._country_lat[country] + rng.standard_normal(len(country)) * spread, -89.0, 89.0), 4)
+        lon = np.round(self._country_lon[country] + rng.standard_normal(len(country)) * spread, 4)
+        lon = np.round(np.mod(lon + 180.0, 360.0) - 180.0, 4)
+        host = rng.integers(0, 1 << 30, (len(country), 2)).tolist()
+        ip = np.array(
+            [f"{self._country_octets[c][h % len(self._country_octets[c])]}.{(g >> 16) & 255}.{(g >> 8) & 255}.{g % 254 + 1}"
+             for c, (h, g) in zip(country.tolist(), host)],
             dtype=object,
         )
+        raw = np.array(
+            [f'"currency":"{self._country_currency[c]}","country":"{self._country_code[c]}","ip":"{i}",'
+             f'"lat":{a!r},"lon":{o!r}'.encode()
+             for c, i, a, o in zip(country.tolist(), ip.tolist(), lat.tolist(), lon.tolist())],
+            dtype=object,
+        )
+        return self._places.append(country=country, lat=lat, lon=lon, ip=ip, raw=raw)
 
     def _new_devices(self, n: int) -> np.ndarray:
-        return np.array([_device_id(v) for v in self._rng.integers(0, 2**63, n).tolist()], dtype=object)
+        """Register ``n`` never-seen devices (same id format for users' phones and fraudsters')."""
+        text = np.array([f"dev_{v:016x}" for v in self._rng.integers(0, 2**63, n).tolist()], dtype=object)
+        return self._devices.append(text=text, raw=np.array([t.encode() for t in text], dtype=object))
 
     @staticmethod
-    def _rows(ts, user, merchant, amount, country, lat, lon, card, device, ip, typology: int) -> _Rows:
-        return _Rows(ts, user, merchant, amount, country, lat, lon, card, device, ip,
+    def _rows(ts, user, merchant, amount, place, card, device, typology: int) -> _Rows:
+        return _Rows(ts, user, merchant, np.round(np.clip(amount, 0.25, 50_000.0), 2), place, card, device,
                      np.full(len(ts), typology, dtype=np.int8))
 
     def _materialise(self, rows: _Rows) -> GeneratedBatch:
         n = len(rows.ts)
-        sequence = np.arange(self._sequence, self._sequence + n, dtype=np.int64)
         self._sequence += n
         return GeneratedBatch(
-            transaction_id=_prefixed_base36(self._id_prefix, sequence),
-            user_id=self._user_id[rows.user],
-            amount=np.round(np.clip(rows.amount, 0.25, 50_000.0), 2),
-            merchant=self._merchant_name[rows.merchant],
+            sequence=np.arange(self._sequence - n, self._sequence, dtype=np.int64),
             timestamp=np.round(rows.ts, 3),
-            card_id=rows.card,
-            currency=self._currency[rows.user],
-            mcc=self._merchant_mcc[rows.merchant],
-            country=self._country_code[rows.country],
-            device_id=rows.device,
-            ip=rows.ip,
-            channel=self._merchant_channel[rows.merchant],
-            lat=np.round(rows.lat, 4),
-            lon=np.round(np.mod(rows.lon + 180.0, 360.0) - 180.0, 4),
+            amount=rows.amount,
             typology=rows.typology,
+            user_index=rows.user,
+            merchant_index=rows.merchant,
+            card_index=rows.card,
+            device_index=rows.device,
+            place_index=rows.place,
+            world=self._world,
         )
+
+
+def _encoded(template: str, *columns: np.ndarray) -> np.ndarray:
+    return np.array([template.format(*values).encode() for values in zip(*columns)], dtype=object)
 
 
 def _row_cdf(weights: np.ndarray) -> np.ndarray:
@@ -729,10 +822,6 @@ def _distance_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     return 2 * _EARTH_KM * np.arcsin(np.sqrt(h))
 
 
-def _device_id(value: int) -> str:
-    return f"dev_{value:016x}"
-
-
 def _base36(value: int) -> str:
     digits = ""
     while True:
@@ -742,10 +831,24 @@ def _base36(value: int) -> str:
             return digits
 
 
-def _prefixed_base36(prefix: str, values: np.ndarray) -> np.ndarray:
-    """``prefix`` + fixed-width base36 of each value, built as UCS-4 code points in one go."""
+def _id_bytes(prefix: bytes, sequence: np.ndarray) -> np.ndarray:
+    """``prefix`` + fixed-width base36 of each sequence number, built as one byte matrix."""
     powers = 36 ** np.arange(_ID_DIGITS - 1, -1, -1, dtype=np.int64)
-    codes = np.empty((len(values), len(prefix) + _ID_DIGITS), dtype=np.uint32)
-    codes[:, : len(prefix)] = np.frombuffer(prefix.encode("utf-32-le"), dtype=np.uint32)
-    codes[:, len(prefix):] = _B36[(values[:, None] // powers) % 36]
-    return codes.view(f"<U{codes.shape[1]}").ravel().astype(object)
+    chars = np.empty((len(sequence), len(prefix) + _ID_DIGITS), dtype=np.uint8)
+    chars[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    chars[:, len(prefix):] = _B36[(sequence[:, None] // powers) % 36]
+    return chars.view(f"S{chars.shape[1]}").ravel()
+
+
+@cache
+def _amount_table() -> np.ndarray:
+    """The JSON text of every amount below the table size, in cents (as Go prints floats)."""
+    return np.array([repr(c / 100).encode() for c in range(_AMOUNT_TABLE_CENTS)], dtype=object)
+
+
+def _amount_text(amount: np.ndarray) -> np.ndarray:
+    cents = np.rint(amount * 100.0).astype(np.int64)
+    inside = cents < _AMOUNT_TABLE_CENTS
+    text = _amount_table()[np.where(inside, cents, 0)]
+    text[~inside] = [repr(c / 100).encode() for c in cents[~inside].tolist()]
+    return text

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import psycopg
 import redis
-from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import metrics
@@ -142,9 +142,7 @@ class HealthServer:
     """``/metrics`` (all workers' metrics summed) and ``/healthz`` on ``--metrics-port``, in a thread."""
 
     def __init__(self, settings: Settings, housekeeper: Housekeeper, workers: Callable[[], tuple[int, int]]) -> None:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        self._metrics_app = make_wsgi_app(registry)
+        self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
         self._settings = settings
         self._client = housekeeper.redis
         self._workers = workers

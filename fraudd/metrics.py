@@ -5,18 +5,41 @@ prometheus-client picks its storage when it is first imported, so ``fraudd run``
 writes its own files there and the supervisor's ``/metrics`` sums them.
 Observations are made once per batch: a histogram takes a whole batch of latencies with one
 ``np.histogram`` pass instead of one ``observe`` per transaction.
+
+Every gauge uses a ``live*`` mode so that a dead worker's gauge files go with it, and a dead
+worker's counters and histograms are folded into one archive file per type (``worker_exited``):
+the directory, and so the cost of a scrape, stays proportional to the live workers instead of
+growing with every restart (200 restarts made a scrape ~130 times slower), and no total ever
+goes down.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from prometheus_client import Counter, Gauge, Histogram
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
+
+from . import decode
+from .rules import DECISIONS
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
 
 STAGES = ("read", "decode", "features", "inference", "copy", "settle")
+DEAD_LETTER_REASONS = (
+    decode.REASON_TOO_LARGE, decode.REASON_NOT_UTF8, decode.REASON_NOT_JSON, decode.REASON_NOT_OBJECT,
+    decode.REASON_MISSING, decode.REASON_INVALID, decode.REASON_NO_DATA, decode.REASON_MAX_DELIVERIES,
+    decode.REASON_PROCESSING,
+)
+ALERT_OUTCOMES = ("delivered", "failed")
 
 
 transactions = Counter("fraudd_transactions_total", "Transactions scored, by decision.", ["decision"])
@@ -24,6 +47,9 @@ dead_letters = Counter("fraudd_dead_letters_total", "Entries written to the DLQ,
 duplicates = Counter("fraudd_duplicates_total", "Transactions already seen within the dedup window (redeliveries and producer duplicates).")
 reclaimed = Counter("fraudd_reclaimed_entries_total", "Pending entries taken over from other consumers.")
 alerts_written = Counter("fraudd_alerts_written_total", "Entries written to the fraud alert stream.")
+alert_deliveries = Counter("fraudd_alert_deliveries_total",
+                           "Alert notifications sent by `fraudd alerts`, by channel (slack/email/webhook) and outcome (delivered/failed).",
+                           ["channel", "outcome"])
 errors = Counter("fraudd_errors_total", "Infrastructure errors met by workers, by component and kind.", ["component", "kind"])
 batch_failures = Counter("fraudd_batch_failures_total", "Batches that failed as a whole and were bisected.")
 worker_restarts = Counter("fraudd_worker_restarts_total", "Workers respawned by the supervisor after dying.")
@@ -37,13 +63,25 @@ e2e_latency = Histogram(
 stage_duration = Histogram("fraudd_stage_duration_seconds", "Time one batch spends in each stage.", ["stage"], buckets=STAGE_BUCKETS)
 batch_size = Histogram("fraudd_batch_size", "Entries per batch read.", buckets=BATCH_SIZE_BUCKETS)
 
-model_info = Gauge("fraudd_model_info", "Model in use (value 1), by version.", ["version"], multiprocess_mode="max")
-rules_info = Gauge("fraudd_rules_info", "Rules in use (value 1), by version.", ["version"], multiprocess_mode="max")
-workers_alive = Gauge("fraudd_workers_alive", "Worker processes alive.", multiprocess_mode="liveall")
-group_lag = Gauge("fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="max")
-group_pending = Gauge("fraudd_group_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="max")
-oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the oldest pending entry.", multiprocess_mode="max")
-dependency_up = Gauge("fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="max")
+model_info = Gauge("fraudd_model_info", "Model in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
+rules_info = Gauge("fraudd_rules_info", "Rules in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
+workers_alive = Gauge("fraudd_workers_alive", "Worker processes alive.", multiprocess_mode="livesum")
+# Set by the supervisor only; a worker's files hold these at 0 (fork copies them), which ``max`` ignores.
+group_lag = Gauge("fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="livemax")
+group_pending = Gauge("fraudd_group_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="livemax")
+oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the oldest pending entry.", multiprocess_mode="livemax")
+dependency_up = Gauge("fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="livemax")
+
+# Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
+# and alerts see "nothing declined" instead of "no data".
+for _label in DECISIONS:
+    transactions.labels(_label)
+for _label in DEAD_LETTER_REASONS:
+    dead_letters.labels(_label)
+for _label in STAGES:
+    stage_duration.labels(_label)
+for _label in ("redis", "postgres"):
+    dependency_up.labels(_label)
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
@@ -60,3 +98,71 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         if count:
             bucket.inc(count)
     histogram._sum.inc(float(values.sum()))
+
+
+# -- the multiprocess directory, owned by the supervisor ------------------------------------
+
+_ARCHIVED_TYPES = ("counter", "histogram")
+# Held while a scrape reads the directory and while a dead worker's files are folded into the
+# archive, so that no scrape sees a worker's counts twice (archive updated, file not yet gone)
+# or not at all (file gone, archive not yet updated). Both happen in the supervisor process.
+_directory_lock = threading.Lock()
+
+
+def _directory() -> Path | None:
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(configured) if configured else None
+
+
+def worker_exited(pid: int) -> None:
+    """Forget a dead worker's gauges and fold its counters and histograms into the archive.
+
+    Does nothing without ``--metrics-port`` (metrics then stay in each process's memory).
+    """
+    directory = _directory()
+    if directory is None:
+        return
+    with _directory_lock:
+        multiprocess.mark_process_dead(pid, str(directory))
+        for typ in _ARCHIVED_TYPES:
+            dead = directory / f"{typ}_{pid}.db"
+            if dead.exists():
+                _fold_into_archive(dead, directory / f"{typ}_archive.db")
+
+
+def _fold_into_archive(dead: Path, archive: Path) -> None:
+    """Add ``dead``'s raw values to ``archive``'s (same keys: same sample), then remove ``dead``.
+
+    Counters and histogram buckets are stored un-accumulated per process, so adding the raw
+    values per key is exactly what a scrape would have done with both files. The new archive is
+    written aside (not matching ``*.db``) and renamed over the old one before ``dead`` goes.
+    """
+    totals: dict[str, float] = defaultdict(float)
+    for source in (archive, dead):
+        if source.exists():
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(source)):
+                totals[key] += value
+    staging = archive.with_suffix(".staging")
+    merged = MmapedDict(str(staging))
+    try:
+        for key, value in totals.items():
+            merged.write_value(key, value, 0.0)
+    finally:
+        merged.close()
+    os.replace(staging, archive)
+    dead.unlink()
+
+
+class _ConsistentMultiProcessCollector(multiprocess.MultiProcessCollector):
+    """The multiprocess collector, reading the directory only while no archiving is under way."""
+
+    def collect(self) -> Iterable[Metric]:
+        with _directory_lock:
+            return list(super().collect())
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry summing every process's metrics from ``PROMETHEUS_MULTIPROC_DIR``, for ``/metrics``."""
+    registry = CollectorRegistry()
+    _ConsistentMultiProcessCollector(registry)
+    return registry

@@ -24,8 +24,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import multiprocess
-
 from . import logs, metrics
 from .config import Settings
 from .health import HealthServer, Housekeeper
@@ -173,6 +171,7 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         status_r, status_w = os.pipe()
+        supervisor_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(status_r)
@@ -183,7 +182,7 @@ class Supervisor:
             code = 1
             try:
                 logs.setup(self.settings.log_level, self.settings.consumer_name(slot.index))
-                code = worker_main(self.settings, slot.index, status_w)
+                code = worker_main(self.settings, slot.index, status_w, supervisor_pid)
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
                 logging.getLogger("fraudd.worker").exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
             finally:
@@ -230,7 +229,7 @@ class Supervisor:
                 slot.status_fd = None
         pid, was_ready = slot.pid, slot.ready
         slot.pid, slot.ready = None, False
-        multiprocess.mark_process_dead(pid)
+        metrics.worker_exited(pid)
         consumer = self.settings.consumer_name(slot.index)
         if self._stop_deadline is not None:
             return

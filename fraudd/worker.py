@@ -18,6 +18,7 @@ the supervisor stops instead of respawning it in a loop.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
@@ -69,8 +70,9 @@ class Stopping(Exception):
 @dataclass(frozen=True, slots=True)
 class Entry:
     entry_id: str
-    payload: bytes | None
+    payload: bytes | None  # None: the entry has no ``data`` field (a dead letter), or was deleted
     deliveries: int
+    deleted: bool = False  # trimmed or XDEL'd while pending: nothing to score, only to ack
 
 
 def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> list[Entry]:
@@ -82,21 +84,24 @@ def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) ->
         if fields:
             values = dict(zip(fields[::2], fields[1::2]))
             payload = values.get(b"data")
-        entries.append(Entry(entry_id, payload, deliveries.get(entry_id, 1) if deliveries else 1))
+        entries.append(Entry(entry_id, payload, deliveries.get(entry_id, 1) if deliveries else 1, deleted=fields is None))
     return entries
 
 
 class Worker:
     """Consumer ``<consumer-id>-<index>``; run() returns the process exit code."""
 
-    def __init__(self, settings: Settings, index: int, status_fd: int | None = None) -> None:
+    def __init__(self, settings: Settings, index: int, status_fd: int | None = None,
+                 parent_pid: int | None = None) -> None:
         self.settings = settings
         self._status_fd = status_fd
         self.consumer = settings.consumer_name(index)
         self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
         self.stopping = False
         self._reload_requested = False
-        self._parent = os.getppid()
+        # The supervisor's pid as it knew it before the fork: had it died before this line, getppid()
+        # would already name the process that adopted the orphan, which then never looks orphaned.
+        self._parent = parent_pid if parent_pid is not None else os.getppid()
         # Start with this consumer's own pending entries: a respawned worker finishes what its
         # previous life read but never acked.
         self._own_pending_cursor: str | None = "0"
@@ -259,9 +264,9 @@ class Worker:
     def _process(self, entries: list[Entry]) -> None:
         self._in_flight = [e.entry_id for e in entries]
         limit = self.settings.max_deliveries
-        poison = [e for e in entries if e.deliveries > limit and e.payload is not None]
-        fresh = [e for e in entries if e.deliveries <= limit and e.payload is not None]
-        dead = [DeadLetter(Rejected(e.entry_id, e.payload, REASON_MAX_DELIVERIES, f"delivered {e.deliveries} times"), e.deliveries)
+        poison = [e for e in entries if e.deliveries > limit and not e.deleted]
+        fresh = [e for e in entries if e.deliveries <= limit and not e.deleted]
+        dead = [DeadLetter(Rejected(e.entry_id, e.payload or b"", REASON_MAX_DELIVERIES, f"delivered {e.deliveries} times"), e.deliveries)
                 for e in poison]
 
         started = time.perf_counter()
@@ -342,10 +347,13 @@ class Worker:
                     metrics.transactions.labels(name).inc(count)
             accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
-        for letter in dead:
-            metrics.dead_letters.labels(letter.rejected.reason).inc()
-            log.warning("dead-lettered", extra={"event": "dead_lettered", "entry_id": letter.rejected.entry_id,
-                                               "reason": letter.rejected.reason, "detail": letter.rejected.detail})
+        if dead:
+            # One line per batch, not per entry: a producer sending garbage must not flood the logs
+            # (each entry, with its reason and detail, is in the DLQ stream).
+            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            for reason, count in reasons.items():
+                metrics.dead_letters.labels(reason).inc(count)
+            log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
 
     # -- waiting out outages ---------------------------------------------------------------
@@ -371,14 +379,23 @@ class Worker:
                     log.error(f"{kind} unavailable, retrying", extra={"event": "outage", "component": kind, "error": str(exc)})
                 if self.stopping and time.monotonic() - down_since > self.settings.shutdown_timeout_s / 2:
                     raise Stopping() from exc
-                time.sleep(delay * random.uniform(0.5, 1.0))
+                self._wait_keeping_claimed(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _BACKOFF_MAX_S)
-                self._keep_claimed()
                 continue
             if down_since is not None:
                 log.info(f"{component} back", extra={"event": "recovered", "component": component,
                                                      "down_s": round(time.monotonic() - down_since, 3)})
             return result
+
+    def _wait_keeping_claimed(self, seconds: float) -> None:
+        """Sleep ``seconds``, refreshing the claim on the batch in flight at least three times per
+        ``--claim-idle-ms``: a back-off step may be longer than that, and a claim left to go idle
+        would let another worker take over (and redo) a batch this one still holds."""
+        deadline = time.monotonic() + seconds
+        step = self.settings.claim_idle_ms / 3000.0
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(step, left))
+            self._keep_claimed()
 
     def _keep_claimed(self) -> None:
         if not self._in_flight:
@@ -434,6 +451,6 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
     return True
 
 
-def worker_main(settings: Settings, index: int, status_fd: int | None = None) -> int:
-    """Entry point of a forked worker process; ``status_fd`` is its pipe to the supervisor."""
-    return Worker(settings, index, status_fd).run()
+def worker_main(settings: Settings, index: int, status_fd: int | None = None, parent_pid: int | None = None) -> int:
+    """Entry point of a forked worker process; ``status_fd`` is its pipe to ``parent_pid``, the supervisor."""
+    return Worker(settings, index, status_fd, parent_pid).run()

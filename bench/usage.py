@@ -1,0 +1,138 @@
+"""Who spent how much CPU over a measured window, per transaction.
+
+A ``Probe`` snapshots the CPU of every component at the window's two ends: the consumer processes
+(fraudd's supervisor and workers, or a baseline's processes), Redis, every PostgreSQL process,
+the open-loop producer when there is one, and this benchmark process itself. Redis is also read
+through INFO: its own CPU counters and ``commandstats``, which say which commands the time went to.
+The whole machine's busy time is taken too; what no component accounts for is "other" load (other
+people's work on a shared box), reported so a noisy run can be recognised as such.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import redis
+
+from bench import procstat
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    wall: float
+    cpu_s: dict[str, float]
+    machine_busy_s: float
+    redis_info_cpu_s: float
+    redis_commands: dict[str, tuple[int, int]]  # name -> (calls, usec)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """CPU over one window, as totals and per transaction (µs)."""
+
+    transactions: int
+    seconds: float
+    cpu_s: dict[str, float]
+    cpu_us_per_tx: dict[str, float]
+    pipeline_cpu_us_per_tx: float
+    machine_busy_s: float
+    other_cpu_s: float
+    redis_info_cpu_us_per_tx: float
+    redis_commands: dict[str, dict[str, float]]
+
+    def as_dict(self) -> dict:
+        return {
+            "transactions": self.transactions,
+            "seconds": round(self.seconds, 4),
+            "cpu_s": {k: round(v, 3) for k, v in self.cpu_s.items()},
+            "cpu_us_per_tx": {k: round(v, 2) for k, v in self.cpu_us_per_tx.items()},
+            "pipeline_cpu_us_per_tx": round(self.pipeline_cpu_us_per_tx, 2),
+            "machine_busy_s": round(self.machine_busy_s, 3),
+            "machine_utilisation": round(self.machine_busy_s / (self.seconds * (os.cpu_count() or 1)), 3)
+            if self.seconds > 0 else 0.0,
+            "other_cpu_s": round(self.other_cpu_s, 3),
+            "redis_info_cpu_us_per_tx": round(self.redis_info_cpu_us_per_tx, 2),
+            "redis_commands": self.redis_commands,
+        }
+
+
+# Components whose CPU is the cost of scoring (the producer and the benchmark itself are not).
+PIPELINE = ("supervisor", "workers", "consumers", "redis", "postgres")
+
+
+class Probe:
+    """Snapshots the CPU of a run's components.
+
+    ``supervised``: the consumer root is fraudd's supervisor, whose own time is reported apart
+    from its workers' (the workers' time includes those the supervisor reaped).
+    """
+
+    def __init__(self, client: redis.Redis, consumer_roots: list[int], supervised: bool,
+                 producer: int | None = None) -> None:
+        self._client = client
+        self._roots = consumer_roots
+        self._supervised = supervised
+        self._producer = producer
+        pid = int(client.info("server")["process_id"])
+        proc = procstat.read(pid)
+        # A Redis on another host (or in a container) is measured through INFO only.
+        self._redis_pid = pid if proc is not None and proc.comm.startswith("redis") else None
+
+    def snapshot(self) -> Snapshot:
+        procs = procstat.all_processes()
+        cpu: dict[str, float] = {}
+        consumers = procstat.tree(self._roots, procs)
+        if self._supervised:
+            own = sum(p.cpu_s for p in consumers if p.pid in self._roots)
+            cpu["supervisor"] = own
+            cpu["workers"] = procstat.total_cpu_s(consumers) - own
+        else:
+            cpu["consumers"] = procstat.total_cpu_s(consumers)
+        info = self._client.info("everything")
+        if self._redis_pid is not None:
+            cpu["redis"] = procstat.total_cpu_s(p for p in procs if p.pid == self._redis_pid)
+        else:
+            cpu["redis"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        cpu["postgres"] = procstat.total_cpu_s(p for p in procs if p.comm == "postgres")
+        if self._producer is not None:
+            cpu["producer"] = procstat.total_cpu_s(procstat.tree([self._producer], procs))
+        times = os.times()
+        cpu["bench"] = times.user + times.system
+        commands = {
+            key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+            for key, value in info.items()
+            if key.startswith("cmdstat_")
+        }
+        return Snapshot(
+            wall=time.time(),
+            cpu_s=cpu,
+            machine_busy_s=procstat.machine_busy_s(),
+            redis_info_cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+            redis_commands=commands,
+        )
+
+
+def usage(first: Snapshot, last: Snapshot, transactions: int, seconds: float) -> Usage:
+    """What was spent between two snapshots, for ``transactions`` moved in ``seconds``."""
+    per_tx = 1e6 / transactions if transactions else 0.0
+    cpu = {name: last.cpu_s[name] - first.cpu_s.get(name, 0.0) for name in last.cpu_s}
+    commands = {}
+    for name, (calls, usec) in last.redis_commands.items():
+        calls0, usec0 = first.redis_commands.get(name, (0, 0))
+        if calls > calls0:
+            commands[name] = {"calls": calls - calls0, "usec": usec - usec0,
+                              "us_per_tx": round((usec - usec0) * per_tx / 1e6, 3)}
+    machine = last.machine_busy_s - first.machine_busy_s
+    return Usage(
+        transactions=transactions,
+        seconds=seconds,
+        cpu_s=cpu,
+        cpu_us_per_tx={name: value * per_tx for name, value in cpu.items()},
+        pipeline_cpu_us_per_tx=sum(v for k, v in cpu.items() if k in PIPELINE) * per_tx,
+        machine_busy_s=machine,
+        other_cpu_s=machine - sum(cpu.values()),
+        redis_info_cpu_us_per_tx=(last.redis_info_cpu_s - first.redis_info_cpu_s) * per_tx,
+        redis_commands=dict(sorted(commands.items(), key=lambda item: -item[1]["usec"])),
+    )

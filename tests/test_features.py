@@ -1,0 +1,233 @@
+"""Behaviour features against a real Redis: exactly-once counting, event-time windows, bounds."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+import redis
+
+from fraudd.decode import DecodedBatch, decode_batch
+from fraudd.features import (
+    FEATURE_NAMES,
+    MESSAGE_FEATURES,
+    SECONDS_SINCE_PREV_CAP,
+    FeatureStore,
+    Features,
+)
+from fraudd.keys import Keys
+
+T0 = 1764385200.0  # 2025-11-29 03:00:00 UTC: mid 2-hour slot, on a 10-minute one
+HOUR = 3600.0
+
+
+@pytest.fixture()
+def client() -> redis.Redis:
+    r = redis.Redis(host="127.0.0.1", port=6379)
+    r.ping()
+    return r
+
+
+@pytest.fixture()
+def keys(client: redis.Redis):
+    """A stream name of the test's own, so its keys never meet another test's; removed after."""
+    name = f"test-features-{uuid.uuid4().hex[:10]}"
+    k = Keys(stream=f"{name}:raw", fraud_stream=f"{name}:fraud", dlq_stream=f"{name}:dlq")
+    yield k
+    stale = list(client.scan_iter(match=k.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000))
+    if stale:
+        client.delete(*stale)
+
+
+@pytest.fixture()
+def store(client: redis.Redis, keys: Keys) -> FeatureStore:
+    return FeatureStore(client, keys, dedup_window_ms=3_600_000)
+
+
+_seq = iter(range(10**9))
+
+
+def tx(ts: float, user: str = "alice", amount: float = 10.0, merchant: str = "shop", **extra) -> dict:
+    return {"transaction_id": f"txn_{next(_seq)}", "user_id": user, "amount": amount,
+            "merchant": merchant, "timestamp": ts, **extra}
+
+
+def batch(*txs: dict) -> DecodedBatch:
+    decoded = decode_batch([f"{i}-0" for i in range(len(txs))], [orjson.dumps(t) for t in txs])
+    assert not decoded.rejected
+    return decoded
+
+
+def col(features: Features, name: str) -> list[float]:
+    return features.column(name).tolist()
+
+
+def user_state(client: redis.Redis, keys: Keys, user: str) -> bytes | None:
+    return client.get(f"{keys.prefix}u1:{user}")
+
+
+def test_feature_names_are_consistent(store: FeatureStore) -> None:
+    assert FEATURE_NAMES[: len(MESSAGE_FEATURES)] == MESSAGE_FEATURES
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+    features = store.compute(batch(tx(T0, mcc="7995", channel="atm", device_id="d", card_id="c")))
+    assert features.matrix.dtype == np.float32 and features.matrix.shape == (1, len(FEATURE_NAMES))
+    assert col(features, "log_amount") == pytest.approx([np.log1p(10.0)])
+    assert col(features, "hour_utc") == [3.0]
+    assert col(features, "mcc_high_risk") == [1.0]
+    assert col(features, "channel") == [3.0]
+    assert col(features, "has_device") == [1.0] and col(features, "has_card") == [1.0]
+    assert col(features, "seconds_since_prev") == [SECONDS_SINCE_PREV_CAP]
+    assert col(features, "amount_to_mean") == [1.0]
+
+
+def test_redelivery_is_counted_once_and_scores_the_same(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    txs = [tx(T0 + i * 10, amount=10.0 + i, merchant=f"m{i % 2}", card_id="card1", country="US", device_id="d1")
+           for i in range(4)] + [tx(T0 + 5, user="bob", card_id="card2")]
+    first = store.compute(batch(*txs))
+    state = user_state(client, keys, "alice")
+    again = store.compute(batch(*txs))
+
+    assert not first.seen.any() and again.seen.all()
+    assert user_state(client, keys, "alice") == state, "a redelivered batch must not change the state"
+    np.testing.assert_allclose(again.matrix, first.matrix, rtol=1e-6)
+    np.testing.assert_array_equal(again.event_ms, first.event_ms)
+    assert col(first, "count_1m") == [1, 2, 3, 4, 1]
+    assert col(first, "card_count_1m") == [1, 2, 3, 4, 1]
+
+
+def test_producer_retry_keeps_the_original_event_time(store: FeatureStore) -> None:
+    original = tx(T0)
+    retry = dict(original, timestamp=T0 + 30)
+    store.compute(batch(original))
+    features = store.compute(batch(retry))
+    assert features.seen.tolist() == [True]
+    assert features.event_ms.tolist() == [int(T0 * 1000)]
+    assert col(features, "count_1m") == [1]
+
+
+def test_duplicates_within_one_batch(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    a = tx(T0 + 20)
+    # The copy arrives later in the batch but carries an earlier timestamp: the first in batch
+    # order is still the original, and the copy is scored at the original's event time.
+    copy = dict(a, timestamp=T0 + 1)
+    features = store.compute(batch(a, copy, tx(T0 + 30)))
+    assert features.seen.tolist() == [False, True, False]
+    assert features.event_ms.tolist() == [int((T0 + 20) * 1000)] * 2 + [int((T0 + 30) * 1000)]
+    assert col(features, "count_1h") == [1, 1, 2]
+    np.testing.assert_allclose(features.matrix[1], features.matrix[0], rtol=1e-6)
+    later = store.compute(batch(tx(T0 + 40)))
+    assert col(later, "count_1h") == [3], "the copy must not have been counted"
+
+
+def test_event_time_windows(store: FeatureStore) -> None:
+    # Minute: exact, window (t - 60 s, t].
+    f = store.compute(batch(tx(T0), tx(T0 + 59), tx(T0 + 119.5)))
+    assert col(f, "count_1m") == [1, 2, 1]
+    assert col(f, "seconds_since_prev") == pytest.approx([SECONDS_SINCE_PREV_CAP, 59, 60.5])
+    # Hour: 10-minute slots, the current one and the 5 before (50-60 min back).
+    f = store.compute(batch(tx(T0 + 3599)))
+    assert col(f, "count_1h") == [4] and col(f, "count_24h") == [4]
+    f = store.compute(batch(tx(T0 + 3600)))
+    assert col(f, "count_1h") == [2], "the slot at T0 has left the hour"
+    # Two hours of silence resets the hour and keeps the day.
+    f = store.compute(batch(tx(T0 + 3 * HOUR)))
+    assert col(f, "count_1h") == [1] and col(f, "count_24h") == [6]
+    assert col(f, "seconds_since_prev") == [2 * HOUR]
+    # Day: 2-hour slots (from even hours), the current one and the 11 before (22-24 h back):
+    # 03:00 the next day reaches back to 04:00, so T0 + 1 h is in and T0 + 3599 s is out.
+    f = store.compute(batch(tx(T0 + 24 * HOUR)))
+    assert col(f, "count_24h") == [3] and col(f, "amount_sum_24h") == [30.0]
+
+
+def test_out_of_order_event_is_scored_at_its_own_time(store: FeatureStore) -> None:
+    store.compute(batch(tx(T0), tx(T0 + 2 * HOUR)))
+    late = store.compute(batch(tx(T0 + 30, amount=40.0)))
+    assert col(late, "count_1m") == [2]
+    assert col(late, "count_1h") == [2]
+    assert col(late, "count_24h") == [2], "the transaction two hours later is not in its window"
+    assert col(late, "amount_to_mean") == [4.0]
+    after = store.compute(batch(tx(T0 + 2 * HOUR + 1)))
+    assert col(after, "count_24h") == [4]
+
+
+def test_amounts_and_mean(store: FeatureStore) -> None:
+    f = store.compute(batch(tx(T0, amount=10.0), tx(T0 + 1, amount=30.0), tx(T0 + 2, amount=100.0)))
+    assert col(f, "amount_sum_24h") == [10.0, 40.0, 140.0]
+    assert col(f, "amount_to_mean") == pytest.approx([1.0, 3.0, 5.0])
+
+
+def test_distinct_counts_and_first_seen(store: FeatureStore) -> None:
+    f = store.compute(batch(
+        tx(T0, merchant="a", country="US", device_id="d1"),
+        tx(T0 + 60, merchant="b", country="US", device_id="d1"),
+        tx(T0 + 120, merchant="a", country="FR", device_id="d2"),
+        tx(T0 + 180, merchant="c"),
+    ))
+    assert col(f, "distinct_merchants_1h") == [1, 2, 2, 3]
+    assert col(f, "distinct_countries_1h") == [1, 1, 2, 2]
+    assert col(f, "new_merchant") == [1, 1, 0, 1]
+    assert col(f, "new_country") == [1, 0, 1, 0], "absent country is never new"
+    assert col(f, "new_device") == [1, 0, 1, 0]
+    f = store.compute(batch(tx(T0 + 2 * HOUR, merchant="a", country="US", device_id="d1")))
+    assert col(f, "distinct_merchants_1h") == [1] and col(f, "distinct_merchants_24h") == [3]
+    assert col(f, "distinct_countries_1h") == [1] and col(f, "distinct_countries_24h") == [2]
+    assert col(f, "new_merchant") == [0] and col(f, "new_device") == [0] and col(f, "new_country") == [0]
+
+
+def test_users_and_cards_are_separate(store: FeatureStore) -> None:
+    f = store.compute(batch(tx(T0, user="u1", card_id="shared"), tx(T0 + 1, user="u2", card_id="shared"),
+                            tx(T0 + 2, user="u2")))
+    assert col(f, "count_1m") == [1, 1, 2]
+    assert col(f, "card_count_1m") == [1, 2, 0]
+    assert col(f, "card_count_24h") == [1, 2, 0]
+
+
+def test_blocklist_edits_apply_at_the_next_batch(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    b = batch(tx(T0, merchant="evil", device_id="dev9", ip="10.0.0.9", country="KP"), tx(T0 + 1, merchant="fine"))
+    before = store.compute(b)
+    assert not any(flags.any() for flags in before.blocked.values())
+    client.sadd(keys.blocklist("merchant"), "evil")
+    client.sadd(keys.blocklist("device"), "dev9")
+    client.sadd(keys.blocklist("ip"), "10.0.0.9")
+    client.sadd(keys.blocklist("country"), "KP")
+    after = store.compute(b)
+    for kind in ("merchant", "device", "ip", "country"):
+        assert after.blocked[kind].tolist() == [True, False], kind
+    client.srem(keys.blocklist("merchant"), "evil")
+    assert store.compute(b).blocked["merchant"].tolist() == [False, False]
+
+
+def test_function_reloaded_after_it_is_lost(client: redis.Redis, store: FeatureStore) -> None:
+    # What FUNCTION FLUSH or a restart without persistence does to us, without wiping the
+    # libraries of whoever else shares this Redis.
+    client.function_delete("fraudd")
+    features = store.compute(batch(tx(T0)))
+    assert len(features) == 1
+    assert client.function_list(library="fraudd"), "the library is installed again"
+
+
+def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    def feed(user: str, count: int) -> None:
+        for start in range(0, count, 500):
+            store.compute(batch(*(
+                tx(T0 + i * 7.3, user=user, merchant=f"m{i}", country="US" if i % 2 else "DE",
+                   device_id=f"d{i}", card_id=f"card-{user}")
+                for i in range(start, min(count, start + 500))
+            )))
+
+    feed("light", 50)
+    feed("heavy", 10_000)
+    light, heavy = user_state(client, keys, "light"), user_state(client, keys, "heavy")
+    assert len(light) == len(heavy)
+    assert client.strlen(f"{keys.prefix}c1:card-light") == client.strlen(f"{keys.prefix}c1:card-heavy")
+    assert 24 * 3600 * 1000 < client.pttl(f"{keys.prefix}u1:heavy") <= 25 * 3600 * 1000
+    counts = store.compute(batch(tx(T0 + 10_000 * 7.3, user="heavy")))
+    assert col(counts, "count_1m") == [6], "the minute count is exact up to the recent-list size"
+    assert 3000 / 7.3 < col(counts, "count_1h")[0] <= 3600 / 7.3 + 1
+
+
+def test_empty_batch(store: FeatureStore) -> None:
+    features = store.compute(batch())
+    assert features.matrix.shape == (0, len(FEATURE_NAMES)) and len(features.seen) == 0
