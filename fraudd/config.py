@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fraud.onnx"
+DEFAULT_RULES = Path(__file__).resolve().parent / "rules.toml"
 
 
 class ConfigError(click.ClickException):
@@ -30,7 +31,7 @@ class Settings:
     postgres_url: str
     pg_schema: str
     model_path: Path
-    rules_path: Path | None
+    rules_path: Path
     stream: str
     fraud_stream: str
     dlq_stream: str
@@ -74,7 +75,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("postgres-url", "POSTGRES_URL", {"default": "postgresql://127.0.0.1:5432/postgres"}, "PostgreSQL receiving the decisions."),
     ("pg-schema", "FRAUDD_PG_SCHEMA", {"default": "public"}, "PostgreSQL schema of fraudd's tables."),
     ("model-path", "ML_MODEL_PATH", {"default": str(DEFAULT_MODEL), "type": click.Path(dir_okay=False, path_type=Path)}, "ONNX model file (with fraudd metadata)."),
-    ("rules-path", "FRAUDD_RULES_PATH", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Rules file (TOML); default: the rules shipped with fraudd."),
+    ("rules-path", "FRAUDD_RULES_PATH", {"default": str(DEFAULT_RULES), "type": click.Path(dir_okay=False, path_type=Path)}, "Rules file (TOML); re-read on SIGHUP."),
     ("stream", "FRAUDD_STREAM", {"default": "transactions:raw"}, "Input stream."),
     ("fraud-stream", "FRAUDD_FRAUD_STREAM", {"default": "transactions:fraud"}, "Stream receiving every non-approved decision."),
     ("dlq-stream", "FRAUDD_DLQ_STREAM", {"default": "transactions:dlq"}, "Dead-letter stream for invalid and poison entries."),

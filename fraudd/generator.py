@@ -9,6 +9,9 @@ user's whereabouts, hour relative to the user's rhythm); judged alone, each frau
 looks like plenty of legitimate ones, and legitimate traffic carries benign look-alikes (travel,
 big purchases, new merchants, new phones, night owls, gamblers).
 
+``currency`` is the local currency of the country where the transaction happens (as on the wire),
+so it does not give away the cardholder's home; amounts are on one scale whatever the currency.
+
 Everything is generated with numpy, a block of rows at a time; the only per-transaction Python work
 is the final ``%``-formatting of the JSON payloads. The stream is cut into fixed-size blocks
 internally, so it is the same however the caller slices it into ``generate`` calls.
@@ -119,7 +122,8 @@ _FAR_KM = 3000.0  # impossible-travel destinations are at least this far from th
 # Field order groups the parts that are pre-rendered once per user, merchant and place, so that
 # per transaction only the id, amount, timestamp, card and device are formatted.
 _PAYLOAD = b'{"transaction_id":"%s",%s,"amount":%s,%s,"timestamp":%d.%03d,"card_id":"%s","device_id":"%s",%s}'
-_AMOUNT_TABLE_CENTS = 1 << 18  # amounts below $2621.44 are rendered by table lookup
+_AMOUNT_TABLE_CENTS = 1 << 18  # amounts below 2621.44 are rendered by table lookup
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:

@@ -9,8 +9,8 @@ Observations are made once per batch: a histogram takes a whole batch of latenci
 Every gauge uses a ``live*`` mode so that a dead worker's gauge files go with it, and a dead
 worker's counters and histograms are folded into one archive file per type (``worker_exited``):
 the directory, and so the cost of a scrape, stays proportional to the live workers instead of
-growing with every restart (200 restarts made a scrape ~130 times slower), and no total ever
-goes down.
+growing with every restart (after 200 restarts a scrape took 126 ms instead of 4 ms), and no
+total ever goes down.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DEAD_LETTER_REASONS = (
     decode.REASON_MISSING, decode.REASON_INVALID, decode.REASON_NO_DATA, decode.REASON_MAX_DELIVERIES,
     decode.REASON_PROCESSING,
 )
-ALERT_OUTCOMES = ("delivered", "failed")
+RELOAD_OUTCOMES = ("ok", "refused")
 
 
 transactions = Counter("fraudd_transactions_total", "Transactions scored, by decision.", ["decision"])
@@ -80,6 +80,8 @@ for _label in DEAD_LETTER_REASONS:
     dead_letters.labels(_label)
 for _label in STAGES:
     stage_duration.labels(_label)
+for _label in RELOAD_OUTCOMES:
+    reloads.labels(_label)
 for _label in ("redis", "postgres"):
     dependency_up.labels(_label)
 

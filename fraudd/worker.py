@@ -120,6 +120,10 @@ class Worker:
             log.error("worker cannot start", extra={"event": "boot_error", "reason": str(exc)})
             self._report(f"E{exc}")
             return EXIT_BOOT_ERROR
+        except Stopping:
+            # Told to stop while still waiting for a dependency to boot: nothing was read yet.
+            log.warning("stopped before start-up completed", extra={"event": "stopped_booting"})
+            return 0
         self._report("R")
         log.info("worker started", extra={"event": "worker_started", "consumer": self.consumer})
         metrics.workers_alive.set(1)
@@ -173,6 +177,10 @@ class Worker:
         window_ms = s.dedup_window_s * 1000
         self.features = self._until_done(lambda: FeatureStore(self.redis, self.keys, window_ms), "redis")
         self.settler = Settler(self.redis, self.keys, s.group, self.consumer, window_ms)
+        # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
+        # counts a delivery each time, so a worker respawned again and again during an outage would
+        # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
+        self._until_done(self.store.connect, "postgres")
         self._publish_versions()
 
     def _reload(self) -> None:

@@ -1,0 +1,234 @@
+"""``python -m bench``: the command line.
+
+Everything after the mode's own options is passed to ``fraudd run`` unchanged
+(``python -m bench throughput -n 200000 --workers 2 --batch-size 500``); the baselines take their
+process count and batch size from the same flags, so they always match fraudd's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import orjson
+import redis
+
+from bench import latency, report, soak, throughput
+from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
+from bench.runners import Setup
+from fraudd.config import DEFAULT_MODEL
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _flag(args: list[str], name: str, env: str, default: str) -> str:
+    """The value ``fraudd run`` will use for ``--name``: the flag, else its environment variable."""
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(env, default)
+
+
+def _common(function):
+    for decorator in reversed([
+        click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
+        click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
+        click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
+        click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
+    ]):
+        function = decorator(function)
+    return function
+
+
+def _setup(redis_url: str, postgres_url: str, fraudd_args: tuple[str, ...]) -> Setup:
+    args = list(fraudd_args)
+    model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
+    if not Path(model_path).is_file():
+        raise click.ClickException(f"no model at {model_path}: train one first (models/train.py)")
+    log_dir = report.OUT_DIR / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return Setup(
+        client=redis.Redis.from_url(redis_url, decode_responses=True),
+        redis_url=redis_url,
+        postgres_url=postgres_url,
+        fraudd_args=args,
+        workers=int(_flag(args, "workers", "FRAUDD_WORKERS", str(os.cpu_count() or 1))),
+        batch_size=int(_flag(args, "batch-size", "FRAUDD_BATCH_SIZE", "500")),
+        model_path=model_path,
+        log_dir=log_dir,
+        echo=lambda line: click.echo(line, err=True),
+    )
+
+
+def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str) -> None:
+    document = {
+        "mode": mode,
+        "command": ["python", "-m", "bench", *sys.argv[1:]],
+        "fraudd_args": setup.fraudd_args,
+        "workers": setup.workers,
+        "batch_size": setup.batch_size,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": report.machine(setup.client, setup.postgres_url),
+        "result": result,
+    }
+    path = report.write(report.out_path(mode), document)
+    click.echo(summary)
+    click.echo(f"\nreport: {path}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """fraudd's benchmark: throughput, latency and soak runs against a real `fraudd run`."""
+
+
+@main.command(context_settings=PASS_THROUGH)
+@click.option("-n", "--transactions", default=500_000, show_default=True, help="Prefilled transactions per drain.")
+@click.option("--naive-transactions", default=20_000, show_default=True, help="Transactions for the (slow) naive baseline.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
+@_common
+def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_url: str, postgres_url: str,
+                   seed: int, fraudd_args: tuple[str, ...]) -> None:
+    """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
+    setup = _setup(redis_url, postgres_url, fraudd_args)
+    started = time.time()
+    result = throughput.run(setup, transactions, naive_transactions, seed, throughput.BASELINES if baselines else ())
+    _finish("throughput", setup, started, result, format_throughput(result))
+
+
+@main.command(context_settings=PASS_THROUGH)
+@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fractions refer to.")
+@click.option("--from-report", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Take the maximum from this throughput report.")
+@click.option("--calibrate-transactions", default=200_000, show_default=True,
+              help="Without --max-rate or a matching report: drain this many to measure the maximum first.")
+@click.option("--rates", default="0.1,0.5,0.8", show_default=True, help="Offered loads, as fractions of the maximum.")
+@click.option("--seconds", default=20.0, show_default=True, help="Sending time per rate.")
+@click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
+@_common
+def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_transactions: int, rates: str,
+                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int,
+                fraudd_args: tuple[str, ...]) -> None:
+    """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
+    setup = _setup(redis_url, postgres_url, fraudd_args)
+    started = time.time()
+    maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+    fractions = [float(f) for f in rates.split(",")]
+    result = latency.run(setup, maximum, fractions, seconds, warmup, seed)
+    result["max_rate_source"] = source
+    _finish("latency", setup, started, result, format_latency(result))
+
+
+@main.command(context_settings=PASS_THROUGH)
+@click.option("--minutes", default=10.0, show_default=True)
+@click.option("--fraction", default=0.5, show_default=True, help="Offered load as a fraction of the maximum.")
+@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fraction refers to.")
+@click.option("--from-report", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Take the maximum from this throughput report.")
+@click.option("--calibrate-transactions", default=200_000, show_default=True,
+              help="Without --max-rate or a matching report: drain this many to measure the maximum first.")
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between samples.")
+@_common
+def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_report: Path | None,
+             calibrate_transactions: int, interval: float, redis_url: str, postgres_url: str, seed: int,
+             fraudd_args: tuple[str, ...]) -> None:
+    """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
+    setup = _setup(redis_url, postgres_url, fraudd_args)
+    started = time.time()
+    maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+    setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
+    result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, seed)
+    result["max_rate"], result["max_rate_source"] = maximum, source
+    _finish("soak", setup, started, result, format_soak(result))
+
+
+main.add_command(throughput_cmd, "throughput")
+main.add_command(latency_cmd, "latency")
+main.add_command(soak_cmd, "soak")
+
+
+def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
+    """The maximum rate: the flag, a given report, the newest throughput report run with the same
+    fraudd flags, or a fresh fraudd-only drain, in that order."""
+    if flag is not None:
+        return flag, "--max-rate"
+    candidates = [path] if path else sorted(report.OUT_DIR.glob("throughput-*.json"), reverse=True)
+    for candidate in candidates:
+        document = orjson.loads(candidate.read_bytes())
+        if path or document.get("fraudd_args") == setup.fraudd_args:
+            return float(document["result"]["drains"]["fraudd"]["rate_tx_per_s"]), str(candidate)
+    setup.echo(f"no throughput report with these fraudd flags: measuring the maximum on {calibrate:,} transactions")
+    result = throughput.run(setup, calibrate, 0, seed, ())
+    return float(result["drains"]["fraudd"]["rate_tx_per_s"]), "calibration drain"
+
+
+def _us(value) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
+def format_throughput(result: dict) -> str:
+    drains = result["drains"]
+    rows = []
+    for kind, d in drains.items():
+        cpu = d["cpu_us_per_tx"]
+        consumer = cpu.get("workers", cpu.get("consumers", 0.0)) + cpu.get("supervisor", 0.0)
+        ratio = "1.000" if kind == "fraudd" else f"{drains['fraudd']['rate_tx_per_s'] / d['rate_tx_per_s']:.3f}" if d["rate_tx_per_s"] else "-"
+        rows.append([kind, d["processes"], f"{d['transactions']:,}", f"{d['rate_tx_per_s']:,.0f}", ratio,
+                     _us(d["pipeline_cpu_us_per_tx"]), _us(consumer), _us(cpu["redis"]), _us(cpu["postgres"]),
+                     _us(d["redis_info_cpu_us_per_tx"]), f"{d['machine_utilisation']:.0%}", f"{d['other_cpu_s']:.2f}"])
+    lines = ["", "throughput (prefilled stream, window = first ack .. drained)",
+             report.table(rows, ["consumer", "procs", "tx in window", "tx/s", "fraudd/x", "CPU-µs/tx", "consumer",
+                                 "redis", "postgres", "redis(INFO)", "machine busy", "other CPU-s"])]
+    commands = drains["fraudd"]["redis_commands"]
+    if commands:
+        top = sorted(commands.items(), key=lambda item: -item[1]["usec"])[:8]
+        lines += ["", "fraudd's Redis time per transaction by command (script-internal commands are also inside "
+                      "evalsha/fcall):",
+                  "  " + ", ".join(f"{name} {c['us_per_tx']:.2f} µs" for name, c in top)]
+    c = result["checks"]
+    if c:
+        lines += ["", f"checks: produced {c['produced']:,}, rows {c['rows']:,}, missing {c['missing']}, "
+                      f"duplicate rows {c['duplicate_rows']}, alerts {c['alerts']:,} for {c['flagged_rows']:,} flagged, "
+                      f"pending {c['pending_after_drain']}, exit {c['exit_codes']} -> "
+                      f"{'EXACTLY ONCE' if c['exactly_once'] else 'MISMATCH'}",
+                  f"fraud: recall {c['recall']}, precision {c['precision']} ({c['fraud_labelled']:,} labelled); "
+                  f"decisions {c['decisions']}; rate from scored_at {c['rate_from_scored_at']}"]
+    if result["ratios"]:
+        lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
+    return "\n".join(lines)
+
+
+def format_latency(result: dict) -> str:
+    rows = []
+    for p in result["phases"]:
+        lat = p["latency_ms"]
+        rows.append([f"{p['fraction_of_max']:.0%}", f"{p['target_rate']:,.0f}", f"{p['sent']:,}",
+                     *[str(lat.get(q, "-")) for q in ("p50", "p95", "p99", "p99.9")],
+                     str(lat.get("max", lat.get("max_at_most", "-"))), f"{p['max_lag_entries']:,}",
+                     str(p["producer_lag_ms"].get("p99", "-")), _us(p["usage"]["pipeline_cpu_us_per_tx"])])
+    return "\n".join(["", f"latency, ms (source: {result['latency_source']}; max rate {result['max_rate']:,.0f} tx/s "
+                          f"from {result['max_rate_source']})",
+                      report.table(rows, ["load", "tx/s", "sent", "p50", "p95", "p99", "p99.9", "max", "max lag",
+                                          "producer lag p99", "CPU-µs/tx"])])
+
+
+def format_soak(result: dict) -> str:
+    rows = [[f"worker {i}", w["first_window_mib"], w["last_window_mib"], w["growth_mib"], w["growth_pct"], w["max_mib"]]
+            for i, w in enumerate(result["worker_rss"])]
+    for name in ("supervisor_rss", "redis_used_memory"):
+        g = result[name]
+        rows.append([name, g["first_window_mib"], g["last_window_mib"], g["growth_mib"], g["growth_pct"], g["max_mib"]])
+    return "\n".join([
+        "", f"soak: {result['sent']:,} tx at {result['achieved_rate']:,.0f} tx/s ({result['fraction_of_max']:.0%} of "
+            f"{result['max_rate']:,.0f}) for {result['seconds']:g}s; windows of {result['growth_window_s']:g}s",
+        report.table(rows, ["memory (MiB)", "first", "last", "growth", "growth %", "max"]),
+        f"max lag {result['max_lag_entries']:,}, max pending {result['max_pending_entries']:,}, drained "
+        f"{result['drained_s_after_last_send']}s after the last send; rows {result['rows']:,}, "
+        f"{'exactly once' if result['exactly_once'] else 'MISMATCH'}; "
+        f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
+    ])

@@ -1,0 +1,218 @@
+"""Starting the consumers under test and timing how fast they drain a stream.
+
+``fraudd run`` is started as a real subprocess, exactly as an operator would; the baselines are
+``python -m bench.baselines`` processes, as many as fraudd has workers. The drain rate is read
+from the consumer group itself (entries delivered minus entries still pending = acked), so every
+consumer is timed by the same yardstick and none has to report anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from bench import procstat
+from bench.namespace import FRAUDD, Namespace
+from bench.usage import Probe, Usage, usage
+
+POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where to run and with what: shared by every measurement of one invocation."""
+
+    client: redis.Redis
+    redis_url: str
+    postgres_url: str
+    fraudd_args: list[str]
+    workers: int
+    batch_size: int
+    model_path: str
+    log_dir: Path
+    echo: Callable[[str], None]
+
+
+class ConsumerFailed(RuntimeError):
+    """A consumer process exited or stopped making progress during a measurement."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    entries_read: int
+    pending: int
+    lag: int
+    consumers: int
+
+    @property
+    def acked(self) -> int:
+        return self.entries_read - self.pending
+
+
+def group_state(client: redis.Redis, ns: Namespace) -> GroupState:
+    for group in client.xinfo_groups(ns.stream):
+        if group["name"] == ns.group:
+            read = group["entries-read"] or 0
+            lag = group["lag"]
+            if lag is None:
+                # Redis cannot tell after deletions inside the unread range; count it instead.
+                lag = int(client.xinfo_stream(ns.stream)["entries-added"]) - read
+            return GroupState(read, int(group["pending"]), int(lag), int(group["consumers"]))
+    raise ConsumerFailed(f"consumer group {ns.group} missing on {ns.stream}")
+
+
+class Consumers:
+    """Processes consuming the namespace's stream; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, label: str, commands: list[list[str]], ns: Namespace, log_path: Path,
+                 supervised: bool, count: int) -> None:
+        self.label = label
+        self.supervised = supervised
+        self.count = count  # consumers in the group once all are up (fraudd: its workers)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        # Own sessions, so a stuck tree can always be killed as a whole by its group id.
+        self.processes = [
+            subprocess.Popen(command, env=ns.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            for command in commands
+        ]
+
+    @classmethod
+    def fraudd(cls, ns: Namespace, args: list[str], workers: int, log_path: Path) -> Consumers:
+        return cls("fraudd", [[*FRAUDD, "run", *args]], ns, log_path, supervised=True, count=workers)
+
+    @classmethod
+    def baseline(cls, kind: str, ns: Namespace, processes: int, batch_size: int, log_path: Path,
+                 model_path: str | None = None) -> Consumers:
+        commands = []
+        for i in range(processes):
+            command = [sys.executable, "-m", "bench.baselines", kind, "--consumer", f"{ns.consumer_id}-{i}",
+                       "--batch-size", str(batch_size)]
+            if model_path:
+                command += ["--model-path", model_path]
+            commands.append(command)
+        return cls(kind, commands, ns, log_path, supervised=False, count=processes)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def worker_pids(self) -> list[int]:
+        """The processes that consume: fraudd's workers (the supervisor's children), or all."""
+        if not self.supervised:
+            return self.pids
+        return [p.pid for p in procstat.tree(self.pids, procstat.all_processes()) if p.pid not in self.pids]
+
+    def check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise ConsumerFailed(f"{self.label} exited with {process.returncode}; log {self.log_path}:\n"
+                                     f"{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
+
+    def wait_ready(self, client: redis.Redis, ns: Namespace, timeout: float = 60.0) -> None:
+        """Until every consumer has joined the group (made its first read)."""
+        deadline = time.monotonic() + timeout
+        while group_state(client, ns).consumers < self.count:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise ConsumerFailed(f"{self.label}: consumers not up after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60.0) -> list[int]:
+        """SIGTERM (fraudd settles its batch and exits); SIGKILL of the whole group after ``timeout``."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self._log.close()
+        return [p.returncode for p in self.processes]
+
+
+def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record: Path) -> tuple[subprocess.Popen, float]:
+    """Start ``bench.producer`` on the namespace's stream; returns it and its clock's start (epoch s)."""
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "bench.producer", "--redis-url", ns.redis_url, "--stream", ns.stream,
+         "--rate", repr(rate), "--seconds", repr(seconds), "--seed", str(seed), "--out", str(record)],
+        stdout=subprocess.PIPE, text=True, env=ns.env(),
+    )
+    line = producer.stdout.readline()
+    if not line.startswith("started "):
+        producer.wait(10)
+        raise ConsumerFailed(f"producer failed to start (exit {producer.returncode})")
+    return producer, float(line.split()[1])
+
+
+def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
+                 stall_timeout: float = 60.0, on_poll=None) -> GroupState:
+    """Poll until all ``expected`` entries are acked; fail if progress stops or a consumer dies."""
+    progress_at, last_acked = time.monotonic(), -1
+    while True:
+        state = group_state(client, ns)
+        if on_poll is not None:
+            on_poll(state)
+        if state.lag == 0 and state.pending == 0 and state.acked >= expected:
+            return state
+        now = time.monotonic()
+        if state.acked != last_acked:
+            progress_at, last_acked = now, state.acked
+        elif now - progress_at > stall_timeout:
+            raise ConsumerFailed(f"{consumers.label}: no progress for {stall_timeout:.0f}s at {state}; "
+                                 f"log {consumers.log_path}:\n{consumers.log_tail()}")
+        consumers.check_alive()
+        time.sleep(POLL_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A prefilled stream drained: the rate over the window from the first ack to the last."""
+
+    label: str
+    processes: int
+    transactions: int
+    rate: float
+    usage: Usage
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "processes": self.processes, "transactions": self.transactions,
+                "rate_tx_per_s": round(self.rate, 1), **self.usage.as_dict()}
+
+
+def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
+                  stall_timeout: float = 60.0) -> Drain:
+    """Time ``consumers`` draining ``expected`` prefilled entries, CPU included.
+
+    The window opens at the first poll that sees an ack with every consumer up (start-up, model
+    loading and connecting stay out of it) and closes at the first poll that sees the stream
+    drained; polls are ``POLL_S`` apart, a fraction of a percent of any window worth reporting.
+    """
+    probe = Probe(client, consumers.pids, consumers.supervised)
+    window: dict = {}
+
+    def open_window(state: GroupState) -> None:
+        if not window and state.acked > 0 and state.consumers >= consumers.count:
+            window.update(at=time.monotonic(), acked=state.acked, first=probe.snapshot())
+
+    state = wait_drained(client, ns, consumers, expected, stall_timeout, open_window)
+    seconds = time.monotonic() - window["at"]
+    last = probe.snapshot()
+    moved = state.acked - window["acked"]
+    return Drain(consumers.label, consumers.count, moved, moved / seconds if seconds > 0 else 0.0,
+                 usage(window["first"], last, moved, seconds))

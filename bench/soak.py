@@ -1,0 +1,124 @@
+"""``bench soak``: a long run at a fixed share of the maximum rate, watching for slow leaks.
+
+Every few seconds it samples each worker's RSS, the group's lag and pending count and Redis's
+memory, and trims the input stream below what the group still needs (production would trim it
+too; an untrimmed stream alone would grow Redis by gigabytes and hide anything else). Growth is
+the mean of the last window minus the mean of the first; a window is a minute, or a third of a
+shorter run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import redis
+
+from bench import procstat
+from bench.namespace import Namespace
+from bench.runners import ConsumerFailed, Consumers, Setup, group_state, start_producer, wait_drained
+from bench.usage import Probe, usage
+
+MIB = 2**20
+
+
+def _trim(client: redis.Redis, ns: Namespace) -> None:
+    """Drop entries the group has delivered and acked: below its oldest pending and last delivered id."""
+    group = next(g for g in client.xinfo_groups(ns.stream) if g["name"] == ns.group)
+    floor = group["last-delivered-id"]
+    pending = client.xpending(ns.stream, ns.group)
+    if pending["pending"]:
+        floor = min(floor, pending["min"], key=lambda i: tuple(map(int, i.split("-"))))
+    client.xtrim(ns.stream, minid=floor, approximate=True)
+
+
+def _growth(times: np.ndarray, values: np.ndarray, window: float) -> dict:
+    first = values[times <= times[0] + window]
+    last = values[times >= times[-1] - window]
+    return {"first_window_mib": round(float(first.mean()) / MIB, 2), "last_window_mib": round(float(last.mean()) / MIB, 2),
+            "growth_mib": round(float(last.mean() - first.mean()) / MIB, 2),
+            "growth_pct": round(float(last.mean() / first.mean() - 1.0) * 100.0, 2) if first.mean() else None,
+            "max_mib": round(float(values.max()) / MIB, 2)}
+
+
+def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: float, seed: int,
+        stall_timeout: float = 120.0) -> dict:
+    client = setup.client
+    ns = Namespace.fresh("soak", setup.redis_url, setup.postgres_url)
+    consumers = producer = None
+    record_path = setup.log_dir / f"{ns.name}-producer.npz"
+    try:
+        ns.migrate()
+        ns.create_group(client)
+        consumers = Consumers.fraudd(ns, setup.fraudd_args, setup.workers, setup.log_dir / f"{ns.name}.log")
+        consumers.wait_ready(client, ns)
+        producer, t0 = start_producer(ns, rate, seconds, seed, record_path)
+        probe = Probe(client, consumers.pids, supervised=True, producer=producer.pid)
+        first = probe.snapshot()
+        samples: list[dict] = []
+        workers_seen: set[int] = set()
+        next_sample = time.monotonic()
+        while producer.poll() is None:
+            consumers.check_alive()
+            if time.monotonic() >= next_sample:
+                workers = consumers.worker_pids()
+                workers_seen.update(workers)
+                state = group_state(client, ns)
+                samples.append({
+                    "t": round(time.time() - t0, 2),
+                    "worker_rss": [procstat.rss_bytes(pid) or 0 for pid in sorted(workers)],
+                    "supervisor_rss": procstat.rss_bytes(consumers.pids[0]) or 0,
+                    "lag": state.lag,
+                    "pending": state.pending,
+                    "redis_used_memory": int(client.info("memory")["used_memory"]),
+                })
+                _trim(client, ns)
+                next_sample += interval
+            time.sleep(0.05)
+        if producer.returncode != 0:
+            raise ConsumerFailed(f"producer exited with {producer.returncode}")
+        sent = int(np.load(record_path)["sent"])
+        wait_drained(client, ns, consumers, sent, stall_timeout)
+        drained_after = time.time() - t0 - seconds
+        last = probe.snapshot()
+        exit_codes = consumers.stop()
+        consumers = None
+
+        times = np.array([s["t"] for s in samples])
+        window = min(60.0, seconds / 3.0)
+        widths = {len(s["worker_rss"]) for s in samples}
+        per_worker = []
+        if len(widths) == 1:
+            rss = np.array([s["worker_rss"] for s in samples], dtype=np.float64)
+            per_worker = [_growth(times, rss[:, k], window) for k in range(rss.shape[1])]
+        rows, distinct = ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")[0]
+        return {
+            "fraction_of_max": fraction,
+            "target_rate": round(rate, 1),
+            "seconds": seconds,
+            "sent": sent,
+            "achieved_rate": round(sent / seconds, 1),
+            "sample_interval_s": interval,
+            "growth_window_s": window,
+            "worker_rss": per_worker,
+            "worker_processes_seen": len(workers_seen),
+            "supervisor_rss": _growth(times, np.array([s["supervisor_rss"] for s in samples], dtype=np.float64), window),
+            "redis_used_memory": _growth(times, np.array([s["redis_used_memory"] for s in samples], dtype=np.float64), window),
+            "max_lag_entries": max(s["lag"] for s in samples),
+            "max_pending_entries": max(s["pending"] for s in samples),
+            "drained_s_after_last_send": round(drained_after, 2),
+            "rows": rows,
+            "duplicate_rows": rows - distinct,
+            "exactly_once": rows == distinct == sent,
+            "exit_codes": exit_codes,
+            "usage": usage(first, last, sent, last.wall - first.wall).as_dict(),
+            "samples": samples,
+        }
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.terminate()
+            producer.wait(10)
+        if consumers is not None:
+            consumers.stop(timeout=10)
+        record_path.unlink(missing_ok=True)
+        ns.drop(client)
