@@ -179,7 +179,7 @@ def format_throughput(result: dict) -> str:
         consumer = cpu.get("workers", cpu.get("consumers", 0.0)) + cpu.get("supervisor", 0.0)
         ratio = "1.000" if kind == "fraudd" else f"{drains['fraudd']['rate_tx_per_s'] / d['rate_tx_per_s']:.3f}" if d["rate_tx_per_s"] else "-"
         rows.append([kind, d["processes"], f"{d['transactions']:,}", f"{d['rate_tx_per_s']:,.0f}", ratio,
-                     _us(d["pipeline_cpu_us_per_tx"]), _us(consumer), _us(cpu["redis"]), _us(cpu["postgres"]),
+                     _us(d["pipeline_cpu_us_per_tx"]), _us(consumer), _us(cpu["redis"]), _us(cpu.get("postgres")),
                      _us(d["redis_info_cpu_us_per_tx"]), f"{d['machine_utilisation']:.0%}", f"{d['other_cpu_s']:.2f}"])
     lines = ["", "throughput (prefilled stream, window = first ack .. drained)",
              report.table(rows, ["consumer", "procs", "tx in window", "tx/s", "fraudd/x", "CPU-µs/tx", "consumer",

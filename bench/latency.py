@@ -90,7 +90,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, log_dir: Path, stall_time
         consumers = Consumers.fraudd(ns, args, setup.workers, log_dir / f"{ns.name}.log")
         consumers.wait_ready(client, ns)
         producer, t0 = start_producer(ns, phase.rate, phase.seconds, phase.seed, record_path)
-        probe = Probe(client, consumers.pids, supervised=True, producer=producer.pid)
+        probe = Probe(client, ns.postgres_url, consumers.pids, supervised=True, producer=producer.pid)
         first = probe.snapshot()
         warm_histogram = None
         max_lag = max_pending = 0

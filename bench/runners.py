@@ -203,7 +203,7 @@ def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expe
     loading and connecting stay out of it) and closes at the first poll that sees the stream
     drained; polls are ``POLL_S`` apart, a fraction of a percent of any window worth reporting.
     """
-    probe = Probe(client, consumers.pids, consumers.supervised)
+    probe = Probe(client, ns.postgres_url, consumers.pids, consumers.supervised)
     window: dict = {}
 
     def open_window(state: GroupState) -> None:

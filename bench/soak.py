@@ -53,7 +53,7 @@ def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: fl
         consumers = Consumers.fraudd(ns, setup.fraudd_args, setup.workers, setup.log_dir / f"{ns.name}.log")
         consumers.wait_ready(client, ns)
         producer, t0 = start_producer(ns, rate, seconds, seed, record_path)
-        probe = Probe(client, consumers.pids, supervised=True, producer=producer.pid)
+        probe = Probe(client, ns.postgres_url, consumers.pids, supervised=True, producer=producer.pid)
         first = probe.snapshot()
         samples: list[dict] = []
         workers_seen: set[int] = set()

@@ -1,7 +1,7 @@
 """Who spent how much CPU over a measured window, per transaction.
 
 A ``Probe`` snapshots the CPU of every component at the window's two ends: the consumer processes
-(fraudd's supervisor and workers, or a baseline's processes), Redis, every PostgreSQL process,
+(fraudd's supervisor and workers, or a baseline's processes), Redis, the PostgreSQL server's processes,
 the open-loop producer when there is one, and this benchmark process itself. Redis is also read
 through INFO: its own CPU counters and ``commandstats``, which say which commands the time went to.
 The whole machine's busy time is taken too; what no component accounts for is "other" load (other
@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import psycopg
 import redis
 
 from bench import procstat
@@ -69,9 +70,10 @@ class Probe:
     from its workers' (the workers' time includes those the supervisor reaped).
     """
 
-    def __init__(self, client: redis.Redis, consumer_roots: list[int], supervised: bool,
+    def __init__(self, client: redis.Redis, postgres_url: str, consumer_roots: list[int], supervised: bool,
                  producer: int | None = None) -> None:
         self._client = client
+        self._postmaster = postmaster_pid(postgres_url)
         self._roots = consumer_roots
         self._supervised = supervised
         self._producer = producer
@@ -95,7 +97,9 @@ class Probe:
             cpu["redis"] = procstat.total_cpu_s(p for p in procs if p.pid == self._redis_pid)
         else:
             cpu["redis"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-        cpu["postgres"] = procstat.total_cpu_s(p for p in procs if p.comm == "postgres")
+        # The server's own process tree: other clusters on the box (tests start private ones) stay out.
+        if self._postmaster is not None:
+            cpu["postgres"] = procstat.total_cpu_s(procstat.tree([self._postmaster], procs))
         if self._producer is not None:
             cpu["producer"] = procstat.total_cpu_s(procstat.tree([self._producer], procs))
         times = os.times()
@@ -112,6 +116,14 @@ class Probe:
             redis_info_cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             redis_commands=commands,
         )
+
+
+def postmaster_pid(postgres_url: str) -> int | None:
+    """The postmaster of the server at ``postgres_url`` (the parent of our backend), if it is local."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        proc = procstat.read(backend)
+    return proc.ppid if proc is not None and proc.comm == "postgres" else None
 
 
 def usage(first: Snapshot, last: Snapshot, transactions: int, seconds: float) -> Usage:

@@ -443,7 +443,8 @@ def connect_redis(url: str) -> redis.Redis:
     """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts."""
     client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5,
                                   retry_on_timeout=False, health_check_interval=0)
-    for command in ("XREADGROUP", "XAUTOCLAIM", "XPENDING"):
+    # XCLAIM too: redis-py parses its reply as entries, which a JUSTID reply (bare ids) is not.
+    for command in ("XREADGROUP", "XAUTOCLAIM", "XPENDING", "XCLAIM"):
         client.set_response_callback(command, lambda response, **options: response)
     return client
 

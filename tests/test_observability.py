@@ -155,6 +155,10 @@ def observed() -> Iterator[Observed]:
         wait_for(lambda: http_get(f"{base}/healthz")[0] == 200 or daemon.process.poll() is not None, 30,
                  message="/healthz to answer 200")
         assert daemon.process.poll() is None, stderr_path.read_text()[-3000:]
+        # Scraping before the load starts, so that rates span it (the load is over in seconds).
+        wait_for(lambda: http_get(f"{prometheus_url}/-/ready")[0] == 200, 15, message="Prometheus to be ready")
+        idle_samples = f'count_over_time(fraudd_transactions_total{{job="{JOB}",decision="approve"}}[1m])'
+        wait_for(lambda: (o.value(idle_samples) or 0) >= 2, 15, interval=0.2, message="Prometheus to scrape the idle daemon")
 
         Publisher(client, ns.stream).publish(_load())
         wait_for(lambda: drained(client, ns), 45, interval=0.2, message="the load to be scored")
@@ -167,7 +171,6 @@ def observed() -> Iterator[Observed]:
                  and http_get(f"{base}/healthz")[0] == 200, 15, message="the worker to be respawned")
         o.before_restart, o.after_restart, o.dead_pid = before, o.scrape(), dead
 
-        wait_for(lambda: http_get(f"{prometheus_url}/-/ready")[0] == 200, 15, message="Prometheus to be ready")
         # Prometheus has the final state once it has scraped the restart and every scored transaction.
         wait_for(lambda: o.value(f'sum(fraudd_worker_restarts_total{{job="{JOB}"}})') == 1.0
                  and o.value(f'sum(fraudd_transactions_total{{job="{JOB}"}})') == VALID, 15,
@@ -203,7 +206,7 @@ def _substitute(expr: str) -> str:
 
 
 _MATCHERS_AND_STRINGS = re.compile(r'(\{[^}]*\}|"(?:[^"\\]|\\.)*")')
-_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)")
+_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)\s*")
 
 
 def every_series_compared(expr: str) -> str:
