@@ -39,18 +39,20 @@ def _common(function):
         click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
         click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
         click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
+        click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR,
+                     show_default=True, help="Where reports and logs go."),
         click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
     ]):
         function = decorator(function)
     return function
 
 
-def _setup(redis_url: str, postgres_url: str, fraudd_args: tuple[str, ...]) -> Setup:
+def _setup(redis_url: str, postgres_url: str, out_dir: Path, fraudd_args: tuple[str, ...]) -> Setup:
     args = list(fraudd_args)
     model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
     if not Path(model_path).is_file():
         raise click.ClickException(f"no model at {model_path}: train one first (models/train.py)")
-    log_dir = report.OUT_DIR / "logs"
+    log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     return Setup(
         client=redis.Redis.from_url(redis_url, decode_responses=True),
@@ -60,6 +62,7 @@ def _setup(redis_url: str, postgres_url: str, fraudd_args: tuple[str, ...]) -> S
         workers=int(_flag(args, "workers", "FRAUDD_WORKERS", str(os.cpu_count() or 1))),
         batch_size=int(_flag(args, "batch-size", "FRAUDD_BATCH_SIZE", "500")),
         model_path=model_path,
+        out_dir=out_dir,
         log_dir=log_dir,
         echo=lambda line: click.echo(line, err=True),
     )
@@ -77,7 +80,7 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
         "machine": report.machine(setup.client, setup.postgres_url),
         "result": result,
     }
-    path = report.write(report.out_path(mode), document)
+    path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
     click.echo(f"\nreport: {path}")
 
@@ -93,9 +96,9 @@ def main() -> None:
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
 @_common
 def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_url: str, postgres_url: str,
-                   seed: int, fraudd_args: tuple[str, ...]) -> None:
+                   seed: int, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
-    setup = _setup(redis_url, postgres_url, fraudd_args)
+    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
     result = throughput.run(setup, transactions, naive_transactions, seed, throughput.BASELINES if baselines else ())
     _finish("throughput", setup, started, result, format_throughput(result))
@@ -112,10 +115,10 @@ def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, 
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
 @_common
 def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_transactions: int, rates: str,
-                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int,
+                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int, out_dir: Path,
                 fraudd_args: tuple[str, ...]) -> None:
     """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
-    setup = _setup(redis_url, postgres_url, fraudd_args)
+    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
     maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
     fractions = [float(f) for f in rates.split(",")]
@@ -136,9 +139,9 @@ def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_tran
 @_common
 def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_report: Path | None,
              calibrate_transactions: int, interval: float, redis_url: str, postgres_url: str, seed: int,
-             fraudd_args: tuple[str, ...]) -> None:
+             out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
-    setup = _setup(redis_url, postgres_url, fraudd_args)
+    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
     maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
     setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
@@ -157,7 +160,7 @@ def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: in
     fraudd flags, or a fresh fraudd-only drain, in that order."""
     if flag is not None:
         return flag, "--max-rate"
-    candidates = [path] if path else sorted(report.OUT_DIR.glob("throughput-*.json"), reverse=True)
+    candidates = [path] if path else sorted(setup.out_dir.glob("throughput-*.json"), reverse=True)
     for candidate in candidates:
         document = orjson.loads(candidate.read_bytes())
         if path or document.get("fraudd_args") == setup.fraudd_args:

@@ -22,7 +22,6 @@ import socket
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import redis
@@ -73,7 +72,7 @@ def scrape_histogram(port: int) -> tuple[list[float], list[float]]:
     return bounds, [buckets[b] for b in bounds]
 
 
-def run_phase(setup: Setup, phase: Phase, exact: bool, log_dir: Path, stall_timeout: float = 60.0) -> dict:
+def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60.0) -> dict:
     """One rate: start fraudd, offer the load, wait for the drain, then read the latencies."""
     client = setup.client
     ns = Namespace.fresh("lat", setup.redis_url, setup.postgres_url)
@@ -83,11 +82,11 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, log_dir: Path, stall_time
         port = _free_port()
         args += ["--metrics-port", str(port)]
     consumers = producer = None
-    record_path = log_dir / f"{ns.name}-producer.npz"
+    record_path = setup.log_dir / f"{ns.name}-producer.npz"
     try:
         ns.migrate()
         ns.create_group(client)
-        consumers = Consumers.fraudd(ns, args, setup.workers, log_dir / f"{ns.name}.log")
+        consumers = Consumers.fraudd(ns, args, setup.workers, setup.log_dir / f"{ns.name}.log")
         consumers.wait_ready(client, ns)
         producer, t0 = start_producer(ns, phase.rate, phase.seconds, phase.seed, record_path)
         probe = Probe(client, ns.postgres_url, consumers.pids, supervised=True, producer=producer.pid)
@@ -112,12 +111,15 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, log_dir: Path, stall_time
 
         wait_drained(client, ns, consumers, sent, stall_timeout, track)
         last = probe.snapshot()
+        # The producer has exited and left /proc: its CPU comes from its own record.
+        last.cpu_s["producer"] = float(np.load(record_path)["cpu_s"])
         final_histogram = scrape_histogram(port) if port is not None else None
         consumers.stop()
         consumers = None
 
         result = {
             "fraction_of_max": phase.fraction,
+            "namespace": ns.name,
             "target_rate": round(phase.rate, 1),
             "sent": sent,
             "send_seconds": round(float(record["sent_at"][-1] - t0), 3) if sent else 0.0,
@@ -170,7 +172,7 @@ def run(setup: Setup, max_rate: float, fractions: list[float], seconds: float, w
     for i, fraction in enumerate(fractions):
         phase = Phase(fraction, max_rate * fraction, seconds, warmup, seed + i)
         setup.echo(f"  {fraction:.0%} of {max_rate:,.0f} tx/s = {phase.rate:,.0f} tx/s for {seconds:g}s ...")
-        result = run_phase(setup, phase, exact, setup.log_dir)
+        result = run_phase(setup, phase, exact)
         lat = result["latency_ms"]
         setup.echo(f"    p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, max lag {result['max_lag_entries']}")
         phases.append(result)

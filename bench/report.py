@@ -21,9 +21,9 @@ PACKAGES = ("redis", "hiredis", "psycopg", "psycopg-binary", "onnxruntime", "num
 QUANTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
 
 
-def out_path(mode: str, suffix: str = ".json") -> Path:
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    return OUT_DIR / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+def out_path(out_dir: Path, mode: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def write(path: Path, report: dict) -> Path:

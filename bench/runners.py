@@ -21,7 +21,7 @@ import redis
 
 from bench import procstat
 from bench.namespace import FRAUDD, Namespace
-from bench.usage import Probe, Usage, usage
+from bench.usage import Probe, Snapshot, Usage, usage
 
 POLL_S = 0.01
 
@@ -37,6 +37,7 @@ class Setup:
     workers: int
     batch_size: int
     model_path: str
+    out_dir: Path
     log_dir: Path
     echo: Callable[[str], None]
 
@@ -161,13 +162,15 @@ def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record
 
 
 def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
-                 stall_timeout: float = 60.0, on_poll=None) -> GroupState:
-    """Poll until all ``expected`` entries are acked; fail if progress stops or a consumer dies."""
+                 stall_timeout: float = 60.0, on_poll: Callable[[GroupState], float | None] | None = None) -> GroupState:
+    """Poll until all ``expected`` entries are acked; fail if progress stops or a consumer dies.
+
+    ``on_poll`` sees every state and may return the pause before the next poll.
+    """
     progress_at, last_acked = time.monotonic(), -1
     while True:
         state = group_state(client, ns)
-        if on_poll is not None:
-            on_poll(state)
+        pause = on_poll(state) if on_poll is not None else None
         if state.lag == 0 and state.pending == 0 and state.acked >= expected:
             return state
         now = time.monotonic()
@@ -177,7 +180,7 @@ def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expec
             raise ConsumerFailed(f"{consumers.label}: no progress for {stall_timeout:.0f}s at {state}; "
                                  f"log {consumers.log_path}:\n{consumers.log_tail()}")
         consumers.check_alive()
-        time.sleep(POLL_S)
+        time.sleep(POLL_S if pause is None else pause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +188,14 @@ class Drain:
     """A prefilled stream drained: the rate over the window from the first ack to the last."""
 
     label: str
+    namespace: str
     processes: int
     transactions: int
     rate: float
     usage: Usage
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "processes": self.processes, "transactions": self.transactions,
+        return {"label": self.label, "namespace": self.namespace, "processes": self.processes, "transactions": self.transactions,
                 "rate_tx_per_s": round(self.rate, 1), **self.usage.as_dict()}
 
 
@@ -201,18 +205,27 @@ def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expe
 
     The window opens at the first poll that sees an ack with every consumer up (start-up, model
     loading and connecting stay out of it) and closes at the first poll that sees the stream
-    drained; polls are ``POLL_S`` apart, a fraction of a percent of any window worth reporting.
+    drained. Until it opens the group is polled every millisecond, then every ``POLL_S``: a
+    fraction of a percent of any window worth reporting. A drain so short that it is over before
+    every consumer joined (smoke runs) is timed from the first ack instead.
     """
     probe = Probe(client, ns.postgres_url, consumers.pids, consumers.supervised)
-    window: dict = {}
+    openings: dict[str, tuple[float, int, Snapshot]] = {}
 
-    def open_window(state: GroupState) -> None:
-        if not window and state.acked > 0 and state.consumers >= consumers.count:
-            window.update(at=time.monotonic(), acked=state.acked, first=probe.snapshot())
+    def open_window(state: GroupState) -> float:
+        if "all_up" not in openings and state.acked > 0:
+            opening = (time.monotonic(), state.acked, probe.snapshot())
+            openings.setdefault("first_ack", opening)
+            if state.consumers >= consumers.count:
+                openings["all_up"] = opening
+        return POLL_S if "all_up" in openings else 0.001
 
     state = wait_drained(client, ns, consumers, expected, stall_timeout, open_window)
-    seconds = time.monotonic() - window["at"]
+    at, acked, first = openings.get("all_up", openings["first_ack"])
+    if state.acked == acked:
+        at, acked, first = openings["first_ack"]
+    seconds = time.monotonic() - at
     last = probe.snapshot()
-    moved = state.acked - window["acked"]
-    return Drain(consumers.label, consumers.count, moved, moved / seconds if seconds > 0 else 0.0,
-                 usage(window["first"], last, moved, seconds))
+    moved = state.acked - acked
+    return Drain(consumers.label, ns.name, consumers.count, moved, moved / seconds if seconds > 0 else 0.0,
+                 usage(first, last, moved, seconds))

@@ -81,6 +81,8 @@ def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: fl
         wait_drained(client, ns, consumers, sent, stall_timeout)
         drained_after = time.time() - t0 - seconds
         last = probe.snapshot()
+        # The producer has exited and left /proc: its CPU comes from its own record.
+        last.cpu_s["producer"] = float(np.load(record_path)["cpu_s"])
         exit_codes = consumers.stop()
         consumers = None
 
@@ -94,6 +96,7 @@ def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: fl
         rows, distinct = ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")[0]
         return {
             "fraction_of_max": fraction,
+            "namespace": ns.name,
             "target_rate": round(rate, 1),
             "seconds": seconds,
             "sent": sent,

@@ -3,10 +3,10 @@
 Behaviour features for one batch in one atomic call (FCALL fraudd_features).
 
 Why a Function and not client round trips: Redis is the one single-threaded stage every worker
-shares, so the whole batch is one call that reads each user's and card's state once, updates it
-in place and writes it back once; per transaction there is exactly one redis.call (the dedup
-marker). Why packed strings: a fixed-size struct per user keeps memory bounded and costs one key
-per active user, where a sorted set per user costs an entry per transaction and 5x the CPU.
+shares, so the whole batch is one call that reads all users' and cards' state with one MGET,
+updates it in Lua and writes each back once (SET PX); the only per-transaction redis.call is the
+dedup marker. Why packed strings: a fixed-size struct per user and card keeps memory bounded
+whatever the rate, where a sorted set holds an entry per transaction.
 
 KEYS: [1..n]       dedup markers, in batch order (SET NX GET PX: first writer wins)
       [n+1..n+u]   user state keys
@@ -96,7 +96,8 @@ local function window(v, base, S, N, head, t, rbase, stride, K, amount)
     if h < hi then hi = h end
     local sum = 0
     for j = lo, hi do sum = sum + v[base + j % N] end
-    if hi == s then
+    -- Only an evaluation before the head (out of order, redelivered) has later transactions.
+    if hi == s and t < head then
         for k = rbase, rbase + (K - 1) * stride, stride do
             local r = v[k]
             if r > t and floor(r / S) == s then

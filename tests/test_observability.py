@@ -112,11 +112,12 @@ def _start_prometheus(workdir: Path, metrics_port: int) -> tuple[subprocess.Pope
         "rule_files": [str(RULES)],
         "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
     }))
-    process = subprocess.Popen(
-        [shutil.which("prometheus") or "prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "wb"), start_new_session=True,
-    )
+    with open(workdir / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(
+            [shutil.which("prometheus") or "prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -146,7 +147,7 @@ def observed() -> Iterator[Observed]:
         with open(stderr_path, "wb") as stderr:
             daemon = Daemon(subprocess.Popen(
                 [FRAUDD, "run", "--workers", str(WORKERS), "--metrics-port", str(metrics_port)],
-                env=ns.env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), FRAUDD_RULES_PATH=str(__import__("fraudd.rules").rules.DEFAULT_RULES_PATH)), stdout=subprocess.DEVNULL, stderr=stderr,
+                env=ns.env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)), stdout=subprocess.DEVNULL, stderr=stderr,
                 start_new_session=True,
             ))
         prometheus, prometheus_url = _start_prometheus(workdir, metrics_port)
@@ -167,8 +168,8 @@ def observed() -> Iterator[Observed]:
         before = o.scrape()
         dead = worker_pids(daemon.process.pid)[0]
         os.kill(dead, signal.SIGKILL)
-        wait_for(lambda: o.scrape().get('fraudd_worker_restarts_total{}') == 1.0
-                 and http_get(f"{base}/healthz")[0] == 200, 15, message="the worker to be respawned")
+        respawned = {"fraudd_worker_restarts_total{}": 1.0, "fraudd_workers_alive{}": WORKERS}
+        wait_for(lambda: respawned.items() <= o.scrape().items(), 15, message="the worker to be respawned")
         o.before_restart, o.after_restart, o.dead_pid = before, o.scrape(), dead
 
         # Prometheus has the final state once it has scraped the restart and every scored transaction.
@@ -224,6 +225,26 @@ def test_promtool_accepts_the_rules() -> None:
     result = subprocess.run([shutil.which("promtool") or "promtool", "check", "rules", str(RULES)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in _dashboard_panels(dashboard["panels"]) for target in panel["targets"]]
+
+
+def test_queries_name_only_metrics_that_fraudd_defines(observed: Observed) -> None:
+    # Data proves a name right, except behind `or vector(0)` (alert deliveries, errors): check
+    # every name against the metrics fraudd defines, samples or not.
+    from prometheus_client import REGISTRY
+
+    from fraudd import metrics  # noqa: F401 -- registers fraudd's metrics in this process
+
+    defined = {family.name + suffix for family in REGISTRY.collect() if family.name.startswith("fraudd_")
+               for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    exprs = _dashboard_exprs() + [rule["query"] for rule in observed.rules()]
+    used = {name for expr in exprs for name in re.findall(r"\bfraudd_\w+", expr)}
+    assert "fraudd_alert_deliveries_total" in used
+    assert used <= defined, used - defined
 
 
 def test_every_dashboard_query_returns_data(observed: Observed) -> None:

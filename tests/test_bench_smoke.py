@@ -1,0 +1,99 @@
+"""Smoke runs of ``python -m bench``: every mode produces a report with sane fields.
+
+No performance thresholds: on a shared 2-core box the figures move too much for that (see
+/work/shared/COSTS.md); performance is judged from full runs on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+import redis
+
+from fraudd.config import DEFAULT_MODEL
+
+from .conftest import POSTGRES_URL, REDIS_URL
+
+REPO = Path(__file__).resolve().parent.parent
+# A fixed maximum: the smoke runs must not depend on an earlier throughput report.
+MAX_RATE = "4000"
+
+pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no trained model at models/fraud.onnx")
+
+
+def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
+    command = [sys.executable, "-m", "bench", *args, "--redis-url", REDIS_URL, "--postgres-url", POSTGRES_URL,
+               "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert path.parent == tmp_path
+    return orjson.loads(path.read_bytes())
+
+
+def assert_dropped(namespace: str) -> None:
+    """The run removed its streams, keys and schema."""
+    client = redis.Redis.from_url(REDIS_URL)
+    assert not client.exists(f"{namespace}:transactions:raw")
+    assert not list(client.scan_iter(match=f"fraudd:{{{namespace}:transactions:raw}}:*", count=10_000))
+    with psycopg.connect(POSTGRES_URL) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (namespace,)).fetchone()[0] == 0
+
+
+def assert_usage(usage: dict) -> None:
+    assert usage["transactions"] > 0 and usage["seconds"] > 0
+    assert usage["pipeline_cpu_us_per_tx"] > 0
+    assert {"supervisor", "workers", "redis"} <= set(usage["cpu_us_per_tx"])
+    assert usage["cpu_us_per_tx"]["workers"] > 0
+
+
+def test_throughput(tmp_path: Path) -> None:
+    report = bench(tmp_path, "throughput", "-n", "5000", "--naive-transactions", "300", "--workers", "2")
+    assert report["mode"] == "throughput" and report["workers"] == 2
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["redis"]["version"]
+    result = report["result"]
+    assert set(result["drains"]) == {"bare", "fraudd", "naive"}
+    for drain in result["drains"].values():
+        assert drain["rate_tx_per_s"] > 0
+        assert drain["processes"] == 2
+        assert drain["pipeline_cpu_us_per_tx"] > 0
+        assert_dropped(drain["namespace"])
+    assert_usage(result["drains"]["fraudd"])
+    assert set(result["ratios"]) == {"fraudd_over_bare", "fraudd_over_naive"}
+    checks = result["checks"]
+    assert checks["produced"] == 5000 and checks["rows"] == 5000
+    assert checks["exactly_once"] and checks["missing"] == 0 and checks["duplicate_rows"] == 0
+    assert 0.0 <= checks["recall"] <= 1.0 and 0.0 <= checks["precision"] <= 1.0
+
+
+def test_latency(tmp_path: Path) -> None:
+    report = bench(tmp_path, "latency", "--max-rate", MAX_RATE, "--rates", "0.1", "--seconds", "3",
+                   "--warmup", "0.5", "--workers", "1")
+    result = report["result"]
+    assert result["max_rate"] == float(MAX_RATE) and result["max_rate_source"] == "--max-rate"
+    (phase,) = result["phases"]
+    assert phase["sent"] == phase["rows"] == 1200
+    latency = phase["latency_ms"]
+    assert latency["count"] > 0
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"]
+    assert phase["producer_lag_ms"]["count"] > 0
+    assert_usage(phase["usage"])
+    assert_dropped(phase["namespace"])
+
+
+def test_soak(tmp_path: Path) -> None:
+    report = bench(tmp_path, "soak", "--max-rate", MAX_RATE, "--minutes", str(5 / 60), "--interval", "1",
+                   "--workers", "2")
+    result = report["result"]
+    assert result["sent"] == result["rows"] == 10_000 and result["exactly_once"]
+    assert len(result["worker_rss"]) == 2
+    for worker in result["worker_rss"]:
+        assert 10 < worker["first_window_mib"] < 2000 and worker["max_mib"] >= worker["last_window_mib"]
+    assert result["max_lag_entries"] >= 0 and len(result["samples"]) >= 3
+    assert_usage(result["usage"])
+    assert_dropped(result["namespace"])
