@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import orjson
 import redis
 
-from bench import latency, report, soak, throughput
+from bench import latency, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from fraudd.config import DEFAULT_MODEL
@@ -39,6 +41,9 @@ def _common(function):
         click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
         click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
         click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
+        click.option("--private-services", is_flag=True,
+                     help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
+                          "plus track_commit_timestamp) so other work on the machine cannot blur the figures."),
         click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR,
                      show_default=True, help="Where reports and logs go."),
         click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
@@ -47,7 +52,19 @@ def _common(function):
     return function
 
 
-def _setup(redis_url: str, postgres_url: str, out_dir: Path, fraudd_args: tuple[str, ...]) -> Setup:
+@contextmanager
+def _setup(redis_url: str, postgres_url: str, private_services: bool, out_dir: Path,
+           fraudd_args: tuple[str, ...]) -> Iterator[Setup]:
+    """The invocation's Setup, on the shared servers or on a private pair that lives as long as it."""
+    if private_services:
+        with services.private(redis_url, postgres_url, lambda line: click.echo(line, err=True)) as (r, p, settings):
+            yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args)
+    else:
+        yield _make_setup(redis_url, postgres_url, {"private": False}, out_dir, fraudd_args)
+
+
+def _make_setup(redis_url: str, postgres_url: str, services_info: dict, out_dir: Path,
+                fraudd_args: tuple[str, ...]) -> Setup:
     args = list(fraudd_args)
     model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
     if not Path(model_path).is_file():
@@ -62,6 +79,7 @@ def _setup(redis_url: str, postgres_url: str, out_dir: Path, fraudd_args: tuple[
         workers=int(_flag(args, "workers", "FRAUDD_WORKERS", str(os.cpu_count() or 1))),
         batch_size=int(_flag(args, "batch-size", "FRAUDD_BATCH_SIZE", "500")),
         model_path=model_path,
+        services=services_info,
         out_dir=out_dir,
         log_dir=log_dir,
         echo=lambda line: click.echo(line, err=True),
@@ -75,6 +93,7 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
         "fraudd_args": setup.fraudd_args,
         "workers": setup.workers,
         "batch_size": setup.batch_size,
+        "services": setup.services,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_seconds": round(time.time() - started, 1),
         "machine": report.machine(setup.client, setup.postgres_url),
@@ -96,12 +115,12 @@ def main() -> None:
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
 @_common
 def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_url: str, postgres_url: str,
-                   seed: int, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+                   seed: int, private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
-    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
-    result = throughput.run(setup, transactions, naive_transactions, seed, throughput.BASELINES if baselines else ())
-    _finish("throughput", setup, started, result, format_throughput(result))
+    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+        result = throughput.run(setup, transactions, naive_transactions, seed, throughput.BASELINES if baselines else ())
+        _finish("throughput", setup, started, result, format_throughput(result))
 
 
 @main.command(context_settings=PASS_THROUGH)
@@ -115,16 +134,16 @@ def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, 
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
 @_common
 def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_transactions: int, rates: str,
-                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int, out_dir: Path,
-                fraudd_args: tuple[str, ...]) -> None:
+                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int, private_services: bool,
+                out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
-    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
-    maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
     fractions = [float(f) for f in rates.split(",")]
-    result = latency.run(setup, maximum, fractions, seconds, warmup, seed)
-    result["max_rate_source"] = source
-    _finish("latency", setup, started, result, format_latency(result))
+    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+        result = latency.run(setup, maximum, fractions, seconds, warmup, seed)
+        result["max_rate_source"] = source
+        _finish("latency", setup, started, result, format_latency(result))
 
 
 @main.command(context_settings=PASS_THROUGH)
@@ -139,15 +158,15 @@ def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_tran
 @_common
 def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_report: Path | None,
              calibrate_transactions: int, interval: float, redis_url: str, postgres_url: str, seed: int,
-             out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+             private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
-    setup = _setup(redis_url, postgres_url, out_dir, fraudd_args)
     started = time.time()
-    maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
-    setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
-    result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, seed)
-    result["max_rate"], result["max_rate_source"] = maximum, source
-    _finish("soak", setup, started, result, format_soak(result))
+    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+        setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
+        result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, seed)
+        result["max_rate"], result["max_rate_source"] = maximum, source
+        _finish("soak", setup, started, result, format_soak(result))
 
 
 main.add_command(throughput_cmd, "throughput")

@@ -37,6 +37,7 @@ class Setup:
     workers: int
     batch_size: int
     model_path: str
+    services: dict
     out_dir: Path
     log_dir: Path
     echo: Callable[[str], None]

@@ -34,6 +34,9 @@ REASON_PROCESSING = "processing_error"
 # joined array onto the wrong entry; such batches take the per-entry path instead.
 _VALUE_BOUNDARY = re.compile(rb"\}\s*,")
 _CHANNELS = frozenset(("pos", "ecom", "atm"))
+# Event times from 2001 to 2100: anything outside is a unit mix-up (ms instead of s) or garbage.
+_EPOCH_MIN, _EPOCH_MAX = 978307200.0, 4102444800.0
+_NOTHING: dict = {}
 _NUMBER_TYPES = (int, float)
 
 
@@ -158,62 +161,69 @@ _ALREADY_REJECTED = object()
 
 
 def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejected: list[Rejected]) -> DecodedBatch:
-    out = _empty_columns()
-    for entry_id, payload, obj in zip(entry_ids, payloads, objects):
-        if obj is _ALREADY_REJECTED:
-            continue
-        problem = _check_required(obj)
-        if problem is not None:
-            reason, detail = problem
-            rejected.append(Rejected(entry_id, payload, reason, detail))
-            continue
-        timestamp = _timestamp(obj["timestamp"])
-        if timestamp is None:
-            rejected.append(Rejected(entry_id, payload, REASON_INVALID, "timestamp: not Unix seconds or RFC 3339"))
-            continue
-        out["entry_ids"].append(entry_id)
-        out["transaction_id"].append(obj["transaction_id"])
-        out["user_id"].append(obj["user_id"])
-        out["merchant"].append(obj["merchant"])
-        out["amount"].append(obj["amount"])
-        out["timestamp"].append(timestamp)
-        out["card_id"].append(_text(obj.get("card_id"), MAX_ID_CHARS))
-        currency = obj.get("currency")
-        out["currency"].append(currency.upper() if _is_code(currency, 3) else "USD")
-        mcc = obj.get("mcc")
-        out["mcc"].append(mcc if isinstance(mcc, str) and len(mcc) == 4 and mcc.isdigit() else None)
-        country = obj.get("country")
-        out["country"].append(country.upper() if _is_code(country, 2) else None)
-        out["device_id"].append(_text(obj.get("device_id"), MAX_TEXT_CHARS))
-        out["ip"].append(_text(obj.get("ip"), 64))
-        channel = obj.get("channel")
-        out["channel"].append(channel if channel in _CHANNELS else None)
-        out["lat"].append(_coordinate(obj.get("lat"), 90.0))
-        out["lon"].append(_coordinate(obj.get("lon"), 180.0))
+    """Columns of the acceptable objects, built one column at a time.
+
+    The common case is checked with a few list comprehensions over the batch; only rows that fail
+    them (a bad field, or an RFC 3339 timestamp to parse) go through the per-row checks that name
+    the reason.
+    """
+    get = [o.get if o.__class__ is dict else _NOTHING.get for o in objects]
+    txid = [g("transaction_id") for g in get]
+    user = [g("user_id") for g in get]
+    merchant = [g("merchant") for g in get]
+    amount = [g("amount") for g in get]
+    stamp = [g("timestamp") for g in get]
+    fast = [
+        t.__class__ is str and 0 < len(t) <= MAX_ID_CHARS
+        and u.__class__ is str and 0 < len(u) <= MAX_TEXT_CHARS
+        and m.__class__ is str and 0 < len(m) <= MAX_TEXT_CHARS
+        and a.__class__ in _NUMBER_TYPES and z.__class__ in _NUMBER_TYPES
+        for t, u, m, a, z in zip(txid, user, merchant, amount, stamp)
+    ]
+    amounts = np.array([a if ok else 1.0 for a, ok in zip(amount, fast)], dtype=np.float64)
+    seconds = np.array([z if ok else _EPOCH_MIN for z, ok in zip(stamp, fast)], dtype=np.float64)
+    in_range = np.isfinite(amounts) & (amounts > 0) & (seconds >= _EPOCH_MIN) & (seconds < _EPOCH_MAX)
+    accepted = in_range & np.array(fast, dtype=bool)
+    if not accepted.all():
+        for i in np.flatnonzero(~accepted).tolist():
+            if objects[i] is _ALREADY_REJECTED:
+                continue
+            problem = _check_required(objects[i])
+            timestamp = None if problem else _timestamp(stamp[i])
+            if problem is None and timestamp is None:
+                problem = REASON_INVALID, "timestamp: not Unix seconds (2001-2100) or RFC 3339 with an offset"
+            if problem is not None:
+                rejected.append(Rejected(entry_ids[i], payloads[i], *problem))
+            else:
+                seconds[i] = timestamp
+                accepted[i] = True
+        rows = np.flatnonzero(accepted)
+        keep = rows.tolist()
+        get = [get[i] for i in keep]
+        entry_ids, txid, user, merchant = ([column[i] for i in keep] for column in (entry_ids, txid, user, merchant))
+        amounts, seconds = amounts[rows], seconds[rows]
+    currency = [g("currency") for g in get]
+    mcc = [g("mcc") for g in get]
+    country = [g("country") for g in get]
+    channel = [g("channel") for g in get]
     return DecodedBatch(
-        entry_ids=out["entry_ids"],
-        transaction_id=out["transaction_id"],
-        user_id=out["user_id"],
-        merchant=out["merchant"],
-        amount=np.asarray(out["amount"], dtype=np.float64),
-        timestamp=np.asarray(out["timestamp"], dtype=np.float64),
-        card_id=out["card_id"],
-        currency=out["currency"],
-        mcc=out["mcc"],
-        country=out["country"],
-        device_id=out["device_id"],
-        ip=out["ip"],
-        channel=out["channel"],
-        lat=np.asarray(out["lat"], dtype=np.float64),
-        lon=np.asarray(out["lon"], dtype=np.float64),
+        entry_ids=entry_ids,
+        transaction_id=txid,
+        user_id=user,
+        merchant=merchant,
+        amount=amounts,
+        timestamp=seconds,
+        card_id=[_text(g("card_id"), MAX_ID_CHARS) for g in get],
+        currency=[c.upper() if _is_code(c, 3) else "USD" for c in currency],
+        mcc=[c if c.__class__ is str and len(c) == 4 and c.isdigit() else None for c in mcc],
+        country=[c.upper() if _is_code(c, 2) else None for c in country],
+        device_id=[_text(g("device_id"), MAX_TEXT_CHARS) for g in get],
+        ip=[_text(g("ip"), 64) for g in get],
+        channel=[c if c in _CHANNELS else None for c in channel],
+        lat=np.array([_coordinate(g("lat"), 90.0) for g in get], dtype=np.float64),
+        lon=np.array([_coordinate(g("lon"), 180.0) for g in get], dtype=np.float64),
         rejected=rejected,
     )
-
-
-def _empty_columns() -> dict[str, list]:
-    names = ("entry_ids", "transaction_id", "user_id", "merchant", "amount", "timestamp", "card_id",
-             "currency", "mcc", "country", "device_id", "ip", "channel", "lat", "lon")
-    return {name: [] for name in names}
 
 
 def _check_required(obj) -> tuple[str, str] | None:
@@ -254,12 +264,11 @@ def _timestamp(value) -> float | None:
         seconds = parsed.timestamp()
     else:
         return None
-    # Year 2001 .. 2100: anything outside is a unit mix-up (ms instead of s) or garbage.
-    return seconds if 978307200.0 <= seconds < 4102444800.0 else None
+    return seconds if _EPOCH_MIN <= seconds < _EPOCH_MAX else None
 
 
 def _text(value, limit: int) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+    return value if value.__class__ is str and 0 < len(value) <= limit else None
 
 
 def _is_code(value, length: int) -> bool:

@@ -153,7 +153,8 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
     )).generate(TRANSACTIONS)
     faults = generated.with_faults(DUPLICATE_RATE, INVALID_RATE, np.random.default_rng(7))
     # What each payload is: a valid transaction (its id and user) or an invalid entry (its reason).
-    valid_label = {p: (generated.transaction_id[row], generated.user_id[row])
+    txids, users = generated.transaction_id.tolist(), generated.user_id.tolist()
+    valid_label = {p: (txids[row], users[row])
                    for p, row, reason in zip(faults.payloads, faults.row.tolist(), faults.reason) if reason is None}
     invalid_label = {p: reason for p, reason in zip(faults.payloads, faults.reason) if reason is not None and p is not None}
 
@@ -228,10 +229,10 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
     markers = sum(1 for _ in client.scan_iter(match=keys.seen_prefix + "*", count=10_000))
     assert markers == len(expected_rows)
     per_user = Counter(expected_rows.values())
-    users = sorted(per_user)
+    profiled = sorted(per_user)
     counted: dict[str, int] = {}
-    for start in range(0, len(users), 1000):
-        chunk = users[start : start + 1000]
+    for start in range(0, len(profiled), 1000):
+        chunk = profiled[start : start + 1000]
         raws = client.mget([keys.prefix + _USER_INFIX + u for u in chunk])
         counted.update({u: struct.unpack_from("<dI", raw)[1] for u, raw in zip(chunk, raws) if raw is not None})
     assert counted == dict(per_user), [(u, counted.get(u), n) for u, n in per_user.items() if counted.get(u) != n][:10]
