@@ -24,12 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
 from bench.namespace import Namespace
-from bench.runners import ConsumerFailed, Consumers, Setup, GroupState, group_state, start_producer, wait_drained
+from bench.runners import ConsumerFailed, Consumers, GroupState, Setup, group_state, start_producer, wait_drained
 from bench.usage import Probe, usage
 
 HISTOGRAM = "fraudd_end_to_end_latency_seconds"
@@ -112,7 +111,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
         wait_drained(client, ns, consumers, sent, stall_timeout, track)
         last = probe.snapshot()
         # The producer has exited and left /proc: its CPU comes from its own record.
-        last.cpu_s["producer"] = float(np.load(record_path)["cpu_s"])
+        last.cpu_s["producer"] = float(record["cpu_s"])
         final_histogram = scrape_histogram(port) if port is not None else None
         consumers.stop()
         consumers = None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import redis
@@ -14,6 +15,7 @@ import redis
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
 FRAUDD = [sys.executable, "-m", "fraudd"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Namespace:
     def env(self) -> dict[str, str]:
         """The environment that points ``fraudd`` (and the baselines) at this namespace."""
         env = dict(os.environ)
+        # bench is not an installed package: its helper processes find it from the repository root.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env.update(
             REDIS_URL=self.redis_url,
             POSTGRES_URL=self.postgres_url,

@@ -145,7 +145,11 @@ class Worker:
     def _report(self, status: str) -> None:
         """Tell the supervisor this worker is ready ("R") or why it cannot start ("E<reason>")."""
         if self._status_fd is not None:
-            os.write(self._status_fd, (status.replace("\n", " ") + "\n").encode())
+            try:
+                os.write(self._status_fd, (status.replace("\n", " ") + "\n").encode())
+            except BrokenPipeError:
+                # The supervisor died while this worker was booting: an orphan must not consume.
+                self.stopping = True
 
     def _install_signals(self) -> None:
         # Die with the supervisor: a worker outliving it would keep consuming under a name the

@@ -100,7 +100,8 @@ class Chaos:
                 pass
 
     def kill_supervisor(self) -> None:
-        """SIGKILL the supervisor and start a new one at once, as systemd would."""
+        """SIGKILL the supervisor (once both its workers run) and start a new one at once, as systemd would."""
+        wait_for(lambda: len(worker_pids(self.daemon.pid)) == 2, 10, message="both workers before the supervisor kill")
         self.orphans = worker_pids(self.daemon.pid)
         os.kill(self.daemon.pid, signal.SIGKILL)
         self.daemon.process.wait(timeout=10)
