@@ -12,19 +12,13 @@ from pathlib import Path
 
 import orjson
 import psycopg
-import pytest
 import redis
-
-from fraudd.config import DEFAULT_MODEL
 
 from .conftest import POSTGRES_URL, REDIS_URL
 
 REPO = Path(__file__).resolve().parent.parent
 # A fixed maximum: the smoke runs must not depend on an earlier throughput report.
 MAX_RATE = "4000"
-
-pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no trained model at models/fraud.onnx")
-
 
 def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
     command = [sys.executable, "-m", "bench", *args, "--redis-url", REDIS_URL, "--postgres-url", POSTGRES_URL,
