@@ -36,7 +36,7 @@ import redis
 from . import metrics
 from .config import Settings
 from .decode import REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
-from .features import FEATURE_NAMES, FeatureStore
+from .features import FEATURE_NAMES, Features, FeatureStore
 from .keys import Keys
 from .model import FraudModel, ModelError
 from .rules import DECISIONS, Rules, RulesError, decide
@@ -324,11 +324,9 @@ class Worker:
         started = time.perf_counter()
         features = self._until_done(lambda: self.features.compute(batch), "redis")
         after_features = time.perf_counter()
-        model, rules = self.model, self.rules
-        scores = model.score(features.matrix)
-        outcome = rules.evaluate(features)
-        decision = decide(scores, self._threshold("review"), self._threshold("decline"), outcome)
-        reasons = _reason_codes(model, features.matrix, decision, outcome.codes)
+        model = self.model
+        scores, decision, reasons = score_batch(model, self.rules, features, self._threshold("review"),
+                                                self._threshold("decline"))
         scored = ScoredBatch(
             batch=batch,
             event_ms=features.event_ms,
@@ -420,13 +418,21 @@ class Worker:
             pass
 
 
-def _reason_codes(model: FraudModel, matrix: np.ndarray, decision: np.ndarray, rule_codes: list[list[str]]) -> list[list[str]]:
-    """Per row: the rules that fired, then the model's top features for non-approved rows."""
-    reasons = [list(codes) for codes in rule_codes]
+def score_batch(model: FraudModel, rules: Rules, features: Features, review_threshold: float,
+                decline_threshold: float) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """Scores, decisions and reason codes of a batch: one inference call, then the rules.
+
+    The reasons of a row are the rules that fired, then, for non-approved rows, the model's top
+    features. Offline scoring (training, tests) calls this too, so it decides as the daemon does.
+    """
+    scores = model.score(features.matrix)
+    outcome = rules.evaluate(features)
+    decision = decide(scores, review_threshold, decline_threshold, outcome)
+    reasons = [list(codes) for codes in outcome.codes]
     flagged = np.flatnonzero(decision > 0)
-    for i, codes in zip(flagged.tolist(), model.reasons(matrix[flagged])):
+    for i, codes in zip(flagged.tolist(), model.reasons(features.matrix[flagged])):
         reasons[i].extend(codes)
-    return reasons
+    return scores, decision, reasons
 
 
 def _load_model(settings: Settings) -> FraudModel:
