@@ -99,6 +99,11 @@ class Daemon:
         _, stderr = self.process.communicate(timeout=timeout)
         return self.process.returncode, stderr
 
+    def stop_when_exited(self, timeout: float) -> tuple[int, str]:
+        """Wait for the daemon to exit by itself and return (exit code, stderr)."""
+        _, stderr = self.process.communicate(timeout=timeout)
+        return self.process.returncode, stderr
+
     def kill(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)

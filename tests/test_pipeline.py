@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from fraudd import decode
+from fraudd.config import DEFAULT_MODEL
 from fraudd.ingest import Publisher
 
 from .conftest import Namespace, drained, wait_for, worker_pids
@@ -166,3 +167,18 @@ def test_unmigrated_schema_is_refused(ns: Namespace) -> None:
     result = ns.fraudd("run", timeout=30, FRAUDD_PG_SCHEMA=f"{ns.schema}_empty")
     assert result.returncode != 0
     assert "fraudd migrate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_worker_that_cannot_boot_halts_the_daemon(ns: Namespace, tmp_path) -> None:
+    # The model is fine at start-up; it breaks while running, so the respawned worker cannot boot.
+    model_path = tmp_path / "fraud.onnx"
+    model_path.write_bytes(DEFAULT_MODEL.read_bytes())
+    daemon = ns.start("--workers", "1", ML_MODEL_PATH=str(model_path))
+    wait_for(lambda: len(worker_pids(daemon.process.pid)) == 1, 30, message="the worker")
+    time.sleep(1.0)
+    model_path.write_bytes(b"corrupted")
+    os.kill(worker_pids(daemon.process.pid)[0], signal.SIGKILL)
+    code, stderr = daemon.stop_when_exited(timeout=30)
+    assert code == 3, stderr[-2000:]
+    halted = [line for line in stderr.splitlines() if '"halted"' in line]
+    assert len(halted) == 1 and "cannot start" in halted[0] and "not a loadable ONNX model" in halted[0]
