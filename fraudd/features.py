@@ -1,10 +1,14 @@
-"""Model input features for a whole batch: message columns with numpy, behaviour from one FCALL.
+"""Model input features for a whole batch: message columns and behaviour, both with numpy.
 
-The behaviour half lives in Redis (``features.lua``) because it must be shared by every worker,
-atomic with the dedup marker (a transaction is counted once however often it is delivered) and
-cheap for the one single-threaded process all workers share. Training streams generated
-transactions through the same Function on a scratch key prefix, so offline features are the live
-ones by construction.
+Behaviour state is shared by every worker and must count each transaction once however often it
+is delivered, so it lives in Redis; but Redis is the one single-threaded process all workers
+share, so it only stores it. Per batch: one pipelined read (MGET of the users' states plus the
+blocklists), the arithmetic in the worker (``behaviour.py``), then one atomic commit call that
+writes each user's state only if it is unchanged since the read, together with its transactions'
+dedup markers. A conflict (another worker wrote the user, or a transaction was already counted)
+is re-read and recomputed for the users concerned only, so idempotency costs extra only when a
+duplicate or a race actually happens. Training computes features through the same
+``FeatureStore.compute`` on a scratch key prefix, so offline features are the live ones.
 """
 
 from __future__ import annotations
@@ -16,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from fraudd import behaviour
+from fraudd.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.decode import DecodedBatch
 from fraudd.keys import Keys
+
+__all__ = ["BEHAVIOUR_FEATURES", "BLOCKLIST_KINDS", "EXTRA_COLUMNS", "FEATURE_NAMES", "MESSAGE_FEATURES",
+           "SECONDS_SINCE_PREV_CAP", "FeatureStore", "Features", "message_columns"]
 
 # Columns derivable from the message alone; the "no history" baseline model is trained on these.
 MESSAGE_FEATURES: tuple[str, ...] = (
@@ -28,32 +37,11 @@ MESSAGE_FEATURES: tuple[str, ...] = (
     "has_device",
     "has_card",
 )
-BEHAVIOUR_FEATURES: tuple[str, ...] = (
-    "count_1m",
-    "count_1h",
-    "count_24h",
-    "amount_sum_24h",
-    "amount_to_mean",
-    "distinct_merchants_1h",
-    "distinct_merchants_24h",
-    "distinct_countries_1h",
-    "distinct_countries_24h",
-    "seconds_since_prev",
-    "new_device",
-    "new_country",
-    "new_merchant",
-    "card_count_1m",
-    "card_count_1h",
-    "card_count_24h",
-)
 FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 # Not model inputs, but rules may test them too.
 EXTRA_COLUMNS: tuple[str, ...] = ("amount",)
 BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country")
 
-# "No previous transaction" and "long ago" are the same thing to the model; a cap keeps the
-# column's scale bounded for the training set.
-SECONDS_SINCE_PREV_CAP = 86400.0
 # 24 h windows plus an hour of slack for late events; refreshed on every write, so only users
 # idle for a day vanish.
 STATE_TTL_MS = 25 * 3600 * 1000
@@ -65,28 +53,19 @@ HIGH_RISK_MCC = frozenset(
 )
 _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
-FUNCTION_NAME = "fraudd_features"
+FUNCTION_NAME = "fraudd_commit"
 _LIBRARY = (Path(__file__).with_name("features.lua")).read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
-_USER_INFIX = "u1:"
-_CARD_INFIX = "c1:"
+_USER_INFIX = "u2:"
+# Each round of conflicts settles at least one racing writer or teaches every already-counted
+# transaction of the users concerned, so a handful suffice; more means something is wrong.
+MAX_COMMIT_ATTEMPTS = 20
+# What the commit call is told a user's state was when it had none.
+_ABSENT = bytes(behaviour.STATE.itemsize)
 
-# Must match REC_FMT / OUT_FMT in features.lua.
-_RECORD = np.dtype(
-    [("pos", "<u2"), ("user", "<u2"), ("card", "<u2"), ("ts_ms", "<f8"), ("amount", "<f8"),
-     ("merchant", "<u4"), ("country", "<u2"), ("device", "<u4")]
-)
-_OUT = np.dtype(
-    [("seen", "u1"), ("event_ms", "<f8"), ("count_1m", "u1"), ("count_1h", "<u2"),
-     ("count_24h", "<u2"), ("amount_sum_24h", "<f4"), ("mean_other", "<f4"),
-     ("seconds_since_prev", "<f8"), ("distinct_merchants_1h", "u1"),
-     ("distinct_merchants_24h", "u1"), ("distinct_countries_1h", "u1"),
-     ("distinct_countries_24h", "u1"), ("new_device", "u1"), ("new_country", "u1"),
-     ("new_merchant", "u1"), ("card_count_1m", "u1"), ("card_count_1h", "<u2"),
-     ("card_count_24h", "<u2")]
-)
-# Record fields are u2, and Lua's unpack() of one call's arguments tops out near 8000.
-MAX_BATCH = 2000
+
+class CommitConflictError(RuntimeError):
+    """The behaviour state of some users kept changing under us for MAX_COMMIT_ATTEMPTS reads."""
 
 
 @dataclass(slots=True)
@@ -125,7 +104,7 @@ class FeatureStore:
     """Computes features for a batch and records it in the shared behaviour state, exactly once."""
 
     def __init__(self, redis_client: redis.Redis, keys: Keys, dedup_window_ms: int) -> None:
-        # The reply is a binary blob parsed with numpy; a decoding client would mangle it.
+        # States are binary blobs parsed with numpy; a decoding client would mangle them.
         if redis_client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("FeatureStore needs a Redis client with decode_responses=False")
         self._redis = redis_client
@@ -139,95 +118,149 @@ class FeatureStore:
         self._redis.function_load(_LIBRARY, replace=True)
 
     def compute(self, batch: DecodedBatch) -> Features:
-        """Features of every transaction of ``batch``; new ones are added to the state, once."""
+        """Features of every transaction of ``batch``; new ones are added to the state, once.
+
+        The first occurrence of a transaction id in batch order is the original; later copies in
+        the batch, and transactions whose dedup marker already exists, are ``seen``: scored at the
+        original's event time against the state that already holds it, and not added again.
+        """
         n = len(batch)
-        if n > MAX_BATCH:
-            raise ValueError(f"batch of {n} transactions exceeds MAX_BATCH={MAX_BATCH}")
         if n == 0:
             return _empty()
         users: dict[str, int] = {}
-        user_no = np.fromiter((users.setdefault(u, len(users) + 1) for u in batch.user_id), np.uint16, n)
-        cards: dict[str, int] = {}
-        card_no = np.fromiter(
-            (0 if c is None else cards.setdefault(c, len(cards) + 1) for c in batch.card_id), np.uint16, n
+        user = np.fromiter((users.setdefault(u, len(users)) for u in batch.user_id), np.intp, n)
+        firsts: dict[str, int] = {}
+        original = np.fromiter((firsts.setdefault(t, i) for i, t in enumerate(batch.transaction_id)), np.intp, n)
+        copy = original != np.arange(n)
+        tx = behaviour.Transactions(
+            user=user,
+            t_ms=np.round(batch.timestamp * 1000.0),
+            new=~copy,
+            amount=batch.amount,
+            merchant=_hashes(batch.merchant),
+            country=_country_codes(batch.country),
+            device=_hashes(batch.device_id),
+            card=_hashes(batch.card_id),
         )
-        ts_ms = np.round(batch.timestamp * 1000.0)
-        position = np.arange(n)
-        order = np.lexsort((position, ts_ms, user_no))
-
-        records = np.empty(n, dtype=_RECORD)
-        records["pos"] = position[order] + 1
-        records["user"] = user_no[order]
-        records["card"] = card_no[order]
-        records["ts_ms"] = ts_ms[order]
-        records["amount"] = batch.amount[order]
-        records["merchant"] = _hashes(batch.merchant)[order]
-        records["country"] = _country_codes(batch.country)[order]
-        records["device"] = _hashes(batch.device_id)[order]
-
-        prefix = self._keys.prefix
-        seen_prefix = self._keys.seen_prefix
-        key_args = [seen_prefix + txid for txid in batch.transaction_id]
-        key_args += [prefix + _USER_INFIX + u for u in users]
-        key_args += [prefix + _CARD_INFIX + c for c in cards]
-        key_args += self._blocklist_keys
+        names = list(users)
+        user_prefix, seen_prefix = self._keys.prefix + _USER_INFIX, self._keys.seen_prefix
+        user_keys = [user_prefix + u for u in names]
+        marker_keys = [seen_prefix + t for t in batch.transaction_id]
         distinct = [_distinct(batch.merchant), _distinct(batch.device_id), _distinct(batch.ip),
                     _distinct(batch.country)]
-        args = [n, len(users), len(cards), self._dedup_window_ms, STATE_TTL_MS, records.tobytes()]
-        args += [b"\0".join(v.encode() for v in values) for values in distinct]
 
-        reply = self._fcall(key_args, args)
-        out = np.empty(n, dtype=_OUT)
-        out[order] = np.frombuffer(reply[0], dtype=_OUT, count=n)
+        behaviour_columns = np.empty((n, len(BEHAVIOUR_FEATURES)))
+        pending = np.arange(len(names))
+        blocklist_hits: list[list] = []
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            blobs = self._read([user_keys[i] for i in pending])
+            # Copies take their original's event time, which a commit conflict may have corrected.
+            tx.t_ms[copy] = tx.t_ms[original[copy]]
+            local = np.full(len(names), -1, np.intp)
+            local[pending] = np.arange(len(pending))
+            rows = np.flatnonzero(local[user] >= 0)
+            sub = behaviour.Transactions(local[user[rows]], tx.t_ms[rows], tx.new[rows], tx.amount[rows],
+                                         tx.merchant[rows], tx.country[rows], tx.device[rows], tx.card[rows])
+            states = behaviour.decode(blobs)
+            behaviour_columns[rows] = behaviour.compute(states, sub)
+            # Blocklists are looked up once, in the first commit call.
+            joined = [] if blocklist_hits else [b"\0".join(v.encode() for v in values) for values in distinct]
+            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, marker_keys, tx, joined)
+            blocklist_hits = blocklist_hits or hits
+            if len(pending) == 0:
+                break
+        else:
+            raise CommitConflictError(
+                f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+        # A copy whose original belongs to another user is only corrected here.
+        tx.t_ms[copy] = tx.t_ms[original[copy]]
 
         matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
         matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
-        for j, name in enumerate(BEHAVIOUR_FEATURES, start=len(MESSAGE_FEATURES)):
-            if name == "amount_to_mean":
-                mean = out["mean_other"].astype(np.float64)
-                matrix[:, j] = np.divide(batch.amount, mean, out=np.ones(n), where=mean > 0)
-            elif name == "seconds_since_prev":
-                since = out["seconds_since_prev"]
-                matrix[:, j] = np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since)
-            else:
-                matrix[:, j] = out[name]
-
+        matrix[:, len(MESSAGE_FEATURES) :] = behaviour_columns
         columns = (batch.merchant, batch.device_id, batch.ip, batch.country)
         blocked = {
             kind: _flags(column, values, flags)
-            for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, distinct, reply[1:])
+            for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, distinct, blocklist_hits)
         }
         return Features(
             matrix=matrix,
-            seen=out["seen"].astype(bool),
-            event_ms=out["event_ms"].astype(np.int64),
+            seen=~tx.new,
+            event_ms=tx.t_ms.astype(np.int64),
             blocked=blocked,
             amount=batch.amount,
         )
 
-    def _fcall(self, key_args: list[str], args: list) -> list[bytes]:
+    def _read(self, state_keys: list[str]) -> list[bytes | None]:
+        """The users' states as stored (None = absent): the batch's one read, no Lua."""
+        return self._redis.mget(state_keys)
+
+    def _commit(self, states: behaviour.States, sub: behaviour.Transactions, rows: np.ndarray, blobs: list,
+                pending: np.ndarray, user_keys: list[str], marker_keys: list[str], tx: behaviour.Transactions,
+                blocklist_values: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
+        """Writes the users that have new transactions; returns the users to read again and the
+        blocklist flags (when ``blocklist_values`` asked for them).
+
+        A user whose transaction turns out to be counted already is left unchanged, and those
+        transactions become ``seen`` (at their stored original event time) for the next attempt.
+        """
+        new = np.flatnonzero(sub.new)
+        new = new[np.argsort(sub.user[new], kind="stable")]
+        writers, marker_counts = np.unique(sub.user[new], return_counts=True)
+        if len(writers) == 0 and not blocklist_values:
+            return pending[:0], []
+        batch_rows = rows[new]
+        keys = [user_keys[i] for i in pending[writers].tolist()]
+        keys += [marker_keys[i] for i in batch_rows.tolist()]
+        keys += self._blocklist_keys
+        olds = b"".join(blobs[w] or _ABSENT for w in writers.tolist())
+        args = [self._dedup_window_ms, STATE_TTL_MS, len(writers), behaviour.STATE.itemsize,
+                _fixed_width(marker_counts, 8), olds, behaviour.encode(states, writers),
+                _fixed_width(tx.t_ms[batch_rows].astype(np.int64), 20), *(blocklist_values or [b""] * 4)]
+        reply, *flags = self._fcall(keys, args)
+        conflicted = []
+        marker_start = np.r_[0, np.cumsum(marker_counts)]
+        k = 0
+        while k < len(reply):
+            w, seen = int(reply[k]) - 1, int(reply[k + 1])
+            conflicted.append(pending[writers[w]])
+            for j in range(seen):
+                row = batch_rows[marker_start[w] + int(reply[k + 2 + 2 * j]) - 1]
+                tx.new[row] = False
+                tx.t_ms[row] = float(reply[k + 3 + 2 * j])
+            k += 2 + 2 * seen
+        return np.asarray(conflicted, dtype=np.intp), flags
+
+    def _fcall(self, keys: list[str], args: list) -> list:
         try:
-            return self._redis.fcall(FUNCTION_NAME, len(key_args), *key_args, *args)
+            return self._redis.fcall(FUNCTION_NAME, len(keys), *keys, *args)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
         self.load_library()
-        return self._redis.fcall(FUNCTION_NAME, len(key_args), *key_args, *args)
+        return self._redis.fcall(FUNCTION_NAME, len(keys), *keys, *args)
+
+
+def _fixed_width(numbers: np.ndarray, width: int) -> bytes:
+    """Decimal numbers, zero-padded to ``width`` characters each, as one string."""
+    if len(numbers) == 0:
+        return b""
+    return np.char.zfill(numbers.astype(f"S{width}"), width).tobytes()
 
 
 def _hashes(values: list[str | None]) -> np.ndarray:
     """Stable 32-bit ids (crc32; 0 means absent, so a real 0 becomes 1) for the state's lists."""
     ids = {v: (zlib.crc32(v.encode()) or 1) for v in set(values) if v is not None}
     ids[None] = 0
-    return np.fromiter((ids[v] for v in values), np.uint32, len(values))
+    return np.fromiter((ids[v] for v in values), np.int64, len(values))
 
 
 def _country_codes(countries: list[str | None]) -> np.ndarray:
     """Alpha-2 codes as 16 bits (both letters), 0 when absent."""
     codes = {c: (ord(c[0]) << 8) | ord(c[1]) for c in set(countries) if c is not None}
     codes[None] = 0
-    return np.fromiter((codes[c] for c in countries), np.uint16, len(countries))
+    return np.fromiter((codes[c] for c in countries), np.int64, len(countries))
 
 
 def _distinct(column: list[str | None]) -> list[str]:

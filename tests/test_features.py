@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 import numpy as np
@@ -9,11 +10,15 @@ import orjson
 import pytest
 import redis
 
+from fraudd.behaviour import STATE
 from fraudd.decode import DecodedBatch, decode_batch
+from fraudd import features as features_module
 from fraudd.features import (
+    _USER_INFIX,
     FEATURE_NAMES,
     MESSAGE_FEATURES,
     SECONDS_SINCE_PREV_CAP,
+    CommitConflictError,
     FeatureStore,
     Features,
 )
@@ -65,7 +70,7 @@ def col(features: Features, name: str) -> list[float]:
 
 
 def user_state(client: redis.Redis, keys: Keys, user: str) -> bytes | None:
-    return client.get(f"{keys.prefix}u1:{user}")
+    return client.get(f"{keys.prefix}{_USER_INFIX}{user}")
 
 
 def test_feature_names_are_consistent(store: FeatureStore) -> None:
@@ -176,12 +181,15 @@ def test_distinct_counts_and_first_seen(store: FeatureStore) -> None:
     assert col(f, "new_merchant") == [0] and col(f, "new_device") == [0] and col(f, "new_country") == [0]
 
 
-def test_users_and_cards_are_separate(store: FeatureStore) -> None:
+def test_card_counts_are_per_user_and_card(store: FeatureStore) -> None:
+    # Card counters live in the user's state (one key per user): a card shared by two users is
+    # counted per user, and a user's two cards separately.
     f = store.compute(batch(tx(T0, user="u1", card_id="shared"), tx(T0 + 1, user="u2", card_id="shared"),
-                            tx(T0 + 2, user="u2")))
-    assert col(f, "count_1m") == [1, 1, 2]
-    assert col(f, "card_count_1m") == [1, 2, 0]
-    assert col(f, "card_count_24h") == [1, 2, 0]
+                            tx(T0 + 2, user="u2"), tx(T0 + 3, user="u2", card_id="other"),
+                            tx(T0 + 4, user="u2", card_id="shared")))
+    assert col(f, "count_1m") == [1, 1, 2, 3, 4]
+    assert col(f, "card_count_1m") == [1, 1, 0, 1, 2]
+    assert col(f, "card_count_24h") == [1, 1, 0, 1, 2]
 
 
 def test_blocklist_edits_apply_at_the_next_batch(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
@@ -221,8 +229,7 @@ def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureSt
     feed("heavy", 10_000)
     light, heavy = user_state(client, keys, "light"), user_state(client, keys, "heavy")
     assert len(light) == len(heavy)
-    assert client.strlen(f"{keys.prefix}c1:card-light") == client.strlen(f"{keys.prefix}c1:card-heavy")
-    assert 24 * 3600 * 1000 < client.pttl(f"{keys.prefix}u1:heavy") <= 25 * 3600 * 1000
+    assert 24 * 3600 * 1000 < client.pttl(f"{keys.prefix}{_USER_INFIX}heavy") <= 25 * 3600 * 1000
     counts = store.compute(batch(tx(T0 + 10_000 * 7.3, user="heavy")))
     assert col(counts, "count_1m") == [6], "the minute count is exact up to the recent-list size"
     assert 3000 / 7.3 < col(counts, "count_1h")[0] <= 3600 / 7.3 + 1
@@ -231,3 +238,51 @@ def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureSt
 def test_empty_batch(store: FeatureStore) -> None:
     features = store.compute(batch())
     assert features.matrix.shape == (0, len(FEATURE_NAMES)) and len(features.seen) == 0
+
+
+def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    known = tx(T0)
+    store.compute(batch(known))
+    f = store.compute(batch(tx(T0 + 10), dict(known, timestamp=T0 + 20), tx(T0 + 30)))
+    assert f.seen.tolist() == [False, True, False]
+    assert f.event_ms.tolist() == [int((T0 + 10) * 1000), int(T0 * 1000), int((T0 + 30) * 1000)]
+    assert col(f, "count_1m") == [2, 1, 3]
+    assert struct.unpack_from("<dI", user_state(client, keys, "alice"))[1] == 3
+    assert col(store.compute(batch(tx(T0 + 40))), "count_1m") == [4]
+
+
+def test_a_state_written_meanwhile_is_read_again(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    other = FeatureStore(client, keys, dedup_window_ms=3_600_000)
+    read = store._read
+    racing = [batch(tx(T0 + 1), tx(T0 + 2, user="bob"))]
+
+    def read_then_race(*args):
+        replies = read(*args)
+        if racing:
+            other.compute(racing.pop())  # another worker commits alice and bob between our read and commit
+        return replies
+
+    store._read = read_then_race
+    f = store.compute(batch(tx(T0 + 3), tx(T0 + 4, user="carol")))
+    assert not f.seen.any()
+    assert col(f, "count_1m") == [2, 1]
+    assert struct.unpack_from("<dI", user_state(client, keys, "alice"))[1] == 2
+
+
+def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: FeatureStore, monkeypatch) -> None:
+    read = store._read
+    bump = iter(range(1, 10**6))
+
+    def read_then_race(*args):
+        replies = read(*args)
+        state = np.zeros(1, dtype=STATE)
+        state["n"] = next(bump)
+        client.set(f"{keys.prefix}{_USER_INFIX}alice", state.tobytes())
+        return replies
+
+    store._read = read_then_race
+    monkeypatch.setattr(features_module, "MAX_COMMIT_ATTEMPTS", 3)
+    with pytest.raises(CommitConflictError):
+        store.compute(batch(tx(T0)))
+    assert not list(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*")), \
+        "no dedup marker is left behind"
