@@ -67,25 +67,32 @@ class Stopping(Exception):
     """Shutdown was requested while the current batch could not be settled; it stays pending."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    entry_id: str
-    payload: bytes | None  # None: the entry has no ``data`` field (a dead letter), or was deleted
-    deliveries: int
-    deleted: bool = False  # trimmed or XDEL'd while pending: nothing to score, only to ack
+@dataclass(slots=True)
+class Entries:
+    """One read, as parallel lists: a batch costs a few comprehensions, not an object per entry."""
+
+    ids: list[str]
+    payloads: list[bytes | None]  # None: the entry has no ``data`` field (a dead letter) or was deleted
+    deleted: set[str]  # trimmed or XDEL'd while pending: nothing to score, only to ack
+    deliveries: dict[str, int]  # known only for re-read and reclaimed entries; 1 for the rest
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
-def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> list[Entry]:
+def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> Entries:
     """Entries from a raw (RESP2, undecoded) XREADGROUP/XAUTOCLAIM reply."""
-    entries = []
-    for entry_id, fields in raw_entries:
-        entry_id = entry_id.decode()
-        payload = None
-        if fields:
-            values = dict(zip(fields[::2], fields[1::2]))
-            payload = values.get(b"data")
-        entries.append(Entry(entry_id, payload, deliveries.get(entry_id, 1) if deliveries else 1, deleted=fields is None))
-    return entries
+    ids = [entry_id.decode() for entry_id, _fields in raw_entries]
+    # The origin producer writes exactly one field, ``data``: look further only when it did not.
+    payloads = [fields[1] if fields and fields[0] == b"data" else _data_field(fields) for _id, fields in raw_entries]
+    deleted = {i for i, (_id, fields) in zip(ids, raw_entries) if fields is None} if deliveries is not None else set()
+    return Entries(ids, payloads, deleted, deliveries or {})
+
+
+def _data_field(fields: list | None) -> bytes | None:
+    if not fields:
+        return None
+    return dict(zip(fields[::2], fields[1::2])).get(b"data")
 
 
 class Worker:
@@ -211,7 +218,7 @@ class Worker:
 
     # -- the batch loop --------------------------------------------------------------------
 
-    def _read(self) -> list[Entry]:
+    def _read(self) -> Entries:
         started = time.perf_counter()
         entries = self._until_done(self._next_entries, "redis")
         if entries:
@@ -219,7 +226,7 @@ class Worker:
             metrics.batch_size.observe(len(entries))
         return entries
 
-    def _next_entries(self) -> list[Entry]:
+    def _next_entries(self) -> Entries:
         if self._own_pending_cursor is not None:
             reply = self._xreadgroup(self._own_pending_cursor, block=False)
             if reply:
@@ -248,7 +255,7 @@ class Worker:
             return []
         return reply[0][1] if reply else []
 
-    def _claim(self) -> list[Entry]:
+    def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``--claim-idle-ms`` (their consumer died or hung)."""
         s = self.settings
         cursor, raw, _deleted = self.redis.execute_command(
@@ -260,7 +267,7 @@ class Worker:
             self._next_claim = time.monotonic() + s.claim_idle_ms / 2000.0
         raw = [item for item in raw if item]
         if not raw:
-            return []
+            return None
         metrics.reclaimed.inc(len(raw))
         log.info("reclaimed pending entries", extra={"event": "reclaimed", "entries": len(raw)})
         return read_entries(raw, self._deliveries(raw))
@@ -273,23 +280,26 @@ class Worker:
         )
         return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
 
-    def _process(self, entries: list[Entry]) -> None:
-        self._in_flight = [e.entry_id for e in entries]
-        limit = self.settings.max_deliveries
-        poison = [e for e in entries if e.deliveries > limit and not e.deleted]
-        fresh = [e for e in entries if e.deliveries <= limit and not e.deleted]
-        dead = [DeadLetter(Rejected(e.entry_id, e.payload or b"", REASON_MAX_DELIVERIES, f"delivered {e.deliveries} times"), e.deliveries)
-                for e in poison]
+    def _process(self, entries: Entries) -> None:
+        self._in_flight = entries.ids
+        ids, payloads, deliveries = entries.ids, entries.payloads, entries.deliveries
+        dead: list[DeadLetter] = []
+        if deliveries or entries.deleted:
+            # Re-read or reclaimed entries: drop deleted ones, dead-letter poison before decoding.
+            limit = self.settings.max_deliveries
+            dead = [DeadLetter(Rejected(i, p or b"", REASON_MAX_DELIVERIES, f"delivered {deliveries[i]} times"), deliveries[i])
+                    for i, p in zip(ids, payloads) if deliveries.get(i, 1) > limit and i not in entries.deleted]
+            fresh = [(i, p) for i, p in zip(ids, payloads) if deliveries.get(i, 1) <= limit and i not in entries.deleted]
+            ids, payloads = [i for i, _p in fresh], [p for _i, p in fresh]
 
         started = time.perf_counter()
-        batch = decode_batch([e.entry_id for e in fresh], [e.payload for e in fresh])
+        batch = decode_batch(ids, payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        deliveries = {e.entry_id: e.deliveries for e in fresh}
-        self._payloads = {e.entry_id: e.payload for e in fresh}
-        dead += [DeadLetter(r, deliveries[r.entry_id]) for r in batch.rejected]
+        self._payloads = dict(zip(ids, payloads))
+        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
 
         stored, failed = self._score_and_store(batch)
-        dead += [DeadLetter(r, deliveries[r.entry_id]) for r in failed]
+        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
 
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
