@@ -227,7 +227,7 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 @click.option("--workers", default=2, show_default=True)
 @click.option("--seed", default=7, show_default=True)
 def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int) -> None:
-    """Run the whole pipeline on generated traffic (demo streams, schema fraudd_demo) and summarise."""
+    """Run the whole pipeline on generated traffic (streams fraudd_demo:transactions:*, schema fraudd_demo) and summarise."""
     from .demo import format_summary, run_demo
 
     result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo)

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
+
+import fraudd.namespace
 
 REDIS_URL = os.environ.get("FRAUDD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("FRAUDD_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
@@ -26,48 +27,16 @@ FRAUDD = str(Path(sys.executable).with_name("fraudd"))
 
 
 @dataclass
-class Namespace:
-    """One test's streams, group, schema and the environment that points ``fraudd`` at them."""
+class Namespace(fraudd.namespace.Namespace):
+    """One test's streams, group and schema, and the ways a test drives ``fraudd`` in them."""
 
-    name: str
     redis_url: str = REDIS_URL
     postgres_url: str = POSTGRES_URL
     extra_env: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def stream(self) -> str:
-        return f"{self.name}:transactions:raw"
-
-    @property
-    def fraud_stream(self) -> str:
-        return f"{self.name}:transactions:fraud"
-
-    @property
-    def dlq_stream(self) -> str:
-        return f"{self.name}:transactions:dlq"
-
-    @property
-    def group(self) -> str:
-        return "fraud-group"
-
-    @property
-    def schema(self) -> str:
-        return self.name
-
     def env(self, **overrides: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(
-            REDIS_URL=self.redis_url,
-            POSTGRES_URL=self.postgres_url,
-            FRAUDD_PG_SCHEMA=self.schema,
-            FRAUDD_STREAM=self.stream,
-            FRAUDD_FRAUD_STREAM=self.fraud_stream,
-            FRAUDD_DLQ_STREAM=self.dlq_stream,
-            CONSUMER_GROUP=self.group,
-            CONSUMER_ID=f"{self.name}-c",
-            FRAUDD_BLOCK_MS="20",
-            FRAUDD_SHUTDOWN_TIMEOUT_S="20",
-        )
+        env.update(self.environment(), FRAUDD_BLOCK_MS="20", FRAUDD_SHUTDOWN_TIMEOUT_S="20")
         env.update(self.extra_env)
         env.update(overrides)
         return env
@@ -79,11 +48,6 @@ class Namespace:
         process = subprocess.Popen([FRAUDD, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         return Daemon(process)
-
-    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
-        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
-            conn.execute(f'SET search_path TO "{self.schema}"')
-            return conn.execute(query, params).fetchall()
 
 
 @dataclass
@@ -137,16 +101,6 @@ def drained(client: redis.Redis, ns: Namespace) -> bool:
     return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
 
-def drop_namespace(client: redis.Redis, ns: Namespace) -> None:
-    keys = [ns.stream, ns.fraud_stream, ns.dlq_stream]
-    for pattern in (f"fraudd:{{{ns.stream}}}:*", f"{ns.name}:*"):
-        keys += list(client.scan_iter(match=pattern, count=10_000))
-    for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
-    with psycopg.connect(ns.postgres_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{ns.schema}" CASCADE')
-
-
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL, protocol=2)
@@ -161,4 +115,4 @@ def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
     result = namespace.fraudd("migrate")
     assert result.returncode == 0, result.stderr
     yield namespace
-    drop_namespace(redis_client, namespace)
+    namespace.drop(redis_client)

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 
-from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, drained, drop_namespace, wait_for, worker_pids
+from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, drained, wait_for, worker_pids
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DASHBOARD = GRAFANA / "fraudd-dashboard.json"
@@ -186,7 +186,7 @@ def observed() -> Iterator[Observed]:
                 daemon.stop(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-        drop_namespace(client, ns)
+        ns.drop(client)
         client.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
