@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
 from bench.namespace import Namespace
-from bench.runners import ConsumerFailed, Consumers, GroupState, Setup, group_state, start_producer, wait_drained
+from bench.runners import (ConsumerFailed, Consumers, GroupState, Setup, group_state, start_producer, tear_down,
+                           wait_drained)
 from bench.usage import Probe, usage
 
 HISTOGRAM = "fraudd_end_to_end_latency_seconds"
@@ -153,13 +154,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
         result["scored_minus_entry_ms"] = report.distribution_ms((scored_s - entry_s)[warm])
         return result
     finally:
-        if producer is not None and producer.poll() is None:
-            producer.terminate()
-            producer.wait(10)
-        if consumers is not None:
-            consumers.stop(timeout=10)
-        record_path.unlink(missing_ok=True)
-        ns.drop(client)
+        tear_down(client, ns, producer, consumers, record_path)
 
 
 

@@ -162,6 +162,18 @@ def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record
     return producer, float(line.split()[1])
 
 
+def tear_down(client: redis.Redis, ns: Namespace, producer: subprocess.Popen | None, consumers: Consumers | None,
+              record_path: Path) -> None:
+    """Stop whatever a paced run started and remove its namespace, however far it got."""
+    if producer is not None and producer.poll() is None:
+        producer.terminate()
+        producer.wait(10)
+    if consumers is not None:
+        consumers.stop(timeout=10)
+    record_path.unlink(missing_ok=True)
+    ns.drop(client)
+
+
 def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
                  stall_timeout: float = 60.0, on_poll: Callable[[GroupState], float | None] | None = None) -> GroupState:
     """Poll until all ``expected`` entries are acked; fail if progress stops or a consumer dies.

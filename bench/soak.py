@@ -16,7 +16,7 @@ import redis
 
 from bench import procstat
 from bench.namespace import Namespace
-from bench.runners import ConsumerFailed, Consumers, Setup, group_state, start_producer, wait_drained
+from bench.runners import ConsumerFailed, Consumers, Setup, group_state, start_producer, tear_down, wait_drained
 from bench.usage import Probe, usage
 
 MIB = 2**20
@@ -118,10 +118,4 @@ def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: fl
             "samples": samples,
         }
     finally:
-        if producer is not None and producer.poll() is None:
-            producer.terminate()
-            producer.wait(10)
-        if consumers is not None:
-            consumers.stop(timeout=10)
-        record_path.unlink(missing_ok=True)
-        ns.drop(client)
+        tear_down(client, ns, producer, consumers, record_path)

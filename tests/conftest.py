@@ -44,6 +44,16 @@ class Namespace(fraudd.namespace.Namespace):
     def fraudd(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([FRAUDD, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
 
+    def run_until_drained(self, client: redis.Redis, *args: str, timeout: float = 120, **env: str) -> str:
+        """``fraudd run`` until the stream is drained, then a clean SIGTERM stop; returns its stderr."""
+        daemon = self.start(*args, **env)
+        try:
+            wait_for(lambda: drained(client, self), timeout, message="the stream to drain")
+        finally:
+            code, stderr = daemon.stop()
+        assert code == 0, stderr[-3000:]
+        return stderr
+
     def start(self, *args: str, **env: str) -> Daemon:
         process = subprocess.Popen([FRAUDD, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)

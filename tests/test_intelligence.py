@@ -86,12 +86,7 @@ def test_pipeline_decides_exactly_as_offline_scoring(ns: Namespace, redis_client
     payloads = generated.payloads()
     Publisher(redis_client, ns.stream).publish(payloads)
     # One worker keeps the event-time order in which each user's behaviour state is built.
-    daemon = ns.start("--workers", "1", "--batch-size", "300")
-    try:
-        wait_for(lambda: drained(redis_client, ns), 120, message="the stream to drain")
-    finally:
-        code, stderr = daemon.stop()
-    assert code == 0, stderr[-2000:]
+    ns.run_until_drained(redis_client, "--workers", "1", "--batch-size", "300")
     live = {txid: (decision, score, list(reasons)) for txid, decision, score, reasons in
             ns.sql("SELECT transaction_id, decision, score, reasons FROM transactions")}
     offline = offline_decisions(redis_client, payloads)

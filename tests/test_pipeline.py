@@ -56,12 +56,7 @@ def test_origin_producer_message_is_scored(ns: Namespace, redis_client: redis.Re
     # Byte for byte what the origin Go producer writes: XADD transactions:raw * data <json>.
     message = b'{"transaction_id":"txn_ab12","user_id":"user_x1","amount":512.3,"merchant":"Amazon","timestamp":%d}' % NOW
     redis_client.xadd(ns.stream, {"data": message})
-    daemon = ns.start("--workers", "1")
-    try:
-        wait_for(lambda: drained(redis_client, ns), 30, message="the entry to be settled")
-    finally:
-        code, stderr = daemon.stop()
-    assert code == 0, stderr
+    ns.run_until_drained(redis_client, "--workers", "1", timeout=30)
     rows = ns.sql("SELECT transaction_id, user_id, amount, merchant, event_time, decision, score, model_version, reasons "
                   "FROM transactions")
     assert len(rows) == 1
@@ -86,12 +81,7 @@ def test_valid_and_invalid_entries_with_two_workers(ns: Namespace, redis_client:
             expected_reasons.append(reason)
     Publisher(redis_client, ns.stream).publish(mixed)
 
-    daemon = ns.start("--workers", "2", "--batch-size", "256")
-    try:
-        wait_for(lambda: drained(redis_client, ns), 120, message="the stream to drain")
-    finally:
-        code, stderr = daemon.stop()
-    assert code == 0, stderr[-3000:]
+    ns.run_until_drained(redis_client, "--workers", "2", "--batch-size", "256")
 
     assert ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")[0] == (10_000, 10_000)
     dead = dlq_entries(redis_client, ns)
