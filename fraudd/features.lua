@@ -1,6 +1,6 @@
-#!lua name=fraudd
+#!lua name=fraudd_v2
 --[[
-Commit of one batch's behaviour state (FCALL fraudd_commit2): per user, compare-and-set of its
+Commit of one batch's behaviour state (FCALL fraudd_commit_v2): per user, compare-and-set of its
 state together with its transactions' dedup markers, all in one atomic call.
 
 Why so little here: the arithmetic runs in the workers (fraudd/behaviour.py), because Redis is the
@@ -114,4 +114,4 @@ local function commit(keys, args)
              blocklist_flags(keys[b + 3], args[9]), blocklist_flags(keys[b + 4], args[10]) }
 end
 
-redis.register_function('fraudd_commit2', commit)
+redis.register_function('fraudd_commit_v2', commit)

@@ -54,10 +54,10 @@ HIGH_RISK_MCC = frozenset(
 )
 _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
-# Versioned with its calling convention: a worker of another version that reloads the library
-# (same name, REPLACE) removes this function, and the call below then reloads it in turn, instead
-# of either calling the other's function with the wrong arguments.
-FUNCTION_NAME = "fraudd_commit2"
+# Library and function are named after their calling convention, so during a rolling upgrade the
+# old and the new workers each keep their own loaded side by side instead of replacing each other's.
+LIBRARY_NAME = "fraudd_v2"
+FUNCTION_NAME = "fraudd_commit_v2"
 _LIBRARY = (Path(__file__).with_name("features.lua")).read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _USER_INFIX = "u2:"
@@ -65,7 +65,7 @@ _USER_INFIX = "u2:"
 # transaction of the users concerned, so a handful suffice; more means something is wrong.
 MAX_COMMIT_ATTEMPTS = 20
 # Loads of the library before a commit call gives up on "function not found".
-_LOAD_ATTEMPTS = 4
+_LOAD_ATTEMPTS = 2
 # The commit compares only a state's first bytes, its version stamp (newest event time and the
 # count of transactions applied, which grows with every commit: see features.lua); all zero when
 # the user had no state.
@@ -271,8 +271,7 @@ class FeatureStore:
             try:
                 return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
             except redis.ResponseError as exc:
-                # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library; so
-                # does a worker of another version loading its own (a rolling upgrade).
+                # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
                 if "function not found" not in str(exc).lower() or attempt == _LOAD_ATTEMPTS - 1:
                     raise
             self.load_library()

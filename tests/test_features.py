@@ -19,6 +19,7 @@ from fraudd.features import (
     MESSAGE_FEATURES,
     SECONDS_SINCE_PREV_CAP,
     CommitConflictError,
+    LIBRARY_NAME,
     FeatureStore,
     Features,
 )
@@ -210,10 +211,10 @@ def test_blocklist_edits_apply_at_the_next_batch(client: redis.Redis, keys: Keys
 def test_function_reloaded_after_it_is_lost(client: redis.Redis, store: FeatureStore) -> None:
     # What FUNCTION FLUSH or a restart without persistence does to us, without wiping the
     # libraries of whoever else shares this Redis.
-    client.function_delete("fraudd")
+    client.function_delete(LIBRARY_NAME)
     features = store.compute(batch(tx(T0)))
     assert len(features) == 1
-    assert client.function_list(library="fraudd"), "the library is installed again"
+    assert client.function_list(library=LIBRARY_NAME), "the library is installed again"
 
 
 def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:

@@ -17,7 +17,7 @@ import redis
 
 from fraudd import decode
 from fraudd.config import OPTIONS, Settings
-from fraudd.features import _USER_INFIX
+from fraudd.features import _USER_INFIX, LIBRARY_NAME
 from fraudd.health import Housekeeper
 from fraudd.keys import Keys
 
@@ -262,7 +262,7 @@ def test_redis_restart_that_lost_everything_reloads_function_and_group(volatile_
         wait_for(lambda: group(client, ns) is not None, 30, message="the workers to recreate the group")
         publish(client, ns.stream, valid_payloads(500, "second"))
         wait_for(lambda: fully_drained(client, ns), 60, message="the entries after the restart")
-        assert libraries(client) == [b"fraudd"]
+        assert libraries(client) == [LIBRARY_NAME.encode()]
         status = ns.fraudd("status")
         assert status.returncode == 0, status.stdout
     finally:
