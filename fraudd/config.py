@@ -82,7 +82,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("group", "CONSUMER_GROUP", {"default": "fraud-group"}, "Consumer group (created at start, from the stream's beginning)."),
     ("consumer-id", "CONSUMER_ID", {"default": socket.gethostname()}, "Consumer name prefix; worker i is <consumer-id>-<i>."),
     ("workers", "FRAUDD_WORKERS", {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")}, "Worker processes."),
-    ("batch-size", "FRAUDD_BATCH_SIZE", {"default": 2000, "type": int, "callback": _positive("batch-size")}, "Entries per XREADGROUP (COUNT)."),
+    ("batch-size", "FRAUDD_BATCH_SIZE", {"default": 1000, "type": int, "callback": _positive("batch-size")}, "Entries per XREADGROUP (COUNT)."),
     ("block-ms", "FRAUDD_BLOCK_MS", {"default": 50, "type": int, "callback": _positive("block-ms")}, "XREADGROUP BLOCK when the stream is idle."),
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
