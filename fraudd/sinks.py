@@ -23,8 +23,8 @@ import redis
 
 from .decode import DecodedBatch, Rejected
 from .keys import Keys
+from .rules import DECISIONS
 
-DECISIONS = ("approve", "review", "decline")
 
 COLUMNS = (
     "transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",

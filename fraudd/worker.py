@@ -4,7 +4,8 @@ The batch loop, top to bottom (DESIGN.md):
 
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries)
     decode    one orjson call; invalid entries become dead letters
-    features  one Redis Function call: behaviour features, dedup markers, blocklists
+    features  numpy over the users' states from one MGET, committed by one atomic Function call
+              (compare-and-set of the states, dedup markers, blocklist lookups)
     inference one ONNX call for the batch, then vectorized rules and thresholds
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
