@@ -145,28 +145,26 @@ def _scratch_dir(prefix: str) -> Path:
     return directory
 
 
-@pytest.fixture
-def dedicated_redis() -> Iterator[RedisServer]:
-    """A persistent redis-server of this test's own, killed and removed afterwards."""
-    server = RedisServer(_scratch_dir("fraudd-redis-"))
+def _scratch_redis(persistent: bool) -> Iterator[RedisServer]:
+    server = RedisServer(_scratch_dir("fraudd-redis-"), persistent=persistent)
     try:
         server.start()
         yield server
     finally:
         server.kill()
         shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def dedicated_redis() -> Iterator[RedisServer]:
+    """A persistent redis-server of this test's own, killed and removed afterwards."""
+    yield from _scratch_redis(persistent=True)
 
 
 @pytest.fixture
 def volatile_redis() -> Iterator[RedisServer]:
     """A redis-server without persistence: a restart loses every key, Functions included."""
-    server = RedisServer(_scratch_dir("fraudd-redis-"), persistent=False)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-        shutil.rmtree(server.directory, ignore_errors=True)
+    yield from _scratch_redis(persistent=False)
 
 
 @pytest.fixture(scope="module")

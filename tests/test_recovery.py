@@ -31,6 +31,16 @@ def start(ns: Namespace, tmp_path: Path, *args: str) -> DaemonProcess:
     return DaemonProcess.start(ns, tmp_path / "fraudd.log", *args)
 
 
+def drain(client: redis.Redis, ns: Namespace, tmp_path: Path, *args: str) -> str:
+    """Run the daemon until the stream is fully drained, stop it cleanly, return its log."""
+    daemon = start(ns, tmp_path, *args)
+    try:
+        wait_for(lambda: fully_drained(client, ns), 60, message="the stream to be drained")
+    finally:
+        log = stop(daemon)
+    return log
+
+
 def stop(daemon: DaemonProcess) -> str:
     """Stop gracefully, assert a clean exit, return the log."""
     try:
@@ -71,11 +81,7 @@ def test_entries_a_dead_consumer_left_pending_are_reclaimed(ns: Namespace, redis
     redis_client.xreadgroup(ns.group, "ghost", {ns.stream: ">"}, count=40)
     assert len(pending_deliveries(redis_client, ns)) == 40
 
-    daemon = start(ns, tmp_path, "--workers", "1", "--claim-idle-ms", "1000")
-    try:
-        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the ghost's entries to be reclaimed")
-    finally:
-        log = stop(daemon)
+    log = drain(redis_client, ns, tmp_path, "--workers", "1", "--claim-idle-ms", "1000")
     assert '"reclaimed"' in log
     assert rows(ns) == (60, 60)
     assert set(r[0] for r in ns.sql("SELECT stream_id FROM transactions")) == set(ids)
@@ -118,11 +124,7 @@ def test_entry_delivered_too_often_is_dead_lettered_as_poison(ns: Namespace, red
     # These two already took down 7 consumers (as far as the group knows).
     redis_client.execute_command("XCLAIM", ns.stream, ns.group, "crasher", 0, ids[0], ids[1], "RETRYCOUNT", 7)
 
-    daemon = start(ns, tmp_path, "--workers", "1", "--claim-idle-ms", "500", "--max-deliveries", "3")
-    try:
-        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the poison entries to be settled")
-    finally:
-        stop(daemon)
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--claim-idle-ms", "500", "--max-deliveries", "3")
     letters = dlq(redis_client, ns)
     assert sorted(d["source_id"].decode() for d in letters) == sorted(ids[:2])
     for letter in letters:
@@ -138,11 +140,7 @@ def test_failing_batch_is_bisected_down_to_the_bad_entry(ns: Namespace, redis_cl
     bad = payload("bisect_nul", user="bisect_user_3", merchant="Evil\u0000Corp")
     payloads.insert(37, bad)
     ids = publish(redis_client, ns.stream, payloads)
-    daemon = start(ns, tmp_path, "--workers", "1", "--batch-size", "200")
-    try:
-        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the batch to be settled")
-    finally:
-        log = stop(daemon)
+    log = drain(redis_client, ns, tmp_path, "--workers", "1", "--batch-size", "200")
     assert '"batch_bisected"' in log
     assert rows(ns) == (100, 100)
     letters = dlq(redis_client, ns)
