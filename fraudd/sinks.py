@@ -49,6 +49,20 @@ class ScoredBatch:
     model_version: str
     scored_at_ms: int
 
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return self.batch.entry_ids
+
+    def take(self, rows: range) -> ScoredBatch:
+        """The sub-batch of the given row positions (to bisect a batch that fails to store)."""
+        index = np.asarray(rows, dtype=np.intp)
+        return ScoredBatch(self.batch.take(rows), self.event_ms[index], self.seen[index], self.score[index],
+                           self.decision[index], [self.reasons[i] for i in rows], self.model_version,
+                           self.scored_at_ms)
+
     def row(self, i: int) -> dict:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
         b = self.batch

@@ -10,6 +10,10 @@ The batch loop, top to bottom (DESIGN.md):
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
 
+With ``--pipeline-depth 2`` (the default) the last two stages of a read run in a settling thread
+while the main thread reads and scores the next one: the waits on PostgreSQL and Redis overlap
+with work, and no more than two reads are ever in flight.
+
 Failures are handled per kind. An unreachable Redis or PostgreSQL is waited out: the batch stays
 pending, nothing new is read, and the same batch is retried with bounded, jittered back-off. A
 batch that fails for any other reason is bisected, so only the entries that cause the failure are
@@ -27,6 +31,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -41,7 +46,7 @@ from .features import FEATURE_NAMES, Features, FeatureStore
 from .keys import Keys
 from .model import FraudModel, ModelError
 from .rules import DECISIONS, Rules, RulesError, decide
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settler, alert_documents
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Settler, alert_documents
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ POSTGRES_DOWN = (
     psycopg.errors.InsufficientPrivilege,
 )
 _T = TypeVar("_T")
+_Part = TypeVar("_Part", DecodedBatch, ScoredBatch)
 
 
 class BootError(RuntimeError):
@@ -96,6 +102,17 @@ def _data_field(fields: list | None) -> bytes | None:
     return dict(zip(fields[::2], fields[1::2])).get(b"data")
 
 
+@dataclass(slots=True)
+class Settlement:
+    """One read on its way to PostgreSQL and the ack: what ``_settle`` needs, and nothing shared."""
+
+    ids: list[str]  # every entry of the read: all are acked together at the end
+    scored: list[ScoredBatch]
+    dead: list[DeadLetter]
+    payloads: dict[str, bytes]  # for dead letters found while storing
+    deliveries: dict[str, int]
+
+
 class Worker:
     """Consumer ``<consumer-id>-<index>``; run() returns the process exit code."""
 
@@ -115,8 +132,12 @@ class Worker:
         self._own_pending_cursor: str | None = "0"
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
-        self._in_flight: list[str] = []
-        self._payloads: dict[str, bytes] = {}
+        # Entries read but not yet acked, for keeping them claimed while an outage is waited out.
+        self._preparing: list[str] = []
+        self._settling_ids: list[str] = []
+        self._settling: Future | None = None
+        self._settling_thread = (ThreadPoolExecutor(1, thread_name_prefix="settle")
+                                 if settings.pipeline_depth > 1 else None)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,10 +163,13 @@ class Worker:
                 entries = self._read()
                 if entries:
                     self._process(entries)
+            self._wait_for_settling()
         except Stopping:
             log.warning("stopped with a batch unsettled; it stays pending for the next worker",
-                        extra={"event": "stopped_unsettled", "entries": len(self._in_flight)})
+                        extra={"event": "stopped_unsettled", "entries": len(self._preparing) + len(self._settling_ids)})
         finally:
+            if self._settling_thread is not None:
+                self._settling_thread.shutdown(wait=True)
             self.store.close()
         log.info("worker stopped", extra={"event": "worker_stopped", "consumer": self.consumer})
         return 0
@@ -282,7 +306,9 @@ class Worker:
         return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
 
     def _process(self, entries: Entries) -> None:
-        self._in_flight = entries.ids
+        """Decode and score this read, then hand it to ``_settle``: in the settling thread when
+        ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
+        self._preparing = entries.ids
         ids, payloads, deliveries = entries.ids, entries.payloads, entries.deliveries
         dead: list[DeadLetter] = []
         if deliveries or entries.deleted:
@@ -296,49 +322,91 @@ class Worker:
         started = time.perf_counter()
         batch = decode_batch(ids, payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        self._payloads = dict(zip(ids, payloads))
         dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        work = Settlement(entries.ids, [], dead, dict(zip(ids, payloads)), deliveries)
+        scored, failed = self._bisected(batch, self._score, work.payloads)
+        work.scored = scored
+        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
 
-        stored, failed = self._score_and_store(batch)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        # At most two reads in flight: the previous one settles before this one may start to.
+        self._wait_for_settling()
+        self._preparing = []
+        if self._settling_thread is None:
+            self._settle(work)
+        else:
+            self._settling_ids = work.ids
+            self._settling = self._settling_thread.submit(self._settle, work)
 
+    def _wait_for_settling(self) -> None:
+        if self._settling is not None:
+            settling, self._settling = self._settling, None
+            settling.result()  # re-raises what the settling thread met, Stopping included
+            self._settling_ids = []
+
+    def _settle(self, work: Settlement) -> None:
+        """Durable first, ack last: COPY every decision, then one atomic Redis call for the read."""
+        stored: list[ScoredBatch] = []
+        for scored in work.scored:
+            ok, failed = self._bisected(scored, self._store, work.payloads)
+            stored += ok
+            work.dead += [DeadLetter(r, work.deliveries.get(r.entry_id, 1)) for r in failed]
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
-        settled = self._until_done(lambda: self.settler.settle(self._in_flight, alerts, dead), "redis")
+        settled = self._until_done(lambda: self._settle_in_redis(work, alerts), "redis")
         committed_at = time.time()
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
-        self._in_flight = []
-        self._count(stored, dead, settled.alerts, committed_at)
+        self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _score_and_store(self, batch: DecodedBatch) -> tuple[list[ScoredBatch], list[Rejected]]:
-        """Score and store ``batch``; when it fails as a whole, bisect down to the entries at fault."""
-        if len(batch) == 0:
+    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]]) -> Settled:
+        try:
+            return self.settler.settle(work.ids, alerts, work.dead)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        # Redis lost the group, and these entries with it, since they were read. Alerts and dead
+        # letters are guarded by their markers, so settling again writes each once; acking the
+        # recreated group's absent entries is a no-op.
+        log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
+        ensure_group(self.redis, self.settings.stream, self.settings.group)
+        return self.settler.settle(work.ids, alerts, work.dead)
+
+    def _bisected(self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
+                  ) -> tuple[list[_Part], list[Rejected]]:
+        """``attempt(part)``; when it fails as a whole, bisect down to the entries at fault.
+
+        Outages never get here (``_until_done`` waits them out), so what fails is the data: the
+        entries that fail alone are dead-lettered and the rest go on.
+        """
+        if len(part) == 0:
             return [], []
         try:
-            return [self._score_and_store_whole(batch)], []
+            return [attempt(part)], []
         except Stopping:
             raise
         except Exception as exc:
-            if len(batch) == 1:
+            if len(part) == 1:
+                entry_id = part.entry_ids[0]
                 log.error("entry cannot be processed", extra={"event": "dead_lettered", "reason": REASON_PROCESSING,
-                                                              "entry_id": batch.entry_ids[0], "error": repr(exc)})
-                entry_id = batch.entry_ids[0]
-                return [], [Rejected(entry_id, self._payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
+                                                              "entry_id": entry_id, "error": repr(exc)})
+                return [], [Rejected(entry_id, payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
             metrics.batch_failures.inc()
-            log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(batch), "error": repr(exc)})
-            middle = len(batch) // 2
-            left = self._score_and_store(batch.take(range(middle)))
-            right = self._score_and_store(batch.take(range(middle, len(batch))))
+            log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(part), "error": repr(exc)})
+            middle = len(part) // 2
+            left = self._bisected(part.take(range(middle)), attempt, payloads)
+            right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
-    def _score_and_store_whole(self, batch: DecodedBatch) -> ScoredBatch:
+    def _score(self, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
         features = self._until_done(lambda: self.features.compute(batch), "redis")
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons = score_batch(model, self.rules, features, self._threshold("review"),
                                                 self._threshold("decline"))
-        scored = ScoredBatch(
+        metrics.stage_duration.labels("features").observe(after_features - started)
+        metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
+        metrics.duplicates.inc(int(features.seen.sum()))
+        return ScoredBatch(
             batch=batch,
             event_ms=features.event_ms,
             seen=features.seen,
@@ -348,12 +416,11 @@ class Worker:
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
         )
-        after_inference = time.perf_counter()
+
+    def _store(self, scored: ScoredBatch) -> ScoredBatch:
+        started = time.perf_counter()
         self._until_done(lambda: self.store.store(scored), "postgres")
-        metrics.stage_duration.labels("features").observe(after_features - started)
-        metrics.stage_duration.labels("inference").observe(after_inference - after_features)
-        metrics.stage_duration.labels("copy").observe(time.perf_counter() - after_inference)
-        metrics.duplicates.inc(int(features.seen.sum()))
+        metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
     def _threshold(self, which: str) -> float:
@@ -419,13 +486,16 @@ class Worker:
             self._keep_claimed()
 
     def _keep_claimed(self) -> None:
-        if not self._in_flight:
+        in_flight = self._preparing + self._settling_ids
+        if not in_flight:
             return
         try:
             self.redis.execute_command(
-                "XCLAIM", self.settings.stream, self.settings.group, self.consumer, 0, *self._in_flight, "JUSTID"
+                "XCLAIM", self.settings.stream, self.settings.group, self.consumer, 0, *in_flight, "JUSTID"
             )
-        except REDIS_DOWN:
+        except redis.RedisError:
+            # Best effort: Redis is still away, or lost the group with these entries (the read or
+            # the settle that is waiting recreates it).
             pass
 
 
