@@ -85,7 +85,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("workers", "FRAUDD_WORKERS", {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")}, "Worker processes."),
     ("batch-size", "FRAUDD_BATCH_SIZE", {"default": 1000, "type": int, "callback": _positive("batch-size")}, "Entries per XREADGROUP (COUNT)."),
     ("block-ms", "FRAUDD_BLOCK_MS", {"default": 50, "type": int, "callback": _positive("block-ms")}, "XREADGROUP BLOCK when the stream is idle."),
-    ("pipeline-depth", "FRAUDD_PIPELINE_DEPTH", {"default": 2, "type": click.IntRange(1, 2)}, "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next."),
+    ("pipeline-depth", "FRAUDD_PIPELINE_DEPTH", {"default": 1, "type": click.IntRange(1, 2)}, "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next."),
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
     ("max-deliveries", "FRAUDD_MAX_DELIVERIES", {"default": 5, "type": int, "callback": _positive("max-deliveries")}, "Deliveries after which an entry is dead-lettered as poison."),

@@ -10,9 +10,10 @@ The batch loop, top to bottom (DESIGN.md):
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
 
-With ``--pipeline-depth 2`` (the default) the last two stages of a read run in a settling thread
-while the main thread reads and scores the next one: the waits on PostgreSQL and Redis overlap
-with work, and no more than two reads are ever in flight.
+With ``--pipeline-depth 2`` the last two stages of a read run in a settling thread while the main
+thread reads and scores the next one: the waits on PostgreSQL and Redis overlap with work, and no
+more than two reads are ever in flight. It pays where a worker waits on a distant database; with
+as many workers as cores on one box the cores are busy anyway and the default of 1 is cheaper.
 
 Failures are handled per kind. An unreachable Redis or PostgreSQL is waited out: the batch stays
 pending, nothing new is read, and the same batch is retried with bounded, jittered back-off. A
@@ -330,11 +331,11 @@ class Worker:
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
-        self._preparing = []
+        self._preparing, self._settling_ids = [], work.ids
         if self._settling_thread is None:
             self._settle(work)
+            self._settling_ids = []
         else:
-            self._settling_ids = work.ids
             self._settling = self._settling_thread.submit(self._settle, work)
 
     def _wait_for_settling(self) -> None:

@@ -50,7 +50,9 @@ SUPERVISOR_KILL_AT = 19.0
 CHAOS_S = 24.0  # worker kills go on at least this long
 ORPHAN_EXIT_TIMEOUT_S = 20.0
 TEST_BUDGET_S = 170.0
-DAEMON_ARGS = ("--workers", "2", "--batch-size", "500", "--claim-idle-ms", "3000")
+# Pipeline depth 2: the chaos also hits reads that are being stored while the next is scored
+# (every other test runs the default depth 1).
+DAEMON_ARGS = ("--workers", "2", "--batch-size", "500", "--claim-idle-ms", "3000", "--pipeline-depth", "2")
 
 
 class Producer(threading.Thread):
