@@ -61,10 +61,10 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
     import numpy as np
     import onnxruntime as ort
     import orjson
-    import psycopg
     import redis
 
     from fraudd.features import FEATURE_NAMES
+    from fraudd.schema import connect
 
     stream, group = _env("FRAUDD_STREAM"), _env("CONSUMER_GROUP")
     client = redis.Redis.from_url(_env("REDIS_URL"), decode_responses=True)
@@ -77,8 +77,7 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
     input_name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     output = "probabilities" if "probabilities" in outputs else outputs[-1]
-    conn = psycopg.connect(_env("POSTGRES_URL"))
-    conn.execute(f'SET search_path TO "{_env("FRAUDD_PG_SCHEMA")}"')
+    conn = connect(_env("POSTGRES_URL"), _env("FRAUDD_PG_SCHEMA"))
     conn.commit()
     while not _stopping:
         reply = client.xreadgroup(group, consumer, {stream: ">"}, count=batch_size, block=block_ms)

@@ -80,13 +80,13 @@ def preflight(settings: Settings) -> None:
 
 
 def _connect_postgres(settings: Settings) -> psycopg.Connection:
+    from .schema import connect
+
     try:
-        conn = psycopg.connect(settings.postgres_url, connect_timeout=5, autocommit=True)
+        return connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True)
     except psycopg.Error as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}") from None
-    conn.execute(f'SET search_path TO "{settings.pg_schema}"')
-    return conn
 
 
 def _redact(url: str) -> str:

@@ -21,7 +21,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import metrics
 from .config import Settings
-from .schema import ensure_partitions
+from .schema import connect, ensure_partitions
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,8 @@ class Housekeeper:
 
 
 def connect_postgres(settings: Settings, timeout_s: int = 3) -> psycopg.Connection:
-    conn = psycopg.connect(settings.postgres_url, connect_timeout=timeout_s, autocommit=True,
-                           application_name="fraudd-supervisor")
-    conn.execute(f'SET search_path TO "{settings.pg_schema}"')
-    return conn
+    return connect(settings.postgres_url, settings.pg_schema, connect_timeout=timeout_s, autocommit=True,
+                   application_name="fraudd-supervisor")
 
 
 def check_postgres(settings: Settings) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
+from .schema import connect
+
 
 @dataclass
 class Namespace:
@@ -58,8 +60,7 @@ class Namespace:
         }
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
-        with psycopg.connect(self.postgres_url, autocommit=True) as conn:
-            conn.execute(f'SET search_path TO "{self.schema}"')
+        with connect(self.postgres_url, self.schema, autocommit=True) as conn:
             return conn.execute(query, params).fetchall()
 
     def drop(self, client: redis.Redis) -> None:

@@ -44,11 +44,22 @@ def load_migrations(directory: Path = SCHEMA_DIR) -> list[Migration]:
     return migrations
 
 
+def connect(url: str, pg_schema: str, **kwargs) -> psycopg.Connection:
+    """A connection whose unqualified names (``transactions``, …) resolve in ``pg_schema``.
+
+    The search path is a connection option, so every fraudd connection gets it the same way and
+    without a round trip of its own.
+    """
+    return psycopg.connect(url, options=f"-c search_path={pg_schema}", **kwargs)
+
+
 def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7) -> list[str]:
-    """Apply pending migrations and create the coming days' partitions. Returns what was applied."""
+    """Apply pending migrations and create the coming days' partitions. Returns what was applied.
+
+    ``conn`` comes from ``connect(url, pg_schema)``: the schema is created here if missing.
+    """
     conn.autocommit = True
     conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{pg_schema}"')
-    conn.execute(f'SET search_path TO "{pg_schema}"')
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
     try:
         conn.execute(

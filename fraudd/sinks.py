@@ -24,6 +24,7 @@ import redis
 from .decode import DecodedBatch, Rejected
 from .keys import Keys
 from .rules import DECISIONS
+from .schema import connect
 
 
 COLUMNS = (
@@ -101,8 +102,7 @@ class DecisionStore:
 
     def connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = psycopg.connect(self._url, connect_timeout=5, application_name="fraudd-worker")
-            conn.execute(f'SET search_path TO "{self._schema}"')
+            conn = connect(self._url, self._schema, connect_timeout=5, application_name="fraudd-worker")
             conn.execute("SET TIME ZONE 'UTC'")
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS fraudd_staging (LIKE transactions INCLUDING DEFAULTS) "
@@ -161,8 +161,7 @@ class DecisionStore:
             )
             stored = {row[0]: row[1:] for row in cur.fetchall()}
         conn.commit()
-        if stored:
-            _adopt_stored(scored, stored)
+        _adopt_stored(scored, stored)
 
 
 def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
