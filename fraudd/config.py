@@ -92,7 +92,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("claim-idle-ms", "FRAUDD_CLAIM_IDLE_MS", {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")}, "Idle time after which another worker reclaims a pending entry."),
     ("dedup-window-s", "FRAUDD_DEDUP_WINDOW_S", {"default": 3600, "type": int, "callback": _positive("dedup-window-s")}, "How long a transaction_id is remembered for duplicates."),
     ("shutdown-timeout-s", "FRAUDD_SHUTDOWN_TIMEOUT_S", {"default": 30.0, "type": float, "callback": _positive("shutdown-timeout-s")}, "Grace period for workers to settle their batch on SIGTERM."),
-    ("metrics-port", "FRAUDD_METRICS_PORT", {"default": 0, "type": int}, "Port of /metrics and /healthz (0: off)."),
+    ("metrics-port", "FRAUDD_METRICS_PORT", {"default": 0, "type": click.IntRange(0, 65535)}, "Port of /metrics and /healthz (0: off)."),
     ("log-level", "FRAUDD_LOG_LEVEL", {"default": "INFO", "type": click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)}, "Log level."),
 ]
 
@@ -109,6 +109,4 @@ def settings_from(params: dict) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {name: params[name] for name in names}
     values["log_level"] = values["log_level"].upper()
-    if not 0 <= values["metrics_port"] < 65536:
-        raise ConfigError("--metrics-port: must be 0..65535")
     return Settings(**values)

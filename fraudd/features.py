@@ -64,8 +64,6 @@ _USER_INFIX = "u2:"
 # Each round of conflicts settles at least one racing writer or teaches every already-counted
 # transaction of the users concerned, so a handful suffice; more means something is wrong.
 MAX_COMMIT_ATTEMPTS = 20
-# Loads of the library before a commit call gives up on "function not found".
-_LOAD_ATTEMPTS = 2
 # The commit compares only a state's first bytes, its version stamp (newest event time and the
 # count of transactions applied, which grows with every commit: see features.lua); all zero when
 # the user had no state.
@@ -267,15 +265,14 @@ class FeatureStore:
         return np.asarray(conflicted, dtype=np.intp), flags
 
     def _fcall(self, keys: list[str], args: list) -> list:
-        for attempt in range(_LOAD_ATTEMPTS):
-            try:
-                return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
-            except redis.ResponseError as exc:
-                # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
-                if "function not found" not in str(exc).lower() or attempt == _LOAD_ATTEMPTS - 1:
-                    raise
-            self.load_library()
-        raise AssertionError("unreachable")
+        try:
+            return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
+            if "function not found" not in str(exc).lower():
+                raise
+        self.load_library()
+        return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
 
 
 def _fixed_width(numbers: np.ndarray, width: int) -> bytes:

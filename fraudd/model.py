@@ -73,7 +73,8 @@ class FraudModel:
             )
         width = len(names)
         inputs = session.get_inputs()
-        if len(inputs) != 1 or inputs[0].shape[-1] not in (width, None, "None") and not isinstance(inputs[0].shape[-1], str):
+        declared_width = inputs[0].shape[-1] if len(inputs) == 1 else None
+        if len(inputs) != 1 or (isinstance(declared_width, int) and declared_width != width):
             raise ModelError(f"{path}: expected one input of width {width}, got {[(i.name, i.shape) for i in inputs]}")
         output_name = _probability_output(session)
         means = _vector(meta, META_MEANS, width, 0.0)

@@ -273,13 +273,20 @@ class Worker:
         try:
             reply = self.redis.execute_command("XREADGROUP", *args, "STREAMS", s.stream, start)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # The group vanished (Redis lost its data): recreate it rather than stop scoring.
-            log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
-            ensure_group(self.redis, s.stream, s.group)
+            self._recreate_lost_group(exc)
             return []
         return reply[0][1] if reply else []
+
+    def _recreate_lost_group(self, exc: redis.ResponseError) -> None:
+        """Re-raise ``exc`` unless it says the consumer group is gone; then recreate the group.
+
+        The group vanishes when Redis loses its data, and the entries read from it with it: the
+        daemon goes on scoring what arrives next instead of stopping.
+        """
+        if "NOGROUP" not in str(exc):
+            raise exc
+        log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
+        ensure_group(self.redis, self.settings.stream, self.settings.group)
 
     def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``--claim-idle-ms`` (their consumer died or hung)."""
@@ -362,13 +369,9 @@ class Worker:
         try:
             return self.settler.settle(work.ids, alerts, work.dead)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-        # Redis lost the group, and these entries with it, since they were read. Alerts and dead
-        # letters are guarded by their markers, so settling again writes each once; acking the
-        # recreated group's absent entries is a no-op.
-        log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
-        ensure_group(self.redis, self.settings.stream, self.settings.group)
+            self._recreate_lost_group(exc)
+        # Alerts and dead letters are guarded by their markers, so settling again writes each
+        # once; acking the recreated group's absent entries is a no-op.
         return self.settler.settle(work.ids, alerts, work.dead)
 
     def _bisected(self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
@@ -401,9 +404,10 @@ class Worker:
         started = time.perf_counter()
         features = self._until_done(lambda: self.features.compute(batch), "redis")
         after_features = time.perf_counter()
-        model = self.model
-        scores, decision, reasons = score_batch(model, self.rules, features, self._threshold("review"),
-                                                self._threshold("decline"))
+        model, s = self.model, self.settings
+        review = s.review_threshold if s.review_threshold is not None else model.review_threshold
+        decline = s.decline_threshold if s.decline_threshold is not None else model.decline_threshold
+        scores, decision, reasons = score_batch(model, self.rules, features, review, decline)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
         metrics.duplicates.inc(int(features.seen.sum()))
@@ -423,10 +427,6 @@ class Worker:
         self._until_done(lambda: self.store.store(scored), "postgres")
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
-
-    def _threshold(self, which: str) -> float:
-        configured = getattr(self.settings, f"{which}_threshold")
-        return configured if configured is not None else getattr(self.model, f"{which}_threshold")
 
     def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
         for scored in stored:

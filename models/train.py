@@ -12,7 +12,6 @@ alone shows how much of the fraud lives in behaviour. Same seeds, same files.
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from dataclasses import dataclass
