@@ -44,16 +44,6 @@ class Namespace(fraudd.namespace.Namespace):
     def fraudd(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([FRAUDD, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
 
-    def run_until_drained(self, client: redis.Redis, *args: str, timeout: float = 120, **env: str) -> str:
-        """``fraudd run`` until the stream is drained, then a clean SIGTERM stop; returns its stderr."""
-        daemon = self.start(*args, **env)
-        try:
-            wait_for(lambda: drained(client, self), timeout, message="the stream to drain")
-        finally:
-            code, stderr = daemon.stop()
-        assert code == 0, stderr[-3000:]
-        return stderr
-
     def start(self, *args: str, **env: str) -> Daemon:
         process = subprocess.Popen([FRAUDD, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -99,16 +89,6 @@ def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "c
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-
-
-def drained(client: redis.Redis, ns: Namespace) -> bool:
-    """Every entry of the stream delivered to the group and acked."""
-    try:
-        groups = client.xinfo_groups(ns.stream)
-    except redis.ResponseError:
-        return False
-    group = next((g for g in groups if g["name"] in (ns.group, ns.group.encode())), None)
-    return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ import psycopg
 import pytest
 import redis
 
-from .conftest import FRAUDD, Namespace
+from .conftest import FRAUDD, Namespace, wait_for
+from .streams import fully_drained
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _START_TIMEOUT_S = 60.0
@@ -231,3 +232,30 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def start(ns: Namespace, tmp_path: Path, *args: str) -> DaemonProcess:
+    """``fraudd run`` with its log in ``tmp_path``; stop it with ``stop``."""
+    return DaemonProcess.start(ns, tmp_path / "fraudd.log", *args)
+
+
+def drain(client: redis.Redis, ns: Namespace, tmp_path: Path, *args: str, timeout: float = 120) -> str:
+    """Run the daemon until the stream is fully drained, stop it cleanly, return its log."""
+    daemon = start(ns, tmp_path, *args)
+    try:
+        wait_for(lambda: fully_drained(client, ns), timeout, message="the stream to be drained")
+    finally:
+        log = stop(daemon)
+    return log
+
+
+def stop(daemon: DaemonProcess) -> str:
+    """Stop gracefully, assert a clean exit, return the log."""
+    try:
+        code = daemon.stop()
+    finally:
+        daemon.kill_group()
+    log = daemon.log()
+    assert code == 0, log[-3000:]
+    assert '"worker_crashed"' not in log, log[-3000:]
+    return log

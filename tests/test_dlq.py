@@ -9,21 +9,12 @@ import redis
 
 from fraudd import decode
 
-from .conftest import Namespace, wait_for
-from .services import DaemonProcess
-from .streams import alerts, dlq, fully_drained, payload, publish, valid_payloads
+from .conftest import Namespace
+from .services import drain
+from .streams import alerts, dlq, payload, publish, valid_payloads
 
 NOT_JSON = b"definitely not json"
 NOT_OBJECT = b"[1, 2, 3]"
-
-
-def run_until_drained(ns: Namespace, client: redis.Redis, tmp_path: Path, *args: str) -> None:
-    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", "--workers", "1", *args)
-    try:
-        wait_for(lambda: fully_drained(client, ns), 60, message="the stream to drain")
-        assert daemon.stop() == 0, daemon.log()[-3000:]
-    finally:
-        daemon.kill_group()
 
 
 @pytest.fixture
@@ -31,7 +22,7 @@ def dead_letters(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> di
     """The daemon's dead letters for a mix of bad entries; source entry id -> DLQ reason."""
     entries = [NOT_JSON, *valid_payloads(20, "ok"), NOT_OBJECT, None, NOT_JSON]
     ids = publish(redis_client, ns.stream, entries)
-    run_until_drained(ns, redis_client, tmp_path)
+    drain(redis_client, ns, tmp_path, "--workers", "1")
     expected = {ids[0]: decode.REASON_NOT_JSON, ids[21]: decode.REASON_NOT_OBJECT, ids[22]: decode.REASON_NO_DATA,
                 ids[23]: decode.REASON_NOT_JSON}
     assert {d["source_id"].decode(): d["reason"].decode() for d in dlq(redis_client, ns)} == expected
@@ -81,7 +72,7 @@ def test_replay_of_a_fixed_entry_yields_exactly_one_row(ns: Namespace, redis_cli
     # The valid entry became poison while a dependency misbehaved (its consumers kept dying).
     redis_client.xreadgroup(ns.group, "crasher", {ns.stream: ">"}, count=1)
     redis_client.execute_command("XCLAIM", ns.stream, ns.group, "crasher", 0, ids[0], "RETRYCOUNT", 9)
-    run_until_drained(ns, redis_client, tmp_path, "--claim-idle-ms", "300", "--max-deliveries", "3",
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--claim-idle-ms", "300", "--max-deliveries", "3",
                       "--review-threshold", "0.000001")
     reasons = sorted(d["reason"].decode() for d in dlq(redis_client, ns))
     assert reasons == sorted([decode.REASON_MAX_DELIVERIES, decode.REASON_NOT_JSON])
@@ -93,7 +84,7 @@ def test_replay_of_a_fixed_entry_yields_exactly_one_row(ns: Namespace, redis_cli
     replayed = ns.fraudd("dlq", "replay", "--reason", decode.REASON_MAX_DELIVERIES)
     assert replayed.returncode == 0 and "replayed 2 entries" in replayed.stdout, replayed.stderr
     assert [d["reason"].decode() for d in dlq(redis_client, ns)] == [decode.REASON_NOT_JSON]
-    run_until_drained(ns, redis_client, tmp_path, "--review-threshold", "0.000001")
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--review-threshold", "0.000001")
 
     assert ns.sql("SELECT transaction_id, count(*) FROM transactions GROUP BY 1") == [("replayed_1", 1)]
     assert [a["transaction_id"] for a in alerts(redis_client, ns)] == ["replayed_1"]

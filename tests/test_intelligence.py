@@ -23,7 +23,9 @@ from fraudd.model import META_FEATURES, FraudModel, ModelError
 from fraudd.rules import DECISIONS, Rules
 from fraudd.worker import score_batch
 
-from .conftest import Namespace, drained, wait_for
+from .conftest import Namespace, wait_for
+from .services import drain
+from .streams import fully_drained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 import train  # noqa: E402  (models/train.py: the same featurizing and metrics the model card uses)
@@ -81,12 +83,12 @@ def offline_decisions(client: redis.Redis, payloads: list[bytes]) -> dict[str, t
     return decided
 
 
-def test_pipeline_decides_exactly_as_offline_scoring(ns: Namespace, redis_client: redis.Redis) -> None:
+def test_pipeline_decides_exactly_as_offline_scoring(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     generated = TransactionGenerator(GeneratorConfig(seed=11, start_ts=time.time() - 30_000)).generate(30_000)
     payloads = generated.payloads()
     Publisher(redis_client, ns.stream).publish(payloads)
     # One worker keeps the event-time order in which each user's behaviour state is built.
-    ns.run_until_drained(redis_client, "--workers", "1", "--batch-size", "300")
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--batch-size", "300")
     live = {txid: (decision, score, list(reasons)) for txid, decision, score, reasons in
             ns.sql("SELECT transaction_id, decision, score, reasons FROM transactions")}
     offline = offline_decisions(redis_client, payloads)
@@ -100,7 +102,7 @@ def test_pipeline_decides_exactly_as_offline_scoring(ns: Namespace, redis_client
 
 def publish_and_drain(redis_client: redis.Redis, ns: Namespace, payloads: list[bytes]) -> None:
     Publisher(redis_client, ns.stream).publish(payloads)
-    wait_for(lambda: drained(redis_client, ns), 60, message="the stream to drain")
+    wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to drain")
 
 
 def test_sighup_reloads_rules_and_model_and_refuses_bad_files(ns: Namespace, redis_client: redis.Redis,

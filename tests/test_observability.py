@@ -35,7 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 
-from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, drained, wait_for, worker_pids
+from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, wait_for, worker_pids
+from .streams import fully_drained
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DASHBOARD = GRAFANA / "fraudd-dashboard.json"
@@ -162,7 +163,7 @@ def observed() -> Iterator[Observed]:
         wait_for(lambda: (o.value(idle_samples) or 0) >= 2, 15, interval=0.2, message="Prometheus to scrape the idle daemon")
 
         Publisher(client, ns.stream).publish(_load())
-        wait_for(lambda: drained(client, ns), 45, interval=0.2, message="the load to be scored")
+        wait_for(lambda: fully_drained(client, ns), 45, interval=0.2, message="the load to be scored")
 
         # A worker's death must not lose its counts, nor leave its files behind.
         before = o.scrape()

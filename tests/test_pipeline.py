@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,7 +15,9 @@ from fraudd import decode
 from fraudd.config import DEFAULT_MODEL
 from fraudd.ingest import Publisher
 
-from .conftest import Namespace, drained, wait_for, worker_pids
+from .conftest import Namespace, wait_for, worker_pids
+from .services import drain
+from .streams import fully_drained
 
 NOW = int(time.time())
 
@@ -52,11 +55,11 @@ def dlq_entries(client: redis.Redis, ns: Namespace) -> list[dict[bytes, bytes]]:
     return [fields for _id, fields in client.xrange(ns.dlq_stream)]
 
 
-def test_origin_producer_message_is_scored(ns: Namespace, redis_client: redis.Redis) -> None:
+def test_origin_producer_message_is_scored(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     # Byte for byte what the origin Go producer writes: XADD transactions:raw * data <json>.
     message = b'{"transaction_id":"txn_ab12","user_id":"user_x1","amount":512.3,"merchant":"Amazon","timestamp":%d}' % NOW
     redis_client.xadd(ns.stream, {"data": message})
-    ns.run_until_drained(redis_client, "--workers", "1", timeout=30)
+    drain(redis_client, ns, tmp_path, "--workers", "1", timeout=30)
     rows = ns.sql("SELECT transaction_id, user_id, amount, merchant, event_time, decision, score, model_version, reasons "
                   "FROM transactions")
     assert len(rows) == 1
@@ -67,7 +70,7 @@ def test_origin_producer_message_is_scored(ns: Namespace, redis_client: redis.Re
     assert isinstance(reasons, list)
 
 
-def test_valid_and_invalid_entries_with_two_workers(ns: Namespace, redis_client: redis.Redis) -> None:
+def test_valid_and_invalid_entries_with_two_workers(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     invalid = [INVALID_KINDS[i % len(INVALID_KINDS)] for i in range(100)]
     payloads = valid_payloads(10_000)
     # Spread the bad entries through the stream so they share batches with good ones.
@@ -81,7 +84,7 @@ def test_valid_and_invalid_entries_with_two_workers(ns: Namespace, redis_client:
             expected_reasons.append(reason)
     Publisher(redis_client, ns.stream).publish(mixed)
 
-    ns.run_until_drained(redis_client, "--workers", "2", "--batch-size", "256")
+    drain(redis_client, ns, tmp_path, "--workers", "2", "--batch-size", "256")
 
     assert ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")[0] == (10_000, 10_000)
     dead = dlq_entries(redis_client, ns)
@@ -107,7 +110,7 @@ def test_killed_worker_is_respawned_and_nothing_is_lost(ns: Namespace, redis_cli
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(worker_pids(daemon.process.pid)) == 2 and victim not in worker_pids(daemon.process.pid),
                  30, message="the worker to be respawned")
-        wait_for(lambda: drained(redis_client, ns), 120, message="the stream to drain")
+        wait_for(lambda: fully_drained(redis_client, ns), 120, message="the stream to drain")
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-3000:]

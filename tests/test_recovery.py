@@ -22,35 +22,9 @@ from fraudd.health import Housekeeper
 from fraudd.keys import Keys
 
 from .conftest import Namespace, wait_for, worker_pids
-from .services import DaemonProcess, PostgresServer, RedisServer, alive, dedicated_namespace
+from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop
 from .services import dedicated_postgres, dedicated_redis, volatile_redis  # noqa: F401  (fixtures)
 from .streams import alerts, dlq, fully_drained, group, payload, pending_deliveries, publish, valid_payloads
-
-
-def start(ns: Namespace, tmp_path: Path, *args: str) -> DaemonProcess:
-    return DaemonProcess.start(ns, tmp_path / "fraudd.log", *args)
-
-
-def drain(client: redis.Redis, ns: Namespace, tmp_path: Path, *args: str) -> str:
-    """Run the daemon until the stream is fully drained, stop it cleanly, return its log."""
-    daemon = start(ns, tmp_path, *args)
-    try:
-        wait_for(lambda: fully_drained(client, ns), 60, message="the stream to be drained")
-    finally:
-        log = stop(daemon)
-    return log
-
-
-def stop(daemon: DaemonProcess) -> str:
-    """Stop gracefully, assert a clean exit, return the log."""
-    try:
-        code = daemon.stop()
-    finally:
-        daemon.kill_group()
-    log = daemon.log()
-    assert code == 0, log[-3000:]
-    assert '"worker_crashed"' not in log, log[-3000:]
-    return log
 
 
 def keys_of(ns: Namespace) -> Keys:
