@@ -22,7 +22,7 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import logs, metrics
 from .config import Settings
@@ -57,7 +57,6 @@ class Slot:
     boot_failures: int = 0
     respawn_at: float = 0.0
     last_error: str = ""
-    spawned_at: float = field(default=0.0)
 
 
 class Supervisor:
@@ -188,7 +187,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         os.close(status_w)
-        slot.pid, slot.status_fd, slot.ready, slot.spawned_at = pid, status_r, False, time.monotonic()
+        slot.pid, slot.status_fd, slot.ready = pid, status_r, False
         log.info("worker spawned", extra={"event": "worker_spawned", "pid": pid,
                                           "consumer": self.settings.consumer_name(slot.index)})
 
