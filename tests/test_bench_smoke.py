@@ -55,7 +55,8 @@ def test_throughput(tmp_path: Path) -> None:
     for drain in result["drains"].values():
         assert drain["rate_tx_per_s"] > 0
         assert drain["processes"] == 2
-        assert drain["pipeline_cpu_us_per_tx"] > 0
+        # CPU time comes in 10 ms ticks: the bare drain of 5,000 entries can fit between two.
+        assert drain["pipeline_cpu_us_per_tx"] >= 0
         assert_dropped(drain["namespace"])
     assert_usage(result["drains"]["fraudd"])
     assert set(result["ratios"]) == {"fraudd_over_bare", "fraudd_over_naive"}
