@@ -63,7 +63,7 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
     import orjson
     import redis
 
-    from fraudd.features import FEATURE_NAMES
+    from fraudd.scoring.features import FEATURE_NAMES
     from fraudd.schema import connect
 
     stream, group = _env("FRAUDD_STREAM"), _env("CONSUMER_GROUP")

@@ -13,8 +13,8 @@ import click
 import psycopg
 import redis
 
-from . import logs
 from .config import ConfigError, Settings, settings_from, settings_options
+from .runtime import logs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -31,7 +31,9 @@ def run(**params) -> None:
     if settings.metrics_port:
         _prepare_metrics_dir()
     preflight(settings)
-    from .supervisor import Supervisor  # imports prometheus-client, which reads the directory above
+    from .runtime.supervisor import (
+        Supervisor,  # imports prometheus-client, which reads the directory above
+    )
 
     sys.exit(Supervisor(settings).run())
 
@@ -51,11 +53,11 @@ def migrate(**params) -> None:
 
 def preflight(settings: Settings) -> None:
     """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
-    from .features import FEATURE_NAMES
-    from .model import FraudModel, ModelError
-    from .rules import Rules, RulesError
     from .schema import pending_migrations
-    from .worker import connect_redis, ensure_group
+    from .scoring.features import FEATURE_NAMES
+    from .scoring.model import FraudModel, ModelError
+    from .scoring.rules import Rules, RulesError
+    from .scoring.worker import connect_redis, ensure_group
 
     try:
         FraudModel.load(settings.model_path, FEATURE_NAMES)
@@ -118,7 +120,7 @@ def _prepare_metrics_dir() -> None:
 @settings_options
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
-    from .health import check_postgres, group_state
+    from .runtime.health import check_postgres, group_state
 
     settings = settings_from(params)
     healthy = True

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fraud.onnx"
-DEFAULT_RULES = Path(__file__).resolve().parent / "rules.toml"
+DEFAULT_RULES = Path(__file__).resolve().parent / "scoring" / "rules.toml"
 
 
 class ConfigError(click.ClickException):

@@ -26,7 +26,7 @@ from functools import cache
 import numpy as np
 import orjson
 
-from fraudd import decode
+from fraudd.scoring import decode
 
 TYPOLOGIES: tuple[str, ...] = (
     "legit",
@@ -168,7 +168,7 @@ class FaultyPayloads:
 
     ``payloads[i]`` is None for an entry that should be written without a ``data`` field.
     ``row[i]`` is the batch row the entry carries (-1 for invalid ones); ``reason[i]`` the DLQ
-    reason ``fraudd.decode`` gives it (None for valid entries, duplicates included).
+    reason ``fraudd.scoring.decode`` gives it (None for valid entries, duplicates included).
     """
 
     payloads: list[bytes | None]

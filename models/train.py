@@ -29,9 +29,9 @@ from sklearn.metrics import average_precision_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fraudd import model as model_meta  # noqa: E402
-from fraudd.decode import decode_batch  # noqa: E402
-from fraudd.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore  # noqa: E402
+from fraudd.scoring import model as model_meta  # noqa: E402
+from fraudd.scoring.decode import decode_batch  # noqa: E402
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore  # noqa: E402
 from fraudd.generator import GeneratedBatch, GeneratorConfig, TransactionGenerator  # noqa: E402
 from fraudd.keys import Keys  # noqa: E402
 

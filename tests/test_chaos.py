@@ -25,8 +25,8 @@ import numpy as np
 import orjson
 import redis
 
-from fraudd import decode
-from fraudd.features import _USER_INFIX
+from fraudd.scoring import decode
+from fraudd.scoring.features import _USER_INFIX
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 

@@ -6,7 +6,7 @@ import math
 
 import orjson
 
-from fraudd import decode
+from fraudd.scoring import decode
 
 from .test_pipeline import INVALID_KINDS, NOW
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from fraudd import decode
+from fraudd.scoring import decode
 
 from .conftest import Namespace
 from .services import drain

@@ -10,10 +10,10 @@ import orjson
 import pytest
 import redis
 
-from fraudd.behaviour import STATE
-from fraudd.decode import DecodedBatch, decode_batch
-from fraudd import features as features_module
-from fraudd.features import (
+from fraudd.scoring.behaviour import STATE
+from fraudd.scoring.decode import DecodedBatch, decode_batch
+from fraudd.scoring import features as features_module
+from fraudd.scoring.features import (
     _USER_INFIX,
     FEATURE_NAMES,
     MESSAGE_FEATURES,

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from fraudd import decode
+from fraudd.scoring import decode
 from fraudd.generator import (
     ACCOUNT_TAKEOVER,
     CARD_TESTING,

@@ -14,14 +14,14 @@ import pytest
 import redis
 
 from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
-from fraudd.decode import decode_batch
-from fraudd.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
+from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
-from fraudd.model import META_FEATURES, FraudModel, ModelError
-from fraudd.rules import DECISIONS, Rules
-from fraudd.worker import score_batch
+from fraudd.scoring.model import META_FEATURES, FraudModel, ModelError
+from fraudd.scoring.rules import DECISIONS, Rules
+from fraudd.scoring.worker import score_batch
 
 from .conftest import Namespace, wait_for
 from .services import drain

@@ -238,7 +238,7 @@ def test_queries_name_only_metrics_that_fraudd_defines(observed: Observed) -> No
     # every name against the metrics fraudd defines, samples or not.
     from prometheus_client import REGISTRY
 
-    from fraudd import metrics  # noqa: F401 -- registers fraudd's metrics in this process
+    from fraudd.runtime import metrics  # noqa: F401 -- registers fraudd's metrics in this process
 
     defined = {family.name + suffix for family in REGISTRY.collect() if family.name.startswith("fraudd_")
                for suffix in ("", "_total", "_bucket", "_sum", "_count")}
@@ -334,7 +334,7 @@ def test_healthz_is_200_while_healthy(observed: Observed) -> None:
 def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fraudd.cli import run
     from fraudd.config import settings_from
-    from fraudd.health import HealthServer, Housekeeper
+    from fraudd.runtime.health import HealthServer, Housekeeper
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     port = free_port()
@@ -368,7 +368,7 @@ def test_logs_are_json_lines_that_do_not_grow_with_traffic(observed: Observed) -
 
 
 def test_logs_are_human_readable_on_a_terminal() -> None:
-    program = ("import logging; from fraudd import logs; logs.setup('INFO', 'c-7'); "
+    program = ("import logging; from fraudd.runtime import logs; logs.setup('INFO', 'c-7'); "
                "logging.getLogger('fraudd.t').info('hello', extra={'event': 'greeted', 'entries': 3}); "
                "logging.getLogger('fraudd.t').debug('hidden')")
     primary, secondary = pty.openpty()

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from fraudd import decode
+from fraudd.scoring import decode
 from fraudd.config import DEFAULT_MODEL
 from fraudd.ingest import Publisher
 

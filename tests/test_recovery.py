@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from fraudd import decode
+from fraudd.scoring import decode
 from fraudd.config import OPTIONS, Settings
-from fraudd.features import _USER_INFIX, LIBRARY_NAME
-from fraudd.health import Housekeeper
+from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
+from fraudd.runtime.health import Housekeeper
 from fraudd.keys import Keys
 
 from .conftest import Namespace, wait_for, worker_pids
@@ -80,7 +80,7 @@ def test_housekeeper_removes_gone_consumers_that_own_nothing(ns: Namespace, redi
     redis_client.xreadgroup(ns.group, "gone-holding", {ns.stream: ">"}, count=1)
     redis_client.xgroup_createconsumer(ns.stream, ns.group, settings.consumer_name(1))  # ours, idle
     # The production threshold is a minute of idleness; the rule, not the minute, is under test.
-    monkeypatch.setattr("fraudd.health.GONE_CONSUMER_MIN_IDLE_MS", 0)
+    monkeypatch.setattr("fraudd.runtime.health.GONE_CONSUMER_MIN_IDLE_MS", 0)
     time.sleep(0.2)
     Housekeeper(settings).run_once()
     names = {c["name"].decode() for c in redis_client.xinfo_consumers(ns.stream, ns.group)}

@@ -9,10 +9,10 @@ import orjson
 import pytest
 import redis
 
-from fraudd.decode import decode_batch
-from fraudd.features import BLOCKLIST_KINDS, FEATURE_NAMES, FeatureStore, Features
+from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, FeatureStore, Features
 from fraudd.keys import Keys
-from fraudd.rules import DECISIONS, DEFAULT_RULES_PATH, Rule, RuleOutcome, Rules, RulesError, decide
+from fraudd.scoring.rules import DECISIONS, DEFAULT_RULES_PATH, Rule, RuleOutcome, Rules, RulesError, decide
 
 DEFAULT = Rules.load()
 

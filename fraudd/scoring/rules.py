@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudd.features import BLOCKLIST_KINDS, EXTRA_COLUMNS, FEATURE_NAMES, Features
+from fraudd.scoring.features import (
+    BLOCKLIST_KINDS,
+    EXTRA_COLUMNS,
+    FEATURE_NAMES,
+    Features,
+)
 
 DECISIONS: tuple[str, ...] = ("approve", "review", "decline")
 APPROVE, REVIEW, DECLINE = 0, 1, 2

@@ -40,14 +40,27 @@ import numpy as np
 import psycopg
 import redis
 
-from . import metrics
-from .config import Settings
-from .decode import REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from ..config import Settings
+from ..keys import Keys
+from ..runtime import metrics
+from .decode import (
+    REASON_MAX_DELIVERIES,
+    REASON_PROCESSING,
+    DecodedBatch,
+    Rejected,
+    decode_batch,
+)
 from .features import FEATURE_NAMES, Features, FeatureStore
-from .keys import Keys
 from .model import FraudModel, ModelError
 from .rules import DECISIONS, Rules, RulesError, decide
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Settler, alert_documents
+from .sinks import (
+    DeadLetter,
+    DecisionStore,
+    ScoredBatch,
+    Settled,
+    Settler,
+    alert_documents,
+)
 
 log = logging.getLogger(__name__)
 

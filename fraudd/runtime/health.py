@@ -19,9 +19,9 @@ import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from ..config import Settings
+from ..schema import connect, ensure_partitions
 from . import metrics
-from .config import Settings
-from .schema import connect, ensure_partitions
 
 log = logging.getLogger(__name__)
 

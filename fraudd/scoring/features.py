@@ -21,10 +21,10 @@ import hiredis
 import numpy as np
 import redis
 
-from fraudd import behaviour
-from fraudd.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
-from fraudd.decode import DecodedBatch
 from fraudd.keys import Keys
+from fraudd.scoring import behaviour
+from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
+from fraudd.scoring.decode import DecodedBatch
 
 __all__ = ["BEHAVIOUR_FEATURES", "BLOCKLIST_KINDS", "EXTRA_COLUMNS", "FEATURE_NAMES", "MESSAGE_FEATURES",
            "SECONDS_SINCE_PREV_CAP", "FeatureStore", "Features", "message_columns"]

@@ -21,11 +21,10 @@ import orjson
 import psycopg
 import redis
 
+from ..keys import Keys
+from ..schema import connect
 from .decode import DecodedBatch, Rejected
-from .keys import Keys
 from .rules import DECISIONS
-from .schema import connect
-
 
 COLUMNS = (
     "transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",

@@ -24,10 +24,10 @@ import signal
 import time
 from dataclasses import dataclass
 
+from ..config import Settings
+from ..scoring.worker import EXIT_BOOT_ERROR, worker_main
 from . import logs, metrics
-from .config import Settings
 from .health import HealthServer, Housekeeper
-from .worker import EXIT_BOOT_ERROR, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Supervisor:
                 logs.setup(self.settings.log_level, self.settings.consumer_name(slot.index))
                 code = worker_main(self.settings, slot.index, status_w, supervisor_pid)
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
-                logging.getLogger("fraudd.worker").exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
+                logging.getLogger("fraudd.scoring.worker").exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
             finally:
                 os._exit(code)
         os.close(status_w)

@@ -1,0 +1,1 @@
+"""What every long-running fraudd process shares: supervision, metrics, logs, health."""

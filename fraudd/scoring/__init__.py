@@ -1,0 +1,1 @@
+"""Scoring: the batch of transactions turned into decisions, stored and settled."""
