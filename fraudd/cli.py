@@ -31,11 +31,11 @@ def run(**params) -> None:
     if settings.metrics_port:
         _prepare_metrics_dir()
     preflight(settings)
-    from .runtime.supervisor import (
-        Supervisor,  # imports prometheus-client, which reads the directory above
-    )
+    # Both import prometheus-client, which reads the directory above.
+    from .runtime.supervisor import Supervisor
+    from .scoring.worker import service
 
-    sys.exit(Supervisor(settings).run())
+    sys.exit(Supervisor(service(settings)).run())
 
 
 @main.command()
@@ -53,11 +53,11 @@ def migrate(**params) -> None:
 
 def preflight(settings: Settings) -> None:
     """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
+    from .runtime.consumer import connect_redis, ensure_group
     from .schema import pending_migrations
     from .scoring.features import FEATURE_NAMES
     from .scoring.model import FraudModel, ModelError
     from .scoring.rules import Rules, RulesError
-    from .scoring.worker import connect_redis, ensure_group
 
     try:
         FraudModel.load(settings.model_path, FEATURE_NAMES)

@@ -334,21 +334,23 @@ def test_healthz_is_200_while_healthy(observed: Observed) -> None:
 def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fraudd.cli import run
     from fraudd.config import settings_from
-    from fraudd.runtime.health import HealthServer, Housekeeper
+    from fraudd.runtime.health import HealthServer
+    from fraudd.runtime.supervisor import Supervisor
+    from fraudd.scoring.worker import service
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     port = free_port()
     context = run.make_context("run", ["--metrics-port", str(port), "--redis-url", REDIS_URL,
-                                       "--postgres-url", "postgresql://127.0.0.1:1/test"])
+                                       "--postgres-url", "postgresql://127.0.0.1:1/test", "--workers", "2"])
     settings = settings_from(context.params)
-    server = HealthServer(settings, Housekeeper(settings), lambda: (1, 2))
+    server = HealthServer(port, Supervisor(service(settings)).health_problems)
     server.start()
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/healthz")
     finally:
         server.stop()
     assert status == 503
-    assert "postgres:" in body and "workers: 1 of 2 ready" in body and "redis" not in body, body
+    assert "postgres:" in body and "workers: 0 of 2 ready" in body and "redis" not in body, body
 
 
 def test_logs_are_json_lines_that_do_not_grow_with_traffic(observed: Observed) -> None:

@@ -119,8 +119,8 @@ def check_postgres(settings: Settings) -> None:
         conn.execute("SELECT 1")
 
 
-def health_problems(settings: Settings, client: redis.Redis, workers: tuple[int, int]) -> list[str]:
-    """What is wrong right now; empty when Redis and PostgreSQL answer and every worker is up."""
+def health_problems(settings: Settings, client: redis.Redis) -> list[str]:
+    """What is wrong with the dependencies right now; empty when Redis and PostgreSQL answer."""
     problems = []
     try:
         client.ping()
@@ -130,21 +130,16 @@ def health_problems(settings: Settings, client: redis.Redis, workers: tuple[int,
         check_postgres(settings)
     except (psycopg.Error, OSError) as exc:
         problems.append(f"postgres: {str(exc).strip()}")
-    ready, wanted = workers
-    if ready < wanted:
-        problems.append(f"workers: {ready} of {wanted} ready")
     return problems
 
 
 class HealthServer:
-    """``/metrics`` (all workers' metrics summed) and ``/healthz`` on ``--metrics-port``, in a thread."""
+    """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``) on ``port``, in a thread."""
 
-    def __init__(self, settings: Settings, housekeeper: Housekeeper, workers: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, port: int, problems: Callable[[], list[str]]) -> None:
         self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
-        self._settings = settings
-        self._client = housekeeper.redis
-        self._workers = workers
-        self._server = make_server("", settings.metrics_port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._problems = problems
+        self._server = make_server("", port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     def start(self) -> None:
@@ -157,7 +152,7 @@ class HealthServer:
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
-            problems = health_problems(self._settings, self._client, self._workers())
+            problems = self._problems()
             body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
             start_response("200 OK" if not problems else "503 Service Unavailable",
                            [("Content-Type", "text/plain; charset=utf-8")])

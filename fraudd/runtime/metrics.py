@@ -26,19 +26,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
-from ..scoring import decode
-from ..scoring.rules import DECISIONS
-
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
 
 STAGES = ("read", "decode", "features", "inference", "copy", "settle")
-DEAD_LETTER_REASONS = (
-    decode.REASON_TOO_LARGE, decode.REASON_NOT_UTF8, decode.REASON_NOT_JSON, decode.REASON_NOT_OBJECT,
-    decode.REASON_MISSING, decode.REASON_INVALID, decode.REASON_NO_DATA, decode.REASON_MAX_DELIVERIES,
-    decode.REASON_PROCESSING,
-)
 RELOAD_OUTCOMES = ("ok", "refused")
 
 
@@ -73,11 +65,7 @@ oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the olde
 dependency_up = Gauge("fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="livemax")
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
-# and alerts see "nothing declined" instead of "no data".
-for _label in DECISIONS:
-    transactions.labels(_label)
-for _label in DEAD_LETTER_REASONS:
-    dead_letters.labels(_label)
+# and alerts see "nothing declined" instead of "no data". Services add their own label values.
 for _label in STAGES:
     stage_duration.labels(_label)
 for _label in RELOAD_OUTCOMES:

@@ -1,13 +1,14 @@
-"""The supervisor: forks the workers, keeps them alive, and stops them cleanly.
+"""The supervisor: forks a service's workers, keeps them alive, and stops them cleanly.
 
-Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
+Every long-running fraudd service (scoring, ingest, alerts) runs under this one supervisor; a
+``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
 through a pipe; everything else happens in the loop, outside signal context:
 
 - SIGCHLD: reap dead workers and respawn them, with back-off;
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
   stops at once (SIGKILL: whatever was not settled stays pending, nothing is lost);
 - SIGQUIT: immediate stop;
-- SIGHUP: forwarded to the workers, which reload rules and model at their next batch boundary.
+- SIGHUP: forwarded to the workers, which reload their configuration at their next boundary.
 
 A worker reports through a pipe when it has booted (``R``) or why it could not (``E<reason>``).
 A boot error, or a worker that keeps dying before it is ready, halts the daemon with the reason
@@ -22,12 +23,12 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from ..config import Settings
-from ..scoring.worker import EXIT_BOOT_ERROR, worker_main
 from . import logs, metrics
-from .health import HealthServer, Housekeeper
+from .health import HealthServer
+from .process import EXIT_BOOT_ERROR, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,25 @@ class Halt(Exception):
         self.exit_code = exit_code
 
 
+def _nothing_wrong() -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Service:
+    """One kind of worker process, as the supervisor runs it."""
+
+    name: str
+    workers: int
+    run_worker: Callable[[WorkerProcess], int]  # runs in the forked child; returns its exit code
+    worker_name: Callable[[int], str]  # stable across respawns: a consumer re-reads its own pending
+    shutdown_timeout_s: float
+    log_level: str
+    metrics_port: int = 0
+    housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
+    health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+
+
 @dataclass
 class Slot:
     """Worker position ``index``: survives its processes, so respawns reuse the consumer name."""
@@ -62,15 +82,14 @@ class Slot:
 class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.slots = [Slot(i) for i in range(settings.workers)]
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.slots = [Slot(i) for i in range(service.workers)]
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stop_deadline: float | None = None
-        self._housekeeper = Housekeeper(settings)
         self._health: HealthServer | None = None
 
     # -- main loop -------------------------------------------------------------------------
@@ -78,11 +97,10 @@ class Supervisor:
     def run(self) -> int:
         for sig in self.SIGNALS:
             signal.signal(sig, self._queue_signal)
-        if self.settings.metrics_port:
-            self._health = HealthServer(self.settings, self._housekeeper, self.workers_alive)
+        if self.service.metrics_port:
+            self._health = HealthServer(self.service.metrics_port, self.health_problems)
             self._health.start()
-        log.info("fraudd started", extra={"event": "started", "workers": self.settings.workers,
-                                           "stream": self.settings.stream, "group": self.settings.group})
+        log.info(f"{self.service.name} started", extra={"event": "started", "workers": self.service.workers})
         next_housekeeping = 0.0
         try:
             while True:
@@ -90,30 +108,34 @@ class Supervisor:
                 self._reap()
                 if self._stop_deadline is not None:
                     if not self._alive():
-                        log.info("fraudd stopped", extra={"event": "stopped"})
+                        log.info(f"{self.service.name} stopped", extra={"event": "stopped"})
                         return 0
                     if time.monotonic() >= self._stop_deadline:
                         log.error("workers did not stop in time, killing them", extra={"event": "stop_timeout"})
                         self._kill_all(signal.SIGKILL)
                 else:
                     self._spawn_due()
-                    if time.monotonic() >= next_housekeeping:
-                        self._housekeeper.run_once()
+                    if self.service.housekeeping is not None and time.monotonic() >= next_housekeeping:
+                        self.service.housekeeping()
                         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
                 self._sleep(0.5)
         except Halt as halt:
-            log.error("fraudd halted: %s", halt.reason, extra={"event": "halted", "reason": halt.reason})
+            log.error(f"{self.service.name} halted: %s", halt.reason, extra={"event": "halted", "reason": halt.reason})
             self._stop_deadline = time.monotonic()
             self._kill_all(signal.SIGTERM)
-            self._wait_all(self.settings.shutdown_timeout_s)
+            self._wait_all(self.service.shutdown_timeout_s)
             return halt.exit_code
         finally:
             if self._health is not None:
                 self._health.stop()
 
-    def workers_alive(self) -> tuple[int, int]:
-        """(ready workers, configured workers), for /healthz."""
-        return sum(1 for s in self.slots if s.pid is not None and s.ready), len(self.slots)
+    def health_problems(self) -> list[str]:
+        """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
+        problems = self.service.health_problems()
+        ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
+        if ready < len(self.slots):
+            problems.append(f"workers: {ready} of {len(self.slots)} ready")
+        return problems
 
     def _queue_signal(self, signum, frame) -> None:
         if len(self._signals) < 10:
@@ -157,7 +179,7 @@ class Supervisor:
                 raise SystemExit(0)
             else:
                 log.info("stopping: workers settle their current batch", extra={"event": "stop_graceful"})
-                self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+                self._stop_deadline = time.monotonic() + self.service.shutdown_timeout_s
                 self._kill_all(signal.SIGTERM)
 
     # -- workers ---------------------------------------------------------------------------
@@ -180,16 +202,16 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                logs.setup(self.settings.log_level, self.settings.consumer_name(slot.index))
-                code = worker_main(self.settings, slot.index, status_w, supervisor_pid)
+                logs.setup(self.service.log_level, self.service.worker_name(slot.index))
+                code = self.service.run_worker(WorkerProcess(slot.index, status_w, supervisor_pid))
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
-                logging.getLogger("fraudd.scoring.worker").exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
+                log.exception("worker crashed", extra={"event": "worker_crashed", "error": repr(exc)})
             finally:
                 os._exit(code)
         os.close(status_w)
         slot.pid, slot.status_fd, slot.ready = pid, status_r, False
         log.info("worker spawned", extra={"event": "worker_spawned", "pid": pid,
-                                          "consumer": self.settings.consumer_name(slot.index)})
+                                          "consumer": self.service.worker_name(slot.index)})
 
     def _read_status(self, fd: int) -> None:
         slot = next(s for s in self.slots if s.status_fd == fd)
@@ -229,7 +251,7 @@ class Supervisor:
         pid, was_ready = slot.pid, slot.ready
         slot.pid, slot.ready = None, False
         metrics.worker_exited(pid)
-        consumer = self.settings.consumer_name(slot.index)
+        consumer = self.service.worker_name(slot.index)
         if self._stop_deadline is not None:
             return
         if os.WIFSIGNALED(status):

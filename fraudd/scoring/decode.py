@@ -29,6 +29,8 @@ REASON_INVALID = "invalid_field"
 REASON_NO_DATA = "missing_data_field"
 REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PROCESSING = "processing_error"
+DEAD_LETTER_REASONS = (REASON_TOO_LARGE, REASON_NOT_UTF8, REASON_NOT_JSON, REASON_NOT_OBJECT, REASON_MISSING,
+                       REASON_INVALID, REASON_NO_DATA, REASON_MAX_DELIVERIES, REASON_PROCESSING)
 
 # A payload holding two top-level values ("{...},{...}") would shift every later element of the
 # joined array onto the wrong entry; such batches take the per-entry path instead.

@@ -1,0 +1,354 @@
+"""The stream consumer every fraudd service reads with, and the loop around its batches.
+
+A service is a ``BatchHandler``, a small "what to do with a batch"; this module does the rest, the
+same way for scoring, alerts and labels:
+
+    read      own pending entries first (a respawned worker finishes what its previous life read
+              but never acked), then entries idle too long at other consumers (XAUTOCLAIM: their
+              worker died or hung), then new entries (XREADGROUP COUNT ... BLOCK ...)
+    poison    entries delivered more than ``max_deliveries`` times are split out for the DLQ
+    outages   an unreachable Redis or PostgreSQL is waited out with bounded, jittered back-off
+              while the batch in flight stays claimed; nothing new is read meanwhile
+    stop      SIGTERM lets the batch in flight settle; a batch that cannot settle before the
+              grace period ends stays pending for the next worker
+
+The client's stream replies stay raw (RESP2, undecoded): decoding ids and payloads per batch is
+cheaper than redis-py's per-entry dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import psycopg
+import redis
+
+from . import metrics
+from .process import BootError, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 5.0
+
+# Errors that mean "a dependency is away", not "this batch is bad": the batch is retried as is.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+POSTGRES_DOWN = (
+    psycopg.OperationalError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.InsufficientPrivilege,
+)
+_T = TypeVar("_T")
+
+
+class Stopping(Exception):
+    """Shutdown was requested while the current batch could not be settled; it stays pending."""
+
+
+@dataclass(slots=True)
+class Entries:
+    """One read, as parallel lists: a batch costs a few comprehensions, not an object per entry."""
+
+    ids: list[str]
+    payloads: list[bytes | None]  # the ``data`` field; None: the entry has none or was deleted
+    deleted: set[str]  # trimmed or XDEL'd while pending: nothing to process, only to ack
+    deliveries: dict[str, int]  # known only for re-read and reclaimed entries; 1 for the rest
+    extra: dict[str, dict[bytes, bytes]]  # fields besides ``data``, of the entries that have any
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """An entry delivered more than ``max_deliveries`` times: it goes to the DLQ, not through again."""
+
+    entry_id: str
+    payload: bytes
+    deliveries: int
+
+    @property
+    def detail(self) -> str:
+        return f"delivered {self.deliveries} times"
+
+
+def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> Entries:
+    """Entries from a raw (RESP2, undecoded) XREADGROUP/XAUTOCLAIM reply."""
+    ids = [entry_id.decode() for entry_id, _fields in raw_entries]
+    # The origin producer writes exactly one field, ``data``: look further only when it did not.
+    payloads = [fields[1] if fields and fields[0] == b"data" else _data_field(fields) for _id, fields in raw_entries]
+    extra = {i: _extra_fields(fields) for i, (_id, fields) in zip(ids, raw_entries) if fields and len(fields) > 2}
+    deleted = {i for i, (_id, fields) in zip(ids, raw_entries) if fields is None} if deliveries is not None else set()
+    return Entries(ids, payloads, deleted, deliveries or {}, extra)
+
+
+def _data_field(fields: list | None) -> bytes | None:
+    if not fields:
+        return None
+    return dict(zip(fields[::2], fields[1::2])).get(b"data")
+
+
+def _extra_fields(fields: list) -> dict[bytes, bytes]:
+    return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
+
+
+class ConsumerOptions(Protocol):
+    """The settings a consumer reads; every service's settings carry these names."""
+
+    stream: str
+    group: str
+    batch_size: int
+    block_ms: int
+    claim_idle_ms: int
+    max_deliveries: int
+    shutdown_timeout_s: float
+
+
+class StreamConsumer:
+    """Consumer ``name`` of ``options.group`` on ``options.stream``, in worker process ``process``.
+
+    ``on_outage(kind)`` is told of every failed attempt while Redis (``"redis"``) or PostgreSQL
+    (``"postgres"``) is away, so the handler can drop a broken connection before the next one.
+    """
+
+    def __init__(self, client: redis.Redis, options: ConsumerOptions, name: str, process: WorkerProcess,
+                 on_outage: Callable[[str], None] | None = None) -> None:
+        self.redis = client
+        self.options = options
+        self.name = name
+        self.process = process
+        self._on_outage = on_outage
+        self._own_pending_cursor: str | None = "0"
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        # Reads not yet acked, kept claimed while an outage is waited out. Two at most: one being
+        # prepared, one settling in a handler's thread.
+        self._held: list[list[str]] = []
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self) -> Entries:
+        """The next batch (possibly empty after ``block_ms``); held until ``release``d."""
+        started = time.perf_counter()
+        entries = self.until_done(self._next_entries, "redis")
+        if entries:
+            metrics.stage_duration.labels("read").observe(time.perf_counter() - started)
+            metrics.batch_size.observe(len(entries))
+            self._held.append(entries.ids)
+        return entries
+
+    def release(self, entries: Entries) -> None:
+        """``entries`` are acked (or will be by nobody else): stop keeping them claimed."""
+        self._held = [ids for ids in self._held if ids is not entries.ids]
+
+    @property
+    def held(self) -> int:
+        return sum(len(ids) for ids in self._held)
+
+    def split_poison(self, entries: Entries) -> tuple[Entries, list[Poison]]:
+        """(what to process, what to dead-letter as poison); deleted entries are in neither, only acked."""
+        deliveries = entries.deliveries
+        if not deliveries and not entries.deleted:
+            return entries, []
+        limit = self.options.max_deliveries
+        poison = [Poison(i, p or b"", deliveries[i]) for i, p in zip(entries.ids, entries.payloads)
+                  if deliveries.get(i, 1) > limit and i not in entries.deleted]
+        keep = [(i, p) for i, p in zip(entries.ids, entries.payloads)
+                if deliveries.get(i, 1) <= limit and i not in entries.deleted]
+        ids = [i for i, _p in keep]
+        return Entries(ids, [p for _i, p in keep], set(), deliveries,
+                       {i: entries.extra[i] for i in ids if i in entries.extra}), poison
+
+    def _next_entries(self) -> Entries:
+        if self._own_pending_cursor is not None:
+            reply = self._xreadgroup(self._own_pending_cursor, block=False)
+            if reply:
+                self._own_pending_cursor = reply[-1][0].decode()
+                return read_entries(reply, self._deliveries(reply))
+            self._own_pending_cursor = None
+        if time.monotonic() >= self._next_claim:
+            entries = self._claim()
+            if entries:
+                return entries
+        return read_entries(self._xreadgroup(">", block=True))
+
+    def _xreadgroup(self, start: str, block: bool) -> list:
+        o = self.options
+        args = ["GROUP", o.group, self.name, "COUNT", o.batch_size]
+        if block:
+            args += ["BLOCK", o.block_ms]
+        try:
+            reply = self.redis.execute_command("XREADGROUP", *args, "STREAMS", o.stream, start)
+        except redis.ResponseError as exc:
+            self.recreate_lost_group(exc)
+            return []
+        return reply[0][1] if reply else []
+
+    def recreate_lost_group(self, exc: redis.ResponseError) -> None:
+        """Re-raise ``exc`` unless it says the consumer group is gone; then recreate the group.
+
+        The group vanishes when Redis loses its data, and the entries read from it with it: the
+        service goes on with what arrives next instead of stopping.
+        """
+        if "NOGROUP" not in str(exc):
+            raise exc
+        log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
+        ensure_group(self.redis, self.options.stream, self.options.group)
+
+    def _claim(self) -> Entries | None:
+        """Take over entries idle for longer than ``claim_idle_ms`` (their consumer died or hung)."""
+        o = self.options
+        cursor, raw, _deleted = self.redis.execute_command(
+            "XAUTOCLAIM", o.stream, o.group, self.name, o.claim_idle_ms, self._claim_cursor, "COUNT", o.batch_size
+        )
+        self._claim_cursor = cursor.decode()
+        if self._claim_cursor == "0-0":
+            # A full pass over the pending list is done; the next one can wait a while.
+            self._next_claim = time.monotonic() + o.claim_idle_ms / 2000.0
+        raw = [item for item in raw if item]
+        if not raw:
+            return None
+        metrics.reclaimed.inc(len(raw))
+        log.info("reclaimed pending entries", extra={"event": "reclaimed", "entries": len(raw)})
+        return read_entries(raw, self._deliveries(raw))
+
+    def _deliveries(self, raw: list) -> dict[str, int]:
+        """Delivery counts of entries this consumer holds, for the poison check."""
+        first, last = raw[0][0], raw[-1][0]
+        pending = self.redis.execute_command(
+            "XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name
+        )
+        return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
+
+    # -- waiting out outages ---------------------------------------------------------------
+
+    def until_done(self, attempt: Callable[[], _T], component: str) -> _T:
+        """Run ``attempt`` until it succeeds, waiting out Redis/PostgreSQL outages with back-off.
+
+        While waiting, the batches in flight are kept claimed (their idle time reset) so that no
+        other worker takes over a batch this live worker is still responsible for. Told to stop
+        during a long outage, it gives up with ``Stopping`` and the batch stays pending.
+        """
+        delay = _BACKOFF_FIRST_S
+        down_since = None
+        while True:
+            try:
+                result = attempt()
+            except REDIS_DOWN + POSTGRES_DOWN as exc:
+                kind = "redis" if isinstance(exc, REDIS_DOWN) else "postgres"
+                metrics.errors.labels(kind, type(exc).__name__).inc()
+                if self._on_outage is not None:
+                    self._on_outage(kind)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.error(f"{kind} unavailable, retrying", extra={"event": "outage", "component": kind, "error": str(exc)})
+                if self.process.stopping and time.monotonic() - down_since > self.options.shutdown_timeout_s / 2:
+                    raise Stopping() from exc
+                self._wait_keeping_claimed(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                continue
+            if down_since is not None:
+                log.info(f"{component} back", extra={"event": "recovered", "component": component,
+                                                     "down_s": round(time.monotonic() - down_since, 3)})
+            return result
+
+    def _wait_keeping_claimed(self, seconds: float) -> None:
+        """Sleep ``seconds``, refreshing the claim on the batches in flight at least three times per
+        ``claim_idle_ms``: a back-off step may be longer than that, and a claim left to go idle
+        would let another worker take over (and redo) a batch this one still holds."""
+        deadline = time.monotonic() + seconds
+        step = self.options.claim_idle_ms / 3000.0
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(step, left))
+            self._keep_claimed()
+
+    def _keep_claimed(self) -> None:
+        in_flight = [i for ids in list(self._held) for i in ids]
+        if not in_flight:
+            return
+        try:
+            self.redis.execute_command(
+                "XCLAIM", self.options.stream, self.options.group, self.name, 0, *in_flight, "JUSTID"
+            )
+        except redis.RedisError:
+            # Best effort: Redis is still away, or lost the group with these entries (the read or
+            # the settle that is waiting recreates it).
+            pass
+
+
+class BatchHandler(Protocol):
+    """What a service does with a batch; ``consume`` calls these in this order."""
+
+    def boot(self) -> None:
+        """Load configuration and connect; raise ``BootError`` when respawning would not help."""
+
+    def reload(self) -> None:
+        """Re-read configuration at a batch boundary (SIGHUP); keep the old one if the new is bad."""
+
+    def process(self, entries: Entries) -> None:
+        """Handle one read; ``consumer.release(entries)`` once it is acked."""
+
+    def drain(self) -> None:
+        """Finish whatever is still settling (graceful stop)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHandler) -> int:
+    """The life of a consumer worker process; returns its exit code."""
+    process.install_signals()
+    try:
+        handler.boot()
+    except BootError as exc:
+        log.error("worker cannot start", extra={"event": "boot_error", "reason": str(exc)})
+        return process.boot_failed(str(exc))
+    except Stopping:
+        # Told to stop while still waiting for a dependency to boot: nothing was read yet.
+        log.warning("stopped before start-up completed", extra={"event": "stopped_booting"})
+        return 0
+    process.ready()
+    log.info("worker started", extra={"event": "worker_started", "consumer": consumer.name})
+    metrics.workers_alive.set(1)
+    try:
+        while process.running:
+            if process.reload_requested:
+                process.reload_requested = False
+                handler.reload()
+            entries = consumer.read()
+            if entries:
+                handler.process(entries)
+        handler.drain()
+    except Stopping:
+        log.warning("stopped with a batch unsettled; it stays pending for the next worker",
+                    extra={"event": "stopped_unsettled", "entries": consumer.held})
+    finally:
+        handler.close()
+    log.info("worker stopped", extra={"event": "worker_stopped", "consumer": consumer.name})
+    return 0
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts."""
+    client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5,
+                                  retry_on_timeout=False, health_check_interval=0)
+    # XCLAIM too: redis-py parses its reply as entries, which a JUSTID reply (bare ids) is not.
+    for command in ("XREADGROUP", "XAUTOCLAIM", "XPENDING", "XCLAIM"):
+        client.set_response_callback(command, lambda response, **options: response)
+    return client
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group from the stream's beginning if missing; True if it was created."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True

@@ -1,0 +1,85 @@
+"""The forked side of supervision: what every worker process of every fraudd service shares.
+
+A worker tells its supervisor through a pipe that it has booted (``R``) or why it cannot
+(``E<reason>``, then it exits with ``EXIT_BOOT_ERROR`` and the supervisor halts instead of
+respawning it in a loop). It dies with its supervisor: a worker outliving it would keep consuming
+under a name the next supervisor reuses. SIGTERM/SIGINT ask it to stop at its next boundary and
+SIGHUP to reload; both only set flags (and wake an event loop that asked to be woken), so a batch
+is never interrupted halfway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable
+
+EXIT_BOOT_ERROR = 3
+_PR_SET_PDEATHSIG = 1
+
+
+class BootError(RuntimeError):
+    """The worker cannot start with this configuration; respawning it would not help."""
+
+
+class WorkerProcess:
+    """Worker ``index`` of a supervisor, seen from inside the forked process."""
+
+    def __init__(self, index: int, status_fd: int | None = None, parent_pid: int | None = None) -> None:
+        self.index = index
+        self.stopping = False
+        self.reload_requested = False
+        self._status_fd = status_fd
+        # The supervisor's pid as it knew it before the fork: had it died before this line, getppid()
+        # would already name the process that adopted the orphan, which then never looks orphaned.
+        self._parent = parent_pid if parent_pid is not None else os.getppid()
+        self._wakers: list[Callable[[], None]] = []
+
+    def install_signals(self) -> None:
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def wake_on_signal(self, waker: Callable[[], None]) -> None:
+        """Call ``waker`` (e.g. an event loop's thread-safe wake-up) after every stop or reload signal."""
+        self._wakers.append(waker)
+
+    @property
+    def running(self) -> bool:
+        """Neither told to stop nor orphaned."""
+        return not self.stopping and os.getppid() == self._parent
+
+    def ready(self) -> None:
+        self._report("R")
+
+    def boot_failed(self, reason: str) -> int:
+        """Report why this worker cannot start; returns the exit code that halts the supervisor."""
+        self._report(f"E{reason}")
+        return EXIT_BOOT_ERROR
+
+    def _report(self, status: str) -> None:
+        if self._status_fd is None:
+            return
+        try:
+            os.write(self._status_fd, (status.replace("\n", " ") + "\n").encode())
+        except BrokenPipeError:
+            # The supervisor died while this worker was booting: an orphan must not consume.
+            self.stopping = True
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping = True
+        self._wake()
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for waker in self._wakers:
+            waker()
