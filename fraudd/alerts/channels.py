@@ -1,0 +1,297 @@
+"""The three kinds of channel: a signed JSON webhook, a Slack incoming webhook, SMTP e-mail.
+
+Each channel sends one alert (``send``) or, for Slack and e-mail under storm control, one digest
+of many (``send_digest``), and says why an attempt failed by raising ``DeliveryFailed`` (with the
+wait the peer asked for, when it did: HTTP ``Retry-After``, Slack's 429). Clients are opened once
+per worker process and kept: one aiohttp session with a bounded keep-alive pool per HTTP channel,
+a small pool of authenticated SMTP connections per e-mail channel.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import hashlib
+import hmac
+import html
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, parsedate_to_datetime
+
+import aiohttp
+import aiosmtplib
+import orjson
+
+from .config import ChannelConfig, EmailTarget, SlackTarget, WebhookTarget
+
+DIGEST_LISTED = 20  # alerts named one by one in a digest; the rest are counted
+_ERROR_BODY_CHARS = 200
+
+
+class DeliveryFailed(Exception):
+    """One attempt failed; ``retry_after`` is the wait the peer asked for, if it did."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class Alert:
+    """One alert for one channel: the fraud stream's ``data`` document, parsed and as sent."""
+
+    transaction_id: str
+    stream_id: str
+    body: bytes  # the ``data`` JSON, the body of a webhook
+    document: dict
+
+
+class Channel(abc.ABC):
+    """What every kind offers; ``open`` and ``close`` bracket the worker process's life."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @abc.abstractmethod
+    async def send(self, alert: Alert) -> None:
+        """Deliver one alert or raise ``DeliveryFailed``."""
+
+    async def send_digest(self, alerts: list[Alert], digest_id: str) -> None:
+        """Deliver one digest of ``alerts`` (storm control); the config refuses digests where unsupported."""
+        raise TypeError(f"{self.config.kind} channels send no digests")
+
+
+class _HttpChannel(Channel):
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.concurrency, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            headers={"User-Agent": "fraudd-alerts"},
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                if response.status < 300:
+                    await response.read()
+                    return
+                text = (await response.text(errors="replace"))[:_ERROR_BODY_CHARS]
+                raise DeliveryFailed(f"HTTP {response.status}: {' '.join(text.split())}",
+                                     _retry_after(response.headers.get("Retry-After")))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise DeliveryFailed(_describe(exc)) from None
+
+
+class WebhookChannel(_HttpChannel):
+    """Standard Webhooks: body = the alert's ``data``; ``webhook-id`` = ``<transaction_id>:<channel>``,
+    the same on every attempt, so the receiver can drop a repeat after a crash between sending and
+    recording; the signature is made afresh per attempt so that a late retry is not "too old"."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        super().__init__(config)
+        target = config.target
+        assert isinstance(target, WebhookTarget)
+        self._url = target.url
+        self._key = base64.b64decode(target.secret[len("whsec_"):] + "==")
+
+    def headers(self, alert: Alert, timestamp: int) -> dict[str, str]:
+        webhook_id = f"{alert.transaction_id}:{self.name}"
+        signed = b"%s.%d.%s" % (webhook_id.encode(), timestamp, alert.body)
+        signature = base64.b64encode(hmac.digest(self._key, signed, hashlib.sha256)).decode()
+        return {"Content-Type": "application/json", "webhook-id": webhook_id,
+                "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{signature}"}
+
+    async def send(self, alert: Alert) -> None:
+        await self._post(self._url, alert.body, self.headers(alert, int(time.time())))
+
+
+class SlackChannel(_HttpChannel):
+    """A Block Kit message per alert (amount, user, merchant, score, decision, reasons, a console link)."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        super().__init__(config)
+        target = config.target
+        assert isinstance(target, SlackTarget)
+        self._url = target.url
+        self._console_url = target.console_url
+
+    async def send(self, alert: Alert) -> None:
+        await self._post(self._url, orjson.dumps(slack_message(alert.document, self._console_url)),
+                         {"Content-Type": "application/json"})
+
+    async def send_digest(self, alerts: list[Alert], digest_id: str) -> None:
+        await self._post(self._url, orjson.dumps(slack_digest(alerts, self.config.digest_interval_s, self._console_url)),
+                         {"Content-Type": "application/json"})
+
+
+class EmailChannel(Channel):
+    """One message per alert (plain-text and HTML parts) over a pool of kept SMTP connections."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        super().__init__(config)
+        target = config.target
+        assert isinstance(target, EmailTarget)
+        self._target = target
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(config.concurrency)
+
+    async def close(self) -> None:
+        for client in self._idle:
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                client.close()
+        self._idle.clear()
+
+    def _client(self) -> aiosmtplib.SMTP:
+        t = self._target
+        context = ssl.create_default_context(cafile=t.ca_file) if t.tls != "none" else None
+        return aiosmtplib.SMTP(hostname=t.host, port=t.port, username=t.username, password=t.password,
+                               use_tls=t.tls == "implicit", start_tls=t.tls == "starttls", tls_context=context,
+                               timeout=self.config.timeout_s)
+
+    async def send(self, alert: Alert) -> None:
+        await self._deliver(email_message(alert.document, self._target, self.name, self._target.console_url))
+
+    async def send_digest(self, alerts: list[Alert], digest_id: str) -> None:
+        await self._deliver(email_digest(alerts, self._target, self.name, digest_id, self.config.digest_interval_s))
+
+    async def _deliver(self, message: EmailMessage) -> None:
+        async with self._slots:
+            client = self._idle.pop() if self._idle else self._client()
+            try:
+                if not client.is_connected:
+                    await client.connect()
+                await client.send_message(message)
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                client.close()
+                raise DeliveryFailed(_describe(exc)) from None
+            self._idle.append(client)
+
+
+def open_channel(config: ChannelConfig) -> Channel:
+    return {"webhook": WebhookChannel, "slack": SlackChannel, "email": EmailChannel}[config.kind](config)
+
+
+# -- message content -----------------------------------------------------------------------
+
+def _money(document: dict) -> str:
+    return f"{document.get('amount', 0):,.2f} {document.get('currency') or 'USD'}"
+
+
+def _headline(document: dict) -> str:
+    return (f"{str(document.get('decision', '?')).upper()}: {_money(document)} at {document.get('merchant', '?')} "
+            f"by {document.get('user_id', '?')} (score {document.get('score', 0):.3f})")
+
+
+def slack_message(document: dict, console_url: str | None) -> dict:
+    txid = str(document.get("transaction_id"))
+    reasons = ", ".join(document.get("reasons") or []) or "none"
+    fields = [("Amount", _money(document)), ("User", document.get("user_id")), ("Merchant", document.get("merchant")),
+              ("Score", f"{document.get('score', 0):.3f}"), ("Decision", document.get("decision")), ("Reasons", reasons)]
+    blocks: list[dict] = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert: {str(document.get('decision')).upper()}"}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{label}*\n{value}"} for label, value in fields]},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"transaction `{txid}`"}]},
+    ]
+    if console_url:
+        blocks.append({"type": "actions", "elements": [
+            {"type": "button", "text": {"type": "plain_text", "text": "Open in console"},
+             "url": console_url.format(transaction_id=txid)}]})
+    return {"text": f"Fraud alert {_headline(document)}", "blocks": blocks}
+
+
+def _digest_lines(alerts: list[Alert]) -> tuple[str, list[str]]:
+    decisions = Counter(a.document.get("decision") for a in alerts)
+    total = sum(float(a.document.get("amount") or 0) for a in alerts)
+    summary = (f"{len(alerts)} alerts ({', '.join(f'{n} {d}' for d, n in sorted(decisions.items()))}), "
+               f"{total:,.2f} in total")
+    return summary, [_headline(a.document) + f" [{a.transaction_id}]" for a in alerts[:DIGEST_LISTED]]
+
+
+def slack_digest(alerts: list[Alert], interval_s: float, console_url: str | None) -> dict:
+    summary, lines = _digest_lines(alerts)
+    more = len(alerts) - len(lines)
+    text = "\n".join(f"• {line}" for line in lines) + (f"\n… and {more} more in alert_deliveries" if more else "")
+    return {"text": f"Fraud alert digest: {summary}",
+            "blocks": [
+                {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert digest: {len(alerts)} alerts"}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": f"{summary} within {interval_s:g}s (storm control)"}},
+                {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}},
+            ]}
+
+
+def email_message(document: dict, target: EmailTarget, channel: str, console_url: str | None) -> EmailMessage:
+    txid = str(document.get("transaction_id"))
+    rows = [("Transaction", txid), ("Amount", _money(document)), ("User", document.get("user_id")),
+            ("Merchant", document.get("merchant")), ("Score", f"{document.get('score', 0):.3f}"),
+            ("Decision", document.get("decision")), ("Reasons", ", ".join(document.get("reasons") or []) or "none")]
+    link = console_url.format(transaction_id=txid) if console_url else None
+    plain = "\n".join(f"{label}: {value}" for label, value in rows) + (f"\n\n{link}\n" if link else "\n")
+    cells = "".join(f"<tr><th align=left>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>"
+                    for label, value in rows)
+    anchor = f'<p><a href="{html.escape(link)}">Open in console</a></p>' if link else ""
+    # A stable Message-ID: a repeat after a crash between sending and recording is recognisable.
+    return _envelope(f"[fraudd] {_headline(document)}", plain, f"<table>{cells}</table>{anchor}", target,
+                     f"<{txid}.{channel}@fraudd>")
+
+
+def email_digest(alerts: list[Alert], target: EmailTarget, channel: str, digest_id: str, interval_s: float) -> EmailMessage:
+    summary, lines = _digest_lines(alerts)
+    more = len(alerts) - len(lines)
+    tail = f"… and {more} more in alert_deliveries (digest {digest_id})" if more else f"(digest {digest_id})"
+    plain = f"{summary} within {interval_s:g}s (storm control)\n\n" + "\n".join(lines) + f"\n{tail}\n"
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return _envelope(f"[fraudd] digest: {summary}", plain,
+                     f"<p>{html.escape(summary)}</p><ul>{items}</ul><p>{html.escape(tail)}</p>", target,
+                     f"<{digest_id}.{channel}@fraudd>")
+
+
+def _envelope(subject: str, plain: str, body_html: str, target: EmailTarget, message_id: str) -> EmailMessage:
+    message = EmailMessage()
+    message["Subject"] = subject
+    message["From"] = target.sender
+    message["To"] = ", ".join(target.recipients)
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = message_id
+    message.set_content(plain)
+    message.add_alternative(f"<html><body>{body_html}</body></html>", subtype="html")
+    return message
+
+
+# -- failures ------------------------------------------------------------------------------
+
+def _retry_after(header: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds; an HTTP date is read as its distance)."""
+    if not header:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:_ERROR_BODY_CHARS] if text else type(exc).__name__

@@ -1,0 +1,459 @@
+"""The alert service inside one worker process: from fraud-stream batches to delivered notifications.
+
+A stream batch is only *recorded*: each alert is routed to its channels and written to
+``alert_deliveries`` (one INSERT per batch) before the stream consumer acks it. Sending is the
+job of one asyncio task set per channel, which claims due rows from the table, sends them with up
+to ``concurrency`` requests in flight and records the outcomes in rounds. So PostgreSQL is the
+durable record of every delivery still to make, a slow or dead channel delays only itself, never
+the stream or the other channels, and retries need no state outside the table.
+
+Everything asynchronous runs on one uvloop event loop in a thread of its own, so deliveries and
+retries go on while the consumer thread blocks on its next read; the consumer hands each batch
+over and waits for it to be recorded (``handle``).
+
+Per channel, a circuit breaker keeps a channel that is down from burning its backlog's attempts:
+after a failed attempt the channel pauses (back-off, or the ``Retry-After`` it was given), then
+probes with one delivery until one succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+import redis
+import redis.asyncio
+import uvloop
+
+from ..keys import Keys
+from ..runtime import metrics
+from . import metrics as alert_metrics
+from .channels import Alert, Channel, DeliveryFailed, open_channel
+from .config import AlertsConfig, ChannelConfig
+from .deliveries import Claimed, DeliveryLog, NewDelivery, Outcome
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a channel looks for rows made due by others (retries, other processes' leftovers)
+DIGEST_MAX_ALERTS = 10_000
+REASON_INVALID_ALERT = "invalid_alert"
+REASON_UNDELIVERABLE = "alert_undeliverable"
+_RECORD_BACKOFF_MAX_S = 5.0
+_DEAD_MARKER_TTL_S = 7 * 86400
+_T = TypeVar("_T")
+
+# XADD a dead letter once per (transaction, channel): a retried flush after a crash or an outage
+# between the XADD and the PostgreSQL update must not dead-letter the same delivery twice.
+_DEAD_LETTER_ONCE = """
+local written = 0
+for i = 1, #KEYS - 1 do
+    local base = (i - 1) * 6
+    if redis.call('SET', KEYS[i + 1], '1', 'NX', 'EX', ARGV[#ARGV]) then
+        redis.call('XADD', KEYS[1], '*', 'data', ARGV[base + 1], 'reason', ARGV[base + 2], 'detail', ARGV[base + 3],
+                   'channel', ARGV[base + 4], 'source_id', ARGV[base + 5], 'attempts', ARGV[base + 6])
+        written = written + 1
+    end
+end
+return written
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SenderSettings:
+    redis_url: str
+    postgres_url: str
+    pg_schema: str
+    fraud_stream: str
+    dlq_stream: str
+    max_attempts: int
+    consumer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A fraud-stream entry that is no alert (not JSON, no transaction_id): dead-lettered, never retried."""
+
+    entry_id: str
+    payload: bytes
+    detail: str
+
+
+class AlertSender:
+    """Records stream batches and delivers them; ``start`` in the worker process, ``handle`` per batch, ``stop``."""
+
+    def __init__(self, config: AlertsConfig, settings: SenderSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="alerts", daemon=True)
+        self.log = DeliveryLog(settings.postgres_url, settings.pg_schema)
+        self._storm_prefix = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream).prefix + "alerts:storm:"
+        self._dead_prefix = Keys(settings.dlq_stream, settings.fraud_stream, settings.dlq_stream).prefix + "alerts:dead:"
+        self._channels: dict[str, ChannelRunner] = {}
+        self._recorder: Recorder | None = None
+
+    # -- the consumer's side (its thread) --------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._open())
+
+    def handle(self, entry_ids: list[str], payloads: list[bytes | None]) -> list[Rejected]:
+        """Route and record one stream batch; returns the entries that are no alert. Raises what
+        PostgreSQL or Redis raised, so the consumer waits the outage out and hands the batch again
+        (recording is idempotent)."""
+        return self._call(self.accept(entry_ids, payloads))
+
+    def stop(self, grace_s: float) -> None:
+        """Let in-flight deliveries finish (at most ``grace_s``), record them, release the rest."""
+        try:
+            self._call(self._close(grace_s))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        future: concurrent.futures.Future[_T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result()
+
+    # -- the event loop's side -------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self.redis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self._dead_letter_once = self.redis.register_script(_DEAD_LETTER_ONCE)
+        await self.log.open()
+        self._recorder = Recorder(self)
+        for channel_config in self.config.channels:
+            channel = open_channel(channel_config)
+            await channel.open()
+            self._channels[channel.name] = ChannelRunner(channel, self)
+        self._recorder.start()
+        for runner in self._channels.values():
+            runner.start()
+
+    async def _close(self, grace_s: float) -> None:
+        await asyncio.gather(*(runner.stop(grace_s) for runner in self._channels.values()))
+        if self._recorder is not None:
+            await self._recorder.stop(grace_s)
+        for runner in self._channels.values():
+            await runner.channel.close()
+        await self.log.close()
+        await self.redis.aclose()
+
+    async def accept(self, entry_ids: list[str], payloads: list[bytes | None]) -> list[Rejected]:
+        alerts, rejected = parse_alerts(entry_ids, payloads)
+        now = time.time()
+        routed: dict[str, list[Alert]] = {name: [] for name in self._channels}
+        for alert in alerts:
+            for name, runner in self._channels.items():
+                if runner.config.route.matches(alert.document):
+                    routed[name].append(alert)
+        rows: list[NewDelivery] = []
+        for name, channel_alerts in routed.items():
+            if channel_alerts:
+                rows += await self._storm_control(self._channels[name].config, channel_alerts, now)
+        await self.log.add(rows)
+        for name, channel_alerts in routed.items():
+            if channel_alerts:
+                self._channels[name].wake()
+        return rejected
+
+    async def _storm_control(self, config: ChannelConfig, alerts: list[Alert], now: float) -> list[NewDelivery]:
+        """Above ``digest_above`` alerts per interval (counted across every worker in Redis), the
+        rest of the interval's alerts go into one digest, sent when the interval ends."""
+        if config.digest_above is None:
+            return [NewDelivery(a, config.name, "pending", now) for a in alerts]
+        interval = config.digest_interval_s
+        window = int(now // interval)
+        key = f"{self._storm_prefix}{config.name}:{window}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(key, len(alerts))
+            pipe.expire(key, int(interval * 2) + 1)
+            total, _ = await pipe.execute()
+        before = total - len(alerts)
+        alone = max(0, min(len(alerts), config.digest_above - before))
+        digest_id = f"{config.name}:{window}"
+        due = (window + 1) * interval
+        return ([NewDelivery(a, config.name, "pending", now) for a in alerts[:alone]]
+                + [NewDelivery(a, config.name, "digest", due, digest_id) for a in alerts[alone:]])
+
+    async def dead_letter(self, channel: str, deliveries: list[tuple[Alert, str, int]]) -> None:
+        """Write given-up deliveries (alert, last error, attempts) to the DLQ, once each."""
+        keys = [self.settings.dlq_stream] + [f"{self._dead_prefix}{a.transaction_id}:{channel}" for a, _e, _n in deliveries]
+        args: list[Any] = []
+        for alert, error, attempts in deliveries:
+            args += [alert.body, REASON_UNDELIVERABLE, error, channel, alert.stream_id, attempts]
+        await self._dead_letter_once(keys=keys, args=[*args, _DEAD_MARKER_TTL_S])
+
+
+def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[list[Alert], list[Rejected]]:
+    """Alerts of a stream batch, one ``orjson`` call for all; entries that are no alert, rejected."""
+    present = [(i, p) for i, p in zip(entry_ids, payloads) if p]
+    rejected = [Rejected(i, b"", "no data field") for i, p in zip(entry_ids, payloads) if not p]
+    try:
+        documents = orjson.loads(b"[" + b",".join(p for _i, p in present) + b"]") if present else []
+        if len(documents) != len(present):
+            raise orjson.JSONDecodeError("entries do not split into one document each", "", 0)
+    except orjson.JSONDecodeError:
+        documents = [_loads_or_none(p) for _i, p in present]
+    alerts = []
+    for (entry_id, payload), document in zip(present, documents):
+        txid = document.get("transaction_id") if isinstance(document, dict) else None
+        if isinstance(txid, str) and txid:
+            alerts.append(Alert(txid, entry_id, payload, document))
+        else:
+            rejected.append(Rejected(entry_id, payload, "not a JSON object with a transaction_id"))
+    return alerts, rejected
+
+
+def _loads_or_none(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def backoff(config: ChannelConfig, attempts: int) -> float:
+    """Exponential back-off with equal jitter: half the step fixed, half random, so that a crowd of
+    retries spreads out instead of hitting a recovering peer together."""
+    step = min(config.retry_base_s * 2 ** max(0, attempts - 1), config.retry_max_s)
+    return step / 2 + random.uniform(0, step / 2)
+
+
+class ChannelRunner:
+    """One channel in one worker process: claims due rows, sends them, reports outcomes to the recorder."""
+
+    def __init__(self, channel: Channel, sender: AlertSender) -> None:
+        self.channel = channel
+        self.config = channel.config
+        self.sender = sender
+        self.name = channel.name
+        self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
+        self._busy = 0
+        self._woken = asyncio.Event()
+        self._failures = 0  # consecutive failed attempts: > 0 means paused, then probing with one delivery
+        self._paused_until = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._digest_in_flight: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._claim_loop(), name=f"claim-{self.name}")]
+        self._tasks += [asyncio.create_task(self._send_loop(), name=f"send-{self.name}")
+                        for _ in range(self.config.concurrency)]
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def stop(self, grace_s: float) -> None:
+        claimer, senders = self._tasks[0], self._tasks[1:]
+        claimer.cancel()
+        pending = [claimed for claimed in _drain(self._ready)]
+        # Idle senders wait on the queue; busy ones finish their attempt within the grace period.
+        deadline = time.monotonic() + grace_s
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in senders:
+            task.cancel()
+        if self._digest_in_flight is not None:
+            await asyncio.wait([self._digest_in_flight], timeout=max(0.0, deadline - time.monotonic()))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        now = time.time()
+        for claimed in pending:
+            self.sender._recorder.add(Outcome(self.name, claimed.alert.transaction_id, False, retry_at=now, released=True))
+
+    async def _claim_loop(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._claim_round()
+                delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # PostgreSQL away: the rows wait in the table, claims resume later
+                metrics.errors.labels("postgres", type(exc).__name__).inc()
+                log.warning("alert channel cannot claim deliveries", extra={"event": "alerts_claim_failed", "channel": self.name,
+                                                                           "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECORD_BACKOFF_MAX_S)
+
+    async def _claim_round(self) -> None:
+        now = time.time()
+        wait = POLL_S
+        if now < self._paused_until:
+            wait = min(POLL_S, self._paused_until - now)
+        else:
+            queued = self._ready.qsize() + self._busy
+            # Claim in chunks (a claim is a round trip); while probing a paused channel, one at a time.
+            room = (1 if self._failures else 2 * self.config.concurrency) - queued
+            if room >= (1 if self._failures else max(1, self.config.concurrency // 2)):
+                claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
+                for item in claimed:
+                    self._ready.put_nowait(item)
+                if len(claimed) == room:
+                    wait = 0.0  # more may be due
+            if self.config.digest_above is not None and self._digest_in_flight is None:
+                digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
+                if digest:
+                    self._digest_in_flight = asyncio.create_task(self._send_digest(digest))
+        if wait > 0:
+            try:
+                await asyncio.wait_for(self._woken.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        self._woken.clear()
+
+    async def _send_loop(self) -> None:
+        while True:
+            claimed = await self._ready.get()
+            self._busy += 1
+            try:
+                if time.time() < self._paused_until:
+                    # Paused after a failure while this one was queued: hand it back unattempted.
+                    self.sender._recorder.add(Outcome(self.name, claimed.alert.transaction_id, False,
+                                                      retry_at=self._paused_until, released=True))
+                    continue
+                await self._attempt([claimed], self.channel.send(claimed.alert), None)
+            finally:
+                self._busy -= 1
+                self._woken.set()
+
+    async def _send_digest(self, claimed: list[Claimed]) -> None:
+        digest_id = f"{self.name}:{claimed[0].alert.transaction_id}:{int(time.time())}"
+        try:
+            await self._attempt(claimed, self.channel.send_digest([c.alert for c in claimed], digest_id), digest_id)
+        finally:
+            self._digest_in_flight = None
+
+    async def _attempt(self, claimed: list[Claimed], sending: Coroutine[Any, Any, None], digest_id: str | None) -> None:
+        recorder = self.sender._recorder
+        try:
+            await sending
+        except DeliveryFailed as exc:
+            attempts = max(c.attempts for c in claimed)
+            self._pause(exc, attempts)
+            if attempts >= self.sender.settings.max_attempts:
+                for c in claimed:
+                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason), c.alert, c.attempts)
+            else:
+                retry_at = time.time() + (exc.retry_after if exc.retry_after is not None else backoff(self.config, attempts))
+                for c in claimed:
+                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason, retry_at=retry_at))
+            return
+        if self._failures:
+            log.info("alert channel back", extra={"event": "alerts_channel_up", "channel": self.name,
+                                                  "failed_attempts": self._failures})
+            self._failures = 0
+        for c in claimed:
+            recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
+
+    def _pause(self, failure: DeliveryFailed, attempts: int) -> None:
+        if not self._failures:
+            # Logged once per outage, not per attempt; the delivery log keeps each row's last error.
+            log.error("alert channel failing, pausing it", extra={"event": "alerts_channel_down", "channel": self.name,
+                                                                   "reason": failure.reason})
+        self._failures += 1
+        pause = failure.retry_after if failure.retry_after is not None else backoff(self.config, self._failures)
+        self._paused_until = max(self._paused_until, time.time() + pause)
+
+
+class Recorder:
+    """Writes outcomes to the delivery log in rounds (one transaction each), dead letters first.
+
+    An outcome that cannot be recorded yet (PostgreSQL or Redis away) is kept and retried; should
+    this process die meanwhile, the row's lease runs out and the delivery is made again under the
+    same ``webhook-id`` (the documented window of a repeat).
+    """
+
+    def __init__(self, sender: AlertSender) -> None:
+        self.sender = sender
+        self._outcomes: list[tuple[Outcome, Alert | None, int]] = []
+        self._woken = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="record")
+
+    def add(self, outcome: Outcome, alert: Alert | None = None, attempts: int = 0) -> None:
+        self._outcomes.append((outcome, alert, attempts))
+        self._woken.set()
+
+    async def stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while self._outcomes and time.monotonic() < deadline:
+            self._woken.set()
+            await asyncio.sleep(0.02)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            await self._woken.wait()
+            self._woken.clear()
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                continue
+            try:
+                await self._record(batch)
+            except Exception as exc:  # PostgreSQL or Redis away: keep the outcomes, try again
+                self._outcomes = batch + self._outcomes
+                if not self._failing:
+                    self._failing = True
+                    log.error("cannot record alert outcomes, retrying", extra={"event": "alerts_record_failed", "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECORD_BACKOFF_MAX_S)
+                self._woken.set()
+                continue
+            if self._failing:
+                self._failing = False
+                log.info("alert outcomes recorded again", extra={"event": "alerts_record_recovered"})
+            delay = 0.05
+
+    async def _record(self, batch: list[tuple[Outcome, Alert | None, int]]) -> None:
+        given_up: dict[str, list[tuple[Alert, str, int]]] = {}
+        for outcome, alert, attempts in batch:
+            if not outcome.delivered and not outcome.released and outcome.retry_at is None and alert is not None:
+                given_up.setdefault(outcome.channel, []).append((alert, outcome.error or "", attempts))
+        for channel, deliveries in given_up.items():
+            await self.sender.dead_letter(channel, deliveries)
+        await self.sender.log.record([outcome for outcome, _a, _n in batch])
+        _count(batch, given_up)
+
+
+def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, list[tuple[Alert, str, int]]]) -> None:
+    now = time.time()
+    delivered: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for outcome, alert, _attempts in batch:
+        if outcome.delivered and alert is not None:
+            delivered.setdefault(outcome.channel, []).append(now - int(alert.stream_id.split("-", 1)[0]) / 1000.0)
+        elif not outcome.delivered and not outcome.released:
+            failed[outcome.channel] = failed.get(outcome.channel, 0) + 1
+    for channel, latencies in delivered.items():
+        metrics.alert_deliveries.labels(channel, "delivered").inc(len(latencies))
+        metrics.observe_many(alert_metrics.delivery_latency.labels(channel), np.array(latencies))
+    for channel, count in failed.items():
+        metrics.alert_deliveries.labels(channel, "failed").inc(count)
+    for channel, deliveries in given_up.items():
+        metrics.alert_deliveries.labels(channel, "dead_lettered").inc(len(deliveries))
+        log.error("alerts dead-lettered after their last attempt",
+                  extra={"event": "alerts_dead_lettered", "channel": channel, "alerts": len(deliveries),
+                         "reason": deliveries[-1][1]})
+
+
+def _drain(queue: asyncio.Queue[_T]) -> list[_T]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items

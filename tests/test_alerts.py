@@ -1,0 +1,265 @@
+"""Alert delivery against real peers: what each channel sends, retries, Retry-After, a dead channel,
+storm digests. The sender runs in-process here; ``test_alerts_service.py`` runs ``fraudd alerts``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from standardwebhooks import Webhook
+
+from fraudd.alerts.config import load
+from fraudd.alerts.sender import AlertSender, SenderSettings
+
+from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
+from .conftest import Namespace, wait_for
+
+
+def alert(txid: str, decision: str = "decline", amount: float = 512.3, score: float = 0.97,
+          reasons: tuple[str, ...] = ("velocity_1h",)) -> dict:
+    """A fraud-stream document (the `transactions` row, DESIGN.md)."""
+    return {"transaction_id": txid, "user_id": "user_x1", "amount": amount, "currency": "USD", "merchant": "Amazon",
+            "mcc": None, "country": "FR", "card_id": None, "device_id": None, "ip": None, "channel": "ecom",
+            "lat": None, "lon": None, "event_time": 1764385200.0, "stream_id": "1764385200000-0",
+            "scored_at": 1764385200.5, "score": score, "decision": decision, "reasons": list(reasons),
+            "model_version": "test-1"}
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "alerts.toml"
+    path.write_text(body)
+    return path
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpReceiver]:
+    with HttpReceiver() as server:
+        yield server
+
+
+def run_sender(ns: Namespace, config_path: Path, environ: dict[str, str], max_attempts: int = 5) -> AlertSender:
+    sender = AlertSender(load(config_path, environ), SenderSettings(
+        ns.redis_url, ns.postgres_url, ns.schema, ns.fraud_stream, ns.dlq_stream, max_attempts, "test-0"))
+    sender.start()
+    return sender
+
+
+def publish(client: redis.Redis, ns: Namespace, sender: AlertSender, documents: list[dict]) -> list[str]:
+    """XADD the alerts to the fraud stream and hand them to the sender as the consumer would."""
+    payloads = [orjson.dumps(d) for d in documents]
+    ids = [client.xadd(ns.fraud_stream, {"data": p}).decode() for p in payloads]
+    assert sender.handle(ids, payloads) == []
+    return ids
+
+
+def deliveries(ns: Namespace) -> dict[tuple[str, str], tuple]:
+    rows = ns.sql("SELECT transaction_id, channel, status, attempts, last_error, delivered_at IS NOT NULL, digest_id "
+                  "FROM alert_deliveries")
+    return {(r[0], r[1]): r[2:] for r in rows}
+
+
+def test_each_channel_sends_its_exact_content(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
+                                              tmp_path: Path) -> None:
+    with SmtpServer(tmp_path) as smtp:
+        config = write_config(tmp_path, f"""
+[[channels]]
+name = "ops-webhook"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "TEST_WEBHOOK_SECRET"
+decisions = ["review", "decline"]
+
+[[channels]]
+name = "fraud-slack"
+kind = "slack"
+url_env = "TEST_SLACK_URL"
+decisions = ["decline"]
+min_amount = 100
+console_url = "https://console.example/tx/{{transaction_id}}"
+
+[[channels]]
+name = "analysts"
+kind = "email"
+host = "127.0.0.1"
+port = {smtp.port}
+tls = "starttls"
+ca_file = "{smtp.cert}"
+username = "{SMTP_USER}"
+password_env = "TEST_SMTP_PASSWORD"
+from = "fraudd@bank.example"
+to = ["analysts@bank.example", "oncall@bank.example"]
+reasons = ["velocity_1h"]
+""")
+        environ = {"TEST_WEBHOOK_SECRET": SECRET, "TEST_SLACK_URL": receiver.url("/slack"), "TEST_SMTP_PASSWORD": SMTP_PASSWORD}
+        sender = run_sender(ns, config, environ)
+        try:
+            documents = [alert("tx_big"), alert("tx_review", decision="review", reasons=("new_device",)),
+                         alert("tx_small", amount=20.0)]
+            ids = publish(redis_client, ns, sender, documents)
+            wait_for(lambda: sum(1 for row in deliveries(ns).values() if row[0] == "delivered") == 6, 20,
+                     message="six deliveries")
+        finally:
+            sender.stop(5)
+
+        # Webhook: every alert, body = data, signed per Standard Webhooks, id <transaction_id>:<channel>.
+        headers, body, _t = receiver.requests["/hook"][0]
+        assert Webhook(SECRET).verify(body, headers) in documents
+        assert sorted(receiver.accepted) == ["tx_big:ops-webhook", "tx_review:ops-webhook", "tx_small:ops-webhook"]
+        assert receiver.accepted["tx_review:ops-webhook"] == documents[1]
+        assert not receiver.repeats
+
+        # Slack: declines of at least 100 only, as Block Kit with a console link.
+        (message,) = receiver.bodies("/slack")
+        assert "DECLINE" in message["text"] and "tx_big" not in message["text"]
+        fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in message["blocks"][1]["fields"]}
+        assert fields == {"*Amount*": "512.30 USD", "*User*": "user_x1", "*Merchant*": "Amazon", "*Score*": "0.970",
+                          "*Decision*": "decline", "*Reasons*": "velocity_1h"}
+        assert message["blocks"][-1]["elements"][0]["url"] == "https://console.example/tx/tx_big"
+
+        # E-mail: alerts with reason velocity_1h, over STARTTLS with AUTH, plain and HTML parts.
+        assert sorted(m["Message-ID"] for m in smtp.mailbox.messages) == ["<tx_big.analysts@fraudd>", "<tx_small.analysts@fraudd>"]
+        mail = next(m for m in smtp.mailbox.messages if "tx_big" in m["Message-ID"])
+        assert smtp.mailbox.envelopes[0] == ("fraudd@bank.example", ["analysts@bank.example", "oncall@bank.example"])
+        assert mail["Subject"] == "[fraudd] DECLINE: 512.30 USD at Amazon by user_x1 (score 0.970)"
+        plain = mail.get_body(("plain",)).get_content()
+        html = mail.get_body(("html",)).get_content()
+        assert plain.replace("\r\n", "\n") == ("Transaction: tx_big\nAmount: 512.30 USD\nUser: user_x1\nMerchant: Amazon\n"
+                                               "Score: 0.970\nDecision: decline\nReasons: velocity_1h\n")
+        assert "<th align=left>Merchant</th><td>Amazon</td>" in html
+
+        rows = deliveries(ns)
+        assert set(rows) == {("tx_big", "ops-webhook"), ("tx_review", "ops-webhook"), ("tx_small", "ops-webhook"),
+                             ("tx_big", "fraud-slack"), ("tx_big", "analysts"), ("tx_small", "analysts")}
+        assert all(row[:2] == ("delivered", 1) and row[3] for row in rows.values())
+        assert ns.sql("SELECT stream_id FROM alert_deliveries WHERE transaction_id = 'tx_big' LIMIT 1")[0][0] == ids[0]
+
+
+def test_a_receiver_failing_n_times_gets_one_delivery_after_n_plus_one_attempts(
+        ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "S"
+retry_base_s = 0.05
+""")
+    receiver.failures["/hook"] = Failures(count=3, status=503)
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert("tx_1")])
+        wait_for(lambda: deliveries(ns).get(("tx_1", "hook"), ("",))[0] == "delivered", 20, message="delivery")
+    finally:
+        sender.stop(5)
+    status, attempts, last_error, delivered, _digest = deliveries(ns)[("tx_1", "hook")]
+    assert (status, attempts, delivered) == ("delivered", 4, True)
+    assert last_error == "HTTP 503: unavailable"
+    assert len(receiver.requests["/hook"]) == 4
+    assert {h["webhook-id"] for h, _b, _t in receiver.requests["/hook"]} == {"tx_1:hook"}
+    assert list(receiver.accepted) == ["tx_1:hook"] and not receiver.repeats
+
+
+def test_slack_429_retry_after_is_honoured(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
+                                           tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+[[channels]]
+name = "slack"
+kind = "slack"
+url = "{receiver.url('/slack')}"
+retry_base_s = 0.01
+""")
+    receiver.failures["/slack"] = Failures(count=1, status=429, retry_after="2")
+    sender = run_sender(ns, config, {})
+    try:
+        publish(redis_client, ns, sender, [alert("tx_a"), alert("tx_b")])
+        wait_for(lambda: [r[0] for r in deliveries(ns).values()] == ["delivered"] * 2, 20, message="deliveries")
+    finally:
+        sender.stop(5)
+    requests = [(orjson.loads(body)["blocks"][2]["elements"][0]["text"], t) for _h, body, t in receiver.requests["/slack"]]
+    # The first request got the 429 (the other was already in flight); its retry waited the 2 s asked for.
+    assert len(requests) == 3
+    (limited, limited_at), later = requests[0], requests[1:]
+    assert [t for text, t in later if text == limited][0] - limited_at >= 1.9
+    assert sorted(r[1] for r in deliveries(ns).values()) == [1, 2]
+
+
+def test_a_channel_down_for_good_is_dead_lettered_and_blocks_no_other(
+        ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+[[channels]]
+name = "gone"
+kind = "webhook"
+url = "http://127.0.0.1:9/hook"
+secret_env = "S"
+retry_base_s = 0.02
+retry_max_s = 0.1
+
+[[channels]]
+name = "alive"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "S"
+""")
+    sender = run_sender(ns, config, {"S": SECRET}, max_attempts=3)
+    try:
+        documents = [alert(f"tx_{i}") for i in range(20)]
+        ids = publish(redis_client, ns, sender, documents)
+        wait_for(lambda: len(receiver.accepted) == 20, 10, message="the live channel's deliveries")
+        wait_for(lambda: redis_client.xlen(ns.dlq_stream) == 20, 30, message="dead letters")
+    finally:
+        sender.stop(5)
+    rows = deliveries(ns)
+    assert all(rows[(f"tx_{i}", "alive")][:2] == ("delivered", 1) for i in range(20))
+    assert all(rows[(f"tx_{i}", "gone")][:2] == ("failed", 3) for i in range(20))
+    letters = [{k.decode(): v.decode() for k, v in f.items()} for _i, f in redis_client.xrange(ns.dlq_stream)]
+    letter = next(item for item in letters if item["source_id"] == ids[0])
+    assert letter["reason"] == "alert_undeliverable" and letter["channel"] == "gone" and letter["attempts"] == "3"
+    assert "ConnectionRefused" in letter["detail"] or "Connect" in letter["detail"], letter["detail"]
+    assert orjson.loads(letter["data"]) == documents[0]
+
+
+def test_a_storm_is_grouped_into_digests(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
+                                         tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+[[channels]]
+name = "slack"
+kind = "slack"
+url = "{receiver.url('/slack')}"
+digest_above = 3
+digest_interval_s = 1
+""")
+    sender = run_sender(ns, config, {})
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}", amount=100.0) for i in range(40)])
+        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 20, message="the digest")
+    finally:
+        sender.stop(5)
+    messages = receiver.bodies("/slack")
+    singles = [m for m in messages if m["text"].startswith("Fraud alert DECLINE")]
+    digests = [m for m in messages if m["text"].startswith("Fraud alert digest")]
+    assert len(singles) == 3 and len(digests) == 1, [m["text"] for m in messages]
+    assert digests[0]["text"] == "Fraud alert digest: 37 alerts (37 decline), 3,700.00 in total"
+    assert "and 17 more" in digests[0]["blocks"][2]["text"]["text"]
+    rows = deliveries(ns)
+    assert len(rows) == 40  # every alert is in the delivery log
+    assert sum(1 for r in rows.values() if r[4] is not None) == 37
+
+
+def test_a_bad_config_names_the_key(tmp_path: Path) -> None:
+    from fraudd.alerts.config import AlertConfigError
+
+    cases = {
+        'name = "a"\nkind = "pager"': "channels[0] (a).kind: 'pager': must be one of webhook, slack, email",
+        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret = "whsec_abc"': "channels[0] (a).secret: secrets are never read",
+        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret_env = "NOPE"': "channels[0] (a).secret_env: environment variable NOPE is not set",
+        'name = "a"\nkind = "slack"\nurl = "http://x"\ndecisions = ["approve"]': "channels[0] (a).decisions: must list some of",
+        'name = "a"\nkind = "email"\nhost = "h"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"': "channels[0] (a).password_env: a username needs",
+    }
+    for body, expected in cases.items():
+        path = write_config(tmp_path, f"[[channels]]\n{body}\n")
+        with pytest.raises(AlertConfigError) as raised:
+            load(path, {})
+        assert expected in str(raised.value) and "\n" not in str(raised.value)
