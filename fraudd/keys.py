@@ -41,17 +41,21 @@ class Keys:
 
     @property
     def seen_prefix(self) -> str:
-        """``<prefix>seen:<transaction_id>``: the dedup marker, valued with the first event time."""
+        """``<prefix>seen:<bucket>``: dedup markers, one hash per minute of event time (``scoring/dedup.py``)."""
         return self.prefix + "seen:"
+
+    def seen_bucket(self, bucket: int) -> str:
+        """The hash of the transactions counted in event-time bucket ``bucket``: id -> ms offset."""
+        return f"{self.seen_prefix}{bucket}"
 
     @property
     def alerted_prefix(self) -> str:
-        """``<prefix>alerted:<transaction_id>``: an alert was already written for this id."""
+        """``<prefix>alerted:<bucket>``: the set of transaction ids of that event-time bucket already alerted."""
         return self.prefix + "alerted:"
 
     @property
     def dead_prefix(self) -> str:
-        """``<prefix>dead:<entry id>``: this entry was already dead-lettered."""
+        """``<prefix>dead:<bucket>``: the set of entry ids of that bucket (of entry time) already dead-lettered."""
         return self.prefix + "dead:"
 
     def blocklist(self, kind: str) -> str:

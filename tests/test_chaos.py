@@ -229,7 +229,7 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
 
     # 5. behaviour features counted each transaction_id once
     keys = Keys(ns.stream, ns.fraud_stream, ns.dlq_stream)
-    markers = sum(1 for _ in client.scan_iter(match=keys.seen_prefix + "*", count=10_000))
+    markers = sum(client.hlen(bucket) for bucket in client.scan_iter(match=keys.seen_prefix + "*", count=10_000))
     assert markers == len(expected_rows)
     per_user = Counter(expected_rows.values())
     profiled = sorted(per_user)

@@ -12,6 +12,7 @@ import redis
 
 from fraudd.scoring.behaviour import STATE
 from fraudd.scoring.decode import DecodedBatch, decode_batch
+from fraudd.scoring import dedup
 from fraudd.scoring import features as features_module
 from fraudd.scoring.features import (
     _USER_INFIX,
@@ -287,3 +288,23 @@ def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: Feature
         store.compute(batch(tx(T0)))
     assert not list(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*")), \
         "no dedup marker is left behind"
+
+
+def test_markers_are_one_hash_per_event_minute_living_the_window(client: redis.Redis, keys: Keys) -> None:
+    store = FeatureStore(client, keys, dedup_window_ms=600_000)
+    store.compute(batch(tx(T0), tx(T0 + 59.5, user="bob"), tx(T0 + 60)))
+    buckets = sorted(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*"))
+    minute = int(T0 * 1000) // dedup.BUCKET_MS
+    assert buckets == sorted(keys.seen_bucket(b).encode() for b in (minute, minute + 1))
+    assert client.hlen(keys.seen_bucket(minute)) == 2 and client.hlen(keys.seen_bucket(minute + 1)) == 1
+    assert 590_000 < client.pttl(keys.seen_bucket(minute)) <= 600_000
+
+
+def test_was_seen_answers_for_counted_transactions_only(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    counted = [tx(T0), tx(T0 + 3600, user="bob")]
+    store.compute(batch(*counted))
+    ids = [t["transaction_id"] for t in counted]
+    asked = dedup.was_seen(client, keys, ids + ["txn_never", ids[0]], [T0, T0 + 3600, T0, T0 + 30])
+    # A resend stamped within its original's minute is recognised, as the worker would.
+    assert asked == [True, True, False, True]
+    assert dedup.was_seen(client, keys, [], []) == []

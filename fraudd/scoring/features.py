@@ -22,7 +22,7 @@ import numpy as np
 import redis
 
 from fraudd.keys import Keys
-from fraudd.scoring import behaviour
+from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.decode import DecodedBatch
 
@@ -56,8 +56,8 @@ _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
-LIBRARY_NAME = "fraudd_v2"
-FUNCTION_NAME = "fraudd_commit_v2"
+LIBRARY_NAME = "fraudd_v3"
+FUNCTION_NAME = "fraudd_commit_v3"
 _LIBRARY = (Path(__file__).with_name("features.lua")).read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _USER_INFIX = "u2:"
@@ -154,9 +154,8 @@ class FeatureStore:
             card=_hashes(batch.card_id),
         )
         names = list(users)
-        user_prefix, seen_prefix = self._keys.prefix + _USER_INFIX, self._keys.seen_prefix
+        user_prefix = self._keys.prefix + _USER_INFIX
         user_keys = [user_prefix + u for u in names]
-        marker_keys = [seen_prefix + t for t in batch.transaction_id]
         distinct = [_distinct(distinct_merchants), _distinct(distinct_devices), _distinct(dict.fromkeys(batch.ip)),
                     _distinct(dict.fromkeys(batch.country))]
 
@@ -176,7 +175,7 @@ class FeatureStore:
             behaviour_columns[rows] = behaviour.compute(states, sub)
             # Blocklists are looked up once, in the first commit call.
             joined = [] if blocklist_hits else ["\0".join(values).encode() for values in distinct]
-            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, marker_keys, tx, joined)
+            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, batch.transaction_id, tx, joined)
             blocklist_hits = blocklist_hits or hits
             if len(pending) == 0:
                 break
@@ -225,7 +224,7 @@ class FeatureStore:
         return self._redis.execute_command(*args)
 
     def _commit(self, states: behaviour.States, sub: behaviour.Transactions, rows: np.ndarray, blobs: list,
-                pending: np.ndarray, user_keys: list[str], marker_keys: list[str], tx: behaviour.Transactions,
+                pending: np.ndarray, user_keys: list[str], transaction_ids: list[str], tx: behaviour.Transactions,
                 blocklist_values: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
         """Writes the users that have new transactions; returns the users to read again and the
         blocklist flags (when ``blocklist_values`` asked for them).
@@ -234,35 +233,38 @@ class FeatureStore:
         transactions become ``seen`` (at their stored original event time) for the next attempt.
         """
         new = np.flatnonzero(sub.new)
-        new = new[np.argsort(sub.user[new], kind="stable")]
-        writers, marker_counts = np.unique(sub.user[new], return_counts=True)
+        writers, owner = np.unique(sub.user[new], return_inverse=True)
         if len(writers) == 0 and not blocklist_values:
             return pending[:0], []
-        batch_rows = rows[new]
-        writer_list = writers.tolist()
+        t_ms = tx.t_ms[rows[new]].astype(np.int64)
+        bucket = dedup.buckets(t_ms)
+        # Markers grouped by bucket: one HMGET and one HSET per bucket in the call.
+        order = np.argsort(bucket, kind="stable")
+        marker_rows, bucket, owner = rows[new][order], bucket[order], owner[order]
+        bucket_ids, bucket_counts = np.unique(bucket, return_counts=True)
+        pairs: list = [None] * (2 * len(marker_rows))
+        pairs[0::2] = [transaction_ids[i] for i in marker_rows.tolist()]
+        pairs[1::2] = (t_ms[order] - bucket * dedup.BUCKET_MS).tolist()
         size = behaviour.STATE.itemsize
         news = behaviour.encode(states, writers)
         keys = [user_keys[i] for i in pending[writers].tolist()]
-        keys += [marker_keys[i] for i in batch_rows.tolist()]
+        keys += [self._keys.seen_bucket(b) for b in bucket_ids.tolist()]
         keys += self._blocklist_keys
-        args = [self._dedup_window_ms, STATE_TTL_MS, len(writers),
-                marker_counts.astype(">u4").tobytes(),
-                b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writer_list]),
-                _fixed_width(tx.t_ms[batch_rows].astype(np.int64), 20), *(blocklist_values or [b""] * 4)]
+        args = [self._dedup_window_ms, STATE_TTL_MS, len(writers), len(bucket_ids),
+                b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
+                bucket_counts.astype(">u4").tobytes(), (owner + 1).astype(">u4").tobytes(),
+                *(blocklist_values or [b""] * 4)]
         args += [news[i : i + size] for i in range(0, len(news), size)]
-        reply, *flags = self._fcall(keys, args)
-        conflicted = []
-        marker_start = np.r_[0, np.cumsum(marker_counts)]
-        k = 0
-        while k < len(reply):
-            w, seen = int(reply[k]) - 1, int(reply[k + 1])
-            conflicted.append(pending[writers[w]])
-            for j in range(seen):
-                row = batch_rows[marker_start[w] + int(reply[k + 2 + 2 * j]) - 1]
-                tx.new[row] = False
-                tx.t_ms[row] = float(reply[k + 3 + 2 * j])
-            k += 2 + 2 * seen
-        return np.asarray(conflicted, dtype=np.intp), flags
+        args += pairs
+        stale, seen, *flags = self._fcall(keys, args)
+        conflicted = {int(w) - 1 for w in stale}
+        for j in range(0, len(seen), 2):
+            marker = int(seen[j]) - 1
+            row = marker_rows[marker]
+            conflicted.add(int(owner[marker]))
+            tx.new[row] = False
+            tx.t_ms[row] = float(bucket[marker] * dedup.BUCKET_MS + int(seen[j + 1]))
+        return pending[writers[sorted(conflicted)]], flags
 
     def _fcall(self, keys: list[str], args: list) -> list:
         try:

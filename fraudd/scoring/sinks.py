@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -24,6 +25,7 @@ import redis
 from ..keys import Keys
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
+from .dedup import buckets, entry_bucket
 from .rules import DECISIONS
 
 COLUMNS = (
@@ -224,31 +226,38 @@ def _float_column(values: np.ndarray) -> list[str]:
 
 
 # Alerts, dead letters and acks of one batch, atomically. Alerts and dead letters are guarded by a
-# marker per transaction / entry that lives as long as the dedup window: a redelivered entry or a
-# producer duplicate never alerts twice, and an entry reclaimed from a slow worker is never
-# dead-lettered twice.
+# marker per transaction / entry, kept like the dedup markers (dedup.py): a set per minute of event
+# time (of entry time for dead letters), living as long as the dedup window after its last
+# addition. A redelivered entry or a producer duplicate never alerts twice, and an entry reclaimed
+# from a slow worker is never dead-lettered twice.
 SETTLE_SCRIPT = """
 local stream, fraud, dlq = KEYS[1], KEYS[2], KEYS[3]
 local group, window_ms = ARGV[1], ARGV[2]
 local alerted, dead = ARGV[3], ARGV[4]
 local n_alerts, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
+local touched = {}
 local i = 7
 local alerts_written, dead_written = 0, 0
 for _ = 1, n_alerts do
-  if redis.call('SET', alerted .. ARGV[i], '1', 'NX', 'PX', window_ms) then
-    redis.call('XADD', fraud, '*', 'data', ARGV[i + 1])
+  local key = alerted .. ARGV[i + 1]
+  touched[key] = true
+  if redis.call('SADD', key, ARGV[i]) == 1 then
+    redis.call('XADD', fraud, '*', 'data', ARGV[i + 2])
     alerts_written = alerts_written + 1
   end
-  i = i + 2
+  i = i + 3
 end
 for _ = 1, n_dead do
-  if redis.call('SET', dead .. ARGV[i], '1', 'NX', 'PX', window_ms) then
-    redis.call('XADD', dlq, '*', 'data', ARGV[i + 1], 'reason', ARGV[i + 2], 'detail', ARGV[i + 3],
-               'source_id', ARGV[i], 'consumer', ARGV[i + 4], 'deliveries', ARGV[i + 5])
+  local key = dead .. ARGV[i + 1]
+  touched[key] = true
+  if redis.call('SADD', key, ARGV[i]) == 1 then
+    redis.call('XADD', dlq, '*', 'data', ARGV[i + 2], 'reason', ARGV[i + 3], 'detail', ARGV[i + 4],
+               'source_id', ARGV[i], 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6])
     dead_written = dead_written + 1
   end
-  i = i + 6
+  i = i + 7
 end
+for key in pairs(touched) do redis.call('PEXPIRE', key, window_ms) end
 local acked = 0
 while i <= #ARGV do
   local last = math.min(i + 3999, #ARGV)
@@ -282,25 +291,34 @@ class Settler:
         self._window_ms = dedup_window_ms
         self._script = client.register_script(SETTLE_SCRIPT)
 
-    def settle(self, ack_ids: list[str], alerts: list[tuple[str, bytes]], dead: list[DeadLetter]) -> Settled:
+    def settle(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter]) -> Settled:
         args: list = [self._group, self._window_ms, self._keys.alerted_prefix, self._keys.dead_prefix, len(alerts), len(dead)]
-        for txid, document in alerts:
-            args += (txid, document)
+        for alert in alerts:
+            args += alert
         for letter in dead:
             r = letter.rejected
-            args += (r.entry_id, r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
+            args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
         args += ack_ids
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
         acked, alerts_written, dead_written = self._script(keys=keys, args=args)
         return Settled(acked, alerts_written, dead_written)
 
 
-def alert_documents(scored: ScoredBatch) -> list[tuple[str, bytes]]:
-    """(transaction_id, JSON row) of every non-approved decision, once per id within the batch."""
-    flagged = np.flatnonzero(scored.decision > 0).tolist()
-    documents: dict[str, bytes] = {}
-    for i in flagged:
+class Alert(NamedTuple):
+    """One non-approved decision for the alert stream, with the bucket of its alerted marker."""
+
+    transaction_id: str
+    bucket: int  # event-time bucket (dedup.py), the same for every copy of the transaction
+    document: bytes  # the JSON row
+
+
+def alert_documents(scored: ScoredBatch) -> list[Alert]:
+    """The alerts of every non-approved decision, once per id within the batch."""
+    flagged = np.flatnonzero(scored.decision > 0)
+    bucket_of = buckets(scored.event_ms[flagged]).tolist()
+    documents: dict[str, Alert] = {}
+    for i, bucket in zip(flagged.tolist(), bucket_of):
         txid = scored.batch.transaction_id[i]
         if txid not in documents:
-            documents[txid] = orjson.dumps(scored.row(i))
-    return list(documents.items())
+            documents[txid] = Alert(txid, bucket, orjson.dumps(scored.row(i)))
+    return list(documents.values())

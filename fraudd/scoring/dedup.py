@@ -1,0 +1,67 @@
+"""Dedup markers: which transactions were already counted, grouped by event-time bucket.
+
+A marker per transaction as a key of its own (``SET NX PX``) costs ≈ 180 bytes and ≈ 4 µs of
+Redis per transaction; markers grouped in one hash per minute of event time (per shard) cost
+≈ 80 bytes and ≈ 1 µs, checked and added for a whole batch with one HMGET and one HSET per
+bucket. A duplicate — a redelivered entry, or a producer resending the message — carries the
+transaction's own timestamp, so it lands in its original's bucket. A field's value is the
+original's millisecond offset in the bucket, so a resend stamped a little differently (but in the
+same minute) is still recognised and scored at its original's event time.
+
+A bucket expires ``--dedup-window-s`` after its last addition: every marker lives at least the
+window, and at most the window plus the span of event time its bucket kept receiving (a minute,
+plus how late the latest events of that minute arrived).
+
+``was_seen`` is the question other services ask ("was this transaction already scored?") without
+knowing this layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from ..keys import Keys
+
+BUCKET_MS = 60_000
+
+
+def event_ms(timestamps: np.ndarray) -> np.ndarray:
+    """Millisecond event times, as features and markers round them (float64 in, int64 out)."""
+    return np.round(np.asarray(timestamps, dtype=np.float64) * 1000.0).astype(np.int64)
+
+
+def buckets(event_times_ms: np.ndarray) -> np.ndarray:
+    """The bucket number of each event time (floor division: events before 1970 are valid too)."""
+    return np.floor_divide(event_times_ms, BUCKET_MS)
+
+
+def entry_bucket(entry_id: str) -> int:
+    """The bucket of a stream entry id's millisecond part (dead-letter markers are per entry)."""
+    return int(entry_id[: entry_id.index("-")]) // BUCKET_MS
+
+
+def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], timestamps: Sequence[float]
+             ) -> list[bool]:
+    """Whether each transaction (id and the message's ``timestamp`` in Unix seconds) was already
+    counted by a worker within the dedup window: one HMGET per event-time bucket, in one pipeline.
+
+    A transaction a worker is scoring right now is not seen yet: this answers "already scored",
+    not "being scored".
+    """
+    if not transaction_ids:
+        return []
+    bucket_of = buckets(event_ms(np.asarray(timestamps, dtype=np.float64))).tolist()
+    rows_of: dict[int, list[int]] = {}
+    for row, bucket in enumerate(bucket_of):
+        rows_of.setdefault(bucket, []).append(row)
+    pipe = client.pipeline(transaction=False)
+    for bucket, rows in rows_of.items():
+        pipe.hmget(keys.seen_bucket(bucket), [transaction_ids[r] for r in rows])
+    seen = [False] * len(transaction_ids)
+    for rows, values in zip(rows_of.values(), pipe.execute()):
+        for row, value in zip(rows, values):
+            seen[row] = value is not None
+    return seen
