@@ -13,7 +13,7 @@ import click
 import psycopg
 import redis
 
-from .config import ConfigError, Settings, settings_from, settings_options
+from .config import ConfigError, Settings, ingest_options, ingest_settings_from, settings_from, settings_options
 from .runtime import logs
 
 
@@ -36,6 +36,24 @@ def run(**params) -> None:
     from .scoring.worker import service
 
     sys.exit(Supervisor(service(settings)).run())
+
+
+@main.command()
+@ingest_options
+def ingest(**params) -> None:
+    """Serve the HTTP API that writes transactions onto the input stream (and answers /v1/score)."""
+    settings = ingest_settings_from(params)
+    logs.setup(settings.log_level)
+    from .ingest.auth import Authenticator, KeysError
+    from .ingest.server import bind, check_exposure, serve
+
+    try:
+        authenticator = Authenticator(settings.api_keys_file, settings.api_keys)
+    except KeysError as exc:
+        raise ConfigError(f"--api-keys-file: {exc}") from None
+    check_exposure(settings, authenticator)
+    sock = bind(settings)
+    serve(settings, sock, authenticator)
 
 
 @main.command()

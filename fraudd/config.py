@@ -110,3 +110,82 @@ def settings_from(params: dict) -> Settings:
     values = {name: params[name] for name in names}
     values["log_level"] = values["log_level"].upper()
     return Settings(**values)
+
+
+# -- fraudd ingest ---------------------------------------------------------------------------
+
+_SHARED_WITH_INGEST = ("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
+                       "dedup-window-s", "shutdown-timeout-s", "log-level")
+DECISION_NAMES = ("approve", "review", "decline")
+
+
+def _listen_address(ctx, param, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
+    ("listen", "FRAUDD_LISTEN", {"default": "127.0.0.1:8080", "callback": _listen_address}, "Address the HTTP API listens on (HOST:PORT)."),
+    ("api-keys-file", "FRAUDD_API_KEYS_FILE", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "API keys, one per line (# comments); re-read on SIGHUP."),
+    ("api-keys", "FRAUDD_API_KEYS", {"default": None, "show_default": False}, "API keys, comma-separated (prefer the environment or the file: flags show in ps)."),
+    ("insecure-no-auth", "FRAUDD_INSECURE_NO_AUTH", {"is_flag": True, "default": False}, "Serve without API keys on a non-loopback address."),
+    ("require-signature", "FRAUDD_REQUIRE_SIGNATURE", {"is_flag": True, "default": False}, "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with the API key."),
+    ("signature-window-s", "FRAUDD_SIGNATURE_WINDOW_S", {"default": 300, "type": int, "callback": _positive("signature-window-s")}, "How far a signed request's timestamp may be from the server's clock."),
+    ("workers", "FRAUDD_INGEST_WORKERS", {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")}, "HTTP server processes sharing the listening socket."),
+    ("max-batch", "FRAUDD_MAX_BATCH", {"default": 1000, "type": int, "callback": _positive("max-batch")}, "Most transactions in one batch request."),
+    ("max-lag", "FRAUDD_MAX_LAG", {"default": 1_000_000, "type": int, "callback": _positive("max-lag")}, "Group lag from which writes are refused with 503 and Retry-After."),
+    ("retention-s", "FRAUDD_RETENTION_S", {"default": 3600, "type": int, "callback": _positive("retention-s")}, "How long entries every group has acknowledged stay on the stream before trimming."),
+    ("decision-timeout-ms", "FRAUDD_DECISION_TIMEOUT_MS", {"default": 250, "type": int, "callback": _positive("decision-timeout-ms")}, "How long /v1/score waits for the decision before answering the fallback."),
+    ("fallback-decision", "FRAUDD_FALLBACK_DECISION", {"default": "review", "type": click.Choice(DECISION_NAMES)}, "Decision /v1/score answers when none arrived in time."),
+    ("client-timeout-s", "FRAUDD_CLIENT_TIMEOUT_S", {"default": 10.0, "type": float, "callback": _positive("client-timeout-s")}, "Time a client has to send a whole request, and an idle keep-alive connection lives."),
+    ("tls-cert", "FRAUDD_TLS_CERT", {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)}, "TLS certificate chain (PEM); serves HTTPS when given."),
+    ("tls-key", "FRAUDD_TLS_KEY", {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)}, "TLS private key (PEM), with --tls-cert."),
+] + [option for option in OPTIONS if option[0] in _SHARED_WITH_INGEST]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    listen: tuple[str, int]
+    api_keys_file: Path | None
+    api_keys: str | None
+    insecure_no_auth: bool
+    require_signature: bool
+    signature_window_s: int
+    workers: int
+    max_batch: int
+    max_lag: int
+    retention_s: int
+    decision_timeout_ms: int
+    fallback_decision: str
+    client_timeout_s: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    redis_url: str
+    postgres_url: str
+    pg_schema: str
+    stream: str
+    fraud_stream: str
+    dlq_stream: str
+    group: str
+    dedup_window_s: int
+    shutdown_timeout_s: float
+    log_level: str
+
+
+def ingest_options(function):
+    """Decorate a click command with every option of ``INGEST_OPTIONS``."""
+    for flag, envvar, kwargs, help_text in reversed(INGEST_OPTIONS):
+        kwargs = {"show_default": True, **kwargs}
+        function = click.option(f"--{flag}", envvar=envvar, show_envvar=True, help=help_text, **kwargs)(function)
+    return function
+
+
+def ingest_settings_from(params: dict) -> IngestSettings:
+    """``IngestSettings`` from a click command's parameters."""
+    values = {f.name: params[f.name] for f in fields(IngestSettings)}
+    values["log_level"] = values["log_level"].upper()
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return IngestSettings(**values)

@@ -49,6 +49,21 @@ class Keys:
         return f"{self.seen_prefix}{bucket}"
 
     @property
+    def accepted_prefix(self) -> str:
+        """``<prefix>accepted:<event minute>``: hash of transaction_id -> stream id of what the HTTP
+        ingest wrote, so a retry is answered as a duplicate before the worker has even read it."""
+        return self.prefix + "accepted:"
+
+    def decisions_channel(self, instance: str) -> str:
+        """The sharded pub/sub channel on which workers send ingest ``instance`` its decisions."""
+        return f"{self.prefix}decisions:{instance}"
+
+    @property
+    def signature_prefix(self) -> str:
+        """``<prefix>signature:<signature>``: a signed request already served (replays are refused)."""
+        return self.prefix + "signature:"
+
+    @property
     def alerted_prefix(self) -> str:
         """``<prefix>alerted:<bucket>``: the set of transaction ids of that event-time bucket already alerted."""
         return self.prefix + "alerted:"

@@ -53,6 +53,11 @@ def connect(url: str, pg_schema: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, options=f"-c search_path={pg_schema}", **kwargs)
 
 
+async def connect_async(url: str, pg_schema: str, **kwargs) -> psycopg.AsyncConnection:
+    """``connect`` for asyncio code (the HTTP ingest)."""
+    return await psycopg.AsyncConnection.connect(url, options=f"-c search_path={pg_schema}", **kwargs)
+
+
 def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7) -> list[str]:
     """Apply pending migrations and create the coming days' partitions. Returns what was applied.
 

@@ -1,17 +1,32 @@
 """Putting transactions on the input stream.
 
-``publish`` is the one way fraudd writes to ``transactions:raw`` (the demo, the benchmark's
-producer, DLQ replay): one script call per chunk appends many entries, which costs Redis and the
-client a fraction of one XADD command per message.
+``Publisher`` is the one way fraudd writes to ``transactions:raw``. Bulk writers (the demo, the
+benchmark's producer, DLQ replay) call ``publish``: one script call per chunk appends many entries,
+which costs Redis and the client a fraction of one XADD command per message.
+
+The HTTP ingest calls ``submit`` from many concurrent requests. Whatever the requests of one
+event-loop turn submitted goes out as one script call, and the calls made while one is in flight
+wait for it and go out together next, so the number of round trips per second stays about fixed
+while the batch grows with the load. The same script call is the idempotency check: a
+``transaction_id`` the ingest accepted, or the worker counted, within the dedup window is answered
+as a duplicate and not written again.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis
+import redis.asyncio
+
+from ..keys import Keys
+from ..scoring.dedup import SEEN_PROBE_LUA, bucket_of, seen_probe
 
 CHUNK = 1000
+# Entries per script call: bounds the time one call holds Redis (≈ 5 µs per entry).
+MAX_ITEMS_PER_CALL = 2000
 
 _XADD_MANY = """
 local ids = {}
@@ -20,6 +35,60 @@ for i = 1, #ARGV do
 end
 return ids
 """
+
+# KEYS: the stream, then per item its accepted hash and its seen-marker probe key.
+# ARGV: the dedup window (ms), then per item transaction_id, seen-probe member, payload and reply
+#       channel ('' when nobody waits for the decision).
+# Reply per item: the new entry id, or '=' followed by the id written earlier ('=' alone when the
+# worker counted it but this ingest did not write it: it came another way).
+_ACCEPT = SEEN_PROBE_LUA + """
+local stream, window = KEYS[1], ARGV[1]
+local out, refreshed = {}, {}
+for i = 1, (#KEYS - 1) / 2 do
+  local accepted, probe = KEYS[2 * i], KEYS[2 * i + 1]
+  local a = 4 * i - 2
+  local txid, reply = ARGV[a], ARGV[a + 3]
+  local earlier = redis.call('HGET', accepted, txid)
+  if earlier then
+    out[i] = '=' .. earlier
+  elseif counted(probe, ARGV[a + 1]) then
+    out[i] = '='
+  else
+    local id
+    if reply == '' then
+      id = redis.call('XADD', stream, '*', 'data', ARGV[a + 2])
+    else
+      id = redis.call('XADD', stream, '*', 'data', ARGV[a + 2], 'reply', reply)
+    end
+    redis.call('HSET', accepted, txid, id)
+    if not refreshed[accepted] then
+      redis.call('PEXPIRE', accepted, window)
+      refreshed[accepted] = true
+    end
+    out[i] = id
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One valid transaction for the stream: its id, event time, and the exact ``data`` bytes."""
+
+    transaction_id: str
+    event_s: float
+    payload: bytes
+    reply: str = ""  # the decisions channel of the ingest instance waiting for it, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Where a submission went: ``id`` is its stream entry id; for a duplicate, the earlier
+    entry's id (None when it reached the stream another way than this ingest)."""
+
+    id: str | None
+    duplicate: bool
 
 
 class Publisher:
@@ -36,3 +105,68 @@ class Publisher:
             reply = self._script(keys=[self._stream], args=list(payloads[start : start + CHUNK]))
             ids += [i.decode() if isinstance(i, bytes) else i for i in reply]
         return ids
+
+
+class CoalescingPublisher:
+    """``submit`` for concurrent requests of one event loop; one script call per turn of the loop.
+
+    At most one call is in flight: submissions made meanwhile queue up and go out together as soon
+    as it returns. A failed call fails every submission it carried; as each is keyed by its
+    ``transaction_id``, a client retry is safe whether or not the call reached Redis.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, dedup_window_ms: int) -> None:
+        self._keys = keys
+        self._window_ms = dedup_window_ms
+        self._script = client.register_script(_ACCEPT)
+        self._queue: list[tuple[Submission, asyncio.Future]] = []
+        self._flushing = False
+
+    async def submit(self, submissions: Sequence[Submission]) -> list[Accepted]:
+        """Write ``submissions`` (idempotently); raises ``redis.RedisError`` when Redis fails."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in submissions]
+        self._queue += zip(submissions, futures)
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._start_flush)
+        return list(await asyncio.gather(*futures))
+
+    def _start_flush(self) -> None:
+        asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_ITEMS_PER_CALL], self._queue[MAX_ITEMS_PER_CALL:]
+                try:
+                    replies = await self._call([s for s, _f in batch])
+                except Exception as exc:  # handed to every waiting request; the loop goes on
+                    for _s, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_s, future), reply in zip(batch, replies):
+                    if not future.done():
+                        future.set_result(_accepted(reply))
+        finally:
+            self._flushing = False
+
+    async def _call(self, submissions: list[Submission]) -> list[bytes]:
+        keys: list[str] = [self._keys.stream]
+        args: list = [self._window_ms]
+        accepted = self._keys.accepted_prefix
+        for s in submissions:
+            probe_key, probe_member = seen_probe(self._keys, s.transaction_id, s.event_s)
+            # Grouped like the worker's markers, by minute of event time: a field per transaction
+            # instead of a key with its own expiry, and a retry (same event time) finds its hash.
+            keys += (f"{accepted}{bucket_of(s.event_s)}", probe_key)
+            args += (s.transaction_id, probe_member, s.payload, s.reply)
+        return await self._script(keys=keys, args=args)
+
+
+def _accepted(reply: bytes) -> Accepted:
+    text = reply.decode()
+    if text[:1] == "=":
+        return Accepted(text[1:] or None, True)
+    return Accepted(text, False)

@@ -3,6 +3,10 @@
 The happy path decodes the whole batch with one ``orjson.loads`` over the payloads joined into a
 JSON array; only a batch that holds a bad payload falls back to one ``loads`` per entry, so that
 each bad entry gets its own reason and the good ones in the same batch are still scored.
+
+``check_payload`` / ``check_object`` judge one transaction by the same rules, field by field, for
+the HTTP ingest: what they accept the batch decoder accepts, so nothing the ingest writes is ever
+dead-lettered for its content.
 """
 
 from __future__ import annotations
@@ -40,6 +44,28 @@ _CHANNELS = frozenset(("pos", "ecom", "atm"))
 _EPOCH_MIN, _EPOCH_MAX = 978307200.0, 4102444800.0
 _NOTHING: dict = {}
 _NUMBER_TYPES = (int, float)
+# JSON may spell a NUL character as an escape; PostgreSQL text cannot hold one, so a transaction
+# carrying it in a stored text field would fail its COPY instead of being rejected up front.
+_ESCAPED_NUL = b"\\u0000"
+_REQUIRED = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
+_TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a payload cannot be scored: the DLQ reason, the field at fault (None: the payload as a
+    whole) and what is wrong with it."""
+
+    reason: str
+    field: str | None
+    message: str
+
+    @property
+    def detail(self) -> str:
+        """The DLQ's ``detail``: the missing field's name, or ``<field>: <what is wrong>``."""
+        if self.field is None:
+            return self.message
+        return self.field if self.reason == REASON_MISSING else f"{self.field}: {self.message}"
 
 
 @dataclass(slots=True)
@@ -175,12 +201,17 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
     merchant = [g("merchant") for g in get]
     amount = [g("amount") for g in get]
     stamp = [g("timestamp") for g in get]
+    if _ESCAPED_NUL in b"".join(payloads):
+        # Rows spelling a NUL take the per-row checks, which name the field at fault.
+        clean = [_ESCAPED_NUL not in p for p in payloads]
+    else:
+        clean = [True] * len(payloads)
     fast = [
-        t.__class__ is str and 0 < len(t) <= MAX_ID_CHARS
+        c and t.__class__ is str and 0 < len(t) <= MAX_ID_CHARS
         and u.__class__ is str and 0 < len(u) <= MAX_TEXT_CHARS
         and m.__class__ is str and 0 < len(m) <= MAX_TEXT_CHARS
         and a.__class__ in _NUMBER_TYPES and z.__class__ in _NUMBER_TYPES
-        for t, u, m, a, z in zip(txid, user, merchant, amount, stamp)
+        for c, t, u, m, a, z in zip(clean, txid, user, merchant, amount, stamp)
     ]
     amounts = np.array([a if ok else 1.0 for a, ok in zip(amount, fast)], dtype=np.float64)
     seconds = np.array([z if ok else _EPOCH_MIN for z, ok in zip(stamp, fast)], dtype=np.float64)
@@ -190,14 +221,11 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
         for i in np.flatnonzero(~accepted).tolist():
             if objects[i] is _ALREADY_REJECTED:
                 continue
-            problem = _check_required(objects[i])
-            timestamp = None if problem else _timestamp(stamp[i])
-            if problem is None and timestamp is None:
-                problem = REASON_INVALID, "timestamp: not Unix seconds (2001-2100) or RFC 3339 with an offset"
-            if problem is not None:
-                rejected.append(Rejected(entry_ids[i], payloads[i], *problem))
+            checked = check_object(objects[i])
+            if isinstance(checked, Problem):
+                rejected.append(Rejected(entry_ids[i], payloads[i], checked.reason, checked.detail))
             else:
-                seconds[i] = timestamp
+                seconds[i] = checked
                 accepted[i] = True
         rows = np.flatnonzero(accepted)
         keep = rows.tolist()
@@ -228,29 +256,50 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
     )
 
 
-def _check_required(obj) -> tuple[str, str] | None:
-    """The first problem with the required fields, or None when they are all usable."""
+def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
+    """One payload judged as ``decode_batch`` judges it: (the object, its event time in Unix
+    seconds) when the worker would score it, else the problem it would be dead-lettered for."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return Problem(REASON_NOT_UTF8, None, str(exc))
+        return Problem(REASON_NOT_JSON, None, str(exc))
+    checked = check_object(obj)
+    return checked if isinstance(checked, Problem) else (obj, checked)
+
+
+def check_object(obj) -> float | Problem:
+    """A decoded payload's event time (Unix seconds), or the first problem with its required fields.
+
+    The callers bound the size of the payload: ``check_payload`` or, for an object that is written
+    re-serialized, the caller itself with ``MAX_PAYLOAD_BYTES``.
+    """
     if not isinstance(obj, dict):
-        return REASON_NOT_OBJECT, f"payload is a JSON {type(obj).__name__}, not an object"
-    for name in ("transaction_id", "user_id", "amount", "merchant", "timestamp"):
+        return Problem(REASON_NOT_OBJECT, None, f"payload is a JSON {type(obj).__name__}, not an object")
+    for name in _REQUIRED:
         if name not in obj or obj[name] is None:
-            return REASON_MISSING, name
-    txid = obj["transaction_id"]
-    if not isinstance(txid, str) or not 1 <= len(txid) <= MAX_ID_CHARS:
-        return REASON_INVALID, f"transaction_id: must be a string of 1-{MAX_ID_CHARS} characters"
-    user_id = obj["user_id"]
-    if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_TEXT_CHARS:
-        return REASON_INVALID, f"user_id: must be a string of 1-{MAX_TEXT_CHARS} characters"
-    merchant = obj["merchant"]
-    if not isinstance(merchant, str) or not 1 <= len(merchant) <= MAX_TEXT_CHARS:
-        return REASON_INVALID, f"merchant: must be a string of 1-{MAX_TEXT_CHARS} characters"
+            return Problem(REASON_MISSING, name, "required")
+    for name, limit in (("transaction_id", MAX_ID_CHARS), ("user_id", MAX_TEXT_CHARS), ("merchant", MAX_TEXT_CHARS)):
+        value = obj[name]
+        if not isinstance(value, str) or not 1 <= len(value) <= limit:
+            return Problem(REASON_INVALID, name, f"must be a string of 1-{limit} characters")
+        if "\x00" in value:
+            return Problem(REASON_INVALID, name, "must not contain NUL (U+0000)")
     amount = obj["amount"]
     # bool is an int subclass, and JSON true is not an amount.
     if amount.__class__ not in _NUMBER_TYPES:
-        return REASON_INVALID, "amount: must be a number"
+        return Problem(REASON_INVALID, "amount", "must be a number")
     if not (math.isfinite(amount) and amount > 0):
-        return REASON_INVALID, "amount: must be finite and > 0"
-    return None
+        return Problem(REASON_INVALID, "amount", "must be finite and > 0")
+    seconds = _timestamp(obj["timestamp"])
+    if seconds is None:
+        return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
+    return seconds
 
 
 def _timestamp(value) -> float | None:
@@ -270,7 +319,7 @@ def _timestamp(value) -> float | None:
 
 
 def _text(value, limit: int) -> str | None:
-    return value if value.__class__ is str and 0 < len(value) <= limit else None
+    return value if value.__class__ is str and 0 < len(value) <= limit and "\x00" not in value else None
 
 
 def _is_code(value, length: int) -> bool:

@@ -13,7 +13,8 @@ window, and at most the window plus the span of event time its bucket kept recei
 plus how late the latest events of that minute arrived).
 
 ``was_seen`` is the question other services ask ("was this transaction already scored?") without
-knowing this layout.
+knowing this layout; a script that must ask inside Redis, atomically with its own writes (the
+HTTP ingest's), passes the keys ``seen_probe`` names and calls ``SEEN_PROBE_LUA``'s ``counted``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def buckets(event_times_ms: np.ndarray) -> np.ndarray:
 def entry_bucket(entry_id: str) -> int:
     """The bucket of a stream entry id's millisecond part (dead-letter markers are per entry)."""
     return int(entry_id[: entry_id.index("-")]) // BUCKET_MS
+
+
+def bucket_of(timestamp: float) -> int:
+    """``buckets(event_ms(...))`` of one timestamp (Unix seconds)."""
+    return round(timestamp * 1000.0) // BUCKET_MS
+
+
+SEEN_PROBE_LUA = "local function counted(key, member) return redis.call('HEXISTS', key, member) == 1 end"
+
+
+def seen_probe(keys: Keys, transaction_id: str, timestamp: float) -> tuple[str, str]:
+    """(key, member) for ``counted`` in ``SEEN_PROBE_LUA``: was the transaction already counted?"""
+    return keys.seen_bucket(bucket_of(timestamp)), transaction_id
 
 
 def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], timestamps: Sequence[float]

@@ -7,8 +7,10 @@ wins, so the alert stream always carries the decision PostgreSQL holds. Batches 
 before take the plain COPY, which costs half the server time.
 
 ``settle`` then does the Redis side in one atomic script call: alerts for non-approved
-transactions, dead letters, and the XACK of every entry. Atomic means a crash leaves either all of
-it or none of it, and an entry is acked only after its row is durable.
+transactions, dead letters, the XACK of every entry, and the decisions of ``/v1/score`` entries
+sent to the ingest instances waiting for them (one sharded-pub/sub message per instance and batch).
+Atomic means a crash leaves either all of it or none of it, and an entry is acked only after its
+row is durable.
 """
 
 from __future__ import annotations
@@ -234,9 +236,9 @@ SETTLE_SCRIPT = """
 local stream, fraud, dlq = KEYS[1], KEYS[2], KEYS[3]
 local group, window_ms = ARGV[1], ARGV[2]
 local alerted, dead = ARGV[3], ARGV[4]
-local n_alerts, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n_alerts, n_dead, n_replies = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local touched = {}
-local i = 7
+local i = 8
 local alerts_written, dead_written = 0, 0
 for _ = 1, n_alerts do
   local key = alerted .. ARGV[i + 1]
@@ -258,11 +260,17 @@ for _ = 1, n_dead do
   i = i + 7
 end
 for key in pairs(touched) do redis.call('PEXPIRE', key, window_ms) end
+local replies = i
+i = i + 2 * n_replies
 local acked = 0
 while i <= #ARGV do
   local last = math.min(i + 3999, #ARGV)
   acked = acked + redis.call('XACK', stream, group, unpack(ARGV, i, last))
   i = last + 1
+end
+-- Decisions go out with the ack: a waiting request learns a decision only once it is durable.
+for r = replies, replies + 2 * n_replies - 1, 2 do
+  redis.call('SPUBLISH', ARGV[r], ARGV[r + 1])
 end
 return {acked, alerts_written, dead_written}
 """
@@ -291,13 +299,19 @@ class Settler:
         self._window_ms = dedup_window_ms
         self._script = client.register_script(SETTLE_SCRIPT)
 
-    def settle(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter]) -> Settled:
-        args: list = [self._group, self._window_ms, self._keys.alerted_prefix, self._keys.dead_prefix, len(alerts), len(dead)]
+    def settle(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
+               replies: dict[str, bytes] | None = None) -> Settled:
+        """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
+        replies = replies or {}
+        args: list = [self._group, self._window_ms, self._keys.alerted_prefix, self._keys.dead_prefix, len(alerts), len(dead),
+                      len(replies)]
         for alert in alerts:
             args += alert
         for letter in dead:
             r = letter.rejected
             args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
+        for channel, message in replies.items():
+            args += (channel, message)
         args += ack_ids
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
         acked, alerts_written, dead_written = self._script(keys=keys, args=args)
@@ -322,3 +336,23 @@ def alert_documents(scored: ScoredBatch) -> list[Alert]:
         if txid not in documents:
             documents[txid] = Alert(txid, bucket, orjson.dumps(scored.row(i)))
     return list(documents.values())
+
+
+def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dict[str, bytes]:
+    """Per decisions channel, the JSON array of the stored decisions of the entries that named it
+    (``reply_to``: entry id -> channel, the ``reply`` field that ``/v1/score`` entries carry): what
+    the waiting requests answer. Only those rows are visited; a batch without any costs nothing."""
+    if not reply_to:
+        return {}
+    replies: dict[str, list[dict]] = {}
+    for scored in stored:
+        b = scored.batch
+        for i, entry_id in enumerate(b.entry_ids):
+            channel = reply_to.get(entry_id)
+            if channel is not None:
+                replies.setdefault(channel, []).append({
+                    "transaction_id": b.transaction_id[i], "id": entry_id, "decision": DECISIONS[scored.decision[i]],
+                    "score": round(float(scored.score[i]), 6), "reasons": scored.reasons[i],
+                    "model_version": scored.model_version,
+                })
+    return {channel: orjson.dumps(decisions) for channel, decisions in replies.items()}

@@ -1,0 +1,398 @@
+"""The HTTP API between the payment gateway and the input stream (aiohttp on uvloop).
+
+Handlers are thin: authorize, read the body within the limits, judge each transaction with the
+worker's own checks (``scoring.decode.check_payload``), hand the valid ones to the coalescing
+``Publisher``, answer. Everything that could fail on bad input answers 4xx with a JSON body
+naming the field and the problem; ``openapi.json`` next to this module is the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import redis
+import redis.asyncio
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from ..config import IngestSettings
+from ..keys import Keys
+from ..runtime.health import group_state
+from ..scoring.decode import MAX_PAYLOAD_BYTES, REASON_NOT_JSON, REASON_NOT_UTF8, REASON_TOO_LARGE, Problem, check_object, check_payload
+from . import auth
+from . import metrics as ingest_metrics
+from .decisions import Decisions, StoredDecisions, instance_name
+from .publisher import Accepted, CoalescingPublisher, Submission
+from .retention import trim_acked
+
+log = logging.getLogger(__name__)
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+LAG_CHECK_INTERVAL_S = 0.5
+TRIM_INTERVAL_S = 5.0
+RETRY_AFTER_S = "1"
+# Per batch item beyond its own JSON: separators and the array brackets.
+_BATCH_OVERHEAD_BYTES = 16
+_PROBLEM_STATUS = {REASON_NOT_JSON: 400, REASON_NOT_UTF8: 400, REASON_TOO_LARGE: 413}
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+class Refusal(Exception):
+    """Answer the request with ``status`` and a JSON error body, and stop handling it."""
+
+    def __init__(self, status: int, error: str, detail: str | None = None, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail, self.field, self.headers = status, error, detail, field, headers
+
+    def response(self) -> web.Response:
+        body = {"error": self.error}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type=JSON, headers=self.headers)
+
+
+def _problem_refusal(problem: Problem) -> Refusal:
+    return Refusal(_PROBLEM_STATUS.get(problem.reason, 422), problem.reason, problem.message, problem.field)
+
+
+def _unavailable(detail: str) -> Refusal:
+    return Refusal(503, "unavailable", detail, headers={"Retry-After": RETRY_AFTER_S})
+
+
+@dataclass(slots=True)
+class Backpressure:
+    """Whether the consumer group lags too far behind for more writes, refreshed in the background."""
+
+    overloaded: bool = False
+    lag: int = 0
+
+
+class Ingest:
+    """One process's state: Redis clients, the publisher, the decision channel, auth."""
+
+    def __init__(self, settings: IngestSettings, authenticator: auth.Authenticator) -> None:
+        self.settings = settings
+        self.auth = authenticator
+        self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
+        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=5,
+                                                  socket_connect_timeout=3, health_check_interval=0)
+        # Group state is read with the runtime's (synchronous) helper, in a thread.
+        self.redis_sync = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True,
+                                               socket_timeout=5, socket_connect_timeout=3)
+        self.publisher = CoalescingPublisher(self.redis, self.keys, settings.dedup_window_s * 1000)
+        self.decisions = Decisions(self.redis, self.keys.decisions_channel(instance_name()))
+        self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
+        self.backpressure = Backpressure()
+        self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
+        self._watch: asyncio.Task | None = None
+        self._trim: asyncio.Task | None = None
+
+    async def start(self, app: web.Application) -> None:
+        await self.decisions.start()
+        self._watch = asyncio.create_task(self._watch_lag())
+        self._trim = asyncio.create_task(self._trim_acked())
+
+    async def stop(self, app: web.Application) -> None:
+        for task in (self._watch, self._trim):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.decisions.stop()
+        await self.stored.close()
+        await self.redis.aclose()
+        self.redis_sync.close()
+
+    async def _watch_lag(self) -> None:
+        s = self.settings
+        while True:
+            lag = None
+            try:
+                lag = (await asyncio.to_thread(group_state, self.redis_sync, s.stream, s.group)).lag
+            except (redis.RedisError, OSError) as exc:
+                if "no such key" in str(exc):
+                    lag = 0  # no stream yet: nothing lags
+                else:
+                    log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
+            if lag is not None:
+                self.backpressure.lag = lag
+                overloaded = lag > s.max_lag
+                if overloaded != self.backpressure.overloaded:
+                    log.warning("backpressure " + ("on" if overloaded else "off"),
+                                extra={"event": "backpressure", "on": overloaded, "lag": lag})
+                self.backpressure.overloaded = overloaded
+            await asyncio.sleep(LAG_CHECK_INTERVAL_S)
+
+    async def _trim_acked(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL_S)
+            try:
+                trimmed = await asyncio.to_thread(trim_acked, self.redis_sync, self.settings.stream, self.settings.retention_s)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("trimming failed", extra={"event": "trim_failed", "error": str(exc)})
+                continue
+            if trimmed:
+                log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
+
+    # -- request steps shared by the handlers ----------------------------------------------
+
+    def authorize(self, request: web.Request) -> bytes | None:
+        """The caller's key (None when auth is off); refuses a missing or unknown key with 401."""
+        if not self.auth.enabled:
+            return None
+        key = self.auth.key_for(request.headers.get("Authorization"))
+        if key is None:
+            raise Refusal(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="fraudd"'})
+        return key
+
+    async def check_signature(self, request: web.Request, key: bytes | None, body: bytes) -> None:
+        """With ``--require-signature``: a valid, fresh, never-seen signature, else 403."""
+        if not self.settings.require_signature or key is None:
+            return
+        signature = request.headers.get(auth.SIGNATURE_HEADER)
+        problem = auth.signature_problem(key, request.headers.get(auth.TIMESTAMP_HEADER), signature, body,
+                                         self.settings.signature_window_s)
+        if problem is None:
+            marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION):]
+            try:
+                fresh = await self.redis.set(marker, b"1", nx=True, px=2 * self.settings.signature_window_s * 1000)
+            except (redis.RedisError, OSError) as exc:
+                raise _unavailable("redis: " + type(exc).__name__) from None
+            problem = None if fresh else "replayed"
+        if problem is not None:
+            log.info("request signature refused", extra={"event": "signature_refused", "reason": problem})
+            raise Refusal(403, "forbidden")
+
+    def admit(self) -> None:
+        if self.backpressure.overloaded:
+            raise Refusal(503, "overloaded", f"consumer group lag {self.backpressure.lag} > {self.settings.max_lag}",
+                          headers={"Retry-After": RETRY_AFTER_S})
+
+    async def body(self, request: web.Request, kinds: tuple[str, ...], limit: int) -> bytes:
+        """The body, if its media type is one of ``kinds`` and it fits in ``limit`` bytes, read
+        within ``--client-timeout-s`` (a client trickling its body ties up no more than that)."""
+        if request.content_type not in kinds:
+            raise Refusal(415, "unsupported_media_type", f"Content-Type must be {' or '.join(kinds)}")
+        if request.content_length is not None and request.content_length > limit:
+            raise Refusal(413, REASON_TOO_LARGE, f"{request.content_length} bytes > {limit}")
+        try:
+            async with asyncio.timeout(self.settings.client_timeout_s):
+                body = await request.content.read(limit + 1)
+                # A chunked body may be longer than one read returns.
+                while len(body) <= limit and not request.content.at_eof():
+                    body += await request.content.read(limit + 1 - len(body))
+        except TimeoutError:
+            raise Refusal(408, "request_timeout", f"body not received within {self.settings.client_timeout_s} s") from None
+        if len(body) > limit:
+            raise Refusal(413, REASON_TOO_LARGE, f"body > {limit} bytes")
+        return body
+
+    async def publish(self, submissions: list[Submission]) -> list[Accepted]:
+        try:
+            accepted = await self.publisher.submit(submissions)
+        except (redis.RedisError, OSError) as exc:
+            raise _unavailable("redis: " + type(exc).__name__) from None
+        duplicates = sum(a.duplicate for a in accepted)
+        if duplicates:
+            ingest_metrics.transactions.labels("duplicate").inc(duplicates)
+        if duplicates < len(accepted):
+            ingest_metrics.transactions.labels("written").inc(len(accepted) - duplicates)
+        return accepted
+
+    async def decision(self, transaction_id: str, submission: Submission, started: float) -> dict:
+        """Write ``submission`` and wait for its decision until ``--decision-timeout-ms``."""
+        deadline = started + self.settings.decision_timeout_ms / 1000.0
+        future, first = self.decisions.expect(transaction_id)
+        try:
+            (accepted,) = await self.publish([submission])
+            decision = None
+            if accepted.duplicate and first:
+                # Written earlier, not by a request of this instance that is still waiting: its
+                # decision is (or will shortly be) in PostgreSQL.
+                self.decisions.forget(transaction_id, future)
+                decision = await self.stored.wait_for(transaction_id, deadline)
+            else:
+                try:
+                    decision = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    pass
+        finally:
+            self.decisions.forget(transaction_id, future)
+        answer = {"transaction_id": transaction_id, "duplicate": accepted.duplicate}
+        if decision is None:
+            ingest_metrics.decisions.labels("timed_out").inc()
+            answer.update(id=accepted.id, decision=self.settings.fallback_decision, score=None, reasons=[],
+                          model_version=None, timed_out=True)
+        else:
+            ingest_metrics.decisions.labels("answered").inc()
+            answer.update(id=decision["id"], decision=decision["decision"], score=decision["score"],
+                          reasons=decision["reasons"], model_version=decision["model_version"], timed_out=False)
+        answer["latency_ms"] = round((time.monotonic() - started) * 1000.0, 3)
+        return answer
+
+
+def _observed(route: str, handler: Handler) -> Handler:
+    """``handler`` answering refusals as JSON and counted in ``/metrics`` by route and status."""
+    counters: dict[int, object] = {}
+    duration = ingest_metrics.request_duration.labels(route)
+
+    async def observed(request: web.Request) -> web.Response:
+        started = time.monotonic()
+        request["started"] = started
+        try:
+            response = await handler(request)
+        except Refusal as refusal:
+            response = refusal.response()
+        counter = counters.get(response.status)
+        if counter is None:
+            counter = counters[response.status] = ingest_metrics.requests.labels(route, str(response.status))
+        counter.inc()
+        duration.observe(time.monotonic() - started)
+        return response
+
+    return observed
+
+
+def _json(status: int, body: dict) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=JSON)
+
+
+def _valid_one(body: bytes) -> tuple[str, float]:
+    checked = check_payload(body)
+    if isinstance(checked, Problem):
+        ingest_metrics.transactions.labels("rejected").inc()
+        raise _problem_refusal(checked)
+    obj, event_s = checked
+    return obj["transaction_id"], event_s
+
+
+def make_app(settings: IngestSettings, authenticator: auth.Authenticator, registry=None) -> web.Application:
+    """The application of one ingest process; ``registry`` is what ``/metrics`` exposes."""
+    ingest = Ingest(settings, authenticator)
+    openapi = OPENAPI_PATH.read_bytes()
+    registry = registry if registry is not None else REGISTRY
+
+    async def transactions(request: web.Request) -> web.Response:
+        key = ingest.authorize(request)
+        ingest.admit()
+        body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
+        await ingest.check_signature(request, key, body)
+        transaction_id, event_s = _valid_one(body)
+        (accepted,) = await ingest.publish([Submission(transaction_id, event_s, body)])
+        if accepted.duplicate:
+            return _json(200, {"duplicate": True, "id": accepted.id, "transaction_id": transaction_id})
+        return _json(202, {"id": accepted.id, "transaction_id": transaction_id})
+
+    async def batch(request: web.Request) -> web.Response:
+        key = ingest.authorize(request)
+        ingest.admit()
+        body = await ingest.body(request, (JSON, NDJSON), ingest.max_batch_bytes)
+        await ingest.check_signature(request, key, body)
+        checked = _batch_items(body, request.content_type == NDJSON, settings.max_batch)
+        submissions = [c for c in checked if isinstance(c, Submission)]
+        rejected = len(checked) - len(submissions)
+        if rejected:
+            ingest_metrics.transactions.labels("rejected").inc(rejected)
+        accepted = iter(await ingest.publish(submissions) if submissions else ())
+        results = []
+        for index, item in enumerate(checked):
+            if isinstance(item, Problem):
+                status = _PROBLEM_STATUS.get(item.reason, 422)
+                results.append({"index": index, "status": status, "error": item.reason, "field": item.field,
+                                "detail": item.message})
+            else:
+                a = next(accepted)
+                results.append({"index": index, "status": 200 if a.duplicate else 202, "id": a.id,
+                                "transaction_id": item.transaction_id, "duplicate": a.duplicate})
+        duplicates = sum(1 for r in results if r.get("duplicate"))
+        return _json(200, {"accepted": len(submissions) - duplicates, "duplicates": duplicates, "rejected": rejected,
+                           "results": results})
+
+    async def score(request: web.Request) -> web.Response:
+        key = ingest.authorize(request)
+        ingest.admit()
+        body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
+        await ingest.check_signature(request, key, body)
+        transaction_id, event_s = _valid_one(body)
+        submission = Submission(transaction_id, event_s, body, ingest.decisions.channel)
+        return _json(200, await ingest.decision(transaction_id, submission, request["started"]))
+
+    async def healthz(request: web.Request) -> web.Response:
+        try:
+            await ingest.redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            return web.Response(status=503, text=f"redis: {exc}\n")
+        return web.Response(text="ok\n")
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi_document(request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type=JSON)
+
+    app = web.Application(client_max_size=ingest.max_batch_bytes + 1)
+    app["ingest"] = ingest
+    app.on_startup.append(ingest.start)
+    app.on_cleanup.append(ingest.stop)
+    app.router.add_post("/v1/transactions", _observed("/v1/transactions", transactions))
+    app.router.add_post("/v1/transactions/batch", _observed("/v1/transactions/batch", batch))
+    app.router.add_post("/v1/score", _observed("/v1/score", score))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/openapi.json", openapi_document)
+    return app
+
+
+def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission | Problem]:
+    """Each item of a batch body, judged on its own: one invalid item never rejects the others.
+
+    NDJSON lines are written as sent; JSON array items are written re-serialized (one compact
+    object each), and judged by that size.
+    """
+    if ndjson:
+        lines = [line for line in (raw.strip() for raw in body.split(b"\n")) if line]
+        if len(lines) > max_batch:
+            raise Refusal(413, "too_many_items", f"{len(lines)} items > --max-batch {max_batch}")
+        checked: list[Submission | Problem] = []
+        for line in lines:
+            result = check_payload(line)
+            if isinstance(result, Problem):
+                checked.append(result)
+            else:
+                obj, event_s = result
+                checked.append(Submission(obj["transaction_id"], event_s, line))
+        return checked
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refusal(400, REASON_NOT_UTF8, str(exc)) from None
+        raise Refusal(400, REASON_NOT_JSON, str(exc)) from None
+    if not isinstance(items, list):
+        raise Refusal(422, "not_an_array", f"body is a JSON {type(items).__name__}, not an array of transactions")
+    if len(items) > max_batch:
+        raise Refusal(413, "too_many_items", f"{len(items)} items > --max-batch {max_batch}")
+    checked = []
+    for obj in items:
+        payload = orjson.dumps(obj)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
+            continue
+        result = check_object(obj)
+        checked.append(result if isinstance(result, Problem) else Submission(obj["transaction_id"], result, payload))
+    return checked
+

@@ -1,0 +1,47 @@
+"""Keeping the input stream bounded: trim what every consumer group has acknowledged.
+
+An entry may go once no group still needs it: every group has read past it and none holds it
+pending. Entries stay ``--retention-s`` longer than that (to inspect, replay, or let a new group
+catch up). Unread or pending entries are never trimmed, whatever their age; backpressure
+(``--max-lag``) is what bounds those.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+
+def _entry_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def trim_bound(client: redis.Redis, stream: str, retention_s: float, now_s: float | None = None) -> tuple[int, int] | None:
+    """(``client`` decodes responses.) The smallest entry id some group may still need, capped at
+    ``retention_s`` ago; None when there is nothing to trim (no group, or nothing read yet)."""
+    groups = client.xinfo_groups(stream)
+    if not groups:
+        return None
+    now_s = time.time() if now_s is None else now_s
+    bound = (int((now_s - retention_s) * 1000), 0)
+    for group in groups:
+        bound = min(bound, _entry_id(group["last-delivered-id"]))
+        if group["pending"]:
+            bound = min(bound, _entry_id(client.xpending(stream, group["name"])["min"]))
+    return bound if bound > (0, 0) else None
+
+
+def trim_acked(client: redis.Redis, stream: str, retention_s: float) -> int:
+    """Trim entries below ``trim_bound``; returns how many went. Approximate trimming removes
+    whole stream nodes only, so it may keep a few more entries, never fewer."""
+    try:
+        bound = trim_bound(client, stream, retention_s)
+    except redis.ResponseError as exc:
+        if "no such key" in str(exc):
+            return 0
+        raise
+    if bound is None:
+        return 0
+    return client.xtrim(stream, minid=f"{bound[0]}-{bound[1]}", approximate=True)

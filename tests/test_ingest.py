@@ -1,0 +1,233 @@
+"""`fraudd ingest` over real HTTP against the real Redis: status codes, auth, duplicates,
+backpressure, batches, limits. Nothing invalid may reach the stream."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from fraudd.ingest.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from fraudd.ingest.retention import trim_acked
+from fraudd.scoring import decode
+
+from .conftest import Namespace, wait_for
+from .ingest_server import NOW, IngestServer, post, tx
+from .streams import publish, valid_payloads
+
+KEY = "k-" + "s3cr3t" * 4
+
+
+def stream_payloads(client: redis.Redis, ns: Namespace) -> list[bytes]:
+    return [fields[b"data"] for _id, fields in client.xrange(ns.stream)]
+
+
+@pytest.fixture
+def server(ns: Namespace, tmp_path: Path):
+    server = IngestServer.start(ns, tmp_path, "--max-batch", "5", "--client-timeout-s", "1")
+    yield server
+    assert server.stop() == 0, server.log()[-2000:]
+
+
+def test_every_status_code(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
+    with server.client() as http:
+        accepted = post(http, "/v1/transactions", tx("s1"))
+        assert accepted.status_code == 202
+        assert accepted.json() == {"id": accepted.json()["id"], "transaction_id": "s1"}
+        duplicate = post(http, "/v1/transactions", tx("s1", amount=99))
+        assert duplicate.status_code == 200
+        assert duplicate.json() == {"duplicate": True, "id": accepted.json()["id"], "transaction_id": "s1"}
+
+        not_json = post(http, "/v1/transactions", b'{"transaction_id": ')
+        assert not_json.status_code == 400 and not_json.json()["error"] == decode.REASON_NOT_JSON
+        not_utf8 = post(http, "/v1/transactions", b'{"transaction_id": "\xff", "user_id": "u", "amount": 1, '
+                                                  b'"merchant": "m", "timestamp": 1764385200}')
+        assert not_utf8.status_code == 400 and not_utf8.json()["error"] == decode.REASON_NOT_UTF8
+        too_large = post(http, "/v1/transactions", tx("s2", merchant="x" * decode.MAX_PAYLOAD_BYTES))
+        assert too_large.status_code == 413 and too_large.json()["error"] == decode.REASON_TOO_LARGE
+        too_many = post(http, "/v1/transactions/batch", [tx(f"b{i}") for i in range(6)])
+        assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_items"
+        wrong_type = http.post("/v1/transactions", content=orjson.dumps(tx("s3")), headers={"Content-Type": "text/plain"})
+        assert wrong_type.status_code == 415
+        missing = post(http, "/v1/transactions", {"transaction_id": "s4", "user_id": "u", "merchant": "m", "timestamp": NOW})
+        assert missing.status_code == 422
+        assert missing.json() == {"error": decode.REASON_MISSING, "field": "amount", "detail": "required"}
+        ill_typed = post(http, "/v1/transactions", tx("s5", timestamp="yesterday"))
+        assert ill_typed.status_code == 422 and ill_typed.json()["field"] == "timestamp"
+        nul = post(http, "/v1/transactions", tx("s6", merchant="a\u0000b"))
+        assert nul.status_code == 422 and nul.json()["field"] == "merchant"
+        assert http.get("/v1/nowhere").status_code == 404
+        assert http.get("/v1/transactions").status_code == 405
+        assert http.get("/healthz").text == "ok\n"
+        openapi = http.get("/openapi.json").json()
+        assert openapi["openapi"].startswith("3.") and "/v1/score" in openapi["paths"]
+        metrics = http.get("/metrics").text
+        assert 'fraudd_ingest_requests_total{route="/v1/transactions",status="422"} 3.0' in metrics
+        assert 'fraudd_ingest_transactions_total{outcome="duplicate"} 1.0' in metrics
+
+    # 408: a body announced but never sent in full within --client-timeout-s.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"transaction_id\"")
+        reply = slow.recv(1000)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+
+    assert stream_payloads(redis_client, ns) == [orjson.dumps(tx("s1"))]
+
+
+def test_batch_judges_each_item(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
+    with server.client() as http:
+        post(http, "/v1/transactions", tx("b0"))
+        items = [tx("b1"), 7, tx("b2", amount=-1), tx("b0"), tx("b1")]
+        response = post(http, "/v1/transactions/batch", items)
+        assert response.status_code == 200
+        body = response.json()
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 2, 2)
+        assert [r["status"] for r in body["results"]] == [202, 422, 422, 200, 200]
+        assert body["results"][2]["field"] == "amount"
+        assert body["results"][4]["id"] == body["results"][0]["id"]
+
+        lines = b"\n".join([orjson.dumps(tx("n1")), b"", b"not json", orjson.dumps(tx("n2", user_id=""))]) + b"\n"
+        ndjson = http.post("/v1/transactions/batch", content=lines, headers={"Content-Type": "application/x-ndjson"})
+        assert [r["status"] for r in ndjson.json()["results"]] == [202, 400, 422]
+        assert ndjson.json()["results"][2]["field"] == "user_id"
+
+        assert post(http, "/v1/transactions/batch", {"not": "an array"}).status_code == 422
+        assert post(http, "/v1/transactions/batch", b"[1, 2").status_code == 400
+
+    written = stream_payloads(redis_client, ns)
+    assert [orjson.loads(p)["transaction_id"] for p in written] == ["b0", "b1", "n1"]
+    assert decode.decode_batch([str(i) for i in range(len(written))], written).rejected == []
+
+
+def test_duplicate_of_a_transaction_the_worker_counted(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A transaction that reached the stream another way and was scored is a duplicate too."""
+    from .services import drain
+
+    payload = orjson.dumps(tx("w1"))
+    publish(redis_client, ns.stream, [payload])
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    server = IngestServer.start(ns, tmp_path)
+    try:
+        with server.client() as http:
+            response = post(http, "/v1/transactions", tx("w1"))
+        assert response.status_code == 200 and response.json()["duplicate"] is True
+        assert redis_client.xlen(ns.stream) == 1
+    finally:
+        server.stop()
+
+
+def test_api_keys_and_reload(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# gateway\n{KEY}\n")
+    server = IngestServer.start(ns, tmp_path, "--api-keys-file", str(keys_file))
+    try:
+        with server.client() as http:
+            missing = post(http, "/v1/transactions", tx("a1"))
+            assert missing.status_code == 401 and missing.json() == {"error": "unauthorized"}
+            assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+            bad = post(http, "/v1/transactions", tx("a1"), {"Authorization": "Bearer " + KEY[:-1] + "x"})
+            assert bad.status_code == 401 and bad.json() == {"error": "unauthorized"}
+            assert post(http, "/v1/transactions", tx("a1"), {"Authorization": "Basic " + KEY}).status_code == 401
+            good = post(http, "/v1/transactions", tx("a1"), {"Authorization": "Bearer " + KEY})
+            assert good.status_code == 202
+
+            keys_file.write_text("rotated-key\n")
+            server.signal(signal.SIGHUP)
+            wait_for(lambda: post(http, "/v1/transactions", tx("a2"), {"Authorization": "Bearer rotated-key"}).status_code == 202,
+                     10, message="the rotated key to be accepted")
+            assert post(http, "/v1/transactions", tx("a3"), {"Authorization": "Bearer " + KEY}).status_code == 401
+    finally:
+        assert server.stop() == 0
+    assert [orjson.loads(p)["transaction_id"] for p in stream_payloads(redis_client, ns)] == ["a1", "a2"]
+
+
+def test_signed_requests(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--require-signature", "--signature-window-s", "60", FRAUDD_API_KEYS=KEY)
+    auth = {"Authorization": "Bearer " + KEY}
+
+    def signed(body: bytes, stamp: int, key: str = KEY) -> dict:
+        return {**auth, TIMESTAMP_HEADER: str(stamp), SIGNATURE_HEADER: sign(key.encode(), stamp, body)}
+
+    try:
+        with server.client() as http:
+            body = orjson.dumps(tx("g1"))
+            now = int(time.time())
+            assert post(http, "/v1/transactions", body, signed(body, now)).status_code == 202
+            replayed = post(http, "/v1/transactions", body, signed(body, now))
+            assert replayed.status_code == 403 and replayed.json() == {"error": "forbidden"}
+            other = orjson.dumps(tx("g2"))
+            assert post(http, "/v1/transactions", other, auth).status_code == 403  # unsigned
+            assert post(http, "/v1/transactions", other, signed(body, now + 1)).status_code == 403  # another body's
+            assert post(http, "/v1/transactions", other, signed(other, now - 120)).status_code == 403  # stale
+            assert post(http, "/v1/transactions", other, signed(other, now, key="wrong")).status_code == 403
+            assert post(http, "/v1/transactions", other, {TIMESTAMP_HEADER: str(now),
+                                                          SIGNATURE_HEADER: sign(KEY.encode(), now, other)}).status_code == 401
+            assert post(http, "/v1/transactions", other, signed(other, now + 2)).status_code == 202
+    finally:
+        assert server.stop() == 0
+    assert redis_client.xlen(ns.stream) == 2
+
+
+def test_refuses_to_listen_beyond_loopback_without_keys(ns: Namespace, tmp_path: Path) -> None:
+    refused = ns.fraudd("ingest", "--listen", "0.0.0.0:0", timeout=30)
+    assert refused.returncode == 2 and "without API keys" in refused.stderr
+    server = IngestServer.start(ns, tmp_path, "--insecure-no-auth", host="0.0.0.0")
+    assert server.stop() == 0
+
+
+def test_tls(ns: Namespace, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    server = IngestServer.start(ns, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https")
+    try:
+        with server.client(verify=False) as http:
+            assert post(http, "/v1/transactions", tx("tls1")).status_code == 202
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=3)
+    finally:
+        assert server.stop() == 0
+
+
+def test_backpressure_on_group_lag(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    redis_client.xgroup_create(ns.stream, ns.group, id="0", mkstream=True)
+    publish(redis_client, ns.stream, valid_payloads(20, "lag"))
+    server = IngestServer.start(ns, tmp_path, "--max-lag", "10")
+    try:
+        with server.client() as http:
+            wait_for(lambda: post(http, "/v1/transactions", tx("bp0")).status_code == 503, 10, message="backpressure")
+            refused = post(http, "/v1/transactions/batch", [tx("bp1")])
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"] == "overloaded"
+            # The group catches up (here: reads and acks everything); writes are accepted again.
+            read = redis_client.xreadgroup(ns.group, "c", {ns.stream: ">"}, count=100)
+            redis_client.xack(ns.stream, ns.group, *[i for i, _f in read[0][1]])
+            wait_for(lambda: post(http, "/v1/transactions", tx("bp2")).status_code == 202, 10, message="backpressure off")
+    finally:
+        assert server.stop() == 0
+    assert redis_client.xlen(ns.stream) == 21
+
+
+def test_trims_only_what_every_group_acked(ns: Namespace, redis_client: redis.Redis) -> None:
+    decoding = redis.Redis.from_url(ns.redis_url, protocol=2, decode_responses=True)
+    ids = publish(redis_client, ns.stream, valid_payloads(3000, "trim"))
+    assert trim_acked(decoding, ns.stream, 0) == 0  # no group: nobody acked anything
+    redis_client.xgroup_create(ns.stream, ns.group, id="0")
+    redis_client.xgroup_create(ns.stream, "other", id="0")
+    redis_client.xreadgroup(ns.group, "c", {ns.stream: ">"}, count=2000)
+    redis_client.xack(ns.stream, ns.group, *ids[:1500])  # 500 stay pending
+    redis_client.xreadgroup("other", "c", {ns.stream: ">"}, count=2500)
+    redis_client.xack(ns.stream, "other", *ids[:2500])
+    assert trim_acked(decoding, ns.stream, 3600) == 0  # younger than the retention
+    trimmed = trim_acked(decoding, ns.stream, 0)
+    remaining = [i.decode() for i, _f in redis_client.xrange(ns.stream)]
+    assert 0 < trimmed <= 1500 and remaining == ids[trimmed:]
+    assert ids[1500] in remaining  # the oldest pending entry of fraud-group stays
