@@ -45,15 +45,19 @@ def ingest(**params) -> None:
     settings = ingest_settings_from(params)
     logs.setup(settings.log_level)
     from .ingest.auth import Authenticator, KeysError
-    from .ingest.server import bind, check_exposure, serve
 
     try:
         authenticator = Authenticator(settings.api_keys_file, settings.api_keys)
     except KeysError as exc:
         raise ConfigError(f"--api-keys-file: {exc}") from None
+    # Every server process counts into this directory; any of them answers /metrics with the sum.
+    _prepare_metrics_dir()
+    # Both import prometheus-client, which reads the directory above.
+    from .ingest.server import check_exposure, service
+    from .runtime.supervisor import Supervisor
+
     check_exposure(settings, authenticator)
-    sock = bind(settings)
-    serve(settings, sock, authenticator)
+    sys.exit(Supervisor(service(settings, authenticator)).run())
 
 
 @main.command()

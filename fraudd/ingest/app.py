@@ -29,7 +29,6 @@ from . import auth
 from . import metrics as ingest_metrics
 from .decisions import Decisions, StoredDecisions, instance_name
 from .publisher import Accepted, CoalescingPublisher, Submission
-from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 LAG_CHECK_INTERVAL_S = 0.5
-TRIM_INTERVAL_S = 5.0
 RETRY_AFTER_S = "1"
 # Per batch item beyond its own JSON: separators and the array brackets.
 _BATCH_OVERHEAD_BYTES = 16
@@ -97,18 +95,15 @@ class Ingest:
         self.backpressure = Backpressure()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
         self._watch: asyncio.Task | None = None
-        self._trim: asyncio.Task | None = None
 
     async def start(self, app: web.Application) -> None:
-        await self.decisions.start()
+        self.decisions.start()
         self._watch = asyncio.create_task(self._watch_lag())
-        self._trim = asyncio.create_task(self._trim_acked())
 
     async def stop(self, app: web.Application) -> None:
-        for task in (self._watch, self._trim):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.decisions.stop()
         await self.stored.close()
         await self.redis.aclose()
@@ -133,17 +128,6 @@ class Ingest:
                                 extra={"event": "backpressure", "on": overloaded, "lag": lag})
                 self.backpressure.overloaded = overloaded
             await asyncio.sleep(LAG_CHECK_INTERVAL_S)
-
-    async def _trim_acked(self) -> None:
-        while True:
-            await asyncio.sleep(TRIM_INTERVAL_S)
-            try:
-                trimmed = await asyncio.to_thread(trim_acked, self.redis_sync, self.settings.stream, self.settings.retention_s)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("trimming failed", extra={"event": "trim_failed", "error": str(exc)})
-                continue
-            if trimmed:
-                log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
     # -- request steps shared by the handlers ----------------------------------------------
 
@@ -333,6 +317,8 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
             await ingest.redis.ping()
         except (redis.RedisError, OSError) as exc:
             return web.Response(status=503, text=f"redis: {exc}\n")
+        if not ingest.decisions.subscribed:
+            return web.Response(status=503, text="decisions channel: not subscribed yet\n")
         return web.Response(text="ok\n")
 
     async def metrics_page(request: web.Request) -> web.Response:

@@ -48,9 +48,13 @@ class Decisions:
         self._task: asyncio.Task | None = None
         self._subscribed = asyncio.Event()
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        """Subscribe in the background (Redis may be away at start: the API serves meanwhile)."""
         self._task = asyncio.create_task(self._listen())
-        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -91,6 +95,7 @@ class Decisions:
             except (redis.RedisError, OSError) as exc:
                 # Decisions sent while unsubscribed are lost; their requests answer the fallback
                 # and the transactions are still scored and stored.
+                self._subscribed.clear()
                 log.error("decision channel lost, resubscribing", extra={"event": "outage", "component": "redis",
                                                                          "error": str(exc)})
                 await pubsub.aclose()

@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import signal
+import os
 import socket
 import ssl
 
+import redis
 import uvloop
 from aiohttp import web
 
 from ..config import ConfigError, IngestSettings
+from ..runtime.metrics import multiprocess_registry
+from ..runtime.process import WorkerProcess
+from ..runtime.supervisor import Service
 from .app import make_app
 from .auth import Authenticator
+from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 
@@ -74,36 +79,81 @@ def tls_context(settings: IngestSettings) -> ssl.SSLContext | None:
     return context
 
 
-def serve(settings: IngestSettings, sock: socket.socket, authenticator: Authenticator, registry=None,
-          on_ready=None, should_stop=None) -> None:
-    """Serve on ``sock`` until SIGTERM/SIGINT (or ``should_stop()`` turns true), then drain:
-    requests in progress get up to ``--shutdown-timeout-s`` to finish."""
-    uvloop.run(_serve(settings, sock, authenticator, registry, on_ready, should_stop))
+def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
+    """``fraudd ingest``: the supervisor's view of the HTTP server processes.
+
+    Binds the socket and builds the TLS context here, before the fork, so both are shared and a
+    bad address or certificate stops start-up with one line. The supervisor's housekeeping trims
+    the stream (once per host, not once per process).
+    """
+    sock = bind(settings)
+    context = tls_context(settings)
+    trimmer = Trimmer(settings)
+    return Service(
+        name="fraudd ingest",
+        workers=settings.workers,
+        run_worker=lambda process: _serve_process(settings, sock, context, authenticator, process),
+        worker_name=lambda index: f"ingest-{index}",
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        log_level=settings.log_level,
+        housekeeping=trimmer.run_once,
+    )
 
 
-async def _serve(settings: IngestSettings, sock: socket.socket, authenticator: Authenticator, registry,
-                 on_ready, should_stop) -> None:
+class Trimmer:
+    """Trims what every group acked (``--retention-s``); logs an outage once, never raises."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self._settings = settings
+        self._client = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True, socket_timeout=2,
+                                            socket_connect_timeout=2)
+        self._failing = False
+
+    def run_once(self) -> None:
+        try:
+            trimmed = trim_acked(self._client, self._settings.stream, self._settings.retention_s)
+        except (redis.RedisError, OSError) as exc:
+            if not self._failing:
+                log.error("cannot trim the input stream", extra={"event": "outage", "component": "redis", "error": str(exc)})
+            self._failing = True
+            return
+        self._failing = False
+        if trimmed:
+            log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
+
+
+def _serve_process(settings: IngestSettings, sock: socket.socket, context: ssl.SSLContext | None,
+                   authenticator: Authenticator, process: WorkerProcess) -> int:
+    process.install_signals()
+    uvloop.run(_serve(settings, sock, context, authenticator, process))
+    return 0
+
+
+async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSLContext | None,
+                 authenticator: Authenticator, process: WorkerProcess) -> None:
+    """Serve until told to stop (or orphaned), then drain: requests in progress get up to
+    ``--shutdown-timeout-s`` to finish. SIGHUP re-reads the API keys."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, authenticator.reload)
+    wake = asyncio.Event()
+    process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
+    registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
     app = make_app(settings, authenticator, registry)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=settings.client_timeout_s,
                            shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=tls_context(settings), shutdown_timeout=settings.shutdown_timeout_s)
+    site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
     await site.start()
+    process.ready()
     log.info("serving", extra={"event": "serving", "listen": f"{settings.listen[0]}:{settings.listen[1]}",
-                               "tls": settings.tls_cert is not None, "auth": authenticator.enabled})
-    if on_ready is not None:
-        on_ready()
+                               "tls": context is not None, "auth": authenticator.enabled})
     try:
-        while not stop.is_set():
-            if should_stop is not None and should_stop():
-                break
+        while process.running:
+            if process.reload_requested:
+                process.reload_requested = False
+                authenticator.reload()
+            wake.clear()
             try:
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+                await asyncio.wait_for(wake.wait(), timeout=0.5)
             except TimeoutError:
                 pass
     finally:

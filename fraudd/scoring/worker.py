@@ -47,7 +47,7 @@ from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSIN
 from .features import FEATURE_NAMES, Features, FeatureStore
 from .model import FraudModel, ModelError
 from .rules import DECISIONS, Rules, RulesError, decide
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Settler, alert_documents
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Settler, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 
@@ -172,20 +172,21 @@ class ScoringWorker:
             work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
-        settled = self.consumer.until_done(lambda: self._settle_in_redis(work, alerts), "redis")
+        replies = decision_replies(stored, _reply_channels(work.entries))
+        settled = self.consumer.until_done(lambda: self._settle_in_redis(work, alerts, replies), "redis")
         committed_at = time.time()
         self.consumer.release(work.entries)
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
         try:
-            return self.settler.settle(work.entries.ids, alerts, work.dead)
+            return self.settler.settle(work.entries.ids, alerts, work.dead, replies)
         except redis.ResponseError as exc:
             self.consumer.recreate_lost_group(exc)
         # Alerts and dead letters are guarded by their markers, so settling again writes each
         # once; acking the recreated group's absent entries is a no-op.
-        return self.settler.settle(work.entries.ids, alerts, work.dead)
+        return self.settler.settle(work.entries.ids, alerts, work.dead, replies)
 
     def _bisected(self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
                   ) -> tuple[list[_Part], list[Rejected]]:
@@ -257,6 +258,11 @@ class ScoringWorker:
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+def _reply_channels(entries: Entries) -> dict[str, str]:
+    """Entry id -> decisions channel of the entries written by ``/v1/score`` (field ``reply``)."""
+    return {entry_id: fields[b"reply"].decode() for entry_id, fields in entries.extra.items() if b"reply" in fields}
+
 
 def score_batch(model: FraudModel, rules: Rules, features: Features, review_threshold: float,
                 decline_threshold: float) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:

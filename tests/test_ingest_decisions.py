@@ -1,0 +1,86 @@
+"""`POST /v1/score`: the decision the worker stored, delivered per batch over sharded pub/sub;
+the stored decision for a duplicate; the fallback on timeout, the transaction still scored once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from .conftest import Namespace, wait_for
+from .ingest_server import IngestServer, post, tx
+from .services import start, stop
+from .streams import fully_drained
+
+
+def stored_rows(ns: Namespace) -> dict[str, dict]:
+    rows = ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version FROM transactions")
+    return {r[0]: {"id": r[1], "decision": r[2], "score": round(float(r[3]), 6), "reasons": list(r[4]),
+                   "model_version": r[5]} for r in rows}
+
+
+def decision_of(answer: dict) -> dict:
+    return {k: answer[k] for k in ("id", "decision", "score", "reasons", "model_version")}
+
+
+@pytest.fixture
+def scoring(ns: Namespace, redis_client: redis.Redis, tmp_path: Path):
+    daemon = start(ns, tmp_path, "--workers", "2")
+    yield daemon
+    wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to be drained")
+    stop(daemon)
+
+
+def test_score_answers_the_stored_decision(ns: Namespace, scoring, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--workers", "2", "--decision-timeout-ms", "5000")
+    # Risky enough to be declined or reviewed: large amounts at a gambling merchant, several at once.
+    items = [tx(f"sc{i}", user_id=f"user_{i % 7}", amount=[12.5, 4999.0, 80.0][i % 3],
+                mcc=["5411", "7995", "5999"][i % 3], channel="ecom") for i in range(60)]
+    try:
+        with server.client() as http, ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda item: post(http, "/v1/score", item), items))
+            assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+            answers = [a.json() for a in answers]
+            assert not any(a["timed_out"] or a["duplicate"] for a in answers)
+            rows = stored_rows(ns)
+            for answer in answers:
+                assert decision_of(answer) == rows[answer["transaction_id"]]
+                assert answer["latency_ms"] > 0
+            assert {a["decision"] for a in answers} >= {"approve"}
+
+            again = post(http, "/v1/score", items[1]).json()
+            assert again["duplicate"] is True and not again["timed_out"]
+            assert decision_of(again) == rows["sc1"]
+            metrics = http.get("/metrics").text
+            assert 'fraudd_ingest_decisions_total{outcome="answered"} 61.0' in metrics
+    finally:
+        assert server.stop() == 0
+    assert len(stored_rows(ns)) == 60
+
+
+def test_timeout_answers_the_fallback_and_scores_once(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--decision-timeout-ms", "150", "--fallback-decision", "decline")
+    try:
+        with server.client() as http:
+            answer = post(http, "/v1/score", tx("late1")).json()
+            assert answer["timed_out"] is True and answer["decision"] == "decline" and answer["score"] is None
+            assert 150 <= answer["latency_ms"] < 1000
+            # Nobody scored it yet: a retry is a duplicate, and times out the same way.
+            retry = post(http, "/v1/score", tx("late1")).json()
+            assert retry["duplicate"] is True and retry["timed_out"] is True
+            assert 'fraudd_ingest_decisions_total{outcome="timed_out"} 2.0' in http.get("/metrics").text
+        daemon = start(ns, tmp_path, "--workers", "1")
+        try:
+            wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to be drained")
+        finally:
+            stop(daemon)
+        rows = stored_rows(ns)
+        assert list(rows) == ["late1"] and rows["late1"]["id"] == answer["id"]
+        with server.client() as http:
+            stored = post(http, "/v1/score", tx("late1")).json()
+        assert stored["duplicate"] is True and not stored["timed_out"] and decision_of(stored) == rows["late1"]
+    finally:
+        assert server.stop() == 0
+    assert redis_client.xlen(ns.stream) == 1
