@@ -240,6 +240,8 @@ class StreamConsumer:
             try:
                 result = attempt()
             except REDIS_DOWN + POSTGRES_DOWN as exc:
+                # Waiting out an outage is progress: restarting the service would not end it.
+                self.process.heartbeat()
                 kind = "redis" if isinstance(exc, REDIS_DOWN) else "postgres"
                 metrics.errors.labels(kind, type(exc).__name__).inc()
                 if self._on_outage is not None:
@@ -317,9 +319,11 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
     metrics.workers_alive.set(1)
     try:
         while process.running:
+            process.heartbeat()
             if process.reload_requested:
                 process.reload_requested = False
                 handler.reload()
+                process.ready()
             entries = consumer.read()
             if entries:
                 handler.process(entries)

@@ -36,6 +36,7 @@ class GroupState:
     pending: int
     oldest_pending_age_s: float
     consumers: list[dict]
+    entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
 
 
 def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
@@ -51,7 +52,9 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
     oldest = 0.0
     if summary["pending"]:
         oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
-    return GroupState(int(lag), int(info["pending"]), oldest, client.xinfo_consumers(stream, group))
+    entries_read = info.get("entries-read")
+    return GroupState(int(lag), int(info["pending"]), oldest, client.xinfo_consumers(stream, group),
+                      None if entries_read is None else int(entries_read))
 
 
 class Housekeeper:
@@ -63,10 +66,22 @@ class Housekeeper:
                                           socket_timeout=2, socket_connect_timeout=2)
         self._next_partitions = 0.0
         self._down: set[str] = set()
+        self._state: GroupState | None = None
+        self._state_at = 0.0
+        self._rate: float | None = None
 
     def run_once(self) -> None:
         self._guard("redis", self._group_gauges)
         self._guard("postgres", self._partitions)
+
+    def summary(self) -> str:
+        """One line for systemd's status: the group's read rate, lag and pending, as last gathered."""
+        if "redis" in self._down:
+            return "redis unavailable"
+        if self._state is None:
+            return "lag unknown yet"
+        rate = "" if self._rate is None else f"{self._rate:,.0f} tx/s, "
+        return f"{rate}lag {self._state.lag:,}, pending {self._state.pending:,}"
 
     def _guard(self, dependency: str, chore: Callable[[], None]) -> None:
         try:
@@ -86,6 +101,12 @@ class Housekeeper:
     def _group_gauges(self) -> None:
         s = self.settings
         state = group_state(self.redis, s.stream, s.group)
+        now = time.monotonic()
+        previous = self._state
+        if previous is not None and previous.entries_read is not None and state.entries_read is not None:
+            # Entries the group took from the stream per second: scoring throughput once pending is flat.
+            self._rate = max(0, state.entries_read - previous.entries_read) / (now - self._state_at)
+        self._state, self._state_at = state, now
         metrics.group_lag.set(state.lag)
         metrics.group_pending.set(state.pending)
         metrics.oldest_pending_age.set(state.oldest_pending_age_s)

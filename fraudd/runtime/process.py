@@ -2,7 +2,11 @@
 
 A worker tells its supervisor through a pipe that it has booted (``R``) or why it cannot
 (``E<reason>``, then it exits with ``EXIT_BOOT_ERROR`` and the supervisor halts instead of
-respawning it in a loop). It dies with its supervisor: a worker outliving it would keep consuming
+respawning it in a loop), and that it is still making progress (``H``, a heartbeat on every turn
+of its loop, idle turns included, at most every ``HEARTBEAT_INTERVAL_S``): the supervisor pings
+systemd's watchdog only while every worker's heartbeat is fresh, so a wedged worker gets the
+service restarted. A service whose workers do not run ``consume()`` calls ``heartbeat()`` from its
+own loop. It dies with its supervisor: a worker outliving it would keep consuming
 under a name the next supervisor reuses. SIGTERM/SIGINT ask it to stop at its next boundary and
 SIGHUP to reload; both only set flags (and wake an event loop that asked to be woken), so a batch
 is never interrupted halfway.
@@ -13,9 +17,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 from collections.abc import Callable
 
 EXIT_BOOT_ERROR = 3
+HEARTBEAT_INTERVAL_S = 0.25  # well under any sensible watchdog interval; a pipe write, not per batch
 _PR_SET_PDEATHSIG = 1
 
 
@@ -31,6 +37,10 @@ class WorkerProcess:
         self.stopping = False
         self.reload_requested = False
         self._status_fd = status_fd
+        if status_fd is not None:
+            # A supervisor that stopped reading must not block a worker on a full pipe.
+            os.set_blocking(status_fd, False)
+        self._last_heartbeat = 0.0
         # The supervisor's pid as it knew it before the fork: had it died before this line, getppid()
         # would already name the process that adopted the orphan, which then never looks orphaned.
         self._parent = parent_pid if parent_pid is not None else os.getppid()
@@ -56,7 +66,16 @@ class WorkerProcess:
         return not self.stopping and os.getppid() == self._parent
 
     def ready(self) -> None:
+        """Booted, or done reloading (SIGHUP): consuming with the current configuration."""
         self._report("R")
+        self._last_heartbeat = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Still making progress; call on every turn of the worker's loop (cheap: throttled here)."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            self._report("H")
 
     def boot_failed(self, reason: str) -> int:
         """Report why this worker cannot start; returns the exit code that halts the supervisor."""
@@ -71,6 +90,8 @@ class WorkerProcess:
         except BrokenPipeError:
             # The supervisor died while this worker was booting: an orphan must not consume.
             self.stopping = True
+        except BlockingIOError:
+            pass  # the supervisor is not reading (wedged): its own watchdog deals with that
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True

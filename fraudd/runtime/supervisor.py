@@ -10,7 +10,15 @@ through a pipe; everything else happens in the loop, outside signal context:
 - SIGQUIT: immediate stop;
 - SIGHUP: forwarded to the workers, which reload their configuration at their next boundary.
 
-A worker reports through a pipe when it has booted (``R``) or why it could not (``E<reason>``).
+Under systemd (``Type=notify``) it tells the service manager (``notify.Notifier``): ``READY=1`` once
+every worker consumes, again after a reload once every worker has reloaded (``RELOADING=1``
+before), ``STOPPING=1`` when it stops, a ``STATUS=`` line (workers ready, plus the service's own
+summary, e.g. tx/s and lag), and ``WATCHDOG=1`` only while every live worker's heartbeat is fresh
+(within half the watchdog interval): a wedged worker stops the pings and systemd restarts the
+service, while an idle one still beats on every empty read.
+
+A worker reports through a pipe when it has booted or reloaded (``R``), why it could not boot
+(``E<reason>``), and that it is making progress (``H``).
 A boot error, or a worker that keeps dying before it is ready, halts the daemon with the reason
 and a non-zero exit instead of crash-looping; a worker killed while running is simply respawned.
 """
@@ -28,6 +36,7 @@ from dataclasses import dataclass, field
 
 from . import logs, metrics
 from .health import HealthServer
+from .notify import Notifier
 from .process import EXIT_BOOT_ERROR, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,9 @@ MAX_BOOT_FAILURES = 5
 RESPAWN_DELAY_FIRST_S = 0.1
 RESPAWN_DELAY_MAX_S = 10.0
 HOUSEKEEPING_INTERVAL_S = 5.0
+# Beyond the drain timeout, for the supervisor to reap its workers; a unit's TimeoutStopSec is
+# the default drain timeout plus this, and a stop asks systemd for as much (EXTEND_TIMEOUT_USEC).
+STOP_MARGIN_S = 5.0
 
 
 class Halt(Exception):
@@ -64,6 +76,9 @@ class Service:
     metrics_port: int = 0
     housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
     health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+    # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
+    # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
+    summary: Callable[[], str] | None = None
 
 
 @dataclass
@@ -74,6 +89,8 @@ class Slot:
     pid: int | None = None
     status_fd: int | None = None
     ready: bool = False
+    reloading: bool = False  # sent SIGHUP, not yet reported ready with the new configuration
+    heartbeat_at: float = 0.0  # monotonic time of the last sign of progress (spawn, R or H)
     boot_failures: int = 0
     respawn_at: float = 0.0
     last_error: str = ""
@@ -91,6 +108,9 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self._stop_deadline: float | None = None
         self._health: HealthServer | None = None
+        self._notifier = Notifier()
+        self._ready_sent = False
+        self._watchdog_at = 0.0
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -115,12 +135,17 @@ class Supervisor:
                         self._kill_all(signal.SIGKILL)
                 else:
                     self._spawn_due()
-                    if self.service.housekeeping is not None and time.monotonic() >= next_housekeeping:
-                        self.service.housekeeping()
+                    if time.monotonic() >= next_housekeeping:
+                        if self.service.housekeeping is not None:
+                            self.service.housekeeping()
                         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL_S
+                        self._notifier.status(self.status_line())
+                    self._notify_ready()
+                self._ping_watchdog()
                 self._sleep(0.5)
         except Halt as halt:
             log.error(f"{self.service.name} halted: %s", halt.reason, extra={"event": "halted", "reason": halt.reason})
+            self._notifier.send("STOPPING=1", status=f"halted: {halt.reason}")
             self._stop_deadline = time.monotonic()
             self._kill_all(signal.SIGTERM)
             self._wait_all(self.service.shutdown_timeout_s)
@@ -128,6 +153,7 @@ class Supervisor:
         finally:
             if self._health is not None:
                 self._health.stop()
+            self._notifier.close()
 
     def health_problems(self) -> list[str]:
         """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
@@ -136,6 +162,39 @@ class Supervisor:
         if ready < len(self.slots):
             problems.append(f"workers: {ready} of {len(self.slots)} ready")
         return problems
+
+    def status_line(self) -> str:
+        """What systemd shows after ``Status:``: workers ready, then the service's own summary."""
+        if self._stop_deadline is not None:
+            return f"stopping: {len(self._alive())} workers settling"
+        ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
+        line = f"{ready}/{len(self.slots)} workers ready"
+        if self.service.summary is not None:
+            line += ", " + self.service.summary()
+        return line
+
+    # -- service manager -------------------------------------------------------------------
+
+    def _notify_ready(self) -> None:
+        """READY=1 once every worker consumes; after a reload, once every worker has reloaded."""
+        if self._ready_sent or not all(s.pid is not None and s.ready and not s.reloading for s in self.slots):
+            return
+        self._ready_sent = True
+        log.info(f"{self.service.name} ready", extra={"event": "ready"})
+        self._notifier.ready(status=self.status_line())
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1, but only while every live worker shows progress within half the interval."""
+        interval = self._notifier.watchdog_s
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now - self._watchdog_at < interval / 4:
+            return
+        if any(now - s.heartbeat_at > interval / 2 for s in self._alive()):
+            return  # a wedged worker: let the pings lapse so that systemd restarts the service
+        self._watchdog_at = now
+        self._notifier.watchdog()
 
     def _queue_signal(self, signum, frame) -> None:
         if len(self._signals) < 10:
@@ -169,10 +228,18 @@ class Supervisor:
             if signum == signal.SIGCHLD:
                 continue  # reaping happens on every loop turn
             if signum == signal.SIGHUP:
+                if self._stop_deadline is not None:
+                    continue
                 log.info("reload requested, forwarding to workers", extra={"event": "reload_requested"})
+                self._notifier.reloading()
+                self._ready_sent = False
+                for slot in self._alive():
+                    # A worker still booting reads the new configuration anyway and reports R then.
+                    slot.reloading = slot.ready
                 self._kill_all(signal.SIGHUP)
             elif signum == signal.SIGQUIT or self._stop_deadline is not None:
                 log.warning("stopping immediately", extra={"event": "stop_immediate"})
+                self._notifier.stopping()
                 self._stop_deadline = time.monotonic()
                 self._kill_all(signal.SIGKILL)
                 self._wait_all(5.0)
@@ -180,6 +247,8 @@ class Supervisor:
             else:
                 log.info("stopping: workers settle their current batch", extra={"event": "stop_graceful"})
                 self._stop_deadline = time.monotonic() + self.service.shutdown_timeout_s
+                stop_usec = int((self.service.shutdown_timeout_s + STOP_MARGIN_S) * 1_000_000)
+                self._notifier.send("STOPPING=1", f"EXTEND_TIMEOUT_USEC={stop_usec}", status=self.status_line())
                 self._kill_all(signal.SIGTERM)
 
     # -- workers ---------------------------------------------------------------------------
@@ -200,6 +269,9 @@ class Supervisor:
             os.close(self._wake_w)
             for sig in self.SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            # Until the worker installs its handlers, a reload must not kill it (SIGHUP's default):
+            # it is about to read the current configuration anyway.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
                 logs.setup(self.service.log_level, self.service.worker_name(slot.index))
@@ -209,7 +281,8 @@ class Supervisor:
             finally:
                 os._exit(code)
         os.close(status_w)
-        slot.pid, slot.status_fd, slot.ready = pid, status_r, False
+        slot.pid, slot.status_fd, slot.ready, slot.reloading = pid, status_r, False, False
+        slot.heartbeat_at = time.monotonic()  # booting counts as progress until it reports
         log.info("worker spawned", extra={"event": "worker_spawned", "pid": pid,
                                           "consumer": self.service.worker_name(slot.index)})
 
@@ -224,8 +297,11 @@ class Supervisor:
             slot.status_fd = None
             return
         for line in message.decode(errors="replace").splitlines():
-            if line == "R":
-                slot.ready, slot.boot_failures = True, 0
+            if line == "H":
+                slot.heartbeat_at = time.monotonic()
+            elif line == "R":
+                slot.ready, slot.reloading, slot.boot_failures = True, False, 0
+                slot.heartbeat_at = time.monotonic()
             elif line.startswith("E"):
                 slot.last_error = line[1:]
 

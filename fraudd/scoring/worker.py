@@ -308,6 +308,7 @@ def service(settings: Settings) -> Service:
         metrics_port=settings.metrics_port,
         housekeeping=housekeeper.run_once,
         health_problems=lambda: health_problems(settings, housekeeper.redis),
+        summary=housekeeper.summary,
     )
 
 
