@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -76,6 +77,7 @@ def migrate(**params) -> None:
 def preflight(settings: Settings) -> None:
     """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
     from .runtime.consumer import connect_redis, ensure_group
+    from .runtime.health import redis_memory
     from .schema import pending_migrations
     from .scoring.features import FEATURE_NAMES
     from .scoring.model import FraudModel, ModelError
@@ -92,11 +94,14 @@ def preflight(settings: Settings) -> None:
     client = connect_redis(settings.redis_url)
     try:
         client.ping()
+        eviction = redis_memory(client).eviction_problem()
         ensure_group(client, settings.stream, settings.group)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
+    if eviction:
+        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
     with _connect_postgres(settings) as conn:
         pending = pending_migrations(conn)
     if pending:
@@ -142,7 +147,8 @@ def _prepare_metrics_dir() -> None:
 @settings_options
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
-    from .runtime.health import check_postgres, group_state
+    from .runtime.health import NEARLY_FULL, check_postgres, group_state, memory_problem, redis_memory
+    from .scoring.dedup import projected_marker_bytes
 
     settings = settings_from(params)
     healthy = True
@@ -155,6 +161,19 @@ def status(**params) -> None:
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         click.echo(f"dlq        {client.xlen(settings.dlq_stream)} entries in {settings.dlq_stream}")
+        memory = redis_memory(client)
+        rate = _input_rate(client, settings.stream)
+        need = projected_marker_bytes(rate, settings.dedup_window_s)
+        click.echo(f"memory     {memory.describe()}")
+        verdict = "" if not memory.maximum else (" (more than maxmemory)" if need > memory.maximum else
+                                                 f" ({need / memory.maximum:.0%} of maxmemory)")
+        click.echo(f"           input {rate:,.0f} tx/s over the last second: dedup markers for the "
+                   f"{settings.dedup_window_s} s window need ≈ {need / 2**20:,.1f} MiB{verdict}")
+        # A full Redis refuses a write whose arguments do not fit, so INFO may still show a little room.
+        problem = memory_problem(memory, refusing=memory.maximum > 0 and memory.used > NEARLY_FULL * memory.maximum)
+        if problem:
+            healthy = False
+            click.echo(f"           {problem}")
     except redis.RedisError as exc:
         healthy = False
         click.echo(f"redis      DOWN  {_redact(settings.redis_url)}: {exc}")
@@ -165,6 +184,13 @@ def status(**params) -> None:
         healthy = False
         click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
     sys.exit(0 if healthy else 1)
+
+
+def _input_rate(client: redis.Redis, stream: str, sample_s: float = 1.0) -> float:
+    """Entries added to ``stream`` per second, sampled over ``sample_s``."""
+    before = client.xinfo_stream(stream)["entries-added"]
+    time.sleep(sample_s)
+    return (client.xinfo_stream(stream)["entries-added"] - before) / sample_s
 
 
 @main.group()

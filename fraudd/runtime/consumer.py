@@ -37,7 +37,9 @@ _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 5.0
 
 # Errors that mean "a dependency is away", not "this batch is bad": the batch is retried as is.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+# A Redis at maxmemory (noeviction) refuses writes until memory is freed (markers expire, the
+# stream is trimmed) or raised: an outage like any other, never a reason to dead-letter a batch.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.exceptions.OutOfMemoryError)
 POSTGRES_DOWN = (
     psycopg.OperationalError,
     psycopg.errors.ReadOnlySqlTransaction,
@@ -244,17 +246,21 @@ class StreamConsumer:
                 self.process.heartbeat()
                 kind = "redis" if isinstance(exc, REDIS_DOWN) else "postgres"
                 metrics.errors.labels(kind, type(exc).__name__).inc()
+                full = isinstance(exc, redis.exceptions.OutOfMemoryError)
+                metrics.redis_out_of_memory.set(int(full))
                 if self._on_outage is not None:
                     self._on_outage(kind)
                 if down_since is None:
                     down_since = time.monotonic()
-                    log.error(f"{kind} unavailable, retrying", extra={"event": "outage", "component": kind, "error": str(exc)})
+                    log.error(f"{kind} {'out of memory' if full else 'unavailable'}, retrying",
+                              extra={"event": "outage", "component": kind, "error": str(exc)})
                 if self.process.stopping and time.monotonic() - down_since > self.options.shutdown_timeout_s / 2:
                     raise Stopping() from exc
                 self._wait_keeping_claimed(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
             if down_since is not None:
+                metrics.redis_out_of_memory.set(0)
                 log.info(f"{component} back", extra={"event": "recovered", "component": component,
                                                      "down_s": round(time.monotonic() - down_since, 3)})
             return result

@@ -28,6 +28,50 @@ log = logging.getLogger(__name__)
 PARTITION_UPKEEP_INTERVAL_S = 3600.0
 PARTITION_DAYS_AHEAD = 7
 GONE_CONSUMER_MIN_IDLE_MS = 60_000
+# Share of maxmemory from which `fraudd status` calls Redis full (a batch's write needs some room).
+NEARLY_FULL = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class RedisMemory:
+    """Redis's memory as ``INFO memory`` reports it (INFO works where CONFIG is disabled, as on managed Redis)."""
+
+    used: int
+    maximum: int  # 0: no limit
+    policy: str
+
+    def eviction_problem(self) -> str | None:
+        """Why this Redis may drop fraudd's keys, naming the setting to use; None when it never evicts."""
+        if self.policy == "noeviction":
+            return None
+        return (f"Redis maxmemory-policy is {self.policy}: it may evict fraudd's streams, dedup markers or "
+                f"behaviour state and break exactly-once without a sign; set maxmemory-policy noeviction")
+
+    def describe(self) -> str:
+        limit = f"of maxmemory {_mib(self.maximum)}" if self.maximum else "(no maxmemory)"
+        return f"used {_mib(self.used)} {limit}, policy {self.policy}"
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def redis_memory(client: redis.Redis) -> RedisMemory:
+    info = client.info("memory")
+    return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
+
+
+def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
+    """The ``/healthz`` line of a Redis that refuses writes (``refusing``: a worker met
+    OutOfMemoryError and waits) or may evict; None when neither.
+
+    Redis refuses a write when the memory it holds plus the write's arguments exceed maxmemory, so
+    a full Redis may show some room in INFO: only the workers know for sure."""
+    if refusing:
+        return (f"redis: out of memory ({memory.describe()}): writes are refused, scoring waits; "
+                f"raise maxmemory or shorten --dedup-window-s")
+    problem = memory.eviction_problem()
+    return f"redis: {problem}" if problem else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +144,9 @@ class Housekeeper:
 
     def _group_gauges(self) -> None:
         s = self.settings
+        memory = redis_memory(self.redis)
+        metrics.redis_memory_used.set(memory.used)
+        metrics.redis_memory_max.set(memory.maximum)
         state = group_state(self.redis, s.stream, s.group)
         now = time.monotonic()
         previous = self._state
@@ -141,12 +188,16 @@ def check_postgres(settings: Settings) -> None:
 
 
 def health_problems(settings: Settings, client: redis.Redis) -> list[str]:
-    """What is wrong with the dependencies right now; empty when Redis and PostgreSQL answer."""
+    """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
+    PostgreSQL answer."""
     problems = []
     try:
-        client.ping()
+        problem = memory_problem(redis_memory(client), bool(metrics.current("fraudd_redis_out_of_memory")))
     except redis.RedisError as exc:
         problems.append(f"redis: {exc}")
+    else:
+        if problem:
+            problems.append(problem)
     try:
         check_postgres(settings)
     except (psycopg.Error, OSError) as exc:

@@ -62,6 +62,11 @@ workers_alive = Gauge("fraudd_workers_alive", "Worker processes alive.", multipr
 group_lag = Gauge("fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="livemax")
 group_pending = Gauge("fraudd_group_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="livemax")
 oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the oldest pending entry.", multiprocess_mode="livemax")
+redis_memory_used = Gauge("fraudd_redis_memory_used_bytes", "Redis used_memory (INFO memory).", multiprocess_mode="livemax")
+redis_memory_max = Gauge("fraudd_redis_memory_max_bytes", "Redis maxmemory (0: no limit); at it, writes are refused and scoring waits.",
+                         multiprocess_mode="livemax")
+redis_out_of_memory = Gauge("fraudd_redis_out_of_memory", "1 while a worker waits for a full Redis to accept writes again.",
+                            multiprocess_mode="livemax")
 dependency_up = Gauge("fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="livemax")
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
@@ -149,6 +154,13 @@ class _ConsistentMultiProcessCollector(multiprocess.MultiProcessCollector):
     def collect(self) -> Iterable[Metric]:
         with _directory_lock:
             return list(super().collect())
+
+
+def current(name: str) -> float | None:
+    """The value of sample ``name`` summed over the live workers (None when nothing exported it)."""
+    if _directory() is None:
+        return None
+    return multiprocess_registry().get_sample_value(name)
 
 
 def multiprocess_registry() -> CollectorRegistry:

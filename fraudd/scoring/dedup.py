@@ -27,6 +27,9 @@ import redis
 from ..keys import Keys
 
 BUCKET_MS = 60_000
+# Redis memory per marker with its share of the bucket's hash table, measured as used_memory growth
+# over 300,000 transactions with 14-character ids (README: "Behaviour features and their memory").
+MARKER_BYTES = 70
 
 
 def event_ms(timestamps: np.ndarray) -> np.ndarray:
@@ -55,6 +58,12 @@ SEEN_PROBE_LUA = "local function counted(key, member) return redis.call('HEXISTS
 def seen_probe(keys: Keys, transaction_id: str, timestamp: float) -> tuple[str, str]:
     """(key, member) for ``counted`` in ``SEEN_PROBE_LUA``: was the transaction already counted?"""
     return keys.seen_bucket(bucket_of(timestamp)), transaction_id
+
+
+def projected_marker_bytes(rate_per_s: float, window_s: float) -> float:
+    """Redis memory the markers settle at for ``rate_per_s`` transactions and a ``window_s`` window
+    (plus the minute a bucket keeps receiving)."""
+    return rate_per_s * (window_s + BUCKET_MS / 1000) * MARKER_BYTES
 
 
 def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], timestamps: Sequence[float]
