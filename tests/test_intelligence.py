@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
+from fraudd.learning import train
 from fraudd.keys import Keys
 from fraudd.scoring.model import META_FEATURES, FraudModel, ModelError
 from fraudd.scoring.rules import DECISIONS, Rules
@@ -27,8 +27,6 @@ from .conftest import Namespace, wait_for
 from .services import drain
 from .streams import fully_drained
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-import train  # noqa: E402  (models/train.py: the same featurizing and metrics the model card uses)
 
 
 @pytest.fixture(scope="module")
