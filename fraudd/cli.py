@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ import psycopg
 import redis
 
 from .config import ConfigError, Settings, ingest_options, ingest_settings_from, settings_from, settings_options
+from .learning import cli as learning_cli
 from .runtime import logs
 
 
@@ -23,11 +25,16 @@ def main() -> None:
     """fraudd: real-time fraud scoring of a Redis Stream into PostgreSQL."""
 
 
+main.add_command(learning_cli.simulate)
+main.add_command(learning_cli.train)
+main.add_command(learning_cli.calibrate)
+
+
 @main.command()
 @settings_options
 def run(**params) -> None:
     """Score the input stream with a supervisor and --workers worker processes."""
-    settings = settings_from(params)
+    settings = with_thresholds(settings_from(params))
     logs.setup(settings.log_level)
     if settings.metrics_port:
         _prepare_metrics_dir()
@@ -72,6 +79,27 @@ def migrate(**params) -> None:
     with _connect_postgres(settings) as conn:
         applied = apply(conn, settings.pg_schema)
     click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+
+
+def with_thresholds(settings: Settings) -> Settings:
+    """``settings`` with the review and decline thresholds of its ``--thresholds`` file, checked
+    against the model they were calibrated for."""
+    from .scoring import thresholds
+    from .scoring.features import FEATURE_NAMES
+    from .scoring.model import FraudModel, ModelError
+
+    if settings.thresholds is None:
+        return settings
+    if settings.review_threshold is not None or settings.decline_threshold is not None:
+        raise ConfigError("--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold")
+    try:
+        chosen = thresholds.load(settings.thresholds)
+        chosen.check_model(FraudModel.load(settings.model_path, FEATURE_NAMES).version, settings.thresholds)
+    except thresholds.ThresholdsError as exc:
+        raise ConfigError(f"--thresholds / FRAUDD_THRESHOLDS: {exc}") from None
+    except ModelError as exc:
+        raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
+    return replace(settings, review_threshold=chosen.review_threshold, decline_threshold=chosen.decline_threshold)
 
 
 def preflight(settings: Settings) -> None:

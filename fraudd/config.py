@@ -49,6 +49,7 @@ class Settings:
     shutdown_timeout_s: float
     metrics_port: int
     log_level: str
+    thresholds: Path | None = None
 
     def consumer_name(self, index: int) -> str:
         """Worker ``index``'s consumer name; stable across respawns so it re-reads its own pending."""
@@ -88,6 +89,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("pipeline-depth", "FRAUDD_PIPELINE_DEPTH", {"default": 1, "type": click.IntRange(1, 2)}, "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next."),
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
+    ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above)."),
     ("max-deliveries", "FRAUDD_MAX_DELIVERIES", {"default": 5, "type": int, "callback": _positive("max-deliveries")}, "Deliveries after which an entry is dead-lettered as poison."),
     ("claim-idle-ms", "FRAUDD_CLAIM_IDLE_MS", {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")}, "Idle time after which another worker reclaims a pending entry."),
     ("dedup-window-s", "FRAUDD_DEDUP_WINDOW_S", {"default": 3600, "type": int, "callback": _positive("dedup-window-s")}, "How long a transaction_id is remembered for duplicates."),
@@ -102,6 +104,21 @@ def settings_options(function):
     for flag, envvar, kwargs, help_text in reversed(OPTIONS):
         function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(function)
     return function
+
+
+def selected_options(*flags: str):
+    """Decorate a click command with the named ``OPTIONS`` only (commands that need a few settings)."""
+    chosen = [option for option in OPTIONS if option[0] in flags]
+    missing = set(flags) - {option[0] for option in chosen}
+    if missing:
+        raise ValueError(f"unknown options {sorted(missing)}")
+
+    def decorate(function):
+        for flag, envvar, kwargs, help_text in reversed(chosen):
+            function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(function)
+        return function
+
+    return decorate
 
 
 def settings_from(params: dict) -> Settings:

@@ -1,0 +1,186 @@
+"""The learning commands: ``fraudd simulate``, ``fraudd train``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+import redis
+
+from fraudd.config import selected_options
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90d``, ``12h``, ``30m``, ``45s`` or ``2w``; ``click.BadParameter`` otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 90d, 12h, 30m, 45s or 2w")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _duration(ctx, param, value):
+    return None if value is None else parse_duration(value)
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="History file to write (JSON Lines: input message + label + typology).")
+@click.option("--customers", default=5_000, show_default=True, type=click.IntRange(10))
+@click.option("--terminals", default=10_000, show_default=True, type=click.IntRange(40))
+@click.option("--days", default=60, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--end", "end_ts", default=None, type=float,
+              help="Unix time the history ends at (midnight UTC of today by default).")
+def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, end_ts: float | None) -> None:
+    """Write a labelled history from the customers-and-terminals simulator (fraudd.learning.simulator)."""
+    from .simulator import TYPOLOGIES, Simulator, SimulatorConfig
+
+    start = None if end_ts is None else end_ts - days * 86400.0
+    history = Simulator(SimulatorConfig(seed=seed, n_customers=customers, n_terminals=terminals, days=days,
+                                        start_ts=start)).history()
+    with out.open("wb") as file:
+        for line in history.history_lines():
+            file.write(line + b"\n")
+    counts = ", ".join(f"{name} {int((history.typology == code).sum()):,}" for code, name in enumerate(TYPOLOGIES))
+    click.echo(f"{out}: {len(history):,} transactions ({counts})")
+
+
+@click.command()
+@click.option("--history", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labelled history: JSON Lines, one input message per line plus \"label\" (1/0 or true/false), in time order.")
+@click.option("--from-postgres", is_flag=True, help="Train on the stored transactions joined with the labels table.")
+@click.option("--since", default="90d", show_default=True, callback=_duration,
+              help="With --from-postgres: transactions of this last period (event time).")
+@click.option("--generated", type=click.IntRange(1000), default=None,
+              help="Train on this many transactions of fraudd.generator (how models/fraud.onnx is made).")
+@click.option("--generated-holdout", type=click.IntRange(1000), default=200_000, show_default=True,
+              help="With --generated: held-out transactions, from the next seed.")
+@click.option("--seed", default=1, show_default=True, help="Learner seed (and generator seed with --generated).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (ONNX).")
+@click.option("--card", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Model card to write [default: the model's path with .md].")
+@click.option("--holdout-share", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="Most recent share of the history held out for the model card's figures.")
+@click.option("--tune-share", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
+              help="Share before the held-out part that sets the thresholds.")
+@click.option("--review-fpr", default=0.01, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="False-positive rate of the review threshold on the tuning part.")
+@click.option("--decline-fpr", default=0.001, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="False-positive rate of the decline threshold on the tuning part.")
+@click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
+@selected_options("redis-url", "postgres-url", "pg-schema")
+def train(history: Path | None, from_postgres: bool, since: float, generated: int | None, generated_holdout: int,
+          seed: int, out: Path, card: Path | None, holdout_share: float, tune_share: float, review_fpr: float,
+          decline_fpr: float, version: str | None, redis_url: str, postgres_url: str, pg_schema: str) -> None:
+    """Train a model on labelled history with the daemon's own features; write it and its model card."""
+    from . import train as training
+
+    if sum((history is not None, from_postgres, generated is not None)) != 1:
+        raise click.UsageError("give exactly one of --history FILE, --from-postgres or --generated N")
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    command = " ".join(["fraudd", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else "fraudd train"
+    try:
+        if generated is not None:
+            fit_source = training.generated_history(seed, generated)
+            everything = training.featurize(client, fit_source, _echo_err)
+            holdout = training.featurize(client, training.generated_history(seed + 1, generated_holdout), _echo_err)
+            cut = int(len(everything) * 0.8)
+            fit_part, tune = everything.take(slice(0, cut)), everything.take(slice(cut, len(everything)))
+            version = version or f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-s{seed}"
+            data_section = (
+                f"Generated by `fraudd.generator` (seeded; ~1% fraud over five typologies that live in each user's\n"
+                f"history). Training: seed {seed}, {generated:,} transactions in event-time order, the first 80% to\n"
+                f"fit, the last 20% to set thresholds (time-based split). Held out: seed {seed + 1}, {generated_holdout:,}\n"
+                f"transactions ({int(holdout.is_fraud.sum()):,} fraud), never seen in training.")
+        else:
+            if history is not None:
+                source = training.read_history(history, _echo_err)
+            else:
+                from .store import labelled_history
+
+                source = labelled_history(postgres_url, pg_schema, since)
+            parts = training.split_bounds(len(source.payloads), holdout_share, tune_share)
+            training.check_positives(source.is_fraud, parts)
+            everything = training.featurize(client, source, _echo_err)
+            fit_part, tune, holdout = (everything.take(rows) for rows in parts)
+            version = version or (f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x"
+                                  f"{training.LIGHTGBM_PARAMS['num_leaves']}-{training.data_version(source)}")
+            data_section = (
+                f"{source.source}: {len(everything):,} labelled transactions ({int(everything.is_fraud.sum()):,} fraud),\n"
+                f"in time order. Time-based split: the first {len(fit_part):,} fit the trees, the next {len(tune):,}\n"
+                f"set the thresholds, the most recent {len(holdout):,} ({int(holdout.is_fraud.sum()):,} fraud) are\n"
+                f"held out for the figures below.")
+        trained = training.train(fit_part, tune, holdout, seed, version, review_fpr, decline_fpr, _echo_err)
+    except training.TrainingError as exc:
+        raise click.ClickException(str(exc)) from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"--redis-url / REDIS_URL: cannot compute features: {exc}") from None
+    finally:
+        client.close()
+    training.export(trained, out)
+    card = card or out.with_suffix(".md")
+    card.write_text(training.model_card(trained, data_section, command))
+    m = trained.metrics
+    best_rule = max(trained.plain_rules.items(), key=lambda item: item[1])
+    click.echo(f"{out}: {version}; held out: recall {m['recall_at_1pct_fpr']:.1%} at 1% FPR "
+               f"(best plain rule, {best_rule[0]}: {best_rule[1]:.1%}), PR-AUC {m['pr_auc']:.3f}; "
+               f"review from {trained.review:.4f}, decline from {trained.decline:.4f}; card {card}")
+
+
+_RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
+
+
+@click.command()
+@click.option("--target-review-rate", required=True, type=_RATE, help="Share of transactions to put in review (0.01: 1%).")
+@click.option("--target-decline-rate", required=True, type=_RATE, help="Share of transactions to decline.")
+@click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Thresholds file to write (JSON).")
+@selected_options("postgres-url", "pg-schema", "model-path", "rules-path")
+def calibrate(target_review_rate: float, target_decline_rate: float, since: str, out: Path, postgres_url: str,
+              pg_schema: str, model_path: Path, rules_path: Path) -> None:
+    """Set review and decline thresholds from the scores of the team's own recent traffic (no labels needed).
+
+    Rules that force a review or a decline spend the same budget, so the model's thresholds are set
+    on what is left of it. Load the file with `fraudd run --thresholds FILE`.
+    """
+    import psycopg
+
+    from fraudd.scoring.features import FEATURE_NAMES
+    from fraudd.scoring.model import FraudModel, ModelError
+    from fraudd.scoring.rules import ACTION_NAMES, Rules, RulesError
+
+    from .calibrate import CalibrationError, stored_scores
+    from .calibrate import calibrate as choose
+
+    seconds = parse_duration(since)
+    try:
+        model = FraudModel.load(model_path, FEATURE_NAMES)
+        rules = Rules.load(rules_path)
+        stored = stored_scores(postgres_url, pg_schema, model.version, seconds, rules)
+        thresholds = choose(stored, target_review_rate, target_decline_rate, model.version, since, rules.version)
+    except (ModelError, RulesError, CalibrationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    out.write_bytes(thresholds.dumps())
+    c = thresholds.calibration
+    click.echo(f"{out}: model {model.version}: review from {thresholds.review_threshold:.6g}, decline from "
+               f"{thresholds.decline_threshold:.6g}; on {c['transactions']:,} transactions of the last {since}: "
+               f"review {c['expected_review_rate']:.2%}, decline {c['expected_decline_rate']:.2%} "
+               f"(rules alone: review {c['forced_by_rules']['review']:.2%}, decline {c['forced_by_rules']['decline']:.2%})")
+    actions = {rule.code: ACTION_NAMES[rule.action] for rule in rules.rules}
+    if c["rules_fired"]:
+        click.echo("rules fired on: " + ", ".join(f"{code} {share:.2%} ({actions[code]})"
+                                                   for code, share in c["rules_fired"].items()))
+    if c["forced_by_rules"]["review"] + c["forced_by_rules"]["decline"] > target_review_rate + target_decline_rate:
+        click.echo("warning: the rules alone exceed the budget, so the model flags nothing more: put the noisiest "
+                   "rules in shadow (action = \"shadow\" in --rules-path) and calibrate again", err=True)

@@ -1,0 +1,178 @@
+"""The learning loop on traffic fraudd was not designed for: the second simulator, ``fraudd train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import redis
+
+from fraudd.config import DEFAULT_RULES
+from fraudd.ingest import Publisher
+from fraudd.learning.simulator import (
+    COMPROMISED_CUSTOMER,
+    COMPROMISED_TERMINAL,
+    STOLEN_CARD,
+    TYPOLOGIES,
+    SimulatedHistory,
+    Simulator,
+    SimulatorConfig,
+)
+from fraudd.learning.train import recall_at_fpr
+from fraudd.scoring.decode import decode_batch
+
+from .conftest import Namespace
+from .services import drain
+
+# Small enough for tens of seconds through the live pipeline; a portfolio under heavier attack than
+# the default, so that 24 days hold enough fraud of each typology to learn from (~1,500).
+SMALL = SimulatorConfig(seed=5, n_customers=2_000, n_terminals=4_000, days=24, customer_compromises_per_day=2e-3,
+                        card_thefts_per_day=1.5e-3, terminal_compromises_per_day=4e-4)
+
+
+@pytest.fixture(scope="module")
+def history() -> SimulatedHistory:
+    return Simulator(SMALL).history()
+
+
+def write_history(path: Path, history: SimulatedHistory) -> Path:
+    path.write_bytes(b"\n".join(history.history_lines()) + b"\n")
+    return path
+
+
+def test_simulator_is_seeded_labelled_and_valid_input(history: SimulatedHistory) -> None:
+    again = Simulator(SMALL).history()
+    assert again.payloads()[:2000] == history.payloads()[:2000] and len(again) == len(history)
+    other = Simulator(SimulatorConfig(seed=6, n_customers=200, n_terminals=400, days=5)).history()
+    assert not set(other.transaction_id[:1000]) & set(history.transaction_id)
+    assert np.all(np.diff(history.timestamp) >= 0)
+    batch = decode_batch([f"{i + 1}-0" for i in range(len(history))], history.payloads())
+    assert batch.rejected == [] and len(batch) == len(history)
+    counts = {name: int((history.typology == code).sum()) for code, name in enumerate(TYPOLOGIES)}
+    print(counts)
+    assert 0.005 < history.is_fraud.mean() < 0.03
+    assert all(counts[name] >= 50 for name in TYPOLOGIES[1:])
+
+
+def test_simulator_fraud_mechanics(history: SimulatedHistory) -> None:
+    stolen = history.take(history.typology == STOLEN_CARD)
+    legit = history.take(~history.is_fraud)
+    # A stolen card is used online from a device and a country no legitimate transaction of the
+    # account ever shows.
+    assert set(stolen.channel) == {"ecom"}
+    assert not set(stolen.device_id) & set(legit.device_id)
+    assert not set(stolen.country) & set(legit.country)
+    # A compromised terminal's fraud happens at terminals where legitimate traffic happens too, at
+    # ordinary amounts; a compromised customer's at five times the usual.
+    at_terminals = history.take(history.typology == COMPROMISED_TERMINAL)
+    assert set(at_terminals.terminal) <= set(legit.terminal)
+    assert 0.5 < np.median(at_terminals.amount) / np.median(legit.amount) < 2.0
+    assert np.median(history.amount[history.typology == COMPROMISED_CUSTOMER]) > 3 * np.median(legit.amount)
+
+
+def test_train_refuses_unusable_history_in_one_line(ns: Namespace, tmp_path: Path, history: SimulatedHistory) -> None:
+    lines = history.history_lines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"\n".join(lines[:99] + [b'{"transaction_id": "t1", "label": 0'] + lines[100:]) + b"\n")
+    result = ns.fraudd("train", "--history", str(broken), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{broken} line 100: not JSON" in result.stderr
+
+    invalid = tmp_path / "invalid.jsonl"
+    bad = lines[1234].replace(b'"amount":', b'"amount":-')
+    invalid.write_bytes(b"\n".join(lines[:1234] + [bad] + lines[1235:]) + b"\n")
+    result = ns.fraudd("train", "--history", str(invalid), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{invalid} line 1235: invalid_field" in result.stderr
+
+    legit_only = tmp_path / "legit.jsonl"
+    legit_only.write_bytes(b"\n".join(line for line in lines[:20_000] if b'"label":0' in line) + b"\n")
+    result = ns.fraudd("train", "--history", str(legit_only), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "too few fraudulent transactions: 0 in the fit part" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_model_trained_on_first_60_percent_beats_plain_rules_live(ns: Namespace, redis_client: redis.Redis,
+                                                                  tmp_path: Path, history: SimulatedHistory) -> None:
+    cut = int(len(history) * 0.6)
+    model = tmp_path / "team.onnx"
+    result = ns.fraudd("train", "--history", str(write_history(tmp_path / "first60.jsonl", history.take(slice(0, cut)))),
+                       "--out", str(model), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "features:" in result.stderr  # progress is shown
+    card = model.with_suffix(".md").read_text()
+    assert "compromised_terminal" in card and "amount over a threshold" in card
+
+    Publisher(redis_client, ns.stream).publish(history.payloads())
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--model-path", str(model), timeout=300)
+    later = set(history.transaction_id[cut:].tolist())
+    fraud = {txid for txid, bad in zip(history.transaction_id.tolist(), history.is_fraud.tolist()) if bad}
+    rows = ns.sql("""SELECT transaction_id, score, amount,
+                            count(*) OVER (PARTITION BY user_id ORDER BY event_time
+                                           RANGE BETWEEN interval '1 hour' PRECEDING AND CURRENT ROW)
+                     FROM transactions""")
+    assert len(rows) == len(history)
+    rows = [row for row in rows if row[0] in later]
+    is_fraud = np.array([row[0] in fraud for row in rows])
+    score, amount, velocity = (np.array([row[i] for row in rows], dtype=np.float64) for i in (1, 2, 3))
+    model_recall = recall_at_fpr(score, is_fraud, 0.01)
+    rules = {"amount": recall_at_fpr(amount, is_fraud, 0.01), "count_1h": recall_at_fpr(velocity, is_fraud, 0.01)}
+    print(f"last 40%: {is_fraud.sum()} fraud of {len(rows)}; recall at 1% FPR: model {model_recall:.3f}, rules {rules}")
+    assert model_recall > max(rules.values()) + 0.05
+
+
+def flagged_share(ns: Namespace, history: SimulatedHistory, legit: bool) -> float:
+    ids = history.transaction_id[history.is_fraud != legit].tolist()
+    (share,) = ns.sql("SELECT avg((decision <> 'approve')::int) FROM transactions WHERE transaction_id = ANY(%s)", (ids,))[0]
+    return float(share)
+
+
+def test_shipped_model_calibrated_to_one_percent_keeps_legit_alerts_low(ns: Namespace, redis_client: redis.Redis,
+                                                                        tmp_path: Path) -> None:
+    """A new team's first weeks: run the shipped model, calibrate on what it scored, then decide."""
+    traffic = Simulator(SimulatorConfig(seed=8, n_customers=2_000, n_terminals=4_000, days=14)).history()
+    half = int(len(traffic) * 0.5)
+    first, second = traffic.take(slice(0, half)), traffic.take(slice(half, len(traffic)))
+    Publisher(redis_client, ns.stream).publish(first.payloads())
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    before = flagged_share(ns, first, legit=True)
+
+    thresholds = tmp_path / "thresholds.json"
+    budget = ("--target-review-rate", "0.009", "--target-decline-rate", "0.001", "--since", "30d", "--out", str(thresholds))
+    result = ns.fraudd("calibrate", *budget)
+    assert result.returncode == 0, result.stderr
+    print(result.stdout.strip())
+    # This traffic's customers shop across borders: two default rules alone review more than the
+    # budget, so the team runs them in shadow (still stored in reasons) and calibrates again.
+    assert "rules alone exceed the budget" in result.stderr and "R_COUNTRY_HOP" in result.stdout
+    rules = tmp_path / "rules.toml"
+    text = DEFAULT_RULES.read_text()
+    for code in ("R_COUNTRY_HOP", "R_NEW_DEVICE_NEW_COUNTRY"):
+        head, tail = text.split(f'code = "{code}"')
+        text = head + f'code = "{code}"' + tail.replace('action = "review"', 'action = "shadow"', 1)
+    rules.write_text(text)
+    result = ns.fraudd("calibrate", *budget, "--rules-path", str(rules))
+    assert result.returncode == 0 and "exceed" not in result.stderr, result.stderr
+    print(result.stdout.strip())
+    calibrated = orjson.loads(thresholds.read_bytes())
+    assert calibrated["calibration"]["transactions"] == len(first)
+    assert calibrated["calibration"]["expected_review_rate"] + calibrated["calibration"]["expected_decline_rate"] <= 0.01
+
+    Publisher(redis_client, ns.stream).publish(second.payloads())
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(rules))
+    after = flagged_share(ns, second, legit=True)
+    caught = flagged_share(ns, second, legit=False)
+    print(f"legit flagged: {before:.2%} with the model's own thresholds, {after:.2%} calibrated; "
+          f"fraud flagged calibrated: {caught:.1%}")
+    assert after <= 0.015
+
+
+def test_thresholds_file_for_another_model_is_refused(ns: Namespace, tmp_path: Path) -> None:
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_bytes(orjson.dumps({"review_threshold": 0.2, "decline_threshold": 0.9, "model_version": "other"}))
+    result = ns.fraudd("run", FRAUDD_THRESHOLDS=str(thresholds), timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "calibrated for model other" in result.stderr
