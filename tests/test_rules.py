@@ -56,6 +56,15 @@ def test_each_default_rule_fires_with_its_code(rule: Rule) -> None:
     assert rule.reason
 
 
+def test_shadow_rule_is_listed_but_never_decides() -> None:
+    shadow = Rules.from_bytes(b'[[rule]]\ncode = "R_TRY"\nreason = "tried"\naction = "shadow"\nfeature = "amount"\nop = ">"\nvalue = 100\n')
+    row = quiet_row()
+    row["amount"] = 500.0
+    outcome = shadow.evaluate(features_of([quiet_row(), row]))
+    assert outcome.action.tolist() == [0, 0] and outcome.codes == [(), ("R_TRY",)]
+    assert decide(np.array([0.0, 0.0]), 0.5, 0.9, outcome).tolist() == [0, 0]
+
+
 def test_strongest_action_wins_and_all_codes_are_listed() -> None:
     row = quiet_row()
     row.update(count_1m=9.0)  # review

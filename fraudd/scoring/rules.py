@@ -26,9 +26,13 @@ from fraudd.scoring.features import (
 
 DECISIONS: tuple[str, ...] = ("approve", "review", "decline")
 APPROVE, REVIEW, DECLINE = 0, 1, 2
+# A shadow rule fires and is stored in the reasons, but never decides: how a new or noisy rule
+# is tried on live traffic before it is trusted.
+SHADOW = -1
 DEFAULT_RULES_PATH = Path(__file__).with_name("rules.toml")
 
-_ACTIONS = {"review": REVIEW, "decline": DECLINE}
+_ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
+ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
 _OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
 }
@@ -56,7 +60,7 @@ class Condition:
 class Rule:
     code: str
     reason: str
-    action: int  # REVIEW or DECLINE
+    action: int  # REVIEW, DECLINE or SHADOW
     conditions: tuple[Condition, ...]  # all must hold; empty for a blocklist rule
     blocklist: str | None
 
@@ -71,7 +75,8 @@ class Rule:
 
 @dataclass(slots=True)
 class RuleOutcome:
-    """Per row: the strongest action the rules force (0 none, 1 review, 2 decline) and which fired."""
+    """Per row: the strongest action the rules force (0 none, 1 review, 2 decline) and which fired
+    (shadow rules included)."""
 
     action: np.ndarray  # int8 (n,)
     codes: list[tuple[str, ...]]  # () where nothing fired
@@ -122,9 +127,9 @@ class Rules:
         if not self.rules or n == 0:
             return RuleOutcome(np.zeros(n, dtype=np.int8), [()] * n)
         fired = np.column_stack([rule.matches(features) for rule in self.rules])
-        action = np.where(fired, self._actions, 0).max(axis=1).astype(np.int8)
+        action = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
         codes: list[tuple[str, ...]] = [()] * n
-        for row in np.flatnonzero(action):
+        for row in np.flatnonzero(fired.any(axis=1)):
             codes[row] = tuple(self._codes[fired[row]])
         return RuleOutcome(action, codes)
 
