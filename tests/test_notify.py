@@ -20,6 +20,7 @@ import redis
 from fraudd.runtime.notify import Notifier
 
 from .conftest import Namespace, wait_for, worker_pids
+from .ingest_server import IngestServer
 from .services import DaemonProcess, stop
 from .streams import publish, valid_payloads
 
@@ -142,3 +143,23 @@ def test_abstract_socket_addresses_and_the_watchdog_pid_are_honoured() -> None:
     # Another process's watchdog (a worker inherits the supervisor's environment) is not ours.
     assert Notifier({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}).watchdog_s is None
     assert not Notifier({}).enabled
+
+
+def test_ingest_reports_ready_beats_while_idle_and_acknowledges_a_reload(ns: Namespace, manager: ServiceManager,
+                                                                         tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--workers", "2", wait=False, NOTIFY_SOCKET=str(tmp_path / "notify"),
+                                WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)), WATCHDOG_PID="")
+    try:
+        ready = manager.wait_for(lambda m: m.get("READY") == "1", 30, "READY=1")
+        assert ready["STATUS"].startswith("2/2 workers ready"), ready
+        idle_from = time.monotonic()
+        time.sleep(2 * WATCHDOG_S)
+        assert manager.watchdog_pings(idle_from) >= 3, manager.messages[-10:]
+        server.process.send_signal(signal.SIGHUP)
+        manager.wait_for(lambda m: m.get("RELOADING") == "1", 10, "RELOADING=1")
+        manager.wait_for(lambda m: m.get("READY") == "1", 10, "READY=1 after the reload")
+        server.process.send_signal(signal.SIGTERM)
+        manager.wait_for(lambda m: m.get("STOPPING") == "1", 10, "STOPPING=1")
+        assert server.process.wait(timeout=30) == 0, server.log()[-2000:]
+    finally:
+        server.stop()

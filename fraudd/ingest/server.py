@@ -148,9 +148,11 @@ async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSL
                                "tls": context is not None, "auth": authenticator.enabled})
     try:
         while process.running:
+            process.heartbeat()  # the loop turns at least every half second: the watchdog's sign of life
             if process.reload_requested:
                 process.reload_requested = False
                 authenticator.reload()
+                process.ready()
             wake.clear()
             try:
                 await asyncio.wait_for(wake.wait(), timeout=0.5)
