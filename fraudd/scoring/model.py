@@ -25,6 +25,11 @@ META_IMPORTANCE = "fraudd.feature_importance"
 META_METRICS = "fraudd.metrics"
 REASONS_PER_DECISION = 2
 
+# onnxruntime (1.32 on Linux) otherwise resolves and contacts Microsoft's telemetry endpoint
+# (mobile.events.data.microsoft.com, seen with strace after the first session is created): no
+# traffic leaves the authorization path but to Redis and PostgreSQL.
+ort.disable_telemetry_events()
+
 
 class ModelError(RuntimeError):
     """The model file is unusable: unreadable, or its contract does not match the daemon."""
