@@ -1,0 +1,116 @@
+"""Per-stage micro-benchmarks of the scoring hot path, each on a batch of 1,000 transactions.
+
+Run on demand, not in the default test run (``pyproject.toml`` keeps this directory out of it):
+
+    .venv/bin/pytest tests/benchmarks --benchmark-columns=min,median,mean,stddev,rounds
+
+Figures divide by 1,000 to give µs per transaction; ``bench/RESULTS.md`` keeps the latest. They
+time the worker's own CPU per stage; what Redis and PostgreSQL spend is ``python -m bench``'s.
+Features run against the machine's Redis (its round trip and commit are part of the stage).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
+from fraudd.generator import GeneratorConfig, TransactionGenerator
+from fraudd.keys import Keys
+from fraudd.scoring.decode import DecodedBatch, decode_batch
+from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.model import FraudModel
+from fraudd.scoring.rules import Rules
+from fraudd.scoring.sinks import ScoredBatch, Settler, _copy_text, alert_documents
+from fraudd.scoring.worker import score_batch
+
+from ..conftest import REDIS_URL
+
+BATCH = 1_000
+ROUNDS = 40  # features: each round scores a batch never seen before, as the worker does
+
+
+@pytest.fixture(scope="module")
+def payload_batches() -> list[list[bytes]]:
+    generated = TransactionGenerator(GeneratorConfig(seed=3, tx_per_second=1000.0)).generate(BATCH * (ROUNDS + 1))
+    payloads = generated.payloads()
+    return [payloads[i : i + BATCH] for i in range(0, len(payloads), BATCH)]
+
+
+def decoded(payloads: list[bytes]) -> DecodedBatch:
+    return decode_batch([f"{int(time.time() * 1000)}-{i}" for i in range(len(payloads))], payloads)
+
+
+@pytest.fixture(scope="module")
+def keys() -> Iterator[Keys]:
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    k = Keys(f"{name}:raw", f"{name}:fraud", f"{name}:dlq")
+    yield k
+    client = redis.Redis.from_url(REDIS_URL)
+    stale = list(client.scan_iter(match=k.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000))
+    for start in range(0, len(stale), 1000):
+        client.unlink(*stale[start : start + 1000])
+
+
+@pytest.fixture(scope="module")
+def store(keys: Keys) -> FeatureStore:
+    return FeatureStore(redis.Redis.from_url(REDIS_URL, protocol=2), keys, dedup_window_ms=3_600_000)
+
+
+@pytest.fixture(scope="module")
+def model() -> FraudModel:
+    return FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
+
+
+@pytest.fixture(scope="module")
+def scored(payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> ScoredBatch:
+    batch = decoded(payload_batches[-1])
+    features = store.compute(batch)
+    scores, decision, reasons = score_batch(model, Rules.load(DEFAULT_RULES), features, model.review_threshold,
+                                            model.decline_threshold)
+    return ScoredBatch(batch, features.event_ms, features.seen, scores, decision, reasons, model.version,
+                       int(time.time() * 1000))
+
+
+def test_decode(benchmark, payload_batches: list[list[bytes]]) -> None:
+    batch = benchmark(decoded, payload_batches[0])
+    assert len(batch) == BATCH and not batch.rejected
+
+
+def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureStore) -> None:
+    batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
+    features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
+    assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> None:
+    features = store.compute(decoded(payload_batches[-2]))
+    rules = Rules.load(DEFAULT_RULES)
+    scores, decision, _reasons = benchmark(score_batch, model, rules, features, model.review_threshold,
+                                           model.decline_threshold)
+    assert scores.shape == (BATCH,) and decision.max() <= 2
+
+
+def test_copy_encoding(benchmark, scored: ScoredBatch) -> None:
+    data = benchmark(_copy_text, scored)
+    assert data.count(b"\n") == BATCH
+
+
+def test_settle_encoding(benchmark, scored: ScoredBatch, keys: Keys) -> None:
+    """Alert documents, the script's arguments and their RESP packing, as the worker sends them."""
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    settler = Settler(client, keys, "group", "consumer", 3_600_000)
+    connection = redis.Connection()
+
+    def encode() -> list[bytes]:
+        args = settler.arguments(scored.entry_ids, alert_documents(scored), [])
+        return connection.pack_command("EVALSHA", "0" * 40, 3, keys.stream, keys.fraud_stream, keys.dlq_stream, *args)
+
+    packed = benchmark(encode)
+    assert sum(map(len, packed)) > BATCH * 10
+    assert np.count_nonzero(scored.decision) == len(alert_documents(scored))
