@@ -53,8 +53,9 @@ def test_score_answers_the_stored_decision(ns: Namespace, scoring, tmp_path: Pat
             again = post(http, "/v1/score", items[1]).json()
             assert again["duplicate"] is True and not again["timed_out"]
             assert decision_of(again) == rows["sc1"]
-            metrics = http.get("/metrics").text
-            assert 'fraudd_ingest_decisions_total{outcome="answered"} 61.0' in metrics
+            # Each process adds its counts to the shared metrics every half second.
+            wait_for(lambda: 'fraudd_ingest_decisions_total{outcome="answered"} 61.0' in http.get("/metrics").text, 5,
+                     message="61 answered decisions in /metrics")
     finally:
         assert server.stop() == 0
     assert len(stored_rows(ns)) == 60

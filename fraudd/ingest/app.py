@@ -93,6 +93,7 @@ class Ingest:
         self.decisions = Decisions(self.redis, self.keys.decisions_channel(instance_name()))
         self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
         self.backpressure = Backpressure()
+        self.tally = ingest_metrics.Tally()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
         self._watch: asyncio.Task | None = None
 
@@ -104,6 +105,7 @@ class Ingest:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+        self.tally.flush()
         await self.decisions.stop()
         await self.stored.close()
         await self.redis.aclose()
@@ -127,6 +129,7 @@ class Ingest:
                     log.warning("backpressure " + ("on" if overloaded else "off"),
                                 extra={"event": "backpressure", "on": overloaded, "lag": lag})
                 self.backpressure.overloaded = overloaded
+            self.tally.flush()
             await asyncio.sleep(LAG_CHECK_INTERVAL_S)
 
     # -- request steps shared by the handlers ----------------------------------------------
@@ -170,6 +173,9 @@ class Ingest:
             raise Refusal(415, "unsupported_media_type", f"Content-Type must be {' or '.join(kinds)}")
         if request.content_length is not None and request.content_length > limit:
             raise Refusal(413, REASON_TOO_LARGE, f"{request.content_length} bytes > {limit}")
+        if request.content_length is not None and request.content.total_bytes >= request.content_length:
+            # Already received in full (the common case for small bodies): nothing to wait for.
+            return await request.content.read(request.content_length)
         try:
             async with asyncio.timeout(self.settings.client_timeout_s):
                 body = await request.content.read(limit + 1)
@@ -189,9 +195,9 @@ class Ingest:
             raise _unavailable("redis: " + type(exc).__name__) from None
         duplicates = sum(a.duplicate for a in accepted)
         if duplicates:
-            ingest_metrics.transactions.labels("duplicate").inc(duplicates)
+            self.tally.transactions["duplicate"] += duplicates
         if duplicates < len(accepted):
-            ingest_metrics.transactions.labels("written").inc(len(accepted) - duplicates)
+            self.tally.transactions["written"] += len(accepted) - duplicates
         return accepted
 
     async def decision(self, transaction_id: str, submission: Submission, started: float) -> dict:
@@ -215,21 +221,19 @@ class Ingest:
             self.decisions.forget(transaction_id, future)
         answer = {"transaction_id": transaction_id, "duplicate": accepted.duplicate}
         if decision is None:
-            ingest_metrics.decisions.labels("timed_out").inc()
+            self.tally.decisions["timed_out"] += 1
             answer.update(id=accepted.id, decision=self.settings.fallback_decision, score=None, reasons=[],
                           model_version=None, timed_out=True)
         else:
-            ingest_metrics.decisions.labels("answered").inc()
+            self.tally.decisions["answered"] += 1
             answer.update(id=decision["id"], decision=decision["decision"], score=decision["score"],
                           reasons=decision["reasons"], model_version=decision["model_version"], timed_out=False)
         answer["latency_ms"] = round((time.monotonic() - started) * 1000.0, 3)
         return answer
 
 
-def _observed(route: str, handler: Handler) -> Handler:
+def _observed(route: str, handler: Handler, tally: ingest_metrics.Tally) -> Handler:
     """``handler`` answering refusals as JSON and counted in ``/metrics`` by route and status."""
-    counters: dict[int, object] = {}
-    duration = ingest_metrics.request_duration.labels(route)
 
     async def observed(request: web.Request) -> web.Response:
         started = time.monotonic()
@@ -238,11 +242,7 @@ def _observed(route: str, handler: Handler) -> Handler:
             response = await handler(request)
         except Refusal as refusal:
             response = refusal.response()
-        counter = counters.get(response.status)
-        if counter is None:
-            counter = counters[response.status] = ingest_metrics.requests.labels(route, str(response.status))
-        counter.inc()
-        duration.observe(time.monotonic() - started)
+        tally.request(route, response.status, time.monotonic() - started)
         return response
 
     return observed
@@ -252,10 +252,10 @@ def _json(status: int, body: dict) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=JSON)
 
 
-def _valid_one(body: bytes) -> tuple[str, float]:
+def _valid_one(body: bytes, tally: ingest_metrics.Tally) -> tuple[str, float]:
     checked = check_payload(body)
     if isinstance(checked, Problem):
-        ingest_metrics.transactions.labels("rejected").inc()
+        tally.transactions["rejected"] += 1
         raise _problem_refusal(checked)
     obj, event_s = checked
     return obj["transaction_id"], event_s
@@ -272,7 +272,7 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
         ingest.admit()
         body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
         await ingest.check_signature(request, key, body)
-        transaction_id, event_s = _valid_one(body)
+        transaction_id, event_s = _valid_one(body, ingest.tally)
         (accepted,) = await ingest.publish([Submission(transaction_id, event_s, body)])
         if accepted.duplicate:
             return _json(200, {"duplicate": True, "id": accepted.id, "transaction_id": transaction_id})
@@ -287,7 +287,7 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
         submissions = [c for c in checked if isinstance(c, Submission)]
         rejected = len(checked) - len(submissions)
         if rejected:
-            ingest_metrics.transactions.labels("rejected").inc(rejected)
+            ingest.tally.transactions["rejected"] += rejected
         accepted = iter(await ingest.publish(submissions) if submissions else ())
         results = []
         for index, item in enumerate(checked):
@@ -308,7 +308,7 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
         ingest.admit()
         body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
         await ingest.check_signature(request, key, body)
-        transaction_id, event_s = _valid_one(body)
+        transaction_id, event_s = _valid_one(body, ingest.tally)
         submission = Submission(transaction_id, event_s, body, ingest.decisions.channel)
         return _json(200, await ingest.decision(transaction_id, submission, request["started"]))
 
@@ -322,6 +322,7 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
         return web.Response(text="ok\n")
 
     async def metrics_page(request: web.Request) -> web.Response:
+        ingest.tally.flush()
         body = await asyncio.to_thread(generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -332,9 +333,9 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
     app["ingest"] = ingest
     app.on_startup.append(ingest.start)
     app.on_cleanup.append(ingest.stop)
-    app.router.add_post("/v1/transactions", _observed("/v1/transactions", transactions))
-    app.router.add_post("/v1/transactions/batch", _observed("/v1/transactions/batch", batch))
-    app.router.add_post("/v1/score", _observed("/v1/score", score))
+    app.router.add_post("/v1/transactions", _observed("/v1/transactions", transactions, ingest.tally))
+    app.router.add_post("/v1/transactions/batch", _observed("/v1/transactions/batch", batch, ingest.tally))
+    app.router.add_post("/v1/score", _observed("/v1/score", score, ingest.tally))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/openapi.json", openapi_document)

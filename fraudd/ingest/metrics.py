@@ -6,7 +6,12 @@ of them answers ``/metrics`` with the sum (``runtime.metrics.multiprocess_regist
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
 from prometheus_client import Counter, Histogram
+
+from ..runtime.metrics import observe_many
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROUTES = ("/v1/transactions", "/v1/transactions/batch", "/v1/score")
@@ -27,3 +32,35 @@ for _outcome in ("written", "duplicate", "rejected"):
     transactions.labels(_outcome)
 for _outcome in ("answered", "timed_out"):
     decisions.labels(_outcome)
+
+
+class Tally:
+    """One process's counts, added to the metrics above once per ``flush`` rather than per request.
+
+    In multiprocess mode every prometheus-client update writes a memory-mapped file behind a lock
+    (≈ 3 µs); four of them per request were a tenth of the ingest's CPU. The process flushes every
+    second, before answering ``/metrics`` and when it stops.
+    """
+
+    def __init__(self) -> None:
+        self._requests: collections.Counter = collections.Counter()
+        self._durations: dict[str, list[float]] = collections.defaultdict(list)
+        self.transactions: collections.Counter = collections.Counter()
+        self.decisions: collections.Counter = collections.Counter()
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self._requests[route, status] += 1
+        self._durations[route].append(seconds)
+
+    def flush(self) -> None:
+        requests_, self._requests = self._requests, collections.Counter()
+        durations, self._durations = self._durations, collections.defaultdict(list)
+        for (route, status), count in requests_.items():
+            requests.labels(route, str(status)).inc(count)
+        for route, seconds in durations.items():
+            observe_many(request_duration.labels(route), np.array(seconds))
+        for counter, tallied in ((transactions, self.transactions), (decisions, self.decisions)):
+            for outcome, count in tallied.items():
+                if count:
+                    counter.labels(outcome).inc(count)
+            tallied.clear()
