@@ -31,7 +31,7 @@ def stream_payloads(client: redis.Redis, ns: Namespace) -> list[bytes]:
 
 @pytest.fixture
 def server(ns: Namespace, tmp_path: Path):
-    server = IngestServer.start(ns, tmp_path, "--max-batch", "5", "--client-timeout-s", "1")
+    server = IngestServer.start(ns, tmp_path, "--workers", "1", "--max-batch", "5", "--client-timeout-s", "1")
     yield server
     assert server.stop() == 0, server.log()[-2000:]
 
