@@ -169,6 +169,47 @@ def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_repor
         _finish("soak", setup, started, result, format_soak(result))
 
 
+@main.command("ingest")
+@click.option("--seconds", default=10.0, show_default=True, help="Length of each wrk phase.")
+@click.option("--ingest-workers", default=2, show_default=True, help="fraudd ingest --workers.")
+@click.option("--connections", default=64, show_default=True, help="wrk connections of the closed-loop single-POST phase.")
+@click.option("--batch-items", default=500, show_default=True, help="Transactions per batch POST.")
+@click.option("--fraction", default=0.5, show_default=True, help="Paced load, as a fraction of the measured maximum.")
+@click.option("--score/--no-score", default=True, show_default=True, help="Also measure /v1/score with `fraudd run` on the box.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@click.option("--private-services", is_flag=True, help="Run on a private redis-server and PostgreSQL cluster.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+def ingest_cmd(seconds: float, ingest_workers: int, connections: int, batch_items: int, fraction: float, score: bool,
+               redis_url: str, postgres_url: str, private_services: bool, out_dir: Path) -> None:
+    """`fraudd ingest` under wrk: single and batch POSTs, latency at a fixed load, /v1/score with
+    `fraudd run`, side by side with a bare XADD loop and a bare aiohttp server."""
+    from bench import ingest
+
+    started = time.time()
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def measure(redis_url: str, postgres_url: str, services_info: dict) -> None:
+        result = ingest.run(redis_url, postgres_url, log_dir, seconds, ingest_workers, connections, batch_items,
+                            fraction, score, echo)
+        document = {"mode": "ingest", "command": ["python", "-m", "bench", *sys.argv[1:]], "services": services_info,
+                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "wall_seconds": round(time.time() - started, 1),
+                    "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+                    "result": result}
+        path = report.write(report.out_path(out_dir, "ingest"), document)
+        click.echo(ingest.format_result(result))
+        click.echo(f"\nreport: {path}")
+
+    if private_services:
+        with services.private(redis_url, postgres_url, echo) as (r, p, settings):
+            measure(r, p, {"private": True, **settings})
+    else:
+        measure(redis_url, postgres_url, {"private": False})
+
+
 main.add_command(throughput_cmd, "throughput")
 main.add_command(latency_cmd, "latency")
 main.add_command(soak_cmd, "soak")
