@@ -14,8 +14,10 @@ Phases, each on the same box, one after the other:
                 then paced at ``--fraction`` of it (p99 against the 50 ms goal)
 
 wrk paces by giving each connection a fixed gap between its requests (``bench/wrk/paced.lua``),
-with many connections so that a slow answer holds back only its own connection: close to an open
-loop while answers are much faster than the gap.
+with many connections (``PACED_CONNECTIONS``) so that a slow answer holds back only its own
+connection: close to an open loop while answers are much faster than the gap. A connection waits
+its gap after each answer, so the achieved rate falls short of the target by about latency/gap;
+both are reported.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench import procstat
 from bench.namespace import FRAUDD, Namespace
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 PAYLOAD = ('{"transaction_id":"txn_ab12","user_id":"user_x1","amount":512.3,"merchant":"Amazon",'
            '"timestamp":1764385200,"currency":"EUR","channel":"ecom"}')
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+PACED_CONNECTIONS = 512
 
 
 def _free_port() -> int:
@@ -63,17 +67,42 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
-def wrk(url: str, path: str, prefix: str, items: int, seconds: float, connections: int, threads: int = 2,
-        per_connection_rate: float | None = None) -> dict:
+@dataclass(frozen=True)
+class Meter:
+    """CPU seconds of the server under test (its process tree), of Redis (INFO), and of the whole
+    machine: per request they are steadier than rates on a box other work shares."""
+
+    roots: list[int]
+    client: redis.Redis
+
+    def read(self) -> tuple[float, float, float]:
+        info = self.client.info("cpu")
+        return (procstat.total_cpu_s(procstat.tree(self.roots, procstat.all_processes())),
+                info["used_cpu_user"] + info["used_cpu_sys"], procstat.machine_busy_s())
+
+    @staticmethod
+    def per_request(before: tuple, after: tuple, requests: int, items: int = 1) -> dict:
+        server, redis_s, machine = (a - b for a, b in zip(after, before))
+        n = max(requests * items, 1)
+        return {"server_cpu_us": round(server / n * 1e6, 1), "redis_cpu_us": round(redis_s / n * 1e6, 1),
+                "machine_busy_cpu_s": round(machine, 1)}
+
+
+def wrk(url: str, path: str, prefix: str, items: int, seconds: float, connections: int, meter: Meter,
+        threads: int = 2, per_connection_rate: float | None = None) -> dict:
     script = "paced.lua" if per_connection_rate else "transactions.lua"
     args = [path, prefix, str(items)] + ([f"{per_connection_rate:.6f}"] if per_connection_rate else [])
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(WRK_DIR / script),
                url, "--", *args]
+    before = meter.read()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FRAUDD_WRK_DIR": str(WRK_DIR)},
                           timeout=seconds + 60)
+    after = meter.read()
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stderr or done.stdout}")
     result = parse_wrk(done.stdout)
+    # CPU per transaction (per request for single POSTs): the server's tree, Redis, and the machine.
+    result["cpu_per_transaction"] = Meter.per_request(before, after, result["requests"], items)
     result["command"] = " ".join(command)
     result["load_average"] = os.getloadavg()[0]
     return result
@@ -83,9 +112,13 @@ def redis_benchmark(redis_url: str, stream: str, requests: int, connections: int
     host, port = re.search(r"//([^:/]+):(\d+)", redis_url).groups()
     command = ["redis-benchmark", "-h", host, "-p", port, "-n", str(requests), "-c", str(connections), "-P", "1", "-q",
                "XADD", stream, "*", "data", PAYLOAD]
+    meter = Meter([], redis.Redis.from_url(redis_url))
+    before = meter.read()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    after = meter.read()
     rate = float(re.findall(r"([\d.]+) requests per second", done.stdout)[-1])
-    return {"requests_per_s": rate, "command": " ".join(command[:-1]) + " '<payload>'", "load_average": os.getloadavg()[0]}
+    return {"requests_per_s": rate, "command": " ".join(command[:-1]) + " '<payload>'", "load_average": os.getloadavg()[0],
+            "cpu_per_transaction": Meter.per_request(before, after, requests)}
 
 
 @dataclass
@@ -151,18 +184,18 @@ def run(redis_url: str, postgres_url: str, log_dir: Path, seconds: float, worker
     ns = Namespace.fresh("ingest", redis_url, postgres_url)
     ns.create_group(client)
     ingest, url = _start_ingest(ns, log_dir, workers, "--max-lag", str(10**12), "--max-batch", str(batch_items))
+    meter = Meter([ingest.popen.pid], client)
     try:
         echo(f"single POSTs: wrk -c{connections} for {seconds:g}s ...")
-        result["single"] = wrk(url, "/v1/transactions", f"s{run_id}", 1, seconds, connections)
+        result["single"] = wrk(url, "/v1/transactions", f"s{run_id}", 1, seconds, connections, meter)
         echo(f"batch POSTs of {batch_items} ...")
-        batch = wrk(url, "/v1/transactions/batch", f"b{run_id}", batch_items, seconds, 8)
+        batch = wrk(url, "/v1/transactions/batch", f"b{run_id}", batch_items, seconds, 8, meter)
         batch["transactions_per_s"] = batch["requests_per_s"] * batch_items
         result["batch"] = batch
         target = result["single"]["requests_per_s"] * fraction
         echo(f"paced single POSTs at {target:,.0f} req/s ...")
-        paced_connections = max(connections, 64)
-        result["paced"] = wrk(url, "/v1/transactions", f"p{run_id}", 1, seconds, paced_connections,
-                              per_connection_rate=target / paced_connections)
+        result["paced"] = wrk(url, "/v1/transactions", f"p{run_id}", 1, seconds, PACED_CONNECTIONS, meter,
+                              per_connection_rate=target / PACED_CONNECTIONS)
         result["paced"]["target_per_s"] = target
         result["written"] = client.xlen(ns.stream)
     finally:
@@ -180,7 +213,8 @@ def run(redis_url: str, postgres_url: str, log_dir: Path, seconds: float, worker
     hello = Process.start(_hello_server(port, workers), ns.env(), log_dir / "hello.log")
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", hello)
-        result["hello"] = wrk(f"http://127.0.0.1:{port}", "/v1/transactions", f"h{run_id}", 1, seconds, connections)
+        result["hello"] = wrk(f"http://127.0.0.1:{port}", "/v1/transactions", f"h{run_id}", 1, seconds, connections,
+                              Meter([hello.popen.pid], client))
     finally:
         hello.stop()
 
@@ -206,15 +240,18 @@ def _score(redis_url: str, postgres_url: str, log_dir: Path, seconds: float, wor
         while len(client.xinfo_consumers(ns.stream, ns.group)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         ingest, url = _start_ingest(ns, log_dir, workers, "--decision-timeout-ms", "1000")
+        # The scoring workers' CPU counts too: a decision costs both.
+        meter = Meter([ingest.popen.pid, scoring.popen.pid], client)
         try:
             echo("POST /v1/score, closed loop ...")
-            out["max"] = wrk(url, "/v1/score", f"m{run_id}", 1, seconds, 64)
+            out["max"] = wrk(url, "/v1/score", f"m{run_id}", 1, seconds, 64, meter)
             time.sleep(1.0)  # tallies reach /metrics within half a second
             out["max"]["timed_out"] = _metric(url, 'fraudd_ingest_decisions_total{outcome="timed_out"}')
             target = out["max"]["requests_per_s"] * fraction
             echo(f"POST /v1/score paced at {target:,.0f} req/s ...")
             before = _metric(url, 'fraudd_ingest_decisions_total{outcome="timed_out"}')
-            out["paced"] = wrk(url, "/v1/score", f"q{run_id}", 1, seconds, 128, per_connection_rate=target / 128)
+            out["paced"] = wrk(url, "/v1/score", f"q{run_id}", 1, seconds, PACED_CONNECTIONS, meter,
+                               per_connection_rate=target / PACED_CONNECTIONS)
             out["paced"]["target_per_s"] = target
             time.sleep(1.0)
             out["paced"]["timed_out"] = _metric(url, 'fraudd_ingest_decisions_total{outcome="timed_out"}') - before
@@ -234,23 +271,31 @@ def _score(redis_url: str, postgres_url: str, log_dir: Path, seconds: float, wor
     return out
 
 
+def _cpu(phase: dict) -> str:
+    c = phase["cpu_per_transaction"]
+    return f"CPU-µs/tx: server {c['server_cpu_us']}, redis {c['redis_cpu_us']}; machine busy {c['machine_busy_cpu_s']} CPU-s"
+
+
 def format_result(result: dict) -> str:
     s, b, p, x, h = result["single"], result["batch"], result["paced"], result["xadd"], result["hello"]
     lines = ["", f"fraudd ingest, {result['ingest_workers']} processes, {result['seconds_per_phase']:g} s per phase",
              f"  single POST        {s['requests_per_s']:>10,.0f} req/s   p50 {s['latency_ms'].get('p50')} ms  "
              f"p99 {s['latency_ms'].get('p99')} ms  non-2xx {s['non_2xx']}  (load avg {s['load_average']:.1f})",
+             f"                     {_cpu(s)}",
              f"  batch of {result['batch_items']:<4}      {b['transactions_per_s']:>10,.0f} tx/s    "
              f"({b['requests_per_s']:,.1f} req/s, p99 {b['latency_ms'].get('p99')} ms, non-2xx {b['non_2xx']})",
+             f"                     {_cpu(b)}",
              f"  paced at {result['fraction']:.0%}        {p['requests_per_s']:>10,.0f} req/s   p50 {p['latency_ms'].get('p50')} ms  "
              f"p99 {p['latency_ms'].get('p99')} ms  (target {p['target_per_s']:,.0f})",
-             f"  bare XADD          {x['requests_per_s']:>10,.0f} /s      (redis-benchmark -P 1)",
-             f"  bare aiohttp 202   {h['requests_per_s']:>10,.0f} req/s",
+             f"  bare XADD          {x['requests_per_s']:>10,.0f} /s      (redis-benchmark -P 1)   {_cpu(x)}",
+             f"  bare aiohttp 202   {h['requests_per_s']:>10,.0f} req/s   {_cpu(h)}",
              f"  ratios: single POST / bare XADD {result['ratios']['single_over_xadd']}, "
              f"single POST / bare aiohttp {result['ratios']['single_over_bare_aiohttp']}"]
     if "score" in result:
         m, q = result["score"]["max"], result["score"]["paced"]
         lines += [f"  /v1/score max      {m['requests_per_s']:>10,.0f} req/s   p50 {m['latency_ms'].get('p50')} ms  "
                   f"p99 {m['latency_ms'].get('p99')} ms  timed out {m['timed_out']:.0f}",
+                  f"                     {_cpu(m)} (server: ingest and fraudd run)",
                   f"  /v1/score paced    {q['requests_per_s']:>10,.0f} req/s   p50 {q['latency_ms'].get('p50')} ms  "
                   f"p99 {q['latency_ms'].get('p99')} ms  timed out {q['timed_out']:.0f}  (target {q['target_per_s']:,.0f})",
                   f"  scored: {result['score']['rows']:,} rows, {result['score']['distinct_rows']:,} distinct, "
