@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,8 @@ from fraudd.scoring import decode
 
 from .conftest import Namespace, wait_for
 from .ingest_server import NOW, IngestServer, post, tx
+from .services import RedisServer
+from .services import dedicated_redis  # noqa: F401  (fixture)
 from .streams import publish, valid_payloads
 
 KEY = "k-" + "s3cr3t" * 4
@@ -231,3 +234,26 @@ def test_trims_only_what_every_group_acked(ns: Namespace, redis_client: redis.Re
     remaining = [i.decode() for i, _f in redis_client.xrange(ns.stream)]
     assert 0 < trimmed <= 1500 and remaining == ids[trimmed:]
     assert ids[1500] in remaining  # the oldest pending entry of fraud-group stays
+
+
+def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tmp_path: Path) -> None:
+    # Nothing here reaches PostgreSQL: names of its own on the scratch Redis suffice.
+    ns = Namespace(f"t{uuid.uuid4().hex[:10]}", redis_url=dedicated_redis.url)
+    server = IngestServer.start(ns, tmp_path, "--workers", "1")
+    try:
+        with server.client() as http:
+            assert post(http, "/v1/transactions", tx("r1")).status_code == 202
+            dedicated_redis.kill()
+            down = post(http, "/v1/transactions", tx("r2"))
+            assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+            assert down.json()["error"] == "unavailable"
+            assert post(http, "/v1/transactions/batch", [tx("r3")]).status_code == 503
+            assert http.get("/healthz").status_code == 503
+            dedicated_redis.start()
+            # The retry a gateway makes is written once; the decision channel is back too.
+            wait_for(lambda: post(http, "/v1/transactions", tx("r2")).status_code == 202, 20, message="writes accepted again")
+            wait_for(lambda: http.get("/healthz").status_code == 200, 20, message="healthy again")
+            assert post(http, "/v1/transactions", tx("r2")).json()["duplicate"] is True
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+    assert [orjson.loads(p)["transaction_id"] for p in stream_payloads(dedicated_redis.client(), ns)] == ["r1", "r2"]
