@@ -123,13 +123,16 @@ def preflight(settings: Settings) -> None:
     try:
         client.ping()
         eviction = redis_memory(client).eviction_problem()
-        ensure_group(client, settings.stream, settings.group)
+        for stream in settings.input_streams:
+            ensure_group(client, stream, settings.group)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
     if eviction:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
+    if settings.shards > 1 and settings.pipeline_depth > 1:
+        raise ConfigError("--pipeline-depth 2 works with one shard only: with --shards > 1 use --pipeline-depth 1")
     with _connect_postgres(settings) as conn:
         pending = pending_migrations(conn)
     if pending:
@@ -175,22 +178,23 @@ def _prepare_metrics_dir() -> None:
 @settings_options
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
-    from .runtime.health import NEARLY_FULL, check_postgres, group_state, memory_problem, redis_memory
+    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .scoring.dedup import projected_marker_bytes
 
     settings = settings_from(params)
     healthy = True
     client = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True, socket_timeout=3)
     try:
-        state = group_state(client, settings.stream, settings.group)
+        state = combined([group_state(client, stream, settings.group) for stream in settings.input_streams])
         click.echo(f"redis      up    {_redact(settings.redis_url)}")
-        click.echo(f"group      {settings.group} on {settings.stream}: lag {state.lag}, pending {state.pending}, "
+        shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
+        click.echo(f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
                    f"oldest pending {state.oldest_pending_age_s:.1f}s")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         click.echo(f"dlq        {client.xlen(settings.dlq_stream)} entries in {settings.dlq_stream}")
         memory = redis_memory(client)
-        rate = _input_rate(client, settings.stream)
+        rate = _input_rate(client, settings.input_streams)
         need = projected_marker_bytes(rate, settings.dedup_window_s)
         click.echo(f"memory     {memory.describe()}")
         verdict = "" if not memory.maximum else (" (more than maxmemory)" if need > memory.maximum else
@@ -214,11 +218,11 @@ def status(**params) -> None:
     sys.exit(0 if healthy else 1)
 
 
-def _input_rate(client: redis.Redis, stream: str, sample_s: float = 1.0) -> float:
-    """Entries added to ``stream`` per second, sampled over ``sample_s``."""
-    before = client.xinfo_stream(stream)["entries-added"]
+def _input_rate(client: redis.Redis, streams: list[str], sample_s: float = 1.0) -> float:
+    """Entries added to ``streams`` per second, sampled over ``sample_s``."""
+    before = sum(client.xinfo_stream(stream)["entries-added"] for stream in streams)
     time.sleep(sample_s)
-    return (client.xinfo_stream(stream)["entries-added"] - before) / sample_s
+    return (sum(client.xinfo_stream(stream)["entries-added"] for stream in streams) - before) / sample_s
 
 
 @main.group()
@@ -278,7 +282,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     client = redis.Redis.from_url(settings.redis_url, protocol=2)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     if selected:
-        Publisher(client, settings.stream).publish([fields.get(b"data", b"") for _id, fields in selected])
+        Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in selected])
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
     click.echo(f"replayed {len(selected)} entries onto {settings.stream}")
 

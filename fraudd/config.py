@@ -50,6 +50,15 @@ class Settings:
     metrics_port: int
     log_level: str
     thresholds: Path | None = None
+    shards: int = 1
+    lease_ms: int = 10_000
+
+    @property
+    def input_streams(self) -> list[str]:
+        """The input stream, or with ``--shards`` S > 1 its S shard streams (``keys.shard_stream``)."""
+        from .keys import shard_stream
+
+        return [shard_stream(self.stream, self.shards, k) for k in range(self.shards)]
 
     def consumer_name(self, index: int) -> str:
         """Worker ``index``'s consumer name; stable across respawns so it re-reads its own pending."""
@@ -87,6 +96,8 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("batch-size", "FRAUDD_BATCH_SIZE", {"default": 1000, "type": int, "callback": _positive("batch-size")}, "Entries per XREADGROUP (COUNT)."),
     ("block-ms", "FRAUDD_BLOCK_MS", {"default": 50, "type": int, "callback": _positive("block-ms")}, "XREADGROUP BLOCK when the stream is idle."),
     ("pipeline-depth", "FRAUDD_PIPELINE_DEPTH", {"default": 1, "type": click.IntRange(1, 2)}, "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next."),
+    ("shards", "FRAUDD_SHARDS", {"default": 1, "type": click.IntRange(1, 16384)}, "Input shards: S > 1 reads the streams <stream>:{0} .. <stream>:{S-1}, one owner each."),
+    ("lease-ms", "FRAUDD_LEASE_MS", {"default": 10_000, "type": click.IntRange(500)}, "With --shards > 1: how long a shard's owner may go silent before another worker takes it over."),
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
     ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above)."),

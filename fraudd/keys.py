@@ -8,6 +8,7 @@ operation never crosses slots. On a single Redis (the default) the tag is just p
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 _HASH_TAG = re.compile(r"\{([^}]+)\}")
@@ -19,14 +20,24 @@ def hash_tag(stream: str) -> str:
     return match.group(1) if match else stream
 
 
+def shard_stream(stream: str, shards: int, k: int) -> str:
+    """Shard ``k``'s input stream: ``stream`` itself when there is one shard, else ``stream:{k}``."""
+    return stream if shards == 1 else f"{stream}:{{{k}}}"
+
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The shard of a user: crc32 of its UTF-8 bytes modulo the shard count (DESIGN.md)."""
+    return zlib.crc32(user_id.encode()) % shards
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """The names of one stream shard's keys.
 
     With the default names (``transactions:raw`` and friends) the derived keys are tagged
-    ``{transactions:raw}``, which is the slot of the input stream itself. A cluster deployment
-    names its shards' streams with a shared tag (``transactions:raw{s1}``,
-    ``transactions:fraud{s1}``, ``transactions:dlq{s1}``) and every derived key follows.
+    ``{transactions:raw}``, which is the slot of the input stream itself. With ``--shards`` S > 1
+    shard k's stream is ``transactions:raw:{k}`` and every derived key of the shard carries its
+    tag ``{k}``: on Redis Cluster a shard's stream, markers, states and lease share one slot.
     """
 
     stream: str
@@ -36,8 +47,24 @@ class Keys:
 
     @property
     def prefix(self) -> str:
-        """Common prefix of every derived key of this shard (ends with ``:``)."""
-        return f"{self.namespace}:{{{hash_tag(self.stream)}}}:"
+        """Common prefix of every derived key of this shard (ends with ``:``).
+
+        A stream named with its own tag (a shard, ``transactions:raw:{3}``) lends its whole name,
+        tag included: keys stay apart per stream name and hash like the stream. An untagged
+        stream is the tag itself."""
+        if _HASH_TAG.search(self.stream):
+            return f"{self.namespace}:{self.stream}:"
+        return f"{self.namespace}:{{{self.stream}}}:"
+
+    @property
+    def lease(self) -> str:
+        """With shards: ``<epoch>:<owner>`` of the worker that owns this shard, expiring unless renewed."""
+        return self.prefix + "lease"
+
+    @property
+    def epoch(self) -> str:
+        """With shards: the count of leases ever granted on this shard (never expires: fencing tokens grow)."""
+        return self.prefix + "epoch"
 
     @property
     def seen_prefix(self) -> str:

@@ -66,7 +66,7 @@ class Namespace:
     def drop(self, client: redis.Redis) -> None:
         """Remove every key and the schema; safe on a half-created namespace."""
         keys = [self.stream, self.fraud_stream, self.dlq_stream]
-        for pattern in (f"fraudd:{{{self.stream}}}:*", f"{self.name}:*"):
+        for pattern in (f"fraudd:{{{self.stream}}}:*", f"fraudd:{self.stream}:*", f"{self.name}:*"):
             keys += list(client.scan_iter(match=pattern, count=10_000))
         for start in range(0, len(keys), 1000):
             client.unlink(*keys[start : start + 1000])

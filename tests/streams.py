@@ -9,6 +9,7 @@ import orjson
 import redis
 
 from fraudd.ingest import Publisher
+from fraudd.keys import shard_stream
 
 from .conftest import Namespace
 
@@ -41,10 +42,10 @@ def publish(client: redis.Redis, stream: str, payloads: Sequence[bytes | None]) 
     return ids + publisher.publish(run)
 
 
-def group(client: redis.Redis, ns: Namespace) -> dict | None:
+def group(client: redis.Redis, ns: Namespace, stream: str | None = None) -> dict | None:
     """The group's XINFO GROUPS record with text keys, or None when stream or group is missing."""
     try:
-        groups = client.xinfo_groups(ns.stream)
+        groups = client.xinfo_groups(stream or ns.stream)
     except redis.ResponseError:
         return None
     for g in groups:
@@ -60,17 +61,20 @@ def last_id(client: redis.Redis, stream: str) -> str:
     return entries[0][0].decode() if entries else "0-0"
 
 
-def fully_drained(client: redis.Redis, ns: Namespace) -> bool:
-    """Every entry of the stream delivered to the group and acked.
+def fully_drained(client: redis.Redis, ns: Namespace, shards: int = 1) -> bool:
+    """Every entry of the stream (of each of its ``shards``) delivered to the group and acked.
 
     Compares ids rather than trusting the group's ``lag``, which Redis cannot always compute.
     """
-    info = group(client, ns)
-    if info is None:
-        return False
-    delivered = info["last-delivered-id"]
-    delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
-    return info["pending"] == 0 and _id(delivered) >= _id(last_id(client, ns.stream))
+    for stream in (shard_stream(ns.stream, shards, k) for k in range(shards)):
+        info = group(client, ns, stream)
+        if info is None:
+            return False
+        delivered = info["last-delivered-id"]
+        delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
+        if info["pending"] != 0 or _id(delivered) < _id(last_id(client, stream)):
+            return False
+    return True
 
 
 def _id(entry_id: str) -> tuple[int, int]:

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import hiredis
+import orjson
 import redis
 import redis.asyncio
 import redis.exceptions
 
-from ..keys import Keys
+from ..keys import Keys, shard_of, shard_stream
 from ..scoring.dedup import SEEN_PROBE_LUA, bucket_of, seen_probe
 
 CHUNK = 1000
@@ -94,17 +95,42 @@ class Accepted:
 
 
 class Publisher:
-    """Appends payloads (the ``data`` field of DESIGN.md's input message) to a stream."""
+    """Appends payloads (the ``data`` field of DESIGN.md's input message) to a stream, or with
+    ``shards`` > 1 to the shard stream of each payload's ``user_id`` (``keys.shard_of``): the one
+    place that routes."""
 
-    def __init__(self, client: redis.Redis, stream: str) -> None:
+    def __init__(self, client: redis.Redis, stream: str, shards: int = 1) -> None:
         self._stream = stream
+        self._shards = shards
         self._script = client.register_script(_XADD_MANY)
 
     def publish(self, payloads: Sequence[bytes]) -> list[str]:
-        """Append ``payloads`` in order; returns their entry ids."""
+        """Append ``payloads`` in order (per shard); returns their entry ids."""
+        if self._shards == 1:
+            return self._append(self._stream, payloads)
+        rows: dict[int, list[int]] = {}
+        for row, shard in enumerate(map(self.shard, payloads)):
+            rows.setdefault(shard, []).append(row)
+        ids: list[str] = [""] * len(payloads)
+        for shard, picked in rows.items():
+            stream = shard_stream(self._stream, self._shards, shard)
+            for row, entry_id in zip(picked, self._append(stream, [payloads[r] for r in picked])):
+                ids[row] = entry_id
+        return ids
+
+    def shard(self, payload: bytes) -> int:
+        """The shard of one payload. One that has no readable ``user_id`` goes to shard 0, whose
+        worker dead-letters it like any invalid entry."""
+        try:
+            user = orjson.loads(payload).get("user_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return 0
+        return shard_of(user, self._shards) if isinstance(user, str) else 0
+
+    def _append(self, stream: str, payloads: Sequence[bytes]) -> list[str]:
         ids: list[str] = []
         for start in range(0, len(payloads), CHUNK):
-            reply = self._script(keys=[self._stream], args=list(payloads[start : start + CHUNK]))
+            reply = self._script(keys=[stream], args=list(payloads[start : start + CHUNK]))
             ids += [i.decode() if isinstance(i, bytes) else i for i in reply]
         return ids
 

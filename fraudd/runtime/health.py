@@ -101,6 +101,17 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
                       None if entries_read is None else int(entries_read))
 
 
+def combined(states: list[GroupState]) -> GroupState:
+    """The group over every input shard: lags and pending summed, the oldest pending of all."""
+    if len(states) == 1:
+        return states[0]
+    reads = [state.entries_read for state in states]
+    return GroupState(sum(state.lag for state in states), sum(state.pending for state in states),
+                      max(state.oldest_pending_age_s for state in states),
+                      [consumer for state in states for consumer in state.consumers],
+                      None if None in reads else sum(reads))
+
+
 class Housekeeper:
     """Periodic supervisor chores; each one tolerates its dependency being down."""
 
@@ -147,7 +158,8 @@ class Housekeeper:
         memory = redis_memory(self.redis)
         metrics.redis_memory_used.set(memory.used)
         metrics.redis_memory_max.set(memory.maximum)
-        state = group_state(self.redis, s.stream, s.group)
+        states = {stream: group_state(self.redis, stream, s.group) for stream in s.input_streams}
+        state = combined(list(states.values()))
         now = time.monotonic()
         previous = self._state
         if previous is not None and previous.entries_read is not None and state.entries_read is not None:
@@ -160,11 +172,12 @@ class Housekeeper:
         # A consumer that owns nothing and has not read for long is gone (its worker died and its
         # name was not reused, e.g. after --workers was lowered): drop it to keep the group tidy.
         ours = {s.consumer_name(i) for i in range(s.workers)}
-        for consumer in state.consumers:
-            name = consumer["name"]
-            if name not in ours and consumer["pending"] == 0 and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms):
-                self.redis.xgroup_delconsumer(s.stream, s.group, name)
-                log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
+        for stream, shard_state in states.items():
+            for consumer in shard_state.consumers:
+                name = consumer["name"]
+                if name not in ours and consumer["pending"] == 0 and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms):
+                    self.redis.xgroup_delconsumer(stream, s.group, name)
+                    log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
 
     def _partitions(self) -> None:
         if time.monotonic() < self._next_partitions:

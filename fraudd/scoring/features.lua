@@ -131,4 +131,87 @@ local function commit(keys, args)
              blocklist_flags(keys[bl + 3], args[10]), blocklist_flags(keys[bl + 4], args[11]) }
 end
 
+--[[
+Owned shards (--shards > 1): one worker at a time owns a shard through a lease, so no other writer
+races on its users. The worker keeps their states in memory and reads from Redis only the states
+it does not hold, which of the batch's transactions were counted before, and the blocklists
+(fraudd_owned_read_v3, read-only); it then writes states and markers once (fraudd_owned_commit_v3),
+only while the lease still carries its token (fencing: a worker that was paused past its lease
+and resumed writes nothing).
+]]
+
+-- KEYS: user keys [1..u], then b marker buckets, then the four blocklists.
+-- ARGV: [1] u, [2] b, [3] counts per bucket (4 bytes big-endian), [4..7] blocklist values
+--       (NUL-joined), then the candidate transaction ids, buckets in order.
+-- Reply: { states (nil = absent), seen (flat: marker number, stored offset), four flag strings }.
+local function owned_read(keys, args)
+    local n_users, n_buckets, counts = tonumber(args[1]), tonumber(args[2]), args[3]
+    local states = {}
+    for c = 1, n_users, CHUNK do
+        local got = redis.call('MGET', unpack(keys, c, math.min(c + CHUNK - 1, n_users)))
+        for j = 1, #got do states[c + j - 1] = got[j] end
+    end
+    local seen = {}
+    local first, marker = 7, 0
+    for b = 1, n_buckets do
+        local m = u32(counts, b)
+        for c = 0, m - 1, CHUNK do
+            local last = math.min(c + CHUNK, m)
+            local got = redis.call('HMGET', keys[n_users + b], unpack(args, first + c + 1, first + last))
+            for k = 1, #got do
+                if got[k] then
+                    seen[#seen + 1] = marker + c + k
+                    seen[#seen + 1] = got[k]
+                end
+            end
+        end
+        first, marker = first + m, marker + m
+    end
+    local bl = n_users + n_buckets
+    return { states, seen, blocklist_flags(keys[bl + 1], args[4]), blocklist_flags(keys[bl + 2], args[5]),
+             blocklist_flags(keys[bl + 3], args[6]), blocklist_flags(keys[bl + 4], args[7]) }
+end
+
+-- KEYS: [1] the shard's lease, user keys [2..1+u], then b marker buckets.
+-- ARGV: [1] lease token, [2] dedup_window_ms, [3] state_ttl_ms, [4] u, [5] b, [6] counts per
+--       bucket (4 bytes), [7..6+u] new states, then per marker (buckets in order) id, offset.
+local function owned_commit(keys, args)
+    if redis.call('GET', keys[1]) ~= args[1] then
+        return redis.error_reply('FENCED the shard lease has another owner')
+    end
+    local window_ms, ttl_ms, n_users, n_buckets, counts = args[2], args[3], tonumber(args[4]), tonumber(args[5]), args[6]
+    for u = 1, n_users do redis.call('SET', keys[1 + u], args[6 + u], 'PX', ttl_ms) end
+    local pair = 6 + n_users
+    for b = 1, n_buckets do
+        local m = u32(counts, b)
+        local key = keys[1 + n_users + b]
+        for c = 0, 2 * m - 1, CHUNK do
+            redis.call('HSET', key, unpack(args, pair + c + 1, pair + math.min(c + CHUNK, 2 * m)))
+        end
+        redis.call('PEXPIRE', key, window_ms)
+        pair = pair + 2 * m
+    end
+    return 1
+end
+
+-- Shard leases. KEYS: [1] the lease, [2] the shard's epoch counter.
+-- ARGV: [1] 'acquire' | 'renew' | 'release', [2] owner (acquire) or token, [3] lease_ms.
+-- acquire: the new token '<epoch>:<owner>' when the shard was free, else nil. renew / release:
+-- 1 when the caller still held the lease, else 0.
+local function lease(keys, args)
+    local op, who, lease_ms = args[1], args[2], args[3]
+    if op == 'acquire' then
+        if redis.call('EXISTS', keys[1]) == 1 then return false end
+        local token = redis.call('INCR', keys[2]) .. ':' .. who
+        redis.call('SET', keys[1], token, 'PX', lease_ms)
+        return token
+    end
+    if redis.call('GET', keys[1]) ~= who then return 0 end
+    if op == 'renew' then redis.call('PEXPIRE', keys[1], lease_ms) else redis.call('DEL', keys[1]) end
+    return 1
+end
+
 redis.register_function('fraudd_commit_v3', commit)
+redis.register_function{function_name = 'fraudd_owned_read_v3', callback = owned_read, flags = {'no-writes'}}
+redis.register_function('fraudd_owned_commit_v3', owned_commit)
+redis.register_function('fraudd_lease_v3', lease)

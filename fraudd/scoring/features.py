@@ -13,6 +13,7 @@ duplicate or a race actually happens. Training computes features through the sam
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.decode import DecodedBatch
 
 __all__ = ["BEHAVIOUR_FEATURES", "BLOCKLIST_KINDS", "EXTRA_COLUMNS", "FEATURE_NAMES", "MESSAGE_FEATURES",
-           "SECONDS_SINCE_PREV_CAP", "FeatureStore", "Features", "message_columns"]
+           "SECONDS_SINCE_PREV_CAP", "FeatureStore", "Features", "Fenced", "Lease", "message_columns"]
 
 # Columns derivable from the message alone; the "no history" baseline model is trained on these.
 MESSAGE_FEATURES: tuple[str, ...] = (
@@ -58,6 +59,11 @@ _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
 LIBRARY_NAME = "fraudd_v3"
 FUNCTION_NAME = "fraudd_commit_v3"
+READ_FUNCTION = "fraudd_owned_read_v3"
+OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v3"
+LEASE_FUNCTION = "fraudd_lease_v3"
+# Owned mode keeps the states of a shard's recent users in memory, up to this many (≈ 0.5 KB each).
+MAX_STATES_IN_MEMORY = 200_000
 _LIBRARY = (Path(__file__).with_name("features.lua")).read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _USER_INFIX = "u2:"
@@ -108,10 +114,45 @@ def message_columns(batch: DecodedBatch) -> np.ndarray:
     return out
 
 
-class FeatureStore:
-    """Computes features for a batch and records it in the shared behaviour state, exactly once."""
+def load_library(client: redis.Redis) -> None:
+    """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
+    client.function_load(_LIBRARY, replace=True)
 
-    def __init__(self, redis_client: redis.Redis, keys: Keys, dedup_window_ms: int) -> None:
+
+class Fenced(RuntimeError):
+    """This worker's lease on the shard is gone (expired or taken over): it must not write for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A shard owned through a lease (``shards.py``): its key in Redis and the token it must still hold."""
+
+    key: str
+    token: str
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch's columns as the behaviour arithmetic takes them, with its users and their keys."""
+
+    tx: behaviour.Transactions
+    copy: np.ndarray  # bool: a later copy of a transaction earlier in the batch
+    original: np.ndarray  # intp: each row's first occurrence in the batch
+    names: list[str]  # users in order of first appearance
+    user_keys: list[str]
+    distinct: list[list[str]]  # per BLOCKLIST_KINDS, the batch's values to look up
+
+
+class FeatureStore:
+    """Computes features for a batch and records it in the behaviour state, exactly once.
+
+    Shared (no ``lease``): every worker of the group may write any user, so the commit is a
+    compare-and-set retried for the users that changed meanwhile. Owned (``lease``, one worker per
+    shard): nobody else writes the shard's users, so their states are kept in memory, the markers
+    are checked before computing, and the commit is written once, fenced by the lease token.
+    """
+
+    def __init__(self, redis_client: redis.Redis, keys: Keys, dedup_window_ms: int, lease: Lease | None = None) -> None:
         # States are binary blobs parsed with numpy; a decoding client would mangle them.
         if redis_client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("FeatureStore needs a Redis client with decode_responses=False")
@@ -119,11 +160,13 @@ class FeatureStore:
         self._keys = keys
         self._dedup_window_ms = int(dedup_window_ms)
         self._blocklist_keys = [keys.blocklist(kind) for kind in BLOCKLIST_KINDS]
+        self._lease = lease
+        # Owned mode: the states as last committed, newest last (the oldest go first past the cap).
+        self._states: dict[str, bytes] = {}
         self.load_library()
 
     def load_library(self) -> None:
-        """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
-        self._redis.function_load(_LIBRARY, replace=True)
+        load_library(self._redis)
 
     def compute(self, batch: DecodedBatch) -> Features:
         """Features of every transaction of ``batch``; new ones are added to the state, once.
@@ -131,59 +174,19 @@ class FeatureStore:
         The first occurrence of a transaction id in batch order is the original; later copies in
         the batch, and transactions whose dedup marker already exists, are ``seen``: scored at the
         original's event time against the state that already holds it, and not added again.
+        Owned mode raises ``Fenced`` when the lease was lost; nothing was written then.
         """
         n = len(batch)
         if n == 0:
             return _empty()
-        distinct_merchants, distinct_devices = dict.fromkeys(batch.merchant), dict.fromkeys(batch.device_id)
-        # Users numbered in order of first appearance; each row's original (first in batch order).
-        users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
-        user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
-        ids = batch.transaction_id
-        firsts = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # the first occurrence is set last
-        original = np.arange(n) if len(firsts) == n else np.fromiter(map(firsts.__getitem__, ids), np.intp, n)
-        copy = original != np.arange(n)
-        tx = behaviour.Transactions(
-            user=user,
-            t_ms=np.round(batch.timestamp * 1000.0),
-            new=~copy,
-            amount=batch.amount,
-            merchant=_hashes(batch.merchant, distinct_merchants),
-            country=_country_codes(batch.country),
-            device=_hashes(batch.device_id, distinct_devices),
-            card=_hashes(batch.card_id),
-        )
-        names = list(users)
-        user_prefix = self._keys.prefix + _USER_INFIX
-        user_keys = [user_prefix + u for u in names]
-        distinct = [_distinct(distinct_merchants), _distinct(distinct_devices), _distinct(dict.fromkeys(batch.ip)),
-                    _distinct(dict.fromkeys(batch.country))]
-
-        behaviour_columns = np.empty((n, len(BEHAVIOUR_FEATURES)))
-        pending = np.arange(len(names))
-        blocklist_hits: list[list] = []
-        for _ in range(MAX_COMMIT_ATTEMPTS):
-            blobs = self._read([user_keys[i] for i in pending])
-            # Copies take their original's event time, which a commit conflict may have corrected.
-            tx.t_ms[copy] = tx.t_ms[original[copy]]
-            local = np.full(len(names), -1, np.intp)
-            local[pending] = np.arange(len(pending))
-            rows = np.flatnonzero(local[user] >= 0)
-            sub = behaviour.Transactions(local[user[rows]], tx.t_ms[rows], tx.new[rows], tx.amount[rows],
-                                         tx.merchant[rows], tx.country[rows], tx.device[rows], tx.card[rows])
-            states = behaviour.decode(blobs)
-            behaviour_columns[rows] = behaviour.compute(states, sub)
-            # Blocklists are looked up once, in the first commit call.
-            joined = [] if blocklist_hits else ["\0".join(values).encode() for values in distinct]
-            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, batch.transaction_id, tx, joined)
-            blocklist_hits = blocklist_hits or hits
-            if len(pending) == 0:
-                break
+        p = _prepare(batch, self._keys.prefix + _USER_INFIX)
+        if self._lease is None:
+            behaviour_columns, blocklist_hits = self._compute_shared(p, batch.transaction_id)
         else:
-            raise CommitConflictError(
-                f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+            behaviour_columns, blocklist_hits = self._compute_owned(p, batch.transaction_id)
+        tx = p.tx
         # A copy whose original belongs to another user is only corrected here.
-        tx.t_ms[copy] = tx.t_ms[original[copy]]
+        tx.t_ms[p.copy] = tx.t_ms[p.original[p.copy]]
 
         matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
         matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
@@ -191,7 +194,7 @@ class FeatureStore:
         columns = (batch.merchant, batch.device_id, batch.ip, batch.country)
         blocked = {
             kind: _flags(column, values, flags)
-            for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, distinct, blocklist_hits)
+            for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
         }
         return Features(
             matrix=matrix,
@@ -200,6 +203,92 @@ class FeatureStore:
             blocked=blocked,
             amount=batch.amount,
         )
+
+    def _compute_shared(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
+        tx, copy, original, names, user_keys = p.tx, p.copy, p.original, p.names, p.user_keys
+        behaviour_columns = np.empty((len(tx.user), len(BEHAVIOUR_FEATURES)))
+        pending = np.arange(len(names))
+        blocklist_hits: list[bytes] = []
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            blobs = self._read([user_keys[i] for i in pending])
+            # Copies take their original's event time, which a commit conflict may have corrected.
+            tx.t_ms[copy] = tx.t_ms[original[copy]]
+            local = np.full(len(names), -1, np.intp)
+            local[pending] = np.arange(len(pending))
+            rows = np.flatnonzero(local[tx.user] >= 0)
+            sub = _subset(tx, local, rows)
+            states = behaviour.decode(blobs)
+            behaviour_columns[rows] = behaviour.compute(states, sub)
+            # Blocklists are looked up once, in the first commit call.
+            joined = [] if blocklist_hits else ["\0".join(values).encode() for values in p.distinct]
+            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, transaction_ids, tx, joined)
+            blocklist_hits = blocklist_hits or hits
+            if len(pending) == 0:
+                return behaviour_columns, blocklist_hits
+        raise CommitConflictError(
+            f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+
+    def _compute_owned(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
+        """One read (states not in memory, markers, blocklists), the arithmetic, one fenced commit."""
+        tx, names = p.tx, p.names
+        candidates = np.flatnonzero(tx.new)
+        t_ms = tx.t_ms[candidates].astype(np.int64)
+        order = np.argsort(dedup.buckets(t_ms), kind="stable")
+        candidates, t_ms = candidates[order], t_ms[order]
+        bucket = dedup.buckets(t_ms)
+        bucket_ids, bucket_counts = np.unique(bucket, return_counts=True)
+        missing = [i for i, name in enumerate(names) if name not in self._states]
+        keys = [p.user_keys[i] for i in missing] + [self._keys.seen_bucket(b) for b in bucket_ids.tolist()]
+        keys += self._blocklist_keys
+        args = [len(missing), len(bucket_ids), bucket_counts.astype(">u4").tobytes(),
+                *["\0".join(values).encode() for values in p.distinct],
+                *[transaction_ids[i] for i in candidates.tolist()]]
+        stored, seen, *blocklist_hits = self._fcall(READ_FUNCTION, keys, args)
+        for name, blob in zip([names[i] for i in missing], stored):
+            self._states[name] = blob
+        for j in range(0, len(seen), 2):
+            marker = int(seen[j]) - 1
+            row = candidates[marker]
+            tx.new[row] = False
+            tx.t_ms[row] = float(bucket[marker] * dedup.BUCKET_MS + int(seen[j + 1]))
+        tx.t_ms[p.copy] = tx.t_ms[p.original[p.copy]]
+        blobs = [self._states[name] for name in names]
+        states = behaviour.decode(blobs)
+        behaviour_columns = behaviour.compute(states, tx)
+
+        new = np.flatnonzero(tx.new)
+        writers = np.unique(tx.user[new])
+        if len(writers):
+            news = behaviour.encode(states, writers)
+            size = behaviour.STATE.itemsize
+            written = [news[i : i + size] for i in range(0, len(news), size)]
+            new_ms = tx.t_ms[new].astype(np.int64)
+            marker_order = np.argsort(dedup.buckets(new_ms), kind="stable")
+            new, new_ms = new[marker_order], new_ms[marker_order]
+            marker_bucket = dedup.buckets(new_ms)
+            ids, counts = np.unique(marker_bucket, return_counts=True)
+            pairs: list = [None] * (2 * len(new))
+            pairs[0::2] = [transaction_ids[i] for i in new.tolist()]
+            pairs[1::2] = (new_ms - marker_bucket * dedup.BUCKET_MS).tolist()
+            writer_names = [names[w] for w in writers.tolist()]
+            keys = [self._lease.key, *[p.user_keys[w] for w in writers.tolist()],
+                    *[self._keys.seen_bucket(b) for b in ids.tolist()]]
+            args = [self._lease.token, self._dedup_window_ms, STATE_TTL_MS, len(writers), len(ids),
+                    counts.astype(">u4").tobytes(), *written, *pairs]
+            try:
+                self._fcall(OWNED_COMMIT_FUNCTION, keys, args)
+            except BaseException:
+                # The commit may have reached Redis all the same (a lost reply): start again from
+                # what Redis holds rather than from states that may be behind it.
+                self._states.clear()
+                raise
+            for name, blob in zip(writer_names, written):
+                self._states.pop(name, None)
+                self._states[name] = blob
+        if len(self._states) > MAX_STATES_IN_MEMORY:
+            for name in list(itertools.islice(self._states, len(self._states) - MAX_STATES_IN_MEMORY)):
+                del self._states[name]
+        return behaviour_columns, blocklist_hits
 
     def _read(self, state_keys: list[str]) -> list[bytes | None]:
         """The users' states as stored (None = absent): the batch's one read, no Lua."""
@@ -256,7 +345,7 @@ class FeatureStore:
                 *(blocklist_values or [b""] * 4)]
         args += [news[i : i + size] for i in range(0, len(news), size)]
         args += pairs
-        stale, seen, *flags = self._fcall(keys, args)
+        stale, seen, *flags = self._fcall(FUNCTION_NAME, keys, args)
         conflicted = {int(w) - 1 for w in stale}
         for j in range(0, len(seen), 2):
             marker = int(seen[j]) - 1
@@ -266,15 +355,49 @@ class FeatureStore:
             tx.t_ms[row] = float(bucket[marker] * dedup.BUCKET_MS + int(seen[j + 1]))
         return pending[writers[sorted(conflicted)]], flags
 
-    def _fcall(self, keys: list[str], args: list) -> list:
+    def _fcall(self, function: str, keys: list[str], args: list) -> list:
         try:
-            return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
+            return self._execute("FCALL", function, len(keys), *keys, *args)
         except redis.ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise Fenced(f"lease on {self._keys.stream} lost") from None
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
         self.load_library()
-        return self._execute("FCALL", FUNCTION_NAME, len(keys), *keys, *args)
+        return self._execute("FCALL", function, len(keys), *keys, *args)
+
+
+def _prepare(batch: DecodedBatch, user_prefix: str) -> _Prepared:
+    n = len(batch)
+    distinct_merchants, distinct_devices = dict.fromkeys(batch.merchant), dict.fromkeys(batch.device_id)
+    # Users numbered in order of first appearance; each row's original (first in batch order).
+    users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
+    user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
+    ids = batch.transaction_id
+    firsts = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # the first occurrence is set last
+    original = np.arange(n) if len(firsts) == n else np.fromiter(map(firsts.__getitem__, ids), np.intp, n)
+    copy = original != np.arange(n)
+    tx = behaviour.Transactions(
+        user=user,
+        t_ms=np.round(batch.timestamp * 1000.0),
+        new=~copy,
+        amount=batch.amount,
+        merchant=_hashes(batch.merchant, distinct_merchants),
+        country=_country_codes(batch.country),
+        device=_hashes(batch.device_id, distinct_devices),
+        card=_hashes(batch.card_id),
+    )
+    names = list(users)
+    distinct = [_distinct(distinct_merchants), _distinct(distinct_devices), _distinct(dict.fromkeys(batch.ip)),
+                _distinct(dict.fromkeys(batch.country))]
+    return _Prepared(tx, copy, original, names, [user_prefix + u for u in names], distinct)
+
+
+def _subset(tx: behaviour.Transactions, local: np.ndarray, rows: np.ndarray) -> behaviour.Transactions:
+    """The transactions of ``rows``, their users renumbered by ``local``."""
+    return behaviour.Transactions(local[tx.user[rows]], tx.t_ms[rows], tx.new[rows], tx.amount[rows],
+                                  tx.merchant[rows], tx.country[rows], tx.device[rows], tx.card[rows])
 
 
 def _fixed_width(numbers: np.ndarray, width: int) -> bytes:

@@ -28,6 +28,7 @@ from ..keys import Keys
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket
+from .features import Fenced, Lease
 from .rules import DECISIONS
 
 COLUMNS = (
@@ -98,15 +99,22 @@ class ScoredBatch:
 class DecisionStore:
     """Writes decisions to PostgreSQL; one connection, owned by one worker."""
 
-    def __init__(self, url: str, pg_schema: str) -> None:
+    def __init__(self, url: str, pg_schema: str, timeout_ms: int = 0) -> None:
+        """``timeout_ms`` (0: none): how long a statement or an open transaction may last. An owner of
+        a shard paused in the middle of a COPY holds row locks its successor would wait on for as long
+        as the pause; PostgreSQL ends such a session after this time instead."""
         self._url = url
         self._schema = pg_schema
+        self._timeout_ms = timeout_ms
         self._conn: psycopg.Connection | None = None
 
     def connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             conn = connect(self._url, self._schema, connect_timeout=5, application_name="fraudd-worker")
             conn.execute("SET TIME ZONE 'UTC'")
+            if self._timeout_ms:
+                conn.execute(f"SET statement_timeout = {int(self._timeout_ms)}")
+                conn.execute(f"SET idle_in_transaction_session_timeout = {int(self._timeout_ms)}")
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS fraudd_staging (LIKE transactions INCLUDING DEFAULTS) "
                 "ON COMMIT DELETE ROWS"
@@ -237,8 +245,12 @@ local stream, fraud, dlq = KEYS[1], KEYS[2], KEYS[3]
 local group, window_ms = ARGV[1], ARGV[2]
 local alerted, dead = ARGV[3], ARGV[4]
 local n_alerts, n_dead, n_replies = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+-- An owned shard's settle writes only while the lease (KEYS[4]) still holds the token (ARGV[8]).
+if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[8] then
+  return redis.error_reply('FENCED the shard lease has another owner')
+end
 local touched = {}
-local i = 8
+local i = 9
 local alerts_written, dead_written = 0, 0
 for _ = 1, n_alerts do
   local key = alerted .. ARGV[i + 1]
@@ -292,8 +304,10 @@ class Settled:
 class Settler:
     """The Redis side of a batch, one round trip; the script re-loads itself after a Redis restart."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str, dedup_window_ms: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str, dedup_window_ms: int,
+                 lease: Lease | None = None) -> None:
         self._keys = keys
+        self._lease = lease
         self._group = group
         self._consumer = consumer
         self._window_ms = dedup_window_ms
@@ -303,7 +317,14 @@ class Settler:
                replies: dict[str, bytes] | None = None) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
-        acked, alerts_written, dead_written = self._script(keys=keys, args=self.arguments(ack_ids, alerts, dead, replies))
+        if self._lease is not None:
+            keys.append(self._lease.key)
+        try:
+            acked, alerts_written, dead_written = self._script(keys=keys, args=self.arguments(ack_ids, alerts, dead, replies))
+        except redis.ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise Fenced(f"lease on {self._keys.stream} lost") from None
+            raise
         return Settled(acked, alerts_written, dead_written)
 
     def arguments(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
@@ -311,7 +332,7 @@ class Settler:
         """The script's ARGV for one settle (apart so its encoding cost can be measured alone)."""
         replies = replies or {}
         args: list = [self._group, self._window_ms, self._keys.alerted_prefix, self._keys.dead_prefix, len(alerts), len(dead),
-                      len(replies)]
+                      len(replies), self._lease.token if self._lease is not None else ""]
         for alert in alerts:
             args += alert
         for letter in dead:

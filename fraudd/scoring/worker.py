@@ -37,17 +37,17 @@ import numpy as np
 import redis
 
 from ..config import Settings
-from ..keys import Keys
 from ..runtime import metrics
-from ..runtime.consumer import Entries, Stopping, StreamConsumer, connect_redis, consume
+from ..runtime.consumer import Entries, Stopping, connect_redis, consume
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.supervisor import Service
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
-from .features import FEATURE_NAMES, Features, FeatureStore
+from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import DECISIONS, Rules, RulesError, decide
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Settler, alert_documents, decision_replies
+from .shards import Shard, ShardReader
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ for _label in DEAD_LETTER_REASONS:
 class Settlement:
     """One read on its way to PostgreSQL and the ack: what ``_settle`` needs, and nothing shared."""
 
+    shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
     dead: list[DeadLetter]
@@ -76,11 +77,11 @@ class ScoringWorker:
 
     def __init__(self, settings: Settings, process: WorkerProcess) -> None:
         self.settings = settings
-        self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
-        self.store = DecisionStore(settings.postgres_url, settings.pg_schema)
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url), settings, settings.consumer_name(process.index),
-                                       process, on_outage=self._on_outage)
-        self.redis = self.consumer.redis
+        # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
+        self.store = DecisionStore(settings.postgres_url, settings.pg_schema,
+                                   settings.lease_ms // 2 if settings.shards > 1 else 0)
+        self.redis = connect_redis(settings.redis_url)
+        self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
         self._settling: Future | None = None
         self._settling_thread = (ThreadPoolExecutor(1, thread_name_prefix="settle")
                                  if settings.pipeline_depth > 1 else None)
@@ -91,13 +92,11 @@ class ScoringWorker:
         s = self.settings
         self.model = _load_model(s)
         self.rules = _load_rules(s)
-        window_ms = s.dedup_window_s * 1000
-        self.features = self.consumer.until_done(lambda: FeatureStore(self.redis, self.keys, window_ms), "redis")
-        self.settler = Settler(self.redis, self.keys, s.group, self.consumer.name, window_ms)
+        self.reader.until_done(self.reader.start, "redis")
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
-        self.consumer.until_done(self.store.connect, "postgres")
+        self.reader.until_done(self.store.connect, "postgres")
         self._publish_versions()
 
     def reload(self) -> None:
@@ -123,6 +122,7 @@ class ScoringWorker:
     def close(self) -> None:
         if self._settling_thread is not None:
             self._settling_thread.shutdown(wait=True)
+        self.reader.release_all()
         self.store.close()
 
     def _publish_versions(self) -> None:
@@ -138,7 +138,16 @@ class ScoringWorker:
     def process(self, entries: Entries) -> None:
         """Decode and score this read, then hand it to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
-        fresh, poison = self.consumer.split_poison(entries)
+        shard = self.reader.current
+        try:
+            self._process(shard, entries)
+        except Fenced as exc:
+            shard.consumer.release(entries)
+            self.reader.lost(shard, str(exc))
+
+    def _process(self, shard: Shard, entries: Entries) -> None:
+        shard.check()
+        fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
         dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
 
@@ -146,8 +155,8 @@ class ScoringWorker:
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
         dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
-        work = Settlement(entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
-        scored, failed = self._bisected(batch, self._score, work.payloads)
+        work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
+        scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
         work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
 
@@ -166,27 +175,31 @@ class ScoringWorker:
     def _settle(self, work: Settlement) -> None:
         """Durable first, ack last: COPY every decision, then one atomic Redis call for the read."""
         stored: list[ScoredBatch] = []
+        shard = work.shard
         for scored in work.scored:
-            ok, failed = self._bisected(scored, self._store, work.payloads)
+            shard.check()
+            ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
             work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
-        settled = self.consumer.until_done(lambda: self._settle_in_redis(work, alerts, replies), "redis")
+        shard.check()
+        settled = shard.consumer.until_done(lambda: self._settle_in_redis(work, alerts, replies), "redis")
         committed_at = time.time()
-        self.consumer.release(work.entries)
+        shard.consumer.release(work.entries)
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
     def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+        settler = work.shard.settler
         try:
-            return self.settler.settle(work.entries.ids, alerts, work.dead, replies)
+            return settler.settle(work.entries.ids, alerts, work.dead, replies)
         except redis.ResponseError as exc:
-            self.consumer.recreate_lost_group(exc)
+            work.shard.consumer.recreate_lost_group(exc)
         # Alerts and dead letters are guarded by their markers, so settling again writes each
         # once; acking the recreated group's absent entries is a no-op.
-        return self.settler.settle(work.entries.ids, alerts, work.dead, replies)
+        return settler.settle(work.entries.ids, alerts, work.dead, replies)
 
     def _bisected(self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
                   ) -> tuple[list[_Part], list[Rejected]]:
@@ -199,7 +212,7 @@ class ScoringWorker:
             return [], []
         try:
             return [attempt(part)], []
-        except Stopping:
+        except (Stopping, Fenced):
             raise
         except Exception as exc:
             if len(part) == 1:
@@ -214,9 +227,9 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
-    def _score(self, batch: DecodedBatch) -> ScoredBatch:
+    def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
-        features = self.consumer.until_done(lambda: self.features.compute(batch), "redis")
+        features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
         after_features = time.perf_counter()
         model, s = self.model, self.settings
         review = s.review_threshold if s.review_threshold is not None else model.review_threshold
@@ -236,9 +249,9 @@ class ScoringWorker:
             scored_at_ms=int(time.time() * 1000),
         )
 
-    def _store(self, scored: ScoredBatch) -> ScoredBatch:
+    def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
         started = time.perf_counter()
-        self.consumer.until_done(lambda: self.store.store(scored), "postgres")
+        shard.consumer.until_done(lambda: (shard.check(), self.store.store(scored)), "postgres")
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
@@ -315,4 +328,4 @@ def service(settings: Settings) -> Service:
 def worker_main(settings: Settings, process: WorkerProcess) -> int:
     """Entry point of a forked scoring worker; returns its exit code."""
     worker = ScoringWorker(settings, process)
-    return consume(process, worker.consumer, worker)
+    return consume(process, worker.reader, worker)

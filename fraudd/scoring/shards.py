@@ -1,0 +1,241 @@
+"""Which input shards this worker reads, and, with ``--shards`` S > 1, owning them by lease.
+
+One shard (the default) is the origin deployment: every worker of every supervisor is a consumer of
+the one input stream's group, and the behaviour state is shared under a compare-and-set.
+
+With S > 1 shards each shard has one owner at a time: a worker holds the shard's lease in Redis
+(``<epoch>:<owner>``, expiring after ``--lease-ms`` unless renewed), renews it while it makes
+progress, and gives it back when it stops. Workers of every supervisor register in one sorted
+set with a heartbeat; each aims at an even share, ceil(S / live workers), taking free shards (their
+owner gave them back, died, hung, or lost its host: the lease expired) and giving back the extras,
+so shards rebalance as workers come and go. A new owner starts from what Redis holds and takes over
+the entries the previous owner left pending.
+
+Fencing: the lease value is a token whose epoch grows with every grant, and the scripts that write
+for a shard (the features commit and the settle) check it atomically. A worker also stops writing
+for a shard once its own lease deadline passed (its monotonic clock runs on while it is paused, so
+a worker SIGSTOPped past its lease finds out before anything else when resumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from ..config import Settings
+from ..keys import Keys, shard_stream
+from ..runtime.consumer import Entries, StreamConsumer, ensure_group
+from ..runtime.process import WorkerProcess
+from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
+from .sinks import Settler
+
+log = logging.getLogger(__name__)
+
+# A lease is renewed three times per --lease-ms, and trusted locally for 80% of it (the rest covers
+# the renewal's round trip and the clocks of two processes).
+RENEWALS_PER_LEASE = 3
+TRUSTED_SHARE = 0.8
+# Renewal runs in a thread, so a batch waiting on a lock or a slow COPY keeps its shards; it stops
+# once the batch loop has shown no sign of life for this many leases (a hung worker).
+HUNG_AFTER_LEASES = 2
+
+
+@dataclass(slots=True)
+class Shard:
+    """What a worker needs to score one shard's batches."""
+
+    index: int
+    keys: Keys
+    consumer: StreamConsumer
+    features: FeatureStore
+    settler: Settler
+    lease: Lease | None  # None: the single shared stream
+    trusted_until: float = math.inf  # time.monotonic() after which this worker must not write for it
+    alive_at: float = 0.0  # the batch loop's last sign of life while on this shard
+
+    def check(self) -> None:
+        """Raise ``Fenced`` once this worker may no longer write for the shard (and count as a sign
+        of life of the batch loop)."""
+        self.alive_at = time.monotonic()
+        if self.alive_at > self.trusted_until:
+            raise Fenced(f"lease on {self.keys.stream} expired while this worker was busy or paused")
+
+
+class ShardReader:
+    """The consumer ``consume()`` reads through: the next batch of one of this worker's shards.
+
+    ``current`` is the shard of the entries ``read`` returned last.
+    """
+
+    def __init__(self, client: redis.Redis, settings: Settings, name: str, process: WorkerProcess,
+                 on_outage: Callable[[str], None]) -> None:
+        self.redis = client
+        self.settings = settings
+        self.name = name
+        self._process = process
+        self._on_outage = on_outage
+        # Outage waits outside any shard's batch (leases, start-up) go through this one.
+        self.control = StreamConsumer(client, settings, name, process, on_outage)
+        self.owner = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.shards: dict[int, Shard] = {}
+        self.current: Shard | None = None
+        self._order: list[int] = []
+        self._next = 0
+        self._next_tick = 0.0
+        self._registry = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
+        self._alive_at = time.monotonic()
+        self._closing = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_while_alive, name="leases", daemon=True)
+
+    @property
+    def sharded(self) -> bool:
+        return self.settings.shards > 1
+
+    @property
+    def held(self) -> int:
+        return sum(shard.consumer.held for shard in self.shards.values())
+
+    def until_done(self, attempt, component: str):
+        return self.control.until_done(attempt, component)
+
+    def start(self) -> None:
+        """Open the single shared shard, or join the owners of a sharded stream."""
+        if not self.sharded:
+            self.shards[0] = self._open(0, None)
+            self._order = [0]
+        else:
+            self.until_done(self._rebalance, "redis")
+            self._renewer.start()
+
+    def read(self) -> Entries:
+        """The next non-empty read of the shards in turn (empty after about ``--block-ms`` idle)."""
+        self._alive_at = time.monotonic()
+        if self.sharded and time.monotonic() >= self._next_tick:
+            self.until_done(self._rebalance, "redis")
+        if not self._order:
+            time.sleep(self.settings.block_ms / 1000.0)
+            return Entries([], [], set(), {}, {})
+        for _ in range(len(self._order)):
+            shard = self.shards[self._order[self._next % len(self._order)]]
+            self._next += 1
+            entries = shard.consumer.read()
+            if entries:
+                self.current = shard
+                return entries
+        return Entries([], [], set(), {}, {})
+
+    def lost(self, shard: Shard, reason: str) -> None:
+        """Stop reading ``shard``: its lease is gone; what it held stays pending for the new owner."""
+        log.warning("shard lost, its batch is left to the new owner",
+                    extra={"event": "shard_lost", "shard": shard.index, "reason": reason})
+        self._drop(shard.index)
+
+    def release_all(self) -> None:
+        """Give every lease back (graceful stop), so other workers take the shards over at once."""
+        self._closing.set()
+        for index in list(self.shards):
+            shard = self.shards[index]
+            if shard.lease is not None:
+                try:
+                    self._lease("release", shard.keys, shard.lease.token)
+                except redis.RedisError:
+                    pass  # the lease expires by itself
+            self._drop(index)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _open(self, index: int, lease: Lease | None) -> Shard:
+        s = self.settings
+        stream = shard_stream(s.stream, s.shards, index)
+        keys = Keys(stream, s.fraud_stream, s.dlq_stream)
+        window_ms = s.dedup_window_s * 1000
+        # An owned shard's pending entries belong to owners whose lease expired: claim them once
+        # they are idle for a lease, not the shared stream's --claim-idle-ms.
+        # Each shard blocks 1 ms when idle, so one busy shard is not held up by the idle others.
+        options = (dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1)
+                   if lease else s)
+        consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage)
+        if lease is not None:
+            ensure_group(self.redis, stream, s.group)
+        return Shard(index, keys, consumer, FeatureStore(self.redis, keys, window_ms, lease),
+                     Settler(self.redis, keys, s.group, self.name, window_ms, lease), lease)
+
+    def _drop(self, index: int) -> None:
+        self.shards.pop(index, None)
+        self._order = sorted(self.shards)
+        if self.current is not None and self.current.index == index:
+            self.current = None
+
+    def _lease(self, op: str, keys: Keys, who: str) -> object:
+        args = (LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
+        try:
+            return self.redis.fcall(*args)
+        except redis.ResponseError as exc:
+            # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
+            if "function not found" not in str(exc).lower():
+                raise
+        load_library(self.redis)
+        return self.redis.fcall(*args)
+
+    def _renew_while_alive(self) -> None:
+        """The renewal thread: keep this worker's leases while its batch loop shows signs of life."""
+        lease_s = self.settings.lease_ms / 1000.0
+        while not self._closing.wait(lease_s / RENEWALS_PER_LEASE):
+            for shard in list(self.shards.values()):
+                started = time.monotonic()
+                if started - max(self._alive_at, shard.alive_at) > HUNG_AFTER_LEASES * lease_s:
+                    continue  # hung: let the lease run out so another worker takes the shard over
+                try:
+                    held = self._lease("renew", shard.keys, shard.lease.token) == 1
+                except redis.RedisError:
+                    continue  # Redis away: the lease runs out unless it comes back in time
+                shard.trusted_until = started + lease_s * TRUSTED_SHARE if held else -math.inf
+
+    def _rebalance(self) -> None:
+        """Drop the shards whose lease ran out, then take free shards or give extras back towards
+        an even share."""
+        s = self.settings
+        started = time.monotonic()
+        self._next_tick = started + s.lease_ms / 1000.0 / RENEWALS_PER_LEASE
+        for shard in list(self.shards.values()):
+            if started > shard.trusted_until:
+                self.lost(shard, "lease expired")
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self._registry, {self.owner: now_ms})
+        pipe.zremrangebyscore(self._registry, "-inf", now_ms - s.lease_ms)
+        pipe.pexpire(self._registry, 10 * s.lease_ms)
+        pipe.zcard(self._registry)
+        live = max(1, pipe.execute()[-1])
+        share = math.ceil(s.shards / live)
+        for index in sorted(self.shards, reverse=True)[: max(0, len(self.shards) - share)]:
+            self._lease("release", self.shards[index].keys, self.shards[index].lease.token)
+            log.info("shard given back", extra={"event": "shard_released", "shard": index, "workers": live})
+            self._drop(index)
+        first = zlib.crc32(self.owner.encode()) % s.shards
+        for step in range(s.shards):
+            if len(self.shards) >= share:
+                break
+            index = (first + step) % s.shards
+            if index in self.shards:
+                continue
+            keys = Keys(shard_stream(s.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
+            token = self._lease("acquire", keys, self.owner)
+            if token is None:
+                continue
+            shard = self._open(index, Lease(keys.lease, token.decode() if isinstance(token, bytes) else token))
+            shard.trusted_until = started + s.lease_ms / 1000.0 * TRUSTED_SHARE
+            self.shards[index] = shard
+            self._order = sorted(self.shards)
+            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token,
+                                           "workers": live})

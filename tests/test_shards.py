@@ -1,0 +1,127 @@
+"""Sharded input (``--shards``): the same decisions as one shard, and shard ownership by lease.
+
+The shared Redis and PostgreSQL, each test in its own namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from fraudd.generator import GeneratorConfig, TransactionGenerator
+from fraudd.ingest import Publisher
+from fraudd.keys import Keys, shard_of, shard_stream
+
+from .conftest import Namespace, wait_for, worker_pids
+from .services import start, stop
+from .streams import alerts, dlq, fully_drained
+
+SHARDS = 8
+
+
+def decisions(ns: Namespace) -> dict[str, tuple]:
+    return {txid: (round(score, 5), decision) for txid, score, decision in
+            ns.sql("SELECT transaction_id, score, decision FROM transactions")}
+
+
+def lease_owners(client: redis.Redis, ns: Namespace, shards: int) -> list[str | None]:
+    values = client.mget([Keys(shard_stream(ns.stream, shards, k), ns.fraud_stream, ns.dlq_stream).lease
+                          for k in range(shards)])
+    return [v.decode() if v else None for v in values]
+
+
+@pytest.fixture
+def second_ns(redis_client: redis.Redis):
+    namespace = Namespace(f"t{uuid.uuid4().hex[:10]}")
+    assert namespace.fraudd("migrate").returncode == 0
+    yield namespace
+    namespace.drop(redis_client)
+
+
+def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns: Namespace) -> None:
+    payloads = [b'{"user_id":"alice","transaction_id":"a"}', b'{"user_id":"bob","transaction_id":"b"}', b"not json"]
+    Publisher(redis_client, ns.stream, SHARDS).publish(payloads)
+    where = {k: redis_client.xlen(shard_stream(ns.stream, SHARDS, k)) for k in range(SHARDS)}
+    expected = Counter([shard_of("alice", SHARDS), shard_of("bob", SHARDS), 0])
+    assert where == {k: expected.get(k, 0) for k in range(SHARDS)}
+    assert shard_stream(ns.stream, SHARDS, 3) == f"{ns.stream}:{{3}}"
+    assert Keys(shard_stream(ns.stream, SHARDS, 3), ns.fraud_stream, ns.dlq_stream).prefix.endswith(":{3}:")
+
+
+def test_one_and_eight_shards_give_the_same_decisions(redis_client: redis.Redis, ns: Namespace, second_ns: Namespace,
+                                                      tmp_path: Path) -> None:
+    generated = TransactionGenerator(GeneratorConfig(seed=21, tx_per_second=50.0)).generate(10_000)
+    faulty = generated.with_faults(duplicate_rate=0.01, invalid_rate=0.002, rng=np.random.default_rng(1))
+    payloads = [p for p in faulty.payloads if p is not None]  # (an entry without a data field is not a payload)
+    Publisher(redis_client, ns.stream).publish(payloads)
+    Publisher(redis_client, second_ns.stream, SHARDS).publish(payloads)
+    # One worker on one shard is the reference order; eight owned shards over two workers must agree.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "eight").mkdir()
+    one = start(ns, tmp_path / "one", "--workers", "1")
+    eight = start(second_ns, tmp_path / "eight", "--workers", "2", "--shards", str(SHARDS), "--lease-ms", "3000")
+    try:
+        wait_for(lambda: fully_drained(redis_client, ns), 180, message="one shard drained")
+        wait_for(lambda: fully_drained(redis_client, second_ns, SHARDS), 180, message="eight shards drained")
+    finally:
+        stop(one)
+        log = stop(eight)
+    assert log.count('"shard_taken"') >= SHARDS
+    reference, sharded = decisions(ns), decisions(second_ns)
+    assert len(reference) == len(set(generated.transaction_ids))
+    assert sharded == reference
+    assert sorted(a["transaction_id"] for a in alerts(redis_client, second_ns)) == \
+        sorted(a["transaction_id"] for a in alerts(redis_client, ns))
+    assert len(dlq(redis_client, second_ns)) == len(dlq(redis_client, ns)) > 0
+
+
+def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_client: redis.Redis, ns: Namespace,
+                                                                      tmp_path: Path) -> None:
+    shards, lease_ms = 4, 2000
+    generated = TransactionGenerator(GeneratorConfig(seed=22, tx_per_second=50.0)).generate(24_000)
+    payloads = generated.payloads()
+    publisher = Publisher(redis_client, ns.stream, shards)
+    publisher.publish(payloads[:20_000])
+    daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", str(lease_ms),
+                   "--batch-size", "200")
+    try:
+        wait_for(lambda: len(worker_pids(daemon.pid)) == 2, 30, message="two workers")
+        workers = worker_pids(daemon.pid)
+        wait_for(lambda: all(any(f"/{pid}/" in (o or "") for o in lease_owners(redis_client, ns, shards)) for pid in workers),
+                 30, message="both workers to own shards")
+        paused = workers[0]
+        owners = [o for o in lease_owners(redis_client, ns, shards) if f"/{paused}/" in (o or "")]
+        paused_name = owners[0].split(":", 1)[1].split("/")[0]
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] > 2000, 60, message="scoring under way")
+        os.kill(paused, signal.SIGSTOP)
+        paused_at = time.monotonic()
+        try:
+            # The other worker takes the paused one's shards over once their leases expire, and drains all.
+            wait_for(lambda: fully_drained(redis_client, ns, shards), 120, message="the paused worker's shards drained")
+            taken_after = time.monotonic() - paused_at
+            assert all(f"/{paused}/" not in (o or "") for o in lease_owners(redis_client, ns, shards))
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        publisher.publish(payloads[20_000:])
+        wait_for(lambda: fully_drained(redis_client, ns, shards), 60, message="the rest drained")
+    finally:
+        log = stop(daemon)
+    assert taken_after >= lease_ms / 1000 * 0.5
+    # Resumed, the paused worker finds its leases gone and drops its shards instead of writing.
+    resumed = [line for line in log.splitlines() if '"shard_lost"' in line and f'"worker": "{paused_name}"' in line]
+    assert resumed, log[-3000:]
+    assert '"batch_bisected"' not in log
+    # Exactly once despite the pause: one row per transaction, one alert per flagged one, nothing pending.
+    rows = ns.sql("SELECT count(*), count(DISTINCT transaction_id), count(*) FILTER (WHERE decision <> 'approve') FROM transactions")[0]
+    assert rows[:2] == (24_000, 24_000)
+    flagged = [a["transaction_id"] for a in alerts(redis_client, ns)]
+    assert len(flagged) == len(set(flagged)) == rows[2]
+    assert dlq(redis_client, ns) == []
