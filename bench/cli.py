@@ -78,6 +78,7 @@ def _make_setup(redis_url: str, postgres_url: str, services_info: dict, out_dir:
         fraudd_args=args,
         workers=int(_flag(args, "workers", "FRAUDD_WORKERS", str(os.cpu_count() or 1))),
         batch_size=int(_flag(args, "batch-size", "FRAUDD_BATCH_SIZE", "500")),
+        shards=int(_flag(args, "shards", "FRAUDD_SHARDS", "1")),
         model_path=model_path,
         services=services_info,
         out_dir=out_dir,

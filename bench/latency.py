@@ -76,6 +76,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
     """One rate: start fraudd, offer the load, wait for the drain, then read the latencies."""
     client = setup.client
     ns = Namespace.fresh("lat", setup.redis_url, setup.postgres_url)
+    ns.shards = setup.shards
     args = list(setup.fraudd_args)
     port = None
     if not exact:

@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 import fraudd.namespace
+from fraudd.keys import shard_stream
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_URL = "postgresql://127.0.0.1:5432/test"
@@ -21,7 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Namespace(fraudd.namespace.Namespace):
-    """Names no other run (or test) uses."""
+    """Names no other run (or test) uses; ``shards`` > 1: the input is fraudd's shard streams."""
+
+    shards: int = 1
+
+    @property
+    def streams(self) -> list[str]:
+        return [shard_stream(self.stream, self.shards, k) for k in range(self.shards)]
 
     @classmethod
     def fresh(cls, label: str, redis_url: str, postgres_url: str) -> Namespace:
@@ -43,4 +50,5 @@ class Namespace(fraudd.namespace.Namespace):
 
     def create_group(self, client: redis.Redis) -> None:
         """The group fraudd would create at start, made up front so prefilled entries are all new to it."""
-        client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        for stream in self.streams:
+            client.xgroup_create(stream, self.group, id="0", mkstream=True)

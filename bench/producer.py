@@ -50,12 +50,13 @@ def _stop(signum, frame) -> None:
 @click.option("--rate", type=float, required=True, help="Transactions per second.")
 @click.option("--seconds", type=float, required=True, help="How long to send.")
 @click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True, help="fraudd's --shards: route by user to its shard streams.")
 @click.option("--out", required=True, help="Where to write the schedule record (.npz).")
-def main(redis_url: str, stream: str, rate: float, seconds: float, seed: int, out: str) -> None:
+def main(redis_url: str, stream: str, rate: float, seconds: float, seed: int, shards: int, out: str) -> None:
     signal.signal(signal.SIGTERM, _stop)
     total = int(rate * seconds)
     source = generator(seed, total)
-    publisher = Publisher(redis.Redis.from_url(redis_url, protocol=2), stream)
+    publisher = Publisher(redis.Redis.from_url(redis_url, protocol=2), stream, shards)
     buffer: list[bytes] = []
     buffered_from = 0  # index of buffer[0]
 

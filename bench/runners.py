@@ -41,6 +41,7 @@ class Setup:
     out_dir: Path
     log_dir: Path
     echo: Callable[[str], None]
+    shards: int = 1
 
 
 class ConsumerFailed(RuntimeError):
@@ -60,15 +61,27 @@ class GroupState:
 
 
 def group_state(client: redis.Redis, ns: Namespace) -> GroupState:
-    for group in client.xinfo_groups(ns.stream):
-        if group["name"] == ns.group:
-            read = group["entries-read"] or 0
-            lag = group["lag"]
-            if lag is None:
-                # Redis cannot tell after deletions inside the unread range; count it instead.
-                lag = int(client.xinfo_stream(ns.stream)["entries-added"]) - read
-            return GroupState(read, int(group["pending"]), int(lag), int(group["consumers"]))
-    raise ConsumerFailed(f"consumer group {ns.group} missing on {ns.stream}")
+    """The group over the namespace's input (summed over its shards; consumers: distinct names)."""
+    read = pending = lag = 0
+    names: set[str] = set()
+    for stream in ns.streams:
+        for group in client.xinfo_groups(stream):
+            if group["name"] == ns.group:
+                read += group["entries-read"] or 0
+                shard_lag = group["lag"]
+                if shard_lag is None:
+                    # Redis cannot tell after deletions inside the unread range; count it instead.
+                    shard_lag = int(client.xinfo_stream(stream)["entries-added"]) - (group["entries-read"] or 0)
+                pending += int(group["pending"])
+                lag += int(shard_lag)
+                if ns.shards == 1:
+                    return GroupState(read, pending, lag, int(group["consumers"]))
+                # A worker joins the groups of the shards it owns only.
+                names.update(c["name"] for c in client.xinfo_consumers(stream, ns.group))
+                break
+        else:
+            raise ConsumerFailed(f"consumer group {ns.group} missing on {stream}")
+    return GroupState(read, pending, lag, len(names))
 
 
 class Consumers:
@@ -152,7 +165,8 @@ def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record
     """Start ``bench.producer`` on the namespace's stream; returns it and its clock's start (epoch s)."""
     producer = subprocess.Popen(
         [sys.executable, "-m", "bench.producer", "--redis-url", ns.redis_url, "--stream", ns.stream,
-         "--rate", repr(rate), "--seconds", repr(seconds), "--seed", str(seed), "--out", str(record)],
+         "--rate", repr(rate), "--seconds", repr(seconds), "--seed", str(seed), "--shards", str(ns.shards),
+         "--out", str(record)],
         stdout=subprocess.PIPE, text=True, env=ns.env(),
     )
     line = producer.stdout.readline()

@@ -39,13 +39,15 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
     Returns the drain and, for fraudd, the checks of its output.
     """
     ns = Namespace.fresh(kind, setup.redis_url, setup.postgres_url)
+    if kind == "fraudd":
+        ns.shards = setup.shards
     client = setup.client
     consumers = None
     try:
         if kind != "bare":
             ns.migrate()
         ns.create_group(client)
-        Publisher(client, ns.stream).publish(traffic.payloads[:n])
+        Publisher(client, ns.stream, ns.shards).publish(traffic.payloads[:n])
         setup.echo(f"  {kind}: {n:,} entries on {ns.stream}, draining with {setup.workers} processes ...")
         log_path = setup.log_dir / f"{ns.name}.log"
         if kind == "fraudd":
@@ -78,7 +80,7 @@ def check_output(client: redis.Redis, ns: Namespace, traffic: Traffic, n: int, e
     caught = len(fraud_ids & flagged)
     first, last, count = ns.sql("SELECT min(scored_at), max(scored_at), count(*) FROM transactions")[0]
     span = (last - first).total_seconds() if first else 0.0
-    pending = client.xpending(ns.stream, ns.group)["pending"]
+    pending = sum(client.xpending(stream, ns.group)["pending"] for stream in ns.streams)
     alerts = client.xlen(ns.fraud_stream)
     return {
         "produced": n,

@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def _prepare_metrics_dir() -> None:
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
+    from .keys import Keys
     from .scoring.dedup import projected_marker_bytes
 
     settings = settings_from(params)
@@ -192,6 +194,11 @@ def status(**params) -> None:
                    f"oldest pending {state.oldest_pending_age_s:.1f}s")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
+        if settings.shards > 1:
+            leases = client.mget([Keys(stream, settings.fraud_stream, settings.dlq_stream).lease for stream in settings.input_streams])
+            owners = Counter(lease.split(":", 1)[1] for lease in leases if lease)
+            click.echo(f"shards     {settings.shards}: {sum(owners.values())} owned, "
+                       + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner"))
         click.echo(f"dlq        {client.xlen(settings.dlq_stream)} entries in {settings.dlq_stream}")
         memory = redis_memory(client)
         rate = _input_rate(client, settings.input_streams)

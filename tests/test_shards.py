@@ -125,3 +125,13 @@ def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_clie
     flagged = [a["transaction_id"] for a in alerts(redis_client, ns)]
     assert len(flagged) == len(set(flagged)) == rows[2]
     assert dlq(redis_client, ns) == []
+
+
+def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns: Namespace, tmp_path: Path) -> None:
+    daemon = start(ns, tmp_path, "--workers", "2", "--shards", "4", "--lease-ms", "2000")
+    try:
+        wait_for(lambda: all(lease_owners(redis_client, ns, 4)), 30, message="every shard owned")
+        status = ns.fraudd("status", "--shards", "4", timeout=30).stdout
+    finally:
+        stop(daemon)
+    assert "(4 shards)" in status and "shards     4: 4 owned" in status, status
