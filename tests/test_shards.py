@@ -130,7 +130,9 @@ def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_clie
 def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns: Namespace, tmp_path: Path) -> None:
     daemon = start(ns, tmp_path, "--workers", "2", "--shards", "4", "--lease-ms", "2000")
     try:
-        wait_for(lambda: all(lease_owners(redis_client, ns, 4)), 30, message="every shard owned")
+        # Settled: both workers hold their even share (the first one up takes all, then gives two back).
+        wait_for(lambda: all(lease_owners(redis_client, ns, 4)) and len(set(lease_owners(redis_client, ns, 4))) == 2,
+                 30, message="every shard owned, two each")
         status = ns.fraudd("status", "--shards", "4", timeout=30).stdout
     finally:
         stop(daemon)
