@@ -152,8 +152,11 @@ class Ingest:
                                          self.settings.signature_window_s)
         if problem is None:
             marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION):]
+            # Kept until its timestamp leaves the window (plus a second): a replay after that is
+            # refused by the timestamp alone, so markers live at most one window on average.
+            expires_ms = (int(request.headers[auth.TIMESTAMP_HEADER]) + self.settings.signature_window_s + 1) * 1000
             try:
-                fresh = await self.redis.set(marker, b"1", nx=True, px=2 * self.settings.signature_window_s * 1000)
+                fresh = await self.redis.set(marker, b"1", nx=True, pxat=expires_ms)
             except (redis.RedisError, OSError) as exc:
                 raise _unavailable("redis: " + type(exc).__name__) from None
             problem = None if fresh else "replayed"
