@@ -18,7 +18,6 @@ Where the commit time comes from, best first:
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
 from bench.namespace import Namespace
-from bench.runners import (ConsumerFailed, Consumers, GroupState, Setup, group_state, start_producer, tear_down,
-                           wait_drained)
+from bench.runners import ConsumerFailed, Consumers, GroupState, Setup, group_state, start_producer, tear_down, wait_drained
 from bench.usage import Probe, usage
+from fraudd.localservers import free_port
 
 HISTOGRAM = "fraudd_end_to_end_latency_seconds"
 SAMPLE_S = 0.1
@@ -50,12 +49,6 @@ def commit_timestamps_on(postgres_url: str) -> bool:
 
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         return conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_histogram(port: int) -> tuple[list[float], list[float]]:
@@ -80,7 +73,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
     args = list(setup.fraudd_args)
     port = None
     if not exact:
-        port = _free_port()
+        port = free_port()
         args += ["--metrics-port", str(port)]
     consumers = producer = None
     record_path = setup.log_dir / f"{ns.name}-producer.npz"

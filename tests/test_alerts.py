@@ -182,7 +182,7 @@ retry_base_s = 0.01
     # The first request got the 429 (the other was already in flight); its retry waited the 2 s asked for.
     assert len(requests) == 3
     (limited, limited_at), later = requests[0], requests[1:]
-    assert [t for text, t in later if text == limited][0] - limited_at >= 1.9
+    assert next(t for text, t in later if text == limited) - limited_at >= 1.9
     assert sorted(r[1] for r in deliveries(ns).values()) == [1, 2]
 
 

@@ -93,7 +93,7 @@ class _HttpChannel(Channel):
                 text = (await response.text(errors="replace"))[:_ERROR_BODY_CHARS]
                 raise DeliveryFailed(f"HTTP {response.status}: {' '.join(text.split())}",
                                      _retry_after(response.headers.get("Retry-After")))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DeliveryFailed(_describe(exc)) from None
 
 
@@ -178,7 +178,7 @@ class EmailChannel(Channel):
                 if not client.is_connected:
                     await client.connect()
                 await client.send_message(message)
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
                 raise DeliveryFailed(_describe(exc)) from None
             self._idle.append(client)
@@ -291,7 +291,7 @@ def _retry_after(header: str | None) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}"[:_ERROR_BODY_CHARS] if text else type(exc).__name__

@@ -116,7 +116,7 @@ def load(path: Path, environ: dict[str, str] | None = None) -> AlertsConfig:
         raise AlertConfigError(f"{path}: not valid TOML: {exc}") from None
     unknown = set(document) - {"channels"}
     if unknown:
-        raise AlertConfigError(f"{path}: {sorted(unknown)[0]}: unknown key (expected [[channels]])")
+        raise AlertConfigError(f"{path}: {min(unknown)}: unknown key (expected [[channels]])")
     tables = document.get("channels")
     if not isinstance(tables, list) or not tables:
         raise AlertConfigError(f"{path}: channels: at least one [[channels]] table is required")

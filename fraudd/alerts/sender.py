@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Coroutine
@@ -30,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
+import psycopg
 import redis
 import redis.asyncio
 import uvloop
@@ -50,6 +53,7 @@ REASON_UNDELIVERABLE = "alert_undeliverable"
 _RECORD_BACKOFF_MAX_S = 5.0
 _DEAD_MARKER_TTL_S = 7 * 86400
 _T = TypeVar("_T")
+OUTAGES = (psycopg.Error, redis.RedisError, OSError)
 
 # XADD a dead letter once per (transaction, channel): a retried flush after a crash or an outage
 # between the XADD and the PostgreSQL update must not dead-letter the same delivery twice.
@@ -246,8 +250,8 @@ class ChannelRunner:
         self._digest_in_flight: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._claim_loop(), name=f"claim-{self.name}")]
-        self._tasks += [asyncio.create_task(self._send_loop(), name=f"send-{self.name}")
+        self._tasks = [_task(self._claim_loop(), f"claim-{self.name}")]
+        self._tasks += [_task(self._send_loop(), f"send-{self.name}")
                         for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
@@ -276,9 +280,7 @@ class ChannelRunner:
             try:
                 await self._claim_round()
                 delay = 0.05
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # PostgreSQL away: the rows wait in the table, claims resume later
+            except OUTAGES as exc:  # the rows wait in the table; claims resume when PostgreSQL is back
                 metrics.errors.labels("postgres", type(exc).__name__).inc()
                 log.warning("alert channel cannot claim deliveries", extra={"event": "alerts_claim_failed", "channel": self.name,
                                                                            "error": str(exc)})
@@ -303,11 +305,11 @@ class ChannelRunner:
             if self.config.digest_above is not None and self._digest_in_flight is None:
                 digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
                 if digest:
-                    self._digest_in_flight = asyncio.create_task(self._send_digest(digest))
+                    self._digest_in_flight = _task(self._send_digest(digest), f"digest-{self.name}")
         if wait > 0:
             try:
                 await asyncio.wait_for(self._woken.wait(), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._woken.clear()
 
@@ -381,7 +383,7 @@ class Recorder:
         self._failing = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="record")
+        self._task = _task(self._run(), "record")
 
     def add(self, outcome: Outcome, alert: Alert | None = None, attempts: int = 0) -> None:
         self._outcomes.append((outcome, alert, attempts))
@@ -406,7 +408,7 @@ class Recorder:
                 continue
             try:
                 await self._record(batch)
-            except Exception as exc:  # PostgreSQL or Redis away: keep the outcomes, try again
+            except OUTAGES as exc:  # keep the outcomes and try again
                 self._outcomes = batch + self._outcomes
                 if not self._failing:
                     self._failing = True
@@ -450,6 +452,22 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
         log.error("alerts dead-lettered after their last attempt",
                   extra={"event": "alerts_dead_lettered", "channel": channel, "alerts": len(deliveries),
                          "reason": deliveries[-1][1]})
+
+
+def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+    """A task whose unexpected death stops the worker process (the supervisor starts a new one)
+    rather than leaving it alive and silently not delivering."""
+    task = asyncio.create_task(coroutine, name=name)
+    task.add_done_callback(_stop_process_on_crash)
+    return task
+
+
+def _stop_process_on_crash(task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    log.critical("alert task crashed, stopping this worker", exc_info=task.exception(),
+                 extra={"event": "worker_crashed", "task": task.get_name()})
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _drain(queue: asyncio.Queue[_T]) -> list[_T]:

@@ -1,0 +1,55 @@
+"""``python -m bench.receiver --port P --secret whsec_…``: the webhook receiver of ``bench alerts``.
+
+A lean aiohttp server in its own process that does what a careful receiver does per request:
+verify the Standard Webhooks signature (with the ``standardwebhooks`` library) and drop a
+``webhook-id`` it has already accepted. It records each first arrival's time; ``GET /stats``
+returns them (webhook-id -> epoch seconds) with the count of repeats and of bad signatures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import orjson
+import uvloop
+from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+
+@click.command()
+@click.option("--port", type=int, required=True)
+@click.option("--secret", required=True)
+def main(port: int, secret: str) -> None:
+    verifier = Webhook(secret)
+    arrivals: dict[str, float] = {}
+    counts = {"repeats": 0, "bad_signatures": 0}
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            verifier.verify(body, dict(request.headers), json_parse=False)
+        except WebhookVerificationError:
+            counts["bad_signatures"] += 1
+            return web.Response(status=400, text="bad signature")
+        webhook_id = request.headers["webhook-id"]
+        if webhook_id in arrivals:
+            counts["repeats"] += 1
+        else:
+            arrivals[webhook_id] = time.time()
+        return web.Response(text="ok")
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"arrivals": arrivals, **counts}), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/stats", stats)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda line: print("ready", flush=True),
+                backlog=1024)
+
+
+if __name__ == "__main__":
+    main()
