@@ -16,7 +16,8 @@ import click
 import psycopg
 import redis
 
-from .config import ConfigError, Settings, ingest_options, ingest_settings_from, settings_from, settings_options
+from .config import (ConfigError, Settings, alert_options, alert_settings_from, ingest_options, ingest_settings_from, settings_from,
+                     settings_options)
 from .learning import cli as learning_cli
 from .runtime import logs
 
@@ -71,6 +72,29 @@ def ingest(**params) -> None:
 
 @main.command()
 @settings_options
+@alert_options
+def alerts(**params) -> None:
+    """Deliver every alert of --fraud-stream to the channels of --config (Slack, e-mail, signed webhooks)."""
+    from .alerts.config import AlertConfigError, load
+
+    settings, alert_settings = settings_from(params), alert_settings_from(params)
+    logs.setup(settings.log_level)
+    try:
+        config = load(alert_settings.config)
+    except AlertConfigError as exc:
+        raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
+    if settings.metrics_port:
+        _prepare_metrics_dir()
+    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
+    # Both import prometheus-client, which reads the directory above.
+    from .alerts.service import service
+    from .runtime.supervisor import Supervisor
+
+    sys.exit(Supervisor(service(settings, alert_settings, config)).run())
+
+
+@main.command()
+@settings_options
 def migrate(**params) -> None:
     """Apply pending schema migrations and create the coming days' partitions (idempotent)."""
     from .schema import migrate as apply
@@ -105,9 +129,6 @@ def with_thresholds(settings: Settings) -> Settings:
 
 def preflight(settings: Settings) -> None:
     """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
-    from .runtime.consumer import connect_redis, ensure_group
-    from .runtime.health import redis_memory
-    from .schema import pending_migrations
     from .scoring.features import FEATURE_NAMES
     from .scoring.model import FraudModel, ModelError
     from .scoring.rules import Rules, RulesError
@@ -120,12 +141,22 @@ def preflight(settings: Settings) -> None:
         Rules.load(settings.rules_path)
     except RulesError as exc:
         raise ConfigError(f"--rules-path: {exc}") from None
+    check_dependencies(settings, settings.input_streams, settings.group)
+
+
+def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
+    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
+    answers with every migration applied."""
+    from .runtime.consumer import connect_redis, ensure_group
+    from .runtime.health import redis_memory
+    from .schema import pending_migrations
+
     client = connect_redis(settings.redis_url)
     try:
         client.ping()
         eviction = redis_memory(client).eviction_problem()
-        for stream in settings.input_streams:
-            ensure_group(client, stream, settings.group)
+        for stream in streams:
+            ensure_group(client, stream, group)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
     finally:

@@ -110,9 +110,33 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
 ]
 
 
+# ``fraudd alerts`` takes these besides ``OPTIONS`` (its stream is --fraud-stream).
+ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
+    ("config", "FRAUDD_ALERTS_CONFIG", {"required": True, "type": click.Path(dir_okay=False, path_type=Path)}, "Channels file (TOML), see alerts.example.toml; re-read on SIGHUP."),
+    ("alerts-group", "FRAUDD_ALERTS_GROUP", {"default": "fraudd-alerts"}, "Consumer group of the alert service on --fraud-stream."),
+    ("max-attempts", "FRAUDD_MAX_ATTEMPTS", {"default": 10, "type": int, "callback": _positive("max-attempts")}, "Delivery attempts per alert and channel before it goes to the DLQ."),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    config: Path
+    alerts_group: str
+    max_attempts: int
+
+
 def settings_options(function):
     """Decorate a click command with every option of ``OPTIONS``."""
-    for flag, envvar, kwargs, help_text in reversed(OPTIONS):
+    return _options(OPTIONS, function)
+
+
+def alert_options(function):
+    """Decorate a click command with every option of ``ALERT_OPTIONS``."""
+    return _options(ALERT_OPTIONS, function)
+
+
+def _options(options: list[tuple[str, str, dict, str]], function):
+    for flag, envvar, kwargs, help_text in reversed(options):
         function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(function)
     return function
 
@@ -124,12 +148,7 @@ def selected_options(*flags: str):
     if missing:
         raise ValueError(f"unknown options {sorted(missing)}")
 
-    def decorate(function):
-        for flag, envvar, kwargs, help_text in reversed(chosen):
-            function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(function)
-        return function
-
-    return decorate
+    return lambda function: _options(chosen, function)
 
 
 def settings_from(params: dict) -> Settings:
@@ -138,6 +157,10 @@ def settings_from(params: dict) -> Settings:
     values = {name: params[name] for name in names}
     values["log_level"] = values["log_level"].upper()
     return Settings(**values)
+
+
+def alert_settings_from(params: dict) -> AlertSettings:
+    return AlertSettings(**{f.name: params[f.name] for f in fields(AlertSettings)})
 
 
 # -- fraudd ingest ---------------------------------------------------------------------------

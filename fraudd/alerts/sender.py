@@ -38,7 +38,8 @@ import redis.asyncio
 import uvloop
 
 from ..keys import Keys
-from ..runtime import metrics
+from ..runtime import deadletters, metrics
+from ..runtime.deadletters import DeadLetter
 from . import metrics as alert_metrics
 from .channels import Alert, Channel, DeliveryFailed, open_channel
 from .config import AlertsConfig, ChannelConfig
@@ -51,25 +52,8 @@ DIGEST_MAX_ALERTS = 10_000
 REASON_INVALID_ALERT = "invalid_alert"
 REASON_UNDELIVERABLE = "alert_undeliverable"
 _RECORD_BACKOFF_MAX_S = 5.0
-_DEAD_MARKER_TTL_S = 7 * 86400
 _T = TypeVar("_T")
 OUTAGES = (psycopg.Error, redis.RedisError, OSError)
-
-# XADD a dead letter once per (transaction, channel): a retried flush after a crash or an outage
-# between the XADD and the PostgreSQL update must not dead-letter the same delivery twice.
-_DEAD_LETTER_ONCE = """
-local written = 0
-for i = 1, #KEYS - 1 do
-    local base = (i - 1) * 6
-    if redis.call('SET', KEYS[i + 1], '1', 'NX', 'EX', ARGV[#ARGV]) then
-        redis.call('XADD', KEYS[1], '*', 'data', ARGV[base + 1], 'reason', ARGV[base + 2], 'detail', ARGV[base + 3],
-                   'channel', ARGV[base + 4], 'source_id', ARGV[base + 5], 'attempts', ARGV[base + 6])
-        written = written + 1
-    end
-end
-return written
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class SenderSettings:
@@ -100,8 +84,9 @@ class AlertSender:
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="alerts", daemon=True)
         self.log = DeliveryLog(settings.postgres_url, settings.pg_schema)
-        self._storm_prefix = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream).prefix + "alerts:storm:"
-        self._dead_prefix = Keys(settings.dlq_stream, settings.fraud_stream, settings.dlq_stream).prefix + "alerts:dead:"
+        keys = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream)
+        self._storm_prefix = keys.prefix + "alerts:storm:"
+        self._dead_prefix = keys.dead_prefix
         self._channels: dict[str, ChannelRunner] = {}
         self._recorder: Recorder | None = None
 
@@ -133,7 +118,7 @@ class AlertSender:
 
     async def _open(self) -> None:
         self.redis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        self._dead_letter_once = self.redis.register_script(_DEAD_LETTER_ONCE)
+        self._dead_letters = self.redis.register_script(deadletters.SCRIPT)
         await self.log.open()
         self._recorder = Recorder(self)
         for channel_config in self.config.channels:
@@ -192,11 +177,12 @@ class AlertSender:
 
     async def dead_letter(self, channel: str, deliveries: list[tuple[Alert, str, int]]) -> None:
         """Write given-up deliveries (alert, last error, attempts) to the DLQ, once each."""
-        keys = [self.settings.dlq_stream] + [f"{self._dead_prefix}{a.transaction_id}:{channel}" for a, _e, _n in deliveries]
-        args: list[Any] = []
-        for alert, error, attempts in deliveries:
-            args += [alert.body, REASON_UNDELIVERABLE, error, channel, alert.stream_id, attempts]
-        await self._dead_letter_once(keys=keys, args=[*args, _DEAD_MARKER_TTL_S])
+        letters = [DeadLetter(f"{alert.transaction_id}:{channel}", {
+            "data": alert.body, "reason": REASON_UNDELIVERABLE, "detail": error, "channel": channel,
+            "source_id": alert.stream_id, "consumer": self.settings.consumer, "attempts": attempts})
+            for alert, error, attempts in deliveries]
+        dlq = self.settings.dlq_stream
+        await self._dead_letters(keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, letters, []))
 
 
 def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[list[Alert], list[Rejected]]:

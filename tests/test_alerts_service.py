@@ -1,0 +1,119 @@
+"""``fraudd alerts`` as operators run it: killed again and again while alerts flow, and refusing a
+bad channels file at start-up."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from .alerting import SECRET, HttpReceiver
+from .conftest import FRAUDD, Namespace, wait_for, worker_pids
+from .test_alerts import alert, write_config
+
+ALERTS = 5_000
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpReceiver]:
+    with HttpReceiver() as server:
+        yield server
+
+
+def start_alerts(ns: Namespace, config: Path, log_path: Path, *args: str) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([FRAUDD, "alerts", "--config", str(config), *args], stdout=log, stderr=log,
+                                env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000"),
+                                start_new_session=True)
+
+
+def test_sigkilled_repeatedly_every_alert_arrives_once(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
+                                                       tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+[[channels]]
+name = "ops-webhook"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "FRAUDD_WEBHOOK_SECRET"
+timeout_s = 1
+""")
+    log_path = tmp_path / "alerts.log"
+    invalid = [b"not json", b'{"no_transaction_id": 1}']
+
+    def produce() -> None:
+        for start in range(0, ALERTS, 250):
+            with redis_client.pipeline(transaction=False) as pipe:
+                for i in range(start, start + 250):
+                    pipe.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(f"tx_{i}"))})
+                if start == 2500:
+                    for payload in invalid:
+                        pipe.xadd(ns.fraud_stream, {"data": payload})
+                pipe.execute()
+            time.sleep(0.1)
+
+    producer = threading.Thread(target=produce)
+    daemon = start_alerts(ns, config, log_path, "--workers", "2", "--batch-size", "200")
+    rng = random.Random(7)
+    try:
+        producer.start()
+        kills = 0
+        while producer.is_alive() or kills < 6:
+            time.sleep(rng.uniform(0.3, 0.8))
+            if kills == 3:
+                # The whole service at once: the supervisor and both workers.
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait(10)
+                daemon = start_alerts(ns, config, log_path, "--workers", "2", "--batch-size", "200")
+            else:
+                pids = worker_pids(daemon.pid)
+                if pids:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+            kills += 1
+        producer.join()
+        # Deliveries claimed by a killed worker are due again when their lease (2 × timeout + 5 s) ends.
+        wait_for(lambda: len(receiver.accepted) == ALERTS, 90, interval=0.5, message="every alert at the receiver")
+        wait_for(lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == ALERTS, 30,
+                 message="every delivery recorded")
+        wait_for(lambda: redis_client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0, 30, message="all acked")
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert daemon.returncode == 0, log[-3000:]
+    assert '"worker_crashed"' not in log, log[-3000:]
+
+    # Each alert accepted once under its webhook-id; a repeat (a kill between sending and recording)
+    # carried the same id, so the receiver dropped it.
+    assert sorted(receiver.accepted) == sorted(f"tx_{i}:ops-webhook" for i in range(ALERTS))
+    assert all(body["transaction_id"] + ":ops-webhook" == webhook_id for webhook_id, body in receiver.accepted.items())
+    rows = ns.sql("SELECT status, count(*), min(attempts) FROM alert_deliveries GROUP BY status")
+    assert rows == [("delivered", ALERTS, 1)], rows
+    print(f"repeats dropped by the receiver: {sum(receiver.repeats.values())}")
+    assert sum(receiver.repeats.values()) < ALERTS // 20
+
+    letters = [{k.decode(): v for k, v in fields.items()} for _id, fields in redis_client.xrange(ns.dlq_stream)]
+    assert sorted(letter["data"] for letter in letters) == sorted(invalid)
+    assert {letter["reason"] for letter in letters} == {b"invalid_alert"}
+
+
+def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_path: Path) -> None:
+    config = write_config(tmp_path, '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
+                                    'secret_env = "FRAUDD_TEST_UNSET_SECRET"\n')
+    result = ns.fraudd("alerts", "--config", str(config), timeout=30)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"Error: --config / FRAUDD_ALERTS_CONFIG: {config}: channels[0] (ops).secret_env: "
+                     "environment variable FRAUDD_TEST_UNSET_SECRET is not set"], result.stderr
