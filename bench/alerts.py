@@ -162,7 +162,7 @@ def latency(setup: Setup, rate: float, seconds: float, warmup: float) -> dict:
             if due > 0:
                 ids = _xadd(setup.client, ns.fraud_stream, [alert_document(i, "lat") for i in range(sent, sent + due)])
                 for i, entry_id in zip(range(sent, sent + due), ids):
-                    entry_ms[f"lat_{i}:bench-hook"] = int(entry_id.split(b"-")[0])
+                    entry_ms[f"lat_{i}:bench-hook"] = int(entry_id.split("-")[0])
                 sent += due
             time.sleep(0.01)
         stats = _wait_arrivals(receiver, consumers, sent)

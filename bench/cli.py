@@ -18,7 +18,7 @@ import click
 import orjson
 import redis
 
-from bench import latency, report, services, soak, throughput
+from bench import alerts, latency, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from fraudd.config import DEFAULT_MODEL
@@ -211,9 +211,26 @@ def ingest_cmd(seconds: float, ingest_workers: int, connections: int, batch_item
         measure(redis_url, postgres_url, {"private": False})
 
 
+@main.command(context_settings=PASS_THROUGH)
+@click.option("-n", "--alerts", "n", default=20_000, show_default=True, help="Prefilled alerts per throughput run.")
+@click.option("--processes", default="1,2", show_default=True, help="fraudd alerts --workers of each throughput run.")
+@click.option("--fraction", default=0.5, show_default=True, help="Offered load of the latency run, as a fraction of the 1-process rate.")
+@click.option("--seconds", default=20.0, show_default=True, help="Sending time of the latency run.")
+@click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start left out of the latency quantiles.")
+@_common
+def alerts_cmd(n: int, processes: str, fraction: float, seconds: float, warmup: float, redis_url: str, postgres_url: str,
+               seed: int, private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+    """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver; delivery latency at a fraction of it."""
+    started = time.time()
+    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+        result = alerts.run(setup, n, [int(p) for p in processes.split(",")], fraction, seconds, warmup)
+        _finish("alerts", setup, started, result, alerts.format_result(result))
+
+
 main.add_command(throughput_cmd, "throughput")
 main.add_command(latency_cmd, "latency")
 main.add_command(soak_cmd, "soak")
+main.add_command(alerts_cmd, "alerts")
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:

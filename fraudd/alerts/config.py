@@ -20,6 +20,7 @@ from typing import Any
 KINDS = ("webhook", "slack", "email")
 TLS_MODES = ("starttls", "implicit", "none")
 ALERT_DECISIONS = ("review", "decline")  # the non-approve decisions that the fraud stream carries (DESIGN.md)
+PREFETCH_ROUNDS = 3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Keys that would put a secret in clear in the file: each names the way it must be given instead.
 _CLEAR_SECRETS = {"secret": "secret_env or secret_file", "password": "password_env or password_file"}
@@ -84,9 +85,16 @@ class ChannelConfig:
     digest_interval_s: float = 60.0
 
     @property
+    def prefetch(self) -> int:
+        """Deliveries a worker claims ahead: a claim is a round trip, so several rounds of sends are
+        claimed at once, or the channel would wait on the claims instead of its peer."""
+        return PREFETCH_ROUNDS * self.concurrency
+
+    @property
     def lease_s(self) -> float:
-        """How long a claimed delivery stays the claimer's: longer than any attempt can take."""
-        return 2 * self.timeout_s + 5.0
+        """How long a claimed delivery stays the claimer's: longer than the prefetched rounds of
+        attempts can take, each round timing out at worst."""
+        return (PREFETCH_ROUNDS + 1) * self.timeout_s + 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,8 +281,8 @@ class ChannelRunner:
         else:
             queued = self._ready.qsize() + self._busy
             # Claim in chunks (a claim is a round trip); while probing a paused channel, one at a time.
-            room = (1 if self._failures else 2 * self.config.concurrency) - queued
-            if room >= (1 if self._failures else max(1, self.config.concurrency // 2)):
+            room = (1 if self._failures else self.config.prefetch) - queued
+            if room >= (1 if self._failures else self.config.concurrency):
                 claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
                 for item in claimed:
                     self._ready.put_nowait(item)

@@ -40,7 +40,7 @@ duplicates = Counter("fraudd_duplicates_total", "Transactions already seen withi
 reclaimed = Counter("fraudd_reclaimed_entries_total", "Pending entries taken over from other consumers.")
 alerts_written = Counter("fraudd_alerts_written_total", "Entries written to the fraud alert stream.")
 alert_deliveries = Counter("fraudd_alert_deliveries_total",
-                           "Alert notifications sent by `fraudd alerts`, by channel (slack/email/webhook) and outcome (delivered/failed).",
+                           "Alert notifications of `fraudd alerts`, by channel name and outcome (delivered, failed attempt, dead_lettered).",
                            ["channel", "outcome"])
 errors = Counter("fraudd_errors_total", "Infrastructure errors met by workers, by component and kind.", ["component", "kind"])
 batch_failures = Counter("fraudd_batch_failures_total", "Batches that failed as a whole and were bisected.")
