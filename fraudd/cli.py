@@ -16,8 +16,16 @@ import click
 import psycopg
 import redis
 
-from .config import (ConfigError, Settings, alert_options, alert_settings_from, ingest_options, ingest_settings_from, settings_from,
-                     settings_options)
+from .config import (
+    ConfigError,
+    Settings,
+    alert_options,
+    alert_settings_from,
+    ingest_options,
+    ingest_settings_from,
+    settings_from,
+    settings_options,
+)
 from .learning import cli as learning_cli
 from .runtime import logs
 

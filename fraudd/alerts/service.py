@@ -124,15 +124,20 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
     """``fraudd alerts``: the supervisor's view of the alert workers."""
     view = consumer_view(settings, alert_settings)
     housekeeper = Housekeeper(view)
+    backlog: list[int] = []  # the last count, for the status line
 
     def housekeeping() -> None:
         housekeeper.run_once()
         try:
             with connect(view.postgres_url, view.pg_schema, connect_timeout=2) as conn:
-                backlog = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
-            alert_metrics.backlog.set(backlog[0])
+                (count,) = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
         except (psycopg.Error, OSError):
-            pass  # the housekeeper reports PostgreSQL down
+            return  # the housekeeper reports PostgreSQL down
+        alert_metrics.backlog.set(count)
+        backlog[:] = [count]
+
+    def summary() -> str:
+        return housekeeper.summary() + (f", {backlog[0]:,} deliveries to make" if backlog else "")
 
     return Service(
         name="fraudd alerts",
@@ -144,6 +149,7 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
         metrics_port=settings.metrics_port,
         housekeeping=housekeeping,
         health_problems=lambda: health_problems(view, housekeeper.redis),
+        summary=summary,
     )
 
 
