@@ -112,7 +112,7 @@ def test_the_environment_file_documents_every_option_and_its_values_are_accepted
     for match, line in zip(assignments, lines):
         if match and not line.startswith("#"):
             monkeypatch.setenv(match.group(1), match.group(2))
-    for name in ("run", "ingest"):
+    for name in ("run", "ingest", "alerts"):
         command = cli.main.get_command(None, name)
         command.make_context(name, [])  # parses and checks every option, from the environment
 
