@@ -13,6 +13,7 @@ once, no ``webhook-id`` twice, and that ``alert_deliveries`` holds one delivered
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -22,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 import redis
+import uvloop
 
 from bench import procstat, report
 from bench.namespace import FRAUDD, Namespace
 from bench.runners import ConsumerFailed, Consumers, Setup
+from fraudd.alerts.channels import Alert, WebhookChannel
+from fraudd.alerts.config import ChannelConfig, WebhookTarget
 from fraudd.localservers import free_port
 
 SECRET = "whsec_ZnJhdWRkLWJlbmNoLXNpZ25pbmcta2V5LTAwMDE="
@@ -66,6 +70,43 @@ class Receiver:
         self.process.terminate()
         self.process.wait(10)
         self._log.close()
+
+
+def bare_client(setup: Setup, n: int, concurrency: int = 64) -> dict:
+    """The ceiling: the same signed webhooks sent by fraudd's own webhook channel in a bare loop
+    (no stream, no delivery log), as many in flight as the channel's default concurrency."""
+    receiver = None
+    try:
+        receiver = Receiver(setup.log_dir / "bare-client.receiver.log")
+        config = ChannelConfig("bench-hook", "webhook", WebhookTarget(receiver.url, SECRET), concurrency=concurrency)
+        alerts = [Alert(f"bare_{i}", "0-0", orjson.dumps(alert_document(i, "bare"))) for i in range(n)]
+
+        async def send_all() -> float:
+            channel = WebhookChannel(config)
+            await channel.open()
+            queue = iter(alerts)
+
+            async def sender() -> None:
+                for alert in queue:
+                    await channel.send(alert)
+
+            started = time.process_time()
+            await asyncio.gather(*(sender() for _ in range(concurrency)))
+            cpu_s = time.process_time() - started
+            await channel.close()
+            return cpu_s
+
+        setup.echo(f"  bare client: {n:,} signed webhooks, {concurrency} in flight ...")
+        cpu_s = uvloop.run(send_all())
+        times = np.array(sorted(receiver.stats()["arrivals"].values()))
+        seconds = float(times[-1] - times[0])
+        return {"processes": 1, "alerts": n, "seconds": round(seconds, 3),
+                "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+                "service_cpu_s": round(cpu_s, 2), "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
+                "receiver_cpu_s": None, "checks": {"exactly_once": len(times) == n}}
+    finally:
+        if receiver is not None:
+            receiver.stop()
 
 
 def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, label: str) -> Consumers:
@@ -192,22 +233,27 @@ def _wait_joined(client: redis.Redis, ns: Namespace, consumers: Consumers, timeo
 
 
 def run(setup: Setup, n: int, process_counts: list[int], fraction: float, seconds: float, warmup: float) -> dict:
-    drains = {str(p): throughput(setup, n, p) for p in process_counts}
+    drains = {"bare client": bare_client(setup, n)}
+    drains.update({str(p): throughput(setup, n, p) for p in process_counts})
     for p, d in drains.items():
-        setup.echo(f"    {p} process(es): {d['alerts_per_s']:,.0f} alerts/s, {d['service_cpu_us_per_alert']} CPU-µs/alert")
+        setup.echo(f"    {p}: {d['alerts_per_s']:,.0f} alerts/s, {d['service_cpu_us_per_alert']} CPU-µs/alert")
     one = drains[str(process_counts[0])]["alerts_per_s"]
-    return {"alerts": n, "throughput": drains, "fraction_of_max": fraction,
+    ratios = {f"{p}_over_bare_client": round(d["alerts_per_s"] / drains["bare client"]["alerts_per_s"], 3)
+              for p, d in drains.items() if p != "bare client"}
+    return {"alerts": n, "throughput": drains, "ratios": ratios, "fraction_of_max": fraction,
             "latency": latency(setup, one * fraction, seconds, warmup)}
 
 
 def format_result(result: dict) -> str:
-    rows = [[p, f"{d['alerts']:,}", f"{d['alerts_per_s']:,.0f}", d["service_cpu_us_per_alert"], d["receiver_cpu_s"],
+    rows = [[p, f"{d['alerts']:,}", f"{d['alerts_per_s']:,.0f}", d["service_cpu_us_per_alert"], d["receiver_cpu_s"] or "-",
              "yes" if d["checks"]["exactly_once"] else "NO"] for p, d in result["throughput"].items()]
     lat = result["latency"]
     q = lat["latency_ms"]
     return "\n".join([
         "", "alerts delivered to a local signed-webhook receiver (prefilled fraud stream)",
-        report.table(rows, ["processes", "alerts", "alerts/s", "CPU-µs/alert", "receiver CPU-s", "each once"]),
+        report.table(rows, ["sender (fraudd alerts --workers)", "alerts", "alerts/s", "CPU-µs/alert", "receiver CPU-s",
+                            "each once"]),
+        "ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()),
         "", f"delivery latency at {result['fraction_of_max']:.0%} of the 1-process rate "
             f"({lat['achieved_rate']:,.0f} alerts/s, {lat['sent']:,} sent), ms: p50 {q.get('p50')}, p95 {q.get('p95')}, "
             f"p99 {q.get('p99')}, max {q.get('max')}; each once: {'yes' if lat['checks']['exactly_once'] else 'NO'}",

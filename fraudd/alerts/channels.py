@@ -43,12 +43,19 @@ class DeliveryFailed(Exception):
 
 @dataclass(slots=True)
 class Alert:
-    """One alert for one channel: the fraud stream's ``data`` document, parsed and as sent."""
+    """One alert for one channel: the fraud stream's ``data`` document, as sent and parsed."""
 
     transaction_id: str
     stream_id: str
     body: bytes  # the ``data`` JSON, the body of a webhook
-    document: dict
+    parsed: dict | None = None
+
+    @property
+    def document(self) -> dict:
+        """The parsed document, parsed on first use: a webhook sends the body as it is."""
+        if self.parsed is None:
+            self.parsed = orjson.loads(self.body)
+        return self.parsed
 
 
 class Channel(abc.ABC):
@@ -75,10 +82,15 @@ class Channel(abc.ABC):
 
 class _HttpChannel(Channel):
     async def open(self) -> None:
+        # No cookie jar, no decompression, no automatic headers: a delivery needs none, and each
+        # is per-request work on the path of every alert.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.config.concurrency, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             headers={"User-Agent": "fraudd-alerts"},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
         )
 
     async def close(self) -> None:

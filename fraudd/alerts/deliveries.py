@@ -40,15 +40,20 @@ RETURNING d.transaction_id, d.stream_id, d.alert::text, d.attempts
 """
 
 # Outcomes only move rows still to send: a row recorded delivered is never sent or changed again.
-# One statement per row, all sent in one pipeline (one round trip): a primary-key lookup each,
-# whatever the statistics say. (A join with unnest() is planned from statistics, and a table just
-# filled by a burst looks small enough to the planner to be scanned whole at every round.)
+# Every statement must find its rows through the primary key: right after a burst the table's
+# statistics still describe it as nearly empty, and the planner would scan the rows still to send
+# (through the partial index, or all of them) once per round, or once per row. So the status test
+# is written so that it cannot pick the partial index, and the pool's sessions never seq-scan.
+_DELIVERED = """
+UPDATE alert_deliveries SET status = 'delivered', delivered_at = now(), digest_id = coalesce(%(g)s, digest_id)
+WHERE channel = %(c)s AND transaction_id = ANY(%(t)s::text[]) AND status NOT IN ('delivered', 'failed')
+"""
+# The rarer outcomes carry a value per row: one statement per row, all in one pipeline.
 _OUTCOME = """
 UPDATE alert_deliveries SET {assignments}
-WHERE transaction_id = %(t)s AND channel = %(c)s AND status IN ('pending', 'digest')
+WHERE transaction_id = %(t)s AND channel = %(c)s AND status NOT IN ('delivered', 'failed')
 """
 _ASSIGNMENTS = {
-    "delivered": "status = 'delivered', delivered_at = now(), digest_id = coalesce(%(g)s, digest_id)",
     "retry": "last_error = %(e)s, next_attempt_at = to_timestamp(%(n)s)",
     "failed": "status = 'failed', last_error = %(e)s",
     # claimed but never attempted: the claim's attempt is taken back
@@ -89,10 +94,9 @@ class DeliveryLog:
         # Claims and outcomes commit without waiting for the WAL flush: should PostgreSQL itself
         # crash and lose the last few, a claim simply lapses and an outcome is made again (under
         # the same webhook-id). New deliveries (``add``) are the durable record before the stream
-        # ack, and wait for the flush.
-        self.pool = AsyncConnectionPool(postgres_url, min_size=1, max_size=max_size, open=False, timeout=10,
-                                        kwargs={"options": f"-c search_path={pg_schema} -c synchronous_commit=off",
-                                                "connect_timeout": 5})
+        # ack, and wait for the flush. No sequential scans: see _DELIVERED.
+        self.pool = AsyncConnectionPool(postgres_url, min_size=1, max_size=max_size, open=False, timeout=10, kwargs={
+            "options": f"-c search_path={pg_schema} -c synchronous_commit=off -c enable_seqscan=off", "connect_timeout": 5})
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
@@ -114,23 +118,23 @@ class DeliveryLog:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(_CLAIM, {"channel": channel, "status": status, "limit": limit, "lease": lease_s})
             rows = await cursor.fetchall()
-        claimed = []
-        for txid, stream_id, text, attempts in rows:
-            body = text.encode()
-            claimed.append(Claimed(Alert(txid, stream_id, body, orjson.loads(body)), attempts))
-        return claimed
+        return [Claimed(Alert(txid, stream_id, text.encode()), attempts) for txid, stream_id, text, attempts in rows]
 
     async def record(self, outcomes: list[Outcome]) -> None:
         """Write a round of outcomes in one transaction."""
-        kinds: dict[str, list[Outcome]] = {}
+        delivered: dict[tuple[str, str | None], list[str]] = {}
+        others: dict[str, list[Outcome]] = {}
         for o in outcomes:
-            kind = ("delivered" if o.delivered else "released" if o.released else "retry" if o.retry_at is not None
-                    else "failed")
-            kinds.setdefault(kind, []).append(o)
+            if o.delivered:
+                delivered.setdefault((o.channel, o.digest_id), []).append(o.transaction_id)
+            else:
+                others.setdefault("released" if o.released else "retry" if o.retry_at is not None else "failed", []).append(o)
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
-            for kind, rows in kinds.items():
+            for (channel, digest_id), ids in delivered.items():
+                await cursor.execute(_DELIVERED, {"c": channel, "g": digest_id, "t": ids})
+            for kind, rows in others.items():
                 await cursor.executemany(_OUTCOME.format(assignments=_ASSIGNMENTS[kind]), [
-                    {"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at, "g": o.digest_id} for o in rows])
+                    {"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at} for o in rows])
 
     async def backlog(self) -> int:
         """Deliveries still to make, due or not (the service's queue beyond the stream)."""

@@ -367,6 +367,7 @@ class Recorder:
         self._woken = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failing = False
+        self._recording = 0  # outcomes taken from the buffer and not yet written
 
     def start(self) -> None:
         self._task = _task(self._run(), "record")
@@ -377,7 +378,7 @@ class Recorder:
 
     async def stop(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while self._outcomes and time.monotonic() < deadline:
+        while (self._outcomes or self._recording) and time.monotonic() < deadline:
             self._woken.set()
             await asyncio.sleep(0.02)
         if self._task is not None:
@@ -392,10 +393,12 @@ class Recorder:
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
+            self._recording = len(batch)
             try:
                 await self._record(batch)
             except OUTAGES as exc:  # keep the outcomes and try again
                 self._outcomes = batch + self._outcomes
+                self._recording = 0
                 if not self._failing:
                     self._failing = True
                     log.error("cannot record alert outcomes, retrying", extra={"event": "alerts_record_failed", "error": str(exc)})
@@ -403,6 +406,7 @@ class Recorder:
                 delay = min(delay * 2, _RECORD_BACKOFF_MAX_S)
                 self._woken.set()
                 continue
+            self._recording = 0
             if self._failing:
                 self._failing = False
                 log.info("alert outcomes recorded again", extra={"event": "alerts_record_recovered"})
