@@ -16,11 +16,15 @@ from .channels import Alert
 
 # The rows travel as one JSON document built by orjson, the alerts embedded as they came: a text[]
 # parameter would have psycopg escape every quote of every alert in Python, its main cost per alert.
+# A row may be inserted already claimed (k) by the worker that inserts it, for its first attempt:
+# then it costs no claim of its own. The rows returned are those inserted (not already there).
 _INSERT = """
-INSERT INTO alert_deliveries (transaction_id, channel, status, stream_id, alert, next_attempt_at, digest_id)
-SELECT t, c, s, i, a, to_timestamp(n), g
-FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text)
+INSERT INTO alert_deliveries (transaction_id, channel, status, stream_id, alert, next_attempt_at, digest_id, attempts,
+                              first_attempt_at, last_attempt_at)
+SELECT t, c, s, i, a, to_timestamp(n), g, k::int, CASE WHEN k THEN now() END, CASE WHEN k THEN now() END
+FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text, k boolean)
 ON CONFLICT (transaction_id, channel) DO NOTHING
+RETURNING transaction_id, channel
 """
 
 # Claims take the due rows nobody else holds and move them one lease ahead: a claimer that dies
@@ -66,8 +70,9 @@ class NewDelivery:
     alert: Alert
     channel: str
     status: str  # 'pending' or 'digest'
-    due_at: float  # Unix seconds
+    due_at: float  # Unix seconds; with ``claimed``, when the claim lapses
     digest_id: str | None = None
+    claimed: bool = False  # by the inserting worker, for the first attempt
 
 
 @dataclass(slots=True)
@@ -104,15 +109,18 @@ class DeliveryLog:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def add(self, rows: list[NewDelivery]) -> None:
-        """Record new deliveries; rows already there (a redelivered stream entry) are left as they are."""
+    async def add(self, rows: list[NewDelivery]) -> set[tuple[str, str]]:
+        """Record new deliveries; rows already there (a redelivered stream entry) are left as they
+        are. Returns the (transaction id, channel) of the rows inserted."""
         if not rows:
-            return
+            return set()
         document = orjson.dumps([{"t": r.alert.transaction_id, "c": r.channel, "s": r.status, "i": r.alert.stream_id,
-                                  "a": orjson.Fragment(r.alert.body), "n": r.due_at, "g": r.digest_id} for r in rows])
+                                  "a": orjson.Fragment(r.alert.body), "n": r.due_at, "g": r.digest_id, "k": r.claimed}
+                                 for r in rows])
         async with self.pool.connection() as conn:
             await conn.execute("SET LOCAL synchronous_commit = on")
-            await conn.execute(_INSERT, (document.decode(),))
+            cursor = await conn.execute(_INSERT, (document.decode(),))
+            return set(await cursor.fetchall())
 
     async def claim(self, channel: str, status: str, limit: int, lease_s: float) -> list[Claimed]:
         async with self.pool.connection() as conn:

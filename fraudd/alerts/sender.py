@@ -149,8 +149,17 @@ class AlertSender:
         rows: list[NewDelivery] = []
         for name, channel_alerts in routed.items():
             if channel_alerts:
-                rows += await self._storm_control(self._channels[name].config, channel_alerts, now)
-        await self.log.add(rows)
+                runner = self._channels[name]
+                channel_rows = await self._storm_control(runner.config, channel_alerts, now)
+                # As many as the channel has room for are claimed at once, by this worker, for
+                # their first attempt; the rest wait in the table for any worker's claim.
+                for row in [r for r in channel_rows if r.status == "pending"][:runner.room()]:
+                    row.claimed, row.due_at = True, now + runner.config.lease_s
+                rows += channel_rows
+        inserted = await self.log.add(rows)
+        for row in rows:
+            if row.claimed and (row.alert.transaction_id, row.channel) in inserted:
+                self._channels[row.channel].enqueue(Claimed(row.alert, 1))
         for name, channel_alerts in routed.items():
             if channel_alerts:
                 self._channels[name].wake()
@@ -242,6 +251,15 @@ class ChannelRunner:
 
     def wake(self) -> None:
         self._woken.set()
+
+    def room(self) -> int:
+        """Deliveries this worker may take on now: none while the channel is paused or probing."""
+        if self._failures or time.time() < self._paused_until:
+            return 0
+        return max(0, self.config.prefetch - self._ready.qsize() - self._busy)
+
+    def enqueue(self, claimed: Claimed) -> None:
+        self._ready.put_nowait(claimed)
 
     async def stop(self, grace_s: float) -> None:
         claimer, senders = self._tasks[0], self._tasks[1:]
