@@ -68,7 +68,7 @@ def _make_setup(redis_url: str, postgres_url: str, services_info: dict, out_dir:
     args = list(fraudd_args)
     model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
     if not Path(model_path).is_file():
-        raise click.ClickException(f"no model at {model_path}: train one first (models/train.py)")
+        raise click.ClickException(f"no model at {model_path}: train one first (fraudd train)")
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     return Setup(

@@ -105,12 +105,16 @@ def alerts(**params) -> None:
 @settings_options
 def migrate(**params) -> None:
     """Apply pending schema migrations and create the coming days' partitions (idempotent)."""
+    from .schema import MigrationError
     from .schema import migrate as apply
 
     settings = settings_from(params)
     logs.setup(settings.log_level)
     with _connect_postgres(settings) as conn:
-        applied = apply(conn, settings.pg_schema)
+        try:
+            applied = apply(conn, settings.pg_schema)
+        except MigrationError as exc:
+            raise click.ClickException(f"schema {settings.pg_schema}: {exc}") from None
     click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
 
 
@@ -157,7 +161,7 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     answers with every migration applied."""
     from .runtime.consumer import connect_redis, ensure_group
     from .runtime.health import redis_memory
-    from .schema import pending_migrations
+    from .schema import MigrationError, pending_migrations
 
     client = connect_redis(settings.redis_url)
     try:
@@ -174,7 +178,10 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     if settings.shards > 1 and settings.pipeline_depth > 1:
         raise ConfigError("--pipeline-depth 2 works with one shard only: with --shards > 1 use --pipeline-depth 1")
     with _connect_postgres(settings) as conn:
-        pending = pending_migrations(conn)
+        try:
+            pending = pending_migrations(conn)
+        except MigrationError as exc:
+            raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
 

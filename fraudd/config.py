@@ -11,12 +11,24 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import click
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fraud.onnx"
-DEFAULT_RULES = Path(__file__).resolve().parent / "scoring" / "rules.toml"
+
+def packaged(package: str, name: str) -> Path:
+    """A file shipped inside fraudd (model, rules, Lua, migrations), where the install put it.
+
+    Found through package resources, so a checkout and an installed wheel resolve it the same way;
+    a wheel unpacks to the file system, so it is a real path that onnxruntime can open and SIGHUP
+    can re-read.
+    """
+    return Path(str(resources.files(package).joinpath(name)))
+
+
+DEFAULT_MODEL = packaged("fraudd.scoring", "fraud.onnx")
+DEFAULT_RULES = packaged("fraudd.scoring", "rules.toml")
 
 
 class ConfigError(click.ClickException):

@@ -1,4 +1,4 @@
-"""Versioned SQL migrations from ``schema/`` and the upkeep of time partitions.
+"""Versioned SQL migrations (the package ``fraudd.migrations``) and the upkeep of time partitions.
 
 Each file ``NNN_name.sql`` is applied once, in its own transaction, and recorded with its checksum
 in ``fraudd_schema_migrations``; a concurrent ``fraudd migrate`` waits on an advisory lock instead
@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from importlib import resources
 
 import psycopg
 
 log = logging.getLogger(__name__)
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+MIGRATIONS_PACKAGE = "fraudd.migrations"
+_MIGRATION_FILE = re.compile(r"^[0-9]{3}_\w+\.sql$")
 _MIGRATION_LOCK = 0x6672617564  # "fraud": one number all fraudd migrators agree on
 
 
 class MigrationError(RuntimeError):
-    """A migration file was edited after it was applied, or failed to apply."""
+    """No migration is installed, one was edited after it was applied, or one failed to apply.
+
+    Its message is one line for the operator: ``fraudd migrate`` prints it instead of a traceback.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +41,18 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def load_migrations(directory: Path = SCHEMA_DIR) -> list[Migration]:
-    migrations = []
-    for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
-        version = int(path.name[:3])
-        migrations.append(Migration(version, path.stem, path.read_text()))
-    return migrations
+def load_migrations(package: str = MIGRATIONS_PACKAGE) -> list[Migration]:
+    """The migrations shipped in ``package``, by version.
+
+    None at all means a broken installation (a wheel built without its data files); applying
+    nothing would leave a schema the daemon cannot use, so that is an error.
+    """
+    folder = resources.files(package)
+    migrations = [Migration(int(entry.name[:3]), entry.name.removesuffix(".sql"), entry.read_text())
+                  for entry in folder.iterdir() if _MIGRATION_FILE.match(entry.name)]
+    if not migrations:
+        raise MigrationError(f"no migrations found in {folder}: this fraudd installation is incomplete, reinstall it")
+    return sorted(migrations, key=lambda m: m.version)
 
 
 def connect(url: str, pg_schema: str, **kwargs) -> psycopg.Connection:
@@ -63,6 +74,7 @@ def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int 
 
     ``conn`` comes from ``connect(url, pg_schema)``: the schema is created here if missing.
     """
+    migrations = load_migrations()  # before touching the database: a broken install changes nothing
     conn.autocommit = True
     conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{pg_schema}"')
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
@@ -76,25 +88,30 @@ def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int 
         )
         applied = dict(conn.execute("SELECT version, checksum FROM fraudd_schema_migrations").fetchall())
         done = []
-        for migration in load_migrations():
+        for migration in migrations:
             if migration.version in applied:
                 if applied[migration.version] != migration.checksum:
                     raise MigrationError(
-                        f"schema/{migration.name}.sql changed after it was applied; add a new migration instead"
+                        f"migration {migration.name} changed after it was applied; add a new migration instead"
                     )
                 continue
-            with conn.transaction():
-                conn.execute(migration.sql)
-                conn.execute(
-                    "INSERT INTO fraudd_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                    (migration.version, migration.name, migration.checksum),
-                )
+            try:
+                with conn.transaction():
+                    conn.execute(migration.sql)
+                    conn.execute(
+                        "INSERT INTO fraudd_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+            except psycopg.Error as exc:
+                reason = " ".join(str(exc).split())
+                raise MigrationError(f"migration {migration.name} failed and was rolled back: {reason}") from exc
             log.info("migration applied", extra={"event": "migration_applied", "migration": migration.name})
             done.append(migration.name)
         ensure_partitions(conn, partition_days_ahead)
         return done
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+        if not conn.closed:  # a lost connection has released the lock already
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
 
 
 def ensure_partitions(conn: psycopg.Connection, days_ahead: int) -> int:

@@ -33,6 +33,8 @@ class Namespace(fraudd.namespace.Namespace):
     redis_url: str = REDIS_URL
     postgres_url: str = POSTGRES_URL
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The ``fraudd`` command: the checkout's, or one installed elsewhere (the wheel test's).
+    executable: str = FRAUDD
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -42,10 +44,10 @@ class Namespace(fraudd.namespace.Namespace):
         return env
 
     def fraudd(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([FRAUDD, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([self.executable, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str, **env: str) -> Daemon:
-        process = subprocess.Popen([FRAUDD, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
+        process = subprocess.Popen([self.executable, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         return Daemon(process)
 

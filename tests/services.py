@@ -24,7 +24,7 @@ import redis
 from fraudd import localservers
 from fraudd.localservers import RedisServer, free_port, scratch_dir
 
-from .conftest import FRAUDD, Namespace, wait_for
+from .conftest import Namespace, wait_for
 from .streams import fully_drained
 
 __all__ = ["RedisServer", "free_port"]
@@ -90,7 +90,7 @@ class DaemonProcess:
     @classmethod
     def start(cls, ns: Namespace, log_path: Path, *args: str, **env: str) -> DaemonProcess:
         with open(log_path, "ab") as log:
-            process = subprocess.Popen([FRAUDD, "run", *args], env=ns.env(**env), stdout=log, stderr=log,
+            process = subprocess.Popen([ns.executable, "run", *args], env=ns.env(**env), stdout=log, stderr=log,
                                        start_new_session=True)
         return cls(process, log_path)
 

@@ -2,7 +2,7 @@
 
 Every statement takes a whole batch (``unnest`` of arrays), so the log costs a fixed number of
 round trips per stream batch and per claim, never one per alert. The statuses and the lease are
-described in ``schema/003_alert_deliveries.sql``.
+described in ``fraudd/migrations/003_alert_deliveries.sql``.
 """
 
 from __future__ import annotations

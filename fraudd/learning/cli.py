@@ -61,7 +61,7 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
 @click.option("--since", default="90d", show_default=True, callback=_duration,
               help="With --from-postgres: transactions of this last period (event time).")
 @click.option("--generated", type=click.IntRange(1000), default=None,
-              help="Train on this many transactions of fraudd.generator (how models/fraud.onnx is made).")
+              help="Train on this many transactions of fraudd.generator (how the shipped fraudd/scoring/fraud.onnx is made).")
 @click.option("--generated-holdout", type=click.IntRange(1000), default=200_000, show_default=True,
               help="With --generated: held-out transactions, from the next seed.")
 @click.option("--seed", default=1, show_default=True, help="Learner seed (and generator seed with --generated).")

@@ -7,7 +7,7 @@ for the model card's figures, the part before it sets the thresholds, the rest f
 
 Sources: a JSON Lines history file (DESIGN.md's input message plus ``label``), the stored rows of
 the team's own PostgreSQL joined with their labels, or ``fraudd.generator``'s seeded stream (how
-the shipped ``models/fraud.onnx`` is made).
+the shipped ``fraudd/scoring/fraud.onnx`` is made).
 """
 
 from __future__ import annotations

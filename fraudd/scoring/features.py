@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import hiredis
 import numpy as np
 import redis
 
+from fraudd.config import packaged
 from fraudd.keys import Keys
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
@@ -64,7 +64,7 @@ OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v3"
 LEASE_FUNCTION = "fraudd_lease_v3"
 # Owned mode keeps the states of a shard's recent users in memory, up to this many (≈ 0.5 KB each).
 MAX_STATES_IN_MEMORY = 200_000
-_LIBRARY = (Path(__file__).with_name("features.lua")).read_text()
+_LIBRARY = packaged("fraudd.scoring", "features.lua").read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _USER_INFIX = "u2:"
 # Each round of conflicts settles at least one racing writer or teaches every already-counted

@@ -1,6 +1,6 @@
 """The ONNX fraud model: loading with its feature contract, batched scoring and reason codes.
 
-A model file carries its own contract in ONNX metadata (written by ``models/train.py``): the
+A model file carries its own contract in ONNX metadata (written by ``fraudd train``): the
 ordered feature names it was trained on, its version and thresholds, and per-feature statistics
 used to explain a decision. A model whose features are not exactly the daemon's
 ``FEATURE_NAMES`` is refused at load, so a mismatched file can never score silently wrong.
@@ -66,7 +66,7 @@ class FraudModel:
         meta = session.get_modelmeta().custom_metadata_map
         missing = [key for key in (META_VERSION, META_FEATURES, META_REVIEW, META_DECLINE) if key not in meta]
         if missing:
-            raise ModelError(f"{path}: model metadata lacks {', '.join(missing)} (train it with models/train.py)")
+            raise ModelError(f"{path}: model metadata lacks {', '.join(missing)} (train it with `fraudd train`)")
         names = tuple(orjson.loads(meta[META_FEATURES]))
         if names != tuple(expected_features):
             extra = sorted(set(names) - set(expected_features))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fraudd.config import DEFAULT_RULES
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
     EXTRA_COLUMNS,
@@ -29,7 +30,7 @@ APPROVE, REVIEW, DECLINE = 0, 1, 2
 # A shadow rule fires and is stored in the reasons, but never decides: how a new or noisy rule
 # is tried on live traffic before it is trusted.
 SHADOW = -1
-DEFAULT_RULES_PATH = Path(__file__).with_name("rules.toml")
+DEFAULT_RULES_PATH = DEFAULT_RULES
 
 _ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
 ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
