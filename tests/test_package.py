@@ -37,7 +37,7 @@ RUNTIME_FILES = ("fraudd/migrations/001_transactions.sql", "fraudd/scoring/fraud
 
 
 def _run(*command: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
