@@ -103,8 +103,12 @@ def alerts(**params) -> None:
 
 @main.command()
 @settings_options
-def migrate(**params) -> None:
-    """Apply pending schema migrations and create the coming days' partitions (idempotent)."""
+@click.option("--compress-after-days", envvar="FRAUDD_COMPRESS_AFTER_DAYS", default=7, show_default=True, show_envvar=True,
+              type=click.IntRange(min=0), help="TimescaleDB: compress chunks older than this (0: no compression policy).")
+@click.option("--retention-days", envvar="FRAUDD_RETENTION_DAYS", default=0, show_default=True, show_envvar=True,
+              type=click.IntRange(min=0), help="TimescaleDB: drop chunks older than this (0: keep every row).")
+def migrate(compress_after_days: int, retention_days: int, **params) -> None:
+    """Apply pending schema migrations, set up TimescaleDB where loaded, create the coming days' partitions (idempotent)."""
     from .schema import MigrationError
     from .schema import migrate as apply
 
@@ -112,10 +116,11 @@ def migrate(**params) -> None:
     logs.setup(settings.log_level)
     with _connect_postgres(settings) as conn:
         try:
-            applied = apply(conn, settings.pg_schema)
+            report = apply(conn, settings.pg_schema, compress_after_days=compress_after_days, retention_days=retention_days)
         except MigrationError as exc:
             raise click.ClickException(f"schema {settings.pg_schema}: {exc}") from None
-    click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(report.applied)}" if report.applied else "up to date"))
+    click.echo(f"transactions: {report.storage}")
 
 
 def with_thresholds(settings: Settings) -> Settings:

@@ -3,6 +3,11 @@
 Each file ``NNN_name.sql`` is applied once, in its own transaction, and recorded with its checksum
 in ``fraudd_schema_migrations``; a concurrent ``fraudd migrate`` waits on an advisory lock instead
 of racing. Running it again is a no-op.
+
+Where the server has loaded TimescaleDB, ``transactions`` then becomes a hypertable with the
+compression and retention policies asked for; elsewhere it keeps native daily partitions. The
+server is asked which before anything changes, because a TimescaleDB that is installed but not
+loaded kills the session that creates the extension, midway through the migrations.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from importlib import resources
+from pathlib import PurePosixPath
 
 import psycopg
 
@@ -69,13 +77,44 @@ async def connect_async(url: str, pg_schema: str, **kwargs) -> psycopg.AsyncConn
     return await psycopg.AsyncConnection.connect(url, options=f"-c search_path={pg_schema}", **kwargs)
 
 
-def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7) -> list[str]:
-    """Apply pending migrations and create the coming days' partitions. Returns what was applied.
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    applied: list[str]
+    storage: str  # what ``transactions`` is now, in one line for the operator
+
+
+NATIVE = "native daily partitions"
+NOT_LOADED = (f"{NATIVE}; TimescaleDB is installed but not loaded: to use it, set shared_preload_libraries = "
+              "'timescaledb' in postgresql.conf, restart PostgreSQL and run `fraudd migrate` again while the table is empty")
+
+
+def timescaledb_state(conn: psycopg.Connection) -> tuple[bool, bool]:
+    """(installed, loaded): the extension's files are on the server / its library is preloaded.
+
+    Only a loaded TimescaleDB can be used; read-only, so it is safe to ask before migrating.
+    """
+    installed, libraries = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb'), "
+        "current_setting('shared_preload_libraries')"
+    ).fetchone()
+    loaded = "timescaledb" in {PurePosixPath(name.strip().strip('"')).name for name in libraries.split(",")}
+    return bool(installed), loaded
+
+
+def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7, compress_after_days: int = 7,
+            retention_days: int = 0) -> MigrationReport:
+    """Apply pending migrations, choose the storage, create the coming days' partitions.
 
     ``conn`` comes from ``connect(url, pg_schema)``: the schema is created here if missing.
+    ``compress_after_days`` / ``retention_days`` are TimescaleDB's policies (0: none); a retention
+    the server cannot honour is refused before anything changes, as is an install without migrations.
     """
-    migrations = load_migrations()  # before touching the database: a broken install changes nothing
+    migrations = load_migrations()
     conn.autocommit = True
+    installed, loaded = timescaledb_state(conn)
+    if retention_days and not loaded:
+        raise MigrationError(f"a retention of {retention_days} days needs TimescaleDB, which this server has not loaded "
+                             "(shared_preload_libraries = 'timescaledb'); nothing was changed")
     conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{pg_schema}"')
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
     try:
@@ -95,23 +134,39 @@ def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int 
                         f"migration {migration.name} changed after it was applied; add a new migration instead"
                     )
                 continue
-            try:
-                with conn.transaction():
-                    conn.execute(migration.sql)
-                    conn.execute(
-                        "INSERT INTO fraudd_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum),
-                    )
-            except psycopg.Error as exc:
-                reason = " ".join(str(exc).split())
-                raise MigrationError(f"migration {migration.name} failed and was rolled back: {reason}") from exc
+            with _one_line_errors(f"migration {migration.name} failed and was rolled back"), conn.transaction():
+                conn.execute(migration.sql)
+                conn.execute(
+                    "INSERT INTO fraudd_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum),
+                )
             log.info("migration applied", extra={"event": "migration_applied", "migration": migration.name})
             done.append(migration.name)
+        storage = NOT_LOADED if installed else NATIVE
+        if loaded:
+            with _one_line_errors("TimescaleDB storage failed and was rolled back"), conn.transaction():
+                storage = conn.execute(
+                    "SELECT fraudd_use_timescaledb(%s, %s)",
+                    (_days(compress_after_days), _days(retention_days)),
+                ).fetchone()[0]
         ensure_partitions(conn, partition_days_ahead)
-        return done
+        return MigrationReport(done, storage)
     finally:
         if not conn.closed:  # a lost connection has released the lock already
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _days(days: int) -> timedelta | None:
+    return timedelta(days=days) if days else None
+
+
+@contextmanager
+def _one_line_errors(what: str) -> Iterator[None]:
+    """A database error as a ``MigrationError`` of one line, for the operator instead of a traceback."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise MigrationError(f"{what}: {' '.join(str(exc).split())}") from exc
 
 
 def ensure_partitions(conn: psycopg.Connection, days_ahead: int) -> int:
