@@ -100,11 +100,16 @@ def redis_client() -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
-    """A fresh, migrated namespace, dropped after the test."""
-    namespace = Namespace(f"t{uuid.uuid4().hex[:10]}")
+def migrated_namespace(redis_client: redis.Redis, **servers: str) -> Iterator[Namespace]:
+    """A fresh namespace migrated by ``fraudd migrate`` (on other servers if given), dropped afterwards."""
+    namespace = Namespace(f"t{uuid.uuid4().hex[:10]}", **servers)
     result = namespace.fraudd("migrate")
     assert result.returncode == 0, result.stderr
     yield namespace
     namespace.drop(redis_client)
+
+
+@pytest.fixture
+def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
+    """A fresh, migrated namespace, dropped after the test."""
+    yield from migrated_namespace(redis_client)

@@ -59,10 +59,13 @@ def volatile_redis() -> Iterator[RedisServer]:
     yield from _scratch_redis(persistent=False)
 
 
-@pytest.fixture(scope="module")
-def dedicated_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster for the module's tests; a test that stops it must start it again."""
-    server = PostgresServer(scratch_dir("fraudd-pg-"))
+# What a production cluster sets to use TimescaleDB (telemetry off: tests phone nobody).
+TIMESCALEDB = {"shared_preload_libraries": "timescaledb", "timescaledb.telemetry_level": "off"}
+
+
+def scratch_postgres(settings: dict[str, str] | None = None) -> Iterator[PostgresServer]:
+    """A started PostgreSQL cluster with these server settings, removed afterwards."""
+    server = PostgresServer(scratch_dir("fraudd-pg-"), settings=dict(settings or {}))
     try:
         server.init()
         server.start()
@@ -70,6 +73,20 @@ def dedicated_postgres() -> Iterator[PostgresServer]:
     finally:
         server.stop("immediate")
         shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dedicated_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster for the module's tests; a test that stops it must start it again."""
+    yield from scratch_postgres()
+
+
+@pytest.fixture(scope="module")
+def timescaledb_postgres() -> Iterator[PostgresServer]:
+    """A cluster that loads TimescaleDB, as a production one using it does; ``.ci/setup`` installs it."""
+    if not (localservers.PG_BIN.parent / "lib" / "timescaledb.so").exists():
+        pytest.fail("TimescaleDB is not installed next to PostgreSQL 15: run .ci/setup")
+    yield from scratch_postgres(TIMESCALEDB)
 
 
 def dedicated_namespace(redis_server: RedisServer, postgres_url: str) -> Namespace:
