@@ -364,10 +364,13 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 @click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
 @click.option("--postgres-url", envvar="POSTGRES_URL", default="postgresql://127.0.0.1:5432/postgres", show_default=True)
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
-@click.option("--workers", default=2, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)
 def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int) -> None:
-    """Run the whole pipeline on generated traffic (streams fraudd_demo:transactions:*, schema fraudd_demo) and summarise."""
+    """The whole system on generated traffic: HTTP ingest, scoring, alerts to a local webhook receiver.
+
+    Uses the servers at --redis-url / --postgres-url when they answer (streams fraudd_demo:transactions:*,
+    schema fraudd_demo), otherwise throwaway ones; stops everything it started on exit or Ctrl-C."""
     from .demo import format_summary, run_demo
 
     result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo)
