@@ -15,19 +15,23 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from fraudd import cli, config
 from fraudd.runtime.supervisor import STOP_MARGIN_S
 
+from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
 from .ingest_server import tx
 from .services import free_port
 from .streams import fully_drained, publish, valid_payloads
+from .test_alerts import alert, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -149,11 +153,27 @@ def allowed_syscalls(unit: Path) -> set[str]:
     return allowed - denied
 
 
-def traced(ns: Namespace, tmp_path: Path, *command: str) -> subprocess.Popen:
-    """``fraudd *command`` under strace (every process, every call), its home unwritable as the unit's."""
-    return subprocess.Popen(["strace", "-f", "-qq", "-o", str(tmp_path / "trace"), FRAUDD, *command],
-                            env=ns.env(HOME="/proc/nonexistent"), stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "log", "wb"), start_new_session=True)
+def traced(ns: Namespace, tmp_path: Path, unit: str, command: list[str], work_done: Callable[[], bool],
+           **env: str) -> None:
+    """Run ``fraudd *command`` under strace (every process, every call) until ``work_done``, reload it,
+    stop it, and check the trace against ``unit``. Its home is unwritable, as the unit's is."""
+    trace = tmp_path / f"{unit}.trace"
+    with open(tmp_path / f"{unit}.log", "wb") as log:
+        process = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), FRAUDD, *command],
+                                   env=ns.env(HOME="/proc/nonexistent", **env), stdout=log, stderr=log,
+                                   start_new_session=True)
+    try:
+        wait_for(work_done, 60, message=f"{command[0]} to work under strace")
+        supervisor = worker_pids(process.pid)[0]  # strace's child
+        os.kill(supervisor, signal.SIGHUP)
+        time.sleep(1)
+        os.kill(supervisor, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, (tmp_path / f"{unit}.log").read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    check_trace(trace, UNITS / unit)
 
 
 def check_trace(trace: Path, unit: Path) -> None:
@@ -167,45 +187,41 @@ def check_trace(trace: Path, unit: Path) -> None:
     assert wx == [], f"{unit.name}'s MemoryDenyWriteExecute refuses {wx[:3]}"
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace missing (.ci/setup installs it)")
-def test_scoring_and_ingest_use_only_what_their_sandbox_allows(ns: Namespace, redis_client: redis.Redis,
-                                                              tmp_path: Path) -> None:
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace missing (.ci/setup installs it)")
+
+
+@needs_strace
+def test_scoring_uses_only_what_its_sandbox_allows(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     publish(redis_client, ns.stream, valid_payloads(2000, "sandbox"))
-    (tmp_path / "run").mkdir()
-    scoring = traced(ns, tmp_path / "run", "run", "--workers", "2", "--metrics-port", str(free_port()))
-    try:
-        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to be drained under strace")
-        supervisor = worker_pids(scoring.pid)[0]  # strace's child
-        os.kill(supervisor, signal.SIGHUP)
-        time.sleep(1)
-        os.kill(supervisor, signal.SIGTERM)
-        assert scoring.wait(timeout=60) == 0, (tmp_path / "run" / "log").read_text()[-2000:]
-    finally:
-        _kill(scoring)
-    check_trace(tmp_path / "run" / "trace", UNITS / "fraudd.service")
+    traced(ns, tmp_path, "fraudd.service", ["run", "--workers", "2", "--metrics-port", str(free_port())],
+           lambda: fully_drained(redis_client, ns))
 
-    (tmp_path / "ingest").mkdir()
+
+@needs_strace
+def test_ingest_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path) -> None:
     port = free_port()
-    ingest = traced(ns, tmp_path / "ingest", "ingest", "--workers", "2", "--listen", f"127.0.0.1:{port}")
-    try:
-        def answers() -> bool:
-            try:
-                return httpx.post(f"http://127.0.0.1:{port}/v1/transactions/batch", timeout=2,
-                                  json=[tx(f"sandbox-http-{i}") for i in range(50)]).status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_for(answers, 60, message="ingest to answer under strace")
-        supervisor = worker_pids(ingest.pid)[0]
-        os.kill(supervisor, signal.SIGHUP)
-        time.sleep(1)
-        os.kill(supervisor, signal.SIGTERM)
-        assert ingest.wait(timeout=60) == 0, (tmp_path / "ingest" / "log").read_text()[-2000:]
-    finally:
-        _kill(ingest)
-    check_trace(tmp_path / "ingest" / "trace", UNITS / "fraudd-ingest.service")
+
+    def answers() -> bool:
+        try:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/transactions/batch", timeout=2,
+                              json=[tx(f"sandbox-http-{i}") for i in range(50)]).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    traced(ns, tmp_path, "fraudd-ingest.service", ["ingest", "--workers", "2", "--listen", f"127.0.0.1:{port}"], answers)
 
 
-def _kill(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+@needs_strace
+def test_alerts_use_only_what_their_sandbox_allows(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    with HttpReceiver() as receiver:
+        config = write_config(tmp_path, f"""
+[[channels]]
+name = "sandbox-webhook"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "FRAUDD_WEBHOOK_SECRET"
+""")
+        for i in range(100):
+            redis_client.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(f"sandbox_{i}"))})
+        traced(ns, tmp_path, "fraudd-alerts.service", ["alerts", "--config", str(config), "--workers", "2"],
+               lambda: len(receiver.accepted) == 100, FRAUDD_WEBHOOK_SECRET=SECRET)
