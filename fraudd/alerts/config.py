@@ -20,7 +20,7 @@ from typing import Any
 KINDS = ("webhook", "slack", "email")
 TLS_MODES = ("starttls", "implicit", "none")
 ALERT_DECISIONS = ("review", "decline")  # the non-approve decisions that the fraud stream carries (DESIGN.md)
-PREFETCH_ROUNDS = 3
+PREFETCH_ROUNDS = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Keys that would put a secret in clear in the file: each names the way it must be given instead.
 _CLEAR_SECRETS = {"secret": "secret_env or secret_file", "password": "password_env or password_file"}
@@ -92,9 +92,13 @@ class ChannelConfig:
 
     @property
     def lease_s(self) -> float:
-        """How long a claimed delivery stays the claimer's: longer than the prefetched rounds of
-        attempts can take, each round timing out at worst."""
-        return (PREFETCH_ROUNDS + 1) * self.timeout_s + 5.0
+        """How long a claimed delivery stays the claimer's. A delivery is only attempted while a
+        whole attempt still fits in its lease (``send_by``); one waiting longer is handed back."""
+        return 2 * self.timeout_s + 5.0
+
+    def send_by(self, claimed_at: float) -> float:
+        """The latest (monotonic) start of an attempt claimed at ``claimed_at``."""
+        return claimed_at + self.lease_s - self.timeout_s - 1.0
 
 
 @dataclass(frozen=True, slots=True)

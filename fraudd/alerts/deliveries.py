@@ -7,7 +7,8 @@ described in ``fraudd/migrations/003_alert_deliveries.sql``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import orjson
 from psycopg_pool import AsyncConnectionPool
@@ -79,6 +80,7 @@ class NewDelivery:
 class Claimed:
     alert: Alert
     attempts: int  # including the attempt this claim is for
+    claimed_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)

@@ -298,9 +298,9 @@ class ChannelRunner:
             wait = min(POLL_S, self._paused_until - now)
         else:
             queued = self._ready.qsize() + self._busy
-            # Claim in chunks (a claim is a round trip); while probing a paused channel, one at a time.
             room = (1 if self._failures else self.config.prefetch) - queued
-            if room >= (1 if self._failures else self.config.concurrency):
+            # Claim in large chunks (a claim is a round trip); while probing a paused channel, one at a time.
+            if room >= (1 if self._failures else self.config.prefetch // 2):
                 claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
                 for item in claimed:
                     self._ready.put_nowait(item)
@@ -322,10 +322,11 @@ class ChannelRunner:
             claimed = await self._ready.get()
             self._busy += 1
             try:
-                if time.time() < self._paused_until:
-                    # Paused after a failure while this one was queued: hand it back unattempted.
+                if time.time() < self._paused_until or time.monotonic() > self.config.send_by(claimed.claimed_at):
+                    # Paused after a failure while this one was queued, or queued so long that an
+                    # attempt might outlast its claim: hand it back unattempted.
                     self.sender._recorder.add(Outcome(self.name, claimed.alert.transaction_id, False,
-                                                      retry_at=self._paused_until, released=True))
+                                                      retry_at=max(time.time(), self._paused_until), released=True))
                     continue
                 await self._attempt([claimed], self.channel.send(claimed.alert), None)
             finally:
