@@ -102,8 +102,14 @@ class Decisions:
                 await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
 
     def _deliver(self, data: bytes) -> None:
-        for decision in orjson.loads(data):
-            future = self._waiting.pop(decision["transaction_id"], None)
+        try:
+            decisions = {d["transaction_id"]: d for d in orjson.loads(data)}
+        except (ValueError, TypeError, KeyError) as exc:
+            # Not what workers send: drop it rather than the subscription.
+            log.error("unreadable decisions message", extra={"event": "bad_decisions_message", "error": repr(exc)})
+            return
+        for transaction_id, decision in decisions.items():
+            future = self._waiting.pop(transaction_id, None)
             if future is not None and not future.done():
                 future.set_result(decision)
 
