@@ -24,7 +24,7 @@ from ..config import ConfigError, IngestSettings
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.supervisor import Service
-from .app import make_app
+from .app import make_handler
 from .auth import Authenticator
 from .retention import trim_acked
 
@@ -137,9 +137,10 @@ async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSL
     wake = asyncio.Event()
     process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
     registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-    app = make_app(settings, authenticator, registry)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=settings.client_timeout_s,
-                           shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
+    ingest, handler = make_handler(settings, authenticator, registry)
+    await ingest.start()
+    server = web.Server(handler, access_log=None, keepalive_timeout=settings.client_timeout_s)
+    runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
     await site.start()
@@ -160,4 +161,5 @@ async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSL
                 pass
     finally:
         await runner.cleanup()
+        await ingest.stop()
         log.info("stopped", extra={"event": "stopped"})
