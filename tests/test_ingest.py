@@ -85,6 +85,26 @@ def test_every_status_code(server: IngestServer, ns: Namespace, redis_client: re
     assert stream_payloads(redis_client, ns) == [orjson.dumps(tx("s1"))]
 
 
+def test_a_client_trickling_its_headers_is_cut_off(server: IngestServer) -> None:
+    """--client-timeout-s 1: a connection that never completes its request head is closed."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\n")
+        with pytest.raises(OSError):
+            while time.monotonic() - started < 8:
+                time.sleep(0.25)
+                slow.sendall(b"X-Slow: 1\r\n")
+                slow.setblocking(False)
+                try:
+                    if slow.recv(100) == b"":
+                        raise ConnectionResetError("closed by the server")
+                except BlockingIOError:
+                    pass
+                finally:
+                    slow.setblocking(True)
+    assert time.monotonic() - started < 5
+
+
 def test_batch_judges_each_item(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
     with server.client() as http:
         post(http, "/v1/transactions", tx("b0"))
