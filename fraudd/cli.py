@@ -9,7 +9,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -44,7 +43,8 @@ main.add_command(learning_cli.calibrate)
 @settings_options
 def run(**params) -> None:
     """Score the input stream with a supervisor and --workers worker processes."""
-    settings = with_thresholds(settings_from(params))
+    settings = settings_from(params)
+    check_thresholds(settings)
     logs.setup(settings.log_level)
     if settings.metrics_port:
         _prepare_metrics_dir()
@@ -123,25 +123,23 @@ def migrate(compress_after_days: int, retention_days: int, **params) -> None:
     click.echo(f"transactions: {report.storage}")
 
 
-def with_thresholds(settings: Settings) -> Settings:
-    """``settings`` with the review and decline thresholds of its ``--thresholds`` file, checked
-    against the model they were calibrated for."""
+def check_thresholds(settings: Settings) -> None:
+    """A ``--thresholds`` file must load and belong to the model (workers re-read it on SIGHUP)."""
     from .scoring import thresholds
     from .scoring.features import FEATURE_NAMES
     from .scoring.model import FraudModel, ModelError
 
     if settings.thresholds is None:
-        return settings
+        return
     if settings.review_threshold is not None or settings.decline_threshold is not None:
         raise ConfigError("--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold")
     try:
-        chosen = thresholds.load(settings.thresholds)
-        chosen.check_model(FraudModel.load(settings.model_path, FEATURE_NAMES).version, settings.thresholds)
+        thresholds.load(settings.thresholds).check_model(FraudModel.load(settings.model_path, FEATURE_NAMES).version,
+                                                         settings.thresholds)
     except thresholds.ThresholdsError as exc:
         raise ConfigError(f"--thresholds / FRAUDD_THRESHOLDS: {exc}") from None
     except ModelError as exc:
         raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
-    return replace(settings, review_threshold=chosen.review_threshold, decline_threshold=chosen.decline_threshold)
 
 
 def preflight(settings: Settings) -> None:

@@ -112,7 +112,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("lease-ms", "FRAUDD_LEASE_MS", {"default": 10_000, "type": click.IntRange(500)}, "With --shards > 1: how long a shard's owner may go silent before another worker takes it over."),
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
-    ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above)."),
+    ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP."),
     ("max-deliveries", "FRAUDD_MAX_DELIVERIES", {"default": 5, "type": int, "callback": _positive("max-deliveries")}, "Deliveries after which an entry is dead-lettered as poison."),
     ("claim-idle-ms", "FRAUDD_CLAIM_IDLE_MS", {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")}, "Idle time after which another worker reclaims a pending entry."),
     ("dedup-window-s", "FRAUDD_DEDUP_WINDOW_S", {"default": 3600, "type": int, "callback": _positive("dedup-window-s")}, "How long a transaction_id is remembered for duplicates."),

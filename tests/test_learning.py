@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_RULES
+from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
@@ -22,9 +24,12 @@ from fraudd.learning.simulator import (
 )
 from fraudd.learning.train import recall_at_fpr
 from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import FEATURE_NAMES
+from fraudd.scoring.model import FraudModel
 
-from .conftest import Namespace
+from .conftest import Namespace, wait_for
 from .services import drain
+from .streams import fully_drained
 
 # Small enough for tens of seconds through the live pipeline; a portfolio under heavier attack than
 # the default, so that 24 days hold enough fraud of each typology to learn from (~1,500).
@@ -176,3 +181,35 @@ def test_thresholds_file_for_another_model_is_refused(ns: Namespace, tmp_path: P
     result = ns.fraudd("run", FRAUDD_THRESHOLDS=str(thresholds), timeout=30)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "calibrated for model other" in result.stderr
+
+
+def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    version = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES).version
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_bytes(orjson.dumps({"review_threshold": 1.0, "decline_threshold": 1.0, "model_version": version}))
+    quiet = tmp_path / "rules.toml"
+    quiet.write_text("")
+    traffic = Simulator(SimulatorConfig(seed=9, n_customers=100, n_terminals=200, days=3)).history()
+    parts = [traffic.take(slice(i * 200, (i + 1) * 200)) for i in range(3)]
+    daemon = ns.start("--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(quiet))
+
+    def decisions(part: SimulatedHistory) -> set[str]:
+        Publisher(redis_client, ns.stream).publish(part.payloads())
+        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to drain")
+        return {d for (d,) in ns.sql("SELECT decision FROM transactions WHERE transaction_id = ANY(%s)",
+                                     (part.transaction_id.tolist(),))}
+
+    try:
+        assert decisions(parts[0]) == {"approve"}
+        thresholds.write_bytes(orjson.dumps({"review_threshold": 0.0, "decline_threshold": 1.0, "model_version": version}))
+        daemon.process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert decisions(parts[1]) == {"review"}
+        thresholds.write_bytes(orjson.dumps({"review_threshold": 0.0, "decline_threshold": 0.0, "model_version": "other"}))
+        daemon.process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert decisions(parts[2]) == {"review"}  # the file for another model is refused, the last one kept
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr[-2000:]
+    assert stderr.count('"reloaded"') == 1 and stderr.count('"reload_refused"') == 1

@@ -45,6 +45,7 @@ from ..runtime.supervisor import Service
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
+from . import thresholds
 from .rules import DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, alert_documents, decision_replies
@@ -93,6 +94,7 @@ class ScoringWorker:
         self.model = _load_model(s)
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
+        self.thresholds = _thresholds(s, self.model)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
@@ -100,9 +102,11 @@ class ScoringWorker:
         self._publish_versions()
 
     def reload(self) -> None:
-        """Swap rules and model at a batch boundary; a bad file is refused and the old one kept."""
+        """Swap rules, model and thresholds at a batch boundary; bad files are refused and the old
+        ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
             model, rules = _load_model(self.settings), _load_rules(self.settings)
+            chosen = _thresholds(self.settings, model)
         except BootError as exc:
             metrics.reloads.labels("refused").inc()
             log.error("reload refused, keeping the running model and rules",
@@ -110,11 +114,12 @@ class ScoringWorker:
             return
         metrics.model_info.labels(self.model.version).set(0)
         metrics.rules_info.labels(self.rules.version).set(0)
-        self.model, self.rules = model, rules
+        self.model, self.rules, self.thresholds = model, rules, chosen
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
         log.info("model and rules reloaded", extra={"event": "reloaded", "model_version": model.version,
-                                                     "rules_version": rules.version})
+                                                     "rules_version": rules.version,
+                                                     "review_threshold": chosen[0], "decline_threshold": chosen[1]})
 
     def drain(self) -> None:
         self._wait_for_settling()
@@ -231,10 +236,8 @@ class ScoringWorker:
         started = time.perf_counter()
         features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
         after_features = time.perf_counter()
-        model, s = self.model, self.settings
-        review = s.review_threshold if s.review_threshold is not None else model.review_threshold
-        decline = s.decline_threshold if s.decline_threshold is not None else model.decline_threshold
-        scores, decision, reasons = score_batch(model, self.rules, features, review, decline)
+        model = self.model
+        scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
         metrics.duplicates.inc(int(features.seen.sum()))
@@ -299,6 +302,20 @@ def _load_model(settings: Settings) -> FraudModel:
         return FraudModel.load(settings.model_path, FEATURE_NAMES)
     except ModelError as exc:
         raise BootError(str(exc)) from exc
+
+
+def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
+    """(review, decline): from --thresholds (re-read at every reload), the flags, or the model's own."""
+    if settings.thresholds is not None:
+        try:
+            chosen = thresholds.load(settings.thresholds)
+            chosen.check_model(model.version, settings.thresholds)
+        except thresholds.ThresholdsError as exc:
+            raise BootError(str(exc)) from exc
+        return chosen.review_threshold, chosen.decline_threshold
+    review = settings.review_threshold if settings.review_threshold is not None else model.review_threshold
+    decline = settings.decline_threshold if settings.decline_threshold is not None else model.decline_threshold
+    return review, decline
 
 
 def _load_rules(settings: Settings) -> Rules:
