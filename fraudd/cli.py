@@ -37,6 +37,8 @@ def main() -> None:
 main.add_command(learning_cli.simulate)
 main.add_command(learning_cli.train)
 main.add_command(learning_cli.calibrate)
+main.add_command(learning_cli.labels_service)
+main.add_command(learning_cli.label_file)
 
 
 @main.command()
@@ -47,7 +49,7 @@ def run(**params) -> None:
     check_thresholds(settings)
     logs.setup(settings.log_level)
     if settings.metrics_port:
-        _prepare_metrics_dir()
+        prepare_metrics_dir()
     preflight(settings)
     # Both import prometheus-client, which reads the directory above.
     from .runtime.supervisor import Supervisor
@@ -69,7 +71,7 @@ def ingest(**params) -> None:
     except KeysError as exc:
         raise ConfigError(f"--api-keys-file: {exc}") from None
     # Every server process counts into this directory; any of them answers /metrics with the sum.
-    _prepare_metrics_dir()
+    prepare_metrics_dir()
     # Both import prometheus-client, which reads the directory above.
     from .ingest.server import check_exposure, service
     from .runtime.supervisor import Supervisor
@@ -209,7 +211,7 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
-def _prepare_metrics_dir() -> None:
+def prepare_metrics_dir() -> None:
     """Give prometheus-client an empty multiprocess directory before anything imports it.
 
     It picks its storage at import time, and every forked worker then writes its own files there

@@ -64,6 +64,7 @@ class Settings:
     thresholds: Path | None = None
     shards: int = 1
     lease_ms: int = 10_000
+    labels_stream: str = "transactions:labels"
 
     @property
     def input_streams(self) -> list[str]:
@@ -101,6 +102,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("rules-path", "FRAUDD_RULES_PATH", {"default": str(DEFAULT_RULES), "type": click.Path(dir_okay=False, path_type=Path)}, "Rules file (TOML); re-read on SIGHUP."),
     ("stream", "FRAUDD_STREAM", {"default": "transactions:raw"}, "Input stream."),
     ("fraud-stream", "FRAUDD_FRAUD_STREAM", {"default": "transactions:fraud"}, "Stream receiving every non-approved decision."),
+    ("labels-stream", "FRAUDD_LABELS_STREAM", {"default": "transactions:labels"}, "Stream of labels (chargebacks, analyst verdicts) that `fraudd labels` stores."),
     ("dlq-stream", "FRAUDD_DLQ_STREAM", {"default": "transactions:dlq"}, "Dead-letter stream for invalid and poison entries."),
     ("group", "CONSUMER_GROUP", {"default": "fraud-group"}, "Consumer group (created at start, from the stream's beginning)."),
     ("consumer-id", "CONSUMER_ID", {"default": socket.gethostname()}, "Consumer name prefix; worker i is <consumer-id>-<i>."),

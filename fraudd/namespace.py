@@ -35,6 +35,10 @@ class Namespace:
         return f"{self.name}:transactions:dlq"
 
     @property
+    def labels_stream(self) -> str:
+        return f"{self.name}:transactions:labels"
+
+    @property
     def group(self) -> str:
         return "fraud-group"
 
@@ -55,6 +59,7 @@ class Namespace:
             "FRAUDD_STREAM": self.stream,
             "FRAUDD_FRAUD_STREAM": self.fraud_stream,
             "FRAUDD_DLQ_STREAM": self.dlq_stream,
+            "FRAUDD_LABELS_STREAM": self.labels_stream,
             "CONSUMER_GROUP": self.group,
             "CONSUMER_ID": self.consumer_id,
         }
@@ -65,7 +70,7 @@ class Namespace:
 
     def drop(self, client: redis.Redis) -> None:
         """Remove every key and the schema; safe on a half-created namespace."""
-        keys = [self.stream, self.fraud_stream, self.dlq_stream]
+        keys = [self.stream, self.fraud_stream, self.dlq_stream, self.labels_stream]
         for pattern in (f"fraudd:{{{self.stream}}}:*", f"fraudd:{self.stream}:*", f"{self.name}:*"):
             keys += list(client.scan_iter(match=pattern, count=10_000))
         for start in range(0, len(keys), 1000):

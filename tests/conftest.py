@@ -47,7 +47,11 @@ class Namespace(fraudd.namespace.Namespace):
         return subprocess.run([self.executable, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args: str, **env: str) -> Daemon:
-        process = subprocess.Popen([self.executable, "run", *args], env=self.env(**env), stdout=subprocess.PIPE,
+        return self.start_command("run", *args, **env)
+
+    def start_command(self, command: str, *args: str, **env: str) -> Daemon:
+        """A long-running ``fraudd <command>`` (run, labels, …) in this namespace."""
+        process = subprocess.Popen([self.executable, command, *args], env=self.env(**env), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         return Daemon(process)
 

@@ -13,6 +13,7 @@ import redis
 
 from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
+from fraudd.learning.labels import parse_labels, publish_labels
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
     COMPROMISED_TERMINAL,
@@ -213,3 +214,51 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
         code, stderr = daemon.stop()
     assert code == 0, stderr[-2000:]
     assert stderr.count('"reloaded"') == 1 and stderr.count('"reload_refused"') == 1
+
+
+def test_label_file_is_idempotent_keeps_history_and_latest_verdict(ns: Namespace, tmp_path: Path) -> None:
+    first = tmp_path / "chargebacks.csv"
+    first.write_text("transaction_id,label,source,reported_at\n"
+                     "t1,fraud,chargeback,2026-11-01T10:00:00Z\n"
+                     "t2,legit,analyst,1793000000\n"
+                     "t3,fraud,,\n")
+    for _ in range(2):
+        result = ns.fraudd("label", "--file", str(first))
+        assert result.returncode == 0, result.stderr
+    assert "0 new reports" in result.stdout
+    later = tmp_path / "review.jsonl"
+    later.write_text('{"transaction_id": "t1", "label": "legit", "source": "analyst", "reported_at": "2026-11-03T00:00:00Z"}\n'
+                     '{"transaction_id": "t2", "label": 1, "source": "chargeback", "reported_at": 1793000000}\n')
+    assert ns.fraudd("label", "--file", str(later)).returncode == 0
+    latest = dict(ns.sql("SELECT transaction_id, label || ':' || source FROM labels"))
+    # t1: a later verdict wins; t2: at the same time, fraud wins; t3: the file's name is its source.
+    assert latest == {"t1": "legit:analyst", "t2": "fraud:chargeback", "t3": "fraud:file:chargebacks.csv"}
+    assert ns.sql("SELECT count(*) FROM label_history")[0][0] == 5
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"transaction_id": "t4", "label": "fraud"}\n{"transaction_id": "t5", "label": "maybe"}\n')
+    result = ns.fraudd("label", "--file", str(bad))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{bad} line 2: label must be" in result.stderr
+    assert ns.sql("SELECT count(*) FROM labels WHERE transaction_id = 't4'")[0][0] == 0  # all or nothing
+
+
+def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Namespace, redis_client: redis.Redis,
+                                                                          tmp_path: Path) -> None:
+    good, _errors = parse_labels([{"transaction_id": f"tx{i}", "label": "fraud" if i % 3 == 0 else "legit",
+                                   "source": "chargeback", "reported_at": 1793000000 + i} for i in range(500)])
+    publish_labels(redis_client, ns.labels_stream, good)
+    publish_labels(redis_client, ns.labels_stream, good[:100])  # a source sending again
+    redis_client.xadd(ns.labels_stream, {"data": b'{"transaction_id": "tx9", "label": "perhaps"}'})
+    redis_client.xadd(ns.labels_stream, {"data": b"not json"})
+    daemon = ns.start_command("labels", "--workers", "1")
+    try:
+        wait_for(lambda: ns.sql("SELECT count(*) FROM labels")[0][0] == 500 and redis_client.xlen(ns.dlq_stream) == 2
+                 and redis_client.xpending(ns.labels_stream, ns.group)["pending"] == 0, 60, message="labels stored")
+    finally:
+        code, stderr = daemon.stop()
+    assert code == 0, stderr[-2000:]
+    assert ns.sql("SELECT count(*), count(*) FILTER (WHERE label = 'fraud') FROM labels")[0] == (500, 167)
+    assert ns.sql("SELECT count(*) FROM label_history")[0][0] == 500
+    reasons = sorted(fields[b"reason"].decode() for _id, fields in redis_client.xrange(ns.dlq_stream))
+    assert reasons == ["invalid_field", "invalid_json"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import redis
 
-from fraudd.config import selected_options
+from fraudd.config import selected_options, settings_options
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -184,3 +184,72 @@ def calibrate(target_review_rate: float, target_decline_rate: float, since: str,
     if c["forced_by_rules"]["review"] + c["forced_by_rules"]["decline"] > target_review_rate + target_decline_rate:
         click.echo("warning: the rules alone exceed the budget, so the model flags nothing more: put the noisiest "
                    "rules in shadow (action = \"shadow\" in --rules-path) and calibrate again", err=True)
+
+
+@click.command("labels")
+@settings_options
+def labels_service(**params) -> None:
+    """Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers."""
+    from fraudd.cli import prepare_metrics_dir
+    from fraudd.config import ConfigError, settings_from
+    from fraudd.runtime import logs
+    from fraudd.runtime.consumer import connect_redis, ensure_group
+    from fraudd.schema import connect, pending_migrations
+
+    settings = settings_from(params)
+    logs.setup(settings.log_level)
+    if settings.metrics_port:
+        prepare_metrics_dir()
+    client = connect_redis(settings.redis_url)
+    try:
+        ensure_group(client, settings.labels_stream, settings.group)
+    except redis.RedisError as exc:
+        raise ConfigError(f"--redis-url / REDIS_URL: {exc}") from None
+    finally:
+        client.close()
+    try:
+        with connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True) as conn:
+            pending = pending_migrations(conn)
+    except Exception as exc:  # psycopg's errors: one line, not a traceback
+        raise ConfigError(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    if pending:
+        raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+    from fraudd.runtime.supervisor import Supervisor
+
+    from .consumer import service
+
+    sys.exit(Supervisor(service(settings)).run())
+
+
+@click.command("label")
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.")
+@click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
+@selected_options("postgres-url", "pg-schema")
+def label_file(path: Path, source: str | None, postgres_url: str, pg_schema: str) -> None:
+    """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)."""
+    from datetime import datetime, timezone
+
+    import psycopg
+
+    from fraudd.schema import connect
+
+    from .labels import LabelError, parse_labels, read_label_file, store_labels
+
+    try:
+        numbered = read_label_file(path.read_bytes(), str(path))
+    except LabelError as exc:
+        raise click.ClickException(str(exc)) from None
+    written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    labels, errors = parse_labels([document for _number, document in numbered], source or f"file:{path.name}", written)
+    if errors:
+        position, reason = errors[0]
+        raise click.ClickException(f"{path} line {numbered[position][0]}: {reason}"
+                                   + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""))
+    try:
+        with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
+            new = sum(store_labels(conn, labels[start : start + 10_000]) for start in range(0, len(labels), 10_000))
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    fraud = sum(label.label == "fraud" for label in labels)
+    click.echo(f"{path}: {len(labels):,} labels ({fraud:,} fraud), {new:,} new reports")

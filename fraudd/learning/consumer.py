@@ -1,0 +1,132 @@
+"""``fraudd labels``: the consumer of the labels stream, a small batch handler on the runtime's
+stream consumer (own pending first, reclaim, poison, outage waits and graceful stop come from it).
+
+Per batch: one ``loads`` per entry and validation (``parse_label``), one PostgreSQL transaction
+(``store_labels``, idempotent, so a redelivered batch changes nothing), then one atomic Redis call
+that dead-letters the invalid and poison entries and acks the whole read (durable first, ack last).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+import psycopg
+
+from fraudd.config import Settings
+from fraudd.runtime.consumer import Entries, StreamConsumer, connect_redis, consume
+from fraudd.runtime.process import WorkerProcess
+from fraudd.runtime.supervisor import Service
+from fraudd.schema import connect
+from fraudd.scoring.decode import REASON_INVALID, REASON_MAX_DELIVERIES, REASON_NO_DATA, REASON_NOT_JSON
+
+from .labels import Label, LabelError, parse_label, store_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelsOptions:
+    """What the runtime's consumer reads (``ConsumerOptions``), for the labels stream."""
+
+    stream: str
+    group: str
+    batch_size: int
+    block_ms: int
+    claim_idle_ms: int
+    max_deliveries: int
+    shutdown_timeout_s: float
+
+
+def options(settings: Settings) -> LabelsOptions:
+    return LabelsOptions(settings.labels_stream, settings.group, settings.batch_size, settings.block_ms,
+                         settings.claim_idle_ms, settings.max_deliveries, settings.shutdown_timeout_s)
+
+
+class LabelsWorker:
+    """The batch handler of consumer ``<consumer-id>-<index>`` on the labels stream."""
+
+    def __init__(self, settings: Settings, process: WorkerProcess) -> None:
+        self.settings = settings
+        self.consumer = StreamConsumer(connect_redis(settings.redis_url), options(settings),
+                                       settings.consumer_name(process.index), process, on_outage=self._on_outage)
+        self._conn: psycopg.Connection | None = None
+
+    def boot(self) -> None:
+        self.consumer.until_done(self._connection, "postgres")
+
+    def reload(self) -> None:
+        """Nothing to re-read: labels have no configuration of their own."""
+
+    def process(self, entries: Entries) -> None:
+        work, poison = self.consumer.split_poison(entries)
+        labels: list[Label] = []
+        dead: list[tuple[str, bytes, str, str, int]] = [
+            (p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
+        for entry_id, payload in zip(work.ids, work.payloads):
+            deliveries = work.deliveries.get(entry_id, 1)
+            if payload is None:
+                dead.append((entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
+                continue
+            try:
+                # Without its own reported_at, a label was reported when the stream accepted it: the
+                # same on every redelivery, so storing it again changes nothing.
+                accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, timezone.utc)
+                labels.append(parse_label(orjson.loads(payload), now=accepted))
+            except orjson.JSONDecodeError as exc:
+                dead.append((entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
+            except LabelError as exc:
+                dead.append((entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
+        new = self.consumer.until_done(lambda: store_labels(self._connection(), labels), "postgres") if labels else 0
+        self.consumer.until_done(lambda: self._settle(entries.ids, dead), "redis")
+        self.consumer.release(entries)
+        if dead:
+            log.warning("dead-lettered labels", extra={"event": "dead_lettered", "entries": len(dead)})
+        log.debug("labels stored", extra={"event": "labels_stored", "labels": len(labels), "new": new})
+
+    def _settle(self, ids: list[str], dead: list[tuple[str, bytes, str, str, int]]) -> None:
+        """Dead letters and the ack of the whole read, in one MULTI: all of it or none."""
+        s = self.settings
+        pipe = self.consumer.redis.pipeline(transaction=True)
+        for entry_id, payload, reason, detail, deliveries in dead:
+            pipe.xadd(s.dlq_stream, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
+                                     "consumer": self.consumer.name, "deliveries": deliveries})
+        pipe.xack(s.labels_stream, s.group, *ids)
+        pipe.execute()
+
+    def drain(self) -> None:
+        """Every batch settles before the next read: nothing in flight."""
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.settings.postgres_url, self.settings.pg_schema, connect_timeout=5, autocommit=True)
+        return self._conn
+
+    def _on_outage(self, kind: str) -> None:
+        if kind == "postgres":
+            self.close()
+
+
+def service(settings: Settings) -> Service:
+    """``fraudd labels``: the supervisor's view of the labels workers."""
+    return Service(
+        name="fraudd labels",
+        workers=settings.workers,
+        run_worker=lambda process: worker_main(settings, process),
+        worker_name=settings.consumer_name,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        log_level=settings.log_level,
+        metrics_port=settings.metrics_port,
+    )
+
+
+def worker_main(settings: Settings, process: WorkerProcess) -> int:
+    worker = LabelsWorker(settings, process)
+    return consume(process, worker.consumer, worker)

@@ -1,0 +1,165 @@
+"""Labels: chargebacks and analyst verdicts, parsed once and stored idempotently.
+
+Labels arrive late and from several places: the stream ``transactions:labels`` (field ``data``:
+``{"transaction_id", "label": "fraud"|"legit", "source", "reported_at"}``), ``POST /v1/labels``
+on the ingest service, and ``fraudd label --file``. ``parse_labels`` is the one validation and
+``store_labels`` the one writer of the tables, so every path means the same thing:
+
+- ``label_history``: every distinct report (transaction, source, time, verdict) once; the same
+  report delivered twice is one row;
+- ``labels``: the latest verdict per transaction (latest ``reported_at``; a tie goes to the
+  verdict ``fraud``, so a chargeback is never hidden by a simultaneous "legit").
+
+``publish_labels`` is the one place that writes the labels stream (what the ingest service calls).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+import psycopg
+import redis
+
+from fraudd.scoring.decode import MAX_ID_CHARS
+
+VERDICTS = ("fraud", "legit")
+MAX_SOURCE_CHARS = 128
+LABEL_FIELDS = ("transaction_id", "label", "source", "reported_at")
+
+
+class LabelError(ValueError):
+    """A label that cannot be stored; the message says which field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    transaction_id: str
+    label: str  # "fraud" | "legit"
+    source: str
+    reported_at: datetime  # aware, UTC
+
+    def document(self) -> dict:
+        """The stream's ``data`` document for this label."""
+        return {"transaction_id": self.transaction_id, "label": self.label, "source": self.source,
+                "reported_at": self.reported_at.timestamp()}
+
+
+def parse_label(obj: object, default_source: str = "", now: datetime | None = None) -> Label:
+    """One label from its JSON document; raises LabelError naming the field.
+
+    ``label`` also accepts 1/0 and true/false (as history files do); ``reported_at`` is Unix
+    seconds or RFC 3339 and defaults to ``now``, which callers make deterministic (the stream
+    entry's time, the file's modification time) so that a report read twice is the same report;
+    ``source`` defaults to ``default_source``.
+    """
+    if not isinstance(obj, dict):
+        raise LabelError("not a JSON object")
+    txid = obj.get("transaction_id")
+    if not isinstance(txid, str) or not 1 <= len(txid) <= MAX_ID_CHARS:
+        raise LabelError(f"transaction_id must be a string of 1-{MAX_ID_CHARS} characters, got {txid!r}")
+    verdict = obj.get("label")
+    if verdict in (1, True, "1", "true"):
+        verdict = "fraud"
+    elif verdict in (0, False, "0", "false"):
+        verdict = "legit"
+    if verdict not in VERDICTS:
+        raise LabelError(f"label must be \"fraud\" or \"legit\", got {obj.get('label')!r}")
+    source = obj.get("source") or default_source
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
+        raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters")
+    return Label(txid, verdict, source, _time(obj.get("reported_at"), now))
+
+
+def _time(value: object, now: datetime | None) -> datetime:
+    if value is None or value == "":
+        return now or datetime.now(timezone.utc)
+    if value.__class__ in (int, float):
+        if not 978307200 <= value <= 4102444800:
+            raise LabelError(f"reported_at must be Unix seconds between 2001 and 2100, got {value!r}")
+        return datetime.fromtimestamp(value, timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                return _time(float(value), now)
+            except ValueError:
+                raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}")
+
+
+def parse_labels(documents: Iterable[object], default_source: str = "", now: datetime | None = None
+                 ) -> tuple[list[Label], list[tuple[int, str]]]:
+    """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
+    ``reported_at`` of documents without one (default: the current time)."""
+    labels, errors = [], []
+    now = now or datetime.now(timezone.utc)
+    for position, document in enumerate(documents):
+        try:
+            labels.append(parse_label(document, default_source, now))
+        except LabelError as exc:
+            errors.append((position, str(exc)))
+    return labels, errors
+
+
+def read_label_file(data: bytes, name: str) -> list[tuple[int, dict]]:
+    """(line number, document) of a ``.csv`` (header: transaction_id,label[,source][,reported_at])
+    or JSON Lines file; raises LabelError naming the line that does not parse."""
+    if name.endswith(".csv"):
+        try:
+            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise LabelError(f"{name}: not a CSV file: {exc}") from None
+        if rows and "transaction_id" not in rows[0]:
+            raise LabelError(f"{name}: the header must name transaction_id and label")
+        return [(i + 2, {k: v for k, v in row.items() if k in LABEL_FIELDS}) for i, row in enumerate(rows)]
+    documents = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            documents.append((number, orjson.loads(line)))
+        except orjson.JSONDecodeError as exc:
+            raise LabelError(f"{name} line {number}: not JSON: {exc}") from None
+    return documents
+
+
+def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
+    """Record ``labels`` in one transaction; returns how many reports were new.
+
+    Idempotent: storing the same labels again changes nothing.
+    """
+    if not labels:
+        return 0
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS label_staging (LIKE label_history INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy("COPY label_staging (transaction_id, label, source, reported_at) FROM STDIN") as copy:
+            for label in labels:
+                copy.write_row((label.transaction_id, label.label, label.source, label.reported_at))
+        new = conn.execute(
+            """INSERT INTO label_history (transaction_id, label, source, reported_at)
+               SELECT DISTINCT transaction_id, label, source, reported_at FROM label_staging
+               ON CONFLICT DO NOTHING""").rowcount
+        conn.execute(
+            """INSERT INTO labels (transaction_id, label, source, reported_at)
+               SELECT DISTINCT ON (transaction_id) transaction_id, label, source, reported_at FROM label_staging
+               ORDER BY transaction_id, reported_at DESC, label = 'fraud' DESC, source
+               ON CONFLICT (transaction_id) DO UPDATE
+               SET label = EXCLUDED.label, source = EXCLUDED.source, reported_at = EXCLUDED.reported_at,
+                   updated_at = clock_timestamp()
+               WHERE (labels.reported_at, labels.label = 'fraud') < (EXCLUDED.reported_at, EXCLUDED.label = 'fraud')""")
+    return new
+
+
+def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> list[str]:
+    """Append ``labels`` to the labels stream in one round trip; returns their entry ids."""
+    pipe = client.pipeline(transaction=False)
+    for label in labels:
+        pipe.xadd(stream, {"data": orjson.dumps(label.document())})
+    return [entry_id.decode() if isinstance(entry_id, bytes) else entry_id for entry_id in pipe.execute()]
