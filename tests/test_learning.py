@@ -262,3 +262,22 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Na
     assert ns.sql("SELECT count(*) FROM label_history")[0][0] == 500
     reasons = sorted(fields[b"reason"].decode() for _id, fields in redis_client.xrange(ns.dlq_stream))
     assert reasons == ["invalid_field", "invalid_json"]
+
+
+def test_train_from_postgres_uses_stored_rows_and_labels(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    traffic = Simulator(SimulatorConfig(seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3,
+                                        customer_compromises_per_day=4e-3)).history()
+    Publisher(redis_client, ns.stream).publish(traffic.payloads())
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    chargebacks = tmp_path / "chargebacks.jsonl"
+    chargebacks.write_bytes(b"\n".join(orjson.dumps({"transaction_id": txid, "label": "fraud", "source": "chargeback"})
+                                       for txid in traffic.transaction_id[traffic.is_fraud].tolist()))
+    assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0
+    model = tmp_path / "team.onnx"
+    result = ns.fraudd("train", "--from-postgres", "--since", "30d", "--out", str(model), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = model.with_suffix(".md").read_text()
+    assert f"PostgreSQL schema {ns.schema} (transactions joined with {int(traffic.is_fraud.sum()):,} labels)" in card
+    assert f"{len(traffic):,} labelled transactions ({int(traffic.is_fraud.sum()):,} fraud)" in card
+    trained = FraudModel.load(model, FEATURE_NAMES)
+    assert trained.version.startswith("lgbm-") and 0.0 < trained.review_threshold <= trained.decline_threshold < 1.0

@@ -1,0 +1,42 @@
+"""The team's own labelled history, read back from PostgreSQL (``fraudd train --from-postgres``).
+
+The stored rows carry every input field, so each transaction is rebuilt as the input message it
+was and goes through the daemon's feature code again, in event-time order: offline features are
+the live ones. A transaction is fraud when its latest label says so; one without a label counts
+as legitimate (no chargeback or verdict came back), so train on a period old enough for the
+team's chargebacks to have arrived.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+
+from fraudd.schema import connect
+
+from .train import History, TrainingError
+
+_MESSAGE_FIELDS = ("transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",
+                   "device_id", "ip", "channel", "lat", "lon")
+
+
+def labelled_history(postgres_url: str, pg_schema: str, since_s: float) -> History:
+    """The transactions of the last ``since_s`` seconds (event time) with their latest labels."""
+    columns = ", ".join(f"t.{name}" for name in _MESSAGE_FIELDS)
+    with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
+        rows = conn.execute(
+            f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, coalesce(l.label = 'fraud', false)
+                FROM transactions t LEFT JOIN labels l USING (transaction_id)
+                WHERE t.event_time >= now() - make_interval(secs => %s)
+                ORDER BY t.event_time, t.stream_id""", (since_s,)).fetchall()
+        labelled = conn.execute("SELECT count(*) FROM labels").fetchone()[0]
+    if not rows:
+        raise TrainingError(f"schema {pg_schema}: no stored transactions in the period asked for")
+    payloads = []
+    for row in rows:
+        message = {name: value for name, value in zip(_MESSAGE_FIELDS, row) if value is not None}
+        message["timestamp"] = row[len(_MESSAGE_FIELDS)]
+        payloads.append(orjson.dumps(message))
+    is_fraud = np.fromiter((row[-1] for row in rows), bool, len(rows))
+    return History(payloads, is_fraud, is_fraud.astype(np.int16), ("legit", "fraud"),
+                   f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)")
