@@ -39,6 +39,8 @@ main.add_command(learning_cli.train)
 main.add_command(learning_cli.calibrate)
 main.add_command(learning_cli.labels_service)
 main.add_command(learning_cli.label_file)
+main.add_command(learning_cli.models)
+main.add_command(learning_cli.backtest)
 
 
 @main.command()
@@ -154,6 +156,11 @@ def preflight(settings: Settings) -> None:
         FraudModel.load(settings.model_path, FEATURE_NAMES)
     except ModelError as exc:
         raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
+    if settings.shadow_model is not None:
+        try:
+            FraudModel.load(settings.shadow_model, FEATURE_NAMES)
+        except ModelError as exc:
+            raise ConfigError(f"--shadow-model / FRAUDD_SHADOW_MODEL: {exc}") from None
     try:
         Rules.load(settings.rules_path)
     except RulesError as exc:

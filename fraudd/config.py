@@ -65,6 +65,7 @@ class Settings:
     shards: int = 1
     lease_ms: int = 10_000
     labels_stream: str = "transactions:labels"
+    shadow_model: Path | None = None
 
     @property
     def input_streams(self) -> list[str]:
@@ -115,6 +116,7 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
     ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
     ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
     ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP."),
+    ("shadow-model", "FRAUDD_SHADOW_MODEL", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Challenger ONNX model: scores every batch too, stored beside the champion, never decides; re-read on SIGHUP."),
     ("max-deliveries", "FRAUDD_MAX_DELIVERIES", {"default": 5, "type": int, "callback": _positive("max-deliveries")}, "Deliveries after which an entry is dead-lettered as poison."),
     ("claim-idle-ms", "FRAUDD_CLAIM_IDLE_MS", {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")}, "Idle time after which another worker reclaims a pending entry."),
     ("dedup-window-s", "FRAUDD_DEDUP_WINDOW_S", {"default": 3600, "type": int, "callback": _positive("dedup-window-s")}, "How long a transaction_id is remembered for duplicates."),

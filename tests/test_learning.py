@@ -29,6 +29,7 @@ from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
 
 from .conftest import Namespace, wait_for
+from .test_intelligence import offline_decisions
 from .services import drain
 from .streams import fully_drained
 
@@ -101,8 +102,8 @@ def test_train_refuses_unusable_history_in_one_line(ns: Namespace, tmp_path: Pat
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_model_trained_on_first_60_percent_beats_plain_rules_live(ns: Namespace, redis_client: redis.Redis,
-                                                                  tmp_path: Path, history: SimulatedHistory) -> None:
+def test_model_trained_on_first_60_percent_beats_plain_rules_live_and_shadow_agrees_offline(
+        ns: Namespace, redis_client: redis.Redis, tmp_path: Path, history: SimulatedHistory) -> None:
     cut = int(len(history) * 0.6)
     model = tmp_path / "team.onnx"
     result = ns.fraudd("train", "--history", str(write_history(tmp_path / "first60.jsonl", history.take(slice(0, cut)))),
@@ -112,22 +113,50 @@ def test_model_trained_on_first_60_percent_beats_plain_rules_live(ns: Namespace,
     card = model.with_suffix(".md").read_text()
     assert "compromised_terminal" in card and "amount over a threshold" in card
 
-    Publisher(redis_client, ns.stream).publish(history.payloads())
-    drain(redis_client, ns, tmp_path, "--workers", "1", "--model-path", str(model), timeout=300)
+    # The trained model decides; the shipped one runs in shadow beside it.
+    payloads = history.payloads()
+    Publisher(redis_client, ns.stream).publish(payloads)
+    drain(redis_client, ns, tmp_path, "--workers", "1", "--model-path", str(model), "--shadow-model", str(DEFAULT_MODEL),
+          timeout=300)
     later = set(history.transaction_id[cut:].tolist())
     fraud = {txid for txid, bad in zip(history.transaction_id.tolist(), history.is_fraud.tolist()) if bad}
     rows = ns.sql("""SELECT transaction_id, score, amount,
                             count(*) OVER (PARTITION BY user_id ORDER BY event_time
-                                           RANGE BETWEEN interval '1 hour' PRECEDING AND CURRENT ROW)
+                                           RANGE BETWEEN interval '1 hour' PRECEDING AND CURRENT ROW),
+                            shadow_score, shadow_decision, shadow_model_version
                      FROM transactions""")
     assert len(rows) == len(history)
-    rows = [row for row in rows if row[0] in later]
-    is_fraud = np.array([row[0] in fraud for row in rows])
-    score, amount, velocity = (np.array([row[i] for row in rows], dtype=np.float64) for i in (1, 2, 3))
+    recent = [row for row in rows if row[0] in later]
+    is_fraud = np.array([row[0] in fraud for row in recent])
+    score, amount, velocity = (np.array([row[i] for row in recent], dtype=np.float64) for i in (1, 2, 3))
     model_recall = recall_at_fpr(score, is_fraud, 0.01)
     rules = {"amount": recall_at_fpr(amount, is_fraud, 0.01), "count_1h": recall_at_fpr(velocity, is_fraud, 0.01)}
-    print(f"last 40%: {is_fraud.sum()} fraud of {len(rows)}; recall at 1% FPR: model {model_recall:.3f}, rules {rules}")
+    print(f"last 40%: {is_fraud.sum()} fraud of {len(recent)}; recall at 1% FPR: model {model_recall:.3f}, rules {rules}")
     assert model_recall > max(rules.values()) + 0.05
+
+    # The shadow columns are what a separate offline scoring with the shipped model gives.
+    offline = offline_decisions(redis_client, payloads)
+    shipped = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES).version
+    assert {row[6] for row in rows} == {shipped}
+    assert [txid for txid, *_r, shadow_decision, _v in rows if shadow_decision != offline[txid][0]] == []
+    assert max(abs(row[4] - offline[row[0]][1]) for row in rows) < 1e-6
+
+    # And so is the report, once chargebacks came back as labels.
+    labels = tmp_path / "chargebacks.jsonl"
+    labels.write_bytes(b"\n".join(orjson.dumps({"transaction_id": t, "label": "fraud"}) for t in sorted(fraud)))
+    assert ns.fraudd("label", "--file", str(labels)).returncode == 0
+    result = ns.fraudd("models", "report", "--since", "60d")
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)
+    report = {line[:24].strip(): line[24:].split() for line in result.stdout.splitlines()[1:]}
+    every = np.array([row[0] in fraud for row in rows])
+    shadow_scores = np.array([offline[row[0]][1] for row in rows])
+    shadow_alerts = np.array([offline[row[0]][0] != "approve" for row in rows])
+    assert report["model"] == [FraudModel.load(model, FEATURE_NAMES).version, shipped]
+    assert report["alerts"][1] == f"{int(shadow_alerts.sum()):,}"
+    assert report["recall at thresholds"][1] == f"{(shadow_alerts & every).sum() / every.sum():.1%}"
+    assert report["recall at 1% FPR"][1] == f"{recall_at_fpr(shadow_scores, every, 0.01):.1%}"
+    assert report["recall at 0.1% FPR"][1] == f"{recall_at_fpr(shadow_scores, every, 0.001):.1%}"
 
 
 def flagged_share(ns: Namespace, history: SimulatedHistory, legit: bool) -> float:
@@ -264,7 +293,7 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Na
     assert reasons == ["invalid_field", "invalid_json"]
 
 
-def test_train_from_postgres_uses_stored_rows_and_labels(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     traffic = Simulator(SimulatorConfig(seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3,
                                         customer_compromises_per_day=4e-3)).history()
     Publisher(redis_client, ns.stream).publish(traffic.payloads())
@@ -281,3 +310,13 @@ def test_train_from_postgres_uses_stored_rows_and_labels(ns: Namespace, redis_cl
     assert f"{len(traffic):,} labelled transactions ({int(traffic.is_fraud.sum()):,} fraud)" in card
     trained = FraudModel.load(model, FEATURE_NAMES)
     assert trained.version.startswith("lgbm-") and 0.0 < trained.review_threshold <= trained.decline_threshold < 1.0
+    # Replaying the stored rows through the running model and rules reproduces every decision.
+    result = ns.fraudd("backtest", "--model", str(DEFAULT_MODEL), "--rules", str(DEFAULT_RULES), "--since", "30d",
+                       timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
+    assert f"{len(traffic):,} stored transactions" in result.stdout
+    assert "decisions that would change: 0\n" in result.stdout
+    stored_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("stored"))
+    candidate_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("candidate"))
+    assert stored_line.split(None, 1)[1] == candidate_line.split(None, 1)[1]

@@ -253,3 +253,76 @@ def label_file(path: Path, source: str | None, postgres_url: str, pg_schema: str
         raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
     fraud = sum(label.label == "fraud" for label in labels)
     click.echo(f"{path}: {len(labels):,} labels ({fraud:,} fraud), {new:,} new reports")
+
+
+@click.group()
+def models() -> None:
+    """Compare the champion model with a challenger run in shadow."""
+
+
+@models.command("report")
+@click.option("--since", default="14d", show_default=True, help="Transactions of this last period (event time).")
+@selected_options("postgres-url", "pg-schema")
+def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
+    """Champion vs challenger (--shadow-model) on the labelled rows: recall and precision at their
+    thresholds, alert volume, recall at 1% and 0.1% FPR. Unlabelled transactions count as legitimate."""
+    import psycopg
+
+    from .report import compare, format_report
+
+    try:
+        compared = compare(postgres_url, pg_schema, parse_duration(since))
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    if compared is None:
+        raise click.ClickException(f"no transaction of the last {since} was scored by a challenger: "
+                                   f"run `fraudd run --shadow-model PATH` first")
+    click.echo(format_report(*compared, since))
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Candidate ONNX model.")
+@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Candidate rules file.")
+@click.option("--thresholds", "thresholds_path", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Thresholds file for the candidate [default: the model's own].")
+@click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
+@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
+def backtest(model_path: Path, rules_path: Path, thresholds_path: Path | None, since: str, redis_url: str,
+             postgres_url: str, pg_schema: str, stream: str, fraud_stream: str, dlq_stream: str) -> None:
+    """Replay stored transactions in time order through a candidate model and rules (scratch keys,
+    behaviour recomputed); report the decisions that would change and recall/precision against labels."""
+    import psycopg
+
+    from fraudd.keys import Keys
+    from fraudd.scoring import thresholds
+    from fraudd.scoring.features import FEATURE_NAMES
+    from fraudd.scoring.model import FraudModel, ModelError
+    from fraudd.scoring.rules import Rules, RulesError
+
+    from . import backtest as replay
+    from .store import stored_history
+    from .train import TrainingError
+
+    try:
+        model, rules = FraudModel.load(model_path, FEATURE_NAMES), Rules.load(rules_path)
+        review, decline = model.review_threshold, model.decline_threshold
+        if thresholds_path is not None:
+            chosen = thresholds.load(thresholds_path)
+            chosen.check_model(model.version, thresholds_path)
+            review, decline = chosen.review_threshold, chosen.decline_threshold
+        stored = stored_history(postgres_url, pg_schema, parse_duration(since))
+        client = redis.Redis.from_url(redis_url, protocol=2)
+        try:
+            result = replay.backtest(client, Keys(stream, fraud_stream, dlq_stream), stored, model, rules, review,
+                                     decline, _echo_err)
+        finally:
+            client.close()
+    except (ModelError, RulesError, thresholds.ThresholdsError, TrainingError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"--redis-url / REDIS_URL: {exc}") from None
+    click.echo(replay.format_backtest(result, since, model, rules))

@@ -9,6 +9,8 @@ team's chargebacks to have arrived.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import orjson
 
@@ -20,12 +22,27 @@ _MESSAGE_FIELDS = ("transaction_id", "user_id", "amount", "currency", "merchant"
                    "device_id", "ip", "channel", "lat", "lon")
 
 
+@dataclass
+class StoredHistory:
+    history: History
+    transaction_ids: list[str]
+    decisions: list[str]  # as stored
+    labelled: np.ndarray  # bool: has a label at all
+
+
 def labelled_history(postgres_url: str, pg_schema: str, since_s: float) -> History:
     """The transactions of the last ``since_s`` seconds (event time) with their latest labels."""
+    return stored_history(postgres_url, pg_schema, since_s).history
+
+
+def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredHistory:
+    """The transactions of the last ``since_s`` seconds (event time) as input messages in event
+    order, with their latest labels and stored decisions."""
     columns = ", ".join(f"t.{name}" for name in _MESSAGE_FIELDS)
     with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
         rows = conn.execute(
-            f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, coalesce(l.label = 'fraud', false)
+            f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, t.decision, l.label IS NOT NULL,
+                       coalesce(l.label = 'fraud', false)
                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
                 WHERE t.event_time >= now() - make_interval(secs => %s)
                 ORDER BY t.event_time, t.stream_id""", (since_s,)).fetchall()
@@ -38,5 +55,7 @@ def labelled_history(postgres_url: str, pg_schema: str, since_s: float) -> Histo
         message["timestamp"] = row[len(_MESSAGE_FIELDS)]
         payloads.append(orjson.dumps(message))
     is_fraud = np.fromiter((row[-1] for row in rows), bool, len(rows))
-    return History(payloads, is_fraud, is_fraud.astype(np.int16), ("legit", "fraud"),
-                   f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)")
+    history = History(payloads, is_fraud, is_fraud.astype(np.int16), ("legit", "fraud"),
+                      f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)")
+    return StoredHistory(history, [row[0] for row in rows], [row[len(_MESSAGE_FIELDS) + 1] for row in rows],
+                         np.fromiter((row[-2] for row in rows), bool, len(rows)))

@@ -45,6 +45,9 @@ alert_deliveries = Counter("fraudd_alert_deliveries_total",
 errors = Counter("fraudd_errors_total", "Infrastructure errors met by workers, by component and kind.", ["component", "kind"])
 batch_failures = Counter("fraudd_batch_failures_total", "Batches that failed as a whole and were bisected.")
 worker_restarts = Counter("fraudd_worker_restarts_total", "Workers respawned by the supervisor after dying.")
+shadow_decisions = Counter("fraudd_shadow_decisions_total",
+                           "Transactions scored by champion and challenger (--shadow-model), by the decision of each.",
+                           ["champion", "challenger"])
 reloads = Counter("fraudd_reloads_total", "Rules/model reloads on SIGHUP, by outcome.", ["outcome"])
 
 e2e_latency = Histogram(

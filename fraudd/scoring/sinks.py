@@ -34,11 +34,23 @@ from .rules import DECISIONS
 COLUMNS = (
     "transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",
     "device_id", "ip", "channel", "lat", "lon", "event_time", "stream_id", "scored_at", "score",
-    "decision", "reasons", "model_version",
+    "decision", "reasons", "model_version", "shadow_score", "shadow_decision", "shadow_model_version",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _TEXT_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NULL = "\\N"
+
+
+@dataclass(slots=True)
+class Shadow:
+    """A challenger model's scores and decisions for a batch: stored, never acted on."""
+
+    score: np.ndarray  # float32
+    decision: np.ndarray  # int8 index into DECISIONS
+    model_version: str
+
+    def take(self, index: np.ndarray) -> Shadow:
+        return Shadow(self.score[index], self.decision[index], self.model_version)
 
 
 @dataclass(slots=True)
@@ -53,6 +65,7 @@ class ScoredBatch:
     reasons: list[list[str]]
     model_version: str
     scored_at_ms: int
+    shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -66,7 +79,7 @@ class ScoredBatch:
         index = np.asarray(rows, dtype=np.intp)
         return ScoredBatch(self.batch.take(rows), self.event_ms[index], self.seen[index], self.score[index],
                            self.decision[index], [self.reasons[i] for i in rows], self.model_version,
-                           self.scored_at_ms)
+                           self.scored_at_ms, None if self.shadow is None else self.shadow.take(index))
 
     def row(self, i: int) -> dict:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
@@ -216,8 +229,16 @@ def _copy_text(scored: ScoredBatch) -> bytes:
         [DECISIONS[d] for d in scored.decision.tolist()],
         ["{" + ",".join(r) + "}" for r in scored.reasons],
         [scored.model_version] * n,
+        *_shadow_columns(scored.shadow, n),
     ]
     return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode()
+
+
+def _shadow_columns(shadow: Shadow | None, n: int) -> list[list[str]]:
+    if shadow is None:
+        return [[_NULL] * n] * 3
+    return [list(map(repr, shadow.score.tolist())), [DECISIONS[d] for d in shadow.decision.tolist()],
+            [shadow.model_version] * n]
 
 
 def _timestamps(ms: np.ndarray) -> list[str]:

@@ -7,7 +7,8 @@ The batch loop, top to bottom (DESIGN.md):
     decode    one orjson call; invalid entries become dead letters
     features  numpy over the users' states from one MGET, committed by one atomic Function call
               (compare-and-set of the states, dedup markers, blocklist lookups)
-    inference one ONNX call for the batch, then vectorized rules and thresholds
+    inference one ONNX call for the batch (one more for a --shadow-model challenger), then
+              vectorized rules and thresholds
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
 
@@ -48,7 +49,7 @@ from .model import FraudModel, ModelError
 from . import thresholds
 from .rules import DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, alert_documents, decision_replies
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class ScoringWorker:
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
         self.thresholds = _thresholds(s, self.model)
+        self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
@@ -107,6 +109,7 @@ class ScoringWorker:
         try:
             model, rules = _load_model(self.settings), _load_rules(self.settings)
             chosen = _thresholds(self.settings, model)
+            shadow = _load_shadow(self.settings)
         except BootError as exc:
             metrics.reloads.labels("refused").inc()
             log.error("reload refused, keeping the running model and rules",
@@ -114,7 +117,7 @@ class ScoringWorker:
             return
         metrics.model_info.labels(self.model.version).set(0)
         metrics.rules_info.labels(self.rules.version).set(0)
-        self.model, self.rules, self.thresholds = model, rules, chosen
+        self.model, self.rules, self.thresholds, self.shadow = model, rules, chosen, shadow
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
         log.info("model and rules reloaded", extra={"event": "reloaded", "model_version": model.version,
@@ -238,6 +241,11 @@ class ScoringWorker:
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
+        shadow = None
+        if self.shadow is not None:
+            shadow_scores, shadow_decision, _ = score_batch(self.shadow, self.rules, features,
+                                                            self.shadow.review_threshold, self.shadow.decline_threshold)
+            shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
         metrics.duplicates.inc(int(features.seen.sum()))
@@ -250,6 +258,7 @@ class ScoringWorker:
             reasons=reasons,
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
+            shadow=shadow,
         )
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
@@ -264,6 +273,13 @@ class ScoringWorker:
             for name, count in zip(DECISIONS, counts.tolist()):
                 if count:
                     metrics.transactions.labels(name).inc(count)
+            if scored.shadow is not None:
+                pairs = np.bincount(scored.decision.astype(np.intp) * len(DECISIONS) + scored.shadow.decision,
+                                    minlength=len(DECISIONS) ** 2)
+                for pair, count in enumerate(pairs.tolist()):
+                    if count:
+                        champion, challenger = divmod(pair, len(DECISIONS))
+                        metrics.shadow_decisions.labels(DECISIONS[champion], DECISIONS[challenger]).inc(count)
             accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
@@ -316,6 +332,16 @@ def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
     review = settings.review_threshold if settings.review_threshold is not None else model.review_threshold
     decline = settings.decline_threshold if settings.decline_threshold is not None else model.decline_threshold
     return review, decline
+
+
+def _load_shadow(settings: Settings) -> FraudModel | None:
+    """The challenger of --shadow-model, which decides with its own thresholds (nothing acts on them)."""
+    if settings.shadow_model is None:
+        return None
+    try:
+        return FraudModel.load(settings.shadow_model, FEATURE_NAMES)
+    except ModelError as exc:
+        raise BootError(f"--shadow-model: {exc}") from exc
 
 
 def _load_rules(settings: Settings) -> Rules:
