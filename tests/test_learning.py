@@ -13,6 +13,7 @@ import redis
 
 from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
+from fraudd.keys import Keys
 from fraudd.learning.labels import parse_labels, publish_labels
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
@@ -320,3 +321,48 @@ def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, re
     stored_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("stored"))
     candidate_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("candidate"))
     assert stored_line.split(None, 1)[1] == candidate_line.split(None, 1)[1]
+
+
+def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namespace, redis_client: redis.Redis,
+                                                                      tmp_path: Path) -> None:
+    """Chargebacks of the first ten days teach the scoring which terminals were compromised."""
+    traffic = Simulator(SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20,
+                                        terminal_compromises_per_day=1e-3)).history()
+    half = int(np.searchsorted(traffic.timestamp, traffic.timestamp[0] + 10 * 86400.0))
+    first, second = traffic.take(slice(0, half)), traffic.take(slice(half, len(traffic)))
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\ncode = "R_CONFIRMED_MERCHANT"\nreason = "two frauds confirmed at this merchant within 7 days"\n'
+                     'action = "review"\nfeature = "merchant_fraud_7d"\nop = ">="\nvalue = 2\n')
+    run = ("--workers", "1", "--rules-path", str(rules), "--review-threshold", "0.98", "--decline-threshold", "0.997")
+    Publisher(redis_client, ns.stream).publish(first.payloads())
+    drain(redis_client, ns, tmp_path, *run)
+    chargebacks = tmp_path / "chargebacks.jsonl"
+    chargebacks.write_bytes(b"\n".join(orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
+                                       for t in first.transaction_id[first.is_fraud].tolist()))
+    assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0
+    assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0  # twice: counted once
+    merchants, counts = np.unique(first.merchant[first.is_fraud], return_counts=True)
+    busiest = merchants[counts.argmax()]
+    entries = redis_client.hget(f"{Keys(ns.stream, ns.fraud_stream, ns.dlq_stream).prefix}confirmed:merchant", busiest)
+    assert len(entries.split(b";")) == counts.max()
+    Publisher(redis_client, ns.stream).publish(second.payloads())
+    drain(redis_client, ns, tmp_path, *run)
+
+    stored = {txid: (decision, reasons, score) for txid, decision, reasons, score in
+              ns.sql("SELECT transaction_id, decision, reasons, score FROM transactions")}
+    assert len(stored) == len(traffic)
+
+    def share(rows: SimulatedHistory, flagged) -> float:
+        return float(np.mean([flagged(*stored[txid]) for txid in rows.transaction_id.tolist()]))
+
+    with_labels = lambda decision, reasons, score: decision != "approve"  # noqa: E731
+    without = lambda decision, reasons, score: score >= 0.98  # noqa: E731  (the only other reason here)
+    terminals = second.take(second.typology == COMPROMISED_TERMINAL)
+    legit = second.take(~second.is_fraud)
+    before = share(first.take(first.typology == COMPROMISED_TERMINAL), with_labels)
+    recall, baseline = share(terminals, with_labels), share(terminals, without)
+    cost = share(legit, with_labels) - share(legit, without)
+    print(f"compromised terminals, days 11-20 ({len(terminals)}): {recall:.1%} flagged with the chargebacks of days "
+          f"1-10, {baseline:.1%} without (days 1-10, no labels yet: {before:.1%}); legit flagged by the rule: {cost:.2%}")
+    assert recall >= baseline + 0.3 and before < 0.1
+    assert cost < 0.02

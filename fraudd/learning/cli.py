@@ -225,16 +225,21 @@ def labels_service(**params) -> None:
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.")
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
-@selected_options("postgres-url", "pg-schema")
-def label_file(path: Path, source: str | None, postgres_url: str, pg_schema: str) -> None:
-    """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)."""
+@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
+def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str, pg_schema: str, stream: str,
+               fraud_stream: str, dlq_stream: str) -> None:
+    """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
+    and in the confirmed-fraud counts the scoring reads."""
     from datetime import datetime, timezone
 
     import psycopg
 
     from fraudd.schema import connect
 
-    from .labels import LabelError, parse_labels, read_label_file, store_labels
+    from fraudd.keys import Keys
+    from fraudd.scoring.confirmed import ConfirmedFraud
+
+    from .labels import LabelError, confirm, parse_labels, read_label_file, store_labels
 
     try:
         numbered = read_label_file(path.read_bytes(), str(path))
@@ -246,11 +251,20 @@ def label_file(path: Path, source: str | None, postgres_url: str, pg_schema: str
         position, reason = errors[0]
         raise click.ClickException(f"{path} line {numbered[position][0]}: {reason}"
                                    + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""))
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    confirmed = ConfirmedFraud(client, Keys(stream, fraud_stream, dlq_stream))
+    new = 0
     try:
         with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
-            new = sum(store_labels(conn, labels[start : start + 10_000]) for start in range(0, len(labels), 10_000))
+            for start in range(0, len(labels), 10_000):
+                new += store_labels(conn, labels[start : start + 10_000])
+                confirm(conn, confirmed, labels[start : start + 10_000])
     except psycopg.Error as exc:
         raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"--redis-url / REDIS_URL: {exc}") from None
+    finally:
+        client.close()
     fraud = sum(label.label == "fraud" for label in labels)
     click.echo(f"{path}: {len(labels):,} labels ({fraud:,} fraud), {new:,} new reports")
 

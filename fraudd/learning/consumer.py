@@ -2,8 +2,10 @@
 stream consumer (own pending first, reclaim, poison, outage waits and graceful stop come from it).
 
 Per batch: one ``loads`` per entry and validation (``parse_label``), one PostgreSQL transaction
-(``store_labels``, idempotent, so a redelivered batch changes nothing), then one atomic Redis call
-that dead-letters the invalid and poison entries and acks the whole read (durable first, ack last).
+(``store_labels``, idempotent, so a redelivered batch changes nothing), the confirmed-fraud counts
+of the labelled transactions' merchants, devices, IPs and cards (``confirm``, idempotent too), then
+one atomic Redis call that dead-letters the invalid and poison entries and acks the whole read
+(durable first, ack last).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import orjson
 import psycopg
 
 from fraudd.config import Settings
+from fraudd.keys import Keys
 from fraudd.runtime.consumer import Entries, StreamConsumer, connect_redis, consume
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.supervisor import Service
 from fraudd.schema import connect
+from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import REASON_INVALID, REASON_MAX_DELIVERIES, REASON_NO_DATA, REASON_NOT_JSON
 
-from .labels import Label, LabelError, parse_label, store_labels
+from .labels import Label, LabelError, confirm, parse_label, store_labels
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class LabelsWorker:
         self.consumer = StreamConsumer(connect_redis(settings.redis_url), options(settings),
                                        settings.consumer_name(process.index), process, on_outage=self._on_outage)
         self._conn: psycopg.Connection | None = None
+        self.confirmed = ConfirmedFraud(self.consumer.redis, Keys(settings.stream, settings.fraud_stream, settings.dlq_stream))
 
     def boot(self) -> None:
         self.consumer.until_done(self._connection, "postgres")
@@ -80,6 +85,8 @@ class LabelsWorker:
             except LabelError as exc:
                 dead.append((entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
         new = self.consumer.until_done(lambda: store_labels(self._connection(), labels), "postgres") if labels else 0
+        if labels:
+            self.consumer.until_done(lambda: confirm(self._connection(), self.confirmed, labels), "redis")
         self.consumer.until_done(lambda: self._settle(entries.ids, dead), "redis")
         self.consumer.release(entries)
         if dead:

@@ -10,7 +10,8 @@ on the ingest service, and ``fraudd label --file``. ``parse_labels`` is the one 
 - ``labels``: the latest verdict per transaction (latest ``reported_at``; a tie goes to the
   verdict ``fraud``, so a chargeback is never hidden by a simultaneous "legit").
 
-``publish_labels`` is the one place that writes the labels stream (what the ingest service calls).
+``publish_labels`` is the one place that writes the labels stream (what the ingest service calls);
+``confirm`` passes fraud verdicts on to the confirmed-fraud counts the scoring reads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import orjson
 import psycopg
 import redis
 
+from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import MAX_ID_CHARS
 
 VERDICTS = ("fraud", "legit")
@@ -155,6 +157,22 @@ def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
                    updated_at = clock_timestamp()
                WHERE (labels.reported_at, labels.label = 'fraud') < (EXCLUDED.reported_at, EXCLUDED.label = 'fraud')""")
     return new
+
+
+def confirm(conn: psycopg.Connection, confirmed: ConfirmedFraud, labels: list[Label]) -> int:
+    """Teach the scoring what ``labels`` say about merchants, devices, IPs and cards (after
+    ``store_labels``): each labelled transaction that is stored counts for its entities while its
+    latest verdict is fraud. Returns how many stored transactions the labels named; a label that
+    arrives before its transaction was scored teaches nothing."""
+    ids = sorted({label.transaction_id for label in labels})
+    rows = conn.execute(
+        """SELECT t.transaction_id, t.merchant, t.device_id, t.ip, t.card_id,
+                  (extract(epoch FROM t.event_time) * 1000)::bigint, l.label = 'fraud'
+           FROM transactions t JOIN labels l USING (transaction_id) WHERE t.transaction_id = ANY(%s)""",
+        (ids,)).fetchall()
+    # The state separates pairs with "=" and ";": an id holding one cannot be counted.
+    confirmed.record([(row[0], row[1:5], row[5], row[6]) for row in rows if "=" not in row[0] and ";" not in row[0]])
+    return len(rows)
 
 
 def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hiredis
 import numpy as np
@@ -25,6 +25,7 @@ from fraudd.config import packaged
 from fraudd.keys import Keys
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
+from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
 
 __all__ = ["BEHAVIOUR_FEATURES", "BLOCKLIST_KINDS", "EXTRA_COLUMNS", "FEATURE_NAMES", "MESSAGE_FEATURES",
@@ -41,7 +42,7 @@ MESSAGE_FEATURES: tuple[str, ...] = (
 )
 FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 # Not model inputs, but rules may test them too.
-EXTRA_COLUMNS: tuple[str, ...] = ("amount",)
+EXTRA_COLUMNS: tuple[str, ...] = ("amount", *CONFIRMED_COLUMNS)
 BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country")
 
 # 24 h windows plus an hour of slack for late events; refreshed on every write, so only users
@@ -91,6 +92,7 @@ class Features:
     event_ms: np.ndarray  # int64 (n,): the first occurrence's event time (the row's partition key)
     blocked: dict[str, np.ndarray]  # bool (n,) per BLOCKLIST_KINDS entry
     amount: np.ndarray  # float64 (n,)
+    confirmed: dict[str, np.ndarray] = field(default_factory=dict)  # CONFIRMED_COLUMNS, from labels
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -99,6 +101,8 @@ class Features:
         """One feature (or extra) column by name."""
         if name == "amount":
             return self.amount
+        if name in CONFIRMED_COLUMNS:
+            return self.confirmed.get(name, np.zeros(len(self.seen), dtype=np.float32))
         return self.matrix[:, FEATURE_NAMES.index(name)]
 
 
@@ -163,6 +167,7 @@ class FeatureStore:
         self._lease = lease
         # Owned mode: the states as last committed, newest last (the oldest go first past the cap).
         self._states: dict[str, bytes] = {}
+        self._confirmed = ConfirmedFraud(redis_client, keys)
         self.load_library()
 
     def load_library(self) -> None:
@@ -196,12 +201,14 @@ class FeatureStore:
             kind: _flags(column, values, flags)
             for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
         }
+        event_ms = tx.t_ms.astype(np.int64)
         return Features(
             matrix=matrix,
             seen=~tx.new,
-            event_ms=tx.t_ms.astype(np.int64),
+            event_ms=event_ms,
             blocked=blocked,
             amount=batch.amount,
+            confirmed=self._confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms),
         )
 
     def _compute_shared(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:

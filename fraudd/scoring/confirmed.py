@@ -1,0 +1,101 @@
+"""Confirmed fraud per merchant, device, IP and card: what labels teach the scoring.
+
+A chargeback on a transaction also says something about where it happened: a terminal that was
+compromised, a device or an IP address a fraudster uses, a card that was stolen. Once a fraud label
+arrives, the transaction's merchant, device, IP and card each count it for 28 days (by the fraudulent
+transaction's event time), and every transaction scored afterwards sees, per entity, how many
+confirmed frauds it had in the 7 and 28 days before it: the ``CONFIRMED_COLUMNS``, which rules can
+test (``merchant_fraud_7d >= 2``). They are not model inputs: the model's feature contract is
+unchanged.
+
+State: per kind, one hash ``<prefix>confirmed:<kind>``; field = the entity, value = its confirmed
+fraudulent transactions as ``txid=ms`` pairs. Writing is one script call per batch of labels:
+idempotent (a transaction is counted once), a verdict turned legit removes it, and pairs older
+than 28 days before the entity's newest are dropped. Reading is one pipelined round trip per
+scored batch (an HMGET per kind of the batch's distinct values); almost every field is absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import redis
+
+from fraudd.keys import Keys
+
+KINDS: tuple[str, ...] = ("merchant", "device", "ip", "card")
+DAY_MS = 86_400_000
+WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7 * DAY_MS), ("28d", 28 * DAY_MS))
+CONFIRMED_COLUMNS: tuple[str, ...] = tuple(f"{kind}_fraud_{name}" for kind in KINDS for name, _ms in WINDOWS)
+HORIZON_MS = WINDOWS[-1][1]
+
+# ARGV: horizon, then per label: kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove.
+_RECORD = """
+local horizon = tonumber(ARGV[1])
+for i = 2, #ARGV, 5 do
+    local key, entity, txid, ms, add = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
+    local kept, newest = {}, add and ms or 0
+    local current = redis.call('HGET', key, entity)
+    if current then
+        for id, at in string.gmatch(current, '([^=;]+)=(%d+)') do
+            if id ~= txid then
+                kept[#kept + 1] = {id, tonumber(at)}
+                if tonumber(at) > newest then newest = tonumber(at) end
+            end
+        end
+    end
+    if add then kept[#kept + 1] = {txid, ms} end
+    local parts = {}
+    for _, pair in ipairs(kept) do
+        if pair[2] > newest - horizon then parts[#parts + 1] = pair[1] .. '=' .. string.format('%d', pair[2]) end
+    end
+    if #parts == 0 then redis.call('HDEL', key, entity) else redis.call('HSET', key, entity, table.concat(parts, ';')) end
+end
+return 0
+"""
+
+
+class ConfirmedFraud:
+    """The confirmed-fraud counts of one stream shard's entities."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._redis = client
+        self._keys = [f"{keys.prefix}confirmed:{kind}" for kind in KINDS]
+        self._record = client.register_script(_RECORD)
+
+    def record(self, confirmed: list[tuple[str, tuple[str | None, ...], int, bool]]) -> None:
+        """``(transaction_id, (merchant, device, ip, card), event ms, is fraud)`` per labelled
+        transaction: fraud is counted once, legit removes an earlier count."""
+        args: list = [HORIZON_MS]
+        for txid, entities, ms, fraud in confirmed:
+            for k, entity in enumerate(entities, start=1):
+                if entity is not None:
+                    args += [k, entity, txid, int(ms), 1 if fraud else 0]
+        if len(args) > 1:
+            self._record(keys=self._keys, args=args)
+
+    def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card."""
+        n = len(event_ms)
+        out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
+        distinct = [[v for v in dict.fromkeys(column) if v is not None] for column in columns]
+        pipe = self._redis.pipeline(transaction=False)
+        for key, values in zip(self._keys, distinct):
+            if values:
+                pipe.hmget(key, values)
+        replies = iter(pipe.execute()) if any(distinct) else iter(())
+        for kind, column, values in zip(KINDS, columns, distinct):
+            if not values:
+                continue
+            known = {v: _times(blob) for v, blob in zip(values, next(replies)) if blob is not None}
+            if not known:
+                continue
+            rows = [i for i, v in enumerate(column) if v in known]
+            for i in rows:
+                times, now = known[column[i]], event_ms[i]
+                for name, span in WINDOWS:
+                    out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span))
+        return out
+
+
+def _times(blob: bytes) -> np.ndarray:
+    return np.array([int(pair.rsplit(b"=", 1)[1]) for pair in blob.split(b";")], dtype=np.int64)
