@@ -225,9 +225,9 @@ def labels_service(**params) -> None:
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.")
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
-@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
+@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "shards")
 def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str, pg_schema: str, stream: str,
-               fraud_stream: str, dlq_stream: str) -> None:
+               shards: int) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
     from datetime import datetime, timezone
@@ -236,10 +236,7 @@ def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str
 
     from fraudd.schema import connect
 
-    from fraudd.keys import Keys
-    from fraudd.scoring.confirmed import ConfirmedFraud
-
-    from .labels import LabelError, confirm, parse_labels, read_label_file, store_labels
+    from .labels import LabelError, confirm, confirmed_shards, parse_labels, read_label_file, store_labels
 
     try:
         numbered = read_label_file(path.read_bytes(), str(path))
@@ -252,7 +249,7 @@ def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str
         raise click.ClickException(f"{path} line {numbered[position][0]}: {reason}"
                                    + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""))
     client = redis.Redis.from_url(redis_url, protocol=2)
-    confirmed = ConfirmedFraud(client, Keys(stream, fraud_stream, dlq_stream))
+    confirmed = confirmed_shards(client, stream, shards)
     new = 0
     try:
         with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:

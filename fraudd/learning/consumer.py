@@ -18,15 +18,13 @@ import orjson
 import psycopg
 
 from fraudd.config import Settings
-from fraudd.keys import Keys
 from fraudd.runtime.consumer import Entries, StreamConsumer, connect_redis, consume
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.supervisor import Service
 from fraudd.schema import connect
-from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import REASON_INVALID, REASON_MAX_DELIVERIES, REASON_NO_DATA, REASON_NOT_JSON
 
-from .labels import Label, LabelError, confirm, parse_label, store_labels
+from .labels import Label, LabelError, confirm, confirmed_shards, parse_label, store_labels
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class LabelsWorker:
         self.consumer = StreamConsumer(connect_redis(settings.redis_url), options(settings),
                                        settings.consumer_name(process.index), process, on_outage=self._on_outage)
         self._conn: psycopg.Connection | None = None
-        self.confirmed = ConfirmedFraud(self.consumer.redis, Keys(settings.stream, settings.fraud_stream, settings.dlq_stream))
+        self.confirmed = confirmed_shards(self.consumer.redis, settings.stream, settings.shards)
 
     def boot(self) -> None:
         self.consumer.until_done(self._connection, "postgres")

@@ -26,6 +26,7 @@ import orjson
 import psycopg
 import redis
 
+from fraudd.keys import Keys, shard_stream
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import MAX_ID_CHARS
 
@@ -159,11 +160,12 @@ def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
     return new
 
 
-def confirm(conn: psycopg.Connection, confirmed: ConfirmedFraud, labels: list[Label]) -> int:
+def confirm(conn: psycopg.Connection, shards: list[ConfirmedFraud], labels: list[Label]) -> int:
     """Teach the scoring what ``labels`` say about merchants, devices, IPs and cards (after
     ``store_labels``): each labelled transaction that is stored counts for its entities while its
-    latest verdict is fraud. Returns how many stored transactions the labels named; a label that
-    arrives before its transaction was scored teaches nothing."""
+    latest verdict is fraud, in every input shard's state (any shard may see the entity next).
+    Returns how many stored transactions the labels named; a label that arrives before its
+    transaction was scored teaches nothing."""
     ids = sorted({label.transaction_id for label in labels})
     rows = conn.execute(
         """SELECT t.transaction_id, t.merchant, t.device_id, t.ip, t.card_id,
@@ -171,8 +173,15 @@ def confirm(conn: psycopg.Connection, confirmed: ConfirmedFraud, labels: list[La
            FROM transactions t JOIN labels l USING (transaction_id) WHERE t.transaction_id = ANY(%s)""",
         (ids,)).fetchall()
     # The state separates pairs with "=" and ";": an id holding one cannot be counted.
-    confirmed.record([(row[0], row[1:5], row[5], row[6]) for row in rows if "=" not in row[0] and ";" not in row[0]])
+    records = [(row[0], row[1:5], row[5], row[6]) for row in rows if "=" not in row[0] and ";" not in row[0]]
+    for confirmed in shards:
+        confirmed.record(records)
     return len(rows)
+
+
+def confirmed_shards(client: redis.Redis, stream: str, shards: int) -> list[ConfirmedFraud]:
+    """The confirmed-fraud state of each input shard of ``stream``."""
+    return [ConfirmedFraud(client, Keys(shard_stream(stream, shards, k), "", "")) for k in range(shards)]
 
 
 def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> list[str]:
