@@ -339,17 +339,26 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     """Put dead letters back on the input stream (after a fix), then remove them from the DLQ.
 
     A replayed transaction that was already scored is recognised as a duplicate, so replaying
-    twice never yields two rows.
+    twice never yields two rows. An undeliverable alert (reason alert_undeliverable) is instead
+    given to `fraudd alerts` again: its delivery is due now, with a fresh count of attempts.
     """
+    from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
 
     settings = settings_from(params)
     client = redis.Redis.from_url(settings.redis_url, protocol=2)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
+    alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
+    transactions = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()]
+    if transactions:
+        Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
+    if alerts:
+        with _connect_postgres(settings) as conn:
+            retry_failed(conn, client, settings.fraud_stream, settings.dlq_stream, [fields for _id, fields in alerts])
     if selected:
-        Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in selected])
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
-    click.echo(f"replayed {len(selected)} entries onto {settings.stream}")
+    click.echo(f"replayed {len(transactions)} entries onto {settings.stream}"
+               + (f", {len(alerts)} alert deliveries due again" if alerts else ""))
 
 
 @dlq.command("purge")

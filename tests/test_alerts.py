@@ -220,6 +220,19 @@ secret_env = "S"
     assert "ConnectionRefused" in letter["detail"] or "Connect" in letter["detail"], letter["detail"]
     assert orjson.loads(letter["data"]) == documents[0]
 
+    # The channel is fixed; `fraudd dlq replay` makes its given-up deliveries due again.
+    replay = ns.fraudd("dlq", "replay", "--reason", "alert_undeliverable")
+    assert replay.returncode == 0 and "20 alert deliveries due again" in replay.stdout, replay.stderr
+    assert redis_client.xlen(ns.dlq_stream) == 0
+    config.write_text(config.read_text().replace("http://127.0.0.1:9/hook", receiver.url("/hook-fixed")))
+    sender = run_sender(ns, config, {"S": SECRET}, max_attempts=3)
+    try:
+        wait_for(lambda: all(row[0] == "delivered" for row in deliveries(ns).values()), 20, message="the replayed deliveries")
+    finally:
+        sender.stop(5)
+    assert sorted(k for k in receiver.accepted if k.endswith(":gone")) == sorted(f"tx_{i}:gone" for i in range(20))
+    assert all(deliveries(ns)[(f"tx_{i}", "gone")][1] == 1 for i in range(20))  # a fresh count of attempts
+
 
 def test_a_storm_is_grouped_into_digests(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
                                          tmp_path: Path) -> None:

@@ -11,7 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
+import psycopg
+import redis
 from psycopg_pool import AsyncConnectionPool
+
+from ..keys import Keys
 
 from .channels import Alert
 
@@ -64,6 +68,27 @@ _ASSIGNMENTS = {
     # claimed but never attempted: the claim's attempt is taken back
     "released": "attempts = attempts - 1, next_attempt_at = to_timestamp(%(n)s)",
 }
+
+
+REASON_UNDELIVERABLE = "alert_undeliverable"  # the DLQ reason of a delivery given up after --max-attempts
+
+_RETRY_FAILED = """
+UPDATE alert_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now()
+FROM unnest(%s::text[], %s::text[]) AS u(t, c)
+WHERE transaction_id = u.t AND channel = u.c AND status = 'failed'
+"""
+
+
+def retry_failed(conn: psycopg.Connection, client: redis.Redis, fraud_stream: str, dlq_stream: str,
+                 letters: list[dict[bytes, bytes]]) -> int:
+    """Make the deliveries of these ``alert_undeliverable`` dead letters due again (``fraudd dlq
+    replay``), and forget that they were dead-lettered, so that another give-up is written again.
+    Returns how many deliveries were failed and are now due."""
+    keys = [(orjson.loads(f[b"data"])["transaction_id"], f[b"channel"].decode()) for f in letters]
+    updated = conn.execute(_RETRY_FAILED, ([t for t, _c in keys], [c for _t, c in keys])).rowcount
+    prefix = Keys(fraud_stream, fraud_stream, dlq_stream).dead_prefix
+    client.delete(*[f"{prefix}{t}:{c}" for t, c in keys])
+    return updated
 
 
 @dataclass(slots=True)

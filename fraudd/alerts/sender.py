@@ -43,14 +43,13 @@ from ..runtime.deadletters import DeadLetter
 from . import metrics as alert_metrics
 from .channels import Alert, Channel, DeliveryFailed, open_channel
 from .config import AlertsConfig, ChannelConfig
-from .deliveries import Claimed, DeliveryLog, NewDelivery, Outcome
+from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery, Outcome
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a channel looks for rows made due by others (retries, other processes' leftovers)
 DIGEST_MAX_ALERTS = 10_000
 REASON_INVALID_ALERT = "invalid_alert"
-REASON_UNDELIVERABLE = "alert_undeliverable"
 _RECORD_BACKOFF_MAX_S = 5.0
 _T = TypeVar("_T")
 OUTAGES = (psycopg.Error, redis.RedisError, OSError)
