@@ -237,8 +237,8 @@ def prepare_metrics_dir() -> None:
 @settings_options
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
-    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .keys import Keys
+    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .scoring.dedup import projected_marker_bytes
 
     settings = settings_from(params)

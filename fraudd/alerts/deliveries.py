@@ -16,7 +16,6 @@ import redis
 from psycopg_pool import AsyncConnectionPool
 
 from ..keys import Keys
-
 from .channels import Alert
 
 # The rows travel as one JSON document built by orjson, the alerts embedded as they came: a text[]
