@@ -63,8 +63,9 @@ FUNCTION_NAME = "fraudd_commit_v3"
 READ_FUNCTION = "fraudd_owned_read_v3"
 OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v3"
 LEASE_FUNCTION = "fraudd_lease_v3"
-# Owned mode keeps the states of a shard's recent users in memory, up to this many (≈ 0.5 KB each).
-MAX_STATES_IN_MEMORY = 200_000
+# Owned mode keeps the states of a shard's recent users in memory, up to this many per owned shard
+# (≈ 0.5 KB each: ≈ 25 MB per shard; a worker owns about S / workers shards).
+MAX_STATES_IN_MEMORY = 50_000
 _LIBRARY = packaged("fraudd.scoring", "features.lua").read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _USER_INFIX = "u2:"
