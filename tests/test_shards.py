@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
+from fraudd.scoring.features import _USER_INFIX
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import start, stop
@@ -137,3 +139,53 @@ def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns:
     finally:
         stop(daemon)
     assert "(4 shards)" in status and "shards     4: 4 owned" in status, status
+
+
+def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.Redis, ns: Namespace,
+                                                            tmp_path: Path) -> None:
+    """DESIGN.md's six guarantees by exact counts, per shard, while owners are SIGKILLed and shards
+    change hands (the respawned worker is a new owner: it waits out the dead one's lease)."""
+    shards = 4
+    generated = TransactionGenerator(GeneratorConfig(seed=23, tx_per_second=50.0)).generate(30_000)
+    faults = generated.with_faults(0.01, 0.005, np.random.default_rng(3))
+    payloads = [p for p in faults.payloads if p is not None]
+    txids, users = generated.transaction_id.tolist(), generated.user_id.tolist()
+    expected_rows = {txids[row]: users[row] for row, reason in zip(faults.row.tolist(), faults.reason) if reason is None}
+    ids = Publisher(redis_client, ns.stream, shards).publish(payloads)
+    invalid = {entry_id for entry_id, p, reason in zip(ids, payloads, [r for p, r in zip(faults.payloads, faults.reason)
+                                                                         if p is not None]) if reason is not None}
+    daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", "1500", "--batch-size", "300")
+    rng = np.random.default_rng(5)
+    kills = 0
+    try:
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline and not fully_drained(redis_client, ns, shards):
+            time.sleep(rng.uniform(0.5, 1.5))
+            pids = worker_pids(daemon.pid)
+            if pids:
+                os.kill(int(rng.choice(pids)), signal.SIGKILL)
+                kills += 1
+        wait_for(lambda: fully_drained(redis_client, ns, shards), 120, interval=0.5, message="the drain after the kills")
+    finally:
+        log = stop(daemon)
+    assert kills >= 3 and log.count('"worker_died"') >= 3
+
+    # 1. one row per distinct valid transaction_id
+    stored = ns.sql("SELECT transaction_id, decision FROM transactions")
+    assert len(stored) == len(expected_rows) and {t for t, _ in stored} == expected_rows.keys()
+    decision = dict(stored)
+    # 2. and 6. one alert per non-approved id, carrying PostgreSQL's decision
+    sent = alerts(redis_client, ns)
+    assert sorted(a["transaction_id"] for a in sent) == sorted(t for t, d in decision.items() if d != "approve")
+    assert all(a["decision"] == decision[a["transaction_id"]] for a in sent)
+    # 3. each invalid entry dead-lettered once
+    letters = [d["source_id"].decode() for d in dlq(redis_client, ns)]
+    assert sorted(letters) == sorted(invalid)
+    # 4. nothing pending (fully drained) and 5. behaviour counted each transaction once, per shard
+    markers = sum(redis_client.hlen(bucket) for bucket in redis_client.scan_iter(match=f"fraudd:{ns.stream}:*:seen:*"))
+    assert markers == len(expected_rows)
+    per_user = Counter(expected_rows.values())
+    for user, count in per_user.items():
+        keys = Keys(shard_stream(ns.stream, shards, shard_of(user, shards)), ns.fraud_stream, ns.dlq_stream)
+        raw = redis_client.get(keys.prefix + _USER_INFIX + user)
+        assert struct.unpack_from("<dI", raw)[1] == count, user
