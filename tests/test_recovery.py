@@ -20,6 +20,7 @@ from fraudd.config import OPTIONS, Settings
 from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
 from fraudd.runtime.health import Housekeeper
 from fraudd.keys import Keys
+from fraudd.schema import connect
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop
@@ -110,8 +111,10 @@ def test_entry_delivered_too_often_is_dead_lettered_as_poison(ns: Namespace, red
 
 def test_failing_batch_is_bisected_down_to_the_bad_entry(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     payloads = valid_payloads(100, "bisect", users=10)
-    # Valid JSON and a valid message, but PostgreSQL text cannot hold NUL: the COPY fails.
-    bad = payload("bisect_nul", user="bisect_user_3", merchant="Evil\u0000Corp")
+    # A valid message that the database refuses (here an operator's constraint): the COPY fails.
+    with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
+        conn.execute("ALTER TABLE transactions ADD CONSTRAINT no_evil_corp CHECK (merchant <> 'Evil Corp')")
+    bad = payload("bisect_evil", user="bisect_user_3", merchant="Evil Corp")
     payloads.insert(37, bad)
     ids = publish(redis_client, ns.stream, payloads)
     log = drain(redis_client, ns, tmp_path, "--workers", "1", "--batch-size", "200")
