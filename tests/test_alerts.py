@@ -236,29 +236,53 @@ secret_env = "S"
 
 def test_a_storm_is_grouped_into_digests(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
                                          tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    with SmtpServer(tmp_path) as smtp:
+        config = write_config(tmp_path, f"""
 [[channels]]
 name = "slack"
 kind = "slack"
 url = "{receiver.url('/slack')}"
 digest_above = 3
 digest_interval_s = 1
+
+[[channels]]
+name = "analysts"
+kind = "email"
+host = "127.0.0.1"
+port = {smtp.port}
+ca_file = "{smtp.cert}"
+username = "{SMTP_USER}"
+password_env = "P"
+from = "fraudd@bank.example"
+to = ["analysts@bank.example"]
+digest_above = 1
+digest_interval_s = 1
 """)
-    sender = run_sender(ns, config, {})
-    try:
-        publish(redis_client, ns, sender, [alert(f"tx_{i}", amount=100.0) for i in range(40)])
-        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 20, message="the digest")
-    finally:
-        sender.stop(5)
+        sender = run_sender(ns, config, {"P": SMTP_PASSWORD})
+        try:
+            publish(redis_client, ns, sender, [alert(f"tx_{i}", amount=100.0) for i in range(40)])
+            wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 20, message="the digests")
+        finally:
+            sender.stop(5)
+        mails = list(smtp.mailbox.messages)
     messages = receiver.bodies("/slack")
     singles = [m for m in messages if m["text"].startswith("Fraud alert DECLINE")]
     digests = [m for m in messages if m["text"].startswith("Fraud alert digest")]
     assert len(singles) == 3 and len(digests) == 1, [m["text"] for m in messages]
     assert digests[0]["text"] == "Fraud alert digest: 37 alerts (37 decline), 3,700.00 in total"
     assert "and 17 more" in digests[0]["blocks"][2]["text"]["text"]
+
+    subjects = sorted(m["Subject"] for m in mails)
+    assert subjects == ["[fraudd] DECLINE: 100.00 USD at Amazon by user_x1 (score 0.970)",
+                        "[fraudd] digest: 39 alerts (39 decline), 3,900.00 in total"], subjects
+    digest_mail = next(m for m in mails if "digest" in m["Subject"])
+    assert "and 19 more in alert_deliveries" in digest_mail.get_body(("plain",)).get_content()
+    assert digest_mail.get_body(("html",)).get_content().count("<li>") == 20
+
     rows = deliveries(ns)
-    assert len(rows) == 40  # every alert is in the delivery log
-    assert sum(1 for r in rows.values() if r[4] is not None) == 37
+    assert len(rows) == 80  # every alert is in the delivery log, once per channel
+    assert sum(1 for (_t, channel), r in rows.items() if channel == "slack" and r[4] is not None) == 37
+    assert sum(1 for (_t, channel), r in rows.items() if channel == "analysts" and r[4] is not None) == 39
 
 
 def test_a_bad_config_names_the_key(tmp_path: Path) -> None:
