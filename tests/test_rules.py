@@ -63,6 +63,9 @@ def test_shadow_rule_is_listed_but_never_decides() -> None:
     outcome = shadow.evaluate(features_of([quiet_row(), row]))
     assert outcome.action.tolist() == [0, 0] and outcome.codes == [(), ("R_TRY",)]
     assert decide(np.array([0.0, 0.0]), 0.5, 0.9, outcome).tolist() == [0, 0]
+    shadow.evaluate(features_of([row, row, quiet_row()]))
+    assert [(rule.code, count) for rule, count in shadow.take_hits()] == [("R_TRY", 3)]  # counted for the metric
+    assert shadow.take_hits() == []
 
 
 def test_strongest_action_wins_and_all_codes_are_listed() -> None:

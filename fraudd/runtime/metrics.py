@@ -48,6 +48,8 @@ worker_restarts = Counter("fraudd_worker_restarts_total", "Workers respawned by 
 shadow_decisions = Counter("fraudd_shadow_decisions_total",
                            "Transactions scored by champion and challenger (--shadow-model), by the decision of each.",
                            ["champion", "challenger"])
+rule_hits = Counter("fraudd_rule_hits_total", "Transactions each rule fired on, by rule code and action (shadow rules too).",
+                    ["rule", "action"])
 reloads = Counter("fraudd_reloads_total", "Rules/model reloads on SIGHUP, by outcome.", ["outcome"])
 
 e2e_latency = Histogram(

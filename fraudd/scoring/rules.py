@@ -91,6 +91,9 @@ class Rules:
         self.version = version
         self._codes = np.array([rule.code for rule in rules], dtype=object)
         self._actions = np.array([rule.action for rule in rules], dtype=np.int8)
+        # Rows each rule fired on since the last take_hits(): shadow rules decide nothing, so this
+        # count (a metric) and the reasons they leave in the rows are all they produce.
+        self._hits = np.zeros(len(rules), dtype=np.int64)
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_RULES_PATH) -> Rules:
@@ -128,11 +131,18 @@ class Rules:
         if not self.rules or n == 0:
             return RuleOutcome(np.zeros(n, dtype=np.int8), [()] * n)
         fired = np.column_stack([rule.matches(features) for rule in self.rules])
+        self._hits += fired.sum(axis=0)
         action = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
         codes: list[tuple[str, ...]] = [()] * n
         for row in np.flatnonzero(fired.any(axis=1)):
             codes[row] = tuple(self._codes[fired[row]])
         return RuleOutcome(action, codes)
+
+
+    def take_hits(self) -> list[tuple[Rule, int]]:
+        """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""
+        hits, self._hits = self._hits, np.zeros(len(self.rules), dtype=np.int64)
+        return [(rule, int(count)) for rule, count in zip(self.rules, hits.tolist()) if count]
 
 
 def decide(scores: np.ndarray, review_threshold: float, decline_threshold: float, outcome: RuleOutcome) -> np.ndarray:

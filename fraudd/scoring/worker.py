@@ -47,7 +47,7 @@ from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSIN
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from . import thresholds
-from .rules import DECISIONS, Rules, RulesError, decide
+from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
@@ -241,11 +241,14 @@ class ScoringWorker:
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
+        for rule, count in self.rules.take_hits():
+            metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if self.shadow is not None:
             shadow_scores, shadow_decision, _ = score_batch(self.shadow, self.rules, features,
                                                             self.shadow.review_threshold, self.shadow.decline_threshold)
             shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
+            self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
         metrics.duplicates.inc(int(features.seen.sum()))
