@@ -31,6 +31,7 @@ from fraudd.scoring.model import FraudModel
 
 from .conftest import Namespace, wait_for
 from .test_intelligence import offline_decisions
+from .test_observability import free_port, http_get
 from .services import drain
 from .streams import fully_drained
 
@@ -219,10 +220,12 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
     thresholds = tmp_path / "thresholds.json"
     thresholds.write_bytes(orjson.dumps({"review_threshold": 1.0, "decline_threshold": 1.0, "model_version": version}))
     quiet = tmp_path / "rules.toml"
-    quiet.write_text("")
+    quiet.write_text('[[rule]]\ncode = "R_TRY"\nreason = "tried"\naction = "shadow"\nfeature = "amount"\nop = ">"\nvalue = 0\n')
     traffic = Simulator(SimulatorConfig(seed=9, n_customers=100, n_terminals=200, days=3)).history()
     parts = [traffic.take(slice(i * 200, (i + 1) * 200)) for i in range(3)]
-    daemon = ns.start("--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(quiet))
+    port = free_port()
+    daemon = ns.start("--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(quiet),
+                      "--shadow-model", str(DEFAULT_MODEL), "--metrics-port", str(port))
 
     def decisions(part: SimulatedHistory) -> set[str]:
         Publisher(redis_client, ns.stream).publish(part.payloads())
@@ -240,6 +243,12 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
         daemon.process.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert decisions(parts[2]) == {"review"}  # the file for another model is refused, the last one kept
+        # The shadow rule decided nothing but was counted; champion and challenger decisions by pair.
+        _status, text = http_get(f"http://127.0.0.1:{port}/metrics")
+        samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(("fraudd_rule_hits_total{", "fraudd_shadow_decisions_total{"))}
+        assert samples['fraudd_rule_hits_total{action="shadow",rule="R_TRY"}'] == 600
+        assert sum(v for k, v in samples.items() if k.startswith("fraudd_shadow_decisions_total")) == 600
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-2000:]
