@@ -54,6 +54,7 @@ _RECORD_BACKOFF_MAX_S = 5.0
 _T = TypeVar("_T")
 OUTAGES = (psycopg.Error, redis.RedisError, OSError)
 
+
 @dataclass(frozen=True, slots=True)
 class SenderSettings:
     redis_url: str
@@ -87,7 +88,7 @@ class AlertSender:
         self._storm_prefix = keys.prefix + "alerts:storm:"
         self._dead_prefix = keys.dead_prefix
         self._channels: dict[str, ChannelRunner] = {}
-        self._recorder: Recorder | None = None
+        self.recorder: Recorder | None = None
 
     # -- the consumer's side (its thread) --------------------------------------------------
 
@@ -119,19 +120,20 @@ class AlertSender:
         self.redis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self._dead_letters = self.redis.register_script(deadletters.SCRIPT)
         await self.log.open()
-        self._recorder = Recorder(self)
+        self.recorder = Recorder(self)
         for channel_config in self.config.channels:
             channel = open_channel(channel_config)
             await channel.open()
             self._channels[channel.name] = ChannelRunner(channel, self)
-        self._recorder.start()
+        self.recorder.start()
         for runner in self._channels.values():
             runner.start()
 
     async def _close(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
         await asyncio.gather(*(runner.stop(grace_s) for runner in self._channels.values()))
-        if self._recorder is not None:
-            await self._recorder.stop(grace_s)
+        if self.recorder is not None:
+            await self.recorder.stop(max(1.0, deadline - time.monotonic()))
         for runner in self._channels.values():
             await runner.channel.close()
         await self.log.close()
@@ -275,7 +277,7 @@ class ChannelRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         now = time.time()
         for claimed in pending:
-            self.sender._recorder.add(Outcome(self.name, claimed.alert.transaction_id, False, retry_at=now, released=True))
+            self.sender.recorder.add(Outcome(self.name, claimed.alert.transaction_id, False, retry_at=now, released=True))
 
     async def _claim_loop(self) -> None:
         delay = 0.05
@@ -324,7 +326,7 @@ class ChannelRunner:
                 if time.time() < self._paused_until or time.monotonic() > self.config.send_by(claimed.claimed_at):
                     # Paused after a failure while this one was queued, or queued so long that an
                     # attempt might outlast its claim: hand it back unattempted.
-                    self.sender._recorder.add(Outcome(self.name, claimed.alert.transaction_id, False,
+                    self.sender.recorder.add(Outcome(self.name, claimed.alert.transaction_id, False,
                                                       retry_at=max(time.time(), self._paused_until), released=True))
                     continue
                 await self._attempt([claimed], self.channel.send(claimed.alert), None)
@@ -340,7 +342,7 @@ class ChannelRunner:
             self._digest_in_flight = None
 
     async def _attempt(self, claimed: list[Claimed], sending: Coroutine[Any, Any, None], digest_id: str | None) -> None:
-        recorder = self.sender._recorder
+        recorder = self.sender.recorder
         try:
             await sending
         except DeliveryFailed as exc:
