@@ -40,7 +40,6 @@ import uvloop
 from ..keys import Keys
 from ..runtime import deadletters, metrics
 from ..runtime.deadletters import DeadLetter
-from . import metrics as alert_metrics
 from .channels import Alert, Channel, DeliveryFailed, open_channel
 from .config import AlertsConfig, ChannelConfig
 from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery, Outcome
@@ -454,7 +453,7 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
             failed[outcome.channel] = failed.get(outcome.channel, 0) + 1
     for channel, latencies in delivered.items():
         metrics.alert_deliveries.labels(channel, "delivered").inc(len(latencies))
-        metrics.observe_many(alert_metrics.delivery_latency.labels(channel), np.array(latencies))
+        metrics.observe_many(metrics.alert_delivery_latency.labels(channel), np.array(latencies))
     for channel, count in failed.items():
         metrics.alert_deliveries.labels(channel, "failed").inc(count)
     for channel, deliveries in given_up.items():

@@ -24,7 +24,6 @@ from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.supervisor import Service
 from ..schema import connect
-from . import metrics as alert_metrics
 from .config import AlertConfigError, AlertsConfig, load
 from .sender import REASON_INVALID_ALERT, AlertSender, SenderSettings
 
@@ -133,7 +132,7 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
                 (count,) = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
         except (psycopg.Error, OSError):
             return  # the housekeeper reports PostgreSQL down
-        alert_metrics.backlog.set(count)
+        metrics.alert_backlog.set(count)
         backlog[:] = [count]
 
     def summary() -> str:

@@ -42,6 +42,13 @@ alerts_written = Counter("fraudd_alerts_written_total", "Entries written to the 
 alert_deliveries = Counter("fraudd_alert_deliveries_total",
                            "Alert notifications of `fraudd alerts`, by channel name and outcome (delivered, failed attempt, dead_lettered).",
                            ["channel", "outcome"])
+alert_delivery_latency = Histogram(
+    "fraudd_alert_delivery_latency_seconds",
+    "Delivery time minus the time Redis accepted the alert on the fraud stream (its entry id), per delivered alert.",
+    ["channel"], buckets=LATENCY_BUCKETS + (60.0, 300.0, 1800.0),
+)
+alert_backlog = Gauge("fraudd_alert_backlog", "Deliveries recorded in alert_deliveries and not yet made (due or waiting to retry).",
+                      multiprocess_mode="livemax")
 errors = Counter("fraudd_errors_total", "Infrastructure errors met by workers, by component and kind.", ["component", "kind"])
 batch_failures = Counter("fraudd_batch_failures_total", "Batches that failed as a whole and were bisected.")
 worker_restarts = Counter("fraudd_worker_restarts_total", "Workers respawned by the supervisor after dying.")
