@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from .keys import shard_streams
+
 
 def packaged(package: str, name: str) -> Path:
     """A file shipped inside fraudd (model, rules, Lua, migrations), where the install put it.
@@ -70,9 +72,7 @@ class Settings:
     @property
     def input_streams(self) -> list[str]:
         """The input stream, or with ``--shards`` S > 1 its S shard streams (``keys.shard_stream``)."""
-        from .keys import shard_stream
-
-        return [shard_stream(self.stream, self.shards, k) for k in range(self.shards)]
+        return shard_streams(self.stream, self.shards)
 
     def consumer_name(self, index: int) -> str:
         """Worker ``index``'s consumer name; stable across respawns so it re-reads its own pending."""
@@ -182,7 +182,7 @@ def alert_settings_from(params: dict) -> AlertSettings:
 # -- fraudd ingest ---------------------------------------------------------------------------
 
 _SHARED_WITH_INGEST = ("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
-                       "dedup-window-s", "shutdown-timeout-s", "log-level")
+                       "dedup-window-s", "shutdown-timeout-s", "log-level", "shards")
 DECISION_NAMES = ("approve", "review", "decline")
 
 
@@ -239,6 +239,12 @@ class IngestSettings:
     dedup_window_s: int
     shutdown_timeout_s: float
     log_level: str
+    shards: int = 1
+
+    @property
+    def input_streams(self) -> list[str]:
+        """The input stream, or with ``--shards`` S > 1 its S shard streams."""
+        return shard_streams(self.stream, self.shards)
 
 
 def ingest_options(function):

@@ -25,6 +25,11 @@ def shard_stream(stream: str, shards: int, k: int) -> str:
     return stream if shards == 1 else f"{stream}:{{{k}}}"
 
 
+def shard_streams(stream: str, shards: int) -> list[str]:
+    """Every shard's input stream, shard 0 first."""
+    return [shard_stream(stream, shards, k) for k in range(shards)]
+
+
 def shard_of(user_id: str, shards: int) -> int:
     """The shard of a user: crc32 of its UTF-8 bytes modulo the shard count (DESIGN.md)."""
     return zlib.crc32(user_id.encode()) % shards

@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -85,3 +86,31 @@ def test_timeout_answers_the_fallback_and_scores_once(ns: Namespace, redis_clien
     finally:
         assert server.stop() == 0
     assert redis_client.xlen(ns.stream) == 1
+
+
+def test_sharded_input(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """--shards 3: each transaction goes to its user's shard stream, once; decisions come back
+    from every shard's workers on that shard's channel."""
+    from fraudd.keys import shard_of, shard_stream
+
+    shards = "3"
+    daemon = start(ns, tmp_path, "--workers", "2", "--shards", shards)
+    server = IngestServer.start(ns, tmp_path, "--workers", "2", "--shards", shards, "--decision-timeout-ms", "5000")
+    items = [tx(f"sh{i}", user_id=f"user_{i}") for i in range(30)]
+    try:
+        with server.client() as http, ThreadPoolExecutor(10) as pool:
+            answers = [a.json() for a in pool.map(lambda item: post(http, "/v1/score", item), items[:15])]
+            batch = post(http, "/v1/transactions/batch", items[10:] + items[:2]).json()
+        assert not any(a["timed_out"] for a in answers)
+        assert (batch["accepted"], batch["duplicates"]) == (15, 7)
+        wait_for(lambda: len(stored_rows(ns)) == 30, 60, message="30 rows")
+        rows = stored_rows(ns)
+        for answer in answers:
+            assert decision_of(answer) == rows[answer["transaction_id"]]
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+        stop(daemon)
+    for k in range(3):
+        written = {orjson.loads(f[b"data"])["user_id"] for _i, f in redis_client.xrange(shard_stream(ns.stream, 3, k))}
+        assert written == {f"user_{i}" for i in range(30) if shard_of(f"user_{i}", 3) == k}
+    assert not redis_client.exists(ns.stream)

@@ -83,14 +83,16 @@ class Ingest:
     def __init__(self, settings: IngestSettings, authenticator: auth.Authenticator) -> None:
         self.settings = settings
         self.auth = authenticator
+        # The unsharded keys hold what is not per shard (signature markers).
         self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
         self.redis = redis.asyncio.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=5,
                                                   socket_connect_timeout=3, health_check_interval=0)
         # Group state is read with the runtime's (synchronous) helper, in a thread.
         self.redis_sync = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True,
                                                socket_timeout=5, socket_connect_timeout=3)
-        self.publisher = CoalescingPublisher(self.redis, self.keys, settings.dedup_window_s * 1000)
-        self.decisions = Decisions(self.redis, self.keys.decisions_channel(instance_name()))
+        shard_keys = [Keys(stream, settings.fraud_stream, settings.dlq_stream) for stream in settings.input_streams]
+        self.publisher = CoalescingPublisher(self.redis, shard_keys, instance_name(), settings.dedup_window_s * 1000)
+        self.decisions = Decisions(self.redis, self.publisher.channels)
         self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
         self.backpressure = Backpressure()
         self.tally = ingest_metrics.Tally()
@@ -111,17 +113,25 @@ class Ingest:
         await self.redis.aclose()
         self.redis_sync.close()
 
+    def _lag(self) -> int:
+        """The largest lag of the scoring group over the input shards (a shard not created yet lags 0)."""
+        lags = [0]
+        for stream in self.settings.input_streams:
+            try:
+                lags.append(group_state(self.redis_sync, stream, self.settings.group).lag)
+            except redis.ResponseError as exc:
+                if "no such key" not in str(exc):
+                    raise
+        return max(lags)
+
     async def _watch_lag(self) -> None:
         s = self.settings
         while True:
             lag = None
             try:
-                lag = (await asyncio.to_thread(group_state, self.redis_sync, s.stream, s.group)).lag
+                lag = await asyncio.to_thread(self._lag)
             except (redis.RedisError, OSError) as exc:
-                if "no such key" in str(exc):
-                    lag = 0  # no stream yet: nothing lags
-                else:
-                    log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
+                log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
             if lag is not None:
                 self.backpressure.lag = lag
                 overloaded = lag > s.max_lag
@@ -255,13 +265,13 @@ def _json(status: int, body: dict) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=JSON)
 
 
-def _valid_one(body: bytes, tally: ingest_metrics.Tally) -> tuple[str, float]:
+def _valid_one(body: bytes, tally: ingest_metrics.Tally) -> tuple[str, str, float]:
     checked = check_payload(body)
     if isinstance(checked, Problem):
         tally.transactions["rejected"] += 1
         raise _problem_refusal(checked)
     obj, event_s = checked
-    return obj["transaction_id"], event_s
+    return obj["transaction_id"], obj["user_id"], event_s
 
 
 def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, registry=None) -> tuple[Ingest, Handler]:
@@ -278,8 +288,8 @@ def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, re
         ingest.admit()
         body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
         await ingest.check_signature(request, key, body)
-        transaction_id, event_s = _valid_one(body, ingest.tally)
-        (accepted,) = await ingest.publish([Submission(transaction_id, event_s, body)])
+        transaction_id, user_id, event_s = _valid_one(body, ingest.tally)
+        (accepted,) = await ingest.publish([Submission(transaction_id, user_id, event_s, body)])
         if accepted.duplicate:
             return _json(200, {"duplicate": True, "id": accepted.id, "transaction_id": transaction_id})
         return _json(202, {"id": accepted.id, "transaction_id": transaction_id})
@@ -314,8 +324,8 @@ def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, re
         ingest.admit()
         body = await ingest.body(request, (JSON,), MAX_PAYLOAD_BYTES)
         await ingest.check_signature(request, key, body)
-        transaction_id, event_s = _valid_one(body, ingest.tally)
-        submission = Submission(transaction_id, event_s, body, ingest.decisions.channel)
+        transaction_id, user_id, event_s = _valid_one(body, ingest.tally)
+        submission = Submission(transaction_id, user_id, event_s, body, reply=True)
         return _json(200, await ingest.decision(transaction_id, submission, request["started"]))
 
     async def healthz(request: web.BaseRequest) -> web.Response:
@@ -373,7 +383,7 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
                 checked.append(result)
             else:
                 obj, event_s = result
-                checked.append(Submission(obj["transaction_id"], event_s, line))
+                checked.append(Submission(obj["transaction_id"], obj["user_id"], event_s, line))
         return checked
     try:
         items = orjson.loads(body)
@@ -394,6 +404,7 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
         result = check_object(obj)
-        checked.append(result if isinstance(result, Problem) else Submission(obj["transaction_id"], result, payload))
+        checked.append(result if isinstance(result, Problem)
+                       else Submission(obj["transaction_id"], obj["user_id"], result, payload))
     return checked
 

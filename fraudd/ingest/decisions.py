@@ -1,10 +1,10 @@
 """The way back for ``POST /v1/score``: decisions from the workers, or from PostgreSQL.
 
-Each ingest process is one instance with a channel of its own (``Keys.decisions_channel``). A
-``/v1/score`` entry carries that channel in its ``reply`` field; the worker that stores the entry's
-decision sends the decisions of its batch for this instance in one sharded-pub/sub message (a JSON
-array) once they are durable. Here one subscription per process hands each decision to the
-request waiting for its ``transaction_id``.
+Each ingest process is one instance with a channel of its own per input shard
+(``Keys.decisions_channel``). A ``/v1/score`` entry carries its shard's channel in its ``reply``
+field; the worker that stores the entry's decision sends the decisions of its batch for this
+instance in one sharded-pub/sub message (a JSON array) once they are durable. Here one
+subscription per process hands each decision to the request waiting for its ``transaction_id``.
 
 A duplicate was written earlier, maybe by another instance or without a reply channel, so its
 decision is read from ``transactions`` where it is (or will shortly be) stored.
@@ -39,10 +39,11 @@ def instance_name() -> str:
 
 
 class Decisions:
-    """Waiters by ``transaction_id``, resolved from this instance's channel."""
+    """Waiters by ``transaction_id``, resolved from this instance's channels (one per input shard,
+    each in its shard's slot, as the worker publishes from its shard's settle script)."""
 
-    def __init__(self, client: redis.asyncio.Redis, channel: str) -> None:
-        self.channel = channel
+    def __init__(self, client: redis.asyncio.Redis, channels: list[str]) -> None:
+        self.channels = channels
         self._client = client
         self._waiting: dict[str, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
@@ -78,8 +79,11 @@ class Decisions:
     async def _listen(self) -> None:
         while True:
             pubsub = self._client.pubsub()
+            confirmed = 0
             try:
-                await pubsub.ssubscribe(self.channel)
+                # One command per channel: on Redis Cluster each lives in its own shard's slot.
+                for channel in self.channels:
+                    await pubsub.ssubscribe(channel)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -87,8 +91,10 @@ class Decisions:
                     if message["type"] == "smessage":
                         self._deliver(message["data"])
                     elif message["type"] == "ssubscribe":
-                        # Confirmed: from now on a published decision reaches this process.
-                        self._subscribed.set()
+                        # Confirmed: from now on a decision published there reaches this process.
+                        confirmed += 1
+                        if confirmed == len(self.channels):
+                            self._subscribed.set()
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise

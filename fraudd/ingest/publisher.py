@@ -77,12 +77,13 @@ return out
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """One valid transaction for the stream: its id, event time, and the exact ``data`` bytes."""
+    """One valid transaction for the stream: its ids, event time, and the exact ``data`` bytes."""
 
     transaction_id: str
+    user_id: str  # routes it to its shard
     event_s: float
     payload: bytes
-    reply: str = ""  # the decisions channel of the ingest instance waiting for it, if any
+    reply: bool = False  # a request of this instance waits for its decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +144,11 @@ class CoalescingPublisher:
     ``transaction_id``, a client retry is safe whether or not the call reached Redis.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys, dedup_window_ms: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, keys: list[Keys], instance: str, dedup_window_ms: int) -> None:
+        """``keys``: every input shard's (one without ``--shards``); ``instance``: the name of this
+        ingest process, whose decisions channel per shard (``channels``) a ``reply`` names."""
         self._keys = keys
+        self.channels = [k.decisions_channel(instance) for k in keys]
         self._window_ms = dedup_window_ms
         self._client = client
         self._script = client.register_script(_ACCEPT)
@@ -174,7 +178,7 @@ class CoalescingPublisher:
                     taken += 1
                 batch, self._queue = self._queue[:taken], self._queue[taken:]
                 try:
-                    replies = await self._call([s for submissions, _f in batch for s in submissions])
+                    replies = await self._route([s for submissions, _f in batch for s in submissions])
                 except Exception as exc:  # handed to every waiting request; the loop goes on
                     for _s, future in batch:
                         if not future.done():
@@ -189,16 +193,31 @@ class CoalescingPublisher:
         finally:
             self._flushing = False
 
-    async def _call(self, submissions: list[Submission]) -> list[bytes]:
-        keys: list[str] = [self._keys.stream]
+    async def _route(self, submissions: list[Submission]) -> list[bytes]:
+        """One script call per shard the submissions go to (each call stays in its shard's slot)."""
+        shards = len(self._keys)
+        if shards == 1:
+            return await self._call(0, submissions)
+        rows: dict[int, list[int]] = {}
+        for row, s in enumerate(submissions):
+            rows.setdefault(shard_of(s.user_id, shards), []).append(row)
+        replies: list[bytes] = [b""] * len(submissions)
+        for shard, picked in rows.items():
+            for row, reply in zip(picked, await self._call(shard, [submissions[r] for r in picked])):
+                replies[row] = reply
+        return replies
+
+    async def _call(self, shard: int, submissions: list[Submission]) -> list[bytes]:
+        shard_keys, channel = self._keys[shard], self.channels[shard]
+        keys: list[str] = [shard_keys.stream]
         args: list = [self._window_ms]
-        accepted = self._keys.accepted_prefix
+        accepted = shard_keys.accepted_prefix
         for s in submissions:
-            probe_key, probe_member = seen_probe(self._keys, s.transaction_id, s.event_s)
+            probe_key, probe_member = seen_probe(shard_keys, s.transaction_id, s.event_s)
             # Grouped like the worker's markers, by minute of event time: a field per transaction
             # instead of a key with its own expiry, and a retry (same event time) finds its hash.
             keys += (f"{accepted}{bucket_of(s.event_s)}", probe_key)
-            args += (s.transaction_id, probe_member, s.payload, s.reply)
+            args += (s.transaction_id, probe_member, s.payload, channel if s.reply else "")
         command = hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
         try:
             return await self._send(command)

@@ -111,7 +111,8 @@ class Trimmer:
 
     def run_once(self) -> None:
         try:
-            trimmed = trim_acked(self._client, self._settings.stream, self._settings.retention_s)
+            trimmed = sum(trim_acked(self._client, stream, self._settings.retention_s)
+                          for stream in self._settings.input_streams)
         except (redis.RedisError, OSError) as exc:
             if not self._failing:
                 log.error("cannot trim the input stream", extra={"event": "outage", "component": "redis", "error": str(exc)})
