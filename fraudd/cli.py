@@ -96,7 +96,7 @@ def alerts(**params) -> None:
     except AlertConfigError as exc:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
     if settings.metrics_port:
-        _prepare_metrics_dir()
+        prepare_metrics_dir()
     check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service

@@ -1,5 +1,5 @@
-"""``fraudd alerts`` as operators run it: killed again and again while alerts flow, and refusing a
-bad channels file at start-up."""
+"""``fraudd alerts`` as operators run it: killed again and again while alerts flow, through a
+PostgreSQL crash (with /metrics on), and refusing a bad channels file at start-up."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import redis
 
 from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
-from .services import PostgresServer, RedisServer, dedicated_namespace, dedicated_postgres, dedicated_redis  # noqa: F401
+from .services import (  # noqa: F401  (fixtures)
+    PostgresServer, RedisServer, dedicated_namespace, dedicated_postgres, dedicated_redis, free_port)
 from .test_alerts import alert, write_config
 
 ALERTS = 5_000
@@ -130,10 +132,15 @@ timeout_s = 1
             pipe.execute()
 
     log_path = tmp_path / "alerts.log"
-    daemon = start_alerts(ns, config, log_path, "--workers", "2", "--batch-size", "100")
+    metrics_port = free_port()
+    daemon = start_alerts(ns, config, log_path, "--workers", "2", "--batch-size", "100", "--metrics-port", str(metrics_port))
     try:
         publish("before", 300)
         wait_for(lambda: len(receiver.accepted) == 300, 60, message="the first alerts")
+        counted = ('fraudd_alert_deliveries_total{channel="ops-webhook",outcome="delivered"} 300.0',
+                   'fraudd_alert_delivery_latency_seconds_count{channel="ops-webhook"} 300.0')
+        wait_for(lambda: all(line in _get(metrics_port, "/metrics") for line in counted), 20,
+                 message="the deliveries counted in /metrics")
         dedicated_postgres.stop("immediate")
         try:
             publish("during", 300)
@@ -165,11 +172,16 @@ timeout_s = 1
     assert client.xlen(ns.dlq_stream) == 0
 
 
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
+
+
 def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_path: Path) -> None:
     config = write_config(tmp_path, '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
                                     'secret_env = "FRAUDD_TEST_UNSET_SECRET"\n')
     result = ns.fraudd("alerts", "--config", str(config), timeout=30)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"Error: --config / FRAUDD_ALERTS_CONFIG: {config}: channels[0] (ops).secret_env: "
-                     "environment variable FRAUDD_TEST_UNSET_SECRET is not set"], result.stderr
+    assert lines == [(f"Error: --config / FRAUDD_ALERTS_CONFIG: {config}: channels[0] (ops).secret_env: "
+                      "environment variable FRAUDD_TEST_UNSET_SECRET is not set")], result.stderr
