@@ -182,7 +182,7 @@ def alert_settings_from(params: dict) -> AlertSettings:
 # -- fraudd ingest ---------------------------------------------------------------------------
 
 _SHARED_WITH_INGEST = ("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
-                       "dedup-window-s", "shutdown-timeout-s", "log-level", "shards")
+                       "dedup-window-s", "shutdown-timeout-s", "log-level", "shards", "labels-stream")
 DECISION_NAMES = ("approve", "review", "decline")
 
 
@@ -240,6 +240,7 @@ class IngestSettings:
     shutdown_timeout_s: float
     log_level: str
     shards: int = 1
+    labels_stream: str = "transactions:labels"
 
     @property
     def input_streams(self) -> list[str]:

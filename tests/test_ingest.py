@@ -291,3 +291,22 @@ def test_the_supervisor_trims_acknowledged_entries(ns: Namespace, redis_client: 
         assert server.stop() == 0
     remaining = [i.decode() for i, _f in redis_client.xrange(ns.stream)]
     assert remaining == ids[-len(remaining):] and ids[800] in remaining
+
+
+def test_labels_reach_the_labels_stream_all_or_none(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
+    with server.client() as http:
+        written = post(http, "/v1/labels", [{"transaction_id": "l1", "label": "fraud", "source": "chargeback",
+                                             "reported_at": NOW - 10}, {"transaction_id": "l2", "label": 0}])
+        assert written.status_code == 202 and written.json()["accepted"] == 2, written.text
+        refused = post(http, "/v1/labels", [{"transaction_id": "l3", "label": "fraud"}, {"transaction_id": "l4", "label": "maybe"}])
+        assert refused.status_code == 422 and refused.json()["error"] == "invalid_label", refused.text
+        assert refused.json()["detail"].startswith("item 1:") and "label" in refused.json()["detail"]
+        assert post(http, "/v1/labels", {"transaction_id": "l5", "label": True}).status_code == 202
+        assert post(http, "/v1/labels", [{"transaction_id": f"m{i}", "label": "legit"} for i in range(6)]).status_code == 413
+        assert post(http, "/v1/labels", b"[{").status_code == 400
+    entries = redis_client.xrange(ns.labels_stream)
+    assert written.json()["ids"] == [entry_id.decode() for entry_id, _fields in entries[:2]]
+    documents = [orjson.loads(fields[b"data"]) for _id, fields in entries]
+    assert [(d["transaction_id"], d["label"], d["source"]) for d in documents] == [
+        ("l1", "fraud", "chargeback"), ("l2", "legit", "api"), ("l5", "fraud", "api")]
+    assert documents[0]["reported_at"] == NOW - 10

@@ -14,7 +14,7 @@ from prometheus_client import Counter, Histogram
 from ..runtime.metrics import observe_many
 
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-ROUTES = ("/v1/transactions", "/v1/transactions/batch", "/v1/score")
+ROUTES = ("/v1/transactions", "/v1/transactions/batch", "/v1/score", "/v1/labels")
 
 requests = Counter("fraudd_ingest_requests_total", "HTTP requests answered, by route and status code.", ["route", "status"])
 request_duration = Histogram("fraudd_ingest_request_duration_seconds", "Time from a request's arrival to its answer, by route.",
