@@ -352,8 +352,16 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namesp
     assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0  # twice: counted once
     merchants, counts = np.unique(first.merchant[first.is_fraud], return_counts=True)
     busiest = merchants[counts.argmax()]
-    entries = redis_client.hget(f"{Keys(ns.stream, ns.fraud_stream, ns.dlq_stream).prefix}confirmed:merchant", busiest)
-    assert len(entries.split(b";")) == counts.max()
+    state = f"{Keys(ns.stream, ns.fraud_stream, ns.dlq_stream).prefix}confirmed:merchant"
+    assert len(redis_client.hget(state, busiest).split(b";")) == counts.max()
+    # An analyst clears one of them later: it no longer counts.
+    cleared = first.transaction_id[first.is_fraud & (first.merchant == busiest)][0]
+    reversal = tmp_path / "reversal.jsonl"
+    reversal.write_bytes(orjson.dumps({"transaction_id": cleared, "label": "legit", "source": "analyst",
+                                       "reported_at": time.time() + 60}))
+    assert ns.fraudd("label", "--file", str(reversal)).returncode == 0
+    assert len(redis_client.hget(state, busiest).split(b";")) == counts.max() - 1
+    assert cleared.encode() not in redis_client.hget(state, busiest)
     Publisher(redis_client, ns.stream).publish(second.payloads())
     drain(redis_client, ns, tmp_path, *run)
 

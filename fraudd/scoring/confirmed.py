@@ -9,10 +9,11 @@ test (``merchant_fraud_7d >= 2``). They are not model inputs: the model's featur
 unchanged.
 
 State: per kind, one hash ``<prefix>confirmed:<kind>``; field = the entity, value = its confirmed
-fraudulent transactions as ``txid=ms`` pairs. Writing is one script call per batch of labels:
-idempotent (a transaction is counted once), a verdict turned legit removes it, and pairs older
-than 28 days before the entity's newest are dropped. Reading is one pipelined round trip per
-scored batch (an HMGET per kind of the batch's distinct values); almost every field is absent.
+fraudulent transactions as ``txid=ms`` pairs, and ``<prefix>confirmed:version``. Writing is one
+script call per batch of labels: idempotent (a transaction is counted once), a verdict turned legit
+removes it, pairs older than 28 days before the entity's newest are dropped, and the version moves.
+Scorers keep a copy, checked against the version once per batch (one GET) and re-read only when
+labels changed it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7 * DAY_MS), ("28d", 28 * DAY_MS)
 CONFIRMED_COLUMNS: tuple[str, ...] = tuple(f"{kind}_fraud_{name}" for kind in KINDS for name, _ms in WINDOWS)
 HORIZON_MS = WINDOWS[-1][1]
 
-# ARGV: horizon, then per label: kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove.
+# KEYS: the four hashes, then the version. ARGV: horizon, then per label: kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove.
 _RECORD = """
 local horizon = tonumber(ARGV[1])
 for i = 2, #ARGV, 5 do
@@ -50,17 +51,26 @@ for i = 2, #ARGV, 5 do
     end
     if #parts == 0 then redis.call('HDEL', key, entity) else redis.call('HSET', key, entity, table.concat(parts, ';')) end
 end
-return 0
+return redis.call('INCR', KEYS[#KEYS])
 """
 
 
 class ConfirmedFraud:
-    """The confirmed-fraud counts of one stream shard's entities."""
+    """The confirmed-fraud counts of one stream shard's entities.
+
+    Each scorer keeps a copy of the (small) state: entities with a confirmed fraud in the last 28
+    days. A version number, bumped by every write, is read once per batch and the copy re-read only
+    when it moved, so a batch costs one tiny round trip instead of sending all its merchants,
+    devices, IPs and cards to Redis.
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._redis = client
         self._keys = [f"{keys.prefix}confirmed:{kind}" for kind in KINDS]
+        self._version_key = f"{keys.prefix}confirmed:version"
         self._record = client.register_script(_RECORD)
+        self._version: bytes | None = None
+        self._state: list[dict[str, np.ndarray]] = [{} for _ in KINDS]
 
     def record(self, confirmed: list[tuple[str, tuple[str | None, ...], int, bool]]) -> None:
         """``(transaction_id, (merchant, device, ip, card), event ms, is fraud)`` per labelled
@@ -71,30 +81,33 @@ class ConfirmedFraud:
                 if entity is not None:
                     args += [k, entity, txid, int(ms), 1 if fraud else 0]
         if len(args) > 1:
-            self._record(keys=self._keys, args=args)
+            self._record(keys=[*self._keys, self._version_key], args=args)
 
     def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray) -> dict[str, np.ndarray]:
         """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card."""
+        self._refresh()
         n = len(event_ms)
         out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
-        distinct = [[v for v in dict.fromkeys(column) if v is not None] for column in columns]
-        pipe = self._redis.pipeline(transaction=False)
-        for key, values in zip(self._keys, distinct):
-            if values:
-                pipe.hmget(key, values)
-        replies = iter(pipe.execute()) if any(distinct) else iter(())
-        for kind, column, values in zip(KINDS, columns, distinct):
-            if not values:
-                continue
-            known = {v: _times(blob) for v, blob in zip(values, next(replies)) if blob is not None}
+        for kind, column, known in zip(KINDS, columns, self._state):
             if not known:
                 continue
-            rows = [i for i, v in enumerate(column) if v in known]
-            for i in rows:
+            for i in [i for i, v in enumerate(column) if v in known]:
                 times, now = known[column[i]], event_ms[i]
                 for name, span in WINDOWS:
                     out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span))
         return out
+
+    def _refresh(self) -> None:
+        version = self._redis.get(self._version_key)
+        if version == self._version:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._version_key)
+        for key in self._keys:
+            pipe.hgetall(key)
+        version, *hashes = pipe.execute()
+        self._state = [{entity.decode(): _times(blob) for entity, blob in fields.items()} for fields in hashes]
+        self._version = version
 
 
 def _times(blob: bytes) -> np.ndarray:
