@@ -25,6 +25,7 @@ from fraudd.learning.simulator import (
     SimulatorConfig,
 )
 from fraudd.learning.train import recall_at_fpr
+from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
@@ -383,3 +384,27 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namesp
           f"1-10, {baseline:.1%} without (days 1-10, no labels yet: {before:.1%}); legit flagged by the rule: {cost:.2%}")
     assert recall >= baseline + 0.3 and before < 0.1
     assert cost < 0.02
+
+
+def test_confirmed_fraud_state_forgets_entities_after_28_days(redis_client: redis.Redis) -> None:
+    keys = Keys(f"t{time.time_ns()}:transactions:raw", "unused", "unused")
+    confirmed = ConfirmedFraud(redis_client, keys)
+    now_ms = int(time.time() * 1000)
+    day = 86_400_000
+    try:
+        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, True)])
+        batch = (["shop_1", "shop_2"], [None, None], [None, None], ["card_1", "card_2"])
+        counts = confirmed.counts(batch, np.array([now_ms] * 2))
+        assert counts["merchant_fraud_7d"].tolist() == [1, 0] and counts["card_fraud_28d"].tolist() == [1, 0]
+        # A late chargeback for a fraud 40 days old, and the same label again: nothing is kept for it.
+        old = ("old", ("shop_2", None, None, "card_2"), now_ms - 40 * day, True)
+        confirmed.record([old, old])
+        assert redis_client.hkeys(f"{keys.prefix}confirmed:merchant") == [b"shop_1"]
+        counts = confirmed.counts(batch, np.array([now_ms] * 2))  # the copy follows the version
+        assert counts["merchant_fraud_28d"].tolist() == [1, 0] and counts["card_fraud_28d"].tolist() == [1, 0]
+        # The verdict reversed: shop_1 forgets it too.
+        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, False)])
+        assert not redis_client.exists(f"{keys.prefix}confirmed:merchant")
+        assert confirmed.counts(batch, np.array([now_ms] * 2))["merchant_fraud_28d"].tolist() == [0, 0]
+    finally:
+        redis_client.delete(*redis_client.keys(f"{keys.prefix}confirmed:*"))

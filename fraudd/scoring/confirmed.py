@@ -11,7 +11,9 @@ unchanged.
 State: per kind, one hash ``<prefix>confirmed:<kind>``; field = the entity, value = its confirmed
 fraudulent transactions as ``txid=ms`` pairs, and ``<prefix>confirmed:version``. Writing is one
 script call per batch of labels: idempotent (a transaction is counted once), a verdict turned legit
-removes it, pairs older than 28 days before the entity's newest are dropped, and the version moves.
+removes it, pairs older than 28 days before the entity's newest are dropped, a step of a sweep drops
+entities whose last confirmed fraud is 28 days old (so the state stays bounded), and the version
+moves.
 Scorers keep a copy, checked against the version once per batch (one GET) and re-read only when
 labels changed it.
 """
@@ -29,7 +31,10 @@ WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7 * DAY_MS), ("28d", 28 * DAY_MS)
 CONFIRMED_COLUMNS: tuple[str, ...] = tuple(f"{kind}_fraud_{name}" for kind in KINDS for name, _ms in WINDOWS)
 HORIZON_MS = WINDOWS[-1][1]
 
-# KEYS: the four hashes, then the version. ARGV: horizon, then per label: kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove.
+# KEYS: the four hashes, their four sweep cursors, then the version. ARGV: horizon, then per label:
+# kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove. After the labels, a
+# step of a sweep drops the entities whose newest confirmed fraud is older than the horizon (by the
+# server's clock), so entities never labelled again do not stay forever.
 _RECORD = """
 local horizon = tonumber(ARGV[1])
 for i = 2, #ARGV, 5 do
@@ -51,7 +56,21 @@ for i = 2, #ARGV, 5 do
     end
     if #parts == 0 then redis.call('HDEL', key, entity) else redis.call('HSET', key, entity, table.concat(parts, ';')) end
 end
-return redis.call('INCR', KEYS[#KEYS])
+local clock = redis.call('TIME')
+local oldest = tonumber(clock[1]) * 1000 - horizon
+for k = 1, 4 do
+    local reply = redis.call('HSCAN', KEYS[k], redis.call('GET', KEYS[4 + k]) or '0', 'COUNT', 200)
+    local fields = reply[2]
+    for j = 1, #fields, 2 do
+        local newest = 0
+        for at in string.gmatch(fields[j + 1], '=(%d+)') do
+            if tonumber(at) > newest then newest = tonumber(at) end
+        end
+        if newest <= oldest then redis.call('HDEL', KEYS[k], fields[j]) end
+    end
+    redis.call('SET', KEYS[4 + k], reply[1])
+end
+return redis.call('INCR', KEYS[9])
 """
 
 
@@ -67,6 +86,7 @@ class ConfirmedFraud:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._redis = client
         self._keys = [f"{keys.prefix}confirmed:{kind}" for kind in KINDS]
+        self._sweep_keys = [f"{keys.prefix}confirmed:sweep:{kind}" for kind in KINDS]
         self._version_key = f"{keys.prefix}confirmed:version"
         self._record = client.register_script(_RECORD)
         self._version: bytes | None = None
@@ -81,7 +101,7 @@ class ConfirmedFraud:
                 if entity is not None:
                     args += [k, entity, txid, int(ms), 1 if fraud else 0]
         if len(args) > 1:
-            self._record(keys=[*self._keys, self._version_key], args=args)
+            self._record(keys=[*self._keys, *self._sweep_keys, self._version_key], args=args)
 
     def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray) -> dict[str, np.ndarray]:
         """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card."""
