@@ -175,7 +175,7 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     from .runtime.health import redis_memory
     from .schema import MigrationError, pending_migrations
 
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_url, settings.redis_cluster)
     try:
         client.ping()
         eviction = redis_memory(client).eviction_problem()
@@ -238,12 +238,13 @@ def prepare_metrics_dir() -> None:
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
     from .keys import Keys
+    from .runtime.consumer import redis_client
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .scoring.dedup import projected_marker_bytes
 
     settings = settings_from(params)
     healthy = True
-    client = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True, socket_timeout=3)
+    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
     try:
         state = combined([group_state(client, stream, settings.group) for stream in settings.input_streams])
         click.echo(f"redis      up    {_redact(settings.redis_url)}")
@@ -253,7 +254,9 @@ def status(**params) -> None:
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:
-            leases = client.mget([Keys(stream, settings.fraud_stream, settings.dlq_stream).lease for stream in settings.input_streams])
+            # One GET per shard: the leases live in as many slots (nodes, on a cluster).
+            leases = [client.get(Keys(stream, settings.fraud_stream, settings.dlq_stream).lease)
+                      for stream in settings.input_streams]
             owners = Counter(lease.split(":", 1)[1] for lease in leases if lease)
             click.echo(f"shards     {settings.shards}: {sum(owners.values())} owned, "
                        + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner"))

@@ -68,6 +68,7 @@ class Settings:
     lease_ms: int = 10_000
     labels_stream: str = "transactions:labels"
     shadow_model: Path | None = None
+    redis_cluster: bool = False
 
     @property
     def input_streams(self) -> list[str]:
@@ -97,6 +98,7 @@ def _probability(ctx, param, value):
 # (flag, environment variable, click keyword arguments, help). The README's table is this list.
 OPTIONS: list[tuple[str, str, dict, str]] = [
     ("redis-url", "REDIS_URL", {"default": "redis://127.0.0.1:6379/0"}, "Redis holding the streams and feature state."),
+    ("redis-cluster", "REDIS_CLUSTER", {"is_flag": True, "default": False}, "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); needs --shards > 1."),
     ("postgres-url", "POSTGRES_URL", {"default": "postgresql://127.0.0.1:5432/postgres"}, "PostgreSQL receiving the decisions."),
     ("pg-schema", "FRAUDD_PG_SCHEMA", {"default": "public"}, "PostgreSQL schema of fraudd's tables."),
     ("model-path", "ML_MODEL_PATH", {"default": str(DEFAULT_MODEL), "type": click.Path(dir_okay=False, path_type=Path)}, "ONNX model file (with fraudd metadata)."),
@@ -172,6 +174,9 @@ def settings_from(params: dict) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {name: params[name] for name in names}
     values["log_level"] = values["log_level"].upper()
+    if values["redis_cluster"] and values["shards"] < 2:
+        # One shard means one hash slot: a cluster would hold all of fraudd on one node.
+        raise ConfigError("--redis-cluster needs --shards > 1 (one shard lives in one slot, on one node)")
     return Settings(**values)
 
 

@@ -107,6 +107,101 @@ class RedisServer:
         self.start()
 
 
+# A failed master's replica takes over after this long without an answer (redis.conf's default is
+# 15 s, far longer than a test or a demo wants to wait).
+CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, every node a
+    ``RedisServer`` of its own in a subdirectory of ``directory``; created with ``redis-cli --cluster``."""
+
+    directory: Path
+    masters: int = 3
+    replicas: int = 1
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node as a seed, as ``--redis-url`` takes them with ``--redis-cluster``."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> None:
+        if shutil.which("redis-cli") is None:
+            raise MissingServer("redis-cli is not installed (Debian package: redis-tools)")
+        for i in range(self.masters * (1 + self.replicas)):
+            node_dir = self.directory / f"node{i}"
+            node_dir.mkdir()
+            node = RedisServer(node_dir, config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf",
+                                                 "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
+                                                 # The default bus port, port + 10000, may be taken or past 65535.
+                                                 "cluster-port": str(free_port()),
+                                                 # A replica may take over however long ago it heard from its master.
+                                                 "cluster-replica-validity-factor": "0"})
+            node.start()
+            self.nodes.append(node)
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{node.port}" for node in self.nodes],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, timeout=START_TIMEOUT_S, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self._settled, START_TIMEOUT_S, "the cluster to agree on its slots and replicas")
+
+    def _settled(self) -> bool:
+        """Every node says the cluster is ok and sees every master's replicas."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                with node.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    nodes = client.execute_command("CLUSTER", "NODES").decode()
+                    replication = client.info("replication")
+            except redis.RedisError:
+                return False
+            replicas = sum("slave" in line.split()[2] for line in nodes.splitlines() if line)
+            synced = replication["role"] == "master" or replication.get("master_link_status") == "up"
+            if "cluster_state:ok" not in info or replicas < self.masters * self.replicas or not synced:
+                return False
+        return True
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot now."""
+        with self.live()[0].client() as client:
+            slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+            for start, end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(master[1])
+                    return next(node for node in self.nodes if node.port == port)
+        raise RuntimeError(f"no node serves the slot of {key}")
+
+    def live(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def fail_over(self, master: RedisServer) -> None:
+        """SIGKILL ``master`` and wait until one of its replicas serves its slots."""
+        port = master.port
+        master.kill()
+
+        def promoted() -> bool:
+            for node in self.live():
+                try:
+                    with node.client() as client:
+                        if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                            return False
+                        slots = client.execute_command("CLUSTER", "SLOTS")
+                except redis.RedisError:
+                    return False
+                if any(int(entry[2][1]) == port for entry in slots):
+                    return False
+            return True
+
+        wait_until(promoted, START_TIMEOUT_S, f"a replica of the master on port {port} to take over")
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
 @dataclass
 class PostgresServer:
     """A PostgreSQL 15 cluster in ``directory`` with trust authentication for ``postgres``.

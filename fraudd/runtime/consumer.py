@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import psycopg
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from . import metrics
 from .process import BootError, WorkerProcess
@@ -39,7 +41,12 @@ _BACKOFF_MAX_S = 5.0
 # Errors that mean "a dependency is away", not "this batch is bad": the batch is retried as is.
 # A Redis at maxmemory (noeviction) refuses writes until memory is freed (markers expire, the
 # stream is trimmed) or raised: an outage like any other, never a reason to dead-letter a batch.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+# On a Redis Cluster, a failed master's slots answer CLUSTERDOWN (or TRYAGAIN, MASTERDOWN) until a
+# replica takes over, and MOVED/ASK reach the per-node path of the features code while the slot
+# map changes: the same wait, then a retry on the new map.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.exceptions.OutOfMemoryError,
+              redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError,
+              redis.exceptions.SlotNotCoveredError)
 POSTGRES_DOWN = (
     psycopg.OperationalError,
     psycopg.errors.ReadOnlySqlTransaction,
@@ -185,11 +192,15 @@ class StreamConsumer:
         if block:
             args += ["BLOCK", o.block_ms]
         try:
-            reply = self.redis.execute_command("XREADGROUP", *args, "STREAMS", o.stream, start)
+            reply = self._command("XREADGROUP", *args, "STREAMS", o.stream, start)
         except redis.ResponseError as exc:
             self.recreate_lost_group(exc)
             return []
         return reply[0][1] if reply else []
+
+    def _command(self, *args) -> object:
+        """A command on the stream, its reply raw (``connect_redis``), on the node serving it."""
+        return on_node(self.redis, self.options.stream, lambda client: client.execute_command(*args))
 
     def recreate_lost_group(self, exc: redis.ResponseError) -> None:
         """Re-raise ``exc`` unless it says the consumer group is gone; then recreate the group.
@@ -205,7 +216,7 @@ class StreamConsumer:
     def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``claim_idle_ms`` (their consumer died or hung)."""
         o = self.options
-        cursor, raw, _deleted = self.redis.execute_command(
+        cursor, raw, _deleted = self._command(
             "XAUTOCLAIM", o.stream, o.group, self.name, o.claim_idle_ms, self._claim_cursor, "COUNT", o.batch_size
         )
         self._claim_cursor = cursor.decode()
@@ -222,7 +233,7 @@ class StreamConsumer:
     def _deliveries(self, raw: list) -> dict[str, int]:
         """Delivery counts of entries this consumer holds, for the poison check."""
         first, last = raw[0][0], raw[-1][0]
-        pending = self.redis.execute_command(
+        pending = self._command(
             "XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name
         )
         return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
@@ -280,7 +291,7 @@ class StreamConsumer:
         if not in_flight:
             return
         try:
-            self.redis.execute_command(
+            self._command(
                 "XCLAIM", self.options.stream, self.options.group, self.name, 0, *in_flight, "JUSTID"
             )
         except redis.RedisError:
@@ -343,14 +354,76 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
     return 0
 
 
-def connect_redis(url: str) -> redis.Redis:
-    """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts."""
-    client = redis.Redis.from_url(url, protocol=2, socket_timeout=10, socket_connect_timeout=5,
-                                  retry_on_timeout=False, health_check_interval=0)
+def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | RedisCluster:
+    """A client of the Redis at ``url``, or with ``cluster`` of the Redis Cluster whose seed nodes
+    ``url`` lists, comma-separated; ``options`` go to redis-py (``decode_responses``, timeouts)."""
+    options = {"protocol": 2, **options}
+    if not cluster:
+        return redis.Redis.from_url(url, **options)
+    seeds = [urllib.parse.urlsplit(seed.strip()) for seed in url.split(",") if seed.strip()]
+    # Without full coverage the client still starts while a failed master's slots wait for a
+    # replica: those slots answer CLUSTERDOWN, an outage waited out, instead of a crash at start.
+    return RedisCluster(startup_nodes=[ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
+                        require_full_coverage=False, username=seeds[0].username, password=seeds[0].password,
+                        **options)
+
+
+def connect_redis(url: str, cluster: bool = False) -> redis.Redis | RedisCluster:
+    """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts.
+
+    On a cluster, the node clients that ``node_client`` hands out reply raw."""
+    client = redis_client(url, cluster, socket_timeout=10, socket_connect_timeout=5, health_check_interval=0,
+                          **({} if cluster else {"retry_on_timeout": False}))
+    if not cluster:
+        _raw_stream_replies(client)
+    return client
+
+
+def _raw(response, **options):
+    return response
+
+
+def _raw_stream_replies(client: redis.Redis) -> None:
     # XCLAIM too: redis-py parses its reply as entries, which a JUSTID reply (bare ids) is not.
     for command in ("XREADGROUP", "XAUTOCLAIM", "XPENDING", "XCLAIM"):
-        client.set_response_callback(command, lambda response, **options: response)
-    return client
+        client.set_response_callback(command, _raw)
+
+
+# What a command sent straight to a cluster node meets when the node failed or the slot moved.
+CLUSTER_CHANGED = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.AskError, redis.exceptions.ClusterError,
+                   redis.exceptions.TryAgainError, redis.ReadOnlyError)
+
+
+def node_client(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
+    """The plain client of the node serving ``key``'s slot (``client`` itself off a cluster): one
+    slot's commands packed and sent as on a single Redis, without the cluster client's per-command
+    key parsing, and with raw stream replies."""
+    if not isinstance(client, RedisCluster):
+        return client
+    node = client.get_redis_connection(client.get_node_from_key(key))
+    if node.response_callbacks.get("XPENDING") is not _raw:
+        _raw_stream_replies(node)
+    return node
+
+
+def on_node(client: redis.Redis | RedisCluster, key: str, send: Callable[[redis.Redis], _T]) -> _T:
+    """``send(node_client(client, key))``; when the cluster changed under it, learn the slot map
+    again and raise: the caller waits the outage out (``until_done``) and retries on the new map."""
+    try:
+        return send(node_client(client, key))
+    except CLUSTER_CHANGED:
+        refresh_slots(client)
+        raise
+
+
+def refresh_slots(client: redis.Redis | RedisCluster) -> None:
+    """After a node failed or a slot moved, learn the cluster's slot map again (best effort: while
+    the cluster is down the next attempt fails again, and refreshes again)."""
+    if isinstance(client, RedisCluster):
+        try:
+            client.nodes_manager.initialize()
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            pass
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:

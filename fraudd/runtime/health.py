@@ -18,10 +18,12 @@ import psycopg
 import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from redis.cluster import RedisCluster
 
 from ..config import Settings
 from ..schema import connect, ensure_partitions
 from . import metrics
+from .consumer import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,18 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:,.1f} MiB"
 
 
-def redis_memory(client: redis.Redis) -> RedisMemory:
-    info = client.info("memory")
+def redis_memory(client: redis.Redis | RedisCluster) -> RedisMemory:
+    """The memory of the Redis, or of a cluster's fullest primary with the first evicting policy any
+    primary has: one primary full or evicting is enough to stop or break the shards it serves."""
+    if not isinstance(client, RedisCluster):
+        return _memory(client.info("memory"))
+    primaries = [_memory(info) for info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).values()]
+    fullest = max(primaries, key=lambda m: (m.used / m.maximum if m.maximum else 0.0, m.used))
+    evicting = next((m.policy for m in primaries if m.eviction_problem()), fullest.policy)
+    return RedisMemory(fullest.used, fullest.maximum, evicting)
+
+
+def _memory(info: dict) -> RedisMemory:
     return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
 
 
@@ -117,8 +129,8 @@ class Housekeeper:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True,
-                                          socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True,
+                                  socket_timeout=2, socket_connect_timeout=2)
         self._next_partitions = 0.0
         self._down: set[str] = set()
         self._state: GroupState | None = None

@@ -23,8 +23,10 @@ import numpy as np
 import orjson
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from ..keys import Keys
+from ..runtime.consumer import node_client
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket
@@ -313,6 +315,12 @@ return {acked, alerts_written, dead_written}
 """
 
 
+# How long a split settle waits for a replica to confirm its alerts or dead letters (Redis Cluster):
+# on one host a replica answers in well under a millisecond; a master without a live replica
+# costs this per settle that has any, until one is back.
+REPLICA_WAIT_MS = 100
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     rejected: Rejected
@@ -327,37 +335,81 @@ class Settled:
 
 
 class Settler:
-    """The Redis side of a batch, one round trip; the script re-loads itself after a Redis restart."""
+    """The Redis side of a batch, one round trip; the script re-loads itself after a Redis restart.
 
-    def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str, dedup_window_ms: int,
-                 lease: Lease | None = None) -> None:
+    On a Redis Cluster the fraud and DLQ streams hash to other slots than the shard, so one atomic
+    call cannot hold them all: the alerts are written first in the fraud stream's slot, the dead
+    letters in the DLQ's, each with its markers in the same slot (so each stays written exactly
+    once however often it is retried), each waited for until a replica has it (``WAIT``); the
+    fenced ack in the shard's slot comes last. Durable first, ack last, as on one Redis. A worker
+    fenced out after its COPY may still write an alert the new owner would have written: the
+    marker lets only one of them through, and both carry what PostgreSQL stored.
+    """
+
+    def __init__(self, client: redis.Redis | RedisCluster, keys: Keys, group: str, consumer: str,
+                 dedup_window_ms: int, lease: Lease | None = None) -> None:
+        self._client = client
         self._keys = keys
         self._lease = lease
         self._group = group
         self._consumer = consumer
         self._window_ms = dedup_window_ms
         self._script = client.register_script(SETTLE_SCRIPT)
+        self._split = isinstance(client, RedisCluster)
+        # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
+        self._alerted_prefix = (Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
+                                if self._split else keys.alerted_prefix)
+        self._dead_prefix = (f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
+                             if self._split else keys.dead_prefix)
 
     def settle(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
                replies: dict[str, bytes] | None = None) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
+        if self._split:
+            return self._settle_split(ack_ids, alerts, dead, replies)
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
-        if self._lease is not None:
-            keys.append(self._lease.key)
+        return Settled(*self._call(keys, self.arguments(ack_ids, alerts, dead, replies)))
+
+    def _settle_split(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
+                      replies: dict[str, bytes] | None) -> Settled:
+        alerts_written = dead_written = 0
+        if alerts:
+            fraud = self._keys.fraud_stream
+            _, alerts_written, _ = self._call([fraud] * 3, self.arguments([], alerts, [], None, fenced=False))
+            self._replicated(fraud)
+        if dead:
+            dlq = self._keys.dlq_stream
+            _, _, dead_written = self._call([dlq] * 3, self.arguments([], [], dead, None, fenced=False))
+            self._replicated(dlq)
+        stream = self._keys.stream
+        acked, _, _ = self._call([stream] * 3, self.arguments(ack_ids, [], [], replies))
+        return Settled(acked, alerts_written, dead_written)
+
+    def _call(self, keys: list[str], args: list) -> tuple[int, int, int]:
+        if args[7]:  # fenced: the lease is checked in the call
+            keys = [*keys, self._lease.key]
         try:
-            acked, alerts_written, dead_written = self._script(keys=keys, args=self.arguments(ack_ids, alerts, dead, replies))
+            acked, alerts_written, dead_written = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(f"lease on {self._keys.stream} lost") from None
             raise
-        return Settled(acked, alerts_written, dead_written)
+        return acked, alerts_written, dead_written
+
+    def _replicated(self, key: str) -> None:
+        """Wait (a little) until a replica of ``key``'s master holds what was just written, so a
+        master dying right after the call does not take alerts or dead letters with it while the
+        ack, on another master, survives. Without a live replica this costs the timeout and goes
+        on: the write is as safe as that master."""
+        node_client(self._client, key).execute_command("WAIT", 1, REPLICA_WAIT_MS)
 
     def arguments(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
-                  replies: dict[str, bytes] | None = None) -> list:
+                  replies: dict[str, bytes] | None = None, fenced: bool = True) -> list:
         """The script's ARGV for one settle (apart so its encoding cost can be measured alone)."""
         replies = replies or {}
-        args: list = [self._group, self._window_ms, self._keys.alerted_prefix, self._keys.dead_prefix, len(alerts), len(dead),
-                      len(replies), self._lease.token if self._lease is not None else ""]
+        token = self._lease.token if self._lease is not None and fenced else ""
+        args: list = [self._group, self._window_ms, self._alerted_prefix, self._dead_prefix, len(alerts), len(dead),
+                      len(replies), token]
         for alert in alerts:
             args += alert
         for letter in dead:

@@ -82,7 +82,7 @@ class ScoringWorker:
         # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
         self.store = DecisionStore(settings.postgres_url, settings.pg_schema,
                                    settings.lease_ms // 2 if settings.shards > 1 else 0)
-        self.redis = connect_redis(settings.redis_url)
+        self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
         self._settling: Future | None = None
         self._settling_thread = (ThreadPoolExecutor(1, thread_name_prefix="settle")
