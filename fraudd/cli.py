@@ -171,7 +171,8 @@ def preflight(settings: Settings) -> None:
 def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
     """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
     answers with every migration applied."""
-    from .runtime.consumer import connect_redis, ensure_group
+    from .runtime.consumer import ensure_group
+    from .runtime.redis_clients import connect_redis
     from .runtime.health import redis_memory
     from .schema import MigrationError, pending_migrations
 
@@ -238,7 +239,7 @@ def prepare_metrics_dir() -> None:
 def status(**params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
     from .keys import Keys
-    from .runtime.consumer import redis_client
+    from .runtime.redis_clients import redis_client
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .scoring.dedup import projected_marker_bytes
 

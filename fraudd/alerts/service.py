@@ -18,7 +18,8 @@ import redis
 from ..config import AlertSettings, Settings
 from ..keys import Keys
 from ..runtime import metrics
-from ..runtime.consumer import Entries, StreamConsumer, connect_redis, consume
+from ..runtime.consumer import Entries, StreamConsumer, consume
+from ..runtime.redis_clients import connect_redis
 from ..runtime.deadletters import DeadLetter, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess

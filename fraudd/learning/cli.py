@@ -193,7 +193,8 @@ def labels_service(**params) -> None:
     from fraudd.cli import prepare_metrics_dir
     from fraudd.config import ConfigError, settings_from
     from fraudd.runtime import logs
-    from fraudd.runtime.consumer import connect_redis, ensure_group
+    from fraudd.runtime.consumer import ensure_group
+    from fraudd.runtime.redis_clients import connect_redis
     from fraudd.schema import connect, pending_migrations
 
     settings = settings_from(params)

@@ -18,7 +18,8 @@ import orjson
 import psycopg
 
 from fraudd.config import Settings
-from fraudd.runtime.consumer import Entries, StreamConsumer, connect_redis, consume
+from fraudd.runtime.consumer import Entries, StreamConsumer, consume
+from fraudd.runtime.redis_clients import connect_redis
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.supervisor import Service
 from fraudd.schema import connect

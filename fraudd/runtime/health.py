@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 from ..config import Settings
 from ..schema import connect, ensure_partitions
 from . import metrics
-from .consumer import redis_client
+from .redis_clients import redis_client
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import redis
 
 from fraudd.config import packaged
 from fraudd.keys import Keys
-from fraudd.runtime.consumer import on_node
+from fraudd.runtime.redis_clients import on_node
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud

@@ -26,7 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from ..runtime.consumer import node_client
+from ..runtime.redis_clients import node_client
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket

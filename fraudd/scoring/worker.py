@@ -39,7 +39,8 @@ import redis
 
 from ..config import Settings
 from ..runtime import metrics
-from ..runtime.consumer import Entries, Stopping, connect_redis, consume
+from ..runtime.consumer import Entries, Stopping, consume
+from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.supervisor import Service
