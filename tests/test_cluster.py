@@ -28,7 +28,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers, scratch_dir
-from fraudd.runtime.consumer import redis_client
+from fraudd.runtime.redis_clients import redis_client
 from fraudd.scoring.features import _USER_INFIX
 
 from .conftest import Namespace, migrated_namespace, wait_for, worker_pids
