@@ -31,10 +31,10 @@ from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
 
 from .conftest import Namespace, wait_for
-from .test_intelligence import offline_decisions
-from .test_observability import free_port, http_get
 from .services import drain
 from .streams import fully_drained
+from .test_intelligence import offline_decisions
+from .test_observability import free_port, http_get
 
 # Small enough for tens of seconds through the live pipeline; a portfolio under heavier attack than
 # the default, so that 24 days hold enough fraud of each typology to learn from (~1,500).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fraudd.schema import connect
-from fraudd.scoring.rules import DECLINE, DECISIONS, REVIEW, Rules
+from fraudd.scoring.rules import DECISIONS, DECLINE, REVIEW, Rules
 from fraudd.scoring.thresholds import Thresholds
 
 

@@ -43,7 +43,7 @@ LIGHTGBM_PARAMS = dict(
     objective="binary", n_estimators=120, num_leaves=15, learning_rate=0.08, min_child_samples=40,
     subsample=0.8, subsample_freq=1, colsample_bytree=0.9, reg_lambda=1.0, verbose=-1, n_jobs=2,
 )
-_LABELS = {1: True, 0: False, True: True, False: False}
+_LABELS = {1: True, 0: False}  # true/false too: they equal 1/0
 
 Progress = Callable[[str], None]
 

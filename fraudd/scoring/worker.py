@@ -44,10 +44,10 @@ from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.supervisor import Service
+from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
-from . import thresholds
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
