@@ -36,7 +36,7 @@ from .services import DaemonProcess, stop
 from .streams import alerts, dlq, fully_drained
 
 SHARDS = 8
-TRANSACTIONS = 24_000
+TRANSACTIONS = 40_000
 PUBLISHED_FIRST = 0.6  # the rest goes out after the failover, through the promoted replica
 LEASE_MS = 1500
 DAEMON_ARGS = ("--workers", "2", "--shards", str(SHARDS), "--lease-ms", str(LEASE_MS), "--batch-size", "300")

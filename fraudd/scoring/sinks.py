@@ -16,6 +16,7 @@ row is durable.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -319,6 +320,7 @@ return {acked, alerts_written, dead_written}
 # on one host a replica answers in well under a millisecond; a master without a live replica
 # costs this per settle that has any, until one is back.
 REPLICA_WAIT_MS = 100
+REPLICA_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +358,7 @@ class Settler:
         self._window_ms = dedup_window_ms
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
+        self._unreplicated_until: dict[str, float] = {}
         # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
         self._alerted_prefix = (Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
                                 if self._split else keys.alerted_prefix)
@@ -399,9 +402,14 @@ class Settler:
     def _replicated(self, key: str) -> None:
         """Wait (a little) until a replica of ``key``'s master holds what was just written, so a
         master dying right after the call does not take alerts or dead letters with it while the
-        ack, on another master, survives. Without a live replica this costs the timeout and goes
-        on: the write is as safe as that master."""
-        node_client(self._client, key).execute_command("WAIT", 1, REPLICA_WAIT_MS)
+        ack, on another master, survives. Without a live replica the write is as safe as that
+        master: a WAIT that timed out is not tried again for a while, so a master left without
+        replicas costs one timeout per REPLICA_RETRY_S, not one per settle."""
+        now = time.monotonic()
+        if now < self._unreplicated_until.get(key, 0.0):
+            return
+        if node_client(self._client, key).execute_command("WAIT", 1, REPLICA_WAIT_MS) == 0:
+            self._unreplicated_until[key] = now + REPLICA_RETRY_S
 
     def arguments(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
                   replies: dict[str, bytes] | None = None, fenced: bool = True) -> list:
