@@ -4,7 +4,7 @@ of 3 masters and 3 replicas, started by the test, while things go wrong.
 Two supervisors (different CONSUMER_ID) share 8 shards; their workers are SIGKILLed now and then;
 one supervisor is killed for good with its workers (the other takes its shards over once their
 leases expire); the master serving the fraud stream's slot (and some shards') is SIGKILLed and its
-replica promoted while scoring goes on. The traffic is sized for CI (tens of seconds on 2 busy
+replica promoted while scoring goes on, and every primary loses the Function library. The traffic is sized for CI (tens of seconds on 2 busy
 cores), not for throughput: see bench/ for that.
 """
 
@@ -29,7 +29,7 @@ from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers, scratch_dir
 from fraudd.runtime.redis_clients import redis_client
-from fraudd.scoring.features import _USER_INFIX
+from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
 
 from .conftest import Namespace, migrated_namespace, wait_for, worker_pids
 from .services import DaemonProcess, stop
@@ -92,6 +92,8 @@ def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(
         b.kill_group()  # for good: its workers die with it, their shards wait out their leases
         redis_cluster.fail_over(redis_cluster.master_of(ns.fraud_stream))
         ids += publisher.publish(payloads[first:])
+        # As a node restarted without persistence would: the workers load the library again.
+        cluster_client.function_flush("SYNC")
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline and not fully_drained(cluster_client, ns, SHARDS):
             time.sleep(rng.uniform(0.5, 1.5))
@@ -126,6 +128,14 @@ def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(
         keys = Keys(shard_stream(ns.stream, SHARDS, shard_of(user, SHARDS)), ns.fraud_stream, ns.dlq_stream)
         raw = cluster_client.get(keys.prefix + _USER_INFIX + user)
         assert struct.unpack_from("<dI", raw)[1] == count, user
+
+    # The library is back on every primary that serves a shard.
+    masters = {redis_cluster.master_of(shard_stream(ns.stream, SHARDS, k)).port: k for k in range(SHARDS)}
+    for node in redis_cluster.live():
+        if node.port in masters:
+            with node.client() as client:
+                libraries = [dict(zip(lib[::2], lib[1::2]))[b"library_name"] for lib in client.function_list()]
+                assert libraries == [LIBRARY_NAME.encode()], node.port
 
     # Status and start-up checks go through the cluster client too; one shard would be one node.
     status = ns.fraudd("status", "--shards", str(SHARDS), timeout=30)

@@ -18,6 +18,7 @@ import psycopg
 import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
 from ..config import Settings
@@ -103,7 +104,9 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
     lag = info.get("lag")
     if lag is None:
         # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
-        lag = len(client.xrange(stream, min=f"({info['last-delivered-id']}", count=100_000))
+        # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
+        lag = len(client.execute_command("XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000,
+                                         keys=[stream], **{NEVER_DECODE: True}))
     summary = client.xpending(stream, group)
     oldest = 0.0
     if summary["pending"]:

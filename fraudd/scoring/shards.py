@@ -36,6 +36,7 @@ from ..config import Settings
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
+from ..runtime.redis_clients import on_node
 from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
 from .sinks import Settler
 
@@ -177,15 +178,16 @@ class ShardReader:
             self.current = None
 
     def _lease(self, op: str, keys: Keys, who: str) -> object:
-        args = (LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
+        # Straight to the shard's node: the cluster client would ask a node for FCALL's keys first.
+        args = ("FCALL", LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
         try:
-            return self.redis.fcall(*args)
+            return on_node(self.redis, keys.lease, lambda client: client.execute_command(*args))
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
         load_library(self.redis)
-        return self.redis.fcall(*args)
+        return on_node(self.redis, keys.lease, lambda client: client.execute_command(*args))
 
     def _renew_while_alive(self) -> None:
         """The renewal thread: keep this worker's leases while its batch loop shows signs of life."""
