@@ -142,3 +142,11 @@ def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(
     assert status.returncode == 0 and f"({SHARDS} shards)" in status.stdout, status.stdout + status.stderr
     refused = ns.fraudd("status")
     assert refused.returncode != 0 and "--redis-cluster needs --shards > 1" in refused.stderr, refused.stderr
+    # One evicting primary is enough to refuse the cluster at start-up.
+    with redis_cluster.master_of(shard_stream(ns.stream, SHARDS, 0)).client() as node:
+        node.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            refused = ns.fraudd("run", "--shards", str(SHARDS), timeout=60)
+        finally:
+            node.config_set("maxmemory-policy", "noeviction")
+    assert refused.returncode != 0 and "maxmemory-policy is allkeys-lru" in refused.stderr, refused.stderr
