@@ -317,8 +317,8 @@ return {acked, alerts_written, dead_written}
 
 
 # How long a split settle waits for a replica to confirm its alerts or dead letters (Redis Cluster):
-# on one host a replica answers in well under a millisecond; a master without a live replica
-# costs this per settle that has any, until one is back.
+# a replica on the same network answers in well under a millisecond. After a wait that timed out
+# (the master has no live replica) the stream's writes go unwaited for REPLICA_RETRY_S.
 REPLICA_WAIT_MS = 100
 REPLICA_RETRY_S = 5.0
 
@@ -337,7 +337,7 @@ class Settled:
 
 
 class Settler:
-    """The Redis side of a batch, one round trip; the script re-loads itself after a Redis restart.
+    """The Redis side of a batch, one round trip on one Redis; the script re-loads itself after a Redis restart.
 
     On a Redis Cluster the fraud and DLQ streams hash to other slots than the shard, so one atomic
     call cannot hold them all: the alerts are written first in the fraud stream's slot, the dead
