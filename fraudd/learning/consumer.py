@@ -11,7 +11,7 @@ one atomic Redis call that dead-letters the invalid and poison entries and acks 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import orjson
@@ -19,8 +19,8 @@ import psycopg
 
 from fraudd.config import Settings
 from fraudd.runtime.consumer import Entries, StreamConsumer, consume
-from fraudd.runtime.redis_clients import connect_redis
 from fraudd.runtime.process import WorkerProcess
+from fraudd.runtime.redis_clients import connect_redis
 from fraudd.runtime.supervisor import Service
 from fraudd.schema import connect
 from fraudd.scoring.decode import REASON_INVALID, REASON_MAX_DELIVERIES, REASON_NO_DATA, REASON_NOT_JSON
@@ -30,31 +30,15 @@ from .labels import Label, LabelError, confirm, confirmed_shards, parse_label, s
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class LabelsOptions:
-    """What the runtime's consumer reads (``ConsumerOptions``), for the labels stream."""
-
-    stream: str
-    group: str
-    batch_size: int
-    block_ms: int
-    claim_idle_ms: int
-    max_deliveries: int
-    shutdown_timeout_s: float
-
-
-def options(settings: Settings) -> LabelsOptions:
-    return LabelsOptions(settings.labels_stream, settings.group, settings.batch_size, settings.block_ms,
-                         settings.claim_idle_ms, settings.max_deliveries, settings.shutdown_timeout_s)
-
-
 class LabelsWorker:
     """The batch handler of consumer ``<consumer-id>-<index>`` on the labels stream."""
 
     def __init__(self, settings: Settings, process: WorkerProcess) -> None:
         self.settings = settings
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url), options(settings),
-                                       settings.consumer_name(process.index), process, on_outage=self._on_outage)
+        # The runtime's consumer reads ``stream``: here, the labels stream.
+        labels = replace(settings, stream=settings.labels_stream)
+        self.consumer = StreamConsumer(connect_redis(settings.redis_url), labels, settings.consumer_name(process.index),
+                                       process, on_outage=self._on_outage)
         self._conn: psycopg.Connection | None = None
         self.confirmed = confirmed_shards(self.consumer.redis, settings.stream, settings.shards)
 
