@@ -9,13 +9,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import redis
-
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 
 from .conftest import POSTGRES_URL, wait_for
-from .services import RedisServer, dedicated_namespace, free_port, start, stop
-from .services import volatile_redis  # noqa: F401  (fixture)
+from .services import (
+    RedisServer,
+    dedicated_namespace,
+    free_port,
+    start,
+    stop,
+    volatile_redis,  # noqa: F401  (fixture)
+)
 from .streams import dlq, fully_drained, publish
 from .test_observability import http_get
 
