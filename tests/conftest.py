@@ -88,6 +88,20 @@ def worker_pids(supervisor_pid: int) -> list[int]:
         return []
 
 
+def kill_workers_until(done, supervisor_pid: int, seconds: float, rng) -> int:
+    """SIGKILL a random worker of ``supervisor_pid`` every 0.5-1.5 s for ``seconds`` or until ``done()``;
+    returns how many were killed."""
+    kills = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not done():
+        time.sleep(rng.uniform(0.5, 1.5))
+        pids = worker_pids(supervisor_pid)
+        if pids:
+            os.kill(int(rng.choice(pids)), signal.SIGKILL)
+            kills += 1
+    return kills
+
+
 def wait_for(condition, timeout: float, interval: float = 0.1, message: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import struct
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from fraudd.localservers import RedisClusterServers, scratch_dir
 from fraudd.runtime.redis_clients import redis_client
 from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
 
-from .conftest import Namespace, migrated_namespace, wait_for, worker_pids
+from .conftest import Namespace, kill_workers_until, migrated_namespace, wait_for, worker_pids
 from .services import DaemonProcess, stop
 from .streams import alerts, dlq, fully_drained
 
@@ -94,13 +93,7 @@ def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(
         ids += publisher.publish(payloads[first:])
         # As a node restarted without persistence would: the workers load the library again.
         cluster_client.function_flush("SYNC")
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and not fully_drained(cluster_client, ns, SHARDS):
-            time.sleep(rng.uniform(0.5, 1.5))
-            pids = worker_pids(a.pid)
-            if pids:
-                os.kill(int(rng.choice(pids)), signal.SIGKILL)
-                kills += 1
+        kills += kill_workers_until(lambda: fully_drained(cluster_client, ns, SHARDS), a.pid, 8, rng)
         wait_for(lambda: fully_drained(cluster_client, ns, SHARDS), 120, interval=0.5, message="the drain")
     finally:
         b.kill_group()

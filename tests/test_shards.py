@@ -22,7 +22,7 @@ from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.scoring.features import _USER_INFIX
 
-from .conftest import Namespace, wait_for, worker_pids
+from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import start, stop
 from .streams import alerts, dlq, fully_drained
 
@@ -156,15 +156,8 @@ def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.
                                                                          if p is not None]) if reason is not None}
     daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", "1500", "--batch-size", "300")
     rng = np.random.default_rng(5)
-    kills = 0
     try:
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline and not fully_drained(redis_client, ns, shards):
-            time.sleep(rng.uniform(0.5, 1.5))
-            pids = worker_pids(daemon.pid)
-            if pids:
-                os.kill(int(rng.choice(pids)), signal.SIGKILL)
-                kills += 1
+        kills = kill_workers_until(lambda: fully_drained(redis_client, ns, shards), daemon.pid, 12, rng)
         wait_for(lambda: fully_drained(redis_client, ns, shards), 120, interval=0.5, message="the drain after the kills")
     finally:
         log = stop(daemon)
