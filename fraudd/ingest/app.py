@@ -33,6 +33,7 @@ from ..scoring.decode import (
     Problem,
     check_object,
     check_payload,
+    json_value,
 )
 from . import auth
 from . import metrics as ingest_metrics
@@ -404,14 +405,10 @@ def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, re
 
 def _json_body(body: bytes):
     """The body's JSON value; a 400 naming why when it is not JSON (or not even UTF-8)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Refusal(400, REASON_NOT_UTF8, str(exc)) from None
-        raise Refusal(400, REASON_NOT_JSON, str(exc)) from None
+    value = json_value(body)
+    if isinstance(value, Problem):
+        raise _problem_refusal(value)
+    return value
 
 
 def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission | Problem]:

@@ -173,16 +173,11 @@ def _loads_joined(payloads: list[bytes]) -> list | None:
 
 
 def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError:
-            rejected.append(Rejected(entry_id, payload, REASON_NOT_UTF8, str(exc)))
-        else:
-            rejected.append(Rejected(entry_id, payload, REASON_NOT_JSON, str(exc)))
+    value = json_value(payload)
+    if isinstance(value, Problem):
+        rejected.append(Rejected(entry_id, payload, value.reason, value.message))
         return _ALREADY_REJECTED
+    return value
 
 
 _ALREADY_REJECTED = object()
@@ -256,19 +251,26 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
     )
 
 
-def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
-    """One payload judged as ``decode_batch`` judges it: (the object, its event time in Unix
-    seconds) when the worker would score it, else the problem it would be dead-lettered for."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        return Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+def json_value(payload: bytes) -> object | Problem:
+    """The payload's JSON value, or why it has none: not UTF-8, or not JSON."""
     try:
-        obj = orjson.loads(payload)
+        return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:
             return Problem(REASON_NOT_UTF8, None, str(exc))
         return Problem(REASON_NOT_JSON, None, str(exc))
+
+
+def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
+    """One payload judged as ``decode_batch`` judges it: (the object, its event time in Unix
+    seconds) when the worker would score it, else the problem it would be dead-lettered for."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    obj = json_value(payload)
+    if isinstance(obj, Problem):
+        return obj
     checked = check_object(obj)
     return checked if isinstance(checked, Problem) else (obj, checked)
 
