@@ -21,7 +21,9 @@ import redis
 from bench import alerts, latency, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
+from bench.usage import redis_nodes
 from fraudd.config import DEFAULT_MODEL
+from fraudd.runtime.redis_clients import redis_client
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -54,36 +56,45 @@ def _common(function):
 
 @contextmanager
 def _setup(redis_url: str, postgres_url: str, private_services: bool, out_dir: Path,
-           fraudd_args: tuple[str, ...]) -> Iterator[Setup]:
-    """The invocation's Setup, on the shared servers or on a private pair that lives as long as it."""
-    if private_services:
-        with services.private(redis_url, postgres_url, lambda line: click.echo(line, err=True)) as (r, p, settings):
-            yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args)
+           fraudd_args: tuple[str, ...], cluster_masters: int = 0, cluster_replicas: int = 0) -> Iterator[Setup]:
+    """The invocation's Setup, on the shared servers or on a private pair that lives as long as it;
+    ``cluster_masters``: the private Redis is a cluster of that many masters, and ``fraudd run``
+    is told so (``--redis-cluster``)."""
+    if cluster_masters:
+        fraudd_args = (*fraudd_args, "--redis-cluster") if "--redis-cluster" not in fraudd_args else fraudd_args
+    if private_services or cluster_masters:
+        with services.private(redis_url, postgres_url, lambda line: click.echo(line, err=True),
+                              cluster_masters, cluster_replicas) as (r, p, settings):
+            yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args, bool(cluster_masters))
     else:
         yield _make_setup(redis_url, postgres_url, {"private": False}, out_dir, fraudd_args)
 
 
 def _make_setup(redis_url: str, postgres_url: str, services_info: dict, out_dir: Path,
-                fraudd_args: tuple[str, ...]) -> Setup:
+                fraudd_args: tuple[str, ...], cluster: bool = False) -> Setup:
     args = list(fraudd_args)
     model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
     if not Path(model_path).is_file():
         raise click.ClickException(f"no model at {model_path}: train one first (fraudd train)")
+    shards = int(_flag(args, "shards", "FRAUDD_SHARDS", "1"))
+    if cluster and shards < 2:
+        raise click.ClickException("a Redis Cluster needs --shards S > 1: one shard lives in one slot, on one node")
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     return Setup(
-        client=redis.Redis.from_url(redis_url, decode_responses=True),
+        client=redis_client(redis_url, cluster, decode_responses=True),
         redis_url=redis_url,
         postgres_url=postgres_url,
         fraudd_args=args,
         workers=int(_flag(args, "workers", "FRAUDD_WORKERS", str(os.cpu_count() or 1))),
         batch_size=int(_flag(args, "batch-size", "FRAUDD_BATCH_SIZE", "500")),
-        shards=int(_flag(args, "shards", "FRAUDD_SHARDS", "1")),
+        shards=shards,
         model_path=model_path,
         services=services_info,
         out_dir=out_dir,
         log_dir=log_dir,
         echo=lambda line: click.echo(line, err=True),
+        cluster=cluster,
     )
 
 
@@ -97,7 +108,7 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
         "services": setup.services,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine(setup.client, setup.postgres_url),
+        "machine": report.machine(next(iter(redis_nodes(setup.client).values())), setup.postgres_url),
         "result": result,
     }
     path = report.write(report.out_path(setup.out_dir, mode), document)
@@ -114,13 +125,22 @@ def main() -> None:
 @click.option("-n", "--transactions", default=500_000, show_default=True, help="Prefilled transactions per drain.")
 @click.option("--naive-transactions", default=20_000, show_default=True, help="Transactions for the (slow) naive baseline.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
+@click.option("--redis-cluster-masters", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run on a private Redis Cluster of this many masters (and a private PostgreSQL) with "
+                   "`fraudd run --redis-cluster`; pass --shards S > 1. The report gives each node's figures. "
+                   "The baselines read one stream on one Redis: they are left out.")
+@click.option("--redis-cluster-replicas", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Replicas per master of that cluster (their CPU is reported per node too).")
 @_common
-def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_url: str, postgres_url: str,
-                   seed: int, private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_cluster_masters: int,
+                   redis_cluster_replicas: int, redis_url: str, postgres_url: str, seed: int, private_services: bool,
+                   out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        result = throughput.run(setup, transactions, naive_transactions, seed, throughput.BASELINES if baselines else ())
+    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters,
+                redis_cluster_replicas) as setup:
+        chosen = throughput.BASELINES if baselines and not setup.cluster else ()
+        result = throughput.run(setup, transactions, naive_transactions, seed, chosen)
         _finish("throughput", setup, started, result, format_throughput(result))
 
 
@@ -271,6 +291,10 @@ def format_throughput(result: dict) -> str:
         lines += ["", "fraudd's Redis time per transaction by command (script-internal commands are also inside "
                       "evalsha/fcall):",
                   "  " + ", ".join(f"{name} {c['us_per_tx']:.2f} µs" for name, c in top)]
+    nodes = drains["fraudd"].get("redis_nodes")
+    if nodes:
+        lines += ["", "fraudd's Redis per node (CPU of the redis-server process; \"own tx\": per transaction of the "
+                      "shards it serves; commandstats: top commands, µs/tx)", format_nodes(nodes)]
     c = result["checks"]
     if c:
         lines += ["", f"checks: produced {c['produced']:,}, rows {c['rows']:,}, missing {c['missing']}, "
@@ -282,6 +306,23 @@ def format_throughput(result: dict) -> str:
     if result["ratios"]:
         lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
     return "\n".join(lines)
+
+
+def format_nodes(nodes: dict[str, dict]) -> str:
+    """One row per Redis node and their total."""
+    rows = []
+    for name, node in nodes.items():
+        top = list(node["commands"].items())[:3]
+        rows.append([name, node["role"], ",".join(map(str, node["shards"])) or "-", f"{node['transactions']:,}",
+                     _us(node["cpu_us_per_tx"]), _us(node["cpu_us_per_own_tx"]), _us(node["info_cpu_us_per_tx"]),
+                     ", ".join(f"{command} {c['us_per_tx']:.2f}" for command, c in top) or "-",
+                     f"{node['keys']:,}", f"{node['used_memory_bytes'] / 2**20:.1f}"])
+    total = lambda field: sum(node[field] for node in nodes.values())  # noqa: E731
+    rows.append(["total", "", "", f"{total('transactions'):,}", _us(total("cpu_us_per_tx")), "",
+                 _us(total("info_cpu_us_per_tx")), "", f"{total('keys'):,}",
+                 f"{total('used_memory_bytes') / 2**20:.1f}"])
+    return report.table(rows, ["node", "role", "shards", "tx", "CPU-µs/tx", "per own tx", "INFO µs/tx",
+                               "commandstats µs/tx", "keys", "MiB"])
 
 
 def format_latency(result: dict) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.cluster import RedisCluster
 
 from bench import procstat
 from bench.namespace import FRAUDD, Namespace
@@ -30,8 +31,8 @@ POLL_S = 0.01
 class Setup:
     """Where to run and with what: shared by every measurement of one invocation."""
 
-    client: redis.Redis
-    redis_url: str
+    client: redis.Redis | RedisCluster
+    redis_url: str  # with a cluster: every node, comma-separated
     postgres_url: str
     fraudd_args: list[str]
     workers: int
@@ -42,6 +43,7 @@ class Setup:
     log_dir: Path
     echo: Callable[[str], None]
     shards: int = 1
+    cluster: bool = False
 
 
 class ConsumerFailed(RuntimeError):

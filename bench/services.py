@@ -6,6 +6,10 @@ configured like the shared one (the settings that move performance are copied fr
 only this run's work on them. The private PostgreSQL also turns on ``track_commit_timestamp``,
 which gives every row's exact commit time (``bench latency``) and cannot be switched on in the
 shared server without a restart. Both are removed with their directories afterwards.
+
+With ``cluster_masters`` the private Redis is a Redis Cluster of that many masters (and
+``cluster_replicas`` replicas each), every node configured like the shared Redis: what ``bench
+throughput --redis-cluster-masters`` scales out on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from contextlib import contextmanager
 import psycopg
 import redis
 
-from fraudd.localservers import PostgresServer, RedisServer, scratch_dir
+from fraudd.localservers import PostgresServer, RedisClusterServers, RedisServer, scratch_dir
 
 REDIS_SETTINGS = ("appendonly", "appendfsync", "save", "hz", "io-threads")
 PG_SETTINGS = ("shared_buffers", "fsync", "synchronous_commit", "full_page_writes", "wal_level", "max_wal_size",
@@ -26,8 +30,10 @@ PG_SETTINGS = ("shared_buffers", "fsync", "synchronous_commit", "full_page_write
 
 
 @contextmanager
-def private(shared_redis_url: str, shared_postgres_url: str, echo) -> Iterator[tuple[str, str, dict]]:
-    """(redis URL, PostgreSQL URL, settings used) of a fresh private pair, torn down on exit."""
+def private(shared_redis_url: str, shared_postgres_url: str, echo, cluster_masters: int = 0,
+            cluster_replicas: int = 0) -> Iterator[tuple[str, str, dict]]:
+    """(redis URL, PostgreSQL URL, settings used) of a fresh private pair, torn down on exit; the
+    URL lists every node, comma-separated, when the Redis is a cluster."""
     shared = redis.Redis.from_url(shared_redis_url, decode_responses=True)
     redis_settings = {name: shared.config_get(name).get(name) for name in REDIS_SETTINGS}
     redis_settings = {name: value for name, value in redis_settings.items() if value is not None}
@@ -36,14 +42,22 @@ def private(shared_redis_url: str, shared_postgres_url: str, echo) -> Iterator[t
     pg_settings["track_commit_timestamp"] = "on"
     directory = scratch_dir("fraudd-bench-")
     (directory / "pg").mkdir()
-    redis_server = RedisServer(directory, persistent=False, config=redis_settings)
+    if cluster_masters:
+        redis_server = RedisClusterServers(directory, cluster_masters, cluster_replicas, persistent=False,
+                                           config=redis_settings)
+        described = f"redis cluster of {cluster_masters} masters x {cluster_replicas} replicas"
+        settings = {"redis": redis_settings, "redis_cluster": {"masters": cluster_masters, "replicas": cluster_replicas}}
+    else:
+        redis_server = RedisServer(directory, persistent=False, config=redis_settings)
+        described = "redis"
+        settings = {"redis": redis_settings}
     postgres = PostgresServer(directory / "pg", settings=pg_settings)
     try:
         redis_server.start()
         postgres.init()
         postgres.start()
-        echo(f"private services: redis :{redis_server.port}, postgresql :{postgres.port} ({directory})")
-        yield redis_server.url, postgres.url, {"redis": redis_settings, "postgresql": pg_settings}
+        echo(f"private services: {described} {redis_server.url}, postgresql :{postgres.port} ({directory})")
+        yield redis_server.url, postgres.url, {**settings, "postgresql": pg_settings}
     finally:
         postgres.stop()
         redis_server.kill()

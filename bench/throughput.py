@@ -4,6 +4,11 @@ The same transactions are drained, one run after the other, by fraudd and by the
 with the same number of processes and in a fresh namespace; fraudd's rate is reported as a ratio
 of each baseline's. fraudd's output is then checked exactly against what was produced (no loss,
 no duplicate, one alert per flagged transaction) and its decisions against the generator's labels.
+
+Per Redis server (the one Redis, or each node of a cluster) the report adds which shards it serves
+and their share of the transactions, its CPU per transaction of the drain and per transaction of
+its own shards (what stays constant as shards and nodes grow, whatever the slots' placement), and
+its keys and memory after the drain.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from bench.namespace import Namespace
 from bench.runners import Consumers, Drain, Setup, measure_drain
 from bench.traffic import generator
+from bench.usage import redis_nodes
 from fraudd.ingest import Publisher
 
 BASELINES = ("bare", "naive")
@@ -33,10 +40,11 @@ class Traffic:
         return cls(batch.payloads(), batch.transaction_id, batch.is_fraud)
 
 
-def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain, dict]:
+def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain, dict, dict]:
     """Drain the first ``n`` transactions with ``kind`` (fraudd or a baseline) in a fresh namespace.
 
-    Returns the drain and, for fraudd, the checks of its output.
+    Returns the drain and, for fraudd, the checks of its output and each Redis node's placement
+    and state (``nodes``).
     """
     ns = Namespace.fresh(kind, setup.redis_url, setup.postgres_url)
     if kind == "fraudd":
@@ -48,6 +56,7 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
             ns.migrate()
         ns.create_group(client)
         Publisher(client, ns.stream, ns.shards).publish(traffic.payloads[:n])
+        placement = shard_placement(client, ns) if kind == "fraudd" else {}
         setup.echo(f"  {kind}: {n:,} entries on {ns.stream}, draining with {setup.workers} processes ...")
         log_path = setup.log_dir / f"{ns.name}.log"
         if kind == "fraudd":
@@ -58,12 +67,46 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
         drain = measure_drain(client, ns, consumers, n)
         exit_codes = consumers.stop()
         consumers = None
-        checks = check_output(client, ns, traffic, n, exit_codes) if kind == "fraudd" else {}
-        return drain, checks
+        if kind != "fraudd":
+            return drain, {}, {}
+        return drain, check_output(client, ns, traffic, n, exit_codes), nodes_report(client, drain, placement, n)
     finally:
         if consumers is not None:
             consumers.stop(timeout=10)
         ns.drop(client)
+
+
+def shard_placement(client: redis.Redis | RedisCluster, ns: Namespace) -> dict[str, dict[int, int]]:
+    """Per node (``host:port``): shard -> entries prefilled on it, for every shard the node serves."""
+    nodes = list(redis_nodes(client))
+    placement: dict[str, dict[int, int]] = {}
+    for shard, stream in enumerate(ns.streams):
+        node = client.get_node_from_key(stream).name if isinstance(client, RedisCluster) else nodes[0]
+        placement.setdefault(node, {})[shard] = client.xlen(stream)
+    return placement
+
+
+def nodes_report(client: redis.Redis | RedisCluster, drain: Drain, placement: dict[str, dict[int, int]],
+                 n: int) -> dict[str, dict]:
+    """Each node's drain figures with its role, shards, share of the transactions, CPU per transaction
+    of its own shards, and keys and memory now (before the namespace is dropped)."""
+    report = {}
+    for name, node in redis_nodes(client).items():
+        served = sum(placement.get(name, {}).values())
+        figures = drain.usage.redis_nodes[name]
+        info = node.info("everything")
+        # The drain's window holds ``drain.transactions`` of the n, the node's share of them its own.
+        in_window = drain.transactions * served / n
+        report[name] = {
+            "role": info["role"],
+            "shards": sorted(placement.get(name, {})),
+            "transactions": served,
+            **figures,
+            "cpu_us_per_own_tx": round(figures["cpu_s"] * 1e6 / in_window, 2) if in_window else None,
+            "keys": int(node.dbsize()),
+            "used_memory_bytes": int(info["used_memory"]),
+        }
+    return report
 
 
 def check_output(client: redis.Redis, ns: Namespace, traffic: Traffic, n: int, exit_codes: list[int]) -> dict:
@@ -113,8 +156,10 @@ def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...
     drains: dict[str, dict] = {}
     checks: dict = {}
     for kind in order:
-        drain, kind_checks = run_drain(setup, kind, traffic, naive_n if kind == "naive" else n)
+        drain, kind_checks, nodes = run_drain(setup, kind, traffic, naive_n if kind == "naive" else n)
         drains[kind] = drain.as_dict()
+        if nodes:
+            drains[kind]["redis_nodes"] = nodes
         checks = kind_checks or checks
         setup.echo(f"    {drain.rate:,.0f} tx/s, {drain.usage.pipeline_cpu_us_per_tx:.1f} CPU-µs/tx")
     fraudd_rate = drains["fraudd"]["rate_tx_per_s"]

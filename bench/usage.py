@@ -4,6 +4,7 @@ A ``Probe`` snapshots the CPU of every component at the window's two ends: the c
 (fraudd's supervisor and workers, or a baseline's processes), Redis, the PostgreSQL server's processes,
 the open-loop producer when there is one, and this benchmark process itself. Redis is also read
 through INFO: its own CPU counters and ``commandstats``, which say which commands the time went to.
+On a Redis Cluster every node (replicas included) is measured apart, and ``redis`` is their sum.
 The whole machine's busy time is taken too; what no component accounts for is "other" load (other
 people's work on a shared box), reported so a noisy run can be recognised as such.
 """
@@ -16,8 +17,23 @@ from dataclasses import dataclass
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from bench import procstat
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """One Redis server: the CPU of its process (None when it is not on this machine) and what INFO says."""
+
+    cpu_s: float | None
+    info_cpu_s: float
+    commands: dict[str, tuple[int, int]]  # name -> (calls, usec)
+
+    @property
+    def best_cpu_s(self) -> float:
+        """The kernel's figure where there is one (it includes threads INFO leaves out), else INFO's."""
+        return self.info_cpu_s if self.cpu_s is None else self.cpu_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +41,7 @@ class Snapshot:
     wall: float
     cpu_s: dict[str, float]
     machine_busy_s: float
-    redis_info_cpu_s: float
-    redis_commands: dict[str, tuple[int, int]]  # name -> (calls, usec)
+    redis_nodes: dict[str, NodeSnapshot]  # "host:port" -> its figures
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +57,7 @@ class Usage:
     other_cpu_s: float
     redis_info_cpu_us_per_tx: float
     redis_commands: dict[str, dict[str, float]]
+    redis_nodes: dict[str, dict]
 
     def as_dict(self) -> dict:
         return {
@@ -56,6 +72,7 @@ class Usage:
             "other_cpu_s": round(self.other_cpu_s, 3),
             "redis_info_cpu_us_per_tx": round(self.redis_info_cpu_us_per_tx, 2),
             "redis_commands": self.redis_commands,
+            "redis_nodes": self.redis_nodes,
         }
 
 
@@ -70,17 +87,19 @@ class Probe:
     from its workers' (the workers' time includes those the supervisor reaped).
     """
 
-    def __init__(self, client: redis.Redis, postgres_url: str, consumer_roots: list[int], supervised: bool,
-                 producer: int | None = None) -> None:
-        self._client = client
+    def __init__(self, client: redis.Redis | RedisCluster, postgres_url: str, consumer_roots: list[int],
+                 supervised: bool, producer: int | None = None) -> None:
+        self._nodes = redis_nodes(client)
         self._postmaster = postmaster_pid(postgres_url)
         self._roots = consumer_roots
         self._supervised = supervised
         self._producer = producer
-        pid = int(client.info("server")["process_id"])
-        proc = procstat.read(pid)
-        # A Redis on another host (or in a container) is measured through INFO only.
-        self._redis_pid = pid if proc is not None and proc.comm.startswith("redis") else None
+        self._redis_pids = {}
+        for name, node in self._nodes.items():
+            pid = int(node.info("server")["process_id"])
+            proc = procstat.read(pid)
+            # A Redis on another host (or in a container) is measured through INFO only.
+            self._redis_pids[name] = pid if proc is not None and proc.comm.startswith("redis") else None
 
     def snapshot(self) -> Snapshot:
         procs = procstat.all_processes()
@@ -92,11 +111,8 @@ class Probe:
             cpu["workers"] = procstat.total_cpu_s(consumers) - own
         else:
             cpu["consumers"] = procstat.total_cpu_s(consumers)
-        info = self._client.info("everything")
-        if self._redis_pid is not None:
-            cpu["redis"] = procstat.total_cpu_s(p for p in procs if p.pid == self._redis_pid)
-        else:
-            cpu["redis"] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        nodes = {name: self._node_snapshot(name, procs) for name in self._nodes}
+        cpu["redis"] = sum(node.best_cpu_s for node in nodes.values())
         # The server's own process tree: other clusters on the box (tests start private ones) stay out.
         if self._postmaster is not None:
             cpu["postgres"] = procstat.total_cpu_s(procstat.tree([self._postmaster], procs))
@@ -104,18 +120,25 @@ class Probe:
             cpu["producer"] = procstat.total_cpu_s(procstat.tree([self._producer], procs))
         times = os.times()
         cpu["bench"] = times.user + times.system
-        commands = {
-            key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
-            for key, value in info.items()
-            if key.startswith("cmdstat_")
-        }
-        return Snapshot(
-            wall=time.time(),
-            cpu_s=cpu,
-            machine_busy_s=procstat.machine_busy_s(),
-            redis_info_cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
-            redis_commands=commands,
+        return Snapshot(wall=time.time(), cpu_s=cpu, machine_busy_s=procstat.machine_busy_s(), redis_nodes=nodes)
+
+    def _node_snapshot(self, name: str, procs: list[procstat.Proc]) -> NodeSnapshot:
+        info = self._nodes[name].info("everything")
+        pid = self._redis_pids[name]
+        return NodeSnapshot(
+            cpu_s=None if pid is None else procstat.total_cpu_s(p for p in procs if p.pid == pid),
+            info_cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+            commands={key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+                      for key, value in info.items() if key.startswith("cmdstat_")},
         )
+
+
+def redis_nodes(client: redis.Redis | RedisCluster) -> dict[str, redis.Redis]:
+    """Every server behind ``client`` by ``host:port``: the one Redis, or each node of a cluster."""
+    if isinstance(client, RedisCluster):
+        return {node.name: client.get_redis_connection(node) for node in client.get_nodes()}
+    kwargs = client.connection_pool.connection_kwargs
+    return {f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}": client}
 
 
 def postmaster_pid(postgres_url: str) -> int | None:
@@ -126,16 +149,34 @@ def postmaster_pid(postgres_url: str) -> int | None:
     return proc.ppid if proc is not None and proc.comm == "postgres" else None
 
 
+def _commands(first: dict[str, tuple[int, int]], last: dict[str, tuple[int, int]], per_tx: float) -> dict:
+    """commandstats between two snapshots, most time first (µs/tx per transaction of the window)."""
+    commands = {}
+    for name, (calls, usec) in last.items():
+        calls0, usec0 = first.get(name, (0, 0))
+        if calls > calls0:
+            commands[name] = {"calls": calls - calls0, "usec": usec - usec0,
+                              "us_per_tx": round((usec - usec0) * per_tx / 1e6, 3)}
+    return dict(sorted(commands.items(), key=lambda item: -item[1]["usec"]))
+
+
 def usage(first: Snapshot, last: Snapshot, transactions: int, seconds: float) -> Usage:
     """What was spent between two snapshots, for ``transactions`` moved in ``seconds``."""
     per_tx = 1e6 / transactions if transactions else 0.0
     cpu = {name: last.cpu_s[name] - first.cpu_s.get(name, 0.0) for name in last.cpu_s}
-    commands = {}
-    for name, (calls, usec) in last.redis_commands.items():
-        calls0, usec0 = first.redis_commands.get(name, (0, 0))
-        if calls > calls0:
-            commands[name] = {"calls": calls - calls0, "usec": usec - usec0,
-                              "us_per_tx": round((usec - usec0) * per_tx / 1e6, 3)}
+    nodes = {}
+    totals: dict[str, tuple[int, int]] = {}
+    for name, node in last.redis_nodes.items():
+        before = first.redis_nodes[name]
+        nodes[name] = {
+            "cpu_s": round(node.best_cpu_s - before.best_cpu_s, 3),
+            "cpu_us_per_tx": round((node.best_cpu_s - before.best_cpu_s) * per_tx, 2),
+            "info_cpu_us_per_tx": round((node.info_cpu_s - before.info_cpu_s) * per_tx, 2),
+            "commands": _commands(before.commands, node.commands, per_tx),
+        }
+        for command, spent in nodes[name]["commands"].items():
+            calls, usec = totals.get(command, (0, 0))
+            totals[command] = (calls + spent["calls"], usec + spent["usec"])
     machine = last.machine_busy_s - first.machine_busy_s
     return Usage(
         transactions=transactions,
@@ -145,6 +186,8 @@ def usage(first: Snapshot, last: Snapshot, transactions: int, seconds: float) ->
         pipeline_cpu_us_per_tx=sum(v for k, v in cpu.items() if k in PIPELINE) * per_tx,
         machine_busy_s=machine,
         other_cpu_s=machine - sum(cpu.values()),
-        redis_info_cpu_us_per_tx=(last.redis_info_cpu_s - first.redis_info_cpu_s) * per_tx,
-        redis_commands=dict(sorted(commands.items(), key=lambda item: -item[1]["usec"])),
+        redis_info_cpu_us_per_tx=sum(last.redis_nodes[n].info_cpu_s - first.redis_nodes[n].info_cpu_s
+                                     for n in last.redis_nodes) * per_tx,
+        redis_commands=_commands({}, totals, per_tx),
+        redis_nodes=nodes,
     )

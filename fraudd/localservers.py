@@ -110,16 +110,27 @@ class RedisServer:
 # A failed master's replica takes over after this long without an answer (redis.conf's default is
 # 15 s, far longer than a test or a demo wants to wait).
 CLUSTER_NODE_TIMEOUT_MS = 1000
+# Redis Cluster's hash slots, shared out among the masters.
+SLOTS = 16384
 
 
 @dataclass
 class RedisClusterServers:
-    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, every node a
-    ``RedisServer`` of its own in a subdirectory of ``directory``; created with ``redis-cli --cluster``."""
+    """A Redis Cluster of ``masters`` masters (one or more) with ``replicas`` replicas each (none or
+    more), every node a ``RedisServer`` of its own in a subdirectory of ``directory``.
+
+    Created as ``redis-cli --cluster create`` does, but by hand, because that tool refuses fewer
+    than three masters and the benchmark grows a cluster from one: each master takes an even,
+    contiguous share of the 16,384 slots and a distinct config epoch, every node meets the first,
+    and replica j follows master j mod ``masters``. ``persistent`` and ``config`` go to every node
+    (``RedisServer``).
+    """
 
     directory: Path
     masters: int = 3
     replicas: int = 1
+    persistent: bool = True
+    config: dict[str, str] = field(default_factory=dict)
     nodes: list[RedisServer] = field(default_factory=list)
 
     @property
@@ -128,23 +139,44 @@ class RedisClusterServers:
         return ",".join(node.url for node in self.nodes)
 
     def start(self) -> None:
-        if shutil.which("redis-cli") is None:
-            raise MissingServer("redis-cli is not installed (Debian package: redis-tools)")
         for i in range(self.masters * (1 + self.replicas)):
             node_dir = self.directory / f"node{i}"
             node_dir.mkdir()
-            node = RedisServer(node_dir, config={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf",
-                                                 "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
-                                                 # The default bus port, port + 10000, may be taken or past 65535.
-                                                 "cluster-port": str(free_port()),
-                                                 # A replica may take over however long ago it heard from its master.
-                                                 "cluster-replica-validity-factor": "0"})
+            node = RedisServer(node_dir, persistent=self.persistent,
+                               config={**self.config, "cluster-enabled": "yes", "cluster-config-file": "nodes.conf",
+                                       "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
+                                       # The default bus port, port + 10000, may be taken or past 65535.
+                                       "cluster-port": str(free_port()),
+                                       # A replica may take over however long ago it heard from its master.
+                                       "cluster-replica-validity-factor": "0"})
             node.start()
             self.nodes.append(node)
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{node.port}" for node in self.nodes],
-                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                       check=True, timeout=START_TIMEOUT_S, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ids = []
+        for i, node in enumerate(self.nodes):
+            with node.client() as client:
+                ids.append(client.execute_command("CLUSTER", "MYID").decode())
+                if i < self.masters:
+                    first, last = SLOTS * i // self.masters, SLOTS * (i + 1) // self.masters - 1
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+                    client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+        with self.nodes[0].client() as client:
+            for node in self.nodes[1:]:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.config["cluster-port"])
+        wait_until(self._acquainted, START_TIMEOUT_S, "every cluster node to know every other")
+        for i, node in enumerate(self.nodes[self.masters:]):
+            with node.client() as client:
+                client.execute_command("CLUSTER", "REPLICATE", ids[i % self.masters])
         wait_until(self._settled, START_TIMEOUT_S, "the cluster to agree on its slots and replicas")
+
+    def _acquainted(self) -> bool:
+        """Every node lists every node, itself included, past the handshake (a replica can only
+        follow a master its node knows)."""
+        for node in self.nodes:
+            with node.client() as client:
+                lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+            if len(lines) != len(self.nodes) or any("handshake" in line.split()[2] for line in lines):
+                return False
+        return True
 
     def _settled(self) -> bool:
         """Every node says the cluster is ok and sees every master's replicas."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import psycopg
+import pytest
 import redis
 
 from .conftest import POSTGRES_URL, REDIS_URL
@@ -64,6 +65,30 @@ def test_throughput(tmp_path: Path) -> None:
     assert checks["produced"] == 5000 and checks["rows"] == 5000
     assert checks["exactly_once"] and checks["missing"] == 0 and checks["duplicate_rows"] == 0
     assert 0.0 <= checks["recall"] <= 1.0 and 0.0 <= checks["precision"] <= 1.0
+    (node,) = result["drains"]["fraudd"]["redis_nodes"].values()
+    assert node["role"] == "master" and node["transactions"] == 5000 and node["shards"] == [0]
+
+
+def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
+    report = bench(tmp_path, "throughput", "--redis-cluster-masters", "2", "-n", "3000", "--workers", "2",
+                   "--shards", "4")
+    assert report["services"]["redis_cluster"] == {"masters": 2, "replicas": 0}
+    assert "--redis-cluster" in report["fraudd_args"]
+    result = report["result"]
+    assert set(result["drains"]) == {"fraudd"} and result["ratios"] == {}
+    drain = result["drains"]["fraudd"]
+    assert_usage(drain)
+    nodes = drain["redis_nodes"]
+    assert len(nodes) == 2 and {node["role"] for node in nodes.values()} == {"master"}
+    # Every shard on exactly one node, every transaction counted on its shard's node.
+    assert sorted(shard for node in nodes.values() for shard in node["shards"]) == [0, 1, 2, 3]
+    assert sum(node["transactions"] for node in nodes.values()) == 3000
+    assert all(node["keys"] > 0 and node["used_memory_bytes"] > 0 and node["cpu_us_per_tx"] >= 0
+               for node in nodes.values())
+    assert sum(node["cpu_s"] for node in nodes.values()) == pytest.approx(drain["cpu_s"]["redis"], abs=0.01)
+    checks = result["checks"]
+    assert checks["produced"] == checks["rows"] == 3000
+    assert checks["exactly_once"] and checks["missing"] == 0 and checks["duplicate_rows"] == 0
 
 
 def test_latency(tmp_path: Path) -> None:
