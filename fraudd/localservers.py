@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,10 @@ class RedisClusterServers:
                                        # The default bus port, port + 10000, may be taken or past 65535.
                                        "cluster-port": str(free_port()),
                                        # A replica may take over however long ago it heard from its master.
-                                       "cluster-replica-validity-factor": "0"})
+                                       "cluster-replica-validity-factor": "0",
+                                       # Replicas sync at once instead of after the default 5 s wait
+                                       # for more replicas to share the transfer.
+                                       "repl-diskless-sync-delay": "0"})
             node.start()
             self.nodes.append(node)
         ids = []
@@ -198,16 +202,55 @@ class RedisClusterServers:
 
     def master_of(self, key: str) -> RedisServer:
         """The node that serves ``key``'s slot now."""
+        return self.master_of_slot(self.slot_of(key))
+
+    def slot_of(self, key: str) -> int:
         with self.live()[0].client() as client:
-            slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+            return client.execute_command("CLUSTER", "KEYSLOT", key)
+
+    def master_of_slot(self, slot: int, asked: RedisServer | None = None) -> RedisServer:
+        """The node that serves ``slot`` now, as ``asked`` (any live node by default) sees it."""
+        with (asked or self.live()[0]).client() as client:
             for start, end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:
                     port = int(master[1])
                     return next(node for node in self.nodes if node.port == port)
-        raise RuntimeError(f"no node serves the slot of {key}")
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def masters_now(self) -> list[RedisServer]:
+        """The live nodes that serve slots now (replicas promoted by a failover included)."""
+        with self.live()[0].client() as client:
+            ports = {int(master[1]) for _start, _end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS")}
+        return [node for node in self.live() if node.port in ports]
 
     def live(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process is not None]
+
+    def migrate_slot(self, slot: int, target: RedisServer, keys_per_step: int = 100,
+                     between_steps: Callable[[], None] = lambda: None) -> None:
+        """Move ``slot`` to master ``target`` while clients go on using it, as ``redis-cli --cluster
+        reshard`` does: ``target`` IMPORTING the slot and its master MIGRATING it, the keys moved
+        ``keys_per_step`` at a time by MIGRATE, then every master told the slot's new owner.
+
+        While ``between_steps`` runs the slot is half moved: a command whose keys are all gone
+        is answered ASK, one whose keys are on both sides TRYAGAIN; afterwards the old owner
+        answers MOVED."""
+        source = self.master_of_slot(slot)
+        if source is target:
+            return
+        with source.client() as old, target.client() as new:
+            source_id, target_id = (node.execute_command("CLUSTER", "MYID").decode() for node in (old, new))
+            new.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            old.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := old.execute_command("CLUSTER", "GETKEYSINSLOT", slot, keys_per_step):
+                old.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
+                between_steps()
+            # The new owner first, so the old one's MOVED never points at a node that still refuses.
+            for node in (target, source, *[m for m in self.masters_now() if m not in (source, target)]):
+                with node.client() as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        wait_until(lambda: all(self.master_of_slot(slot, node) is target for node in self.live()), START_TIMEOUT_S,
+                   f"every node to see slot {slot} on port {target.port}")
 
     def fail_over(self, master: RedisServer) -> None:
         """SIGKILL ``master`` and wait until one of its replicas serves its slots."""

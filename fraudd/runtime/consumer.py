@@ -263,7 +263,8 @@ class StreamConsumer:
                 if down_since is None:
                     down_since = time.monotonic()
                     log.error(f"{kind} {'out of memory' if full else 'unavailable'}, retrying",
-                              extra={"event": "outage", "component": kind, "error": str(exc)})
+                              extra={"event": "outage", "component": kind, "error": str(exc),
+                                     "error_type": type(exc).__name__})
                 if self.process.stopping and time.monotonic() - down_since > self.options.shutdown_timeout_s / 2:
                     raise Stopping() from exc
                 self._wait_keeping_claimed(delay * random.uniform(0.5, 1.0))
