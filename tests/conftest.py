@@ -7,6 +7,7 @@ its own, removed afterwards, so tests never see each other's data and never flus
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 import fraudd.namespace
+from fraudd.localservers import RedisClusterServers, scratch_dir
+from fraudd.runtime import redis_clients
 
 REDIS_URL = os.environ.get("FRAUDD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("FRAUDD_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
@@ -131,3 +135,31 @@ def migrated_namespace(redis_client: redis.Redis, **servers: str) -> Iterator[Na
 def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
     """A fresh, migrated namespace, dropped after the test."""
     yield from migrated_namespace(redis_client)
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of 3 masters and 3 replicas of the test's own (2-3 s to start), killed and
+    removed afterwards: a test may fail a master over or move slots."""
+    servers = RedisClusterServers(scratch_dir("fraudd-cluster-"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.kill()
+        shutil.rmtree(servers.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: RedisClusterServers) -> Iterator[RedisCluster]:
+    client = redis_clients.redis_client(redis_cluster.url, cluster=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_ns(redis_client: redis.Redis, redis_cluster: RedisClusterServers) -> Iterator[Namespace]:
+    """A fresh namespace whose ``fraudd`` commands use the cluster (``REDIS_CLUSTER``); the schema is dropped afterwards."""
+    for namespace in migrated_namespace(redis_client, redis_url=redis_cluster.url):
+        namespace.extra_env["REDIS_CLUSTER"] = "1"
+        yield namespace

@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
-import pytest
-import redis
 from redis.cluster import RedisCluster
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.localservers import RedisClusterServers, scratch_dir
-from fraudd.runtime.redis_clients import redis_client
+from fraudd.localservers import RedisClusterServers
 from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
 
-from .conftest import Namespace, kill_workers_until, migrated_namespace, wait_for, worker_pids
+from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import DaemonProcess, stop
 from .streams import alerts, dlq, fully_drained
 
@@ -50,31 +45,6 @@ LEASE_MS = 1500
 MIGRATION_TRANSACTIONS = 40_000
 MIGRATED_SHARDS = (0, 1)
 DAEMON_ARGS = ("--workers", "2", "--shards", str(SHARDS), "--lease-ms", str(LEASE_MS), "--batch-size", "1000")
-
-
-@pytest.fixture
-def redis_cluster() -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(scratch_dir("fraudd-cluster-"))
-    try:
-        servers.start()
-        yield servers
-    finally:
-        servers.kill()
-        shutil.rmtree(servers.directory, ignore_errors=True)
-
-
-@pytest.fixture
-def cluster_client(redis_cluster: RedisClusterServers) -> Iterator[RedisCluster]:
-    client = redis_client(redis_cluster.url, cluster=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def cluster_ns(redis_client: redis.Redis, redis_cluster: RedisClusterServers) -> Iterator[Namespace]:
-    for namespace in migrated_namespace(redis_client, redis_url=redis_cluster.url):
-        namespace.extra_env["REDIS_CLUSTER"] = "1"
-        yield namespace
 
 
 @dataclass
