@@ -10,10 +10,12 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from .config import (
     ConfigError,
@@ -27,6 +29,9 @@ from .config import (
 )
 from .learning import cli as learning_cli
 from .runtime import logs
+
+if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
+    from .runtime.health import GroupState, RedisMemory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -172,8 +177,8 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
     answers with every migration applied."""
     from .runtime.consumer import ensure_group
-    from .runtime.redis_clients import connect_redis
     from .runtime.health import redis_memory
+    from .runtime.redis_clients import connect_redis
     from .schema import MigrationError, pending_migrations
 
     client = connect_redis(settings.redis_url, settings.redis_cluster)
@@ -237,17 +242,17 @@ def prepare_metrics_dir() -> None:
 @main.command()
 @settings_options
 def status(**params) -> None:
-    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers."""
+    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster)."""
     from .keys import Keys
-    from .runtime.redis_clients import redis_client
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
-    from .scoring.dedup import projected_marker_bytes
+    from .runtime.redis_clients import redis_client
 
     settings = settings_from(params)
     healthy = True
     client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
     try:
-        state = combined([group_state(client, stream, settings.group) for stream in settings.input_streams])
+        states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
+        state = combined(states)
         click.echo(f"redis      up    {_redact(settings.redis_url)}")
         shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
         click.echo(f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
@@ -263,13 +268,12 @@ def status(**params) -> None:
                        + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner"))
         click.echo(f"dlq        {client.xlen(settings.dlq_stream)} entries in {settings.dlq_stream}")
         memory = redis_memory(client)
-        rate = _input_rate(client, settings.input_streams)
-        need = projected_marker_bytes(rate, settings.dedup_window_s)
+        rates = _input_rates(client, settings.input_streams)
         click.echo(f"memory     {memory.describe()}")
-        verdict = "" if not memory.maximum else (" (more than maxmemory)" if need > memory.maximum else
-                                                 f" ({need / memory.maximum:.0%} of maxmemory)")
-        click.echo(f"           input {rate:,.0f} tx/s over the last second: dedup markers for the "
-                   f"{settings.dedup_window_s} s window need ≈ {need / 2**20:,.1f} MiB{verdict}")
+        click.echo(f"           input {sum(rates):,.0f} tx/s over the last second: dedup markers for the "
+                   f"{settings.dedup_window_s} s window need ≈ {_marker_need(sum(rates), settings.dedup_window_s, memory)}")
+        if isinstance(client, RedisCluster):
+            _echo_nodes(client, settings, states, rates)
         # A full Redis refuses a write whose arguments do not fit, so INFO may still show a little room.
         problem = memory_problem(memory, refusing=memory.maximum > 0 and memory.used > NEARLY_FULL * memory.maximum)
         if problem:
@@ -287,16 +291,55 @@ def status(**params) -> None:
     sys.exit(0 if healthy else 1)
 
 
-def _input_rate(client: redis.Redis, streams: list[str], sample_s: float = 1.0) -> float:
-    """Entries added to ``streams`` per second, sampled over ``sample_s``."""
-    before = sum(client.xinfo_stream(stream)["entries-added"] for stream in streams)
+def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupState], rates: list[float]) -> None:
+    """One line per primary of a cluster: the shards it serves (their lag, pending and input rate, the
+    dedup markers they need) and its memory. Each primary holds its own shards' markers and states,
+    so one node full or lagging is visible here while the totals above still look fine."""
+    from .runtime.health import primary_memory
+
+    served: dict[str, list[int]] = {}
+    for k, stream in enumerate(settings.input_streams):
+        served.setdefault(client.get_node_from_key(stream).name, []).append(k)
+    single: dict[str, list[str]] = {}
+    for stream in (settings.fraud_stream, settings.dlq_stream):
+        single.setdefault(client.get_node_from_key(stream).name, []).append(stream)
+    for name, memory in sorted(primary_memory(client).items()):
+        shards = served.get(name, [])
+        rate = sum(rates[k] for k in shards)
+        others = "".join(f", {stream}" for stream in single.get(name, []))
+        click.echo(f"node       {name}: shards {' '.join(map(str, shards)) or 'none'}{others}: "
+                   f"lag {sum(states[k].lag for k in shards)}, pending {sum(states[k].pending for k in shards)}, "
+                   f"input {rate:,.0f} tx/s")
+        click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, settings.dedup_window_s, memory)}")
+
+
+def _marker_need(rate: float, window_s: int, memory: RedisMemory) -> str:
+    """What the dedup markers need at ``rate`` tx/s, and how that compares with ``memory``'s maxmemory."""
+    from .scoring.dedup import projected_marker_bytes
+
+    need = projected_marker_bytes(rate, window_s)
+    if not memory.maximum:
+        return f"{need / 2**20:,.1f} MiB"
+    return f"{need / 2**20:,.1f} MiB" + (" (more than maxmemory)" if need > memory.maximum else
+                                         f" ({need / memory.maximum:.0%} of maxmemory)")
+
+
+def _input_rates(client: redis.Redis | RedisCluster, streams: list[str], sample_s: float = 1.0) -> list[float]:
+    """Entries added to each of ``streams`` per second, sampled over ``sample_s``."""
+    before = [client.xinfo_stream(stream)["entries-added"] for stream in streams]
     time.sleep(sample_s)
-    return (sum(client.xinfo_stream(stream)["entries-added"] for stream in streams) - before) / sample_s
+    return [(client.xinfo_stream(stream)["entries-added"] - added) / sample_s for stream, added in zip(streams, before)]
 
 
 @main.group()
 def dlq() -> None:
     """Inspect, replay or purge the dead-letter stream."""
+
+
+def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
+    from .runtime.redis_clients import redis_client
+
+    return redis_client(settings.redis_url, settings.redis_cluster)
 
 
 def _dlq_selection(client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None,
@@ -319,7 +362,7 @@ def _dlq_selection(client: redis.Redis, settings: Settings, entry_ids: tuple[str
 def dlq_list(reason: str | None, count: int, **params) -> None:
     """List dead letters: id, reason, detail, original entry, deliveries and the payload's start."""
     settings = settings_from(params)
-    client = redis.Redis.from_url(settings.redis_url, protocol=2)
+    client = _dlq_client(settings)
     shown = 0
     for entry_id, fields in client.xrange(settings.dlq_stream):
         text = {k.decode(): v for k, v in fields.items()}
@@ -350,7 +393,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     from .ingest import Publisher
 
     settings = settings_from(params)
-    client = redis.Redis.from_url(settings.redis_url, protocol=2)
+    client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
     transactions = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()]
@@ -373,7 +416,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
 def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
     """Delete dead letters for good."""
     settings = settings_from(params)
-    client = redis.Redis.from_url(settings.redis_url, protocol=2)
+    client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])

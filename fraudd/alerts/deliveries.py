@@ -15,7 +15,7 @@ import psycopg
 import redis
 from psycopg_pool import AsyncConnectionPool
 
-from ..keys import Keys
+from ..runtime.deadletters import marker_prefix
 from .channels import Alert
 
 # The rows travel as one JSON document built by orjson, the alerts embedded as they came: a text[]
@@ -85,7 +85,7 @@ def retry_failed(conn: psycopg.Connection, client: redis.Redis, fraud_stream: st
     Returns how many deliveries were failed and are now due."""
     keys = [(orjson.loads(f[b"data"])["transaction_id"], f[b"channel"].decode()) for f in letters]
     updated = conn.execute(_RETRY_FAILED, ([t for t, _c in keys], [c for _t, c in keys])).rowcount
-    prefix = Keys(fraud_stream, fraud_stream, dlq_stream).dead_prefix
+    prefix = marker_prefix(fraud_stream, dlq_stream)
     client.delete(*[f"{prefix}{t}:{c}" for t, c in keys])
     return updated
 

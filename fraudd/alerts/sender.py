@@ -34,12 +34,12 @@ import numpy as np
 import orjson
 import psycopg
 import redis
-import redis.asyncio
 import uvloop
 
 from ..keys import Keys
 from ..runtime import deadletters, metrics
 from ..runtime.deadletters import DeadLetter
+from ..runtime.redis_clients import ReplicaWait, async_redis_client
 from .channels import Alert, Channel, DeliveryFailed, open_channel
 from .config import AlertsConfig, ChannelConfig
 from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery, Outcome
@@ -63,6 +63,7 @@ class SenderSettings:
     dlq_stream: str
     max_attempts: int
     consumer: str
+    redis_cluster: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +84,9 @@ class AlertSender:
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="alerts", daemon=True)
         self.log = DeliveryLog(settings.postgres_url, settings.pg_schema)
-        keys = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream)
-        self._storm_prefix = keys.prefix + "alerts:storm:"
-        self._dead_prefix = keys.dead_prefix
+        self._storm_prefix = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream).prefix + "alerts:storm:"
+        self._dead_prefix = deadletters.marker_prefix(settings.fraud_stream, settings.dlq_stream)
+        self._replicas = ReplicaWait()
         self._channels: dict[str, ChannelRunner] = {}
         self.recorder: Recorder | None = None
 
@@ -116,7 +117,8 @@ class AlertSender:
     # -- the event loop's side -------------------------------------------------------------
 
     async def _open(self) -> None:
-        self.redis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.redis = async_redis_client(self.settings.redis_url, self.settings.redis_cluster, socket_timeout=10,
+                                        socket_connect_timeout=5)
         self._dead_letters = self.redis.register_script(deadletters.SCRIPT)
         await self.log.open()
         self.recorder = Recorder(self)
@@ -192,6 +194,9 @@ class AlertSender:
             for alert, error, attempts in deliveries]
         dlq = self.settings.dlq_stream
         await self._dead_letters(keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, letters, []))
+        if self.settings.redis_cluster:
+            # The delivery is recorded failed next, for good: its dead letter must outlive the DLQ's master.
+            await self._replicas.wait_async(self.redis, dlq)
 
 
 def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[list[Alert], list[Rejected]]:

@@ -2,7 +2,8 @@
 
 Per read of the fraud stream (consumer group ``--alerts-group``): poison and entries that are no
 alert become dead letters; every alert is routed and recorded in ``alert_deliveries``; then one
-atomic Redis call writes the dead letters and acks the read. Recording before the ack means a
+Redis call writes the dead letters and acks the read (``DeadLetterSettler``: on a Redis Cluster,
+the letters first, then the ack). Recording before the ack means a
 crash never loses an alert; the delivery itself happens from the table (``sender.py``), so it
 never holds up the stream.
 """
@@ -13,16 +14,14 @@ import dataclasses
 import logging
 
 import psycopg
-import redis
 
 from ..config import AlertSettings, Settings
-from ..keys import Keys
 from ..runtime import metrics
 from ..runtime.consumer import Entries, StreamConsumer, consume
-from ..runtime.redis_clients import connect_redis
 from ..runtime.deadletters import DeadLetter, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
+from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from ..schema import connect
 from .config import AlertConfigError, AlertsConfig, load
@@ -50,17 +49,15 @@ class AlertWorker:
         self.view = consumer_view(settings, alert_settings)
         self.alert_settings = alert_settings
         self.config = config
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url), self.view, self.view.consumer_name(process.index),
-                                       process)
-        keys = Keys(settings.fraud_stream, settings.fraud_stream, settings.dlq_stream)
-        self.settler = DeadLetterSettler(self.consumer.redis, self.view.stream, self.view.group, settings.dlq_stream,
-                                         keys.dead_prefix)
+        self.consumer = StreamConsumer(connect_redis(settings.redis_url, settings.redis_cluster), self.view,
+                                       self.view.consumer_name(process.index), process)
+        self.settler = DeadLetterSettler(self.consumer, settings.dlq_stream)
         self.sender = self._sender(config)
 
     def _sender(self, config: AlertsConfig) -> AlertSender:
         s = self.view
         return AlertSender(config, SenderSettings(s.redis_url, s.postgres_url, s.pg_schema, s.fraud_stream, s.dlq_stream,
-                                                  self.alert_settings.max_attempts, self.consumer.name))
+                                                  self.alert_settings.max_attempts, self.consumer.name, s.redis_cluster))
 
     def boot(self) -> None:
         for channel in self.config.channels:
@@ -95,7 +92,7 @@ class AlertWorker:
         letters = [self._letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
         letters += [self._letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
                     for r in rejected]
-        self.consumer.until_done(lambda: self._settle(entries.ids, letters), "redis")
+        self.consumer.until_done(lambda: self.settler.settle(entries.ids, letters), "redis")
         self.consumer.release(entries)
         if letters:
             metrics.dead_letters.labels(REASON_INVALID_ALERT).inc(len(rejected))
@@ -105,13 +102,6 @@ class AlertWorker:
     def _letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
         return DeadLetter(f"alerts:{entry_id}", {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
                                                  "consumer": self.consumer.name, "deliveries": deliveries})
-
-    def _settle(self, ids: list[str], letters: list[DeadLetter]) -> None:
-        try:
-            self.settler.settle(ids, letters)
-        except redis.ResponseError as exc:
-            self.consumer.recreate_lost_group(exc)
-            self.settler.settle(ids, letters)
 
     def drain(self) -> None:
         """Nothing settles in the background: a read is recorded and acked before the next."""

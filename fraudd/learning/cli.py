@@ -201,7 +201,7 @@ def labels_service(**params) -> None:
     logs.setup(settings.log_level)
     if settings.metrics_port:
         prepare_metrics_dir()
-    client = connect_redis(settings.redis_url)
+    client = connect_redis(settings.redis_url, settings.redis_cluster)
     try:
         ensure_group(client, settings.labels_stream, settings.group)
     except redis.RedisError as exc:
@@ -226,15 +226,16 @@ def labels_service(**params) -> None:
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.")
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
-@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "shards")
-def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str, pg_schema: str, stream: str,
-               shards: int) -> None:
+@selected_options("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "shards")
+def label_file(path: Path, source: str | None, redis_url: str, redis_cluster: bool, postgres_url: str, pg_schema: str,
+               stream: str, shards: int) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
     from datetime import datetime, timezone
 
     import psycopg
 
+    from fraudd.runtime.redis_clients import redis_client
     from fraudd.schema import connect
 
     from .labels import LabelError, confirm, confirmed_shards, parse_labels, read_label_file, store_labels
@@ -249,7 +250,7 @@ def label_file(path: Path, source: str | None, redis_url: str, postgres_url: str
         position, reason = errors[0]
         raise click.ClickException(f"{path} line {numbered[position][0]}: {reason}"
                                    + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""))
-    client = redis.Redis.from_url(redis_url, protocol=2)
+    client = redis_client(redis_url, redis_cluster)
     confirmed = confirmed_shards(client, stream, shards)
     new = 0
     try:

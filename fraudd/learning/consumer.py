@@ -3,9 +3,9 @@ stream consumer (own pending first, reclaim, poison, outage waits and graceful s
 
 Per batch: one ``loads`` per entry and validation (``parse_label``), one PostgreSQL transaction
 (``store_labels``, idempotent, so a redelivered batch changes nothing), the confirmed-fraud counts
-of the labelled transactions' merchants, devices, IPs and cards (``confirm``, idempotent too), then
-one atomic Redis call that dead-letters the invalid and poison entries and acks the whole read
-(durable first, ack last).
+of the labelled transactions' merchants, devices, IPs and cards (``confirm``, idempotent too, in
+each input shard's slot), then the dead letters of the invalid and poison entries, once each, and
+the ack of the whole read (``DeadLetterSettler``: durable first, ack last, on one Redis or a cluster).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psycopg
 
 from fraudd.config import Settings
 from fraudd.runtime.consumer import Entries, StreamConsumer, consume
+from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.runtime.supervisor import Service
@@ -37,8 +38,9 @@ class LabelsWorker:
         self.settings = settings
         # The runtime's consumer reads ``stream``: here, the labels stream.
         labels = replace(settings, stream=settings.labels_stream)
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url), labels, settings.consumer_name(process.index),
-                                       process, on_outage=self._on_outage)
+        self.consumer = StreamConsumer(connect_redis(settings.redis_url, settings.redis_cluster), labels,
+                                       settings.consumer_name(process.index), process, on_outage=self._on_outage)
+        self.settler = DeadLetterSettler(self.consumer, settings.dlq_stream)
         self._conn: psycopg.Connection | None = None
         self.confirmed = confirmed_shards(self.consumer.redis, settings.stream, settings.shards)
 
@@ -51,12 +53,11 @@ class LabelsWorker:
     def process(self, entries: Entries) -> None:
         work, poison = self.consumer.split_poison(entries)
         labels: list[Label] = []
-        dead: list[tuple[str, bytes, str, str, int]] = [
-            (p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
+        dead = [self._letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
         for entry_id, payload in zip(work.ids, work.payloads):
             deliveries = work.deliveries.get(entry_id, 1)
             if payload is None:
-                dead.append((entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
+                dead.append(self._letter(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
                 continue
             try:
                 # Without its own reported_at, a label was reported when the stream accepted it: the
@@ -64,27 +65,21 @@ class LabelsWorker:
                 accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, timezone.utc)
                 labels.append(parse_label(orjson.loads(payload), now=accepted))
             except orjson.JSONDecodeError as exc:
-                dead.append((entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
+                dead.append(self._letter(entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
             except LabelError as exc:
-                dead.append((entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
+                dead.append(self._letter(entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
         new = self.consumer.until_done(lambda: store_labels(self._connection(), labels), "postgres") if labels else 0
         if labels:
             self.consumer.until_done(lambda: confirm(self._connection(), self.confirmed, labels), "redis")
-        self.consumer.until_done(lambda: self._settle(entries.ids, dead), "redis")
+        self.consumer.until_done(lambda: self.settler.settle(entries.ids, dead), "redis")
         self.consumer.release(entries)
         if dead:
             log.warning("dead-lettered labels", extra={"event": "dead_lettered", "entries": len(dead)})
         log.debug("labels stored", extra={"event": "labels_stored", "labels": len(labels), "new": new})
 
-    def _settle(self, ids: list[str], dead: list[tuple[str, bytes, str, str, int]]) -> None:
-        """Dead letters and the ack of the whole read, in one MULTI: all of it or none."""
-        s = self.settings
-        pipe = self.consumer.redis.pipeline(transaction=True)
-        for entry_id, payload, reason, detail, deliveries in dead:
-            pipe.xadd(s.dlq_stream, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
+    def _letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
+        return DeadLetter(entry_id, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
                                      "consumer": self.consumer.name, "deliveries": deliveries})
-        pipe.xack(s.labels_stream, s.group, *ids)
-        pipe.execute()
 
     def drain(self) -> None:
         """Every batch settles before the next read: nothing in flight."""

@@ -1,10 +1,14 @@
-"""Dead letters written once each, and the ack of a read, in one atomic Redis call.
+"""Dead letters written once each, and the ack of a read: durable first, ack last.
 
 A consumer service (alerts, labels) that finds entries it cannot use, or poison split out by the
-``StreamConsumer``, writes them to the DLQ stream and acks its read. Done as one script, a crash
-before it leaves the whole read pending, and a repeat after a crash (or an outage wait) writes
-no dead letter twice: each carries a marker key (``<marker prefix><marker>``) that lives for
-``ttl_s``. The same script serves letters written without an ack (an empty id list).
+``StreamConsumer``, writes them to the DLQ stream and acks its read. A repeat after a crash (or an
+outage wait) writes no dead letter twice: each carries a marker key (``marker_prefix`` +
+marker) in the DLQ stream's slot that lives for ``ttl_s``, written in the same script call as its
+letter. On one Redis that call acks the read too, so a crash before it leaves the whole read
+pending. On a Redis Cluster the consumed stream hashes to another slot: the letters go first and
+are waited for until a replica has them, the ack follows on the consumed stream's node; a crash
+in between leaves the read pending, and its repeat finds the markers. The same script serves
+letters written without an ack (an empty id list).
 
 The scoring worker settles its reads with its own script (alerts, dead letters and ack at once).
 """
@@ -14,6 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.cluster import RedisCluster
+
+from ..keys import Keys
+from .consumer import StreamConsumer
+from .redis_clients import ReplicaWait, on_node
 
 SCRIPT = """
 -- KEYS[1] the DLQ stream, KEYS[2] the consumed stream (may equal KEYS[1] when nothing is acked)
@@ -43,6 +52,12 @@ return {written, acked}
 MARKER_TTL_S = 7 * 86400  # far longer than any redelivery or retry of the same entry
 
 
+def marker_prefix(consumed: str, dlq_stream: str) -> str:
+    """Where the markers of the dead letters taken from stream ``consumed`` live: in the DLQ stream's
+    slot (so on a Redis Cluster a marker is written in one call with its letter), apart per stream."""
+    return f"{Keys(dlq_stream, dlq_stream, dlq_stream).dead_prefix}{consumed}:"
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One DLQ entry: ``marker`` identifies it (an entry id, ``<transaction>:<channel>``, ...)."""
@@ -63,15 +78,38 @@ def script_args(group: str, marker_prefix: str, letters: list[DeadLetter], ack_i
 
 
 class DeadLetterSettler:
-    """Writes a read's dead letters once each and acks the read, atomically (synchronous client)."""
+    """Writes the dead letters of ``consumer``'s reads once each and acks the reads (synchronous client)."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, dlq_stream: str, marker_prefix: str) -> None:
-        self._script = client.register_script(SCRIPT)
-        self._keys = [dlq_stream, stream]
-        self._group = group
-        self._prefix = marker_prefix
+    def __init__(self, consumer: StreamConsumer, dlq_stream: str) -> None:
+        self._consumer = consumer
+        self._client = consumer.redis
+        self._script = self._client.register_script(SCRIPT)
+        self._stream = consumer.options.stream
+        self._group = consumer.options.group
+        self._dlq = dlq_stream
+        self._prefix = marker_prefix(self._stream, dlq_stream)
+        self._split = isinstance(self._client, RedisCluster)
+        self._replicas = ReplicaWait()
 
     def settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
-        """(dead letters written, entries acked)."""
-        written, acked = self._script(keys=self._keys, args=script_args(self._group, self._prefix, letters, ack_ids))
+        """(dead letters written, entries acked); a consumer group lost with Redis's data is created
+        again (and nothing is acked: the entries it held went with it)."""
+        try:
+            return self._settle(ack_ids, letters)
+        except redis.ResponseError as exc:
+            self._consumer.recreate_lost_group(exc)
+            return self._settle(ack_ids, letters)
+
+    def _settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
+        if not self._split:
+            written, acked = self._script(keys=[self._dlq, self._stream],
+                                          args=script_args(self._group, self._prefix, letters, ack_ids))
+            return int(written), int(acked)
+        written = 0
+        if letters:
+            written, _ = self._script(keys=[self._dlq, self._dlq], args=script_args("", self._prefix, letters, []))
+            self._replicas.wait(self._client, self._dlq)
+        if not ack_ids:
+            return int(written), 0
+        acked = on_node(self._client, self._stream, lambda node: node.xack(self._stream, self._group, *ack_ids))
         return int(written), int(acked)

@@ -64,10 +64,15 @@ def redis_memory(client: redis.Redis | RedisCluster) -> RedisMemory:
     primary has: one primary full or evicting is enough to stop or break the shards it serves."""
     if not isinstance(client, RedisCluster):
         return _memory(client.info("memory"))
-    primaries = [_memory(info) for info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).values()]
+    primaries = list(primary_memory(client).values())
     fullest = max(primaries, key=lambda m: (m.used / m.maximum if m.maximum else 0.0, m.used))
     evicting = next((m.policy for m in primaries if m.eviction_problem()), fullest.policy)
     return RedisMemory(fullest.used, fullest.maximum, evicting)
+
+
+def primary_memory(client: RedisCluster) -> dict[str, RedisMemory]:
+    """Each primary's memory, by node name (``host:port``)."""
+    return {name: _memory(info) for name, info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).items()}
 
 
 def _memory(info: dict) -> RedisMemory:

@@ -10,11 +10,14 @@ learns the slot map again and raises, and the caller waits the outage out and re
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
 from redis.cluster import ClusterNode, RedisCluster
 
 _T = TypeVar("_T")
@@ -26,12 +29,28 @@ def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | Re
     options = {"protocol": 2, **options}
     if not cluster:
         return redis.Redis.from_url(url, **options)
-    seeds = [urllib.parse.urlsplit(seed.strip()) for seed in url.split(",") if seed.strip()]
+    seeds = _seeds(url)
     # Without full coverage the client still starts while a failed master's slots wait for a
     # replica: those slots answer CLUSTERDOWN, an outage waited out, instead of a crash at start.
     return RedisCluster(startup_nodes=[ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
                         require_full_coverage=False, username=seeds[0].username, password=seeds[0].password,
                         **options)
+
+
+def async_redis_client(url: str, cluster: bool = False,
+                       **options) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """``redis_client`` for an asyncio event loop."""
+    options = {"protocol": 2, **options}
+    if not cluster:
+        return redis.asyncio.Redis.from_url(url, **options)
+    seeds = _seeds(url)
+    return redis.asyncio.cluster.RedisCluster(
+        startup_nodes=[redis.asyncio.cluster.ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
+        require_full_coverage=False, username=seeds[0].username, password=seeds[0].password, **options)
+
+
+def _seeds(url: str) -> list[urllib.parse.SplitResult]:
+    return [urllib.parse.urlsplit(seed.strip()) for seed in url.split(",") if seed.strip()]
 
 
 def connect_redis(url: str, cluster: bool = False) -> redis.Redis | RedisCluster:
@@ -55,9 +74,10 @@ def _raw_stream_replies(client: redis.Redis) -> None:
         client.set_response_callback(command, _raw)
 
 
-# What a command sent straight to a cluster node meets when the node failed or the slot moved.
+# What a command sent straight to a cluster node meets when the node failed or the slot moved, or
+# when the slot map learnt during a failover has no node for the slot yet.
 CLUSTER_CHANGED = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.AskError, redis.exceptions.ClusterError,
-                   redis.exceptions.TryAgainError, redis.ReadOnlyError)
+                   redis.exceptions.TryAgainError, redis.ReadOnlyError, redis.exceptions.SlotNotCoveredError)
 
 
 def node_client(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
@@ -90,3 +110,39 @@ def refresh_slots(client: redis.Redis | RedisCluster) -> None:
             client.nodes_manager.initialize()
         except (redis.RedisError, redis.exceptions.RedisClusterException):
             pass
+
+
+# How long a write that must outlive its master waits for a replica to confirm it (Redis Cluster): a
+# replica on the same network answers in well under a millisecond. After a wait that timed out (the
+# master has no live replica) writes to that key go unwaited for REPLICA_RETRY_S.
+REPLICA_WAIT_MS = 100
+REPLICA_RETRY_S = 5.0
+
+
+class ReplicaWait:
+    """``WAIT 1`` on the master of a key just written, so that a master dying right after does not take
+    the write with it while what depends on it (an ack, a row's status) survives elsewhere.
+
+    Without a live replica the write is as safe as that master: a wait that timed out is not tried
+    again for REPLICA_RETRY_S, so a master left without replicas costs one timeout per REPLICA_RETRY_S,
+    not one per write."""
+
+    def __init__(self) -> None:
+        self._unreplicated_until: dict[str, float] = {}
+
+    def wait(self, client: redis.Redis | RedisCluster, key: str) -> None:
+        if self._due(key):
+            self._waited(key, on_node(client, key, lambda node: node.execute_command("WAIT", 1, REPLICA_WAIT_MS)))
+
+    async def wait_async(self, client: redis.asyncio.cluster.RedisCluster, key: str) -> None:
+        """``wait`` with the asyncio cluster client."""
+        if self._due(key):
+            self._waited(key, await client.execute_command("WAIT", 1, REPLICA_WAIT_MS,
+                                                           target_nodes=client.get_node_from_key(key)))
+
+    def _due(self, key: str) -> bool:
+        return time.monotonic() >= self._unreplicated_until.get(key, 0.0)
+
+    def _waited(self, key: str, replicas: int) -> None:
+        if replicas == 0:
+            self._unreplicated_until[key] = time.monotonic() + REPLICA_RETRY_S

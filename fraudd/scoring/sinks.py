@@ -16,7 +16,6 @@ row is durable.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,7 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from ..runtime.redis_clients import node_client
+from ..runtime.redis_clients import ReplicaWait
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket
@@ -316,13 +315,6 @@ return {acked, alerts_written, dead_written}
 """
 
 
-# How long a split settle waits for a replica to confirm its alerts or dead letters (Redis Cluster):
-# a replica on the same network answers in well under a millisecond. After a wait that timed out
-# (the master has no live replica) the stream's writes go unwaited for REPLICA_RETRY_S.
-REPLICA_WAIT_MS = 100
-REPLICA_RETRY_S = 5.0
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     rejected: Rejected
@@ -358,7 +350,7 @@ class Settler:
         self._window_ms = dedup_window_ms
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
-        self._unreplicated_until: dict[str, float] = {}
+        self._replicas = ReplicaWait()
         # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
         self._alerted_prefix = (Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
                                 if self._split else keys.alerted_prefix)
@@ -379,11 +371,11 @@ class Settler:
         if alerts:
             fraud = self._keys.fraud_stream
             _, alerts_written, _ = self._call([fraud] * 3, self.arguments([], alerts, [], None, fenced=False))
-            self._replicated(fraud)
+            self._replicas.wait(self._client, fraud)
         if dead:
             dlq = self._keys.dlq_stream
             _, _, dead_written = self._call([dlq] * 3, self.arguments([], [], dead, None, fenced=False))
-            self._replicated(dlq)
+            self._replicas.wait(self._client, dlq)
         stream = self._keys.stream
         acked, _, _ = self._call([stream] * 3, self.arguments(ack_ids, [], [], replies))
         return Settled(acked, alerts_written, dead_written)
@@ -398,18 +390,6 @@ class Settler:
                 raise Fenced(f"lease on {self._keys.stream} lost") from None
             raise
         return acked, alerts_written, dead_written
-
-    def _replicated(self, key: str) -> None:
-        """Wait (a little) until a replica of ``key``'s master holds what was just written, so a
-        master dying right after the call does not take alerts or dead letters with it while the
-        ack, on another master, survives. Without a live replica the write is as safe as that
-        master: a WAIT that timed out is not tried again for a while, so a master left without
-        replicas costs one timeout per REPLICA_RETRY_S, not one per settle."""
-        now = time.monotonic()
-        if now < self._unreplicated_until.get(key, 0.0):
-            return
-        if node_client(self._client, key).execute_command("WAIT", 1, REPLICA_WAIT_MS) == 0:
-            self._unreplicated_until[key] = now + REPLICA_RETRY_S
 
     def arguments(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
                   replies: dict[str, bytes] | None = None, fenced: bool = True) -> list:
