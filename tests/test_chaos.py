@@ -26,7 +26,7 @@ import orjson
 import redis
 
 from fraudd.scoring import decode
-from fraudd.scoring.features import _USER_INFIX
+from fraudd.scoring.features import stored_states
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 
@@ -240,7 +240,7 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
     counted: dict[str, int] = {}
     for start in range(0, len(profiled), 1000):
         chunk = profiled[start : start + 1000]
-        raws = client.mget([keys.prefix + _USER_INFIX + u for u in chunk])
+        raws = stored_states(client, keys, chunk)
         counted.update({u: struct.unpack_from("<dI", raw)[1] for u, raw in zip(chunk, raws) if raw is not None})
     assert counted == dict(per_user), [(u, counted.get(u), n) for u, n in per_user.items() if counted.get(u) != n][:10]
 

@@ -32,7 +32,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers
-from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
+from fraudd.scoring.features import LIBRARY_NAME, stored_states
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import DaemonProcess, stop
@@ -84,10 +84,13 @@ class Traffic:
                       client.scan_iter(match=f"fraudd:{ns.stream}:*:seen:*", count=10_000))
         assert markers == len(self.expected_rows)
         counts = Counter(self.expected_rows.values())
-        states = client.mget_nonatomic([
-            Keys(shard_stream(ns.stream, SHARDS, shard_of(user, SHARDS)), ns.fraud_stream, ns.dlq_stream).prefix
-            + _USER_INFIX + user for user in counts])
-        assert {user: struct.unpack_from("<dI", raw)[1] for user, raw in zip(counts, states)} == counts
+        counted: dict[str, int] = {}
+        for k in range(SHARDS):
+            users = [user for user in counts if shard_of(user, SHARDS) == k]
+            keys = Keys(shard_stream(ns.stream, SHARDS, k), ns.fraud_stream, ns.dlq_stream)
+            counted.update({user: struct.unpack_from("<dI", raw)[1]
+                            for user, raw in zip(users, stored_states(client, keys, users))})
+        assert counted == counts
 
 
 def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(

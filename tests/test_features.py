@@ -15,7 +15,6 @@ from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring import dedup
 from fraudd.scoring import features as features_module
 from fraudd.scoring.features import (
-    _USER_INFIX,
     FEATURE_NAMES,
     MESSAGE_FEATURES,
     SECONDS_SINCE_PREV_CAP,
@@ -23,6 +22,9 @@ from fraudd.scoring.features import (
     LIBRARY_NAME,
     FeatureStore,
     Features,
+    Lease,
+    state_periods,
+    stored_states,
 )
 from fraudd.keys import Keys
 
@@ -72,7 +74,7 @@ def col(features: Features, name: str) -> list[float]:
 
 
 def user_state(client: redis.Redis, keys: Keys, user: str) -> bytes | None:
-    return client.get(f"{keys.prefix}{_USER_INFIX}{user}")
+    return stored_states(client, keys, [user])[0]
 
 
 def test_feature_names_are_consistent(store: FeatureStore) -> None:
@@ -231,7 +233,7 @@ def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureSt
     feed("heavy", 10_000)
     light, heavy = user_state(client, keys, "light"), user_state(client, keys, "heavy")
     assert len(light) == len(heavy)
-    assert 24 * 3600 * 1000 < client.pttl(f"{keys.prefix}{_USER_INFIX}heavy") <= 25 * 3600 * 1000
+    assert 24 * 3600 * 1000 < client.pttl(state_periods(keys)[1]) <= 25 * 3600 * 1000
     counts = store.compute(batch(tx(T0 + 10_000 * 7.3, user="heavy")))
     assert col(counts, "count_1m") == [6], "the minute count is exact up to the recent-list size"
     assert 3000 / 7.3 < col(counts, "count_1h")[0] <= 3600 / 7.3 + 1
@@ -279,7 +281,7 @@ def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: Feature
         replies = read(*args)
         state = np.zeros(1, dtype=STATE)
         state["n"] = next(bump)
-        client.set(f"{keys.prefix}{_USER_INFIX}alice", state.tobytes())
+        client.hset(state_periods(keys)[1], "alice", state.tobytes())
         return replies
 
     store._read = read_then_race
@@ -308,3 +310,25 @@ def test_was_seen_answers_for_counted_transactions_only(client: redis.Redis, key
     # A resend stamped within its original's minute is recognised, as the worker would.
     assert asked == [True, True, False, True]
     assert dedup.was_seen(client, keys, [], []) == []
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_states_follow_the_latest_period(client: redis.Redis, keys: Keys, owned: bool) -> None:
+    """A state from the period before is read and carried into this one; one written a period
+    ahead (another host's clock) is the latest copy, and later writes go there, not behind it."""
+    lease = None
+    if owned:
+        lease = Lease(keys.lease, "1:test")
+        client.set(keys.lease, lease.token, px=60_000)
+    before, current, after = state_periods(keys)
+    FeatureStore(client, keys, 3_600_000, lease).compute(batch(tx(T0), tx(T0 + 1, user="bob")))
+    client.rename(current, before)
+    f = FeatureStore(client, keys, 3_600_000, lease).compute(batch(tx(T0 + 2)))
+    assert col(f, "count_1m") == [2]
+    assert client.hkeys(current) == [b"alice"] and struct.unpack_from("<dI", client.hget(current, "alice"))[1] == 2
+    client.rename(current, after)
+    store = FeatureStore(client, keys, 3_600_000, lease)
+    assert col(store.compute(batch(tx(T0 + 3), tx(T0 + 4, user="carol"))), "count_1m") == [3, 1]
+    assert not client.exists(current), "written where the latest copy is"
+    assert sorted(client.hkeys(after)) == [b"alice", b"carol"]
+    assert [struct.unpack_from("<dI", s)[1] for s in stored_states(client, keys, ["alice", "bob", "carol"])] == [3, 1, 1]

@@ -17,7 +17,7 @@ import redis
 
 from fraudd.scoring import decode
 from fraudd.config import OPTIONS, Settings
-from fraudd.scoring.features import _USER_INFIX, LIBRARY_NAME
+from fraudd.scoring.features import LIBRARY_NAME, stored_states
 from fraudd.runtime.health import Housekeeper
 from fraudd.keys import Keys
 from fraudd.schema import connect
@@ -38,7 +38,7 @@ def rows(ns: Namespace) -> tuple[int, int]:
 
 def user_count(client: redis.Redis, ns: Namespace, user: str) -> int:
     """How many transactions the behaviour state has counted for ``user`` (the state's ``n``)."""
-    raw = client.get(keys_of(ns).prefix + _USER_INFIX + user)
+    raw = stored_states(client, keys_of(ns), [user])[0]
     return 0 if raw is None else struct.unpack_from("<dI", raw)[1]
 
 

@@ -20,7 +20,7 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.scoring.features import _USER_INFIX
+from fraudd.scoring.features import stored_states
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import start, stop
@@ -180,5 +180,5 @@ def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.
     per_user = Counter(expected_rows.values())
     for user, count in per_user.items():
         keys = Keys(shard_stream(ns.stream, shards, shard_of(user, shards)), ns.fraud_stream, ns.dlq_stream)
-        raw = redis_client.get(keys.prefix + _USER_INFIX + user)
+        raw = stored_states(redis_client, keys, [user])[0]
         assert struct.unpack_from("<dI", raw)[1] == count, user

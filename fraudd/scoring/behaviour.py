@@ -55,7 +55,7 @@ _COUNT_CAP = 65535.0
 _EMPTY = 0xFFFFFFFF
 
 # The stored layout. The first two fields are read by the recovery and chaos tests (``<dI``: head,
-# count of transactions applied). Card counters live in the card owner's state (one key per user,
+# count of transactions applied). Card counters live in the card owner's state (one field per user,
 # not two): the rings share the user's head, which is their validity horizon.
 STATE = np.dtype([
     ("head_ms", "<f8"), ("n", "<u4"), ("mean", "<f8"),

@@ -1,26 +1,31 @@
-#!lua name=fraudd_v3
+#!lua name=fraudd_v4
 --[[
-Commit of one batch's behaviour state (FCALL fraudd_commit_v3): per user, compare-and-set of its
+Commit of one batch's behaviour state (FCALL fraudd_commit_v4): per user, compare-and-set of its
 state together with its transactions' dedup markers, all in one atomic call.
 
 Why so little here: the arithmetic runs in the workers (behaviour.py), because Redis is the
 single-threaded process they all share. Redis only checks that nobody wrote the state since it was
 read and that no transaction was counted before, and stores the new states and markers, so a
 transaction is counted once however many workers race on a user. Every µs spent here per
-transaction caps the whole pipeline: markers live in one hash per minute of event time (dedup.py),
-checked with one HMGET and added with one HSET per bucket, and the common path (no conflict, no
-known transaction) builds one table per bucket and none per user.
+transaction caps the whole pipeline, and a command called from Lua costs several times what the
+same work costs in one command: markers live in one hash per minute of event time (dedup.py),
+checked with one HMGET and added with one HSET per bucket, and states in one hash per 25-hour
+period of wall-clock time (features.py), read with one HMGET and written with one HSET per batch.
 
-KEYS: [1..u]  user state keys (the users that have new transactions), then the b marker buckets,
-      then the four blocklist sets (merchant, device, ip, country). Every key carries the shard's
-      {hash tag}, so the call is in one slot on Redis Cluster.
+State periods: KEYS[1..3] are always the periods before, of and after the caller's clock. A state
+in a later period is newer, and a batch writes its states into the latest period that holds any
+of them, or the caller's own if later: a worker whose clock runs behind another's never writes a
+state where the newer copy would hide it.
+
+KEYS: [1..3] state periods, then the b marker buckets, then the four blocklist sets (merchant,
+      device, ip, country). Every key carries the shard's {hash tag}, so the call is in one slot.
 ARGV: [1] dedup_window_ms, [2] state_ttl_ms, [3] u, [4] b, then fixed-width strings (few large
       arguments cost both sides far less than one argument per field):
       [5] stamps  per user, the first 12 bytes of its state as read (all zero = absent)
       [6] counts  per bucket, its marker count, 4 bytes big-endian
       [7] owners  per marker (buckets in order), the number of its user, 4 bytes big-endian
       [8..11] per blocklist the batch's distinct values, NUL-joined ('' = don't look)
-      [12..11+u] per user, its new state
+      [12..11+2u] per user, its name and its new state
       then per marker, buckets in order: transaction id, event-time offset in its bucket (ms)
 Reply: { stale, seen, then per blocklist a string of '0'/'1' flags in the order of its values }.
       stale: the numbers of the users whose state changed since it was read. seen: flat pairs
@@ -31,8 +36,8 @@ Why a 12-byte stamp is enough for the compare-and-set: a state starts with its n
 (f8) and the count of transactions applied to it (u4). Every commit that writes a state adds at
 least one new transaction, so the count strictly grows with every write and no write can leave
 the stamp unchanged; an absent state (all-zero stamp) is never equal to a written one, whose
-count is at least 1. The only way back to an earlier stamp is the state expiring (idle for the
-whole 25 h TTL) and being rebuilt with exactly as many transactions and the same newest event
+count is at least 1. The only way back to an earlier stamp is the state expiring (idle for a
+whole period) and being rebuilt with exactly as many transactions and the same newest event
 time while a reader sat between its read and its commit for all that time.
 ]]
 
@@ -54,7 +59,7 @@ local function blocklist_flags(key, joined)
 end
 
 local ABSENT = '\0\0\0\0\0\0\0\0\0\0\0\0'
-local NEWS = 11  -- ARGV index before the first new state
+local PERIODS = 3  -- KEYS[1..3]: the state periods
 local CHUNK = 4000  -- unpack has a stack limit
 
 local function u32(s, k)
@@ -62,32 +67,69 @@ local function u32(s, k)
     return ((b1 * 256 + b2) * 256 + b3) * 256 + b4
 end
 
+-- The newest stored state of users 1..n (their names at args[first + step * u]), false when
+-- absent, and the latest period (1..PERIODS, 0 = none) that holds any of them.
+local function newest(keys, args, first, step, n)
+    local states, left, latest = {}, {}, 0
+    for u = 1, n do
+        states[u] = false
+        left[u] = u
+    end
+    for p = PERIODS, 1, -1 do
+        if #left == 0 then break end
+        if redis.call('EXISTS', keys[p]) == 1 then
+            local still = {}
+            for c = 1, #left, CHUNK do
+                local fields = {}
+                for j = c, math.min(c + CHUNK - 1, #left) do fields[#fields + 1] = args[first + step * left[j]] end
+                local got = redis.call('HMGET', keys[p], unpack(fields))
+                for j = 1, #got do
+                    local u = left[c + j - 1]
+                    if got[j] then
+                        states[u] = got[j]
+                        if latest == 0 then latest = p end
+                    else
+                        still[#still + 1] = u
+                    end
+                end
+            end
+            left = still
+        end
+    end
+    return states, latest
+end
+
+-- HSET of args[from..to] (field, value pairs) into key, in chunks.
+local function hset_range(key, args, from, to)
+    for c = from, to, CHUNK do
+        redis.call('HSET', key, unpack(args, c, math.min(c + CHUNK - 1, to)))
+    end
+end
+
 local function commit(keys, args)
     local window_ms, ttl_ms, n_users, n_buckets = args[1], args[2], tonumber(args[3]), tonumber(args[4])
     local stamps, counts, owners = args[5], args[6], args[7]
     local sub, call = string.sub, redis.call
+    local PAIRS = 11  -- ARGV index before the first user's (name, state) pair
     local skip = {}  -- users not to write: stale state or a transaction counted before
     local stale, seen = {}, {}
-    for c = 1, n_users, CHUNK do
-        local current = call('MGET', unpack(keys, c, math.min(c + CHUNK - 1, n_users)))
-        for j = 1, #current do
-            local u = c + j - 1
-            local state = current[j]
-            if (state and sub(state, 1, 12) or ABSENT) ~= sub(stamps, 12 * u - 11, 12 * u) then
-                skip[u] = true
-                stale[#stale + 1] = u
-            end
+    local current, latest = newest(keys, args, PAIRS - 1, 2, n_users)
+    for u = 1, n_users do
+        local state = current[u]
+        if (state and sub(state, 1, 12) or ABSENT) ~= sub(stamps, 12 * u - 11, 12 * u) then
+            skip[u] = true
+            stale[#stale + 1] = u
         end
     end
     -- Check every bucket before writing any: a user is written with all its markers or not at all.
-    local first_arg = NEWS + n_users  -- ARGV index before the first marker's pair
+    local first_arg = PAIRS + 2 * n_users  -- ARGV index before the first marker's pair
     local pair, marker = first_arg, 0
     for b = 1, n_buckets do
         local m = u32(counts, b)
         for c = 0, m - 1, CHUNK do
             local fields = {}
             for k = 1, math.min(CHUNK, m - c) do fields[k] = args[pair + 2 * (c + k) - 1] end
-            local got = call('HMGET', keys[n_users + b], unpack(fields))
+            local got = call('HMGET', keys[PERIODS + b], unpack(fields))
             for k = 1, #got do
                 if got[k] then
                     local number = marker + c + k
@@ -99,18 +141,27 @@ local function commit(keys, args)
         end
         pair, marker = pair + 2 * m, marker + m
     end
-    for u = 1, n_users do
-        if not skip[u] then call('SET', keys[u], args[NEWS + u], 'PX', ttl_ms) end
-    end
     local clean = next(skip) == nil
+    local period = keys[math.max(2, latest)]
+    if clean then
+        hset_range(period, args, PAIRS + 1, PAIRS + 2 * n_users)
+    else
+        local pairs = {}
+        for u = 1, n_users do
+            if not skip[u] then
+                pairs[#pairs + 1] = args[PAIRS + 2 * u - 1]
+                pairs[#pairs + 1] = args[PAIRS + 2 * u]
+            end
+        end
+        if #pairs > 0 then hset_range(period, pairs, 1, #pairs) end
+    end
+    if n_users > 0 then call('PEXPIRE', period, ttl_ms) end
     pair, marker = first_arg, 0
     for b = 1, n_buckets do
         local m = u32(counts, b)
-        local key = keys[n_users + b]
+        local key = keys[PERIODS + b]
         if clean then
-            for c = 0, 2 * m - 1, CHUNK do
-                call('HSET', key, unpack(args, pair + c + 1, pair + math.min(c + CHUNK, 2 * m)))
-            end
+            hset_range(key, args, pair + 1, pair + 2 * m)
         else
             local pairs = {}
             for k = 1, m do
@@ -119,14 +170,12 @@ local function commit(keys, args)
                     pairs[#pairs + 1] = args[pair + 2 * k]
                 end
             end
-            for c = 1, #pairs, CHUNK do
-                call('HSET', key, unpack(pairs, c, math.min(c + CHUNK - 1, #pairs)))
-            end
+            if #pairs > 0 then hset_range(key, pairs, 1, #pairs) end
         end
         call('PEXPIRE', key, window_ms)
         pair, marker = pair + 2 * m, marker + m
     end
-    local bl = n_users + n_buckets
+    local bl = PERIODS + n_buckets
     return { stale, seen, blocklist_flags(keys[bl + 1], args[8]), blocklist_flags(keys[bl + 2], args[9]),
              blocklist_flags(keys[bl + 3], args[10]), blocklist_flags(keys[bl + 4], args[11]) }
 end
@@ -135,29 +184,26 @@ end
 Owned shards (--shards > 1): one worker at a time owns a shard through a lease, so no other writer
 races on its users. The worker keeps their states in memory and reads from Redis only the states
 it does not hold, which of the batch's transactions were counted before, and the blocklists
-(fraudd_owned_read_v3, read-only); it then writes states and markers once (fraudd_owned_commit_v3),
+(fraudd_owned_read_v4, read-only); it then writes states and markers once (fraudd_owned_commit_v4),
 only while the lease still carries its token (fencing: a worker that was paused past its lease
 and resumed writes nothing).
 ]]
 
--- KEYS: user keys [1..u], then b marker buckets, then the four blocklists.
+-- KEYS: [1..3] state periods, then b marker buckets, then the four blocklists.
 -- ARGV: [1] u, [2] b, [3] counts per bucket (4 bytes big-endian), [4..7] blocklist values
---       (NUL-joined), then the candidate transaction ids, buckets in order.
--- Reply: { states (nil = absent), seen (flat: marker number, stored offset), four flag strings }.
+--       (NUL-joined), [8..7+u] user names, then the candidate transaction ids, buckets in order.
+-- Reply: { latest period holding any of the states (0 = none), states (nil = absent), seen (flat:
+--          marker number, stored offset), four flag strings }.
 local function owned_read(keys, args)
     local n_users, n_buckets, counts = tonumber(args[1]), tonumber(args[2]), args[3]
-    local states = {}
-    for c = 1, n_users, CHUNK do
-        local got = redis.call('MGET', unpack(keys, c, math.min(c + CHUNK - 1, n_users)))
-        for j = 1, #got do states[c + j - 1] = got[j] end
-    end
+    local states, latest = newest(keys, args, 7, 1, n_users)
     local seen = {}
-    local first, marker = 7, 0
+    local first, marker = 7 + n_users, 0
     for b = 1, n_buckets do
         local m = u32(counts, b)
         for c = 0, m - 1, CHUNK do
             local last = math.min(c + CHUNK, m)
-            local got = redis.call('HMGET', keys[n_users + b], unpack(args, first + c + 1, first + last))
+            local got = redis.call('HMGET', keys[PERIODS + b], unpack(args, first + c + 1, first + last))
             for k = 1, #got do
                 if got[k] then
                     seen[#seen + 1] = marker + c + k
@@ -167,27 +213,29 @@ local function owned_read(keys, args)
         end
         first, marker = first + m, marker + m
     end
-    local bl = n_users + n_buckets
-    return { states, seen, blocklist_flags(keys[bl + 1], args[4]), blocklist_flags(keys[bl + 2], args[5]),
+    local bl = PERIODS + n_buckets
+    return { latest, states, seen, blocklist_flags(keys[bl + 1], args[4]), blocklist_flags(keys[bl + 2], args[5]),
              blocklist_flags(keys[bl + 3], args[6]), blocklist_flags(keys[bl + 4], args[7]) }
 end
 
--- KEYS: [1] the shard's lease, user keys [2..1+u], then b marker buckets.
+-- KEYS: [1] the shard's lease, [2] the state period to write, then b marker buckets.
 -- ARGV: [1] lease token, [2] dedup_window_ms, [3] state_ttl_ms, [4] u, [5] b, [6] counts per
---       bucket (4 bytes), [7..6+u] new states, then per marker (buckets in order) id, offset.
+--       bucket (4 bytes), [7..6+2u] per user its name and new state, then per marker (buckets in
+--       order) id, offset.
 local function owned_commit(keys, args)
     if redis.call('GET', keys[1]) ~= args[1] then
         return redis.error_reply('FENCED the shard lease has another owner')
     end
     local window_ms, ttl_ms, n_users, n_buckets, counts = args[2], args[3], tonumber(args[4]), tonumber(args[5]), args[6]
-    for u = 1, n_users do redis.call('SET', keys[1 + u], args[6 + u], 'PX', ttl_ms) end
-    local pair = 6 + n_users
+    if n_users > 0 then
+        hset_range(keys[2], args, 7, 6 + 2 * n_users)
+        redis.call('PEXPIRE', keys[2], ttl_ms)
+    end
+    local pair = 6 + 2 * n_users
     for b = 1, n_buckets do
         local m = u32(counts, b)
-        local key = keys[1 + n_users + b]
-        for c = 0, 2 * m - 1, CHUNK do
-            redis.call('HSET', key, unpack(args, pair + c + 1, pair + math.min(c + CHUNK, 2 * m)))
-        end
+        local key = keys[2 + b]
+        hset_range(key, args, pair + 1, pair + 2 * m)
         redis.call('PEXPIRE', key, window_ms)
         pair = pair + 2 * m
     end
@@ -211,7 +259,7 @@ local function lease(keys, args)
     return 1
 end
 
-redis.register_function('fraudd_commit_v3', commit)
-redis.register_function{function_name = 'fraudd_owned_read_v3', callback = owned_read, flags = {'no-writes'}}
-redis.register_function('fraudd_owned_commit_v3', owned_commit)
-redis.register_function('fraudd_lease_v3', lease)
+redis.register_function('fraudd_commit_v4', commit)
+redis.register_function{function_name = 'fraudd_owned_read_v4', callback = owned_read, flags = {'no-writes'}}
+redis.register_function('fraudd_owned_commit_v4', owned_commit)
+redis.register_function('fraudd_lease_v4', lease)

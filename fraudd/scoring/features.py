@@ -2,10 +2,10 @@
 
 Behaviour state is shared by every worker and must count each transaction once however often it
 is delivered, so it lives in Redis; but Redis is the one single-threaded process all workers
-share, so it only stores it. Per batch: one pipelined read (MGET of the users' states plus the
-blocklists), the arithmetic in the worker (``behaviour.py``), then one atomic commit call that
-writes each user's state only if it is unchanged since the read, together with its transactions'
-dedup markers. A conflict (another worker wrote the user, or a transaction was already counted)
+share, so it only stores it. Per batch: one pipelined read (HMGET of the users' states), the
+arithmetic in the worker (``behaviour.py``), then one atomic commit call that writes each user's
+state only if it is unchanged since the read, together with its transactions' dedup markers and
+the blocklist lookups. A conflict (another worker wrote the user, or a transaction was already counted)
 is re-read and recomputed for the users concerned only, so idempotency costs extra only when a
 duplicate or a race actually happens. Training computes features through the same
 ``FeatureStore.compute`` on a scratch key prefix, so offline features are the live ones.
@@ -14,12 +14,14 @@ duplicate or a race actually happens. Training computes features through the sam
 from __future__ import annotations
 
 import itertools
+import time
 import zlib
 from dataclasses import dataclass, field
 
 import hiredis
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.config import packaged
 from fraudd.keys import Keys
@@ -46,9 +48,15 @@ FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 EXTRA_COLUMNS: tuple[str, ...] = ("amount", *CONFIRMED_COLUMNS)
 BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country")
 
-# 24 h windows plus an hour of slack for late events; refreshed on every write, so only users
-# idle for a day vanish.
+# 24 h windows plus an hour of slack for late events.
 STATE_TTL_MS = 25 * 3600 * 1000
+# States live in one hash per period of wall-clock time (a key per user with its own TTL cost
+# Redis ≈ 2-3 µs per transaction in the commit, one HSET of the batch's states ≈ 1): a period's hash
+# lives STATE_TTL_MS after its last write, readers look in the periods before, of and after their
+# clock (so clocks of several hosts may differ by anything short of a period) and take the latest
+# copy. A user idle for a period or more starts afresh; one idle less than that keeps its state,
+# which stays readable between STATE_TTL_MS and twice that after its last write.
+STATE_PERIOD_MS = STATE_TTL_MS
 # Quasi-cash, wire transfers, gambling, dating, digital goods and other MCCs card schemes and
 # acquirers classify as high risk.
 HIGH_RISK_MCC = frozenset(
@@ -59,17 +67,17 @@ _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
-LIBRARY_NAME = "fraudd_v3"
-FUNCTION_NAME = "fraudd_commit_v3"
-READ_FUNCTION = "fraudd_owned_read_v3"
-OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v3"
-LEASE_FUNCTION = "fraudd_lease_v3"
+LIBRARY_NAME = "fraudd_v4"
+FUNCTION_NAME = "fraudd_commit_v4"
+READ_FUNCTION = "fraudd_owned_read_v4"
+OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v4"
+LEASE_FUNCTION = "fraudd_lease_v4"
 # Owned mode keeps the states of a shard's recent users in memory, up to this many per owned shard
 # (≈ 0.5 KB each: ≈ 25 MB per shard; a worker owns about S / workers shards).
 MAX_STATES_IN_MEMORY = 50_000
 _LIBRARY = packaged("fraudd.scoring", "features.lua").read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
-_USER_INFIX = "u2:"
+_STATES_INFIX = "u3:"
 # Each round of conflicts settles at least one racing writer or teaches every already-counted
 # transaction of the users concerned, so a handful suffice; more means something is wrong.
 MAX_COMMIT_ATTEMPTS = 20
@@ -120,6 +128,31 @@ def message_columns(batch: DecodedBatch) -> np.ndarray:
     return out
 
 
+def state_periods(keys: Keys, period: int | None = None) -> list[str]:
+    """The keys of the state periods before, of and after ``period`` (default: this host's clock's)."""
+    period = _current_period() if period is None else period
+    return [_period_key(keys, p) for p in (period - 1, period, period + 1)]
+
+
+def _current_period() -> int:
+    return int(time.time() * 1000) // STATE_PERIOD_MS
+
+
+def _period_key(keys: Keys, period: int) -> str:
+    return f"{keys.prefix}{_STATES_INFIX}{period}"
+
+
+def stored_states(client: redis.Redis | RedisCluster, keys: Keys, users: list[str]) -> list[bytes | None]:
+    """The behaviour states of ``users`` of the shard as Redis holds them (``behaviour.STATE``, None
+    when absent): what operators and tests inspect, without knowing the layout."""
+    if not users:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in reversed(state_periods(keys)):
+        pipe.hmget(key, users)
+    return [next((s for s in states if s is not None), None) for states in zip(*pipe.execute())]
+
+
 def load_library(client: redis.Redis) -> None:
     """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
     client.function_load(_LIBRARY, replace=True)
@@ -145,7 +178,6 @@ class _Prepared:
     copy: np.ndarray  # bool: a later copy of a transaction earlier in the batch
     original: np.ndarray  # intp: each row's first occurrence in the batch
     names: list[str]  # users in order of first appearance
-    user_keys: list[str]
     distinct: list[list[str]]  # per BLOCKLIST_KINDS, the batch's values to look up
 
 
@@ -169,6 +201,9 @@ class FeatureStore:
         self._lease = lease
         # Owned mode: the states as last committed, newest last (the oldest go first past the cap).
         self._states: dict[str, bytes] = {}
+        # Owned mode: the latest state period that held any state this store read; writes go there
+        # when this host's clock is behind the previous owner's.
+        self._latest_period = -1
         self._confirmed = ConfirmedFraud(redis_client, keys)
         self.load_library()
 
@@ -186,7 +221,7 @@ class FeatureStore:
         n = len(batch)
         if n == 0:
             return _empty()
-        p = _prepare(batch, self._keys.prefix + _USER_INFIX)
+        p = _prepare(batch)
         if self._lease is None:
             behaviour_columns, blocklist_hits = self._compute_shared(p, batch.transaction_id)
         else:
@@ -214,12 +249,12 @@ class FeatureStore:
         )
 
     def _compute_shared(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
-        tx, copy, original, names, user_keys = p.tx, p.copy, p.original, p.names, p.user_keys
+        tx, copy, original, names = p.tx, p.copy, p.original, p.names
         behaviour_columns = np.empty((len(tx.user), len(BEHAVIOUR_FEATURES)))
         pending = np.arange(len(names))
         blocklist_hits: list[bytes] = []
         for _ in range(MAX_COMMIT_ATTEMPTS):
-            blobs = self._read([user_keys[i] for i in pending])
+            blobs = self._read([names[i] for i in pending])
             # Copies take their original's event time, which a commit conflict may have corrected.
             tx.t_ms[copy] = tx.t_ms[original[copy]]
             local = np.full(len(names), -1, np.intp)
@@ -230,7 +265,7 @@ class FeatureStore:
             behaviour_columns[rows] = behaviour.compute(states, sub)
             # Blocklists are looked up once, in the first commit call.
             joined = [] if blocklist_hits else ["\0".join(values).encode() for values in p.distinct]
-            pending, hits = self._commit(states, sub, rows, blobs, pending, user_keys, transaction_ids, tx, joined)
+            pending, hits = self._commit(states, sub, rows, blobs, pending, names, transaction_ids, tx, joined)
             blocklist_hits = blocklist_hits or hits
             if len(pending) == 0:
                 return behaviour_columns, blocklist_hits
@@ -246,14 +281,16 @@ class FeatureStore:
         candidates, t_ms = candidates[order], t_ms[order]
         bucket = dedup.buckets(t_ms)
         bucket_ids, bucket_counts = np.unique(bucket, return_counts=True)
-        missing = [i for i, name in enumerate(names) if name not in self._states]
-        keys = [p.user_keys[i] for i in missing] + [self._keys.seen_bucket(b) for b in bucket_ids.tolist()]
-        keys += self._blocklist_keys
+        missing = [name for name in names if name not in self._states]
+        now = _current_period()
+        keys = [*state_periods(self._keys, now), *[self._keys.seen_bucket(b) for b in bucket_ids.tolist()], *self._blocklist_keys]
         args = [len(missing), len(bucket_ids), bucket_counts.astype(">u4").tobytes(),
-                *["\0".join(values).encode() for values in p.distinct],
+                *["\0".join(values).encode() for values in p.distinct], *missing,
                 *[transaction_ids[i] for i in candidates.tolist()]]
-        stored, seen, *blocklist_hits = self._fcall(READ_FUNCTION, keys, args)
-        for name, blob in zip([names[i] for i in missing], stored):
+        latest, stored, seen, *blocklist_hits = self._fcall(READ_FUNCTION, keys, args)
+        if latest:
+            self._latest_period = max(self._latest_period, now + latest - 2)
+        for name, blob in zip(missing, stored):
             self._states[name] = blob
         for j in range(0, len(seen), 2):
             marker = int(seen[j]) - 1
@@ -271,6 +308,9 @@ class FeatureStore:
             news = behaviour.encode(states, writers)
             size = behaviour.STATE.itemsize
             written = [news[i : i + size] for i in range(0, len(news), size)]
+            writer_names = [names[w] for w in writers.tolist()]
+            states_pairs: list = [None] * (2 * len(written))
+            states_pairs[0::2], states_pairs[1::2] = writer_names, written
             new_ms = tx.t_ms[new].astype(np.int64)
             marker_order = np.argsort(dedup.buckets(new_ms), kind="stable")
             new, new_ms = new[marker_order], new_ms[marker_order]
@@ -279,11 +319,10 @@ class FeatureStore:
             pairs: list = [None] * (2 * len(new))
             pairs[0::2] = [transaction_ids[i] for i in new.tolist()]
             pairs[1::2] = (new_ms - marker_bucket * dedup.BUCKET_MS).tolist()
-            writer_names = [names[w] for w in writers.tolist()]
-            keys = [self._lease.key, *[p.user_keys[w] for w in writers.tolist()],
-                    *[self._keys.seen_bucket(b) for b in ids.tolist()]]
+            period = _period_key(self._keys, max(now, self._latest_period))
+            keys = [self._lease.key, period, *[self._keys.seen_bucket(b) for b in ids.tolist()]]
             args = [self._lease.token, self._dedup_window_ms, STATE_TTL_MS, len(writers), len(ids),
-                    counts.astype(">u4").tobytes(), *written, *pairs]
+                    counts.astype(">u4").tobytes(), *states_pairs, *pairs]
             try:
                 self._fcall(OWNED_COMMIT_FUNCTION, keys, args)
             except BaseException:
@@ -299,38 +338,54 @@ class FeatureStore:
                 del self._states[name]
         return behaviour_columns, blocklist_hits
 
-    def _read(self, state_keys: list[str]) -> list[bytes | None]:
-        """The users' states as stored (None = absent): the batch's one read, no Lua."""
-        return self._execute("MGET", *state_keys)
+    def _read(self, names: list[str]) -> list[bytes | None]:
+        """The users' latest states as stored (None = absent): one round trip, no Lua. The next
+        period's hash exists only when another host's clock is ahead: its HMGET is a few nils."""
+        if not names:
+            return []
+        replies = self._round_trip([("HMGET", key, *names) for key in reversed(state_periods(self._keys))])
+        return [next((state for state in states if state is not None), None) for states in zip(*replies)]
 
     def _execute(self, *args) -> object:
-        """One command, packed by hiredis in one call: redis-py's own packing inspects every
-        argument in Python, ≈ 3 µs per transaction with the one-per-user and one-per-transaction
-        arguments of the read and the commit. No response callbacks apply to MGET and FCALL.
+        return self._round_trip([args])[0]
+
+    def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies of ``commands``, sent in one round trip, each packed by hiredis in one call:
+        redis-py's own packing inspects every argument in Python, ≈ 3 µs per transaction with the
+        one-per-user and one-per-transaction arguments of the read and the commit. No response
+        callbacks apply to HMGET and FCALL.
 
         Every key of a call carries the shard's hash tag, so on a Redis Cluster the call goes as
         is to the node serving the shard's slot; when that node failed or the slot moved, the slot
         map is learnt again and the error is an outage for the caller to wait out and retry."""
-        return on_node(self._redis, self._keys.stream, lambda client: self._send(client, args))
+        return on_node(self._redis, self._keys.stream, lambda client: self._send(client, commands))
 
     @staticmethod
-    def _send(client: redis.Redis, args: tuple) -> object:
-        if client.connection is not None:  # a single-connection client
-            return client.execute_command(*args)
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([hiredis.pack_command(args)], check_health=False)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            # redis-py's own path reconnects and retries as the client is configured to.
-            conn.disconnect()
-        finally:
-            pool.release(conn)
-        return client.execute_command(*args)
+    def _send(client: redis.Redis, commands: list[tuple]) -> list:
+        if client.connection is None:  # pooled (a single-connection client takes redis-py's path)
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command([hiredis.pack_command(c) for c in commands], check_health=False)
+                replies, error = [], None
+                for _ in commands:
+                    # Every reply is read, so an error reply leaves no other in the connection.
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:
+                        error = error or exc
+                if error is not None:
+                    raise error
+                return replies
+            except (redis.ConnectionError, redis.TimeoutError):
+                # redis-py's own path reconnects and retries as the client is configured to.
+                conn.disconnect()
+            finally:
+                pool.release(conn)
+        return [client.execute_command(*c) for c in commands]
 
     def _commit(self, states: behaviour.States, sub: behaviour.Transactions, rows: np.ndarray, blobs: list,
-                pending: np.ndarray, user_keys: list[str], transaction_ids: list[str], tx: behaviour.Transactions,
+                pending: np.ndarray, names: list[str], transaction_ids: list[str], tx: behaviour.Transactions,
                 blocklist_values: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
         """Writes the users that have new transactions; returns the users to read again and the
         blocklist flags (when ``blocklist_values`` asked for them).
@@ -353,15 +408,15 @@ class FeatureStore:
         pairs[1::2] = (t_ms[order] - bucket * dedup.BUCKET_MS).tolist()
         size = behaviour.STATE.itemsize
         news = behaviour.encode(states, writers)
-        keys = [user_keys[i] for i in pending[writers].tolist()]
-        keys += [self._keys.seen_bucket(b) for b in bucket_ids.tolist()]
-        keys += self._blocklist_keys
+        keys = [*state_periods(self._keys), *[self._keys.seen_bucket(b) for b in bucket_ids.tolist()],
+                *self._blocklist_keys]
+        states_pairs: list = [None] * (2 * len(writers))
+        states_pairs[0::2] = [names[i] for i in pending[writers].tolist()]
+        states_pairs[1::2] = [news[i : i + size] for i in range(0, len(news), size)]
         args = [self._dedup_window_ms, STATE_TTL_MS, len(writers), len(bucket_ids),
                 b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
                 bucket_counts.astype(">u4").tobytes(), (owner + 1).astype(">u4").tobytes(),
-                *(blocklist_values or [b""] * 4)]
-        args += [news[i : i + size] for i in range(0, len(news), size)]
-        args += pairs
+                *(blocklist_values or [b""] * 4), *states_pairs, *pairs]
         stale, seen, *flags = self._fcall(FUNCTION_NAME, keys, args)
         conflicted = {int(w) - 1 for w in stale}
         for j in range(0, len(seen), 2):
@@ -385,7 +440,7 @@ class FeatureStore:
         return self._execute("FCALL", function, len(keys), *keys, *args)
 
 
-def _prepare(batch: DecodedBatch, user_prefix: str) -> _Prepared:
+def _prepare(batch: DecodedBatch) -> _Prepared:
     n = len(batch)
     distinct_merchants, distinct_devices = dict.fromkeys(batch.merchant), dict.fromkeys(batch.device_id)
     # Users numbered in order of first appearance; each row's original (first in batch order).
@@ -408,7 +463,7 @@ def _prepare(batch: DecodedBatch, user_prefix: str) -> _Prepared:
     names = list(users)
     distinct = [_distinct(distinct_merchants), _distinct(distinct_devices), _distinct(dict.fromkeys(batch.ip)),
                 _distinct(dict.fromkeys(batch.country))]
-    return _Prepared(tx, copy, original, names, [user_prefix + u for u in names], distinct)
+    return _Prepared(tx, copy, original, names, distinct)
 
 
 def _subset(tx: behaviour.Transactions, local: np.ndarray, rows: np.ndarray) -> behaviour.Transactions:

@@ -5,7 +5,7 @@ The batch loop, top to bottom (DESIGN.md):
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries; the runtime's
               ``StreamConsumer``)
     decode    one orjson call; invalid entries become dead letters
-    features  numpy over the users' states from one MGET, committed by one atomic Function call
+    features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
               (compare-and-set of the states, dedup markers, blocklist lookups)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds
