@@ -24,7 +24,7 @@ from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.learning.labels import parse_labels, publish_labels
 from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
-from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler
+from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring import decode
@@ -260,3 +260,14 @@ retry_max_s = 0.1
     assert {letter["reason"] for letter in letters} == {b"alert_undeliverable"}
     assert sorted(orjson.loads(letter["data"])["transaction_id"] for letter in letters) == sorted(
         f"al_{i}" for i in range(0, 3000, 100))
+
+    # The channel is fixed: a replay makes its deliveries due again and forgets their markers, so a
+    # second give-up would be dead-lettered again.
+    markers = f"{marker_prefix(ns.fraud_stream, ns.dlq_stream)}*:gone"
+    assert len(list(cluster_client.scan_iter(match=markers, target_nodes=RedisCluster.PRIMARIES))) == 30
+    replayed = ns.fraudd("dlq", "replay", "--reason", "alert_undeliverable")
+    assert replayed.returncode == 0 and "30 alert deliveries due again" in replayed.stdout, replayed.stderr
+    assert cluster_client.xlen(ns.dlq_stream) == 0
+    assert not list(cluster_client.scan_iter(match=markers, target_nodes=RedisCluster.PRIMARIES))
+    assert ns.sql("SELECT status, attempts, count(*) FROM alert_deliveries WHERE channel = 'gone' GROUP BY 1, 2") == [
+        ("pending", 0, 30)]
