@@ -217,6 +217,15 @@ class RedisClusterServers:
                     return next(node for node in self.nodes if node.port == port)
         raise RuntimeError(f"no node serves slot {slot}")
 
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The live nodes that replicate ``master`` now (CLUSTER SLOTS leaves out those that have
+        not received a write yet)."""
+        with master.client() as client:
+            me = client.execute_command("CLUSTER", "MYID").decode()
+            nodes = [line.split() for line in client.execute_command("CLUSTER", "NODES").decode().splitlines()]
+        ports = {int(node[1].split("@")[0].rsplit(":", 1)[1]) for node in nodes if node[3] == me}
+        return [node for node in self.live() if node.port in ports]
+
     def masters_now(self) -> list[RedisServer]:
         """The live nodes that serve slots now (replicas promoted by a failover included)."""
         with self.live()[0].client() as client:

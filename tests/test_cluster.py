@@ -188,3 +188,33 @@ def test_shards_whose_slots_move_to_another_master_while_scoring(
         log = stop(daemon)
     assert '"shard_taken"' in log, log[-3000:]
     traffic.assert_guarantees(cluster_client, ns, ids)
+
+
+def test_a_lease_grant_counts_once_a_replica_holds_it(
+        redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path) -> None:
+    """While the replica of shard 0's master is frozen, that master's grants are handed back (a
+    failover would roll their epoch back); the other masters' shards are scored meanwhile, and once
+    the replica is back every shard is, each guarantee by exact counts."""
+    ns = cluster_ns
+    traffic = Traffic.generate(5000, seed=51)
+    ids = Publisher(cluster_client, ns.stream, SHARDS).publish(traffic.payloads)
+    master = redis_cluster.master_of(shard_stream(ns.stream, SHARDS, 0))
+    frozen = {k for k in range(SHARDS) if redis_cluster.master_of(shard_stream(ns.stream, SHARDS, k)) is master}
+    replica = redis_cluster.replicas_of(master)[0]
+    os.kill(replica.process.pid, signal.SIGSTOP)
+    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", *DAEMON_ARGS)
+    try:
+        try:
+            wait_for(lambda: '"lease_unreplicated"' in daemon.log(), 30, message="a grant handed back")
+            wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] > 1000, 30, message="others scored")
+            taken = {orjson.loads(line)["shard"] for line in daemon.log().splitlines() if '"shard_taken"' in line}
+            scored = {shard_of(user, SHARDS) for (user,) in ns.sql("SELECT DISTINCT user_id FROM transactions")}
+            assert taken and not (taken | scored) & frozen, (taken, scored, frozen)
+        finally:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        wait_for(lambda: fully_drained(cluster_client, ns, SHARDS), 60, interval=0.5, message="the drain")
+    finally:
+        log = stop(daemon)
+    taken = {orjson.loads(line)["shard"] for line in log.splitlines() if '"shard_taken"' in line}
+    assert taken == set(range(SHARDS)), log[-3000:]
+    traffic.assert_guarantees(cluster_client, ns, ids)

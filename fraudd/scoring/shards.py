@@ -15,6 +15,12 @@ Fencing: the lease value is a token whose epoch grows with every grant, and the 
 for a shard (the features commit and the settle) check it atomically. A worker also stops writing
 for a shard once its own lease deadline passed (its monotonic clock runs on while it is paused, so
 a worker SIGSTOPped past its lease finds out before anything else when resumed).
+
+On a Redis Cluster replication is asynchronous: a grant its master took to the grave would come
+back as the same epoch from the promoted replica. So a grant counts only once a replica holds it
+(``WAIT`` on the grant's own connection); one no replica acknowledged in time is handed back and
+tried again later. A master without an online replica is trusted as it is: none can be promoted
+in its place with an older epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+from redis.cluster import RedisCluster
 
 from ..config import Settings
 from ..keys import Keys, shard_stream
@@ -38,7 +45,7 @@ from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import on_node
 from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
-from .sinks import Settler
+from .sinks import REPLICA_WAIT_MS, Settler
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +184,44 @@ class ShardReader:
         if self.current is not None and self.current.index == index:
             self.current = None
 
-    def _lease(self, op: str, keys: Keys, who: str) -> object:
+    def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> object:
+        """The lease function's reply; with ``replicated``, [reply, replicas that acknowledged it]."""
         # Straight to the shard's node: the cluster client would ask a node for FCALL's keys first.
         args = ("FCALL", LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
+
+        def send(client: redis.Redis) -> object:
+            if not replicated:
+                return client.execute_command(*args)
+            # WAIT counts what the connection it arrives on wrote last: one pipeline keeps both on one.
+            return client.pipeline(transaction=False).execute_command(*args).execute_command(
+                "WAIT", 1, REPLICA_WAIT_MS).execute()
+
         try:
-            return on_node(self.redis, keys.lease, lambda client: client.execute_command(*args))
+            return on_node(self.redis, keys.lease, send)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
         load_library(self.redis)
-        return on_node(self.redis, keys.lease, lambda client: client.execute_command(*args))
+        return on_node(self.redis, keys.lease, send)
+
+    def _acquire(self, keys: Keys) -> str | None:
+        """A new lease token on the shard of ``keys``, or None when the shard is taken or, on a
+        Redis Cluster, no replica acknowledged the grant in time (it is handed back)."""
+        if not isinstance(self.redis, RedisCluster):
+            token = self._lease("acquire", keys, self.owner)
+        else:
+            token, replicas = self._lease("acquire", keys, self.owner, replicated=True)
+            if token is not None and replicas == 0 and self._online_replicas(keys) > 0:
+                log.warning("shard lease not replicated in time, handed back",
+                            extra={"event": "lease_unreplicated", "stream": keys.stream})
+                self._lease("release", keys, token)
+                return None
+        return token.decode() if isinstance(token, bytes) else token
+
+    def _online_replicas(self, keys: Keys) -> int:
+        info = on_node(self.redis, keys.lease, lambda client: client.info("replication"))
+        return sum(isinstance(v, dict) and v.get("state") == "online" for k, v in info.items() if k.startswith("slave"))
 
     def _renew_while_alive(self) -> None:
         """The renewal thread: keep this worker's leases while its batch loop shows signs of life."""
@@ -232,10 +266,10 @@ class ShardReader:
             if index in self.shards:
                 continue
             keys = Keys(shard_stream(s.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
-            token = self._lease("acquire", keys, self.owner)
+            token = self._acquire(keys)
             if token is None:
                 continue
-            shard = self._open(index, Lease(keys.lease, token.decode() if isinstance(token, bytes) else token))
+            shard = self._open(index, Lease(keys.lease, token))
             shard.trusted_until = started + s.lease_ms / 1000.0 * TRUSTED_SHARE
             self.shards[index] = shard
             self._order = sorted(self.shards)
