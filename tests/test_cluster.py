@@ -10,8 +10,9 @@ of 5 s keep it there (each SIGKILL idles the dead worker's shards for a lease); 
 bench/'s business.
 
 A second run moves two shards' slots to other masters while they are scored, as a reshard does:
-the workers meet ASK, TRYAGAIN and MOVED, wait each out, and every guarantee still holds. Each
-test has a fresh cluster (2-3 s to start): the first leaves one master without a replica.
+the workers meet ASK, TRYAGAIN and MOVED, wait each out, and every guarantee still holds. A third
+freezes a master's replica: that master's lease grants are handed back until it acknowledges them.
+Each test has a fresh cluster (2-3 s to start): the first leaves one master without a replica.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ from ..config import Settings
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import on_node
+from ..runtime.redis_clients import REPLICA_WAIT_MS, on_node
 from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
-from .sinks import REPLICA_WAIT_MS, Settler
+from .sinks import Settler
 
 log = logging.getLogger(__name__)
 
