@@ -29,7 +29,10 @@ def trim_bound(client: redis.Redis, stream: str, retention_s: float, now_s: floa
     for group in groups:
         bound = min(bound, _entry_id(group["last-delivered-id"]))
         if group["pending"]:
-            bound = min(bound, _entry_id(client.xpending(stream, group["name"])["min"]))
+            # Read after the group's record: what was pending then may all be acked by now.
+            oldest = client.xpending(stream, group["name"])["min"]
+            if oldest is not None:
+                bound = min(bound, _entry_id(oldest))
     return bound if bound > (0, 0) else None
 
 
