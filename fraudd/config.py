@@ -174,10 +174,14 @@ def settings_from(params: dict) -> Settings:
     names = {f.name for f in fields(Settings)}
     values = {name: params[name] for name in names}
     values["log_level"] = values["log_level"].upper()
+    _check_cluster(values)
+    return Settings(**values)
+
+
+def _check_cluster(values: dict) -> None:
     if values["redis_cluster"] and values["shards"] < 2:
         # One shard means one hash slot: a cluster would hold all of fraudd on one node.
         raise ConfigError("--redis-cluster needs --shards > 1 (one shard lives in one slot, on one node)")
-    return Settings(**values)
 
 
 def alert_settings_from(params: dict) -> AlertSettings:
@@ -186,7 +190,7 @@ def alert_settings_from(params: dict) -> AlertSettings:
 
 # -- fraudd ingest ---------------------------------------------------------------------------
 
-_SHARED_WITH_INGEST = ("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
+_SHARED_WITH_INGEST = ("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
                        "dedup-window-s", "shutdown-timeout-s", "log-level", "shards", "labels-stream")
 DECISION_NAMES = ("approve", "review", "decline")
 
@@ -246,6 +250,7 @@ class IngestSettings:
     log_level: str
     shards: int = 1
     labels_stream: str = "transactions:labels"
+    redis_cluster: bool = False
 
     @property
     def input_streams(self) -> list[str]:
@@ -267,4 +272,5 @@ def ingest_settings_from(params: dict) -> IngestSettings:
     values["log_level"] = values["log_level"].upper()
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _check_cluster(values)
     return IngestSettings(**values)

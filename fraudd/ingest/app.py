@@ -15,16 +15,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import hiredis
 import orjson
 import redis
-import redis.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.cluster import RedisCluster
 
 from ..config import IngestSettings
 from ..keys import Keys
 from ..learning.labels import parse_labels
 from ..runtime.health import group_state
+from ..runtime.redis_clients import AsyncNodes, redis_client
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -95,14 +97,15 @@ class Ingest:
         self.auth = authenticator
         # The unsharded keys hold what is not per shard (signature markers).
         self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
-        self.redis = redis.asyncio.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=5,
-                                                  socket_connect_timeout=3, health_check_interval=0)
-        # Group state is read with the runtime's (synchronous) helper, in a thread.
-        self.redis_sync = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True,
-                                               socket_timeout=5, socket_connect_timeout=3)
+        # Every call touches one slot and goes to the node serving it (on a Redis Cluster).
+        self.nodes = AsyncNodes(settings.redis_url, settings.redis_cluster, socket_timeout=5, socket_connect_timeout=3)
+        # Group state is read with the runtime's (synchronous) helper, in a thread, with a client
+        # made there on first use (a cluster client connects when made, and Redis may be away).
+        self._lag_client: redis.Redis | RedisCluster | None = None
+        self._lag_unknown = False
         shard_keys = [Keys(stream, settings.fraud_stream, settings.dlq_stream) for stream in settings.input_streams]
-        self.publisher = CoalescingPublisher(self.redis, shard_keys, instance_name(), settings.dedup_window_s * 1000)
-        self.decisions = Decisions(self.redis, self.publisher.channels)
+        self.publisher = CoalescingPublisher(self.nodes, shard_keys, instance_name(), settings.dedup_window_s * 1000)
+        self.decisions = Decisions(self.nodes, self.publisher.channels)
         self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
         self.backpressure = Backpressure()
         self.tally = ingest_metrics.Tally()
@@ -120,15 +123,20 @@ class Ingest:
         self.tally.flush()
         await self.decisions.stop()
         await self.stored.close()
-        await self.redis.aclose()
-        self.redis_sync.close()
+        await self.nodes.aclose()
+        if self._lag_client is not None:
+            self._lag_client.close()
 
     def _lag(self) -> int:
         """The largest lag of the scoring group over the input shards (a shard not created yet lags 0)."""
+        s = self.settings
+        if self._lag_client is None:
+            self._lag_client = redis_client(s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=5,
+                                            socket_connect_timeout=3)
         lags = [0]
-        for stream in self.settings.input_streams:
+        for stream in s.input_streams:
             try:
-                lags.append(group_state(self.redis_sync, stream, self.settings.group).lag)
+                lags.append(group_state(self._lag_client, stream, s.group).lag)
             except redis.ResponseError as exc:
                 if "no such key" not in str(exc):
                     raise
@@ -140,9 +148,12 @@ class Ingest:
             lag = None
             try:
                 lag = await asyncio.to_thread(self._lag)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
+            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+                if not self._lag_unknown:
+                    log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
+                self._lag_unknown = True
             if lag is not None:
+                self._lag_unknown = False
                 self.backpressure.lag = lag
                 overloaded = lag > s.max_lag
                 if overloaded != self.backpressure.overloaded:
@@ -176,7 +187,7 @@ class Ingest:
             # refused by the timestamp alone, so markers live at most one window on average.
             expires_ms = (int(request.headers[auth.TIMESTAMP_HEADER]) + self.settings.signature_window_s + 1) * 1000
             try:
-                fresh = await self.redis.set(marker, b"1", nx=True, pxat=expires_ms)
+                fresh = await self.nodes.on_node(marker, lambda node: node.set(marker, b"1", nx=True, pxat=expires_ms))
             except (redis.RedisError, OSError) as exc:
                 raise _unavailable("redis: " + type(exc).__name__) from None
             problem = None if fresh else "replayed"
@@ -229,19 +240,30 @@ class Ingest:
         if errors:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
+        stream = self.settings.labels_stream
+        commands = [hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document()))) for label in labels]
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for label in labels:
-                pipe.xadd(self.settings.labels_stream, {"data": orjson.dumps(label.document())})
-            ids = await pipe.execute()
+            ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
+    async def redis_problem(self) -> str | None:
+        """Why Redis cannot take this process's writes now; None when every node serving its keys answers."""
+        s = self.settings
+        keys = [*s.input_streams, s.labels_stream, *([self.keys.signature_prefix] if s.require_signature else [])]
+        try:
+            nodes = {await self.nodes.node(key): key for key in keys}
+            await asyncio.gather(*(self.nodes.on_node(key, lambda node: node.ping()) for key in nodes.values()))
+        except (redis.RedisError, OSError) as exc:
+            return f"redis: {exc}"
+        return None
+
     async def decision(self, transaction_id: str, submission: Submission, started: float) -> dict:
         """Write ``submission`` and wait for its decision until ``--decision-timeout-ms``."""
         deadline = started + self.settings.decision_timeout_ms / 1000.0
-        future, first = self.decisions.expect(transaction_id)
+        channel = self.publisher.channels[self.publisher.shard(submission.user_id)]
+        future, first = self.decisions.expect(transaction_id, channel)
         try:
             (accepted,) = await self.publish([submission])
             decision = None
@@ -255,6 +277,11 @@ class Ingest:
                     decision = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     pass
+                else:
+                    if decision is None:
+                        # The channel was not subscribed (a node failed, a slot moved): the worker
+                        # stores the decision before it publishes it, so PostgreSQL has it, or will.
+                        decision = await self.stored.wait_for(transaction_id, deadline)
         finally:
             self.decisions.forget(transaction_id, future)
         answer = {"transaction_id": transaction_id, "duplicate": accepted.duplicate}
@@ -365,10 +392,9 @@ def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, re
         return _json(202, {"accepted": len(ids), "ids": ids})
 
     async def healthz(request: web.BaseRequest) -> web.Response:
-        try:
-            await ingest.redis.ping()
-        except (redis.RedisError, OSError) as exc:
-            return web.Response(status=503, text=f"redis: {exc}\n")
+        problem = await ingest.redis_problem()
+        if problem is not None:
+            return web.Response(status=503, text=problem + "\n")
         if not ingest.decisions.subscribed:
             return web.Response(status=503, text="decisions channel: not subscribed yet\n")
         return web.Response(text="ok\n")

@@ -24,6 +24,7 @@ import psycopg
 import redis
 import redis.asyncio
 
+from ..runtime.redis_clients import AsyncNodes
 from ..schema import connect_async
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,21 @@ def instance_name() -> str:
 
 class Decisions:
     """Waiters by ``transaction_id``, resolved from this instance's channels (one per input shard,
-    each in its shard's slot, as the worker publishes from its shard's settle script)."""
+    each in its shard's slot, as the worker publishes from its shard's settle script).
 
-    def __init__(self, client: redis.asyncio.Redis, channels: list[str]) -> None:
+    A channel is subscribed on the node serving its slot: one subscription per node, following the
+    slot map (``AsyncNodes``), so when a node fails or gives a slot away (a failover, resharding)
+    its channels are subscribed again where their slots went. A decision published meanwhile is
+    not received: its waiter is told (``None``) and reads it from PostgreSQL instead.
+    """
+
+    def __init__(self, nodes: AsyncNodes, channels: list[str]) -> None:
         self.channels = channels
-        self._client = client
-        self._waiting: dict[str, asyncio.Future] = {}
+        self._nodes = nodes
+        self._waiting: dict[str, tuple[asyncio.Future, str]] = {}
+        self._live: set[str] = set()  # channels subscribed, with no break since
         self._task: asyncio.Task | None = None
-        self._subscribed = asyncio.Event()
+        self._broken = False  # logged once per episode
 
     def start(self) -> None:
         """Subscribe in the background (Redis may be away at start: the API serves meanwhile)."""
@@ -55,57 +63,109 @@ class Decisions:
 
     @property
     def subscribed(self) -> bool:
-        return self._subscribed.is_set()
+        return len(self._live) == len(self.channels)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def expect(self, transaction_id: str) -> tuple[asyncio.Future, bool]:
-        """The future of ``transaction_id``'s decision, and whether this call created it (False:
-        another request of this instance already waits for the same transaction)."""
-        future = self._waiting.get(transaction_id)
-        if future is not None:
-            return future, False
+    def expect(self, transaction_id: str, channel: str) -> tuple[asyncio.Future, bool]:
+        """The future of ``transaction_id``'s decision (published on ``channel``), and whether this
+        call created it (False: another request of this instance already waits for the same
+        transaction). It resolves to None when the decision cannot arrive: the channel is not
+        subscribed now, or its subscription breaks before the decision came."""
+        waiting = self._waiting.get(transaction_id)
+        if waiting is not None:
+            return waiting[0], False
         future = asyncio.get_running_loop().create_future()
-        self._waiting[transaction_id] = future
+        if channel in self._live:
+            self._waiting[transaction_id] = (future, channel)
+        else:
+            future.set_result(None)
         return future, True
 
     def forget(self, transaction_id: str, future: asyncio.Future) -> None:
-        if self._waiting.get(transaction_id) is future:
+        waiting = self._waiting.get(transaction_id)
+        if waiting is not None and waiting[0] is future:
             del self._waiting[transaction_id]
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self._client.pubsub()
-            confirmed = 0
-            try:
-                # One command per channel: on Redis Cluster each lives in its own shard's slot.
-                for channel in self.channels:
-                    await pubsub.ssubscribe(channel)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "smessage":
-                        self._deliver(message["data"])
-                    elif message["type"] == "ssubscribe":
-                        # Confirmed: from now on a decision published there reaches this process.
-                        confirmed += 1
-                        if confirmed == len(self.channels):
-                            self._subscribed.set()
-            except asyncio.CancelledError:
-                await pubsub.aclose()
-                raise
-            except (redis.RedisError, OSError) as exc:
-                # Decisions sent while unsubscribed are lost; their requests answer the fallback
-                # and the transactions are still scored and stored.
-                self._subscribed.clear()
+        """Keep one subscription per node serving some of the channels, as the slot map says."""
+        links: dict[redis.asyncio.Redis, tuple[frozenset[str], asyncio.Task]] = {}
+        try:
+            while True:
+                try:
+                    serving = await self._serving()
+                except (redis.RedisError, OSError):
+                    serving = None  # the map is unknown yet: keep what is subscribed
+                for node, (channels, task) in list(links.items()):
+                    if task.done() or (serving is not None and serving.get(node) != channels):
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                        del links[node]
+                for node, channels in (serving or {}).items():
+                    if node not in links:
+                        links[node] = (channels, asyncio.create_task(self._follow(node, channels)))
+                tasks = [task for _channels, task in links.values()]
+                # Woken by a broken link, else once a second to follow the map, which calls that
+                # met a cluster change have learnt again.
+                done = (await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED))[0] if tasks else ()
+                if done or serving is None:
+                    await self._nodes.refresh()
+                    await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
+        finally:
+            for _channels, task in links.values():
+                task.cancel()
+            await asyncio.gather(*(task for _channels, task in links.values()), return_exceptions=True)
+
+    async def _serving(self) -> dict[redis.asyncio.Redis, frozenset[str]]:
+        serving: dict[redis.asyncio.Redis, set[str]] = {}
+        for channel in self.channels:
+            serving.setdefault(await self._nodes.node(channel), set()).add(channel)
+        return {node: frozenset(channels) for node, channels in serving.items()}
+
+    async def _follow(self, node: redis.asyncio.Redis, channels: frozenset[str]) -> None:
+        """Subscribe ``channels`` on ``node`` and deliver what arrives, until the subscription breaks."""
+        pubsub = node.pubsub()
+        try:
+            # One command per channel: each lives in its own shard's slot.
+            for channel in channels:
+                await pubsub.ssubscribe(channel)
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                kind = message["type"]
+                if kind == "smessage":
+                    self._deliver(message["data"])
+                elif kind == "ssubscribe":
+                    # Confirmed: from now on a decision published there reaches this process.
+                    self._live.add(message["channel"].decode())
+                    if self.subscribed and self._broken:
+                        self._broken = False
+                        log.info("decision channels subscribed again", extra={"event": "recovered", "component": "redis"})
+                elif kind == "sunsubscribe":
+                    # Not asked for: the node gave the channel's slot away (resharding, or it
+                    # became a replica). Subscribe again where the map says.
+                    return
+        except (redis.RedisError, OSError) as exc:
+            if not self._broken:
+                self._broken = True
                 log.error("decision channel lost, resubscribing", extra={"event": "outage", "component": "redis",
                                                                          "error": str(exc)})
-                await pubsub.aclose()
-                await asyncio.sleep(_RESUBSCRIBE_DELAY_S)
+        finally:
+            self._lost(channels)
+            await pubsub.aclose()
+
+    def _lost(self, channels: frozenset[str]) -> None:
+        """Decisions sent on ``channels`` may be missed from now on: their waiters read PostgreSQL."""
+        self._live -= channels
+        for transaction_id, (future, channel) in list(self._waiting.items()):
+            if channel in channels:
+                del self._waiting[transaction_id]
+                if not future.done():
+                    future.set_result(None)
 
     def _deliver(self, data: bytes) -> None:
         try:
@@ -115,7 +175,7 @@ class Decisions:
             log.error("unreadable decisions message", extra={"event": "bad_decisions_message", "error": repr(exc)})
             return
         for transaction_id, decision in decisions.items():
-            future = self._waiting.pop(transaction_id, None)
+            future, _channel = self._waiting.pop(transaction_id, (None, None))
             if future is not None and not future.done():
                 future.set_result(decision)
 

@@ -15,16 +15,17 @@ as a duplicate and not written again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import hiredis
 import orjson
 import redis
-import redis.asyncio
 import redis.exceptions
 
 from ..keys import Keys, shard_of, shard_stream
+from ..runtime.redis_clients import AsyncNodes
 from ..scoring.dedup import SEEN_PROBE_LUA, bucket_of, seen_probe
 
 CHUNK = 1000
@@ -137,23 +138,28 @@ class Publisher:
 
 
 class CoalescingPublisher:
-    """``submit`` for concurrent requests of one event loop; one script call per turn of the loop.
+    """``submit`` for concurrent requests of one event loop; one script call per shard and turn of the loop.
 
-    At most one call is in flight: submissions made meanwhile queue up and go out together as soon
-    as it returns. A failed call fails every submission it carried; as each is keyed by its
-    ``transaction_id``, a client retry is safe whether or not the call reached Redis.
+    At most one round of calls is in flight: submissions made meanwhile queue up and go out together
+    as soon as it returns. A shard's call goes to the node serving its slot (on a Redis Cluster, the
+    shards' calls of a round run side by side, node by node); a failed call fails the requests that
+    had a transaction in it, and only those. As each transaction is keyed by its ``transaction_id``,
+    a client retry is safe whether or not the call reached Redis.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, keys: list[Keys], instance: str, dedup_window_ms: int) -> None:
+    def __init__(self, nodes: AsyncNodes, keys: list[Keys], instance: str, dedup_window_ms: int) -> None:
         """``keys``: every input shard's (one without ``--shards``); ``instance``: the name of this
         ingest process, whose decisions channel per shard (``channels``) a ``reply`` names."""
         self._keys = keys
         self.channels = [k.decisions_channel(instance) for k in keys]
         self._window_ms = dedup_window_ms
-        self._client = client
-        self._script = client.register_script(_ACCEPT)
+        self._nodes = nodes
+        self._sha = hashlib.sha1(_ACCEPT.encode()).hexdigest()
         self._queue: list[tuple[Sequence[Submission], asyncio.Future]] = []
         self._flushing = False
+
+    def shard(self, user_id: str) -> int:
+        return shard_of(user_id, len(self._keys)) if len(self._keys) > 1 else 0
 
     async def submit(self, submissions: Sequence[Submission]) -> list[Accepted]:
         """Write ``submissions`` (idempotently); raises ``redis.RedisError`` when Redis fails."""
@@ -180,31 +186,43 @@ class CoalescingPublisher:
                 try:
                     replies = await self._route([s for submissions, _f in batch for s in submissions])
                 except Exception as exc:  # handed to every waiting request; the loop goes on
-                    for _s, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
+                    replies = [exc] * items
                 start = 0
                 for submissions, future in batch:
                     end = start + len(submissions)
+                    mine = replies[start:end]
+                    failed = next((r for r in mine if isinstance(r, Exception)), None)
                     if not future.done():
-                        future.set_result([_accepted(reply) for reply in replies[start:end]])
+                        if failed is None:
+                            future.set_result([_accepted(reply) for reply in mine])
+                        else:
+                            future.set_exception(failed)
                     start = end
         finally:
             self._flushing = False
 
-    async def _route(self, submissions: list[Submission]) -> list[bytes]:
-        """One script call per shard the submissions go to (each call stays in its shard's slot)."""
-        shards = len(self._keys)
-        if shards == 1:
-            return await self._call(0, submissions)
+    async def _route(self, submissions: list[Submission]) -> list[bytes | Exception]:
+        """Each submission's reply, or the error of its shard's call: one script call per shard the
+        submissions go to (each call stays in its shard's slot)."""
         rows: dict[int, list[int]] = {}
         for row, s in enumerate(submissions):
-            rows.setdefault(shard_of(s.user_id, shards), []).append(row)
-        replies: list[bytes] = [b""] * len(submissions)
-        for shard, picked in rows.items():
-            for row, reply in zip(picked, await self._call(shard, [submissions[r] for r in picked])):
-                replies[row] = reply
+            rows.setdefault(self.shard(s.user_id), []).append(row)
+        if len(rows) == 1:
+            ((shard, _rows),) = rows.items()
+            return await self._call(shard, submissions)
+        calls = list(rows.items())
+        results = await asyncio.gather(*(self._call(shard, [submissions[r] for r in picked]) for shard, picked in calls),
+                                       return_exceptions=True)
+        replies: list[bytes | Exception] = [b""] * len(submissions)
+        for (_shard, picked), result in zip(calls, results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):  # cancelled: not a Redis answer to hand out
+                    raise result
+                for row in picked:
+                    replies[row] = result
+            else:
+                for row, reply in zip(picked, result):
+                    replies[row] = reply
         return replies
 
     async def _call(self, shard: int, submissions: list[Submission]) -> list[bytes]:
@@ -218,28 +236,17 @@ class CoalescingPublisher:
             # instead of a key with its own expiry, and a retry (same event time) finds its hash.
             keys += (f"{accepted}{bucket_of(s.event_s)}", probe_key)
             args += (s.transaction_id, probe_member, s.payload, channel if s.reply else "")
-        command = hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
+        # Packed by hiredis in one call: redis-py's own packing inspects every argument in Python,
+        # which cost ≈ 17 µs per transaction of a 500-transaction batch (six arguments each).
+        command = hiredis.pack_command(("EVALSHA", self._sha, len(keys), *keys, *args))
+        # Replicated before the requests are answered: an accepted transaction outlives its master.
         try:
-            return await self._send(command)
+            (reply,) = await self._nodes.send(shard_keys.stream, [command], replicated=True)
         except redis.exceptions.NoScriptError:
-            # Redis restarted or flushed its scripts: load it again, once.
-            await self._client.script_load(_ACCEPT)
-            return await self._send(command)
-
-    async def _send(self, command: bytes):
-        """One command packed by hiredis in one call: redis-py's own packing inspects every argument
-        in Python, which cost ≈ 17 µs per transaction of a 500-transaction batch (six arguments each)."""
-        pool = self._client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command([command], check_health=False)
-            return await conn.read_response()
-        except BaseException:
-            # Whatever was cut off mid-reply must not be read by the next user of this connection.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+            # Redis restarted, flushed its scripts, or a replica took over: load it there, once.
+            await self._nodes.on_node(shard_keys.stream, lambda node: node.script_load(_ACCEPT))
+            (reply,) = await self._nodes.send(shard_keys.stream, [command], replicated=True)
+        return reply
 
 
 def _accepted(reply: bytes) -> Accepted:

@@ -19,10 +19,12 @@ import ssl
 import redis
 import uvloop
 from aiohttp import web
+from redis.cluster import RedisCluster
 
 from ..config import ConfigError, IngestSettings
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
+from ..runtime.redis_clients import redis_client
 from ..runtime.supervisor import Service
 from .app import make_handler
 from .auth import Authenticator
@@ -101,19 +103,23 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
 
 
 class Trimmer:
-    """Trims what every group acked (``--retention-s``); logs an outage once, never raises."""
+    """Trims what every group acked (``--retention-s``), each shard stream on the node serving it;
+    logs an outage once, never raises."""
 
     def __init__(self, settings: IngestSettings) -> None:
         self._settings = settings
-        self._client = redis.Redis.from_url(settings.redis_url, protocol=2, decode_responses=True, socket_timeout=2,
-                                            socket_connect_timeout=2)
+        # Made on first use: a cluster client connects when made, and Redis may be away at start.
+        self._client: redis.Redis | RedisCluster | None = None
         self._failing = False
 
     def run_once(self) -> None:
+        s = self._settings
         try:
-            trimmed = sum(trim_acked(self._client, stream, self._settings.retention_s)
-                          for stream in self._settings.input_streams)
-        except (redis.RedisError, OSError) as exc:
+            if self._client is None:
+                self._client = redis_client(s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=2,
+                                            socket_connect_timeout=2)
+            trimmed = sum(trim_acked(self._client, stream, s.retention_s) for stream in s.input_streams)
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             if not self._failing:
                 log.error("cannot trim the input stream", extra={"event": "outage", "component": "redis", "error": str(exc)})
             self._failing = True

@@ -6,18 +6,22 @@ On a Redis Cluster every call of a shard's batch touches the shard's slot only, 
 to the node serving that slot (``on_node``): packed and parsed as on a single Redis, without the
 cluster client's per-command key parsing. When that node failed or the slot moved, the call
 learns the slot map again and raises, and the caller waits the outage out and retries.
+``AsyncNodes`` does the same for asyncio code (the HTTP ingest).
 """
 
 from __future__ import annotations
 
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
 _T = TypeVar("_T")
@@ -131,18 +135,126 @@ class ReplicaWait:
         self._unreplicated_until: dict[str, float] = {}
 
     def wait(self, client: redis.Redis | RedisCluster, key: str) -> None:
-        if self._due(key):
-            self._waited(key, on_node(client, key, lambda node: node.execute_command("WAIT", 1, REPLICA_WAIT_MS)))
+        if self.due(key):
+            self.waited(key, on_node(client, key, lambda node: node.execute_command("WAIT", 1, REPLICA_WAIT_MS)))
 
     async def wait_async(self, client: redis.asyncio.cluster.RedisCluster, key: str) -> None:
         """``wait`` with the asyncio cluster client."""
-        if self._due(key):
-            self._waited(key, await client.execute_command("WAIT", 1, REPLICA_WAIT_MS,
+        if self.due(key):
+            self.waited(key, await client.execute_command("WAIT", 1, REPLICA_WAIT_MS,
                                                            target_nodes=client.get_node_from_key(key)))
 
-    def _due(self, key: str) -> bool:
+    def due(self, key: str) -> bool:
+        """Whether a write to ``key`` is to be waited for (its master had a replica lately)."""
         return time.monotonic() >= self._unreplicated_until.get(key, 0.0)
 
-    def _waited(self, key: str, replicas: int) -> None:
+    def waited(self, key: str, replicas: int) -> None:
+        """What a ``WAIT`` after a write to ``key`` answered: how many replicas have it."""
         if replicas == 0:
             self._unreplicated_until[key] = time.monotonic() + REPLICA_RETRY_S
+
+
+class AsyncNodes:
+    """The asyncio clients of one Redis, or of each node of a Redis Cluster: ``node(key)`` is the
+    plain client of the node serving ``key``'s slot (the one client off a cluster), so one slot's
+    commands go out packed as on a single Redis. A call that meets a cluster change (failed node,
+    moved slot, CLUSTERDOWN) learns the slot map again and raises a ``redis.RedisError``; the caller
+    answers 503 or tries again later, on the new map.
+
+    The slot map starts unknown and is learnt on first use, so a process may start while the
+    cluster is away (its calls fail meanwhile, as on a single Redis that is down).
+    """
+
+    def __init__(self, url: str, cluster: bool = False, **options) -> None:
+        """``options`` go to redis-py's clients (timeouts)."""
+        self.cluster = cluster
+        # One retry, at once: enough for a connection the server closed while idle. redis-py's
+        # default (ten, backing off up to a second) would hold a request for seconds on a node
+        # that is gone, where an answer of 503 lets the client retry when it comes back.
+        self._options = {"protocol": 2, "health_check_interval": 0, "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
+                         **options}
+        self._clients: dict[str, redis.asyncio.Redis] = {}
+        self._replicas = ReplicaWait()
+        self._mapped = False
+        if cluster:
+            # Only for the slot map: commands go to plain clients of the nodes, made in ``node``.
+            self._map = async_redis_client(url, True, **{k: v for k, v in self._options.items() if k != "retry"})
+            seed = _seeds(url)[0]
+            self._options.update(username=seed.username, password=seed.password)
+        else:
+            self._single = async_redis_client(url, False, **self._options)
+
+    async def node(self, key: str) -> redis.asyncio.Redis:
+        """The client of the node serving ``key``'s slot; ``ClusterDownError`` when none does (yet)."""
+        if not self.cluster:
+            return self._single
+        if not self._mapped:
+            await self.refresh()
+        try:
+            node = self._map.get_node_from_key(key)
+        except redis.exceptions.RedisClusterException:  # the map is unknown, or lacks the slot
+            raise redis.exceptions.ClusterDownError(f"no known node serves the slot of {key}") from None
+        client = self._clients.get(node.name)
+        if client is None:
+            client = self._clients[node.name] = redis.asyncio.Redis(host=node.host, port=node.port, **self._options)
+        return client
+
+    async def on_node(self, key: str, send: Callable[[redis.asyncio.Redis], Awaitable[_T]]) -> _T:
+        """``await send(node)`` with the node serving ``key``; on a cluster change, learn the slot
+        map again and raise."""
+        try:
+            return await send(await self.node(key))
+        except CLUSTER_CHANGED:
+            await self.refresh()
+            raise
+
+    async def send(self, key: str, commands: list[bytes], replicated: bool = False) -> list:
+        """The replies of ``commands`` (packed with hiredis: redis-py's own packing inspects each
+        argument in Python) sent in one write to the node serving ``key``. ``replicated`` on a
+        cluster: a replica holds them too before this returns (``WAIT``, in the same round trip),
+        so a master dying right after does not take back what the caller was told is written."""
+
+        async def attempt(node: redis.asyncio.Redis) -> list:
+            wait = replicated and self.cluster and self._replicas.due(key)
+            packed = [*commands, _WAIT] if wait else commands
+            pool = node.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+                replies = [await conn.read_response() for _command in packed]
+            except BaseException:
+                # Whatever was cut off mid-reply must not be read by the next user of this connection.
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
+            if wait:
+                self._replicas.waited(key, replies.pop())
+            return replies
+
+        return await self.on_node(key, attempt)
+
+    async def refresh(self) -> None:
+        """Learn the cluster's slot map again (best effort: while the cluster is down the next call
+        fails again, and refreshes again)."""
+        if not self.cluster:
+            return
+        try:
+            if self._mapped:
+                await self._map.nodes_manager.initialize()
+            else:
+                await self._map.initialize()
+                self._mapped = True
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+            pass
+
+    async def aclose(self) -> None:
+        if not self.cluster:
+            await self._single.aclose()
+            return
+        for client in self._clients.values():
+            await client.aclose()
+        await self._map.aclose()
+
+
+_WAIT = hiredis.pack_command(("WAIT", 1, REPLICA_WAIT_MS))
