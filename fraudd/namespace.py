@@ -71,7 +71,9 @@ class Namespace:
     def drop(self, client: redis.Redis) -> None:
         """Remove every key and the schema; safe on a half-created namespace."""
         keys = [self.stream, self.fraud_stream, self.dlq_stream, self.labels_stream]
-        for pattern in (f"fraudd:{{{self.stream}}}:*", f"fraudd:{self.stream}:*", f"{self.name}:*"):
+        # Keys tagged with any of the streams (markers of alerts and dead letters live with the fraud
+        # and DLQ streams), then the shards' keys, then the streams themselves.
+        for pattern in (f"fraudd:{{{self.name}:*", f"fraudd:{self.stream}:*", f"{self.name}:*"):
             keys += list(client.scan_iter(match=pattern, count=10_000))
         for start in range(0, len(keys), 1000):
             client.unlink(*keys[start : start + 1000])
