@@ -134,11 +134,23 @@ class Probe:
 
 
 def redis_nodes(client: redis.Redis | RedisCluster) -> dict[str, redis.Redis]:
-    """Every server behind ``client`` by ``host:port``: the one Redis, or each node of a cluster."""
-    if isinstance(client, RedisCluster):
-        return {node.name: client.get_redis_connection(node) for node in client.get_nodes()}
-    kwargs = client.connection_pool.connection_kwargs
-    return {f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}": client}
+    """Every server behind ``client`` by ``host:port``: the one Redis, or each node of a cluster,
+    masters in slot order, then replicas."""
+    if not isinstance(client, RedisCluster):
+        kwargs = client.connection_pool.connection_kwargs
+        return {f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}": client}
+    # CLUSTER NODES rather than the client's slot map: Redis leaves a replica out of CLUSTER SLOTS
+    # until it has replicated something.
+    described = client.cluster_nodes()
+    order = sorted(described, key=lambda address: ("master" not in described[address]["flags"],
+                                                   int(described[address]["slots"][0][0]) if described[address]["slots"] else 0))
+    nodes = {}
+    for address in order:
+        host, port = address.rsplit(":", 1)
+        # A cluster of one node never learnt its own address: it is the seed's.
+        host = host or client.get_default_node().host
+        nodes[f"{host}:{port}"] = redis.Redis(host=host, port=int(port), protocol=2, decode_responses=True)
+    return nodes
 
 
 def postmaster_pid(postgres_url: str) -> int | None:

@@ -70,21 +70,23 @@ def test_throughput(tmp_path: Path) -> None:
 
 
 def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
-    report = bench(tmp_path, "throughput", "--redis-cluster-masters", "2", "-n", "3000", "--workers", "2",
-                   "--shards", "4")
-    assert report["services"]["redis_cluster"] == {"masters": 2, "replicas": 0}
+    report = bench(tmp_path, "throughput", "--redis-cluster-masters", "2", "--redis-cluster-replicas", "1",
+                   "-n", "3000", "--workers", "2", "--shards", "4")
+    assert report["services"]["redis_cluster"] == {"masters": 2, "replicas": 1}
     assert "--redis-cluster" in report["fraudd_args"]
     result = report["result"]
     assert set(result["drains"]) == {"fraudd"} and result["ratios"] == {}
     drain = result["drains"]["fraudd"]
     assert_usage(drain)
     nodes = drain["redis_nodes"]
-    assert len(nodes) == 2 and {node["role"] for node in nodes.values()} == {"master"}
-    # Every shard on exactly one node, every transaction counted on its shard's node.
+    assert [node["role"] for node in nodes.values()] == ["master", "master", "slave", "slave"]
+    # Every shard on exactly one master, every transaction counted on its shard's master.
     assert sorted(shard for node in nodes.values() for shard in node["shards"]) == [0, 1, 2, 3]
     assert sum(node["transactions"] for node in nodes.values()) == 3000
     assert all(node["keys"] > 0 and node["used_memory_bytes"] > 0 and node["cpu_us_per_tx"] >= 0
                for node in nodes.values())
+    # The replicas (listed last) serve no shard of their own.
+    assert all(node["shards"] == [] and node["cpu_us_per_own_tx"] is None for node in list(nodes.values())[2:])
     assert sum(node["cpu_s"] for node in nodes.values()) == pytest.approx(drain["cpu_s"]["redis"], abs=0.01)
     checks = result["checks"]
     assert checks["produced"] == checks["rows"] == 3000
