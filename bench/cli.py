@@ -294,7 +294,8 @@ def format_throughput(result: dict) -> str:
     nodes = drains["fraudd"].get("redis_nodes")
     if nodes:
         lines += ["", "fraudd's Redis per node (CPU of the redis-server process; \"own tx\": per transaction of the "
-                      "shards it serves; commandstats: top commands, µs/tx)", format_nodes(nodes)]
+                      "shards it serves; +fraud, +dlq: it serves those streams too; commandstats: top commands, µs/tx)",
+                  format_nodes(nodes)]
     c = result["checks"]
     if c:
         lines += ["", f"checks: produced {c['produced']:,}, rows {c['rows']:,}, missing {c['missing']}, "
@@ -313,7 +314,8 @@ def format_nodes(nodes: dict[str, dict]) -> str:
     rows = []
     for name, node in nodes.items():
         top = list(node["commands"].items())[:3]
-        rows.append([name, node["role"], ",".join(map(str, node["shards"])) or "-", f"{node['transactions']:,}",
+        served = " ".join([",".join(map(str, node["shards"])), *(f"+{stream}" for stream in node["streams"])]).strip()
+        rows.append([name, node["role"], served or "-", f"{node['transactions']:,}",
                      _us(node["cpu_us_per_tx"]), _us(node["cpu_us_per_own_tx"]), _us(node["info_cpu_us_per_tx"]),
                      ", ".join(f"{command} {c['us_per_tx']:.2f}" for command, c in top) or "-",
                      f"{node['keys']:,}", f"{node['used_memory_bytes'] / 2**20:.1f}"])

@@ -69,27 +69,34 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
         consumers = None
         if kind != "fraudd":
             return drain, {}, {}
-        return drain, check_output(client, ns, traffic, n, exit_codes), nodes_report(client, drain, placement, n)
+        return drain, check_output(client, ns, traffic, n, exit_codes), nodes_report(client, ns, drain, placement, n)
     finally:
         if consumers is not None:
             consumers.stop(timeout=10)
         ns.drop(client)
 
 
+def node_of(client: redis.Redis | RedisCluster, key: str) -> str:
+    """``host:port`` of the node serving ``key`` (the one Redis off a cluster), as ``redis_nodes`` names it."""
+    if isinstance(client, RedisCluster):
+        return client.get_node_from_key(key).name
+    return next(iter(redis_nodes(client)))
+
+
 def shard_placement(client: redis.Redis | RedisCluster, ns: Namespace) -> dict[str, dict[int, int]]:
-    """Per node (``host:port``): shard -> entries prefilled on it, for every shard the node serves."""
-    nodes = list(redis_nodes(client))
+    """Per node: shard -> entries prefilled on it, for every shard the node serves."""
     placement: dict[str, dict[int, int]] = {}
     for shard, stream in enumerate(ns.streams):
-        node = client.get_node_from_key(stream).name if isinstance(client, RedisCluster) else nodes[0]
-        placement.setdefault(node, {})[shard] = client.xlen(stream)
+        placement.setdefault(node_of(client, stream), {})[shard] = client.xlen(stream)
     return placement
 
 
-def nodes_report(client: redis.Redis | RedisCluster, drain: Drain, placement: dict[str, dict[int, int]],
-                 n: int) -> dict[str, dict]:
+def nodes_report(client: redis.Redis | RedisCluster, ns: Namespace, drain: Drain,
+                 placement: dict[str, dict[int, int]], n: int) -> dict[str, dict]:
     """Each node's drain figures with its role, shards, share of the transactions, CPU per transaction
-    of its own shards, and keys and memory now (before the namespace is dropped)."""
+    of its own shards, the unsharded streams it serves (every shard's alerts and dead letters go
+    there), and keys and memory now (before the namespace is dropped)."""
+    unsharded = {"fraud": node_of(client, ns.fraud_stream), "dlq": node_of(client, ns.dlq_stream)}
     report = {}
     for name, node in redis_nodes(client).items():
         served = sum(placement.get(name, {}).values())
@@ -100,6 +107,7 @@ def nodes_report(client: redis.Redis | RedisCluster, drain: Drain, placement: di
         report[name] = {
             "role": info["role"],
             "shards": sorted(placement.get(name, {})),
+            "streams": [label for label, at in unsharded.items() if at == name],
             "transactions": served,
             **figures,
             "cpu_us_per_own_tx": round(figures["cpu_s"] * 1e6 / in_window, 2) if in_window else None,

@@ -67,6 +67,7 @@ def test_throughput(tmp_path: Path) -> None:
     assert 0.0 <= checks["recall"] <= 1.0 and 0.0 <= checks["precision"] <= 1.0
     (node,) = result["drains"]["fraudd"]["redis_nodes"].values()
     assert node["role"] == "master" and node["transactions"] == 5000 and node["shards"] == [0]
+    assert node["streams"] == ["fraud", "dlq"]
 
 
 def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
@@ -85,6 +86,7 @@ def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
     assert sum(node["transactions"] for node in nodes.values()) == 3000
     assert all(node["keys"] > 0 and node["used_memory_bytes"] > 0 and node["cpu_us_per_tx"] >= 0
                for node in nodes.values())
+    assert sorted(stream for node in nodes.values() for stream in node["streams"]) == ["dlq", "fraud"]
     # The replicas (listed last) serve no shard of their own.
     assert all(node["shards"] == [] and node["cpu_us_per_own_tx"] is None for node in list(nodes.values())[2:])
     assert sum(node["cpu_s"] for node in nodes.values()) == pytest.approx(drain["cpu_s"]["redis"], abs=0.01)
