@@ -55,6 +55,16 @@ def store(client: redis.Redis, keys: Keys) -> FeatureStore:
     return FeatureStore(client, keys, dedup_window_ms=3_600_000)
 
 
+@pytest.fixture(params=["shared", "owned"])
+def either_store(request: pytest.FixtureRequest, client: redis.Redis, keys: Keys) -> FeatureStore:
+    """A shared store (compare-and-set), or the owner of the shard (markers checked in the commit)."""
+    lease = None
+    if request.param == "owned":
+        lease = Lease(keys.lease, "1:test")
+        client.set(keys.lease, lease.token, px=60_000)
+    return FeatureStore(client, keys, dedup_window_ms=3_600_000, lease=lease)
+
+
 _seq = iter(range(10**9))
 
 
@@ -91,7 +101,8 @@ def test_feature_names_are_consistent(store: FeatureStore) -> None:
     assert col(features, "amount_to_mean") == [1.0]
 
 
-def test_redelivery_is_counted_once_and_scores_the_same(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+def test_redelivery_is_counted_once_and_scores_the_same(client: redis.Redis, keys: Keys, either_store: FeatureStore) -> None:
+    store = either_store
     txs = [tx(T0 + i * 10, amount=10.0 + i, merchant=f"m{i % 2}", card_id="card1", country="US", device_id="d1")
            for i in range(4)] + [tx(T0 + 5, user="bob", card_id="card2")]
     first = store.compute(batch(*txs))
@@ -106,7 +117,8 @@ def test_redelivery_is_counted_once_and_scores_the_same(client: redis.Redis, key
     assert col(first, "card_count_1m") == [1, 2, 3, 4, 1]
 
 
-def test_producer_retry_keeps_the_original_event_time(store: FeatureStore) -> None:
+def test_producer_retry_keeps_the_original_event_time(either_store: FeatureStore) -> None:
+    store = either_store
     original = tx(T0)
     retry = dict(original, timestamp=T0 + 30)
     store.compute(batch(original))
@@ -116,7 +128,8 @@ def test_producer_retry_keeps_the_original_event_time(store: FeatureStore) -> No
     assert col(features, "count_1m") == [1]
 
 
-def test_duplicates_within_one_batch(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+def test_duplicates_within_one_batch(client: redis.Redis, keys: Keys, either_store: FeatureStore) -> None:
+    store = either_store
     a = tx(T0 + 20)
     # The copy arrives later in the batch but carries an earlier timestamp: the first in batch
     # order is still the original, and the copy is scored at the original's event time.
@@ -244,7 +257,9 @@ def test_empty_batch(store: FeatureStore) -> None:
     assert features.matrix.shape == (0, len(FEATURE_NAMES)) and len(features.seen) == 0
 
 
-def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, keys: Keys,
+                                                          either_store: FeatureStore) -> None:
+    store = either_store
     known = tx(T0)
     store.compute(batch(known))
     f = store.compute(batch(tx(T0 + 10), dict(known, timestamp=T0 + 20), tx(T0 + 30)))
