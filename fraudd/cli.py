@@ -193,8 +193,6 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
         client.close()
     if eviction:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-    if settings.shards > 1 and settings.pipeline_depth > 1:
-        raise ConfigError("--pipeline-depth 2 works with one shard only: with --shards > 1 use --pipeline-depth 1")
     with _connect_postgres(settings) as conn:
         try:
             pending = pending_migrations(conn)

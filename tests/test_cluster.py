@@ -45,7 +45,9 @@ PUBLISHED_FIRST = 0.6  # the rest goes out after the failover, through the promo
 LEASE_MS = 1500
 MIGRATION_TRANSACTIONS = 40_000
 MIGRATED_SHARDS = (0, 1)
-DAEMON_ARGS = ("--workers", "2", "--shards", str(SHARDS), "--lease-ms", str(LEASE_MS), "--batch-size", "1000")
+# Every SIGKILL is a delivery of the reads in flight: the poison bar sits above what the kills reach.
+DAEMON_ARGS = ("--workers", "2", "--shards", str(SHARDS), "--lease-ms", str(LEASE_MS), "--batch-size", "1000",
+               "--max-deliveries", "12")
 
 
 @dataclass

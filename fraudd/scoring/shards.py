@@ -143,7 +143,12 @@ class ShardReader:
         return Entries([], [], set(), {}, {})
 
     def lost(self, shard: Shard, reason: str) -> None:
-        """Stop reading ``shard``: its lease is gone; what it held stays pending for the new owner."""
+        """Stop reading ``shard``: its lease is gone; what it held stays pending for the new owner.
+
+        With --pipeline-depth 2 a settle fenced out may report its shard after the lease ran out
+        and this worker took the shard again: the new lease is not the one lost."""
+        if self.shards.get(shard.index) is not shard:
+            return
         log.warning("shard lost, its batch is left to the new owner",
                     extra={"event": "shard_lost", "shard": shard.index, "reason": reason})
         self._drop(shard.index)

@@ -16,6 +16,8 @@ With ``--pipeline-depth 2`` the last two stages of a read run in a settling thre
 thread reads and scores the next one: the waits on PostgreSQL and Redis overlap with work, and no
 more than two reads are ever in flight. It pays where a worker waits on a distant database; with
 as many workers as cores on one box the cores are busy anyway and the default of 1 is cheaper.
+With owned shards the settling read stays fenced by its own shard's lease (the next read may be
+another shard's), and the reads of one shard still commit their features and settle in order.
 
 Failures are handled per kind. An unreachable Redis or PostgreSQL is waited out by the consumer:
 the batch stays pending, nothing new is read, and the same batch is retried with bounded, jittered
@@ -85,7 +87,7 @@ class ScoringWorker:
                                    settings.lease_ms // 2 if settings.shards > 1 else 0)
         self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
-        self._settling: Future | None = None
+        self._settling: tuple[Future, Settlement] | None = None
         self._settling_thread = (ThreadPoolExecutor(1, thread_name_prefix="settle")
                                  if settings.pipeline_depth > 1 else None)
 
@@ -151,8 +153,11 @@ class ScoringWorker:
         try:
             self._process(shard, entries)
         except Fenced as exc:
-            shard.consumer.release(entries)
-            self.reader.lost(shard, str(exc))
+            self._lost(shard, entries, exc)
+
+    def _lost(self, shard: Shard, entries: Entries, exc: Fenced) -> None:
+        shard.consumer.release(entries)
+        self.reader.lost(shard, str(exc))
 
     def _process(self, shard: Shard, entries: Entries) -> None:
         shard.check()
@@ -174,12 +179,16 @@ class ScoringWorker:
         if self._settling_thread is None:
             self._settle(work)
         else:
-            self._settling = self._settling_thread.submit(self._settle, work)
+            self._settling = (self._settling_thread.submit(self._settle, work), work)
 
     def _wait_for_settling(self) -> None:
         if self._settling is not None:
-            settling, self._settling = self._settling, None
-            settling.result()  # re-raises what the settling thread met, Stopping included
+            (settling, work), self._settling = self._settling, None
+            try:
+                settling.result()  # re-raises what the settling thread met, Stopping included
+            except Fenced as exc:
+                # The settling read's shard is lost, which need not be the shard being scored now.
+                self._lost(work.shard, work.entries, exc)
 
     def _settle(self, work: Settlement) -> None:
         """Durable first, ack last: COPY every decision, then one atomic Redis call for the read."""
