@@ -12,6 +12,7 @@ bench/'s business.
 A second run moves two shards' slots to other masters while they are scored, as a reshard does:
 the workers meet ASK, TRYAGAIN and MOVED, wait each out, and every guarantee still holds. A third
 freezes a master's replica: that master's lease grants are handed back until it acknowledges them.
+A fourth loses an owner's last features commit with its master and redelivers it.
 Each test has a fresh cluster (2-3 s to start): the first leaves one master without a replica.
 """
 
@@ -33,11 +34,13 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers
-from fraudd.scoring.features import LIBRARY_NAME, stored_states
+from fraudd.runtime.redis_clients import CLUSTER_CHANGED, connect_redis
+from fraudd.scoring.decode import DecodedBatch, decode_batch
+from fraudd.scoring.features import LIBRARY_NAME, FeatureStore, Lease, stored_states
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import DaemonProcess, stop
-from .streams import alerts, dlq, fully_drained
+from .streams import NOW, alerts, dlq, fully_drained, payload
 
 SHARDS = 8
 TRANSACTIONS = 100_000
@@ -221,3 +224,46 @@ def test_a_lease_grant_counts_once_a_replica_holds_it(
     taken = {orjson.loads(line)["shard"] for line in log.splitlines() if '"shard_taken"' in line}
     assert taken == set(range(SHARDS)), log[-3000:]
     traffic.assert_guarantees(cluster_client, ns, ids)
+
+
+def test_an_owner_whose_last_commit_died_with_its_master_counts_its_redelivery_once(
+        redis_cluster: RedisClusterServers, cluster_ns: Namespace) -> None:
+    """Replication is asynchronous: a features commit its master acknowledged and took to the grave
+    is gone from the promoted replica, and its entries come back pending to the same owner (its
+    lease, replicated long before, survived). The owner starts again from what the replica holds
+    instead of counting them a second time on top of the states it kept in memory."""
+    ns = cluster_ns
+    keys = Keys(shard_stream(ns.stream, SHARDS, 0), ns.fraud_stream, ns.dlq_stream)
+    master = redis_cluster.master_of(keys.stream)
+    replica = redis_cluster.replicas_of(master)[0]
+    client = connect_redis(redis_cluster.url, cluster=True)
+    lease = Lease(keys.lease, "1:owner")
+    client.set(keys.lease, lease.token, px=120_000)
+    store = FeatureStore(client, keys, 3_600_000, lease)
+
+    def batch(*txids: str) -> DecodedBatch:
+        return decode_batch([f"{i + 1}-0" for i in range(len(txids))],
+                            [payload(txid, user="u", ts=NOW - 60 + i) for i, txid in enumerate(txids)])
+
+    store.compute(batch("a1", "a2"))
+    with master.client() as node:
+        node.incr(keys.prefix + "probe")  # WAIT counts this connection's writes: everything before is on the replica
+        assert node.execute_command("WAIT", 1, 5000) == 1
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        node.execute_command("CLIENT", "KILL", "TYPE", "replica")
+    store.compute(batch("b1", "b2"))  # on the master alone
+    master.kill()
+    os.kill(replica.process.pid, signal.SIGCONT)
+    slot = redis_cluster.slot_of(keys.stream)
+    wait_for(lambda: redis_cluster.master_of_slot(slot) is replica, 60, message="the replica promoted")
+
+    def redelivered() -> bool:
+        try:
+            return not store.compute(batch("b1", "b2")).seen.any()
+        except CLUSTER_CHANGED:  # the old master's address until the slot map is learnt again
+            return False
+
+    wait_for(redelivered, 30, interval=0.2, message="the redelivery scored on the promoted replica")
+    raw = stored_states(client, keys, ["u"])[0]
+    assert struct.unpack_from("<dI", raw)[1] == 4
+    client.close()

@@ -96,11 +96,13 @@ def node_client(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
     return node
 
 
-def on_node(client: redis.Redis | RedisCluster, key: str, send: Callable[[redis.Redis], _T]) -> _T:
-    """``send(node_client(client, key))``; when the cluster changed under it, learn the slot map
-    again and raise: the caller waits the outage out (``until_done``) and retries on the new map."""
+def on_node(client: redis.Redis | RedisCluster, key: str, send: Callable[[redis.Redis], _T],
+            node: redis.Redis | None = None) -> _T:
+    """``send(node_client(client, key))``, or ``send(node)`` when the caller pinned the node it
+    found earlier; when the cluster changed under it, learn the slot map again and raise: the
+    caller waits the outage out (``until_done``) and retries on the new map."""
     try:
-        return send(node_client(client, key))
+        return send(node if node is not None else node_client(client, key))
     except CLUSTER_CHANGED:
         refresh_slots(client)
         raise

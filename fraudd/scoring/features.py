@@ -25,7 +25,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.config import packaged
 from fraudd.keys import Keys
-from fraudd.runtime.redis_clients import on_node
+from fraudd.runtime.redis_clients import node_client, on_node
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
@@ -201,6 +201,8 @@ class FeatureStore:
         self._lease = lease
         # Owned mode: the states as last committed, newest last (the oldest go first past the cap).
         self._states: dict[str, bytes] = {}
+        # Owned mode: the node (client) whose contents ``_states`` mirror; a batch's calls all go to it.
+        self._node: redis.Redis | None = None
         # Owned mode: the latest state period that held any state this store read; writes go there
         # when this host's clock is behind the previous owner's.
         self._latest_period = -1
@@ -274,6 +276,13 @@ class FeatureStore:
 
     def _compute_owned(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
         """One read (states not in memory, markers, blocklists), the arithmetic, one fenced commit."""
+        node = node_client(self._redis, self._keys.stream)
+        if node is not self._node:
+            # Replication is asynchronous: a failover may have taken this owner's last commits
+            # with the old master while its lease survived, and their entries come back pending.
+            # Start again from what the node serving the shard now holds (after a slot move too).
+            self._states.clear()
+            self._node = node
         tx, names = p.tx, p.names
         candidates = np.flatnonzero(tx.new)
         t_ms = tx.t_ms[candidates].astype(np.int64)
@@ -358,7 +367,8 @@ class FeatureStore:
         Every key of a call carries the shard's hash tag, so on a Redis Cluster the call goes as
         is to the node serving the shard's slot; when that node failed or the slot moved, the slot
         map is learnt again and the error is an outage for the caller to wait out and retry."""
-        return on_node(self._redis, self._keys.stream, lambda client: self._send(client, commands))
+        return on_node(self._redis, self._keys.stream, lambda client: self._send(client, commands),
+                       None if self._lease is None else self._node)
 
     @staticmethod
     def _send(client: redis.Redis, commands: list[tuple]) -> list:
