@@ -184,46 +184,45 @@ class CoalescingPublisher:
                     taken += 1
                 batch, self._queue = self._queue[:taken], self._queue[taken:]
                 try:
-                    replies = await self._route([s for submissions, _f in batch for s in submissions])
+                    replies, failures = await self._route([s for submissions, _f in batch for s in submissions])
                 except Exception as exc:  # handed to every waiting request; the loop goes on
-                    replies = [exc] * items
+                    replies, failures = [], dict.fromkeys(range(items), exc)
                 start = 0
                 for submissions, future in batch:
                     end = start + len(submissions)
-                    mine = replies[start:end]
-                    failed = next((r for r in mine if isinstance(r, Exception)), None)
+                    failed = next((failures[r] for r in range(start, end) if r in failures), None) if failures else None
                     if not future.done():
                         if failed is None:
-                            future.set_result([_accepted(reply) for reply in mine])
+                            future.set_result([_accepted(reply) for reply in replies[start:end]])
                         else:
                             future.set_exception(failed)
                     start = end
         finally:
             self._flushing = False
 
-    async def _route(self, submissions: list[Submission]) -> list[bytes | Exception]:
-        """Each submission's reply, or the error of its shard's call: one script call per shard the
-        submissions go to (each call stays in its shard's slot)."""
+    async def _route(self, submissions: list[Submission]) -> tuple[list[bytes], dict[int, Exception]]:
+        """Each submission's reply, and by row the error of the shard calls that failed: one script
+        call per shard the submissions go to (each call stays in its shard's slot)."""
         rows: dict[int, list[int]] = {}
         for row, s in enumerate(submissions):
             rows.setdefault(self.shard(s.user_id), []).append(row)
         if len(rows) == 1:
             ((shard, _rows),) = rows.items()
-            return await self._call(shard, submissions)
+            return await self._call(shard, submissions), {}
         calls = list(rows.items())
         results = await asyncio.gather(*(self._call(shard, [submissions[r] for r in picked]) for shard, picked in calls),
                                        return_exceptions=True)
-        replies: list[bytes | Exception] = [b""] * len(submissions)
+        replies: list[bytes] = [b""] * len(submissions)
+        failures: dict[int, Exception] = {}
         for (_shard, picked), result in zip(calls, results):
             if isinstance(result, BaseException):
                 if not isinstance(result, Exception):  # cancelled: not a Redis answer to hand out
                     raise result
-                for row in picked:
-                    replies[row] = result
+                failures.update(dict.fromkeys(picked, result))
             else:
                 for row, reply in zip(picked, result):
                     replies[row] = reply
-        return replies
+        return replies, failures
 
     async def _call(self, shard: int, submissions: list[Submission]) -> list[bytes]:
         shard_keys, channel = self._keys[shard], self.channels[shard]
