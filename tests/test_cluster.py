@@ -12,12 +12,14 @@ bench/'s business.
 A second run moves two shards' slots to other masters while they are scored, as a reshard does:
 the workers meet ASK, TRYAGAIN and MOVED, wait each out, and every guarantee still holds. A third
 freezes a master's replica: that master's lease grants are handed back until it acknowledges them.
-A fourth loses an owner's last features commit with its master and redelivers it.
+A fourth loses an owner's last features commit with its master and redelivers it; a fifth checks
+that a replica wait counts a write made on another connection.
 Each test has a fresh cluster (2-3 s to start): the first leaves one master without a replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -34,7 +36,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers
-from fraudd.runtime.redis_clients import CLUSTER_CHANGED, connect_redis
+from fraudd.runtime.redis_clients import CLUSTER_CHANGED, ReplicaWait, async_redis_client, connect_redis
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import LIBRARY_NAME, FeatureStore, Lease, stored_states
 
@@ -267,3 +269,39 @@ def test_an_owner_whose_last_commit_died_with_its_master_counts_its_redelivery_o
     raw = stored_states(client, keys, ["u"])[0]
     assert struct.unpack_from("<dI", raw)[1] == 4
     client.close()
+
+
+def test_a_replica_wait_counts_the_write_made_on_another_connection(redis_cluster: RedisClusterServers) -> None:
+    """WAIT answers for what its own connection did last, and a pooled client may send it on a
+    connection idle since before the write, which answers at once with every replica that has
+    acknowledged that much. With the replica frozen, a wait after a write made elsewhere must find
+    that no replica has it, with the plain and with the asyncio client."""
+    asyncio.run(frozen_replica_waits(redis_cluster, "fraudd:{replica-wait}:written"))
+
+
+async def frozen_replica_waits(redis_cluster: RedisClusterServers, key: str) -> None:
+    master = redis_cluster.master_of(key)
+    replica = redis_cluster.replicas_of(master)[0]
+    writer, idle = master.client(), master.client()
+    aclient = async_redis_client(redis_cluster.url, cluster=True)
+    try:
+        # Both waiting clients' connections do their last command before every write below.
+        idle.ping()
+        await aclient.initialize()
+        await aclient.execute_command("PING", target_nodes=aclient.get_node_from_key(key))
+        writer.set(key, "before")
+        assert writer.execute_command("WAIT", 1, 5000) == 1  # the replica has acknowledged as much
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        try:
+            writer.set(key, "after")
+            unreplicated, unreplicated_async = ReplicaWait(), ReplicaWait()
+            unreplicated.wait(idle, key)
+            await unreplicated_async.wait_async(aclient, key)
+            # Timed out: the master is left unwaited for a while.
+            assert not unreplicated.due(key) and not unreplicated_async.due(key)
+        finally:
+            os.kill(replica.process.pid, signal.SIGCONT)
+    finally:
+        writer.close()
+        idle.close()
+        await aclient.aclose()

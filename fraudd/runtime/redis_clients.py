@@ -21,8 +21,11 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.retry
+from redis.asyncio.cluster import PipelineCommand
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+
+from ..keys import hash_tag
 
 _T = TypeVar("_T")
 
@@ -125,9 +128,20 @@ REPLICA_WAIT_MS = 100
 REPLICA_RETRY_S = 5.0
 
 
+def _probe(key: str) -> tuple:
+    """A write in ``key``'s slot that leaves nothing behind (it expires): what ``ReplicaWait`` waits on."""
+    return ("SET", f"fraudd:{{{hash_tag(key)}}}:replica-probe", 1, "PX", 10 * REPLICA_WAIT_MS)
+
+
 class ReplicaWait:
     """``WAIT 1`` on the master of a key just written, so that a master dying right after does not take
     the write with it while what depends on it (an ack, a row's status) survives elsewhere.
+
+    WAIT counts the replicas holding what its own connection wrote last, and a pooled client may
+    send it on another connection than the write's (one that wrote nothing answers at once, with
+    every connected replica). So the wait writes a probe of its own in the key's slot on the
+    connection it waits on: replication is in order, so a replica holding the probe holds the
+    write made before it, whichever connection made it.
 
     Without a live replica the write is as safe as that master: a wait that timed out is not tried
     again for REPLICA_RETRY_S, so a master left without replicas costs one timeout per REPLICA_RETRY_S,
@@ -138,13 +152,18 @@ class ReplicaWait:
 
     def wait(self, client: redis.Redis | RedisCluster, key: str) -> None:
         if self.due(key):
-            self.waited(key, on_node(client, key, lambda node: node.execute_command("WAIT", 1, REPLICA_WAIT_MS)))
+            self.waited(key, on_node(client, key, lambda node: node.pipeline(transaction=False).execute_command(
+                *_probe(key)).execute_command("WAIT", 1, REPLICA_WAIT_MS).execute()[1]))
 
     async def wait_async(self, client: redis.asyncio.cluster.RedisCluster, key: str) -> None:
         """``wait`` with the asyncio cluster client."""
         if self.due(key):
-            self.waited(key, await client.execute_command("WAIT", 1, REPLICA_WAIT_MS,
-                                                           target_nodes=client.get_node_from_key(key)))
+            commands = [PipelineCommand(0, *_probe(key)), PipelineCommand(1, "WAIT", 1, REPLICA_WAIT_MS)]
+            await client.get_node_from_key(key).execute_pipeline(commands)
+            for command in commands:
+                if isinstance(command.result, Exception):
+                    raise command.result
+            self.waited(key, commands[1].result)
 
     def due(self, key: str) -> bool:
         """Whether a write to ``key`` is to be waited for (its master had a replica lately)."""
