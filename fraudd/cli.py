@@ -71,6 +71,7 @@ def ingest(**params) -> None:
     """Serve the HTTP API that writes transactions onto the input stream (and answers /v1/score)."""
     settings = ingest_settings_from(params)
     logs.setup(settings.log_level)
+    check_eviction(settings.redis_url, settings.redis_cluster)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -200,6 +201,26 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
             raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+
+
+def check_eviction(url: str, cluster: bool) -> None:
+    """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
+    let be: the ingest starts anyway and answers 503 until Redis is back."""
+    from redis.exceptions import RedisClusterException
+
+    from .runtime.health import redis_memory
+    from .runtime.redis_clients import redis_client
+
+    try:
+        client = redis_client(url, cluster, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            eviction = redis_memory(client).eviction_problem()
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException):
+        return
+    if eviction:
+        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
 
 
 def _connect_postgres(settings: Settings) -> psycopg.Connection:

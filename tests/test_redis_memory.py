@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 
 from .conftest import POSTGRES_URL, wait_for
@@ -29,12 +31,14 @@ WORKERS = 2
 HEADROOM_BYTES = 1_500_000
 
 
-def test_an_evicting_redis_is_refused_in_one_line(volatile_redis: RedisServer) -> None:
+@pytest.mark.parametrize("command", [("run", "--workers", "1"), ("labels", "--workers", "1"),
+                                     ("ingest", "--workers", "1", "--listen", "127.0.0.1:0")])
+def test_an_evicting_redis_is_refused_in_one_line(volatile_redis: RedisServer, command: tuple[str, ...]) -> None:
     client = volatile_redis.client()
     ns = dedicated_namespace(volatile_redis, POSTGRES_URL)
     try:
         client.config_set("maxmemory-policy", "allkeys-lru")
-        result = ns.fraudd("run", "--workers", "1", timeout=60)
+        result = ns.fraudd(*command, timeout=60)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "maxmemory-policy is allkeys-lru" in lines[0], result.stderr

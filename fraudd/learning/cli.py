@@ -190,31 +190,15 @@ def calibrate(target_review_rate: float, target_decline_rate: float, since: str,
 @settings_options
 def labels_service(**params) -> None:
     """Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers."""
-    from fraudd.cli import prepare_metrics_dir
-    from fraudd.config import ConfigError, settings_from
+    from fraudd.cli import check_dependencies, prepare_metrics_dir
+    from fraudd.config import settings_from
     from fraudd.runtime import logs
-    from fraudd.runtime.consumer import ensure_group
-    from fraudd.runtime.redis_clients import connect_redis
-    from fraudd.schema import connect, pending_migrations
 
     settings = settings_from(params)
     logs.setup(settings.log_level)
     if settings.metrics_port:
         prepare_metrics_dir()
-    client = connect_redis(settings.redis_url, settings.redis_cluster)
-    try:
-        ensure_group(client, settings.labels_stream, settings.group)
-    except redis.RedisError as exc:
-        raise ConfigError(f"--redis-url / REDIS_URL: {exc}") from None
-    finally:
-        client.close()
-    try:
-        with connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True) as conn:
-            pending = pending_migrations(conn)
-    except Exception as exc:  # psycopg's errors: one line, not a traceback
-        raise ConfigError(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
-    if pending:
-        raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+    check_dependencies(settings, [settings.labels_stream], settings.group)
     from fraudd.runtime.supervisor import Supervisor
 
     from .consumer import service
