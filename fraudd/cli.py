@@ -388,7 +388,8 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
         if reason is not None and text.get("reason", b"").decode() != reason:
             continue
         preview = text.get("data", b"")[:80].decode("utf-8", "replace")
-        click.echo(f"{entry_id.decode()}  {text.get('reason', b'').decode():<20} source {text.get('source_id', b'').decode():<16} "
+        source = b" ".join(text[name] for name in ("source_stream", "source_id") if name in text).decode()
+        click.echo(f"{entry_id.decode()}  {text.get('reason', b'').decode():<20} source {source:<16} "
                    f"deliveries {text.get('deliveries', b'?').decode():>2}  {text.get('detail', b'').decode()[:60]}  {preview!r}")
         shown += 1
         if shown >= count:
@@ -402,9 +403,9 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
 @click.option("--reason", default=None, help="Replay every entry with this reason.")
 @click.option("--all", "select_all", is_flag=True, help="Replay every entry.")
 def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
-    """Put dead letters back on the input stream (after a fix), then remove them from the DLQ.
+    """Put dead letters back on the stream they were read from (after a fix), then remove them from the DLQ.
 
-    A replayed transaction that was already scored is recognised as a duplicate, so replaying
+    Transactions go through the ingest's routing, so each lands on its shard. A replayed transaction that was already scored is recognised as a duplicate, so replaying
     twice never yields two rows. An undeliverable alert (reason alert_undeliverable) is instead
     given to `fraudd alerts` again: its delivery is due now, with a fresh count of attempts.
     """
@@ -415,15 +416,27 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
-    transactions = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()]
+    inputs = {stream.encode() for stream in settings.input_streams}
+    # Letters naming no stream were written by the scoring workers before letters named theirs.
+    transactions = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()
+                    and f.get(b"source_stream", settings.stream.encode()) in inputs]
+    others = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()
+              and f.get(b"source_stream", settings.stream.encode()) not in inputs]
     if transactions:
         Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
+    if others:
+        pipe = client.pipeline(transaction=False)
+        for _id, fields in others:
+            pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
+        pipe.execute()
     if alerts:
         with _connect_postgres(settings) as conn:
             retry_failed(conn, client, settings.fraud_stream, settings.dlq_stream, [fields for _id, fields in alerts])
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
+    elsewhere = Counter(fields[b"source_stream"].decode() for _id, fields in others)
     click.echo(f"replayed {len(transactions)} entries onto {settings.stream}"
+               + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))
                + (f", {len(alerts)} alert deliveries due again" if alerts else ""))
 
 

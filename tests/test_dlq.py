@@ -36,7 +36,7 @@ def dlq_ids(client: redis.Redis, ns: Namespace) -> list[str]:
 def test_entry_without_data_field_is_dead_lettered(ns: Namespace, redis_client: redis.Redis,
                                                    dead_letters: dict[str, str]) -> None:
     letter = next(d for d in dlq(redis_client, ns) if d["reason"] == decode.REASON_NO_DATA.encode())
-    assert letter["data"] == b"" and letter["deliveries"] == b"1"
+    assert letter["data"] == b"" and letter["deliveries"] == b"1" and letter["source_stream"] == ns.stream.encode()
     assert redis_client.xpending(ns.stream, ns.group)["pending"] == 0
 
 

@@ -302,6 +302,12 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Na
     assert ns.sql("SELECT count(*) FROM label_history")[0][0] == 500
     reasons = sorted(fields[b"reason"].decode() for _id, fields in redis_client.xrange(ns.dlq_stream))
     assert reasons == ["invalid_field", "invalid_json"]
+    # Replayed, they go back to the labels stream, not onto the transactions' input.
+    replayed = ns.fraudd("dlq", "replay", "--all")
+    assert replayed.returncode == 0 and f"replayed 0 entries onto {ns.stream}, 2 onto {ns.labels_stream}" in replayed.stdout
+    assert redis_client.xlen(ns.stream) == 0 and redis_client.xlen(ns.dlq_stream) == 0
+    assert [fields[b"data"] for _id, fields in redis_client.xrange(ns.labels_stream)][-2:] == [
+        b'{"transaction_id": "tx9", "label": "perhaps"}', b"not json"]
 
 
 def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:

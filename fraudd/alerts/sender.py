@@ -193,7 +193,7 @@ class AlertSender:
             "source_id": alert.stream_id, "consumer": self.settings.consumer, "attempts": attempts})
             for alert, error, attempts in deliveries]
         dlq = self.settings.dlq_stream
-        await self._dead_letters(keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, letters, []))
+        await self._dead_letters(keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, self.settings.fraud_stream, letters, []))
         if self.settings.redis_cluster:
             # The delivery is recorded failed next, for good: its dead letter must outlive the DLQ's master.
             await self._replicas.wait_async(self.redis, dlq)

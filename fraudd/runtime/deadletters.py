@@ -26,10 +26,10 @@ from .redis_clients import ReplicaWait, on_node
 
 SCRIPT = """
 -- KEYS[1] the DLQ stream, KEYS[2] the consumed stream (may equal KEYS[1] when nothing is acked)
--- ARGV: group, marker prefix, ttl seconds, letter count n, then n times (marker, field count f,
---       f field/value pairs), then the ids to ack
-local group, prefix, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local i, written = 5, 0
+-- ARGV: group, marker prefix, ttl seconds, source stream, letter count n, then n times (marker,
+--       field count f, f field/value pairs), then the ids to ack
+local group, prefix, ttl, source, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local i, written = 6, 0
 for _ = 1, n do
     local marker, f = ARGV[i], tonumber(ARGV[i + 1])
     local fields = {}
@@ -38,7 +38,7 @@ for _ = 1, n do
     end
     i = i + 2 + 2 * f
     if redis.call('SET', prefix .. marker, '1', 'NX', 'EX', ttl) then
-        redis.call('XADD', KEYS[1], '*', unpack(fields))
+        redis.call('XADD', KEYS[1], '*', 'source_stream', source, unpack(fields))
         written = written + 1
     end
 end
@@ -66,10 +66,11 @@ class DeadLetter:
     fields: dict[str, bytes | str | int]
 
 
-def script_args(group: str, marker_prefix: str, letters: list[DeadLetter], ack_ids: list[str],
+def script_args(group: str, marker_prefix: str, source_stream: str, letters: list[DeadLetter], ack_ids: list[str],
                 ttl_s: int = MARKER_TTL_S) -> list:
-    """The script's ARGV; with a sync or asyncio client's ``register_script`` alike."""
-    args: list = [group, marker_prefix, ttl_s, len(letters)]
+    """The script's ARGV; with a sync or asyncio client's ``register_script`` alike. Each letter names
+    ``source_stream``, where ``fraudd dlq replay`` puts it back."""
+    args: list = [group, marker_prefix, ttl_s, source_stream, len(letters)]
     for letter in letters:
         args += [letter.marker, len(letter.fields)]
         for name, value in letter.fields.items():
@@ -103,11 +104,11 @@ class DeadLetterSettler:
     def _settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
         if not self._split:
             written, acked = self._script(keys=[self._dlq, self._stream],
-                                          args=script_args(self._group, self._prefix, letters, ack_ids))
+                                          args=script_args(self._group, self._prefix, self._stream, letters, ack_ids))
             return int(written), int(acked)
         written = 0
         if letters:
-            written, _ = self._script(keys=[self._dlq, self._dlq], args=script_args("", self._prefix, letters, []))
+            written, _ = self._script(keys=[self._dlq, self._dlq], args=script_args("", self._prefix, self._stream, letters, []))
             self._replicas.wait(self._client, self._dlq)
         if not ack_ids:
             return int(written), 0

@@ -272,12 +272,13 @@ local stream, fraud, dlq = KEYS[1], KEYS[2], KEYS[3]
 local group, window_ms = ARGV[1], ARGV[2]
 local alerted, dead = ARGV[3], ARGV[4]
 local n_alerts, n_dead, n_replies = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local source = ARGV[9]  -- the shard's input stream, named in each dead letter for `fraudd dlq replay`
 -- An owned shard's settle writes only while the lease (KEYS[4]) still holds the token (ARGV[8]).
 if ARGV[8] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[8] then
   return redis.error_reply('FENCED the shard lease has another owner')
 end
 local touched = {}
-local i = 9
+local i = 10
 local alerts_written, dead_written = 0, 0
 for _ = 1, n_alerts do
   local key = alerted .. ARGV[i + 1]
@@ -293,7 +294,7 @@ for _ = 1, n_dead do
   touched[key] = true
   if redis.call('SADD', key, ARGV[i]) == 1 then
     redis.call('XADD', dlq, '*', 'data', ARGV[i + 2], 'reason', ARGV[i + 3], 'detail', ARGV[i + 4],
-               'source_id', ARGV[i], 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6])
+               'source_id', ARGV[i], 'source_stream', source, 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6])
     dead_written = dead_written + 1
   end
   i = i + 7
@@ -397,7 +398,7 @@ class Settler:
         replies = replies or {}
         token = self._lease.token if self._lease is not None and fenced else ""
         args: list = [self._group, self._window_ms, self._alerted_prefix, self._dead_prefix, len(alerts), len(dead),
-                      len(replies), token]
+                      len(replies), token, self._keys.stream]
         for alert in alerts:
             args += alert
         for letter in dead:
