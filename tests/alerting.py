@@ -106,6 +106,13 @@ class _Mailbox:
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        # As a real mail server answers a mailbox that does not exist.
+        if address.endswith("@unknown.example"):
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope) -> str:
         self.messages.append(message_from_bytes(envelope.original_content, policy=policy.default))
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))

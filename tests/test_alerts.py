@@ -234,6 +234,44 @@ secret_env = "S"
     assert all(deliveries(ns)[(f"tx_{i}", "gone")][1] == 1 for i in range(20))  # a fresh count of attempts
 
 
+def test_a_refusal_for_good_is_dead_lettered_after_one_attempt(ns: Namespace, redis_client: redis.Redis,
+                                                              receiver: HttpReceiver, tmp_path: Path) -> None:
+    with SmtpServer(tmp_path) as smtp:
+        config = write_config(tmp_path, f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url('/hook')}"
+secret_env = "S"
+
+[[channels]]
+name = "mail"
+kind = "email"
+host = "127.0.0.1"
+port = {smtp.port}
+tls = "starttls"
+ca_file = "{smtp.cert}"
+username = "{SMTP_USER}"
+password_env = "P"
+from = "fraudd@bank.example"
+to = ["nobody@unknown.example"]
+""")
+        receiver.failures["/hook"] = Failures(count=1, status=400)
+        sender = run_sender(ns, config, {"S": SECRET, "P": SMTP_PASSWORD}, max_attempts=5)
+        try:
+            publish(redis_client, ns, sender, [alert("tx_1")])
+            wait_for(lambda: redis_client.xlen(ns.dlq_stream) == 2, 20, message="dead letters")
+        finally:
+            sender.stop(5)
+    # Neither a 400 nor a 550 changes on a retry: one attempt each, then the DLQ.
+    rows = deliveries(ns)
+    assert rows[("tx_1", "hook")][:2] == ("failed", 1) and rows[("tx_1", "mail")][:2] == ("failed", 1)
+    letters = {f[b"channel"].decode(): f for _i, f in redis_client.xrange(ns.dlq_stream)}
+    assert letters["hook"][b"detail"] == b"HTTP 400: unavailable" and letters["hook"][b"attempts"] == b"1"
+    assert b"550" in letters["mail"][b"detail"] and letters["mail"][b"attempts"] == b"1"
+    assert len(receiver.requests["/hook"]) == 1 and not smtp.mailbox.messages
+
+
 def test_a_storm_is_grouped_into_digests(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
                                          tmp_path: Path) -> None:
     with SmtpServer(tmp_path) as smtp:

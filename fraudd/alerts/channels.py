@@ -2,7 +2,8 @@
 
 Each channel sends one alert (``send``) or, for Slack and e-mail under storm control, one digest
 of many (``send_digest``), and says why an attempt failed by raising ``DeliveryFailed`` (with the
-wait the peer asked for, when it did: HTTP ``Retry-After``, Slack's 429). Clients are opened once
+wait the peer asked for, when it did: HTTP ``Retry-After``, Slack's 429; or that retrying is pointless:
+a 4xx answer other than 408, 425 and 429, an SMTP 5xx reply). Clients are opened once
 per worker process and kept: one aiohttp session with a bounded keep-alive pool per HTTP channel,
 a small pool of authenticated SMTP connections per e-mail channel.
 """
@@ -32,13 +33,19 @@ DIGEST_LISTED = 20  # alerts named one by one in a digest; the rest are counted
 _ERROR_BODY_CHARS = 200
 
 
-class DeliveryFailed(Exception):
-    """One attempt failed; ``retry_after`` is the wait the peer asked for, if it did."""
+# 4xx answers that say "later", not "never": request timeout, too early, too many requests.
+_HTTP_TRANSIENT = frozenset({408, 425, 429})
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+
+class DeliveryFailed(Exception):
+    """One attempt failed; ``retry_after`` is the wait the peer asked for, if it did. ``permanent``:
+    the peer refused this alert for good (it answered, so the channel itself is not down)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, permanent: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.permanent = permanent
 
 
 @dataclass(slots=True)
@@ -104,7 +111,8 @@ class _HttpChannel(Channel):
                     return
                 text = (await response.text(errors="replace"))[:_ERROR_BODY_CHARS]
                 raise DeliveryFailed(f"HTTP {response.status}: {' '.join(text.split())}",
-                                     _retry_after(response.headers.get("Retry-After")))
+                                     _retry_after(response.headers.get("Retry-After")),
+                                     permanent=400 <= response.status < 500 and response.status not in _HTTP_TRANSIENT)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DeliveryFailed(_describe(exc)) from None
 
@@ -192,7 +200,7 @@ class EmailChannel(Channel):
                 await client.send_message(message)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
-                raise DeliveryFailed(_describe(exc)) from None
+                raise DeliveryFailed(_describe(exc), permanent=_smtp_permanent(exc)) from None
             self._idle.append(client)
 
 
@@ -287,6 +295,13 @@ def _envelope(subject: str, plain: str, body_html: str, target: EmailTarget, mes
 
 
 # -- failures ------------------------------------------------------------------------------
+
+def _smtp_permanent(exc: BaseException) -> bool:
+    """A 5xx reply (unknown recipient, message or credentials refused) stays the same however often asked."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(_smtp_permanent(refused) for refused in exc.recipients)
+    return 500 <= getattr(exc, "code", 0) < 600
+
 
 def _retry_after(header: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds; an HTTP date is read as its distance)."""

@@ -351,8 +351,9 @@ class ChannelRunner:
             await sending
         except DeliveryFailed as exc:
             attempts = max(c.attempts for c in claimed)
-            self._pause(exc, attempts)
-            if attempts >= self.sender.settings.max_attempts:
+            if not exc.permanent:
+                self._pause(exc, attempts)
+            if exc.permanent or attempts >= self.sender.settings.max_attempts:
                 for c in claimed:
                     recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason), c.alert, c.attempts)
             else:
