@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from fraudd.ingest.auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from fraudd.ingest.retention import trim_acked
+from fraudd.runtime.retention import trim_acked
 from fraudd.scoring import decode
 
 from .conftest import Namespace, wait_for

@@ -25,10 +25,10 @@ from ..config import ConfigError, IngestSettings
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import redis_client
+from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
 from .app import make_handler
 from .auth import Authenticator
-from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 

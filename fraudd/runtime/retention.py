@@ -1,4 +1,4 @@
-"""Keeping the input stream bounded: trim what every consumer group has acknowledged.
+"""Keeping a stream bounded: trim what every consumer group has acknowledged.
 
 An entry may go once no group still needs it: every group has read past it and none holds it
 pending. Entries stay ``--retention-s`` longer than that (to inspect, replay, or let a new group
