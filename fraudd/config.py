@@ -133,6 +133,8 @@ ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
     ("config", "FRAUDD_ALERTS_CONFIG", {"required": True, "type": click.Path(dir_okay=False, path_type=Path)}, "Channels file (TOML), see alerts.example.toml; re-read on SIGHUP."),
     ("alerts-group", "FRAUDD_ALERTS_GROUP", {"default": "fraudd-alerts"}, "Consumer group of the alert service on --fraud-stream."),
     ("max-attempts", "FRAUDD_MAX_ATTEMPTS", {"default": 10, "type": int, "callback": _positive("max-attempts")}, "Delivery attempts per alert and channel before it goes to the DLQ."),
+    ("fraud-retention-s", "FRAUDD_FRAUD_RETENTION_S", {"default": 86_400, "type": int, "callback": _positive("fraud-retention-s")}, "How long fraud-stream entries every group has acknowledged stay on the stream before trimming."),
+    ("deliveries-retention-days", "FRAUDD_DELIVERIES_RETENTION_DAYS", {"default": 90, "type": click.IntRange(min=0)}, "Delivered and failed rows of alert_deliveries older than this are deleted (0: keep every row)."),
 ]
 
 
@@ -141,6 +143,8 @@ class AlertSettings:
     config: Path
     alerts_group: str
     max_attempts: int
+    fraud_retention_s: int
+    deliveries_retention_days: int
 
 
 def settings_options(function):

@@ -69,6 +69,28 @@ _ASSIGNMENTS = {
 }
 
 
+# Settled rows past the retention, a chunk per statement: no statement holds many row locks or
+# runs long, and rows still to send are kept whatever their age.
+_PURGE = """
+DELETE FROM alert_deliveries WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM alert_deliveries
+    WHERE created_at < now() - %(days)s * interval '1 day' AND status IN ('delivered', 'failed')
+    LIMIT %(limit)s))
+"""
+PURGE_CHUNK = 10_000
+
+
+def purge_settled(conn: psycopg.Connection, older_than_days: int) -> int:
+    """Delete the delivered and failed rows created more than ``older_than_days`` ago (``conn`` in
+    autocommit: each chunk commits on its own); returns how many went."""
+    purged = 0
+    while True:
+        deleted = conn.execute(_PURGE, {"days": older_than_days, "limit": PURGE_CHUNK}).rowcount
+        purged += deleted
+        if deleted < PURGE_CHUNK:
+            return purged
+
+
 REASON_UNDELIVERABLE = "alert_undeliverable"  # the DLQ reason of a delivery given up after --max-attempts
 
 _RETRY_FAILED = """

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import psycopg
+import redis
 
 from ..config import AlertSettings, Settings
 from ..runtime import metrics
@@ -22,12 +24,16 @@ from ..runtime.deadletters import DeadLetter, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
+from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
 from ..schema import connect
 from .config import AlertConfigError, AlertsConfig, load
+from .deliveries import purge_settled
 from .sender import REASON_INVALID_ALERT, AlertSender, SenderSettings
 
 log = logging.getLogger(__name__)
+
+PURGE_INTERVAL_S = 600.0  # settled deliveries age by days: no need to look more often
 
 REASON_MAX_DELIVERIES = "max_deliveries"  # the scoring DLQ's reason for poison, shared by every consumer
 OUTCOMES = ("delivered", "failed", "dead_lettered")
@@ -115,12 +121,23 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
     view = consumer_view(settings, alert_settings)
     housekeeper = Housekeeper(view)
     backlog: list[int] = []  # the last count, for the status line
+    next_purge = [0.0]
 
     def housekeeping() -> None:
         housekeeper.run_once()
         try:
-            with connect(view.postgres_url, view.pg_schema, connect_timeout=2) as conn:
+            trim_acked(housekeeper.redis, view.stream, alert_settings.fraud_retention_s)
+        except (redis.RedisError, OSError):
+            pass  # the housekeeper reports Redis down
+        try:
+            with connect(view.postgres_url, view.pg_schema, connect_timeout=2, autocommit=True) as conn:
                 (count,) = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
+                if alert_settings.deliveries_retention_days and time.monotonic() >= next_purge[0]:
+                    next_purge[0] = time.monotonic() + PURGE_INTERVAL_S
+                    purged = purge_settled(conn, alert_settings.deliveries_retention_days)
+                    if purged:
+                        log.info("settled alert deliveries purged", extra={"event": "deliveries_purged", "rows": purged,
+                                                                           "days": alert_settings.deliveries_retention_days})
         except (psycopg.Error, OSError):
             return  # the housekeeper reports PostgreSQL down
         metrics.alert_backlog.set(count)
