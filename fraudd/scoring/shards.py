@@ -225,6 +225,8 @@ class ShardReader:
         return token.decode() if isinstance(token, bytes) else token
 
     def _online_replicas(self, keys: Keys) -> int:
+        """Replicas in sync with the shard's master: any of them could be promoted without a grant
+        none of them acknowledged (a replica still syncing holds nothing to promote from)."""
         info = on_node(self.redis, keys.lease, lambda client: client.info("replication"))
         return sum(isinstance(v, dict) and v.get("state") == "online" for k, v in info.items() if k.startswith("slave"))
 
