@@ -344,10 +344,18 @@ def _marker_need(rate: float, window_s: int, memory: RedisMemory) -> str:
 
 
 def _input_rates(client: redis.Redis | RedisCluster, streams: list[str], sample_s: float = 1.0) -> list[float]:
-    """Entries added to each of ``streams`` per second, sampled over ``sample_s``."""
-    before = [client.xinfo_stream(stream)["entries-added"] for stream in streams]
+    """Entries added to each of ``streams`` per second, sampled over ``sample_s`` (none to a stream not written yet)."""
+
+    def added() -> list[int]:
+        pipe = client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_stream(stream)
+        return [0 if isinstance(info, redis.ResponseError) else info["entries-added"]
+                for info in pipe.execute(raise_on_error=False)]
+
+    before = added()
     time.sleep(sample_s)
-    return [(client.xinfo_stream(stream)["entries-added"] - added) / sample_s for stream, added in zip(streams, before)]
+    return [(after - then) / sample_s for after, then in zip(added(), before)]
 
 
 @main.group()

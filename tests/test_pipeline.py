@@ -175,3 +175,9 @@ def test_worker_that_cannot_boot_halts_the_daemon(ns: Namespace, tmp_path) -> No
     assert code == 3, stderr[-2000:]
     halted = [line for line in stderr.splitlines() if '"halted"' in line]
     assert len(halted) == 1 and "cannot start" in halted[0] and "not a loadable ONNX model" in halted[0]
+
+
+def test_status_before_anything_was_produced(ns: Namespace) -> None:
+    status = ns.fraudd("status")
+    assert status.returncode == 0, status.stdout
+    assert "redis      up" in status.stdout and "lag 0, pending 0" in status.stdout, status.stdout

@@ -102,8 +102,15 @@ class GroupState:
 
 
 def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
-    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing lag when Redis has none)."""
-    info = next((g for g in client.xinfo_groups(stream) if g["name"] == group), None)
+    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
+    lag when Redis has none); a stream nothing was written to yet has neither."""
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError as exc:
+        if "no such key" not in str(exc):
+            raise
+        return GroupState(0, 0, 0.0, [])
+    info = next((g for g in groups if g["name"] == group), None)
     if info is None:
         return GroupState(client.xlen(stream), 0, 0.0, [])
     lag = info.get("lag")
