@@ -22,6 +22,7 @@ from fraudd.scoring.features import (
     LIBRARY_NAME,
     FeatureStore,
     Features,
+    Fenced,
     Lease,
     state_periods,
     stored_states,
@@ -347,3 +348,19 @@ def test_states_follow_the_latest_period(client: redis.Redis, keys: Keys, owned:
     assert not client.exists(current), "written where the latest copy is"
     assert sorted(client.hkeys(after)) == [b"alice", b"carol"]
     assert [struct.unpack_from("<dI", s)[1] for s in stored_states(client, keys, ["alice", "bob", "carol"])] == [3, 1, 1]
+
+
+def test_an_owner_whose_lease_changed_hands_writes_nothing(client: redis.Redis, keys: Keys) -> None:
+    lease = Lease(keys.lease, "1:test")
+    client.set(keys.lease, lease.token, px=60_000)
+    store = FeatureStore(client, keys, 3_600_000, lease)
+    store.compute(batch(tx(T0)))
+    client.set(keys.lease, "2:another-owner", px=60_000)
+    fenced = batch(tx(T0 + 1), tx(T0 + 2, user="bob"))
+    with pytest.raises(Fenced):
+        store.compute(fenced)
+    assert dedup.was_seen(client, keys, fenced.transaction_id, fenced.timestamp.tolist()) == [False, False]
+    assert struct.unpack_from("<dI", user_state(client, keys, "alice"))[1] == 1
+    assert user_state(client, keys, "bob") is None
+    client.set(keys.lease, lease.token, px=60_000)
+    assert col(store.compute(batch(tx(T0 + 3))), "count_1m") == [2], "back from what Redis holds"

@@ -1,6 +1,6 @@
-#!lua name=fraudd_v4
+#!lua name=fraudd_v5
 --[[
-Commit of one batch's behaviour state (FCALL fraudd_commit_v4): per user, compare-and-set of its
+Commit of one batch's behaviour state (FCALL fraudd_commit_v5): per user, compare-and-set of its
 state together with its transactions' dedup markers, all in one atomic call.
 
 Why so little here: the arithmetic runs in the workers (behaviour.py), because Redis is the
@@ -184,9 +184,9 @@ end
 Owned shards (--shards > 1): one worker at a time owns a shard through a lease, so no other writer
 races on its users. The worker keeps their states in memory and reads from Redis only the states
 it does not hold, which of the batch's transactions were counted before, and the blocklists
-(fraudd_owned_read_v4, read-only); it then writes states and markers once (fraudd_owned_commit_v4),
-only while the lease still carries its token (fencing: a worker that was paused past its lease
-and resumed writes nothing).
+(fraudd_owned_read_v5, read-only); it then writes states and markers once, in a MULTI/EXEC of plain
+commands under WATCH of the lease (features.py), not here: the same HSETs cost Redis about twice as
+much called from Lua, with every state passed through as an argument.
 ]]
 
 -- KEYS: [1..3] state periods, then b marker buckets, then the four blocklists.
@@ -218,30 +218,6 @@ local function owned_read(keys, args)
              blocklist_flags(keys[bl + 3], args[6]), blocklist_flags(keys[bl + 4], args[7]) }
 end
 
--- KEYS: [1] the shard's lease, [2] the state period to write, then b marker buckets.
--- ARGV: [1] lease token, [2] dedup_window_ms, [3] state_ttl_ms, [4] u, [5] b, [6] counts per
---       bucket (4 bytes), [7..6+2u] per user its name and new state, then per marker (buckets in
---       order) id, offset.
-local function owned_commit(keys, args)
-    if redis.call('GET', keys[1]) ~= args[1] then
-        return redis.error_reply('FENCED the shard lease has another owner')
-    end
-    local window_ms, ttl_ms, n_users, n_buckets, counts = args[2], args[3], tonumber(args[4]), tonumber(args[5]), args[6]
-    if n_users > 0 then
-        hset_range(keys[2], args, 7, 6 + 2 * n_users)
-        redis.call('PEXPIRE', keys[2], ttl_ms)
-    end
-    local pair = 6 + 2 * n_users
-    for b = 1, n_buckets do
-        local m = u32(counts, b)
-        local key = keys[2 + b]
-        hset_range(key, args, pair + 1, pair + 2 * m)
-        redis.call('PEXPIRE', key, window_ms)
-        pair = pair + 2 * m
-    end
-    return 1
-end
-
 -- Shard leases. KEYS: [1] the lease, [2] the shard's epoch counter.
 -- ARGV: [1] 'acquire' | 'renew' | 'release', [2] owner (acquire) or token, [3] lease_ms.
 -- acquire: the new token '<epoch>:<owner>' when the shard was free, else nil. renew / release:
@@ -259,7 +235,6 @@ local function lease(keys, args)
     return 1
 end
 
-redis.register_function('fraudd_commit_v4', commit)
-redis.register_function{function_name = 'fraudd_owned_read_v4', callback = owned_read, flags = {'no-writes'}}
-redis.register_function('fraudd_owned_commit_v4', owned_commit)
-redis.register_function('fraudd_lease_v4', lease)
+redis.register_function('fraudd_commit_v5', commit)
+redis.register_function{function_name = 'fraudd_owned_read_v5', callback = owned_read, flags = {'no-writes'}}
+redis.register_function('fraudd_lease_v5', lease)

@@ -67,11 +67,10 @@ _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
-LIBRARY_NAME = "fraudd_v4"
-FUNCTION_NAME = "fraudd_commit_v4"
-READ_FUNCTION = "fraudd_owned_read_v4"
-OWNED_COMMIT_FUNCTION = "fraudd_owned_commit_v4"
-LEASE_FUNCTION = "fraudd_lease_v4"
+LIBRARY_NAME = "fraudd_v5"
+FUNCTION_NAME = "fraudd_commit_v5"
+READ_FUNCTION = "fraudd_owned_read_v5"
+LEASE_FUNCTION = "fraudd_lease_v5"
 # Owned mode keeps the states of a shard's recent users in memory, up to this many per owned shard
 # (≈ 0.5 KB each: ≈ 25 MB per shard; a worker owns about S / workers shards).
 MAX_STATES_IN_MEMORY = 50_000
@@ -329,11 +328,14 @@ class FeatureStore:
             pairs[0::2] = [transaction_ids[i] for i in new.tolist()]
             pairs[1::2] = (new_ms - marker_bucket * dedup.BUCKET_MS).tolist()
             period = _period_key(self._keys, max(now, self._latest_period))
-            keys = [self._lease.key, period, *[self._keys.seen_bucket(b) for b in ids.tolist()]]
-            args = [self._lease.token, self._dedup_window_ms, STATE_TTL_MS, len(writers), len(ids),
-                    counts.astype(">u4").tobytes(), *states_pairs, *pairs]
+            commands = [("HSET", period, *states_pairs), ("PEXPIRE", period, STATE_TTL_MS)]
+            start = 0
+            for bucket, count in zip(ids.tolist(), counts.tolist()):
+                key = self._keys.seen_bucket(bucket)
+                commands += [("HSET", key, *pairs[start : start + 2 * count]), ("PEXPIRE", key, self._dedup_window_ms)]
+                start += 2 * count
             try:
-                self._fcall(OWNED_COMMIT_FUNCTION, keys, args)
+                self._round_trip_fenced(commands)
             except BaseException:
                 # The commit may have reached Redis all the same (a lost reply): start again from
                 # what Redis holds rather than from states that may be behind it.
@@ -394,6 +396,41 @@ class FeatureStore:
                 pool.release(conn)
         return [client.execute_command(*c) for c in commands]
 
+    def _round_trip_fenced(self, commands: list[tuple]) -> None:
+        """``commands`` in one MULTI/EXEC, applied only while the shard's lease holds this worker's
+        token (raises ``Fenced`` otherwise): the lease is WATCHed and read first, so EXEC writes
+        nothing if it changed in between (then both round trips are tried again; a renewal by this
+        worker's own lease thread does that about once per thousand batches)."""
+        on_node(self._redis, self._keys.stream, lambda client: self._send_fenced(client, commands))
+
+    def _send_fenced(self, client: redis.Redis, commands: list[tuple]) -> None:
+        lease, token = self._lease.key, self._lease.token.encode()
+        transaction = [hiredis.pack_command(("MULTI",)), *map(hiredis.pack_command, commands),
+                       hiredis.pack_command(("EXEC",))]
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                conn.send_packed_command([hiredis.pack_command(("WATCH", lease)), hiredis.pack_command(("GET", lease))],
+                                         check_health=False)
+                conn.read_response()
+                if conn.read_response() != token:
+                    raise Fenced(f"lease on {self._keys.stream} lost")
+                conn.send_packed_command(transaction, check_health=False)
+                applied = [conn.read_response() for _ in transaction][-1]
+                if applied is not None:
+                    failed = [reply for reply in applied if isinstance(reply, redis.ResponseError)]
+                    if failed:
+                        raise failed[0]
+                    return
+            raise CommitConflictError(f"lease on {self._keys.stream} changed under {MAX_COMMIT_ATTEMPTS} commits")
+        except BaseException:
+            # Whatever broke off may have left a WATCH or an open MULTI on the connection.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
     def _commit(self, states: behaviour.States, sub: behaviour.Transactions, rows: np.ndarray, blobs: list,
                 pending: np.ndarray, names: list[str], transaction_ids: list[str], tx: behaviour.Transactions,
                 blocklist_values: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
@@ -441,8 +478,6 @@ class FeatureStore:
         try:
             return self._execute("FCALL", function, len(keys), *keys, *args)
         except redis.ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise Fenced(f"lease on {self._keys.stream} lost") from None
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
