@@ -11,8 +11,9 @@ owner gave them back, died, hung, or lost its host: the lease expired) and givin
 so shards rebalance as workers come and go. A new owner starts from what Redis holds and takes over
 the entries the previous owner left pending.
 
-Fencing: the lease value is a token whose epoch grows with every grant, and the scripts that write
-for a shard (the features commit and the settle) check it atomically. A worker also stops writing
+Fencing: the lease value is a token whose epoch grows with every grant, and the calls that write
+for a shard (the features commit, a transaction under WATCH of the lease, and the settle script)
+check it atomically. A worker also stops writing
 for a shard once its own lease deadline passed (its monotonic clock runs on while it is paused, so
 a worker SIGSTOPped past its lease finds out before anything else when resumed).
 
