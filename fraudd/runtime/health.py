@@ -71,8 +71,9 @@ def redis_memory(client: redis.Redis | RedisCluster) -> RedisMemory:
 
 
 def primary_memory(client: RedisCluster) -> dict[str, RedisMemory]:
-    """Each primary's memory, by node name (``host:port``)."""
-    return {name: _memory(info) for name, info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).items()}
+    """Each primary's memory, by node name (``host:port``). Asked node by node: for a single target
+    node redis-py answers that node's INFO itself, not a mapping by node."""
+    return {node.name: _memory(client.get_redis_connection(node).info("memory")) for node in client.get_primaries()}
 
 
 def _memory(info: dict) -> RedisMemory:
