@@ -92,13 +92,16 @@ def worker_pids(supervisor_pid: int) -> list[int]:
         return []
 
 
-def kill_workers_until(done, supervisor_pid: int, seconds: float, rng) -> int:
-    """SIGKILL a random worker of ``supervisor_pid`` every 0.5-1.5 s for ``seconds`` or until ``done()``;
-    returns how many were killed."""
+def kill_workers_until(done, supervisor_pid: int, seconds: float, rng, every_s: tuple[float, float] = (0.5, 1.5)) -> int:
+    """SIGKILL a random worker of ``supervisor_pid`` every ``every_s`` (a uniform range) for ``seconds``
+    or until ``done()``; returns how many were killed."""
     kills = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not done():
-        time.sleep(rng.uniform(0.5, 1.5))
+        time.sleep(rng.uniform(*every_s))
+        if done():
+            # A worker killed now would die during the stop that follows, which logs no worker_died.
+            break
         pids = worker_pids(supervisor_pid)
         if pids:
             os.kill(int(rng.choice(pids)), signal.SIGKILL)

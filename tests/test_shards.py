@@ -166,7 +166,8 @@ def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.
                    "--pipeline-depth", str(depth), "--max-deliveries", "12")
     rng = np.random.default_rng(5)
     try:
-        kills = kill_workers_until(lambda: fully_drained(redis_client, ns, shards), daemon.pid, 12, rng)
+        # Kills close together: a quiet box drains in a few seconds, and the test needs several.
+        kills = kill_workers_until(lambda: fully_drained(redis_client, ns, shards), daemon.pid, 12, rng, every_s=(0.2, 0.6))
         wait_for(lambda: fully_drained(redis_client, ns, shards), 120, interval=0.5, message="the drain after the kills")
     finally:
         log = stop(daemon)
