@@ -285,8 +285,12 @@ def test_workers_exit_when_their_supervisor_is_killed(ns: Namespace, redis_clien
     finally:
         daemon.kill_group()
     # What they read and did not settle is still pending, for the next supervisor's workers.
-    again = start(ns, tmp_path, "--workers", "2", "--batch-size", "100")
+    (tmp_path / "again").mkdir()
+    again = start(ns, tmp_path / "again", "--workers", "2", "--batch-size", "100")
     try:
+        # On a quick box the first workers may have settled everything: wait for the start-up to
+        # end, so that the stop below is the graceful one, not a signal during start-up.
+        wait_for(lambda: '"ready"' in again.log(), 30, message="the next supervisor ready")
         wait_for(lambda: fully_drained(redis_client, ns), 60, message="the rest")
     finally:
         stop(again)
