@@ -74,6 +74,10 @@ return redis.call('INCR', KEYS[9])
 """
 
 
+# ``ConfirmedFraud.counts`` without a version read by the caller (None is a version: the key is absent).
+_UNREAD = object()
+
+
 class ConfirmedFraud:
     """The confirmed-fraud counts of one stream shard's entities.
 
@@ -103,9 +107,17 @@ class ConfirmedFraud:
         if len(args) > 1:
             self._record(keys=[*self._keys, *self._sweep_keys, self._version_key], args=args)
 
-    def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray) -> dict[str, np.ndarray]:
-        """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card."""
-        self._refresh()
+    @property
+    def version_key(self) -> str:
+        """The key of the version, which a caller may read in a round trip it makes anyway."""
+        return self._version_key
+
+    def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray,
+               version: bytes | None | object = _UNREAD) -> dict[str, np.ndarray]:
+        """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card.
+
+        ``version``: the value of ``version_key`` as read for this batch (unread: read here)."""
+        self._refresh(self._redis.get(self._version_key) if version is _UNREAD else version)
         n = len(event_ms)
         out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
         for kind, column, known in zip(KINDS, columns, self._state):
@@ -117,8 +129,7 @@ class ConfirmedFraud:
                     out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span))
         return out
 
-    def _refresh(self) -> None:
-        version = self._redis.get(self._version_key)
+    def _refresh(self, version: bytes | None) -> None:
         if version == self._version:
             return
         pipe = self._redis.pipeline(transaction=True)

@@ -223,10 +223,12 @@ class FeatureStore:
         if n == 0:
             return _empty()
         p = _prepare(batch)
+        # The confirmed-fraud version rides on the batch's first round trip rather than its own.
+        version = ("GET", self._confirmed.version_key)
         if self._lease is None:
-            behaviour_columns, blocklist_hits = self._compute_shared(p, batch.transaction_id)
+            behaviour_columns, blocklist_hits, confirmed_version = self._compute_shared(p, batch.transaction_id, version)
         else:
-            behaviour_columns, blocklist_hits = self._compute_owned(p, batch.transaction_id)
+            behaviour_columns, blocklist_hits, confirmed_version = self._compute_owned(p, batch.transaction_id, version)
         tx = p.tx
         # A copy whose original belongs to another user is only corrected here.
         tx.t_ms[p.copy] = tx.t_ms[p.original[p.copy]]
@@ -246,16 +248,22 @@ class FeatureStore:
             event_ms=event_ms,
             blocked=blocked,
             amount=batch.amount,
-            confirmed=self._confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms),
+            confirmed=self._confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms,
+                                             confirmed_version),
         )
 
-    def _compute_shared(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
+    def _compute_shared(self, p: _Prepared, transaction_ids: list[str], also: tuple
+                        ) -> tuple[np.ndarray, list[bytes], object]:
+        """Behaviour columns, blocklist flags and the reply of ``also`` (sent with the first read)."""
         tx, copy, original, names = p.tx, p.copy, p.original, p.names
         behaviour_columns = np.empty((len(tx.user), len(BEHAVIOUR_FEATURES)))
         pending = np.arange(len(names))
         blocklist_hits: list[bytes] = []
-        for _ in range(MAX_COMMIT_ATTEMPTS):
-            blobs = self._read([names[i] for i in pending])
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
+            if attempt == 0:
+                blobs, also_reply = self._read(names, also)
+            else:
+                blobs, _ = self._read([names[i] for i in pending])
             # Copies take their original's event time, which a commit conflict may have corrected.
             tx.t_ms[copy] = tx.t_ms[original[copy]]
             local = np.full(len(names), -1, np.intp)
@@ -269,12 +277,14 @@ class FeatureStore:
             pending, hits = self._commit(states, sub, rows, blobs, pending, names, transaction_ids, tx, joined)
             blocklist_hits = blocklist_hits or hits
             if len(pending) == 0:
-                return behaviour_columns, blocklist_hits
+                return behaviour_columns, blocklist_hits, also_reply
         raise CommitConflictError(
             f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
 
-    def _compute_owned(self, p: _Prepared, transaction_ids: list[str]) -> tuple[np.ndarray, list[bytes]]:
-        """One read (states not in memory, markers, blocklists), the arithmetic, one fenced commit."""
+    def _compute_owned(self, p: _Prepared, transaction_ids: list[str], also: tuple
+                       ) -> tuple[np.ndarray, list[bytes], object]:
+        """One read (states not in memory, markers, blocklists, and ``also``), the arithmetic, one
+        fenced commit; returns the behaviour columns, blocklist flags and the reply of ``also``."""
         node = node_client(self._redis, self._keys.stream)
         if node is not self._node:
             # Replication is asynchronous: a failover may have taken this owner's last commits
@@ -295,7 +305,7 @@ class FeatureStore:
         args = [len(missing), len(bucket_ids), bucket_counts.astype(">u4").tobytes(),
                 *["\0".join(values).encode() for values in p.distinct], *missing,
                 *[transaction_ids[i] for i in candidates.tolist()]]
-        latest, stored, seen, *blocklist_hits = self._fcall(READ_FUNCTION, keys, args)
+        (latest, stored, seen, *blocklist_hits), also_reply = self._fcall(READ_FUNCTION, keys, args, also)
         if latest:
             self._latest_period = max(self._latest_period, now + latest - 2)
         for name, blob in zip(missing, stored):
@@ -347,18 +357,16 @@ class FeatureStore:
         if len(self._states) > MAX_STATES_IN_MEMORY:
             for name in list(itertools.islice(self._states, len(self._states) - MAX_STATES_IN_MEMORY)):
                 del self._states[name]
-        return behaviour_columns, blocklist_hits
+        return behaviour_columns, blocklist_hits, also_reply
 
-    def _read(self, names: list[str]) -> list[bytes | None]:
-        """The users' latest states as stored (None = absent): one round trip, no Lua. The next
-        period's hash exists only when another host's clock is ahead: its HMGET is a few nils."""
-        if not names:
-            return []
-        replies = self._round_trip([("HMGET", key, *names) for key in reversed(state_periods(self._keys))])
-        return [next((state for state in states if state is not None), None) for states in zip(*replies)]
-
-    def _execute(self, *args) -> object:
-        return self._round_trip([args])[0]
+    def _read(self, names: list[str], *also: tuple) -> tuple[list[bytes | None], object]:
+        """The users' latest states as stored (None = absent), and the reply of the command
+        ``also`` if any: one round trip, no Lua. The next period's hash exists only when another
+        host's clock is ahead: its HMGET is a few nils."""
+        periods = [("HMGET", key, *names) for key in reversed(state_periods(self._keys))] if names else []
+        replies = self._round_trip([*periods, *also]) if periods or also else []
+        states = [next((state for state in found if state is not None), None) for found in zip(*replies[: len(periods)])]
+        return states, replies[-1] if also else None
 
     def _round_trip(self, commands: list[tuple]) -> list:
         """The replies of ``commands``, sent in one round trip, each packed by hiredis in one call:
@@ -464,7 +472,7 @@ class FeatureStore:
                 b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
                 bucket_counts.astype(">u4").tobytes(), (owner + 1).astype(">u4").tobytes(),
                 *(blocklist_values or [b""] * 4), *states_pairs, *pairs]
-        stale, seen, *flags = self._fcall(FUNCTION_NAME, keys, args)
+        (stale, seen, *flags), _ = self._fcall(FUNCTION_NAME, keys, args)
         conflicted = {int(w) - 1 for w in stale}
         for j in range(0, len(seen), 2):
             marker = int(seen[j]) - 1
@@ -474,15 +482,18 @@ class FeatureStore:
             tx.t_ms[row] = float(bucket[marker] * dedup.BUCKET_MS + int(seen[j + 1]))
         return pending[writers[sorted(conflicted)]], flags
 
-    def _fcall(self, function: str, keys: list[str], args: list) -> list:
+    def _fcall(self, function: str, keys: list[str], args: list, *also: tuple) -> tuple[list, object]:
+        """The function's reply, and the reply of the command ``also`` if any, in one round trip."""
+        commands = [("FCALL", function, len(keys), *keys, *args), *also]
         try:
-            return self._execute("FCALL", function, len(keys), *keys, *args)
+            replies = self._round_trip(commands)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
             if "function not found" not in str(exc).lower():
                 raise
-        self.load_library()
-        return self._execute("FCALL", function, len(keys), *keys, *args)
+            self.load_library()
+            replies = self._round_trip(commands)
+        return replies[0], replies[-1] if also else None
 
 
 def _prepare(batch: DecodedBatch) -> _Prepared:
