@@ -71,6 +71,9 @@ def ingest(**params) -> None:
     """Serve the HTTP API that writes transactions onto the input stream (and answers /v1/score)."""
     settings = ingest_settings_from(params)
     logs.setup(settings.log_level)
+    # Every server process counts into this directory; any of them answers /metrics with the sum.
+    prepare_metrics_dir()
+    # What follows imports prometheus-client, which reads the directory above.
     check_eviction(settings.redis_url, settings.redis_cluster)
     from .ingest.auth import Authenticator, KeysError
 
@@ -78,9 +81,6 @@ def ingest(**params) -> None:
         authenticator = Authenticator(settings.api_keys_file, settings.api_keys)
     except KeysError as exc:
         raise ConfigError(f"--api-keys-file: {exc}") from None
-    # Every server process counts into this directory; any of them answers /metrics with the sum.
-    prepare_metrics_dir()
-    # Both import prometheus-client, which reads the directory above.
     from .ingest.server import check_exposure, service
     from .runtime.supervisor import Supervisor
 
