@@ -94,7 +94,7 @@ def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_clie
     generated = TransactionGenerator(GeneratorConfig(seed=22, tx_per_second=50.0)).generate(24_000)
     payloads = generated.payloads()
     publisher = Publisher(redis_client, ns.stream, shards)
-    publisher.publish(payloads[:20_000])
+    publisher.publish(payloads[:16_000])
     daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", str(lease_ms),
                    "--batch-size", "200", "--pipeline-depth", str(depth))
     try:
@@ -109,7 +109,9 @@ def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_clie
         os.kill(paused, signal.SIGSTOP)
         paused_at = time.monotonic()
         try:
-            # The other worker takes the paused one's shards over once their leases expire, and drains all.
+            # Traffic for every shard after the pause: the paused worker's shards cannot drain
+            # unless the other worker takes them over, once their leases expire.
+            publisher.publish(payloads[16_000:20_000])
             wait_for(lambda: fully_drained(redis_client, ns, shards), 120, message="the paused worker's shards drained")
             taken_after = time.monotonic() - paused_at
             assert all(f"/{paused}/" not in (o or "") for o in lease_owners(redis_client, ns, shards))
