@@ -29,6 +29,7 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
+_YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
 
 _Part = TypeVar("_Part", DecodedBatch, ScoredBatch)
 
@@ -384,4 +386,11 @@ def service(settings: Settings) -> Service:
 def worker_main(settings: Settings, process: WorkerProcess) -> int:
     """Entry point of a forked scoring worker; returns its exit code."""
     worker = ScoringWorker(settings, process)
+    # A batch holds a few thousand fresh containers (a dict per payload, lists per column) until it
+    # is done: at the default threshold (700) the collector ran several times per batch, scanning
+    # them and, in its older generations, the whole start-up heap (modules, model, clients), ≈ 2 µs
+    # of CPU per transaction. Frozen, the start-up heap leaves every collection; a young generation
+    # larger than a batch lets most of a batch die by reference count before a collection sees it.
+    gc.freeze()
+    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.batch_size), *gc.get_threshold()[1:])
     return consume(process, worker.reader, worker)
