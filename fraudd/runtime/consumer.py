@@ -4,8 +4,9 @@ A service is a ``BatchHandler``, a small "what to do with a batch"; this module 
 same way for scoring, alerts and labels:
 
     read      own pending entries first (a respawned worker finishes what its previous life read
-              but never acked), then entries idle too long at other consumers (XAUTOCLAIM: their
-              worker died or hung), then new entries (XREADGROUP COUNT ... BLOCK ...)
+              but never acked; a new owner of a leased shard first claims everything pending, so
+              it takes over in stream order), then entries idle too long at other consumers
+              (XAUTOCLAIM: their worker died or hung), then new entries (XREADGROUP COUNT ... BLOCK ...)
     poison    entries delivered more than ``max_deliveries`` times are split out for the DLQ
     outages   an unreachable Redis or PostgreSQL is waited out with bounded, jittered back-off
               while the batch in flight stays claimed; nothing new is read meanwhile
@@ -122,16 +123,21 @@ class StreamConsumer:
 
     ``on_outage(kind)`` is told of every failed attempt while Redis (``"redis"``) or PostgreSQL
     (``"postgres"``) is away, so the handler can drop a broken connection before the next one.
+
+    ``take_over``: this consumer alone may write for the stream from now on (it holds the shard's
+    lease, whose fencing shuts the previous owner out), so everything pending is claimed at once,
+    before the first read, instead of once idle for ``claim_idle_ms``.
     """
 
     def __init__(self, client: redis.Redis, options: ConsumerOptions, name: str, process: WorkerProcess,
-                 on_outage: Callable[[str], None] | None = None) -> None:
+                 on_outage: Callable[[str], None] | None = None, take_over: bool = False) -> None:
         self.redis = client
         self.options = options
         self.name = name
         self.process = process
         self._on_outage = on_outage
         self._own_pending_cursor: str | None = "0"
+        self._take_over = take_over
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
         # Reads not yet acked, kept claimed while an outage is waited out. Two at most: one being
@@ -173,6 +179,8 @@ class StreamConsumer:
                        {i: entries.extra[i] for i in ids if i in entries.extra}), poison
 
     def _next_entries(self) -> Entries:
+        if self._take_over:
+            self._claim_all_pending()
         if self._own_pending_cursor is not None:
             reply = self._xreadgroup(self._own_pending_cursor, block=False)
             if reply:
@@ -211,6 +219,18 @@ class StreamConsumer:
             raise exc
         log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
         ensure_group(self.redis, self.options.stream, self.options.group)
+
+    def _claim_all_pending(self) -> None:
+        """Make every pending entry ours (JUSTID: no delivery counted, so a handover never pushes an
+        entry towards poison); the own-pending read that follows then takes them in stream order."""
+        o = self.options
+        cursor = b"0-0"
+        while True:
+            cursor, _ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor,
+                                                    "COUNT", 1000, "JUSTID")
+            if cursor == b"0-0":
+                break
+        self._take_over = False
 
     def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``claim_idle_ms`` (their consumer died or hung)."""

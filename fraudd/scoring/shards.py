@@ -173,12 +173,13 @@ class ShardReader:
         stream = shard_stream(s.stream, s.shards, index)
         keys = Keys(stream, s.fraud_stream, s.dlq_stream)
         window_ms = s.dedup_window_s * 1000
-        # An owned shard's pending entries belong to owners whose lease expired: claim them once
-        # they are idle for a lease, not the shared stream's --claim-idle-ms.
+        # An owned shard's pending entries belong to owners whose lease expired: all are claimed
+        # when the shard is taken (take_over), any read later by a fenced owner once idle for a
+        # lease, not the shared stream's --claim-idle-ms.
         # Each shard blocks 1 ms when idle, so one busy shard is not held up by the idle others.
         options = (dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1)
                    if lease else s)
-        consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage)
+        consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
         if lease is not None:
             ensure_group(self.redis, stream, s.group)
         return Shard(index, keys, consumer, FeatureStore(self.redis, keys, window_ms, lease),
