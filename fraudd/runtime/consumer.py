@@ -224,13 +224,17 @@ class StreamConsumer:
         """Make every pending entry ours (JUSTID: no delivery counted, so a handover never pushes an
         entry towards poison); the own-pending read that follows then takes them in stream order."""
         o = self.options
-        cursor = b"0-0"
+        cursor, claimed = b"0-0", 0
         while True:
-            cursor, _ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor,
-                                                    "COUNT", 1000, "JUSTID")
+            cursor, ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor,
+                                                   "COUNT", 1000, "JUSTID")
+            claimed += len(ids)
             if cursor == b"0-0":
                 break
         self._take_over = False
+        if claimed:
+            metrics.reclaimed.inc(claimed)
+            log.info("took over pending entries", extra={"event": "reclaimed", "entries": claimed, "stream": o.stream})
 
     def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``claim_idle_ms`` (their consumer died or hung)."""
