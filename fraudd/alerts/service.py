@@ -19,8 +19,8 @@ import redis
 
 from ..config import AlertSettings, Settings
 from ..runtime import metrics
-from ..runtime.consumer import Entries, StreamConsumer, consume
-from ..runtime.deadletters import DeadLetter, DeadLetterSettler
+from ..runtime.consumer import REASON_MAX_DELIVERIES, Entries, StreamConsumer, consume
+from ..runtime.deadletters import DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 600.0  # settled deliveries age by days: no need to look more often
 
-REASON_MAX_DELIVERIES = "max_deliveries"  # the scoring DLQ's reason for poison, shared by every consumer
 OUTCOMES = ("delivered", "failed", "dead_lettered")
 
 
@@ -95,8 +94,8 @@ class AlertWorker:
     def process(self, entries: Entries) -> None:
         fresh, poison = self.consumer.split_poison(entries)
         rejected = self.consumer.until_done(lambda: self.sender.handle(fresh.ids, fresh.payloads), "postgres")
-        letters = [self._letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
-        letters += [self._letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
+        letters = self.settler.poison_letters(poison)
+        letters += [self.settler.letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
                     for r in rejected]
         self.consumer.until_done(lambda: self.settler.settle(entries.ids, letters), "redis")
         self.consumer.release(entries)
@@ -104,10 +103,6 @@ class AlertWorker:
             metrics.dead_letters.labels(REASON_INVALID_ALERT).inc(len(rejected))
             metrics.dead_letters.labels(REASON_MAX_DELIVERIES).inc(len(poison))
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(letters)})
-
-    def _letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
-        return DeadLetter(f"alerts:{entry_id}", {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
-                                                 "consumer": self.consumer.name, "deliveries": deliveries})
 
     def drain(self) -> None:
         """Nothing settles in the background: a read is recorded and acked before the next."""

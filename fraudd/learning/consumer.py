@@ -19,12 +19,12 @@ import psycopg
 
 from fraudd.config import Settings
 from fraudd.runtime.consumer import Entries, StreamConsumer, consume
-from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler
+from fraudd.runtime.deadletters import DeadLetterSettler
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.runtime.supervisor import Service
 from fraudd.schema import connect
-from fraudd.scoring.decode import REASON_INVALID, REASON_MAX_DELIVERIES, REASON_NO_DATA, REASON_NOT_JSON
+from fraudd.scoring.decode import REASON_INVALID, REASON_NO_DATA, REASON_NOT_JSON
 
 from .labels import Label, LabelError, confirm, confirmed_shards, parse_label, store_labels
 
@@ -53,11 +53,11 @@ class LabelsWorker:
     def process(self, entries: Entries) -> None:
         work, poison = self.consumer.split_poison(entries)
         labels: list[Label] = []
-        dead = [self._letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
+        dead = self.settler.poison_letters(poison)
         for entry_id, payload in zip(work.ids, work.payloads):
             deliveries = work.deliveries.get(entry_id, 1)
             if payload is None:
-                dead.append(self._letter(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
+                dead.append(self.settler.letter(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
                 continue
             try:
                 # Without its own reported_at, a label was reported when the stream accepted it: the
@@ -65,9 +65,9 @@ class LabelsWorker:
                 accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, timezone.utc)
                 labels.append(parse_label(orjson.loads(payload), now=accepted))
             except orjson.JSONDecodeError as exc:
-                dead.append(self._letter(entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
+                dead.append(self.settler.letter(entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
             except LabelError as exc:
-                dead.append(self._letter(entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
+                dead.append(self.settler.letter(entry_id, payload, REASON_INVALID, str(exc)[:200], deliveries))
         new = self.consumer.until_done(lambda: store_labels(self._connection(), labels), "postgres") if labels else 0
         if labels:
             self.consumer.until_done(lambda: confirm(self._connection(), self.confirmed, labels), "redis")
@@ -76,10 +76,6 @@ class LabelsWorker:
         if dead:
             log.warning("dead-lettered labels", extra={"event": "dead_lettered", "entries": len(dead)})
         log.debug("labels stored", extra={"event": "labels_stored", "labels": len(labels), "new": new})
-
-    def _letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
-        return DeadLetter(entry_id, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
-                                     "consumer": self.consumer.name, "deliveries": deliveries})
 
     def drain(self) -> None:
         """Every batch settles before the next read: nothing in flight."""

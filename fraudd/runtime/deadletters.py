@@ -21,7 +21,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from .consumer import StreamConsumer
+from .consumer import REASON_MAX_DELIVERIES, Poison, StreamConsumer
 from .redis_clients import ReplicaWait, on_node
 
 SCRIPT = """
@@ -91,6 +91,14 @@ class DeadLetterSettler:
         self._prefix = marker_prefix(self._stream, dlq_stream)
         self._split = isinstance(self._client, RedisCluster)
         self._replicas = ReplicaWait()
+
+    def letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
+        """The dead letter of one entry of the consumed stream (marked by its id)."""
+        return DeadLetter(entry_id, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
+                                     "consumer": self._consumer.name, "deliveries": deliveries})
+
+    def poison_letters(self, poison: list[Poison]) -> list[DeadLetter]:
+        return [self.letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
 
     def settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
         """(dead letters written, entries acked); a consumer group lost with Redis's data is created

@@ -31,6 +31,8 @@ REASON_NOT_OBJECT = "not_an_object"
 REASON_MISSING = "missing_field"
 REASON_INVALID = "invalid_field"
 REASON_NO_DATA = "missing_data_field"
+# Poison, split out by the runtime's consumer (``runtime.consumer.REASON_MAX_DELIVERIES``, not
+# imported: this module loads before prometheus-client may be) and listed with the other reasons.
 REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PROCESSING = "processing_error"
 DEAD_LETTER_REASONS = (REASON_TOO_LARGE, REASON_NOT_UTF8, REASON_NOT_JSON, REASON_NOT_OBJECT, REASON_MISSING,
