@@ -16,14 +16,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
 from redis.cluster import RedisCluster
 
 import fraudd.namespace
-from fraudd.localservers import RedisClusterServers, scratch_dir
+from fraudd.localservers import RedisClusterServers, RedisServer, scratch_dir
 from fraudd.runtime import redis_clients
+
+_Servers = TypeVar("_Servers", RedisServer, RedisClusterServers)
 
 REDIS_URL = os.environ.get("FRAUDD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("FRAUDD_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
@@ -140,17 +143,22 @@ def ns(redis_client: redis.Redis) -> Iterator[Namespace]:
     yield from migrated_namespace(redis_client)
 
 
-@pytest.fixture
-def redis_cluster() -> Iterator[RedisClusterServers]:
-    """A Redis Cluster of 3 masters and 3 replicas of the test's own (2-3 s to start), killed and
-    removed afterwards: a test may fail a master over or move slots."""
-    servers = RedisClusterServers(scratch_dir("fraudd-cluster-"))
+def running(servers: _Servers) -> Iterator[_Servers]:
+    """``servers`` (a ``RedisServer`` or ``RedisClusterServers``) started, then killed and their
+    directory removed."""
     try:
         servers.start()
         yield servers
     finally:
         servers.kill()
         shutil.rmtree(servers.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of 3 masters and 3 replicas of the test's own (2-3 s to start), killed and
+    removed afterwards: a test may fail a master over or move slots."""
+    yield from running(RedisClusterServers(scratch_dir("fraudd-cluster-")))
 
 
 @pytest.fixture

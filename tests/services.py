@@ -24,7 +24,7 @@ import redis
 from fraudd import localservers
 from fraudd.localservers import RedisServer, free_port, scratch_dir
 
-from .conftest import Namespace, wait_for
+from .conftest import Namespace, running, wait_for
 from .streams import fully_drained
 
 __all__ = ["RedisServer", "free_port"]
@@ -38,13 +38,7 @@ class PostgresServer(localservers.PostgresServer):
 
 
 def _scratch_redis(persistent: bool) -> Iterator[RedisServer]:
-    server = RedisServer(scratch_dir("fraudd-redis-"), persistent=persistent)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
-        shutil.rmtree(server.directory, ignore_errors=True)
+    yield from running(RedisServer(scratch_dir("fraudd-redis-"), persistent=persistent))
 
 
 @pytest.fixture
