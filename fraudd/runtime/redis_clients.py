@@ -36,12 +36,7 @@ def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | Re
     options = {"protocol": 2, **options}
     if not cluster:
         return redis.Redis.from_url(url, **options)
-    seeds = _seeds(url)
-    # Without full coverage the client still starts while a failed master's slots wait for a
-    # replica: those slots answer CLUSTERDOWN, an outage waited out, instead of a crash at start.
-    return RedisCluster(startup_nodes=[ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
-                        require_full_coverage=False, username=seeds[0].username, password=seeds[0].password,
-                        **options)
+    return RedisCluster(**_cluster_options(url, ClusterNode), **options)
 
 
 def async_redis_client(url: str, cluster: bool = False,
@@ -50,14 +45,21 @@ def async_redis_client(url: str, cluster: bool = False,
     options = {"protocol": 2, **options}
     if not cluster:
         return redis.asyncio.Redis.from_url(url, **options)
-    seeds = _seeds(url)
-    return redis.asyncio.cluster.RedisCluster(
-        startup_nodes=[redis.asyncio.cluster.ClusterNode(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
-        require_full_coverage=False, username=seeds[0].username, password=seeds[0].password, **options)
+    return redis.asyncio.cluster.RedisCluster(**_cluster_options(url, redis.asyncio.cluster.ClusterNode), **options)
 
 
 def _seeds(url: str) -> list[urllib.parse.SplitResult]:
     return [urllib.parse.urlsplit(seed.strip()) for seed in url.split(",") if seed.strip()]
+
+
+def _cluster_options(url: str, node: type) -> dict:
+    """The cluster client's start-up nodes (of redis-py's sync or asyncio ``ClusterNode`` class) and
+    credentials, from the seed URLs."""
+    seeds = _seeds(url)
+    # Without full coverage the client still starts while a failed master's slots wait for a
+    # replica: those slots answer CLUSTERDOWN, an outage waited out, instead of a crash at start.
+    return {"startup_nodes": [node(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
+            "require_full_coverage": False, "username": seeds[0].username, "password": seeds[0].password}
 
 
 def connect_redis(url: str, cluster: bool = False) -> redis.Redis | RedisCluster:
