@@ -68,7 +68,8 @@ def test_timeout_answers_the_fallback_and_scores_once(ns: Namespace, redis_clien
         with server.client() as http:
             answer = post(http, "/v1/score", tx("late1")).json()
             assert answer["timed_out"] is True and answer["decision"] == "decline" and answer["score"] is None
-            assert 150 <= answer["latency_ms"] < 1000
+            # asyncio runs a timer up to its clock resolution (≈ 1 ms) early: 149.997 ms was seen.
+            assert 149 <= answer["latency_ms"] < 1000
             # Nobody scored it yet: a retry is a duplicate, and times out the same way.
             retry = post(http, "/v1/score", tx("late1")).json()
             assert retry["duplicate"] is True and retry["timed_out"] is True
