@@ -39,12 +39,28 @@ GROUP = "fraudd-alerts"  # the default of fraudd alerts --alerts-group
 
 def alert_document(i: int, prefix: str) -> dict:
     """A fraud-stream document shaped like the scoring worker's (the `transactions` row)."""
-    return {"transaction_id": f"{prefix}_{i}", "user_id": f"user_{i % 997}", "amount": round(10 + (i * 7.31) % 900, 2),
-            "currency": "USD", "merchant": "Amazon", "mcc": "5732", "country": "FR", "card_id": None, "device_id": None,
-            "ip": None, "channel": "ecom", "lat": None, "lon": None, "event_time": time.time(),
-            "stream_id": f"{int(time.time() * 1000)}-{i}", "scored_at": time.time(), "score": 0.93,
-            "decision": "decline" if i % 3 else "review", "reasons": ["velocity_1h", "model:amount"],
-            "model_version": "bench"}
+    return {
+        "transaction_id": f"{prefix}_{i}",
+        "user_id": f"user_{i % 997}",
+        "amount": round(10 + (i * 7.31) % 900, 2),
+        "currency": "USD",
+        "merchant": "Amazon",
+        "mcc": "5732",
+        "country": "FR",
+        "card_id": None,
+        "device_id": None,
+        "ip": None,
+        "channel": "ecom",
+        "lat": None,
+        "lon": None,
+        "event_time": time.time(),
+        "stream_id": f"{int(time.time() * 1000)}-{i}",
+        "scored_at": time.time(),
+        "score": 0.93,
+        "decision": "decline" if i % 3 else "review",
+        "reasons": ["velocity_1h", "model:amount"],
+        "model_version": "bench",
+    }
 
 
 class Receiver:
@@ -53,8 +69,12 @@ class Receiver:
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self._log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(self.port), "--secret", SECRET],
-                                        stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.receiver", "--port", str(self.port), "--secret", SECRET],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
         if self.process.stdout.readline().strip() != "ready":
             raise ConsumerFailed(f"webhook receiver did not start; log {log_path}")
 
@@ -100,10 +120,16 @@ def bare_client(setup: Setup, n: int, concurrency: int = 64) -> dict:
         cpu_s = uvloop.run(send_all())
         times = np.array(sorted(receiver.stats()["arrivals"].values()))
         seconds = float(times[-1] - times[0])
-        return {"processes": 1, "alerts": n, "seconds": round(seconds, 3),
-                "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
-                "service_cpu_s": round(cpu_s, 2), "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
-                "receiver_cpu_s": None, "checks": {"exactly_once": len(times) == n}}
+        return {
+            "processes": 1,
+            "alerts": n,
+            "seconds": round(seconds, 3),
+            "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+            "service_cpu_s": round(cpu_s, 2),
+            "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
+            "receiver_cpu_s": None,
+            "checks": {"exactly_once": len(times) == n},
+        }
     finally:
         if receiver is not None:
             receiver.stop()
@@ -113,8 +139,7 @@ def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, labe
     config = setup.log_dir / f"{ns.name}.toml"
     secret = setup.log_dir / f"{ns.name}.secret"
     secret.write_text(SECRET)
-    config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\n'
-                      f'secret_file = "{secret}"\n')
+    config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nsecret_file = "{secret}"\n')
     command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes)]
     return Consumers(label, [command], ns, setup.log_dir / f"{ns.name}.log", supervised=True, count=processes)
 
@@ -136,8 +161,9 @@ def _wait_arrivals(receiver: Receiver, consumers: Consumers, expected: int, stal
         if count != last:
             progress_at, last = time.monotonic(), count
         elif time.monotonic() - progress_at > stall_s:
-            raise ConsumerFailed(f"{consumers.label}: {count}/{expected} delivered, no progress for {stall_s:.0f}s:\n"
-                                 f"{consumers.log_tail()}")
+            raise ConsumerFailed(
+                f"{consumers.label}: {count}/{expected} delivered, no progress for {stall_s:.0f}s:\n{consumers.log_tail()}"
+            )
         consumers.check_alive()
         time.sleep(0.1)
 
@@ -145,10 +171,16 @@ def _wait_arrivals(receiver: Receiver, consumers: Consumers, expected: int, stal
 def _checks(ns: Namespace, stats: dict, expected: int, exit_codes: list[int]) -> dict:
     rows = ns.sql("SELECT status, count(*), max(attempts) FROM alert_deliveries GROUP BY status")
     delivered = next((count for status, count, _a in rows if status == "delivered"), 0)
-    return {"expected": expected, "arrived": len(stats["arrivals"]), "repeats": stats["repeats"],
-            "bad_signatures": stats["bad_signatures"], "delivered_rows": delivered,
-            "statuses": {status: count for status, count, _a in rows}, "exit_codes": exit_codes,
-            "exactly_once": len(stats["arrivals"]) == expected == delivered and stats["bad_signatures"] == 0}
+    return {
+        "expected": expected,
+        "arrived": len(stats["arrivals"]),
+        "repeats": stats["repeats"],
+        "bad_signatures": stats["bad_signatures"],
+        "delivered_rows": delivered,
+        "statuses": {status: count for status, count, _a in rows},
+        "exit_codes": exit_codes,
+        "exactly_once": len(stats["arrivals"]) == expected == delivered and stats["bad_signatures"] == 0,
+    }
 
 
 def _cpu_s(consumers: Consumers) -> float:
@@ -172,11 +204,16 @@ def throughput(setup: Setup, n: int, processes: int) -> dict:
         consumers = None
         times = np.array(sorted(stats["arrivals"].values()))
         seconds = float(times[-1] - times[0])
-        return {"processes": processes, "alerts": n, "seconds": round(seconds, 3),
-                "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
-                "service_cpu_s": round(cpu_s, 2), "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
-                "receiver_cpu_s": round(receiver_cpu_s, 2),
-                "checks": _checks(ns, stats, n, exit_codes)}
+        return {
+            "processes": processes,
+            "alerts": n,
+            "seconds": round(seconds, 3),
+            "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+            "service_cpu_s": round(cpu_s, 2),
+            "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
+            "receiver_cpu_s": round(receiver_cpu_s, 2),
+            "checks": _checks(ns, stats, n, exit_codes),
+        }
     finally:
         if consumers is not None:
             consumers.stop(timeout=10)
@@ -210,10 +247,14 @@ def latency(setup: Setup, rate: float, seconds: float, warmup: float) -> dict:
         exit_codes = consumers.stop()
         consumers = None
         first_ms = min(entry_ms.values())
-        latencies = np.array([stats["arrivals"][k] - ms / 1000.0 for k, ms in entry_ms.items()
-                              if ms >= first_ms + warmup * 1000])
-        return {"target_rate": round(rate, 1), "sent": sent, "achieved_rate": round(sent / seconds, 1),
-                "latency_ms": report.distribution_ms(latencies), "checks": _checks(ns, stats, sent, exit_codes)}
+        latencies = np.array([stats["arrivals"][k] - ms / 1000.0 for k, ms in entry_ms.items() if ms >= first_ms + warmup * 1000])
+        return {
+            "target_rate": round(rate, 1),
+            "sent": sent,
+            "achieved_rate": round(sent / seconds, 1),
+            "latency_ms": report.distribution_ms(latencies),
+            "checks": _checks(ns, stats, sent, exit_codes),
+        }
     finally:
         if consumers is not None:
             consumers.stop(timeout=10)
@@ -238,23 +279,45 @@ def run(setup: Setup, n: int, process_counts: list[int], fraction: float, second
     for p, d in drains.items():
         setup.echo(f"    {p}: {d['alerts_per_s']:,.0f} alerts/s, {d['service_cpu_us_per_alert']} CPU-µs/alert")
     one = drains[str(process_counts[0])]["alerts_per_s"]
-    ratios = {f"{p}_over_bare_client": round(d["alerts_per_s"] / drains["bare client"]["alerts_per_s"], 3)
-              for p, d in drains.items() if p != "bare client"}
-    return {"alerts": n, "throughput": drains, "ratios": ratios, "fraction_of_max": fraction,
-            "latency": latency(setup, one * fraction, seconds, warmup)}
+    ratios = {
+        f"{p}_over_bare_client": round(d["alerts_per_s"] / drains["bare client"]["alerts_per_s"], 3)
+        for p, d in drains.items()
+        if p != "bare client"
+    }
+    return {
+        "alerts": n,
+        "throughput": drains,
+        "ratios": ratios,
+        "fraction_of_max": fraction,
+        "latency": latency(setup, one * fraction, seconds, warmup),
+    }
 
 
 def format_result(result: dict) -> str:
-    rows = [[p, f"{d['alerts']:,}", f"{d['alerts_per_s']:,.0f}", d["service_cpu_us_per_alert"], d["receiver_cpu_s"] or "-",
-             "yes" if d["checks"]["exactly_once"] else "NO"] for p, d in result["throughput"].items()]
+    rows = [
+        [
+            p,
+            f"{d['alerts']:,}",
+            f"{d['alerts_per_s']:,.0f}",
+            d["service_cpu_us_per_alert"],
+            d["receiver_cpu_s"] or "-",
+            "yes" if d["checks"]["exactly_once"] else "NO",
+        ]
+        for p, d in result["throughput"].items()
+    ]
     lat = result["latency"]
     q = lat["latency_ms"]
-    return "\n".join([
-        "", "alerts delivered to a local signed-webhook receiver (prefilled fraud stream)",
-        report.table(rows, ["sender (fraudd alerts --workers)", "alerts", "alerts/s", "CPU-µs/alert", "receiver CPU-s",
-                            "each once"]),
-        "ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()),
-        "", f"delivery latency at {result['fraction_of_max']:.0%} of the 1-process rate "
+    return "\n".join(
+        [
+            "",
+            "alerts delivered to a local signed-webhook receiver (prefilled fraud stream)",
+            report.table(
+                rows, ["sender (fraudd alerts --workers)", "alerts", "alerts/s", "CPU-µs/alert", "receiver CPU-s", "each once"]
+            ),
+            "ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()),
+            "",
+            f"delivery latency at {result['fraction_of_max']:.0%} of the 1-process rate "
             f"({lat['achieved_rate']:,.0f} alerts/s, {lat['sent']:,} sent), ms: p50 {q.get('p50')}, p95 {q.get('p95')}, "
             f"p99 {q.get('p99')}, max {q.get('max')}; each once: {'yes' if lat['checks']['exactly_once'] else 'NO'}",
-    ])
+        ]
+    )

@@ -42,15 +42,33 @@ def bare(consumer: str, batch_size: int, block_ms: int) -> None:
     client = redis.Redis.from_url(_env("REDIS_URL"), protocol=2)
     client.set_response_callback("XREADGROUP", lambda response, **options: response)
     while not _stopping:
-        reply = client.execute_command("XREADGROUP", "GROUP", group, consumer, "COUNT", batch_size,
-                                       "BLOCK", block_ms, "STREAMS", stream, ">")
+        reply = client.execute_command(
+            "XREADGROUP", "GROUP", group, consumer, "COUNT", batch_size, "BLOCK", block_ms, "STREAMS", stream, ">"
+        )
         if reply:
             client.execute_command("XACK", stream, group, *[entry_id for entry_id, _fields in reply[0][1]])
 
 
 # Message-only features, written out per message the way a tutorial would.
-_HIGH_RISK_MCC = {"4829", "5816", "5933", "5944", "5962", "5966", "5967", "6010", "6011", "6012", "6051",
-                  "6211", "6540", "7273", "7801", "7802", "7995"}
+_HIGH_RISK_MCC = {
+    "4829",
+    "5816",
+    "5933",
+    "5944",
+    "5962",
+    "5966",
+    "5967",
+    "6010",
+    "6011",
+    "6012",
+    "6051",
+    "6211",
+    "6540",
+    "7273",
+    "7801",
+    "7802",
+    "7995",
+}
 _CHANNELS = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 _INSERT = """INSERT INTO transactions (transaction_id, user_id, amount, currency, merchant, mcc, country,
     card_id, device_id, ip, channel, lat, lon, event_time, stream_id, score, decision, model_version)
@@ -82,8 +100,8 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
     while not _stopping:
         reply = client.xreadgroup(group, consumer, {stream: ">"}, count=batch_size, block=block_ms)
         # redis-py answers a map under RESP3 and a list of pairs under RESP2.
-        for _stream, messages in (reply.items() if isinstance(reply, dict) else reply or []):
-            for entry_id, fields in (messages[0] if messages and isinstance(messages[0], list) else messages):
+        for _stream, messages in reply.items() if isinstance(reply, dict) else reply or []:
+            for entry_id, fields in messages[0] if messages and isinstance(messages[0], list) else messages:
                 tx = orjson.loads(fields["data"])
                 row = np.zeros((1, len(FEATURE_NAMES)), dtype=np.float32)
                 row[0, 0] = math.log1p(tx["amount"])
@@ -95,12 +113,29 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
                 probabilities = session.run([output], {input_name: row})[0]
                 score = float(probabilities[0][-1])
                 decision = "decline" if score >= decline else "review" if score >= review else "approve"
-                conn.execute(_INSERT, (
-                    tx["transaction_id"], tx["user_id"], tx["amount"], tx.get("currency", "USD"), tx["merchant"],
-                    tx.get("mcc"), tx.get("country"), tx.get("card_id"), tx.get("device_id"), tx.get("ip"),
-                    tx.get("channel"), tx.get("lat"), tx.get("lon"),
-                    datetime.fromtimestamp(tx["timestamp"], tz=timezone.utc), entry_id, score, decision, version,
-                ))
+                conn.execute(
+                    _INSERT,
+                    (
+                        tx["transaction_id"],
+                        tx["user_id"],
+                        tx["amount"],
+                        tx.get("currency", "USD"),
+                        tx["merchant"],
+                        tx.get("mcc"),
+                        tx.get("country"),
+                        tx.get("card_id"),
+                        tx.get("device_id"),
+                        tx.get("ip"),
+                        tx.get("channel"),
+                        tx.get("lat"),
+                        tx.get("lon"),
+                        datetime.fromtimestamp(tx["timestamp"], tz=timezone.utc),
+                        entry_id,
+                        score,
+                        decision,
+                        version,
+                    ),
+                )
                 conn.commit()
                 client.xack(stream, group, entry_id)
 

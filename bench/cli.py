@@ -39,39 +39,58 @@ def _flag(args: list[str], name: str, env: str, default: str) -> str:
 
 
 def _common(function):
-    for decorator in reversed([
-        click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
-        click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
-        click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
-        click.option("--private-services", is_flag=True,
-                     help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
-                          "plus track_commit_timestamp) so other work on the machine cannot blur the figures."),
-        click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR,
-                     show_default=True, help="Where reports and logs go."),
-        click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
-    ]):
+    for decorator in reversed(
+        [
+            click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
+            click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
+            click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
+            click.option(
+                "--private-services",
+                is_flag=True,
+                help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
+                "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
+            ),
+            click.option(
+                "--out-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=report.OUT_DIR,
+                show_default=True,
+                help="Where reports and logs go.",
+            ),
+            click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
+        ]
+    ):
         function = decorator(function)
     return function
 
 
 @contextmanager
-def _setup(redis_url: str, postgres_url: str, private_services: bool, out_dir: Path,
-           fraudd_args: tuple[str, ...], cluster_masters: int = 0, cluster_replicas: int = 0) -> Iterator[Setup]:
+def _setup(
+    redis_url: str,
+    postgres_url: str,
+    private_services: bool,
+    out_dir: Path,
+    fraudd_args: tuple[str, ...],
+    cluster_masters: int = 0,
+    cluster_replicas: int = 0,
+) -> Iterator[Setup]:
     """The invocation's Setup, on the shared servers or on a private pair that lives as long as it;
     ``cluster_masters``: the private Redis is a cluster of that many masters, and ``fraudd run``
     is told so (``--redis-cluster``)."""
     if cluster_masters:
         fraudd_args = (*fraudd_args, "--redis-cluster") if "--redis-cluster" not in fraudd_args else fraudd_args
     if private_services or cluster_masters:
-        with services.private(redis_url, postgres_url, lambda line: click.echo(line, err=True),
-                              cluster_masters, cluster_replicas) as (r, p, settings):
+        with services.private(
+            redis_url, postgres_url, lambda line: click.echo(line, err=True), cluster_masters, cluster_replicas
+        ) as (r, p, settings):
             yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args, bool(cluster_masters))
     else:
         yield _make_setup(redis_url, postgres_url, {"private": False}, out_dir, fraudd_args)
 
 
-def _make_setup(redis_url: str, postgres_url: str, services_info: dict, out_dir: Path,
-                fraudd_args: tuple[str, ...], cluster: bool = False) -> Setup:
+def _make_setup(
+    redis_url: str, postgres_url: str, services_info: dict, out_dir: Path, fraudd_args: tuple[str, ...], cluster: bool = False
+) -> Setup:
     args = list(fraudd_args)
     model_path = _flag(args, "model-path", "ML_MODEL_PATH", str(DEFAULT_MODEL))
     if not Path(model_path).is_file():
@@ -125,20 +144,41 @@ def main() -> None:
 @click.option("-n", "--transactions", default=500_000, show_default=True, help="Prefilled transactions per drain.")
 @click.option("--naive-transactions", default=20_000, show_default=True, help="Transactions for the (slow) naive baseline.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
-@click.option("--redis-cluster-masters", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Run on a private Redis Cluster of this many masters (and a private PostgreSQL) with "
-                   "`fraudd run --redis-cluster`; pass --shards S > 1. The report gives each node's figures. "
-                   "The baselines read one stream on one Redis: they are left out.")
-@click.option("--redis-cluster-replicas", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Replicas per master of that cluster (their CPU is reported per node too).")
+@click.option(
+    "--redis-cluster-masters",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run on a private Redis Cluster of this many masters (and a private PostgreSQL) with "
+    "`fraudd run --redis-cluster`; pass --shards S > 1. The report gives each node's figures. "
+    "The baselines read one stream on one Redis: they are left out.",
+)
+@click.option(
+    "--redis-cluster-replicas",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Replicas per master of that cluster (their CPU is reported per node too).",
+)
 @_common
-def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, redis_cluster_masters: int,
-                   redis_cluster_replicas: int, redis_url: str, postgres_url: str, seed: int, private_services: bool,
-                   out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+def throughput_cmd(
+    transactions: int,
+    naive_transactions: int,
+    baselines: bool,
+    redis_cluster_masters: int,
+    redis_cluster_replicas: int,
+    redis_url: str,
+    postgres_url: str,
+    seed: int,
+    private_services: bool,
+    out_dir: Path,
+    fraudd_args: tuple[str, ...],
+) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters,
-                redis_cluster_replicas) as setup:
+    with _setup(
+        redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters, redis_cluster_replicas
+    ) as setup:
         chosen = throughput.BASELINES if baselines and not setup.cluster else ()
         result = throughput.run(setup, transactions, naive_transactions, seed, chosen)
         _finish("throughput", setup, started, result, format_throughput(result))
@@ -146,17 +186,36 @@ def throughput_cmd(transactions: int, naive_transactions: int, baselines: bool, 
 
 @main.command(context_settings=PASS_THROUGH)
 @click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fractions refer to.")
-@click.option("--from-report", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Take the maximum from this throughput report.")
-@click.option("--calibrate-transactions", default=200_000, show_default=True,
-              help="Without --max-rate or a matching report: drain this many to measure the maximum first.")
+@click.option(
+    "--from-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Take the maximum from this throughput report.",
+)
+@click.option(
+    "--calibrate-transactions",
+    default=200_000,
+    show_default=True,
+    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
+)
 @click.option("--rates", default="0.1,0.5,0.8", show_default=True, help="Offered loads, as fractions of the maximum.")
 @click.option("--seconds", default=20.0, show_default=True, help="Sending time per rate.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
 @_common
-def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_transactions: int, rates: str,
-                seconds: float, warmup: float, redis_url: str, postgres_url: str, seed: int, private_services: bool,
-                out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+def latency_cmd(
+    max_rate: float | None,
+    from_report: Path | None,
+    calibrate_transactions: int,
+    rates: str,
+    seconds: float,
+    warmup: float,
+    redis_url: str,
+    postgres_url: str,
+    seed: int,
+    private_services: bool,
+    out_dir: Path,
+    fraudd_args: tuple[str, ...],
+) -> None:
     """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
     started = time.time()
     fractions = [float(f) for f in rates.split(",")]
@@ -171,15 +230,34 @@ def latency_cmd(max_rate: float | None, from_report: Path | None, calibrate_tran
 @click.option("--minutes", default=10.0, show_default=True)
 @click.option("--fraction", default=0.5, show_default=True, help="Offered load as a fraction of the maximum.")
 @click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fraction refers to.")
-@click.option("--from-report", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Take the maximum from this throughput report.")
-@click.option("--calibrate-transactions", default=200_000, show_default=True,
-              help="Without --max-rate or a matching report: drain this many to measure the maximum first.")
+@click.option(
+    "--from-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Take the maximum from this throughput report.",
+)
+@click.option(
+    "--calibrate-transactions",
+    default=200_000,
+    show_default=True,
+    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
+)
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between samples.")
 @_common
-def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_report: Path | None,
-             calibrate_transactions: int, interval: float, redis_url: str, postgres_url: str, seed: int,
-             private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+def soak_cmd(
+    minutes: float,
+    fraction: float,
+    max_rate: float | None,
+    from_report: Path | None,
+    calibrate_transactions: int,
+    interval: float,
+    redis_url: str,
+    postgres_url: str,
+    seed: int,
+    private_services: bool,
+    out_dir: Path,
+    fraudd_args: tuple[str, ...],
+) -> None:
     """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
     started = time.time()
     with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
@@ -201,8 +279,18 @@ def soak_cmd(minutes: float, fraction: float, max_rate: float | None, from_repor
 @click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
 @click.option("--private-services", is_flag=True, help="Run on a private redis-server and PostgreSQL cluster.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
-def ingest_cmd(seconds: float, ingest_workers: int, connections: int, batch_items: int, fraction: float, score: bool,
-               redis_url: str, postgres_url: str, private_services: bool, out_dir: Path) -> None:
+def ingest_cmd(
+    seconds: float,
+    ingest_workers: int,
+    connections: int,
+    batch_items: int,
+    fraction: float,
+    score: bool,
+    redis_url: str,
+    postgres_url: str,
+    private_services: bool,
+    out_dir: Path,
+) -> None:
     """`fraudd ingest` under wrk: single and batch POSTs, latency at a fixed load, /v1/score with
     `fraudd run`, side by side with a bare XADD loop and a bare aiohttp server."""
     from bench import ingest
@@ -213,13 +301,18 @@ def ingest_cmd(seconds: float, ingest_workers: int, connections: int, batch_item
     log_dir.mkdir(parents=True, exist_ok=True)
 
     def measure(redis_url: str, postgres_url: str, services_info: dict) -> None:
-        result = ingest.run(redis_url, postgres_url, log_dir, seconds, ingest_workers, connections, batch_items,
-                            fraction, score, echo)
-        document = {"mode": "ingest", "command": ["python", "-m", "bench", *sys.argv[1:]], "services": services_info,
-                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                    "wall_seconds": round(time.time() - started, 1),
-                    "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
-                    "result": result}
+        result = ingest.run(
+            redis_url, postgres_url, log_dir, seconds, ingest_workers, connections, batch_items, fraction, score, echo
+        )
+        document = {
+            "mode": "ingest",
+            "command": ["python", "-m", "bench", *sys.argv[1:]],
+            "services": services_info,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_seconds": round(time.time() - started, 1),
+            "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+            "result": result,
+        }
         path = report.write(report.out_path(out_dir, "ingest"), document)
         click.echo(ingest.format_result(result))
         click.echo(f"\nreport: {path}")
@@ -234,12 +327,25 @@ def ingest_cmd(seconds: float, ingest_workers: int, connections: int, batch_item
 @main.command(context_settings=PASS_THROUGH)
 @click.option("-n", "--alerts", "n", default=20_000, show_default=True, help="Prefilled alerts per throughput run.")
 @click.option("--processes", default="1,2", show_default=True, help="fraudd alerts --workers of each throughput run.")
-@click.option("--fraction", default=0.5, show_default=True, help="Offered load of the latency run, as a fraction of the 1-process rate.")
+@click.option(
+    "--fraction", default=0.5, show_default=True, help="Offered load of the latency run, as a fraction of the 1-process rate."
+)
 @click.option("--seconds", default=20.0, show_default=True, help="Sending time of the latency run.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start left out of the latency quantiles.")
 @_common
-def alerts_cmd(n: int, processes: str, fraction: float, seconds: float, warmup: float, redis_url: str, postgres_url: str,
-               seed: int, private_services: bool, out_dir: Path, fraudd_args: tuple[str, ...]) -> None:
+def alerts_cmd(
+    n: int,
+    processes: str,
+    fraction: float,
+    seconds: float,
+    warmup: float,
+    redis_url: str,
+    postgres_url: str,
+    seed: int,
+    private_services: bool,
+    out_dir: Path,
+    fraudd_args: tuple[str, ...],
+) -> None:
     """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver; delivery latency at a fraction of it."""
     started = time.time()
     with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
@@ -278,32 +384,77 @@ def format_throughput(result: dict) -> str:
     for kind, d in drains.items():
         cpu = d["cpu_us_per_tx"]
         consumer = cpu.get("workers", cpu.get("consumers", 0.0)) + cpu.get("supervisor", 0.0)
-        ratio = "1.000" if kind == "fraudd" else f"{drains['fraudd']['rate_tx_per_s'] / d['rate_tx_per_s']:.3f}" if d["rate_tx_per_s"] else "-"
-        rows.append([kind, d["processes"], f"{d['transactions']:,}", f"{d['rate_tx_per_s']:,.0f}", ratio,
-                     _us(d["pipeline_cpu_us_per_tx"]), _us(consumer), _us(cpu["redis"]), _us(cpu.get("postgres")),
-                     _us(d["redis_info_cpu_us_per_tx"]), f"{d['machine_utilisation']:.0%}", f"{d['other_cpu_s']:.2f}"])
-    lines = ["", "throughput (prefilled stream, window = first ack .. drained)",
-             report.table(rows, ["consumer", "procs", "tx in window", "tx/s", "fraudd/x", "CPU-µs/tx", "consumer",
-                                 "redis", "postgres", "redis(INFO)", "machine busy", "other CPU-s"])]
+        ratio = (
+            "1.000"
+            if kind == "fraudd"
+            else f"{drains['fraudd']['rate_tx_per_s'] / d['rate_tx_per_s']:.3f}"
+            if d["rate_tx_per_s"]
+            else "-"
+        )
+        rows.append(
+            [
+                kind,
+                d["processes"],
+                f"{d['transactions']:,}",
+                f"{d['rate_tx_per_s']:,.0f}",
+                ratio,
+                _us(d["pipeline_cpu_us_per_tx"]),
+                _us(consumer),
+                _us(cpu["redis"]),
+                _us(cpu.get("postgres")),
+                _us(d["redis_info_cpu_us_per_tx"]),
+                f"{d['machine_utilisation']:.0%}",
+                f"{d['other_cpu_s']:.2f}",
+            ]
+        )
+    lines = [
+        "",
+        "throughput (prefilled stream, window = first ack .. drained)",
+        report.table(
+            rows,
+            [
+                "consumer",
+                "procs",
+                "tx in window",
+                "tx/s",
+                "fraudd/x",
+                "CPU-µs/tx",
+                "consumer",
+                "redis",
+                "postgres",
+                "redis(INFO)",
+                "machine busy",
+                "other CPU-s",
+            ],
+        ),
+    ]
     commands = drains["fraudd"]["redis_commands"]
     if commands:
         top = sorted(commands.items(), key=lambda item: -item[1]["usec"])[:8]
-        lines += ["", "fraudd's Redis time per transaction by command (script-internal commands are also inside "
-                      "evalsha/fcall):",
-                  "  " + ", ".join(f"{name} {c['us_per_tx']:.2f} µs" for name, c in top)]
+        lines += [
+            "",
+            "fraudd's Redis time per transaction by command (script-internal commands are also inside evalsha/fcall):",
+            "  " + ", ".join(f"{name} {c['us_per_tx']:.2f} µs" for name, c in top),
+        ]
     nodes = drains["fraudd"].get("redis_nodes")
     if nodes:
-        lines += ["", "fraudd's Redis per node (CPU of the redis-server process; \"own tx\": per transaction of the "
-                      "shards it serves; +fraud, +dlq: it serves those streams too; commandstats: top commands, µs/tx)",
-                  format_nodes(nodes)]
+        lines += [
+            "",
+            'fraudd\'s Redis per node (CPU of the redis-server process; "own tx": per transaction of the '
+            "shards it serves; +fraud, +dlq: it serves those streams too; commandstats: top commands, µs/tx)",
+            format_nodes(nodes),
+        ]
     c = result["checks"]
     if c:
-        lines += ["", f"checks: produced {c['produced']:,}, rows {c['rows']:,}, missing {c['missing']}, "
-                      f"duplicate rows {c['duplicate_rows']}, alerts {c['alerts']:,} for {c['flagged_rows']:,} flagged, "
-                      f"pending {c['pending_after_drain']}, exit {c['exit_codes']} -> "
-                      f"{'EXACTLY ONCE' if c['exactly_once'] else 'MISMATCH'}",
-                  f"fraud: recall {c['recall']}, precision {c['precision']} ({c['fraud_labelled']:,} labelled); "
-                  f"decisions {c['decisions']}; rate from scored_at {c['rate_from_scored_at']}"]
+        lines += [
+            "",
+            f"checks: produced {c['produced']:,}, rows {c['rows']:,}, missing {c['missing']}, "
+            f"duplicate rows {c['duplicate_rows']}, alerts {c['alerts']:,} for {c['flagged_rows']:,} flagged, "
+            f"pending {c['pending_after_drain']}, exit {c['exit_codes']} -> "
+            f"{'EXACTLY ONCE' if c['exactly_once'] else 'MISMATCH'}",
+            f"fraud: recall {c['recall']}, precision {c['precision']} ({c['fraud_labelled']:,} labelled); "
+            f"decisions {c['decisions']}; rate from scored_at {c['rate_from_scored_at']}",
+        ]
     if result["ratios"]:
         lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
     return "\n".join(lines)
@@ -315,44 +466,85 @@ def format_nodes(nodes: dict[str, dict]) -> str:
     for name, node in nodes.items():
         top = list(node["commands"].items())[:3]
         served = " ".join([",".join(map(str, node["shards"])), *(f"+{stream}" for stream in node["streams"])]).strip()
-        rows.append([name, node["role"], served or "-", f"{node['transactions']:,}",
-                     _us(node["cpu_us_per_tx"]), _us(node["cpu_us_per_own_tx"]), _us(node["info_cpu_us_per_tx"]),
-                     ", ".join(f"{command} {c['us_per_tx']:.2f}" for command, c in top) or "-",
-                     f"{node['keys']:,}", f"{node['used_memory_bytes'] / 2**20:.1f}"])
+        rows.append(
+            [
+                name,
+                node["role"],
+                served or "-",
+                f"{node['transactions']:,}",
+                _us(node["cpu_us_per_tx"]),
+                _us(node["cpu_us_per_own_tx"]),
+                _us(node["info_cpu_us_per_tx"]),
+                ", ".join(f"{command} {c['us_per_tx']:.2f}" for command, c in top) or "-",
+                f"{node['keys']:,}",
+                f"{node['used_memory_bytes'] / 2**20:.1f}",
+            ]
+        )
     total = lambda field: sum(node[field] for node in nodes.values())  # noqa: E731
-    rows.append(["total", "", "", f"{total('transactions'):,}", _us(total("cpu_us_per_tx")), "",
-                 _us(total("info_cpu_us_per_tx")), "", f"{total('keys'):,}",
-                 f"{total('used_memory_bytes') / 2**20:.1f}"])
-    return report.table(rows, ["node", "role", "shards", "tx", "CPU-µs/tx", "per own tx", "INFO µs/tx",
-                               "commandstats µs/tx", "keys", "MiB"])
+    rows.append(
+        [
+            "total",
+            "",
+            "",
+            f"{total('transactions'):,}",
+            _us(total("cpu_us_per_tx")),
+            "",
+            _us(total("info_cpu_us_per_tx")),
+            "",
+            f"{total('keys'):,}",
+            f"{total('used_memory_bytes') / 2**20:.1f}",
+        ]
+    )
+    return report.table(
+        rows, ["node", "role", "shards", "tx", "CPU-µs/tx", "per own tx", "INFO µs/tx", "commandstats µs/tx", "keys", "MiB"]
+    )
 
 
 def format_latency(result: dict) -> str:
     rows = []
     for p in result["phases"]:
         lat = p["latency_ms"]
-        rows.append([f"{p['fraction_of_max']:.0%}", f"{p['target_rate']:,.0f}", f"{p['sent']:,}",
-                     *[str(lat.get(q, "-")) for q in ("p50", "p95", "p99", "p99.9")],
-                     str(lat.get("max", lat.get("max_at_most", "-"))), f"{p['max_lag_entries']:,}",
-                     str(p["producer_lag_ms"].get("p99", "-")), _us(p["usage"]["pipeline_cpu_us_per_tx"])])
-    return "\n".join(["", f"latency, ms (source: {result['latency_source']}; max rate {result['max_rate']:,.0f} tx/s "
-                          f"from {result['max_rate_source']})",
-                      report.table(rows, ["load", "tx/s", "sent", "p50", "p95", "p99", "p99.9", "max", "max lag",
-                                          "producer lag p99", "CPU-µs/tx"])])
+        rows.append(
+            [
+                f"{p['fraction_of_max']:.0%}",
+                f"{p['target_rate']:,.0f}",
+                f"{p['sent']:,}",
+                *[str(lat.get(q, "-")) for q in ("p50", "p95", "p99", "p99.9")],
+                str(lat.get("max", lat.get("max_at_most", "-"))),
+                f"{p['max_lag_entries']:,}",
+                str(p["producer_lag_ms"].get("p99", "-")),
+                _us(p["usage"]["pipeline_cpu_us_per_tx"]),
+            ]
+        )
+    return "\n".join(
+        [
+            "",
+            f"latency, ms (source: {result['latency_source']}; max rate {result['max_rate']:,.0f} tx/s "
+            f"from {result['max_rate_source']})",
+            report.table(
+                rows, ["load", "tx/s", "sent", "p50", "p95", "p99", "p99.9", "max", "max lag", "producer lag p99", "CPU-µs/tx"]
+            ),
+        ]
+    )
 
 
 def format_soak(result: dict) -> str:
-    rows = [[f"worker {i}", w["first_window_mib"], w["last_window_mib"], w["growth_mib"], w["growth_pct"], w["max_mib"]]
-            for i, w in enumerate(result["worker_rss"])]
+    rows = [
+        [f"worker {i}", w["first_window_mib"], w["last_window_mib"], w["growth_mib"], w["growth_pct"], w["max_mib"]]
+        for i, w in enumerate(result["worker_rss"])
+    ]
     for name in ("supervisor_rss", "redis_used_memory"):
         g = result[name]
         rows.append([name, g["first_window_mib"], g["last_window_mib"], g["growth_mib"], g["growth_pct"], g["max_mib"]])
-    return "\n".join([
-        "", f"soak: {result['sent']:,} tx at {result['achieved_rate']:,.0f} tx/s ({result['fraction_of_max']:.0%} of "
+    return "\n".join(
+        [
+            "",
+            f"soak: {result['sent']:,} tx at {result['achieved_rate']:,.0f} tx/s ({result['fraction_of_max']:.0%} of "
             f"{result['max_rate']:,.0f}) for {result['seconds']:g}s; windows of {result['growth_window_s']:g}s",
-        report.table(rows, ["memory (MiB)", "first", "last", "growth", "growth %", "max"]),
-        f"max lag {result['max_lag_entries']:,}, max pending {result['max_pending_entries']:,}, drained "
-        f"{result['drained_s_after_last_send']}s after the last send; rows {result['rows']:,}, "
-        f"{'exactly once' if result['exactly_once'] else 'MISMATCH'}; "
-        f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
-    ])
+            report.table(rows, ["memory (MiB)", "first", "last", "growth", "growth %", "max"]),
+            f"max lag {result['max_lag_entries']:,}, max pending {result['max_pending_entries']:,}, drained "
+            f"{result['drained_s_after_last_send']}s after the last send; rows {result['rows']:,}, "
+            f"{'exactly once' if result['exactly_once'] else 'MISMATCH'}; "
+            f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
+        ]
+    )

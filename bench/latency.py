@@ -151,7 +151,6 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
         tear_down(client, ns, producer, consumers, record_path)
 
 
-
 def run(setup: Setup, max_rate: float, fractions: list[float], seconds: float, warmup: float, seed: int) -> dict:
     exact = commit_timestamps_on(setup.postgres_url)
     if not exact:
@@ -164,5 +163,4 @@ def run(setup: Setup, max_rate: float, fractions: list[float], seconds: float, w
         lat = result["latency_ms"]
         setup.echo(f"    p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, max lag {result['max_lag_entries']}")
         phases.append(result)
-    return {"max_rate": max_rate, "latency_source": "commit_timestamp" if exact else "worker_histogram",
-            "phases": phases}
+    return {"max_rate": max_rate, "latency_source": "commit_timestamp" if exact else "worker_histogram", "phases": phases}

@@ -96,8 +96,16 @@ def main(redis_url: str, stream: str, rate: float, seconds: float, seed: int, sh
         if pause > 0:
             time.sleep(pause)
     cpu = os.times()
-    np.savez(out, cpu_s=cpu.user + cpu.system, t0=t0_wall, rate=rate, first=np.asarray(first_due, dtype=np.int64),
-             sent_at=np.asarray(sent_at), count=np.asarray(counts, dtype=np.int64), sent=sent)
+    np.savez(
+        out,
+        cpu_s=cpu.user + cpu.system,
+        t0=t0_wall,
+        rate=rate,
+        first=np.asarray(first_due, dtype=np.int64),
+        sent_at=np.asarray(sent_at),
+        count=np.asarray(counts, dtype=np.int64),
+        sent=sent,
+    )
     sys.exit(0)
 
 

@@ -47,8 +47,7 @@ def main(port: int, secret: str) -> None:
     app.router.add_post("/hook", hook)
     app.router.add_get("/stats", stats)
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda line: print("ready", flush=True),
-                backlog=1024)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda line: print("ready", flush=True), backlog=1024)
 
 
 if __name__ == "__main__":

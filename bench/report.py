@@ -69,10 +69,15 @@ def histogram_quantiles_ms(bounds: list[float], counts: list[float]) -> dict:
 
 def machine(client: redis.Redis, postgres_url: str) -> dict:
     """What the figures were measured on: hardware, versions, and the settings that move them."""
-    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
     packages = {}
     for name in PACKAGES:
         try:
@@ -83,9 +88,12 @@ def machine(client: redis.Redis, postgres_url: str) -> dict:
     persistence = client.info("persistence")
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         pg_version = conn.execute("SHOW server_version").fetchone()[0]
-        pg_settings = dict(conn.execute(
-            "SELECT name, setting FROM pg_settings WHERE name IN ('synchronous_commit', 'fsync', "
-            "'track_commit_timestamp', 'shared_buffers', 'wal_level', 'max_wal_size')").fetchall())
+        pg_settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('synchronous_commit', 'fsync', "
+                "'track_commit_timestamp', 'shared_buffers', 'wal_level', 'max_wal_size')"
+            ).fetchall()
+        )
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model,

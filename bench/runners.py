@@ -89,8 +89,9 @@ def group_state(client: redis.Redis, ns: Namespace) -> GroupState:
 class Consumers:
     """Processes consuming the namespace's stream; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, label: str, commands: list[list[str]], ns: Namespace, log_path: Path,
-                 supervised: bool, count: int) -> None:
+    def __init__(
+        self, label: str, commands: list[list[str]], ns: Namespace, log_path: Path, supervised: bool, count: int
+    ) -> None:
         self.label = label
         self.supervised = supervised
         self.count = count  # consumers in the group once all are up (fraudd: its workers)
@@ -107,12 +108,21 @@ class Consumers:
         return cls("fraudd", [[*FRAUDD, "run", *args]], ns, log_path, supervised=True, count=workers)
 
     @classmethod
-    def baseline(cls, kind: str, ns: Namespace, processes: int, batch_size: int, log_path: Path,
-                 model_path: str | None = None) -> Consumers:
+    def baseline(
+        cls, kind: str, ns: Namespace, processes: int, batch_size: int, log_path: Path, model_path: str | None = None
+    ) -> Consumers:
         commands = []
         for i in range(processes):
-            command = [sys.executable, "-m", "bench.baselines", kind, "--consumer", f"{ns.consumer_id}-{i}",
-                       "--batch-size", str(batch_size)]
+            command = [
+                sys.executable,
+                "-m",
+                "bench.baselines",
+                kind,
+                "--consumer",
+                f"{ns.consumer_id}-{i}",
+                "--batch-size",
+                str(batch_size),
+            ]
             if model_path:
                 command += ["--model-path", model_path]
             commands.append(command)
@@ -131,8 +141,7 @@ class Consumers:
     def check_alive(self) -> None:
         for process in self.processes:
             if process.poll() is not None:
-                raise ConsumerFailed(f"{self.label} exited with {process.returncode}; log {self.log_path}:\n"
-                                     f"{self.log_tail()}")
+                raise ConsumerFailed(f"{self.label} exited with {process.returncode}; log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         self._log.flush()
@@ -166,10 +175,28 @@ class Consumers:
 def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record: Path) -> tuple[subprocess.Popen, float]:
     """Start ``bench.producer`` on the namespace's stream; returns it and its clock's start (epoch s)."""
     producer = subprocess.Popen(
-        [sys.executable, "-m", "bench.producer", "--redis-url", ns.redis_url, "--stream", ns.stream,
-         "--rate", repr(rate), "--seconds", repr(seconds), "--seed", str(seed), "--shards", str(ns.shards),
-         "--out", str(record)],
-        stdout=subprocess.PIPE, text=True, env=ns.env(),
+        [
+            sys.executable,
+            "-m",
+            "bench.producer",
+            "--redis-url",
+            ns.redis_url,
+            "--stream",
+            ns.stream,
+            "--rate",
+            repr(rate),
+            "--seconds",
+            repr(seconds),
+            "--seed",
+            str(seed),
+            "--shards",
+            str(ns.shards),
+            "--out",
+            str(record),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ns.env(),
     )
     line = producer.stdout.readline()
     if not line.startswith("started "):
@@ -178,8 +205,9 @@ def start_producer(ns: Namespace, rate: float, seconds: float, seed: int, record
     return producer, float(line.split()[1])
 
 
-def tear_down(client: redis.Redis, ns: Namespace, producer: subprocess.Popen | None, consumers: Consumers | None,
-              record_path: Path) -> None:
+def tear_down(
+    client: redis.Redis, ns: Namespace, producer: subprocess.Popen | None, consumers: Consumers | None, record_path: Path
+) -> None:
     """Stop whatever a paced run started and remove its namespace, however far it got."""
     if producer is not None and producer.poll() is None:
         producer.terminate()
@@ -190,8 +218,14 @@ def tear_down(client: redis.Redis, ns: Namespace, producer: subprocess.Popen | N
     ns.drop(client)
 
 
-def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
-                 stall_timeout: float = 60.0, on_poll: Callable[[GroupState], float | None] | None = None) -> GroupState:
+def wait_drained(
+    client: redis.Redis,
+    ns: Namespace,
+    consumers: Consumers,
+    expected: int,
+    stall_timeout: float = 60.0,
+    on_poll: Callable[[GroupState], float | None] | None = None,
+) -> GroupState:
     """Poll until all ``expected`` entries are acked; fail if progress stops or a consumer dies.
 
     ``on_poll`` sees every state and may return the pause before the next poll.
@@ -206,8 +240,10 @@ def wait_drained(client: redis.Redis, ns: Namespace, consumers: Consumers, expec
         if state.acked != last_acked:
             progress_at, last_acked = now, state.acked
         elif now - progress_at > stall_timeout:
-            raise ConsumerFailed(f"{consumers.label}: no progress for {stall_timeout:.0f}s at {state}; "
-                                 f"log {consumers.log_path}:\n{consumers.log_tail()}")
+            raise ConsumerFailed(
+                f"{consumers.label}: no progress for {stall_timeout:.0f}s at {state}; "
+                f"log {consumers.log_path}:\n{consumers.log_tail()}"
+            )
         consumers.check_alive()
         time.sleep(POLL_S if pause is None else pause)
 
@@ -224,12 +260,17 @@ class Drain:
     usage: Usage
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "namespace": self.namespace, "processes": self.processes, "transactions": self.transactions,
-                "rate_tx_per_s": round(self.rate, 1), **self.usage.as_dict()}
+        return {
+            "label": self.label,
+            "namespace": self.namespace,
+            "processes": self.processes,
+            "transactions": self.transactions,
+            "rate_tx_per_s": round(self.rate, 1),
+            **self.usage.as_dict(),
+        }
 
 
-def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int,
-                  stall_timeout: float = 60.0) -> Drain:
+def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expected: int, stall_timeout: float = 60.0) -> Drain:
     """Time ``consumers`` draining ``expected`` prefilled entries, CPU included.
 
     The window opens at the first poll that sees an ack with every consumer up (start-up, model
@@ -256,5 +297,11 @@ def measure_drain(client: redis.Redis, ns: Namespace, consumers: Consumers, expe
     seconds = time.monotonic() - at
     last = probe.snapshot()
     moved = state.acked - acked
-    return Drain(consumers.label, ns.name, consumers.count, moved, moved / seconds if seconds > 0 else 0.0,
-                 usage(first, last, moved, seconds))
+    return Drain(
+        consumers.label,
+        ns.name,
+        consumers.count,
+        moved,
+        moved / seconds if seconds > 0 else 0.0,
+        usage(first, last, moved, seconds),
+    )

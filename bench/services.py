@@ -24,14 +24,27 @@ import redis
 from fraudd.localservers import PostgresServer, RedisClusterServers, RedisServer, scratch_dir
 
 REDIS_SETTINGS = ("appendonly", "appendfsync", "save", "hz", "io-threads")
-PG_SETTINGS = ("shared_buffers", "fsync", "synchronous_commit", "full_page_writes", "wal_level", "max_wal_size",
-               "min_wal_size", "checkpoint_timeout", "wal_buffers", "work_mem", "autovacuum", "max_connections",
-               "TimeZone")
+PG_SETTINGS = (
+    "shared_buffers",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_level",
+    "max_wal_size",
+    "min_wal_size",
+    "checkpoint_timeout",
+    "wal_buffers",
+    "work_mem",
+    "autovacuum",
+    "max_connections",
+    "TimeZone",
+)
 
 
 @contextmanager
-def private(shared_redis_url: str, shared_postgres_url: str, echo, cluster_masters: int = 0,
-            cluster_replicas: int = 0) -> Iterator[tuple[str, str, dict]]:
+def private(
+    shared_redis_url: str, shared_postgres_url: str, echo, cluster_masters: int = 0, cluster_replicas: int = 0
+) -> Iterator[tuple[str, str, dict]]:
     """(redis URL, PostgreSQL URL, settings used) of a fresh private pair, torn down on exit; the
     URL lists every node, comma-separated, when the Redis is a cluster."""
     shared = redis.Redis.from_url(shared_redis_url, decode_responses=True)
@@ -43,8 +56,7 @@ def private(shared_redis_url: str, shared_postgres_url: str, echo, cluster_maste
     directory = scratch_dir("fraudd-bench-")
     (directory / "pg").mkdir()
     if cluster_masters:
-        redis_server = RedisClusterServers(directory, cluster_masters, cluster_replicas, persistent=False,
-                                           config=redis_settings)
+        redis_server = RedisClusterServers(directory, cluster_masters, cluster_replicas, persistent=False, config=redis_settings)
         described = f"redis cluster of {cluster_masters} masters x {cluster_replicas} replicas"
         settings = {"redis": redis_settings, "redis_cluster": {"masters": cluster_masters, "replicas": cluster_replicas}}
     else:

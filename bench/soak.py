@@ -35,14 +35,18 @@ def _trim(client: redis.Redis, ns: Namespace) -> None:
 def _growth(times: np.ndarray, values: np.ndarray, window: float) -> dict:
     first = values[times <= times[0] + window]
     last = values[times >= times[-1] - window]
-    return {"first_window_mib": round(float(first.mean()) / MIB, 2), "last_window_mib": round(float(last.mean()) / MIB, 2),
-            "growth_mib": round(float(last.mean() - first.mean()) / MIB, 2),
-            "growth_pct": round(float(last.mean() / first.mean() - 1.0) * 100.0, 2) if first.mean() else None,
-            "max_mib": round(float(values.max()) / MIB, 2)}
+    return {
+        "first_window_mib": round(float(first.mean()) / MIB, 2),
+        "last_window_mib": round(float(last.mean()) / MIB, 2),
+        "growth_mib": round(float(last.mean() - first.mean()) / MIB, 2),
+        "growth_pct": round(float(last.mean() / first.mean() - 1.0) * 100.0, 2) if first.mean() else None,
+        "max_mib": round(float(values.max()) / MIB, 2),
+    }
 
 
-def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: float, seed: int,
-        stall_timeout: float = 120.0) -> dict:
+def run(
+    setup: Setup, rate: float, fraction: float, seconds: float, interval: float, seed: int, stall_timeout: float = 120.0
+) -> dict:
     client = setup.client
     ns = Namespace.fresh("soak", setup.redis_url, setup.postgres_url)
     consumers = producer = None
@@ -64,14 +68,16 @@ def run(setup: Setup, rate: float, fraction: float, seconds: float, interval: fl
                 workers = consumers.worker_pids()
                 workers_seen.update(workers)
                 state = group_state(client, ns)
-                samples.append({
-                    "t": round(time.time() - t0, 2),
-                    "worker_rss": [procstat.rss_bytes(pid) or 0 for pid in sorted(workers)],
-                    "supervisor_rss": procstat.rss_bytes(consumers.pids[0]) or 0,
-                    "lag": state.lag,
-                    "pending": state.pending,
-                    "redis_used_memory": int(client.info("memory")["used_memory"]),
-                })
+                samples.append(
+                    {
+                        "t": round(time.time() - t0, 2),
+                        "worker_rss": [procstat.rss_bytes(pid) or 0 for pid in sorted(workers)],
+                        "supervisor_rss": procstat.rss_bytes(consumers.pids[0]) or 0,
+                        "lag": state.lag,
+                        "pending": state.pending,
+                        "redis_used_memory": int(client.info("memory")["used_memory"]),
+                    }
+                )
                 _trim(client, ns)
                 next_sample += interval
             time.sleep(0.05)

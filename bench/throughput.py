@@ -62,8 +62,9 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
         if kind == "fraudd":
             consumers = Consumers.fraudd(ns, setup.fraudd_args, setup.workers, log_path)
         else:
-            consumers = Consumers.baseline(kind, ns, setup.workers, setup.batch_size, log_path,
-                                           setup.model_path if kind == "naive" else None)
+            consumers = Consumers.baseline(
+                kind, ns, setup.workers, setup.batch_size, log_path, setup.model_path if kind == "naive" else None
+            )
         drain = measure_drain(client, ns, consumers, n)
         exit_codes = consumers.stop()
         consumers = None
@@ -91,8 +92,9 @@ def shard_placement(client: redis.Redis | RedisCluster, ns: Namespace) -> dict[s
     return placement
 
 
-def nodes_report(client: redis.Redis | RedisCluster, ns: Namespace, drain: Drain,
-                 placement: dict[str, dict[int, int]], n: int) -> dict[str, dict]:
+def nodes_report(
+    client: redis.Redis | RedisCluster, ns: Namespace, drain: Drain, placement: dict[str, dict[int, int]], n: int
+) -> dict[str, dict]:
     """Each node's drain figures with its role, shards, share of the transactions, CPU per transaction
     of its own shards, the unsharded streams it serves (every shard's alerts and dead letters go
     there), and keys and memory now (before the namespace is dropped)."""
@@ -145,7 +147,9 @@ def check_output(client: redis.Redis, ns: Namespace, traffic: Traffic, n: int, e
         "dead_letters": client.xlen(ns.dlq_stream),
         "pending_after_drain": pending,
         "exit_codes": exit_codes,
-        "exactly_once": len(stored) == len(distinct) == n and distinct == produced_set and alerts == len(flagged)
+        "exactly_once": len(stored) == len(distinct) == n
+        and distinct == produced_set
+        and alerts == len(flagged)
         and pending == 0,
         "decisions": dict(ns.sql("SELECT decision, count(*) FROM transactions GROUP BY 1")),
         "fraud_labelled": len(fraud_ids),
@@ -171,7 +175,16 @@ def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...
         checks = kind_checks or checks
         setup.echo(f"    {drain.rate:,.0f} tx/s, {drain.usage.pipeline_cpu_us_per_tx:.1f} CPU-µs/tx")
     fraudd_rate = drains["fraudd"]["rate_tx_per_s"]
-    ratios = {f"fraudd_over_{k}": round(fraudd_rate / drains[k]["rate_tx_per_s"], 3)
-              for k in baselines if drains[k]["rate_tx_per_s"] > 0}
-    return {"transactions": n, "naive_transactions": naive_n if "naive" in baselines else 0, "seed": seed,
-            "drains": drains, "ratios": ratios, "checks": checks}
+    ratios = {
+        f"fraudd_over_{k}": round(fraudd_rate / drains[k]["rate_tx_per_s"], 3)
+        for k in baselines
+        if drains[k]["rate_tx_per_s"] > 0
+    }
+    return {
+        "transactions": n,
+        "naive_transactions": naive_n if "naive" in baselines else 0,
+        "seed": seed,
+        "drains": drains,
+        "ratios": ratios,
+        "checks": checks,
+    }

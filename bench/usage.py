@@ -68,7 +68,8 @@ class Usage:
             "pipeline_cpu_us_per_tx": round(self.pipeline_cpu_us_per_tx, 2),
             "machine_busy_s": round(self.machine_busy_s, 3),
             "machine_utilisation": round(self.machine_busy_s / (self.seconds * (os.cpu_count() or 1)), 3)
-            if self.seconds > 0 else 0.0,
+            if self.seconds > 0
+            else 0.0,
             "other_cpu_s": round(self.other_cpu_s, 3),
             "redis_info_cpu_us_per_tx": round(self.redis_info_cpu_us_per_tx, 2),
             "redis_commands": self.redis_commands,
@@ -87,8 +88,14 @@ class Probe:
     from its workers' (the workers' time includes those the supervisor reaped).
     """
 
-    def __init__(self, client: redis.Redis | RedisCluster, postgres_url: str, consumer_roots: list[int],
-                 supervised: bool, producer: int | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        postgres_url: str,
+        consumer_roots: list[int],
+        supervised: bool,
+        producer: int | None = None,
+    ) -> None:
         self._nodes = redis_nodes(client)
         self._postmaster = postmaster_pid(postgres_url)
         self._roots = consumer_roots
@@ -128,8 +135,11 @@ class Probe:
         return NodeSnapshot(
             cpu_s=None if pid is None else procstat.total_cpu_s(p for p in procs if p.pid == pid),
             info_cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
-            commands={key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
-                      for key, value in info.items() if key.startswith("cmdstat_")},
+            commands={
+                key.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+                for key, value in info.items()
+                if key.startswith("cmdstat_")
+            },
         )
 
 
@@ -142,8 +152,13 @@ def redis_nodes(client: redis.Redis | RedisCluster) -> dict[str, redis.Redis]:
     # CLUSTER NODES rather than the client's slot map: Redis leaves a replica out of CLUSTER SLOTS
     # until it has replicated something.
     described = client.cluster_nodes()
-    order = sorted(described, key=lambda address: ("master" not in described[address]["flags"],
-                                                   int(described[address]["slots"][0][0]) if described[address]["slots"] else 0))
+    order = sorted(
+        described,
+        key=lambda address: (
+            "master" not in described[address]["flags"],
+            int(described[address]["slots"][0][0]) if described[address]["slots"] else 0,
+        ),
+    )
     nodes = {}
     for address in order:
         host, port = address.rsplit(":", 1)
@@ -167,8 +182,7 @@ def _commands(first: dict[str, tuple[int, int]], last: dict[str, tuple[int, int]
     for name, (calls, usec) in last.items():
         calls0, usec0 = first.get(name, (0, 0))
         if calls > calls0:
-            commands[name] = {"calls": calls - calls0, "usec": usec - usec0,
-                              "us_per_tx": round((usec - usec0) * per_tx / 1e6, 3)}
+            commands[name] = {"calls": calls - calls0, "usec": usec - usec0, "us_per_tx": round((usec - usec0) * per_tx / 1e6, 3)}
     return dict(sorted(commands.items(), key=lambda item: -item[1]["usec"]))
 
 
@@ -198,8 +212,8 @@ def usage(first: Snapshot, last: Snapshot, transactions: int, seconds: float) ->
         pipeline_cpu_us_per_tx=sum(v for k, v in cpu.items() if k in PIPELINE) * per_tx,
         machine_busy_s=machine,
         other_cpu_s=machine - sum(cpu.values()),
-        redis_info_cpu_us_per_tx=sum(last.redis_nodes[n].info_cpu_s - first.redis_nodes[n].info_cpu_s
-                                     for n in last.redis_nodes) * per_tx,
+        redis_info_cpu_us_per_tx=sum(last.redis_nodes[n].info_cpu_s - first.redis_nodes[n].info_cpu_s for n in last.redis_nodes)
+        * per_tx,
         redis_commands=_commands({}, totals, per_tx),
         redis_nodes=nodes,
     )

@@ -113,10 +113,24 @@ def alerts(**params) -> None:
 
 @main.command()
 @settings_options
-@click.option("--compress-after-days", envvar="FRAUDD_COMPRESS_AFTER_DAYS", default=7, show_default=True, show_envvar=True,
-              type=click.IntRange(min=0), help="TimescaleDB: compress chunks older than this (0: no compression policy).")
-@click.option("--retention-days", envvar="FRAUDD_RETENTION_DAYS", default=0, show_default=True, show_envvar=True,
-              type=click.IntRange(min=0), help="TimescaleDB: drop chunks older than this (0: keep every row).")
+@click.option(
+    "--compress-after-days",
+    envvar="FRAUDD_COMPRESS_AFTER_DAYS",
+    default=7,
+    show_default=True,
+    show_envvar=True,
+    type=click.IntRange(min=0),
+    help="TimescaleDB: compress chunks older than this (0: no compression policy).",
+)
+@click.option(
+    "--retention-days",
+    envvar="FRAUDD_RETENTION_DAYS",
+    default=0,
+    show_default=True,
+    show_envvar=True,
+    type=click.IntRange(min=0),
+    help="TimescaleDB: drop chunks older than this (0: keep every row).",
+)
 def migrate(compress_after_days: int, retention_days: int, **params) -> None:
     """Apply pending schema migrations, set up TimescaleDB where loaded, create the coming days' partitions (idempotent)."""
     from .schema import MigrationError
@@ -142,10 +156,13 @@ def check_thresholds(settings: Settings) -> None:
     if settings.thresholds is None:
         return
     if settings.review_threshold is not None or settings.decline_threshold is not None:
-        raise ConfigError("--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold")
+        raise ConfigError(
+            "--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold"
+        )
     try:
-        thresholds.load(settings.thresholds).check_model(FraudModel.load(settings.model_path, FEATURE_NAMES).version,
-                                                         settings.thresholds)
+        thresholds.load(settings.thresholds).check_model(
+            FraudModel.load(settings.model_path, FEATURE_NAMES).version, settings.thresholds
+        )
     except thresholds.ThresholdsError as exc:
         raise ConfigError(f"--thresholds / FRAUDD_THRESHOLDS: {exc}") from None
     except ModelError as exc:
@@ -230,7 +247,9 @@ def _connect_postgres(settings: Settings) -> psycopg.Connection:
         return connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True)
     except psycopg.Error as exc:
         reason = " ".join(str(exc).split())
-        raise ConfigError(f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}") from None
+        raise ConfigError(
+            f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}"
+        ) from None
 
 
 def _redact(url: str) -> str:
@@ -274,23 +293,30 @@ def status(**params) -> None:
         state = combined(states)
         click.echo(f"redis      up    {_redact(settings.redis_url)}")
         shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
-        click.echo(f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
-                   f"oldest pending {state.oldest_pending_age_s:.1f}s")
+        click.echo(
+            f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
+            f"oldest pending {state.oldest_pending_age_s:.1f}s"
+        )
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:
             # One GET per shard: the leases live in as many slots (nodes, on a cluster).
-            leases = [client.get(Keys(stream, settings.fraud_stream, settings.dlq_stream).lease)
-                      for stream in settings.input_streams]
+            leases = [
+                client.get(Keys(stream, settings.fraud_stream, settings.dlq_stream).lease) for stream in settings.input_streams
+            ]
             owners = Counter(lease.split(":", 1)[1] for lease in leases if lease)
-            click.echo(f"shards     {settings.shards}: {sum(owners.values())} owned, "
-                       + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner"))
+            click.echo(
+                f"shards     {settings.shards}: {sum(owners.values())} owned, "
+                + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner")
+            )
         click.echo(f"dlq        {client.xlen(settings.dlq_stream)} entries in {settings.dlq_stream}")
         memory = redis_memory(client)
         rates = _input_rates(client, settings.input_streams)
         click.echo(f"memory     {memory.describe()}")
-        click.echo(f"           input {sum(rates):,.0f} tx/s over the last second: dedup markers for the "
-                   f"{settings.dedup_window_s} s window need ≈ {_marker_need(sum(rates), settings.dedup_window_s, memory)}")
+        click.echo(
+            f"           input {sum(rates):,.0f} tx/s over the last second: dedup markers for the "
+            f"{settings.dedup_window_s} s window need ≈ {_marker_need(sum(rates), settings.dedup_window_s, memory)}"
+        )
         if isinstance(client, RedisCluster):
             _echo_nodes(client, settings, states, rates)
         # A full Redis refuses a write whose arguments do not fit, so INFO may still show a little room.
@@ -326,9 +352,11 @@ def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupStat
         shards = served.get(name, [])
         rate = sum(rates[k] for k in shards)
         others = "".join(f", {stream}" for stream in single.get(name, []))
-        click.echo(f"node       {name}: shards {' '.join(map(str, shards)) or 'none'}{others}: "
-                   f"lag {sum(states[k].lag for k in shards)}, pending {sum(states[k].pending for k in shards)}, "
-                   f"input {rate:,.0f} tx/s")
+        click.echo(
+            f"node       {name}: shards {' '.join(map(str, shards)) or 'none'}{others}: "
+            f"lag {sum(states[k].lag for k in shards)}, pending {sum(states[k].pending for k in shards)}, "
+            f"input {rate:,.0f} tx/s"
+        )
         click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, settings.dedup_window_s, memory)}")
 
 
@@ -339,8 +367,9 @@ def _marker_need(rate: float, window_s: int, memory: RedisMemory) -> str:
     need = projected_marker_bytes(rate, window_s)
     if not memory.maximum:
         return f"{need / 2**20:,.1f} MiB"
-    return f"{need / 2**20:,.1f} MiB" + (" (more than maxmemory)" if need > memory.maximum else
-                                         f" ({need / memory.maximum:.0%} of maxmemory)")
+    return f"{need / 2**20:,.1f} MiB" + (
+        " (more than maxmemory)" if need > memory.maximum else f" ({need / memory.maximum:.0%} of maxmemory)"
+    )
 
 
 def _input_rates(client: redis.Redis | RedisCluster, streams: list[str], sample_s: float = 1.0) -> list[float]:
@@ -350,8 +379,9 @@ def _input_rates(client: redis.Redis | RedisCluster, streams: list[str], sample_
         pipe = client.pipeline(transaction=False)
         for stream in streams:
             pipe.xinfo_stream(stream)
-        return [0 if isinstance(info, redis.ResponseError) else info["entries-added"]
-                for info in pipe.execute(raise_on_error=False)]
+        return [
+            0 if isinstance(info, redis.ResponseError) else info["entries-added"] for info in pipe.execute(raise_on_error=False)
+        ]
 
     before = added()
     time.sleep(sample_s)
@@ -369,8 +399,9 @@ def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
     return redis_client(settings.redis_url, settings.redis_cluster)
 
 
-def _dlq_selection(client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None,
-                   select_all: bool) -> list[tuple[str, dict]]:
+def _dlq_selection(
+    client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
+) -> list[tuple[str, dict]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")
     if entry_ids:
@@ -397,8 +428,10 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
             continue
         preview = text.get("data", b"")[:80].decode("utf-8", "replace")
         source = b" ".join(text[name] for name in ("source_stream", "source_id") if name in text).decode()
-        click.echo(f"{entry_id.decode()}  {text.get('reason', b'').decode():<20} source {source:<16} "
-                   f"deliveries {text.get('deliveries', b'?').decode():>2}  {text.get('detail', b'').decode()[:60]}  {preview!r}")
+        click.echo(
+            f"{entry_id.decode()}  {text.get('reason', b'').decode():<20} source {source:<16} "
+            f"deliveries {text.get('deliveries', b'?').decode():>2}  {text.get('detail', b'').decode()[:60]}  {preview!r}"
+        )
         shown += 1
         if shown >= count:
             break
@@ -426,10 +459,16 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
     inputs = {stream.encode() for stream in settings.input_streams}
     # Letters naming no stream were written by the scoring workers before letters named theirs.
-    transactions = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()
-                    and f.get(b"source_stream", settings.stream.encode()) in inputs]
-    others = [(i, f) for i, f in selected if f.get(b"reason") != REASON_UNDELIVERABLE.encode()
-              and f.get(b"source_stream", settings.stream.encode()) not in inputs]
+    transactions = [
+        (i, f)
+        for i, f in selected
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) in inputs
+    ]
+    others = [
+        (i, f)
+        for i, f in selected
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) not in inputs
+    ]
     if transactions:
         Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
     if others:
@@ -443,9 +482,11 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
     elsewhere = Counter(fields[b"source_stream"].decode() for _id, fields in others)
-    click.echo(f"replayed {len(transactions)} entries onto {settings.stream}"
-               + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))
-               + (f", {len(alerts)} alert deliveries due again" if alerts else ""))
+    click.echo(
+        f"replayed {len(transactions)} entries onto {settings.stream}"
+        + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))
+        + (f", {len(alerts)} alert deliveries due again" if alerts else "")
+    )
 
 
 @dlq.command("purge")

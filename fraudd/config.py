@@ -98,43 +98,168 @@ def _probability(ctx, param, value):
 # (flag, environment variable, click keyword arguments, help). The README's table is this list.
 OPTIONS: list[tuple[str, str, dict, str]] = [
     ("redis-url", "REDIS_URL", {"default": "redis://127.0.0.1:6379/0"}, "Redis holding the streams and feature state."),
-    ("redis-cluster", "REDIS_CLUSTER", {"is_flag": True, "default": False}, "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); needs --shards > 1."),
+    (
+        "redis-cluster",
+        "REDIS_CLUSTER",
+        {"is_flag": True, "default": False},
+        "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); needs --shards > 1.",
+    ),
     ("postgres-url", "POSTGRES_URL", {"default": "postgresql://127.0.0.1:5432/postgres"}, "PostgreSQL receiving the decisions."),
     ("pg-schema", "FRAUDD_PG_SCHEMA", {"default": "public"}, "PostgreSQL schema of fraudd's tables."),
-    ("model-path", "ML_MODEL_PATH", {"default": str(DEFAULT_MODEL), "type": click.Path(dir_okay=False, path_type=Path)}, "ONNX model file (with fraudd metadata)."),
-    ("rules-path", "FRAUDD_RULES_PATH", {"default": str(DEFAULT_RULES), "type": click.Path(dir_okay=False, path_type=Path)}, "Rules file (TOML); re-read on SIGHUP."),
+    (
+        "model-path",
+        "ML_MODEL_PATH",
+        {"default": str(DEFAULT_MODEL), "type": click.Path(dir_okay=False, path_type=Path)},
+        "ONNX model file (with fraudd metadata).",
+    ),
+    (
+        "rules-path",
+        "FRAUDD_RULES_PATH",
+        {"default": str(DEFAULT_RULES), "type": click.Path(dir_okay=False, path_type=Path)},
+        "Rules file (TOML); re-read on SIGHUP.",
+    ),
     ("stream", "FRAUDD_STREAM", {"default": "transactions:raw"}, "Input stream."),
     ("fraud-stream", "FRAUDD_FRAUD_STREAM", {"default": "transactions:fraud"}, "Stream receiving every non-approved decision."),
-    ("labels-stream", "FRAUDD_LABELS_STREAM", {"default": "transactions:labels"}, "Stream of labels (chargebacks, analyst verdicts) that `fraudd labels` stores."),
+    (
+        "labels-stream",
+        "FRAUDD_LABELS_STREAM",
+        {"default": "transactions:labels"},
+        "Stream of labels (chargebacks, analyst verdicts) that `fraudd labels` stores.",
+    ),
     ("dlq-stream", "FRAUDD_DLQ_STREAM", {"default": "transactions:dlq"}, "Dead-letter stream for invalid and poison entries."),
     ("group", "CONSUMER_GROUP", {"default": "fraud-group"}, "Consumer group (created at start, from the stream's beginning)."),
     ("consumer-id", "CONSUMER_ID", {"default": socket.gethostname()}, "Consumer name prefix; worker i is <consumer-id>-<i>."),
-    ("workers", "FRAUDD_WORKERS", {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")}, "Worker processes."),
-    ("batch-size", "FRAUDD_BATCH_SIZE", {"default": 1000, "type": int, "callback": _positive("batch-size")}, "Entries per XREADGROUP (COUNT)."),
-    ("block-ms", "FRAUDD_BLOCK_MS", {"default": 50, "type": int, "callback": _positive("block-ms")}, "XREADGROUP BLOCK when the stream is idle."),
-    ("pipeline-depth", "FRAUDD_PIPELINE_DEPTH", {"default": 1, "type": click.IntRange(1, 2)}, "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next."),
-    ("shards", "FRAUDD_SHARDS", {"default": 1, "type": click.IntRange(1, 16384)}, "Input shards: S > 1 reads the streams <stream>:{0} .. <stream>:{S-1}, one owner each."),
-    ("lease-ms", "FRAUDD_LEASE_MS", {"default": 10_000, "type": click.IntRange(500)}, "With --shards > 1: how long a shard's owner may go silent before another worker takes it over."),
-    ("review-threshold", "FRAUDD_REVIEW_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is reviewed; default: the model's."),
-    ("decline-threshold", "FRAUDD_DECLINE_THRESHOLD", {"default": None, "type": float, "callback": _probability}, "Score from which a transaction is declined; default: the model's."),
-    ("thresholds", "FRAUDD_THRESHOLDS", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP."),
-    ("shadow-model", "FRAUDD_SHADOW_MODEL", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "Challenger ONNX model: scores every batch too, stored beside the champion, never decides; re-read on SIGHUP."),
-    ("max-deliveries", "FRAUDD_MAX_DELIVERIES", {"default": 5, "type": int, "callback": _positive("max-deliveries")}, "Deliveries after which an entry is dead-lettered as poison."),
-    ("claim-idle-ms", "FRAUDD_CLAIM_IDLE_MS", {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")}, "Idle time after which another worker reclaims a pending entry."),
-    ("dedup-window-s", "FRAUDD_DEDUP_WINDOW_S", {"default": 3600, "type": int, "callback": _positive("dedup-window-s")}, "How long a transaction_id is remembered for duplicates."),
-    ("shutdown-timeout-s", "FRAUDD_SHUTDOWN_TIMEOUT_S", {"default": 30.0, "type": float, "callback": _positive("shutdown-timeout-s")}, "Grace period for workers to settle their batch on SIGTERM."),
-    ("metrics-port", "FRAUDD_METRICS_PORT", {"default": 0, "type": click.IntRange(0, 65535)}, "Port of /metrics and /healthz (0: off)."),
-    ("log-level", "FRAUDD_LOG_LEVEL", {"default": "INFO", "type": click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)}, "Log level."),
+    (
+        "workers",
+        "FRAUDD_WORKERS",
+        {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")},
+        "Worker processes.",
+    ),
+    (
+        "batch-size",
+        "FRAUDD_BATCH_SIZE",
+        {"default": 1000, "type": int, "callback": _positive("batch-size")},
+        "Entries per XREADGROUP (COUNT).",
+    ),
+    (
+        "block-ms",
+        "FRAUDD_BLOCK_MS",
+        {"default": 50, "type": int, "callback": _positive("block-ms")},
+        "XREADGROUP BLOCK when the stream is idle.",
+    ),
+    (
+        "pipeline-depth",
+        "FRAUDD_PIPELINE_DEPTH",
+        {"default": 1, "type": click.IntRange(1, 2)},
+        "Reads in flight per worker: 2 overlaps one read's COPY and settle with scoring the next.",
+    ),
+    (
+        "shards",
+        "FRAUDD_SHARDS",
+        {"default": 1, "type": click.IntRange(1, 16384)},
+        "Input shards: S > 1 reads the streams <stream>:{0} .. <stream>:{S-1}, one owner each.",
+    ),
+    (
+        "lease-ms",
+        "FRAUDD_LEASE_MS",
+        {"default": 10_000, "type": click.IntRange(500)},
+        "With --shards > 1: how long a shard's owner may go silent before another worker takes it over.",
+    ),
+    (
+        "review-threshold",
+        "FRAUDD_REVIEW_THRESHOLD",
+        {"default": None, "type": float, "callback": _probability},
+        "Score from which a transaction is reviewed; default: the model's.",
+    ),
+    (
+        "decline-threshold",
+        "FRAUDD_DECLINE_THRESHOLD",
+        {"default": None, "type": float, "callback": _probability},
+        "Score from which a transaction is declined; default: the model's.",
+    ),
+    (
+        "thresholds",
+        "FRAUDD_THRESHOLDS",
+        {"default": None, "type": click.Path(dir_okay=False, path_type=Path)},
+        "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP.",
+    ),
+    (
+        "shadow-model",
+        "FRAUDD_SHADOW_MODEL",
+        {"default": None, "type": click.Path(dir_okay=False, path_type=Path)},
+        "Challenger ONNX model: scores every batch too, stored beside the champion, never decides; re-read on SIGHUP.",
+    ),
+    (
+        "max-deliveries",
+        "FRAUDD_MAX_DELIVERIES",
+        {"default": 5, "type": int, "callback": _positive("max-deliveries")},
+        "Deliveries after which an entry is dead-lettered as poison.",
+    ),
+    (
+        "claim-idle-ms",
+        "FRAUDD_CLAIM_IDLE_MS",
+        {"default": 30000, "type": int, "callback": _positive("claim-idle-ms")},
+        "Idle time after which another worker reclaims a pending entry.",
+    ),
+    (
+        "dedup-window-s",
+        "FRAUDD_DEDUP_WINDOW_S",
+        {"default": 3600, "type": int, "callback": _positive("dedup-window-s")},
+        "How long a transaction_id is remembered for duplicates.",
+    ),
+    (
+        "shutdown-timeout-s",
+        "FRAUDD_SHUTDOWN_TIMEOUT_S",
+        {"default": 30.0, "type": float, "callback": _positive("shutdown-timeout-s")},
+        "Grace period for workers to settle their batch on SIGTERM.",
+    ),
+    (
+        "metrics-port",
+        "FRAUDD_METRICS_PORT",
+        {"default": 0, "type": click.IntRange(0, 65535)},
+        "Port of /metrics and /healthz (0: off).",
+    ),
+    (
+        "log-level",
+        "FRAUDD_LOG_LEVEL",
+        {"default": "INFO", "type": click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)},
+        "Log level.",
+    ),
 ]
 
 
 # ``fraudd alerts`` takes these besides ``OPTIONS`` (its stream is --fraud-stream).
 ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
-    ("config", "FRAUDD_ALERTS_CONFIG", {"required": True, "type": click.Path(dir_okay=False, path_type=Path)}, "Channels file (TOML), see alerts.example.toml; re-read on SIGHUP."),
-    ("alerts-group", "FRAUDD_ALERTS_GROUP", {"default": "fraudd-alerts"}, "Consumer group of the alert service on --fraud-stream."),
-    ("max-attempts", "FRAUDD_MAX_ATTEMPTS", {"default": 10, "type": int, "callback": _positive("max-attempts")}, "Delivery attempts per alert and channel before it goes to the DLQ."),
-    ("fraud-retention-s", "FRAUDD_FRAUD_RETENTION_S", {"default": 86_400, "type": int, "callback": _positive("fraud-retention-s")}, "How long fraud-stream entries every group has acknowledged stay on the stream before trimming."),
-    ("deliveries-retention-days", "FRAUDD_DELIVERIES_RETENTION_DAYS", {"default": 90, "type": click.IntRange(min=0)}, "Delivered and failed rows of alert_deliveries older than this are deleted (0: keep every row)."),
+    (
+        "config",
+        "FRAUDD_ALERTS_CONFIG",
+        {"required": True, "type": click.Path(dir_okay=False, path_type=Path)},
+        "Channels file (TOML), see alerts.example.toml; re-read on SIGHUP.",
+    ),
+    (
+        "alerts-group",
+        "FRAUDD_ALERTS_GROUP",
+        {"default": "fraudd-alerts"},
+        "Consumer group of the alert service on --fraud-stream.",
+    ),
+    (
+        "max-attempts",
+        "FRAUDD_MAX_ATTEMPTS",
+        {"default": 10, "type": int, "callback": _positive("max-attempts")},
+        "Delivery attempts per alert and channel before it goes to the DLQ.",
+    ),
+    (
+        "fraud-retention-s",
+        "FRAUDD_FRAUD_RETENTION_S",
+        {"default": 86_400, "type": int, "callback": _positive("fraud-retention-s")},
+        "How long fraud-stream entries every group has acknowledged stay on the stream before trimming.",
+    ),
+    (
+        "deliveries-retention-days",
+        "FRAUDD_DELIVERIES_RETENTION_DAYS",
+        {"default": 90, "type": click.IntRange(min=0)},
+        "Delivered and failed rows of alert_deliveries older than this are deleted (0: keep every row).",
+    ),
 ]
 
 
@@ -159,7 +284,9 @@ def alert_options(function):
 
 def _options(options: list[tuple[str, str, dict, str]], function):
     for flag, envvar, kwargs, help_text in reversed(options):
-        function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(function)
+        function = click.option(f"--{flag}", envvar=envvar, show_default=True, show_envvar=True, help=help_text, **kwargs)(
+            function
+        )
     return function
 
 
@@ -194,8 +321,21 @@ def alert_settings_from(params: dict) -> AlertSettings:
 
 # -- fraudd ingest ---------------------------------------------------------------------------
 
-_SHARED_WITH_INGEST = ("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream", "group",
-                       "dedup-window-s", "shutdown-timeout-s", "log-level", "shards", "labels-stream")
+_SHARED_WITH_INGEST = (
+    "redis-url",
+    "redis-cluster",
+    "postgres-url",
+    "pg-schema",
+    "stream",
+    "fraud-stream",
+    "dlq-stream",
+    "group",
+    "dedup-window-s",
+    "shutdown-timeout-s",
+    "log-level",
+    "shards",
+    "labels-stream",
+)
 DECISION_NAMES = ("approve", "review", "decline")
 
 
@@ -207,21 +347,96 @@ def _listen_address(ctx, param, value: str) -> tuple[str, int]:
 
 
 INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
-    ("listen", "FRAUDD_LISTEN", {"default": "127.0.0.1:8080", "callback": _listen_address}, "Address the HTTP API listens on (HOST:PORT)."),
-    ("api-keys-file", "FRAUDD_API_KEYS_FILE", {"default": None, "type": click.Path(dir_okay=False, path_type=Path)}, "API keys, one per line (# comments); re-read on SIGHUP."),
-    ("api-keys", "FRAUDD_API_KEYS", {"default": None, "show_default": False}, "API keys, comma-separated (prefer the environment or the file: flags show in ps)."),
-    ("insecure-no-auth", "FRAUDD_INSECURE_NO_AUTH", {"is_flag": True, "default": False}, "Serve without API keys on a non-loopback address."),
-    ("require-signature", "FRAUDD_REQUIRE_SIGNATURE", {"is_flag": True, "default": False}, "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with the API key."),
-    ("signature-window-s", "FRAUDD_SIGNATURE_WINDOW_S", {"default": 300, "type": int, "callback": _positive("signature-window-s")}, "How far a signed request's timestamp may be from the server's clock."),
-    ("workers", "FRAUDD_INGEST_WORKERS", {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")}, "HTTP server processes sharing the listening socket."),
-    ("max-batch", "FRAUDD_MAX_BATCH", {"default": 1000, "type": int, "callback": _positive("max-batch")}, "Most transactions in one batch request."),
-    ("max-lag", "FRAUDD_MAX_LAG", {"default": 1_000_000, "type": int, "callback": _positive("max-lag")}, "Group lag from which writes are refused with 503 and Retry-After."),
-    ("retention-s", "FRAUDD_RETENTION_S", {"default": 3600, "type": int, "callback": _positive("retention-s")}, "How long entries every group has acknowledged stay on the stream before trimming."),
-    ("decision-timeout-ms", "FRAUDD_DECISION_TIMEOUT_MS", {"default": 250, "type": int, "callback": _positive("decision-timeout-ms")}, "How long /v1/score waits for the decision before answering the fallback."),
-    ("fallback-decision", "FRAUDD_FALLBACK_DECISION", {"default": "review", "type": click.Choice(DECISION_NAMES)}, "Decision /v1/score answers when none arrived in time."),
-    ("client-timeout-s", "FRAUDD_CLIENT_TIMEOUT_S", {"default": 10.0, "type": float, "callback": _positive("client-timeout-s")}, "Time a client has to send a whole request, and an idle keep-alive connection lives."),
-    ("tls-cert", "FRAUDD_TLS_CERT", {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)}, "TLS certificate chain (PEM); serves HTTPS when given."),
-    ("tls-key", "FRAUDD_TLS_KEY", {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)}, "TLS private key (PEM), with --tls-cert."),
+    (
+        "listen",
+        "FRAUDD_LISTEN",
+        {"default": "127.0.0.1:8080", "callback": _listen_address},
+        "Address the HTTP API listens on (HOST:PORT).",
+    ),
+    (
+        "api-keys-file",
+        "FRAUDD_API_KEYS_FILE",
+        {"default": None, "type": click.Path(dir_okay=False, path_type=Path)},
+        "API keys, one per line (# comments); re-read on SIGHUP.",
+    ),
+    (
+        "api-keys",
+        "FRAUDD_API_KEYS",
+        {"default": None, "show_default": False},
+        "API keys, comma-separated (prefer the environment or the file: flags show in ps).",
+    ),
+    (
+        "insecure-no-auth",
+        "FRAUDD_INSECURE_NO_AUTH",
+        {"is_flag": True, "default": False},
+        "Serve without API keys on a non-loopback address.",
+    ),
+    (
+        "require-signature",
+        "FRAUDD_REQUIRE_SIGNATURE",
+        {"is_flag": True, "default": False},
+        "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with the API key.",
+    ),
+    (
+        "signature-window-s",
+        "FRAUDD_SIGNATURE_WINDOW_S",
+        {"default": 300, "type": int, "callback": _positive("signature-window-s")},
+        "How far a signed request's timestamp may be from the server's clock.",
+    ),
+    (
+        "workers",
+        "FRAUDD_INGEST_WORKERS",
+        {"default": os.cpu_count() or 1, "type": int, "callback": _positive("workers")},
+        "HTTP server processes sharing the listening socket.",
+    ),
+    (
+        "max-batch",
+        "FRAUDD_MAX_BATCH",
+        {"default": 1000, "type": int, "callback": _positive("max-batch")},
+        "Most transactions in one batch request.",
+    ),
+    (
+        "max-lag",
+        "FRAUDD_MAX_LAG",
+        {"default": 1_000_000, "type": int, "callback": _positive("max-lag")},
+        "Group lag from which writes are refused with 503 and Retry-After.",
+    ),
+    (
+        "retention-s",
+        "FRAUDD_RETENTION_S",
+        {"default": 3600, "type": int, "callback": _positive("retention-s")},
+        "How long entries every group has acknowledged stay on the stream before trimming.",
+    ),
+    (
+        "decision-timeout-ms",
+        "FRAUDD_DECISION_TIMEOUT_MS",
+        {"default": 250, "type": int, "callback": _positive("decision-timeout-ms")},
+        "How long /v1/score waits for the decision before answering the fallback.",
+    ),
+    (
+        "fallback-decision",
+        "FRAUDD_FALLBACK_DECISION",
+        {"default": "review", "type": click.Choice(DECISION_NAMES)},
+        "Decision /v1/score answers when none arrived in time.",
+    ),
+    (
+        "client-timeout-s",
+        "FRAUDD_CLIENT_TIMEOUT_S",
+        {"default": 10.0, "type": float, "callback": _positive("client-timeout-s")},
+        "Time a client has to send a whole request, and an idle keep-alive connection lives.",
+    ),
+    (
+        "tls-cert",
+        "FRAUDD_TLS_CERT",
+        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
+        "TLS certificate chain (PEM); serves HTTPS when given.",
+    ),
+    (
+        "tls-key",
+        "FRAUDD_TLS_KEY",
+        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
+        "TLS private key (PEM), with --tls-cert.",
+    ),
 ] + [option for option in OPTIONS if option[0] in _SHARED_WITH_INGEST]
 
 

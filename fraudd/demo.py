@@ -78,9 +78,14 @@ class DemoResult:
     @property
     def consistent(self) -> bool:
         expected_rows = self.sent - self.duplicates_sent - self.invalid_sent
-        return (self.rows == expected_rows and sum(self.rejected_at_ingest.values()) == self.invalid_sent
-                and self.pending == 0 and self.alerts_delivered == self.alerts and self.alerts_redelivered == 0
-                and all(code == 0 for code in self.exit_codes.values()))
+        return (
+            self.rows == expected_rows
+            and sum(self.rejected_at_ingest.values()) == self.invalid_sent
+            and self.pending == 0
+            and self.alerts_delivered == self.alerts
+            and self.alerts_redelivered == 0
+            and all(code == 0 for code in self.exit_codes.values())
+        )
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -167,8 +172,9 @@ class WebhookReceiver:
         body = await request.read()
         webhook_id = request.headers.get("webhook-id", "")
         timestamp = request.headers.get("webhook-timestamp", "")
-        expected = base64.b64encode(hmac.new(self._secret, f"{webhook_id}.{timestamp}.".encode() + body,
-                                             hashlib.sha256).digest()).decode()
+        expected = base64.b64encode(
+            hmac.new(self._secret, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+        ).decode()
         given = [part.split(",", 1)[-1] for part in request.headers.get("webhook-signature", "").split()]
         if not any(hmac.compare_digest(expected, signature) for signature in given):
             self.bad_signatures += 1
@@ -201,8 +207,9 @@ class _Processes:
     def start(self, name: str, *args: str) -> _Process:
         log_path = self._directory / f"{name}.log"
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "fraudd", *args], env=self._env, stdout=log, stderr=log,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "fraudd", *args], env=self._env, stdout=log, stderr=log, start_new_session=True
+            )
         process = _Process(name, popen, log_path)
         self.started.append(process)
         return process
@@ -245,26 +252,33 @@ def run_demo(redis_url: str, postgres_url: str, transactions: int, workers: int,
         receiver = stack.enter_context(WebhookReceiver(webhook_secret))
         (directory / "alerts.toml").write_text(_ALERTS_CONFIG.format(url=receiver.url))
         ingest_port = free_port()
-        env = dict(os.environ, **demo.environment(),
-                   FRAUDD_API_KEYS_FILE=str(directory / "api-keys"),
-                   FRAUDD_DEMO_WEBHOOK_SECRET="whsec_" + base64.b64encode(webhook_secret).decode(),
-                   FRAUDD_LOG_LEVEL="WARNING")
+        env = dict(
+            os.environ,
+            **demo.environment(),
+            FRAUDD_API_KEYS_FILE=str(directory / "api-keys"),
+            FRAUDD_DEMO_WEBHOOK_SECRET="whsec_" + base64.b64encode(webhook_secret).decode(),
+            FRAUDD_LOG_LEVEL="WARNING",
+        )
         migrated = subprocess.run([sys.executable, "-m", "fraudd", "migrate"], env=env, capture_output=True, text=True)
         if migrated.returncode != 0:
             raise RuntimeError(f"fraudd migrate failed:\n{migrated.stderr[-2000:]}")
 
         traffic = _traffic(transactions, seed)
         processes = _Processes(directory, env)
-        echo(f"starting fraudd run --workers {workers}, fraudd ingest on 127.0.0.1:{ingest_port}, fraudd alerts "
-             f"(webhooks to {receiver.url}); logs in {directory}")
+        echo(
+            f"starting fraudd run --workers {workers}, fraudd ingest on 127.0.0.1:{ingest_port}, fraudd alerts "
+            f"(webhooks to {receiver.url}); logs in {directory}"
+        )
         processes.start("run", "run", "--workers", str(workers))
         processes.start("ingest", "ingest", "--workers", "1", "--listen", f"127.0.0.1:{ingest_port}")
         processes.start("alerts", "alerts", "--config", str(directory / "alerts.toml"), "--workers", "1")
         exit_codes: dict[str, int] = {}
         try:
             _wait_for_ingest(ingest_port, processes)
-            echo(f"sending {len(traffic.payloads):,} transactions over HTTP ({traffic.duplicates:,} producer duplicates, "
-                 f"{traffic.invalid:,} invalid) in batches of {HTTP_BATCH}")
+            echo(
+                f"sending {len(traffic.payloads):,} transactions over HTTP ({traffic.duplicates:,} producer duplicates, "
+                f"{traffic.invalid:,} invalid) in batches of {HTTP_BATCH}"
+            )
             progress = _Progress(client, demo, receiver)
             started = time.time()
             rejected = _send(traffic.payloads, f"http://127.0.0.1:{ingest_port}", api_key, processes, progress)
@@ -327,14 +341,16 @@ def _wait_for_ingest(port: int, processes: _Processes, timeout: float = 60.0) ->
     raise RuntimeError(f"fraudd ingest did not become healthy on port {port} within {timeout:.0f}s")
 
 
-def _send(payloads: list[bytes], base_url: str, api_key: str, processes: _Processes,
-          progress: Callable[[], None]) -> dict[str, int]:
+def _send(
+    payloads: list[bytes], base_url: str, api_key: str, processes: _Processes, progress: Callable[[], None]
+) -> dict[str, int]:
     """POST every payload in batches from a few concurrent senders; the rejected items by reason."""
     return asyncio.run(_send_all(payloads, base_url, api_key, processes, progress))
 
 
-async def _send_all(payloads: list[bytes], base_url: str, api_key: str, processes: _Processes,
-                    progress: Callable[[], None]) -> dict[str, int]:
+async def _send_all(
+    payloads: list[bytes], base_url: str, api_key: str, processes: _Processes, progress: Callable[[], None]
+) -> dict[str, int]:
     batches = [payloads[i : i + HTTP_BATCH] for i in range(0, len(payloads), HTTP_BATCH)]
     queue: asyncio.Queue[list[bytes]] = asyncio.Queue()
     for batch in batches:
@@ -391,9 +407,11 @@ class _Progress:
             return
         scored = self._demo.sql("SELECT count(*) FROM transactions")[0][0]
         self._last = (now, scored)
-        line = (f"  scored {scored:>9,}  {(scored - scored_then) / (now - then):>8,.0f} tx/s   "
-                f"lag {_lag(self._client, self._demo.stream):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
-                f"delivered {len(self._receiver.received):>6,}")
+        line = (
+            f"  scored {scored:>9,}  {(scored - scored_then) / (now - then):>8,.0f} tx/s   "
+            f"lag {_lag(self._client, self._demo.stream):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
+            f"delivered {len(self._receiver.received):>6,}"
+        )
         sys.stdout.write(f"\r{line}" if self._tty else f"{line}\n")
         sys.stdout.flush()
 
@@ -410,14 +428,22 @@ def _settled(client: redis.Redis, demo: Namespace, receiver: WebhookReceiver) ->
     return len(receiver.received) >= client.xlen(demo.fraud_stream)
 
 
-def _summary(client: redis.Redis, demo: Namespace, traffic: _Traffic, rejected: dict[str, int],
-             receiver: WebhookReceiver, exit_codes: dict[str, int], started: float) -> DemoResult:
+def _summary(
+    client: redis.Redis,
+    demo: Namespace,
+    traffic: _Traffic,
+    rejected: dict[str, int],
+    receiver: WebhookReceiver,
+    exit_codes: dict[str, int],
+    started: float,
+) -> DemoResult:
     decisions = dict(demo.sql("SELECT decision, count(*) FROM transactions GROUP BY 1"))
     last, p50, p99 = demo.sql(
         "SELECT max(scored_at), "
         "percentile_cont(0.5) WITHIN GROUP (ORDER BY latency), percentile_cont(0.99) WITHIN GROUP (ORDER BY latency) "
         "FROM (SELECT scored_at, extract(epoch FROM scored_at) * 1000 - split_part(stream_id, '-', 1)::bigint AS latency "
-        "FROM transactions) t")[0]
+        "FROM transactions) t"
+    )[0]
     flagged = {txid for (txid,) in demo.sql("SELECT transaction_id FROM transactions WHERE decision <> 'approve'")}
     fraud_ids = set(traffic.transaction_ids[traffic.is_fraud].tolist())
     caught = len(fraud_ids & flagged)
@@ -446,33 +472,50 @@ def _summary(client: redis.Redis, demo: Namespace, traffic: _Traffic, rejected: 
 
 def _where(demo: Namespace, throwaway: bool) -> list[str]:
     if throwaway:
-        return ["rows and streams were on throwaway servers, removed with the demo; "
-                "set REDIS_URL / POSTGRES_URL to keep them"]
-    return [f"rows:    psql {demo.postgres_url} -c 'SELECT * FROM {demo.schema}.transactions LIMIT 5'",
-            f"streams: redis-cli -u {demo.redis_url} XLEN {demo.fraud_stream}",
-            "metrics: each service serves /metrics and /healthz with --metrics-port; grafana/ holds the dashboard"]
+        return ["rows and streams were on throwaway servers, removed with the demo; set REDIS_URL / POSTGRES_URL to keep them"]
+    return [
+        f"rows:    psql {demo.postgres_url} -c 'SELECT * FROM {demo.schema}.transactions LIMIT 5'",
+        f"streams: redis-cli -u {demo.redis_url} XLEN {demo.fraud_stream}",
+        "metrics: each service serves /metrics and /healthz with --metrics-port; grafana/ holds the dashboard",
+    ]
 
 
 def format_summary(result: DemoResult) -> str:
     rejected = ", ".join(f"{r} {c}" for r, c in sorted(result.rejected_at_ingest.items())) or "none"
     recall = result.fraud_caught / result.fraud_injected if result.fraud_injected else 0.0
     rows = [
-        ("transactions scored", f"{result.rows:,}  (sent {result.sent:,} = scored + {result.duplicates_sent:,} duplicates "
-                                f"+ {result.invalid_sent:,} invalid)"),
+        (
+            "transactions scored",
+            f"{result.rows:,}  (sent {result.sent:,} = scored + {result.duplicates_sent:,} duplicates "
+            f"+ {result.invalid_sent:,} invalid)",
+        ),
         ("throughput", f"{result.rate:,.0f} transactions/s (first HTTP request to last decision, {result.seconds:.1f} s)"),
-        ("latency", f"p50 {result.latency_p50_ms:,.0f} ms, p99 {result.latency_p99_ms:,.0f} ms (stream entry to decision; "
-                    "the traffic arrives as fast as HTTP takes it, so this includes queueing)"),
+        (
+            "latency",
+            f"p50 {result.latency_p50_ms:,.0f} ms, p99 {result.latency_p99_ms:,.0f} ms (stream entry to decision; "
+            "the traffic arrives as fast as HTTP takes it, so this includes queueing)",
+        ),
         ("decisions", ", ".join(f"{name} {count:,}" for name, count in result.decisions.items())),
-        ("fraud", f"injected {result.fraud_injected:,}, caught {result.fraud_caught:,} ({recall:.1%}), "
-                  f"false alarms {result.false_alarms:,}"),
-        ("alerts", f"{result.alerts:,} on {DEMO_NAME}:transactions:fraud, {result.alerts_delivered:,} delivered "
-                   f"as signed webhooks, {result.alerts_redelivered} twice"),
+        (
+            "fraud",
+            f"injected {result.fraud_injected:,}, caught {result.fraud_caught:,} ({recall:.1%}), "
+            f"false alarms {result.false_alarms:,}",
+        ),
+        (
+            "alerts",
+            f"{result.alerts:,} on {DEMO_NAME}:transactions:fraud, {result.alerts_delivered:,} delivered "
+            f"as signed webhooks, {result.alerts_redelivered} twice",
+        ),
         ("rejected at ingest", rejected),
         ("dead letters", ", ".join(f"{r} {c}" for r, c in sorted(result.dead_letters.items())) or "none"),
         ("pending after drain", str(result.pending)),
         ("exit codes", ", ".join(f"{name} {code}" for name, code in result.exit_codes.items())),
-        ("check", "every transaction scored exactly once, every alert delivered once" if result.consistent
-         else "MISMATCH: see the counts above"),
+        (
+            "check",
+            "every transaction scored exactly once, every alert delivered once"
+            if result.consistent
+            else "MISMATCH: see the counts above",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     lines = ["", "fraudd demo summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]

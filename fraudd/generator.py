@@ -97,16 +97,88 @@ _CATEGORIES = (
 )
 
 _NAME_WORDS_A = (
-    "Blue", "Red", "Green", "Silver", "Golden", "North", "South", "East", "West", "Royal", "Urban",
-    "Happy", "Sunny", "Bright", "Rapid", "Prime", "Smart", "Grand", "Little", "Big", "Old", "New",
-    "Lucky", "Quiet", "Wild", "Coastal", "Metro", "Pacific", "Alpine", "Star", "Maple", "Cedar",
-    "Iron", "Crystal", "Velvet", "Copper", "Amber", "Harbor", "Summit", "Nova",
+    "Blue",
+    "Red",
+    "Green",
+    "Silver",
+    "Golden",
+    "North",
+    "South",
+    "East",
+    "West",
+    "Royal",
+    "Urban",
+    "Happy",
+    "Sunny",
+    "Bright",
+    "Rapid",
+    "Prime",
+    "Smart",
+    "Grand",
+    "Little",
+    "Big",
+    "Old",
+    "New",
+    "Lucky",
+    "Quiet",
+    "Wild",
+    "Coastal",
+    "Metro",
+    "Pacific",
+    "Alpine",
+    "Star",
+    "Maple",
+    "Cedar",
+    "Iron",
+    "Crystal",
+    "Velvet",
+    "Copper",
+    "Amber",
+    "Harbor",
+    "Summit",
+    "Nova",
 )
 _NAME_WORDS_B = (
-    "Fox", "Oak", "River", "Stone", "Bridge", "Lane", "Hill", "Field", "Bay", "Peak", "Garden",
-    "Square", "Point", "Valley", "Works", "House", "Corner", "Market", "Forge", "Harvest", "Wave",
-    "Lantern", "Anchor", "Arrow", "Beacon", "Canyon", "Meadow", "Orchard", "Pine", "Port",
-    "Ridge", "Spring", "Tower", "Trail", "Union", "Vista", "Willow", "Yard", "Zenith", "Crown",
+    "Fox",
+    "Oak",
+    "River",
+    "Stone",
+    "Bridge",
+    "Lane",
+    "Hill",
+    "Field",
+    "Bay",
+    "Peak",
+    "Garden",
+    "Square",
+    "Point",
+    "Valley",
+    "Works",
+    "House",
+    "Corner",
+    "Market",
+    "Forge",
+    "Harvest",
+    "Wave",
+    "Lantern",
+    "Anchor",
+    "Arrow",
+    "Beacon",
+    "Canyon",
+    "Meadow",
+    "Orchard",
+    "Pine",
+    "Port",
+    "Ridge",
+    "Spring",
+    "Tower",
+    "Trail",
+    "Union",
+    "Vista",
+    "Willow",
+    "Yard",
+    "Zenith",
+    "Crown",
 )
 
 _CHANNELS = np.array(["pos", "ecom", "atm"], dtype=object)
@@ -135,9 +207,7 @@ class GeneratorConfig:
     # Share of transactions labelled fraud, split over the typologies by ``typology_mix``
     # (shares of fraud transactions, not of fraud events).
     fraud_rate: float = 0.01
-    typology_mix: Mapping[str, float] = field(
-        default_factory=lambda: {name: 1.0 for name in TYPOLOGIES[1:]}
-    )
+    typology_mix: Mapping[str, float] = field(default_factory=lambda: {name: 1.0 for name in TYPOLOGIES[1:]})
     start_ts: float = 1_764_374_400.0  # 2025-11-29T00:00:00Z
     # Event-time arrival rate. With 20,000 users, 1 tx/s is ~4.3 transactions per user per day,
     # so per-user windows of minutes to days hold realistic counts.
@@ -331,11 +401,13 @@ class GeneratedBatch:
         n_dup = int(round(duplicate_rate * n))
         n_bad = int(round(invalid_rate * n))
         dup_rows = rng.integers(0, max(n, 1), n_dup)
-        keys = np.concatenate([
-            np.arange(n, dtype=np.float64),
-            dup_rows + 0.5 + rng.exponential(20.0, n_dup),
-            rng.uniform(0.0, n, n_bad),
-        ])
+        keys = np.concatenate(
+            [
+                np.arange(n, dtype=np.float64),
+                dup_rows + 0.5 + rng.exponential(20.0, n_dup),
+                rng.uniform(0.0, n, n_bad),
+            ]
+        )
         kinds = rng.permutation(np.arange(n_bad) % len(_INVALID_KINDS))
         templates = rng.integers(0, max(n, 1), n_bad)
         bad: list[bytes | None] = []
@@ -478,9 +550,10 @@ class TransactionGenerator:
         self._country_offset = np.array(countries[5], dtype=np.int64)
         self._country_p = np.array(countries[6], dtype=np.float64) / sum(countries[6])
         self._country_octets = countries[7]
-        self._country_far = _distance_km(
-            self._country_lat[:, None], self._country_lon[:, None], self._country_lat[None], self._country_lon[None]
-        ) >= _FAR_KM
+        self._country_far = (
+            _distance_km(self._country_lat[:, None], self._country_lon[:, None], self._country_lat[None], self._country_lon[None])
+            >= _FAR_KM
+        )
 
         cats = list(zip(*_CATEGORIES))
         popularity = np.array(cats[4]) / sum(cats[4])
@@ -494,8 +567,10 @@ class TransactionGenerator:
         online = rng.random(n) < np.array(cats[3])[cat]
         mcc = np.array(cats[0], dtype=object)[cat]
         self._merchant_name = np.array(
-            [f"{_NAME_WORDS_A[p // len(_NAME_WORDS_B)]} {_NAME_WORDS_B[p % len(_NAME_WORDS_B)]} {cats[1][c]}"
-             for p, c in zip(pair.tolist(), cat.tolist())],
+            [
+                f"{_NAME_WORDS_A[p // len(_NAME_WORDS_B)]} {_NAME_WORDS_B[p % len(_NAME_WORDS_B)]} {cats[1][c]}"
+                for p, c in zip(pair.tolist(), cat.tolist())
+            ],
             dtype=object,
         )
         self._merchant_mcc = mcc
@@ -540,8 +615,11 @@ class TransactionGenerator:
         self._devices = _Table(text=np.empty(0, dtype=object), raw=np.empty(0, dtype=object))
         self._device_of = self._new_devices(n)
         self._places = _Table(
-            country=np.empty(0, np.int64), lat=np.empty(0), lon=np.empty(0),
-            ip=np.empty(0, dtype=object), raw=np.empty(0, dtype=object),
+            country=np.empty(0, np.int64),
+            lat=np.empty(0),
+            lon=np.empty(0),
+            ip=np.empty(0, dtype=object),
+            raw=np.empty(0, dtype=object),
         )
         self._home_place = self._new_places(home)
 
@@ -575,8 +653,9 @@ class TransactionGenerator:
             merchant_name=self._merchant_name,
             merchant_mcc=self._merchant_mcc,
             merchant_channel=self._merchant_channel,
-            merchant_raw=_encoded('"merchant":"{}","mcc":"{}","channel":"{}"', self._merchant_name,
-                                  self._merchant_mcc, self._merchant_channel),
+            merchant_raw=_encoded(
+                '"merchant":"{}","mcc":"{}","channel":"{}"', self._merchant_name, self._merchant_mcc, self._merchant_channel
+            ),
             card=cards,
             card_raw=_encoded("{}", cards),
             country_code=self._country_code,
@@ -627,14 +706,20 @@ class TransactionGenerator:
         big = rng.random(n) < cfg.big_purchase_share * self._big_purchase_weight[merchant]
         amount = self._usual_amount(users, merchant) * np.where(big, rng.uniform(3.0, 8.0, n), 1.0)
         second_card = (rng.random(n) < 0.3) & (self._n_cards[users] == 2)
-        return self._rows(ts, users, merchant, amount, self._whereabouts(users, ts), 2 * users + second_card,
-                          self._device_of[users], LEGIT)
+        return self._rows(
+            ts, users, merchant, amount, self._whereabouts(users, ts), 2 * users + second_card, self._device_of[users], LEGIT
+        )
 
     def _fraud(self, t0: float, t1: float) -> list[_Rows]:
         """Fraud events starting in [t0, t1); rows may spill past t1 and wait in ``_pending``."""
         rng = self._rng
-        makers = (self._card_testing, self._account_takeover, self._velocity_burst,
-                  self._impossible_travel, self._high_risk_odd_hour)
+        makers = (
+            self._card_testing,
+            self._account_takeover,
+            self._velocity_burst,
+            self._impossible_travel,
+            self._high_risk_odd_hour,
+        )
         mean_rows = (6.5, 2.0, 10.0, 1.5, 1.5)  # fraud rows per event of each typology
         parts = []
         for maker, rows_per_row, per_event in zip(makers, self._fraud_rows_per_row, mean_rows):
@@ -653,8 +738,16 @@ class TransactionGenerator:
         event, ts = self._spread(start, size, 30.0, 150.0)
         u = users[event]
         card = (2 * users + rng.integers(0, self._n_cards[users]))[event]
-        return self._rows(ts, u, self._fresh_merchants(u, self._small_pool), rng.uniform(0.5, 3.0, len(u)),
-                          self._whereabouts(u, ts), card, self._new_devices(len(users))[event], CARD_TESTING)
+        return self._rows(
+            ts,
+            u,
+            self._fresh_merchants(u, self._small_pool),
+            rng.uniform(0.5, 3.0, len(u)),
+            self._whereabouts(u, ts),
+            card,
+            self._new_devices(len(users))[event],
+            CARD_TESTING,
+        )
 
     def _account_takeover(self, start: np.ndarray) -> _Rows:
         """1-3 online purchases of resellable goods at 5-12x the user's usual amount (ordinary for
@@ -666,8 +759,16 @@ class TransactionGenerator:
         u = users[event]
         amount = np.exp(self._mu[u]) * rng.uniform(5.0, 12.0, len(u))
         place = self._new_places(self._elsewhere(self._home[users]))[event]
-        return self._rows(ts, u, self._fresh_merchants(u, self._resale_pool), amount, place, 2 * u,
-                          self._new_devices(len(users))[event], ACCOUNT_TAKEOVER)
+        return self._rows(
+            ts,
+            u,
+            self._fresh_merchants(u, self._resale_pool),
+            amount,
+            place,
+            2 * u,
+            self._new_devices(len(users))[event],
+            ACCOUNT_TAKEOVER,
+        )
 
     def _velocity_burst(self, start: np.ndarray) -> _Rows:
         """6-14 ordinary-looking purchases by one user within 2-10 minutes, on the usual device:
@@ -677,11 +778,13 @@ class TransactionGenerator:
         size = rng.integers(6, 15, len(users))
         event, ts = self._spread(start, size, 120.0, 600.0)
         u = users[event]
-        merchant = np.where(rng.random(len(u)) < 0.5, self._favourites[u, rng.integers(0, _N_FAVOURITES, len(u))],
-                            rng.choice(self._plain_pool, len(u), p=self._plain_p))
+        merchant = np.where(
+            rng.random(len(u)) < 0.5,
+            self._favourites[u, rng.integers(0, _N_FAVOURITES, len(u))],
+            rng.choice(self._plain_pool, len(u), p=self._plain_p),
+        )
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 2.0, len(u))
-        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u],
-                          VELOCITY_BURST)
+        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u], VELOCITY_BURST)
 
     def _impossible_travel(self, start: np.ndarray) -> _Rows:
         """A genuine purchase where the user is, then 1-2 card-present purchases 5-90 minutes later
@@ -697,8 +800,16 @@ class TransactionGenerator:
         far = np.argmax(rng.random((len(users), len(_COUNTRIES))) * self._country_far[here], axis=1)
         merchant = rng.choice(self._card_present_pool, len(u))
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 3.0, len(u))
-        fraud = self._rows(ts, u, merchant, amount, self._new_places(far)[event], genuine.card[event],
-                           self._new_devices(len(users))[event], IMPOSSIBLE_TRAVEL)
+        fraud = self._rows(
+            ts,
+            u,
+            merchant,
+            amount,
+            self._new_places(far)[event],
+            genuine.card[event],
+            self._new_devices(len(users))[event],
+            IMPOSSIBLE_TRAVEL,
+        )
         return _Rows.concat([genuine, fraud])
 
     def _high_risk_odd_hour(self, start: np.ndarray) -> _Rows:
@@ -712,8 +823,7 @@ class TransactionGenerator:
         u = users[event]
         merchant = self._fresh_merchants(u, self._risky_pool)
         amount = self._usual_amount(u, merchant) * rng.uniform(1.0, 4.0, len(u))
-        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u],
-                          HIGH_RISK_ODD_HOUR)
+        return self._rows(ts, u, merchant, amount, self._whereabouts(u, ts), 2 * u, self._device_of[u], HIGH_RISK_ODD_HOUR)
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -772,14 +882,18 @@ class TransactionGenerator:
         lon = np.round(np.mod(lon + 180.0, 360.0) - 180.0, 4)
         host = rng.integers(0, 1 << 30, (len(country), 2)).tolist()
         ip = np.array(
-            [f"{self._country_octets[c][h % len(self._country_octets[c])]}.{(g >> 16) & 255}.{(g >> 8) & 255}.{g % 254 + 1}"
-             for c, (h, g) in zip(country.tolist(), host)],
+            [
+                f"{self._country_octets[c][h % len(self._country_octets[c])]}.{(g >> 16) & 255}.{(g >> 8) & 255}.{g % 254 + 1}"
+                for c, (h, g) in zip(country.tolist(), host)
+            ],
             dtype=object,
         )
         raw = np.array(
-            [f'"currency":"{self._country_currency[c]}","country":"{self._country_code[c]}","ip":"{i}",'
-             f'"lat":{a!r},"lon":{o!r}'.encode()
-             for c, i, a, o in zip(country.tolist(), ip.tolist(), lat.tolist(), lon.tolist())],
+            [
+                f'"currency":"{self._country_currency[c]}","country":"{self._country_code[c]}","ip":"{i}",'
+                f'"lat":{a!r},"lon":{o!r}'.encode()
+                for c, i, a, o in zip(country.tolist(), ip.tolist(), lat.tolist(), lon.tolist())
+            ],
             dtype=object,
         )
         return self._places.append(country=country, lat=lat, lon=lon, ip=ip, raw=raw)
@@ -791,8 +905,16 @@ class TransactionGenerator:
 
     @staticmethod
     def _rows(ts, user, merchant, amount, place, card, device, typology: int) -> _Rows:
-        return _Rows(ts, user, merchant, np.round(np.clip(amount, 0.25, 50_000.0), 2), place, card, device,
-                     np.full(len(ts), typology, dtype=np.int8))
+        return _Rows(
+            ts,
+            user,
+            merchant,
+            np.round(np.clip(amount, 0.25, 50_000.0), 2),
+            place,
+            card,
+            device,
+            np.full(len(ts), typology, dtype=np.int8),
+        )
 
     def _materialise(self, rows: _Rows) -> GeneratedBatch:
         n = len(rows.ts)
@@ -840,7 +962,7 @@ def _id_bytes(prefix: bytes, sequence: np.ndarray) -> np.ndarray:
     powers = 36 ** np.arange(_ID_DIGITS - 1, -1, -1, dtype=np.int64)
     chars = np.empty((len(sequence), len(prefix) + _ID_DIGITS), dtype=np.uint8)
     chars[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-    chars[:, len(prefix):] = _B36[(sequence[:, None] // powers) % 36]
+    chars[:, len(prefix) :] = _B36[(sequence[:, None] // powers) % 36]
     return chars.view(f"S{chars.shape[1]}").ravel()
 
 

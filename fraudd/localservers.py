@@ -79,10 +79,20 @@ class RedisServer:
         persistence = {"appendonly": "yes", "appendfsync": "always"} if self.persistent else {"appendonly": "no"}
         options = {"save": "", **persistence, **self.config}
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--logfile", str(self.directory / "redis.log"),
-             *[arg for name, value in options.items() for arg in (f"--{name}", value)]],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+                *[arg for name, value in options.items() for arg in (f"--{name}", value)],
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._ready, START_TIMEOUT_S, f"redis-server on port {self.port}")
 
@@ -143,16 +153,23 @@ class RedisClusterServers:
         for i in range(self.masters * (1 + self.replicas)):
             node_dir = self.directory / f"node{i}"
             node_dir.mkdir()
-            node = RedisServer(node_dir, persistent=self.persistent,
-                               config={**self.config, "cluster-enabled": "yes", "cluster-config-file": "nodes.conf",
-                                       "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
-                                       # The default bus port, port + 10000, may be taken or past 65535.
-                                       "cluster-port": str(free_port()),
-                                       # A replica may take over however long ago it heard from its master.
-                                       "cluster-replica-validity-factor": "0",
-                                       # Replicas sync at once instead of after the default 5 s wait
-                                       # for more replicas to share the transfer.
-                                       "repl-diskless-sync-delay": "0"})
+            node = RedisServer(
+                node_dir,
+                persistent=self.persistent,
+                config={
+                    **self.config,
+                    "cluster-enabled": "yes",
+                    "cluster-config-file": "nodes.conf",
+                    "cluster-node-timeout": str(CLUSTER_NODE_TIMEOUT_MS),
+                    # The default bus port, port + 10000, may be taken or past 65535.
+                    "cluster-port": str(free_port()),
+                    # A replica may take over however long ago it heard from its master.
+                    "cluster-replica-validity-factor": "0",
+                    # Replicas sync at once instead of after the default 5 s wait
+                    # for more replicas to share the transfer.
+                    "repl-diskless-sync-delay": "0",
+                },
+            )
             node.start()
             self.nodes.append(node)
         ids = []
@@ -167,7 +184,7 @@ class RedisClusterServers:
             for node in self.nodes[1:]:
                 client.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.config["cluster-port"])
         wait_until(self._acquainted, START_TIMEOUT_S, "every cluster node to know every other")
-        for i, node in enumerate(self.nodes[self.masters:]):
+        for i, node in enumerate(self.nodes[self.masters :]):
             with node.client() as client:
                 client.execute_command("CLUSTER", "REPLICATE", ids[i % self.masters])
         wait_until(self._settled, START_TIMEOUT_S, "the cluster to agree on its slots and replicas")
@@ -235,8 +252,9 @@ class RedisClusterServers:
     def live(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process is not None]
 
-    def migrate_slot(self, slot: int, target: RedisServer, keys_per_step: int = 100,
-                     between_steps: Callable[[], None] = lambda: None) -> None:
+    def migrate_slot(
+        self, slot: int, target: RedisServer, keys_per_step: int = 100, between_steps: Callable[[], None] = lambda: None
+    ) -> None:
         """Move ``slot`` to master ``target`` while clients go on using it, as ``redis-cli --cluster
         reshard`` does: ``target`` IMPORTING the slot and its master MIGRATING it, the keys moved
         ``keys_per_step`` at a time by MIGRATE, then every master told the slot's new owner.
@@ -258,8 +276,11 @@ class RedisClusterServers:
             for node in (target, source, *[m for m in self.masters_now() if m not in (source, target)]):
                 with node.client() as client:
                     client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-        wait_until(lambda: all(self.master_of_slot(slot, node) is target for node in self.live()), START_TIMEOUT_S,
-                   f"every node to see slot {slot} on port {target.port}")
+        wait_until(
+            lambda: all(self.master_of_slot(slot, node) is target for node in self.live()),
+            START_TIMEOUT_S,
+            f"every node to see slot {slot} on port {target.port}",
+        )
 
     def fail_over(self, master: RedisServer) -> None:
         """SIGKILL ``master`` and wait until one of its replicas serves its slots."""
@@ -311,21 +332,31 @@ class PostgresServer:
         if not binary.exists():
             raise MissingServer(f"{binary} is not installed (Debian package: postgresql-15)")
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*as_postgres, str(binary), *args], check=True, timeout=timeout,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.run(
+            [*as_postgres, str(binary), *args], check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
 
     def init(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8",
-                  "--locale", "C")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale", "C")
 
     def start(self) -> None:
-        settings = {"listen_addresses": "127.0.0.1", "max_connections": "60", "shared_buffers": "64MB",
-                    **self.settings}
+        settings = {"listen_addresses": "127.0.0.1", "max_connections": "60", "shared_buffers": "64MB", **self.settings}
         options = f"-p {self.port} -k {self.directory} " + " ".join(f"-c {k}={v}" for k, v in settings.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "postgres.log"), "-o", options,
-                  "-w", "-t", str(int(START_TIMEOUT_S)), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.directory / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT_S)),
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``immediate`` is a crash: uncommitted work is gone, committed work recovered."""

@@ -56,8 +56,11 @@ def load_migrations(package: str = MIGRATIONS_PACKAGE) -> list[Migration]:
     nothing would leave a schema the daemon cannot use, so that is an error.
     """
     folder = resources.files(package)
-    migrations = [Migration(int(entry.name[:3]), entry.name.removesuffix(".sql"), entry.read_text())
-                  for entry in folder.iterdir() if _MIGRATION_FILE.match(entry.name)]
+    migrations = [
+        Migration(int(entry.name[:3]), entry.name.removesuffix(".sql"), entry.read_text())
+        for entry in folder.iterdir()
+        if _MIGRATION_FILE.match(entry.name)
+    ]
     if not migrations:
         raise MigrationError(f"no migrations found in {folder}: this fraudd installation is incomplete, reinstall it")
     return sorted(migrations, key=lambda m: m.version)
@@ -84,8 +87,10 @@ class MigrationReport:
 
 
 NATIVE = "native daily partitions"
-NOT_LOADED = (f"{NATIVE}; TimescaleDB is installed but not loaded: to use it, set shared_preload_libraries = "
-              "'timescaledb' in postgresql.conf, restart PostgreSQL and run `fraudd migrate` again while the table is empty")
+NOT_LOADED = (
+    f"{NATIVE}; TimescaleDB is installed but not loaded: to use it, set shared_preload_libraries = "
+    "'timescaledb' in postgresql.conf, restart PostgreSQL and run `fraudd migrate` again while the table is empty"
+)
 
 
 def timescaledb_state(conn: psycopg.Connection) -> tuple[bool, bool]:
@@ -101,8 +106,9 @@ def timescaledb_state(conn: psycopg.Connection) -> tuple[bool, bool]:
     return bool(installed), loaded
 
 
-def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7, compress_after_days: int = 7,
-            retention_days: int = 0) -> MigrationReport:
+def migrate(
+    conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int = 7, compress_after_days: int = 7, retention_days: int = 0
+) -> MigrationReport:
     """Apply pending migrations, choose the storage, create the coming days' partitions.
 
     ``conn`` comes from ``connect(url, pg_schema)``: the schema is created here if missing.
@@ -113,8 +119,10 @@ def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int 
     conn.autocommit = True
     installed, loaded = timescaledb_state(conn)
     if retention_days and not loaded:
-        raise MigrationError(f"a retention of {retention_days} days needs TimescaleDB, which this server has not loaded "
-                             "(shared_preload_libraries = 'timescaledb'); nothing was changed")
+        raise MigrationError(
+            f"a retention of {retention_days} days needs TimescaleDB, which this server has not loaded "
+            "(shared_preload_libraries = 'timescaledb'); nothing was changed"
+        )
     conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{pg_schema}"')
     conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
     try:
@@ -130,9 +138,7 @@ def migrate(conn: psycopg.Connection, pg_schema: str, partition_days_ahead: int 
         for migration in migrations:
             if migration.version in applied:
                 if applied[migration.version] != migration.checksum:
-                    raise MigrationError(
-                        f"migration {migration.name} changed after it was applied; add a new migration instead"
-                    )
+                    raise MigrationError(f"migration {migration.name} changed after it was applied; add a new migration instead")
                 continue
             with _one_line_errors(f"migration {migration.name} failed and was rolled back"), conn.transaction():
                 conn.execute(migration.sql)

@@ -139,14 +139,40 @@ class SmtpServer:
         import subprocess
 
         self.cert, key = self.directory / "smtp.pem", self.directory / "smtp.key"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(self.cert)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+                str(key),
+                "-out",
+                str(self.cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.cert, key)
         self.mailbox = _Mailbox()
-        self._controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port, tls_context=context,
-                                      require_starttls=True, authenticator=_authenticate, auth_require_tls=True)
+        self._controller = Controller(
+            self.mailbox,
+            hostname="127.0.0.1",
+            port=self.port,
+            tls_context=context,
+            require_starttls=True,
+            authenticator=_authenticate,
+            auth_require_tls=True,
+        )
         self._controller.start()
         return self
 

@@ -58,8 +58,14 @@ class Namespace(fraudd.namespace.Namespace):
 
     def start_command(self, command: str, *args: str, **env: str) -> Daemon:
         """A long-running ``fraudd <command>`` (run, labels, …) in this namespace."""
-        process = subprocess.Popen([self.executable, command, *args], env=self.env(**env), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            [self.executable, command, *args],
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         return Daemon(process)
 
 

@@ -20,8 +20,14 @@ NOW = int(time.time())
 
 def tx(txid: str, **fields) -> dict:
     """One valid transaction (DESIGN.md's input message)."""
-    return {"transaction_id": txid, "user_id": fields.pop("user_id", "user_1"), "amount": fields.pop("amount", 42.5),
-            "merchant": fields.pop("merchant", "Amazon"), "timestamp": fields.pop("timestamp", NOW - 60), **fields}
+    return {
+        "transaction_id": txid,
+        "user_id": fields.pop("user_id", "user_1"),
+        "amount": fields.pop("amount", 42.5),
+        "merchant": fields.pop("merchant", "Amazon"),
+        "timestamp": fields.pop("timestamp", NOW - 60),
+        **fields,
+    }
 
 
 @dataclass
@@ -32,13 +38,26 @@ class IngestServer:
     scheme: str = "http"
 
     @classmethod
-    def start(cls, ns: Namespace, tmp_path: Path, *args: str, scheme: str = "http", host: str = "127.0.0.1",
-              wait: bool = True, **env: str) -> IngestServer:
+    def start(
+        cls,
+        ns: Namespace,
+        tmp_path: Path,
+        *args: str,
+        scheme: str = "http",
+        host: str = "127.0.0.1",
+        wait: bool = True,
+        **env: str,
+    ) -> IngestServer:
         port = free_port()
         log_path = tmp_path / f"ingest-{port}.log"
         with open(log_path, "ab") as log:
-            process = subprocess.Popen([FRAUDD, "ingest", "--listen", f"{host}:{port}", *args],
-                                       env=ns.env(**env), stdout=log, stderr=log, start_new_session=True)
+            process = subprocess.Popen(
+                [FRAUDD, "ingest", "--listen", f"{host}:{port}", *args],
+                env=ns.env(**env),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         server = cls(process, port, log_path, scheme)
         if wait:
             server.wait_ready()

@@ -101,8 +101,9 @@ class DaemonProcess:
     @classmethod
     def start(cls, ns: Namespace, log_path: Path, *args: str, **env: str) -> DaemonProcess:
         with open(log_path, "ab") as log:
-            process = subprocess.Popen([ns.executable, "run", *args], env=ns.env(**env), stdout=log, stderr=log,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                [ns.executable, "run", *args], env=ns.env(**env), stdout=log, stderr=log, start_new_session=True
+            )
         return cls(process, log_path)
 
     @property

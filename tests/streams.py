@@ -22,9 +22,12 @@ def payload(txid: str, user: str = "user_1", amount: float = 42.5, merchant: str
 
 
 def valid_payloads(count: int, prefix: str, users: int = 50) -> list[bytes]:
-    return [payload(f"{prefix}_{i}", user=f"{prefix}_user_{i % users}", amount=round(5 + (i * 7.31) % 900, 2),
-                    ts=NOW - 3000 + i % 3000)
-            for i in range(count)]
+    return [
+        payload(
+            f"{prefix}_{i}", user=f"{prefix}_user_{i % users}", amount=round(5 + (i * 7.31) % 900, 2), ts=NOW - 3000 + i % 3000
+        )
+        for i in range(count)
+    ]
 
 
 def publish(client: redis.Redis, stream: str, payloads: Sequence[bytes | None]) -> list[str]:

@@ -18,14 +18,32 @@ from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, 
 from .conftest import Namespace, wait_for
 
 
-def alert(txid: str, decision: str = "decline", amount: float = 512.3, score: float = 0.97,
-          reasons: tuple[str, ...] = ("velocity_1h",)) -> dict:
+def alert(
+    txid: str, decision: str = "decline", amount: float = 512.3, score: float = 0.97, reasons: tuple[str, ...] = ("velocity_1h",)
+) -> dict:
     """A fraud-stream document (the `transactions` row, DESIGN.md)."""
-    return {"transaction_id": txid, "user_id": "user_x1", "amount": amount, "currency": "USD", "merchant": "Amazon",
-            "mcc": None, "country": "FR", "card_id": None, "device_id": None, "ip": None, "channel": "ecom",
-            "lat": None, "lon": None, "event_time": 1764385200.0, "stream_id": "1764385200000-0",
-            "scored_at": 1764385200.5, "score": score, "decision": decision, "reasons": list(reasons),
-            "model_version": "test-1"}
+    return {
+        "transaction_id": txid,
+        "user_id": "user_x1",
+        "amount": amount,
+        "currency": "USD",
+        "merchant": "Amazon",
+        "mcc": None,
+        "country": "FR",
+        "card_id": None,
+        "device_id": None,
+        "ip": None,
+        "channel": "ecom",
+        "lat": None,
+        "lon": None,
+        "event_time": 1764385200.0,
+        "stream_id": "1764385200000-0",
+        "scored_at": 1764385200.5,
+        "score": score,
+        "decision": decision,
+        "reasons": list(reasons),
+        "model_version": "test-1",
+    }
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
@@ -41,8 +59,10 @@ def receiver() -> Iterator[HttpReceiver]:
 
 
 def run_sender(ns: Namespace, config_path: Path, environ: dict[str, str], max_attempts: int = 5) -> AlertSender:
-    sender = AlertSender(load(config_path, environ), SenderSettings(
-        ns.redis_url, ns.postgres_url, ns.schema, ns.fraud_stream, ns.dlq_stream, max_attempts, "test-0"))
+    sender = AlertSender(
+        load(config_path, environ),
+        SenderSettings(ns.redis_url, ns.postgres_url, ns.schema, ns.fraud_stream, ns.dlq_stream, max_attempts, "test-0"),
+    )
     sender.start()
     return sender
 
@@ -56,19 +76,23 @@ def publish(client: redis.Redis, ns: Namespace, sender: AlertSender, documents: 
 
 
 def deliveries(ns: Namespace) -> dict[tuple[str, str], tuple]:
-    rows = ns.sql("SELECT transaction_id, channel, status, attempts, last_error, delivered_at IS NOT NULL, digest_id "
-                  "FROM alert_deliveries")
+    rows = ns.sql(
+        "SELECT transaction_id, channel, status, attempts, last_error, delivered_at IS NOT NULL, digest_id FROM alert_deliveries"
+    )
     return {(r[0], r[1]): r[2:] for r in rows}
 
 
-def test_each_channel_sends_its_exact_content(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
-                                              tmp_path: Path) -> None:
+def test_each_channel_sends_its_exact_content(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
     with SmtpServer(tmp_path) as smtp:
-        config = write_config(tmp_path, f"""
+        config = write_config(
+            tmp_path,
+            f"""
 [[channels]]
 name = "ops-webhook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "TEST_WEBHOOK_SECRET"
 decisions = ["review", "decline"]
 
@@ -92,15 +116,20 @@ password_env = "TEST_SMTP_PASSWORD"
 from = "fraudd@bank.example"
 to = ["analysts@bank.example", "oncall@bank.example"]
 reasons = ["velocity_1h"]
-""")
+""",
+        )
         environ = {"TEST_WEBHOOK_SECRET": SECRET, "TEST_SLACK_URL": receiver.url("/slack"), "TEST_SMTP_PASSWORD": SMTP_PASSWORD}
         sender = run_sender(ns, config, environ)
         try:
-            documents = [alert("tx_big"), alert("tx_review", decision="review", reasons=("new_device",)),
-                         alert("tx_small", amount=20.0)]
+            documents = [
+                alert("tx_big"),
+                alert("tx_review", decision="review", reasons=("new_device",)),
+                alert("tx_small", amount=20.0),
+            ]
             ids = publish(redis_client, ns, sender, documents)
-            wait_for(lambda: sum(1 for row in deliveries(ns).values() if row[0] == "delivered") == 6, 20,
-                     message="six deliveries")
+            wait_for(
+                lambda: sum(1 for row in deliveries(ns).values() if row[0] == "delivered") == 6, 20, message="six deliveries"
+            )
         finally:
             sender.stop(5)
 
@@ -115,38 +144,59 @@ reasons = ["velocity_1h"]
         (message,) = receiver.bodies("/slack")
         assert "DECLINE" in message["text"] and "tx_big" not in message["text"]
         fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in message["blocks"][1]["fields"]}
-        assert fields == {"*Amount*": "512.30 USD", "*User*": "user_x1", "*Merchant*": "Amazon", "*Score*": "0.970",
-                          "*Decision*": "decline", "*Reasons*": "velocity_1h"}
+        assert fields == {
+            "*Amount*": "512.30 USD",
+            "*User*": "user_x1",
+            "*Merchant*": "Amazon",
+            "*Score*": "0.970",
+            "*Decision*": "decline",
+            "*Reasons*": "velocity_1h",
+        }
         assert message["blocks"][-1]["elements"][0]["url"] == "https://console.example/tx/tx_big"
 
         # E-mail: alerts with reason velocity_1h, over STARTTLS with AUTH, plain and HTML parts.
-        assert sorted(m["Message-ID"] for m in smtp.mailbox.messages) == ["<tx_big.analysts@fraudd>", "<tx_small.analysts@fraudd>"]
+        assert sorted(m["Message-ID"] for m in smtp.mailbox.messages) == [
+            "<tx_big.analysts@fraudd>",
+            "<tx_small.analysts@fraudd>",
+        ]
         mail = next(m for m in smtp.mailbox.messages if "tx_big" in m["Message-ID"])
         assert smtp.mailbox.envelopes[0] == ("fraudd@bank.example", ["analysts@bank.example", "oncall@bank.example"])
         assert mail["Subject"] == "[fraudd] DECLINE: 512.30 USD at Amazon by user_x1 (score 0.970)"
         plain = mail.get_body(("plain",)).get_content()
         html = mail.get_body(("html",)).get_content()
-        assert plain.replace("\r\n", "\n") == ("Transaction: tx_big\nAmount: 512.30 USD\nUser: user_x1\nMerchant: Amazon\n"
-                                               "Score: 0.970\nDecision: decline\nReasons: velocity_1h\n")
+        assert plain.replace("\r\n", "\n") == (
+            "Transaction: tx_big\nAmount: 512.30 USD\nUser: user_x1\nMerchant: Amazon\n"
+            "Score: 0.970\nDecision: decline\nReasons: velocity_1h\n"
+        )
         assert "<th align=left>Merchant</th><td>Amazon</td>" in html
 
         rows = deliveries(ns)
-        assert set(rows) == {("tx_big", "ops-webhook"), ("tx_review", "ops-webhook"), ("tx_small", "ops-webhook"),
-                             ("tx_big", "fraud-slack"), ("tx_big", "analysts"), ("tx_small", "analysts")}
+        assert set(rows) == {
+            ("tx_big", "ops-webhook"),
+            ("tx_review", "ops-webhook"),
+            ("tx_small", "ops-webhook"),
+            ("tx_big", "fraud-slack"),
+            ("tx_big", "analysts"),
+            ("tx_small", "analysts"),
+        }
         assert all(row[:2] == ("delivered", 1) and row[3] for row in rows.values())
         assert ns.sql("SELECT stream_id FROM alert_deliveries WHERE transaction_id = 'tx_big' LIMIT 1")[0][0] == ids[0]
 
 
 def test_a_receiver_failing_n_times_gets_one_delivery_after_n_plus_one_attempts(
-        ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "hook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "S"
 retry_base_s = 0.05
-""")
+""",
+    )
     receiver.failures["/hook"] = Failures(count=3, status=503)
     sender = run_sender(ns, config, {"S": SECRET})
     try:
@@ -162,15 +212,19 @@ retry_base_s = 0.05
     assert list(receiver.accepted) == ["tx_1:hook"] and not receiver.repeats
 
 
-def test_slack_429_retry_after_is_honoured(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
-                                           tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+def test_slack_429_retry_after_is_honoured(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "slack"
 kind = "slack"
-url = "{receiver.url('/slack')}"
+url = "{receiver.url("/slack")}"
 retry_base_s = 0.01
-""")
+""",
+    )
     receiver.failures["/slack"] = Failures(count=1, status=429, retry_after="2")
     sender = run_sender(ns, config, {})
     try:
@@ -187,8 +241,11 @@ retry_base_s = 0.01
 
 
 def test_a_channel_down_for_good_is_dead_lettered_and_blocks_no_other(
-        ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "gone"
 kind = "webhook"
@@ -200,9 +257,10 @@ retry_max_s = 0.1
 [[channels]]
 name = "alive"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "S"
-""")
+""",
+    )
     sender = run_sender(ns, config, {"S": SECRET}, max_attempts=3)
     try:
         documents = [alert(f"tx_{i}") for i in range(20)]
@@ -234,14 +292,17 @@ secret_env = "S"
     assert all(deliveries(ns)[(f"tx_{i}", "gone")][1] == 1 for i in range(20))  # a fresh count of attempts
 
 
-def test_a_refusal_for_good_is_dead_lettered_after_one_attempt(ns: Namespace, redis_client: redis.Redis,
-                                                              receiver: HttpReceiver, tmp_path: Path) -> None:
+def test_a_refusal_for_good_is_dead_lettered_after_one_attempt(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
     with SmtpServer(tmp_path) as smtp:
-        config = write_config(tmp_path, f"""
+        config = write_config(
+            tmp_path,
+            f"""
 [[channels]]
 name = "hook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "S"
 
 [[channels]]
@@ -255,7 +316,8 @@ username = "{SMTP_USER}"
 password_env = "P"
 from = "fraudd@bank.example"
 to = ["nobody@unknown.example"]
-""")
+""",
+        )
         receiver.failures["/hook"] = Failures(count=1, status=400)
         sender = run_sender(ns, config, {"S": SECRET, "P": SMTP_PASSWORD}, max_attempts=5)
         try:
@@ -272,14 +334,17 @@ to = ["nobody@unknown.example"]
     assert len(receiver.requests["/hook"]) == 1 and not smtp.mailbox.messages
 
 
-def test_a_storm_is_grouped_into_digests(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
-                                         tmp_path: Path) -> None:
+def test_a_storm_is_grouped_into_digests(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
     with SmtpServer(tmp_path) as smtp:
-        config = write_config(tmp_path, f"""
+        config = write_config(
+            tmp_path,
+            f"""
 [[channels]]
 name = "slack"
 kind = "slack"
-url = "{receiver.url('/slack')}"
+url = "{receiver.url("/slack")}"
 digest_above = 3
 digest_interval_s = 1
 
@@ -295,7 +360,8 @@ from = "fraudd@bank.example"
 to = ["analysts@bank.example"]
 digest_above = 1
 digest_interval_s = 1
-""")
+""",
+        )
         sender = run_sender(ns, config, {"P": SMTP_PASSWORD})
         try:
             publish(redis_client, ns, sender, [alert(f"tx_{i}", amount=100.0) for i in range(40)])
@@ -311,8 +377,10 @@ digest_interval_s = 1
     assert "and 17 more" in digests[0]["blocks"][2]["text"]["text"]
 
     subjects = sorted(m["Subject"] for m in mails)
-    assert subjects == ["[fraudd] DECLINE: 100.00 USD at Amazon by user_x1 (score 0.970)",
-                        "[fraudd] digest: 39 alerts (39 decline), 3,900.00 in total"], subjects
+    assert subjects == [
+        "[fraudd] DECLINE: 100.00 USD at Amazon by user_x1 (score 0.970)",
+        "[fraudd] digest: 39 alerts (39 decline), 3,900.00 in total",
+    ], subjects
     digest_mail = next(m for m in mails if "digest" in m["Subject"])
     assert "and 19 more in alert_deliveries" in digest_mail.get_body(("plain",)).get_content()
     assert digest_mail.get_body(("html",)).get_content().count("<li>") == 20

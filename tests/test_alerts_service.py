@@ -21,7 +21,13 @@ import redis
 from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
 from .services import (  # noqa: F401  (fixtures)
-    PostgresServer, RedisServer, dedicated_namespace, dedicated_postgres, dedicated_redis, free_port)
+    PostgresServer,
+    RedisServer,
+    dedicated_namespace,
+    dedicated_postgres,
+    dedicated_redis,
+    free_port,
+)
 from .test_alerts import alert, write_config
 
 ALERTS = 5_000
@@ -35,21 +41,29 @@ def receiver() -> Iterator[HttpReceiver]:
 
 def start_alerts(ns: Namespace, config: Path, log_path: Path, *args: str) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        return subprocess.Popen([FRAUDD, "alerts", "--config", str(config), *args], stdout=log, stderr=log,
-                                env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000"),
-                                start_new_session=True)
+        return subprocess.Popen(
+            [FRAUDD, "alerts", "--config", str(config), *args],
+            stdout=log,
+            stderr=log,
+            env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000"),
+            start_new_session=True,
+        )
 
 
-def test_sigkilled_repeatedly_every_alert_arrives_once(ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver,
-                                                       tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+def test_sigkilled_repeatedly_every_alert_arrives_once(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "ops-webhook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
-""")
+""",
+    )
     log_path = tmp_path / "alerts.log"
     invalid = [b"not json", b'{"no_transaction_id": 1}']
 
@@ -85,8 +99,11 @@ timeout_s = 1
         producer.join()
         # Deliveries claimed by a killed worker are due again when their lease (2 × timeout + 5 s) ends.
         wait_for(lambda: len(receiver.accepted) == ALERTS, 90, interval=0.5, message="every alert at the receiver")
-        wait_for(lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == ALERTS, 30,
-                 message="every delivery recorded")
+        wait_for(
+            lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == ALERTS,
+            30,
+            message="every delivery recorded",
+        )
         wait_for(lambda: redis_client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0, 30, message="all acked")
     finally:
         if daemon.poll() is None:
@@ -113,18 +130,22 @@ timeout_s = 1
     assert {letter["reason"] for letter in letters} == {b"invalid_alert"}
 
 
-def test_postgres_down_alerts_wait_then_each_arrives_once(dedicated_redis: RedisServer, dedicated_postgres: PostgresServer,
-                                                        receiver: HttpReceiver, tmp_path: Path) -> None:
+def test_postgres_down_alerts_wait_then_each_arrives_once(
+    dedicated_redis: RedisServer, dedicated_postgres: PostgresServer, receiver: HttpReceiver, tmp_path: Path
+) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
-    config = write_config(tmp_path, f"""
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "ops-webhook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
-""")
+""",
+    )
 
     def publish(prefix: str, count: int) -> None:
         with client.pipeline(transaction=False) as pipe:
@@ -138,10 +159,15 @@ timeout_s = 1
     try:
         publish("before", 300)
         wait_for(lambda: len(receiver.accepted) == 300, 60, message="the first alerts")
-        counted = ('fraudd_alert_deliveries_total{channel="ops-webhook",outcome="delivered"} 300.0',
-                   'fraudd_alert_delivery_latency_seconds_count{channel="ops-webhook"} 300.0')
-        wait_for(lambda: all(line in _get(metrics_port, "/metrics") for line in counted), 20,
-                 message="the deliveries counted in /metrics")
+        counted = (
+            'fraudd_alert_deliveries_total{channel="ops-webhook",outcome="delivered"} 300.0',
+            'fraudd_alert_delivery_latency_seconds_count{channel="ops-webhook"} 300.0',
+        )
+        wait_for(
+            lambda: all(line in _get(metrics_port, "/metrics") for line in counted),
+            20,
+            message="the deliveries counted in /metrics",
+        )
         dedicated_postgres.stop("immediate")
         try:
             publish("during", 300)
@@ -152,8 +178,11 @@ timeout_s = 1
         finally:
             dedicated_postgres.start()
         wait_for(lambda: len(receiver.accepted) == 600, 60, message="the alerts after PostgreSQL came back")
-        wait_for(lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == 600, 30,
-                 message="every delivery recorded")
+        wait_for(
+            lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == 600,
+            30,
+            message="every delivery recorded",
+        )
         wait_for(lambda: client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0, 30, message="all acked")
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -178,15 +207,19 @@ def _get(port: int, path: str) -> str:
         return response.read().decode()
 
 
-def test_the_fraud_stream_and_the_delivery_log_stay_bounded(ns: Namespace, redis_client: redis.Redis,
-                                                             receiver: HttpReceiver, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+def test_the_fraud_stream_and_the_delivery_log_stay_bounded(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "ops-webhook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "FRAUDD_WEBHOOK_SECRET"
-""")
+""",
+    )
     with redis_client.pipeline(transaction=False) as pipe:
         for i in range(300):
             pipe.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(f"tx_{i}"))})
@@ -197,12 +230,14 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
               SELECT 'old_' || s, 'retired', s, '1-0', '{}', now() - interval '200 days', now() + interval '1 year'
               FROM unnest(ARRAY['delivered', 'failed', 'pending']) AS s RETURNING status""")
     log_path = tmp_path / "alerts.log"
-    daemon = start_alerts(ns, config, log_path, "--workers", "1", "--fraud-retention-s", "1",
-                          "--deliveries-retention-days", "90")
+    daemon = start_alerts(ns, config, log_path, "--workers", "1", "--fraud-retention-s", "1", "--deliveries-retention-days", "90")
     try:
         wait_for(lambda: len(receiver.accepted) == 300, 30, message="every alert delivered")
-        wait_for(lambda: ns.sql("SELECT status FROM alert_deliveries WHERE left(transaction_id, 4) = 'old_'") == [("pending",)],
-                 30, message="the old settled rows purged")
+        wait_for(
+            lambda: ns.sql("SELECT status FROM alert_deliveries WHERE left(transaction_id, 4) = 'old_'") == [("pending",)],
+            30,
+            message="the old settled rows purged",
+        )
         wait_for(lambda: redis_client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0, 30, message="all acked")
         time.sleep(6)  # a housekeeping round after the last ack: the audit group has read nothing yet
         assert redis_client.xlen(ns.fraud_stream) == 300
@@ -219,10 +254,17 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
 
 
 def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_path: Path) -> None:
-    config = write_config(tmp_path, '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
-                                    'secret_env = "FRAUDD_TEST_UNSET_SECRET"\n')
+    config = write_config(
+        tmp_path,
+        '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
+        'secret_env = "FRAUDD_TEST_UNSET_SECRET"\n',
+    )
     result = ns.fraudd("alerts", "--config", str(config), timeout=30)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [(f"Error: --config / FRAUDD_ALERTS_CONFIG: {config}: channels[0] (ops).secret_env: "
-                      "environment variable FRAUDD_TEST_UNSET_SECRET is not set")], result.stderr
+    assert lines == [
+        (
+            f"Error: --config / FRAUDD_ALERTS_CONFIG: {config}: channels[0] (ops).secret_env: "
+            "environment variable FRAUDD_TEST_UNSET_SECRET is not set"
+        )
+    ], result.stderr

@@ -21,9 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 # A fixed maximum: the smoke runs must not depend on an earlier throughput report.
 MAX_RATE = "4000"
 
+
 def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
-    command = [sys.executable, "-m", "bench", *args, "--redis-url", REDIS_URL, "--postgres-url", POSTGRES_URL,
-               "--out-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        *args,
+        "--redis-url",
+        REDIS_URL,
+        "--postgres-url",
+        POSTGRES_URL,
+        "--out-dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     path = Path(result.stdout.strip().splitlines()[-1].removeprefix("report: "))
@@ -71,8 +82,20 @@ def test_throughput(tmp_path: Path) -> None:
 
 
 def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
-    report = bench(tmp_path, "throughput", "--redis-cluster-masters", "2", "--redis-cluster-replicas", "1",
-                   "-n", "3000", "--workers", "2", "--shards", "4")
+    report = bench(
+        tmp_path,
+        "throughput",
+        "--redis-cluster-masters",
+        "2",
+        "--redis-cluster-replicas",
+        "1",
+        "-n",
+        "3000",
+        "--workers",
+        "2",
+        "--shards",
+        "4",
+    )
     assert report["services"]["redis_cluster"] == {"masters": 2, "replicas": 1}
     assert "--redis-cluster" in report["fraudd_args"]
     result = report["result"]
@@ -84,8 +107,7 @@ def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
     # Every shard on exactly one master, every transaction counted on its shard's master.
     assert sorted(shard for node in nodes.values() for shard in node["shards"]) == [0, 1, 2, 3]
     assert sum(node["transactions"] for node in nodes.values()) == 3000
-    assert all(node["keys"] > 0 and node["used_memory_bytes"] > 0 and node["cpu_us_per_tx"] >= 0
-               for node in nodes.values())
+    assert all(node["keys"] > 0 and node["used_memory_bytes"] > 0 and node["cpu_us_per_tx"] >= 0 for node in nodes.values())
     assert sorted(stream for node in nodes.values() for stream in node["streams"]) == ["dlq", "fraud"]
     # The replicas (listed last) serve no shard of their own.
     assert all(node["shards"] == [] and node["cpu_us_per_own_tx"] is None for node in list(nodes.values())[2:])
@@ -96,8 +118,9 @@ def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
 
 
 def test_latency(tmp_path: Path) -> None:
-    report = bench(tmp_path, "latency", "--max-rate", MAX_RATE, "--rates", "0.1", "--seconds", "3",
-                   "--warmup", "0.5", "--workers", "1")
+    report = bench(
+        tmp_path, "latency", "--max-rate", MAX_RATE, "--rates", "0.1", "--seconds", "3", "--warmup", "0.5", "--workers", "1"
+    )
     result = report["result"]
     assert result["max_rate"] == float(MAX_RATE) and result["max_rate_source"] == "--max-rate"
     (phase,) = result["phases"]
@@ -111,8 +134,7 @@ def test_latency(tmp_path: Path) -> None:
 
 
 def test_soak(tmp_path: Path) -> None:
-    report = bench(tmp_path, "soak", "--max-rate", MAX_RATE, "--minutes", str(5 / 60), "--interval", "1",
-                   "--workers", "2")
+    report = bench(tmp_path, "soak", "--max-rate", MAX_RATE, "--minutes", str(5 / 60), "--interval", "1", "--workers", "2")
     result = report["result"]
     assert result["sent"] == result["rows"] == 10_000 and result["exactly_once"]
     assert len(result["worker_rss"]) == 2

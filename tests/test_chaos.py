@@ -55,8 +55,18 @@ TEST_BUDGET_S = 170.0
 # on one slow batch (a COPY into a chunk being compressed takes over a second): each death counts a
 # delivery, so the poison bar sits above what the kill rate alone reaches. Poison itself is tested
 # in test_recovery; this test is about the six guarantees.
-DAEMON_ARGS = ("--workers", "2", "--batch-size", "500", "--claim-idle-ms", "3000", "--pipeline-depth", "2",
-               "--max-deliveries", "12")
+DAEMON_ARGS = (
+    "--workers",
+    "2",
+    "--batch-size",
+    "500",
+    "--claim-idle-ms",
+    "3000",
+    "--pipeline-depth",
+    "2",
+    "--max-deliveries",
+    "12",
+)
 
 
 class Producer(threading.Thread):
@@ -155,14 +165,21 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
 
-    generated = TransactionGenerator(GeneratorConfig(
-        seed=2024, start_ts=time.time() - TRANSACTIONS / EVENT_RATE - 60, tx_per_second=EVENT_RATE,
-    )).generate(TRANSACTIONS)
+    generated = TransactionGenerator(
+        GeneratorConfig(
+            seed=2024,
+            start_ts=time.time() - TRANSACTIONS / EVENT_RATE - 60,
+            tx_per_second=EVENT_RATE,
+        )
+    ).generate(TRANSACTIONS)
     faults = generated.with_faults(DUPLICATE_RATE, INVALID_RATE, np.random.default_rng(7))
     # What each payload is: a valid transaction (its id and user) or an invalid entry (its reason).
     txids, users = generated.transaction_id.tolist(), generated.user_id.tolist()
-    valid_label = {p: (txids[row], users[row])
-                   for p, row, reason in zip(faults.payloads, faults.row.tolist(), faults.reason) if reason is None}
+    valid_label = {
+        p: (txids[row], users[row])
+        for p, row, reason in zip(faults.payloads, faults.row.tolist(), faults.reason)
+        if reason is None
+    }
     invalid_label = {p: reason for p, reason in zip(faults.payloads, faults.reason) if reason is not None and p is not None}
 
     prefilled = int(len(faults.payloads) * PREFILLED)
@@ -176,8 +193,11 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
         assert producer.error is None, repr(producer.error)
         budget = TEST_BUDGET_S - (time.monotonic() - test_started) - 25
         wait_for(lambda: fully_drained(client, ns), max(budget, 30), interval=0.5, message="the drain after the chaos")
-        wait_for(lambda: not any(alive(pid) for pid in chaos.orphans), ORPHAN_EXIT_TIMEOUT_S,
-                 message=f"the dead supervisor's workers {chaos.orphans} to exit")
+        wait_for(
+            lambda: not any(alive(pid) for pid in chaos.orphans),
+            ORPHAN_EXIT_TIMEOUT_S,
+            message=f"the dead supervisor's workers {chaos.orphans} to exit",
+        )
         assert chaos.daemon.stop() == 0, chaos.daemon.log()[-3000:]
     finally:
         chaos.cleanup()
@@ -248,8 +268,11 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
     mismatched = [a["transaction_id"] for a in alerts if a["decision"] != decision[a["transaction_id"]]]
     assert mismatched == []
 
-    events = Counter(e for e in ("worker_died", "outage", "recovered", "reclaimed", "batch_bisected", "group_recreated")
-                     for _ in range(log.count(f'"{e}"')))
+    events = Counter(
+        e
+        for e in ("worker_died", "outage", "recovered", "reclaimed", "batch_bisected", "group_recreated")
+        for _ in range(log.count(f'"{e}"'))
+    )
     print(
         f"\nchaos: {chaos_s:.1f}s; stream entries {len(stream)} (duplicated ids {sum(1 for c in entries_of.values() if c > 1)}, "
         f"producer retries {producer.retries}); worker SIGKILLs {chaos.worker_kills}, supervisor SIGKILLs 1 "

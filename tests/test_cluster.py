@@ -51,8 +51,18 @@ LEASE_MS = 1500
 MIGRATION_TRANSACTIONS = 40_000
 MIGRATED_SHARDS = (0, 1)
 # Every SIGKILL is a delivery of the reads in flight: the poison bar sits above what the kills reach.
-DAEMON_ARGS = ("--workers", "2", "--shards", str(SHARDS), "--lease-ms", str(LEASE_MS), "--batch-size", "1000",
-               "--max-deliveries", "12")
+DAEMON_ARGS = (
+    "--workers",
+    "2",
+    "--shards",
+    str(SHARDS),
+    "--lease-ms",
+    str(LEASE_MS),
+    "--batch-size",
+    "1000",
+    "--max-deliveries",
+    "12",
+)
 
 
 @dataclass
@@ -70,8 +80,11 @@ class Traffic:
         faults = generated.with_faults(0.01, 0.005, np.random.default_rng(seed))
         kept = [(p, reason) for p, reason in zip(faults.payloads, faults.reason) if p is not None]
         txids, users = generated.transaction_id.tolist(), generated.user_id.tolist()
-        return cls([p for p, _reason in kept], [reason for _p, reason in kept],
-                   {txids[row]: users[row] for row, reason in zip(faults.row.tolist(), faults.reason) if reason is None})
+        return cls(
+            [p for p, _reason in kept],
+            [reason for _p, reason in kept],
+            {txids[row]: users[row] for row, reason in zip(faults.row.tolist(), faults.reason) if reason is None},
+        )
 
     def assert_guarantees(self, client: RedisCluster, ns: Namespace, ids: list[str]) -> None:
         """DESIGN.md's six guarantees by exact counts, once the stream is fully drained; ``ids``:
@@ -88,21 +101,22 @@ class Traffic:
         letters = Counter(d["source_id"].decode() for d in dlq(client, ns))
         assert letters == Counter(entry_id for entry_id, reason in zip(ids, self.reasons) if reason is not None)
         # 4. nothing pending (fully drained) and 5. behaviour counted each transaction once, per shard
-        markers = sum(client.hlen(bucket) for bucket in
-                      client.scan_iter(match=f"fraudd:{ns.stream}:*:seen:*", count=10_000))
+        markers = sum(client.hlen(bucket) for bucket in client.scan_iter(match=f"fraudd:{ns.stream}:*:seen:*", count=10_000))
         assert markers == len(self.expected_rows)
         counts = Counter(self.expected_rows.values())
         counted: dict[str, int] = {}
         for k in range(SHARDS):
             users = [user for user in counts if shard_of(user, SHARDS) == k]
             keys = Keys(shard_stream(ns.stream, SHARDS, k), ns.fraud_stream, ns.dlq_stream)
-            counted.update({user: struct.unpack_from("<dI", raw)[1]
-                            for user, raw in zip(users, stored_states(client, keys, users))})
+            counted.update(
+                {user: struct.unpack_from("<dI", raw)[1] for user, raw in zip(users, stored_states(client, keys, users))}
+            )
         assert counted == counts
 
 
 def test_every_guarantee_through_kills_a_lost_supervisor_and_a_failover(
-        redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path) -> None:
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path
+) -> None:
     ns = cluster_ns
     traffic = Traffic.generate(TRANSACTIONS, seed=31)
     publisher = Publisher(cluster_client, ns.stream, SHARDS)
@@ -162,7 +176,8 @@ def redirections(log: str) -> int:
 
 
 def test_shards_whose_slots_move_to_another_master_while_scoring(
-        redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path) -> None:
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path
+) -> None:
     """Two shards' slots move to other masters key batch by key batch while ``fraudd run`` scores
     them and the producer goes on writing: the workers meet ASK, TRYAGAIN and MOVED, wait each out
     as an outage, and carry on; every guarantee holds by exact counts."""
@@ -199,7 +214,8 @@ def test_shards_whose_slots_move_to_another_master_while_scoring(
 
 
 def test_a_lease_grant_counts_once_a_replica_holds_it(
-        redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path) -> None:
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path
+) -> None:
     """While the replica of shard 0's master is frozen, that master's grants are handed back (a
     failover would roll their epoch back); the other masters' shards are scored meanwhile, and once
     the replica is back every shard is, each guarantee by exact counts."""
@@ -229,7 +245,8 @@ def test_a_lease_grant_counts_once_a_replica_holds_it(
 
 
 def test_an_owner_whose_last_commit_died_with_its_master_counts_its_redelivery_once(
-        redis_cluster: RedisClusterServers, cluster_ns: Namespace) -> None:
+    redis_cluster: RedisClusterServers, cluster_ns: Namespace
+) -> None:
     """Replication is asynchronous: a features commit its master acknowledged and took to the grave
     is gone from the promoted replica, and its entries come back pending to the same owner (its
     lease, replicated long before, survived). The owner starts again from what the replica holds
@@ -244,8 +261,9 @@ def test_an_owner_whose_last_commit_died_with_its_master_counts_its_redelivery_o
     store = FeatureStore(client, keys, 3_600_000, lease)
 
     def batch(*txids: str) -> DecodedBatch:
-        return decode_batch([f"{i + 1}-0" for i in range(len(txids))],
-                            [payload(txid, user="u", ts=NOW - 60 + i) for i, txid in enumerate(txids)])
+        return decode_batch(
+            [f"{i + 1}-0" for i in range(len(txids))], [payload(txid, user="u", ts=NOW - 60 + i) for i, txid in enumerate(txids)]
+        )
 
     store.compute(batch("a1", "a2"))
     with master.client() as node:

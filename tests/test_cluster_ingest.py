@@ -76,7 +76,8 @@ class Client:
 
 
 def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transaction_once(
-        redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path) -> None:
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, cluster_ns: Namespace, tmp_path: Path
+) -> None:
     ns = cluster_ns
     generated = TransactionGenerator(GeneratorConfig(seed=41, tx_per_second=50.0)).generate(TRANSACTIONS)
     payloads, txids = generated.payloads(), generated.transaction_ids
@@ -85,17 +86,21 @@ def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transac
     # Each request as (path, body): scores, singles and batches interleaved, re-sends among them.
     requests = [("/v1/score", payloads[i]) for i in range(SCORED)]
     requests += [("/v1/transactions", payloads[i]) for i in range(SCORED, SCORED + SINGLE)]
-    requests += [("/v1/transactions/batch", [orjson.loads(p) for p in payloads[i:i + BATCH]])
-                 for i in range(SCORED + SINGLE, TRANSACTIONS, BATCH)]
+    requests += [
+        ("/v1/transactions/batch", [orjson.loads(p) for p in payloads[i : i + BATCH]])
+        for i in range(SCORED + SINGLE, TRANSACTIONS, BATCH)
+    ]
     requests += [("/v1/score" if i < SCORED else "/v1/transactions", payloads[i]) for i in resent[BATCH:]]
     requests.append(("/v1/transactions/batch", [orjson.loads(payloads[i]) for i in resent[:BATCH]]))
     requests = [requests[k] for k in rng.permutation(len(requests))]
     streams = shard_streams(ns.stream, SHARDS)
 
-    scoring = DaemonProcess.start(ns, tmp_path / "run.log", "--workers", "2", "--shards", str(SHARDS),
-                                  "--lease-ms", "1500", "--batch-size", "300")
-    ingest = IngestServer.start(ns, tmp_path, "--workers", "2", "--shards", str(SHARDS),
-                                "--decision-timeout-ms", "10000", "--retention-s", "1")
+    scoring = DaemonProcess.start(
+        ns, tmp_path / "run.log", "--workers", "2", "--shards", str(SHARDS), "--lease-ms", "1500", "--batch-size", "300"
+    )
+    ingest = IngestServer.start(
+        ns, tmp_path, "--workers", "2", "--shards", str(SHARDS), "--decision-timeout-ms", "10000", "--retention-s", "1"
+    )
     try:
         with ingest.client() as http, ThreadPoolExecutor(8) as pool:
             moving, failing = threading.Event(), threading.Event()
@@ -116,15 +121,17 @@ def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transac
             failing.set()
             redis_cluster.fail_over(doomed)
             answers = [(path, response.json()) for path, response in answers]
-            labelled = post(http, "/v1/labels", [{"transaction_id": t, "label": "fraud", "source": "chargeback"}
-                                                 for t in txids[:20]])
+            labelled = post(
+                http, "/v1/labels", [{"transaction_id": t, "label": "fraud", "source": "chargeback"} for t in txids[:20]]
+            )
             assert labelled.status_code == 202, labelled.text
             # Every decision channel subscribed again, on the nodes now serving the slots.
             wait_for(lambda: http.get("/healthz").status_code == 200, 10, message="a healthy ingest")
         wait_for(lambda: fully_drained(cluster_client, ns, SHARDS), 60, interval=0.2, message="the drain")
         # Acknowledged entries older than --retention-s are trimmed, shard by shard.
-        wait_for(lambda: sum(cluster_client.xlen(s) for s in streams) < TRANSACTIONS, 15,
-                 message="the shard streams to be trimmed")
+        wait_for(
+            lambda: sum(cluster_client.xlen(s) for s in streams) < TRANSACTIONS, 15, message="the shard streams to be trimmed"
+        )
     finally:
         ingest_code = ingest.stop()
         log = stop(scoring)
@@ -134,9 +141,12 @@ def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transac
     assert '"outage"' in ingest.log() and '"outage"' in log
 
     # Every transaction stored exactly once, as the entry the ingest answered for it ...
-    stored = {t: (stream_id, decision, round(float(score), 6), list(reasons), version) for t, stream_id, decision, score,
-              reasons, version in ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version"
-                                         " FROM transactions")}
+    stored = {
+        t: (stream_id, decision, round(float(score), 6), list(reasons), version)
+        for t, stream_id, decision, score, reasons, version in ns.sql(
+            "SELECT transaction_id, stream_id, decision, score, reasons, model_version FROM transactions"
+        )
+    }
     assert len(stored) == ns.sql("SELECT count(*) FROM transactions")[0][0] == TRANSACTIONS
     assert stored.keys() == set(txids)
     ids: dict[str, set[str]] = {}
@@ -155,8 +165,9 @@ def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transac
     assert len(scores) == SCORED + sum(i < SCORED for i in resent[BATCH:])
     assert not any(answer["timed_out"] for answer in scores)
     for answer in scores:
-        assert (answer["id"], answer["decision"], answer["score"], answer["reasons"], answer["model_version"]) == \
-            stored[answer["transaction_id"]]
+        assert (answer["id"], answer["decision"], answer["score"], answer["reasons"], answer["model_version"]) == stored[
+            answer["transaction_id"]
+        ]
 
     labels = [orjson.loads(fields[b"data"]) for _id, fields in cluster_client.xrange(ns.labels_stream)]
     assert [label["transaction_id"] for label in labels] == txids[:20]

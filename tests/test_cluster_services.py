@@ -57,10 +57,16 @@ def receiver() -> Iterator[HttpReceiver]:
 def transactions(count: int, prefix: str, users: int = 100, big_every: int = 0) -> list[bytes]:
     """Valid input messages over ``users`` users (so over every shard); every ``big_every``-th one
     for 20,000 (what a channel with ``min_amount`` receives)."""
-    return [payload(f"{prefix}_{i}", user=f"{prefix}_user_{i % users}", merchant=f"m{i % 7}",
-                    amount=20_000.0 if big_every and i % big_every == 0 else round(5 + (i * 7.31) % 900, 2),
-                    ts=NOW - 3000 + i % 3000)
-            for i in range(count)]
+    return [
+        payload(
+            f"{prefix}_{i}",
+            user=f"{prefix}_user_{i % users}",
+            merchant=f"m{i % 7}",
+            amount=20_000.0 if big_every and i % big_every == 0 else round(5 + (i * 7.31) % 900, 2),
+            ts=NOW - 3000 + i % 3000,
+        )
+        for i in range(count)
+    ]
 
 
 def score(ns: Namespace, client: RedisCluster, tmp_path: Path, *args: str) -> str:
@@ -89,7 +95,8 @@ class ConsumerOptions:
 
 
 def test_a_read_whose_dead_letters_were_written_but_not_acked_writes_none_again(
-        ns: Namespace, redis_cluster: RedisClusterServers, cluster_client: RedisCluster) -> None:
+    ns: Namespace, redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
     client = connect_redis(redis_cluster.url, cluster=True)
     options = ConsumerOptions(ns.labels_stream)
     ensure_group(client, options.stream, options.group)
@@ -110,34 +117,54 @@ def test_a_read_whose_dead_letters_were_written_but_not_acked_writes_none_again(
     assert cluster_client.xpending(options.stream, options.group)["pending"] == 0
 
 
-def test_labels_are_stored_once_and_counted_in_every_shards_slot(ns: Namespace, cluster_client: RedisCluster,
-                                                                  tmp_path: Path) -> None:
+def test_labels_are_stored_once_and_counted_in_every_shards_slot(
+    ns: Namespace, cluster_client: RedisCluster, tmp_path: Path
+) -> None:
     Publisher(cluster_client, ns.stream, SHARDS).publish(transactions(400, "lab"))
     score(ns, cluster_client, tmp_path)
-    labels, _errors = parse_labels([{"transaction_id": f"lab_{i}", "label": "fraud" if i % 2 else "legit",
-                                     "source": "chargeback", "reported_at": NOW - 60} for i in range(0, 120, 3)])
+    labels, _errors = parse_labels(
+        [
+            {
+                "transaction_id": f"lab_{i}",
+                "label": "fraud" if i % 2 else "legit",
+                "source": "chargeback",
+                "reported_at": NOW - 60,
+            }
+            for i in range(0, 120, 3)
+        ]
+    )
     publish_labels(cluster_client, ns.labels_stream, labels)
     publish_labels(cluster_client, ns.labels_stream, labels[:10])  # a source sending again
     cluster_client.xadd(ns.labels_stream, {"data": b'{"transaction_id": "lab_1", "label": "perhaps"}'})
     cluster_client.xadd(ns.labels_stream, {"data": b"not json"})
     daemon = ns.start_command("labels", "--workers", "2")
     try:
-        wait_for(lambda: ns.sql("SELECT count(*) FROM labels")[0][0] == 40 and cluster_client.xlen(ns.dlq_stream) == 2
-                 and cluster_client.xpending(ns.labels_stream, ns.group)["pending"] == 0, 30, message="labels stored")
+        wait_for(
+            lambda: (
+                ns.sql("SELECT count(*) FROM labels")[0][0] == 40
+                and cluster_client.xlen(ns.dlq_stream) == 2
+                and cluster_client.xpending(ns.labels_stream, ns.group)["pending"] == 0
+            ),
+            30,
+            message="labels stored",
+        )
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-3000:]
     assert ns.sql("SELECT count(*) FROM label_history")[0][0] == 40
-    assert sorted(letter["reason"].decode() for letter in dead_letters(cluster_client, ns)) == ["invalid_field",
-                                                                                               "invalid_json"]
+    assert sorted(letter["reason"].decode() for letter in dead_letters(cluster_client, ns)) == ["invalid_field", "invalid_json"]
     # A file of labels (`fraudd label`) goes through the cluster too: two more frauds.
     (tmp_path / "more.csv").write_text("transaction_id,label\nlab_200,fraud\nlab_201,fraud\n")
     loaded = ns.fraudd("label", "--file", str(tmp_path / "more.csv"))
     assert loaded.returncode == 0 and "2 labels (2 fraud)" in loaded.stdout, loaded.stdout + loaded.stderr
 
     # Every shard counts every confirmed fraud (any shard may see the merchant next), in its own slot.
-    expected = Counter(merchant for (merchant,) in ns.sql(
-        "SELECT t.merchant FROM transactions t JOIN labels l USING (transaction_id) WHERE l.label = 'fraud'"))
+    expected = Counter(
+        merchant
+        for (merchant,) in ns.sql(
+            "SELECT t.merchant FROM transactions t JOIN labels l USING (transaction_id) WHERE l.label = 'fraud'"
+        )
+    )
     assert sum(expected.values()) == 22
     for k in range(SHARDS):
         keys = Keys(shard_stream(ns.stream, SHARDS, k), "", "")
@@ -148,7 +175,8 @@ def test_labels_are_stored_once_and_counted_in_every_shards_slot(ns: Namespace, 
 
 
 def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
-        ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, tmp_path: Path) -> None:
+    ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
     # One user per shard whose first entry became poison while a dependency misbehaved (its consumers kept dying).
     users = {}
     for i in range(1000):
@@ -165,13 +193,18 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
     publisher.publish([*transactions(300, "dlq"), b"not json", b"[1]", b"{}"])
     score(ns, cluster_client, tmp_path, "--claim-idle-ms", "300", "--max-deliveries", "3")
     reasons = Counter(letter["reason"].decode() for letter in dead_letters(cluster_client, ns))
-    assert reasons == {decode.REASON_MAX_DELIVERIES: SHARDS, decode.REASON_NOT_JSON: 1, decode.REASON_NOT_OBJECT: 1,
-                       decode.REASON_MISSING: 1}, reasons
+    assert reasons == {
+        decode.REASON_MAX_DELIVERIES: SHARDS,
+        decode.REASON_NOT_JSON: 1,
+        decode.REASON_NOT_OBJECT: 1,
+        decode.REASON_MISSING: 1,
+    }, reasons
 
     listed = ns.fraudd("dlq", "list", "--reason", decode.REASON_MAX_DELIVERIES)
     assert listed.returncode == 0 and f"{SHARDS} shown, {SHARDS + 3} in {ns.dlq_stream}" in listed.stderr, listed.stderr
-    assert len(listed.stdout.splitlines()) == SHARDS and all(decode.REASON_MAX_DELIVERIES in line
-                                                             for line in listed.stdout.splitlines())
+    assert len(listed.stdout.splitlines()) == SHARDS and all(
+        decode.REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
+    )
     # Replayed twice at once (say, two operators): each transaction is still scored once, in its shard.
     first = next(i for i, f in cluster_client.xrange(ns.dlq_stream) if f[b"reason"] == b"max_deliveries")
     cluster_client.xadd(ns.dlq_stream, cluster_client.xrange(ns.dlq_stream, first, first)[0][1])
@@ -203,13 +236,15 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
 
 
 def test_each_alert_delivered_once_through_a_failover_and_a_dead_channel_dead_lettered_once(
-        ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, receiver: HttpReceiver,
-        tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
 [[channels]]
 name = "ops"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 
@@ -221,7 +256,8 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
 min_amount = 10000
 retry_base_s = 0.02
 retry_max_s = 0.1
-""")
+""",
+    )
     payloads = transactions(3000, "al", users=300, big_every=100)
     publisher = Publisher(cluster_client, ns.stream, SHARDS)
     publisher.publish(payloads[:1500])
@@ -235,8 +271,14 @@ retry_max_s = 0.1
         publisher.publish(payloads[1500:])
         wait_for(lambda: len(receiver.accepted) == 3000, 60, interval=0.3, message="every alert at the receiver")
         wait_for(lambda: cluster_client.xlen(ns.dlq_stream) == 30, 30, interval=0.3, message="the dead channel's letters")
-        wait_for(lambda: fully_drained(cluster_client, ns, SHARDS)
-                 and cluster_client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0, 30, message="all acked")
+        wait_for(
+            lambda: (
+                fully_drained(cluster_client, ns, SHARDS)
+                and cluster_client.xpending(ns.fraud_stream, "fraudd-alerts")["pending"] == 0
+            ),
+            30,
+            message="all acked",
+        )
     finally:
         alerting.send_signal(signal.SIGTERM)
         try:
@@ -259,7 +301,8 @@ retry_max_s = 0.1
     letters = dead_letters(cluster_client, ns)
     assert {letter["reason"] for letter in letters} == {b"alert_undeliverable"}
     assert sorted(orjson.loads(letter["data"])["transaction_id"] for letter in letters) == sorted(
-        f"al_{i}" for i in range(0, 3000, 100))
+        f"al_{i}" for i in range(0, 3000, 100)
+    )
 
     # The channel is fixed: a replay makes its deliveries due again and forgets their markers, so a
     # second give-up would be dead-lettered again.
@@ -270,4 +313,5 @@ retry_max_s = 0.1
     assert cluster_client.xlen(ns.dlq_stream) == 0
     assert not list(cluster_client.scan_iter(match=markers, target_nodes=RedisCluster.PRIMARIES))
     assert ns.sql("SELECT status, attempts, count(*) FROM alert_deliveries WHERE channel = 'gone' GROUP BY 1, 2") == [
-        ("pending", 0, 30)]
+        ("pending", 0, 30)
+    ]

@@ -12,13 +12,16 @@ from .test_pipeline import INVALID_KINDS, NOW
 
 
 def tx(i: int, **extra) -> bytes:
-    return orjson.dumps({"transaction_id": f"t{i}", "user_id": f"u{i}", "amount": 10.5 + i, "merchant": "m",
-                         "timestamp": NOW, **extra})
+    return orjson.dumps(
+        {"transaction_id": f"t{i}", "user_id": f"u{i}", "amount": 10.5 + i, "merchant": "m", "timestamp": NOW, **extra}
+    )
 
 
 def test_valid_batch_columns() -> None:
-    payloads = [tx(0, currency="eur", mcc="5411", country="de", channel="ecom", lat=52.5, lon=13.4, device_id="d1"),
-                tx(1, mcc="54x1", country="Germany", channel="moon", lat="north")]
+    payloads = [
+        tx(0, currency="eur", mcc="5411", country="de", channel="ecom", lat=52.5, lon=13.4, device_id="d1"),
+        tx(1, mcc="54x1", country="Germany", channel="moon", lat="north"),
+    ]
     batch = decode.decode_batch(["1-0", "2-0"], payloads)
     assert batch.rejected == []
     assert batch.transaction_id == ["t0", "t1"] and batch.entry_ids == ["1-0", "2-0"]
@@ -29,8 +32,14 @@ def test_valid_batch_columns() -> None:
 
 
 def test_rfc3339_timestamp() -> None:
-    batch = decode.decode_batch(["1-0"], [orjson.dumps({"transaction_id": "t", "user_id": "u", "amount": 1, "merchant": "m",
-                                                       "timestamp": "2025-11-29T03:00:00Z"})])
+    batch = decode.decode_batch(
+        ["1-0"],
+        [
+            orjson.dumps(
+                {"transaction_id": "t", "user_id": "u", "amount": 1, "merchant": "m", "timestamp": "2025-11-29T03:00:00Z"}
+            )
+        ],
+    )
     assert batch.timestamp.tolist() == [1764385200.0]
 
 

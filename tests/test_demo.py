@@ -15,8 +15,9 @@ def test_demo_on_throwaway_servers_scores_everything_once_and_delivers_every_ale
     # Nothing listens at these addresses: the demo starts its own servers and removes them after.
     env = {name: value for name, value in os.environ.items() if not name.startswith("FRAUDD_")}
     env.update(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", POSTGRES_URL=f"postgresql://127.0.0.1:{free_port()}/postgres")
-    result = subprocess.run([FRAUDD, "demo", "--transactions", "4000", "--workers", "2"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [FRAUDD, "demo", "--transactions", "4000", "--workers", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "starting throwaway servers" in output

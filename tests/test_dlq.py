@@ -23,8 +23,12 @@ def dead_letters(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> di
     entries = [NOT_JSON, *valid_payloads(20, "ok"), NOT_OBJECT, None, NOT_JSON]
     ids = publish(redis_client, ns.stream, entries)
     drain(redis_client, ns, tmp_path, "--workers", "1")
-    expected = {ids[0]: decode.REASON_NOT_JSON, ids[21]: decode.REASON_NOT_OBJECT, ids[22]: decode.REASON_NO_DATA,
-                ids[23]: decode.REASON_NOT_JSON}
+    expected = {
+        ids[0]: decode.REASON_NOT_JSON,
+        ids[21]: decode.REASON_NOT_OBJECT,
+        ids[22]: decode.REASON_NO_DATA,
+        ids[23]: decode.REASON_NOT_JSON,
+    }
     assert {d["source_id"].decode(): d["reason"].decode() for d in dlq(redis_client, ns)} == expected
     return expected
 
@@ -33,8 +37,9 @@ def dlq_ids(client: redis.Redis, ns: Namespace) -> list[str]:
     return [i.decode() for i, _ in client.xrange(ns.dlq_stream)]
 
 
-def test_entry_without_data_field_is_dead_lettered(ns: Namespace, redis_client: redis.Redis,
-                                                   dead_letters: dict[str, str]) -> None:
+def test_entry_without_data_field_is_dead_lettered(
+    ns: Namespace, redis_client: redis.Redis, dead_letters: dict[str, str]
+) -> None:
     letter = next(d for d in dlq(redis_client, ns) if d["reason"] == decode.REASON_NO_DATA.encode())
     assert letter["data"] == b"" and letter["deliveries"] == b"1" and letter["source_stream"] == ns.stream.encode()
     assert redis_client.xpending(ns.stream, ns.group)["pending"] == 0
@@ -72,8 +77,19 @@ def test_replay_of_a_fixed_entry_yields_exactly_one_row(ns: Namespace, redis_cli
     # The valid entry became poison while a dependency misbehaved (its consumers kept dying).
     redis_client.xreadgroup(ns.group, "crasher", {ns.stream: ">"}, count=1)
     redis_client.execute_command("XCLAIM", ns.stream, ns.group, "crasher", 0, ids[0], "RETRYCOUNT", 9)
-    drain(redis_client, ns, tmp_path, "--workers", "1", "--claim-idle-ms", "300", "--max-deliveries", "3",
-                      "--review-threshold", "0.000001")
+    drain(
+        redis_client,
+        ns,
+        tmp_path,
+        "--workers",
+        "1",
+        "--claim-idle-ms",
+        "300",
+        "--max-deliveries",
+        "3",
+        "--review-threshold",
+        "0.000001",
+    )
     reasons = sorted(d["reason"].decode() for d in dlq(redis_client, ns))
     assert reasons == sorted([decode.REASON_MAX_DELIVERIES, decode.REASON_NOT_JSON])
     assert ns.sql("SELECT count(*) FROM transactions")[0][0] == 0

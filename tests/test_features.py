@@ -70,8 +70,14 @@ _seq = iter(range(10**9))
 
 
 def tx(ts: float, user: str = "alice", amount: float = 10.0, merchant: str = "shop", **extra) -> dict:
-    return {"transaction_id": f"txn_{next(_seq)}", "user_id": user, "amount": amount,
-            "merchant": merchant, "timestamp": ts, **extra}
+    return {
+        "transaction_id": f"txn_{next(_seq)}",
+        "user_id": user,
+        "amount": amount,
+        "merchant": merchant,
+        "timestamp": ts,
+        **extra,
+    }
 
 
 def batch(*txs: dict) -> DecodedBatch:
@@ -104,8 +110,9 @@ def test_feature_names_are_consistent(store: FeatureStore) -> None:
 
 def test_redelivery_is_counted_once_and_scores_the_same(client: redis.Redis, keys: Keys, either_store: FeatureStore) -> None:
     store = either_store
-    txs = [tx(T0 + i * 10, amount=10.0 + i, merchant=f"m{i % 2}", card_id="card1", country="US", device_id="d1")
-           for i in range(4)] + [tx(T0 + 5, user="bob", card_id="card2")]
+    txs = [
+        tx(T0 + i * 10, amount=10.0 + i, merchant=f"m{i % 2}", card_id="card1", country="US", device_id="d1") for i in range(4)
+    ] + [tx(T0 + 5, user="bob", card_id="card2")]
     first = store.compute(batch(*txs))
     state = user_state(client, keys, "alice")
     again = store.compute(batch(*txs))
@@ -182,12 +189,14 @@ def test_amounts_and_mean(store: FeatureStore) -> None:
 
 
 def test_distinct_counts_and_first_seen(store: FeatureStore) -> None:
-    f = store.compute(batch(
-        tx(T0, merchant="a", country="US", device_id="d1"),
-        tx(T0 + 60, merchant="b", country="US", device_id="d1"),
-        tx(T0 + 120, merchant="a", country="FR", device_id="d2"),
-        tx(T0 + 180, merchant="c"),
-    ))
+    f = store.compute(
+        batch(
+            tx(T0, merchant="a", country="US", device_id="d1"),
+            tx(T0 + 60, merchant="b", country="US", device_id="d1"),
+            tx(T0 + 120, merchant="a", country="FR", device_id="d2"),
+            tx(T0 + 180, merchant="c"),
+        )
+    )
     assert col(f, "distinct_merchants_1h") == [1, 2, 2, 3]
     assert col(f, "distinct_countries_1h") == [1, 1, 2, 2]
     assert col(f, "new_merchant") == [1, 1, 0, 1]
@@ -202,9 +211,15 @@ def test_distinct_counts_and_first_seen(store: FeatureStore) -> None:
 def test_card_counts_are_per_user_and_card(store: FeatureStore) -> None:
     # Card counters live in the user's state (one key per user): a card shared by two users is
     # counted per user, and a user's two cards separately.
-    f = store.compute(batch(tx(T0, user="u1", card_id="shared"), tx(T0 + 1, user="u2", card_id="shared"),
-                            tx(T0 + 2, user="u2"), tx(T0 + 3, user="u2", card_id="other"),
-                            tx(T0 + 4, user="u2", card_id="shared")))
+    f = store.compute(
+        batch(
+            tx(T0, user="u1", card_id="shared"),
+            tx(T0 + 1, user="u2", card_id="shared"),
+            tx(T0 + 2, user="u2"),
+            tx(T0 + 3, user="u2", card_id="other"),
+            tx(T0 + 4, user="u2", card_id="shared"),
+        )
+    )
     assert col(f, "count_1m") == [1, 1, 2, 3, 4]
     assert col(f, "card_count_1m") == [1, 1, 0, 1, 2]
     assert col(f, "card_count_24h") == [1, 1, 0, 1, 2]
@@ -237,11 +252,21 @@ def test_function_reloaded_after_it_is_lost(client: redis.Redis, store: FeatureS
 def test_state_size_is_bounded(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
     def feed(user: str, count: int) -> None:
         for start in range(0, count, 500):
-            store.compute(batch(*(
-                tx(T0 + i * 7.3, user=user, merchant=f"m{i}", country="US" if i % 2 else "DE",
-                   device_id=f"d{i}", card_id=f"card-{user}")
-                for i in range(start, min(count, start + 500))
-            )))
+            store.compute(
+                batch(
+                    *(
+                        tx(
+                            T0 + i * 7.3,
+                            user=user,
+                            merchant=f"m{i}",
+                            country="US" if i % 2 else "DE",
+                            device_id=f"d{i}",
+                            card_id=f"card-{user}",
+                        )
+                        for i in range(start, min(count, start + 500))
+                    )
+                )
+            )
 
     feed("light", 50)
     feed("heavy", 10_000)
@@ -258,8 +283,7 @@ def test_empty_batch(store: FeatureStore) -> None:
     assert features.matrix.shape == (0, len(FEATURE_NAMES)) and len(features.seen) == 0
 
 
-def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, keys: Keys,
-                                                          either_store: FeatureStore) -> None:
+def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, keys: Keys, either_store: FeatureStore) -> None:
     store = either_store
     known = tx(T0)
     store.compute(batch(known))
@@ -304,8 +328,9 @@ def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: Feature
     monkeypatch.setattr(features_module, "MAX_COMMIT_ATTEMPTS", 3)
     with pytest.raises(CommitConflictError):
         store.compute(batch(tx(T0)))
-    assert not list(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*")), \
+    assert not list(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*")), (
         "no dedup marker is left behind"
+    )
 
 
 def test_markers_are_one_hash_per_event_minute_living_the_window(client: redis.Redis, keys: Keys) -> None:

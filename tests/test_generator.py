@@ -93,8 +93,13 @@ def test_faults_get_the_reasons_decode_gives_and_duplicates_are_identical():
     got = {r.entry_id: r.reason for r in decoded.rejected}
     assert got == {entry_ids[i]: faulty.reason[i] for i in range(n) if faulty.reason[i] is not None}
     expected_reasons = {
-        decode.REASON_TOO_LARGE, decode.REASON_NOT_UTF8, decode.REASON_NOT_JSON, decode.REASON_NOT_OBJECT,
-        decode.REASON_MISSING, decode.REASON_INVALID, decode.REASON_NO_DATA,
+        decode.REASON_TOO_LARGE,
+        decode.REASON_NOT_UTF8,
+        decode.REASON_NOT_JSON,
+        decode.REASON_NOT_OBJECT,
+        decode.REASON_MISSING,
+        decode.REASON_INVALID,
+        decode.REASON_NO_DATA,
     }
     assert set(got.values()) == expected_reasons
     assert all(np.asarray(faulty.row)[[i for i in range(n) if faulty.reason[i]]] == -1)

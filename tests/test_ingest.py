@@ -50,8 +50,11 @@ def test_every_status_code(server: IngestServer, ns: Namespace, redis_client: re
 
         not_json = post(http, "/v1/transactions", b'{"transaction_id": ')
         assert not_json.status_code == 400 and not_json.json()["error"] == decode.REASON_NOT_JSON
-        not_utf8 = post(http, "/v1/transactions", b'{"transaction_id": "\xff", "user_id": "u", "amount": 1, '
-                                                  b'"merchant": "m", "timestamp": 1764385200}')
+        not_utf8 = post(
+            http,
+            "/v1/transactions",
+            b'{"transaction_id": "\xff", "user_id": "u", "amount": 1, "merchant": "m", "timestamp": 1764385200}',
+        )
         assert not_utf8.status_code == 400 and not_utf8.json()["error"] == decode.REASON_NOT_UTF8
         too_large = post(http, "/v1/transactions", tx("s2", merchant="x" * decode.MAX_PAYLOAD_BYTES))
         assert too_large.status_code == 413 and too_large.json()["error"] == decode.REASON_TOO_LARGE
@@ -77,8 +80,10 @@ def test_every_status_code(server: IngestServer, ns: Namespace, redis_client: re
 
     # 408: a body announced but never sent in full within --client-timeout-s.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
-        slow.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"transaction_id\"")
+        slow.sendall(
+            b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"transaction_id"'
+        )
         reply = slow.recv(1000)
     assert reply.startswith(b"HTTP/1.1 408"), reply
 
@@ -164,8 +169,11 @@ def test_api_keys_and_reload(ns: Namespace, redis_client: redis.Redis, tmp_path:
 
             keys_file.write_text("rotated-key\n")
             server.signal(signal.SIGHUP)
-            wait_for(lambda: post(http, "/v1/transactions", tx("a2"), {"Authorization": "Bearer rotated-key"}).status_code == 202,
-                     10, message="the rotated key to be accepted")
+            wait_for(
+                lambda: post(http, "/v1/transactions", tx("a2"), {"Authorization": "Bearer rotated-key"}).status_code == 202,
+                10,
+                message="the rotated key to be accepted",
+            )
             assert post(http, "/v1/transactions", tx("a3"), {"Authorization": "Bearer " + KEY}).status_code == 401
     finally:
         assert server.stop() == 0
@@ -191,8 +199,15 @@ def test_signed_requests(ns: Namespace, redis_client: redis.Redis, tmp_path: Pat
             assert post(http, "/v1/transactions", other, signed(body, now + 1)).status_code == 403  # another body's
             assert post(http, "/v1/transactions", other, signed(other, now - 120)).status_code == 403  # stale
             assert post(http, "/v1/transactions", other, signed(other, now, key="wrong")).status_code == 403
-            assert post(http, "/v1/transactions", other, {TIMESTAMP_HEADER: str(now),
-                                                          SIGNATURE_HEADER: sign(KEY.encode(), now, other)}).status_code == 401
+            assert (
+                post(
+                    http,
+                    "/v1/transactions",
+                    other,
+                    {TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: sign(KEY.encode(), now, other)},
+                ).status_code
+                == 401
+            )
             assert post(http, "/v1/transactions", other, signed(other, now + 2)).status_code == 202
     finally:
         assert server.stop() == 0
@@ -208,8 +223,26 @@ def test_refuses_to_listen_beyond_loopback_without_keys(ns: Namespace, tmp_path:
 
 def test_tls(ns: Namespace, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = IngestServer.start(ns, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https")
     try:
         with server.client(verify=False) as http:
@@ -290,15 +323,23 @@ def test_the_supervisor_trims_acknowledged_entries(ns: Namespace, redis_client: 
     finally:
         assert server.stop() == 0
     remaining = [i.decode() for i, _f in redis_client.xrange(ns.stream)]
-    assert remaining == ids[-len(remaining):] and ids[800] in remaining
+    assert remaining == ids[-len(remaining) :] and ids[800] in remaining
 
 
 def test_labels_reach_the_labels_stream_all_or_none(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
     with server.client() as http:
-        written = post(http, "/v1/labels", [{"transaction_id": "l1", "label": "fraud", "source": "chargeback",
-                                             "reported_at": NOW - 10}, {"transaction_id": "l2", "label": 0}])
+        written = post(
+            http,
+            "/v1/labels",
+            [
+                {"transaction_id": "l1", "label": "fraud", "source": "chargeback", "reported_at": NOW - 10},
+                {"transaction_id": "l2", "label": 0},
+            ],
+        )
         assert written.status_code == 202 and written.json()["accepted"] == 2, written.text
-        refused = post(http, "/v1/labels", [{"transaction_id": "l3", "label": "fraud"}, {"transaction_id": "l4", "label": "maybe"}])
+        refused = post(
+            http, "/v1/labels", [{"transaction_id": "l3", "label": "fraud"}, {"transaction_id": "l4", "label": "maybe"}]
+        )
         assert refused.status_code == 422 and refused.json()["error"] == "invalid_label", refused.text
         assert refused.json()["detail"].startswith("item 1:") and "label" in refused.json()["detail"]
         assert post(http, "/v1/labels", {"transaction_id": "l5", "label": True}).status_code == 202
@@ -308,5 +349,8 @@ def test_labels_reach_the_labels_stream_all_or_none(server: IngestServer, ns: Na
     assert written.json()["ids"] == [entry_id.decode() for entry_id, _fields in entries[:2]]
     documents = [orjson.loads(fields[b"data"]) for _id, fields in entries]
     assert [(d["transaction_id"], d["label"], d["source"]) for d in documents] == [
-        ("l1", "fraud", "chargeback"), ("l2", "legit", "api"), ("l5", "fraud", "api")]
+        ("l1", "fraud", "chargeback"),
+        ("l2", "legit", "api"),
+        ("l5", "fraud", "api"),
+    ]
     assert documents[0]["reported_at"] == NOW - 10

@@ -18,8 +18,10 @@ from .streams import fully_drained
 
 def stored_rows(ns: Namespace) -> dict[str, dict]:
     rows = ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version FROM transactions")
-    return {r[0]: {"id": r[1], "decision": r[2], "score": round(float(r[3]), 6), "reasons": list(r[4]),
-                   "model_version": r[5]} for r in rows}
+    return {
+        r[0]: {"id": r[1], "decision": r[2], "score": round(float(r[3]), 6), "reasons": list(r[4]), "model_version": r[5]}
+        for r in rows
+    }
 
 
 def decision_of(answer: dict) -> dict:
@@ -37,8 +39,16 @@ def scoring(ns: Namespace, redis_client: redis.Redis, tmp_path: Path):
 def test_score_answers_the_stored_decision(ns: Namespace, scoring, tmp_path: Path) -> None:
     server = IngestServer.start(ns, tmp_path, "--workers", "2", "--decision-timeout-ms", "5000")
     # Risky enough to be declined or reviewed: large amounts at a gambling merchant, several at once.
-    items = [tx(f"sc{i}", user_id=f"user_{i % 7}", amount=[12.5, 4999.0, 80.0][i % 3],
-                mcc=["5411", "7995", "5999"][i % 3], channel="ecom") for i in range(60)]
+    items = [
+        tx(
+            f"sc{i}",
+            user_id=f"user_{i % 7}",
+            amount=[12.5, 4999.0, 80.0][i % 3],
+            mcc=["5411", "7995", "5999"][i % 3],
+            channel="ecom",
+        )
+        for i in range(60)
+    ]
     try:
         with server.client() as http, ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda item: post(http, "/v1/score", item), items))
@@ -55,8 +65,11 @@ def test_score_answers_the_stored_decision(ns: Namespace, scoring, tmp_path: Pat
             assert again["duplicate"] is True and not again["timed_out"]
             assert decision_of(again) == rows["sc1"]
             # Each process adds its counts to the shared metrics every half second.
-            wait_for(lambda: 'fraudd_ingest_decisions_total{outcome="answered"} 61.0' in http.get("/metrics").text, 5,
-                     message="61 answered decisions in /metrics")
+            wait_for(
+                lambda: 'fraudd_ingest_decisions_total{outcome="answered"} 61.0' in http.get("/metrics").text,
+                5,
+                message="61 answered decisions in /metrics",
+            )
     finally:
         assert server.stop() == 0
     assert len(stored_rows(ns)) == 60

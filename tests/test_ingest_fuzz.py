@@ -30,9 +30,18 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
 )
-field_values = (st.text(max_size=70) | st.integers(min_value=-2**70, max_value=2**70) | st.floats() | st.booleans()
-                | st.none() | st.just("2025-11-29T03:00:00Z") | st.just("2025-11-29T03:00:00") | st.just("a\u0000b")
-                | st.floats(min_value=978307200.0, max_value=4102444800.0) | json_values)
+field_values = (
+    st.text(max_size=70)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.booleans()
+    | st.none()
+    | st.just("2025-11-29T03:00:00Z")
+    | st.just("2025-11-29T03:00:00")
+    | st.just("a\u0000b")
+    | st.floats(min_value=978307200.0, max_value=4102444800.0)
+    | json_values
+)
 required = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
 
 
@@ -40,8 +49,11 @@ required = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
 def transactions(draw) -> dict:
     """A valid transaction with some fields replaced, dropped, or added."""
     # Mostly fresh ids: repeated ones are duplicates, answered without a write.
-    item = tx(draw(st.uuids().map(str) | st.text(min_size=1, max_size=64)), amount=draw(st.floats(min_value=0.01, max_value=1e9)),
-              timestamp=draw(st.integers(min_value=NOW - 86400, max_value=NOW)))
+    item = tx(
+        draw(st.uuids().map(str) | st.text(min_size=1, max_size=64)),
+        amount=draw(st.floats(min_value=0.01, max_value=1e9)),
+        timestamp=draw(st.integers(min_value=NOW - 86400, max_value=NOW)),
+    )
     for name in draw(st.lists(st.sampled_from(required + ("currency", "mcc", "country", "lat", "card_id", "x")), max_size=3)):
         if draw(st.booleans()):
             item[name] = draw(field_values)
@@ -57,16 +69,37 @@ def serialize(value) -> bytes:
         return str(value).encode() if isinstance(value, int) else b"{}"
 
 
-bodies = st.one_of(st.binary(max_size=200), json_values.map(serialize), transactions().map(serialize),
-                   transactions().map(serialize), st.lists(transactions() | json_values, max_size=8).map(serialize),
-                   st.lists(transactions().map(serialize), max_size=5).map(b"\n".join))
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(serialize),
+    transactions().map(serialize),
+    transactions().map(serialize),
+    st.lists(transactions() | json_values, max_size=8).map(serialize),
+    st.lists(transactions().map(serialize), max_size=5).map(b"\n".join),
+)
 header_text = st.text(alphabet=string.printable.strip() + " ", max_size=40).map(str.strip)  # h11 refuses padded values
 # Mostly usable media types and keys, so that many requests get as far as validation and the stream.
-content_types = st.one_of(st.just("application/json"), st.just("application/json"), st.sampled_from(
-    ["application/x-ndjson", "application/json; charset=utf-8", "text/plain", "", "application/JSON",
-     "multipart/form-data; boundary=x"]), header_text)
-authorizations = st.one_of(st.just("Bearer " + KEY), st.just("Bearer " + KEY),
-                           st.sampled_from(["bearer " + KEY, "Bearer", "Basic " + KEY, ""]), header_text)
+content_types = st.one_of(
+    st.just("application/json"),
+    st.just("application/json"),
+    st.sampled_from(
+        [
+            "application/x-ndjson",
+            "application/json; charset=utf-8",
+            "text/plain",
+            "",
+            "application/JSON",
+            "multipart/form-data; boundary=x",
+        ]
+    ),
+    header_text,
+)
+authorizations = st.one_of(
+    st.just("Bearer " + KEY),
+    st.just("Bearer " + KEY),
+    st.sampled_from(["bearer " + KEY, "Bearer", "Basic " + KEY, ""]),
+    header_text,
+)
 
 
 @pytest.fixture
@@ -79,13 +112,27 @@ def fuzz_server(ns: Namespace, redis_client: redis.Redis, tmp_path: Path):
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(path=st.sampled_from(["/v1/transactions", "/v1/transactions/batch", "/v1/score"]), body=bodies,
-       content_type=content_types, authorization=authorizations,
-       extra=st.dictionaries(st.sampled_from(["X-Fraudd-Signature", "X-Fraudd-Timestamp", "Content-Encoding",
-                                              "Accept", "X-Anything"]), header_text, max_size=2))
-def test_random_requests_never_fail_or_poison_the_stream(fuzz_server: IngestServer, ns: Namespace, redis_client: redis.Redis,
-                                                         path: str, body: bytes, content_type: str, authorization: str,
-                                                         extra: dict) -> None:
+@given(
+    path=st.sampled_from(["/v1/transactions", "/v1/transactions/batch", "/v1/score"]),
+    body=bodies,
+    content_type=content_types,
+    authorization=authorizations,
+    extra=st.dictionaries(
+        st.sampled_from(["X-Fraudd-Signature", "X-Fraudd-Timestamp", "Content-Encoding", "Accept", "X-Anything"]),
+        header_text,
+        max_size=2,
+    ),
+)
+def test_random_requests_never_fail_or_poison_the_stream(
+    fuzz_server: IngestServer,
+    ns: Namespace,
+    redis_client: redis.Redis,
+    path: str,
+    body: bytes,
+    content_type: str,
+    authorization: str,
+    extra: dict,
+) -> None:
     import httpx
 
     headers = {**extra, "Content-Type": content_type, "Authorization": authorization}
@@ -104,7 +151,7 @@ async def _send(url: str, items: list[dict], batch_size: int, concurrency: int) 
     statuses: list[int] = []
     queue: asyncio.Queue = asyncio.Queue()
     for start_at in range(0, len(items), batch_size):
-        queue.put_nowait(items[start_at:start_at + batch_size])
+        queue.put_nowait(items[start_at : start_at + batch_size])
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
         async def client() -> None:
@@ -112,8 +159,9 @@ async def _send(url: str, items: list[dict], batch_size: int, concurrency: int) 
                 chunk = queue.get_nowait()
                 path, body = ("/v1/transactions", chunk[0]) if batch_size == 1 else ("/v1/transactions/batch", chunk)
                 while True:
-                    async with session.post(url + path, data=orjson.dumps(body),
-                                            headers={"Content-Type": "application/json"}) as response:
+                    async with session.post(
+                        url + path, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+                    ) as response:
                         await response.read()
                         if response.status != 503:  # backpressure: retry, as a gateway would
                             statuses.append(response.status)
@@ -125,16 +173,19 @@ async def _send(url: str, items: list[dict], batch_size: int, concurrency: int) 
 
 
 def test_fifty_thousand_over_http_stored_exactly_once(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
-    items = [tx(f"e2e_{i}", user_id=f"user_{i % 3000}", amount=round(5 + (i * 7.31) % 900, 2),
-                timestamp=NOW - 3600 + i % 3600) for i in range(50_000)]
+    items = [
+        tx(f"e2e_{i}", user_id=f"user_{i % 3000}", amount=round(5 + (i * 7.31) % 900, 2), timestamp=NOW - 3600 + i % 3600)
+        for i in range(50_000)
+    ]
     daemon = start(ns, tmp_path, "--workers", "2")
     server = IngestServer.start(ns, tmp_path, "--workers", "2", "--max-batch", "500")
     try:
+
         async def everything() -> tuple[list[int], list[int], list[int]]:
             return await asyncio.gather(
-                _send(server.url, items[:40_000], 500, 4),          # batches
-                _send(server.url, items[40_000:], 1, 32),           # single posts
-                _send(server.url, items[39_000:41_000], 1, 8),      # retries of both kinds: duplicates
+                _send(server.url, items[:40_000], 500, 4),  # batches
+                _send(server.url, items[40_000:], 1, 32),  # single posts
+                _send(server.url, items[39_000:41_000], 1, 8),  # retries of both kinds: duplicates
             )
 
         batches, singles, retries = asyncio.run(everything())
@@ -144,6 +195,6 @@ def test_fifty_thousand_over_http_stored_exactly_once(ns: Namespace, redis_clien
         assert server.stop() == 0, server.log()[-3000:]
         stop(daemon)
     assert redis_client.xlen(ns.stream) == 50_000
-    (rows, distinct), = ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")
+    ((rows, distinct),) = ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")
     assert rows == distinct == 50_000
     assert redis_client.xlen(ns.dlq_stream) == 0

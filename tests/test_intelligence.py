@@ -28,7 +28,6 @@ from .services import drain
 from .streams import fully_drained
 
 
-
 @pytest.fixture(scope="module")
 def holdout() -> train.Dataset:
     client = redis.Redis(protocol=2)
@@ -87,8 +86,10 @@ def test_pipeline_decides_exactly_as_offline_scoring(ns: Namespace, redis_client
     Publisher(redis_client, ns.stream).publish(payloads)
     # One worker keeps the event-time order in which each user's behaviour state is built.
     drain(redis_client, ns, tmp_path, "--workers", "1", "--batch-size", "300")
-    live = {txid: (decision, score, list(reasons)) for txid, decision, score, reasons in
-            ns.sql("SELECT transaction_id, decision, score, reasons FROM transactions")}
+    live = {
+        txid: (decision, score, list(reasons))
+        for txid, decision, score, reasons in ns.sql("SELECT transaction_id, decision, score, reasons FROM transactions")
+    }
     offline = offline_decisions(redis_client, payloads)
     assert live.keys() == offline.keys() and len(live) == 30_000
     disagreements = [txid for txid in live if live[txid][0] != offline[txid][0] or live[txid][2] != offline[txid][2]]
@@ -103,8 +104,7 @@ def publish_and_drain(redis_client: redis.Redis, ns: Namespace, payloads: list[b
     wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to drain")
 
 
-def test_sighup_reloads_rules_and_model_and_refuses_bad_files(ns: Namespace, redis_client: redis.Redis,
-                                                              tmp_path: Path) -> None:
+def test_sighup_reloads_rules_and_model_and_refuses_bad_files(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     rules_path, model_path = tmp_path / "rules.toml", tmp_path / "fraud.onnx"
     rules_path.write_bytes(DEFAULT_RULES.read_bytes())
     model_path.write_bytes(DEFAULT_MODEL.read_bytes())
@@ -112,8 +112,10 @@ def test_sighup_reloads_rules_and_model_and_refuses_bad_files(ns: Namespace, red
     daemon = ns.start("--workers", "2", "--rules-path", str(rules_path), ML_MODEL_PATH=str(model_path))
 
     def rows_of(generated) -> list[tuple]:
-        return ns.sql("SELECT decision, reasons, model_version FROM transactions WHERE transaction_id = ANY(%s)",
-                      (generated.transaction_ids,))
+        return ns.sql(
+            "SELECT decision, reasons, model_version FROM transactions WHERE transaction_id = ANY(%s)",
+            (generated.transaction_ids,),
+        )
 
     def reload() -> None:
         daemon.process.send_signal(signal.SIGHUP)
@@ -124,14 +126,18 @@ def test_sighup_reloads_rules_and_model_and_refuses_bad_files(ns: Namespace, red
         publish_and_drain(redis_client, ns, before.payloads())
         assert not any("R_EVERYTHING" in reasons for _d, reasons, _v in rows_of(before))
 
-        rules_path.write_text(DEFAULT_RULES.read_text() + '\n[[rule]]\ncode = "R_EVERYTHING"\nreason = "test"\n'
-                              'action = "review"\nfeature = "amount"\nop = ">"\nvalue = 0\n')
+        rules_path.write_text(
+            DEFAULT_RULES.read_text() + '\n[[rule]]\ncode = "R_EVERYTHING"\nreason = "test"\n'
+            'action = "review"\nfeature = "amount"\nop = ">"\nvalue = 0\n'
+        )
         reload()
         after = generator.generate(200)
         publish_and_drain(redis_client, ns, after.payloads())
         assert all("R_EVERYTHING" in reasons and decision != "approve" for decision, reasons, _v in rows_of(after))
 
-        rules_path.write_text('[[rule]]\ncode = "R_BROKEN"\nreason = "x"\naction = "review"\nfeature = "no_such"\nop = ">"\nvalue = 1\n')
+        rules_path.write_text(
+            '[[rule]]\ncode = "R_BROKEN"\nreason = "x"\naction = "review"\nfeature = "no_such"\nop = ">"\nvalue = 1\n'
+        )
         model_path.write_bytes(b"not a model")
         reload()
         kept = generator.generate(200)

@@ -38,8 +38,15 @@ from .test_observability import free_port, http_get
 
 # Small enough for tens of seconds through the live pipeline; a portfolio under heavier attack than
 # the default, so that 24 days hold enough fraud of each typology to learn from (~1,500).
-SMALL = SimulatorConfig(seed=5, n_customers=2_000, n_terminals=4_000, days=24, customer_compromises_per_day=2e-3,
-                        card_thefts_per_day=1.5e-3, terminal_compromises_per_day=4e-4)
+SMALL = SimulatorConfig(
+    seed=5,
+    n_customers=2_000,
+    n_terminals=4_000,
+    days=24,
+    customer_compromises_per_day=2e-3,
+    card_thefts_per_day=1.5e-3,
+    terminal_compromises_per_day=4e-4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +113,18 @@ def test_train_refuses_unusable_history_in_one_line(ns: Namespace, tmp_path: Pat
 
 
 def test_model_trained_on_first_60_percent_beats_plain_rules_live_and_shadow_agrees_offline(
-        ns: Namespace, redis_client: redis.Redis, tmp_path: Path, history: SimulatedHistory) -> None:
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path, history: SimulatedHistory
+) -> None:
     cut = int(len(history) * 0.6)
     model = tmp_path / "team.onnx"
-    result = ns.fraudd("train", "--history", str(write_history(tmp_path / "first60.jsonl", history.take(slice(0, cut)))),
-                       "--out", str(model), timeout=300)
+    result = ns.fraudd(
+        "train",
+        "--history",
+        str(write_history(tmp_path / "first60.jsonl", history.take(slice(0, cut)))),
+        "--out",
+        str(model),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "features:" in result.stderr  # progress is shown
     card = model.with_suffix(".md").read_text()
@@ -119,8 +133,18 @@ def test_model_trained_on_first_60_percent_beats_plain_rules_live_and_shadow_agr
     # The trained model decides; the shipped one runs in shadow beside it.
     payloads = history.payloads()
     Publisher(redis_client, ns.stream).publish(payloads)
-    drain(redis_client, ns, tmp_path, "--workers", "1", "--model-path", str(model), "--shadow-model", str(DEFAULT_MODEL),
-          timeout=300)
+    drain(
+        redis_client,
+        ns,
+        tmp_path,
+        "--workers",
+        "1",
+        "--model-path",
+        str(model),
+        "--shadow-model",
+        str(DEFAULT_MODEL),
+        timeout=300,
+    )
     later = set(history.transaction_id[cut:].tolist())
     fraud = {txid for txid, bad in zip(history.transaction_id.tolist(), history.is_fraud.tolist()) if bad}
     rows = ns.sql("""SELECT transaction_id, score, amount,
@@ -168,8 +192,9 @@ def flagged_share(ns: Namespace, history: SimulatedHistory, legit: bool) -> floa
     return float(share)
 
 
-def test_shipped_model_calibrated_to_one_percent_keeps_legit_alerts_low(ns: Namespace, redis_client: redis.Redis,
-                                                                        tmp_path: Path) -> None:
+def test_shipped_model_calibrated_to_one_percent_keeps_legit_alerts_low(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     """A new team's first weeks: run the shipped model, calibrate on what it scored, then decide."""
     traffic = Simulator(SimulatorConfig(seed=8, n_customers=2_000, n_terminals=4_000, days=14)).history()
     half = int(len(traffic) * 0.5)
@@ -203,8 +228,10 @@ def test_shipped_model_calibrated_to_one_percent_keeps_legit_alerts_low(ns: Name
     drain(redis_client, ns, tmp_path, "--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(rules))
     after = flagged_share(ns, second, legit=True)
     caught = flagged_share(ns, second, legit=False)
-    print(f"legit flagged: {before:.2%} with the model's own thresholds, {after:.2%} calibrated; "
-          f"fraud flagged: {caught_before:.1%}, then {caught:.1%}")
+    print(
+        f"legit flagged: {before:.2%} with the model's own thresholds, {after:.2%} calibrated; "
+        f"fraud flagged: {caught_before:.1%}, then {caught:.1%}"
+    )
     assert after <= 0.015
 
 
@@ -225,14 +252,28 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
     traffic = Simulator(SimulatorConfig(seed=9, n_customers=100, n_terminals=200, days=3)).history()
     parts = [traffic.take(slice(i * 200, (i + 1) * 200)) for i in range(3)]
     port = free_port()
-    daemon = ns.start("--workers", "1", "--thresholds", str(thresholds), "--rules-path", str(quiet),
-                      "--shadow-model", str(DEFAULT_MODEL), "--metrics-port", str(port))
+    daemon = ns.start(
+        "--workers",
+        "1",
+        "--thresholds",
+        str(thresholds),
+        "--rules-path",
+        str(quiet),
+        "--shadow-model",
+        str(DEFAULT_MODEL),
+        "--metrics-port",
+        str(port),
+    )
 
     def decisions(part: SimulatedHistory) -> set[str]:
         Publisher(redis_client, ns.stream).publish(part.payloads())
         wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to drain")
-        return {d for (d,) in ns.sql("SELECT decision FROM transactions WHERE transaction_id = ANY(%s)",
-                                     (part.transaction_id.tolist(),))}
+        return {
+            d
+            for (d,) in ns.sql(
+                "SELECT decision FROM transactions WHERE transaction_id = ANY(%s)", (part.transaction_id.tolist(),)
+            )
+        }
 
     try:
         assert decisions(parts[0]) == {"approve"}
@@ -246,8 +287,11 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
         assert decisions(parts[2]) == {"review"}  # the file for another model is refused, the last one kept
         # The shadow rule decided nothing but was counted; champion and challenger decisions by pair.
         _status, text = http_get(f"http://127.0.0.1:{port}/metrics")
-        samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(("fraudd_rule_hits_total{", "fraudd_shadow_decisions_total{"))}
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(("fraudd_rule_hits_total{", "fraudd_shadow_decisions_total{"))
+        }
         assert samples['fraudd_rule_hits_total{action="shadow",rule="R_TRY"}'] == 600
         assert sum(v for k, v in samples.items() if k.startswith("fraudd_shadow_decisions_total")) == 600
     finally:
@@ -258,17 +302,21 @@ def test_thresholds_file_is_reloaded_on_sighup(ns: Namespace, redis_client: redi
 
 def test_label_file_is_idempotent_keeps_history_and_latest_verdict(ns: Namespace, tmp_path: Path) -> None:
     first = tmp_path / "chargebacks.csv"
-    first.write_text("transaction_id,label,source,reported_at\n"
-                     "t1,fraud,chargeback,2026-11-01T10:00:00Z\n"
-                     "t2,legit,analyst,1793000000\n"
-                     "t3,fraud,,\n")
+    first.write_text(
+        "transaction_id,label,source,reported_at\n"
+        "t1,fraud,chargeback,2026-11-01T10:00:00Z\n"
+        "t2,legit,analyst,1793000000\n"
+        "t3,fraud,,\n"
+    )
     for _ in range(2):
         result = ns.fraudd("label", "--file", str(first))
         assert result.returncode == 0, result.stderr
     assert "0 new reports" in result.stdout
     later = tmp_path / "review.jsonl"
-    later.write_text('{"transaction_id": "t1", "label": "legit", "source": "analyst", "reported_at": "2026-11-03T00:00:00Z"}\n'
-                     '{"transaction_id": "t2", "label": 1, "source": "chargeback", "reported_at": 1793000000}\n')
+    later.write_text(
+        '{"transaction_id": "t1", "label": "legit", "source": "analyst", "reported_at": "2026-11-03T00:00:00Z"}\n'
+        '{"transaction_id": "t2", "label": 1, "source": "chargeback", "reported_at": 1793000000}\n'
+    )
     assert ns.fraudd("label", "--file", str(later)).returncode == 0
     latest = dict(ns.sql("SELECT transaction_id, label || ':' || source FROM labels"))
     # t1: a later verdict wins; t2: at the same time, fraud wins; t3: the file's name is its source.
@@ -283,18 +331,35 @@ def test_label_file_is_idempotent_keeps_history_and_latest_verdict(ns: Namespace
     assert ns.sql("SELECT count(*) FROM labels WHERE transaction_id = 't4'")[0][0] == 0  # all or nothing
 
 
-def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Namespace, redis_client: redis.Redis,
-                                                                          tmp_path: Path) -> None:
-    good, _errors = parse_labels([{"transaction_id": f"tx{i}", "label": "fraud" if i % 3 == 0 else "legit",
-                                   "source": "chargeback", "reported_at": 1793000000 + i} for i in range(500)])
+def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    good, _errors = parse_labels(
+        [
+            {
+                "transaction_id": f"tx{i}",
+                "label": "fraud" if i % 3 == 0 else "legit",
+                "source": "chargeback",
+                "reported_at": 1793000000 + i,
+            }
+            for i in range(500)
+        ]
+    )
     publish_labels(redis_client, ns.labels_stream, good)
     publish_labels(redis_client, ns.labels_stream, good[:100])  # a source sending again
     redis_client.xadd(ns.labels_stream, {"data": b'{"transaction_id": "tx9", "label": "perhaps"}'})
     redis_client.xadd(ns.labels_stream, {"data": b"not json"})
     daemon = ns.start_command("labels", "--workers", "1")
     try:
-        wait_for(lambda: ns.sql("SELECT count(*) FROM labels")[0][0] == 500 and redis_client.xlen(ns.dlq_stream) == 2
-                 and redis_client.xpending(ns.labels_stream, ns.group)["pending"] == 0, 60, message="labels stored")
+        wait_for(
+            lambda: (
+                ns.sql("SELECT count(*) FROM labels")[0][0] == 500
+                and redis_client.xlen(ns.dlq_stream) == 2
+                and redis_client.xpending(ns.labels_stream, ns.group)["pending"] == 0
+            ),
+            60,
+            message="labels stored",
+        )
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-2000:]
@@ -307,17 +372,26 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(ns: Na
     assert replayed.returncode == 0 and f"replayed 0 entries onto {ns.stream}, 2 onto {ns.labels_stream}" in replayed.stdout
     assert redis_client.xlen(ns.stream) == 0 and redis_client.xlen(ns.dlq_stream) == 0
     assert [fields[b"data"] for _id, fields in redis_client.xrange(ns.labels_stream)][-2:] == [
-        b'{"transaction_id": "tx9", "label": "perhaps"}', b"not json"]
+        b'{"transaction_id": "tx9", "label": "perhaps"}',
+        b"not json",
+    ]
 
 
 def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
-    traffic = Simulator(SimulatorConfig(seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3,
-                                        customer_compromises_per_day=4e-3)).history()
+    traffic = Simulator(
+        SimulatorConfig(
+            seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
+        )
+    ).history()
     Publisher(redis_client, ns.stream).publish(traffic.payloads())
     drain(redis_client, ns, tmp_path, "--workers", "1")
     chargebacks = tmp_path / "chargebacks.jsonl"
-    chargebacks.write_bytes(b"\n".join(orjson.dumps({"transaction_id": txid, "label": "fraud", "source": "chargeback"})
-                                       for txid in traffic.transaction_id[traffic.is_fraud].tolist()))
+    chargebacks.write_bytes(
+        b"\n".join(
+            orjson.dumps({"transaction_id": txid, "label": "fraud", "source": "chargeback"})
+            for txid in traffic.transaction_id[traffic.is_fraud].tolist()
+        )
+    )
     assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0
     model = tmp_path / "team.onnx"
     result = ns.fraudd("train", "--from-postgres", "--since", "30d", "--out", str(model), timeout=300)
@@ -328,8 +402,7 @@ def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, re
     trained = FraudModel.load(model, FEATURE_NAMES)
     assert trained.version.startswith("lgbm-") and 0.0 < trained.review_threshold <= trained.decline_threshold < 1.0
     # Replaying the stored rows through the running model and rules reproduces every decision.
-    result = ns.fraudd("backtest", "--model", str(DEFAULT_MODEL), "--rules", str(DEFAULT_RULES), "--since", "30d",
-                       timeout=300)
+    result = ns.fraudd("backtest", "--model", str(DEFAULT_MODEL), "--rules", str(DEFAULT_RULES), "--since", "30d", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     print(result.stdout)
     assert f"{len(traffic):,} stored transactions" in result.stdout
@@ -339,22 +412,30 @@ def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, re
     assert stored_line.split(None, 1)[1] == candidate_line.split(None, 1)[1]
 
 
-def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namespace, redis_client: redis.Redis,
-                                                                      tmp_path: Path) -> None:
+def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     """Chargebacks of the first ten days teach the scoring which terminals were compromised."""
-    traffic = Simulator(SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20,
-                                        terminal_compromises_per_day=1e-3)).history()
+    traffic = Simulator(
+        SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20, terminal_compromises_per_day=1e-3)
+    ).history()
     half = int(np.searchsorted(traffic.timestamp, traffic.timestamp[0] + 10 * 86400.0))
     first, second = traffic.take(slice(0, half)), traffic.take(slice(half, len(traffic)))
     rules = tmp_path / "rules.toml"
-    rules.write_text('[[rule]]\ncode = "R_CONFIRMED_MERCHANT"\nreason = "two frauds confirmed at this merchant within 7 days"\n'
-                     'action = "review"\nfeature = "merchant_fraud_7d"\nop = ">="\nvalue = 2\n')
+    rules.write_text(
+        '[[rule]]\ncode = "R_CONFIRMED_MERCHANT"\nreason = "two frauds confirmed at this merchant within 7 days"\n'
+        'action = "review"\nfeature = "merchant_fraud_7d"\nop = ">="\nvalue = 2\n'
+    )
     run = ("--workers", "1", "--rules-path", str(rules), "--review-threshold", "0.98", "--decline-threshold", "0.997")
     Publisher(redis_client, ns.stream).publish(first.payloads())
     drain(redis_client, ns, tmp_path, *run)
     chargebacks = tmp_path / "chargebacks.jsonl"
-    chargebacks.write_bytes(b"\n".join(orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
-                                       for t in first.transaction_id[first.is_fraud].tolist()))
+    chargebacks.write_bytes(
+        b"\n".join(
+            orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
+            for t in first.transaction_id[first.is_fraud].tolist()
+        )
+    )
     assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0
     assert ns.fraudd("label", "--file", str(chargebacks)).returncode == 0  # twice: counted once
     merchants, counts = np.unique(first.merchant[first.is_fraud], return_counts=True)
@@ -364,16 +445,19 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namesp
     # An analyst clears one of them later: it no longer counts.
     cleared = first.transaction_id[first.is_fraud & (first.merchant == busiest)][0]
     reversal = tmp_path / "reversal.jsonl"
-    reversal.write_bytes(orjson.dumps({"transaction_id": cleared, "label": "legit", "source": "analyst",
-                                       "reported_at": time.time() + 60}))
+    reversal.write_bytes(
+        orjson.dumps({"transaction_id": cleared, "label": "legit", "source": "analyst", "reported_at": time.time() + 60})
+    )
     assert ns.fraudd("label", "--file", str(reversal)).returncode == 0
     assert len(redis_client.hget(state, busiest).split(b";")) == counts.max() - 1
     assert cleared.encode() not in redis_client.hget(state, busiest)
     Publisher(redis_client, ns.stream).publish(second.payloads())
     drain(redis_client, ns, tmp_path, *run)
 
-    stored = {txid: (decision, reasons, score) for txid, decision, reasons, score in
-              ns.sql("SELECT transaction_id, decision, reasons, score FROM transactions")}
+    stored = {
+        txid: (decision, reasons, score)
+        for txid, decision, reasons, score in ns.sql("SELECT transaction_id, decision, reasons, score FROM transactions")
+    }
     assert len(stored) == len(traffic)
 
     def share(rows: SimulatedHistory, flagged) -> float:
@@ -386,8 +470,10 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(ns: Namesp
     before = share(first.take(first.typology == COMPROMISED_TERMINAL), with_labels)
     recall, baseline = share(terminals, with_labels), share(terminals, without)
     cost = share(legit, with_labels) - share(legit, without)
-    print(f"compromised terminals, days 11-20 ({len(terminals)}): {recall:.1%} flagged with the chargebacks of days "
-          f"1-10, {baseline:.1%} without (days 1-10, no labels yet: {before:.1%}); legit flagged by the rule: {cost:.2%}")
+    print(
+        f"compromised terminals, days 11-20 ({len(terminals)}): {recall:.1%} flagged with the chargebacks of days "
+        f"1-10, {baseline:.1%} without (days 1-10, no labels yet: {before:.1%}); legit flagged by the rule: {cost:.2%}"
+    )
     assert recall >= baseline + 0.3 and before < 0.1
     assert cost < 0.02
 

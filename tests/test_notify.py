@@ -78,10 +78,19 @@ def manager(tmp_path: Path) -> Iterator[ServiceManager]:
 
 
 def test_ready_watchdog_reload_and_stop_arrive_in_order_and_a_wedged_worker_stops_the_watchdog(
-        ns: Namespace, redis_client: redis.Redis, manager: ServiceManager, tmp_path: Path) -> None:
-    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", "--workers", "3", "--claim-idle-ms", "1000",
-                                 NOTIFY_SOCKET=str(tmp_path / "notify"),
-                                 WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)), WATCHDOG_PID="")
+    ns: Namespace, redis_client: redis.Redis, manager: ServiceManager, tmp_path: Path
+) -> None:
+    daemon = DaemonProcess.start(
+        ns,
+        tmp_path / "fraudd.log",
+        "--workers",
+        "3",
+        "--claim-idle-ms",
+        "1000",
+        NOTIFY_SOCKET=str(tmp_path / "notify"),
+        WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)),
+        WATCHDOG_PID="",
+    )
     try:
         ready = manager.wait_for(lambda m: m.get("READY") == "1", 60, "READY=1")
         assert ready["STATUS"].startswith("3/3 workers ready"), ready
@@ -122,8 +131,11 @@ def test_ready_watchdog_reload_and_stop_arrive_in_order_and_a_wedged_worker_stop
         daemon.process.wait(timeout=30)  # a second SIGTERM (from ``stop``) would stop at once
     finally:
         stop(daemon)
-    order = [next(k for k in ("READY", "RELOADING", "STOPPING") if k in fields)
-             for _at, fields in manager.messages if fields.keys() & {"READY", "RELOADING", "STOPPING"}]
+    order = [
+        next(k for k in ("READY", "RELOADING", "STOPPING") if k in fields)
+        for _at, fields in manager.messages
+        if fields.keys() & {"READY", "RELOADING", "STOPPING"}
+    ]
     assert order == ["READY", "RELOADING", "READY", "STOPPING"], order
 
 
@@ -145,10 +157,19 @@ def test_abstract_socket_addresses_and_the_watchdog_pid_are_honoured() -> None:
     assert not Notifier({}).enabled
 
 
-def test_ingest_reports_ready_beats_while_idle_and_acknowledges_a_reload(ns: Namespace, manager: ServiceManager,
-                                                                         tmp_path: Path) -> None:
-    server = IngestServer.start(ns, tmp_path, "--workers", "2", wait=False, NOTIFY_SOCKET=str(tmp_path / "notify"),
-                                WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)), WATCHDOG_PID="")
+def test_ingest_reports_ready_beats_while_idle_and_acknowledges_a_reload(
+    ns: Namespace, manager: ServiceManager, tmp_path: Path
+) -> None:
+    server = IngestServer.start(
+        ns,
+        tmp_path,
+        "--workers",
+        "2",
+        wait=False,
+        NOTIFY_SOCKET=str(tmp_path / "notify"),
+        WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)),
+        WATCHDOG_PID="",
+    )
     try:
         ready = manager.wait_for(lambda m: m.get("READY") == "1", 30, "READY=1")
         assert ready["STATUS"].startswith("2/2 workers ready"), ready

@@ -101,29 +101,46 @@ class Observed:
         """Every sample of ``/metrics``, keyed by name and labels as exposed."""
         status, text = http_get(self.metrics_url)
         assert status == 200
-        return {sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+        return {
+            sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
 
 def _start_prometheus(workdir: Path, metrics_port: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = workdir / "prometheus.yml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+            }
+        )
+    )
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(
-            [shutil.which("prometheus") or "prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
         )
     return process, f"http://127.0.0.1:{port}"
 
 
 def _load() -> list[bytes]:
-    valid = TransactionGenerator(GeneratorConfig(seed=11, start_ts=time.time() - 6 * 3600, tx_per_second=2.0)).generate(VALID).payloads()
+    valid = (
+        TransactionGenerator(GeneratorConfig(seed=11, start_ts=time.time() - 6 * 3600, tx_per_second=2.0))
+        .generate(VALID)
+        .payloads()
+    )
     mixed = []
     for i, payload in enumerate(valid):
         mixed.append(payload)
@@ -146,16 +163,23 @@ def observed() -> Iterator[Observed]:
         metrics_dir = workdir / "metrics"
         stderr_path = workdir / "fraudd.stderr"
         with open(stderr_path, "wb") as stderr:
-            daemon = Daemon(subprocess.Popen(
-                [FRAUDD, "run", "--workers", str(WORKERS), "--metrics-port", str(metrics_port)],
-                env=ns.env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)), stdout=subprocess.DEVNULL, stderr=stderr,
-                start_new_session=True,
-            ))
+            daemon = Daemon(
+                subprocess.Popen(
+                    [FRAUDD, "run", "--workers", str(WORKERS), "--metrics-port", str(metrics_port)],
+                    env=ns.env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)),
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            )
         prometheus, prometheus_url = _start_prometheus(workdir, metrics_port)
         base = f"http://127.0.0.1:{metrics_port}"
         o = Observed(ns, daemon, f"{base}/metrics", prometheus_url, metrics_dir, stderr_path)
-        wait_for(lambda: http_get(f"{base}/healthz")[0] == 200 or daemon.process.poll() is not None, 30,
-                 message="/healthz to answer 200")
+        wait_for(
+            lambda: http_get(f"{base}/healthz")[0] == 200 or daemon.process.poll() is not None,
+            30,
+            message="/healthz to answer 200",
+        )
         assert daemon.process.poll() is None, stderr_path.read_text()[-3000:]
         # Scraping before the load starts, so that rates span it (the load is over in seconds).
         wait_for(lambda: http_get(f"{prometheus_url}/-/ready")[0] == 200, 15, message="Prometheus to be ready")
@@ -174,9 +198,15 @@ def observed() -> Iterator[Observed]:
         o.before_restart, o.after_restart, o.dead_pid = before, o.scrape(), dead
 
         # Prometheus has the final state once it has scraped the restart and every scored transaction.
-        wait_for(lambda: o.value(f'sum(fraudd_worker_restarts_total{{job="{JOB}"}})') == 1.0
-                 and o.value(f'sum(fraudd_transactions_total{{job="{JOB}"}})') == VALID, 15,
-                 interval=0.5, message="Prometheus to scrape the final counts")
+        wait_for(
+            lambda: (
+                o.value(f'sum(fraudd_worker_restarts_total{{job="{JOB}"}})') == 1.0
+                and o.value(f'sum(fraudd_transactions_total{{job="{JOB}"}})') == VALID
+            ),
+            15,
+            interval=0.5,
+            message="Prometheus to scrape the final counts",
+        )
         yield o
     finally:
         if prometheus is not None:
@@ -223,8 +253,9 @@ def every_series_compared(expr: str) -> str:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    result = subprocess.run([shutil.which("promtool") or "promtool", "check", "rules", str(RULES)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -240,8 +271,12 @@ def test_queries_name_only_metrics_that_fraudd_defines(observed: Observed) -> No
 
     from fraudd.runtime import metrics  # noqa: F401 -- registers fraudd's metrics in this process
 
-    defined = {family.name + suffix for family in REGISTRY.collect() if family.name.startswith("fraudd_")
-               for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    defined = {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("fraudd_")
+        for suffix in ("", "_total", "_bucket", "_sum", "_count")
+    }
     exprs = _dashboard_exprs() + [rule["query"] for rule in observed.rules()]
     used = {name for expr in exprs for name in re.findall(r"\bfraudd_\w+", expr)}
     assert "fraudd_alert_deliveries_total" in used
@@ -282,8 +317,14 @@ def test_dashboard_variables_find_the_daemon(observed: Observed) -> None:
 def test_every_rule_expression_is_valid_and_sees_data(observed: Observed) -> None:
     rules = observed.rules()
     assert {rule["name"] for rule in rules} >= {
-        "FrauddTargetDown", "FrauddDependencyDown", "FrauddLagGrowing", "FrauddNotScoring", "FrauddDeadLetterSpike",
-        "FrauddWorkerRestarts", "FrauddLatencyOverBudget", "FrauddAlertDeliveriesFailing",
+        "FrauddTargetDown",
+        "FrauddDependencyDown",
+        "FrauddLagGrowing",
+        "FrauddNotScoring",
+        "FrauddDeadLetterSpike",
+        "FrauddWorkerRestarts",
+        "FrauddLatencyOverBudget",
+        "FrauddAlertDeliveriesFailing",
     }
     failures = []
     for rule in rules:
@@ -296,14 +337,18 @@ def test_every_rule_expression_is_valid_and_sees_data(observed: Observed) -> Non
             failures.append(f"{rule['name']}: no data for {compared}")
     assert not failures, "\n".join(failures)
     # Prometheus itself evaluates them every second: none may fail there either.
-    wait_for(lambda: all(rule["health"] == "ok" for rule in observed.rules()), 10,
-             message=f"every rule to evaluate without error: {[(r['name'], r['health'], r.get('lastError')) for r in observed.rules()]}")
+    wait_for(
+        lambda: all(rule["health"] == "ok" for rule in observed.rules()),
+        10,
+        message=f"every rule to evaluate without error: {[(r['name'], r['health'], r.get('lastError')) for r in observed.rules()]}",
+    )
 
 
 def test_exposition_follows_prometheus_conventions(observed: Observed) -> None:
     _status, text = http_get(observed.metrics_url)
-    lint = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"], input=text,
-                          capture_output=True, text=True, timeout=30)
+    lint = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     names = {family.name for family in text_string_to_metric_families(text)}
     assert all(name.startswith("fraudd_") for name in names), names
@@ -311,8 +356,12 @@ def test_exposition_follows_prometheus_conventions(observed: Observed) -> None:
 
 def test_a_dead_workers_counts_survive_and_its_files_go(observed: Observed) -> None:
     before, after = observed.before_restart, observed.after_restart
-    counters = [key for key in before if key.startswith(("fraudd_transactions_total", "fraudd_dead_letters_total"))
-                or re.match(r"fraudd_\w+_(count|sum|bucket)\{", key)]
+    counters = [
+        key
+        for key in before
+        if key.startswith(("fraudd_transactions_total", "fraudd_dead_letters_total"))
+        or re.match(r"fraudd_\w+_(count|sum|bucket)\{", key)
+    ]
     assert counters
     # Nothing was scored in between (the stream was drained), so every total must be exactly equal.
     changed = {key: (before[key], after.get(key)) for key in counters if after.get(key) != before[key]}
@@ -340,8 +389,19 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     port = free_port()
-    context = run.make_context("run", ["--metrics-port", str(port), "--redis-url", REDIS_URL,
-                                       "--postgres-url", "postgresql://127.0.0.1:1/test", "--workers", "2"])
+    context = run.make_context(
+        "run",
+        [
+            "--metrics-port",
+            str(port),
+            "--redis-url",
+            REDIS_URL,
+            "--postgres-url",
+            "postgresql://127.0.0.1:1/test",
+            "--workers",
+            "2",
+        ],
+    )
     settings = settings_from(context.params)
     server = HealthServer(port, Supervisor(service(settings)).health_problems)
     server.start()
@@ -370,9 +430,11 @@ def test_logs_are_json_lines_that_do_not_grow_with_traffic(observed: Observed) -
 
 
 def test_logs_are_human_readable_on_a_terminal() -> None:
-    program = ("import logging; from fraudd.runtime import logs; logs.setup('INFO', 'c-7'); "
-               "logging.getLogger('fraudd.t').info('hello', extra={'event': 'greeted', 'entries': 3}); "
-               "logging.getLogger('fraudd.t').debug('hidden')")
+    program = (
+        "import logging; from fraudd.runtime import logs; logs.setup('INFO', 'c-7'); "
+        "logging.getLogger('fraudd.t').info('hello', extra={'event': 'greeted', 'entries': 3}); "
+        "logging.getLogger('fraudd.t').debug('hidden')"
+    )
     primary, secondary = pty.openpty()
     try:
         subprocess.run([sys.executable, "-c", program], stderr=secondary, check=True, timeout=30)

@@ -32,8 +32,12 @@ from .streams import publish
 REPO = Path(__file__).resolve().parent.parent
 TRANSACTIONS = 4000
 # What the daemon reads at run time; a wheel without any of these cannot score.
-RUNTIME_FILES = ("fraudd/migrations/001_transactions.sql", "fraudd/scoring/fraud.onnx", "fraudd/scoring/rules.toml",
-                 "fraudd/scoring/features.lua")
+RUNTIME_FILES = (
+    "fraudd/migrations/001_transactions.sql",
+    "fraudd/scoring/fraud.onnx",
+    "fraudd/scoring/rules.toml",
+    "fraudd/scoring/features.lua",
+)
 
 
 def _run(*command: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -76,21 +80,32 @@ def test_wheel_installed_elsewhere_migrates_and_scores(redis_client: redis.Redis
     try:
         # The same environment the daemon gets resolves fraudd, and its default model, to the venv.
         where = subprocess.run(
-            [venv / "bin" / "python", "-c",
-             "import fraudd, fraudd.config; print(fraudd.__file__); print(fraudd.config.DEFAULT_MODEL)"],
-            env=ns.env(), cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True,
+            [
+                venv / "bin" / "python",
+                "-c",
+                "import fraudd, fraudd.config; print(fraudd.__file__); print(fraudd.config.DEFAULT_MODEL)",
+            ],
+            env=ns.env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout.split()
         site_packages = venv.resolve() / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-        assert [Path(p).resolve() for p in where] == [site_packages / "fraudd" / "__init__.py",
-                                                      site_packages / "fraudd" / "scoring" / "fraud.onnx"], where
+        assert [Path(p).resolve() for p in where] == [
+            site_packages / "fraudd" / "__init__.py",
+            site_packages / "fraudd" / "scoring" / "fraud.onnx",
+        ], where
         assert not Path(where[0]).resolve().is_relative_to(REPO)
 
         migrated = ns.fraudd("migrate")
         assert migrated.returncode == 0, migrated.stderr
         assert "applied 001_transactions" in migrated.stdout
 
-        generated = TransactionGenerator(GeneratorConfig(seed=5, start_ts=time.time() - TRANSACTIONS - 60,
-                                                         tx_per_second=1.0, fraud_rate=0.05)).generate(TRANSACTIONS)
+        generated = TransactionGenerator(
+            GeneratorConfig(seed=5, start_ts=time.time() - TRANSACTIONS - 60, tx_per_second=1.0, fraud_rate=0.05)
+        ).generate(TRANSACTIONS)
         publish(redis_client, ns.stream, generated.payloads())
         drain(redis_client, ns, tmp_path, "--workers", "2", "--batch-size", "500")
 
@@ -106,8 +121,10 @@ def test_wheel_installed_elsewhere_migrates_and_scores(redis_client: redis.Redis
         assert {a["transaction_id"]: a["decision"] for a in alerts} == flagged and len(alerts) == len(flagged)
         caught = int(np.isin(np.array(list(flagged), dtype=object), generated.transaction_id[generated.is_fraud]).sum())
         assert caught > 0, "the shipped model flagged none of the injected fraud"
-        print(f"\nwheel {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB) built and installed in {installed:.1f}s; "
-              f"{len(rows)} rows, {len(flagged)} flagged ({caught} of {int(generated.is_fraud.sum())} injected fraud)")
+        print(
+            f"\nwheel {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB) built and installed in {installed:.1f}s; "
+            f"{len(rows)} rows, {len(flagged)} flagged ({caught} of {int(generated.is_fraud.sum())} injected fraud)"
+        )
 
         # An installation that lost its migrations says so in one line, for migrate and for run.
         for sql in (site_packages / "fraudd" / "migrations").glob("*.sql"):

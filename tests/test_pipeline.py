@@ -24,8 +24,15 @@ NOW = int(time.time())
 
 def valid_payloads(count: int, prefix: str = "txn") -> list[bytes]:
     return [
-        orjson.dumps({"transaction_id": f"{prefix}_{i}", "user_id": f"user_{i % 700}", "amount": round(5 + (i * 7.31) % 900, 2),
-                      "merchant": ("Amazon", "Walmart", "Shell", "Uber", "Steam")[i % 5], "timestamp": NOW - 3600 + i % 3600})
+        orjson.dumps(
+            {
+                "transaction_id": f"{prefix}_{i}",
+                "user_id": f"user_{i % 700}",
+                "amount": round(5 + (i * 7.31) % 900, 2),
+                "merchant": ("Amazon", "Walmart", "Shell", "Uber", "Steam")[i % 5],
+                "timestamp": NOW - 3600 + i % 3600,
+            }
+        )
         for i in range(count)
     ]
 
@@ -37,16 +44,45 @@ INVALID_KINDS: list[tuple[bytes, str]] = [
     (b"[1, 2, 3]", decode.REASON_NOT_OBJECT),
     (b'"just a string"', decode.REASON_NOT_OBJECT),
     (orjson.dumps({"user_id": "u", "amount": 3.0, "merchant": "m", "timestamp": NOW}), decode.REASON_MISSING),
-    (orjson.dumps({"transaction_id": "bad_amount_type", "user_id": "u", "amount": "12.50", "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
-    (orjson.dumps({"transaction_id": "bad_amount_neg", "user_id": "u", "amount": -4, "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
-    (orjson.dumps({"transaction_id": 12345, "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
-    (orjson.dumps({"transaction_id": "bad_ts", "user_id": "u", "amount": 4, "merchant": "m", "timestamp": "yesterday"}), decode.REASON_INVALID),
-    (b'{"transaction_id": "nan_amount", "user_id": "u", "amount": NaN, "merchant": "m", "timestamp": 1764385200}', decode.REASON_NOT_JSON),
-    (b'{"transaction_id": "big", "user_id": "u", "amount": 1, "merchant": "' + b"x" * (1 << 20) + b'", "timestamp": 1764385200}', decode.REASON_TOO_LARGE),
-    (b'{"transaction_id": "\xff\xfe", "user_id": "u", "amount": 1, "merchant": "m", "timestamp": 1764385200}', decode.REASON_NOT_UTF8),
+    (
+        orjson.dumps({"transaction_id": "bad_amount_type", "user_id": "u", "amount": "12.50", "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": "bad_amount_neg", "user_id": "u", "amount": -4, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": 12345, "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": "bad_ts", "user_id": "u", "amount": 4, "merchant": "m", "timestamp": "yesterday"}),
+        decode.REASON_INVALID,
+    ),
+    (
+        b'{"transaction_id": "nan_amount", "user_id": "u", "amount": NaN, "merchant": "m", "timestamp": 1764385200}',
+        decode.REASON_NOT_JSON,
+    ),
+    (
+        b'{"transaction_id": "big", "user_id": "u", "amount": 1, "merchant": "'
+        + b"x" * (1 << 20)
+        + b'", "timestamp": 1764385200}',
+        decode.REASON_TOO_LARGE,
+    ),
+    (
+        b'{"transaction_id": "\xff\xfe", "user_id": "u", "amount": 1, "merchant": "m", "timestamp": 1764385200}',
+        decode.REASON_NOT_UTF8,
+    ),
     (orjson.dumps({"transaction_id": "", "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
-    (orjson.dumps({"transaction_id": "t" * 65, "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
-    (orjson.dumps({"transaction_id": "bool_amount", "user_id": "u", "amount": True, "merchant": "m", "timestamp": NOW}), decode.REASON_INVALID),
+    (
+        orjson.dumps({"transaction_id": "t" * 65, "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": "bool_amount", "user_id": "u", "amount": True, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
     (b'{"a":1},{"b":2}', decode.REASON_NOT_JSON),
 ]
 
@@ -60,8 +96,9 @@ def test_origin_producer_message_is_scored(ns: Namespace, redis_client: redis.Re
     message = b'{"transaction_id":"txn_ab12","user_id":"user_x1","amount":512.3,"merchant":"Amazon","timestamp":%d}' % NOW
     redis_client.xadd(ns.stream, {"data": message})
     drain(redis_client, ns, tmp_path, "--workers", "1", timeout=30)
-    rows = ns.sql("SELECT transaction_id, user_id, amount, merchant, event_time, decision, score, model_version, reasons "
-                  "FROM transactions")
+    rows = ns.sql(
+        "SELECT transaction_id, user_id, amount, merchant, event_time, decision, score, model_version, reasons FROM transactions"
+    )
     assert len(rows) == 1
     txid, user, amount, merchant, event_time, decision, score, version, reasons = rows[0]
     assert (txid, user, amount, merchant) == ("txn_ab12", "user_x1", 512.3, "Amazon")
@@ -108,8 +145,11 @@ def test_killed_worker_is_respawned_and_nothing_is_lost(ns: Namespace, redis_cli
         wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] > 1000, 60, message="scoring to start")
         victim = worker_pids(daemon.process.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(worker_pids(daemon.process.pid)) == 2 and victim not in worker_pids(daemon.process.pid),
-                 30, message="the worker to be respawned")
+        wait_for(
+            lambda: len(worker_pids(daemon.process.pid)) == 2 and victim not in worker_pids(daemon.process.pid),
+            30,
+            message="the worker to be respawned",
+        )
         wait_for(lambda: fully_drained(redis_client, ns), 120, message="the stream to drain")
     finally:
         code, stderr = daemon.stop()

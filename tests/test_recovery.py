@@ -49,6 +49,7 @@ def libraries(client: redis.Redis) -> list[bytes]:
 
 # -- pending recovery --------------------------------------------------------------------------
 
+
 def test_entries_a_dead_consumer_left_pending_are_reclaimed(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     ids = publish(redis_client, ns.stream, valid_payloads(60, "ghost"))
     redis_client.xgroup_create(ns.stream, ns.group, id="0")
@@ -66,14 +67,24 @@ def test_entries_a_dead_consumer_left_pending_are_reclaimed(ns: Namespace, redis
 
 def _settings(ns: Namespace, **overrides) -> Settings:
     values = {flag.replace("-", "_"): kwargs.get("default") for flag, _env, kwargs, _help in OPTIONS}
-    values.update(redis_url=ns.redis_url, postgres_url=ns.postgres_url, pg_schema=ns.schema, stream=ns.stream,
-                  fraud_stream=ns.fraud_stream, dlq_stream=ns.dlq_stream, group=ns.group,
-                  consumer_id=f"{ns.name}-c", workers=2, **overrides)
+    values.update(
+        redis_url=ns.redis_url,
+        postgres_url=ns.postgres_url,
+        pg_schema=ns.schema,
+        stream=ns.stream,
+        fraud_stream=ns.fraud_stream,
+        dlq_stream=ns.dlq_stream,
+        group=ns.group,
+        consumer_id=f"{ns.name}-c",
+        workers=2,
+        **overrides,
+    )
     return Settings(**values)
 
 
-def test_housekeeper_removes_gone_consumers_that_own_nothing(ns: Namespace, redis_client: redis.Redis,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_housekeeper_removes_gone_consumers_that_own_nothing(
+    ns: Namespace, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = _settings(ns, claim_idle_ms=50)
     publish(redis_client, ns.stream, valid_payloads(1, "hk"))
     redis_client.xgroup_create(ns.stream, ns.group, id="0")
@@ -90,6 +101,7 @@ def test_housekeeper_removes_gone_consumers_that_own_nothing(ns: Namespace, redi
 
 
 # -- poison and bisection ----------------------------------------------------------------------
+
 
 def test_entry_delivered_too_often_is_dead_lettered_as_poison(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     payloads = valid_payloads(5, "poison")
@@ -121,8 +133,9 @@ def test_failing_batch_is_bisected_down_to_the_bad_entry(ns: Namespace, redis_cl
     assert '"batch_bisected"' in log
     assert rows(ns) == (100, 100)
     letters = dlq(redis_client, ns)
-    assert [(d["source_id"].decode(), d["reason"].decode(), d["data"]) for d in letters] == \
-        [(ids[37], decode.REASON_PROCESSING, bad)]
+    assert [(d["source_id"].decode(), d["reason"].decode(), d["data"]) for d in letters] == [
+        (ids[37], decode.REASON_PROCESSING, bad)
+    ]
     # The retries of the halves did not count anyone twice.
     for u in range(10):
         expected = sum(1 for i in range(100) if i % 10 == u) + (1 if u == 3 else 0)
@@ -130,6 +143,7 @@ def test_failing_batch_is_bisected_down_to_the_bad_entry(ns: Namespace, redis_cl
 
 
 # -- duplicates --------------------------------------------------------------------------------
+
 
 def test_producer_duplicates_give_one_row_one_alert_one_count(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     a, b, c = (payload(f"dup_{k}", user="dup_user", amount=100.0 + k, ts=time.time() - 100 + k) for k in range(3))
@@ -156,6 +170,7 @@ def test_producer_duplicates_give_one_row_one_alert_one_count(ns: Namespace, red
 
 # -- PostgreSQL away ---------------------------------------------------------------------------
 
+
 def _assert_held_back(client: redis.Redis, ns: Namespace, published_while_down: int, batch: int, workers: int) -> None:
     """Nothing of what was published during the outage is acked, and at most one batch per worker is read."""
     info = group(client, ns)
@@ -166,8 +181,9 @@ def _assert_held_back(client: redis.Redis, ns: Namespace, published_while_down: 
     assert set(pending.values()) == {1}  # not reclaimed from the waiting worker, not re-read
 
 
-def test_postgres_down_nothing_acked_then_resumes(dedicated_redis: RedisServer, dedicated_postgres: PostgresServer,
-                                                  tmp_path: Path) -> None:
+def test_postgres_down_nothing_acked_then_resumes(
+    dedicated_redis: RedisServer, dedicated_postgres: PostgresServer, tmp_path: Path
+) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
     publish(client, ns.stream, valid_payloads(1000, "before"))
@@ -199,8 +215,9 @@ def test_postgres_down_nothing_acked_then_resumes(dedicated_redis: RedisServer, 
     assert dlq(client, ns) == []
 
 
-def test_postgres_read_only_nothing_acked_then_resumes(dedicated_redis: RedisServer, dedicated_postgres: PostgresServer,
-                                                       tmp_path: Path) -> None:
+def test_postgres_read_only_nothing_acked_then_resumes(
+    dedicated_redis: RedisServer, dedicated_postgres: PostgresServer, tmp_path: Path
+) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
     daemon = start(ns, tmp_path, "--workers", "1", "--batch-size", "100")
@@ -223,9 +240,10 @@ def test_postgres_read_only_nothing_acked_then_resumes(dedicated_redis: RedisSer
 
 # -- Redis away --------------------------------------------------------------------------------
 
-def test_redis_restart_that_lost_everything_reloads_function_and_group(volatile_redis: RedisServer,
-                                                                       dedicated_postgres: PostgresServer,
-                                                                       tmp_path: Path) -> None:
+
+def test_redis_restart_that_lost_everything_reloads_function_and_group(
+    volatile_redis: RedisServer, dedicated_postgres: PostgresServer, tmp_path: Path
+) -> None:
     ns = dedicated_namespace(volatile_redis, dedicated_postgres.url)
     client = volatile_redis.client()
     publish(client, ns.stream, valid_payloads(500, "first"))
@@ -247,8 +265,9 @@ def test_redis_restart_that_lost_everything_reloads_function_and_group(volatile_
     assert '"halted"' not in log
 
 
-def test_redis_down_for_a_while_nothing_lost(dedicated_redis: RedisServer, dedicated_postgres: PostgresServer,
-                                             tmp_path: Path) -> None:
+def test_redis_down_for_a_while_nothing_lost(
+    dedicated_redis: RedisServer, dedicated_postgres: PostgresServer, tmp_path: Path
+) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
     publish(client, ns.stream, valid_payloads(4000, "steady"))
@@ -271,6 +290,7 @@ def test_redis_down_for_a_while_nothing_lost(dedicated_redis: RedisServer, dedic
 
 
 # -- the supervisor dies -----------------------------------------------------------------------
+
 
 def test_workers_exit_when_their_supervisor_is_killed(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     publish(redis_client, ns.stream, valid_payloads(3000, "orphan"))

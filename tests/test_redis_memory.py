@@ -31,8 +31,9 @@ WORKERS = 2
 HEADROOM_BYTES = 1_500_000
 
 
-@pytest.mark.parametrize("command", [("run", "--workers", "1"), ("labels", "--workers", "1"),
-                                     ("ingest", "--workers", "1", "--listen", "127.0.0.1:0")])
+@pytest.mark.parametrize(
+    "command", [("run", "--workers", "1"), ("labels", "--workers", "1"), ("ingest", "--workers", "1", "--listen", "127.0.0.1:0")]
+)
 def test_an_evicting_redis_is_refused_in_one_line(volatile_redis: RedisServer, command: tuple[str, ...]) -> None:
     client = volatile_redis.client()
     ns = dedicated_namespace(volatile_redis, POSTGRES_URL)

@@ -28,8 +28,13 @@ def features_of(rows: list[dict[str, float]], blocked: dict[str, list[bool]] | N
     n = len(rows)
     matrix = np.array([[row[name] for name in FEATURE_NAMES] for row in rows], dtype=np.float32).reshape(n, -1)
     flags = {kind: np.array((blocked or {}).get(kind, [False] * n), dtype=bool) for kind in BLOCKLIST_KINDS}
-    return Features(matrix=matrix, seen=np.zeros(n, bool), event_ms=np.zeros(n, np.int64), blocked=flags,
-                    amount=np.array([row["amount"] for row in rows]))
+    return Features(
+        matrix=matrix,
+        seen=np.zeros(n, bool),
+        event_ms=np.zeros(n, np.int64),
+        blocked=flags,
+        amount=np.array([row["amount"] for row in rows]),
+    )
 
 
 def triggering(rule: Rule) -> tuple[dict[str, float], dict[str, list[bool]]]:
@@ -57,7 +62,9 @@ def test_each_default_rule_fires_with_its_code(rule: Rule) -> None:
 
 
 def test_shadow_rule_is_listed_but_never_decides() -> None:
-    shadow = Rules.from_bytes(b'[[rule]]\ncode = "R_TRY"\nreason = "tried"\naction = "shadow"\nfeature = "amount"\nop = ">"\nvalue = 100\n')
+    shadow = Rules.from_bytes(
+        b'[[rule]]\ncode = "R_TRY"\nreason = "tried"\naction = "shadow"\nfeature = "amount"\nop = ">"\nvalue = 100\n'
+    )
     row = quiet_row()
     row["amount"] = 500.0
     outcome = shadow.evaluate(features_of([quiet_row(), row]))
@@ -101,26 +108,52 @@ def test_version_follows_the_content(tmp_path) -> None:
 
 
 BAD_FILES = {
-    "unknown feature": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "nope"\nop = ">"\nvalue = 1\n',
-                        "R_X", "unknown feature 'nope'"),
-    "bad op": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "count_1m"\nop = "=>"\nvalue = 1\n',
-               "R_X", "bad op '=>'"),
-    "bad action": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "block"\nfeature = "count_1m"\nop = ">"\nvalue = 1\n',
-                   "R_X", "'action' must be one of"),
-    "bool value": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "count_1m"\nop = ">"\nvalue = true\n',
-                   "R_X", "'value' must be a finite number"),
-    "bad blocklist": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "decline"\nblocklist = "email"\n',
-                      "R_X", "'blocklist' must be one of"),
-    "two conditions": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "decline"\nblocklist = "ip"\nfeature = "amount"\n',
-                       "R_X", "exactly one condition"),
-    "bad conjunct": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nall = [{feature = "amount", op = ">"}]\n',
-                     "R_X", "all[0]"),
-    "missing reason": ('[[rule]]\ncode = "R_X"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\n',
-                       "R_X", "'reason'"),
-    "typo key": ('[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\nvalu = 2\n',
-                 "R_X", "unknown key(s) ['valu']"),
-    "bad code": ('[[rule]]\ncode = "velocity"\nreason = "r"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\n',
-                 "rule #1", "UPPER_SNAKE_CASE"),
+    "unknown feature": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "nope"\nop = ">"\nvalue = 1\n',
+        "R_X",
+        "unknown feature 'nope'",
+    ),
+    "bad op": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "count_1m"\nop = "=>"\nvalue = 1\n',
+        "R_X",
+        "bad op '=>'",
+    ),
+    "bad action": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "block"\nfeature = "count_1m"\nop = ">"\nvalue = 1\n',
+        "R_X",
+        "'action' must be one of",
+    ),
+    "bool value": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "count_1m"\nop = ">"\nvalue = true\n',
+        "R_X",
+        "'value' must be a finite number",
+    ),
+    "bad blocklist": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "decline"\nblocklist = "email"\n',
+        "R_X",
+        "'blocklist' must be one of",
+    ),
+    "two conditions": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "decline"\nblocklist = "ip"\nfeature = "amount"\n',
+        "R_X",
+        "exactly one condition",
+    ),
+    "bad conjunct": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nall = [{feature = "amount", op = ">"}]\n',
+        "R_X",
+        "all[0]",
+    ),
+    "missing reason": ('[[rule]]\ncode = "R_X"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\n', "R_X", "'reason'"),
+    "typo key": (
+        '[[rule]]\ncode = "R_X"\nreason = "r"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\nvalu = 2\n',
+        "R_X",
+        "unknown key(s) ['valu']",
+    ),
+    "bad code": (
+        '[[rule]]\ncode = "velocity"\nreason = "r"\naction = "review"\nfeature = "amount"\nop = ">"\nvalue = 1\n',
+        "rule #1",
+        "UPPER_SNAKE_CASE",
+    ),
     "not toml": ("[[rule]\ncode = ", "bad.toml", "not valid TOML"),
 }
 
@@ -148,6 +181,7 @@ def test_blocklist_rule_fires_after_a_live_sadd() -> None:
     store = FeatureStore(client, keys, dedup_window_ms=3_600_000)
     payload = {"user_id": "mallory", "amount": 30.0, "merchant": "Shady Goods", "timestamp": 1764385200, "ip": "203.0.113.7"}
     try:
+
         def score(txid: str) -> RuleOutcome:
             batch = decode_batch(["1-0"], [orjson.dumps(dict(payload, transaction_id=txid))])
             return DEFAULT.evaluate(store.compute(batch))

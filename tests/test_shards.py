@@ -30,13 +30,14 @@ SHARDS = 8
 
 
 def decisions(ns: Namespace) -> dict[str, tuple]:
-    return {txid: (round(score, 5), decision) for txid, score, decision in
-            ns.sql("SELECT transaction_id, score, decision FROM transactions")}
+    return {
+        txid: (round(score, 5), decision)
+        for txid, score, decision in ns.sql("SELECT transaction_id, score, decision FROM transactions")
+    }
 
 
 def lease_owners(client: redis.Redis, ns: Namespace, shards: int) -> list[str | None]:
-    values = client.mget([Keys(shard_stream(ns.stream, shards, k), ns.fraud_stream, ns.dlq_stream).lease
-                          for k in range(shards)])
+    values = client.mget([Keys(shard_stream(ns.stream, shards, k), ns.fraud_stream, ns.dlq_stream).lease for k in range(shards)])
     return [v.decode() if v else None for v in values]
 
 
@@ -58,8 +59,9 @@ def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns
     assert Keys(shard_stream(ns.stream, SHARDS, 3), ns.fraud_stream, ns.dlq_stream).prefix.endswith(":{3}:")
 
 
-def test_one_and_eight_shards_give_the_same_decisions(redis_client: redis.Redis, ns: Namespace, second_ns: Namespace,
-                                                      tmp_path: Path) -> None:
+def test_one_and_eight_shards_give_the_same_decisions(
+    redis_client: redis.Redis, ns: Namespace, second_ns: Namespace, tmp_path: Path
+) -> None:
     generated = TransactionGenerator(GeneratorConfig(seed=21, tx_per_second=50.0)).generate(10_000)
     faulty = generated.with_faults(duplicate_rate=0.01, invalid_rate=0.002, rng=np.random.default_rng(1))
     payloads = [p for p in faulty.payloads if p is not None]  # (an entry without a data field is not a payload)
@@ -80,28 +82,45 @@ def test_one_and_eight_shards_give_the_same_decisions(redis_client: redis.Redis,
     reference, sharded = decisions(ns), decisions(second_ns)
     assert len(reference) == len(set(generated.transaction_ids))
     assert sharded == reference
-    assert sorted(a["transaction_id"] for a in alerts(redis_client, second_ns)) == \
-        sorted(a["transaction_id"] for a in alerts(redis_client, ns))
+    assert sorted(a["transaction_id"] for a in alerts(redis_client, second_ns)) == sorted(
+        a["transaction_id"] for a in alerts(redis_client, ns)
+    )
     assert len(dlq(redis_client, second_ns)) == len(dlq(redis_client, ns)) > 0
 
 
 # --pipeline-depth 2: a read settles in a thread while the next is scored; it must stay fenced by
 # its own shard's lease, paused, killed or handed over.
 @pytest.mark.parametrize("depth", [1, 2])
-def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_client: redis.Redis, ns: Namespace,
-                                                                      tmp_path: Path, depth: int) -> None:
+def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(
+    redis_client: redis.Redis, ns: Namespace, tmp_path: Path, depth: int
+) -> None:
     shards, lease_ms = 4, 2000
     generated = TransactionGenerator(GeneratorConfig(seed=22, tx_per_second=50.0)).generate(24_000)
     payloads = generated.payloads()
     publisher = Publisher(redis_client, ns.stream, shards)
     publisher.publish(payloads[:16_000])
-    daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", str(lease_ms),
-                   "--batch-size", "200", "--pipeline-depth", str(depth))
+    daemon = start(
+        ns,
+        tmp_path,
+        "--workers",
+        "2",
+        "--shards",
+        str(shards),
+        "--lease-ms",
+        str(lease_ms),
+        "--batch-size",
+        "200",
+        "--pipeline-depth",
+        str(depth),
+    )
     try:
         wait_for(lambda: len(worker_pids(daemon.pid)) == 2, 30, message="two workers")
         workers = worker_pids(daemon.pid)
-        wait_for(lambda: all(any(f"/{pid}/" in (o or "") for o in lease_owners(redis_client, ns, shards)) for pid in workers),
-                 30, message="both workers to own shards")
+        wait_for(
+            lambda: all(any(f"/{pid}/" in (o or "") for o in lease_owners(redis_client, ns, shards)) for pid in workers),
+            30,
+            message="both workers to own shards",
+        )
         paused = workers[0]
         owners = [o for o in lease_owners(redis_client, ns, shards) if f"/{paused}/" in (o or "")]
         paused_name = owners[0].split(":", 1)[1].split("/")[0]
@@ -127,7 +146,9 @@ def test_a_paused_owner_is_taken_over_and_writes_nothing_when_resumed(redis_clie
     assert resumed, log[-3000:]
     assert '"batch_bisected"' not in log
     # Exactly once despite the pause: one row per transaction, one alert per flagged one, nothing pending.
-    rows = ns.sql("SELECT count(*), count(DISTINCT transaction_id), count(*) FILTER (WHERE decision <> 'approve') FROM transactions")[0]
+    rows = ns.sql(
+        "SELECT count(*), count(DISTINCT transaction_id), count(*) FILTER (WHERE decision <> 'approve') FROM transactions"
+    )[0]
     assert rows[:2] == (24_000, 24_000)
     flagged = [a["transaction_id"] for a in alerts(redis_client, ns)]
     assert len(flagged) == len(set(flagged)) == rows[2]
@@ -138,8 +159,11 @@ def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns:
     daemon = start(ns, tmp_path, "--workers", "2", "--shards", "4", "--lease-ms", "2000")
     try:
         # Settled: both workers hold their even share (the first one up takes all, then gives two back).
-        wait_for(lambda: all(lease_owners(redis_client, ns, 4)) and len(set(lease_owners(redis_client, ns, 4))) == 2,
-                 30, message="every shard owned, two each")
+        wait_for(
+            lambda: all(lease_owners(redis_client, ns, 4)) and len(set(lease_owners(redis_client, ns, 4))) == 2,
+            30,
+            message="every shard owned, two each",
+        )
         status = ns.fraudd("status", "--shards", "4", timeout=30).stdout
     finally:
         stop(daemon)
@@ -147,8 +171,9 @@ def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns:
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.Redis, ns: Namespace,
-                                                            tmp_path: Path, depth: int) -> None:
+def test_worker_kills_across_handovers_keep_every_guarantee(
+    redis_client: redis.Redis, ns: Namespace, tmp_path: Path, depth: int
+) -> None:
     """DESIGN.md's six guarantees by exact counts, per shard, while owners are SIGKILLed and shards
     change hands (the respawned worker is a new owner: it waits out the dead one's lease).
 
@@ -162,10 +187,27 @@ def test_worker_kills_across_handovers_keep_every_guarantee(redis_client: redis.
     txids, users = generated.transaction_id.tolist(), generated.user_id.tolist()
     expected_rows = {txids[row]: users[row] for row, reason in zip(faults.row.tolist(), faults.reason) if reason is None}
     ids = Publisher(redis_client, ns.stream, shards).publish(payloads)
-    invalid = {entry_id for entry_id, p, reason in zip(ids, payloads, [r for p, r in zip(faults.payloads, faults.reason)
-                                                                         if p is not None]) if reason is not None}
-    daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", "1500", "--batch-size", "300",
-                   "--pipeline-depth", str(depth), "--max-deliveries", "12")
+    invalid = {
+        entry_id
+        for entry_id, p, reason in zip(ids, payloads, [r for p, r in zip(faults.payloads, faults.reason) if p is not None])
+        if reason is not None
+    }
+    daemon = start(
+        ns,
+        tmp_path,
+        "--workers",
+        "2",
+        "--shards",
+        str(shards),
+        "--lease-ms",
+        "1500",
+        "--batch-size",
+        "300",
+        "--pipeline-depth",
+        str(depth),
+        "--max-deliveries",
+        "12",
+    )
     rng = np.random.default_rng(5)
     try:
         # Kills close together: a quiet box drains in a few seconds, and the test needs several.

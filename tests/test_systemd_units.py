@@ -76,8 +76,12 @@ def test_every_unit_verifies(rendered: Path) -> None:
 def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     for unit in SERVICES:
-        result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(rendered / unit.name)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=true", str(rendered / unit.name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         score, level = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", result.stdout).groups()
         assert level in ("PERFECT", "SAFE", "OK"), result.stdout[-3000:]
         assert f"`{unit.name}`: {score} {level}" in readme, f"README should say `{unit.name}`: {score} {level}"
@@ -153,15 +157,18 @@ def allowed_syscalls(unit: Path) -> set[str]:
     return allowed - denied
 
 
-def traced(ns: Namespace, tmp_path: Path, unit: str, command: list[str], work_done: Callable[[], bool],
-           **env: str) -> None:
+def traced(ns: Namespace, tmp_path: Path, unit: str, command: list[str], work_done: Callable[[], bool], **env: str) -> None:
     """Run ``fraudd *command`` under strace (every process, every call) until ``work_done``, reload it,
     stop it, and check the trace against ``unit``. Its home is unwritable, as the unit's is."""
     trace = tmp_path / f"{unit}.trace"
     with open(tmp_path / f"{unit}.log", "wb") as log:
-        process = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), FRAUDD, *command],
-                                   env=ns.env(HOME="/proc/nonexistent", **env), stdout=log, stderr=log,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            ["strace", "-f", "-qq", "-o", str(trace), FRAUDD, *command],
+            env=ns.env(HOME="/proc/nonexistent", **env),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         wait_for(work_done, 60, message=f"{command[0]} to work under strace")
         supervisor = worker_pids(process.pid)[0]  # strace's child
@@ -182,8 +189,11 @@ def check_trace(trace: Path, unit: Path) -> None:
     refused = sorted(used - allowed_syscalls(unit) - TOLERATED_SYSCALLS)
     assert len(used) > 40 and refused == [], f"{unit.name}'s SystemCallFilter refuses {refused}"
     # MemoryDenyWriteExecute refuses memory both writable and executable, and making memory executable later.
-    wx = [line for line in lines if re.search(r"\b(mmap|mprotect|pkey_mprotect)\(.*PROT_EXEC", line)
-          and ("PROT_WRITE" in line or "mprotect(" in line)]
+    wx = [
+        line
+        for line in lines
+        if re.search(r"\b(mmap|mprotect|pkey_mprotect)\(.*PROT_EXEC", line) and ("PROT_WRITE" in line or "mprotect(" in line)
+    ]
     assert wx == [], f"{unit.name}'s MemoryDenyWriteExecute refuses {wx[:3]}"
 
 
@@ -193,8 +203,13 @@ needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace
 @needs_strace
 def test_scoring_uses_only_what_its_sandbox_allows(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     publish(redis_client, ns.stream, valid_payloads(2000, "sandbox"))
-    traced(ns, tmp_path, "fraudd.service", ["run", "--workers", "2", "--metrics-port", str(free_port())],
-           lambda: fully_drained(redis_client, ns))
+    traced(
+        ns,
+        tmp_path,
+        "fraudd.service",
+        ["run", "--workers", "2", "--metrics-port", str(free_port())],
+        lambda: fully_drained(redis_client, ns),
+    )
 
 
 @needs_strace
@@ -203,8 +218,12 @@ def test_ingest_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path)
 
     def answers() -> bool:
         try:
-            return httpx.post(f"http://127.0.0.1:{port}/v1/transactions/batch", timeout=2,
-                              json=[tx(f"sandbox-http-{i}") for i in range(50)]).status_code == 200
+            return (
+                httpx.post(
+                    f"http://127.0.0.1:{port}/v1/transactions/batch", timeout=2, json=[tx(f"sandbox-http-{i}") for i in range(50)]
+                ).status_code
+                == 200
+            )
         except httpx.TransportError:
             return False
 
@@ -214,14 +233,23 @@ def test_ingest_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path)
 @needs_strace
 def test_alerts_use_only_what_their_sandbox_allows(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     with HttpReceiver() as receiver:
-        config = write_config(tmp_path, f"""
+        config = write_config(
+            tmp_path,
+            f"""
 [[channels]]
 name = "sandbox-webhook"
 kind = "webhook"
-url = "{receiver.url('/hook')}"
+url = "{receiver.url("/hook")}"
 secret_env = "FRAUDD_WEBHOOK_SECRET"
-""")
+""",
+        )
         for i in range(100):
             redis_client.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(f"sandbox_{i}"))})
-        traced(ns, tmp_path, "fraudd-alerts.service", ["alerts", "--config", str(config), "--workers", "2"],
-               lambda: len(receiver.accepted) == 100, FRAUDD_WEBHOOK_SECRET=SECRET)
+        traced(
+            ns,
+            tmp_path,
+            "fraudd-alerts.service",
+            ["alerts", "--config", str(config), "--workers", "2"],
+            lambda: len(receiver.accepted) == 100,
+            FRAUDD_WEBHOOK_SECRET=SECRET,
+        )

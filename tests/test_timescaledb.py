@@ -220,7 +220,9 @@ def test_installed_but_not_loaded(unloaded_postgres: PostgresServer, redis_clien
         converted = ns.fraudd("migrate", "--retention-days", "0")
         assert converted.returncode == 0, converted.stderr
         assert "up to date" in converted.stdout and "transactions: TimescaleDB hypertable" in converted.stdout
-        assert ns.sql("SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_schema = %s",
-                      (ns.schema,))[0][0] == 1
+        assert (
+            ns.sql("SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_schema = %s", (ns.schema,))[0][0]
+            == 1
+        )
     finally:
         ns.drop(redis_client)

@@ -110,9 +110,11 @@ class _HttpChannel(Channel):
                     await response.read()
                     return
                 text = (await response.text(errors="replace"))[:_ERROR_BODY_CHARS]
-                raise DeliveryFailed(f"HTTP {response.status}: {' '.join(text.split())}",
-                                     _retry_after(response.headers.get("Retry-After")),
-                                     permanent=400 <= response.status < 500 and response.status not in _HTTP_TRANSIENT)
+                raise DeliveryFailed(
+                    f"HTTP {response.status}: {' '.join(text.split())}",
+                    _retry_after(response.headers.get("Retry-After")),
+                    permanent=400 <= response.status < 500 and response.status not in _HTTP_TRANSIENT,
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DeliveryFailed(_describe(exc)) from None
 
@@ -127,14 +129,18 @@ class WebhookChannel(_HttpChannel):
         target = config.target
         assert isinstance(target, WebhookTarget)
         self._url = target.url
-        self._key = base64.b64decode(target.secret[len("whsec_"):] + "==")
+        self._key = base64.b64decode(target.secret[len("whsec_") :] + "==")
 
     def headers(self, alert: Alert, timestamp: int) -> dict[str, str]:
         webhook_id = f"{alert.transaction_id}:{self.name}"
         signed = b"%s.%d.%s" % (webhook_id.encode(), timestamp, alert.body)
         signature = base64.b64encode(hmac.digest(self._key, signed, hashlib.sha256)).decode()
-        return {"Content-Type": "application/json", "webhook-id": webhook_id,
-                "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{signature}"}
+        return {
+            "Content-Type": "application/json",
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": f"v1,{signature}",
+        }
 
     async def send(self, alert: Alert) -> None:
         await self._post(self._url, alert.body, self.headers(alert, int(time.time())))
@@ -151,12 +157,16 @@ class SlackChannel(_HttpChannel):
         self._console_url = target.console_url
 
     async def send(self, alert: Alert) -> None:
-        await self._post(self._url, orjson.dumps(slack_message(alert.document, self._console_url)),
-                         {"Content-Type": "application/json"})
+        await self._post(
+            self._url, orjson.dumps(slack_message(alert.document, self._console_url)), {"Content-Type": "application/json"}
+        )
 
     async def send_digest(self, alerts: list[Alert], digest_id: str) -> None:
-        await self._post(self._url, orjson.dumps(slack_digest(alerts, self.config.digest_interval_s, self._console_url)),
-                         {"Content-Type": "application/json"})
+        await self._post(
+            self._url,
+            orjson.dumps(slack_digest(alerts, self.config.digest_interval_s, self._console_url)),
+            {"Content-Type": "application/json"},
+        )
 
 
 class EmailChannel(Channel):
@@ -181,9 +191,16 @@ class EmailChannel(Channel):
     def _client(self) -> aiosmtplib.SMTP:
         t = self._target
         context = ssl.create_default_context(cafile=t.ca_file) if t.tls != "none" else None
-        return aiosmtplib.SMTP(hostname=t.host, port=t.port, username=t.username, password=t.password,
-                               use_tls=t.tls == "implicit", start_tls=t.tls == "starttls", tls_context=context,
-                               timeout=self.config.timeout_s)
+        return aiosmtplib.SMTP(
+            hostname=t.host,
+            port=t.port,
+            username=t.username,
+            password=t.password,
+            use_tls=t.tls == "implicit",
+            start_tls=t.tls == "starttls",
+            tls_context=context,
+            timeout=self.config.timeout_s,
+        )
 
     async def send(self, alert: Alert) -> None:
         await self._deliver(email_message(alert.document, self._target, self.name, self._target.console_url))
@@ -210,37 +227,54 @@ def open_channel(config: ChannelConfig) -> Channel:
 
 # -- message content -----------------------------------------------------------------------
 
+
 def _money(document: dict) -> str:
     return f"{document.get('amount', 0):,.2f} {document.get('currency') or 'USD'}"
 
 
 def _headline(document: dict) -> str:
-    return (f"{str(document.get('decision', '?')).upper()}: {_money(document)} at {document.get('merchant', '?')} "
-            f"by {document.get('user_id', '?')} (score {document.get('score', 0):.3f})")
+    return (
+        f"{str(document.get('decision', '?')).upper()}: {_money(document)} at {document.get('merchant', '?')} "
+        f"by {document.get('user_id', '?')} (score {document.get('score', 0):.3f})"
+    )
 
 
 def slack_message(document: dict, console_url: str | None) -> dict:
     txid = str(document.get("transaction_id"))
     reasons = ", ".join(document.get("reasons") or []) or "none"
-    fields = [("Amount", _money(document)), ("User", document.get("user_id")), ("Merchant", document.get("merchant")),
-              ("Score", f"{document.get('score', 0):.3f}"), ("Decision", document.get("decision")), ("Reasons", reasons)]
+    fields = [
+        ("Amount", _money(document)),
+        ("User", document.get("user_id")),
+        ("Merchant", document.get("merchant")),
+        ("Score", f"{document.get('score', 0):.3f}"),
+        ("Decision", document.get("decision")),
+        ("Reasons", reasons),
+    ]
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert: {str(document.get('decision')).upper()}"}},
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{label}*\n{value}"} for label, value in fields]},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": f"transaction `{txid}`"}]},
     ]
     if console_url:
-        blocks.append({"type": "actions", "elements": [
-            {"type": "button", "text": {"type": "plain_text", "text": "Open in console"},
-             "url": console_url.format(transaction_id=txid)}]})
+        blocks.append(
+            {
+                "type": "actions",
+                "elements": [
+                    {
+                        "type": "button",
+                        "text": {"type": "plain_text", "text": "Open in console"},
+                        "url": console_url.format(transaction_id=txid),
+                    }
+                ],
+            }
+        )
     return {"text": f"Fraud alert {_headline(document)}", "blocks": blocks}
 
 
 def _digest_lines(alerts: list[Alert]) -> tuple[str, list[str]]:
     decisions = Counter(a.document.get("decision") for a in alerts)
     total = sum(float(a.document.get("amount") or 0) for a in alerts)
-    summary = (f"{len(alerts)} alerts ({', '.join(f'{n} {d}' for d, n in sorted(decisions.items()))}), "
-               f"{total:,.2f} in total")
+    summary = f"{len(alerts)} alerts ({', '.join(f'{n} {d}' for d, n in sorted(decisions.items()))}), {total:,.2f} in total"
     return summary, [_headline(a.document) + f" [{a.transaction_id}]" for a in alerts[:DIGEST_LISTED]]
 
 
@@ -248,27 +282,37 @@ def slack_digest(alerts: list[Alert], interval_s: float, console_url: str | None
     summary, lines = _digest_lines(alerts)
     more = len(alerts) - len(lines)
     text = "\n".join(f"• {line}" for line in lines) + (f"\n… and {more} more in alert_deliveries" if more else "")
-    return {"text": f"Fraud alert digest: {summary}",
-            "blocks": [
-                {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert digest: {len(alerts)} alerts"}},
-                {"type": "section", "text": {"type": "mrkdwn", "text": f"{summary} within {interval_s:g}s (storm control)"}},
-                {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}},
-            ]}
+    return {
+        "text": f"Fraud alert digest: {summary}",
+        "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert digest: {len(alerts)} alerts"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"{summary} within {interval_s:g}s (storm control)"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}},
+        ],
+    }
 
 
 def email_message(document: dict, target: EmailTarget, channel: str, console_url: str | None) -> EmailMessage:
     txid = str(document.get("transaction_id"))
-    rows = [("Transaction", txid), ("Amount", _money(document)), ("User", document.get("user_id")),
-            ("Merchant", document.get("merchant")), ("Score", f"{document.get('score', 0):.3f}"),
-            ("Decision", document.get("decision")), ("Reasons", ", ".join(document.get("reasons") or []) or "none")]
+    rows = [
+        ("Transaction", txid),
+        ("Amount", _money(document)),
+        ("User", document.get("user_id")),
+        ("Merchant", document.get("merchant")),
+        ("Score", f"{document.get('score', 0):.3f}"),
+        ("Decision", document.get("decision")),
+        ("Reasons", ", ".join(document.get("reasons") or []) or "none"),
+    ]
     link = console_url.format(transaction_id=txid) if console_url else None
     plain = "\n".join(f"{label}: {value}" for label, value in rows) + (f"\n\n{link}\n" if link else "\n")
-    cells = "".join(f"<tr><th align=left>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>"
-                    for label, value in rows)
+    cells = "".join(
+        f"<tr><th align=left>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>" for label, value in rows
+    )
     anchor = f'<p><a href="{html.escape(link)}">Open in console</a></p>' if link else ""
     # A stable Message-ID: a repeat after a crash between sending and recording is recognisable.
-    return _envelope(f"[fraudd] {_headline(document)}", plain, f"<table>{cells}</table>{anchor}", target,
-                     f"<{txid}.{channel}@fraudd>")
+    return _envelope(
+        f"[fraudd] {_headline(document)}", plain, f"<table>{cells}</table>{anchor}", target, f"<{txid}.{channel}@fraudd>"
+    )
 
 
 def email_digest(alerts: list[Alert], target: EmailTarget, channel: str, digest_id: str, interval_s: float) -> EmailMessage:
@@ -277,9 +321,13 @@ def email_digest(alerts: list[Alert], target: EmailTarget, channel: str, digest_
     tail = f"… and {more} more in alert_deliveries (digest {digest_id})" if more else f"(digest {digest_id})"
     plain = f"{summary} within {interval_s:g}s (storm control)\n\n" + "\n".join(lines) + f"\n{tail}\n"
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return _envelope(f"[fraudd] digest: {summary}", plain,
-                     f"<p>{html.escape(summary)}</p><ul>{items}</ul><p>{html.escape(tail)}</p>", target,
-                     f"<{digest_id}.{channel}@fraudd>")
+    return _envelope(
+        f"[fraudd] digest: {summary}",
+        plain,
+        f"<p>{html.escape(summary)}</p><ul>{items}</ul><p>{html.escape(tail)}</p>",
+        target,
+        f"<{digest_id}.{channel}@fraudd>",
+    )
 
 
 def _envelope(subject: str, plain: str, body_html: str, target: EmailTarget, message_id: str) -> EmailMessage:
@@ -295,6 +343,7 @@ def _envelope(subject: str, plain: str, body_html: str, target: EmailTarget, mes
 
 
 # -- failures ------------------------------------------------------------------------------
+
 
 def _smtp_permanent(exc: BaseException) -> bool:
     """A 5xx reply (unknown recipient, message or credentials refused) stays the same however often asked."""

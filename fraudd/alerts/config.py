@@ -40,10 +40,12 @@ class Route:
     reasons: frozenset[str] = frozenset()
 
     def matches(self, alert: dict) -> bool:
-        return (alert.get("decision") in self.decisions
-                and (alert.get("score") or 0.0) >= self.min_score
-                and (alert.get("amount") or 0.0) >= self.min_amount
-                and (not self.reasons or not self.reasons.isdisjoint(alert.get("reasons") or ())))
+        return (
+            alert.get("decision") in self.decisions
+            and (alert.get("score") or 0.0) >= self.min_score
+            and (alert.get("amount") or 0.0) >= self.min_amount
+            and (not self.reasons or not self.reasons.isdisjoint(alert.get("reasons") or ()))
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,20 @@ class AlertsConfig:
     path: Path
 
 
-_COMMON = {"name", "kind", "decisions", "min_score", "min_amount", "reasons", "timeout_s", "concurrency",
-           "retry_base_s", "retry_max_s", "digest_above", "digest_interval_s"}
+_COMMON = {
+    "name",
+    "kind",
+    "decisions",
+    "min_score",
+    "min_amount",
+    "reasons",
+    "timeout_s",
+    "concurrency",
+    "retry_base_s",
+    "retry_max_s",
+    "digest_above",
+    "digest_interval_s",
+}
 _KIND_KEYS = {
     "webhook": {"url", "secret_env", "secret_file"},
     "slack": {"url", "url_env", "url_file", "console_url"},
@@ -173,8 +187,12 @@ class _Channel:
         reasons = self.get("reasons", list, default=[])
         if not all(isinstance(r, str) for r in reasons):
             raise self.fail("reasons", "must be a list of reason codes (strings)")
-        route = Route(frozenset(decisions), self.number("min_score", 0.0, lo=0.0), self.number("min_amount", 0.0, lo=0.0),
-                      frozenset(reasons))
+        route = Route(
+            frozenset(decisions),
+            self.number("min_score", 0.0, lo=0.0),
+            self.number("min_amount", 0.0, lo=0.0),
+            frozenset(reasons),
+        )
         digest_above = self.get("digest_above", int, default=None)
         if digest_above is not None:
             if kind == "webhook":
@@ -182,7 +200,10 @@ class _Channel:
             if digest_above < 0:
                 raise self.fail("digest_above", f"must be >= 0, got {digest_above}")
         return ChannelConfig(
-            name=name, kind=kind, target=getattr(self, f"_{kind}")(), route=route,
+            name=name,
+            kind=kind,
+            target=getattr(self, f"_{kind}")(),
+            route=route,
             timeout_s=self.number("timeout_s", 10.0, lo=0.001),
             concurrency=self.integer("concurrency", _DEFAULT_CONCURRENCY[kind], lo=1),
             retry_base_s=self.number("retry_base_s", 1.0, lo=0.001),
@@ -199,7 +220,7 @@ class _Channel:
         if not secret.startswith("whsec_"):
             raise self.fail("secret_env", "the signing secret must have the Standard Webhooks form whsec_<base64>")
         try:
-            if not base64.b64decode(secret[len("whsec_"):] + "==", validate=False):
+            if not base64.b64decode(secret[len("whsec_") :] + "==", validate=False):
                 raise ValueError("empty")
         except (binascii.Error, ValueError):
             raise self.fail("secret_env", "the signing secret's whsec_ part is not base64") from None
@@ -232,8 +253,17 @@ class _Channel:
         if ca_file is not None and not Path(ca_file).is_file():
             raise self.fail("ca_file", f"{ca_file}: no such file")
         default_port = {"starttls": 587, "implicit": 465, "none": 25}[tls]
-        return EmailTarget(self.get("host", str, required=True), self.integer("port", default_port, lo=1, hi=65535), tls,
-                           sender, tuple(recipients), username, password, ca_file, self.console_url())
+        return EmailTarget(
+            self.get("host", str, required=True),
+            self.integer("port", default_port, lo=1, hi=65535),
+            tls,
+            sender,
+            tuple(recipients),
+            username,
+            password,
+            ca_file,
+            self.console_url(),
+        )
 
     # -- typed getters ---------------------------------------------------------------------
 

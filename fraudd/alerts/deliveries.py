@@ -100,8 +100,9 @@ WHERE transaction_id = u.t AND channel = u.c AND status = 'failed'
 """
 
 
-def retry_failed(conn: psycopg.Connection, client: redis.Redis, fraud_stream: str, dlq_stream: str,
-                 letters: list[dict[bytes, bytes]]) -> int:
+def retry_failed(
+    conn: psycopg.Connection, client: redis.Redis, fraud_stream: str, dlq_stream: str, letters: list[dict[bytes, bytes]]
+) -> int:
     """Make the deliveries of these ``alert_undeliverable`` dead letters due again (``fraudd dlq
     replay``), and forget that they were dead-lettered, so that another give-up is written again.
     Returns how many deliveries were failed and are now due."""
@@ -148,8 +149,17 @@ class DeliveryLog:
         # crash and lose the last few, a claim simply lapses and an outcome is made again (under
         # the same webhook-id). New deliveries (``add``) are the durable record before the stream
         # ack, and wait for the flush. No sequential scans: see _DELIVERED.
-        self.pool = AsyncConnectionPool(postgres_url, min_size=1, max_size=max_size, open=False, timeout=10, kwargs={
-            "options": f"-c search_path={pg_schema} -c synchronous_commit=off -c enable_seqscan=off", "connect_timeout": 5})
+        self.pool = AsyncConnectionPool(
+            postgres_url,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            timeout=10,
+            kwargs={
+                "options": f"-c search_path={pg_schema} -c synchronous_commit=off -c enable_seqscan=off",
+                "connect_timeout": 5,
+            },
+        )
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
@@ -162,9 +172,21 @@ class DeliveryLog:
         are. Returns the (transaction id, channel) of the rows inserted."""
         if not rows:
             return set()
-        document = orjson.dumps([{"t": r.alert.transaction_id, "c": r.channel, "s": r.status, "i": r.alert.stream_id,
-                                  "a": orjson.Fragment(r.alert.body), "n": r.due_at, "g": r.digest_id, "k": r.claimed}
-                                 for r in rows])
+        document = orjson.dumps(
+            [
+                {
+                    "t": r.alert.transaction_id,
+                    "c": r.channel,
+                    "s": r.status,
+                    "i": r.alert.stream_id,
+                    "a": orjson.Fragment(r.alert.body),
+                    "n": r.due_at,
+                    "g": r.digest_id,
+                    "k": r.claimed,
+                }
+                for r in rows
+            ]
+        )
         async with self.pool.connection() as conn:
             await conn.execute("SET LOCAL synchronous_commit = on")
             cursor = await conn.execute(_INSERT, (document.decode(),))
@@ -189,8 +211,10 @@ class DeliveryLog:
             for (channel, digest_id), ids in delivered.items():
                 await cursor.execute(_DELIVERED, {"c": channel, "g": digest_id, "t": ids})
             for kind, rows in others.items():
-                await cursor.executemany(_OUTCOME.format(assignments=_ASSIGNMENTS[kind]), [
-                    {"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at} for o in rows])
+                await cursor.executemany(
+                    _OUTCOME.format(assignments=_ASSIGNMENTS[kind]),
+                    [{"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at} for o in rows],
+                )
 
     async def backlog(self) -> int:
         """Deliveries still to make, due or not (the service's queue beyond the stream)."""

@@ -117,8 +117,9 @@ class AlertSender:
     # -- the event loop's side -------------------------------------------------------------
 
     async def _open(self) -> None:
-        self.redis = async_redis_client(self.settings.redis_url, self.settings.redis_cluster, socket_timeout=10,
-                                        socket_connect_timeout=5)
+        self.redis = async_redis_client(
+            self.settings.redis_url, self.settings.redis_cluster, socket_timeout=10, socket_connect_timeout=5
+        )
         self._dead_letters = self.redis.register_script(deadletters.SCRIPT)
         await self.log.open()
         self.recorder = Recorder(self)
@@ -155,7 +156,7 @@ class AlertSender:
                 channel_rows = await self._storm_control(runner.config, channel_alerts, now)
                 # As many as the channel has room for are claimed at once, by this worker, for
                 # their first attempt; the rest wait in the table for any worker's claim.
-                for row in [r for r in channel_rows if r.status == "pending"][:runner.room()]:
+                for row in [r for r in channel_rows if r.status == "pending"][: runner.room()]:
                     row.claimed, row.due_at = True, now + runner.config.lease_s
                 rows += channel_rows
         inserted = await self.log.add(rows)
@@ -183,17 +184,31 @@ class AlertSender:
         alone = max(0, min(len(alerts), config.digest_above - before))
         digest_id = f"{config.name}:{window}"
         due = (window + 1) * interval
-        return ([NewDelivery(a, config.name, "pending", now) for a in alerts[:alone]]
-                + [NewDelivery(a, config.name, "digest", due, digest_id) for a in alerts[alone:]])
+        return [NewDelivery(a, config.name, "pending", now) for a in alerts[:alone]] + [
+            NewDelivery(a, config.name, "digest", due, digest_id) for a in alerts[alone:]
+        ]
 
     async def dead_letter(self, channel: str, deliveries: list[tuple[Alert, str, int]]) -> None:
         """Write given-up deliveries (alert, last error, attempts) to the DLQ, once each."""
-        letters = [DeadLetter(f"{alert.transaction_id}:{channel}", {
-            "data": alert.body, "reason": REASON_UNDELIVERABLE, "detail": error, "channel": channel,
-            "source_id": alert.stream_id, "consumer": self.settings.consumer, "attempts": attempts})
-            for alert, error, attempts in deliveries]
+        letters = [
+            DeadLetter(
+                f"{alert.transaction_id}:{channel}",
+                {
+                    "data": alert.body,
+                    "reason": REASON_UNDELIVERABLE,
+                    "detail": error,
+                    "channel": channel,
+                    "source_id": alert.stream_id,
+                    "consumer": self.settings.consumer,
+                    "attempts": attempts,
+                },
+            )
+            for alert, error, attempts in deliveries
+        ]
         dlq = self.settings.dlq_stream
-        await self._dead_letters(keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, self.settings.fraud_stream, letters, []))
+        await self._dead_letters(
+            keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, self.settings.fraud_stream, letters, [])
+        )
         if self.settings.redis_cluster:
             # The delivery is recorded failed next, for good: its dead letter must outlive the DLQ's master.
             await self._replicas.wait_async(self.redis, dlq)
@@ -251,8 +266,7 @@ class ChannelRunner:
 
     def start(self) -> None:
         self._tasks = [_task(self._claim_loop(), f"claim-{self.name}")]
-        self._tasks += [_task(self._send_loop(), f"send-{self.name}")
-                        for _ in range(self.config.concurrency)]
+        self._tasks += [_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
         self._woken.set()
@@ -291,8 +305,10 @@ class ChannelRunner:
                 delay = 0.05
             except OUTAGES as exc:  # the rows wait in the table; claims resume when PostgreSQL is back
                 metrics.errors.labels("postgres", type(exc).__name__).inc()
-                log.warning("alert channel cannot claim deliveries", extra={"event": "alerts_claim_failed", "channel": self.name,
-                                                                           "error": str(exc)})
+                log.warning(
+                    "alert channel cannot claim deliveries",
+                    extra={"event": "alerts_claim_failed", "channel": self.name, "error": str(exc)},
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECORD_BACKOFF_MAX_S)
 
@@ -330,8 +346,15 @@ class ChannelRunner:
                 if time.time() < self._paused_until or time.monotonic() > self.config.send_by(claimed.claimed_at):
                     # Paused after a failure while this one was queued, or queued so long that an
                     # attempt might outlast its claim: hand it back unattempted.
-                    self.sender.recorder.add(Outcome(self.name, claimed.alert.transaction_id, False,
-                                                      retry_at=max(time.time(), self._paused_until), released=True))
+                    self.sender.recorder.add(
+                        Outcome(
+                            self.name,
+                            claimed.alert.transaction_id,
+                            False,
+                            retry_at=max(time.time(), self._paused_until),
+                            released=True,
+                        )
+                    )
                     continue
                 await self._attempt([claimed], self.channel.send(claimed.alert), None)
             finally:
@@ -362,8 +385,10 @@ class ChannelRunner:
                     recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason, retry_at=retry_at))
             return
         if self._failures:
-            log.info("alert channel back", extra={"event": "alerts_channel_up", "channel": self.name,
-                                                  "failed_attempts": self._failures})
+            log.info(
+                "alert channel back",
+                extra={"event": "alerts_channel_up", "channel": self.name, "failed_attempts": self._failures},
+            )
             self._failures = 0
         for c in claimed:
             recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
@@ -371,8 +396,10 @@ class ChannelRunner:
     def _pause(self, failure: DeliveryFailed, attempts: int) -> None:
         if not self._failures:
             # Logged once per outage, not per attempt; the delivery log keeps each row's last error.
-            log.error("alert channel failing, pausing it", extra={"event": "alerts_channel_down", "channel": self.name,
-                                                                   "reason": failure.reason})
+            log.error(
+                "alert channel failing, pausing it",
+                extra={"event": "alerts_channel_down", "channel": self.name, "reason": failure.reason},
+            )
         self._failures += 1
         pause = failure.retry_after if failure.retry_after is not None else backoff(self.config, self._failures)
         self._paused_until = max(self._paused_until, time.time() + pause)
@@ -426,7 +453,9 @@ class Recorder:
                 self._recording = 0
                 if not self._failing:
                     self._failing = True
-                    log.error("cannot record alert outcomes, retrying", extra={"event": "alerts_record_failed", "error": str(exc)})
+                    log.error(
+                        "cannot record alert outcomes, retrying", extra={"event": "alerts_record_failed", "error": str(exc)}
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECORD_BACKOFF_MAX_S)
                 self._woken.set()
@@ -464,9 +493,10 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
         metrics.alert_deliveries.labels(channel, "failed").inc(count)
     for channel, deliveries in given_up.items():
         metrics.alert_deliveries.labels(channel, "dead_lettered").inc(len(deliveries))
-        log.error("alerts dead-lettered after their last attempt",
-                  extra={"event": "alerts_dead_lettered", "channel": channel, "alerts": len(deliveries),
-                         "reason": deliveries[-1][1]})
+        log.error(
+            "alerts dead-lettered after their last attempt",
+            extra={"event": "alerts_dead_lettered", "channel": channel, "alerts": len(deliveries), "reason": deliveries[-1][1]},
+        )
 
 
 def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
@@ -480,8 +510,11 @@ def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
 def _stop_process_on_crash(task: asyncio.Task) -> None:
     if task.cancelled() or task.exception() is None:
         return
-    log.critical("alert task crashed, stopping this worker", exc_info=task.exception(),
-                 extra={"event": "worker_crashed", "task": task.get_name()})
+    log.critical(
+        "alert task crashed, stopping this worker",
+        exc_info=task.exception(),
+        extra={"event": "worker_crashed", "task": task.get_name()},
+    )
     os.kill(os.getpid(), signal.SIGTERM)
 
 

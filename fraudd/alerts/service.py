@@ -42,27 +42,43 @@ def consumer_view(settings: Settings, alert_settings: AlertSettings) -> Settings
     """The settings as the alert consumer and its housekeeping see them: its stream is the fraud
     stream (never sharded: --shards splits the input), its group the alerts group, its consumers
     ``<consumer-id>-alerts-<i>``."""
-    return dataclasses.replace(settings, stream=settings.fraud_stream, group=alert_settings.alerts_group,
-                               consumer_id=f"{settings.consumer_id}-alerts", shards=1)
+    return dataclasses.replace(
+        settings,
+        stream=settings.fraud_stream,
+        group=alert_settings.alerts_group,
+        consumer_id=f"{settings.consumer_id}-alerts",
+        shards=1,
+    )
 
 
 class AlertWorker:
     """The batch handler of one ``fraudd alerts`` worker process."""
 
-    def __init__(self, settings: Settings, alert_settings: AlertSettings, config: AlertsConfig,
-                 process: WorkerProcess) -> None:
+    def __init__(self, settings: Settings, alert_settings: AlertSettings, config: AlertsConfig, process: WorkerProcess) -> None:
         self.view = consumer_view(settings, alert_settings)
         self.alert_settings = alert_settings
         self.config = config
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url, settings.redis_cluster), self.view,
-                                       self.view.consumer_name(process.index), process)
+        self.consumer = StreamConsumer(
+            connect_redis(settings.redis_url, settings.redis_cluster), self.view, self.view.consumer_name(process.index), process
+        )
         self.settler = DeadLetterSettler(self.consumer, settings.dlq_stream)
         self.sender = self._sender(config)
 
     def _sender(self, config: AlertsConfig) -> AlertSender:
         s = self.view
-        return AlertSender(config, SenderSettings(s.redis_url, s.postgres_url, s.pg_schema, s.fraud_stream, s.dlq_stream,
-                                                  self.alert_settings.max_attempts, self.consumer.name, s.redis_cluster))
+        return AlertSender(
+            config,
+            SenderSettings(
+                s.redis_url,
+                s.postgres_url,
+                s.pg_schema,
+                s.fraud_stream,
+                s.dlq_stream,
+                self.alert_settings.max_attempts,
+                self.consumer.name,
+                s.redis_cluster,
+            ),
+        )
 
     def boot(self) -> None:
         for channel in self.config.channels:
@@ -95,8 +111,10 @@ class AlertWorker:
         fresh, poison = self.consumer.split_poison(entries)
         rejected = self.consumer.until_done(lambda: self.sender.handle(fresh.ids, fresh.payloads), "postgres")
         letters = self.settler.poison_letters(poison)
-        letters += [self.settler.letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
-                    for r in rejected]
+        letters += [
+            self.settler.letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
+            for r in rejected
+        ]
         self.consumer.until_done(lambda: self.settler.settle(entries.ids, letters), "redis")
         self.consumer.release(entries)
         if letters:
@@ -131,8 +149,14 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
                     next_purge[0] = time.monotonic() + PURGE_INTERVAL_S
                     purged = purge_settled(conn, alert_settings.deliveries_retention_days)
                     if purged:
-                        log.info("settled alert deliveries purged", extra={"event": "deliveries_purged", "rows": purged,
-                                                                           "days": alert_settings.deliveries_retention_days})
+                        log.info(
+                            "settled alert deliveries purged",
+                            extra={
+                                "event": "deliveries_purged",
+                                "rows": purged,
+                                "days": alert_settings.deliveries_retention_days,
+                            },
+                        )
         except (psycopg.Error, OSError):
             return  # the housekeeper reports PostgreSQL down
         metrics.alert_backlog.set(count)

@@ -59,8 +59,9 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class Refusal(Exception):
     """Answer the request with ``status`` and a JSON error body, and stop handling it."""
 
-    def __init__(self, status: int, error: str, detail: str | None = None, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str | None = None, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(error)
         self.status, self.error, self.detail, self.field, self.headers = status, error, detail, field, headers
 
@@ -131,8 +132,9 @@ class Ingest:
         """The largest lag of the scoring group over the input shards (a shard not created yet lags 0)."""
         s = self.settings
         if self._lag_client is None:
-            self._lag_client = redis_client(s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=5,
-                                            socket_connect_timeout=3)
+            self._lag_client = redis_client(
+                s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=5, socket_connect_timeout=3
+            )
         lags = [0]
         for stream in s.input_streams:
             try:
@@ -157,8 +159,10 @@ class Ingest:
                 self.backpressure.lag = lag
                 overloaded = lag > s.max_lag
                 if overloaded != self.backpressure.overloaded:
-                    log.warning("backpressure " + ("on" if overloaded else "off"),
-                                extra={"event": "backpressure", "on": overloaded, "lag": lag})
+                    log.warning(
+                        "backpressure " + ("on" if overloaded else "off"),
+                        extra={"event": "backpressure", "on": overloaded, "lag": lag},
+                    )
                 self.backpressure.overloaded = overloaded
             self.tally.flush()
             await asyncio.sleep(LAG_CHECK_INTERVAL_S)
@@ -179,10 +183,11 @@ class Ingest:
         if not self.settings.require_signature or key is None:
             return
         signature = request.headers.get(auth.SIGNATURE_HEADER)
-        problem = auth.signature_problem(key, request.headers.get(auth.TIMESTAMP_HEADER), signature, body,
-                                         self.settings.signature_window_s)
+        problem = auth.signature_problem(
+            key, request.headers.get(auth.TIMESTAMP_HEADER), signature, body, self.settings.signature_window_s
+        )
         if problem is None:
-            marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION):]
+            marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION) :]
             # Kept until its timestamp leaves the window (plus a second): a replay after that is
             # refused by the timestamp alone, so markers live at most one window on average.
             expires_ms = (int(request.headers[auth.TIMESTAMP_HEADER]) + self.settings.signature_window_s + 1) * 1000
@@ -197,8 +202,12 @@ class Ingest:
 
     def admit(self) -> None:
         if self.backpressure.overloaded:
-            raise Refusal(503, "overloaded", f"consumer group lag {self.backpressure.lag} > {self.settings.max_lag}",
-                          headers={"Retry-After": RETRY_AFTER_S})
+            raise Refusal(
+                503,
+                "overloaded",
+                f"consumer group lag {self.backpressure.lag} > {self.settings.max_lag}",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
 
     async def body(self, request: web.BaseRequest, kinds: tuple[str, ...], limit: int) -> bytes:
         """The body, if its media type is one of ``kinds`` and it fits in ``limit`` bytes, read
@@ -287,12 +296,24 @@ class Ingest:
         answer = {"transaction_id": transaction_id, "duplicate": accepted.duplicate}
         if decision is None:
             self.tally.decisions["timed_out"] += 1
-            answer.update(id=accepted.id, decision=self.settings.fallback_decision, score=None, reasons=[],
-                          model_version=None, timed_out=True)
+            answer.update(
+                id=accepted.id,
+                decision=self.settings.fallback_decision,
+                score=None,
+                reasons=[],
+                model_version=None,
+                timed_out=True,
+            )
         else:
             self.tally.decisions["answered"] += 1
-            answer.update(id=decision["id"], decision=decision["decision"], score=decision["score"],
-                          reasons=decision["reasons"], model_version=decision["model_version"], timed_out=False)
+            answer.update(
+                id=decision["id"],
+                decision=decision["decision"],
+                score=decision["score"],
+                reasons=decision["reasons"],
+                model_version=decision["model_version"],
+                timed_out=False,
+            )
         answer["latency_ms"] = round((time.monotonic() - started) * 1000.0, 3)
         return answer
 
@@ -361,15 +382,24 @@ def make_handler(settings: IngestSettings, authenticator: auth.Authenticator, re
         for index, item in enumerate(checked):
             if isinstance(item, Problem):
                 status = _PROBLEM_STATUS.get(item.reason, 422)
-                results.append({"index": index, "status": status, "error": item.reason, "field": item.field,
-                                "detail": item.message})
+                results.append(
+                    {"index": index, "status": status, "error": item.reason, "field": item.field, "detail": item.message}
+                )
             else:
                 a = next(accepted)
-                results.append({"index": index, "status": 200 if a.duplicate else 202, "id": a.id,
-                                "transaction_id": item.transaction_id, "duplicate": a.duplicate})
+                results.append(
+                    {
+                        "index": index,
+                        "status": 200 if a.duplicate else 202,
+                        "id": a.id,
+                        "transaction_id": item.transaction_id,
+                        "duplicate": a.duplicate,
+                    }
+                )
         duplicates = sum(1 for r in results if r.get("duplicate"))
-        return _json(200, {"accepted": len(submissions) - duplicates, "duplicates": duplicates, "rejected": rejected,
-                           "results": results})
+        return _json(
+            200, {"accepted": len(submissions) - duplicates, "duplicates": duplicates, "rejected": rejected, "results": results}
+        )
 
     async def score(request: web.BaseRequest) -> web.Response:
         key = ingest.authorize(request)
@@ -468,7 +498,7 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
         result = check_object(obj)
-        checked.append(result if isinstance(result, Problem)
-                       else Submission(obj["transaction_id"], obj["user_id"], result, payload))
+        checked.append(
+            result if isinstance(result, Problem) else Submission(obj["transaction_id"], obj["user_id"], result, payload)
+        )
     return checked
-

@@ -63,8 +63,9 @@ class Authenticator:
             keys = load_keys(self._path, self._inline)
         except KeysError as exc:
             if self._digests:
-                log.error("API keys not reloaded, keeping the previous ones", extra={"event": "keys_reload_refused",
-                                                                                    "reason": str(exc)})
+                log.error(
+                    "API keys not reloaded, keeping the previous ones", extra={"event": "keys_reload_refused", "reason": str(exc)}
+                )
                 return
             raise
         self._digests = [(hashlib.sha256(k).digest(), k) for k in keys]
@@ -82,8 +83,9 @@ class Authenticator:
         return match
 
 
-def signature_problem(key: bytes, timestamp: str | None, signature: str | None, body: bytes,
-                      window_s: float, now: float | None = None) -> str | None:
+def signature_problem(
+    key: bytes, timestamp: str | None, signature: str | None, body: bytes, window_s: float, now: float | None = None
+) -> str | None:
     """Why the request's signature does not hold (for the log, never for the client), or None."""
     if not timestamp or not signature:
         return "unsigned"

@@ -152,8 +152,9 @@ class Decisions:
         except (redis.RedisError, OSError) as exc:
             if not self._broken:
                 self._broken = True
-                log.error("decision channel lost, resubscribing", extra={"event": "outage", "component": "redis",
-                                                                         "error": str(exc)})
+                log.error(
+                    "decision channel lost, resubscribing", extra={"event": "outage", "component": "redis", "error": str(exc)}
+                )
         finally:
             self._lost(channels)
             await pubsub.aclose()
@@ -214,12 +215,15 @@ class StoredDecisions:
     async def _lookup(self, transaction_id: str) -> dict | None:
         async with self._lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await connect_async(self._url, self._schema, autocommit=True, connect_timeout=2,
-                                                 application_name="fraudd-ingest")
+                self._conn = await connect_async(
+                    self._url, self._schema, autocommit=True, connect_timeout=2, application_name="fraudd-ingest"
+                )
             try:
                 cursor = await self._conn.execute(
                     "SELECT stream_id, decision, score, reasons, model_version FROM transactions"
-                    " WHERE transaction_id = %s LIMIT 1", (transaction_id,))
+                    " WHERE transaction_id = %s LIMIT 1",
+                    (transaction_id,),
+                )
                 row = await cursor.fetchone()
             except psycopg.OperationalError:
                 await self._conn.close()
@@ -227,5 +231,11 @@ class StoredDecisions:
         if row is None:
             return None
         stream_id, decision, score, reasons, model_version = row
-        return {"transaction_id": transaction_id, "id": stream_id, "decision": decision,
-                "score": round(float(score), 6), "reasons": list(reasons), "model_version": model_version}
+        return {
+            "transaction_id": transaction_id,
+            "id": stream_id,
+            "decision": decision,
+            "score": round(float(score), 6),
+            "reasons": list(reasons),
+            "model_version": model_version,
+        }

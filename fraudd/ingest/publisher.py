@@ -45,7 +45,9 @@ return ids
 #       channel ('' when nobody waits for the decision).
 # Reply per item: the new entry id, or '=' followed by the id written earlier ('=' alone when the
 # worker counted it but this ingest did not write it: it came another way).
-_ACCEPT = SEEN_PROBE_LUA + """
+_ACCEPT = (
+    SEEN_PROBE_LUA
+    + """
 local stream, window = KEYS[1], ARGV[1]
 local out, refreshed = {}, {}
 for i = 1, (#KEYS - 1) / 2 do
@@ -74,6 +76,7 @@ for i = 1, (#KEYS - 1) / 2 do
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +213,9 @@ class CoalescingPublisher:
             ((shard, _rows),) = rows.items()
             return await self._call(shard, submissions), {}
         calls = list(rows.items())
-        results = await asyncio.gather(*(self._call(shard, [submissions[r] for r in picked]) for shard, picked in calls),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._call(shard, [submissions[r] for r in picked]) for shard, picked in calls), return_exceptions=True
+        )
         replies: list[bytes] = [b""] * len(submissions)
         failures: dict[int, Exception] = {}
         for (_shard, picked), result in zip(calls, results):

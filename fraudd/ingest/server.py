@@ -48,8 +48,10 @@ def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> No
     """Refuse to serve beyond loopback without API keys, unless told ``--insecure-no-auth``."""
     host = settings.listen[0]
     if not authenticator.enabled and not is_loopback(host) and not settings.insecure_no_auth:
-        raise ConfigError(f"--listen {host}: refusing to serve beyond loopback without API keys "
-                          "(--api-keys-file / FRAUDD_API_KEYS), or pass --insecure-no-auth")
+        raise ConfigError(
+            f"--listen {host}: refusing to serve beyond loopback without API keys "
+            "(--api-keys-file / FRAUDD_API_KEYS), or pass --insecure-no-auth"
+        )
     if settings.require_signature and not authenticator.enabled:
         raise ConfigError("--require-signature needs API keys (--api-keys-file / FRAUDD_API_KEYS): the key signs")
 
@@ -116,8 +118,9 @@ class Trimmer:
         s = self._settings
         try:
             if self._client is None:
-                self._client = redis_client(s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=2,
-                                            socket_connect_timeout=2)
+                self._client = redis_client(
+                    s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+                )
             trimmed = sum(trim_acked(self._client, stream, s.retention_s) for stream in s.input_streams)
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             if not self._failing:
@@ -129,15 +132,25 @@ class Trimmer:
             log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
 
-def _serve_process(settings: IngestSettings, sock: socket.socket, context: ssl.SSLContext | None,
-                   authenticator: Authenticator, process: WorkerProcess) -> int:
+def _serve_process(
+    settings: IngestSettings,
+    sock: socket.socket,
+    context: ssl.SSLContext | None,
+    authenticator: Authenticator,
+    process: WorkerProcess,
+) -> int:
     process.install_signals()
     uvloop.run(_serve(settings, sock, context, authenticator, process))
     return 0
 
 
-async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSLContext | None,
-                 authenticator: Authenticator, process: WorkerProcess) -> None:
+async def _serve(
+    settings: IngestSettings,
+    sock: socket.socket,
+    context: ssl.SSLContext | None,
+    authenticator: Authenticator,
+    process: WorkerProcess,
+) -> None:
     """Serve until told to stop (or orphaned), then drain: requests in progress get up to
     ``--shutdown-timeout-s`` to finish. SIGHUP re-reads the API keys."""
     loop = asyncio.get_running_loop()
@@ -152,8 +165,15 @@ async def _serve(settings: IngestSettings, sock: socket.socket, context: ssl.SSL
     site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
     await site.start()
     process.ready()
-    log.info("serving", extra={"event": "serving", "listen": f"{settings.listen[0]}:{settings.listen[1]}",
-                               "tls": context is not None, "auth": authenticator.enabled})
+    log.info(
+        "serving",
+        extra={
+            "event": "serving",
+            "listen": f"{settings.listen[0]}:{settings.listen[1]}",
+            "tls": context is not None,
+            "auth": authenticator.enabled,
+        },
+    )
     try:
         while process.running:
             process.heartbeat()  # the loop turns at least every half second: the watchdog's sign of life

@@ -47,8 +47,16 @@ def _figures(flagged: np.ndarray, fraud: np.ndarray) -> tuple[int, float, float]
     return int(flagged.sum()), caught / max(int(fraud.sum()), 1), caught / max(int(flagged.sum()), 1)
 
 
-def backtest(client: redis.Redis, live_keys: Keys, stored: StoredHistory, model: FraudModel, rules: Rules,
-             review: float, decline: float, progress: Callable[[str], None]) -> Backtest:
+def backtest(
+    client: redis.Redis,
+    live_keys: Keys,
+    stored: StoredHistory,
+    model: FraudModel,
+    rules: Rules,
+    review: float,
+    decline: float,
+    progress: Callable[[str], None],
+) -> Backtest:
     scratch = Keys(f"fraudd-backtest-{uuid.uuid4().hex}:raw", "unused:fraud", "unused:dlq")
     for kind in BLOCKLIST_KINDS:
         members = client.smembers(live_keys.blocklist(kind))
@@ -62,8 +70,10 @@ def backtest(client: redis.Redis, live_keys: Keys, stored: StoredHistory, model:
             chunk = payloads[start : start + BATCH]
             batch = decode_batch([f"{start + i + 1}-0" for i in range(len(chunk))], chunk)
             if batch.rejected:
-                raise TrainingError(f"stored transaction {stored.transaction_ids[start]} no longer decodes: "
-                                    f"{batch.rejected[0].reason}: {batch.rejected[0].detail}")
+                raise TrainingError(
+                    f"stored transaction {stored.transaction_ids[start]} no longer decodes: "
+                    f"{batch.rejected[0].reason}: {batch.rejected[0].detail}"
+                )
             _scores, decision, _reasons = score_batch(model, rules, store.compute(batch), review, decline)
             decided.append(decision)
             if (start // BATCH) % 50 == 49:
@@ -79,14 +89,23 @@ def backtest(client: redis.Redis, live_keys: Keys, stored: StoredHistory, model:
     changed = Counter((DECISIONS[before[i]], DECISIONS[candidate[i]]) for i in differ.tolist())
     examples = [(stored.transaction_ids[i], DECISIONS[before[i]], DECISIONS[candidate[i]]) for i in differ[:10].tolist()]
     fraud = stored.history.is_fraud
-    return Backtest(len(candidate), changed, examples, _figures(before > 0, fraud), _figures(candidate > 0, fraud),
-                    int(stored.labelled.sum()), int(fraud.sum()))
+    return Backtest(
+        len(candidate),
+        changed,
+        examples,
+        _figures(before > 0, fraud),
+        _figures(candidate > 0, fraud),
+        int(stored.labelled.sum()),
+        int(fraud.sum()),
+    )
 
 
 def format_backtest(result: Backtest, since: str, model: FraudModel, rules: Rules) -> str:
-    lines = [f"{result.transactions:,} stored transactions of the last {since} replayed through model {model.version}, "
-             f"rules {rules.version}",
-             f"decisions that would change: {sum(result.changed.values()):,}"]
+    lines = [
+        f"{result.transactions:,} stored transactions of the last {since} replayed through model {model.version}, "
+        f"rules {rules.version}",
+        f"decisions that would change: {sum(result.changed.values()):,}",
+    ]
     lines += [f"  {stored} -> {candidate}: {count:,}" for (stored, candidate), count in sorted(result.changed.items())]
     lines += [f"  e.g. {txid}: {stored} -> {candidate}" for txid, stored, candidate in result.examples[:5]]
     lines.append(f"against {result.labelled:,} labels ({result.fraud:,} fraud; unlabelled counts as legitimate):")

@@ -34,7 +34,9 @@ def stored_scores(postgres_url: str, pg_schema: str, model_version: str, since_s
     with connect(postgres_url, pg_schema, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT score, reasons FROM transactions WHERE event_time >= now() - make_interval(secs => %s) "
-            "AND model_version = %s", (since_s, model_version)).fetchall()
+            "AND model_version = %s",
+            (since_s, model_version),
+        ).fetchall()
     actions = {rule.code: rule.action for rule in rules.rules}
     score = np.fromiter((row[0] for row in rows), np.float64, len(rows))
     forced = np.fromiter((max((actions.get(code, 0) for code in row[1]), default=0) for row in rows), np.int8, len(rows))
@@ -60,21 +62,25 @@ def _threshold(scores: np.ndarray, forced: np.ndarray, level: int, target: float
     return min(threshold, 1.0), rate
 
 
-def calibrate(stored: StoredScores, review_rate: float, decline_rate: float, model_version: str, since: str,
-              rules_version: str) -> Thresholds:
+def calibrate(
+    stored: StoredScores, review_rate: float, decline_rate: float, model_version: str, since: str, rules_version: str
+) -> Thresholds:
     """Thresholds that put ``review_rate`` of the traffic in review and ``decline_rate`` in decline."""
     n = len(stored.score)
     if n == 0:
-        raise CalibrationError(f"no stored transactions scored by model {model_version} in the last {since}: "
-                               f"run it (in shadow, or with --review-threshold 1) on the team's traffic first")
+        raise CalibrationError(
+            f"no stored transactions scored by model {model_version} in the last {since}: "
+            f"run it (in shadow, or with --review-threshold 1) on the team's traffic first"
+        )
     if n < 1000:
-        raise CalibrationError(f"only {n} transactions scored by model {model_version} in the last {since}; "
-                               f"at least 1000 are needed for rates of a percent")
+        raise CalibrationError(
+            f"only {n} transactions scored by model {model_version} in the last {since}; "
+            f"at least 1000 are needed for rates of a percent"
+        )
     decline, decline_share = _threshold(stored.score, stored.forced, DECLINE, decline_rate)
     review, flagged_share = _threshold(stored.score, stored.forced, REVIEW, review_rate + decline_rate)
     review = min(review, decline)
-    decision = np.maximum(np.where(stored.score >= decline, DECLINE, np.where(stored.score >= review, REVIEW, 0)),
-                          stored.forced)
+    decision = np.maximum(np.where(stored.score >= decline, DECLINE, np.where(stored.score >= review, REVIEW, 0)), stored.forced)
     shares = np.bincount(decision, minlength=len(DECISIONS)) / n
     forced_shares = np.bincount(stored.forced, minlength=len(DECISIONS)) / n
     return Thresholds(
@@ -88,10 +94,11 @@ def calibrate(stored: StoredScores, review_rate: float, decline_rate: float, mod
             "target_decline_rate": decline_rate,
             "expected_review_rate": round(float(shares[REVIEW]), 6),
             "expected_decline_rate": round(float(shares[DECLINE]), 6),
-            "forced_by_rules": {"review": round(float(forced_shares[REVIEW]), 6),
-                                "decline": round(float(forced_shares[DECLINE]), 6)},
+            "forced_by_rules": {
+                "review": round(float(forced_shares[REVIEW]), 6),
+                "decline": round(float(forced_shares[DECLINE]), 6),
+            },
             "rules_version": rules_version,
             "rules_fired": {code: round(share, 6) for code, share in stored.rule_shares.items()},
         },
     )
-

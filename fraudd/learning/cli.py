@@ -32,21 +32,27 @@ def _echo_err(message: str) -> None:
 
 
 @click.command()
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="History file to write (JSON Lines: input message + label + typology).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="History file to write (JSON Lines: input message + label + typology).",
+)
 @click.option("--customers", default=5_000, show_default=True, type=click.IntRange(10))
 @click.option("--terminals", default=10_000, show_default=True, type=click.IntRange(40))
 @click.option("--days", default=60, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--end", "end_ts", default=None, type=float,
-              help="Unix time the history ends at (midnight UTC of today by default).")
+@click.option(
+    "--end", "end_ts", default=None, type=float, help="Unix time the history ends at (midnight UTC of today by default)."
+)
 def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, end_ts: float | None) -> None:
     """Write a labelled history from the customers-and-terminals simulator (fraudd.learning.simulator)."""
     from .simulator import TYPOLOGIES, Simulator, SimulatorConfig
 
     start = None if end_ts is None else end_ts - days * 86400.0
-    history = Simulator(SimulatorConfig(seed=seed, n_customers=customers, n_terminals=terminals, days=days,
-                                        start_ts=start)).history()
+    history = Simulator(
+        SimulatorConfig(seed=seed, n_customers=customers, n_terminals=terminals, days=days, start_ts=start)
+    ).history()
     with out.open("wb") as file:
         for line in history.history_lines():
             file.write(line + b"\n")
@@ -55,32 +61,88 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
 
 
 @click.command()
-@click.option("--history", type=click.Path(dir_okay=False, path_type=Path),
-              help="Labelled history: JSON Lines, one input message per line plus \"label\" (1/0 or true/false), in time order.")
+@click.option(
+    "--history",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='Labelled history: JSON Lines, one input message per line plus "label" (1/0 or true/false), in time order.',
+)
 @click.option("--from-postgres", is_flag=True, help="Train on the stored transactions joined with the labels table.")
-@click.option("--since", default="90d", show_default=True, callback=_duration,
-              help="With --from-postgres: transactions of this last period (event time).")
-@click.option("--generated", type=click.IntRange(1000), default=None,
-              help="Train on this many transactions of fraudd.generator (how the shipped fraudd/scoring/fraud.onnx is made).")
-@click.option("--generated-holdout", type=click.IntRange(1000), default=200_000, show_default=True,
-              help="With --generated: held-out transactions, from the next seed.")
+@click.option(
+    "--since",
+    default="90d",
+    show_default=True,
+    callback=_duration,
+    help="With --from-postgres: transactions of this last period (event time).",
+)
+@click.option(
+    "--generated",
+    type=click.IntRange(1000),
+    default=None,
+    help="Train on this many transactions of fraudd.generator (how the shipped fraudd/scoring/fraud.onnx is made).",
+)
+@click.option(
+    "--generated-holdout",
+    type=click.IntRange(1000),
+    default=200_000,
+    show_default=True,
+    help="With --generated: held-out transactions, from the next seed.",
+)
 @click.option("--seed", default=1, show_default=True, help="Learner seed (and generator seed with --generated).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (ONNX).")
-@click.option("--card", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Model card to write [default: the model's path with .md].")
-@click.option("--holdout-share", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
-              help="Most recent share of the history held out for the model card's figures.")
-@click.option("--tune-share", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5),
-              help="Share before the held-out part that sets the thresholds.")
-@click.option("--review-fpr", default=0.01, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-              help="False-positive rate of the review threshold on the tuning part.")
-@click.option("--decline-fpr", default=0.001, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-              help="False-positive rate of the decline threshold on the tuning part.")
+@click.option(
+    "--card",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Model card to write [default: the model's path with .md].",
+)
+@click.option(
+    "--holdout-share",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.05, 0.5),
+    help="Most recent share of the history held out for the model card's figures.",
+)
+@click.option(
+    "--tune-share",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.05, 0.5),
+    help="Share before the held-out part that sets the thresholds.",
+)
+@click.option(
+    "--review-fpr",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="False-positive rate of the review threshold on the tuning part.",
+)
+@click.option(
+    "--decline-fpr",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="False-positive rate of the decline threshold on the tuning part.",
+)
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
 @selected_options("redis-url", "postgres-url", "pg-schema")
-def train(history: Path | None, from_postgres: bool, since: float, generated: int | None, generated_holdout: int,
-          seed: int, out: Path, card: Path | None, holdout_share: float, tune_share: float, review_fpr: float,
-          decline_fpr: float, version: str | None, redis_url: str, postgres_url: str, pg_schema: str) -> None:
+def train(
+    history: Path | None,
+    from_postgres: bool,
+    since: float,
+    generated: int | None,
+    generated_holdout: int,
+    seed: int,
+    out: Path,
+    card: Path | None,
+    holdout_share: float,
+    tune_share: float,
+    review_fpr: float,
+    decline_fpr: float,
+    version: str | None,
+    redis_url: str,
+    postgres_url: str,
+    pg_schema: str,
+) -> None:
     """Train a model on labelled history with the daemon's own features; write it and its model card."""
     from . import train as training
 
@@ -95,12 +157,15 @@ def train(history: Path | None, from_postgres: bool, since: float, generated: in
             holdout = training.featurize(client, training.generated_history(seed + 1, generated_holdout), _echo_err)
             cut = int(len(everything) * 0.8)
             fit_part, tune = everything.take(slice(0, cut)), everything.take(slice(cut, len(everything)))
-            version = version or f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-s{seed}"
+            version = (
+                version or f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-s{seed}"
+            )
             data_section = (
                 f"Generated by `fraudd.generator` (seeded; ~1% fraud over five typologies that live in each user's\n"
                 f"history). Training: seed {seed}, {generated:,} transactions in event-time order, the first 80% to\n"
                 f"fit, the last 20% to set thresholds (time-based split). Held out: seed {seed + 1}, {generated_holdout:,}\n"
-                f"transactions ({int(holdout.is_fraud.sum()):,} fraud), never seen in training.")
+                f"transactions ({int(holdout.is_fraud.sum()):,} fraud), never seen in training."
+            )
         else:
             if history is not None:
                 source = training.read_history(history, _echo_err)
@@ -112,13 +177,16 @@ def train(history: Path | None, from_postgres: bool, since: float, generated: in
             training.check_positives(source.is_fraud, parts)
             everything = training.featurize(client, source, _echo_err)
             fit_part, tune, holdout = (everything.take(rows) for rows in parts)
-            version = version or (f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x"
-                                  f"{training.LIGHTGBM_PARAMS['num_leaves']}-{training.data_version(source)}")
+            version = version or (
+                f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x"
+                f"{training.LIGHTGBM_PARAMS['num_leaves']}-{training.data_version(source)}"
+            )
             data_section = (
                 f"{source.source}: {len(everything):,} labelled transactions ({int(everything.is_fraud.sum()):,} fraud),\n"
                 f"in time order. Time-based split: the first {len(fit_part):,} fit the trees, the next {len(tune):,}\n"
                 f"set the thresholds, the most recent {len(holdout):,} ({int(holdout.is_fraud.sum()):,} fraud) are\n"
-                f"held out for the figures below.")
+                f"held out for the figures below."
+            )
         trained = training.train(fit_part, tune, holdout, seed, version, review_fpr, decline_fpr, _echo_err)
     except training.TrainingError as exc:
         raise click.ClickException(str(exc)) from None
@@ -131,9 +199,11 @@ def train(history: Path | None, from_postgres: bool, since: float, generated: in
     card.write_text(training.model_card(trained, data_section, command))
     m = trained.metrics
     best_rule = max(trained.plain_rules.items(), key=lambda item: item[1])
-    click.echo(f"{out}: {version}; held out: recall {m['recall_at_1pct_fpr']:.1%} at 1% FPR "
-               f"(best plain rule, {best_rule[0]}: {best_rule[1]:.1%}), PR-AUC {m['pr_auc']:.3f}; "
-               f"review from {trained.review:.4f}, decline from {trained.decline:.4f}; card {card}")
+    click.echo(
+        f"{out}: {version}; held out: recall {m['recall_at_1pct_fpr']:.1%} at 1% FPR "
+        f"(best plain rule, {best_rule[0]}: {best_rule[1]:.1%}), PR-AUC {m['pr_auc']:.3f}; "
+        f"review from {trained.review:.4f}, decline from {trained.decline:.4f}; card {card}"
+    )
 
 
 _RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
@@ -145,8 +215,16 @@ _RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Thresholds file to write (JSON).")
 @selected_options("postgres-url", "pg-schema", "model-path", "rules-path")
-def calibrate(target_review_rate: float, target_decline_rate: float, since: str, out: Path, postgres_url: str,
-              pg_schema: str, model_path: Path, rules_path: Path) -> None:
+def calibrate(
+    target_review_rate: float,
+    target_decline_rate: float,
+    since: str,
+    out: Path,
+    postgres_url: str,
+    pg_schema: str,
+    model_path: Path,
+    rules_path: Path,
+) -> None:
     """Set review and decline thresholds from the scores of the team's own recent traffic (no labels needed).
 
     Rules that force a review or a decline spend the same budget, so the model's thresholds are set
@@ -173,17 +251,23 @@ def calibrate(target_review_rate: float, target_decline_rate: float, since: str,
         raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
     out.write_bytes(thresholds.dumps())
     c = thresholds.calibration
-    click.echo(f"{out}: model {model.version}: review from {thresholds.review_threshold:.6g}, decline from "
-               f"{thresholds.decline_threshold:.6g}; on {c['transactions']:,} transactions of the last {since}: "
-               f"review {c['expected_review_rate']:.2%}, decline {c['expected_decline_rate']:.2%} "
-               f"(rules alone: review {c['forced_by_rules']['review']:.2%}, decline {c['forced_by_rules']['decline']:.2%})")
+    click.echo(
+        f"{out}: model {model.version}: review from {thresholds.review_threshold:.6g}, decline from "
+        f"{thresholds.decline_threshold:.6g}; on {c['transactions']:,} transactions of the last {since}: "
+        f"review {c['expected_review_rate']:.2%}, decline {c['expected_decline_rate']:.2%} "
+        f"(rules alone: review {c['forced_by_rules']['review']:.2%}, decline {c['forced_by_rules']['decline']:.2%})"
+    )
     actions = {rule.code: ACTION_NAMES[rule.action] for rule in rules.rules}
     if c["rules_fired"]:
-        click.echo("rules fired on: " + ", ".join(f"{code} {share:.2%} ({actions[code]})"
-                                                   for code, share in c["rules_fired"].items()))
+        click.echo(
+            "rules fired on: " + ", ".join(f"{code} {share:.2%} ({actions[code]})" for code, share in c["rules_fired"].items())
+        )
     if c["forced_by_rules"]["review"] + c["forced_by_rules"]["decline"] > target_review_rate + target_decline_rate:
-        click.echo("warning: the rules alone exceed the budget, so the model flags nothing more: put the noisiest "
-                   "rules in shadow (action = \"shadow\" in --rules-path) and calibrate again", err=True)
+        click.echo(
+            "warning: the rules alone exceed the budget, so the model flags nothing more: put the noisiest "
+            'rules in shadow (action = "shadow" in --rules-path) and calibrate again',
+            err=True,
+        )
 
 
 @click.command("labels")
@@ -207,12 +291,25 @@ def labels_service(**params) -> None:
 
 
 @click.command("label")
-@click.option("--file", "path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.")
+@click.option(
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.",
+)
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
 @selected_options("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "shards")
-def label_file(path: Path, source: str | None, redis_url: str, redis_cluster: bool, postgres_url: str, pg_schema: str,
-               stream: str, shards: int) -> None:
+def label_file(
+    path: Path,
+    source: str | None,
+    redis_url: str,
+    redis_cluster: bool,
+    postgres_url: str,
+    pg_schema: str,
+    stream: str,
+    shards: int,
+) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
     from datetime import datetime, timezone
@@ -232,8 +329,9 @@ def label_file(path: Path, source: str | None, redis_url: str, redis_cluster: bo
     labels, errors = parse_labels([document for _number, document in numbered], source or f"file:{path.name}", written)
     if errors:
         position, reason = errors[0]
-        raise click.ClickException(f"{path} line {numbered[position][0]}: {reason}"
-                                   + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""))
+        raise click.ClickException(
+            f"{path} line {numbered[position][0]}: {reason}" + (f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else "")
+        )
     client = redis_client(redis_url, redis_cluster)
     confirmed = confirmed_shards(client, stream, shards)
     new = 0
@@ -272,22 +370,48 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
     except psycopg.Error as exc:
         raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
     if compared is None:
-        raise click.ClickException(f"no transaction of the last {since} was scored by a challenger: "
-                                   f"run `fraudd run --shadow-model PATH` first")
+        raise click.ClickException(
+            f"no transaction of the last {since} was scored by a challenger: run `fraudd run --shadow-model PATH` first"
+        )
     click.echo(format_report(*compared, since))
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Candidate ONNX model.")
-@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Candidate rules file.")
-@click.option("--thresholds", "thresholds_path", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Thresholds file for the candidate [default: the model's own].")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Candidate ONNX model.",
+)
+@click.option(
+    "--rules",
+    "rules_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Candidate rules file.",
+)
+@click.option(
+    "--thresholds",
+    "thresholds_path",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Thresholds file for the candidate [default: the model's own].",
+)
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
 @selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
-def backtest(model_path: Path, rules_path: Path, thresholds_path: Path | None, since: str, redis_url: str,
-             postgres_url: str, pg_schema: str, stream: str, fraud_stream: str, dlq_stream: str) -> None:
+def backtest(
+    model_path: Path,
+    rules_path: Path,
+    thresholds_path: Path | None,
+    since: str,
+    redis_url: str,
+    postgres_url: str,
+    pg_schema: str,
+    stream: str,
+    fraud_stream: str,
+    dlq_stream: str,
+) -> None:
     """Replay stored transactions in time order through a candidate model and rules (scratch keys,
     behaviour recomputed); report the decisions that would change and recall/precision against labels."""
     import psycopg
@@ -312,8 +436,9 @@ def backtest(model_path: Path, rules_path: Path, thresholds_path: Path | None, s
         stored = stored_history(postgres_url, pg_schema, parse_duration(since))
         client = redis.Redis.from_url(redis_url, protocol=2)
         try:
-            result = replay.backtest(client, Keys(stream, fraud_stream, dlq_stream), stored, model, rules, review,
-                                     decline, _echo_err)
+            result = replay.backtest(
+                client, Keys(stream, fraud_stream, dlq_stream), stored, model, rules, review, decline, _echo_err
+            )
         finally:
             client.close()
     except (ModelError, RulesError, thresholds.ThresholdsError, TrainingError) as exc:

@@ -38,8 +38,13 @@ class LabelsWorker:
         self.settings = settings
         # The runtime's consumer reads ``stream``: here, the labels stream.
         labels = replace(settings, stream=settings.labels_stream)
-        self.consumer = StreamConsumer(connect_redis(settings.redis_url, settings.redis_cluster), labels,
-                                       settings.consumer_name(process.index), process, on_outage=self._on_outage)
+        self.consumer = StreamConsumer(
+            connect_redis(settings.redis_url, settings.redis_cluster),
+            labels,
+            settings.consumer_name(process.index),
+            process,
+            on_outage=self._on_outage,
+        )
         self.settler = DeadLetterSettler(self.consumer, settings.dlq_stream)
         self._conn: psycopg.Connection | None = None
         self.confirmed = confirmed_shards(self.consumer.redis, settings.stream, settings.shards)

@@ -48,8 +48,12 @@ class Label:
 
     def document(self) -> dict:
         """The stream's ``data`` document for this label."""
-        return {"transaction_id": self.transaction_id, "label": self.label, "source": self.source,
-                "reported_at": self.reported_at.timestamp()}
+        return {
+            "transaction_id": self.transaction_id,
+            "label": self.label,
+            "source": self.source,
+            "reported_at": self.reported_at.timestamp(),
+        }
 
 
 def parse_label(obj: object, default_source: str = "", now: datetime | None = None) -> Label:
@@ -71,7 +75,7 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
     elif verdict in (0, False, "0", "false"):
         verdict = "legit"
     if verdict not in VERDICTS:
-        raise LabelError(f"label must be \"fraud\" or \"legit\", got {obj.get('label')!r}")
+        raise LabelError(f'label must be "fraud" or "legit", got {obj.get("label")!r}')
     source = obj.get("source") or default_source
     if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
         raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters")
@@ -97,8 +101,9 @@ def _time(value: object, now: datetime | None) -> datetime:
     raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}")
 
 
-def parse_labels(documents: Iterable[object], default_source: str = "", now: datetime | None = None
-                 ) -> tuple[list[Label], list[tuple[int, str]]]:
+def parse_labels(
+    documents: Iterable[object], default_source: str = "", now: datetime | None = None
+) -> tuple[list[Label], list[tuple[int, str]]]:
     """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
     ``reported_at`` of documents without one (default: the current time)."""
     labels, errors = [], []
@@ -141,14 +146,17 @@ def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
     if not labels:
         return 0
     with conn.transaction():
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS label_staging (LIKE label_history INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS label_staging (LIKE label_history INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
         with conn.cursor().copy("COPY label_staging (transaction_id, label, source, reported_at) FROM STDIN") as copy:
             for label in labels:
                 copy.write_row((label.transaction_id, label.label, label.source, label.reported_at))
         new = conn.execute(
             """INSERT INTO label_history (transaction_id, label, source, reported_at)
                SELECT DISTINCT transaction_id, label, source, reported_at FROM label_staging
-               ON CONFLICT DO NOTHING""").rowcount
+               ON CONFLICT DO NOTHING"""
+        ).rowcount
         conn.execute(
             """INSERT INTO labels (transaction_id, label, source, reported_at)
                SELECT DISTINCT ON (transaction_id) transaction_id, label, source, reported_at FROM label_staging
@@ -156,7 +164,8 @@ def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
                ON CONFLICT (transaction_id) DO UPDATE
                SET label = EXCLUDED.label, source = EXCLUDED.source, reported_at = EXCLUDED.reported_at,
                    updated_at = clock_timestamp()
-               WHERE (labels.reported_at, labels.label = 'fraud') < (EXCLUDED.reported_at, EXCLUDED.label = 'fraud')""")
+               WHERE (labels.reported_at, labels.label = 'fraud') < (EXCLUDED.reported_at, EXCLUDED.label = 'fraud')"""
+        )
     return new
 
 
@@ -171,7 +180,8 @@ def confirm(conn: psycopg.Connection, shards: list[ConfirmedFraud], labels: list
         """SELECT t.transaction_id, t.merchant, t.device_id, t.ip, t.card_id,
                   (extract(epoch FROM t.event_time) * 1000)::bigint, l.label = 'fraud'
            FROM transactions t JOIN labels l USING (transaction_id) WHERE t.transaction_id = ANY(%s)""",
-        (ids,)).fetchall()
+        (ids,),
+    ).fetchall()
     # The state separates pairs with "=" and ";": an id holding one cannot be counted.
     records = [(row[0], row[1:5], row[5], row[6]) for row in rows if "=" not in row[0] and ";" not in row[0]]
     for confirmed in shards:

@@ -36,8 +36,16 @@ class ModelFigures:
 def figures(version: str, score: np.ndarray, flagged: np.ndarray, fraud: np.ndarray) -> ModelFigures:
     alerts = int(flagged.sum())
     caught = int((flagged & fraud).sum())
-    return ModelFigures(version, len(score), int(fraud.sum()), alerts, caught / max(int(fraud.sum()), 1),
-                        caught / max(alerts, 1), recall_at_fpr(score, fraud, 0.01), recall_at_fpr(score, fraud, 0.001))
+    return ModelFigures(
+        version,
+        len(score),
+        int(fraud.sum()),
+        alerts,
+        caught / max(int(fraud.sum()), 1),
+        caught / max(alerts, 1),
+        recall_at_fpr(score, fraud, 0.01),
+        recall_at_fpr(score, fraud, 0.001),
+    )
 
 
 def compare(postgres_url: str, pg_schema: str, since_s: float) -> tuple[ModelFigures, ModelFigures] | None:
@@ -49,7 +57,8 @@ def compare(postgres_url: str, pg_schema: str, since_s: float) -> tuple[ModelFig
                       t.shadow_decision <> 'approve', coalesce(l.label = 'fraud', false)
                FROM transactions t LEFT JOIN labels l USING (transaction_id)
                WHERE t.event_time >= now() - make_interval(secs => %s) AND t.shadow_score IS NOT NULL""",
-            (since_s,)).fetchall()
+            (since_s,),
+        ).fetchall()
     if not rows:
         return None
     columns = list(zip(*rows))
@@ -58,18 +67,25 @@ def compare(postgres_url: str, pg_schema: str, since_s: float) -> tuple[ModelFig
     def version(values: tuple) -> str:
         return ", ".join(sorted(set(values)))
 
-    return (figures(version(columns[0]), np.array(columns[1], np.float64), np.array(columns[2], bool), fraud),
-            figures(version(columns[3]), np.array(columns[4], np.float64), np.array(columns[5], bool), fraud))
+    return (
+        figures(version(columns[0]), np.array(columns[1], np.float64), np.array(columns[2], bool), fraud),
+        figures(version(columns[3]), np.array(columns[4], np.float64), np.array(columns[5], bool), fraud),
+    )
 
 
 def format_report(champion: ModelFigures, challenger: ModelFigures, since: str) -> str:
-    lines = [f"{champion.transactions:,} transactions of the last {since} scored by both, {champion.fraud:,} labelled fraud",
-             f"{'':24}{'champion':>22}{'challenger':>22}",
-             f"{'model':24}{champion.model_version:>22}{challenger.model_version:>22}"]
-    for name, attribute, form in (("alerts", "alerts", "{:,}"), ("alert rate", "alert_rate", "{:.2%}"),
-                                  ("recall at thresholds", "recall", "{:.1%}"),
-                                  ("precision at thresholds", "precision", "{:.1%}"),
-                                  ("recall at 1% FPR", "recall_at_1pct_fpr", "{:.1%}"),
-                                  ("recall at 0.1% FPR", "recall_at_01pct_fpr", "{:.1%}")):
+    lines = [
+        f"{champion.transactions:,} transactions of the last {since} scored by both, {champion.fraud:,} labelled fraud",
+        f"{'':24}{'champion':>22}{'challenger':>22}",
+        f"{'model':24}{champion.model_version:>22}{challenger.model_version:>22}",
+    ]
+    for name, attribute, form in (
+        ("alerts", "alerts", "{:,}"),
+        ("alert rate", "alert_rate", "{:.2%}"),
+        ("recall at thresholds", "recall", "{:.1%}"),
+        ("precision at thresholds", "precision", "{:.1%}"),
+        ("recall at 1% FPR", "recall_at_1pct_fpr", "{:.1%}"),
+        ("recall at 0.1% FPR", "recall_at_01pct_fpr", "{:.1%}"),
+    ):
         lines.append(f"{name:24}{form.format(getattr(champion, attribute)):>22}{form.format(getattr(challenger, attribute)):>22}")
     return "\n".join(lines)

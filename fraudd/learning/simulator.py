@@ -120,14 +120,35 @@ class SimulatedHistory:
 
     def messages(self) -> list[dict]:
         """The input messages (DESIGN.md), one dict per transaction."""
-        columns = zip(self.transaction_id.tolist(), self.user_id.tolist(), self.card_id.tolist(), self.merchant.tolist(),
-                      self.mcc.tolist(), self.channel.tolist(), self.device_id.tolist(), self.ip.tolist(),
-                      self.country.tolist(), self.currency.tolist(), self.amount.tolist(), self.timestamp.tolist())
+        columns = zip(
+            self.transaction_id.tolist(),
+            self.user_id.tolist(),
+            self.card_id.tolist(),
+            self.merchant.tolist(),
+            self.mcc.tolist(),
+            self.channel.tolist(),
+            self.device_id.tolist(),
+            self.ip.tolist(),
+            self.country.tolist(),
+            self.currency.tolist(),
+            self.amount.tolist(),
+            self.timestamp.tolist(),
+        )
         messages = []
         for txid, user, card, merchant, mcc, channel, device, ip, country, currency, amount, ts in columns:
-            message = {"transaction_id": txid, "user_id": user, "card_id": card, "merchant": merchant, "mcc": mcc,
-                       "channel": channel, "device_id": device, "country": country, "currency": currency,
-                       "amount": amount, "timestamp": ts}
+            message = {
+                "transaction_id": txid,
+                "user_id": user,
+                "card_id": card,
+                "merchant": merchant,
+                "mcc": mcc,
+                "channel": channel,
+                "device_id": device,
+                "country": country,
+                "currency": currency,
+                "amount": amount,
+                "timestamp": ts,
+            }
             if ip is not None:
                 message["ip"] = ip
             messages.append(message)
@@ -142,8 +163,10 @@ class SimulatedHistory:
         which fraudd ignores as an unknown field but the model card reports recall by)."""
         names = np.array(TYPOLOGIES, dtype=object)[self.typology].tolist()
         fraud = self.is_fraud.tolist()
-        return [orjson.dumps({**message, "label": int(label), "typology": name})
-                for message, label, name in zip(self.messages(), fraud, names)]
+        return [
+            orjson.dumps({**message, "label": int(label), "typology": name})
+            for message, label, name in zip(self.messages(), fraud, names)
+        ]
 
 
 class Simulator:
@@ -184,12 +207,12 @@ class Simulator:
         if "stolen_card" in cfg.typologies:
             extra = self._steal_cards(start)
             customer, ts, terminal, amount, typology, device, fraud_country = (
-                np.concatenate(pair) for pair in zip((customer, ts, terminal, amount, typology, device, fraud_country), extra))
+                np.concatenate(pair) for pair in zip((customer, ts, terminal, amount, typology, device, fraud_country), extra)
+            )
         order = np.argsort(ts, kind="stable")
         customer, ts, terminal, amount = customer[order], ts[order], terminal[order], amount[order]
         typology, device, fraud_country = typology[order], device[order], fraud_country[order]
-        return self._materialise(customer, ts, terminal, np.round(np.maximum(amount, 0.5), 2), typology, device,
-                                 fraud_country)
+        return self._materialise(customer, ts, terminal, np.round(np.maximum(amount, 0.5), 2), typology, device, fraud_country)
 
     def _arrivals(self, start: float) -> tuple[np.ndarray, np.ndarray]:
         """Each customer's transactions of each day, at times around the customer's own peak."""
@@ -233,8 +256,9 @@ class Simulator:
             hit = rows[rng.random(len(rows)) < cfg.terminal_fraud_probability]
             typology[hit[typology[hit] == LEGIT]] = COMPROMISED_TERMINAL
 
-    def _compromise_customers(self, customer: np.ndarray, ts: np.ndarray, amount: np.ndarray, typology: np.ndarray,
-                              start: float) -> None:
+    def _compromise_customers(
+        self, customer: np.ndarray, ts: np.ndarray, amount: np.ndarray, typology: np.ndarray, start: float
+    ) -> None:
         rng, cfg = self._rng, self.config
         victims, since = self._events(cfg.customer_compromises_per_day, cfg.n_customers, start)
         rows_of = _Groups(customer)
@@ -260,8 +284,15 @@ class Simulator:
         amount = self._mean_amount[customer] * rng.uniform(2.0, 6.0, len(event))
         country = rng.integers(0, len(_FRAUD_COUNTRIES), len(victims))[event]
         inside = ts < start + cfg.days * _DAY
-        return (customer[inside], ts[inside], terminal[inside], amount[inside],
-                np.full(int(inside.sum()), STOLEN_CARD, dtype=np.int8), event[inside], country[inside])
+        return (
+            customer[inside],
+            ts[inside],
+            terminal[inside],
+            amount[inside],
+            np.full(int(inside.sum()), STOLEN_CARD, dtype=np.int8),
+            event[inside],
+            country[inside],
+        )
 
     def _materialise(self, customer, ts, terminal, amount, typology, device, fraud_country) -> SimulatedHistory:
         seed = self.config.seed

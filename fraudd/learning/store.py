@@ -18,8 +18,21 @@ from fraudd.schema import connect
 
 from .train import History, TrainingError
 
-_MESSAGE_FIELDS = ("transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",
-                   "device_id", "ip", "channel", "lat", "lon")
+_MESSAGE_FIELDS = (
+    "transaction_id",
+    "user_id",
+    "amount",
+    "currency",
+    "merchant",
+    "mcc",
+    "country",
+    "card_id",
+    "device_id",
+    "ip",
+    "channel",
+    "lat",
+    "lon",
+)
 
 
 @dataclass
@@ -45,7 +58,9 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
                        coalesce(l.label = 'fraud', false)
                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
                 WHERE t.event_time >= now() - make_interval(secs => %s)
-                ORDER BY t.event_time, t.stream_id""", (since_s,)).fetchall()
+                ORDER BY t.event_time, t.stream_id""",
+            (since_s,),
+        ).fetchall()
         labelled = conn.execute("SELECT count(*) FROM labels").fetchone()[0]
     if not rows:
         raise TrainingError(f"schema {pg_schema}: no stored transactions in the period asked for")
@@ -55,7 +70,16 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
         message["timestamp"] = row[len(_MESSAGE_FIELDS)]
         payloads.append(orjson.dumps(message))
     is_fraud = np.fromiter((row[-1] for row in rows), bool, len(rows))
-    history = History(payloads, is_fraud, is_fraud.astype(np.int16), ("legit", "fraud"),
-                      f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)")
-    return StoredHistory(history, [row[0] for row in rows], [row[len(_MESSAGE_FIELDS) + 1] for row in rows],
-                         np.fromiter((row[-2] for row in rows), bool, len(rows)))
+    history = History(
+        payloads,
+        is_fraud,
+        is_fraud.astype(np.int16),
+        ("legit", "fraud"),
+        f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)",
+    )
+    return StoredHistory(
+        history,
+        [row[0] for row in rows],
+        [row[len(_MESSAGE_FIELDS) + 1] for row in rows],
+        np.fromiter((row[-2] for row in rows), bool, len(rows)),
+    )

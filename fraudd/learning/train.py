@@ -40,8 +40,17 @@ DECLINE_FPR = 0.001
 # Below this many fraudulent transactions in a part of the split, its figures are noise.
 MIN_POSITIVES = {"fit": 50, "tune": 10, "holdout": 10}
 LIGHTGBM_PARAMS = dict(
-    objective="binary", n_estimators=120, num_leaves=15, learning_rate=0.08, min_child_samples=40,
-    subsample=0.8, subsample_freq=1, colsample_bytree=0.9, reg_lambda=1.0, verbose=-1, n_jobs=2,
+    objective="binary",
+    n_estimators=120,
+    num_leaves=15,
+    learning_rate=0.08,
+    min_child_samples=40,
+    subsample=0.8,
+    subsample_freq=1,
+    colsample_bytree=0.9,
+    reg_lambda=1.0,
+    verbose=-1,
+    n_jobs=2,
 )
 _LABELS = {1: True, 0: False}  # true/false too: they equal 1/0
 
@@ -156,15 +165,21 @@ def read_history(path: Path, progress: Progress = _quiet) -> History:
         raise TrainingError(f"{path}: no transactions")
     names = ("legit", *sorted(set(kinds) - {"legit"}))
     codes = {name: code for code, name in enumerate(names)}
-    return History(payloads, np.array(labels, dtype=bool), np.array([codes[k] for k in kinds], dtype=np.int16),
-                   names, str(path), numbers)
+    return History(
+        payloads, np.array(labels, dtype=bool), np.array([codes[k] for k in kinds], dtype=np.int16), names, str(path), numbers
+    )
 
 
 def generated_history(seed: int, n: int) -> History:
     """``n`` transactions of ``fraudd.generator``'s stream for ``seed``, with their typologies."""
     generated = TransactionGenerator(GeneratorConfig(seed=seed)).generate(n)
-    return History(generated.payloads(), generated.is_fraud, generated.typology.astype(np.int16),
-                   generated.typology_names, f"fraudd.generator seed {seed}")
+    return History(
+        generated.payloads(),
+        generated.is_fraud,
+        generated.typology.astype(np.int16),
+        generated.typology_names,
+        f"fraudd.generator seed {seed}",
+    )
 
 
 def dataset(client: redis.Redis, seed: int, n: int) -> Dataset:
@@ -188,7 +203,8 @@ def check_positives(is_fraud: np.ndarray, parts: tuple[slice, slice, slice]) -> 
             raise TrainingError(
                 f"too few fraudulent transactions: {positives} in the {name} part of the time split "
                 f"({len(is_fraud[rows]):,} transactions); at least {MIN_POSITIVES[name]} are needed "
-                f"({int(is_fraud.sum())} labelled fraud in all)")
+                f"({int(is_fraud.sum())} labelled fraud in all)"
+            )
 
 
 def threshold_at_fpr(scores: np.ndarray, is_fraud: np.ndarray, fpr: float) -> float:
@@ -275,8 +291,16 @@ class Trained:
     fit_part: Dataset
 
 
-def train(fit_part: Dataset, tune: Dataset, holdout: Dataset, seed: int, version: str,
-          review_fpr: float = REVIEW_FPR, decline_fpr: float = DECLINE_FPR, progress: Progress = _quiet) -> Trained:
+def train(
+    fit_part: Dataset,
+    tune: Dataset,
+    holdout: Dataset,
+    seed: int,
+    version: str,
+    review_fpr: float = REVIEW_FPR,
+    decline_fpr: float = DECLINE_FPR,
+    progress: Progress = _quiet,
+) -> Trained:
     """Fit on ``fit_part``, set thresholds on ``tune``, measure on ``holdout``."""
     all_columns = list(range(len(FEATURE_NAMES)))
     progress(f"fitting on {len(fit_part):,} transactions ({int(fit_part.is_fraud.sum()):,} fraud)")
@@ -290,11 +314,13 @@ def train(fit_part: Dataset, tune: Dataset, holdout: Dataset, seed: int, version
     message_columns = [FEATURE_NAMES.index(name) for name in MESSAGE_FEATURES]
     baseline = fit(fit_part, message_columns, seed)
     baseline_tune_scores = baseline.predict_proba(tune.matrix[:, message_columns])[:, 1]
-    baseline_metrics = evaluate(baseline.predict_proba(holdout.matrix[:, message_columns])[:, 1], holdout,
-                                threshold_at_fpr(baseline_tune_scores, tune.is_fraud, review_fpr),
-                                threshold_at_fpr(baseline_tune_scores, tune.is_fraud, decline_fpr))
-    return Trained(classifier, version, review, decline, metrics, baseline_metrics,
-                   plain_rule_recalls(holdout, 0.01), fit_part)
+    baseline_metrics = evaluate(
+        baseline.predict_proba(holdout.matrix[:, message_columns])[:, 1],
+        holdout,
+        threshold_at_fpr(baseline_tune_scores, tune.is_fraud, review_fpr),
+        threshold_at_fpr(baseline_tune_scores, tune.is_fraud, decline_fpr),
+    )
+    return Trained(classifier, version, review, decline, metrics, baseline_metrics, plain_rule_recalls(holdout, 0.01), fit_part)
 
 
 def data_version(history: History) -> str:
@@ -309,12 +335,17 @@ def data_version(history: History) -> str:
 def export(trained: Trained, path: Path) -> None:
     classifier, fit_part = trained.classifier, trained.fit_part
     onnx_model = onnxmltools.convert_lightgbm(
-        classifier, initial_types=[("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
-        zipmap=False, target_opset=15,
+        classifier,
+        initial_types=[("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
+        zipmap=False,
+        target_opset=15,
     )
     gain = classifier.booster_.feature_importance(importance_type="gain")
-    figures = {"holdout": trained.metrics, "message_only_baseline": trained.baseline,
-               "plain_rules_recall_at_1pct_fpr": trained.plain_rules}
+    figures = {
+        "holdout": trained.metrics,
+        "message_only_baseline": trained.baseline,
+        "plain_rules_recall_at_1pct_fpr": trained.plain_rules,
+    }
     meta = {
         model_meta.META_VERSION: trained.version,
         model_meta.META_FEATURES: orjson.dumps(list(FEATURE_NAMES)).decode(),
@@ -345,7 +376,7 @@ def model_card(trained: Trained, data_section: str, command: str) -> str:
     return f"""# Model card: `{trained.version}`
 
 Produced by `{command}` (re-running it reproduces these figures). LightGBM,
-{LIGHTGBM_PARAMS['n_estimators']} trees × {LIGHTGBM_PARAMS['num_leaves']} leaves, exported to ONNX with
+{LIGHTGBM_PARAMS["n_estimators"]} trees × {LIGHTGBM_PARAMS["num_leaves"]} leaves, exported to ONNX with
 its feature contract ({len(FEATURE_NAMES)} features, in the daemon's order) and thresholds in the
 metadata.
 
@@ -357,12 +388,12 @@ computation.
 ## Held-out results
 | metric | this model | single-message baseline |
 |---|---|---|
-| PR-AUC | {metrics['pr_auc']:.4f} | {baseline['pr_auc']:.4f} |
-| recall at 1% FPR | {metrics['recall_at_1pct_fpr']:.1%} | {baseline['recall_at_1pct_fpr']:.1%} |
-| recall at 0.1% FPR | {metrics['recall_at_0.1pct_fpr']:.1%} | {baseline['recall_at_0.1pct_fpr']:.1%} |
+| PR-AUC | {metrics["pr_auc"]:.4f} | {baseline["pr_auc"]:.4f} |
+| recall at 1% FPR | {metrics["recall_at_1pct_fpr"]:.1%} | {baseline["recall_at_1pct_fpr"]:.1%} |
+| recall at 0.1% FPR | {metrics["recall_at_0.1pct_fpr"]:.1%} | {baseline["recall_at_0.1pct_fpr"]:.1%} |
 
 The baseline is the same learner trained on the single-message features alone
-({', '.join(MESSAGE_FEATURES)}): the gap shows how much of the fraud lives in behaviour.
+({", ".join(MESSAGE_FEATURES)}): the gap shows how much of the fraud lives in behaviour.
 
 Plain rules on the same held-out transactions, each at its best threshold within 1% FPR:
 
@@ -371,8 +402,8 @@ Plain rules on the same held-out transactions, each at its best threshold within
 {rules}
 
 ## Thresholds (set on the tuning slice)
-- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics['recall_at_review']:.1%} at FPR {metrics['fpr_at_review']:.2%};
-- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics['recall_at_decline']:.1%} at FPR {metrics['fpr_at_decline']:.3%}.
+- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics["recall_at_review"]:.1%} at FPR {metrics["fpr_at_review"]:.2%};
+- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics["recall_at_decline"]:.1%} at FPR {metrics["fpr_at_decline"]:.3%}.
 
 ## Recall per typology (held out)
 | typology | at 1% FPR | at the review threshold | single-message baseline at 1% FPR |

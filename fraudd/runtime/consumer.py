@@ -44,9 +44,16 @@ _BACKOFF_MAX_S = 5.0
 # On a Redis Cluster, a failed master's slots answer CLUSTERDOWN (or TRYAGAIN, MASTERDOWN) until a
 # replica takes over, and MOVED/ASK reach the per-node path of the features code while the slot
 # map changes: the same wait, then a retry on the new map.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, redis.exceptions.OutOfMemoryError,
-              redis.exceptions.ClusterError, redis.exceptions.TryAgainError, redis.exceptions.AskError,
-              redis.exceptions.SlotNotCoveredError)
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.SlotNotCoveredError,
+)
 POSTGRES_DOWN = (
     psycopg.OperationalError,
     psycopg.errors.ReadOnlySqlTransaction,
@@ -132,8 +139,15 @@ class StreamConsumer:
     before the first read, instead of once idle for ``claim_idle_ms``.
     """
 
-    def __init__(self, client: redis.Redis, options: ConsumerOptions, name: str, process: WorkerProcess,
-                 on_outage: Callable[[str], None] | None = None, take_over: bool = False) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        options: ConsumerOptions,
+        name: str,
+        process: WorkerProcess,
+        on_outage: Callable[[str], None] | None = None,
+        take_over: bool = False,
+    ) -> None:
         self.redis = client
         self.options = options
         self.name = name
@@ -173,13 +187,18 @@ class StreamConsumer:
         if not deliveries and not entries.deleted:
             return entries, []
         limit = self.options.max_deliveries
-        poison = [Poison(i, p or b"", deliveries[i]) for i, p in zip(entries.ids, entries.payloads)
-                  if deliveries.get(i, 1) > limit and i not in entries.deleted]
-        keep = [(i, p) for i, p in zip(entries.ids, entries.payloads)
-                if deliveries.get(i, 1) <= limit and i not in entries.deleted]
+        poison = [
+            Poison(i, p or b"", deliveries[i])
+            for i, p in zip(entries.ids, entries.payloads)
+            if deliveries.get(i, 1) > limit and i not in entries.deleted
+        ]
+        keep = [
+            (i, p) for i, p in zip(entries.ids, entries.payloads) if deliveries.get(i, 1) <= limit and i not in entries.deleted
+        ]
         ids = [i for i, _p in keep]
-        return Entries(ids, [p for _i, p in keep], set(), deliveries,
-                       {i: entries.extra[i] for i in ids if i in entries.extra}), poison
+        return Entries(
+            ids, [p for _i, p in keep], set(), deliveries, {i: entries.extra[i] for i in ids if i in entries.extra}
+        ), poison
 
     def _next_entries(self) -> Entries:
         if self._take_over:
@@ -229,8 +248,7 @@ class StreamConsumer:
         o = self.options
         cursor, claimed = b"0-0", 0
         while True:
-            cursor, ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor,
-                                                   "COUNT", 1000, "JUSTID")
+            cursor, ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor, "COUNT", 1000, "JUSTID")
             claimed += len(ids)
             if cursor == b"0-0":
                 break
@@ -259,9 +277,7 @@ class StreamConsumer:
     def _deliveries(self, raw: list) -> dict[str, int]:
         """Delivery counts of entries this consumer holds, for the poison check."""
         first, last = raw[0][0], raw[-1][0]
-        pending = self._command(
-            "XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name
-        )
+        pending = self._command("XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name)
         return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
 
     # -- waiting out outages ---------------------------------------------------------------
@@ -289,9 +305,10 @@ class StreamConsumer:
                     self._on_outage(kind)
                 if down_since is None:
                     down_since = time.monotonic()
-                    log.error(f"{kind} {'out of memory' if full else 'unavailable'}, retrying",
-                              extra={"event": "outage", "component": kind, "error": str(exc),
-                                     "error_type": type(exc).__name__})
+                    log.error(
+                        f"{kind} {'out of memory' if full else 'unavailable'}, retrying",
+                        extra={"event": "outage", "component": kind, "error": str(exc), "error_type": type(exc).__name__},
+                    )
                 if self.process.stopping and time.monotonic() - down_since > self.options.shutdown_timeout_s / 2:
                     raise Stopping() from exc
                 self._wait_keeping_claimed(delay * random.uniform(0.5, 1.0))
@@ -299,8 +316,10 @@ class StreamConsumer:
                 continue
             if down_since is not None:
                 metrics.redis_out_of_memory.set(0)
-                log.info(f"{component} back", extra={"event": "recovered", "component": component,
-                                                     "down_s": round(time.monotonic() - down_since, 3)})
+                log.info(
+                    f"{component} back",
+                    extra={"event": "recovered", "component": component, "down_s": round(time.monotonic() - down_since, 3)},
+                )
             return result
 
     def _wait_keeping_claimed(self, seconds: float) -> None:
@@ -318,9 +337,7 @@ class StreamConsumer:
         if not in_flight:
             return
         try:
-            self._command(
-                "XCLAIM", self.options.stream, self.options.group, self.name, 0, *in_flight, "JUSTID"
-            )
+            self._command("XCLAIM", self.options.stream, self.options.group, self.name, 0, *in_flight, "JUSTID")
         except redis.RedisError:
             # Best effort: Redis is still away, or lost the group with these entries (the read or
             # the settle that is waiting recreates it).
@@ -373,8 +390,10 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
                 handler.process(entries)
         handler.drain()
     except Stopping:
-        log.warning("stopped with a batch unsettled; it stays pending for the next worker",
-                    extra={"event": "stopped_unsettled", "entries": consumer.held})
+        log.warning(
+            "stopped with a batch unsettled; it stays pending for the next worker",
+            extra={"event": "stopped_unsettled", "entries": consumer.held},
+        )
     finally:
         handler.close()
     log.info("worker stopped", extra={"event": "worker_stopped", "consumer": consumer.name})

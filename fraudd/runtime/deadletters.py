@@ -66,8 +66,9 @@ class DeadLetter:
     fields: dict[str, bytes | str | int]
 
 
-def script_args(group: str, marker_prefix: str, source_stream: str, letters: list[DeadLetter], ack_ids: list[str],
-                ttl_s: int = MARKER_TTL_S) -> list:
+def script_args(
+    group: str, marker_prefix: str, source_stream: str, letters: list[DeadLetter], ack_ids: list[str], ttl_s: int = MARKER_TTL_S
+) -> list:
     """The script's ARGV; with a sync or asyncio client's ``register_script`` alike. Each letter names
     ``source_stream``, where ``fraudd dlq replay`` puts it back."""
     args: list = [group, marker_prefix, ttl_s, source_stream, len(letters)]
@@ -94,8 +95,17 @@ class DeadLetterSettler:
 
     def letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
         """The dead letter of one entry of the consumed stream (marked by its id)."""
-        return DeadLetter(entry_id, {"data": payload, "reason": reason, "detail": detail, "source_id": entry_id,
-                                     "consumer": self._consumer.name, "deliveries": deliveries})
+        return DeadLetter(
+            entry_id,
+            {
+                "data": payload,
+                "reason": reason,
+                "detail": detail,
+                "source_id": entry_id,
+                "consumer": self._consumer.name,
+                "deliveries": deliveries,
+            },
+        )
 
     def poison_letters(self, poison: list[Poison]) -> list[DeadLetter]:
         return [self.letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
@@ -111,8 +121,9 @@ class DeadLetterSettler:
 
     def _settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
         if not self._split:
-            written, acked = self._script(keys=[self._dlq, self._stream],
-                                          args=script_args(self._group, self._prefix, self._stream, letters, ack_ids))
+            written, acked = self._script(
+                keys=[self._dlq, self._stream], args=script_args(self._group, self._prefix, self._stream, letters, ack_ids)
+            )
             return int(written), int(acked)
         written = 0
         if letters:

@@ -47,8 +47,10 @@ class RedisMemory:
         """Why this Redis may drop fraudd's keys, naming the setting to use; None when it never evicts."""
         if self.policy == "noeviction":
             return None
-        return (f"Redis maxmemory-policy is {self.policy}: it may evict fraudd's streams, dedup markers or "
-                f"behaviour state and break exactly-once without a sign; set maxmemory-policy noeviction")
+        return (
+            f"Redis maxmemory-policy is {self.policy}: it may evict fraudd's streams, dedup markers or "
+            f"behaviour state and break exactly-once without a sign; set maxmemory-policy noeviction"
+        )
 
     def describe(self) -> str:
         limit = f"of maxmemory {_mib(self.maximum)}" if self.maximum else "(no maxmemory)"
@@ -87,8 +89,10 @@ def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
     Redis refuses a write when the memory it holds plus the write's arguments exceed maxmemory, so
     a full Redis may show some room in INFO: only the workers know for sure."""
     if refusing:
-        return (f"redis: out of memory ({memory.describe()}): writes are refused, scoring waits; "
-                f"raise maxmemory or shorten --dedup-window-s")
+        return (
+            f"redis: out of memory ({memory.describe()}): writes are refused, scoring waits; "
+            f"raise maxmemory or shorten --dedup-window-s"
+        )
     problem = memory.eviction_problem()
     return f"redis: {problem}" if problem else None
 
@@ -118,15 +122,23 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
     if lag is None:
         # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
         # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
-        lag = len(client.execute_command("XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000,
-                                         keys=[stream], **{NEVER_DECODE: True}))
+        lag = len(
+            client.execute_command(
+                "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
+            )
+        )
     summary = client.xpending(stream, group)
     oldest = 0.0
     if summary["pending"]:
         oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
     entries_read = info.get("entries-read")
-    return GroupState(int(lag), int(info["pending"]), oldest, client.xinfo_consumers(stream, group),
-                      None if entries_read is None else int(entries_read))
+    return GroupState(
+        int(lag),
+        int(info["pending"]),
+        oldest,
+        client.xinfo_consumers(stream, group),
+        None if entries_read is None else int(entries_read),
+    )
 
 
 def combined(states: list[GroupState]) -> GroupState:
@@ -134,10 +146,13 @@ def combined(states: list[GroupState]) -> GroupState:
     if len(states) == 1:
         return states[0]
     reads = [state.entries_read for state in states]
-    return GroupState(sum(state.lag for state in states), sum(state.pending for state in states),
-                      max(state.oldest_pending_age_s for state in states),
-                      [consumer for state in states for consumer in state.consumers],
-                      None if None in reads else sum(reads))
+    return GroupState(
+        sum(state.lag for state in states),
+        sum(state.pending for state in states),
+        max(state.oldest_pending_age_s for state in states),
+        [consumer for state in states for consumer in state.consumers],
+        None if None in reads else sum(reads),
+    )
 
 
 class Housekeeper:
@@ -145,8 +160,9 @@ class Housekeeper:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True,
-                                  socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client(
+            settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+        )
         self._next_partitions = 0.0
         self._down: set[str] = set()
         self._state: GroupState | None = None
@@ -173,8 +189,10 @@ class Housekeeper:
             metrics.dependency_up.labels(dependency).set(0)
             if dependency not in self._down:
                 self._down.add(dependency)
-                log.error(f"{dependency} unavailable to the supervisor", extra={"event": "outage", "component": dependency,
-                                                                               "error": str(exc)})
+                log.error(
+                    f"{dependency} unavailable to the supervisor",
+                    extra={"event": "outage", "component": dependency, "error": str(exc)},
+                )
             return
         metrics.dependency_up.labels(dependency).set(1)
         if dependency in self._down:
@@ -203,7 +221,11 @@ class Housekeeper:
         for stream, shard_state in states.items():
             for consumer in shard_state.consumers:
                 name = consumer["name"]
-                if name not in ours and consumer["pending"] == 0 and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms):
+                if (
+                    name not in ours
+                    and consumer["pending"] == 0
+                    and consumer["idle"] > max(GONE_CONSUMER_MIN_IDLE_MS, 2 * s.claim_idle_ms)
+                ):
                     self.redis.xgroup_delconsumer(stream, s.group, name)
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
 
@@ -219,8 +241,13 @@ class Housekeeper:
 
 
 def connect_postgres(settings: Settings, timeout_s: int = 3) -> psycopg.Connection:
-    return connect(settings.postgres_url, settings.pg_schema, connect_timeout=timeout_s, autocommit=True,
-                   application_name="fraudd-supervisor")
+    return connect(
+        settings.postgres_url,
+        settings.pg_schema,
+        connect_timeout=timeout_s,
+        autocommit=True,
+        application_name="fraudd-supervisor",
+    )
 
 
 def check_postgres(settings: Settings) -> None:
@@ -267,8 +294,9 @@ class HealthServer:
         if path == "/healthz":
             problems = self._problems()
             body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
-            start_response("200 OK" if not problems else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(
+                "200 OK" if not problems else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+            )
             return [body]
         return self._metrics_app(environ, start_response)
 

@@ -36,27 +36,38 @@ RELOAD_OUTCOMES = ("ok", "refused")
 
 transactions = Counter("fraudd_transactions_total", "Transactions scored, by decision.", ["decision"])
 dead_letters = Counter("fraudd_dead_letters_total", "Entries written to the DLQ, by reason.", ["reason"])
-duplicates = Counter("fraudd_duplicates_total", "Transactions already seen within the dedup window (redeliveries and producer duplicates).")
+duplicates = Counter(
+    "fraudd_duplicates_total", "Transactions already seen within the dedup window (redeliveries and producer duplicates)."
+)
 reclaimed = Counter("fraudd_reclaimed_entries_total", "Pending entries taken over from other consumers.")
 alerts_written = Counter("fraudd_alerts_written_total", "Entries written to the fraud alert stream.")
-alert_deliveries = Counter("fraudd_alert_deliveries_total",
-                           "Alert notifications of `fraudd alerts`, by channel name and outcome (delivered, failed attempt, dead_lettered).",
-                           ["channel", "outcome"])
+alert_deliveries = Counter(
+    "fraudd_alert_deliveries_total",
+    "Alert notifications of `fraudd alerts`, by channel name and outcome (delivered, failed attempt, dead_lettered).",
+    ["channel", "outcome"],
+)
 alert_delivery_latency = Histogram(
     "fraudd_alert_delivery_latency_seconds",
     "Delivery time minus the time Redis accepted the alert on the fraud stream (its entry id), per delivered alert.",
-    ["channel"], buckets=LATENCY_BUCKETS + (60.0, 300.0, 1800.0),
+    ["channel"],
+    buckets=LATENCY_BUCKETS + (60.0, 300.0, 1800.0),
 )
-alert_backlog = Gauge("fraudd_alert_backlog", "Deliveries recorded in alert_deliveries and not yet made (due or waiting to retry).",
-                      multiprocess_mode="livemax")
+alert_backlog = Gauge(
+    "fraudd_alert_backlog",
+    "Deliveries recorded in alert_deliveries and not yet made (due or waiting to retry).",
+    multiprocess_mode="livemax",
+)
 errors = Counter("fraudd_errors_total", "Infrastructure errors met by workers, by component and kind.", ["component", "kind"])
 batch_failures = Counter("fraudd_batch_failures_total", "Batches that failed as a whole and were bisected.")
 worker_restarts = Counter("fraudd_worker_restarts_total", "Workers respawned by the supervisor after dying.")
-shadow_decisions = Counter("fraudd_shadow_decisions_total",
-                           "Transactions scored by champion and challenger (--shadow-model), by the decision of each.",
-                           ["champion", "challenger"])
-rule_hits = Counter("fraudd_rule_hits_total", "Transactions each rule fired on, by rule code and action (shadow rules too).",
-                    ["rule", "action"])
+shadow_decisions = Counter(
+    "fraudd_shadow_decisions_total",
+    "Transactions scored by champion and challenger (--shadow-model), by the decision of each.",
+    ["champion", "challenger"],
+)
+rule_hits = Counter(
+    "fraudd_rule_hits_total", "Transactions each rule fired on, by rule code and action (shadow rules too).", ["rule", "action"]
+)
 reloads = Counter("fraudd_reloads_total", "Rules/model reloads on SIGHUP, by outcome.", ["outcome"])
 
 e2e_latency = Histogram(
@@ -64,22 +75,32 @@ e2e_latency = Histogram(
     "PostgreSQL commit time minus the time Redis accepted the entry (its stream id).",
     buckets=LATENCY_BUCKETS,
 )
-stage_duration = Histogram("fraudd_stage_duration_seconds", "Time one batch spends in each stage.", ["stage"], buckets=STAGE_BUCKETS)
+stage_duration = Histogram(
+    "fraudd_stage_duration_seconds", "Time one batch spends in each stage.", ["stage"], buckets=STAGE_BUCKETS
+)
 batch_size = Histogram("fraudd_batch_size", "Entries per batch read.", buckets=BATCH_SIZE_BUCKETS)
 
 model_info = Gauge("fraudd_model_info", "Model in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
 rules_info = Gauge("fraudd_rules_info", "Rules in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
 workers_alive = Gauge("fraudd_workers_alive", "Worker processes alive.", multiprocess_mode="livesum")
 # Set by the supervisor only; a worker's files hold these at 0 (fork copies them), which ``max`` ignores.
-group_lag = Gauge("fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="livemax")
+group_lag = Gauge(
+    "fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="livemax"
+)
 group_pending = Gauge("fraudd_group_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="livemax")
 oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the oldest pending entry.", multiprocess_mode="livemax")
 redis_memory_used = Gauge("fraudd_redis_memory_used_bytes", "Redis used_memory (INFO memory).", multiprocess_mode="livemax")
-redis_memory_max = Gauge("fraudd_redis_memory_max_bytes", "Redis maxmemory (0: no limit); at it, writes are refused and scoring waits.",
-                         multiprocess_mode="livemax")
-redis_out_of_memory = Gauge("fraudd_redis_out_of_memory", "1 while a worker waits for a full Redis to accept writes again.",
-                            multiprocess_mode="livemax")
-dependency_up = Gauge("fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="livemax")
+redis_memory_max = Gauge(
+    "fraudd_redis_memory_max_bytes",
+    "Redis maxmemory (0: no limit); at it, writes are refused and scoring waits.",
+    multiprocess_mode="livemax",
+)
+redis_out_of_memory = Gauge(
+    "fraudd_redis_out_of_memory", "1 while a worker waits for a full Redis to accept writes again.", multiprocess_mode="livemax"
+)
+dependency_up = Gauge(
+    "fraudd_dependency_up", "Whether Redis / PostgreSQL answered the last check.", ["dependency"], multiprocess_mode="livemax"
+)
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
 # and alerts see "nothing declined" instead of "no data". Services add their own label values.

@@ -39,8 +39,7 @@ def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | Re
     return RedisCluster(**_cluster_options(url, ClusterNode), **options)
 
 
-def async_redis_client(url: str, cluster: bool = False,
-                       **options) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+def async_redis_client(url: str, cluster: bool = False, **options) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """``redis_client`` for an asyncio event loop."""
     options = {"protocol": 2, **options}
     if not cluster:
@@ -58,16 +57,26 @@ def _cluster_options(url: str, node: type) -> dict:
     seeds = _seeds(url)
     # Without full coverage the client still starts while a failed master's slots wait for a
     # replica: those slots answer CLUSTERDOWN, an outage waited out, instead of a crash at start.
-    return {"startup_nodes": [node(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
-            "require_full_coverage": False, "username": seeds[0].username, "password": seeds[0].password}
+    return {
+        "startup_nodes": [node(seed.hostname or "127.0.0.1", seed.port or 6379) for seed in seeds],
+        "require_full_coverage": False,
+        "username": seeds[0].username,
+        "password": seeds[0].password,
+    }
 
 
 def connect_redis(url: str, cluster: bool = False) -> redis.Redis | RedisCluster:
     """A client whose stream replies stay raw: decoding them per batch is cheaper than redis-py's per-entry dicts.
 
     On a cluster, the node clients that ``node_client`` hands out reply raw."""
-    client = redis_client(url, cluster, socket_timeout=10, socket_connect_timeout=5, health_check_interval=0,
-                          **({} if cluster else {"retry_on_timeout": False}))
+    client = redis_client(
+        url,
+        cluster,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=0,
+        **({} if cluster else {"retry_on_timeout": False}),
+    )
     if not cluster:
         _raw_stream_replies(client)
     return client
@@ -85,8 +94,15 @@ def _raw_stream_replies(client: redis.Redis) -> None:
 
 # What a command sent straight to a cluster node meets when the node failed or the slot moved, or
 # when the slot map learnt during a failover has no node for the slot yet.
-CLUSTER_CHANGED = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.AskError, redis.exceptions.ClusterError,
-                   redis.exceptions.TryAgainError, redis.ReadOnlyError, redis.exceptions.SlotNotCoveredError)
+CLUSTER_CHANGED = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.AskError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.ReadOnlyError,
+    redis.exceptions.SlotNotCoveredError,
+)
 
 
 def node_client(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
@@ -101,8 +117,9 @@ def node_client(client: redis.Redis | RedisCluster, key: str) -> redis.Redis:
     return node
 
 
-def on_node(client: redis.Redis | RedisCluster, key: str, send: Callable[[redis.Redis], _T],
-            node: redis.Redis | None = None) -> _T:
+def on_node(
+    client: redis.Redis | RedisCluster, key: str, send: Callable[[redis.Redis], _T], node: redis.Redis | None = None
+) -> _T:
     """``send(node_client(client, key))``, or ``send(node)`` when the caller pinned the node it
     found earlier; when the cluster changed under it, learn the slot map again and raise: the
     caller waits the outage out (``until_done``) and retries on the new map."""
@@ -154,8 +171,19 @@ class ReplicaWait:
 
     def wait(self, client: redis.Redis | RedisCluster, key: str) -> None:
         if self.due(key):
-            self.waited(key, on_node(client, key, lambda node: node.pipeline(transaction=False).execute_command(
-                *_probe(key)).execute_command("WAIT", 1, REPLICA_WAIT_MS).execute()[1]))
+            self.waited(
+                key,
+                on_node(
+                    client,
+                    key,
+                    lambda node: (
+                        node.pipeline(transaction=False)
+                        .execute_command(*_probe(key))
+                        .execute_command("WAIT", 1, REPLICA_WAIT_MS)
+                        .execute()[1]
+                    ),
+                ),
+            )
 
     async def wait_async(self, client: redis.asyncio.cluster.RedisCluster, key: str) -> None:
         """``wait`` with the asyncio cluster client."""
@@ -194,8 +222,7 @@ class AsyncNodes:
         # One retry, at once: enough for a connection the server closed while idle. redis-py's
         # default (ten, backing off up to a second) would hold a request for seconds on a node
         # that is gone, where an answer of 503 lets the client retry when it comes back.
-        self._options = {"protocol": 2, "health_check_interval": 0, "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
-                         **options}
+        self._options = {"protocol": 2, "health_check_interval": 0, "retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **options}
         self._clients: dict[str, redis.asyncio.Redis] = {}
         self._replicas = ReplicaWait()
         self._mapped = False

@@ -283,8 +283,9 @@ class Supervisor:
         os.close(status_w)
         slot.pid, slot.status_fd, slot.ready, slot.reloading = pid, status_r, False, False
         slot.heartbeat_at = time.monotonic()  # booting counts as progress until it reports
-        log.info("worker spawned", extra={"event": "worker_spawned", "pid": pid,
-                                          "consumer": self.service.worker_name(slot.index)})
+        log.info(
+            "worker spawned", extra={"event": "worker_spawned", "pid": pid, "consumer": self.service.worker_name(slot.index)}
+        )
 
     def _read_status(self, fd: int) -> None:
         slot = next(s for s in self.slots if s.status_fd == fd)
@@ -340,12 +341,15 @@ class Supervisor:
         if not was_ready and not os.WIFSIGNALED(status):
             slot.boot_failures += 1
             if slot.boot_failures >= MAX_BOOT_FAILURES:
-                raise Halt(f"worker {consumer} died during start-up {slot.boot_failures} times in a row: "
-                           f"{slot.last_error or how}")
-        delay = min(RESPAWN_DELAY_FIRST_S * 2 ** slot.boot_failures, RESPAWN_DELAY_MAX_S)
+                raise Halt(
+                    f"worker {consumer} died during start-up {slot.boot_failures} times in a row: {slot.last_error or how}"
+                )
+        delay = min(RESPAWN_DELAY_FIRST_S * 2**slot.boot_failures, RESPAWN_DELAY_MAX_S)
         slot.respawn_at = time.monotonic() + delay
-        log.warning("worker died, respawning", extra={"event": "worker_died", "pid": pid, "consumer": consumer,
-                                                      "how": how, "respawn_in_s": round(delay, 2)})
+        log.warning(
+            "worker died, respawning",
+            extra={"event": "worker_died", "pid": pid, "consumer": consumer, "how": how, "respawn_in_s": round(delay, 2)},
+        )
 
     def _alive(self) -> list[Slot]:
         return [s for s in self.slots if s.pid is not None]

@@ -57,16 +57,31 @@ _EMPTY = 0xFFFFFFFF
 # The stored layout. The first two fields are read by the recovery and chaos tests (``<dI``: head,
 # count of transactions applied). Card counters live in the card owner's state (one field per user,
 # not two): the rings share the user's head, which is their validity horizon.
-STATE = np.dtype([
-    ("head_ms", "<f8"), ("n", "<u4"), ("mean", "<f8"),
-    ("recent_ago", "<u4", (KR,)), ("recent_amount", "<f4", (KR,)),
-    ("count_1h", "<u2", (N1H,)), ("count_24h", "<u2", (N24,)), ("sum_24h", "<f4", (N24,)),
-    ("merchant", "<u4", (KM,)), ("merchant_first", "<u4", (KM,)), ("merchant_last", "<u4", (KM,)),
-    ("country", "<u2", (KC,)), ("country_first", "<u4", (KC,)), ("country_last", "<u4", (KC,)),
-    ("device", "<u4", (KD,)), ("device_first", "<u4", (KD,)), ("device_last", "<u4", (KD,)),
-    ("card", "<u4", (KCARD,)), ("card_recent_ago", "<u4", (KCARD, KRC)),
-    ("card_count_1h", "<u2", (KCARD, N1H)), ("card_count_24h", "<u2", (KCARD, N24)),
-])
+STATE = np.dtype(
+    [
+        ("head_ms", "<f8"),
+        ("n", "<u4"),
+        ("mean", "<f8"),
+        ("recent_ago", "<u4", (KR,)),
+        ("recent_amount", "<f4", (KR,)),
+        ("count_1h", "<u2", (N1H,)),
+        ("count_24h", "<u2", (N24,)),
+        ("sum_24h", "<f4", (N24,)),
+        ("merchant", "<u4", (KM,)),
+        ("merchant_first", "<u4", (KM,)),
+        ("merchant_last", "<u4", (KM,)),
+        ("country", "<u2", (KC,)),
+        ("country_first", "<u4", (KC,)),
+        ("country_last", "<u4", (KC,)),
+        ("device", "<u4", (KD,)),
+        ("device_first", "<u4", (KD,)),
+        ("device_last", "<u4", (KD,)),
+        ("card", "<u4", (KCARD,)),
+        ("card_recent_ago", "<u4", (KCARD, KRC)),
+        ("card_count_1h", "<u2", (KCARD, N1H)),
+        ("card_count_24h", "<u2", (KCARD, N24)),
+    ]
+)
 
 
 @dataclass(slots=True)
@@ -202,8 +217,7 @@ def _offsets(head: np.ndarray, times: np.ndarray, extra_dims: int) -> np.ndarray
 
 
 def _entities(rec: np.ndarray, name: str) -> Entities:
-    return Entities(rec[name].astype(np.int64), rec[name + "_first"].astype(np.float64),
-                    rec[name + "_last"].astype(np.float64))
+    return Entities(rec[name].astype(np.int64), rec[name + "_first"].astype(np.float64), rec[name + "_last"].astype(np.float64))
 
 
 def _cleared(head: np.ndarray, ts: np.ndarray, size: int, n: int) -> np.ndarray:
@@ -216,8 +230,9 @@ def _cleared(head: np.ndarray, ts: np.ndarray, size: int, n: int) -> np.ndarray:
     return (ts > head)[:, None] & (d < (s - h)[:, None])
 
 
-def _add(ring: np.ndarray, index: tuple, head: np.ndarray, ts: np.ndarray, size: int, n: int,
-         x: np.ndarray | float, cap: float) -> None:
+def _add(
+    ring: np.ndarray, index: tuple, head: np.ndarray, ts: np.ndarray, size: int, n: int, x: np.ndarray | float, cap: float
+) -> None:
     """Adds x to ts's slot, unless the slot is older than the ring's reach from ``head``."""
     s = np.floor(ts / size)
     ok = s > np.floor(head / size) - n
@@ -263,8 +278,10 @@ def _apply(s: States, tx: Transactions, rows: np.ndarray) -> None:
     """Adds one transaction to each user's state (each user at most once in ``rows``)."""
     u, ts, amount = tx.user[rows], tx.t_ms[rows], tx.amount[rows]
     head = s.head[u]
-    for size, n, user_rings, card_rings in ((S1H, N1H, (s.count_1h,), s.card_count_1h),
-                                            (S24, N24, (s.count_24h, s.sum_24h), s.card_count_24h)):
+    for size, n, user_rings, card_rings in (
+        (S1H, N1H, (s.count_1h,), s.card_count_1h),
+        (S24, N24, (s.count_24h, s.sum_24h), s.card_count_24h),
+    ):
         clear = _cleared(head, ts, size, n)
         if clear.any():
             for ring in user_rings:
@@ -303,8 +320,9 @@ def _apply(s: States, tx: Transactions, rows: np.ndarray) -> None:
     s.card_recent[u, slot] = recent
 
 
-def _window(ring: np.ndarray, size: int, n: int, head: np.ndarray, t: np.ndarray, recent: np.ndarray,
-            amounts: np.ndarray | None) -> np.ndarray:
+def _window(
+    ring: np.ndarray, size: int, n: int, head: np.ndarray, t: np.ndarray, recent: np.ndarray, amounts: np.ndarray | None
+) -> np.ndarray:
     """Sum of the window ending at event time t, minus the recent transactions later than t in t's
     own slot (the only slot of t's window a later transaction can be in)."""
     s, h = np.floor(t / size), np.floor(head / size)
@@ -369,21 +387,23 @@ def _evaluate(s: States, tx: Transactions, rows: np.ndarray) -> np.ndarray:
     cc1h = np.maximum(_window(s.card_count_1h[u, slot], S1H, N1H, head, t, card_recent, None), cc1m)
     cc24 = np.maximum(_window(s.card_count_24h[u, slot], S24, N24, head, t, card_recent, None), cc1h)
 
-    return np.column_stack((
-        c1m,
-        np.minimum(c1h, _COUNT_CAP),
-        np.minimum(c24, _COUNT_CAP),
-        sum24,
-        to_mean,
-        _distinct(s.merchants, u, tsec, 3600.0),
-        _distinct(s.merchants, u, tsec, 86400.0),
-        _distinct(s.countries, u, tsec, 3600.0),
-        _distinct(s.countries, u, tsec, 86400.0),
-        np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since),
-        _first_time(s.devices, u, tx.device[rows], tsec),
-        _first_time(s.countries, u, tx.country[rows], tsec),
-        _first_time(s.merchants, u, tx.merchant[rows], tsec),
-        cc1m,
-        np.where(has_card, np.minimum(cc1h, _COUNT_CAP), 0.0),
-        np.where(has_card, np.minimum(cc24, _COUNT_CAP), 0.0),
-    ))
+    return np.column_stack(
+        (
+            c1m,
+            np.minimum(c1h, _COUNT_CAP),
+            np.minimum(c24, _COUNT_CAP),
+            sum24,
+            to_mean,
+            _distinct(s.merchants, u, tsec, 3600.0),
+            _distinct(s.merchants, u, tsec, 86400.0),
+            _distinct(s.countries, u, tsec, 3600.0),
+            _distinct(s.countries, u, tsec, 86400.0),
+            np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since),
+            _first_time(s.devices, u, tx.device[rows], tsec),
+            _first_time(s.countries, u, tx.country[rows], tsec),
+            _first_time(s.merchants, u, tx.merchant[rows], tsec),
+            cc1m,
+            np.where(has_card, np.minimum(cc1h, _COUNT_CAP), 0.0),
+            np.where(has_card, np.minimum(cc24, _COUNT_CAP), 0.0),
+        )
+    )

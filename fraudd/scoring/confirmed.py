@@ -112,8 +112,9 @@ class ConfirmedFraud:
         """The key of the version, which a caller may read in a round trip it makes anyway."""
         return self._version_key
 
-    def counts(self, columns: tuple[list[str | None], ...], event_ms: np.ndarray,
-               version: bytes | None | object = _UNREAD) -> dict[str, np.ndarray]:
+    def counts(
+        self, columns: tuple[list[str | None], ...], event_ms: np.ndarray, version: bytes | None | object = _UNREAD
+    ) -> dict[str, np.ndarray]:
         """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card.
 
         ``version``: the value of ``version_key`` as read for this batch (unread: read here)."""

@@ -35,8 +35,17 @@ REASON_NO_DATA = "missing_data_field"
 # imported: this module loads before prometheus-client may be) and listed with the other reasons.
 REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PROCESSING = "processing_error"
-DEAD_LETTER_REASONS = (REASON_TOO_LARGE, REASON_NOT_UTF8, REASON_NOT_JSON, REASON_NOT_OBJECT, REASON_MISSING,
-                       REASON_INVALID, REASON_NO_DATA, REASON_MAX_DELIVERIES, REASON_PROCESSING)
+DEAD_LETTER_REASONS = (
+    REASON_TOO_LARGE,
+    REASON_NOT_UTF8,
+    REASON_NOT_JSON,
+    REASON_NOT_OBJECT,
+    REASON_MISSING,
+    REASON_INVALID,
+    REASON_NO_DATA,
+    REASON_MAX_DELIVERIES,
+    REASON_PROCESSING,
+)
 
 # A payload holding two top-level values ("{...},{...}") would shift every later element of the
 # joined array onto the wrong entry; such batches take the per-entry path instead.
@@ -147,9 +156,7 @@ def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedB
         if payload is None:
             rejected.append(Rejected(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field"))
         elif len(payload) > MAX_PAYLOAD_BYTES:
-            rejected.append(
-                Rejected(entry_id, payload, REASON_TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-            )
+            rejected.append(Rejected(entry_id, payload, REASON_TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
         else:
             ok_ids.append(entry_id)
             ok_payloads.append(payload)
@@ -208,10 +215,15 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
     else:
         clean = [True] * len(payloads)
     fast = [
-        c and t.__class__ is str and 0 < len(t) <= MAX_ID_CHARS
-        and u.__class__ is str and 0 < len(u) <= MAX_TEXT_CHARS
-        and m.__class__ is str and 0 < len(m) <= MAX_TEXT_CHARS
-        and a.__class__ in _NUMBER_TYPES and z.__class__ in _NUMBER_TYPES
+        c
+        and t.__class__ is str
+        and 0 < len(t) <= MAX_ID_CHARS
+        and u.__class__ is str
+        and 0 < len(u) <= MAX_TEXT_CHARS
+        and m.__class__ is str
+        and 0 < len(m) <= MAX_TEXT_CHARS
+        and a.__class__ in _NUMBER_TYPES
+        and z.__class__ in _NUMBER_TYPES
         for c, t, u, m, a, z in zip(clean, txid, user, merchant, amount, stamp)
     ]
     amounts = np.array([a if ok else 1.0 for a, ok in zip(amount, fast)], dtype=np.float64)
@@ -337,8 +349,13 @@ def _text(value, limit: int) -> str | None:
 
 def _texts(values: list, limit: int) -> list[str | None]:
     """``_text`` of every value."""
-    if (values and set(map(type, values)) == _STR and 0 < min(map(len, values))
-            and max(map(len, values)) <= limit and "\x00" not in "".join(values)):
+    if (
+        values
+        and set(map(type, values)) == _STR
+        and 0 < min(map(len, values))
+        and max(map(len, values)) <= limit
+        and "\x00" not in "".join(values)
+    ):
         return values
     return [_text(v, limit) for v in values]
 

@@ -66,8 +66,7 @@ def projected_marker_bytes(rate_per_s: float, window_s: float) -> float:
     return rate_per_s * (window_s + BUCKET_MS / 1000) * MARKER_BYTES
 
 
-def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], timestamps: Sequence[float]
-             ) -> list[bool]:
+def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], timestamps: Sequence[float]) -> list[bool]:
     """Whether each transaction (id and the message's ``timestamp`` in Unix seconds) was already
     counted by a worker within the dedup window: one HMGET per event-time bucket, in one pipeline.
 

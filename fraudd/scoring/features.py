@@ -31,8 +31,19 @@ from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
 
-__all__ = ["BEHAVIOUR_FEATURES", "BLOCKLIST_KINDS", "EXTRA_COLUMNS", "FEATURE_NAMES", "MESSAGE_FEATURES",
-           "SECONDS_SINCE_PREV_CAP", "FeatureStore", "Features", "Fenced", "Lease", "message_columns"]
+__all__ = [
+    "BEHAVIOUR_FEATURES",
+    "BLOCKLIST_KINDS",
+    "EXTRA_COLUMNS",
+    "FEATURE_NAMES",
+    "MESSAGE_FEATURES",
+    "SECONDS_SINCE_PREV_CAP",
+    "FeatureStore",
+    "Features",
+    "Fenced",
+    "Lease",
+    "message_columns",
+]
 
 # Columns derivable from the message alone; the "no history" baseline model is trained on these.
 MESSAGE_FEATURES: tuple[str, ...] = (
@@ -60,8 +71,25 @@ STATE_PERIOD_MS = STATE_TTL_MS
 # Quasi-cash, wire transfers, gambling, dating, digital goods and other MCCs card schemes and
 # acquirers classify as high risk.
 HIGH_RISK_MCC = frozenset(
-    ("4829", "5816", "5933", "5944", "5962", "5966", "5967", "6010", "6011", "6012", "6051",
-     "6211", "6540", "7273", "7801", "7802", "7995")
+    (
+        "4829",
+        "5816",
+        "5933",
+        "5944",
+        "5962",
+        "5966",
+        "5967",
+        "6010",
+        "6011",
+        "6012",
+        "6051",
+        "6211",
+        "6540",
+        "7273",
+        "7801",
+        "7802",
+        "7995",
+    )
 )
 _CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
@@ -248,12 +276,12 @@ class FeatureStore:
             event_ms=event_ms,
             blocked=blocked,
             amount=batch.amount,
-            confirmed=self._confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms,
-                                             confirmed_version),
+            confirmed=self._confirmed.counts(
+                (batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms, confirmed_version
+            ),
         )
 
-    def _compute_shared(self, p: _Prepared, transaction_ids: list[str], also: tuple
-                        ) -> tuple[np.ndarray, list[bytes], object]:
+    def _compute_shared(self, p: _Prepared, transaction_ids: list[str], also: tuple) -> tuple[np.ndarray, list[bytes], object]:
         """Behaviour columns, blocklist flags and the reply of ``also`` (sent with the first read)."""
         tx, copy, original, names = p.tx, p.copy, p.original, p.names
         behaviour_columns = np.empty((len(tx.user), len(BEHAVIOUR_FEATURES)))
@@ -279,10 +307,10 @@ class FeatureStore:
             if len(pending) == 0:
                 return behaviour_columns, blocklist_hits, also_reply
         raise CommitConflictError(
-            f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts")
+            f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts"
+        )
 
-    def _compute_owned(self, p: _Prepared, transaction_ids: list[str], also: tuple
-                       ) -> tuple[np.ndarray, list[bytes], object]:
+    def _compute_owned(self, p: _Prepared, transaction_ids: list[str], also: tuple) -> tuple[np.ndarray, list[bytes], object]:
         """One read (states not in memory, markers, blocklists, and ``also``), the arithmetic, one
         fenced commit; returns the behaviour columns, blocklist flags and the reply of ``also``."""
         node = node_client(self._redis, self._keys.stream)
@@ -302,9 +330,14 @@ class FeatureStore:
         missing = [name for name in names if name not in self._states]
         now = _current_period()
         keys = [*state_periods(self._keys, now), *[self._keys.seen_bucket(b) for b in bucket_ids.tolist()], *self._blocklist_keys]
-        args = [len(missing), len(bucket_ids), bucket_counts.astype(">u4").tobytes(),
-                *["\0".join(values).encode() for values in p.distinct], *missing,
-                *[transaction_ids[i] for i in candidates.tolist()]]
+        args = [
+            len(missing),
+            len(bucket_ids),
+            bucket_counts.astype(">u4").tobytes(),
+            *["\0".join(values).encode() for values in p.distinct],
+            *missing,
+            *[transaction_ids[i] for i in candidates.tolist()],
+        ]
         (latest, stored, seen, *blocklist_hits), also_reply = self._fcall(READ_FUNCTION, keys, args, also)
         if latest:
             self._latest_period = max(self._latest_period, now + latest - 2)
@@ -377,8 +410,12 @@ class FeatureStore:
         Every key of a call carries the shard's hash tag, so on a Redis Cluster the call goes as
         is to the node serving the shard's slot; when that node failed or the slot moved, the slot
         map is learnt again and the error is an outage for the caller to wait out and retry."""
-        return on_node(self._redis, self._keys.stream, lambda client: self._send(client, commands),
-                       None if self._lease is None else self._node)
+        return on_node(
+            self._redis,
+            self._keys.stream,
+            lambda client: self._send(client, commands),
+            None if self._lease is None else self._node,
+        )
 
     @staticmethod
     def _send(client: redis.Redis, commands: list[tuple]) -> list:
@@ -413,14 +450,14 @@ class FeatureStore:
 
     def _send_fenced(self, client: redis.Redis, commands: list[tuple]) -> None:
         lease, token = self._lease.key, self._lease.token.encode()
-        transaction = [hiredis.pack_command(("MULTI",)), *map(hiredis.pack_command, commands),
-                       hiredis.pack_command(("EXEC",))]
+        transaction = [hiredis.pack_command(("MULTI",)), *map(hiredis.pack_command, commands), hiredis.pack_command(("EXEC",))]
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
             for _ in range(MAX_COMMIT_ATTEMPTS):
-                conn.send_packed_command([hiredis.pack_command(("WATCH", lease)), hiredis.pack_command(("GET", lease))],
-                                         check_health=False)
+                conn.send_packed_command(
+                    [hiredis.pack_command(("WATCH", lease)), hiredis.pack_command(("GET", lease))], check_health=False
+                )
                 conn.read_response()
                 if conn.read_response() != token:
                     raise Fenced(f"lease on {self._keys.stream} lost")
@@ -439,9 +476,18 @@ class FeatureStore:
         finally:
             pool.release(conn)
 
-    def _commit(self, states: behaviour.States, sub: behaviour.Transactions, rows: np.ndarray, blobs: list,
-                pending: np.ndarray, names: list[str], transaction_ids: list[str], tx: behaviour.Transactions,
-                blocklist_values: list[bytes]) -> tuple[np.ndarray, list[bytes]]:
+    def _commit(
+        self,
+        states: behaviour.States,
+        sub: behaviour.Transactions,
+        rows: np.ndarray,
+        blobs: list,
+        pending: np.ndarray,
+        names: list[str],
+        transaction_ids: list[str],
+        tx: behaviour.Transactions,
+        blocklist_values: list[bytes],
+    ) -> tuple[np.ndarray, list[bytes]]:
         """Writes the users that have new transactions; returns the users to read again and the
         blocklist flags (when ``blocklist_values`` asked for them).
 
@@ -463,15 +509,22 @@ class FeatureStore:
         pairs[1::2] = (t_ms[order] - bucket * dedup.BUCKET_MS).tolist()
         size = behaviour.STATE.itemsize
         news = behaviour.encode(states, writers)
-        keys = [*state_periods(self._keys), *[self._keys.seen_bucket(b) for b in bucket_ids.tolist()],
-                *self._blocklist_keys]
+        keys = [*state_periods(self._keys), *[self._keys.seen_bucket(b) for b in bucket_ids.tolist()], *self._blocklist_keys]
         states_pairs: list = [None] * (2 * len(writers))
         states_pairs[0::2] = [names[i] for i in pending[writers].tolist()]
         states_pairs[1::2] = [news[i : i + size] for i in range(0, len(news), size)]
-        args = [self._dedup_window_ms, STATE_TTL_MS, len(writers), len(bucket_ids),
-                b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
-                bucket_counts.astype(">u4").tobytes(), (owner + 1).astype(">u4").tobytes(),
-                *(blocklist_values or [b""] * 4), *states_pairs, *pairs]
+        args = [
+            self._dedup_window_ms,
+            STATE_TTL_MS,
+            len(writers),
+            len(bucket_ids),
+            b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
+            bucket_counts.astype(">u4").tobytes(),
+            (owner + 1).astype(">u4").tobytes(),
+            *(blocklist_values or [b""] * 4),
+            *states_pairs,
+            *pairs,
+        ]
         (stale, seen, *flags), _ = self._fcall(FUNCTION_NAME, keys, args)
         conflicted = {int(w) - 1 for w in stale}
         for j in range(0, len(seen), 2):
@@ -517,15 +570,27 @@ def _prepare(batch: DecodedBatch) -> _Prepared:
         card=_hashes(batch.card_id),
     )
     names = list(users)
-    distinct = [_distinct(distinct_merchants), _distinct(distinct_devices), _distinct(dict.fromkeys(batch.ip)),
-                _distinct(dict.fromkeys(batch.country))]
+    distinct = [
+        _distinct(distinct_merchants),
+        _distinct(distinct_devices),
+        _distinct(dict.fromkeys(batch.ip)),
+        _distinct(dict.fromkeys(batch.country)),
+    ]
     return _Prepared(tx, copy, original, names, distinct)
 
 
 def _subset(tx: behaviour.Transactions, local: np.ndarray, rows: np.ndarray) -> behaviour.Transactions:
     """The transactions of ``rows``, their users renumbered by ``local``."""
-    return behaviour.Transactions(local[tx.user[rows]], tx.t_ms[rows], tx.new[rows], tx.amount[rows],
-                                  tx.merchant[rows], tx.country[rows], tx.device[rows], tx.card[rows])
+    return behaviour.Transactions(
+        local[tx.user[rows]],
+        tx.t_ms[rows],
+        tx.new[rows],
+        tx.amount[rows],
+        tx.merchant[rows],
+        tx.country[rows],
+        tx.device[rows],
+        tx.card[rows],
+    )
 
 
 def _fixed_width(numbers: np.ndarray, width: int) -> bytes:

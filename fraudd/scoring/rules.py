@@ -35,7 +35,12 @@ DEFAULT_RULES_PATH = DEFAULT_RULES
 _ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
 ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
 _OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 _COLUMNS = frozenset(FEATURE_NAMES) | frozenset(EXTRA_COLUMNS)
 _CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -137,7 +142,6 @@ class Rules:
         for row in np.flatnonzero(fired.any(axis=1)):
             codes[row] = tuple(self._codes[fired[row]])
         return RuleOutcome(action, codes)
-
 
     def take_hits(self) -> list[tuple[Rule, int]]:
         """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""

@@ -86,8 +86,9 @@ class ShardReader:
     ``current`` is the shard of the entries ``read`` returned last.
     """
 
-    def __init__(self, client: redis.Redis, settings: Settings, name: str, process: WorkerProcess,
-                 on_outage: Callable[[str], None]) -> None:
+    def __init__(
+        self, client: redis.Redis, settings: Settings, name: str, process: WorkerProcess, on_outage: Callable[[str], None]
+    ) -> None:
         self.redis = client
         self.settings = settings
         self.name = name
@@ -150,8 +151,10 @@ class ShardReader:
         and this worker took the shard again: the new lease is not the one lost."""
         if self.shards.get(shard.index) is not shard:
             return
-        log.warning("shard lost, its batch is left to the new owner",
-                    extra={"event": "shard_lost", "shard": shard.index, "reason": reason})
+        log.warning(
+            "shard lost, its batch is left to the new owner",
+            extra={"event": "shard_lost", "shard": shard.index, "reason": reason},
+        )
         self._drop(shard.index)
 
     def release_all(self) -> None:
@@ -177,13 +180,20 @@ class ShardReader:
         # when the shard is taken (take_over), any read later by a fenced owner once idle for a
         # lease, not the shared stream's --claim-idle-ms.
         # Each shard blocks 1 ms when idle, so one busy shard is not held up by the idle others.
-        options = (dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1)
-                   if lease else s)
+        options = (
+            dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1) if lease else s
+        )
         consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
         if lease is not None:
             ensure_group(self.redis, stream, s.group)
-        return Shard(index, keys, consumer, FeatureStore(self.redis, keys, window_ms, lease),
-                     Settler(self.redis, keys, s.group, self.name, window_ms, lease), lease)
+        return Shard(
+            index,
+            keys,
+            consumer,
+            FeatureStore(self.redis, keys, window_ms, lease),
+            Settler(self.redis, keys, s.group, self.name, window_ms, lease),
+            lease,
+        )
 
     def _drop(self, index: int) -> None:
         self.shards.pop(index, None)
@@ -200,8 +210,7 @@ class ShardReader:
             if not replicated:
                 return client.execute_command(*args)
             # WAIT counts what the connection it arrives on wrote last: one pipeline keeps both on one.
-            return client.pipeline(transaction=False).execute_command(*args).execute_command(
-                "WAIT", 1, REPLICA_WAIT_MS).execute()
+            return client.pipeline(transaction=False).execute_command(*args).execute_command("WAIT", 1, REPLICA_WAIT_MS).execute()
 
         try:
             return on_node(self.redis, keys.lease, send)
@@ -220,8 +229,10 @@ class ShardReader:
         else:
             token, replicas = self._lease("acquire", keys, self.owner, replicated=True)
             if token is not None and replicas == 0 and self._online_replicas(keys) > 0:
-                log.warning("shard lease not replicated in time, handed back",
-                            extra={"event": "lease_unreplicated", "stream": keys.stream})
+                log.warning(
+                    "shard lease not replicated in time, handed back",
+                    extra={"event": "lease_unreplicated", "stream": keys.stream},
+                )
                 self._lease("release", keys, token)
                 return None
         return token.decode() if isinstance(token, bytes) else token
@@ -282,5 +293,4 @@ class ShardReader:
             shard.trusted_until = started + s.lease_ms / 1000.0 * TRUSTED_SHARE
             self.shards[index] = shard
             self._order = sorted(self.shards)
-            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token,
-                                           "workers": live})
+            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token, "workers": live})

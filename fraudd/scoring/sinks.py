@@ -34,9 +34,29 @@ from .features import Fenced, Lease
 from .rules import DECISIONS
 
 COLUMNS = (
-    "transaction_id", "user_id", "amount", "currency", "merchant", "mcc", "country", "card_id",
-    "device_id", "ip", "channel", "lat", "lon", "event_time", "stream_id", "scored_at", "score",
-    "decision", "reasons", "model_version", "shadow_score", "shadow_decision", "shadow_model_version",
+    "transaction_id",
+    "user_id",
+    "amount",
+    "currency",
+    "merchant",
+    "mcc",
+    "country",
+    "card_id",
+    "device_id",
+    "ip",
+    "channel",
+    "lat",
+    "lon",
+    "event_time",
+    "stream_id",
+    "scored_at",
+    "score",
+    "decision",
+    "reasons",
+    "model_version",
+    "shadow_score",
+    "shadow_decision",
+    "shadow_model_version",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _TEXT_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -79,9 +99,17 @@ class ScoredBatch:
     def take(self, rows: range) -> ScoredBatch:
         """The sub-batch of the given row positions (to bisect a batch that fails to store)."""
         index = np.asarray(rows, dtype=np.intp)
-        return ScoredBatch(self.batch.take(rows), self.event_ms[index], self.seen[index], self.score[index],
-                           self.decision[index], [self.reasons[i] for i in rows], self.model_version,
-                           self.scored_at_ms, None if self.shadow is None else self.shadow.take(index))
+        return ScoredBatch(
+            self.batch.take(rows),
+            self.event_ms[index],
+            self.seen[index],
+            self.score[index],
+            self.decision[index],
+            [self.reasons[i] for i in rows],
+            self.model_version,
+            self.scored_at_ms,
+            None if self.shadow is None else self.shadow.take(index),
+        )
 
     def row(self, i: int) -> dict:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
@@ -127,15 +155,13 @@ class DecisionStore:
         if self._conn is None or self._conn.closed:
             # Autocommit: a batch with nothing seen before is one COPY statement, atomic on its own,
             # without a BEGIN and a COMMIT round trip around it (two of the four a batch paid).
-            conn = connect(self._url, self._schema, connect_timeout=5, application_name="fraudd-worker",
-                           autocommit=True)
+            conn = connect(self._url, self._schema, connect_timeout=5, application_name="fraudd-worker", autocommit=True)
             conn.execute("SET TIME ZONE 'UTC'")
             if self._timeout_ms:
                 conn.execute(f"SET statement_timeout = {int(self._timeout_ms)}")
                 conn.execute(f"SET idle_in_transaction_session_timeout = {int(self._timeout_ms)}")
             conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS fraudd_staging (LIKE transactions INCLUDING DEFAULTS) "
-                "ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS fraudd_staging (LIKE transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
             self._conn = conn
         return self._conn
@@ -234,8 +260,7 @@ def _copy_text(scored: ScoredBatch) -> bytes:
 def _shadow_columns(shadow: Shadow | None, n: int) -> list[list[str]]:
     if shadow is None:
         return [[_NULL] * n] * 3
-    return [list(map(repr, shadow.score.tolist())), [DECISIONS[d] for d in shadow.decision.tolist()],
-            [shadow.model_version] * n]
+    return [list(map(repr, shadow.score.tolist())), [DECISIONS[d] for d in shadow.decision.tolist()], [shadow.model_version] * n]
 
 
 def _timestamps(ms: np.ndarray) -> list[str]:
@@ -336,8 +361,15 @@ class Settler:
     marker lets only one of them through, and both carry what PostgreSQL stored.
     """
 
-    def __init__(self, client: redis.Redis | RedisCluster, keys: Keys, group: str, consumer: str,
-                 dedup_window_ms: int, lease: Lease | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        keys: Keys,
+        group: str,
+        consumer: str,
+        dedup_window_ms: int,
+        lease: Lease | None = None,
+    ) -> None:
         self._client = client
         self._keys = keys
         self._lease = lease
@@ -348,21 +380,27 @@ class Settler:
         self._split = isinstance(client, RedisCluster)
         self._replicas = ReplicaWait()
         # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
-        self._alerted_prefix = (Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
-                                if self._split else keys.alerted_prefix)
-        self._dead_prefix = (f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
-                             if self._split else keys.dead_prefix)
+        self._alerted_prefix = (
+            Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix if self._split else keys.alerted_prefix
+        )
+        self._dead_prefix = (
+            f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
+            if self._split
+            else keys.dead_prefix
+        )
 
-    def settle(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
-               replies: dict[str, bytes] | None = None) -> Settled:
+    def settle(
+        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None = None
+    ) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
         if self._split:
             return self._settle_split(ack_ids, alerts, dead, replies)
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
         return Settled(*self._call(keys, self.arguments(ack_ids, alerts, dead, replies)))
 
-    def _settle_split(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
-                      replies: dict[str, bytes] | None) -> Settled:
+    def _settle_split(
+        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None
+    ) -> Settled:
         alerts_written = dead_written = 0
         if alerts:
             fraud = self._keys.fraud_stream
@@ -387,13 +425,28 @@ class Settler:
             raise
         return acked, alerts_written, dead_written
 
-    def arguments(self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter],
-                  replies: dict[str, bytes] | None = None, fenced: bool = True) -> list:
+    def arguments(
+        self,
+        ack_ids: list[str],
+        alerts: list[Alert],
+        dead: list[DeadLetter],
+        replies: dict[str, bytes] | None = None,
+        fenced: bool = True,
+    ) -> list:
         """The script's ARGV for one settle (apart so its encoding cost can be measured alone)."""
         replies = replies or {}
         token = self._lease.token if self._lease is not None and fenced else ""
-        args: list = [self._group, self._window_ms, self._alerted_prefix, self._dead_prefix, len(alerts), len(dead),
-                      len(replies), token, self._keys.stream]
+        args: list = [
+            self._group,
+            self._window_ms,
+            self._alerted_prefix,
+            self._dead_prefix,
+            len(alerts),
+            len(dead),
+            len(replies),
+            token,
+            self._keys.stream,
+        ]
         for alert in alerts:
             args += alert
         for letter in dead:
@@ -437,9 +490,14 @@ def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dic
         for i, entry_id in enumerate(b.entry_ids):
             channel = reply_to.get(entry_id)
             if channel is not None:
-                replies.setdefault(channel, []).append({
-                    "transaction_id": b.transaction_id[i], "id": entry_id, "decision": DECISIONS[scored.decision[i]],
-                    "score": round(float(scored.score[i]), 6), "reasons": scored.reasons[i],
-                    "model_version": scored.model_version,
-                })
+                replies.setdefault(channel, []).append(
+                    {
+                        "transaction_id": b.transaction_id[i],
+                        "id": entry_id,
+                        "decision": DECISIONS[scored.decision[i]],
+                        "score": round(float(scored.score[i]), 6),
+                        "reasons": scored.reasons[i],
+                        "model_version": scored.model_version,
+                    }
+                )
     return {channel: orjson.dumps(decisions) for channel, decisions in replies.items()}

@@ -30,8 +30,10 @@ class Thresholds:
 
     def check_model(self, model_version: str, path: Path | str) -> None:
         if model_version != self.model_version:
-            raise ThresholdsError(f"{path}: calibrated for model {self.model_version}, not for {model_version}; "
-                                  f"run `fraudd calibrate` for this model")
+            raise ThresholdsError(
+                f"{path}: calibrated for model {self.model_version}, not for {model_version}; "
+                f"run `fraudd calibrate` for this model"
+            )
 
 
 def load(path: Path | str) -> Thresholds:

@@ -85,13 +85,13 @@ class ScoringWorker:
     def __init__(self, settings: Settings, process: WorkerProcess) -> None:
         self.settings = settings
         # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
-        self.store = DecisionStore(settings.postgres_url, settings.pg_schema,
-                                   settings.lease_ms // 2 if settings.shards > 1 else 0)
+        self.store = DecisionStore(
+            settings.postgres_url, settings.pg_schema, settings.lease_ms // 2 if settings.shards > 1 else 0
+        )
         self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
         self._settling: tuple[Future, Settlement] | None = None
-        self._settling_thread = (ThreadPoolExecutor(1, thread_name_prefix="settle")
-                                 if settings.pipeline_depth > 1 else None)
+        self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -117,17 +117,25 @@ class ScoringWorker:
             shadow = _load_shadow(self.settings)
         except BootError as exc:
             metrics.reloads.labels("refused").inc()
-            log.error("reload refused, keeping the running model and rules",
-                      extra={"event": "reload_refused", "reason": str(exc)})
+            log.error(
+                "reload refused, keeping the running model and rules", extra={"event": "reload_refused", "reason": str(exc)}
+            )
             return
         metrics.model_info.labels(self.model.version).set(0)
         metrics.rules_info.labels(self.rules.version).set(0)
         self.model, self.rules, self.thresholds, self.shadow = model, rules, chosen, shadow
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
-        log.info("model and rules reloaded", extra={"event": "reloaded", "model_version": model.version,
-                                                     "rules_version": rules.version,
-                                                     "review_threshold": chosen[0], "decline_threshold": chosen[1]})
+        log.info(
+            "model and rules reloaded",
+            extra={
+                "event": "reloaded",
+                "model_version": model.version,
+                "rules_version": rules.version,
+                "review_threshold": chosen[0],
+                "decline_threshold": chosen[1],
+            },
+        )
 
     def drain(self) -> None:
         self._wait_for_settling()
@@ -221,8 +229,9 @@ class ScoringWorker:
         # once; acking the recreated group's absent entries is a no-op.
         return settler.settle(work.entries.ids, alerts, work.dead, replies)
 
-    def _bisected(self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
-                  ) -> tuple[list[_Part], list[Rejected]]:
+    def _bisected(
+        self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
+    ) -> tuple[list[_Part], list[Rejected]]:
         """``attempt(part)``; when it fails as a whole, bisect down to the entries at fault.
 
         Outages never get here (``until_done`` waits them out), so what fails is the data: the
@@ -237,8 +246,10 @@ class ScoringWorker:
         except Exception as exc:
             if len(part) == 1:
                 entry_id = part.entry_ids[0]
-                log.error("entry cannot be processed", extra={"event": "dead_lettered", "reason": REASON_PROCESSING,
-                                                              "entry_id": entry_id, "error": repr(exc)})
+                log.error(
+                    "entry cannot be processed",
+                    extra={"event": "dead_lettered", "reason": REASON_PROCESSING, "entry_id": entry_id, "error": repr(exc)},
+                )
                 return [], [Rejected(entry_id, payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
             metrics.batch_failures.inc()
             log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(part), "error": repr(exc)})
@@ -257,8 +268,9 @@ class ScoringWorker:
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if self.shadow is not None:
-            shadow_scores, shadow_decision, _ = score_batch(self.shadow, self.rules, features,
-                                                            self.shadow.review_threshold, self.shadow.decline_threshold)
+            shadow_scores, shadow_decision, _ = score_batch(
+                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold
+            )
             shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
             self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
         metrics.stage_duration.labels("features").observe(after_features - started)
@@ -289,8 +301,9 @@ class ScoringWorker:
                 if count:
                     metrics.transactions.labels(name).inc(count)
             if scored.shadow is not None:
-                pairs = np.bincount(scored.decision.astype(np.intp) * len(DECISIONS) + scored.shadow.decision,
-                                    minlength=len(DECISIONS) ** 2)
+                pairs = np.bincount(
+                    scored.decision.astype(np.intp) * len(DECISIONS) + scored.shadow.decision, minlength=len(DECISIONS) ** 2
+                )
                 for pair, count in enumerate(pairs.tolist()):
                     if count:
                         champion, challenger = divmod(pair, len(DECISIONS))
@@ -306,13 +319,15 @@ class ScoringWorker:
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
 
+
 def _reply_channels(entries: Entries) -> dict[str, str]:
     """Entry id -> decisions channel of the entries written by ``/v1/score`` (field ``reply``)."""
     return {entry_id: fields[b"reply"].decode() for entry_id, fields in entries.extra.items() if b"reply" in fields}
 
 
-def score_batch(model: FraudModel, rules: Rules, features: Features, review_threshold: float,
-                decline_threshold: float) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+def score_batch(
+    model: FraudModel, rules: Rules, features: Features, review_threshold: float, decline_threshold: float
+) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
     """Scores, decisions and reason codes of a batch: one inference call, then the rules.
 
     The reasons of a row are the rules that fired, then, for non-approved rows, the model's top

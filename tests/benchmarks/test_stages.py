@@ -71,10 +71,10 @@ def model() -> FraudModel:
 def scored(payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> ScoredBatch:
     batch = decoded(payload_batches[-1])
     features = store.compute(batch)
-    scores, decision, reasons = score_batch(model, Rules.load(DEFAULT_RULES), features, model.review_threshold,
-                                            model.decline_threshold)
-    return ScoredBatch(batch, features.event_ms, features.seen, scores, decision, reasons, model.version,
-                       int(time.time() * 1000))
+    scores, decision, reasons = score_batch(
+        model, Rules.load(DEFAULT_RULES), features, model.review_threshold, model.decline_threshold
+    )
+    return ScoredBatch(batch, features.event_ms, features.seen, scores, decision, reasons, model.version, int(time.time() * 1000))
 
 
 def test_decode(benchmark, payload_batches: list[list[bytes]]) -> None:
@@ -91,8 +91,7 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
 def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> None:
     features = store.compute(decoded(payload_batches[-2]))
     rules = Rules.load(DEFAULT_RULES)
-    scores, decision, _reasons = benchmark(score_batch, model, rules, features, model.review_threshold,
-                                           model.decline_threshold)
+    scores, decision, _reasons = benchmark(score_batch, model, rules, features, model.review_threshold, model.decline_threshold)
     assert scores.shape == (BATCH,) and decision.max() <= 2
 
 
