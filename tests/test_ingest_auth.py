@@ -192,3 +192,35 @@ def test_key_scopes(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) ->
         assert server.stop() == 0
     assert [orjson.loads(f[b"data"])["transaction_id"] for _i, f in redis_client.xrange(ns.labels_stream)] == ["s1"]
     assert len(stream_transaction_ids(redis_client, ns)) == 6
+
+
+def test_a_label_reported_in_the_future_is_refused(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--workers", "1")
+    now = int(time.time())
+    try:
+        with server.client() as http:
+            for reported_at in (now + 3600, "2099-01-01T00:00:00Z"):
+                refused = post(
+                    http,
+                    "/v1/labels",
+                    [
+                        {"transaction_id": "f0", "label": "legit"},
+                        {"transaction_id": "f1", "label": "fraud", "reported_at": reported_at},
+                    ],
+                )
+                assert refused.status_code == 422 and refused.json()["error"] == "invalid_label", refused.text
+                assert refused.json()["detail"].startswith("item 1: reported_at must not be later than")
+            # Within the clock skew the reporter's clock may have.
+            assert (
+                post(http, "/v1/labels", {"transaction_id": "f2", "label": "fraud", "reported_at": now + 60}).status_code == 202
+            )
+    finally:
+        assert server.stop() == 0
+    assert [orjson.loads(f[b"data"])["transaction_id"] for _i, f in redis_client.xrange(ns.labels_stream)] == ["f2"]
+
+
+def test_refuses_to_listen_beyond_loopback_without_keys(ns: Namespace, tmp_path: Path) -> None:
+    refused = ns.fraudd("ingest", "--listen", "0.0.0.0:0", timeout=30)
+    assert refused.returncode == 2 and "without API keys" in refused.stderr
+    server = IngestServer.start(ns, tmp_path, "--insecure-no-auth", host="0.0.0.0")
+    assert server.stop() == 0

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import hiredis
@@ -51,6 +52,8 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 LAG_CHECK_INTERVAL_S = 0.5
+# How far a label's reported_at may be ahead of this host's clock (the reporter's clock may be).
+REPORTED_AT_SKEW = timedelta(minutes=5)
 RETRY_AFTER_S = "1"
 # Per batch item beyond its own JSON: separators and the array brackets.
 _BATCH_OVERHEAD_BYTES = 16
@@ -283,8 +286,10 @@ class Ingest:
         return accepted
 
     async def publish_labels(self, documents: list) -> list[str]:
-        """Put labels on the labels stream, all or none: a bad one is a 422 naming its position."""
-        labels, errors = parse_labels(documents, default_source="api")
+        """Put labels on the labels stream, all or none: a bad one is a 422 naming its position.
+        A label is reported now or in the past: ``reported_at`` beyond the clock skew is refused."""
+        now = datetime.now(UTC)
+        labels, errors = parse_labels(documents, default_source="api", now=now, not_after=now + REPORTED_AT_SKEW)
         if errors:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
