@@ -108,6 +108,21 @@ def test_signatures_need_a_signing_secret_for_every_key(ns: Namespace, tmp_path:
         assert server.stop() == 0
 
 
+def test_a_key_line_that_cannot_be_parsed_stops_start_up(ns: Namespace, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    for line, reason in (
+        ("gateway:token", "expected TOKEN or KEY_ID:TOKEN:SIGNING_SECRET"),
+        ("gateway:token:secret:transactions+relabel", "unknown scope relabel"),
+        (":token:secret", "KEY_ID and TOKEN must not be empty"),
+    ):
+        keys_file.write_text(f"# keys\n{line}\n")
+        refused = ns.fraudd("ingest", "--listen", "127.0.0.1:0", "--api-keys-file", str(keys_file), timeout=30)
+        assert refused.returncode == 2 and f"{keys_file}:2: {reason}" in refused.stderr, refused.stderr
+    keys_file.write_text("a:same-token:s1\nb:same-token:s2\n")
+    refused = ns.fraudd("ingest", "--listen", "127.0.0.1:0", "--api-keys-file", str(keys_file), timeout=30)
+    assert refused.returncode == 2 and "two keys share a token" in refused.stderr, refused.stderr
+
+
 def log_records(server: IngestServer) -> list[dict]:
     return [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
 
