@@ -31,6 +31,7 @@ from sklearn.metrics import average_precision_score
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import model as model_meta
+from fraudd.scoring.bins import FeatureBins
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 
@@ -355,6 +356,7 @@ def export(trained: Trained, path: Path) -> None:
         model_meta.META_SCALES: orjson.dumps((fit_part.matrix.std(axis=0) + 1e-6).tolist()).decode(),
         model_meta.META_IMPORTANCE: orjson.dumps((gain / gain.sum()).tolist()).decode(),
         model_meta.META_METRICS: orjson.dumps(figures).decode(),
+        model_meta.META_BINS: FeatureBins.of(fit_part.matrix).dumps(),
     }
     onnx.helper.set_model_props(onnx_model, meta)
     onnx_model.producer_name = "fraudd train"

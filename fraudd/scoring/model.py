@@ -1,9 +1,10 @@
 """The ONNX fraud model: loading with its feature contract, batched scoring and reason codes.
 
 A model file carries its own contract in ONNX metadata (written by ``fraudd train``): the
-ordered feature names it was trained on, its version and thresholds, and per-feature statistics
-used to explain a decision. A model whose features are not exactly the daemon's
-``FEATURE_NAMES`` is refused at load, so a mismatched file can never score silently wrong.
+ordered feature names it was trained on, its version and thresholds, per-feature statistics
+used to explain a decision, and the training sample's bins that live drift is measured against
+(``bins.py``). A model whose features are not exactly the daemon's ``FEATURE_NAMES`` is refused
+at load, so a mismatched file can never score silently wrong.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
+from .bins import FeatureBins
+
 META_VERSION = "fraudd.version"
 META_FEATURES = "fraudd.features"
 META_REVIEW = "fraudd.review_threshold"
@@ -23,6 +26,7 @@ META_MEANS = "fraudd.feature_means"
 META_SCALES = "fraudd.feature_scales"
 META_IMPORTANCE = "fraudd.feature_importance"
 META_METRICS = "fraudd.metrics"
+META_BINS = "fraudd.feature_bins"
 REASONS_PER_DECISION = 2
 
 # onnxruntime (1.32 on Linux) otherwise resolves and contacts Microsoft's telemetry endpoint
@@ -48,6 +52,7 @@ class FraudModel:
     _means: np.ndarray
     _inverse_scales: np.ndarray
     _importance: np.ndarray
+    feature_bins: FeatureBins | None = None  # None: trained before bins were stored, no drift measured
 
     @classmethod
     def load(cls, path: Path, expected_features: tuple[str, ...]) -> FraudModel:
@@ -85,6 +90,10 @@ class FraudModel:
         means = _vector(meta, META_MEANS, width, 0.0)
         scales = _vector(meta, META_SCALES, width, 1.0)
         importance = _vector(meta, META_IMPORTANCE, width, 1.0)
+        try:
+            bins = FeatureBins.loads(meta[META_BINS], width) if META_BINS in meta else None
+        except ValueError as exc:
+            raise ModelError(f"{path}: model metadata {META_BINS}: {exc}") from None
         return cls(
             path=path,
             version=meta[META_VERSION],
@@ -97,6 +106,7 @@ class FraudModel:
             _means=means,
             _inverse_scales=1.0 / np.where(scales > 0, scales, 1.0),
             _importance=importance,
+            feature_bins=bins,
         )
 
     def score(self, matrix: np.ndarray) -> np.ndarray:
