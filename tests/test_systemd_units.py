@@ -36,10 +36,39 @@ from .test_alerts import alert, write_config
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))
+# Run by a timer to completion, not supervised: its lifecycle settings are its own.
+JOBS = [UNITS / "fraudd-retrain.service"]
+DAEMONS = [unit for unit in SERVICES if unit not in JOBS]
 INSTALLED_FRAUDD = "/opt/fraudd/bin/fraudd"
 # Everything but what a unit says about its own service: identical in every unit, so that
 # hardening one hardens all.
-OWN_SETTINGS = {"ExecStart", "ExecReload", "EnvironmentFile", "Environment", "RuntimeDirectory", "ReadOnlyPaths"}
+OWN_SETTINGS = {
+    "ExecStart",
+    "ExecReload",
+    "EnvironmentFile",
+    "Environment",
+    "RuntimeDirectory",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+}
+# How a long-running service starts, stops, restarts and what memory it gets: a job's differ.
+LIFECYCLE = {
+    "Type",
+    "ExecReload",
+    "KillMode",
+    "KillSignal",
+    "TimeoutStopSec",
+    "TimeoutStartSec",
+    "WatchdogSec",
+    "Restart",
+    "RestartSec",
+    "RestartPreventExitStatus",
+    "RuntimeDirectoryMode",
+    "MemoryHigh",
+    "MemoryMax",
+    "Nice",
+    "CPUWeight",
+}
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (.ci/setup installs it)")
 
@@ -47,7 +76,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("units")
-    for unit in [*SERVICES, *UNITS.glob("*.target")]:
+    for unit in [*SERVICES, *UNITS.glob("*.target"), *UNITS.glob("*.timer")]:
         (directory / unit.name).write_text(unit.read_text().replace(INSTALLED_FRAUDD, FRAUDD))
     return directory
 
@@ -70,7 +99,7 @@ def test_every_unit_verifies(rendered: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     # verify exits 0 on an unknown or misspelt setting and only warns: the warning is the failure.
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert {Path(u).name for u in units} >= {"fraudd.service", "fraudd-ingest.service", "fraudd.target"}
+    assert {Path(u).name for u in units} >= {"fraudd.service", "fraudd-ingest.service", "fraudd.target", "fraudd-retrain.timer"}
 
 
 def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
@@ -90,7 +119,7 @@ def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
 def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_hardening() -> None:
     drain_s = next(kwargs["default"] for flag, _env, kwargs, _help in config.OPTIONS if flag == "shutdown-timeout-s")
     reference = None
-    for unit in SERVICES:
+    for unit in DAEMONS:
         settings = dict(service_section(unit))
         assert settings["Type"] == "notify" and settings["ExecReload"] == "/bin/kill -HUP $MAINPID", unit.name
         assert float(settings["TimeoutStopSec"]) == drain_s + STOP_MARGIN_S, unit.name
@@ -102,6 +131,15 @@ def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_harden
         units = configparser.ConfigParser(strict=False, interpolation=None)
         units.read_string(unit.read_text())
         assert units["Unit"]["PartOf"] == "fraudd.target" and units["Install"]["WantedBy"] == "fraudd.target"
+    assert reference is not None
+    for job in JOBS:
+        settings = dict(service_section(job))
+        assert settings["Type"] == "oneshot" and settings["User"] == "fraudd", job.name
+        hardening = [(key, value) for key, value in reference if key not in LIFECYCLE]
+        assert [(k, v) for k, v in service_section(job) if k not in OWN_SETTINGS | LIFECYCLE] == hardening, job.name
+        timer = configparser.ConfigParser(strict=False, interpolation=None)
+        timer.read_string(job.with_suffix(".timer").read_text())
+        assert timer["Unit"]["PartOf"] == "fraudd.target" and timer["Install"]["WantedBy"] == "fraudd.target"
 
 
 def test_the_environment_file_documents_every_option_and_its_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
