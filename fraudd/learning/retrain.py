@@ -125,9 +125,11 @@ def retrain(
             if deployment.registered(conn, model.version) is None or model is candidate:
                 deployment.register(conn, model)
         if promoted:
-            deployment.deploy(conn, version, None, "retrain-promoted", actor, reason, comparison)
+            deployment.deploy(conn, version, None, "retrain-promoted", actor, reason, comparison, replacing=champion.version)
         else:
-            deployment.deploy(conn, champion.version, version, "retrain-kept", actor, reason, comparison, version)
+            deployment.deploy(
+                conn, champion.version, version, "retrain-kept", actor, reason, comparison, version, champion.version
+            )
     return Outcome(champion, candidate, promoted, reason, comparison, card)
 
 

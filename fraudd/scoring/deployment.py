@@ -97,10 +97,12 @@ def deploy(
     reason: str,
     comparison: dict | None = None,
     audited_version: str | None = None,
+    replacing: str | None = None,
 ) -> int:
     """Make ``champion`` (and ``shadow``) what the workers run and audit it, in one transaction;
     returns the new generation. ``audited_version`` is the model the audit row is about (default:
-    the champion; a kept candidate's row names the candidate)."""
+    the champion; a kept candidate's row names the candidate); ``replacing`` the champion before the
+    first deployment (the workers' --model-path), which the table does not know."""
     with conn.transaction():
         # Serializes concurrent changes: each audit row's previous_version is the champion it replaced.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('fraudd model_deployment'))")
@@ -118,7 +120,7 @@ def deploy(
             (
                 action,
                 audited_version or champion,
-                None if before is None else before[0],
+                replacing if before is None else before[0],
                 actor,
                 reason,
                 None if comparison is None else orjson.dumps(comparison).decode(),
