@@ -57,6 +57,7 @@ from .deployment import Deployed, DeploymentWatch
 from .drift import Drift
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
+from .precision import FlaggedPrecision
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
@@ -455,6 +456,12 @@ def _load_rules(settings: Settings) -> Rules:
 def service(settings: Settings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings)
+    precision = FlaggedPrecision(settings.postgres_url, settings.pg_schema)
+
+    def housekeeping() -> None:
+        housekeeper.run_once()
+        precision.run_once()
+
     return Service(
         name="fraudd",
         workers=settings.workers,
@@ -463,7 +470,7 @@ def service(settings: Settings) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         metrics_port=settings.metrics_port,
-        housekeeping=housekeeper.run_once,
+        housekeeping=housekeeping,
         health_problems=lambda: health_problems(settings, housekeeper.redis),
         summary=housekeeper.summary,
     )
