@@ -262,3 +262,33 @@ def test_share_of_flagged_decisions_later_labelled_fraud_by_week(
         quarter = len(ids) // 4
         assert metrics.flagged_fraud_share.labels(week)._value.get() == pytest.approx(quarter / len(ids))
         assert metrics.flagged_labelled.labels(week)._value.get() == 2 * quarter
+
+
+def test_a_deployed_file_that_does_not_load_is_refused_and_the_running_model_kept(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from fraudd.schema import connect
+    from fraudd.scoring import deployment
+
+    shipped = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
+    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", "--workers", "1")
+    try:
+        probe(redis_client, ns, fresh_traffic(36, 300))
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"not a model")  # e.g. the models directory not mounted on this host
+        with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
+            deployment.register(conn, deployment.Registered("broken", broken, 0.5, 0.9, {}))
+            deployment.register(conn, deployment.Registered(shipped.version, DEFAULT_MODEL, 0.5, 0.9, {}))
+            deployment.deploy(conn, "broken", None, "promote", "test", "a file that does not load", replacing=shipped.version)
+        time.sleep(1.5)
+        assert scored_by(ns, probe(redis_client, ns, fresh_traffic(37, 300))) == {(shipped.version, None)}
+        time.sleep(1.5)
+        assert scored_by(ns, probe(redis_client, ns, fresh_traffic(38, 300))) == {(shipped.version, None)}
+        # Once the file is there, the deployment is taken at the next read, without another command.
+        broken.write_bytes(DEFAULT_MODEL.read_bytes())
+        time.sleep(1.5)
+        assert scored_by(ns, probe(redis_client, ns, fresh_traffic(39, 300))) == {(shipped.version, None)}
+    finally:
+        log = stop(daemon)
+    assert log.count('"deployment_refused"') == 1 and "deployed model broken: " in log  # logged once, tried every second
+    assert log.count('"deployment_followed"') == 1

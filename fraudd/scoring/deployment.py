@@ -145,13 +145,16 @@ class DeploymentWatch:
 
     One small query at most once per ``POLL_INTERVAL_S`` on a connection of its own (the worker's
     COPY connection may be busy in the settling thread). PostgreSQL being away is no reason to stop
-    scoring: the running models are kept and the poll tries again next time.
+    scoring: the running models are kept and the poll tries again next time. A deployment the worker
+    could not load (``refused``) is offered again at the next poll, so it is taken as soon as its
+    files are there.
     """
 
     def __init__(self, postgres_url: str, pg_schema: str) -> None:
         self._url, self._schema = postgres_url, pg_schema
         self._conn: psycopg.Connection | None = None
         self._generation = 0
+        self._refused = 0
         self._next_poll = 0.0
 
     def poll(self) -> Deployed | None:
@@ -175,6 +178,12 @@ class DeploymentWatch:
         if deployed is not None:
             self._generation = deployed.generation
         return deployed
+
+    def refused(self, deployed: Deployed) -> bool:
+        """Forget ``deployed`` so the next poll offers it again; True the first time it is refused."""
+        first = self._refused != deployed.generation
+        self._generation, self._refused = 0, deployed.generation
+        return first
 
     def close(self) -> None:
         if self._conn is not None:

@@ -158,18 +158,20 @@ class ScoringWorker:
 
     def _follow_deployment(self) -> None:
         """Swap to the deployment's models when a promotion or rollback changed them (checked at
-        most once a second); files that cannot be loaded are refused and the running models kept."""
+        most once a second); files that cannot be loaded are refused, the running models kept, and
+        the deployment tried again at the next poll."""
         deployed = self.deployment.poll()
         if deployed is None:
             return
         try:
             models = _load_models(self.settings, deployed)
         except BootError as exc:
-            metrics.reloads.labels("refused").inc()
-            log.error(
-                "deployment refused, keeping the running models",
-                extra={"event": "deployment_refused", "generation": deployed.generation, "reason": str(exc)},
-            )
+            if self.deployment.refused(deployed):
+                metrics.reloads.labels("refused").inc()
+                log.error(
+                    "deployment refused, keeping the running models until it loads",
+                    extra={"event": "deployment_refused", "generation": deployed.generation, "reason": str(exc)},
+                )
             return
         self._deployed = deployed
         self._use(models)
