@@ -377,6 +377,32 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
 
 
 @click.command()
+@click.argument("transaction_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored decision and explanation as JSON.")
+@selected_options("postgres-url", "pg-schema")
+def explain(transaction_id: str, as_json: bool, postgres_url: str, pg_schema: str) -> None:
+    """Why a stored transaction was decided as it was: each feature's exact contribution (log-odds)
+    to the deciding model's score, with the feature's value."""
+    import dataclasses
+
+    import orjson
+    import psycopg
+
+    from .explanations import format_explanation, stored_decision
+
+    try:
+        stored = stored_decision(postgres_url, pg_schema, transaction_id)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    if stored is None:
+        raise click.ClickException(f"no stored transaction {transaction_id!r}")
+    if as_json:
+        click.echo(orjson.dumps(dataclasses.asdict(stored), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(format_explanation(stored))
+
+
+@click.command()
 @click.option(
     "--model",
     "model_path",

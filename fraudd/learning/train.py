@@ -340,6 +340,7 @@ def export(trained: Trained, path: Path) -> None:
         zipmap=False,
         target_opset=15,
     )
+    _write_covers(onnx_model, classifier.booster_)
     gain = classifier.booster_.feature_importance(importance_type="gain")
     figures = {
         "holdout": trained.metrics,
@@ -355,11 +356,46 @@ def export(trained: Trained, path: Path) -> None:
         model_meta.META_SCALES: orjson.dumps((fit_part.matrix.std(axis=0) + 1e-6).tolist()).decode(),
         model_meta.META_IMPORTANCE: orjson.dumps((gain / gain.sum()).tolist()).decode(),
         model_meta.META_METRICS: orjson.dumps(figures).decode(),
+        # The model as LightGBM itself wrote it: what an auditor compares the ONNX file against, and
+        # how the explanations are checked against LightGBM's own contributions.
+        model_meta.META_SOURCE: classifier.booster_.model_to_string(),
     }
     onnx.helper.set_model_props(onnx_model, meta)
     onnx_model.producer_name = "fraudd train"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onnx_model.SerializeToString())
+
+
+def _write_covers(onnx_model: onnx.ModelProto, booster: lightgbm.Booster) -> None:
+    """Each node's training-row count into the ensemble's ``nodes_hitrates``, for exact explanations.
+
+    The converter leaves them at 1; the explainer (``fraudd.scoring.explain``) needs them, and the
+    daemon must not depend on LightGBM to read them. The two trees are walked side by side, checking
+    that every split agrees, so a converter that laid nodes out differently fails here, not later.
+    """
+    (ensemble,) = [node for node in onnx_model.graph.node if node.op_type == "TreeEnsembleClassifier"]
+    attributes = {a.name: a for a in ensemble.attribute}
+    values = {name: onnx.helper.get_attribute_value(attribute) for name, attribute in attributes.items()}
+    index = {(tree, node): i for i, (tree, node) in enumerate(zip(values["nodes_treeids"], values["nodes_nodeids"]))}
+    covers = [0.0] * len(index)
+    for tree, info in enumerate(booster.dump_model()["tree_info"]):
+        stack = [(info["tree_structure"], index[(tree, 0)])]
+        while stack:
+            lgb_node, i = stack.pop()
+            if "leaf_index" in lgb_node or "split_index" not in lgb_node:
+                covers[i] = float(lgb_node.get("leaf_count", 0))
+                continue
+            if values["nodes_featureids"][i] != lgb_node["split_feature"] or lgb_node["decision_type"] != "<=":
+                raise RuntimeError(f"tree {tree}: the ONNX ensemble's splits do not match LightGBM's")
+            covers[i] = float(lgb_node["internal_count"])
+            stack.append((lgb_node["left_child"], index[(tree, values["nodes_truenodeids"][i])]))
+            stack.append((lgb_node["right_child"], index[(tree, values["nodes_falsenodeids"][i])]))
+    hitrates = attributes.get("nodes_hitrates")
+    if hitrates is None:
+        ensemble.attribute.append(onnx.helper.make_attribute("nodes_hitrates", covers))
+    else:
+        del hitrates.floats[:]
+        hitrates.floats.extend(covers)
 
 
 def model_card(trained: Trained, data_section: str, command: str) -> str:
