@@ -144,3 +144,29 @@ def test_flagged_decisions_carry_their_explanation_to_postgres_alerts_and_fraudd
     assert "no explanation stored" in ns.fraudd("explain", approved).stdout
     missing = ns.fraudd("explain", "no-such-transaction")
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_label_features_in_training_see_only_labels_reported_before_each_row(ns: Namespace, tmp_path: Path) -> None:
+    """A chargeback reported ten days after its fraud reaches the merchant's rows from then on, not before."""
+    day = 86_400.0
+    start = time.time() - 60 * day
+    fraud_at = start + day
+
+    def line(txid: str, at: float, label: int, **extra: object) -> bytes:
+        message = {"transaction_id": txid, "user_id": f"u_{txid}", "amount": 20.0, "merchant": "shop_m", "timestamp": at}
+        return orjson.dumps({**message, "label": label, **extra})
+
+    lines = [
+        line("reported_late", fraud_at, 1, reported_at=fraud_at + 10 * day),
+        line("said_nothing", fraud_at, 1),  # taken as reported seven days later
+        line("day_2", fraud_at + 1 * day, 0),
+        line("day_8", fraud_at + 7 * day + 60, 0),
+        line("day_11", fraud_at + 10 * day + 60, 0),
+        line("day_40", fraud_at + 39 * day, 0),
+    ]
+    path = tmp_path / "history.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = train.featurize(redis.Redis(protocol=2), train.read_history(path), label_delay_s=7 * day)
+    column = data.feature_names.index("merchant_fraud_28d")
+    assert data.matrix[:, column].tolist() == [0, 0, 0, 1, 2, 0]
+    assert data.matrix[:, data.feature_names.index("merchant_fraud_7d")].tolist() == [0, 0, 0, 0, 0, 0]

@@ -2,8 +2,11 @@
 
 A model file carries its own contract in ONNX metadata (written by ``fraudd train``): the
 ordered feature names it was trained on, its version and thresholds, and per-feature statistics.
-A model whose features are not exactly the daemon's ``FEATURE_NAMES`` is refused at load, so a
-mismatched file can never score silently wrong.
+Two feature contracts exist: the daemon's ``FEATURE_NAMES`` (message and behaviour features), and
+``LABEL_FEATURE_NAMES``, the same followed by the label-fed confirmed-fraud counts
+(``confirmed.CONFIRMED_COLUMNS``), which ``fraudd train`` fits by default. A model whose features are
+not exactly one of them is refused at load, so a mismatched file can never score silently wrong;
+models of the first contract keep loading and scoring as before.
 
 A flagged decision is explained by the exact contributions of its features (``explain.py``). A
 model trained before ``fraudd train`` stored node covers cannot be explained exactly; it keeps
@@ -22,7 +25,9 @@ import onnx
 import onnxruntime as ort
 import orjson
 
+from .confirmed import CONFIRMED_COLUMNS
 from .explain import ExplainerError, TreeExplainer
+from .features import FEATURE_NAMES, Features
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ META_IMPORTANCE = "fraudd.feature_importance"
 META_METRICS = "fraudd.metrics"
 META_SOURCE = "fraudd.lightgbm_model"
 REASONS_PER_DECISION = 2
+LABEL_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + CONFIRMED_COLUMNS
 
 # onnxruntime (1.32 on Linux) otherwise resolves and contacts Microsoft's telemetry endpoint
 # (mobile.events.data.microsoft.com, seen with strace after the first session is created): no
@@ -85,7 +91,9 @@ class FraudModel:
         if missing:
             raise ModelError(f"{path}: model metadata lacks {', '.join(missing)} (train it with `fraudd train`)")
         names = tuple(orjson.loads(meta[META_FEATURES]))
-        if names != tuple(expected_features):
+        contracts = (tuple(expected_features), tuple(expected_features) + CONFIRMED_COLUMNS)
+        if names not in contracts:
+            expected_features = contracts[len(names) > len(contracts[0])]
             extra = sorted(set(names) - set(expected_features))
             absent = sorted(set(expected_features) - set(names))
             raise ModelError(
@@ -125,6 +133,18 @@ class FraudModel:
             _explainer=explainer,
             _margin_output=margin_output,
         )
+
+    @property
+    def uses_label_features(self) -> bool:
+        """Whether the model takes the label-fed counts (the second feature contract)."""
+        return len(self.feature_names) > len(FEATURE_NAMES)
+
+    def inputs(self, features: Features) -> np.ndarray:
+        """The batch's rows as this model takes them: the columns of its feature contract."""
+        if not self.uses_label_features:
+            return features.matrix
+        counts = np.column_stack([features.column(name) for name in CONFIRMED_COLUMNS])
+        return np.hstack([features.matrix, counts.astype(np.float32)])
 
     def score(self, matrix: np.ndarray) -> np.ndarray:
         """Fraud probability per row, float32, in one inference call for the whole batch."""

@@ -350,14 +350,15 @@ def score_batch(
     rate, not the traffic; ``explain=False`` (a shadow model, a backtest) skips it. Offline scoring
     (training, tests) calls this too, so it decides as the daemon does.
     """
-    scores = model.score(features.matrix)
+    inputs = model.inputs(features)
+    scores = model.score(inputs)
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
     explanations: list[dict | None] = [None] * len(scores)
     if explain:
         flagged = np.flatnonzero(decision > 0)
-        model_reasons, documents = model.explain(features.matrix[flagged])
+        model_reasons, documents = model.explain(inputs[flagged])
         for i, codes, document in zip(flagged.tolist(), model_reasons, documents):
             reasons[i].extend(codes)
             explanations[i] = document
