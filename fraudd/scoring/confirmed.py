@@ -43,7 +43,8 @@ HORIZON_MS = WINDOWS[-1][1]
 _RECORD = """
 local horizon = tonumber(ARGV[1])
 for i = 2, #ARGV, 6 do
-    local key, entity, txid, ms, add = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 5] == '1'
+    local key, entity, txid = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+    local ms, reported_ms, add = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5] == '1'
     local kept, newest = {}, add and ms or 0
     local current = redis.call('HGET', key, entity)
     if current then
@@ -54,10 +55,12 @@ for i = 2, #ARGV, 6 do
             end
         end
     end
-    if add then kept[#kept + 1] = {txid, ms, ARGV[i + 4]} end
+    if add then kept[#kept + 1] = {txid, ms, reported_ms} end
     local parts = {}
     for _, entry in ipairs(kept) do
-        if entry[2] > newest - horizon then parts[#parts + 1] = entry[1] .. '=' .. string.format('%d', entry[2]) .. '@' .. entry[3] end
+        if entry[2] > newest - horizon then
+            parts[#parts + 1] = entry[1] .. '=' .. string.format('%d', entry[2]) .. '@' .. entry[3]
+        end
     end
     if #parts == 0 then redis.call('HDEL', key, entity) else redis.call('HSET', key, entity, table.concat(parts, ';')) end
 end
