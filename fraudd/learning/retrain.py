@@ -59,6 +59,7 @@ def retrain(
     since_s: float,
     window_s: float,
     margin: float,
+    label_delay_s: float | None,
     models_dir: Path,
     seed: int,
     actor: str,
@@ -70,7 +71,7 @@ def retrain(
         deployed = deployment.current(conn)
     champion = deployed.champion if deployed is not None else flags_champion
     stored = stored_history(postgres_url, pg_schema, since_s)
-    data = training.featurize(client, stored.history, progress)
+    data = training.featurize(client, stored.history, progress, label_delay_s)
     cut = int(np.searchsorted(data.timestamp, data.timestamp[-1] - window_s, side="left"))
     past, window = data.take(slice(0, cut)), data.take(slice(cut, len(data)))
     parts = training.split_bounds(len(past), 0.2, 0.2)
@@ -84,7 +85,7 @@ def retrain(
     training.export(trained, path)
 
     scored = {
-        name: scores_under_rules(model.score(window.matrix).astype(np.float64), stored.reasons[cut:], rules)
+        name: scores_under_rules(model.score(_inputs(model, window)).astype(np.float64), stored.reasons[cut:], rules)
         for name, model in (("champion", _load(champion.path)), ("candidate", _load(path)))
     }
     champion_decision = decisions(scored["champion"], champion.review_threshold, champion.decline_threshold)
@@ -138,6 +139,16 @@ def _load(path: Path) -> FraudModel:
         return FraudModel.load(path, FEATURE_NAMES)
     except ModelError as exc:
         raise DeploymentError(str(exc)) from None
+
+
+def _inputs(model: FraudModel, data: training.Dataset) -> np.ndarray:
+    """``data``'s columns of ``model``'s feature contract (the label-fed counts follow the others)."""
+    width = len(model.feature_names)
+    if data.feature_names[:width] != model.feature_names:
+        raise DeploymentError(
+            f"model {model.version} takes the label-fed features, computed only with --label-features: retrain with it"
+        )
+    return data.matrix[:, :width]
 
 
 def _span(part: training.Dataset) -> dict:

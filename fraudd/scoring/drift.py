@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..runtime import metrics
+from .features import Features
 from .model import FraudModel
 
 SAMPLE_EVERY = 4
@@ -26,15 +27,16 @@ class Drift:
     """One worker's PSI of the traffic it scores against the deciding model's training sample."""
 
     def __init__(self, model: FraudModel) -> None:
+        self._model = model
         self._bins = model.feature_bins
         self._names = model.feature_names
         self._counts = None if self._bins is None else np.zeros_like(self._bins.shares)
         self._next_publish = 0.0
 
-    def observe(self, matrix: np.ndarray) -> None:
-        if self._bins is None or self._counts is None or len(matrix) == 0:
+    def observe(self, features: Features) -> None:
+        if self._bins is None or self._counts is None or len(features) == 0:
             return
-        sample = matrix[::SAMPLE_EVERY]
+        sample = self._model.inputs(features)[::SAMPLE_EVERY]  # the columns of the model's own contract
         self._counts *= np.exp(-len(sample) / WINDOW_ROWS)
         self._counts += self._bins.counts(sample)
         now = time.monotonic()
