@@ -139,8 +139,11 @@ def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, labe
     config = setup.log_dir / f"{ns.name}.toml"
     secret = setup.log_dir / f"{ns.name}.secret"
     secret.write_text(SECRET)
-    config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nsecret_file = "{secret}"\n')
-    command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes)]
+    config.write_text(
+        f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nallow_insecure = true\n'
+        f'secret_file = "{secret}"\n'
+    )
+    command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes), "--from-beginning"]
     return Consumers(label, [command], ns, setup.log_dir / f"{ns.name}.log", supervised=True, count=processes)
 
 

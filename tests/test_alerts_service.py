@@ -40,9 +40,10 @@ def receiver() -> Iterator[HttpReceiver]:
 
 
 def start_alerts(ns: Namespace, config: Path, log_path: Path, *args: str) -> subprocess.Popen:
+    """``fraudd alerts --from-beginning``: the tests publish alerts while it starts."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [FRAUDD, "alerts", "--config", str(config), *args],
+            [FRAUDD, "alerts", "--config", str(config), "--from-beginning", *args],
             stdout=log,
             stderr=log,
             env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000"),
@@ -60,6 +61,7 @@ def test_sigkilled_repeatedly_every_alert_arrives_once(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 """,
@@ -142,6 +144,7 @@ def test_postgres_down_alerts_wait_then_each_arrives_once(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 """,
@@ -217,6 +220,7 @@ def test_the_fraud_stream_and_the_delivery_log_stay_bounded(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 """,
     )
