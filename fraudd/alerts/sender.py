@@ -48,7 +48,7 @@ from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery,
 
 log = logging.getLogger(__name__)
 
-CRASH_EXIT_S = 10.0  # a worker whose task crashed stops gracefully within this, or exits regardless
+CRASH_EXIT_S = 5.0  # a worker whose task crashed stops gracefully within this, or exits regardless
 EXIT_CRASHED = 70
 POLL_S = 0.5  # how often a channel looks for rows made due by others (retries, other processes' leftovers)
 DIGEST_MAX_ALERTS = 10_000
@@ -261,8 +261,8 @@ class ChannelRunner:
         self._digest_in_flight: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._tasks = [_task(self._claim_loop(), f"claim-{self.name}")]
-        self._tasks += [_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
+        self._tasks = [worker_task(self._claim_loop(), f"claim-{self.name}")]
+        self._tasks += [worker_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
         self._woken.set()
@@ -327,7 +327,7 @@ class ChannelRunner:
             if self.config.digest_above is not None and self._digest_in_flight is None:
                 digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
                 if digest:
-                    self._digest_in_flight = _task(self._send_digest(digest), f"digest-{self.name}")
+                    self._digest_in_flight = worker_task(self._send_digest(digest), f"digest-{self.name}")
         if wait > 0:
             try:
                 await asyncio.wait_for(self._woken.wait(), wait)
@@ -411,7 +411,7 @@ class Recorder:
         self._recording = 0  # outcomes taken from the buffer and not yet written
 
     def start(self) -> None:
-        self._task = _task(self._run(), "record")
+        self._task = worker_task(self._run(), "record")
 
     def add(self, outcome: Outcome, alert: Alert | None = None, attempts: int = 0) -> None:
         self._outcomes.append((outcome, alert, attempts))
@@ -488,7 +488,7 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
         )
 
 
-def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+def worker_task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
     """A task whose unexpected death stops the worker process (the supervisor starts a new one)
     rather than leaving it alive and silently not delivering."""
     task = asyncio.create_task(coroutine, name=name)
