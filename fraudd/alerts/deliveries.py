@@ -56,16 +56,20 @@ _DELIVERED = """
 UPDATE alert_deliveries SET status = 'delivered', delivered_at = now(), digest_id = coalesce(%(g)s, digest_id)
 WHERE channel = %(c)s AND transaction_id = ANY(%(t)s::text[]) AND status NOT IN ('delivered', 'failed')
 """
-# The rarer outcomes carry a value per row: one statement per row, all in one pipeline.
+# The other outcomes carry values per row: one statement per kind and channel, the values as arrays
+# (a flaky peer makes retries common, so no statement per row). The ``ANY`` keeps the key lookup
+# in the index condition; the join alone would scan the channel's rows.
 _OUTCOME = """
-UPDATE alert_deliveries SET {assignments}
-WHERE transaction_id = %(t)s AND channel = %(c)s AND status NOT IN ('delivered', 'failed')
+UPDATE alert_deliveries d SET {assignments}
+FROM unnest(%(t)s::text[], %(e)s::text[], %(n)s::float8[]) AS u(t, e, n)
+WHERE d.channel = %(c)s AND d.transaction_id = ANY(%(t)s::text[]) AND d.transaction_id = u.t
+  AND d.status NOT IN ('delivered', 'failed')
 """
 _ASSIGNMENTS = {
-    "retry": "last_error = %(e)s, next_attempt_at = to_timestamp(%(n)s)",
-    "failed": "status = 'failed', last_error = %(e)s",
+    "retry": "last_error = u.e, next_attempt_at = to_timestamp(u.n)",
+    "failed": "status = 'failed', last_error = u.e",
     # claimed but never attempted: the claim's attempt is taken back
-    "released": "attempts = attempts - 1, next_attempt_at = to_timestamp(%(n)s)",
+    "released": "attempts = d.attempts - 1, next_attempt_at = to_timestamp(u.n)",
 }
 
 
@@ -201,19 +205,25 @@ class DeliveryLog:
     async def record(self, outcomes: list[Outcome]) -> None:
         """Write a round of outcomes in one transaction."""
         delivered: dict[tuple[str, str | None], list[str]] = {}
-        others: dict[str, list[Outcome]] = {}
+        others: dict[tuple[str, str], list[Outcome]] = {}
         for o in outcomes:
             if o.delivered:
                 delivered.setdefault((o.channel, o.digest_id), []).append(o.transaction_id)
             else:
-                others.setdefault("released" if o.released else "retry" if o.retry_at is not None else "failed", []).append(o)
+                kind = "released" if o.released else "retry" if o.retry_at is not None else "failed"
+                others.setdefault((kind, o.channel), []).append(o)
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             for (channel, digest_id), ids in delivered.items():
                 await cursor.execute(_DELIVERED, {"c": channel, "g": digest_id, "t": ids})
-            for kind, rows in others.items():
-                await cursor.executemany(
+            for (kind, channel), rows in others.items():
+                await cursor.execute(
                     _OUTCOME.format(assignments=_ASSIGNMENTS[kind]),
-                    [{"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at} for o in rows],
+                    {
+                        "c": channel,
+                        "t": [o.transaction_id for o in rows],
+                        "e": [o.error for o in rows],
+                        "n": [o.retry_at for o in rows],
+                    },
                 )
 
     async def backlog(self) -> int:
