@@ -20,13 +20,17 @@ from .channels import Alert
 
 # The rows travel as one JSON document built by orjson, the alerts embedded as they came: a text[]
 # parameter would have psycopg escape every quote of every alert in Python, its main cost per alert.
-# A row may be inserted already claimed (k) by the worker that inserts it, for its first attempt:
-# then it costs no claim of its own. The rows returned are those inserted (not already there).
+# A row may be inserted already claimed by the worker that inserts it, for its first attempt, with a
+# lease of l seconds: then it costs no claim of its own. The lease runs from the insert itself, not
+# from when the worker built the row: an insert that waited out a PostgreSQL outage would
+# otherwise land with its lease already over, and another claim would send the alert a second time.
+# The rows returned are those inserted (not already there).
 _INSERT = """
 INSERT INTO alert_deliveries (transaction_id, channel, status, stream_id, alert, next_attempt_at, digest_id, attempts,
                               first_attempt_at, last_attempt_at)
-SELECT t, c, s, i, a, to_timestamp(n), g, k::int, CASE WHEN k THEN now() END, CASE WHEN k THEN now() END
-FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text, k boolean)
+SELECT t, c, s, i, a, CASE WHEN l IS NULL THEN to_timestamp(n) ELSE now() + l * interval '1 second' END, g,
+       (l IS NOT NULL)::int, CASE WHEN l IS NOT NULL THEN now() END, CASE WHEN l IS NOT NULL THEN now() END
+FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text, l float8)
 ON CONFLICT (transaction_id, channel) DO NOTHING
 RETURNING transaction_id, channel
 """
@@ -122,9 +126,9 @@ class NewDelivery:
     alert: Alert
     channel: str
     status: str  # 'pending' or 'digest'
-    due_at: float  # Unix seconds; with ``claimed``, when the claim lapses
+    due_at: float  # Unix seconds, of a row not claimed at its insert
     digest_id: str | None = None
-    claimed: bool = False  # by the inserting worker, for the first attempt
+    lease_s: float | None = None  # claimed by the inserting worker for its first attempt, this long from the insert
 
 
 @dataclass(slots=True)
@@ -186,7 +190,7 @@ class DeliveryLog:
                     "a": orjson.Fragment(r.alert.body),
                     "n": r.due_at,
                     "g": r.digest_id,
-                    "k": r.claimed,
+                    "l": r.lease_s,
                 }
                 for r in rows
             ]

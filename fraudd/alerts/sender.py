@@ -161,11 +161,11 @@ class AlertSender:
                 # As many as the channel has room for are claimed at once, by this worker, for
                 # their first attempt; the rest wait in the table for any worker's claim.
                 for row in [r for r in channel_rows if r.status == "pending"][: runner.room()]:
-                    row.claimed, row.due_at = True, now + runner.config.lease_s
+                    row.lease_s = runner.config.lease_s
                 rows += channel_rows
         inserted = await self.log.add(rows)
         for row in rows:
-            if row.claimed and (row.alert.transaction_id, row.channel) in inserted:
+            if row.lease_s is not None and (row.alert.transaction_id, row.channel) in inserted:
                 self._channels[row.channel].enqueue(Claimed(row.alert, 1))
         for name, channel_alerts in routed.items():
             if channel_alerts:
