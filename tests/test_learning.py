@@ -500,3 +500,24 @@ def test_confirmed_fraud_state_forgets_entities_after_28_days(redis_client: redi
         assert confirmed.counts(batch, np.array([now_ms] * 2))["merchant_fraud_28d"].tolist() == [0, 0]
     finally:
         redis_client.delete(*redis_client.keys(f"{keys.prefix}confirmed:*"))
+
+
+def test_train_without_the_train_extra_names_it_in_one_line(ns: Namespace, tmp_path: Path) -> None:
+    # The daemon's own virtualenv has the extra; an interpreter that cannot import lightgbm stands
+    # in for one installed without it.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'lightgbm':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
+    )
+    result = ns.fraudd("train", "--generated", "1000", "--out", str(tmp_path / "m.onnx"), PYTHONPATH=str(site))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: fraudd train needs the train extra (lightgbm is missing): pip install 'fraudd[train]'"
+    ]
+    assert not (tmp_path / "m.onnx").exists()
