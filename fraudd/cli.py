@@ -452,29 +452,35 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     """
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
+    from .runtime.deadletters import restored_fields
 
     settings = settings_from(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
+    # An entry that had no data field goes back as it was, to the stream it came from.
+    restored = [(f.get(b"source_stream", settings.stream.encode()), restored_fields(f)) for _i, f in selected]
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
     inputs = {stream.encode() for stream in settings.input_streams}
     # Letters naming no stream were written by the scoring workers before letters named theirs.
     transactions = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source in inputs and kept is None
     ]
     others = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) not in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source not in inputs and kept is None
     ]
+    as_they_were = [(source, kept) for source, kept in restored if kept is not None]
     if transactions:
         Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
-    if others:
+    if others or as_they_were:
         pipe = client.pipeline(transaction=False)
         for _id, fields in others:
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
+        for source, kept in as_they_were:
+            pipe.xadd(source, kept)
         pipe.execute()
     if alerts:
         with _connect_postgres(settings) as conn:
@@ -482,6 +488,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
     elsewhere = Counter(fields[b"source_stream"].decode() for _id, fields in others)
+    elsewhere.update(source.decode() for source, _kept in as_they_were)
     click.echo(
         f"replayed {len(transactions)} entries onto {settings.stream}"
         + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))

@@ -173,12 +173,19 @@ class ScoringWorker:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
-        dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
+        dead = [
+            DeadLetter(
+                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
+                p.deliveries,
+                entries.kept_fields(p.entry_id, p.payload),
+            )
+            for p in poison
+        ]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
