@@ -22,6 +22,8 @@ from .config import (
     Settings,
     alert_options,
     alert_settings_from,
+    check_postgres_url,
+    check_redis_url,
     ingest_options,
     ingest_settings_from,
     settings_from,
@@ -512,8 +514,14 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 
 
 @main.command()
-@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default="postgresql://127.0.0.1:5432/postgres", show_default=True)
+@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True, callback=check_redis_url)
+@click.option(
+    "--postgres-url",
+    envvar="POSTGRES_URL",
+    default="postgresql://127.0.0.1:5432/postgres",
+    show_default=True,
+    callback=check_postgres_url,
+)
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)
