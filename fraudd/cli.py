@@ -279,16 +279,30 @@ def prepare_metrics_dir() -> None:
     atexit.register(shutil.rmtree, directory, True)
 
 
+# `fraudd status` exit codes (README: Operations): a monitoring script tells "down" from "behind".
+STATUS_OK, STATUS_DOWN, STATUS_BEHIND = 0, 1, 3  # 2: a bad option (click's usage error)
+
+
 @main.command()
 @settings_options
-def status(**params) -> None:
-    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster)."""
+@click.option(
+    "--lag-limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Exit 3 when the group's lag (over every shard) is above this.",
+)
+def status(lag_limit: int, **params) -> None:
+    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster).
+
+    Exit status: 0 all up and the lag within --lag-limit; 1 Redis or PostgreSQL down, or Redis full or
+    evicting; 2 a bad option; 3 up, but the lag is above --lag-limit."""
     from .keys import Keys
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
     settings = settings_from(params)
-    healthy = True
+    healthy, behind = True, False
     client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
     try:
         states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
@@ -299,6 +313,9 @@ def status(**params) -> None:
             f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
             f"oldest pending {state.oldest_pending_age_s:.1f}s"
         )
+        if state.lag > lag_limit:
+            behind = True
+            click.echo(f"           behind: lag {state.lag} is above --lag-limit {lag_limit}")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:
@@ -335,7 +352,7 @@ def status(**params) -> None:
     except (psycopg.Error, OSError) as exc:
         healthy = False
         click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
-    sys.exit(0 if healthy else 1)
+    sys.exit(STATUS_DOWN if not healthy else STATUS_BEHIND if behind else STATUS_OK)
 
 
 def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupState], rates: list[float]) -> None:
