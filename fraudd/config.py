@@ -62,6 +62,7 @@ class Settings:
     max_deliveries: int
     claim_idle_ms: int
     dedup_window_s: int
+    retention_s: int
     shutdown_timeout_s: float
     metrics_port: int
     log_level: str
@@ -244,6 +245,12 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
         "FRAUDD_DEDUP_WINDOW_S",
         {"default": 3600, "type": int, "callback": _positive("dedup-window-s")},
         "How long a transaction_id is remembered for duplicates.",
+    ),
+    (
+        "retention-s",
+        "FRAUDD_RETENTION_S",
+        {"default": 3600, "type": int, "callback": _positive("retention-s")},
+        "How long entries every group has acknowledged stay on the input stream before the supervisor trims them.",
     ),
     (
         "shutdown-timeout-s",
@@ -440,12 +447,6 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         "Group lag from which writes are refused with 503 and Retry-After.",
     ),
     (
-        "retention-s",
-        "FRAUDD_RETENTION_S",
-        {"default": 3600, "type": int, "callback": _positive("retention-s")},
-        "How long entries every group has acknowledged stay on the stream before trimming.",
-    ),
-    (
         "decision-timeout-ms",
         "FRAUDD_DECISION_TIMEOUT_MS",
         {"default": 250, "type": int, "callback": _positive("decision-timeout-ms")},
@@ -489,7 +490,6 @@ class IngestSettings:
     workers: int
     max_batch: int
     max_lag: int
-    retention_s: int
     decision_timeout_ms: int
     fallback_decision: str
     client_timeout_s: float

@@ -25,6 +25,7 @@ from ..config import Settings
 from ..schema import connect, ensure_partitions
 from . import metrics
 from .redis_clients import redis_client
+from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Housekeeper:
 
     def run_once(self) -> None:
         self._guard("redis", self._group_gauges)
+        self._guard("redis", self._trim)
         self._guard("postgres", self._partitions)
 
     def summary(self) -> str:
@@ -228,6 +230,14 @@ class Housekeeper:
                 ):
                     self.redis.xgroup_delconsumer(stream, s.group, name)
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
+
+    def _trim(self) -> None:
+        """Trim each input stream of what every group acknowledged (``--retention-s``): whoever
+        produces, the stream stays bounded. Each shard's calls go to the node serving it."""
+        s = self.settings
+        trimmed = sum(trim_acked(self.redis, stream, s.retention_s) for stream in s.input_streams)
+        if trimmed:
+            log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
     def _partitions(self) -> None:
         if time.monotonic() < self._next_partitions:
