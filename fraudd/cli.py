@@ -33,6 +33,7 @@ from .learning import cli as learning_cli
 from .runtime import logs
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
+    from .config import IngestSettings
     from .runtime.health import GroupState, RedisMemory
 
 
@@ -77,6 +78,7 @@ def ingest(**params) -> None:
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
     check_eviction(settings.redis_url, settings.redis_cluster)
+    check_ingest_shard_count(settings)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -191,6 +193,23 @@ def preflight(settings: Settings) -> None:
     except RulesError as exc:
         raise ConfigError(f"--rules-path: {exc}") from None
     check_dependencies(settings, settings.input_streams, settings.group)
+    check_shard_count(settings)
+
+
+def check_shard_count(settings: Settings) -> None:
+    """Refuse a --shards that leaves entries on streams only another count reads; otherwise record it."""
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True)
+    try:
+        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
+        if not left:
+            shard_counts.record(client, settings.stream, settings.shards, int(time.time() * 1000))
+    finally:
+        client.close()
+    if left:
+        raise ConfigError(shard_counts.describe(left, settings.shards))
 
 
 def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
@@ -220,6 +239,29 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
             raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+
+
+def check_ingest_shard_count(settings: IngestSettings) -> None:
+    """Refuse a --shards other than the one scoring last ran with: its streams would have no reader.
+    A Redis that does not answer yet is let be, as in ``check_eviction``."""
+    from redis.exceptions import RedisClusterException
+
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    try:
+        client = redis_client(settings.redis_url, settings.redis_cluster, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            scored_with = shard_counts.latest(client, settings.stream)
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException):
+        return
+    if scored_with is not None and scored_with != settings.shards:
+        raise ConfigError(
+            f"--shards {settings.shards}: fraudd run scores {settings.stream} with --shards {scored_with}, so nobody would "
+            f"read what this ingest writes; use --shards {scored_with} (README: Changing the shard count)"
+        )
 
 
 def check_eviction(url: str, cluster: bool) -> None:
@@ -296,7 +338,9 @@ def status(lag_limit: int, **params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster).
 
     Exit status: 0 all up and the lag within --lag-limit; 1 Redis or PostgreSQL down, or Redis full or
-    evicting; 2 a bad option; 3 up, but the lag is above --lag-limit."""
+    evicting; 2 a bad option; 3 up, but the lag is above --lag-limit or entries wait on a stream only
+    another --shards reads."""
+    from . import shard_counts
     from .keys import Keys
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
@@ -316,6 +360,10 @@ def status(lag_limit: int, **params) -> None:
         if state.lag > lag_limit:
             behind = True
             click.echo(f"           behind: lag {state.lag} is above --lag-limit {lag_limit}")
+        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
+        if left:
+            behind = True
+            click.echo(f"stranded   {shard_counts.describe(left, settings.shards)}")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:

@@ -383,10 +383,10 @@ class Settler:
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
         self._replicas = ReplicaWait()
-        # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
-        self._alerted_prefix = (
-            Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix if self._split else keys.alerted_prefix
-        )
+        # Alerted markers live with the fraud stream, whatever the shard count: a transaction re-sent
+        # after --shards changed lands on another shard and must still find its marker. Dead letters'
+        # are per shard (in the DLQ's slot when split), as entry ids are.
+        self._alerted_prefix = Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
         self._dead_prefix = (
             f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
             if self._split

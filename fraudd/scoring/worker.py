@@ -40,15 +40,17 @@ from typing import TypeVar
 import numpy as np
 import redis
 
+from .. import shard_counts
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
-from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
+from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .dedup import CarriedOver
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
@@ -100,6 +102,10 @@ class ScoringWorker:
         self.model = _load_model(s)
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
+        self.carried_over = CarriedOver(
+            s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+        )
         self.thresholds = _thresholds(s, self.model)
         self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
@@ -265,9 +271,20 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
+    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
+        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+        now_ms = int(time.time() * 1000)
+        adopted = self.carried_over.adopt(self.redis, shard.keys, batch.transaction_id, batch.user_id, batch.timestamp, now_ms)
+        if adopted:
+            log.info(
+                "transactions seen under an earlier shard count",
+                extra={"event": "carried_over", "transactions": adopted},
+            )
+        return shard.features.compute(batch)
+
     def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
-        features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
+        features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
