@@ -174,9 +174,13 @@ class Housekeeper:
 
     def run_once(self) -> None:
         self._guard("redis", self._group_gauges)
+        self._guard("postgres", self._partitions)
+
+    def keep_input(self) -> None:
+        """The input stream's upkeep, ``fraudd run``'s alone (other consumers keep their own stream):
+        the shard count recorded and checked, and the acknowledged entries trimmed."""
         self._guard("redis", self._shard_count)
         self._guard("redis", self._trim)
-        self._guard("postgres", self._partitions)
 
     def summary(self) -> str:
         """One line for systemd's status: the group's read rate, lag and pending, as last gathered."""

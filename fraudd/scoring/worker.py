@@ -408,6 +408,11 @@ def _load_rules(settings: Settings) -> Rules:
 def service(settings: Settings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings)
+
+    def housekeeping() -> None:
+        housekeeper.run_once()
+        housekeeper.keep_input()
+
     return Service(
         name="fraudd",
         workers=settings.workers,
@@ -416,7 +421,7 @@ def service(settings: Settings) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         metrics_port=settings.metrics_port,
-        housekeeping=housekeeper.run_once,
+        housekeeping=housekeeping,
         health_problems=lambda: health_problems(settings, housekeeper.redis),
         summary=housekeeper.summary,
     )
