@@ -16,7 +16,7 @@ row is durable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
+from ..runtime.deadletters import kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
@@ -57,6 +58,7 @@ COLUMNS = (
     "shadow_score",
     "shadow_decision",
     "shadow_model_version",
+    "explanation",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _TEXT_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -85,6 +87,7 @@ class ScoredBatch:
     score: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
+    explanations: list[dict | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
@@ -106,6 +109,7 @@ class ScoredBatch:
             self.score[index],
             self.decision[index],
             [self.reasons[i] for i in rows],
+            [self.explanations[i] for i in rows],
             self.model_version,
             self.scored_at_ms,
             None if self.shadow is None else self.shadow.take(index),
@@ -136,6 +140,7 @@ class ScoredBatch:
             "decision": DECISIONS[self.decision[i]],
             "reasons": self.reasons[i],
             "model_version": self.model_version,
+            "explanation": self.explanations[i],
         }
 
 
@@ -206,7 +211,7 @@ class DecisionStore:
             # time bounds let the server skip other partitions and, in a compressed TimescaleDB
             # chunk, decompress only the batches of that time range instead of the whole chunk.
             cur.execute(
-                """SELECT t.transaction_id, t.score, t.decision, t.reasons
+                """SELECT t.transaction_id, t.score, t.decision, t.reasons, t.explanation
                    FROM transactions t JOIN fraudd_staging s USING (transaction_id, event_time)
                    WHERE t.event_time BETWEEN (SELECT min(event_time) FROM fraudd_staging)
                                           AND (SELECT max(event_time) FROM fraudd_staging)"""
@@ -219,10 +224,11 @@ def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
     decision_index = {name: i for i, name in enumerate(DECISIONS)}
     for i, txid in enumerate(scored.batch.transaction_id):
         if txid in stored:
-            score, decision, reasons = stored[txid]
+            score, decision, reasons, explanation = stored[txid]
             scored.score[i] = score
             scored.decision[i] = decision_index[decision]
             scored.reasons[i] = list(reasons)
+            scored.explanations[i] = explanation
 
 
 def _copy_text(scored: ScoredBatch) -> bytes:
@@ -253,6 +259,7 @@ def _copy_text(scored: ScoredBatch) -> bytes:
         ["{" + ",".join(r) + "}" for r in scored.reasons],
         [scored.model_version] * n,
         *_shadow_columns(scored.shadow, n),
+        _text_column([None if e is None else orjson.dumps(e).decode() for e in scored.explanations]),
     ]
     return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode()
 
@@ -311,13 +318,15 @@ for _ = 1, n_alerts do
 end
 for _ = 1, n_dead do
   local key = dead .. ARGV[i + 1]
+  local kept = tonumber(ARGV[i + 7])  -- field pairs kept of an entry without data
   touched[key] = true
   if redis.call('SADD', key, ARGV[i]) == 1 then
     redis.call('XADD', dlq, '*', 'data', ARGV[i + 2], 'reason', ARGV[i + 3], 'detail', ARGV[i + 4],
-               'source_id', ARGV[i], 'source_stream', source, 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6])
+               'source_id', ARGV[i], 'source_stream', source, 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6],
+               unpack(ARGV, i + 8, i + 7 + 2 * kept))
     dead_written = dead_written + 1
   end
-  i = i + 7
+  i = i + 8 + 2 * kept
 end
 for key in pairs(touched) do redis.call('PEXPIRE', key, window_ms) end
 local replies = i
@@ -340,6 +349,7 @@ return {acked, alerts_written, dead_written}
 class DeadLetter:
     rejected: Rejected
     deliveries: int
+    kept: dict[bytes, bytes] = field(default_factory=dict)  # the fields of an entry without data
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,10 +389,10 @@ class Settler:
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
         self._replicas = ReplicaWait()
-        # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
-        self._alerted_prefix = (
-            Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix if self._split else keys.alerted_prefix
-        )
+        # Alerted markers live with the fraud stream, whatever the shard count: a transaction re-sent
+        # after --shards changed lands on another shard and must still find its marker. Dead letters'
+        # are per shard (in the DLQ's slot when split), as entry ids are.
+        self._alerted_prefix = Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
         self._dead_prefix = (
             f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
             if self._split
@@ -452,6 +462,7 @@ class Settler:
         for letter in dead:
             r = letter.rejected
             args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
+            args += (len(letter.kept), *kept_field_pairs(letter.kept))
         for channel, message in replies.items():
             args += (channel, message)
         args += ack_ids
@@ -498,6 +509,7 @@ def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dic
                         "score": round(float(scored.score[i]), 6),
                         "reasons": scored.reasons[i],
                         "model_version": scored.model_version,
+                        "explanation": scored.explanations[i],
                     }
                 )
     return {channel: orjson.dumps(decisions) for channel, decisions in replies.items()}

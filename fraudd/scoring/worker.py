@@ -35,20 +35,22 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import redis
 
+from .. import shard_counts
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
-from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
+from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .dedup import CarriedOver
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
@@ -100,6 +102,10 @@ class ScoringWorker:
         self.model = _load_model(s)
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
+        self.carried_over = CarriedOver(
+            s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+        )
         self.thresholds = _thresholds(s, self.model)
         self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
@@ -173,12 +179,19 @@ class ScoringWorker:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
-        dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
+        dead = [
+            DeadLetter(
+                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
+                p.deliveries,
+                entries.kept_fields(p.entry_id, p.payload),
+            )
+            for p in poison
+        ]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
@@ -258,18 +271,29 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
+    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
+        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+        now_ms = int(time.time() * 1000)
+        adopted = self.carried_over.adopt(self.redis, shard.keys, batch.transaction_id, batch.user_id, batch.timestamp, now_ms)
+        if adopted:
+            log.info(
+                "transactions seen under an earlier shard count",
+                extra={"event": "carried_over", "transactions": adopted},
+            )
+        return shard.features.compute(batch)
+
     def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
-        features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
+        features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
         model = self.model
-        scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
+        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
         for rule, count in self.rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if self.shadow is not None:
-            shadow_scores, shadow_decision, _ = score_batch(
-                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold
+            shadow_scores, shadow_decision, _, _ = score_batch(
+                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
             )
             shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
             self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
@@ -283,6 +307,7 @@ class ScoringWorker:
             score=scores,
             decision=decision,
             reasons=reasons,
+            explanations=explanations,
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
             shadow=shadow,
@@ -325,22 +350,43 @@ def _reply_channels(entries: Entries) -> dict[str, str]:
     return {entry_id: fields[b"reply"].decode() for entry_id, fields in entries.extra.items() if b"reply" in fields}
 
 
-def score_batch(
-    model: FraudModel, rules: Rules, features: Features, review_threshold: float, decline_threshold: float
-) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """Scores, decisions and reason codes of a batch: one inference call, then the rules.
+class BatchDecisions(NamedTuple):
+    """What the model and the rules decided for a batch, row by row."""
 
-    The reasons of a row are the rules that fired, then, for non-approved rows, the model's top
-    features. Offline scoring (training, tests) calls this too, so it decides as the daemon does.
+    scores: np.ndarray  # float32
+    decision: np.ndarray  # int8 index into DECISIONS
+    reasons: list[list[str]]
+    explanations: list[dict | None]  # the model's explanation of each non-approved row
+
+
+def score_batch(
+    model: FraudModel,
+    rules: Rules,
+    features: Features,
+    review_threshold: float,
+    decline_threshold: float,
+    explain: bool = True,
+) -> BatchDecisions:
+    """Scores, decisions, reason codes and explanations of a batch: one inference call, then the rules.
+
+    The reasons of a row are the rules that fired, then, for non-approved rows, the features that
+    pushed its score up most. Only non-approved rows are explained, so the cost follows the flag
+    rate, not the traffic; ``explain=False`` (a shadow model, a backtest) skips it. Offline scoring
+    (training, tests) calls this too, so it decides as the daemon does.
     """
-    scores = model.score(features.matrix)
+    inputs = model.inputs(features)
+    scores = model.score(inputs)
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
-    flagged = np.flatnonzero(decision > 0)
-    for i, codes in zip(flagged.tolist(), model.reasons(features.matrix[flagged])):
-        reasons[i].extend(codes)
-    return scores, decision, reasons
+    explanations: list[dict | None] = [None] * len(scores)
+    if explain:
+        flagged = np.flatnonzero(decision > 0)
+        model_reasons, documents = model.explain(inputs[flagged])
+        for i, codes, document in zip(flagged.tolist(), model_reasons, documents):
+            reasons[i].extend(codes)
+            explanations[i] = document
+    return BatchDecisions(scores, decision, reasons, explanations)
 
 
 def _load_model(settings: Settings) -> FraudModel:
@@ -384,6 +430,11 @@ def _load_rules(settings: Settings) -> Rules:
 def service(settings: Settings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings)
+
+    def housekeeping() -> None:
+        housekeeper.run_once()
+        housekeeper.keep_input()
+
     return Service(
         name="fraudd",
         workers=settings.workers,
@@ -392,7 +443,7 @@ def service(settings: Settings) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         metrics_port=settings.metrics_port,
-        housekeeping=housekeeper.run_once,
+        housekeeping=housekeeping,
         health_problems=lambda: health_problems(settings, housekeeper.redis),
         summary=housekeeper.summary,
     )
