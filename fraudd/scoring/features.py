@@ -18,7 +18,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-import hiredis
 import numpy as np
 import redis
 from redis.cluster import RedisCluster
@@ -26,6 +25,7 @@ from redis.cluster import RedisCluster
 from fraudd.config import packaged
 from fraudd.keys import Keys
 from fraudd.runtime.redis_clients import node_client, on_node
+from fraudd.runtime.redis_wire import round_trip, transaction_while
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
@@ -402,10 +402,7 @@ class FeatureStore:
         return states, replies[-1] if also else None
 
     def _round_trip(self, commands: list[tuple]) -> list:
-        """The replies of ``commands``, sent in one round trip, each packed by hiredis in one call:
-        redis-py's own packing inspects every argument in Python, ≈ 3 µs per transaction with the
-        one-per-user and one-per-transaction arguments of the read and the commit. No response
-        callbacks apply to HMGET and FCALL.
+        """The replies of ``commands``, sent in one round trip (``redis_wire.round_trip``).
 
         Every key of a call carries the shard's hash tag, so on a Redis Cluster the call goes as
         is to the node serving the shard's slot; when that node failed or the slot moved, the slot
@@ -413,33 +410,9 @@ class FeatureStore:
         return on_node(
             self._redis,
             self._keys.stream,
-            lambda client: self._send(client, commands),
+            lambda client: round_trip(client, commands),
             None if self._lease is None else self._node,
         )
-
-    @staticmethod
-    def _send(client: redis.Redis, commands: list[tuple]) -> list:
-        if client.connection is None:  # pooled (a single-connection client takes redis-py's path)
-            pool = client.connection_pool
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command([hiredis.pack_command(c) for c in commands], check_health=False)
-                replies, error = [], None
-                for _ in commands:
-                    # Every reply is read, so an error reply leaves no other in the connection.
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        error = error or exc
-                if error is not None:
-                    raise error
-                return replies
-            except (redis.ConnectionError, redis.TimeoutError):
-                # redis-py's own path reconnects and retries as the client is configured to.
-                conn.disconnect()
-            finally:
-                pool.release(conn)
-        return [client.execute_command(*c) for c in commands]
 
     def _round_trip_fenced(self, commands: list[tuple]) -> None:
         """``commands`` in one MULTI/EXEC, applied only while the shard's lease holds this worker's
@@ -449,32 +422,13 @@ class FeatureStore:
         on_node(self._redis, self._keys.stream, lambda client: self._send_fenced(client, commands))
 
     def _send_fenced(self, client: redis.Redis, commands: list[tuple]) -> None:
-        lease, token = self._lease.key, self._lease.token.encode()
-        transaction = [hiredis.pack_command(("MULTI",)), *map(hiredis.pack_command, commands), hiredis.pack_command(("EXEC",))]
-        pool = client.connection_pool
-        conn = pool.get_connection()
-        try:
-            for _ in range(MAX_COMMIT_ATTEMPTS):
-                conn.send_packed_command(
-                    [hiredis.pack_command(("WATCH", lease)), hiredis.pack_command(("GET", lease))], check_health=False
-                )
-                conn.read_response()
-                if conn.read_response() != token:
-                    raise Fenced(f"lease on {self._keys.stream} lost")
-                conn.send_packed_command(transaction, check_health=False)
-                applied = [conn.read_response() for _ in transaction][-1]
-                if applied is not None:
-                    failed = [reply for reply in applied if isinstance(reply, redis.ResponseError)]
-                    if failed:
-                        raise failed[0]
-                    return
-            raise CommitConflictError(f"lease on {self._keys.stream} changed under {MAX_COMMIT_ATTEMPTS} commits")
-        except BaseException:
-            # Whatever broke off may have left a WATCH or an open MULTI on the connection.
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            applied = transaction_while(client, self._lease.key, self._lease.token.encode(), commands)
+            if applied is False:
+                raise Fenced(f"lease on {self._keys.stream} lost")
+            if applied:
+                return
+        raise CommitConflictError(f"lease on {self._keys.stream} changed under {MAX_COMMIT_ATTEMPTS} commits")
 
     def _commit(
         self,
