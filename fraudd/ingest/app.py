@@ -26,7 +26,7 @@ from ..config import IngestSettings
 from ..keys import Keys
 from ..learning.labels import parse_labels
 from ..runtime.health import group_state
-from ..runtime.redis_clients import AsyncNodes, redis_client
+from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -140,7 +140,7 @@ class Ingest:
             try:
                 lags.append(group_state(self._lag_client, stream, s.group).lag)
             except redis.ResponseError as exc:
-                if "no such key" not in str(exc):
+                if redis_error_code(exc) != NO_SUCH_KEY:
                     raise
         return max(lags)
 

@@ -93,6 +93,20 @@ def _raw_stream_replies(client: redis.Redis) -> None:
         client.set_response_callback(command, _raw)
 
 
+# The generic errors callers tell apart, as ``redis_error_code`` gives them.
+FUNCTION_NOT_FOUND = "function not found"  # FCALL after a restart without persistence, or FUNCTION FLUSH
+NO_SUCH_KEY = "no such key"  # XINFO of a stream nothing was written to yet
+
+
+def redis_error_code(exc: redis.ResponseError) -> str:
+    """Which error Redis replied: the code it starts the reply with (``NOGROUP``, ``BUSYGROUP``, or
+    ``FENCED`` from fraudd's own scripts), or for the generic ``ERR``, whose code redis-py drops,
+    the message in lower case (``FUNCTION_NOT_FOUND``, ``NO_SUCH_KEY``)."""
+    message = str(exc)
+    code = message.split(" ", 1)[0]
+    return code if code.isupper() and code.isalpha() else message.lower()
+
+
 # What a command sent straight to a cluster node meets when the node failed or the slot moved, or
 # when the slot map learnt during a failover has no node for the slot yet.
 CLUSTER_CHANGED = (

@@ -24,7 +24,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.config import packaged
 from fraudd.keys import Keys
-from fraudd.runtime.redis_clients import node_client, on_node
+from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, node_client, on_node, redis_error_code
 from fraudd.runtime.redis_wire import round_trip, transaction_while
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
@@ -496,7 +496,7 @@ class FeatureStore:
             replies = self._round_trip(commands)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
-            if "function not found" not in str(exc).lower():
+            if redis_error_code(exc) != FUNCTION_NOT_FOUND:
                 raise
             self.load_library()
             replies = self._round_trip(commands)

@@ -44,7 +44,7 @@ from ..config import Settings
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import REPLICA_WAIT_MS, on_node
+from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
 from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
 from .sinks import Settler
 
@@ -216,7 +216,7 @@ class ShardReader:
             return on_node(self.redis, keys.lease, send)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
-            if "function not found" not in str(exc).lower():
+            if redis_error_code(exc) != FUNCTION_NOT_FOUND:
                 raise
         load_library(self.redis)
         return on_node(self.redis, keys.lease, send)

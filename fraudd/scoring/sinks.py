@@ -26,7 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from ..runtime.redis_clients import ReplicaWait
+from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket
@@ -420,7 +420,7 @@ class Settler:
         try:
             acked, alerts_written, dead_written = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:
-            if str(exc).startswith("FENCED"):
+            if redis_error_code(exc) == "FENCED":
                 raise Fenced(f"lease on {self._keys.stream} lost") from None
             raise
         return acked, alerts_written, dead_written
