@@ -38,7 +38,8 @@ from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.redis_clients import CLUSTER_CHANGED, ReplicaWait, async_redis_client, connect_redis
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring.features import LIBRARY_NAME, FeatureStore, Lease, stored_states
+from fraudd.scoring.features import LIBRARY_NAME, FeatureStore, stored_states
+from fraudd.scoring.leases import Lease
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import DaemonProcess, stop

@@ -30,6 +30,7 @@ from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
+from fraudd.scoring.leases import Fenced, Lease
 
 __all__ = [
     "BEHAVIOUR_FEATURES",
@@ -40,8 +41,6 @@ __all__ = [
     "SECONDS_SINCE_PREV_CAP",
     "FeatureStore",
     "Features",
-    "Fenced",
-    "Lease",
     "message_columns",
 ]
 
@@ -183,18 +182,6 @@ def stored_states(client: redis.Redis | RedisCluster, keys: Keys, users: list[st
 def load_library(client: redis.Redis) -> None:
     """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
     client.function_load(_LIBRARY, replace=True)
-
-
-class Fenced(RuntimeError):
-    """This worker's lease on the shard is gone (expired or taken over): it must not write for it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A shard owned through a lease (``shards.py``): its key in Redis and the token it must still hold."""
-
-    key: str
-    token: str
 
 
 @dataclass(slots=True)

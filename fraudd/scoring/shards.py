@@ -45,7 +45,8 @@ from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
-from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
+from .features import LEASE_FUNCTION, FeatureStore, load_library
+from .leases import Fenced, Lease
 from .sinks import Settler
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
 from .dedup import buckets, entry_bucket
-from .features import Fenced, Lease
+from .leases import Fenced, Lease
 from .rules import DECISIONS
 
 COLUMNS = (
