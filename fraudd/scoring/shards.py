@@ -46,6 +46,8 @@ from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
 from .features import LEASE_FUNCTION, FeatureStore, load_library
+from .features_owned import OwnedFeatureStore
+from .features_shared import SharedFeatureStore
 from .leases import Fenced, Lease
 from .sinks import Settler
 
@@ -185,13 +187,17 @@ class ShardReader:
             dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1) if lease else s
         )
         consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
-        if lease is not None:
+        features: FeatureStore
+        if lease is None:
+            features = SharedFeatureStore(self.redis, keys, window_ms)
+        else:
             ensure_group(self.redis, stream, s.group)
+            features = OwnedFeatureStore(self.redis, keys, window_ms, lease)
         return Shard(
             index,
             keys,
             consumer,
-            FeatureStore(self.redis, keys, window_ms, lease),
+            features,
             Settler(self.redis, keys, s.group, self.name, window_ms, lease),
             lease,
         )
