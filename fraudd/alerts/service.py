@@ -19,8 +19,8 @@ import redis
 
 from ..config import AlertSettings, Settings
 from ..runtime import metrics
-from ..runtime.consumer import REASON_MAX_DELIVERIES, Entries, StreamConsumer, consume
-from ..runtime.deadletters import DeadLetterSettler
+from ..runtime.consumer import Entries, StreamConsumer, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis

@@ -80,9 +80,6 @@ class Entries:
         return len(self.ids)
 
 
-REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
-
-
 @dataclass(frozen=True, slots=True)
 class Poison:
     """An entry delivered more than ``max_deliveries`` times: it goes to the DLQ, not through again."""

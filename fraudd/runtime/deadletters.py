@@ -16,13 +16,19 @@ The scoring worker settles its reads with its own script (alerts, dead letters a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from .consumer import REASON_MAX_DELIVERIES, Poison, StreamConsumer
 from .redis_clients import ReplicaWait, on_node
+
+if TYPE_CHECKING:  # the consumer imports prometheus-client; what only names the DLQ's reasons must not
+    from .consumer import Poison, StreamConsumer
+
+# The DLQ reason of poison (``consumer.Poison``), whichever service split it out.
+REASON_MAX_DELIVERIES = "max_deliveries"
 
 SCRIPT = """
 -- KEYS[1] the DLQ stream, KEYS[2] the consumed stream (may equal KEYS[1] when nothing is acked)
