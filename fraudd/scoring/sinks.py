@@ -390,7 +390,7 @@ class Settler:
         )
 
     def settle(
-        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None = None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[DeadLetter], replies: dict[str, bytes] | None = None
     ) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
         if self._split:
@@ -399,7 +399,7 @@ class Settler:
         return Settled(*self._call(keys, self.arguments(ack_ids, alerts, dead, replies)))
 
     def _settle_split(
-        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[DeadLetter], replies: dict[str, bytes] | None
     ) -> Settled:
         alerts_written = dead_written = 0
         if alerts:
@@ -428,7 +428,7 @@ class Settler:
     def arguments(
         self,
         ack_ids: list[str],
-        alerts: list[Alert],
+        alerts: list[AlertDocument],
         dead: list[DeadLetter],
         replies: dict[str, bytes] | None = None,
         fenced: bool = True,
@@ -458,7 +458,7 @@ class Settler:
         return args
 
 
-class Alert(NamedTuple):
+class AlertDocument(NamedTuple):
     """One non-approved decision for the alert stream, with the bucket of its alerted marker."""
 
     transaction_id: str
@@ -466,15 +466,15 @@ class Alert(NamedTuple):
     document: bytes  # the JSON row
 
 
-def alert_documents(scored: ScoredBatch) -> list[Alert]:
+def alert_documents(scored: ScoredBatch) -> list[AlertDocument]:
     """The alerts of every non-approved decision, once per id within the batch."""
     flagged = np.flatnonzero(scored.decision > 0)
     bucket_of = buckets(scored.event_ms[flagged]).tolist()
-    documents: dict[str, Alert] = {}
+    documents: dict[str, AlertDocument] = {}
     for i, bucket in zip(flagged.tolist(), bucket_of):
         txid = scored.batch.transaction_id[i]
         if txid not in documents:
-            documents[txid] = Alert(txid, bucket, orjson.dumps(scored.row(i)))
+            documents[txid] = AlertDocument(txid, bucket, orjson.dumps(scored.row(i)))
     return list(documents.values())
 
 

@@ -55,7 +55,7 @@ from .leases import Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -221,7 +221,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
