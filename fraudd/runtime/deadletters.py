@@ -64,6 +64,16 @@ def marker_prefix(consumed: str, dlq_stream: str) -> str:
     return f"{Keys(dlq_stream, dlq_stream, dlq_stream).dead_prefix}{consumed}:"
 
 
+@dataclass(slots=True)
+class Rejected:
+    """A stream entry a service cannot use, with the reason and detail its dead letter records."""
+
+    entry_id: str
+    payload: bytes
+    reason: str
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One DLQ entry: ``marker`` identifies it (an entry id, ``<transaction>:<channel>``, ...)."""

@@ -19,7 +19,7 @@ from datetime import datetime
 import numpy as np
 import orjson
 
-from ..runtime.deadletters import REASON_MAX_DELIVERIES
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 
 MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_ID_CHARS = 64
@@ -78,16 +78,6 @@ class Problem:
         if self.field is None:
             return self.message
         return self.field if self.reason == REASON_MISSING else f"{self.field}: {self.message}"
-
-
-@dataclass(slots=True)
-class Rejected:
-    """An entry that cannot be scored, with the reason the DLQ records."""
-
-    entry_id: str
-    payload: bytes
-    reason: str
-    detail: str
 
 
 @dataclass(slots=True)

@@ -26,9 +26,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
+from ..runtime.deadletters import Rejected
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
-from .decode import DecodedBatch, Rejected
+from .decode import DecodedBatch
 from .dedup import buckets, entry_bucket
 from .leases import Fenced, Lease
 from .rules import DECISIONS

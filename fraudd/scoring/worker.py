@@ -43,13 +43,13 @@ import redis
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
-from ..runtime.deadletters import REASON_MAX_DELIVERIES
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
-from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .features import FEATURE_NAMES, Features
 from .leases import Fenced
 from .model import FraudModel, ModelError
