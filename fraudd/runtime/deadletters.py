@@ -66,12 +66,14 @@ def marker_prefix(consumed: str, dlq_stream: str) -> str:
 
 @dataclass(slots=True)
 class Rejected:
-    """A stream entry a service cannot use, with the reason and detail its dead letter records."""
+    """A stream entry a service cannot use, with the reason and detail its dead letter records, and
+    how often it was delivered (1 unless the read knew: re-read and reclaimed entries)."""
 
     entry_id: str
     payload: bytes
     reason: str
     detail: str
+    deliveries: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -338,12 +338,6 @@ return {acked, alerts_written, dead_written}
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    rejected: Rejected
-    deliveries: int
-
-
-@dataclass(frozen=True, slots=True)
 class Settled:
     acked: int
     alerts: int
@@ -391,7 +385,7 @@ class Settler:
         )
 
     def settle(
-        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[DeadLetter], replies: dict[str, bytes] | None = None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes] | None = None
     ) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
         if self._split:
@@ -400,7 +394,7 @@ class Settler:
         return Settled(*self._call(keys, self.arguments(ack_ids, alerts, dead, replies)))
 
     def _settle_split(
-        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[DeadLetter], replies: dict[str, bytes] | None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes] | None
     ) -> Settled:
         alerts_written = dead_written = 0
         if alerts:
@@ -430,7 +424,7 @@ class Settler:
         self,
         ack_ids: list[str],
         alerts: list[AlertDocument],
-        dead: list[DeadLetter],
+        dead: list[Rejected],
         replies: dict[str, bytes] | None = None,
         fenced: bool = True,
     ) -> list:
@@ -450,9 +444,8 @@ class Settler:
         ]
         for alert in alerts:
             args += alert
-        for letter in dead:
-            r = letter.rejected
-            args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
+        for r in dead:
+            args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, r.deliveries)
         for channel, message in replies.items():
             args += (channel, message)
         args += ack_ids

@@ -29,6 +29,7 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import time
@@ -55,7 +56,7 @@ from .leases import Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import AlertDocument, DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -77,7 +78,7 @@ class Settlement:
     shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
-    dead: list[DeadLetter]
+    dead: list[Rejected]
     payloads: dict[str, bytes]  # for dead letters found while storing
 
 
@@ -175,16 +176,16 @@ class ScoringWorker:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
-        dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
+        dead = [Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        dead += _delivered(batch.rejected, deliveries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        work.dead += _delivered(failed, deliveries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -210,7 +211,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
+            work.dead += _delivered(failed, work.entries.deliveries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -296,7 +297,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
-    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+    def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
         for scored in stored:
             counts = np.bincount(scored.decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
@@ -315,11 +316,16 @@ class ScoringWorker:
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
             # (each entry, with its reason and detail, is in the DLQ stream).
-            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            reasons = collections.Counter(rejected.reason for rejected in dead)
             for reason, count in reasons.items():
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+
+def _delivered(rejected: list[Rejected], deliveries: dict[str, int]) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once)."""
+    return [dataclasses.replace(r, deliveries=deliveries.get(r.entry_id, 1)) for r in rejected]
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
