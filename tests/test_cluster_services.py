@@ -21,7 +21,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.learning.labels import parse_labels, publish_labels
+from fraudd.learning.labels import parse_labels
 from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
 from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
@@ -33,7 +33,7 @@ from fraudd.scoring.confirmed import KINDS
 from .alerting import HttpReceiver
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, stop
-from .streams import NOW, fully_drained, payload
+from .streams import NOW, fully_drained, payload, publish_labels
 from .test_alerts import write_config
 from .test_alerts_service import start_alerts
 
