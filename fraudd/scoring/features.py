@@ -374,13 +374,6 @@ def _prepare(batch: DecodedBatch) -> Prepared:
     return Prepared(tx, copy, original, names, distinct)
 
 
-def _fixed_width(numbers: np.ndarray, width: int) -> bytes:
-    """Decimal numbers, zero-padded to ``width`` characters each, as one string."""
-    if len(numbers) == 0:
-        return b""
-    return np.char.zfill(numbers.astype(f"S{width}"), width).tobytes()
-
-
 def _hashes(values: list[str | None], distinct: dict | None = None) -> np.ndarray:
     """Stable 32-bit ids (crc32; 0 means absent, so a real 0 becomes 1) for the state's lists.
 
