@@ -29,13 +29,15 @@ from fraudd.scoring.features_owned import OwnedFeatureStore
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.leases import Fenced, Lease
 
+from .conftest import REDIS_URL
+
 T0 = 1764385200.0  # 2025-11-29 03:00:00 UTC: mid 2-hour slot, on a 10-minute one
 HOUR = 3600.0
 
 
 @pytest.fixture()
 def client() -> redis.Redis:
-    r = redis.Redis(host="127.0.0.1", port=6379)
+    r = redis.Redis.from_url(REDIS_URL)
     r.ping()
     return r
 
