@@ -32,10 +32,10 @@ import numpy as np
 import orjson
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.redis_clients import CLUSTER_CHANGED, ReplicaWait, async_redis_client, connect_redis
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import LIBRARY_NAME, stored_states

@@ -19,10 +19,10 @@ import orjson
 import pytest
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.learning.labels import parse_labels
-from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
 from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
