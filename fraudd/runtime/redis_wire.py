@@ -18,6 +18,7 @@ connection left usable, and ``RedisCluster.nodes_manager.initialize()`` learning
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import hiredis
 import redis
@@ -25,10 +26,11 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
-Command = Sequence[object]
+# A command and its arguments as hiredis packs them.
+Command = tuple[str | bytes | int | float, ...]
 
 
-def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list:
+def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """The raw replies of ``commands``, sent to ``client`` in one write and read back in order.
 
     Every reply is read, so an error reply leaves no other on the connection; the first error is
@@ -39,8 +41,9 @@ def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list:
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([hiredis.pack_command(tuple(c)) for c in commands], check_health=False)
-            replies, error = [], None
+            conn.send_packed_command([_pack(c) for c in commands], check_health=False)
+            replies: list[Any] = []
+            error: redis.ResponseError | None = None
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
@@ -64,15 +67,15 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
     ``key`` is WATCHed and read in one round trip, the transaction sent in a second; an error reply
     of one of ``commands`` is raised. Whatever breaks off closes the connection, which may be left
     with a WATCH or an open MULTI."""
-    transaction = [hiredis.pack_command(("MULTI",)), *(hiredis.pack_command(tuple(c)) for c in commands)]
-    transaction.append(hiredis.pack_command(("EXEC",)))
+    transaction = [_pack(("MULTI",)), *(_pack(c) for c in commands)]
+    transaction.append(_pack(("EXEC",)))
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command([hiredis.pack_command(("WATCH", key)), hiredis.pack_command(("GET", key))], check_health=False)
+        conn.send_packed_command([_pack(("WATCH", key)), _pack(("GET", key))], check_health=False)
         conn.read_response()
         if conn.read_response() != value:
-            conn.send_packed_command([hiredis.pack_command(("UNWATCH",))], check_health=False)
+            conn.send_packed_command([_pack(("UNWATCH",))], check_health=False)
             conn.read_response()
             return False
         conn.send_packed_command(transaction, check_health=False)
@@ -90,7 +93,13 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
         pool.release(conn)
 
 
-async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list:
+def _pack(command: Command) -> bytes:
+    # hiredis's stub types the command as a tuple of one argument.
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
+
+
+async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list[Any]:
     """The raw replies of the already packed (``hiredis.pack_command``) commands, sent to ``client``
     in one write; the first error reply is raised. Whatever was cut off mid-reply closes the
     connection, so the next user of it does not read it."""

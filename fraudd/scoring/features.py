@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import redis
@@ -174,7 +174,7 @@ def stored_states(client: redis.Redis | RedisCluster, keys: Keys, users: list[st
     return [next((s for s in states if s is not None), None) for states in zip(*pipe.execute())]
 
 
-def load_library(client: redis.Redis) -> None:
+def load_library(client: redis.Redis | RedisCluster) -> None:
     """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
     client.function_load(_LIBRARY, replace=True)
 
@@ -231,7 +231,7 @@ def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_o
     matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
     matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
     matrix[:, len(MESSAGE_FEATURES) :] = behaviour_columns
-    columns = (batch.merchant, batch.device_id, batch.ip, batch.country)
+    columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
     blocked = {
         kind: _flags(column, values, flags)
         for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
@@ -278,11 +278,11 @@ class Markers:
     def ids(self, transaction_ids: list[str]) -> list[str]:
         return [transaction_ids[i] for i in self.rows.tolist()]
 
-    def pairs(self, transaction_ids: list[str]) -> list:
+    def pairs(self, transaction_ids: list[str]) -> list[Any]:
         """(transaction id, offset) of each marker, flat: the fields and values of the buckets' HSETs."""
         return interleave(self.ids(transaction_ids), self.offset_ms.tolist())
 
-    def found(self, seen: list, tx: behaviour.Transactions) -> list[int]:
+    def found(self, seen: list[Any], tx: behaviour.Transactions) -> list[int]:
         """Mark the rows whose marker a Function found stored (``seen``: flat pairs of 1-based marker
         number and stored offset) as seen, at their original's event time; their marker numbers."""
         numbers = []
@@ -295,9 +295,9 @@ class Markers:
         return numbers
 
 
-def interleave(first: Sequence, second: Sequence) -> list:
+def interleave(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
     """``first[0], second[0], first[1], ...``: field/value pairs as HSET takes them."""
-    pairs: list = [None] * (2 * len(first))
+    pairs: list[Any] = [None] * (2 * len(first))
     pairs[0::2], pairs[1::2] = first, second
     return pairs
 
@@ -326,11 +326,11 @@ class ShardCalls:
         self.node: redis.Redis | None = None
         load_library(client)
 
-    def round_trip(self, commands: list[Command]) -> list:
+    def round_trip(self, commands: list[Command]) -> list[Any]:
         """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``)."""
         return on_node(self.client, self.keys.stream, lambda client: round_trip(client, commands), self.node)
 
-    def fcall(self, function: str, keys: list[str], args: list, *also: Command) -> tuple[list, object]:
+    def fcall(self, function: str, keys: list[str], args: list[Any], *also: Command) -> tuple[list[Any], object]:
         """The function's reply, and the reply of the command ``also`` if any, in one round trip."""
         commands = [("FCALL", function, len(keys), *keys, *args), *also]
         try:
@@ -398,7 +398,7 @@ def _distinct(values: dict) -> list[str]:
     return [v for v in values if v is not None and "\0" not in v]
 
 
-def _flags(column: list[str | None], values: list[str], flags: bytes) -> np.ndarray:
+def _flags(column: Sequence[str | None], values: list[str], flags: bytes) -> np.ndarray:
     if b"1" not in flags:
         return np.zeros(len(column), dtype=bool)
     hit = {v for v, f in zip(values, flags.decode()) if f == "1"}
