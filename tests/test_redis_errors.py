@@ -30,3 +30,16 @@ def test_error_codes_of_real_replies(redis_client: redis.Redis) -> None:
         assert redis_error_code(_error(lambda: redis_client.xinfo_groups(f"{stream}:absent"))) == NO_SUCH_KEY
     finally:
         redis_client.delete(stream)
+
+
+def test_error_codes_of_replies_inside_a_pipeline(redis_client: redis.Redis) -> None:
+    """redis-py names the failing command of a pipeline before the reply's message."""
+    stream = f"test-errors-{uuid.uuid4().hex[:10]}"
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.fcall(f"fraudd_absent_{uuid.uuid4().hex[:8]}", 0).execute_command("WAIT", 0, 0)
+    missing_function = _error(pipe.execute)
+    assert "of pipeline caused error" in str(missing_function)
+    assert redis_error_code(missing_function) == FUNCTION_NOT_FOUND
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.xreadgroup("nobody", "c", {stream: ">"})
+    assert redis_error_code(_error(pipe.execute)) == "NOGROUP"
