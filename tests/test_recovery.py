@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES
 from fraudd.scoring import decode
 from fraudd.config import OPTIONS, Settings
 from fraudd.scoring.features import LIBRARY_NAME, stored_states
@@ -115,7 +116,7 @@ def test_entry_delivered_too_often_is_dead_lettered_as_poison(ns: Namespace, red
     letters = dlq(redis_client, ns)
     assert sorted(d["source_id"].decode() for d in letters) == sorted(ids[:2])
     for letter in letters:
-        assert letter["reason"].decode() == decode.REASON_MAX_DELIVERIES
+        assert letter["reason"].decode() == REASON_MAX_DELIVERIES
         assert int(letter["deliveries"]) > 3
         assert letter["data"] == payloads[ids.index(letter["source_id"].decode())]
     assert sorted(r[0] for r in ns.sql("SELECT stream_id FROM transactions")) == sorted(ids[2:])

@@ -31,7 +31,7 @@ import redis
 
 from . import metrics
 from .process import BootError, WorkerProcess
-from .redis_clients import on_node
+from .redis_clients import on_node, redis_error_code
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,6 @@ class Entries:
         """What a dead letter of an entry without ``data`` keeps of it (``payload`` empty or None):
         its fields, so a replay puts the entry back as it was rather than as an empty payload."""
         return {} if payload else self.extra.get(entry_id, {})
-
-
-REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +243,7 @@ class StreamConsumer:
         The group vanishes when Redis loses its data, and the entries read from it with it: the
         service goes on with what arrives next instead of stopping.
         """
-        if "NOGROUP" not in str(exc):
+        if redis_error_code(exc) != "NOGROUP":
             raise exc
         log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
         ensure_group(self.redis, self.options.stream, self.options.group)
@@ -415,7 +412,7 @@ def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "0")
     try:
         client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
+        if redis_error_code(exc) == "BUSYGROUP":
             return False
         raise
     return True

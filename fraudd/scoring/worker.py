@@ -7,8 +7,9 @@ The batch loop, top to bottom (DESIGN.md):
     models    the deployment's champion and challenger, swapped here when a promotion changed them
               (``model_deployment`` polled at most once a second): one read, one set of models
     decode    one orjson call; invalid entries become dead letters
-    features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
-              (compare-and-set of the states, dedup markers, blocklist lookups)
+    features  numpy over the users' states, read in one round trip and committed with the dedup
+              markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
+              the shared state, a fenced MULTI/EXEC on an owned shard's)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds; the scores and the features' drift from the
               champion's training sample go to the metrics (numpy over the batch)
@@ -32,6 +33,7 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import time
@@ -48,21 +50,23 @@ from .. import shard_counts
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
-from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .dedup import CarriedOver
 from .deployment import Deployed, DeploymentWatch
 from .drift import Drift
-from .features import FEATURE_NAMES, Features, Fenced
+from .features import FEATURE_NAMES, Features
+from .leases import Fenced
 from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -94,7 +98,7 @@ class Settlement:
     shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
-    dead: list[DeadLetter]
+    dead: list[Rejected]
     payloads: dict[str, bytes]  # for dead letters found while storing
 
 
@@ -239,12 +243,9 @@ class ScoringWorker:
     def _process(self, shard: Shard, entries: Entries) -> None:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
-        deliveries = entries.deliveries
         dead = [
-            DeadLetter(
-                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
-                p.deliveries,
-                entries.kept_fields(p.entry_id, p.payload),
+            Rejected(
+                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
             )
             for p in poison
         ]
@@ -252,11 +253,11 @@ class ScoringWorker:
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
+        dead += _delivered(batch.rejected, entries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        work.dead += _delivered(failed, entries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -282,7 +283,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
+            work.dead += _delivered(failed, work.entries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -293,7 +294,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
@@ -383,7 +384,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
-    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+    def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
         for scored in stored:
             counts = np.bincount(scored.decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
@@ -402,11 +403,20 @@ class ScoringWorker:
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
             # (each entry, with its reason and detail, is in the DLQ stream).
-            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            reasons = collections.Counter(rejected.reason for rejected in dead)
             for reason, count in reasons.items():
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+
+def _delivered(rejected: list[Rejected], entries: Entries) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once), and the fields
+    an entry without data keeps (``Entries.kept_fields``)."""
+    return [
+        dataclasses.replace(r, deliveries=entries.deliveries.get(r.entry_id, 1), kept=entries.kept_fields(r.entry_id, r.payload))
+        for r in rejected
+    ]
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
