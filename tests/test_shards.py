@@ -20,11 +20,15 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
+from fraudd.runtime.process import WorkerProcess
+from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring.features import stored_states
+from fraudd.scoring.shards import ShardReader
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import start, stop
 from .streams import alerts, dlq, fully_drained
+from .test_recovery import _settings
 
 SHARDS = 8
 
@@ -57,6 +61,32 @@ def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns
     assert where == {k: expected.get(k, 0) for k in range(SHARDS)}
     assert shard_stream(ns.stream, SHARDS, 3) == f"{ns.stream}:{{3}}"
     assert Keys(shard_stream(ns.stream, SHARDS, 3), ns.fraud_stream, ns.dlq_stream).prefix.endswith(":{3}:")
+
+
+def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_client: redis.Redis, ns: Namespace) -> None:
+    shards = 4
+    settings = _settings(ns, shards=shards, batch_size=100, block_ms=50)
+    reader = ShardReader(connect_redis(ns.redis_url), settings, settings.consumer_name(0), WorkerProcess(0), lambda kind: None)
+    reader.start()
+    try:
+        assert sorted(reader.shards) == list(range(shards))
+        while reader.read():  # each shard's take-over and first claim pass, one shard at a time
+            pass
+        users = [f"user-{i}" for i in range(200)]
+        Publisher(redis_client, ns.stream, shards).publish(
+            [
+                b'{"transaction_id": "t%d", "user_id": "%s", "amount": 1, "merchant": "m", "timestamp": 1}' % (i, u.encode())
+                for i, u in enumerate(users)
+            ]
+        )
+        read = reader.read()
+        per_shard = Counter(shard_of(u, shards) for u in users)
+        # One XREADGROUP: up to ceil(100 / 4) new entries of every shard, each part held by its shard's consumer.
+        assert {shard.index: len(part) for shard, part in reader.parts} == {k: min(25, per_shard[k]) for k in range(shards)}
+        assert len(read) == sum(len(part) for _shard, part in reader.parts)
+        assert all(shard.consumer.held == len(part) for shard, part in reader.parts)
+    finally:
+        reader.release_all()
 
 
 def test_one_and_eight_shards_give_the_same_decisions(

@@ -174,10 +174,21 @@ class StreamConsumer:
         started = time.perf_counter()
         entries = self.until_done(self._next_entries, "redis")
         if entries:
-            metrics.stage_duration.labels("read").observe(time.perf_counter() - started)
-            metrics.batch_size.observe(len(entries))
-            self._held.append(entries.ids)
+            self.hold(entries, started)
         return entries
+
+    def hold(self, entries: Entries, read_started: float) -> None:
+        """``entries``, read from this consumer's stream (here or in a read of several streams),
+        are held until ``release``d."""
+        metrics.stage_duration.labels("read").observe(time.perf_counter() - read_started)
+        metrics.batch_size.observe(len(entries))
+        self._held.append(entries.ids)
+
+    @property
+    def caught_up(self) -> bool:
+        """Only new entries are left to read: nothing to take over, no own pending entry, no claim
+        due. Until then ``read`` serves those first."""
+        return not self._take_over and self._own_pending_cursor is None and time.monotonic() < self._next_claim
 
     def release(self, entries: Entries) -> None:
         """``entries`` are acked (or will be by nobody else): stop keeping them claimed."""

@@ -4,7 +4,7 @@ A binary COPY row is a field count, then per field a big-endian int32 length (-1
 value's bytes. Formatting that per row and value in Python (psycopg's ``write_row``) costs more
 than the server's whole insert. Here each column becomes lists of ready pieces, one piece per row,
 made by numpy or by C-level ``map``/``join``/``split`` calls; the columns are interleaved into one
-list by slice assignment and one ``b"".join`` makes the payload. No Python code runs per value
+list by slice assignment and one ``b"".join`` makes the rows. No Python code runs per value
 but for NULLs in a mostly non-NULL column and non-NULLs in a mostly NULL one.
 
 Fixed-width fields adjacent in the column list share one piece per row, a numpy record of their
@@ -129,11 +129,11 @@ def field(data: bytes) -> bytes:
     return lengths([len(data)])[0] + data
 
 
-def payload(n: int, columns: Sequence[Column]) -> bytes:
-    """The whole COPY payload: header, ``n`` rows of the columns' pieces interleaved, trailer."""
+def rows(n: int, columns: Sequence[Column]) -> bytes:
+    """``n`` rows of the columns' pieces interleaved: a payload's body, between HEADER and TRAILER."""
     flat = [pieces for column in columns for pieces in column]
     width = len(flat)
-    rows: list[bytes] = [b""] * (n * width)
+    interleaved: list[bytes] = [b""] * (n * width)
     for j, pieces in enumerate(flat):
-        rows[j::width] = pieces
-    return HEADER + b"".join(rows) + TRAILER
+        interleaved[j::width] = pieces
+    return b"".join(interleaved)

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
@@ -42,7 +42,7 @@ from redis.cluster import RedisCluster
 
 from ..config import Settings
 from ..keys import Keys, shard_stream
-from ..runtime.consumer import Entries, StreamConsumer, ensure_group
+from ..runtime.consumer import Entries, StreamConsumer, ensure_group, read_entries
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
 from .features import LEASE_FUNCTION, FeatureStore, load_library
@@ -84,9 +84,12 @@ class Shard:
 
 
 class ShardReader:
-    """The consumer ``consume()`` reads through: the next batch of one of this worker's shards.
+    """The consumer ``consume()`` reads through: the next batch of this worker's shards.
 
-    ``current`` is the shard of the entries ``read`` returned last.
+    ``parts`` are the entries ``read`` returned last, by shard. Once every owned shard has only new
+    entries left, one XREADGROUP reads them all (on one Redis, whose streams a single command can
+    name): a worker owning several shards scores one batch spanning them instead of a small batch
+    per shard in turn, each waiting for the others'.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ class ShardReader:
         self.control = StreamConsumer(client, settings, name, process, on_outage)
         self.owner = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.shards: dict[int, Shard] = {}
-        self.current: Shard | None = None
+        self.parts: list[tuple[Shard, Entries]] = []
         self._order: list[int] = []
         self._next = 0
         self._next_tick = 0.0
@@ -131,21 +134,50 @@ class ShardReader:
             self._renewer.start()
 
     def read(self) -> Entries:
-        """The next non-empty read of the shards in turn (empty after about ``--block-ms`` idle)."""
+        """The next non-empty read (empty after about ``--block-ms`` idle): of all shards at once
+        when they are caught up, else of the shards in turn."""
         self._alive_at = time.monotonic()
+        self.parts = []
         if self.sharded and time.monotonic() >= self._next_tick:
             self.until_done(self._rebalance, "redis")
         if not self._order:
             time.sleep(self.settings.block_ms / 1000.0)
-            return Entries([], [], set(), {}, {})
-        for _ in range(len(self._order)):
-            shard = self.shards[self._order[self._next % len(self._order)]]
+            return _nothing()
+        shards = [self.shards[index] for index in self._order]
+        if len(shards) > 1 and not isinstance(self.redis, RedisCluster) and all(s.consumer.caught_up for s in shards):
+            return self._read_together(shards)
+        for _ in range(len(shards)):
+            shard = shards[self._next % len(shards)]
             self._next += 1
             entries = shard.consumer.read()
             if entries:
-                self.current = shard
+                self.parts = [(shard, entries)]
                 return entries
-        return Entries([], [], set(), {}, {})
+        return _nothing()
+
+    def _read_together(self, shards: list[Shard]) -> Entries:
+        """One XREADGROUP of new entries over the shards' streams, up to ``--batch-size`` in all."""
+        s = self.settings
+        started = time.perf_counter()
+        count = math.ceil(s.batch_size / len(shards))
+        streams = [shard.keys.stream for shard in shards]
+        command = ["XREADGROUP", "GROUP", s.group, self.name, "COUNT", count, "BLOCK", s.block_ms, "STREAMS", *streams]
+
+        def attempt() -> list:
+            try:
+                return self.redis.execute_command(*command, *([">"] * len(streams))) or []
+            except redis.ResponseError as exc:
+                for shard in shards:  # one stream's group is gone: recreate it (the others exist)
+                    shard.consumer.recreate_lost_group(exc)
+                return []
+
+        by_stream = {name.decode(): raw for name, raw in self.until_done(attempt, "redis")}
+        for shard in shards:
+            if by_stream.get(shard.keys.stream):
+                entries = read_entries(by_stream[shard.keys.stream])
+                shard.consumer.hold(entries, started)
+                self.parts.append((shard, entries))
+        return _together(part for _shard, part in self.parts)
 
     def lost(self, shard: Shard, reason: str) -> None:
         """Stop reading ``shard``: its lease is gone; what it held stays pending for the new owner.
@@ -205,8 +237,6 @@ class ShardReader:
     def _drop(self, index: int) -> None:
         self.shards.pop(index, None)
         self._order = sorted(self.shards)
-        if self.current is not None and self.current.index == index:
-            self.current = None
 
     def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> object:
         """The lease function's reply; with ``replicated``, [reply, replicas that acknowledged it]."""
@@ -301,3 +331,16 @@ class ShardReader:
             self.shards[index] = shard
             self._order = sorted(self.shards)
             log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token, "workers": live})
+
+
+def _nothing() -> Entries:
+    return Entries([], [], set(), {}, {})
+
+
+def _together(parts: Iterable[Entries]) -> Entries:
+    """One read's entries of several shards as one (what the runtime counts and logs)."""
+    together = _nothing()
+    for entries in parts:
+        together.ids += entries.ids
+        together.payloads += entries.payloads
+    return together

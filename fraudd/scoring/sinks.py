@@ -184,12 +184,17 @@ class DecisionStore:
 
         Raises psycopg errors as they come: the caller retries the batch on connection trouble.
         """
-        if len(scored.batch) == 0:
+        self.store_all([scored])
+
+    def store_all(self, batches: list[ScoredBatch]) -> None:
+        """``store`` of several batches (a read's shards) in one COPY."""
+        batches = [scored for scored in batches if len(scored)]
+        if not batches:
             return
         conn = self.connect()
-        data = _copy_binary(scored)
-        if scored.seen.any():
-            self._store_idempotent(conn, scored, data)
+        data = _copy_binary(batches)
+        if any(scored.seen.any() for scored in batches):
+            self._store_idempotent(conn, batches, data)
             return
         try:
             with conn.cursor().copy(f"COPY transactions ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -197,9 +202,9 @@ class DecisionStore:
         except psycopg.errors.UniqueViolation:
             # Stored before although Redis had no dedup marker (the marker expired, or Redis lost
             # it): the COPY wrote nothing; take the idempotent path for this batch.
-            self._store_idempotent(conn, scored, data)
+            self._store_idempotent(conn, batches, data)
 
-    def _store_idempotent(self, conn: psycopg.Connection, scored: ScoredBatch, data: bytes) -> None:
+    def _store_idempotent(self, conn: psycopg.Connection, batches: list[ScoredBatch], data: bytes) -> None:
         # One transaction: the staging table empties itself at its commit.
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY fraudd_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -220,7 +225,8 @@ class DecisionStore:
                                           AND (SELECT max(event_time) FROM fraudd_staging)"""
             )
             stored = {row[0]: row[1:] for row in cur.fetchall()}
-        _adopt_stored(scored, stored)
+        for scored in batches:
+            _adopt_stored(scored, stored)
 
 
 def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
@@ -234,8 +240,12 @@ def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
             scored.explanations[i] = explanation
 
 
-def _copy_binary(scored: ScoredBatch) -> bytes:
-    """The batch as a binary COPY payload, in the order of COLUMNS, built a column at a time."""
+def _copy_binary(batches: list[ScoredBatch]) -> bytes:
+    """The batches as one binary COPY payload, in the order of COLUMNS, built a column at a time."""
+    return pgbinary.HEADER + b"".join(map(_copy_rows, batches)) + pgbinary.TRAILER
+
+
+def _copy_rows(scored: ScoredBatch) -> bytes:
     b = scored.batch
     n = len(b)
     fixed = (
@@ -247,7 +257,7 @@ def _copy_binary(scored: ScoredBatch) -> bytes:
         .float4(scored.score)
         .pieces()
     )
-    return pgbinary.payload(
+    return pgbinary.rows(
         n,
         [
             [fixed],
@@ -423,10 +433,26 @@ class Settler:
         try:
             acked, alerts_written, dead_written = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:
-            if redis_error_code(exc) == "FENCED":
-                raise Fenced(f"lease on {self._keys.stream} lost") from None
-            raise
+            raise self._fenced(exc) from None
         return acked, alerts_written, dead_written
+
+    def _fenced(self, exc: redis.ResponseError) -> Exception:
+        """What the script's error means: ``Fenced`` for a lost lease, else the error itself."""
+        return Fenced(f"lease on {self._keys.stream} lost") if redis_error_code(exc) == "FENCED" else exc
+
+    def command(self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]) -> tuple:
+        """``settle`` on one Redis as an EVALSHA to send along with other shards' (``settle_together``)."""
+        args = self.arguments(ack_ids, alerts, dead, replies)
+        keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
+        if args[7]:
+            keys.append(self._lease.key)
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    def outcome(self, reply: object) -> Settled | Fenced | redis.ResponseError:
+        """The reply to ``command``: what was settled, ``Fenced``, or an error to settle alone after."""
+        if isinstance(reply, redis.ResponseError):
+            return self._fenced(reply)
+        return Settled(*reply)
 
     def arguments(
         self,
@@ -459,6 +485,20 @@ class Settler:
             args += (channel, message)
         args += ack_ids
         return args
+
+
+def settle_together(
+    client: redis.Redis, calls: list[tuple[Settler, list[str], list[AlertDocument], list[Rejected], dict[str, bytes]]]
+) -> list[Settled | Fenced | redis.ResponseError]:
+    """Several shards' settles (settler, ack ids, alerts, dead letters, replies) in one round trip
+    on one Redis. Each is its own atomic script call fenced by its own shard's lease, so a shard
+    lost leaves the others settled. A ``ResponseError`` outcome (the script or a consumer group
+    lost with Redis's data) is to be settled alone, which restores what is missing."""
+    pipe = client.pipeline(transaction=False)
+    for settler, *arguments in calls:
+        pipe.execute_command(*settler.command(*arguments))
+    replies = pipe.execute(raise_on_error=False)
+    return [settler.outcome(reply) for (settler, *_), reply in zip(calls, replies)]
 
 
 class AlertDocument(NamedTuple):

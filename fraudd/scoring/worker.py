@@ -3,7 +3,8 @@
 The batch loop, top to bottom (DESIGN.md):
 
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries; the runtime's
-              ``StreamConsumer``)
+              ``StreamConsumer``); new entries of all the worker's owned shards in one XREADGROUP
+              (``ShardReader``), so a read spans shards
     models    the deployment's champion and challenger, swapped here when a promotion changed them
               (``model_deployment`` polled at most once a second): one read, one set of models
     decode    one orjson call; invalid entries become dead letters
@@ -13,15 +14,17 @@ The batch loop, top to bottom (DESIGN.md):
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds; the scores and the features' drift from the
               champion's training sample go to the metrics (numpy over the batch)
-    copy      one COPY of every decision into PostgreSQL (durable first)
-    settle    one Redis script call: alerts, dead letters, XACK (ack last)
+    copy      one COPY of every decision of the read into PostgreSQL (durable first)
+    settle    one Redis script call per shard of the read, sent in one round trip: alerts, dead
+              letters, XACK (ack last), each fenced by its own shard's lease
 
 With ``--pipeline-depth 2`` the last two stages of a read run in a settling thread while the main
 thread reads and scores the next one: the waits on PostgreSQL and Redis overlap with work, and no
 more than two reads are ever in flight. It pays where a worker waits on a distant database; with
 as many workers as cores on one box the cores are busy anyway and the default of 1 is cheaper.
-With owned shards the settling read stays fenced by its own shard's lease (the next read may be
-another shard's), and the reads of one shard still commit their features and settle in order.
+With owned shards each part of the settling read stays fenced by its own shard's lease (the next
+read may be other shards'), and the reads of one shard still commit their features and settle in
+order. A shard lost mid-read loses only its part: the other shards' parts are settled.
 
 Failures are handled per kind. An unreachable Redis or PostgreSQL is waited out by the consumer:
 the batch stays pending, nothing new is read, and the same batch is retried with bounded, jittered
@@ -45,6 +48,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from .. import shard_counts
 from ..config import Settings
@@ -66,7 +70,7 @@ from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies, settle_together
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -91,7 +95,7 @@ class Models:
     shadow_thresholds: tuple[float, float]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Settlement:
     """One read on its way to PostgreSQL and the ack: what ``_settle`` needs, and nothing shared."""
 
@@ -115,7 +119,7 @@ class ScoringWorker:
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
         self.deployment = DeploymentWatch(settings.postgres_url, settings.pg_schema)
         self._deployed: Deployed | None = None
-        self._settling: tuple[Future, Settlement] | None = None
+        self._settling: Future | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -227,20 +231,34 @@ class ScoringWorker:
     # -- the batch loop --------------------------------------------------------------------
 
     def process(self, entries: Entries) -> None:
-        """Decode and score this read, then hand it to ``_settle``: in the settling thread when
-        ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
-        shard = self.reader.current
+        """Decode and score this read, shard by shard, then hand it to ``_settle``: in the settling
+        thread when ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         self._follow_deployment()
-        try:
-            self._process(shard, entries)
-        except Fenced as exc:
-            self._lost(shard, entries, exc)
+        works = []
+        for shard, part in self.reader.parts:
+            try:
+                works.append(self._process(shard, part))
+            except Fenced as exc:
+                self._lost(shard, part, exc)
+        # At most two reads in flight: the previous one settles before this one may start to.
+        self._wait_for_settling()
+        if not works:
+            return
+        if self._settling_thread is None:
+            self._lost_all(self._settle(works))
+        else:
+            self._settling = self._settling_thread.submit(self._settle, works)
 
     def _lost(self, shard: Shard, entries: Entries, exc: Fenced) -> None:
         shard.consumer.release(entries)
         self.reader.lost(shard, str(exc))
 
-    def _process(self, shard: Shard, entries: Entries) -> None:
+    def _lost_all(self, fenced: list[tuple[Settlement, Fenced]]) -> None:
+        # In the batch loop's thread: the settling thread only reports the shards it found lost.
+        for work, exc in fenced:
+            self._lost(work.shard, work.entries, exc)
+
+    def _process(self, shard: Shard, entries: Entries) -> Settlement:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         dead = [
@@ -258,51 +276,113 @@ class ScoringWorker:
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
         work.dead += _delivered(failed, entries)
-
-        # At most two reads in flight: the previous one settles before this one may start to.
-        self._wait_for_settling()
-        if self._settling_thread is None:
-            self._settle(work)
-        else:
-            self._settling = (self._settling_thread.submit(self._settle, work), work)
+        return work
 
     def _wait_for_settling(self) -> None:
         if self._settling is not None:
-            (settling, work), self._settling = self._settling, None
-            try:
-                settling.result()  # re-raises what the settling thread met, Stopping included
-            except Fenced as exc:
-                # The settling read's shard is lost, which need not be the shard being scored now.
-                self._lost(work.shard, work.entries, exc)
+            settling, self._settling = self._settling, None
+            self._lost_all(settling.result())  # re-raises what the settling thread met, Stopping included
 
-    def _settle(self, work: Settlement) -> None:
-        """Durable first, ack last: COPY every decision, then one atomic Redis call for the read."""
+    def _settle(self, works: list[Settlement]) -> list[tuple[Settlement, Fenced]]:
+        """Durable first, ack last: one COPY of every decision of the read, then one Redis round
+        trip in which each shard's part is settled atomically, fenced by that shard's lease.
+        Returns the parts whose shard was lost (nothing of them was acked)."""
+        fenced: list[tuple[Settlement, Fenced]] = []
+        live = []
+        for work in works:
+            try:
+                work.shard.check()
+                live.append(work)
+            except Fenced as exc:
+                fenced.append((work, exc))
+        stored = self._store_all(live, fenced)
+        live = [work for work in live if work in stored]
+        if not live:
+            return fenced
+        started = time.perf_counter()
+        alerts = {work: [doc for scored in stored[work] for doc in alert_documents(scored)] for work in live}
+        replies = {work: decision_replies(stored[work], _reply_channels(work.entries)) for work in live}
+        outcomes = self._settle_in_redis(live, alerts, replies)
+        committed_at = time.time()
+        for work, outcome in zip(live, outcomes):
+            if isinstance(outcome, Fenced):
+                fenced.append((work, outcome))
+                continue
+            work.shard.consumer.release(work.entries)
+            self._count(stored[work], work.dead, outcome.alerts, committed_at)
+        metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
+        return fenced
+
+    def _store_all(self, works: list[Settlement], fenced: list[tuple[Settlement, Fenced]]) -> dict[Settlement, list[ScoredBatch]]:
+        """Every decision of ``works`` in one COPY; when that fails as a whole, each shard's part
+        apart, bisected down to the entries at fault (dead-lettered), and the parts whose shard
+        was lost meanwhile left out (added to ``fenced``)."""
+        batches = [scored for work in works for scored in work.scored]
+        if len(works) > 1 and batches:
+            started = time.perf_counter()
+            try:
+                works[0].shard.consumer.until_done(lambda: self._store_checked(works, batches), "postgres")
+                metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
+                return {work: work.scored for work in works}
+            except (Stopping, Fenced):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the data is at fault: find it part by part
+                log.warning("read failed to store, storing shard by shard", extra={"event": "batch_split", "error": repr(exc)})
+        stored: dict[Settlement, list[ScoredBatch]] = {}
+        for work in works:
+            try:
+                stored[work] = self._store_part(work)
+            except Fenced as exc:
+                fenced.append((work, exc))
+        return stored
+
+    def _store_part(self, work: Settlement) -> list[ScoredBatch]:
         stored: list[ScoredBatch] = []
-        shard = work.shard
         for scored in work.scored:
-            shard.check()
-            ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
+            ok, failed = self._bisected(scored, lambda part: self._store(work.shard, part), work.payloads)
             stored += ok
             work.dead += _delivered(failed, work.entries)
-        started = time.perf_counter()
-        alerts = [doc for scored in stored for doc in alert_documents(scored)]
-        replies = decision_replies(stored, _reply_channels(work.entries))
-        shard.check()
-        settled = shard.consumer.until_done(lambda: self._settle_in_redis(work, alerts, replies), "redis")
-        committed_at = time.time()
-        shard.consumer.release(work.entries)
-        metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
-        self._count(stored, work.dead, settled.alerts, committed_at)
+        return stored
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
+    def _store_checked(self, works: list[Settlement], batches: list[ScoredBatch]) -> None:
+        for work in works:
+            work.shard.check()
+        self.store.store_all(batches)
+
+    def _settle_in_redis(
+        self, works: list[Settlement], alerts: dict[Settlement, list[AlertDocument]], replies: dict[Settlement, dict[str, bytes]]
+    ) -> list[Settled | Fenced]:
+        """Each part's settle, sent together in one round trip when the shards share one Redis."""
+        calls = [(work.shard.settler, work.entries.ids, alerts[work], work.dead, replies[work]) for work in works]
+        outcomes: list[Settled | Fenced | redis.ResponseError | None] = [None] * len(works)
+        if len(works) > 1 and not isinstance(self.redis, RedisCluster):
+            outcomes = works[0].shard.consumer.until_done(lambda: settle_together(self.redis, calls), "redis")
+        for i, (work, outcome) in enumerate(zip(works, outcomes)):
+            if outcome is None or isinstance(outcome, redis.ResponseError):
+                # Alone (a Redis Cluster, or the script or the group to be restored first): a part
+                # settles atomically on its own, so settling it again writes each alert once.
+                outcomes[i] = self._settle_alone(work, *calls[i][2:])
+        return outcomes
+
+    def _settle_alone(
+        self, work: Settlement, alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]
+    ) -> Settled | Fenced:
         settler = work.shard.settler
+
+        def attempt() -> Settled:
+            try:
+                return settler.settle(work.entries.ids, alerts, dead, replies)
+            except redis.ResponseError as exc:
+                work.shard.consumer.recreate_lost_group(exc)
+            # Alerts and dead letters are guarded by their markers, so settling again writes each
+            # once; acking the recreated group's absent entries is a no-op.
+            return settler.settle(work.entries.ids, alerts, dead, replies)
+
         try:
-            return settler.settle(work.entries.ids, alerts, work.dead, replies)
-        except redis.ResponseError as exc:
-            work.shard.consumer.recreate_lost_group(exc)
-        # Alerts and dead letters are guarded by their markers, so settling again writes each
-        # once; acking the recreated group's absent entries is a no-op.
-        return settler.settle(work.entries.ids, alerts, work.dead, replies)
+            work.shard.check()
+            return work.shard.consumer.until_done(attempt, "redis")
+        except Fenced as exc:
+            return exc
 
     def _bisected(
         self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]

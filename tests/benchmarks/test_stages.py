@@ -112,7 +112,7 @@ def test_explanations_of_flagged_rows(
 
 
 def test_copy_encoding(benchmark, scored: ScoredBatch) -> None:
-    data = benchmark(_copy_binary, scored)
+    data = benchmark(_copy_binary, [scored])
     assert data.startswith(pgbinary.HEADER) and data.endswith(pgbinary.TRAILER) and len(data) > BATCH * 200
 
 
