@@ -18,7 +18,7 @@ import click
 import orjson
 import redis
 
-from bench import alerts, latency, report, services, soak, throughput
+from bench import alerts, latency, plots, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -56,6 +56,15 @@ def _common(function):
                 default=report.OUT_DIR,
                 show_default=True,
                 help="Where reports and logs go.",
+            ),
+            click.option(
+                "--pictures-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=plots.HERE,
+                show_default=True,
+                expose_value=False,
+                callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
+                help="Where throughput.png and latency.png go (next to RESULTS.md).",
             ),
             click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
         ]
@@ -132,6 +141,10 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
     }
     path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
+    draw = {"throughput": plots.throughput, "latency": plots.latency}.get(mode)
+    if draw is not None:
+        title = f"{' '.join(document['command'])}  ({document['started_at']})"
+        click.echo(f"\npicture: {draw(result, title, click.get_current_context().meta['pictures_dir'])}")
     click.echo(f"\nreport: {path}")
 
 

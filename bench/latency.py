@@ -65,6 +65,19 @@ def scrape_histogram(port: int) -> tuple[list[float], list[float]]:
     return bounds, [buckets[b] for b in bounds]
 
 
+def scrape_stage_seconds(port: int) -> dict[str, float]:
+    """Seconds the workers spent in each stage of the batch loop (``fraudd_stage_duration_seconds``), summed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    seconds: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "fraudd_stage_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    stage = sample.labels["stage"]
+                    seconds[stage] = seconds.get(stage, 0.0) + sample.value
+    return seconds
+
+
 def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60.0) -> dict:
     """One rate: start fraudd, offer the load, wait for the drain, then read the latencies."""
     client = setup.client
@@ -138,6 +151,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
             committed_s = np.array([r[3] for r in rows], dtype=np.float64)
             result["latency_source"] = "commit_timestamp"
             result["latency_ms"] = report.distribution_ms((committed_s - entry_s)[warm])
+            result["latency_cdf"] = report.cdf_ms((committed_s - entry_s)[warm])
             result["latency_from_schedule_ms"] = report.distribution_ms((committed_s - due_s)[warm])
         else:
             bounds, counts = final_histogram
@@ -145,6 +159,7 @@ def run_phase(setup: Setup, phase: Phase, exact: bool, stall_timeout: float = 60
                 counts = [c - w for c, w in zip(counts, warm_histogram[1])]
             result["latency_source"] = "worker_histogram"
             result["latency_ms"] = report.histogram_quantiles_ms(bounds, counts)
+            result["latency_cdf"] = report.histogram_cdf_ms(bounds, counts)
         result["scored_minus_entry_ms"] = report.distribution_ms((scored_s - entry_s)[warm])
         return result
     finally:

@@ -44,6 +44,22 @@ def distribution_ms(seconds: np.ndarray) -> dict:
     return out
 
 
+def cdf_ms(seconds: np.ndarray) -> dict:
+    """Points of the latency CDF (ms, fraction at or below), dense enough in the tail for a plot."""
+    if len(seconds) == 0:
+        return {"ms": [], "fraction": []}
+    fractions = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201), [0.995, 0.998, 0.999, 0.9995, 0.9999]]))
+    ms = np.quantile(np.asarray(seconds, dtype=np.float64) * 1000.0, fractions, method="higher")
+    return {"ms": np.round(ms, 3).tolist(), "fraction": fractions.round(5).tolist()}
+
+
+def histogram_cdf_ms(bounds: list[float], counts: list[float]) -> dict:
+    """The CDF of a cumulative Prometheus histogram at its finite bucket bounds."""
+    total = counts[-1] if counts else 0
+    finite = [(b, c) for b, c in zip(bounds, counts) if b != float("inf")]
+    return {"ms": [b * 1000.0 for b, _ in finite], "fraction": [c / total if total else 0.0 for _, c in finite]}
+
+
 def histogram_quantiles_ms(bounds: list[float], counts: list[float]) -> dict:
     """Quantiles of a cumulative Prometheus histogram, interpolated within buckets as
     ``histogram_quantile`` does; ``max`` is the upper bound of the highest non-empty bucket."""

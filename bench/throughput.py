@@ -19,11 +19,13 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
+from bench.latency import scrape_stage_seconds
 from bench.namespace import Namespace
 from bench.runners import Consumers, Drain, Setup, measure_drain
 from bench.traffic import generator
 from bench.usage import redis_nodes
 from fraudd.ingest import Publisher
+from fraudd.localservers import free_port
 
 BASELINES = ("bare", "naive")
 
@@ -40,11 +42,11 @@ class Traffic:
         return cls(batch.payloads(), batch.transaction_id, batch.is_fraud)
 
 
-def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain, dict, dict]:
+def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain, dict, dict, dict[str, float]]:
     """Drain the first ``n`` transactions with ``kind`` (fraudd or a baseline) in a fresh namespace.
 
-    Returns the drain and, for fraudd, the checks of its output and each Redis node's placement
-    and state (``nodes``).
+    Returns the drain and, for fraudd, the checks of its output, each Redis node's placement
+    and state (``nodes``), and the workers' seconds per stage of the batch loop.
     """
     ns = Namespace.fresh(kind, setup.redis_url, setup.postgres_url)
     if kind == "fraudd":
@@ -59,22 +61,34 @@ def run_drain(setup: Setup, kind: str, traffic: Traffic, n: int) -> tuple[Drain,
         placement = shard_placement(client, ns) if kind == "fraudd" else {}
         setup.echo(f"  {kind}: {n:,} entries on {ns.stream}, draining with {setup.workers} processes ...")
         log_path = setup.log_dir / f"{ns.name}.log"
+        port = free_port()
         if kind == "fraudd":
-            consumers = Consumers.fraudd(ns, setup.fraudd_args, setup.workers, log_path)
+            consumers = Consumers.fraudd(ns, [*setup.fraudd_args, "--metrics-port", str(port)], setup.workers, log_path)
         else:
             consumers = Consumers.baseline(
                 kind, ns, setup.workers, setup.batch_size, log_path, setup.model_path if kind == "naive" else None
             )
         drain = measure_drain(client, ns, consumers, n)
+        stages = scrape_stage_seconds(port) if kind == "fraudd" else {}
         exit_codes = consumers.stop()
         consumers = None
         if kind != "fraudd":
-            return drain, {}, {}
-        return drain, check_output(client, ns, traffic, n, exit_codes), nodes_report(client, ns, drain, placement, n)
+            return drain, {}, {}, {}
+        return drain, check_output(client, ns, traffic, n, exit_codes), nodes_report(client, ns, drain, placement, n), stages
     finally:
         if consumers is not None:
             consumers.stop(timeout=10)
         ns.drop(client)
+
+
+def by_stage(workers_cpu_us: float, stage_seconds: dict[str, float]) -> dict[str, float]:
+    """The workers' CPU-µs per transaction split over the stages in proportion to their wall time
+    (a stage waiting on Redis or PostgreSQL is credited with CPU it did not use: an approximation;
+    the flame graph in RESULTS.md is the exact split)."""
+    total = sum(stage_seconds.values())
+    if not total:
+        return {}
+    return {stage: round(workers_cpu_us * seconds / total, 2) for stage, seconds in stage_seconds.items() if seconds}
 
 
 def node_of(client: redis.Redis | RedisCluster, key: str) -> str:
@@ -168,8 +182,10 @@ def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...
     drains: dict[str, dict] = {}
     checks: dict = {}
     for kind in order:
-        drain, kind_checks, nodes = run_drain(setup, kind, traffic, naive_n if kind == "naive" else n)
+        drain, kind_checks, nodes, stages = run_drain(setup, kind, traffic, naive_n if kind == "naive" else n)
         drains[kind] = drain.as_dict()
+        if stages:
+            drains[kind]["worker_stages_cpu_us_per_tx"] = by_stage(drains[kind]["cpu_us_per_tx"].get("workers", 0.0), stages)
         if nodes:
             drains[kind]["redis_nodes"] = nodes
         checks = kind_checks or checks

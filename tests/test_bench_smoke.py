@@ -34,6 +34,8 @@ def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
         POSTGRES_URL,
         "--out-dir",
         str(tmp_path),
+        "--pictures-dir",
+        str(tmp_path),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,6 +81,10 @@ def test_throughput(tmp_path: Path) -> None:
     (node,) = result["drains"]["fraudd"]["redis_nodes"].values()
     assert node["role"] == "master" and node["transactions"] == 5000 and node["shards"] == [0]
     assert node["streams"] == ["fraud", "dlq"]
+    stages = result["drains"]["fraudd"]["worker_stages_cpu_us_per_tx"]
+    assert {"decode", "features", "inference", "copy", "settle"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(result["drains"]["fraudd"]["cpu_us_per_tx"]["workers"], rel=0.01)
+    assert (tmp_path / "throughput.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_throughput_on_a_redis_cluster(tmp_path: Path) -> None:
@@ -129,6 +135,9 @@ def test_latency(tmp_path: Path) -> None:
     assert latency["count"] > 0
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"]
     assert phase["producer_lag_ms"]["count"] > 0
+    cdf = phase["latency_cdf"]
+    assert 0 < cdf["fraction"][-1] <= 1.0 and cdf["ms"] == sorted(cdf["ms"])
+    assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert_usage(phase["usage"])
     assert_dropped(phase["namespace"])
 

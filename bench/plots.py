@@ -1,0 +1,83 @@
+"""Pictures of a bench run, written next to ``bench/RESULTS.md`` by the command that measured them.
+
+``latency.png``: p50/p99/p99.9 against the offered load, up to the highest rate run, and the
+latency CDF at the rate nearest half the maximum. ``throughput.png``: CPU-µs per transaction of
+each drain, stacked by process, and fraudd's workers split by stage. Drawn with matplotlib's
+file-only backend: no display is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+HERE = Path(__file__).parent
+CURVES = (("p50", "p50"), ("p99", "p99"), ("p99.9", "p99.9"))
+PROCESSES = ("workers", "consumers", "supervisor", "redis", "postgres", "producer")
+
+
+def latency(result: dict, title: str, directory: Path = HERE) -> Path:
+    phases = sorted(result["phases"], key=lambda p: p["target_rate"])
+    figure, (curves, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rates = [p["target_rate"] for p in phases]
+    for key, label in CURVES:
+        curves.plot(rates, [p["latency_ms"].get(key) for p in phases], marker="o", label=label)
+    curves.set(xlabel="offered load, tx/s", ylabel="latency, ms (log)", yscale="log", title="latency against offered load")
+    curves.grid(True, which="both", alpha=0.3)
+    curves.legend()
+    half = min(phases, key=lambda p: abs(p["fraction_of_max"] - 0.5))
+    points = half["latency_cdf"]
+    cdf.plot(points["ms"], points["fraction"], drawstyle="steps-post")
+    cdf.set(
+        xlabel="latency, ms (log)",
+        ylabel="fraction of transactions",
+        xscale="log",
+        title=f"CDF at {half['fraction_of_max']:.0%} of max ({half['target_rate']:,.0f} tx/s)",
+    )
+    cdf.grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"{title} (latency source: {result['latency_source']})")
+    return _save(figure, directory / "latency.png")
+
+
+def throughput(result: dict, title: str, directory: Path = HERE) -> Path:
+    drains = result["drains"]
+    bars: list[tuple[str, dict[str, float]]] = []
+    for kind, drain in drains.items():
+        cpu = drain["cpu_us_per_tx"]
+        bars.append((kind, {p: cpu[p] for p in PROCESSES if cpu.get(p)}))
+    stages = drains.get("fraudd", {}).get("worker_stages_cpu_us_per_tx")
+    if stages:
+        bars.insert(1, ("fraudd workers\nby stage", stages))
+    figure, axes = plt.subplots(figsize=(9, 5))
+    names = [name for name, _ in bars]
+    for i, (_name, parts) in enumerate(bars):
+        bottom = 0.0
+        for part, value in parts.items():
+            axes.bar(i, value, bottom=bottom, color=_colour(part), edgecolor="white")
+            if value >= 1.0:
+                axes.text(i, bottom + value / 2, f"{part} {value:.1f}", ha="center", va="center", fontsize=8)
+            bottom += value
+        axes.text(i, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontweight="bold")
+    axes.set_xticks(range(len(names)), names)
+    axes.set(ylabel="CPU-µs per transaction", title=title)
+    axes.grid(True, axis="y", alpha=0.3)
+    return _save(figure, directory / "throughput.png")
+
+
+_COLOURS: dict[str, str] = {}
+
+
+def _colour(part: str) -> str:
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return _COLOURS.setdefault(part, palette[len(_COLOURS) % len(palette)])
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
