@@ -355,8 +355,18 @@ class ScoringWorker:
         """Each part's settle, sent together in one round trip when the shards share one Redis."""
         calls = [(work.shard.settler, work.entries.ids, alerts[work], work.dead, replies[work]) for work in works]
         outcomes: list[Settled | Fenced | redis.ResponseError | None] = [None] * len(works)
-        if len(works) > 1 and not isinstance(self.redis, RedisCluster):
-            outcomes = works[0].shard.consumer.until_done(lambda: settle_together(self.redis, calls), "redis")
+        for i, work in enumerate(works):
+            try:
+                work.shard.check()
+            except Fenced as exc:
+                outcomes[i] = exc
+        together = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if len(together) > 1 and not isinstance(self.redis, RedisCluster):
+            sent = works[together[0]].shard.consumer.until_done(
+                lambda: settle_together(self.redis, [calls[i] for i in together]), "redis"
+            )
+            for i, outcome in zip(together, sent):
+                outcomes[i] = outcome
         for i, (work, outcome) in enumerate(zip(works, outcomes)):
             if outcome is None or isinstance(outcome, redis.ResponseError):
                 # Alone (a Redis Cluster, or the script or the group to be restored first): a part
