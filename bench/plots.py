@@ -77,6 +77,7 @@ def _colour(part: str) -> str:
 
 
 def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
