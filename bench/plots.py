@@ -8,12 +8,14 @@ file-only backend: no display is needed.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 HERE = Path(__file__).parent
 CURVES = (("p50", "p50"), ("p99", "p99"), ("p99.9", "p99.9"))
@@ -27,6 +29,7 @@ def latency(result: dict, title: str, directory: Path = HERE) -> Path:
     for key, label in CURVES:
         curves.plot(rates, [p["latency_ms"].get(key) for p in phases], marker="o", label=label)
     curves.set(xlabel="offered load, tx/s", ylabel="latency, ms (log)", yscale="log", title="latency against offered load")
+    _plain(curves.yaxis)
     curves.grid(True, which="both", alpha=0.3)
     curves.legend()
     half = min(phases, key=lambda p: abs(p["fraction_of_max"] - 0.5))
@@ -38,8 +41,9 @@ def latency(result: dict, title: str, directory: Path = HERE) -> Path:
         xscale="log",
         title=f"CDF at {half['fraction_of_max']:.0%} of max ({half['target_rate']:,.0f} tx/s)",
     )
+    _plain(cdf.xaxis)
     cdf.grid(True, which="both", alpha=0.3)
-    figure.suptitle(f"{title} (latency source: {result['latency_source']})")
+    figure.suptitle(textwrap.fill(f"{title} (latency source: {result['latency_source']})", 140), fontsize=9)
     return _save(figure, directory / "latency.png")
 
 
@@ -51,7 +55,7 @@ def throughput(result: dict, title: str, directory: Path = HERE) -> Path:
         bars.append((kind, {p: cpu[p] for p in PROCESSES if cpu.get(p)}))
     stages = drains.get("fraudd", {}).get("worker_stages_cpu_us_per_tx")
     if stages:
-        bars.insert(1, ("fraudd workers\nby stage", stages))
+        bars.insert(1, ("fraudd workers by stage\n(split by wall-time share)", stages))
     figure, axes = plt.subplots(figsize=(9, 5))
     names = [name for name, _ in bars]
     for i, (_name, parts) in enumerate(bars):
@@ -63,9 +67,17 @@ def throughput(result: dict, title: str, directory: Path = HERE) -> Path:
             bottom += value
         axes.text(i, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontweight="bold")
     axes.set_xticks(range(len(names)), names)
-    axes.set(ylabel="CPU-µs per transaction", title=title)
+    axes.set_ylabel("CPU-µs per transaction")
+    axes.set_title(textwrap.fill(title, 100), fontsize=9)
     axes.grid(True, axis="y", alpha=0.3)
     return _save(figure, directory / "throughput.png")
+
+
+def _plain(axis) -> None:
+    """Plain numbers at 1, 2, 5 × 10^k on a log axis; no minor labels (they overlap)."""
+    axis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
 
 
 _COLOURS: dict[str, str] = {}
