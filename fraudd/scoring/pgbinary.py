@@ -82,9 +82,17 @@ def text(values: list[str | None]) -> Column:
     return [head, data]
 
 
-def constant(data: bytes | None, n: int) -> Column:
-    """The same value in every row (a batch's model version, say); None is NULL."""
-    return [[NULL if data is None else field(data)] * n]
+def categorical(values: list[str | None]) -> Column:
+    """A text column of few distinct values (currencies, countries, channels): each distinct value
+    is encoded once, and a row's field is one piece instead of two. None is NULL."""
+    table = {v: NULL if v is None else field(v.encode()) for v in dict.fromkeys(values)}
+    return [list(map(table.__getitem__, values))]
+
+
+def constant(n: int, *values: bytes | None) -> Column:
+    """Adjacent columns with the same value in every row (a batch's model version, say), as one
+    piece per row; None is NULL."""
+    return [[b"".join(NULL if v is None else field(v) for v in values)] * n]
 
 
 def by_code(codes: np.ndarray, values: Sequence[bytes]) -> Column:
@@ -103,8 +111,8 @@ def memoized(values: list, key: Callable[[object], Hashable], field_of: Callable
 def sparse(n: int, values: dict[int, bytes]) -> Column:
     """A column that is NULL but in a few rows: row -> value's bytes."""
     pieces = [NULL] * n
-    for i, data in values.items():
-        pieces[i] = field(data)
+    for i, head, data in zip(values, lengths(list(map(len, values.values()))), values.values()):
+        pieces[i] = head + data
     return [pieces]
 
 
@@ -126,7 +134,7 @@ def text_array(items: Sequence[str]) -> bytes:
 
 def field(data: bytes) -> bytes:
     """One non-NULL field: its length and its bytes."""
-    return lengths([len(data)])[0] + data
+    return len(data).to_bytes(4, "big") + data
 
 
 def rows(n: int, columns: Sequence[Column]) -> bytes:

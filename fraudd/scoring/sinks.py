@@ -265,31 +265,31 @@ def _copy_rows(scored: ScoredBatch) -> bytes:
             pgbinary.nullable_float8(b.lon),
             pgbinary.text(b.transaction_id),
             pgbinary.text(b.user_id),
-            pgbinary.text(b.currency),
+            pgbinary.categorical(b.currency),
             pgbinary.text(b.merchant),
-            pgbinary.text(b.mcc),
-            pgbinary.text(b.country),
+            pgbinary.categorical(b.mcc),
+            pgbinary.categorical(b.country),
             pgbinary.text(b.card_id),
             pgbinary.text(b.device_id),
             pgbinary.text(b.ip),
-            pgbinary.text(b.channel),
+            pgbinary.categorical(b.channel),
             pgbinary.text(b.entry_ids),
             pgbinary.by_code(scored.decision, _DECISION_BYTES),
             pgbinary.memoized(scored.reasons, tuple, pgbinary.text_array),
-            pgbinary.constant(scored.model_version.encode(), n),
-            *_shadow_columns(scored.shadow, n),
+            *_version_and_shadow_columns(scored.model_version, scored.shadow, n),
             pgbinary.sparse(n, _explanations(scored.explanations)),
         ],
     )
 
 
-def _shadow_columns(shadow: Shadow | None, n: int) -> list[pgbinary.Column]:
+def _version_and_shadow_columns(model_version: str, shadow: Shadow | None, n: int) -> list[pgbinary.Column]:
     if shadow is None:
-        return [pgbinary.constant(None, n)] * 3
+        return [pgbinary.constant(n, model_version.encode(), None, None, None)]
     return [
+        pgbinary.constant(n, model_version.encode()),
         [pgbinary.Record(n).float4(shadow.score).pieces()],
         pgbinary.by_code(shadow.decision, _DECISION_BYTES),
-        pgbinary.constant(shadow.model_version.encode(), n),
+        pgbinary.constant(n, shadow.model_version.encode()),
     ]
 
 
