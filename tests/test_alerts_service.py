@@ -20,14 +20,7 @@ import redis
 
 from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
-from .services import (  # noqa: F401  (fixtures)
-    PostgresServer,
-    RedisServer,
-    dedicated_namespace,
-    dedicated_postgres,
-    dedicated_redis,
-    free_port,
-)
+from .services import PostgresServer, RedisServer, dedicated_namespace, free_port
 from .test_alerts import alert, write_config
 
 ALERTS = 5_000

@@ -32,7 +32,6 @@ from fraudd.keys import Keys
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import DaemonProcess, PostgresServer, RedisServer, alive, dedicated_namespace
-from .services import dedicated_postgres, dedicated_redis  # noqa: F401  (fixtures)
 from .streams import fully_drained, publish
 
 TRANSACTIONS = 200_000

@@ -22,7 +22,6 @@ from fraudd.scoring import decode
 from .conftest import Namespace, wait_for
 from .ingest_server import NOW, IngestServer, post, tx
 from .services import RedisServer
-from .services import dedicated_redis  # noqa: F401  (fixture)
 from .streams import publish, valid_payloads
 
 KEY = "k-" + "s3cr3t" * 4

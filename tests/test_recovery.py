@@ -24,7 +24,6 @@ from fraudd.schema import connect
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop
-from .services import dedicated_postgres, dedicated_redis, volatile_redis  # noqa: F401  (fixtures)
 from .streams import alerts, dlq, fully_drained, group, payload, pending_deliveries, publish, valid_payloads
 
 
