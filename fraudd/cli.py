@@ -446,9 +446,10 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
 def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
     """Put dead letters back on the stream they were read from (after a fix), then remove them from the DLQ.
 
-    Transactions go through the ingest's routing, so each lands on its shard. A replayed transaction that was already scored is recognised as a duplicate, so replaying
-    twice never yields two rows. An undeliverable alert (reason alert_undeliverable) is instead
-    given to `fraudd alerts` again: its delivery is due now, with a fresh count of attempts.
+    Transactions go through the ingest's routing, so each lands on its shard. A replayed transaction
+    that was already scored is recognised as a duplicate, so replaying twice never yields two rows. An
+    undeliverable alert (reason alert_undeliverable) is instead given to `fraudd alerts` again: its
+    delivery is due now, with a fresh count of attempts.
     """
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher

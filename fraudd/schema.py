@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import PurePosixPath
 
@@ -177,7 +177,7 @@ def _one_line_errors(what: str) -> Iterator[None]:
 
 def ensure_partitions(conn: psycopg.Connection, days_ahead: int) -> int:
     """Create daily partitions from yesterday to ``days_ahead`` days out; returns how many were new."""
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     first, last = today - timedelta(days=1), today + timedelta(days=days_ahead)
     row = conn.execute("SELECT fraudd_ensure_partitions(%s, %s)", (first, last)).fetchone()
     return int(row[0])

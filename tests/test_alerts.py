@@ -397,9 +397,13 @@ def test_a_bad_config_names_the_key(tmp_path: Path) -> None:
     cases = {
         'name = "a"\nkind = "pager"': "channels[0] (a).kind: 'pager': must be one of webhook, slack, email",
         'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret = "whsec_abc"': "channels[0] (a).secret: secrets are never read",
-        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret_env = "NOPE"': "channels[0] (a).secret_env: environment variable NOPE is not set",
+        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret_env = "NOPE"': (
+            "channels[0] (a).secret_env: environment variable NOPE is not set"
+        ),
         'name = "a"\nkind = "slack"\nurl = "http://x"\ndecisions = ["approve"]': "channels[0] (a).decisions: must list some of",
-        'name = "a"\nkind = "email"\nhost = "h"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"': "channels[0] (a).password_env: a username needs",
+        'name = "a"\nkind = "email"\nhost = "h"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"': (
+            "channels[0] (a).password_env: a username needs"
+        ),
     }
     for body, expected in cases.items():
         path = write_config(tmp_path, f"[[channels]]\n{body}\n")

@@ -10,24 +10,24 @@ import orjson
 import pytest
 import redis
 
-from fraudd.scoring.behaviour import STATE
-from fraudd.scoring.decode import DecodedBatch, decode_batch
+from fraudd.keys import Keys
 from fraudd.scoring import dedup
 from fraudd.scoring import features as features_module
+from fraudd.scoring.behaviour import STATE
+from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import (
     FEATURE_NAMES,
+    LIBRARY_NAME,
     MESSAGE_FEATURES,
     SECONDS_SINCE_PREV_CAP,
     CommitConflictError,
-    LIBRARY_NAME,
-    FeatureStore,
     Features,
+    FeatureStore,
     Fenced,
     Lease,
     state_periods,
     stored_states,
 )
-from fraudd.keys import Keys
 
 T0 = 1764385200.0  # 2025-11-29 03:00:00 UTC: mid 2-hour slot, on a 10-minute one
 HOUR = 3600.0

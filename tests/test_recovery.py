@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from fraudd.scoring import decode
 from fraudd.config import OPTIONS, Settings
-from fraudd.scoring.features import LIBRARY_NAME, stored_states
-from fraudd.runtime.health import Housekeeper
 from fraudd.keys import Keys
+from fraudd.runtime.health import Housekeeper
 from fraudd.schema import connect
+from fraudd.scoring import decode
+from fraudd.scoring.features import LIBRARY_NAME, stored_states
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop

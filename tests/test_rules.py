@@ -9,9 +9,9 @@ import orjson
 import pytest
 import redis
 
-from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, FeatureStore, Features
 from fraudd.keys import Keys
+from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features, FeatureStore
 from fraudd.scoring.rules import DECISIONS, DEFAULT_RULES_PATH, Rule, RuleOutcome, Rules, RulesError, decide
 
 DEFAULT = Rules.load()

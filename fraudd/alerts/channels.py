@@ -72,10 +72,12 @@ class Channel(abc.ABC):
         self.config = config
         self.name = config.name
 
-    async def open(self) -> None:
+    # Optional hooks, not abstract: a channel with nothing to open up front (e-mail connects on its
+    # first send) inherits the no-op.
+    async def open(self) -> None:  # noqa: B027
         pass
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027
         pass
 
     @abc.abstractmethod

@@ -312,7 +312,7 @@ def label_file(
 ) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     import psycopg
 
@@ -325,7 +325,7 @@ def label_file(
         numbered = read_label_file(path.read_bytes(), str(path))
     except LabelError as exc:
         raise click.ClickException(str(exc)) from None
-    written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     labels, errors = parse_labels([document for _number, document in numbered], source or f"file:{path.name}", written)
     if errors:
         position, reason = errors[0]

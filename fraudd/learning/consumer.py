@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import psycopg
@@ -67,7 +67,7 @@ class LabelsWorker:
             try:
                 # Without its own reported_at, a label was reported when the stream accepted it: the
                 # same on every redelivery, so storing it again changes nothing.
-                accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, timezone.utc)
+                accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, UTC)
                 labels.append(parse_label(orjson.loads(payload), now=accepted))
             except orjson.JSONDecodeError as exc:
                 dead.append(self.settler.letter(entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))

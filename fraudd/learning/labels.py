@@ -20,7 +20,7 @@ import csv
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import psycopg
@@ -84,11 +84,11 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
 
 def _time(value: object, now: datetime | None) -> datetime:
     if value is None or value == "":
-        return now or datetime.now(timezone.utc)
+        return now or datetime.now(UTC)
     if value.__class__ in (int, float):
         if not 978307200 <= value <= 4102444800:
             raise LabelError(f"reported_at must be Unix seconds between 2001 and 2100, got {value!r}")
-        return datetime.fromtimestamp(value, timezone.utc)
+        return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -97,7 +97,7 @@ def _time(value: object, now: datetime | None) -> datetime:
                 return _time(float(value), now)
             except ValueError:
                 raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}")
 
 
@@ -107,7 +107,7 @@ def parse_labels(
     """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
     ``reported_at`` of documents without one (default: the current time)."""
     labels, errors = [], []
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     for position, document in enumerate(documents):
         try:
             labels.append(parse_label(document, default_source, now))

@@ -402,8 +402,10 @@ Plain rules on the same held-out transactions, each at its best threshold within
 {rules}
 
 ## Thresholds (set on the tuning slice)
-- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics["recall_at_review"]:.1%} at FPR {metrics["fpr_at_review"]:.2%};
-- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics["recall_at_decline"]:.1%} at FPR {metrics["fpr_at_decline"]:.3%}.
+- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics["recall_at_review"]:.1%}
+  at FPR {metrics["fpr_at_review"]:.2%};
+- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics["recall_at_decline"]:.1%}
+  at FPR {metrics["fpr_at_decline"]:.3%}.
 
 ## Recall per typology (held out)
 | typology | at 1% FPR | at the review threshold | single-message baseline at 1% FPR |

@@ -1,8 +1,9 @@
 """The supervisor: forks a service's workers, keeps them alive, and stops them cleanly.
 
 Every long-running fraudd service (scoring, ingest, alerts) runs under this one supervisor; a
-``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
-through a pipe; everything else happens in the loop, outside signal context:
+``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter.
+Signal handlers only queue the signal and wake the main loop through a pipe; everything else happens
+in the loop, outside signal context:
 
 - SIGCHLD: reap dead workers and respawn them, with back-off;
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one

@@ -38,7 +38,8 @@ HORIZON_MS = WINDOWS[-1][1]
 _RECORD = """
 local horizon = tonumber(ARGV[1])
 for i = 2, #ARGV, 5 do
-    local key, entity, txid, ms, add = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
+    local key, entity, txid = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+    local ms, add = tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
     local kept, newest = {}, add and ms or 0
     local current = redis.call('HGET', key, entity)
     if current then

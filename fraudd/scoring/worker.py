@@ -43,9 +43,9 @@ import redis
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
-from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
+from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
