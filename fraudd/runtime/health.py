@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import psycopg
 import redis
@@ -78,7 +80,7 @@ def primary_memory(client: RedisCluster) -> dict[str, RedisMemory]:
     return {node.name: _memory(client.get_redis_connection(node).info("memory")) for node in client.get_primaries()}
 
 
-def _memory(info: dict) -> RedisMemory:
+def _memory(info: dict[str, Any]) -> RedisMemory:
     return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
 
 
@@ -102,11 +104,11 @@ class GroupState:
     lag: int
     pending: int
     oldest_pending_age_s: float
-    consumers: list[dict]
+    consumers: list[dict[str, Any]]
     entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
 
 
-def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
+def group_state(client: redis.Redis | RedisCluster, stream: str, group: str) -> GroupState:
     """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
     lag when Redis has none); a stream nothing was written to yet has neither."""
     try:
@@ -123,7 +125,7 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
         # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
         # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
         lag = len(
-            client.execute_command(
+            client.execute_command(  # type: ignore[no-untyped-call]  # redis-py's, unannotated on RedisCluster
                 "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
             )
         )
@@ -145,13 +147,13 @@ def combined(states: list[GroupState]) -> GroupState:
     """The group over every input shard: lags and pending summed, the oldest pending of all."""
     if len(states) == 1:
         return states[0]
-    reads = [state.entries_read for state in states]
+    reads = [state.entries_read for state in states if state.entries_read is not None]
     return GroupState(
         sum(state.lag for state in states),
         sum(state.pending for state in states),
         max(state.oldest_pending_age_s for state in states),
         [consumer for state in states for consumer in state.consumers],
-        None if None in reads else sum(reads),
+        sum(reads) if len(reads) == len(states) else None,
     )
 
 
@@ -277,7 +279,9 @@ class HealthServer:
     """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``) on ``port``, in a thread."""
 
     def __init__(self, port: int, problems: Callable[[], list[str]]) -> None:
-        self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
+        self._metrics_app: Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]] = make_wsgi_app(
+            metrics.multiprocess_registry()
+        )
         self._problems = problems
         self._server = make_server("", port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
@@ -289,7 +293,7 @@ class HealthServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _app(self, environ, start_response):
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
             problems = self._problems()
@@ -302,5 +306,5 @@ class HealthServer:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args) -> None:  # scrapes every few seconds are not news
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds are not news
         pass

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from types import FrameType
 
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL_S = 0.25  # well under any sensible watchdog interval; a pipe write, not per batch
@@ -93,11 +94,11 @@ class WorkerProcess:
         except BlockingIOError:
             pass  # the supervisor is not reading (wedged): its own watchdog deals with that
 
-    def _on_stop(self, signum, frame) -> None:
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
         self._wake()
 
-    def _on_reload(self, signum, frame) -> None:
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True
         self._wake()
 
