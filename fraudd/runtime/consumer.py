@@ -345,6 +345,21 @@ class StreamConsumer:
             pass
 
 
+class Reader(Protocol):
+    """What ``consume`` reads from: a ``StreamConsumer``, or a reader over several (the scoring
+    worker's owned shards)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def held(self) -> int:
+        """Entries read and not yet acked."""
+
+    def read(self) -> Entries:
+        """The next batch, possibly empty."""
+
+
 class BatchHandler(Protocol):
     """What a service does with a batch; ``consume`` calls these in this order."""
 
@@ -364,7 +379,7 @@ class BatchHandler(Protocol):
         """Release connections."""
 
 
-def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHandler) -> int:
+def consume(process: WorkerProcess, consumer: Reader, handler: BatchHandler) -> int:
     """The life of a consumer worker process; returns its exit code."""
     process.install_signals()
     try:

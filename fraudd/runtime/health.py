@@ -257,7 +257,7 @@ def check_postgres(settings: Settings) -> None:
         conn.execute("SELECT 1")
 
 
-def health_problems(settings: Settings, client: redis.Redis) -> list[str]:
+def health_problems(settings: Settings, client: redis.Redis | RedisCluster) -> list[str]:
     """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
     PostgreSQL answer."""
     problems = []

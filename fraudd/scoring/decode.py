@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -53,7 +55,7 @@ _VALUE_BOUNDARY = re.compile(rb"\}\s*,")
 _CHANNELS = frozenset(("pos", "ecom", "atm"))
 # Event times from 2001 to 2100: anything outside is a unit mix-up (ms instead of s) or garbage.
 _EPOCH_MIN, _EPOCH_MAX = 978307200.0, 4102444800.0
-_NOTHING: dict = {}
+_NOTHING: dict[str, Any] = {}
 _NUMBER_TYPES = (int, float)
 _STR = {str}
 _FLOAT_OR_NONE = {float, type(None)}
@@ -62,6 +64,8 @@ _FLOAT_OR_NONE = {float, type(None)}
 _ESCAPED_NUL = b"\\u0000"
 _REQUIRED = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
 _TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset"
+_T = TypeVar("_T")
+_Default = TypeVar("_Default", str, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +123,11 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.entry_ids)
 
-    def take(self, rows: np.ndarray | list[int]) -> DecodedBatch:
+    def take(self, rows: np.ndarray | Sequence[int]) -> DecodedBatch:
         """The sub-batch of the given row positions (rejections are not carried over)."""
-        rows = list(rows)
-        pick = _picker(rows)
-        index = np.asarray(rows, dtype=np.intp)
+        positions = list(rows)
+        pick = _picker(positions)
+        index = np.asarray(positions, dtype=np.intp)
         return DecodedBatch(
             entry_ids=pick(self.entry_ids),
             transaction_id=pick(self.transaction_id),
@@ -143,7 +147,7 @@ class DecodedBatch:
         )
 
 
-def _picker(rows: list[int]):
+def _picker(rows: list[int]) -> Callable[[list[_T]], list[_T]]:
     return lambda column: [column[i] for i in rows]
 
 
@@ -167,7 +171,7 @@ def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedB
     return _columns(ok_ids, ok_payloads, objects, rejected)
 
 
-def _loads_joined(payloads: list[bytes]) -> list | None:
+def _loads_joined(payloads: list[bytes]) -> list[Any] | None:
     """One ``loads`` for the batch, or None when some payload needs the per-entry path."""
     if not payloads:
         return []
@@ -183,7 +187,7 @@ def _loads_joined(payloads: list[bytes]) -> list | None:
     return objects if len(objects) == len(payloads) else None
 
 
-def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
+def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]) -> object:
     value = json_value(payload)
     if isinstance(value, Problem):
         rejected.append(Rejected(entry_id, payload, value.reason, value.message))
@@ -194,14 +198,15 @@ def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
 _ALREADY_REJECTED = object()
 
 
-def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejected: list[Rejected]) -> DecodedBatch:
+def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], rejected: list[Rejected]) -> DecodedBatch:
     """Columns of the acceptable objects, built one column at a time.
 
     The common case is checked with a few list comprehensions over the batch; only rows that fail
     them (a bad field, or an RFC 3339 timestamp to parse) go through the per-row checks that name
     the reason.
     """
-    get = [o.get if o.__class__ is dict else _NOTHING.get for o in objects]
+    # Field values are whatever JSON held: the checks below, not the types, make them columns.
+    get: list[Callable[[str], Any]] = [o.get if o.__class__ is dict else _NOTHING.get for o in objects]
     txid = [g("transaction_id") for g in get]
     user = [g("user_id") for g in get]
     merchant = [g("merchant") for g in get]
@@ -272,16 +277,17 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
 def json_value(payload: bytes) -> object | Problem:
     """The payload's JSON value, or why it has none: not UTF-8, or not JSON."""
     try:
-        return orjson.loads(payload)
+        value: object = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:
             return Problem(REASON_NOT_UTF8, None, str(exc))
         return Problem(REASON_NOT_JSON, None, str(exc))
+    return value
 
 
-def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
+def check_payload(payload: bytes) -> tuple[dict[str, Any], float] | Problem:
     """One payload judged as ``decode_batch`` judges it: (the object, its event time in Unix
     seconds) when the worker would score it, else the problem it would be dead-lettered for."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -290,10 +296,10 @@ def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
     if isinstance(obj, Problem):
         return obj
     checked = check_object(obj)
-    return checked if isinstance(checked, Problem) else (obj, checked)
+    return checked if isinstance(checked, Problem) else (cast(dict[str, Any], obj), checked)
 
 
-def check_object(obj) -> float | Problem:
+def check_object(obj: object) -> float | Problem:
     """A decoded payload's event time (Unix seconds), or the first problem with its required fields.
 
     The callers bound the size of the payload: ``check_payload`` or, for an object that is written
@@ -322,7 +328,7 @@ def check_object(obj) -> float | Problem:
     return seconds
 
 
-def _timestamp(value) -> float | None:
+def _timestamp(value: Any) -> float | None:
     if value.__class__ in _NUMBER_TYPES:
         seconds = float(value)
     elif isinstance(value, str):
@@ -338,7 +344,7 @@ def _timestamp(value) -> float | None:
     return seconds if _EPOCH_MIN <= seconds < _EPOCH_MAX else None
 
 
-def _text(value, limit: int) -> str | None:
+def _text(value: Any, limit: int) -> str | None:
     return value if value.__class__ is str and 0 < len(value) <= limit and "\x00" not in value else None
 
 
@@ -347,7 +353,7 @@ def _text(value, limit: int) -> str | None:
 # any other column takes the per-value check.
 
 
-def _texts(values: list, limit: int) -> list[str | None]:
+def _texts(values: list[Any], limit: int) -> list[str | None]:
     """``_text`` of every value."""
     if (
         values
@@ -360,7 +366,7 @@ def _texts(values: list, limit: int) -> list[str | None]:
     return [_text(v, limit) for v in values]
 
 
-def _codes(values: list, length: int, default: str | None) -> list[str | None]:
+def _codes(values: list[Any], length: int, default: _Default) -> list[str | _Default]:
     """Every value upper-cased when it is a code of ``length`` ASCII letters, else ``default``."""
     if values and set(map(type, values)) == _STR and set(map(len, values)) == {length}:
         joined = "".join(values)
@@ -369,7 +375,7 @@ def _codes(values: list, length: int, default: str | None) -> list[str | None]:
     return [c.upper() if _is_code(c, length) else default for c in values]
 
 
-def _coordinates(values: list, limit: float) -> np.ndarray:
+def _coordinates(values: list[Any], limit: float) -> np.ndarray:
     """``_coordinate`` of every value."""
     if set(map(type, values)) <= _FLOAT_OR_NONE:
         column = np.array(values, dtype=np.float64)  # None becomes NaN
@@ -379,11 +385,11 @@ def _coordinates(values: list, limit: float) -> np.ndarray:
     return np.array([_coordinate(v, limit) for v in values], dtype=np.float64)
 
 
-def _is_code(value, length: int) -> bool:
+def _is_code(value: object, length: int) -> bool:
     return isinstance(value, str) and len(value) == length and value.isalpha() and value.isascii()
 
 
-def _coordinate(value, limit: float) -> float:
+def _coordinate(value: Any, limit: float) -> float:
     if value.__class__ in _NUMBER_TYPES and math.isfinite(value) and -limit <= value <= limit:
         return float(value)
     return math.nan

@@ -125,8 +125,8 @@ def _probability_output(session: ort.InferenceSession) -> str:
     outputs = session.get_outputs()
     for output in outputs:
         if output.name in ("probabilities", "output_probability"):
-            return output.name
-    return outputs[-1].name
+            return str(output.name)
+    return str(outputs[-1].name)
 
 
 def _vector(meta: dict[str, str], key: str, width: int, fill: float) -> np.ndarray:

@@ -53,12 +53,14 @@ from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import Alert, DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
 
+# What ``_bisected`` splits, and what each attempt on a part makes of it.
 _Part = TypeVar("_Part", DecodedBatch, ScoredBatch)
+_Done = TypeVar("_Done")
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
 # and alerts see "nothing declined" instead of "no data".
@@ -76,7 +78,7 @@ class Settlement:
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
     dead: list[DeadLetter]
-    payloads: dict[str, bytes]  # for dead letters found while storing
+    payloads: dict[str, bytes | None]  # for dead letters found while storing (None: no data field)
 
 
 class ScoringWorker:
@@ -90,7 +92,7 @@ class ScoringWorker:
         )
         self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
-        self._settling: tuple[Future, Settlement] | None = None
+        self._settling: tuple[Future[None], Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[Alert], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
@@ -230,8 +232,8 @@ class ScoringWorker:
         return settler.settle(work.entries.ids, alerts, work.dead, replies)
 
     def _bisected(
-        self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
-    ) -> tuple[list[_Part], list[Rejected]]:
+        self, part: _Part, attempt: Callable[[_Part], _Done], payloads: dict[str, bytes | None]
+    ) -> tuple[list[_Done], list[Rejected]]:
         """``attempt(part)``; when it fails as a whole, bisect down to the entries at fault.
 
         Outages never get here (``until_done`` waits them out), so what fails is the data: the
@@ -250,7 +252,7 @@ class ScoringWorker:
                     "entry cannot be processed",
                     extra={"event": "dead_lettered", "reason": REASON_PROCESSING, "entry_id": entry_id, "error": repr(exc)},
                 )
-                return [], [Rejected(entry_id, payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
+                return [], [Rejected(entry_id, payloads[entry_id] or b"", REASON_PROCESSING, repr(exc)[:500])]
             metrics.batch_failures.inc()
             log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(part), "error": repr(exc)})
             middle = len(part) // 2
@@ -290,7 +292,12 @@ class ScoringWorker:
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
         started = time.perf_counter()
-        shard.consumer.until_done(lambda: (shard.check(), self.store.store(scored)), "postgres")
+
+        def attempt() -> None:
+            shard.check()
+            self.store.store(scored)
+
+        shard.consumer.until_done(attempt, "postgres")
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
