@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 import psycopg
@@ -304,7 +304,7 @@ def status(**params) -> None:
             leases = [
                 client.get(Keys(stream, settings.fraud_stream, settings.dlq_stream).lease) for stream in settings.input_streams
             ]
-            owners = Counter(lease.split(":", 1)[1] for lease in leases if lease)
+            owners = Counter(str(lease).split(":", 1)[1] for lease in leases if lease)
             click.echo(
                 f"shards     {settings.shards}: {sum(owners.values())} owned, "
                 + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner")
@@ -393,6 +393,14 @@ def dlq() -> None:
     """Inspect, replay or purge the dead-letter stream."""
 
 
+# What XRANGE answers a client that does not decode: (entry id, fields).
+_RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _dlq_entries(client: redis.Redis | RedisCluster, settings: Settings, start: str = "-", end: str = "+") -> _RawEntries:
+    return cast(_RawEntries, client.xrange(settings.dlq_stream, start, end))
+
+
 def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
     from .runtime.redis_clients import redis_client
 
@@ -400,16 +408,16 @@ def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
 
 
 def _dlq_selection(
-    client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
-) -> list[tuple[str, dict]]:
+    client: redis.Redis | RedisCluster, settings: Settings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
+) -> list[tuple[str, dict[bytes, bytes]]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")
     if entry_ids:
-        entries = []
+        entries: _RawEntries = []
         for entry_id in entry_ids:
-            entries += client.xrange(settings.dlq_stream, entry_id, entry_id)
+            entries += _dlq_entries(client, settings, entry_id, entry_id)
     else:
-        entries = client.xrange(settings.dlq_stream)
+        entries = _dlq_entries(client, settings)
     return [(i.decode(), f) for i, f in entries if reason is None or f.get(b"reason", b"").decode() == reason]
 
 
@@ -422,7 +430,7 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
     settings = settings_from(params)
     client = _dlq_client(settings)
     shown = 0
-    for entry_id, fields in client.xrange(settings.dlq_stream):
+    for entry_id, fields in _dlq_entries(client, settings):
         text = {k.decode(): v for k, v in fields.items()}
         if reason is not None and text.get("reason", b"").decode() != reason:
             continue

@@ -437,7 +437,8 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
         "TLS private key (PEM), with --tls-cert.",
     ),
-] + [option for option in OPTIONS if option[0] in _SHARED_WITH_INGEST]
+    *(option for option in OPTIONS if option[0] in _SHARED_WITH_INGEST),
+]
 
 
 @dataclass(frozen=True, slots=True)

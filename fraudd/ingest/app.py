@@ -186,7 +186,7 @@ class Ingest:
         problem = auth.signature_problem(
             key, request.headers.get(auth.TIMESTAMP_HEADER), signature, body, self.settings.signature_window_s
         )
-        if problem is None:
+        if problem is None and signature is not None:  # (a missing signature is a problem)
             marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION) :]
             # Kept until its timestamp leaves the window (plus a second): a replay after that is
             # refused by the timestamp alone, so markers live at most one window on average.
@@ -250,7 +250,10 @@ class Ingest:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document()))) for label in labels]
+        commands = [
+            hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document())))  # type: ignore[arg-type]  # the stub: a 1-tuple
+            for label in labels
+        ]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:
@@ -321,7 +324,7 @@ class Ingest:
 def _observed(route: str, handler: Handler, tally: ingest_metrics.Tally) -> Handler:
     """``handler`` answering refusals as JSON and counted in ``/metrics`` by route and status."""
 
-    async def observed(request: web.BaseRequest) -> web.Response:
+    async def observed(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         request["started"] = started
         try:
@@ -497,8 +500,10 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
         if len(payload) > MAX_PAYLOAD_BYTES:
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
-        result = check_object(obj)
+        event_time = check_object(obj)
         checked.append(
-            result if isinstance(result, Problem) else Submission(obj["transaction_id"], obj["user_id"], result, payload)
+            event_time
+            if isinstance(event_time, Problem)
+            else Submission(obj["transaction_id"], obj["user_id"], event_time, payload)
         )
     return checked

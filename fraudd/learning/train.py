@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightgbm
 import numpy as np
@@ -39,7 +40,7 @@ REVIEW_FPR = 0.01
 DECLINE_FPR = 0.001
 # Below this many fraudulent transactions in a part of the split, its figures are noise.
 MIN_POSITIVES = {"fit": 50, "tune": 10, "holdout": 10}
-LIGHTGBM_PARAMS = dict(
+LIGHTGBM_PARAMS: dict[str, Any] = dict(
     objective="binary",
     n_estimators=120,
     num_leaves=15,
@@ -245,7 +246,7 @@ def evaluate(scores: np.ndarray, data: Dataset, review: float, decline: float) -
     fraud = data.is_fraud
     legit = ~fraud
     at_1pct = threshold_at_fpr(scores, fraud, 0.01)
-    result = {
+    result: dict[str, Any] = {
         "transactions": int(len(fraud)),
         "fraud": int(fraud.sum()),
         "pr_auc": round(float(average_precision_score(fraud, scores)), 4),
@@ -277,6 +278,11 @@ def fit(train: Dataset, columns: list[int], seed: int) -> lightgbm.LGBMClassifie
     return classifier
 
 
+def fraud_probability(classifier: lightgbm.LGBMClassifier, matrix: np.ndarray) -> np.ndarray:
+    """The classifier's probability of the fraud class for each row."""
+    return np.asarray(classifier.predict_proba(matrix))[:, 1]
+
+
 @dataclass
 class Trained:
     """A fitted model with its thresholds and held-out figures, ready to export."""
@@ -305,17 +311,17 @@ def train(
     all_columns = list(range(len(FEATURE_NAMES)))
     progress(f"fitting on {len(fit_part):,} transactions ({int(fit_part.is_fraud.sum()):,} fraud)")
     classifier = fit(fit_part, all_columns, seed)
-    tune_scores = classifier.predict_proba(tune.matrix)[:, 1]
+    tune_scores = fraud_probability(classifier, tune.matrix)
     review = threshold_at_fpr(tune_scores, tune.is_fraud, review_fpr)
     decline = threshold_at_fpr(tune_scores, tune.is_fraud, decline_fpr)
-    metrics = evaluate(classifier.predict_proba(holdout.matrix)[:, 1], holdout, review, decline)
+    metrics = evaluate(fraud_probability(classifier, holdout.matrix), holdout, review, decline)
 
     progress("fitting the single-message baseline")
     message_columns = [FEATURE_NAMES.index(name) for name in MESSAGE_FEATURES]
     baseline = fit(fit_part, message_columns, seed)
-    baseline_tune_scores = baseline.predict_proba(tune.matrix[:, message_columns])[:, 1]
+    baseline_tune_scores = fraud_probability(baseline, tune.matrix[:, message_columns])
     baseline_metrics = evaluate(
-        baseline.predict_proba(holdout.matrix[:, message_columns])[:, 1],
+        fraud_probability(baseline, holdout.matrix[:, message_columns]),
         holdout,
         threshold_at_fpr(baseline_tune_scores, tune.is_fraud, review_fpr),
         threshold_at_fpr(baseline_tune_scores, tune.is_fraud, decline_fpr),

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from . import metrics
 from .process import BootError, WorkerProcess
@@ -117,15 +118,23 @@ def _extra_fields(fields: list[bytes]) -> dict[bytes, bytes]:
 
 
 class ConsumerOptions(Protocol):
-    """The settings a consumer reads; every service's settings carry these names."""
+    """The settings a consumer reads; every service's settings carry these names (read-only: the
+    settings are frozen)."""
 
-    stream: str
-    group: str
-    batch_size: int
-    block_ms: int
-    claim_idle_ms: int
-    max_deliveries: int
-    shutdown_timeout_s: float
+    @property
+    def stream(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def block_ms(self) -> int: ...
+    @property
+    def claim_idle_ms(self) -> int: ...
+    @property
+    def max_deliveries(self) -> int: ...
+    @property
+    def shutdown_timeout_s(self) -> float: ...
 
 
 class StreamConsumer:
@@ -141,7 +150,7 @@ class StreamConsumer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         options: ConsumerOptions,
         name: str,
         process: WorkerProcess,
@@ -416,7 +425,7 @@ def consume(process: WorkerProcess, consumer: Reader, handler: BatchHandler) -> 
     return 0
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+def ensure_group(client: redis.Redis | RedisCluster, stream: str, group: str) -> bool:
     """Create the consumer group from the stream's beginning if missing; True if it was created."""
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)

@@ -45,7 +45,7 @@ class WorkerProcess:
         # The supervisor's pid as it knew it before the fork: had it died before this line, getppid()
         # would already name the process that adopted the orphan, which then never looks orphaned.
         self._parent = parent_pid if parent_pid is not None else os.getppid()
-        self._wakers: list[Callable[[], None]] = []
+        self._wakers: list[Callable[[], object]] = []
 
     def install_signals(self) -> None:
         try:
@@ -57,7 +57,7 @@ class WorkerProcess:
         signal.signal(signal.SIGHUP, self._on_reload)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
-    def wake_on_signal(self, waker: Callable[[], None]) -> None:
+    def wake_on_signal(self, waker: Callable[[], object]) -> None:
         """Call ``waker`` (e.g. an event loop's thread-safe wake-up) after every stop or reload signal."""
         self._wakers.append(waker)
 

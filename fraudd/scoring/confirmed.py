@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.keys import Keys
 
@@ -93,7 +94,7 @@ class ConfirmedFraud:
     devices, IPs and cards to Redis.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, keys: Keys) -> None:
         self._redis = client
         self._keys = [f"{keys.prefix}confirmed:{kind}" for kind in KINDS]
         self._sweep_keys = [f"{keys.prefix}confirmed:sweep:{kind}" for kind in KINDS]

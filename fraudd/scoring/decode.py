@@ -151,7 +151,7 @@ def _picker(rows: list[int]) -> Callable[[list[_T]], list[_T]]:
     return lambda column: [column[i] for i in rows]
 
 
-def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedBatch:
+def decode_batch(entry_ids: Sequence[str], payloads: Sequence[bytes | None]) -> DecodedBatch:
     """Validate and decode one batch. Never raises on bad input: bad entries become ``rejected``."""
     rejected: list[Rejected] = []
     ok_ids: list[str] = []
