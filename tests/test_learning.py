@@ -14,7 +14,7 @@ import redis
 from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
-from fraudd.learning.labels import parse_labels, publish_labels
+from fraudd.learning.labels import parse_labels
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
     COMPROMISED_TERMINAL,
@@ -32,7 +32,7 @@ from fraudd.scoring.model import FraudModel
 
 from .conftest import Namespace, wait_for
 from .services import drain
-from .streams import fully_drained
+from .streams import fully_drained, publish_labels
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
 

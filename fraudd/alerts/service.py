@@ -19,8 +19,8 @@ import redis
 
 from ..config import AlertSettings, Settings
 from ..runtime import metrics
-from ..runtime.consumer import REASON_MAX_DELIVERIES, Entries, StreamConsumer, consume
-from ..runtime.deadletters import DeadLetterSettler
+from ..runtime.consumer import Entries, StreamConsumer, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
@@ -112,7 +112,7 @@ class AlertWorker:
         rejected = self.consumer.until_done(lambda: self.sender.handle(fresh.ids, fresh.payloads), "postgres")
         letters = self.settler.poison_letters(poison)
         letters += [
-            self.settler.letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
+            self.settler.letter(r.entry_id, r.payload, r.reason, r.detail, entries.deliveries.get(r.entry_id, 1))
             for r in rejected
         ]
         self.consumer.until_done(lambda: self.settler.settle(entries.ids, letters), "redis")

@@ -24,9 +24,9 @@ from redis.cluster import RedisCluster
 
 from ..config import IngestSettings
 from ..keys import Keys
-from ..learning.labels import parse_labels
+from ..learning.labels import label_entries, parse_labels
 from ..runtime.health import group_state
-from ..runtime.redis_clients import AsyncNodes, redis_client
+from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -140,7 +140,7 @@ class Ingest:
             try:
                 lags.append(group_state(self._lag_client, stream, s.group).lag)
             except redis.ResponseError as exc:
-                if "no such key" not in str(exc):
+                if redis_error_code(exc) != NO_SUCH_KEY:
                     raise
         return max(lags)
 
@@ -250,10 +250,7 @@ class Ingest:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [
-            hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document())))  # type: ignore[arg-type]  # the stub: a 1-tuple
-            for label in labels
-        ]
+        commands = [hiredis.pack_command(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:

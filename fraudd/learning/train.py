@@ -1,7 +1,7 @@
 """Training a model on labelled history with the daemon's own feature code (``fraudd train``).
 
 Features are computed by streaming the history, in time order, through the daemon's own
-``FeatureStore`` on a scratch key prefix that is deleted afterwards, so the model is trained on
+``SharedFeatureStore`` on a scratch key prefix that is deleted afterwards, so the model is trained on
 exactly what the live pipeline computes. The split is by time: the most recent part is held out
 for the model card's figures, the part before it sets the thresholds, the rest fits the trees.
 
@@ -33,7 +33,8 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import model as model_meta
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES
+from fraudd.scoring.features_shared import SharedFeatureStore
 
 BATCH = 1000
 REVIEW_FPR = 0.01
@@ -94,9 +95,9 @@ def _quiet(_message: str) -> None:
 
 
 def featurize(client: redis.Redis, history: History, progress: Progress = _quiet) -> Dataset:
-    """The live features of ``history``, computed by the daemon's FeatureStore in its order."""
+    """The live features of ``history``, computed by the daemon's feature store in its order."""
     scratch = Keys(f"fraudd-train-{uuid.uuid4().hex}:raw", "unused:fraud", "unused:dlq")
-    store = FeatureStore(client, scratch, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, scratch, dedup_window_ms=3_600_000)
     payloads = history.payloads
     parts, timestamps = [], []
     started = last_report = time.monotonic()
@@ -388,7 +389,7 @@ metadata.
 
 ## Data
 {data_section}
-Features come from the daemon's own FeatureStore, so offline and live features are the same
+Features come from the daemon's own feature store, so offline and live features are the same
 computation.
 
 ## Held-out results

@@ -32,7 +32,7 @@ from redis.cluster import RedisCluster
 
 from . import metrics
 from .process import BootError, WorkerProcess
-from .redis_clients import on_node
+from .redis_clients import on_node, redis_error_code
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,6 @@ class Entries:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +244,7 @@ class StreamConsumer:
         The group vanishes when Redis loses its data, and the entries read from it with it: the
         service goes on with what arrives next instead of stopping.
         """
-        if "NOGROUP" not in str(exc):
+        if redis_error_code(exc) != "NOGROUP":
             raise exc
         log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
         ensure_group(self.redis, self.options.stream, self.options.group)
@@ -430,7 +427,7 @@ def ensure_group(client: redis.Redis | RedisCluster, stream: str, group: str) ->
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
+        if redis_error_code(exc) == "BUSYGROUP":
             return False
         raise
     return True

@@ -26,7 +26,7 @@ from redis.cluster import RedisCluster
 from ..config import Settings
 from ..schema import connect, ensure_partitions
 from . import metrics
-from .redis_clients import redis_client
+from .redis_clients import NO_SUCH_KEY, redis_client, redis_error_code
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def group_state(client: redis.Redis | RedisCluster, stream: str, group: str) -> 
     try:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
+        if redis_error_code(exc) != NO_SUCH_KEY:
             raise
         return GroupState(0, 0, 0.0, [])
     info = next((g for g in groups if g["name"] == group), None)

@@ -13,6 +13,8 @@ import time
 import redis
 from redis.cluster import RedisCluster
 
+from .redis_clients import NO_SUCH_KEY, redis_error_code
+
 
 def _entry_id(text: str) -> tuple[int, int]:
     ms, _, seq = text.partition("-")
@@ -45,7 +47,7 @@ def trim_acked(client: redis.Redis | RedisCluster, stream: str, retention_s: flo
     try:
         bound = trim_bound(client, stream, retention_s)
     except redis.ResponseError as exc:
-        if "no such key" in str(exc):
+        if redis_error_code(exc) == NO_SUCH_KEY:
             return 0
         raise
     if bound is None:

@@ -29,6 +29,7 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import time
@@ -43,17 +44,19 @@ import redis
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
-from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
-from .features import FEATURE_NAMES, Features, Fenced
+from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
+from .features import FEATURE_NAMES, Features
+from .leases import Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .shards import Shard, ShardReader
-from .sinks import Alert, DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -77,7 +80,7 @@ class Settlement:
     shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
-    dead: list[DeadLetter]
+    dead: list[Rejected]
     payloads: dict[str, bytes | None]  # for dead letters found while storing (None: no data field)
 
 
@@ -175,16 +178,16 @@ class ScoringWorker:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
-        dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
+        dead = [Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        dead += _delivered(batch.rejected, deliveries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        work.dead += _delivered(failed, deliveries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -210,7 +213,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
+            work.dead += _delivered(failed, work.entries.deliveries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -221,7 +224,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[Alert], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
@@ -301,7 +304,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
-    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+    def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
         for scored in stored:
             counts = np.bincount(scored.decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
@@ -320,11 +323,16 @@ class ScoringWorker:
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
             # (each entry, with its reason and detail, is in the DLQ stream).
-            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            reasons = collections.Counter(rejected.reason for rejected in dead)
             for reason, count in reasons.items():
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+
+def _delivered(rejected: list[Rejected], deliveries: dict[str, int]) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once)."""
+    return [dataclasses.replace(r, deliveries=deliveries.get(r.entry_id, 1)) for r in rejected]
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
