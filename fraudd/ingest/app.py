@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hiredis
 import orjson
 import redis
 from aiohttp import web
@@ -27,6 +26,7 @@ from ..keys import Keys
 from ..learning.labels import label_entries, parse_labels
 from ..runtime.health import group_state
 from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
+from ..runtime.redis_wire import pack
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -250,7 +250,7 @@ class Ingest:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [hiredis.pack_command(command) for command in label_entries(stream, labels)]
+        commands = [pack(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:

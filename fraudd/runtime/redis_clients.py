@@ -16,7 +16,6 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar, overload
 
-import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -26,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
 from ..keys import hash_tag
-from .redis_wire import refresh_slots, refresh_slots_async, round_trip_async
+from .redis_wire import pack, refresh_slots, refresh_slots_async, round_trip_async
 
 _T = TypeVar("_T")
 
@@ -321,4 +320,4 @@ class AsyncNodes:
         await self._map.aclose()
 
 
-_WAIT: bytes = hiredis.pack_command(("WAIT", 1, REPLICA_WAIT_MS))  # type: ignore[arg-type]  # the stub: a 1-tuple
+_WAIT = pack(("WAIT", 1, REPLICA_WAIT_MS))

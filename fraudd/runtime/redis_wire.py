@@ -18,6 +18,7 @@ connection left usable, and ``RedisCluster.nodes_manager.initialize()`` learning
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import hiredis
 import redis
@@ -28,7 +29,13 @@ from redis.cluster import RedisCluster
 Command = Sequence[object]
 
 
-def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list:
+def pack(command: Command) -> bytes:
+    """``command`` in the Redis protocol, packed by hiredis in one C call."""
+    packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]  # its stub takes a 1-tuple
+    return packed
+
+
+def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """The raw replies of ``commands``, sent to ``client`` in one write and read back in order.
 
     Every reply is read, so an error reply leaves no other on the connection; the first error is
@@ -39,8 +46,9 @@ def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list:
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([hiredis.pack_command(tuple(c)) for c in commands], check_health=False)
-            replies, error = [], None
+            conn.send_packed_command([pack(c) for c in commands], check_health=False)
+            replies: list[Any] = []
+            error: redis.ResponseError | None = None
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
@@ -64,15 +72,14 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
     ``key`` is WATCHed and read in one round trip, the transaction sent in a second; an error reply
     of one of ``commands`` is raised. Whatever breaks off closes the connection, which may be left
     with a WATCH or an open MULTI."""
-    transaction = [hiredis.pack_command(("MULTI",)), *(hiredis.pack_command(tuple(c)) for c in commands)]
-    transaction.append(hiredis.pack_command(("EXEC",)))
+    transaction = [pack(("MULTI",)), *map(pack, commands), pack(("EXEC",))]
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command([hiredis.pack_command(("WATCH", key)), hiredis.pack_command(("GET", key))], check_health=False)
+        conn.send_packed_command([pack(("WATCH", key)), pack(("GET", key))], check_health=False)
         conn.read_response()
         if conn.read_response() != value:
-            conn.send_packed_command([hiredis.pack_command(("UNWATCH",))], check_health=False)
+            conn.send_packed_command([pack(("UNWATCH",))], check_health=False)
             conn.read_response()
             return False
         conn.send_packed_command(transaction, check_health=False)
@@ -90,8 +97,8 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
         pool.release(conn)
 
 
-async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list:
-    """The raw replies of the already packed (``hiredis.pack_command``) commands, sent to ``client``
+async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list[Any]:
+    """The raw replies of the already packed (``pack``) commands, sent to ``client``
     in one write; the first error reply is raised. Whatever was cut off mid-reply closes the
     connection, so the next user of it does not read it."""
     pool = client.connection_pool

@@ -21,6 +21,7 @@ labels changed it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -121,7 +122,7 @@ class ConfirmedFraud:
 
     def counts(
         self,
-        columns: tuple[list[str | None], ...],
+        columns: tuple[Sequence[str | None], ...],
         event_ms: np.ndarray,
         version: bytes | None | Literal[_Unread.UNREAD] = _Unread.UNREAD,
     ) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis
@@ -97,7 +97,7 @@ HIGH_RISK_MCC = frozenset(
         "7995",
     )
 )
-_CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
+_CHANNEL_CODES: dict[str | None, float] = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
@@ -174,7 +174,7 @@ def stored_states(client: redis.Redis | RedisCluster, keys: Keys, users: list[st
     return [next((s for s in states if s is not None), None) for states in zip(*pipe.execute())]
 
 
-def load_library(client: redis.Redis) -> None:
+def load_library(client: redis.Redis | RedisCluster) -> None:
     """(Re)install the Function library; REPLACE makes it safe to call from every worker."""
     client.function_load(_LIBRARY, replace=True)
 
@@ -213,7 +213,7 @@ class Prepared:
 
 # What a store computes per batch: the behaviour columns, the blocklist flags (per BLOCKLIST_KINDS,
 # '0'/'1' per distinct value) and the reply of the command it was asked to send along.
-Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], object]]
+Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], Any]]
 
 
 def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
@@ -231,7 +231,7 @@ def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_o
     matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
     matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
     matrix[:, len(MESSAGE_FEATURES) :] = behaviour_columns
-    columns = (batch.merchant, batch.device_id, batch.ip, batch.country)
+    columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
     blocked = {
         kind: _flags(column, values, flags)
         for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
@@ -278,11 +278,11 @@ class Markers:
     def ids(self, transaction_ids: list[str]) -> list[str]:
         return [transaction_ids[i] for i in self.rows.tolist()]
 
-    def pairs(self, transaction_ids: list[str]) -> list:
+    def pairs(self, transaction_ids: list[str]) -> list[Any]:
         """(transaction id, offset) of each marker, flat: the fields and values of the buckets' HSETs."""
         return interleave(self.ids(transaction_ids), self.offset_ms.tolist())
 
-    def found(self, seen: list, tx: behaviour.Transactions) -> list[int]:
+    def found(self, seen: list[Any], tx: behaviour.Transactions) -> list[int]:
         """Mark the rows whose marker a Function found stored (``seen``: flat pairs of 1-based marker
         number and stored offset) as seen, at their original's event time; their marker numbers."""
         numbers = []
@@ -295,9 +295,9 @@ class Markers:
         return numbers
 
 
-def interleave(first: Sequence, second: Sequence) -> list:
+def interleave(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
     """``first[0], second[0], first[1], ...``: field/value pairs as HSET takes them."""
-    pairs: list = [None] * (2 * len(first))
+    pairs: list[Any] = [None] * (2 * len(first))
     pairs[0::2], pairs[1::2] = first, second
     return pairs
 
@@ -326,11 +326,11 @@ class ShardCalls:
         self.node: redis.Redis | None = None
         load_library(client)
 
-    def round_trip(self, commands: list[Command]) -> list:
+    def round_trip(self, commands: list[Command]) -> list[Any]:
         """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``)."""
         return on_node(self.client, self.keys.stream, lambda client: round_trip(client, commands), self.node)
 
-    def fcall(self, function: str, keys: list[str], args: list, *also: Command) -> tuple[list, object]:
+    def fcall(self, function: str, keys: list[str], args: list[Any], *also: Command) -> tuple[list[Any], Any]:
         """The function's reply, and the reply of the command ``also`` if any, in one round trip."""
         commands = [("FCALL", function, len(keys), *keys, *args), *also]
         try:
@@ -346,7 +346,8 @@ class ShardCalls:
 
 def _prepare(batch: DecodedBatch) -> Prepared:
     n = len(batch)
-    distinct_merchants, distinct_devices = dict.fromkeys(batch.merchant), dict.fromkeys(batch.device_id)
+    distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
+    distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
     # Users numbered in order of first appearance; each row's original (first in batch order).
     users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
     user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
@@ -374,31 +375,32 @@ def _prepare(batch: DecodedBatch) -> Prepared:
     return Prepared(tx, copy, original, names, distinct)
 
 
-def _hashes(values: list[str | None], distinct: dict | None = None) -> np.ndarray:
+def _hashes(values: Sequence[str | None], distinct: dict[str | None, None] | None = None) -> np.ndarray:
     """Stable 32-bit ids (crc32; 0 means absent, so a real 0 becomes 1) for the state's lists.
 
     ``distinct``: the values' ``dict.fromkeys`` when the caller has it already."""
-    ids = dict.fromkeys(values) if distinct is None else dict(distinct)
-    ids.pop(None, None)
-    ids = dict(zip(ids, [h or 1 for h in map(zlib.crc32, map(str.encode, ids))]))
+    present = dict.fromkeys(values) if distinct is None else dict(distinct)
+    present.pop(None, None)
+    names = cast(dict[str, None], present)  # None popped
+    ids: dict[str | None, int] = dict(zip(names, [h or 1 for h in map(zlib.crc32, map(str.encode, names))]))
     ids[None] = 0
     return np.fromiter(map(ids.__getitem__, values), np.int64, len(values))
 
 
 def _country_codes(countries: list[str | None]) -> np.ndarray:
     """Alpha-2 codes as 16 bits (both letters), 0 when absent."""
-    codes = {c: (ord(c[0]) << 8) | ord(c[1]) for c in set(countries) if c is not None}
+    codes: dict[str | None, int] = {c: (ord(c[0]) << 8) | ord(c[1]) for c in set(countries) if c is not None}
     codes[None] = 0
     return np.fromiter((codes[c] for c in countries), np.int64, len(countries))
 
 
-def _distinct(values: dict) -> list[str]:
+def _distinct(values: dict[str | None, None]) -> list[str]:
     """The column's distinct values (its ``dict.fromkeys``), in order, that can be looked up."""
     # NUL separates the values inside the call; a value holding one can't be blocklisted anyway.
     return [v for v in values if v is not None and "\0" not in v]
 
 
-def _flags(column: list[str | None], values: list[str], flags: bytes) -> np.ndarray:
+def _flags(column: Sequence[str | None], values: list[str], flags: bytes) -> np.ndarray:
     if b"1" not in flags:
         return np.zeros(len(column), dtype=bool)
     hit = {v for v, f in zip(values, flags.decode()) if f == "1"}

@@ -42,7 +42,8 @@ MAX_COMMIT_ATTEMPTS = 20
 # the user had no state.
 STAMP_SIZE = 12
 _ABSENT = bytes(STAMP_SIZE)
-assert behaviour.STATE.names[:2] == ("head_ms", "n") and behaviour.STATE.fields["n"][1] + 4 == STAMP_SIZE
+_FIELDS = behaviour.STATE.fields
+assert _FIELDS is not None and list(_FIELDS)[:2] == ["head_ms", "n"] and _FIELDS["n"][1] + 4 == STAMP_SIZE
 
 
 class SharedFeatureStore:
@@ -102,7 +103,7 @@ class SharedFeatureStore:
         states: behaviour.States,
         sub: behaviour.Transactions,
         rows: np.ndarray,
-        blobs: list,
+        blobs: list[bytes | None],
         pending: np.ndarray,
         names: list[str],
         transaction_ids: list[str],

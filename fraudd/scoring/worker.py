@@ -165,6 +165,7 @@ class ScoringWorker:
         """Decode and score this read, then hand it to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         shard = self.reader.current
+        assert shard is not None, "read() names the shard of what it returns"
         try:
             self._process(shard, entries)
         except Fenced as exc:
