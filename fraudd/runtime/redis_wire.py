@@ -26,13 +26,8 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
-Command = Sequence[object]
-
-
-def pack(command: Command) -> bytes:
-    """``command`` in the Redis protocol, packed by hiredis in one C call."""
-    packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]  # its stub takes a 1-tuple
-    return packed
+# A command and its arguments as hiredis packs them.
+Command = tuple[str | bytes | int | float, ...]
 
 
 def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
@@ -72,7 +67,8 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
     ``key`` is WATCHed and read in one round trip, the transaction sent in a second; an error reply
     of one of ``commands`` is raised. Whatever breaks off closes the connection, which may be left
     with a WATCH or an open MULTI."""
-    transaction = [pack(("MULTI",)), *map(pack, commands), pack(("EXEC",))]
+    transaction = [pack(("MULTI",)), *(pack(c) for c in commands)]
+    transaction.append(pack(("EXEC",)))
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
@@ -95,6 +91,13 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
         raise
     finally:
         pool.release(conn)
+
+
+def pack(command: Command) -> bytes:
+    """``command`` in the Redis protocol, packed by hiredis in one C call."""
+    # hiredis's stub types the command as a tuple of one argument.
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
 
 
 async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list[Any]:

@@ -330,7 +330,7 @@ class ShardCalls:
         """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``)."""
         return on_node(self.client, self.keys.stream, lambda client: round_trip(client, commands), self.node)
 
-    def fcall(self, function: str, keys: list[str], args: list[Any], *also: Command) -> tuple[list[Any], Any]:
+    def fcall(self, function: str, keys: list[str], args: list[Any], *also: Command) -> tuple[list[Any], object]:
         """The function's reply, and the reply of the command ``also`` if any, in one round trip."""
         commands = [("FCALL", function, len(keys), *keys, *args), *also]
         try:

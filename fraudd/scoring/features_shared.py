@@ -42,8 +42,8 @@ MAX_COMMIT_ATTEMPTS = 20
 # the user had no state.
 STAMP_SIZE = 12
 _ABSENT = bytes(STAMP_SIZE)
-_FIELDS = behaviour.STATE.fields
-assert _FIELDS is not None and list(_FIELDS)[:2] == ["head_ms", "n"] and _FIELDS["n"][1] + 4 == STAMP_SIZE
+assert behaviour.STATE.names is not None and behaviour.STATE.fields is not None
+assert behaviour.STATE.names[:2] == ("head_ms", "n") and behaviour.STATE.fields["n"][1] + 4 == STAMP_SIZE
 
 
 class SharedFeatureStore:

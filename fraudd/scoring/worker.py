@@ -5,8 +5,9 @@ The batch loop, top to bottom (DESIGN.md):
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries; the runtime's
               ``StreamConsumer``)
     decode    one orjson call; invalid entries become dead letters
-    features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
-              (compare-and-set of the states, dedup markers, blocklist lookups)
+    features  numpy over the users' states, read in one round trip and committed with the dedup
+              markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
+              the shared state, a fenced MULTI/EXEC on an owned shard's)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds
     copy      one COPY of every decision into PostgreSQL (durable first)
