@@ -30,3 +30,14 @@ def test_error_codes_of_real_replies(redis_client: redis.Redis) -> None:
         assert redis_error_code(_error(lambda: redis_client.xinfo_groups(f"{stream}:absent"))) == NO_SUCH_KEY
     finally:
         redis_client.delete(stream)
+
+
+def test_error_codes_of_a_pipelines_replies(redis_client: redis.Redis) -> None:
+    # redis-py tells which command of a pipeline failed in front of the reply (the lease grant on a
+    # Redis Cluster is FCALL and WAIT in one pipeline).
+    pipeline = redis_client.pipeline(transaction=False)
+    pipeline.fcall(f"fraudd_absent_{uuid.uuid4().hex[:8]}", 0)
+    pipeline.execute_command("WAIT", 0, 0)
+    assert redis_error_code(_error(pipeline.execute)) == FUNCTION_NOT_FOUND
+    pipeline.xreadgroup("nobody", "c", {f"test-errors-{uuid.uuid4().hex[:10]}": ">"})
+    assert redis_error_code(_error(pipeline.execute)) == "NOGROUP"

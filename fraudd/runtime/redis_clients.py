@@ -109,7 +109,8 @@ def redis_error_code(exc: redis.ResponseError) -> str:
     """Which error Redis replied: the code it starts the reply with (``NOGROUP``, ``BUSYGROUP``, or
     ``FENCED`` from fraudd's own scripts), or for the generic ``ERR``, whose code redis-py drops,
     the message in lower case (``FUNCTION_NOT_FOUND``, ``NO_SUCH_KEY``)."""
-    message = str(exc)
+    # A pipeline's error names the command in front of the reply (redis-py's annotate_exception).
+    message = str(exc).rsplit(" of pipeline caused error: ", 1)[-1]
     code = message.split(" ", 1)[0]
     return code if code.isupper() and code.isalpha() else message.lower()
 
