@@ -16,7 +16,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,8 @@ def featurize(client: redis.Redis, history: History, progress: Progress = _quiet
                 raise TrainingError(f"{history.source} {where}: {bad.reason}: {bad.detail}")
             parts.append(store.compute(batch).matrix)
             timestamps.append(batch.timestamp)
-            for column, values in zip(entities, (batch.merchant, batch.device_id, batch.ip, batch.card_id)):
+            values_of: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.card_id)
+            for column, values in zip(entities, values_of):
                 column.extend(values)
             done = start + len(chunk)
             now = time.monotonic()

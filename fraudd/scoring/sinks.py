@@ -88,7 +88,7 @@ class ScoredBatch:
     score: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -349,7 +349,7 @@ class BatchDecisions(NamedTuple):
     scores: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
 
 
 def score_batch(
@@ -372,7 +372,7 @@ def score_batch(
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
-    explanations: list[dict | None] = [None] * len(scores)
+    explanations: list[dict[str, Any] | None] = [None] * len(scores)
     if explain:
         flagged = np.flatnonzero(decision > 0)
         model_reasons, documents = model.explain(inputs[flagged])
