@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import redis
 
+from .. import shard_counts
 from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
@@ -52,6 +53,7 @@ from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
+from .dedup import CarriedOver
 from .features import FEATURE_NAMES, Features
 from .leases import Fenced
 from .model import FraudModel, ModelError
@@ -106,6 +108,10 @@ class ScoringWorker:
         self.model = _load_model(s)
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
+        self.carried_over = CarriedOver(
+            s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+        )
         self.thresholds = _thresholds(s, self.model)
         self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
@@ -179,17 +185,21 @@ class ScoringWorker:
     def _process(self, shard: Shard, entries: Entries) -> None:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
-        deliveries = entries.deliveries
-        dead = [Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
+        dead = [
+            Rejected(
+                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
+            )
+            for p in poison
+        ]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += _delivered(batch.rejected, deliveries)
+        dead += _delivered(batch.rejected, entries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += _delivered(failed, deliveries)
+        work.dead += _delivered(failed, entries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -215,7 +225,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += _delivered(failed, work.entries.deliveries)
+            work.dead += _delivered(failed, work.entries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -265,9 +275,20 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
+    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
+        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+        now_ms = int(time.time() * 1000)
+        adopted = self.carried_over.adopt(self.redis, shard.keys, batch.transaction_id, batch.user_id, batch.timestamp, now_ms)
+        if adopted:
+            log.info(
+                "transactions seen under an earlier shard count",
+                extra={"event": "carried_over", "transactions": adopted},
+            )
+        return shard.features.compute(batch)
+
     def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
-        features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
+        features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
@@ -333,9 +354,13 @@ class ScoringWorker:
         metrics.alerts_written.inc(alerts)
 
 
-def _delivered(rejected: list[Rejected], deliveries: dict[str, int]) -> list[Rejected]:
-    """``rejected`` with how often each entry was delivered (1 for those read once)."""
-    return [dataclasses.replace(r, deliveries=deliveries.get(r.entry_id, 1)) for r in rejected]
+def _delivered(rejected: list[Rejected], entries: Entries) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once), and the fields
+    an entry without data keeps (``Entries.kept_fields``)."""
+    return [
+        dataclasses.replace(r, deliveries=entries.deliveries.get(r.entry_id, 1), kept=entries.kept_fields(r.entry_id, r.payload))
+        for r in rejected
+    ]
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
@@ -423,6 +448,11 @@ def _load_rules(settings: Settings) -> Rules:
 def service(settings: Settings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings)
+
+    def housekeeping() -> None:
+        housekeeper.run_once()
+        housekeeper.keep_input()
+
     return Service(
         name="fraudd",
         workers=settings.workers,
@@ -431,7 +461,7 @@ def service(settings: Settings) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         metrics_port=settings.metrics_port,
-        housekeeping=housekeeper.run_once,
+        housekeeping=housekeeping,
         health_problems=lambda: health_problems(settings, housekeeper.redis),
         summary=housekeeper.summary,
     )
