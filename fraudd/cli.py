@@ -557,7 +557,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
         for _id, fields in others:
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
         for source, kept in as_they_were:
-            pipe.xadd(source, kept)
+            pipe.xadd(source, kept)  # type: ignore[arg-type]  # redis-py types the fields as an invariant dict of unions
         pipe.execute()
     if alerts:
         with _connect_postgres(settings) as conn:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from ..keys import Keys, shard_of, shard_stream
 
@@ -110,7 +111,7 @@ class CarriedOver:
 
     def adopt(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         keys: Keys,
         transaction_ids: Sequence[str],
         user_ids: Sequence[str],
