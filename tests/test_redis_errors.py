@@ -32,12 +32,14 @@ def test_error_codes_of_real_replies(redis_client: redis.Redis) -> None:
         redis_client.delete(stream)
 
 
-def test_error_codes_of_a_pipelines_replies(redis_client: redis.Redis) -> None:
-    # redis-py tells which command of a pipeline failed in front of the reply (the lease grant on a
-    # Redis Cluster is FCALL and WAIT in one pipeline).
-    pipeline = redis_client.pipeline(transaction=False)
-    pipeline.fcall(f"fraudd_absent_{uuid.uuid4().hex[:8]}", 0)
-    pipeline.execute_command("WAIT", 0, 0)
-    assert redis_error_code(_error(pipeline.execute)) == FUNCTION_NOT_FOUND
-    pipeline.xreadgroup("nobody", "c", {f"test-errors-{uuid.uuid4().hex[:10]}": ">"})
-    assert redis_error_code(_error(pipeline.execute)) == "NOGROUP"
+def test_error_codes_of_replies_inside_a_pipeline(redis_client: redis.Redis) -> None:
+    """redis-py names the failing command of a pipeline before the reply's message."""
+    stream = f"test-errors-{uuid.uuid4().hex[:10]}"
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.fcall(f"fraudd_absent_{uuid.uuid4().hex[:8]}", 0).execute_command("WAIT", 0, 0)
+    missing_function = _error(pipe.execute)
+    assert "of pipeline caused error" in str(missing_function)
+    assert redis_error_code(missing_function) == FUNCTION_NOT_FOUND
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.xreadgroup("nobody", "c", {stream: ">"})
+    assert redis_error_code(_error(pipe.execute)) == "NOGROUP"

@@ -108,9 +108,10 @@ NO_SUCH_KEY = "no such key"  # XINFO of a stream nothing was written to yet
 def redis_error_code(exc: redis.ResponseError) -> str:
     """Which error Redis replied: the code it starts the reply with (``NOGROUP``, ``BUSYGROUP``, or
     ``FENCED`` from fraudd's own scripts), or for the generic ``ERR``, whose code redis-py drops,
-    the message in lower case (``FUNCTION_NOT_FOUND``, ``NO_SUCH_KEY``)."""
-    # A pipeline's error names the command in front of the reply (redis-py's annotate_exception).
-    message = str(exc).rsplit(" of pipeline caused error: ", 1)[-1]
+    the message in lower case (``FUNCTION_NOT_FOUND``, ``NO_SUCH_KEY``); from a pipeline as from a
+    single command."""
+    # redis-py puts where in a pipeline an error came from before its message.
+    message = str(exc).rpartition(" of pipeline caused error: ")[2]
     code = message.split(" ", 1)[0]
     return code if code.isupper() and code.isalpha() else message.lower()
 
