@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -28,7 +23,9 @@ from .config import (
     settings_options,
 )
 from .learning import cli as learning_cli
+from .preflight import check_dependencies, check_eviction, connect_postgres, prepare_metrics_dir, redact
 from .runtime import logs
+from .settings import PostgresSettings, RedisSettings
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
     from .runtime.health import GroupState, RedisMemory
@@ -74,7 +71,7 @@ def ingest(**params) -> None:
     # Every server process counts into this directory; any of them answers /metrics with the sum.
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
-    check_eviction(settings.redis_url, settings.redis_cluster)
+    check_eviction(RedisSettings.from_params(params))
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -103,7 +100,12 @@ def alerts(**params) -> None:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
     if settings.metrics_port:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
+    check_dependencies(
+        RedisSettings.from_params(params),
+        PostgresSettings.from_params(params),
+        [settings.fraud_stream],
+        alert_settings.alerts_group,
+    )
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor
@@ -138,7 +140,7 @@ def migrate(compress_after_days: int, retention_days: int, **params) -> None:
 
     settings = settings_from(params)
     logs.setup(settings.log_level)
-    with _connect_postgres(settings) as conn:
+    with connect_postgres(PostgresSettings.from_params(params)) as conn:
         try:
             report = apply(conn, settings.pg_schema, compress_after_days=compress_after_days, retention_days=retention_days)
         except MigrationError as exc:
@@ -188,93 +190,12 @@ def preflight(settings: Settings) -> None:
         Rules.load(settings.rules_path)
     except RulesError as exc:
         raise ConfigError(f"--rules-path: {exc}") from None
-    check_dependencies(settings, settings.input_streams, settings.group)
-
-
-def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
-    answers with every migration applied."""
-    from .runtime.consumer import ensure_group
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import connect_redis
-    from .schema import MigrationError, pending_migrations
-
-    client = connect_redis(settings.redis_url, settings.redis_cluster)
-    try:
-        client.ping()
-        eviction = redis_memory(client).eviction_problem()
-        for stream in streams:
-            ensure_group(client, stream, group)
-    except redis.RedisError as exc:
-        raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
-    finally:
-        client.close()
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-    with _connect_postgres(settings) as conn:
-        try:
-            pending = pending_migrations(conn)
-        except MigrationError as exc:
-            raise ConfigError(str(exc)) from None
-    if pending:
-        raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
-
-
-def check_eviction(url: str, cluster: bool) -> None:
-    """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
-    let be: the ingest starts anyway and answers 503 until Redis is back."""
-    from redis.exceptions import RedisClusterException
-
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import redis_client
-
-    try:
-        client = redis_client(url, cluster, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            eviction = redis_memory(client).eviction_problem()
-        finally:
-            client.close()
-    except (redis.RedisError, RedisClusterException):
-        return
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-
-
-def _connect_postgres(settings: Settings) -> psycopg.Connection:
-    from .schema import connect
-
-    try:
-        return connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True)
-    except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(
-            f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}"
-        ) from None
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for an error message."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
-def prepare_metrics_dir() -> None:
-    """Give prometheus-client an empty multiprocess directory before anything imports it.
-
-    It picks its storage at import time, and every forked worker then writes its own files there
-    for the supervisor's ``/metrics`` to sum. Without ``--metrics-port`` nothing is exported and
-    the metrics stay in process memory.
-    """
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    directory = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="fraudd-metrics-"))
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    atexit.register(shutil.rmtree, directory, True)
+    check_dependencies(
+        RedisSettings(settings.redis_url, settings.redis_cluster),
+        PostgresSettings(settings.postgres_url, settings.pg_schema),
+        settings.input_streams,
+        settings.group,
+    )
 
 
 @main.command()
@@ -291,7 +212,7 @@ def status(**params) -> None:
     try:
         states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
         state = combined(states)
-        click.echo(f"redis      up    {_redact(settings.redis_url)}")
+        click.echo(f"redis      up    {redact(settings.redis_url)}")
         shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
         click.echo(
             f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
@@ -326,13 +247,13 @@ def status(**params) -> None:
             click.echo(f"           {problem}")
     except redis.RedisError as exc:
         healthy = False
-        click.echo(f"redis      DOWN  {_redact(settings.redis_url)}: {exc}")
+        click.echo(f"redis      DOWN  {redact(settings.redis_url)}: {exc}")
     try:
         check_postgres(settings)
-        click.echo(f"postgres   up    {_redact(settings.postgres_url)}")
+        click.echo(f"postgres   up    {redact(settings.postgres_url)}")
     except (psycopg.Error, OSError) as exc:
         healthy = False
-        click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
+        click.echo(f"postgres   DOWN  {redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
     sys.exit(0 if healthy else 1)
 
 
@@ -477,7 +398,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
         pipe.execute()
     if alerts:
-        with _connect_postgres(settings) as conn:
+        with connect_postgres(PostgresSettings.from_params(params)) as conn:
             retry_failed(conn, client, settings.fraud_stream, settings.dlq_stream, [fields for _id, fields in alerts])
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])

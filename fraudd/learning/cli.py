@@ -274,15 +274,18 @@ def calibrate(
 @settings_options
 def labels_service(**params) -> None:
     """Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers."""
-    from fraudd.cli import check_dependencies, prepare_metrics_dir
     from fraudd.config import settings_from
+    from fraudd.preflight import check_dependencies, prepare_metrics_dir
     from fraudd.runtime import logs
+    from fraudd.settings import PostgresSettings, RedisSettings
 
     settings = settings_from(params)
     logs.setup(settings.log_level)
     if settings.metrics_port:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.labels_stream], settings.group)
+    check_dependencies(
+        RedisSettings.from_params(params), PostgresSettings.from_params(params), [settings.labels_stream], settings.group
+    )
     from fraudd.runtime.supervisor import Supervisor
 
     from .consumer import service
