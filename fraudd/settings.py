@@ -168,15 +168,16 @@ class RedisSettings:
         return cls(params["redis_url"], params["redis_cluster"])
 
 
-REDIS_OPTIONS = [
-    Option("redis-url", "REDIS_URL", "Redis holding the streams and feature state.", {"default": "redis://127.0.0.1:6379/0"}),
-    Option(
-        "redis-cluster",
-        "REDIS_CLUSTER",
-        "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); needs --shards > 1.",
-        {"is_flag": True, "default": False},
-    ),
-]
+REDIS_URL = Option(
+    "redis-url", "REDIS_URL", "Redis holding the streams and feature state.", {"default": "redis://127.0.0.1:6379/0"}
+)
+REDIS_CLUSTER = Option(
+    "redis-cluster",
+    "REDIS_CLUSTER",
+    "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); the input then needs --shards > 1.",
+    {"is_flag": True, "default": False},
+)
+REDIS_OPTIONS = [REDIS_URL, REDIS_CLUSTER]
 
 
 def check_cluster(redis: RedisSettings, shards: int) -> None:
@@ -198,13 +199,11 @@ class PostgresSettings:
         return cls(params["postgres_url"], params["pg_schema"])
 
 
-POSTGRES_OPTIONS = [
-    Option(
-        "postgres-url", "POSTGRES_URL", "PostgreSQL receiving the decisions.", {"default": "postgresql://127.0.0.1:5432/postgres"}
-    ),
-    Option("pg-schema", "FRAUDD_PG_SCHEMA", "PostgreSQL schema of fraudd's tables.", {"default": "public"}),
-]
-
+POSTGRES_URL = Option(
+    "postgres-url", "POSTGRES_URL", "PostgreSQL receiving the decisions.", {"default": "postgresql://127.0.0.1:5432/postgres"}
+)
+PG_SCHEMA = Option("pg-schema", "FRAUDD_PG_SCHEMA", "PostgreSQL schema of fraudd's tables.", {"default": "public"})
+POSTGRES_OPTIONS = [POSTGRES_URL, PG_SCHEMA]
 
 # -- /metrics and /healthz -------------------------------------------------------------------
 

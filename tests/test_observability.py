@@ -382,9 +382,9 @@ def test_healthz_is_200_while_healthy(observed: Observed) -> None:
 
 def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fraudd.cli import run
-    from fraudd.config import settings_from
     from fraudd.runtime.health import HealthServer
     from fraudd.runtime.supervisor import Supervisor
+    from fraudd.scoring.settings import ScoringSettings
     from fraudd.scoring.worker import service
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -402,8 +402,8 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
             "2",
         ],
     )
-    settings = settings_from(context.params)
-    server = HealthServer(port, Supervisor(service(settings)).health_problems)
+    settings = ScoringSettings.from_params(context.params)
+    server = HealthServer(settings.metrics.listen, Supervisor(service(settings)).health_problems)
     server.start()
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/healthz")

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudd.config import DEFAULT_RULES
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
     EXTRA_COLUMNS,
     FEATURE_NAMES,
     Features,
 )
+from fraudd.scoring.settings import DEFAULT_RULES
 
 DECISIONS: tuple[str, ...] = ("approve", "review", "decline")
 APPROVE, REVIEW, DECLINE = 0, 1, 2
