@@ -158,12 +158,20 @@ def combined(states: list[GroupState]) -> GroupState:
 
 class Housekeeper:
     """Periodic supervisor chores of a service whose workers consume ``streams`` as ``consumer``
-    says; each chore tolerates its dependency being down."""
+    says; each chore tolerates its dependency being down. ``partitions``: also create the coming
+    days' ``transactions`` partitions (the scoring, which writes them; other services only check
+    that PostgreSQL answers)."""
 
     def __init__(
-        self, redis_settings: RedisSettings, postgres: PostgresSettings, consumer: ConsumerSettings, streams: list[str]
+        self,
+        redis_settings: RedisSettings,
+        postgres: PostgresSettings,
+        consumer: ConsumerSettings,
+        streams: list[str],
+        partitions: bool = False,
     ) -> None:
         self.postgres = postgres
+        self.partitions = partitions
         self.consumer = consumer
         self.streams = streams
         self.redis = redis_client(
@@ -236,7 +244,7 @@ class Housekeeper:
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
 
     def _partitions(self) -> None:
-        if time.monotonic() < self._next_partitions:
+        if not self.partitions or time.monotonic() < self._next_partitions:
             check_postgres(self.postgres)
             return
         with connect_postgres(self.postgres) as conn:

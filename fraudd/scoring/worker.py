@@ -383,7 +383,7 @@ def _load_rules(settings: ScoringSettings) -> Rules:
 
 def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
-    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams)
+    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
     return Service(
         name="fraudd",
         workers=settings.consumer.workers,
