@@ -173,3 +173,10 @@ def test_no_import_cycle_among_fraudds_modules() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_readme_documents_every_option_of_every_service_with_its_environment_variable() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name in (*SERVICES, "status", "migrate"):
+        for param in cli.main.get_command(None, name).params:
+            assert f"| `{param.opts[0]}` | `{param.envvar}` |" in readme, f"README lacks fraudd {name} {param.opts[0]}"
