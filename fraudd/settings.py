@@ -243,7 +243,7 @@ METRICS_OPTIONS = [
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
-    """What the runtime's stream consumer reads (``runtime.consumer.ConsumerOptions``), and how
+    """What the runtime's stream consumer (``runtime.consumer.StreamConsumer``) reads, and how
     many worker processes consume under which names. A service sets ``stream`` and ``group``: its
     own input and its own group flag."""
 
