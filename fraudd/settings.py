@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -30,6 +30,9 @@ def packaged(package: str, name: str) -> Path:
     can re-read.
     """
     return Path(str(resources.files(package).joinpath(name)))
+
+
+Decorated = TypeVar("Decorated", bound=Callable[..., Any])
 
 
 class ConfigError(click.ClickException):
@@ -48,27 +51,22 @@ class Option:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        """The keyword argument a click command receives the value as."""
-        return self.flag.replace("-", "_")
-
-    @property
     def default(self) -> Any:
         return self.kwargs.get("default")
 
-    def decorate(self, function: Callable) -> Callable:
+    def decorate(self, function: Decorated) -> Decorated:
         kwargs = {"show_default": True, **self.kwargs}
         return click.option(f"--{self.flag}", envvar=self.envvar, show_envvar=True, help=self.help, **kwargs)(function)
 
 
-def options(*groups: list[Option]) -> Callable[[Callable], Callable]:
+def options(*groups: list[Option]) -> Callable[[Decorated], Decorated]:
     """Decorate a click command with the options of ``groups``, in order (each flag once)."""
     chosen: dict[str, Option] = {}
     for group in groups:
         for option in group:
             chosen.setdefault(option.flag, option)
 
-    def decorate(function: Callable) -> Callable:
+    def decorate(function: Decorated) -> Decorated:
         for option in reversed(chosen.values()):
             function = option.decorate(function)
         return function
@@ -79,8 +77,8 @@ def options(*groups: list[Option]) -> Callable[[Callable], Callable]:
 # -- checks of single values (click callbacks) -----------------------------------------------
 
 
-def positive(flag: str) -> Callable:
-    def check(ctx, param, value):
+def positive(flag: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         if value is not None and value <= 0:
             raise click.BadParameter(f"must be > 0, got {value}", param_hint=f"--{flag}")
         return value
@@ -88,13 +86,13 @@ def positive(flag: str) -> Callable:
     return check
 
 
-def probability(ctx, param, value):
+def probability(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     if value is not None and not 0.0 < value < 1.0:
         raise click.BadParameter(f"must be between 0 and 1, got {value}")
     return value
 
 
-def listen_address(ctx, param, value: str | None) -> tuple[str, int] | None:
+def listen_address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     """``HOST:PORT`` as (host, port); an empty host is every interface, ``[::1]:80`` an IPv6 one."""
     if value is None:
         return None
