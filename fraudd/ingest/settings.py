@@ -89,7 +89,7 @@ OPTIONS: list[Option] = [
     Option(
         "api-keys-file",
         "FRAUDD_API_KEYS_FILE",
-        "API keys, one per line (# comments); re-read on SIGHUP.",
+        "API keys, one per line: KEY_ID:TOKEN:SIGNING_SECRET[:SCOPE+SCOPE...] or a bare token (# comments); re-read on SIGHUP.",
         {"default": None, "type": click.Path(dir_okay=False, path_type=Path)},
     ),
     Option(
@@ -107,7 +107,7 @@ OPTIONS: list[Option] = [
     Option(
         "require-signature",
         "FRAUDD_REQUIRE_SIGNATURE",
-        "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with the API key.",
+        "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with each key's signing secret.",
         {"is_flag": True, "default": False},
     ),
     Option(
