@@ -48,7 +48,8 @@ from .settings import (
 )
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
-    from .runtime.health import GroupState, RedisMemory
+    from .runtime.groups import GroupState
+    from .runtime.health import RedisMemory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -220,7 +221,8 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
     another --shards reads."""
     from . import shard_counts
     from .keys import Keys
-    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
+    from .runtime.groups import combined, group_state
+    from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
     settings = StreamsSettings.from_params(params)

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 
 from ..keys import Keys
 from ..learning.labels import parse_labels
-from ..runtime.health import group_state
+from ..runtime.groups import group_state
 from ..runtime.redis_clients import AsyncNodes, redis_client
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,

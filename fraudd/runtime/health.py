@@ -19,13 +19,13 @@ import psycopg
 import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
-from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
 from .. import shard_counts
 from ..schema import connect, ensure_partitions
 from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
+from .groups import GroupState, combined, group_state
 from .redis_clients import redis_client
 from .retention import trim_acked
 
@@ -98,64 +98,6 @@ def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
         )
     problem = memory.eviction_problem()
     return f"redis: {problem}" if problem else None
-
-
-@dataclass(frozen=True, slots=True)
-class GroupState:
-    lag: int
-    pending: int
-    oldest_pending_age_s: float
-    consumers: list[dict]
-    entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
-
-
-def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
-    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
-    lag when Redis has none); a stream nothing was written to yet has neither."""
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
-            raise
-        return GroupState(0, 0, 0.0, [])
-    info = next((g for g in groups if g["name"] == group), None)
-    if info is None:
-        return GroupState(client.xlen(stream), 0, 0.0, [])
-    lag = info.get("lag")
-    if lag is None:
-        # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
-        # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
-        lag = len(
-            client.execute_command(
-                "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
-            )
-        )
-    summary = client.xpending(stream, group)
-    oldest = 0.0
-    if summary["pending"]:
-        oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
-    entries_read = info.get("entries-read")
-    return GroupState(
-        int(lag),
-        int(info["pending"]),
-        oldest,
-        client.xinfo_consumers(stream, group),
-        None if entries_read is None else int(entries_read),
-    )
-
-
-def combined(states: list[GroupState]) -> GroupState:
-    """The group over every input shard: lags and pending summed, the oldest pending of all."""
-    if len(states) == 1:
-        return states[0]
-    reads = [state.entries_read for state in states]
-    return GroupState(
-        sum(state.lag for state in states),
-        sum(state.pending for state in states),
-        max(state.oldest_pending_age_s for state in states),
-        [consumer for state in states for consumer in state.consumers],
-        None if None in reads else sum(reads),
-    )
 
 
 class Housekeeper:
