@@ -106,6 +106,8 @@ def test_every_option_of_a_service_keeps_its_environment_variable() -> None:
         (["ingest", "--tls-cert", __file__], "--tls-cert"),
         (["alerts", "--config", "a.toml", "--max-attempts", "0"], "--max-attempts"),
         (["alerts", "--config", "a.toml", "--metrics-listen", ":9464", "--metrics-port", "9465"], "--metrics-listen"),
+        (["alerts", "--config", "a.toml", "--redis-url", "http://127.0.0.1:6379"], "--redis-url"),
+        (["labels", "--postgres-url", "not a connection string"], "--postgres-url"),
         (["labels", "--workers", "0"], "--workers"),
         (["labels", "--metrics-listen", "9464"], "--metrics-listen"),
         (["status", "--shards", "0"], "--shards"),
