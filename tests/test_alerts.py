@@ -45,7 +45,15 @@ def alert(
         "decision": decision,
         "reasons": list(reasons),
         "model_version": "test-1",
+        "explanation": None,
     }
+
+
+EXPLAINED = {
+    "base": -6.1,
+    "contributions": {"card_count_1m": 2.31, "new_device": 1.05, "amount_to_mean": -0.52, "hour_utc": 0.01},
+    "values": {"card_count_1m": 4.0, "new_device": 1.0, "amount_to_mean": 0.4, "hour_utc": 3.0},
+}
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
@@ -126,7 +134,7 @@ reasons = ["velocity_1h"]
         sender = run_sender(ns, config, environ)
         try:
             documents = [
-                alert("tx_big"),
+                {**alert("tx_big"), "explanation": EXPLAINED},
                 alert("tx_review", decision="review", reasons=("new_device",)),
                 alert("tx_small", amount=20.0),
             ]
@@ -155,6 +163,8 @@ reasons = ["velocity_1h"]
             "*Score*": "0.970",
             "*Decision*": "decline",
             "*Reasons*": "velocity_1h",
+            # What moved the score most, either way, from the model's exact explanation.
+            "*Why (log-odds)*": "card_count_1m = 4 (+2.31), new_device = 1 (+1.05), amount_to_mean = 0.4 (-0.52)",
         }
         assert message["blocks"][-1]["elements"][0]["url"] == "https://console.example/tx/tx_big"
 
@@ -171,6 +181,7 @@ reasons = ["velocity_1h"]
         assert plain.replace("\r\n", "\n") == (
             "Transaction: tx_big\nAmount: 512.30 USD\nUser: user_x1\nMerchant: Amazon\n"
             "Score: 0.970\nDecision: decline\nReasons: velocity_1h\n"
+            "Why (log-odds): card_count_1m = 4 (+2.31), new_device = 1 (+1.05), amount_to_mean = 0.4 (-0.52)\n"
         )
         assert "<th align=left>Merchant</th><td>Amazon</td>" in html
 

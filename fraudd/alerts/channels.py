@@ -282,17 +282,42 @@ def _headline(document: dict) -> str:
     )
 
 
-def slack_message(document: dict, console_url: str | None) -> dict:
-    txid = str(document.get("transaction_id"))
-    reasons = ", ".join(map(str, document.get("reasons") or [])) or "none"
+def explanation_text(document: dict, top: int = 3) -> str | None:
+    """The features that moved the score most, either way: ``name = value (+contribution)``.
+
+    From the row's exact explanation (``transactions.explanation``); None when the row has none.
+    """
+    explanation = document.get("explanation")
+    if not explanation:
+        return None
+    values = explanation.get("values") or {}
+    strongest = sorted(explanation["contributions"].items(), key=lambda item: -abs(item[1]))[:top]
+    return ", ".join(f"{name} = {_number(values.get(name))} ({contribution:+.2f})" for name, contribution in strongest)
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else "?"
+
+
+def _fields(document: dict) -> list[tuple[str, object]]:
+    """What a person reads about one alert, in order (the Slack fields and the e-mail table)."""
     fields = [
         ("Amount", _money(document)),
         ("User", document.get("user_id")),
         ("Merchant", document.get("merchant")),
         ("Score", f"{document.get('score', 0):.3f}"),
         ("Decision", document.get("decision")),
-        ("Reasons", reasons),
+        ("Reasons", ", ".join(map(str, document.get("reasons") or [])) or "none"),
     ]
+    why = explanation_text(document)
+    if why:
+        fields.append(("Why (log-odds)", why))
+    return fields
+
+
+def slack_message(document: dict, console_url: str | None) -> dict:
+    txid = str(document.get("transaction_id"))
+    fields = _fields(document)
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert: {str(document.get('decision')).upper()}"}},
         {
@@ -343,15 +368,7 @@ def slack_digest(alerts: list[Alert], interval_s: float, console_url: str | None
 
 def email_message(document: dict, target: EmailTarget, channel: str, console_url: str | None) -> EmailMessage:
     txid = str(document.get("transaction_id"))
-    rows = [
-        ("Transaction", txid),
-        ("Amount", _money(document)),
-        ("User", document.get("user_id")),
-        ("Merchant", document.get("merchant")),
-        ("Score", f"{document.get('score', 0):.3f}"),
-        ("Decision", document.get("decision")),
-        ("Reasons", ", ".join(document.get("reasons") or []) or "none"),
-    ]
+    rows = [("Transaction", txid), *_fields(document)]
     link = console_link(console_url, txid) if console_url else None
     plain = "\n".join(f"{label}: {value}" for label, value in rows) + (f"\n\n{link}\n" if link else "\n")
     cells = "".join(
