@@ -27,7 +27,7 @@ from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import redis_client
 from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
-from .app import make_handler
+from .app import make_app
 from .auth import Authenticator
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,10 @@ async def _serve(
     wake = asyncio.Event()
     process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
     registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-    ingest, handler = make_handler(settings, authenticator, registry)
+    app = make_app(settings, authenticator, registry)
+    ingest = app.ingest
     await ingest.start()
-    server = web.Server(handler, access_log=None, keepalive_timeout=settings.client_timeout_s)
+    server = web.Server(app, access_log=None, keepalive_timeout=settings.client_timeout_s)
     runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
