@@ -36,14 +36,14 @@ from ..scoring.decode import (
     REASON_NOT_UTF8,
     REASON_TOO_LARGE,
     Problem,
-    check_object,
     check_payload,
+    check_transaction,
     json_value,
 )
 from . import auth
 from . import metrics as ingest_metrics
 from .decisions import Decisions, StoredDecisions, instance_name
-from .publisher import Accepted, CoalescingPublisher, Submission
+from .publisher import Accepted, CoalescingPublisher, Submission, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,16 @@ class Refusal(Exception):
 
 def _problem_refusal(problem: Problem) -> Refusal:
     return Refusal(_PROBLEM_STATUS.get(problem.reason, 422), problem.reason, problem.message, problem.field)
+
+
+def _conflict(transaction_id: str, earlier_id: str | None) -> Refusal:
+    return Refusal(
+        409,
+        "conflict",
+        f"transaction_id {transaction_id} was accepted earlier (entry {earlier_id}) with another body; "
+        "a retry must send the same transaction, another transaction needs its own transaction_id",
+        "transaction_id",
+    )
 
 
 def _unavailable(detail: str) -> Refusal:
@@ -266,10 +276,13 @@ class Ingest:
         except (redis.RedisError, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         duplicates = sum(a.duplicate for a in accepted)
+        conflicts = sum(a.conflict for a in accepted)
         if duplicates:
             self.tally.transactions["duplicate"] += duplicates
-        if duplicates < len(accepted):
-            self.tally.transactions["written"] += len(accepted) - duplicates
+        if conflicts:
+            self.tally.transactions["conflict"] += conflicts
+        if duplicates + conflicts < len(accepted):
+            self.tally.transactions["written"] += len(accepted) - duplicates - conflicts
         return accepted
 
     async def publish_labels(self, documents: list) -> list[str]:
@@ -304,6 +317,8 @@ class Ingest:
         future, first = self.decisions.expect(transaction_id, channel)
         try:
             (accepted,) = await self.publish([submission])
+            if accepted.conflict:
+                raise _conflict(transaction_id, accepted.id)
             decision = None
             if accepted.duplicate and first:
                 # Written earlier, not by a request of this instance that is still waiting: its
@@ -381,8 +396,11 @@ class Api:
         self.openapi_document = OPENAPI_PATH.read_bytes()
 
     async def transactions(self, received: Received) -> web.Response:
-        transaction_id, user_id, event_s = _valid_one(received.body, self.ingest.tally)
-        (accepted,) = await self.ingest.publish([Submission(transaction_id, user_id, event_s, received.body)])
+        submission = _valid_one(received.body, self.ingest.tally)
+        transaction_id = submission.transaction_id
+        (accepted,) = await self.ingest.publish([submission])
+        if accepted.conflict:
+            raise _conflict(transaction_id, accepted.id)
         if accepted.duplicate:
             return _json(200, {"duplicate": True, "id": accepted.id, "transaction_id": transaction_id})
         return _json(202, {"id": accepted.id, "transaction_id": transaction_id})
@@ -404,6 +422,13 @@ class Api:
                 )
             else:
                 a = next(accepted)
+                if a.conflict:
+                    rejected += 1
+                    refusal = _conflict(item.transaction_id, a.id)
+                    results.append(
+                        {"index": index, "status": 409, "error": refusal.error, "field": refusal.field, "detail": refusal.detail}
+                    )
+                    continue
                 results.append(
                     {
                         "index": index,
@@ -414,14 +439,12 @@ class Api:
                     }
                 )
         duplicates = sum(1 for r in results if r.get("duplicate"))
-        return _json(
-            200, {"accepted": len(submissions) - duplicates, "duplicates": duplicates, "rejected": rejected, "results": results}
-        )
+        accepted_count = len(checked) - duplicates - rejected
+        return _json(200, {"accepted": accepted_count, "duplicates": duplicates, "rejected": rejected, "results": results})
 
     async def score(self, received: Received) -> web.Response:
-        transaction_id, user_id, event_s = _valid_one(received.body, self.ingest.tally)
-        submission = Submission(transaction_id, user_id, event_s, received.body, reply=True)
-        return _json(200, await self.ingest.decision(transaction_id, submission, received.started))
+        submission = _valid_one(received.body, self.ingest.tally, reply=True)
+        return _json(200, await self.ingest.decision(submission.transaction_id, submission, received.started))
 
     async def labels(self, received: Received) -> web.Response:
         documents = _json_body(received.body)
@@ -489,13 +512,18 @@ def _json(status: int, body: dict) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=JSON)
 
 
-def _valid_one(body: bytes, tally: ingest_metrics.Tally) -> tuple[str, str, float]:
+def _submission(obj: dict, event_s: float, payload: bytes, reply: bool = False) -> Submission:
+    return Submission(obj["transaction_id"], obj["user_id"], event_s, payload, fingerprint(obj), reply)
+
+
+def _valid_one(body: bytes, tally: ingest_metrics.Tally, reply: bool = False) -> Submission:
+    """The body as a submission; a refusal naming the problem when the API does not accept it."""
     checked = check_payload(body)
     if isinstance(checked, Problem):
         tally.transactions["rejected"] += 1
         raise _problem_refusal(checked)
     obj, event_s = checked
-    return obj["transaction_id"], obj["user_id"], event_s
+    return _submission(obj, event_s, body, reply)
 
 
 def _json_body(body: bytes):
@@ -522,8 +550,7 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
             if isinstance(result, Problem):
                 checked.append(result)
             else:
-                obj, event_s = result
-                checked.append(Submission(obj["transaction_id"], obj["user_id"], event_s, line))
+                checked.append(_submission(*result, line))
         return checked
     items = _json_body(body)
     if not isinstance(items, list):
@@ -536,8 +563,6 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
         if len(payload) > MAX_PAYLOAD_BYTES:
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
-        result = check_object(obj)
-        checked.append(
-            result if isinstance(result, Problem) else Submission(obj["transaction_id"], obj["user_id"], result, payload)
-        )
+        result = check_transaction(obj)
+        checked.append(result if isinstance(result, Problem) else _submission(obj, result, payload))
     return checked
