@@ -145,3 +145,16 @@ def test_the_api_refuses_what_the_decoder_drops() -> None:
                 assert not decode.decode_batch(["1-0"], [payload]).rejected, (name, value)
     absent = tx(0, currency=None, country=None, mcc=None, channel=None, lat=None, lon=None, card_id=None, ip="")
     assert not isinstance(decode.check_payload(absent), decode.Problem)
+
+
+def test_an_optional_field_of_any_json_type_never_fails_the_batch() -> None:
+    odd = [[], {}, [1], {"a": 1}, True, 7, None]
+    payloads = [
+        tx(i, **{name: value}) for i, value in enumerate(odd) for name in ("channel", "currency", "mcc", "country", "lat")
+    ]
+    batch = decode.decode_batch([f"{i}-0" for i in range(len(payloads))], payloads)
+    assert batch.rejected == [] and len(batch) == len(payloads)
+    assert set(batch.channel) == {None} and set(batch.currency) == {"USD"}
+    for value in odd[:-1]:
+        problem = decode.check_payload(tx(0, channel=value))
+        assert isinstance(problem, decode.Problem) and problem.field == "channel"

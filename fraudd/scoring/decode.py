@@ -297,7 +297,8 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
         country=_codes(country, 2, None),
         device_id=_texts(device, MAX_TEXT_CHARS),
         ip=_texts(ip, MAX_IP_CHARS),
-        channel=[c if c in _CHANNELS else None for c in channel],
+        # Checked for a string first: a list or an object cannot be looked up in a set.
+        channel=[c if c.__class__ is str and c in _CHANNELS else None for c in channel],
         lat=_coordinates([g("lat") for g in get], LAT_LIMIT),
         lon=_coordinates([g("lon") for g in get], LON_LIMIT),
         rejected=rejected,
@@ -365,8 +366,7 @@ def check_transaction(obj) -> float | Problem:
     seconds = check_object(obj)
     if isinstance(seconds, Problem):
         return seconds
-    stamp = obj["timestamp"]
-    if stamp.__class__ is str and _rfc3339(stamp) is None:
+    if api_seconds(obj["timestamp"]) is None:
         return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
     get = obj.get
     for name, limit in _OPTIONAL_TEXTS:
@@ -378,7 +378,7 @@ def check_transaction(obj) -> float | Problem:
         if value is not None and (value.__class__ is not str or code.fullmatch(value) is None):
             return Problem(REASON_INVALID, name, problem)
     channel = get("channel")
-    if channel is not None and channel not in _CHANNELS:
+    if channel is not None and (channel.__class__ is not str or channel not in _CHANNELS):
         return Problem(REASON_INVALID, "channel", f"must be one of {', '.join(CHANNELS)}")
     for name, limit in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
         value = get(name)
@@ -406,6 +406,19 @@ def _timestamp(value) -> float | None:
     else:
         return None
     return seconds if EPOCH_MIN <= seconds < EPOCH_MAX else None
+
+
+def api_seconds(value) -> float | None:
+    """Unix seconds of a time in the form the API's schema states: a number from EPOCH_MIN up to
+    EPOCH_MAX, or an RFC 3339 date-time of the years YEAR_MIN-YEAR_MAX; else None."""
+    if value.__class__ in _NUMBER_TYPES:
+        return float(value) if EPOCH_MIN <= value < EPOCH_MAX else None
+    return _rfc3339(value) if isinstance(value, str) else None
+
+
+def holds_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (see ``NO_CONTROL_PATTERN``)."""
+    return _CONTROL.search(text) is not None
 
 
 def _rfc3339(value: str) -> float | None:
