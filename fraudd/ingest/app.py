@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from ..config import IngestSettings
 from ..keys import Keys
 from ..learning.labels import parse_labels
-from ..runtime.health import group_state
+from ..runtime.health import HEALTH_CACHE_S, HealthProblem, group_state, health_body, log_health_change
 from ..runtime.redis_clients import AsyncNodes, redis_client
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
@@ -125,6 +125,10 @@ class Ingest:
         self.tally = ingest_metrics.Tally()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
         self._watch: asyncio.Task | None = None
+        # /healthz probes at most once per HEALTH_CACHE_S; requests arriving meanwhile share the answer.
+        self._health_lock = asyncio.Lock()
+        self._health: list[HealthProblem] = []
+        self._health_expires = 0.0
 
     async def start(self) -> None:
         self.decisions.start()
@@ -299,16 +303,27 @@ class Ingest:
             raise _unavailable("redis: " + type(exc).__name__) from None
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
-    async def redis_problem(self) -> str | None:
-        """Why Redis cannot take this process's writes now; None when every node serving its keys answers."""
+    async def health(self) -> list[HealthProblem]:
+        """What keeps this process from serving, as last probed (at most ``HEALTH_CACHE_S`` ago)."""
+        async with self._health_lock:
+            if time.monotonic() >= self._health_expires:
+                problems = await self._probe_health()
+                log_health_change(self._health, problems)
+                self._health, self._health_expires = problems, time.monotonic() + HEALTH_CACHE_S
+            return self._health
+
+    async def _probe_health(self) -> list[HealthProblem]:
+        """Every node serving this process's keys answers, and the decisions channel is subscribed."""
         s = self.settings
         keys = [*s.input_streams, s.labels_stream, *([self.keys.signature_prefix] if s.require_signature else [])]
         try:
             nodes = {await self.nodes.node(key): key for key in keys}
             await asyncio.gather(*(self.nodes.on_node(key, lambda node: node.ping()) for key in nodes.values()))
         except (redis.RedisError, OSError) as exc:
-            return f"redis: {exc}"
-        return None
+            return [HealthProblem("redis", "unavailable", str(exc))]
+        if not self.decisions.subscribed:
+            return [HealthProblem("decisions channel", "not subscribed yet")]
+        return []
 
     async def decision(self, transaction_id: str, submission: Submission, started: float) -> dict:
         """Write ``submission`` and wait for its decision until ``--decision-timeout-ms``."""
@@ -456,12 +471,8 @@ class Api:
         return _json(202, {"accepted": len(ids), "ids": ids})
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
-        problem = await self.ingest.redis_problem()
-        if problem is not None:
-            return web.Response(status=503, text=problem + "\n")
-        if not self.ingest.decisions.subscribed:
-            return web.Response(status=503, text="decisions channel: not subscribed yet\n")
-        return web.Response(text="ok\n")
+        problems = await self.ingest.health()
+        return web.Response(status=503 if problems else 200, text=health_body(problems))
 
     async def metrics(self, request: web.BaseRequest) -> web.Response:
         self.ingest.tally.flush()

@@ -1,8 +1,9 @@
 """The supervisor: forks a service's workers, keeps them alive, and stops them cleanly.
 
 Every long-running fraudd service (scoring, ingest, alerts) runs under this one supervisor; a
-``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
-through a pipe; everything else happens in the loop, outside signal context:
+``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's
+arbiter. Signal handlers only queue the signal and wake the main loop through a pipe; everything
+else happens in the loop, outside signal context:
 
 - SIGCHLD: reap dead workers and respawn them, with back-off;
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import logs, metrics
-from .health import HealthServer
+from .health import HealthProblem, HealthServer
 from .notify import Notifier
 from .process import EXIT_BOOT_ERROR, WorkerProcess
 
@@ -59,7 +60,7 @@ class Halt(Exception):
         self.exit_code = exit_code
 
 
-def _nothing_wrong() -> list[str]:
+def _nothing_wrong() -> list[HealthProblem]:
     return []
 
 
@@ -75,7 +76,7 @@ class Service:
     log_level: str
     metrics_port: int = 0
     housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
-    health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+    health_problems: Callable[[], list[HealthProblem]] = field(default=_nothing_wrong)  # for /healthz, besides workers
     # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
     # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
     summary: Callable[[], str] | None = None
@@ -155,12 +156,12 @@ class Supervisor:
                 self._health.stop()
             self._notifier.close()
 
-    def health_problems(self) -> list[str]:
+    def health_problems(self) -> list[HealthProblem]:
         """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
         problems = self.service.health_problems()
         ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
         if ready < len(self.slots):
-            problems.append(f"workers: {ready} of {len(self.slots)} ready")
+            problems.append(HealthProblem("workers", f"{ready} of {len(self.slots)} ready"))
         return problems
 
     def status_line(self) -> str:
