@@ -310,6 +310,43 @@ def test_healthz_probes_at_most_once_a_second(dedicated_redis: RedisServer, tmp_
     assert pings <= elapsed + 2, (pings, elapsed)
 
 
+def test_connections_beyond_the_cap_are_closed_and_no_response_names_the_server_software(ns: Namespace, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--workers", "1", "--max-connections", "3")
+
+    def keep_alive() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        conn.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        return conn
+
+    def served(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(200).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    try:
+        held = [keep_alive() for _ in range(3)]
+        assert all(served(conn) for conn in held)
+        with keep_alive() as beyond:
+            assert not served(beyond)
+        held.pop().close()
+        wait_for(lambda: served(keep_alive()), 10, message="a connection once one closed")
+        assert '"connection_cap"' in server.log()
+        for conn in held:
+            conn.close()
+
+        with server.client() as http:
+            assert http.get("/healthz").headers["Server"] == "fraudd"
+        # aiohttp answers a malformed request itself.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+            reply = raw.recv(1000)
+        assert reply.startswith(b"HTTP/1.0 400") and b"Server: fraudd\r\n" in reply, reply
+        assert b"aiohttp" not in reply and b"Python" not in reply
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+
+
 def test_the_supervisor_trims_acknowledged_entries(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     ids = publish(redis_client, ns.stream, valid_payloads(1000, "kept"))
     redis_client.xgroup_create(ns.stream, ns.group, id="0")
