@@ -441,7 +441,14 @@ class Api:
                     rejected += 1
                     refusal = _conflict(item.transaction_id, a.id)
                     results.append(
-                        {"index": index, "status": 409, "error": refusal.error, "field": refusal.field, "detail": refusal.detail}
+                        {
+                            "index": index,
+                            "status": 409,
+                            "transaction_id": item.transaction_id,
+                            "error": refusal.error,
+                            "field": refusal.field,
+                            "detail": refusal.detail,
+                        }
                     )
                     continue
                 results.append(
