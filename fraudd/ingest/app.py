@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import hiredis
@@ -51,6 +52,8 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 LAG_CHECK_INTERVAL_S = 0.5
+# How far a label's reported_at may be ahead of this host's clock (the reporter's clock may be).
+REPORTED_AT_SKEW = timedelta(minutes=5)
 RETRY_AFTER_S = "1"
 # Per batch item beyond its own JSON: separators and the array brackets.
 _BATCH_OVERHEAD_BYTES = 16
@@ -186,22 +189,32 @@ class Ingest:
 
     # -- the checks every write route shares ------------------------------------------------
 
-    def authorize(self, request: web.BaseRequest) -> bytes | None:
-        """The caller's key (None when auth is off); refuses a missing or unknown key with 401."""
+    def authorize(self, request: web.BaseRequest, scope: str) -> auth.ApiKey | None:
+        """The caller's key (None when auth is off); refuses a missing or unknown key with 401, a
+        key without ``scope`` with 403."""
         if not self.auth.enabled:
             return None
         key = self.auth.key_for(request.headers.get("Authorization"))
         if key is None:
             raise Refusal(401, "unauthorized", headers={"WWW-Authenticate": 'Bearer realm="fraudd"'})
+        if scope not in key.scopes:
+            raise Refusal(403, "forbidden", f"this API key lacks the scope {scope}")
         return key
 
-    async def check_signature(self, request: web.BaseRequest, key: bytes | None, body: bytes) -> None:
-        """With ``--require-signature``: a valid, fresh, never-seen signature, else 403."""
+    async def check_signature(self, request: web.BaseRequest, key: auth.ApiKey | None, body: bytes) -> None:
+        """With ``--require-signature``: a valid, fresh, never-seen signature of the method, the
+        request target and the body, else 403."""
         if not self.settings.require_signature or key is None:
             return
         signature = request.headers.get(auth.SIGNATURE_HEADER)
         problem = auth.signature_problem(
-            key, request.headers.get(auth.TIMESTAMP_HEADER), signature, body, self.settings.signature_window_s
+            key,
+            request.headers.get(auth.TIMESTAMP_HEADER),
+            signature,
+            request.method,
+            request.raw_path,
+            body,
+            self.settings.signature_window_s,
         )
         if problem is None:
             marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION) :]
@@ -214,7 +227,7 @@ class Ingest:
                 raise _unavailable("redis: " + type(exc).__name__) from None
             problem = None if fresh else "replayed"
         if problem is not None:
-            log.info("request signature refused", extra={"event": "signature_refused", "reason": problem})
+            log.info("request signature refused", extra={"event": "signature_refused", "reason": problem, "key_id": key.key_id})
             raise Refusal(403, "forbidden")
 
     def observed(self, route: WriteRoute) -> Handler:
@@ -234,9 +247,9 @@ class Ingest:
         return observed
 
     async def receive(self, request: web.BaseRequest, route: WriteRoute, started: float) -> Received:
-        """The checks every write route shares, in order: key (401), backpressure (503), media
-        type and size (415, 413, 408), signature (403)."""
-        key = self.authorize(request)
+        """The checks every write route shares, in order: key (401) and its scope (403),
+        backpressure (503), media type and size (415, 413, 408), signature (403)."""
+        key = self.authorize(request, route.scope)
         if route.admit:
             self.admit()
         body = await self.body(request, route.media_types, route.max_bytes)
@@ -290,8 +303,10 @@ class Ingest:
         return accepted
 
     async def publish_labels(self, documents: list) -> list[str]:
-        """Put labels on the labels stream, all or none: a bad one is a 422 naming its position."""
-        labels, errors = parse_labels(documents, default_source="api")
+        """Put labels on the labels stream, all or none: a bad one is a 422 naming its position.
+        A label is reported now or in the past: ``reported_at`` beyond the clock skew is refused."""
+        now = datetime.now(UTC)
+        labels, errors = parse_labels(documents, default_source="api", now=now, not_after=now + REPORTED_AT_SKEW)
         if errors:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
@@ -395,6 +410,7 @@ class WriteRoute:
 
     path: str
     handler: WriteHandler
+    scope: str  # what the caller's API key must allow (auth.SCOPES)
     media_types: tuple[str, ...]
     max_bytes: int
     admit: bool = True  # refused with 503 while the scoring group lags (labels are not scored)
@@ -516,10 +532,10 @@ def make_app(settings: IngestSettings, authenticator: auth.Authenticator, regist
     ingest = Ingest(settings, authenticator)
     api = Api(ingest, registry if registry is not None else REGISTRY)
     writes = (
-        WriteRoute("/v1/transactions", api.transactions, (JSON,), MAX_PAYLOAD_BYTES),
-        WriteRoute("/v1/transactions/batch", api.transactions_batch, (JSON, NDJSON), ingest.max_batch_bytes),
-        WriteRoute("/v1/score", api.score, (JSON,), MAX_PAYLOAD_BYTES),
-        WriteRoute("/v1/labels", api.labels, (JSON,), ingest.max_batch_bytes, admit=False),
+        WriteRoute("/v1/transactions", api.transactions, "transactions", (JSON,), MAX_PAYLOAD_BYTES),
+        WriteRoute("/v1/transactions/batch", api.transactions_batch, "transactions", (JSON, NDJSON), ingest.max_batch_bytes),
+        WriteRoute("/v1/score", api.score, "score", (JSON,), MAX_PAYLOAD_BYTES),
+        WriteRoute("/v1/labels", api.labels, "labels", (JSON,), ingest.max_batch_bytes, admit=False),
     )
     routes: dict[tuple[str, str], Handler] = {("POST", route.path): ingest.observed(route) for route in writes}
     routes |= {("GET", "/healthz"): api.healthz, ("GET", "/metrics"): api.metrics, ("GET", "/openapi.json"): api.openapi}

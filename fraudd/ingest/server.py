@@ -48,15 +48,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> None:
-    """Refuse to serve beyond loopback without API keys, unless told ``--insecure-no-auth``."""
+    """Refuse to serve beyond loopback without API keys, unless told ``--insecure-no-auth`` (a
+    reload never turns keys off: ``Authenticator.reload``)."""
     host = settings.listen[0]
     if not authenticator.enabled and not is_loopback(host) and not settings.insecure_no_auth:
         raise ConfigError(
             f"--listen {host}: refusing to serve beyond loopback without API keys "
             "(--api-keys-file / FRAUDD_API_KEYS), or pass --insecure-no-auth"
         )
-    if settings.require_signature and not authenticator.enabled:
-        raise ConfigError("--require-signature needs API keys (--api-keys-file / FRAUDD_API_KEYS): the key signs")
 
 
 def bind(settings: IngestSettings) -> socket.socket:
@@ -91,7 +90,8 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
 
     Binds the socket and builds the TLS context here, before the fork, so both are shared and a
     bad address or certificate stops start-up with one line. The supervisor's housekeeping trims
-    the stream (once per host, not once per process).
+    the stream (once per host, not once per process). The supervisor re-reads the API keys on
+    SIGHUP too: a server process it respawns starts with the keys in use, not those of start-up.
     """
     sock = bind(settings)
     context = tls_context(settings)
@@ -104,6 +104,7 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         housekeeping=trimmer.run_once,
+        reload=authenticator.reload,
     )
 
 
