@@ -66,7 +66,7 @@ def test_the_schema_states_the_validators_constants() -> None:
 
 def test_a_conformance_tester_finds_nothing(ns: Namespace, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    keys.write_text(KEY + "\n")
+    keys.write_text(f"conformance:{KEY}::transactions+score+labels\n")  # every route
     server = IngestServer.start(ns, tmp_path, "--workers", "1", "--api-keys-file", str(keys), "--decision-timeout-ms", "1")
     try:
         result = subprocess.run(

@@ -304,7 +304,8 @@ class Ingest:
 
     async def publish_labels(self, documents: list) -> list[str]:
         """Put labels on the labels stream, all or none: a bad one is a 422 naming its position.
-        A label is reported now or in the past: ``reported_at`` beyond the clock skew is refused."""
+        A label is reported now or in the past: a ``reported_at`` beyond the clock skew is recorded
+        as the clock plus the skew."""
         now = datetime.now(UTC)
         labels, errors = parse_labels(documents, default_source="api", now=now, not_after=now + REPORTED_AT_SKEW)
         if errors:

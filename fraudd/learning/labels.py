@@ -63,7 +63,9 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
     seconds or RFC 3339 with an offset (``decode.api_seconds``, as the API's schema states) and
     defaults to ``now``, which callers make deterministic (the stream entry's time, the file's
     modification time) so that a report read twice is the same report; ``source`` defaults to
-    ``default_source``; a ``reported_at`` later than ``not_after`` (when given) is refused.
+    ``default_source``; a ``reported_at`` later than ``not_after`` (when given) is recorded as
+    ``not_after``: no report can date itself ahead of the clock and outrank later verdicts, and
+    the API's schema, which cannot state a bound that moves with the clock, stays exact.
     Identifiers hold no control characters, as a transaction's.
     """
     if not isinstance(obj, dict):
@@ -85,10 +87,8 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
     if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or holds_control(source):
         raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters without control characters")
     reported_at = _time(obj.get("reported_at"), now)
-    if not_after is not None and reported_at > not_after:
-        raise LabelError(
-            f"reported_at must not be later than {not_after.isoformat(timespec='seconds')}, got {obj.get('reported_at')!r}"
-        )
+    if not_after is not None:
+        reported_at = min(reported_at, not_after)
     return Label(txid, verdict, source, reported_at)
 
 
@@ -106,7 +106,7 @@ def parse_labels(
 ) -> tuple[list[Label], list[tuple[int, str]]]:
     """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
     ``reported_at`` of documents without one (default: the current time); ``not_after``: the
-    latest ``reported_at`` accepted (default: any)."""
+    latest ``reported_at`` recorded, a later one taken as it (default: any)."""
     labels, errors = [], []
     now = now or datetime.now(UTC)
     for position, document in enumerate(documents):
