@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fraudd.ingest.app import OPENAPI_PATH
+from fraudd.learning.labels import parse_labels
 from fraudd.scoring import decode
 
 from .conftest import Namespace
@@ -62,6 +63,16 @@ def test_the_schema_states_the_validators_constants() -> None:
     label = schemas()["Label"]["properties"]
     assert label["transaction_id"]["pattern"] == decode.NO_CONTROL_PATTERN
     assert label["reported_at"]["oneOf"][:2] == [number, text]
+
+
+def test_labels_are_judged_as_the_schema_states() -> None:
+    refused = [{"reported_at": ""}, {"reported_at": "2025-11-29 03:00:00"}, {"reported_at": 0.0}, {"source": {}}]
+    refused += [{"transaction_id": "t\r\n1"}, {"source": "chargeback\n"}]
+    labels, errors = parse_labels([{"transaction_id": "t1", "label": "fraud", **fields} for fields in refused])
+    assert labels == [] and [position for position, _reason in errors] == list(range(len(refused))), errors
+    accepted = [{"reported_at": None}, {"reported_at": "2025-11-29t03:00:00z"}, {"reported_at": 1764385200}, {"source": None}]
+    labels, errors = parse_labels([{"transaction_id": "t1", "label": "fraud", **fields} for fields in accepted])
+    assert errors == [] and labels[1].reported_at == labels[2].reported_at
 
 
 def test_a_conformance_tester_finds_nothing(ns: Namespace, tmp_path: Path) -> None:
