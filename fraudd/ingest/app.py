@@ -377,6 +377,7 @@ class Ingest:
                 score=None,
                 reasons=[],
                 model_version=None,
+                explanation=None,
                 timed_out=True,
             )
         else:
@@ -387,6 +388,7 @@ class Ingest:
                 score=decision["score"],
                 reasons=decision["reasons"],
                 model_version=decision["model_version"],
+                explanation=decision["explanation"],
                 timed_out=False,
             )
         answer["latency_ms"] = round((time.monotonic() - started) * 1000.0, 3)
