@@ -22,6 +22,8 @@ from .config import (
     Settings,
     alert_options,
     alert_settings_from,
+    check_postgres_url,
+    check_redis_url,
     ingest_options,
     ingest_settings_from,
     settings_from,
@@ -31,6 +33,7 @@ from .learning import cli as learning_cli
 from .runtime import logs
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
+    from .config import IngestSettings
     from .runtime.health import GroupState, RedisMemory
 
 
@@ -76,6 +79,7 @@ def ingest(**params) -> None:
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
     check_eviction(settings.redis_url, settings.redis_cluster)
+    check_ingest_shard_count(settings)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -104,7 +108,9 @@ def alerts(**params) -> None:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
     if settings.metrics_port:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
+    # A new group starts at the present: a deployment scoring for a while does not alert its history.
+    start = "0" if alert_settings.from_beginning else "$"
+    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group, start)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor
@@ -190,11 +196,28 @@ def preflight(settings: Settings) -> None:
     except RulesError as exc:
         raise ConfigError(f"--rules-path: {exc}") from None
     check_dependencies(settings, settings.input_streams, settings.group)
+    check_shard_count(settings)
 
 
-def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
-    answers with every migration applied."""
+def check_shard_count(settings: Settings) -> None:
+    """Refuse a --shards that leaves entries on streams only another count reads; otherwise record it."""
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True)
+    try:
+        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
+        if not left:
+            shard_counts.record(client, settings.stream, settings.shards, int(time.time() * 1000))
+    finally:
+        client.close()
+    if left:
+        raise ConfigError(shard_counts.describe(left, settings.shards))
+
+
+def check_dependencies(settings: Settings, streams: list[str], group: str, start: str = "0") -> None:
+    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``, created
+    at ``start`` if new), PostgreSQL answers with every migration applied."""
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
     from .runtime.redis_clients import connect_redis
@@ -205,7 +228,7 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
         client.ping()
         eviction = redis_memory(client).eviction_problem()
         for stream in streams:
-            ensure_group(client, stream, group)
+            ensure_group(client, stream, group, start)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
     finally:
@@ -219,6 +242,29 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
             raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+
+
+def check_ingest_shard_count(settings: IngestSettings) -> None:
+    """Refuse a --shards other than the one scoring last ran with: its streams would have no reader.
+    A Redis that does not answer yet is let be, as in ``check_eviction``."""
+    from redis.exceptions import RedisClusterException
+
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    try:
+        client = redis_client(settings.redis_url, settings.redis_cluster, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            scored_with = shard_counts.latest(client, settings.stream)
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException):
+        return
+    if scored_with is not None and scored_with != settings.shards:
+        raise ConfigError(
+            f"--shards {settings.shards}: fraudd run scores {settings.stream} with --shards {scored_with}, so nobody would "
+            f"read what this ingest writes; use --shards {scored_with} (README: Changing the shard count)"
+        )
 
 
 def check_eviction(url: str, cluster: bool) -> None:
@@ -278,16 +324,32 @@ def prepare_metrics_dir() -> None:
     atexit.register(shutil.rmtree, directory, True)
 
 
+# `fraudd status` exit codes (README: Operations): a monitoring script tells "down" from "behind".
+STATUS_OK, STATUS_DOWN, STATUS_BEHIND = 0, 1, 3  # 2: a bad option (click's usage error)
+
+
 @main.command()
 @settings_options
-def status(**params) -> None:
-    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster)."""
+@click.option(
+    "--lag-limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Exit 3 when the group's lag (over every shard) is above this.",
+)
+def status(lag_limit: int, **params) -> None:
+    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster).
+
+    Exit status: 0 all up and the lag within --lag-limit; 1 Redis or PostgreSQL down, or Redis full or
+    evicting; 2 a bad option; 3 up, but the lag is above --lag-limit or entries wait on a stream only
+    another --shards reads."""
+    from . import shard_counts
     from .keys import Keys
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
     settings = settings_from(params)
-    healthy = True
+    healthy, behind = True, False
     client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
     try:
         states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
@@ -298,6 +360,13 @@ def status(**params) -> None:
             f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
             f"oldest pending {state.oldest_pending_age_s:.1f}s"
         )
+        if state.lag > lag_limit:
+            behind = True
+            click.echo(f"           behind: lag {state.lag} is above --lag-limit {lag_limit}")
+        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
+        if left:
+            behind = True
+            click.echo(f"stranded   {shard_counts.describe(left, settings.shards)}")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:
@@ -334,7 +403,7 @@ def status(**params) -> None:
     except (psycopg.Error, OSError) as exc:
         healthy = False
         click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
-    sys.exit(0 if healthy else 1)
+    sys.exit(STATUS_DOWN if not healthy else STATUS_BEHIND if behind else STATUS_OK)
 
 
 def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupState], rates: list[float]) -> None:
@@ -453,29 +522,35 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     """
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
+    from .runtime.deadletters import restored_fields
 
     settings = settings_from(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
+    # An entry that had no data field goes back as it was, to the stream it came from.
+    restored = [(f.get(b"source_stream", settings.stream.encode()), restored_fields(f)) for _i, f in selected]
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
     inputs = {stream.encode() for stream in settings.input_streams}
     # Letters naming no stream were written by the scoring workers before letters named theirs.
     transactions = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source in inputs and kept is None
     ]
     others = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) not in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source not in inputs and kept is None
     ]
+    as_they_were = [(source, kept) for source, kept in restored if kept is not None]
     if transactions:
         Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
-    if others:
+    if others or as_they_were:
         pipe = client.pipeline(transaction=False)
         for _id, fields in others:
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
+        for source, kept in as_they_were:
+            pipe.xadd(source, kept)
         pipe.execute()
     if alerts:
         with _connect_postgres(settings) as conn:
@@ -483,6 +558,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
     elsewhere = Counter(fields[b"source_stream"].decode() for _id, fields in others)
+    elsewhere.update(source.decode() for source, _kept in as_they_were)
     click.echo(
         f"replayed {len(transactions)} entries onto {settings.stream}"
         + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))
@@ -506,8 +582,14 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 
 
 @main.command()
-@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default="postgresql://127.0.0.1:5432/postgres", show_default=True)
+@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True, callback=check_redis_url)
+@click.option(
+    "--postgres-url",
+    envvar="POSTGRES_URL",
+    default="postgresql://127.0.0.1:5432/postgres",
+    show_default=True,
+    callback=check_postgres_url,
+)
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)

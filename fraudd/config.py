@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 import click
+import psycopg
+import redis
 
 from .keys import shard_streams
 
@@ -60,6 +62,7 @@ class Settings:
     max_deliveries: int
     claim_idle_ms: int
     dedup_window_s: int
+    retention_s: int
     shutdown_timeout_s: float
     metrics_port: int
     log_level: str
@@ -89,6 +92,32 @@ def _positive(name: str):
     return check
 
 
+def _option_hint(param: click.Parameter) -> str:
+    """``--flag / ENV`` of an option, as the one-line start-up errors name it."""
+    envvar = f" / {param.envvar}" if isinstance(param.envvar, str) else ""
+    return f"{param.opts[0]}{envvar}"
+
+
+def check_redis_url(ctx, param, value):
+    """A Redis URL (or a cluster's comma-separated seed URLs) that redis-py can use; the message
+    never repeats the URL, which may hold a password."""
+    for seed in value.split(","):
+        try:
+            redis.connection.parse_url(seed.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{_option_hint(param)}: {exc}") from None
+    return value
+
+
+def check_postgres_url(ctx, param, value):
+    """A libpq connection string: ``postgresql://`` URL or ``key=value`` pairs (never repeated: passwords)."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"{_option_hint(param)}: neither a postgresql:// URL nor key=value pairs") from None
+    return value
+
+
 def _probability(ctx, param, value):
     if value is not None and not 0.0 < value < 1.0:
         raise click.BadParameter(f"must be between 0 and 1, got {value}")
@@ -97,14 +126,24 @@ def _probability(ctx, param, value):
 
 # (flag, environment variable, click keyword arguments, help). The README's table is this list.
 OPTIONS: list[tuple[str, str, dict, str]] = [
-    ("redis-url", "REDIS_URL", {"default": "redis://127.0.0.1:6379/0"}, "Redis holding the streams and feature state."),
+    (
+        "redis-url",
+        "REDIS_URL",
+        {"default": "redis://127.0.0.1:6379/0", "callback": check_redis_url},
+        "Redis holding the streams and feature state.",
+    ),
     (
         "redis-cluster",
         "REDIS_CLUSTER",
         {"is_flag": True, "default": False},
         "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); needs --shards > 1.",
     ),
-    ("postgres-url", "POSTGRES_URL", {"default": "postgresql://127.0.0.1:5432/postgres"}, "PostgreSQL receiving the decisions."),
+    (
+        "postgres-url",
+        "POSTGRES_URL",
+        {"default": "postgresql://127.0.0.1:5432/postgres", "callback": check_postgres_url},
+        "PostgreSQL receiving the decisions.",
+    ),
     ("pg-schema", "FRAUDD_PG_SCHEMA", {"default": "public"}, "PostgreSQL schema of fraudd's tables."),
     (
         "model-path",
@@ -208,6 +247,12 @@ OPTIONS: list[tuple[str, str, dict, str]] = [
         "How long a transaction_id is remembered for duplicates.",
     ),
     (
+        "retention-s",
+        "FRAUDD_RETENTION_S",
+        {"default": 3600, "type": int, "callback": _positive("retention-s")},
+        "How long entries every group has acknowledged stay on the input stream before the supervisor trims them.",
+    ),
+    (
         "shutdown-timeout-s",
         "FRAUDD_SHUTDOWN_TIMEOUT_S",
         {"default": 30.0, "type": float, "callback": _positive("shutdown-timeout-s")},
@@ -243,6 +288,13 @@ ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
         "Consumer group of the alert service on --fraud-stream.",
     ),
     (
+        "from-beginning",
+        "FRAUDD_ALERTS_FROM_BEGINNING",
+        {"is_flag": True, "default": False},
+        "A new --alerts-group starts at the fraud stream's beginning (the history is delivered), not at "
+        "the present. An existing group always resumes where it was.",
+    ),
+    (
         "max-attempts",
         "FRAUDD_MAX_ATTEMPTS",
         {"default": 10, "type": int, "callback": _positive("max-attempts")},
@@ -267,6 +319,7 @@ ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
 class AlertSettings:
     config: Path
     alerts_group: str
+    from_beginning: bool
     max_attempts: int
     fraud_retention_s: int
     deliveries_retention_days: int
@@ -402,12 +455,6 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         "Group lag from which writes are refused with 503 and Retry-After.",
     ),
     (
-        "retention-s",
-        "FRAUDD_RETENTION_S",
-        {"default": 3600, "type": int, "callback": _positive("retention-s")},
-        "How long entries every group has acknowledged stay on the stream before trimming.",
-    ),
-    (
         "decision-timeout-ms",
         "FRAUDD_DECISION_TIMEOUT_MS",
         {"default": 250, "type": int, "callback": _positive("decision-timeout-ms")},
@@ -457,7 +504,6 @@ class IngestSettings:
     workers: int
     max_batch: int
     max_lag: int
-    retention_s: int
     decision_timeout_ms: int
     fallback_decision: str
     client_timeout_s: float

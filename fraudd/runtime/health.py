@@ -26,10 +26,12 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
+from .. import shard_counts
 from ..config import Settings
 from ..schema import connect, ensure_partitions
 from . import metrics
 from .redis_clients import redis_client
+from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +205,17 @@ class Housekeeper:
         self._state: GroupState | None = None
         self._state_at = 0.0
         self._rate: float | None = None
+        self._stranded: list[shard_counts.Stranded] = []
 
     def run_once(self) -> None:
         self._guard("redis", self._group_gauges)
         self._guard("postgres", self._partitions)
+
+    def keep_input(self) -> None:
+        """The input stream's upkeep, ``fraudd run``'s alone (other consumers keep their own stream):
+        the shard count recorded and checked, and the acknowledged entries trimmed."""
+        self._guard("redis", self._shard_count)
+        self._guard("redis", self._trim)
 
     def summary(self) -> str:
         """One line for systemd's status: the group's read rate, lag and pending, as last gathered."""
@@ -263,6 +272,24 @@ class Housekeeper:
                 ):
                     self.redis.xgroup_delconsumer(stream, s.group, name)
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
+
+    def _shard_count(self) -> None:
+        """Record this --shards as alive, and say when entries wait where no worker of it reads."""
+        s = self.settings
+        shard_counts.record(self.redis, s.stream, s.shards, int(time.time() * 1000))
+        stranded = shard_counts.stranded(self.redis, s.stream, s.shards, s.group)
+        metrics.stranded_entries.set(sum(left.entries for left in stranded))
+        if stranded and {left.stream for left in stranded} != {left.stream for left in self._stranded}:
+            log.error(shard_counts.describe(stranded, s.shards), extra={"event": "stranded"})
+        self._stranded = stranded
+
+    def _trim(self) -> None:
+        """Trim each input stream of what every group acknowledged (``--retention-s``): whoever
+        produces, the stream stays bounded. Each shard's calls go to the node serving it."""
+        s = self.settings
+        trimmed = sum(trim_acked(self.redis, stream, s.retention_s) for stream in s.input_streams)
+        if trimmed:
+            log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
     def _partitions(self) -> None:
         if time.monotonic() < self._next_partitions:

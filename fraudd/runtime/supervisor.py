@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from . import logs, metrics
 from .health import HealthProblem, HealthServer
 from .notify import Notifier
-from .process import EXIT_BOOT_ERROR, WorkerProcess
+from .process import EXIT_BOOT_ERROR, WorkerProcess, die_with_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
+                die_with_supervisor(supervisor_pid)
                 logs.setup(self.service.log_level, self.service.worker_name(slot.index))
                 code = self.service.run_worker(WorkerProcess(slot.index, status_w, supervisor_pid))
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
