@@ -12,7 +12,6 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
@@ -22,6 +21,7 @@ from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import META_FEATURES, FraudModel, ModelError
 from fraudd.scoring.rules import DECISIONS, Rules
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.worker import score_batch
 
 from .conftest import Namespace, wait_for

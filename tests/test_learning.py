@@ -11,7 +11,6 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
 from fraudd.learning.labels import parse_labels
@@ -29,6 +28,7 @@ from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
 from .services import drain, start, stop
@@ -432,7 +432,10 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(
     chargebacks = tmp_path / "chargebacks.jsonl"
     chargebacks.write_bytes(
         b"\n".join(
-            orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
+            # Reported by the end of day 10: they count for every transaction of days 11-20.
+            orjson.dumps(
+                {"transaction_id": t, "label": "fraud", "source": "chargeback", "reported_at": float(second.timestamp[0])}
+            )
             for t in first.transaction_id[first.is_fraud].tolist()
         )
     )

@@ -11,9 +11,9 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL
 from fraudd.ingest import Publisher
 from fraudd.scoring import decode
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import drain
@@ -84,6 +84,20 @@ INVALID_KINDS: list[tuple[bytes, str]] = [
         decode.REASON_INVALID,
     ),
     (b'{"a":1},{"b":2}', decode.REASON_NOT_JSON),
+    (
+        orjson.dumps({"transaction_id": "crlf", "user_id": "u", "amount": 4, "merchant": "m\r\nBcc: x", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps(
+            {"transaction_id": "c1", "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW, "card_id": "c\x85"}
+        ),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": "huge", "user_id": "u", "amount": 1e308, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
 ]
 
 

@@ -30,6 +30,7 @@ import psycopg
 import redis
 from redis.cluster import RedisCluster
 
+from ..settings import ConsumerSettings
 from . import metrics
 from .process import BootError, WorkerProcess
 from .redis_clients import on_node, redis_error_code
@@ -123,26 +124,6 @@ def _extra_fields(fields: list[bytes]) -> dict[bytes, bytes]:
     return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
 
 
-class ConsumerOptions(Protocol):
-    """The settings a consumer reads; every service's settings carry these names (read-only: the
-    settings are frozen)."""
-
-    @property
-    def stream(self) -> str: ...
-    @property
-    def group(self) -> str: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def block_ms(self) -> int: ...
-    @property
-    def claim_idle_ms(self) -> int: ...
-    @property
-    def max_deliveries(self) -> int: ...
-    @property
-    def shutdown_timeout_s(self) -> float: ...
-
-
 class StreamConsumer:
     """Consumer ``name`` of ``options.group`` on ``options.stream``, in worker process ``process``.
 
@@ -157,7 +138,7 @@ class StreamConsumer:
     def __init__(
         self,
         client: redis.Redis | RedisCluster,
-        options: ConsumerOptions,
+        options: ConsumerSettings,
         name: str,
         process: WorkerProcess,
         on_outage: Callable[[str], None] | None = None,
