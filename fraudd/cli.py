@@ -360,7 +360,11 @@ def _dlq_client(settings: StreamsSettings) -> redis.Redis | RedisCluster:
 
 
 def _dlq_selection(
-    client: redis.Redis | RedisCluster, settings: StreamsSettings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
+    client: redis.Redis | RedisCluster,
+    settings: StreamsSettings,
+    entry_ids: tuple[str, ...],
+    reason: str | None,
+    select_all: bool,
 ) -> list[tuple[str, dict[bytes, bytes]]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")

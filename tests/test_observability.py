@@ -341,8 +341,7 @@ def test_every_rule_expression_is_valid_and_sees_data(observed: Observed) -> Non
     wait_for(
         lambda: all(rule["health"] == "ok" for rule in observed.rules()),
         10,
-        message="rules to evaluate without error: "
-        f"{[(r['name'], r['health'], r.get('lastError')) for r in observed.rules()]}",
+        message=f"rules to evaluate without error: {[(r['name'], r['health'], r.get('lastError')) for r in observed.rules()]}",
     )
 
 
