@@ -601,6 +601,6 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
         if len(payload) > MAX_PAYLOAD_BYTES:
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
-        result = check_transaction(obj)
-        checked.append(result if isinstance(result, Problem) else _submission(obj, result, payload))
+        event_s = check_transaction(obj)
+        checked.append(event_s if isinstance(event_s, Problem) else _submission(obj, event_s, payload))
     return checked

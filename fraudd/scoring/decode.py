@@ -354,16 +354,17 @@ def check_object(obj: object) -> float | Problem:
     return seconds
 
 
-def check_transaction(obj: Any) -> float | Problem:
+def check_transaction(obj: object) -> float | Problem:
     """``check_object``, then the rules the decoder does not enforce but the API's schema states: a
     string timestamp in RFC 3339 form, and each optional field absent, null, or in its documented
     form."""
     seconds = check_object(obj)
     if isinstance(seconds, Problem):
         return seconds
-    if api_seconds(obj["timestamp"]) is None:
+    fields = cast(dict[str, Any], obj)  # check_object accepted it: a JSON object
+    if api_seconds(fields["timestamp"]) is None:
         return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
-    get = obj.get
+    get = fields.get
     for name, limit in _OPTIONAL_TEXTS:
         value = get(name)
         if value is not None and (value.__class__ is not str or len(value) > limit):
@@ -375,10 +376,10 @@ def check_transaction(obj: Any) -> float | Problem:
     channel = get("channel")
     if channel is not None and (channel.__class__ is not str or channel not in _CHANNELS):
         return Problem(REASON_INVALID, "channel", f"must be one of {', '.join(CHANNELS)}")
-    for name, limit in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
+    for name, degrees in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
         value = get(name)
-        if value is not None and (value.__class__ not in _NUMBER_TYPES or not -limit <= value <= limit):
-            return Problem(REASON_INVALID, name, f"must be a number from {-limit:.0f} to {limit:.0f}")
+        if value is not None and (value.__class__ not in _NUMBER_TYPES or not -degrees <= value <= degrees):
+            return Problem(REASON_INVALID, name, f"must be a number from {-degrees:.0f} to {degrees:.0f}")
     return seconds
 
 
@@ -403,7 +404,7 @@ def _timestamp(value: Any) -> float | None:
     return seconds if EPOCH_MIN <= seconds < EPOCH_MAX else None
 
 
-def api_seconds(value) -> float | None:
+def api_seconds(value: object) -> float | None:
     """Unix seconds of a time in the form the API's schema states: a number from EPOCH_MIN up to
     EPOCH_MAX, or an RFC 3339 date-time of the years YEAR_MIN-YEAR_MAX; else None."""
     if value.__class__ in _NUMBER_TYPES:
@@ -432,7 +433,7 @@ def _rfc3339(value: str) -> float | None:
     return parsed.timestamp() + leap
 
 
-def _rows_without_control(columns: tuple[list, ...]) -> list[bool]:
+def _rows_without_control(columns: tuple[list[Any], ...]) -> list[bool]:
     """Per row: whether none of its identifier ``columns`` holds a control character. A column is
     searched whole (``isprintable`` is one C pass, and rules out most); a row at a time only when
     it holds one, or values of another type."""
