@@ -14,8 +14,8 @@ from .conftest import Namespace
 NOW_MS = int(time.time()) * 1000
 PAYLOADS = [
     b'{"transaction_id": "plain", "user_id": "u1", "amount": 12.5, "merchant": "Shell", "timestamp": %d}' % (NOW_MS // 1000),
-    b'{"transaction_id": "caf\\u00e9 \\t\\\\ \\n tab", "user_id": "\\u00fcser", "amount": 0.01,'
-    b' "merchant": "M\\u00fcnchen \\u2603",'
+    b'{"transaction_id": "caf\\u00e9 \\\\ slash", "user_id": "\\u00fcser", "amount": 0.01,'
+    b' "merchant": "M\\u00fcnchen \\u2603 \\\\ back",'
     b' "timestamp": %d, "mcc": "5411", "country": "DE", "card_id": "c", "device_id": "d", "ip": "10.0.0.1", "channel": "web",'
     b' "lat": 48.1, "lon": -11.5}' % (NOW_MS // 1000 - 60),
     b'{"transaction_id": "lat only", "user_id": "u3", "amount": 1e6, "merchant": "x", "timestamp": %d,'

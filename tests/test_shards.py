@@ -23,12 +23,13 @@ from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring.features import stored_states
+from fraudd.scoring.settings import ScoringSettings
 from fraudd.scoring.shards import ShardReader
+from fraudd.settings import ConsumerSettings, MetricsSettings, PostgresSettings, RedisSettings
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import start, stop
 from .streams import alerts, dlq, fully_drained
-from .test_recovery import _settings
 
 SHARDS = 8
 
@@ -65,8 +66,18 @@ def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns
 
 def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_client: redis.Redis, ns: Namespace) -> None:
     shards = 4
-    settings = _settings(ns, shards=shards, batch_size=100, block_ms=50)
-    reader = ShardReader(connect_redis(ns.redis_url), settings, settings.consumer_name(0), WorkerProcess(0), lambda kind: None)
+    consumer = ConsumerSettings(ns.stream, ns.group, f"{ns.name}-c", workers=1, batch_size=100)
+    settings = ScoringSettings(
+        RedisSettings(ns.redis_url),
+        PostgresSettings(ns.postgres_url, ns.schema),
+        consumer,
+        MetricsSettings(),
+        ns.fraud_stream,
+        ns.dlq_stream,
+        "INFO",
+        shards=shards,
+    )
+    reader = ShardReader(connect_redis(ns.redis_url), settings, consumer.consumer_name(0), WorkerProcess(0), lambda kind: None)
     reader.start()
     try:
         assert sorted(reader.shards) == list(range(shards))

@@ -35,9 +35,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 from . import logs, metrics
-from .health import HealthServer
+from .health import HealthProblem, HealthServer
 from .notify import Notifier
 from .process import EXIT_BOOT_ERROR, WorkerProcess, die_with_supervisor
 
@@ -61,7 +62,7 @@ class Halt(Exception):
         self.exit_code = exit_code
 
 
-def _nothing_wrong() -> list[str]:
+def _nothing_wrong() -> list[HealthProblem]:
     return []
 
 
@@ -75,12 +76,12 @@ class Service:
     worker_name: Callable[[int], str]  # stable across respawns: a consumer re-reads its own pending
     shutdown_timeout_s: float
     log_level: str
-    metrics_port: int = 0
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of /metrics and /healthz; None: not served
     housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
     # On SIGHUP, before the workers are told: what the supervisor holds of the configuration is
     # what every worker it forks from then on starts with, so it must be the reloaded one.
     reload: Callable[[], None] | None = None
-    health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+    health_problems: Callable[[], list[HealthProblem]] = field(default=_nothing_wrong)  # for /healthz, besides workers
     # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
     # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
     summary: Callable[[], str] | None = None
@@ -122,8 +123,8 @@ class Supervisor:
     def run(self) -> int:
         for sig in self.SIGNALS:
             signal.signal(sig, self._queue_signal)
-        if self.service.metrics_port:
-            self._health = HealthServer(self.service.metrics_port, self.health_problems)
+        if self.service.metrics_listen is not None:
+            self._health = HealthServer(self.service.metrics_listen, self.health_problems)
             self._health.start()
         log.info(f"{self.service.name} started", extra={"event": "started", "workers": self.service.workers})
         next_housekeeping = 0.0
@@ -160,12 +161,12 @@ class Supervisor:
                 self._health.stop()
             self._notifier.close()
 
-    def health_problems(self) -> list[str]:
+    def health_problems(self) -> list[HealthProblem]:
         """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
         problems = self.service.health_problems()
         ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
         if ready < len(self.slots):
-            problems.append(f"workers: {ready} of {len(self.slots)} ready")
+            problems.append(HealthProblem("workers", f"{ready} of {len(self.slots)} ready"))
         return problems
 
     def status_line(self) -> str:
@@ -201,7 +202,7 @@ class Supervisor:
         self._watchdog_at = now
         self._notifier.watchdog()
 
-    def _queue_signal(self, signum, frame) -> None:
+    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
         if len(self._signals) < 10:
             self._signals.append(signum)
         try:
@@ -325,15 +326,15 @@ class Supervisor:
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
                 continue
-            self._worker_exited(slot, status)
+            self._worker_exited(slot, pid, status)
 
-    def _worker_exited(self, slot: Slot, status: int) -> None:
+    def _worker_exited(self, slot: Slot, pid: int, status: int) -> None:
         if slot.status_fd is not None:
             self._read_status(slot.status_fd)
             if slot.status_fd is not None:
                 os.close(slot.status_fd)
                 slot.status_fd = None
-        pid, was_ready = slot.pid, slot.ready
+        was_ready = slot.ready
         slot.pid, slot.ready = None, False
         metrics.worker_exited(pid)
         consumer = self.service.worker_name(slot.index)
@@ -363,7 +364,9 @@ class Supervisor:
         return [s for s in self.slots if s.pid is not None]
 
     def _kill_all(self, sig: int) -> None:
-        for slot in self._alive():
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
             try:
                 os.kill(slot.pid, sig)
             except ProcessLookupError:

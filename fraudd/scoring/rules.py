@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudd.config import DEFAULT_RULES
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
     EXTRA_COLUMNS,
@@ -30,7 +29,6 @@ APPROVE, REVIEW, DECLINE = 0, 1, 2
 # A shadow rule fires and is stored in the reasons, but never decides: how a new or noisy rule
 # is tried on live traffic before it is trusted.
 SHADOW = -1
-DEFAULT_RULES_PATH = DEFAULT_RULES
 
 _ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
 ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
@@ -101,7 +99,7 @@ class Rules:
         self._hits = np.zeros(len(rules), dtype=np.int64)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_RULES_PATH) -> Rules:
+    def load(cls, path: str | Path) -> Rules:
         """Read and validate a rules file; raises RulesError (naming the file) if it is unusable."""
         path = Path(path)
         try:
@@ -152,7 +150,8 @@ class Rules:
 def decide(scores: np.ndarray, review_threshold: float, decline_threshold: float, outcome: RuleOutcome) -> np.ndarray:
     """Decision codes (index into DECISIONS): the stronger of the model's thresholds and the rules."""
     model = np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE))
-    return np.maximum(model.astype(np.int8), outcome.action)
+    decision: np.ndarray = np.maximum(model.astype(np.int8), outcome.action)
+    return decision
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

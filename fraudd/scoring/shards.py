@@ -36,11 +36,11 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
 
-from ..config import Settings
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group, read_entries
 from ..runtime.process import WorkerProcess
@@ -49,6 +49,7 @@ from .features import LEASE_FUNCTION, FeatureStore, load_library
 from .features_owned import OwnedFeatureStore
 from .features_shared import SharedFeatureStore
 from .leases import Fenced, Lease
+from .settings import ScoringSettings
 from .sinks import Settler
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ TRUSTED_SHARE = 0.8
 # Renewal runs in a thread, so a batch waiting on a lock or a slow COPY keeps its shards; it stops
 # once the batch loop has shown no sign of life for this many leases (a hung worker).
 HUNG_AFTER_LEASES = 2
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -93,7 +96,12 @@ class ShardReader:
     """
 
     def __init__(
-        self, client: redis.Redis, settings: Settings, name: str, process: WorkerProcess, on_outage: Callable[[str], None]
+        self,
+        client: redis.Redis | RedisCluster,
+        settings: ScoringSettings,
+        name: str,
+        process: WorkerProcess,
+        on_outage: Callable[[str], None],
     ) -> None:
         self.redis = client
         self.settings = settings
@@ -101,14 +109,14 @@ class ShardReader:
         self._process = process
         self._on_outage = on_outage
         # Outage waits outside any shard's batch (leases, start-up) go through this one.
-        self.control = StreamConsumer(client, settings, name, process, on_outage)
+        self.control = StreamConsumer(client, settings.consumer, name, process, on_outage)
         self.owner = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.shards: dict[int, Shard] = {}
         self.parts: list[tuple[Shard, Entries]] = []
         self._order: list[int] = []
         self._next = 0
         self._next_tick = 0.0
-        self._registry = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
+        self._registry = Keys(settings.consumer.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
         self._alive_at = time.monotonic()
         self._closing = threading.Event()
         self._renewer = threading.Thread(target=self._renew_while_alive, name="leases", daemon=True)
@@ -121,7 +129,7 @@ class ShardReader:
     def held(self) -> int:
         return sum(shard.consumer.held for shard in self.shards.values())
 
-    def until_done(self, attempt, component: str):
+    def until_done(self, attempt: Callable[[], _T], component: str) -> _T:
         return self.control.until_done(attempt, component)
 
     def start(self) -> None:
@@ -141,7 +149,7 @@ class ShardReader:
         if self.sharded and time.monotonic() >= self._next_tick:
             self.until_done(self._rebalance, "redis")
         if not self._order:
-            time.sleep(self.settings.block_ms / 1000.0)
+            time.sleep(self.settings.consumer.block_ms / 1000.0)
             return _nothing()
         shards = [self.shards[index] for index in self._order]
         if len(shards) > 1 and not isinstance(self.redis, RedisCluster) and all(s.consumer.caught_up for s in shards):
@@ -157,7 +165,7 @@ class ShardReader:
 
     def _read_together(self, shards: list[Shard]) -> Entries:
         """One XREADGROUP of new entries over the shards' streams, up to ``--batch-size`` in all."""
-        s = self.settings
+        s = self.settings.consumer
         started = time.perf_counter()
         count = math.ceil(s.batch_size / len(shards))
         streams = [shard.keys.stream for shard in shards]
@@ -208,7 +216,7 @@ class ShardReader:
 
     def _open(self, index: int, lease: Lease | None) -> Shard:
         s = self.settings
-        stream = shard_stream(s.stream, s.shards, index)
+        stream = shard_stream(s.consumer.stream, s.shards, index)
         keys = Keys(stream, s.fraud_stream, s.dlq_stream)
         window_ms = s.dedup_window_s * 1000
         # An owned shard's pending entries belong to owners whose lease expired: all are claimed
@@ -216,21 +224,23 @@ class ShardReader:
         # lease, not the shared stream's --claim-idle-ms.
         # Each shard blocks 1 ms when idle, so one busy shard is not held up by the idle others.
         options = (
-            dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1) if lease else s
+            dataclasses.replace(s.consumer, stream=stream, claim_idle_ms=min(s.consumer.claim_idle_ms, s.lease_ms), block_ms=1)
+            if lease
+            else s.consumer
         )
         consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
         features: FeatureStore
         if lease is None:
             features = SharedFeatureStore(self.redis, keys, window_ms)
         else:
-            ensure_group(self.redis, stream, s.group)
+            ensure_group(self.redis, stream, s.consumer.group)
             features = OwnedFeatureStore(self.redis, keys, window_ms, lease)
         return Shard(
             index,
             keys,
             consumer,
             features,
-            Settler(self.redis, keys, s.group, self.name, window_ms, lease),
+            Settler(self.redis, keys, s.consumer.group, self.name, window_ms, lease),
             lease,
         )
 
@@ -238,12 +248,12 @@ class ShardReader:
         self.shards.pop(index, None)
         self._order = sorted(self.shards)
 
-    def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> object:
+    def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> Any:
         """The lease function's reply; with ``replicated``, [reply, replicas that acknowledged it]."""
         # Straight to the shard's node: the cluster client would ask a node for FCALL's keys first.
         args = ("FCALL", LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
 
-        def send(client: redis.Redis) -> object:
+        def send(client: redis.Redis) -> Any:
             if not replicated:
                 return client.execute_command(*args)
             # WAIT counts what the connection it arrives on wrote last: one pipeline keeps both on one.
@@ -286,7 +296,7 @@ class ShardReader:
         while not self._closing.wait(lease_s / RENEWALS_PER_LEASE):
             for shard in list(self.shards.values()):
                 started = time.monotonic()
-                if started - max(self._alive_at, shard.alive_at) > HUNG_AFTER_LEASES * lease_s:
+                if shard.lease is None or started - max(self._alive_at, shard.alive_at) > HUNG_AFTER_LEASES * lease_s:
                     continue  # hung: let the lease run out so another worker takes the shard over
                 try:
                     held = self._lease("renew", shard.keys, shard.lease.token) == 1
@@ -312,7 +322,9 @@ class ShardReader:
         live = max(1, pipe.execute()[-1])
         share = math.ceil(s.shards / live)
         for index in sorted(self.shards, reverse=True)[: max(0, len(self.shards) - share)]:
-            self._lease("release", self.shards[index].keys, self.shards[index].lease.token)
+            given_back = self.shards[index]
+            if given_back.lease is not None:
+                self._lease("release", given_back.keys, given_back.lease.token)
             log.info("shard given back", extra={"event": "shard_released", "shard": index, "workers": live})
             self._drop(index)
         first = zlib.crc32(self.owner.encode()) % s.shards
@@ -322,15 +334,16 @@ class ShardReader:
             index = (first + step) % s.shards
             if index in self.shards:
                 continue
-            keys = Keys(shard_stream(s.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
+            keys = Keys(shard_stream(s.consumer.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
             token = self._acquire(keys)
             if token is None:
                 continue
-            shard = self._open(index, Lease(keys.lease, token))
+            lease = Lease(keys.lease, token)
+            shard = self._open(index, lease)
             shard.trusted_until = started + s.lease_ms / 1000.0 * TRUSTED_SHARE
             self.shards[index] = shard
             self._order = sorted(self.shards)
-            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token, "workers": live})
+            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": lease.token, "workers": live})
 
 
 def _nothing() -> Entries:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -90,7 +90,7 @@ class ScoredBatch:
     score: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
@@ -118,7 +118,7 @@ class ScoredBatch:
             None if self.shadow is None else self.shadow.take(index),
         )
 
-    def row(self, i: int) -> dict:
+    def row(self, i: int) -> dict[str, Any]:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
         b = self.batch
         lat, lon = float(b.lat[i]), float(b.lon[i])
@@ -229,7 +229,7 @@ class DecisionStore:
             _adopt_stored(scored, stored)
 
 
-def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
+def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple[Any, ...]]) -> None:
     decision_index = {name: i for i, name in enumerate(DECISIONS)}
     for i, txid in enumerate(scored.batch.transaction_id):
         if txid in stored:
@@ -427,8 +427,8 @@ class Settler:
         acked, _, _ = self._call([stream] * 3, self.arguments(ack_ids, [], [], replies))
         return Settled(acked, alerts_written, dead_written)
 
-    def _call(self, keys: list[str], args: list) -> tuple[int, int, int]:
-        if args[7]:  # fenced: the lease is checked in the call
+    def _call(self, keys: list[str], args: list[Any]) -> tuple[int, int, int]:
+        if args[7] and self._lease is not None:  # fenced: the lease is checked in the call
             keys = [*keys, self._lease.key]
         try:
             acked, alerts_written, dead_written = self._script(keys=keys, args=args)
@@ -461,11 +461,11 @@ class Settler:
         dead: list[Rejected],
         replies: dict[str, bytes] | None = None,
         fenced: bool = True,
-    ) -> list:
+    ) -> list[Any]:
         """The script's ARGV for one settle (apart so its encoding cost can be measured alone)."""
         replies = replies or {}
         token = self._lease.token if self._lease is not None and fenced else ""
-        args: list = [
+        args: list[Any] = [
             self._group,
             self._window_ms,
             self._alerted_prefix,
@@ -527,7 +527,7 @@ def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dic
     the waiting requests answer. Only those rows are visited; a batch without any costs nothing."""
     if not reply_to:
         return {}
-    replies: dict[str, list[dict]] = {}
+    replies: dict[str, list[dict[str, Any]]] = {}
     for scored in stored:
         b = scored.batch
         for i, entry_id in enumerate(b.entry_ids):

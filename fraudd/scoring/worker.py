@@ -44,14 +44,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
 from .. import shard_counts
-from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
 from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
@@ -69,13 +68,16 @@ from .leases import Fenced
 from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
+from .settings import ScoringSettings
 from .shards import Shard, ShardReader
 from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies, settle_together
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
 
+# What ``_bisected`` splits, and what each attempt on a part makes of it.
 _Part = TypeVar("_Part", DecodedBatch, ScoredBatch)
+_Done = TypeVar("_Done")
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
 # and alerts see "nothing declined" instead of "no data".
@@ -103,23 +105,23 @@ class Settlement:
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
     dead: list[Rejected]
-    payloads: dict[str, bytes]  # for dead letters found while storing
+    payloads: dict[str, bytes | None]  # for dead letters found while storing (None: no data field)
 
 
 class ScoringWorker:
     """The batch handler of consumer ``<consumer-id>-<index>`` of the scoring group."""
 
-    def __init__(self, settings: Settings, process: WorkerProcess) -> None:
+    def __init__(self, settings: ScoringSettings, process: WorkerProcess) -> None:
         self.settings = settings
         # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
         self.store = DecisionStore(
-            settings.postgres_url, settings.pg_schema, settings.lease_ms // 2 if settings.shards > 1 else 0
+            settings.postgres.url, settings.postgres.schema, settings.lease_ms // 2 if settings.shards > 1 else 0
         )
-        self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
-        self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
-        self.deployment = DeploymentWatch(settings.postgres_url, settings.pg_schema)
+        self.redis = connect_redis(settings.redis.url, settings.redis.cluster)
+        self.reader = ShardReader(self.redis, settings, settings.consumer.consumer_name(process.index), process, self._on_outage)
+        self.deployment = DeploymentWatch(settings.postgres.url, settings.postgres.schema)
         self._deployed: Deployed | None = None
-        self._settling: Future | None = None
+        self._settling: Future[list[tuple[Settlement, Fenced]]] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,9 +131,9 @@ class ScoringWorker:
         self._use(_load_models(s, None))
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
-        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.consumer.stream), "redis")
         self.carried_over = CarriedOver(
-            s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+            s.consumer.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
         )
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
@@ -395,8 +397,8 @@ class ScoringWorker:
             return exc
 
     def _bisected(
-        self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
-    ) -> tuple[list[_Part], list[Rejected]]:
+        self, part: _Part, attempt: Callable[[_Part], _Done], payloads: dict[str, bytes | None]
+    ) -> tuple[list[_Done], list[Rejected]]:
         """``attempt(part)``; when it fails as a whole, bisect down to the entries at fault.
 
         Outages never get here (``until_done`` waits them out), so what fails is the data: the
@@ -415,7 +417,7 @@ class ScoringWorker:
                     "entry cannot be processed",
                     extra={"event": "dead_lettered", "reason": REASON_PROCESSING, "entry_id": entry_id, "error": repr(exc)},
                 )
-                return [], [Rejected(entry_id, payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
+                return [], [Rejected(entry_id, payloads[entry_id] or b"", REASON_PROCESSING, repr(exc)[:500])]
             metrics.batch_failures.inc()
             log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(part), "error": repr(exc)})
             middle = len(part) // 2
@@ -470,7 +472,12 @@ class ScoringWorker:
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
         started = time.perf_counter()
-        shard.consumer.until_done(lambda: (shard.check(), self.store.store(scored)), "postgres")
+
+        def attempt() -> None:
+            shard.check()
+            self.store.store(scored)
+
+        shard.consumer.until_done(attempt, "postgres")
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
@@ -520,7 +527,7 @@ class BatchDecisions(NamedTuple):
     scores: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
 
 
 def score_batch(
@@ -543,7 +550,7 @@ def score_batch(
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
-    explanations: list[dict | None] = [None] * len(scores)
+    explanations: list[dict[str, Any] | None] = [None] * len(scores)
     if explain:
         flagged = np.flatnonzero(decision > 0)
         model_reasons, documents = model.explain(inputs[flagged])
@@ -553,7 +560,7 @@ def score_batch(
     return BatchDecisions(scores, decision, reasons, explanations)
 
 
-def _load_models(settings: Settings, deployed: Deployed | None) -> Models:
+def _load_models(settings: ScoringSettings, deployed: Deployed | None) -> Models:
     """The deployment's models with their registered thresholds; without one, the flags'."""
     if deployed is None:
         champion = _load_model(settings.model_path, "--model-path")
@@ -582,7 +589,7 @@ def _load_model(path: Path, what: str) -> FraudModel:
         raise BootError(f"{what}: {exc}") from exc
 
 
-def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
+def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, float]:
     """(review, decline): from --thresholds (re-read at every reload), the flags, or the model's own."""
     if settings.thresholds is not None:
         try:
@@ -596,38 +603,38 @@ def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
     return review, decline
 
 
-def _load_rules(settings: Settings) -> Rules:
+def _load_rules(settings: ScoringSettings) -> Rules:
     try:
         return Rules.load(settings.rules_path)
     except RulesError as exc:
         raise BootError(str(exc)) from exc
 
 
-def service(settings: Settings) -> Service:
+def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
-    housekeeper = Housekeeper(settings)
-    precision = FlaggedPrecision(settings.postgres_url, settings.pg_schema)
+    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
+    precision = FlaggedPrecision(settings.postgres.url, settings.postgres.schema)
 
     def housekeeping() -> None:
         housekeeper.run_once()
-        housekeeper.keep_input()
+        housekeeper.keep_input(settings.consumer.stream, settings.shards, settings.retention_s)
         precision.run_once()
 
     return Service(
         name="fraudd",
-        workers=settings.workers,
+        workers=settings.consumer.workers,
         run_worker=lambda process: worker_main(settings, process),
-        worker_name=settings.consumer_name,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
+        worker_name=settings.consumer.consumer_name,
+        shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
         housekeeping=housekeeping,
-        health_problems=lambda: health_problems(settings, housekeeper.redis),
+        health_problems=lambda: health_problems(settings.postgres, housekeeper.redis),
         summary=housekeeper.summary,
     )
 
 
-def worker_main(settings: Settings, process: WorkerProcess) -> int:
+def worker_main(settings: ScoringSettings, process: WorkerProcess) -> int:
     """Entry point of a forked scoring worker; returns its exit code."""
     worker = ScoringWorker(settings, process)
     # A batch holds a few thousand fresh containers (a dict per payload, lists per column) until it
@@ -636,5 +643,5 @@ def worker_main(settings: Settings, process: WorkerProcess) -> int:
     # of CPU per transaction. Frozen, the start-up heap leaves every collection; a young generation
     # larger than a batch lets most of a batch die by reference count before a collection sees it.
     gc.freeze()
-    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.batch_size), *gc.get_threshold()[1:])
+    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.consumer.batch_size), *gc.get_threshold()[1:])
     return consume(process, worker.reader, worker)

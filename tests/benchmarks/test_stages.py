@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import pgbinary
@@ -28,6 +27,7 @@ from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Settler, _copy_binary, alert_documents
 from fraudd.scoring.worker import score_batch
 
