@@ -14,6 +14,7 @@ lengths and big-endian values; a text column is two pieces per row, its length a
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -22,6 +23,10 @@ TRAILER = b"\xff\xff"
 NULL = b"\xff\xff\xff\xff"
 _POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC in Unix microseconds
 _TEXT_OID = 25
+
+_NONE = np.array(None, dtype=object)
+V = TypeVar("V")
+K = TypeVar("K", bound=Hashable)
 
 Pieces = list[bytes]  # one piece per row
 Column = list[Pieces]  # a column's pieces, in the order they follow each other in a row
@@ -56,33 +61,43 @@ class Record:
         record = np.empty(self._n, dtype=[(f"f{i}", dtype) for i, (dtype, _) in enumerate(self._fields)])
         for i, (_, values) in enumerate(self._fields):
             record[f"f{i}"] = values
-        return record.view(f"V{record.itemsize}").tolist()
+        pieces: Pieces = record.view(f"V{record.itemsize}").tolist()
+        return pieces
 
 
 def lengths(sizes: Sequence[int] | np.ndarray) -> Pieces:
     """Each size as the int32 length a field starts with."""
-    return np.asarray(sizes, dtype=">i4").view("V4").tolist()
+    pieces: Pieces = np.asarray(sizes, dtype=">i4").view("V4").tolist()
+    return pieces
 
 
-def text(values: list[str | None]) -> Column:
+def present(values: Sequence[Any]) -> list[int]:
+    """The rows whose value is not None, found by numpy rather than a loop over the rows."""
+    rows: list[int] = np.flatnonzero(np.not_equal(np.array(values, dtype=object), _NONE)).tolist()
+    return rows
+
+
+def text(values: Sequence[str | None]) -> Column:
     """A text column; None is NULL. The values hold no NUL character (decode rejects it, and
     PostgreSQL's text cannot hold one), so one encode of the joined column and one split give every
     value's bytes."""
-    nulls = None
+    nulls: list[int] = []
     if None in values:
         column = np.array(values, dtype=object)
-        nulls = np.flatnonzero(np.equal(column, None))
-        column[nulls] = ""
-        values = column.tolist()
-    data = "\x00".join(values).encode().split(b"\x00")
+        found = np.flatnonzero(np.equal(column, _NONE))
+        column[found] = ""
+        texts: list[str] = column.tolist()
+        nulls = found.tolist()
+    else:
+        texts = cast(list[str], values)
+    data = "\x00".join(texts).encode().split(b"\x00")
     head = lengths(list(map(len, data)))
-    if nulls is not None:
-        for i in nulls.tolist():
-            head[i] = NULL
+    for i in nulls:
+        head[i] = NULL
     return [head, data]
 
 
-def categorical(values: list[str | None]) -> Column:
+def categorical(values: Sequence[str | None]) -> Column:
     """A text column of few distinct values (currencies, countries, channels): each distinct value
     is encoded once, and a row's field is one piece instead of two. None is NULL."""
     table = {v: NULL if v is None else field(v.encode()) for v in dict.fromkeys(values)}
@@ -101,7 +116,7 @@ def by_code(codes: np.ndarray, values: Sequence[bytes]) -> Column:
     return [list(map(table.__getitem__, codes.tolist()))]
 
 
-def memoized(values: list, key: Callable[[object], Hashable], field_of: Callable[[Hashable], bytes]) -> Column:
+def memoized(values: Sequence[V], key: Callable[[V], K], field_of: Callable[[K], bytes]) -> Column:
     """A column whose values repeat (lists of reasons): each distinct ``key`` is encoded once."""
     keys = list(map(key, values))
     table = {k: field_of(k) for k in dict.fromkeys(keys)}

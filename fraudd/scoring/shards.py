@@ -36,7 +36,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.cluster import RedisCluster
@@ -171,9 +171,10 @@ class ShardReader:
         streams = [shard.keys.stream for shard in shards]
         command = ["XREADGROUP", "GROUP", s.group, self.name, "COUNT", count, "BLOCK", s.block_ms, "STREAMS", *streams]
 
-        def attempt() -> list:
+        def attempt() -> list[Any]:
             try:
-                return self.redis.execute_command(*command, *([">"] * len(streams))) or []
+                reply = on_node(self.redis, streams[0], lambda client: client.execute_command(*command, *([">"] * len(streams))))
+                return cast(list[Any], reply or [])
             except redis.ResponseError as exc:
                 for shard in shards:  # one stream's group is gone: recreate it (the others exist)
                     shard.consumer.recreate_lost_group(exc)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import orjson
@@ -293,10 +293,9 @@ def _version_and_shadow_columns(model_version: str, shadow: Shadow | None, n: in
     ]
 
 
-def _explanations(explanations: list[dict | None]) -> dict[int, bytes]:
+def _explanations(explanations: list[dict[str, Any] | None]) -> dict[int, bytes]:
     """Row -> jsonb bytes of the rows explained (the flagged ones: a few in a hundred)."""
-    explained = np.flatnonzero(np.not_equal(np.array(explanations, dtype=object), None)).tolist()
-    return {i: _JSONB_VERSION + orjson.dumps(explanations[i]) for i in explained}
+    return {i: _JSONB_VERSION + orjson.dumps(explanations[i]) for i in pgbinary.present(explanations)}
 
 
 # Alerts, dead letters and acks of one batch, atomically. Alerts and dead letters are guarded by a
@@ -436,15 +435,17 @@ class Settler:
             raise self._fenced(exc) from None
         return acked, alerts_written, dead_written
 
-    def _fenced(self, exc: redis.ResponseError) -> Exception:
+    def _fenced(self, exc: redis.ResponseError) -> Fenced | redis.ResponseError:
         """What the script's error means: ``Fenced`` for a lost lease, else the error itself."""
         return Fenced(f"lease on {self._keys.stream} lost") if redis_error_code(exc) == "FENCED" else exc
 
-    def command(self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]) -> tuple:
+    def command(
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]
+    ) -> tuple[Any, ...]:
         """``settle`` on one Redis as an EVALSHA to send along with other shards' (``settle_together``)."""
         args = self.arguments(ack_ids, alerts, dead, replies)
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
-        if args[7]:
+        if args[7] and self._lease is not None:
             keys.append(self._lease.key)
         return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
 
@@ -452,7 +453,8 @@ class Settler:
         """The reply to ``command``: what was settled, ``Fenced``, or an error to settle alone after."""
         if isinstance(reply, redis.ResponseError):
             return self._fenced(reply)
-        return Settled(*reply)
+        acked, alerts_written, dead_written = cast(list[int], reply)
+        return Settled(acked, alerts_written, dead_written)
 
     def arguments(
         self,
@@ -495,10 +497,9 @@ def settle_together(
     lost leaves the others settled. A ``ResponseError`` outcome (the script or a consumer group
     lost with Redis's data) is to be settled alone, which restores what is missing."""
     pipe = client.pipeline(transaction=False)
-    for settler, *arguments in calls:
-        pipe.execute_command(*settler.command(*arguments))
-    replies = pipe.execute(raise_on_error=False)
-    return [settler.outcome(reply) for (settler, *_), reply in zip(calls, replies)]
+    for settler, ack_ids, alerts, dead, replies in calls:
+        pipe.execute_command(*settler.command(ack_ids, alerts, dead, replies))
+    return [call[0].outcome(reply) for call, reply in zip(calls, pipe.execute(raise_on_error=False))]
 
 
 class AlertDocument(NamedTuple):

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import redis
@@ -363,18 +363,20 @@ class ScoringWorker:
             except Fenced as exc:
                 outcomes[i] = exc
         together = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        if len(together) > 1 and not isinstance(self.redis, RedisCluster):
+        client = self.redis
+        if len(together) > 1 and not isinstance(client, RedisCluster):
             sent = works[together[0]].shard.consumer.until_done(
-                lambda: settle_together(self.redis, [calls[i] for i in together]), "redis"
+                lambda: settle_together(client, [calls[i] for i in together]), "redis"
             )
-            for i, outcome in zip(together, sent):
-                outcomes[i] = outcome
-        for i, (work, outcome) in enumerate(zip(works, outcomes)):
-            if outcome is None or isinstance(outcome, redis.ResponseError):
-                # Alone (a Redis Cluster, or the script or the group to be restored first): a part
-                # settles atomically on its own, so settling it again writes each alert once.
-                outcomes[i] = self._settle_alone(work, *calls[i][2:])
-        return outcomes
+            for i, reply in zip(together, sent):
+                outcomes[i] = reply
+        settled: list[Settled | Fenced] = []
+        for work, call, outcome in zip(works, calls, outcomes):
+            # Alone (a Redis Cluster, or the script or the group to be restored first): a part
+            # settles atomically on its own, so settling it again writes each alert once.
+            alone = outcome is None or isinstance(outcome, redis.ResponseError)
+            settled.append(self._settle_alone(work, *call[2:]) if alone else cast(Settled | Fenced, outcome))
+        return settled
 
     def _settle_alone(
         self, work: Settlement, alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]
