@@ -130,6 +130,7 @@ class Features:
     blocked: dict[str, np.ndarray]  # bool (n,) per BLOCKLIST_KINDS entry
     amount: np.ndarray  # float64 (n,)
     confirmed: dict[str, np.ndarray] = field(default_factory=dict)  # CONFIRMED_COLUMNS, from labels
+    published_rules: bytes | None = None  # the shard's rule-set pointer as this batch read it (rulesets/pointer.py)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -251,12 +252,15 @@ class FeatureStore:
         if n == 0:
             return _empty()
         p = _prepare(batch)
-        # The confirmed-fraud version rides on the batch's first round trip rather than its own.
-        version = ("GET", self._confirmed.version_key)
+        # The confirmed-fraud version and the published rule sets ride on the batch's first round
+        # trip rather than their own (both keys carry the shard's hash tag).
+        versions = ("MGET", self._confirmed.version_key, self._keys.rules)
         if self._lease is None:
-            behaviour_columns, blocklist_hits, confirmed_version = self._compute_shared(p, batch.transaction_id, version)
+            behaviour_columns, blocklist_hits, (confirmed_version, rules) = self._compute_shared(
+                p, batch.transaction_id, versions
+            )
         else:
-            behaviour_columns, blocklist_hits, confirmed_version = self._compute_owned(p, batch.transaction_id, version)
+            behaviour_columns, blocklist_hits, (confirmed_version, rules) = self._compute_owned(p, batch.transaction_id, versions)
         tx = p.tx
         # A copy whose original belongs to another user is only corrected here.
         tx.t_ms[p.copy] = tx.t_ms[p.original[p.copy]]
@@ -279,6 +283,7 @@ class FeatureStore:
             confirmed=self._confirmed.counts(
                 (batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms, confirmed_version
             ),
+            published_rules=rules,
         )
 
     def _compute_shared(self, p: _Prepared, transaction_ids: list[str], also: tuple) -> tuple[np.ndarray, list[bytes], object]:

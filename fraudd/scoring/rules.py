@@ -111,7 +111,8 @@ class Rules:
         return cls.from_bytes(data, source=str(path))
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<rules>") -> Rules:
+    def from_bytes(cls, data: bytes, source: str = "<rules>", version: str | None = None) -> Rules:
+        """Parse and validate rules text; ``version`` names a stored rule set (default: the text's sha256 prefix)."""
         try:
             document = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -128,7 +129,7 @@ class Rules:
             if any(existing.code == rule.code for existing in rules):
                 raise RulesError(f"{source}: rule #{index} ({rule.code}): duplicate code")
             rules.append(rule)
-        return cls(tuple(rules), hashlib.sha256(data).hexdigest()[:12])
+        return cls(tuple(rules), version or hashlib.sha256(data).hexdigest()[:12])
 
     def evaluate(self, features: Features) -> RuleOutcome:
         """Every rule over the whole batch at once; reason lists only for rows where one fired."""
@@ -149,10 +150,14 @@ class Rules:
         return [(rule, int(count)) for rule, count in zip(self.rules, hits.tolist()) if count]
 
 
-def decide(scores: np.ndarray, review_threshold: float, decline_threshold: float, outcome: RuleOutcome) -> np.ndarray:
-    """Decision codes (index into DECISIONS): the stronger of the model's thresholds and the rules."""
-    model = np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE))
-    return np.maximum(model.astype(np.int8), outcome.action)
+def model_decision(scores: np.ndarray, review_threshold: float, decline_threshold: float) -> np.ndarray:
+    """The model's own decision codes (int8 index into DECISIONS): its thresholds, before any rule."""
+    return np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE)).astype(np.int8)
+
+
+def decide(model: np.ndarray, outcome: RuleOutcome) -> np.ndarray:
+    """Decision codes (index into DECISIONS): the stronger of the model's decision and the rules'."""
+    return np.maximum(model, outcome.action)
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

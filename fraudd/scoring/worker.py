@@ -42,20 +42,22 @@ import redis
 
 from .. import shard_counts
 from ..config import Settings
+from ..rulesets.store import RuleSetError
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
-from . import thresholds
+from . import thresholds, vectors
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
 from .dedup import CarriedOver
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
-from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
+from .rulebook import RuleBook, RuleSets
+from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide, model_decision
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, ShadowRules, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -100,7 +102,7 @@ class ScoringWorker:
     def boot(self) -> None:
         s = self.settings
         self.model = _load_model(s)
-        self.rules = _load_rules(s)
+        self.rulebook = _rulebook(s)
         self.reader.until_done(self.reader.start, "redis")
         earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
         self.carried_over = CarriedOver(
@@ -112,13 +114,15 @@ class ScoringWorker:
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
         self.reader.until_done(self.store.connect, "postgres")
+        self.reader.until_done(lambda: _load_rule_sets(self.rulebook), "postgres")
         self._publish_versions()
 
     def reload(self) -> None:
         """Swap rules, model and thresholds at a batch boundary; bad files are refused and the old
         ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
-            model, rules = _load_model(self.settings), _load_rules(self.settings)
+            model = _load_model(self.settings)
+            rules = _load_rule_sets(self.rulebook).live
             chosen = _thresholds(self.settings, model)
             shadow = _load_shadow(self.settings)
         except BootError as exc:
@@ -128,8 +132,8 @@ class ScoringWorker:
             )
             return
         metrics.model_info.labels(self.model.version).set(0)
-        metrics.rules_info.labels(self.rules.version).set(0)
-        self.model, self.rules, self.thresholds, self.shadow = model, rules, chosen, shadow
+        metrics.rules_info.labels(self._rules_in_use).set(0)
+        self.model, self.thresholds, self.shadow = model, chosen, shadow
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
         log.info(
@@ -153,8 +157,9 @@ class ScoringWorker:
         self.store.close()
 
     def _publish_versions(self) -> None:
+        self._rules_in_use = self.rulebook.current.live.version
         metrics.model_info.labels(self.model.version).set(1)
-        metrics.rules_info.labels(self.rules.version).set(1)
+        metrics.rules_info.labels(self._rules_in_use).set(1)
 
     def _on_outage(self, kind: str) -> None:
         if kind == "postgres":
@@ -287,16 +292,29 @@ class ScoringWorker:
         features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
         model = self.model
-        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
-        for rule, count in self.rules.take_hits():
+        # One pointer read per batch picks the rule sets: the whole batch is decided by one version.
+        rule_sets = self.rulebook.for_batch(features.published_rules)
+        if rule_sets.live.version != self._rules_in_use:
+            metrics.rules_info.labels(self._rules_in_use).set(0)
+            self._publish_versions()
+        rules = rule_sets.live
+        decided = score_batch(model, rules, features, *self.thresholds)
+        for rule, count in rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if self.shadow is not None:
-            shadow_scores, shadow_decision, _, _ = score_batch(
-                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
+            challenger = score_batch(
+                self.shadow, rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
             )
-            shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
-            self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
+            shadow = Shadow(challenger.scores, challenger.decision, self.shadow.version)
+            rules.take_hits()  # the same rules fired again for the challenger: counted once above
+        shadow_rules = None
+        if rule_sets.shadow is not None:
+            shadow_rules = ShadowRules(
+                decide(decided.model_decision, rule_sets.shadow.evaluate(features)), rule_sets.shadow.version
+            )
+            for rule, count in rule_sets.shadow.take_hits():
+                metrics.shadow_rule_hits.labels(rule_sets.shadow.version, rule.code).inc(count)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
         metrics.duplicates.inc(int(features.seen.sum()))
@@ -304,13 +322,16 @@ class ScoringWorker:
             batch=batch,
             event_ms=features.event_ms,
             seen=features.seen,
-            score=scores,
-            decision=decision,
-            reasons=reasons,
-            explanations=explanations,
+            score=decided.scores,
+            decision=decided.decision,
+            reasons=decided.reasons,
+            explanations=decided.explanations,
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
+            rules_version=rules.version,
+            vectors=vectors.pack(features, decided.model_decision),
             shadow=shadow,
+            shadow_rules=shadow_rules,
         )
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
@@ -326,13 +347,9 @@ class ScoringWorker:
                 if count:
                     metrics.transactions.labels(name).inc(count)
             if scored.shadow is not None:
-                pairs = np.bincount(
-                    scored.decision.astype(np.intp) * len(DECISIONS) + scored.shadow.decision, minlength=len(DECISIONS) ** 2
-                )
-                for pair, count in enumerate(pairs.tolist()):
-                    if count:
-                        champion, challenger = divmod(pair, len(DECISIONS))
-                        metrics.shadow_decisions.labels(DECISIONS[champion], DECISIONS[challenger]).inc(count)
+                _count_pairs(metrics.shadow_decisions, scored.decision, scored.shadow.decision)
+            if scored.shadow_rules is not None:
+                _count_pairs(metrics.shadow_rules_decisions, scored.decision, scored.shadow_rules.decision)
             accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
@@ -343,6 +360,15 @@ class ScoringWorker:
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+
+def _count_pairs(counter, acting: np.ndarray, shadow: np.ndarray) -> None:
+    """Count rows by (acting decision, shadow decision): one bincount, then one increment per pair seen."""
+    pairs = np.bincount(acting.astype(np.intp) * len(DECISIONS) + shadow, minlength=len(DECISIONS) ** 2)
+    for pair, count in enumerate(pairs.tolist()):
+        if count:
+            first, second = divmod(pair, len(DECISIONS))
+            counter.labels(DECISIONS[first], DECISIONS[second]).inc(count)
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
@@ -357,6 +383,7 @@ class BatchDecisions(NamedTuple):
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
     explanations: list[dict | None]  # the model's explanation of each non-approved row
+    model_decision: np.ndarray  # int8: the model's thresholds alone, before the rules
 
 
 def score_batch(
@@ -377,7 +404,8 @@ def score_batch(
     inputs = model.inputs(features)
     scores = model.score(inputs)
     outcome = rules.evaluate(features)
-    decision = decide(scores, review_threshold, decline_threshold, outcome)
+    by_model = model_decision(scores, review_threshold, decline_threshold)
+    decision = decide(by_model, outcome)
     reasons = [list(codes) for codes in outcome.codes]
     explanations: list[dict | None] = [None] * len(scores)
     if explain:
@@ -386,7 +414,7 @@ def score_batch(
         for i, codes, document in zip(flagged.tolist(), model_reasons, documents):
             reasons[i].extend(codes)
             explanations[i] = document
-    return BatchDecisions(scores, decision, reasons, explanations)
+    return BatchDecisions(scores, decision, reasons, explanations, by_model)
 
 
 def _load_model(settings: Settings) -> FraudModel:
@@ -420,10 +448,18 @@ def _load_shadow(settings: Settings) -> FraudModel | None:
         raise BootError(f"--shadow-model: {exc}") from exc
 
 
-def _load_rules(settings: Settings) -> Rules:
+def _rulebook(settings: Settings) -> RuleBook:
     try:
-        return Rules.load(settings.rules_path)
+        return RuleBook(settings.postgres_url, settings.pg_schema, settings.rules_path)
     except RulesError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def _load_rule_sets(rulebook: RuleBook) -> RuleSets:
+    """The stored live and shadow sets (else the rules file); an unusable one stops the worker's start."""
+    try:
+        return rulebook.load()
+    except (RulesError, RuleSetError) as exc:
         raise BootError(str(exc)) from exc
 
 
