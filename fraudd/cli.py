@@ -30,6 +30,7 @@ from .config import (
     settings_options,
 )
 from .learning import cli as learning_cli
+from .rulesets import cli as rulesets_cli
 from .runtime import logs
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
@@ -50,6 +51,7 @@ main.add_command(learning_cli.label_file)
 main.add_command(learning_cli.models)
 main.add_command(learning_cli.backtest)
 main.add_command(learning_cli.explain)
+main.add_command(rulesets_cli.rules)
 
 
 @main.command()

@@ -49,9 +49,9 @@ def audit(conn: psycopg.Connection, actor: str, action: str, version: int | None
     )
 
 
-def import_draft(conn: psycopg.Connection, source: str, actor: str, note: str = "") -> RuleSet:
-    """Validate ``source`` (raises RulesError naming the rule) and store it as a new draft."""
-    Rules.from_bytes(source.encode(), source="imported rules")
+def import_draft(conn: psycopg.Connection, source: str, actor: str, note: str = "", where: str = "imported rules") -> RuleSet:
+    """Validate ``source`` (raises RulesError naming ``where`` and the rule) and store it as a new draft."""
+    Rules.from_bytes(source.encode(), source=where)
     with conn.transaction():
         row = conn.execute(
             f"INSERT INTO rule_sets (source, digest, author, note) VALUES (%s, %s, %s, %s) RETURNING {_COLUMNS}",

@@ -136,13 +136,23 @@ class Rules:
         n = len(features)
         if not self.rules or n == 0:
             return RuleOutcome(np.zeros(n, dtype=np.int8), [()] * n)
-        fired = np.column_stack([rule.matches(features) for rule in self.rules])
+        fired = self.fired(features)
         self._hits += fired.sum(axis=0)
-        action = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
+        action = self.actions(fired)
         codes: list[tuple[str, ...]] = [()] * n
         for row in np.flatnonzero(fired.any(axis=1)):
             codes[row] = tuple(self._codes[fired[row]])
         return RuleOutcome(action, codes)
+
+    def fired(self, features: Features) -> np.ndarray:
+        """bool (n, rules): which rule fired on which row."""
+        if not self.rules:
+            return np.zeros((len(features), 0), dtype=bool)
+        return np.column_stack([rule.matches(features) for rule in self.rules])
+
+    def actions(self, fired: np.ndarray) -> np.ndarray:
+        """int8 (n,): the strongest action forced on each row by the rules that ``fired``."""
+        return np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
 
     def take_hits(self) -> list[tuple[Rule, int]]:
         """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""
@@ -155,9 +165,9 @@ def model_decision(scores: np.ndarray, review_threshold: float, decline_threshol
     return np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE)).astype(np.int8)
 
 
-def decide(model: np.ndarray, outcome: RuleOutcome) -> np.ndarray:
-    """Decision codes (index into DECISIONS): the stronger of the model's decision and the rules'."""
-    return np.maximum(model, outcome.action)
+def decide(model: np.ndarray, rules_action: np.ndarray) -> np.ndarray:
+    """Decision codes (index into DECISIONS): the stronger of the model's decision and the rules' action."""
+    return np.maximum(model, rules_action)
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

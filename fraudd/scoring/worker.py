@@ -311,7 +311,7 @@ class ScoringWorker:
         shadow_rules = None
         if rule_sets.shadow is not None:
             shadow_rules = ShadowRules(
-                decide(decided.model_decision, rule_sets.shadow.evaluate(features)), rule_sets.shadow.version
+                decide(decided.model_decision, rule_sets.shadow.evaluate(features).action), rule_sets.shadow.version
             )
             for rule, count in rule_sets.shadow.take_hits():
                 metrics.shadow_rule_hits.labels(rule_sets.shadow.version, rule.code).inc(count)
@@ -405,7 +405,7 @@ def score_batch(
     scores = model.score(inputs)
     outcome = rules.evaluate(features)
     by_model = model_decision(scores, review_threshold, decline_threshold)
-    decision = decide(by_model, outcome)
+    decision = decide(by_model, outcome.action)
     reasons = [list(codes) for codes in outcome.codes]
     explanations: list[dict | None] = [None] * len(scores)
     if explain:
