@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -14,8 +15,8 @@ import redis
 
 from fraudd.config import DEFAULT_RULES
 
-from .conftest import Namespace, wait_for
-from .services import DaemonProcess, stop
+from .conftest import Namespace, migrated_namespace, wait_for
+from .services import DaemonProcess, drain, stop
 from .streams import fully_drained
 
 NOW = int(time.time())
@@ -23,6 +24,11 @@ NOW = int(time.time())
 LARGE = (
     '\n[[rule]]\ncode = "R_TEST_LARGE"\nreason = "300 or more"\naction = "review"\nfeature = "amount"\nop = ">="\nvalue = 300\n'
 )
+
+
+@pytest.fixture
+def second_ns(redis_client: redis.Redis) -> Iterator[Namespace]:
+    yield from migrated_namespace(redis_client)
 
 
 def rules_file(tmp_path: Path, text: str) -> Path:
@@ -159,3 +165,77 @@ def test_publish_reaches_every_worker_of_two_supervisors_within_a_second_and_rol
     assert {row[0] for row in rows} == {first, second}
     # A batch (one scored_at per batch) is decided by one version.
     assert ns.sql("SELECT scored_at FROM transactions GROUP BY scored_at HAVING count(DISTINCT rules_version) > 1") == []
+
+
+def test_backtest_equals_live_and_shadow_decides_nothing(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path, second_ns: Namespace
+) -> None:
+    """The same traffic through two pipelines: ``ns`` decides with the default rules and runs the
+    candidate in shadow, ``second_ns`` decides with the candidate. `fraudd rules test` of the
+    candidate on ``ns``'s stored vectors, and its shadow report, must equal what ``second_ns`` decided."""
+    candidate = rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE)
+    live = rules(ns, "import", str(DEFAULT_RULES)).strip()
+    rules(ns, "publish", live, actor="bob")
+    shadow = rules(ns, "import", str(candidate)).strip()
+    rules(ns, "shadow", shadow, actor="bob")
+    rules(second_ns, "publish", rules(second_ns, "import", str(candidate)).strip(), actor="bob")
+    traffic = payloads(3000, "same")
+    for namespace in (ns, second_ns):
+        produce(redis_client, namespace, traffic)
+        drain(redis_client, namespace, tmp_path, "--workers", "1")
+
+    # Shadow: stored beside every row, never acting.
+    assert ns.sql("SELECT count(*) FROM transactions WHERE 'R_TEST_LARGE' = ANY(reasons) OR rules_version <> %s", (live,)) == [
+        (0,)
+    ]
+    assert ns.sql("SELECT DISTINCT shadow_rules_version FROM transactions") == [(shadow,)]
+    assert ns.sql("SELECT count(*) FROM transactions WHERE shadow_rules_decision <> decision")[0][0] > 0
+    alerted = {orjson.loads(f[b"data"])["transaction_id"] for _, f in redis_client.xrange(ns.fraud_stream)}
+    assert alerted == {t for (t,) in ns.sql("SELECT transaction_id FROM transactions WHERE decision <> 'approve'")}
+
+    # What the second pipeline decided, by (first pipeline's decision -> second's).
+    pairs = ns.sql(
+        f"""SELECT a.decision || '->' || b.decision, count(*) FROM transactions a
+            JOIN {second_ns.schema}.transactions b USING (transaction_id)
+            WHERE a.decision <> b.decision GROUP BY 1"""
+    )
+    decided = dict(second_ns.sql("SELECT decision, count(*) FROM transactions GROUP BY decision"))
+    assert pairs, "the candidate changes some decisions"
+    ns.sql(
+        """INSERT INTO labels (transaction_id, label, reported_at)
+           SELECT transaction_id, CASE WHEN amount >= 250 THEN 'fraud' ELSE 'legit' END, now()
+           FROM transactions WHERE right(transaction_id, 1) IN ('1', '2', '3') RETURNING transaction_id"""
+    )
+    (candidate_recall, candidate_precision), (live_recall, live_precision) = (
+        ns.sql(
+            f"""SELECT round(count(*) FILTER (WHERE l.label = 'fraud' AND t.decision <> 'approve')::numeric
+                             / nullif(count(*) FILTER (WHERE l.label = 'fraud'), 0), 4)::float8,
+                       round(count(*) FILTER (WHERE l.label = 'fraud' AND t.decision <> 'approve')::numeric
+                             / nullif(count(*) FILTER (WHERE t.decision <> 'approve'), 0), 4)::float8
+                FROM {schema}.transactions t JOIN labels l USING (transaction_id)"""
+        )[0]
+        for schema in (second_ns.schema, ns.schema)
+    )
+
+    for report in (
+        orjson.loads(rules(ns, "test", str(candidate), "--since", "2h", "--json")),
+        orjson.loads(rules(ns, "test", shadow, "--since", "2h", "--json")),
+        orjson.loads(rules(ns, "report", shadow, "--since", "2h", "--json")),
+    ):
+        assert report["transactions"] == 3000
+        assert report["changed"] == dict(pairs)
+        assert {k: v for k, v in report["decisions"]["candidate"].items() if v} == decided
+        extra = report["decisions"]["candidate"]["review"] - report["decisions"]["live"]["review"]
+        assert report["extra_cases_per_day"] == extra  # the traffic spans less than a day
+        assert report["recall"] == {"live": live_recall, "candidate": candidate_recall}
+        assert report["precision"] == {"live": live_precision, "candidate": candidate_precision}
+        for pair, ids in report["samples"].items():
+            assert ids and all(
+                ns.sql(
+                    f"SELECT a.decision || '->' || b.decision FROM transactions a JOIN {second_ns.schema}.transactions b "
+                    "USING (transaction_id) WHERE transaction_id = %s",
+                    (txid,),
+                )
+                == [(pair,)]
+                for txid in ids
+            )
