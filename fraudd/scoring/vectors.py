@@ -24,8 +24,6 @@ VECTOR_COLUMNS: tuple[str, ...] = (
 VECTOR_BYTES = 4 * len(VECTOR_COLUMNS)
 _CONFIRMED_AT = len(FEATURE_NAMES)
 _BLOCKED_AT = _CONFIRMED_AT + len(CONFIRMED_COLUMNS)
-_HEX_PREFIX = np.frombuffer(b"\\\\x", dtype=np.uint8)  # bytea hex input, its backslash escaped for COPY text
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
 def pack(features: Features, model_decision: np.ndarray) -> np.ndarray:
@@ -56,11 +54,8 @@ def unpack(vectors: np.ndarray, amount: np.ndarray) -> tuple[Features, np.ndarra
 
 
 def copy_text(vectors: np.ndarray) -> list[str]:
-    """Each row's ``bytea`` in COPY text format (``\\\\x`` and hex), built for the whole batch in numpy."""
-    n = len(vectors)
-    raw = np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8).reshape(n, VECTOR_BYTES)
-    text = np.empty((n, len(_HEX_PREFIX) + 2 * VECTOR_BYTES), dtype=np.uint8)
-    text[:, : len(_HEX_PREFIX)] = _HEX_PREFIX
-    text[:, len(_HEX_PREFIX) :: 2] = _HEX_DIGITS[raw >> 4]
-    text[:, len(_HEX_PREFIX) + 1 :: 2] = _HEX_DIGITS[raw & 15]
-    return text.view(f"S{text.shape[1]}").ravel().astype(f"U{text.shape[1]}").tolist()
+    """Each row's ``bytea`` in COPY text format (``\\\\x`` and hex): one hex conversion of the whole
+    batch, then a slice per row (≈ 1 µs per row; numpy's own string arrays took three times that)."""
+    width = 2 * VECTOR_BYTES
+    text = np.ascontiguousarray(vectors, dtype="<f4").tobytes().hex()
+    return ["\\\\x" + text[i : i + width] for i in range(0, len(text), width)]
