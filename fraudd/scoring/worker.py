@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 import numpy as np
+import psycopg
 import redis
 
 from .. import shard_counts
@@ -122,10 +123,10 @@ class ScoringWorker:
         ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
             model = _load_model(self.settings)
-            rules = _load_rule_sets(self.rulebook).live
             chosen = _thresholds(self.settings, model)
             shadow = _load_shadow(self.settings)
-        except BootError as exc:
+            rules = _load_rule_sets(self.rulebook).live  # last: it takes effect once loaded
+        except (BootError, psycopg.Error) as exc:
             metrics.reloads.labels("refused").inc()
             log.error(
                 "reload refused, keeping the running model and rules", extra={"event": "reload_refused", "reason": str(exc)}
