@@ -9,6 +9,11 @@ one-process rate; each alert's latency is its first arrival at the receiver minu
 entry id's millisecond timestamp (when Redis accepted it), as the service's
 ``fraudd_alert_delivery_latency_seconds`` defines it. Every run checks that each alert arrived
 once, no ``webhook-id`` twice, and that ``alert_deliveries`` holds one delivered row per alert.
+
+Flaky: the 1-process throughput run again, in the same run, against a receiver behind a flaky
+load balancer (``--flaky-every 10``: one alert in ten answered 503 twice, then served), with the
+channel's default retry settings; its rate over the healthy one is the share of throughput a
+partial failure costs (the failing alerts' retries wait their back-off, the others go on).
 """
 
 from __future__ import annotations
@@ -66,11 +71,21 @@ def alert_document(i: int, prefix: str) -> dict:
 class Receiver:
     """``bench.receiver`` in its own process."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, flaky_every: int = 0) -> None:
         self.port = free_port()
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.receiver", "--port", str(self.port), "--secret", SECRET],
+            [
+                sys.executable,
+                "-m",
+                "bench.receiver",
+                "--port",
+                str(self.port),
+                "--secret",
+                SECRET,
+                "--flaky-every",
+                str(flaky_every),
+            ],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -139,8 +154,11 @@ def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, labe
     config = setup.log_dir / f"{ns.name}.toml"
     secret = setup.log_dir / f"{ns.name}.secret"
     secret.write_text(SECRET)
-    config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nsecret_file = "{secret}"\n')
-    command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes)]
+    config.write_text(
+        f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nallow_insecure = true\n'
+        f'secret_file = "{secret}"\n'
+    )
+    command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes), "--from-beginning"]
     return Consumers(label, [command], ns, setup.log_dir / f"{ns.name}.log", supervised=True, count=processes)
 
 
@@ -171,13 +189,16 @@ def _wait_arrivals(receiver: Receiver, consumers: Consumers, expected: int, stal
 def _checks(ns: Namespace, stats: dict, expected: int, exit_codes: list[int]) -> dict:
     rows = ns.sql("SELECT status, count(*), max(attempts) FROM alert_deliveries GROUP BY status")
     delivered = next((count for status, count, _a in rows if status == "delivered"), 0)
+    attempts = ns.sql("SELECT attempts, count(*) FROM alert_deliveries GROUP BY attempts ORDER BY attempts")
     return {
         "expected": expected,
         "arrived": len(stats["arrivals"]),
         "repeats": stats["repeats"],
         "bad_signatures": stats["bad_signatures"],
+        "failed_503": stats["failed_503"],
         "delivered_rows": delivered,
         "statuses": {status: count for status, count, _a in rows},
+        "attempts": {str(n): count for n, count in attempts},
         "exit_codes": exit_codes,
         "exactly_once": len(stats["arrivals"]) == expected == delivered and stats["bad_signatures"] == 0,
     }
@@ -187,15 +208,16 @@ def _cpu_s(consumers: Consumers) -> float:
     return procstat.total_cpu_s(procstat.tree(consumers.pids, procstat.all_processes()))
 
 
-def throughput(setup: Setup, n: int, processes: int) -> dict:
+def throughput(setup: Setup, n: int, processes: int, flaky_every: int = 0) -> dict:
     ns = Namespace.fresh("alerts", setup.redis_url, setup.postgres_url)
     receiver = consumers = None
     try:
         ns.migrate()
-        receiver = Receiver(setup.log_dir / f"{ns.name}.receiver.log")
+        receiver = Receiver(setup.log_dir / f"{ns.name}.receiver.log", flaky_every)
         for start in range(0, n, CHUNK):
             _xadd(setup.client, ns.fraud_stream, [alert_document(i, "tput") for i in range(start, min(n, start + CHUNK))])
-        setup.echo(f"  {n:,} alerts on {ns.fraud_stream}, delivering with {processes} process(es) ...")
+        flaky = f", one alert in {flaky_every} answered 503 twice" if flaky_every else ""
+        setup.echo(f"  {n:,} alerts on {ns.fraud_stream}, delivering with {processes} process(es){flaky} ...")
         consumers = _start(setup, ns, receiver, processes, f"alerts-{processes}")
         stats = _wait_arrivals(receiver, consumers, n)
         cpu_s = _cpu_s(consumers)
@@ -273,17 +295,24 @@ def _wait_joined(client: redis.Redis, ns: Namespace, consumers: Consumers, timeo
         time.sleep(0.05)
 
 
-def run(setup: Setup, n: int, process_counts: list[int], fraction: float, seconds: float, warmup: float) -> dict:
+def run(
+    setup: Setup, n: int, process_counts: list[int], fraction: float, seconds: float, warmup: float, flaky_every: int
+) -> dict:
     drains = {"bare client": bare_client(setup, n)}
     drains.update({str(p): throughput(setup, n, p) for p in process_counts})
+    first = str(process_counts[0])
+    if flaky_every:
+        drains[f"{first}, flaky receiver"] = throughput(setup, n, process_counts[0], flaky_every)
     for p, d in drains.items():
         setup.echo(f"    {p}: {d['alerts_per_s']:,.0f} alerts/s, {d['service_cpu_us_per_alert']} CPU-µs/alert")
-    one = drains[str(process_counts[0])]["alerts_per_s"]
+    one = drains[first]["alerts_per_s"]
     ratios = {
         f"{p}_over_bare_client": round(d["alerts_per_s"] / drains["bare client"]["alerts_per_s"], 3)
         for p, d in drains.items()
         if p != "bare client"
     }
+    if flaky_every:
+        ratios["flaky_over_healthy"] = round(drains[f"{first}, flaky receiver"]["alerts_per_s"] / one, 3)
     return {
         "alerts": n,
         "throughput": drains,

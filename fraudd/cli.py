@@ -110,7 +110,9 @@ def alerts(**params) -> None:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
     if settings.metrics_port:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
+    # A new group starts at the present: a deployment scoring for a while does not alert its history.
+    start = "0" if alert_settings.from_beginning else "$"
+    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group, start)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor
@@ -215,9 +217,9 @@ def check_shard_count(settings: Settings) -> None:
         raise ConfigError(shard_counts.describe(left, settings.shards))
 
 
-def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
-    answers with every migration applied."""
+def check_dependencies(settings: Settings, streams: list[str], group: str, start: str = "0") -> None:
+    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``, created
+    at ``start`` if new), PostgreSQL answers with every migration applied."""
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
     from .runtime.redis_clients import connect_redis
@@ -228,7 +230,7 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
         client.ping()
         eviction = redis_memory(client).eviction_problem()
         for stream in streams:
-            ensure_group(client, stream, group)
+            ensure_group(client, stream, group, start)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
     finally:

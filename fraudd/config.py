@@ -288,6 +288,13 @@ ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
         "Consumer group of the alert service on --fraud-stream.",
     ),
     (
+        "from-beginning",
+        "FRAUDD_ALERTS_FROM_BEGINNING",
+        {"is_flag": True, "default": False},
+        "A new --alerts-group starts at the fraud stream's beginning (the history is delivered), not at "
+        "the present. An existing group always resumes where it was.",
+    ),
+    (
         "max-attempts",
         "FRAUDD_MAX_ATTEMPTS",
         {"default": 10, "type": int, "callback": _positive("max-attempts")},
@@ -312,6 +319,7 @@ ALERT_OPTIONS: list[tuple[str, str, dict, str]] = [
 class AlertSettings:
     config: Path
     alerts_group: str
+    from_beginning: bool
     max_attempts: int
     fraud_retention_s: int
     deliveries_retention_days: int

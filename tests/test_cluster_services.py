@@ -245,6 +245,7 @@ def test_each_alert_delivered_once_through_a_failover_and_a_dead_channel_dead_le
 name = "ops"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 
@@ -252,6 +253,7 @@ timeout_s = 1
 name = "gone"
 kind = "webhook"
 url = "http://127.0.0.1:9/hook"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 min_amount = 10000
 retry_base_s = 0.02

@@ -240,6 +240,7 @@ def test_alerts_use_only_what_their_sandbox_allows(ns: Namespace, redis_client: 
 name = "sandbox-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 """,
         )
@@ -249,7 +250,7 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
             ns,
             tmp_path,
             "fraudd-alerts.service",
-            ["alerts", "--config", str(config), "--workers", "2"],
+            ["alerts", "--config", str(config), "--workers", "2", "--from-beginning"],
             lambda: len(receiver.accepted) == 100,
             FRAUDD_WEBHOOK_SECRET=SECRET,
         )

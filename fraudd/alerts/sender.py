@@ -11,9 +11,11 @@ Everything asynchronous runs on one uvloop event loop in a thread of its own, so
 retries go on while the consumer thread blocks on its next read; the consumer hands each batch
 over and waits for it to be recorded (``handle``).
 
-Per channel, a circuit breaker keeps a channel that is down from burning its backlog's attempts:
-after a failed attempt the channel pauses (back-off, or the ``Retry-After`` it was given), then
-probes with one delivery until one succeeds.
+A failed attempt, whatever the channel raised, is that alert's: it is retried on its own back-off
+(or the ``Retry-After`` it was given) and dead-lettered after ``max_attempts``, while the other
+alerts go on. Per channel, a circuit breaker (``circuit.py``) keeps a channel that is down from
+burning its backlog's attempts: it pauses the channel only on a high failure rate or a peer that
+cannot be reached, then probes with one delivery until one succeeds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -40,12 +41,15 @@ from ..keys import Keys
 from ..runtime import deadletters, metrics
 from ..runtime.deadletters import DeadLetter
 from ..runtime.redis_clients import ReplicaWait, async_redis_client
-from .channels import Alert, Channel, DeliveryFailed, open_channel
+from .channels import Alert, Channel, DeliveryFailed, describe, open_channel
+from .circuit import Circuit, backoff
 from .config import AlertsConfig, ChannelConfig
 from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery, Outcome
 
 log = logging.getLogger(__name__)
 
+CRASH_EXIT_S = 5.0  # a worker whose task crashed stops gracefully within this, or exits regardless
+EXIT_CRASHED = 70
 POLL_S = 0.5  # how often a channel looks for rows made due by others (retries, other processes' leftovers)
 DIGEST_MAX_ALERTS = 10_000
 REASON_INVALID_ALERT = "invalid_alert"
@@ -157,11 +161,11 @@ class AlertSender:
                 # As many as the channel has room for are claimed at once, by this worker, for
                 # their first attempt; the rest wait in the table for any worker's claim.
                 for row in [r for r in channel_rows if r.status == "pending"][: runner.room()]:
-                    row.claimed, row.due_at = True, now + runner.config.lease_s
+                    row.lease_s = runner.config.lease_s
                 rows += channel_rows
         inserted = await self.log.add(rows)
         for row in rows:
-            if row.claimed and (row.alert.transaction_id, row.channel) in inserted:
+            if row.lease_s is not None and (row.alert.transaction_id, row.channel) in inserted:
                 self._channels[row.channel].enqueue(Claimed(row.alert, 1))
         for name, channel_alerts in routed.items():
             if channel_alerts:
@@ -241,13 +245,6 @@ def _loads_or_none(payload: bytes) -> Any:
         return None
 
 
-def backoff(config: ChannelConfig, attempts: int) -> float:
-    """Exponential back-off with equal jitter: half the step fixed, half random, so that a crowd of
-    retries spreads out instead of hitting a recovering peer together."""
-    step = min(config.retry_base_s * 2 ** max(0, attempts - 1), config.retry_max_s)
-    return step / 2 + random.uniform(0, step / 2)
-
-
 class ChannelRunner:
     """One channel in one worker process: claims due rows, sends them, reports outcomes to the recorder."""
 
@@ -259,21 +256,20 @@ class ChannelRunner:
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._busy = 0
         self._woken = asyncio.Event()
-        self._failures = 0  # consecutive failed attempts: > 0 means paused, then probing with one delivery
-        self._paused_until = 0.0
+        self.circuit = Circuit(self.config)
         self._tasks: list[asyncio.Task] = []
         self._digest_in_flight: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._tasks = [_task(self._claim_loop(), f"claim-{self.name}")]
-        self._tasks += [_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
+        self._tasks = [worker_task(self._claim_loop(), f"claim-{self.name}")]
+        self._tasks += [worker_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
         self._woken.set()
 
     def room(self) -> int:
-        """Deliveries this worker may take on now: none while the channel is paused or probing."""
-        if self._failures or time.time() < self._paused_until:
+        """Deliveries this worker may take on now: none while the circuit is open or probing."""
+        if not self.circuit.closed:
             return 0
         return max(0, self.config.prefetch - self._ready.qsize() - self._busy)
 
@@ -315,13 +311,14 @@ class ChannelRunner:
     async def _claim_round(self) -> None:
         now = time.time()
         wait = POLL_S
-        if now < self._paused_until:
-            wait = min(POLL_S, self._paused_until - now)
+        if self.circuit.is_open(now):
+            wait = min(POLL_S, self.circuit.open_until - now)
         else:
+            probing = not self.circuit.closed
             queued = self._ready.qsize() + self._busy
-            room = (1 if self._failures else self.config.prefetch) - queued
+            room = (1 if probing else self.config.prefetch) - queued
             # Claim in large chunks (a claim is a round trip); while probing a paused channel, one at a time.
-            if room >= (1 if self._failures else self.config.prefetch // 2):
+            if room >= (1 if probing else self.config.prefetch // 2):
                 claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
                 for item in claimed:
                     self._ready.put_nowait(item)
@@ -330,7 +327,7 @@ class ChannelRunner:
             if self.config.digest_above is not None and self._digest_in_flight is None:
                 digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
                 if digest:
-                    self._digest_in_flight = _task(self._send_digest(digest), f"digest-{self.name}")
+                    self._digest_in_flight = worker_task(self._send_digest(digest), f"digest-{self.name}")
         if wait > 0:
             try:
                 await asyncio.wait_for(self._woken.wait(), wait)
@@ -343,15 +340,16 @@ class ChannelRunner:
             claimed = await self._ready.get()
             self._busy += 1
             try:
-                if time.time() < self._paused_until or time.monotonic() > self.config.send_by(claimed.claimed_at):
-                    # Paused after a failure while this one was queued, or queued so long that an
+                now = time.time()
+                if self.circuit.is_open(now) or time.monotonic() > self.config.send_by(claimed.claimed_at):
+                    # The circuit opened while this one was queued, or it was queued so long that an
                     # attempt might outlast its claim: hand it back unattempted.
                     self.sender.recorder.add(
                         Outcome(
                             self.name,
                             claimed.alert.transaction_id,
                             False,
-                            retry_at=max(time.time(), self._paused_until),
+                            retry_at=max(now, self.circuit.open_until),
                             released=True,
                         )
                     )
@@ -373,36 +371,27 @@ class ChannelRunner:
         try:
             await sending
         except DeliveryFailed as exc:
-            attempts = max(c.attempts for c in claimed)
-            if not exc.permanent:
-                self._pause(exc, attempts)
-            if exc.permanent or attempts >= self.sender.settings.max_attempts:
-                for c in claimed:
-                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason), c.alert, c.attempts)
+            failure = exc
+            if exc.permanent:
+                self.circuit.succeeded()  # the peer answered: the channel is up, this alert is refused
             else:
-                retry_at = time.time() + (exc.retry_after if exc.retry_after is not None else backoff(self.config, attempts))
-                for c in claimed:
-                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason, retry_at=retry_at))
+                self.circuit.failed(self.channel.redact(exc.reason), exc.unreachable, exc.retry_after)
+        except Exception as exc:  # noqa: BLE001  e.g. an id with a line break cannot be a header: this alert's fault
+            failure = DeliveryFailed(describe(exc))
+        else:
+            self.circuit.succeeded()
+            for c in claimed:
+                recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
             return
-        if self._failures:
-            log.info(
-                "alert channel back",
-                extra={"event": "alerts_channel_up", "channel": self.name, "failed_attempts": self._failures},
-            )
-            self._failures = 0
+        reason = self.channel.redact(failure.reason)
+        attempts = max(c.attempts for c in claimed)
+        if failure.permanent or attempts >= self.sender.settings.max_attempts:
+            for c in claimed:
+                recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=reason), c.alert, c.attempts)
+            return
+        retry_at = time.time() + (failure.retry_after if failure.retry_after is not None else backoff(self.config, attempts))
         for c in claimed:
-            recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
-
-    def _pause(self, failure: DeliveryFailed, attempts: int) -> None:
-        if not self._failures:
-            # Logged once per outage, not per attempt; the delivery log keeps each row's last error.
-            log.error(
-                "alert channel failing, pausing it",
-                extra={"event": "alerts_channel_down", "channel": self.name, "reason": failure.reason},
-            )
-        self._failures += 1
-        pause = failure.retry_after if failure.retry_after is not None else backoff(self.config, self._failures)
-        self._paused_until = max(self._paused_until, time.time() + pause)
+            recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=reason, retry_at=retry_at))
 
 
 class Recorder:
@@ -422,7 +411,7 @@ class Recorder:
         self._recording = 0  # outcomes taken from the buffer and not yet written
 
     def start(self) -> None:
-        self._task = _task(self._run(), "record")
+        self._task = worker_task(self._run(), "record")
 
     def add(self, outcome: Outcome, alert: Alert | None = None, attempts: int = 0) -> None:
         self._outcomes.append((outcome, alert, attempts))
@@ -499,7 +488,7 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
         )
 
 
-def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+def worker_task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
     """A task whose unexpected death stops the worker process (the supervisor starts a new one)
     rather than leaving it alive and silently not delivering."""
     task = asyncio.create_task(coroutine, name=name)
@@ -515,6 +504,10 @@ def _stop_process_on_crash(task: asyncio.Task) -> None:
         exc_info=task.exception(),
         extra={"event": "worker_crashed", "task": task.get_name()},
     )
+    # A graceful stop first, so that the deliveries in hand are recorded; but the crash may have left
+    # the event loop or the main thread stuck, so the process ends after CRASH_EXIT_S regardless
+    # (from a thread of its own) and the supervisor starts a new one.
+    threading.Timer(CRASH_EXIT_S, os._exit, (EXIT_CRASHED,)).start()
     os.kill(os.getpid(), signal.SIGTERM)
 
 

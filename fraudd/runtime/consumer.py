@@ -409,10 +409,11 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
     return 0
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
-    """Create the consumer group from the stream's beginning if missing; True if it was created."""
+def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "0") -> bool:
+    """Create the consumer group if missing, reading from ``start`` (``0``: the stream's beginning,
+    ``$``: what arrives next); True if it was created."""
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" in str(exc):
             return False

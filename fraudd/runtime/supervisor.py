@@ -1,8 +1,9 @@
 """The supervisor: forks a service's workers, keeps them alive, and stops them cleanly.
 
 Every long-running fraudd service (scoring, ingest, alerts) runs under this one supervisor; a
-``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
-through a pipe; everything else happens in the loop, outside signal context:
+``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's
+arbiter. Signal handlers only queue the signal and wake the main loop through a pipe; everything
+else happens in the loop, outside signal context:
 
 - SIGCHLD: reap dead workers and respawn them, with back-off;
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from . import logs, metrics
 from .health import HealthServer
 from .notify import Notifier
-from .process import EXIT_BOOT_ERROR, WorkerProcess
+from .process import EXIT_BOOT_ERROR, WorkerProcess, die_with_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
+                die_with_supervisor(supervisor_pid)
                 logs.setup(self.service.log_level, self.service.worker_name(slot.index))
                 code = self.service.run_worker(WorkerProcess(slot.index, status_w, supervisor_pid))
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop
