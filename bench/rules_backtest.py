@@ -116,7 +116,7 @@ def run(redis_url: str, postgres_url: str, n: int, seed: int, echo) -> dict:
             ).fetchone()
 
             started = time.perf_counter()
-            stored = backtest.load(conn, 30 * 86400)
+            stored = backtest.load(postgres_url, ns.schema, 30 * 86400)
             loaded = time.perf_counter()
             decisions, fired = backtest.evaluate(stored, candidate)
             evaluated = time.perf_counter()

@@ -11,12 +11,14 @@ workers stored beside the live ones.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import psycopg
 from psycopg import sql
 
+from fraudd.schema import connect
 from fraudd.scoring import vectors
 from fraudd.scoring.rules import DECISIONS, REVIEW, Rules, decide
 
@@ -47,34 +49,17 @@ class Stored:
         return len(self.decision)
 
 
-def load(conn: psycopg.Connection, since_s: float, shadow_version: str | None = None) -> Stored:
+def load(url: str, pg_schema: str, since_s: float, shadow_version: str | None = None, parts: int = 2) -> Stored:
     """The decisions of the last ``since_s`` seconds that have a feature vector of today's layout
-    (and, given ``shadow_version``, only those that set decided in shadow)."""
-    shadow_filter = sql.SQL("") if shadow_version is None else sql.SQL("AND t.shadow_rules_version = {}").format(shadow_version)
-    query = sql.SQL(
-        """COPY (SELECT substring(convert_to(t.transaction_id, 'UTF8') || {pad} FROM 1 FOR {width}),
-                        (extract(epoch FROM t.event_time) * 1000)::int8, t.amount, {decision},
-                        coalesce(CASE l.label WHEN 'fraud' THEN 1 WHEN 'legit' THEN 0 END, -1)::int2,
-                        {shadow}, t.features
-                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
-                 WHERE t.event_time >= now() - make_interval(secs => {since})
-                   AND octet_length(t.features) = {size} {shadow_filter})
-           TO STDOUT (FORMAT binary)"""
-    ).format(
-        pad=sql.Literal(bytes(TXID_BYTES)),
-        width=sql.Literal(TXID_BYTES),
-        decision=sql.SQL(_DECISION_CODE.format(column="t.decision")),
-        shadow=sql.SQL(_DECISION_CODE.format(column="t.shadow_rules_decision")),
-        since=sql.Literal(float(since_s)),
-        size=sql.Literal(vectors.VECTOR_BYTES),
-        shadow_filter=shadow_filter,
-    )
-    data = bytearray()
-    with conn.cursor() as cur, cur.copy(query) as copy:
-        for chunk in copy:
-            data += chunk
-    body = memoryview(data)[_HEADER : len(data) - 2] if data else memoryview(b"")
-    records = np.frombuffer(body, dtype=_RECORD)
+    (and, given ``shadow_version``, only those that set decided in shadow).
+
+    A COPY runs in one server process, whose encoding of the rows is most of the cost: the window is
+    cut into ``parts`` time ranges read at once over as many connections, one per core."""
+    now = time.time()
+    bounds = [*np.linspace(now - since_s, now, parts + 1).tolist()[:-1], float("inf")]  # the last part: to the end
+    with ThreadPoolExecutor(parts) as pool:
+        chunks = list(pool.map(lambda i: _copy_out(url, pg_schema, bounds[i], bounds[i + 1], shadow_version), range(parts)))
+    records = np.concatenate(chunks) if chunks else np.empty(0, dtype=_RECORD)
     return Stored(
         transaction_id=records["txid"],
         event_ms=records["event_ms"].astype(np.int64),
@@ -84,6 +69,35 @@ def load(conn: psycopg.Connection, since_s: float, shadow_version: str | None = 
         shadow=records["shadow"].astype(np.int8),
         vectors=np.frombuffer(records["vector"].tobytes(), dtype="<f4").reshape(len(records), len(vectors.VECTOR_COLUMNS)),
     )
+
+
+def _copy_out(url: str, pg_schema: str, start_s: float, end_s: float, shadow_version: str | None) -> np.ndarray:
+    """The records of event times in [start_s, end_s), by one binary COPY."""
+    shadow_filter = sql.SQL("") if shadow_version is None else sql.SQL("AND t.shadow_rules_version = {}").format(shadow_version)
+    query = sql.SQL(
+        """COPY (SELECT substring(convert_to(t.transaction_id, 'UTF8') || {pad} FROM 1 FOR {width}),
+                        (extract(epoch FROM t.event_time) * 1000)::int8, t.amount, {decision},
+                        coalesce(CASE l.label WHEN 'fraud' THEN 1 WHEN 'legit' THEN 0 END, -1)::int2,
+                        {shadow}, t.features
+                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
+                 WHERE t.event_time >= to_timestamp({start}) AND t.event_time < to_timestamp({end})
+                   AND octet_length(t.features) = {size} {shadow_filter})
+           TO STDOUT (FORMAT binary)"""
+    ).format(
+        pad=sql.Literal(bytes(TXID_BYTES)),
+        width=sql.Literal(TXID_BYTES),
+        decision=sql.SQL(_DECISION_CODE.format(column="t.decision")),
+        shadow=sql.SQL(_DECISION_CODE.format(column="t.shadow_rules_decision")),
+        start=sql.Literal(start_s),
+        end=sql.Literal(end_s),
+        size=sql.Literal(vectors.VECTOR_BYTES),
+        shadow_filter=shadow_filter,
+    )
+    data = bytearray()
+    with connect(url, pg_schema, connect_timeout=5) as conn, conn.cursor() as cur, cur.copy(query) as copy:
+        for chunk in copy:
+            data += chunk
+    return np.frombuffer(memoryview(data)[_HEADER : len(data) - 2], dtype=_RECORD) if data else np.empty(0, dtype=_RECORD)
 
 
 def evaluate(stored: Stored, candidate: Rules) -> tuple[np.ndarray, np.ndarray]:

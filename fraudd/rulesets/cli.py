@@ -158,7 +158,7 @@ def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, act
             if not path.is_file():
                 raise click.BadParameter(f"{candidate!r} is neither a rules file nor a stored version", param_hint="CANDIDATE")
             rules_ = Rules.from_bytes(path.read_bytes(), source=str(path))
-        stored = backtest.load(conn, since_s)
+        stored = backtest.load(params["postgres_url"], params["pg_schema"], since_s)
         decisions, fired = backtest.evaluate(stored, rules_)
         report = backtest.compare(stored, decisions, minutes_per_case, fired, rules_)
         report["candidate"] = rules_.version
@@ -178,7 +178,7 @@ def report(version: int, since: str, minutes_per_case: float, as_json: bool, **p
     """What VERSION decided in shadow on live traffic, against the live decisions (same report as test)."""
     with _database(params) as conn:
         store.get(conn, version)
-        stored = backtest.load(conn, parse_duration(since), shadow_version=str(version))
+        stored = backtest.load(params["postgres_url"], params["pg_schema"], parse_duration(since), str(version))
     result = backtest.compare(stored, stored.shadow, minutes_per_case)
     result["candidate"] = str(version)
     _show(result, as_json)
