@@ -12,8 +12,11 @@ import orjson
 import psycopg
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.config import DEFAULT_RULES
+from fraudd.ingest import Publisher
+from fraudd.keys import Keys, shard_stream
 
 from .conftest import Namespace, migrated_namespace, wait_for
 from .services import DaemonProcess, drain, stop
@@ -239,3 +242,31 @@ def test_backtest_equals_live_and_shadow_decides_nothing(
                 == [(pair,)]
                 for txid in ids
             )
+
+
+def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
+    cluster_ns: Namespace, cluster_client: RedisCluster, tmp_path: Path
+) -> None:
+    ns, shards = cluster_ns, 3
+    first = rules(ns, "import", str(DEFAULT_RULES)).strip()
+    rules(ns, "publish", first, "--shards", str(shards), actor="bob")
+    second = rules(ns, "import", str(rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE))).strip()
+    publisher = Publisher(cluster_client, ns.stream, shards)
+    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", "--workers", "2", "--shards", str(shards))
+    try:
+        publisher.publish(payloads(600, "before"))
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] == 600, 60, message="the first decisions")
+        rules(ns, "publish", second, "--shards", str(shards), actor="bob")
+        time.sleep(1.0)
+        publisher.publish(payloads(600, "after"))
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] == 1200, 60, message="the later decisions")
+    finally:
+        stop(daemon)
+    by_version = dict(
+        ns.sql("SELECT split_part(transaction_id, '_', 1) || ':' || rules_version, count(*) FROM transactions GROUP BY 1")
+    )
+    assert by_version == {f"before:{first}": 600, f"after:{second}": 600}
+    # Every shard's copy of the pointer lives in that shard's slot and names the live set.
+    for k in range(shards):
+        stream = shard_stream(ns.stream, shards, k)
+        assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
