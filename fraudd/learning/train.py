@@ -32,6 +32,7 @@ from sklearn.metrics import average_precision_score
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import model as model_meta
+from fraudd.scoring.bins import FeatureBins
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 from fraudd.scoring.model import LABEL_FEATURE_NAMES
@@ -392,6 +393,7 @@ def export(trained: Trained, path: Path) -> None:
         model_meta.META_SCALES: orjson.dumps((fit_part.matrix.std(axis=0) + 1e-6).tolist()).decode(),
         model_meta.META_IMPORTANCE: orjson.dumps((gain / gain.sum()).tolist()).decode(),
         model_meta.META_METRICS: orjson.dumps(figures).decode(),
+        model_meta.META_BINS: FeatureBins.of(fit_part.matrix).dumps(),
         # The model as LightGBM itself wrote it: what an auditor compares the ONNX file against, and
         # how the explanations are checked against LightGBM's own contributions.
         model_meta.META_SOURCE: classifier.booster_.model_to_string(),

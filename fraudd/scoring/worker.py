@@ -4,11 +4,14 @@ The batch loop, top to bottom (DESIGN.md):
 
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries; the runtime's
               ``StreamConsumer``)
+    models    the deployment's champion and challenger, swapped here when a promotion changed them
+              (``model_deployment`` polled at most once a second): one read, one set of models
     decode    one orjson call; invalid entries become dead letters
     features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
               (compare-and-set of the states, dedup markers, blocklist lookups)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
-              vectorized rules and thresholds
+              vectorized rules and thresholds; the scores and the features' drift from the
+              champion's training sample go to the metrics (numpy over the batch)
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
 
@@ -35,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -53,8 +57,11 @@ from ..runtime.supervisor import Service
 from . import thresholds, vectors
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
 from .dedup import CarriedOver
+from .deployment import Deployed, DeploymentWatch
+from .drift import Drift
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
+from .precision import FlaggedPrecision
 from .rulebook import RuleBook, RuleSets
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide, model_decision
 from .shards import Shard, ShardReader
@@ -71,6 +78,16 @@ for _label in DECISIONS:
     metrics.transactions.labels(_label)
 for _label in DEAD_LETTER_REASONS:
     metrics.dead_letters.labels(_label)
+
+
+@dataclass(frozen=True, slots=True)
+class Models:
+    """What scores a read: the champion with the thresholds it decides with, and the challenger."""
+
+    champion: FraudModel
+    thresholds: tuple[float, float]  # (review, decline)
+    shadow: FraudModel | None
+    shadow_thresholds: tuple[float, float]
 
 
 @dataclass(slots=True)
@@ -95,6 +112,8 @@ class ScoringWorker:
         )
         self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
+        self.deployment = DeploymentWatch(settings.postgres_url, settings.pg_schema)
+        self._deployed: Deployed | None = None
         self._settling: tuple[Future, Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
@@ -102,29 +121,29 @@ class ScoringWorker:
 
     def boot(self) -> None:
         s = self.settings
-        self.model = _load_model(s)
+        self._use(_load_models(s, None))
         self.rulebook = _rulebook(s)
         self.reader.until_done(self.reader.start, "redis")
         earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
         self.carried_over = CarriedOver(
             s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
         )
-        self.thresholds = _thresholds(s, self.model)
-        self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
         self.reader.until_done(self.store.connect, "postgres")
         self.reader.until_done(lambda: _load_rule_sets(self.rulebook), "postgres")
+        deployed = self.deployment.poll()
+        if deployed is not None:
+            self._deployed = deployed
+            self._use(_load_models(s, deployed))
         self._publish_versions()
 
     def reload(self) -> None:
         """Swap rules, model and thresholds at a batch boundary; bad files are refused and the old
         ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
-            model = _load_model(self.settings)
-            chosen = _thresholds(self.settings, model)
-            shadow = _load_shadow(self.settings)
+            models = _load_models(self.settings, self._deployed)
             rules = _load_rule_sets(self.rulebook).live  # last: it takes effect once loaded
         except (BootError, psycopg.Error) as exc:
             metrics.reloads.labels("refused").inc()
@@ -132,21 +151,60 @@ class ScoringWorker:
                 "reload refused, keeping the running model and rules", extra={"event": "reload_refused", "reason": str(exc)}
             )
             return
-        metrics.model_info.labels(self.model.version).set(0)
         metrics.rules_info.labels(self._rules_in_use).set(0)
-        self.model, self.thresholds, self.shadow = model, chosen, shadow
+        self._use(models)
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
         log.info(
             "model and rules reloaded",
             extra={
                 "event": "reloaded",
-                "model_version": model.version,
+                "model_version": models.champion.version,
                 "rules_version": rules.version,
-                "review_threshold": chosen[0],
-                "decline_threshold": chosen[1],
+                "review_threshold": models.thresholds[0],
+                "decline_threshold": models.thresholds[1],
             },
         )
+
+    def _follow_deployment(self) -> None:
+        """Swap to the deployment's models when a promotion or rollback changed them (checked at
+        most once a second); files that cannot be loaded are refused, the running models kept, and
+        the deployment tried again at the next poll."""
+        deployed = self.deployment.poll()
+        if deployed is None:
+            return
+        try:
+            models = _load_models(self.settings, deployed)
+        except BootError as exc:
+            if self.deployment.refused(deployed):
+                metrics.reloads.labels("refused").inc()
+                log.error(
+                    "deployment refused, keeping the running models until it loads",
+                    extra={"event": "deployment_refused", "generation": deployed.generation, "reason": str(exc)},
+                )
+            return
+        self._deployed = deployed
+        self._use(models)
+        self._publish_versions()
+        log.info(
+            "deployment followed",
+            extra={
+                "event": "deployment_followed",
+                "generation": deployed.generation,
+                "model_version": models.champion.version,
+                "shadow_model_version": models.shadow.version if models.shadow else None,
+                "review_threshold": models.thresholds[0],
+                "decline_threshold": models.thresholds[1],
+            },
+        )
+
+    def _use(self, models: Models) -> None:
+        previous = getattr(self, "models", None)
+        if previous is not None:
+            metrics.model_info.labels(previous.champion.version).set(0)
+        self.models = models
+        # Drift is measured against the training sample of the model that decides.
+        self.drift = Drift(models.champion)
 
     def drain(self) -> None:
         self._wait_for_settling()
@@ -156,10 +214,11 @@ class ScoringWorker:
             self._settling_thread.shutdown(wait=True)
         self.reader.release_all()
         self.store.close()
+        self.deployment.close()
 
     def _publish_versions(self) -> None:
         self._rules_in_use = self.rulebook.current.live.version
-        metrics.model_info.labels(self.model.version).set(1)
+        metrics.model_info.labels(self.models.champion.version).set(1)
         metrics.rules_info.labels(self._rules_in_use).set(1)
 
     def _on_outage(self, kind: str) -> None:
@@ -172,6 +231,7 @@ class ScoringWorker:
         """Decode and score this read, then hand it to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         shard = self.reader.current
+        self._follow_deployment()
         try:
             self._process(shard, entries)
         except Fenced as exc:
@@ -292,22 +352,21 @@ class ScoringWorker:
         started = time.perf_counter()
         features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
-        model = self.model
+        models = self.models
+        model = models.champion
         # One pointer read per batch picks the rule sets: the whole batch is decided by one version.
         rule_sets = self.rulebook.for_batch(features.published_rules)
         if rule_sets.live.version != self._rules_in_use:
             metrics.rules_info.labels(self._rules_in_use).set(0)
             self._publish_versions()
         rules = rule_sets.live
-        decided = score_batch(model, rules, features, *self.thresholds)
+        decided = score_batch(model, rules, features, *models.thresholds)
         for rule, count in rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
-        if self.shadow is not None:
-            challenger = score_batch(
-                self.shadow, rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
-            )
-            shadow = Shadow(challenger.scores, challenger.decision, self.shadow.version)
+        if models.shadow is not None:
+            challenger = score_batch(models.shadow, rules, features, *models.shadow_thresholds, explain=False)
+            shadow = Shadow(challenger.scores, challenger.decision, models.shadow.version)
             rules.take_hits()  # the same rules fired again for the challenger: counted once above
         shadow_rules = None
         if rule_sets.shadow is not None:
@@ -318,6 +377,8 @@ class ScoringWorker:
                 metrics.shadow_rule_hits.labels(rule_sets.shadow.version, rule.code).inc(count)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
+        metrics.observe_many(metrics.scores, decided.scores)
+        self.drift.observe(features)
         metrics.duplicates.inc(int(features.seen.sum()))
         return ScoredBatch(
             batch=batch,
@@ -418,11 +479,33 @@ def score_batch(
     return BatchDecisions(scores, decision, reasons, explanations, by_model)
 
 
-def _load_model(settings: Settings) -> FraudModel:
+def _load_models(settings: Settings, deployed: Deployed | None) -> Models:
+    """The deployment's models with their registered thresholds; without one, the flags'."""
+    if deployed is None:
+        champion = _load_model(settings.model_path, "--model-path")
+        shadow = None if settings.shadow_model is None else _load_model(settings.shadow_model, "--shadow-model")
+        return Models(
+            champion,
+            _thresholds(settings, champion),
+            shadow,
+            (shadow.review_threshold, shadow.decline_threshold) if shadow else (1.0, 1.0),
+        )
+    chosen, challenger = deployed.champion, deployed.shadow
+    champion = _load_model(chosen.path, f"deployed model {chosen.version}")
+    shadow = None if challenger is None else _load_model(challenger.path, f"deployed shadow model {challenger.version}")
+    return Models(
+        champion,
+        (chosen.review_threshold, chosen.decline_threshold),
+        shadow,
+        (challenger.review_threshold, challenger.decline_threshold) if challenger else (1.0, 1.0),
+    )
+
+
+def _load_model(path: Path, what: str) -> FraudModel:
     try:
-        return FraudModel.load(settings.model_path, FEATURE_NAMES)
+        return FraudModel.load(path, FEATURE_NAMES)
     except ModelError as exc:
-        raise BootError(str(exc)) from exc
+        raise BootError(f"{what}: {exc}") from exc
 
 
 def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
@@ -437,16 +520,6 @@ def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
     review = settings.review_threshold if settings.review_threshold is not None else model.review_threshold
     decline = settings.decline_threshold if settings.decline_threshold is not None else model.decline_threshold
     return review, decline
-
-
-def _load_shadow(settings: Settings) -> FraudModel | None:
-    """The challenger of --shadow-model, which decides with its own thresholds (nothing acts on them)."""
-    if settings.shadow_model is None:
-        return None
-    try:
-        return FraudModel.load(settings.shadow_model, FEATURE_NAMES)
-    except ModelError as exc:
-        raise BootError(f"--shadow-model: {exc}") from exc
 
 
 def _rulebook(settings: Settings) -> RuleBook:
@@ -467,10 +540,12 @@ def _load_rule_sets(rulebook: RuleBook) -> RuleSets:
 def service(settings: Settings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings)
+    precision = FlaggedPrecision(settings.postgres_url, settings.pg_schema)
 
     def housekeeping() -> None:
         housekeeper.run_once()
         housekeeper.keep_input()
+        precision.run_once()
 
     return Service(
         name="fraudd",
