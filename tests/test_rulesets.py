@@ -221,6 +221,8 @@ def test_backtest_equals_live_and_shadow_decides_nothing(
         for schema in (second_ns.schema, ns.schema)
     )
 
+    table = rules(ns, "test", shadow, "--since", "2h")  # for people
+    assert "extra cases per day" in table and "R_TEST_LARGE" in table and "approve->review" in table
     for report in (
         orjson.loads(rules(ns, "test", str(candidate), "--since", "2h", "--json")),
         orjson.loads(rules(ns, "test", shadow, "--since", "2h", "--json")),
