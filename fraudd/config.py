@@ -473,6 +473,12 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         "Time a client has to send a whole request, and an idle keep-alive connection lives.",
     ),
     (
+        "max-connections",
+        "FRAUDD_MAX_CONNECTIONS",
+        {"default": 1000, "type": int, "callback": _positive("max-connections")},
+        "Open connections per HTTP server process; one more is closed as soon as it is accepted (keep below LimitNOFILE).",
+    ),
+    (
         "tls-cert",
         "FRAUDD_TLS_CERT",
         {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
@@ -501,6 +507,7 @@ class IngestSettings:
     decision_timeout_ms: int
     fallback_decision: str
     client_timeout_s: float
+    max_connections: int
     tls_cert: Path | None
     tls_key: Path | None
     redis_url: str

@@ -482,6 +482,73 @@ secret_env = "S"
     assert not _events(caplog, "alerts_channel_down")
 
 
+def test_a_retry_is_made_by_its_worker_not_behind_the_backlog(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+concurrency = 2
+retry_base_s = 0.02
+""",
+    )
+    receiver.flaky["tx_0:hook"] = 2
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}") for i in range(1000)])
+        wait_for(lambda: len(receiver.accepted) == 1000, 30, message="every alert delivered")
+        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 10, message="every delivery recorded")
+    finally:
+        sender.stop(5)
+    # Its retries (after 10-20 ms, then 20-40 ms) came from the worker holding it, among the first
+    # deliveries, not after the hundreds of rows that were due before them in the table.
+    assert list(receiver.accepted).index("tx_0:hook") < 200
+    assert deliveries(ns)[("tx_0", "hook")][:4] == ("delivered", 3, "HTTP 503: unavailable", True)
+    assert len(receiver.requests["/hook"]) == 1002 and not receiver.repeats
+
+
+def test_a_retry_held_by_a_stopping_worker_goes_back_to_the_table_on_its_retry_after(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+""",
+    )
+    receiver.failures["/hook"] = Failures(count=1, status=503, retry_after="4")
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert("tx_1")])
+        wait_for(lambda: len(receiver.requests["/hook"]) == 1, 10, message="the first attempt")
+        time.sleep(0.3)
+    finally:
+        sender.stop(5)
+    assert deliveries(ns)[("tx_1", "hook")][:4] == ("pending", 1, "HTTP 503: unavailable", False)
+    ((wait,),) = ns.sql("SELECT extract(epoch FROM next_attempt_at - last_attempt_at) FROM alert_deliveries")
+    assert 3.9 <= float(wait) <= 4.1, wait
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        wait_for(lambda: deliveries(ns)[("tx_1", "hook")][0] == "delivered", 20, message="the delivery")
+    finally:
+        sender.stop(5)
+    (_h, _b, first), (_h2, _b2, second) = receiver.requests["/hook"]
+    assert second - first >= 3.9
+    assert deliveries(ns)[("tx_1", "hook")][:4] == ("delivered", 2, "HTTP 503: unavailable", True)
+    assert list(receiver.accepted) == ["tx_1:hook"] and not receiver.repeats
+
+
 def test_a_burst_of_timeouts_opens_the_circuit_once_for_a_logged_moment(
     ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

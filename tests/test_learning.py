@@ -432,7 +432,10 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(
     chargebacks = tmp_path / "chargebacks.jsonl"
     chargebacks.write_bytes(
         b"\n".join(
-            orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
+            # Reported by the end of day 10: they count for every transaction of days 11-20.
+            orjson.dumps(
+                {"transaction_id": t, "label": "fraud", "source": "chargeback", "reported_at": float(second.timestamp[0])}
+            )
             for t in first.transaction_id[first.is_fraud].tolist()
         )
     )

@@ -120,9 +120,12 @@ def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
 
 def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_hardening() -> None:
     drain_s = next(kwargs["default"] for flag, _env, kwargs, _help in config.OPTIONS if flag == "shutdown-timeout-s")
+    connections = next(kwargs["default"] for flag, _env, kwargs, _help in config.INGEST_OPTIONS if flag == "max-connections")
     reference = None
     for unit in DAEMONS:
         settings = dict(service_section(unit))
+        # Files per process: the ingest's connections, and room for much more than its default cap.
+        assert int(settings["LimitNOFILE"]) >= 16 * connections, unit.name
         assert settings["Type"] == "notify" and settings["ExecReload"] == "/bin/kill -HUP $MAINPID", unit.name
         assert float(settings["TimeoutStopSec"]) == drain_s + STOP_MARGIN_S, unit.name
         assert settings["User"] == "fraudd" and settings["CapabilityBoundingSet"] == "", unit.name
@@ -178,6 +181,7 @@ def allowed_syscalls(unit: Path) -> set[str]:
     """The system calls the unit's ``SystemCallFilter=`` lines leave, expanded by systemd-analyze."""
     listing = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True).stdout
     groups: dict[str, list[str]] = {}
+    current = ""  # the group whose members the indented lines list
     for line in listing.splitlines():
         if line.strip() and not line.strip().startswith("#"):
             if line.startswith(" "):

@@ -62,16 +62,21 @@ WHERE channel = %(c)s AND transaction_id = ANY(%(t)s::text[]) AND status NOT IN 
 """
 # The other outcomes carry values per row: one statement per kind and channel, the values as arrays
 # (a flaky peer makes retries common, so no statement per row). The ``ANY`` keeps the key lookup
-# in the index condition; the join alone would scan the channel's rows.
+# in the index condition; the join alone would scan the channel's rows. A worker that retried a
+# delivery within its claim reports the attempts it made and when it made the last (``a``, ``l``);
+# otherwise those are NULL and the claim's own count and time stand.
 _OUTCOME = """
 UPDATE alert_deliveries d SET {assignments}
-FROM unnest(%(t)s::text[], %(e)s::text[], %(n)s::float8[]) AS u(t, e, n)
+FROM unnest(%(t)s::text[], %(e)s::text[], %(n)s::float8[], %(a)s::int[], %(l)s::float8[]) AS u(t, e, n, a, l)
 WHERE d.channel = %(c)s AND d.transaction_id = ANY(%(t)s::text[]) AND d.transaction_id = u.t
   AND d.status NOT IN ('delivered', 'failed')
 """
+_ATTEMPTS = "attempts = coalesce(u.a, d.attempts), last_attempt_at = coalesce(to_timestamp(u.l), d.last_attempt_at)"
 _ASSIGNMENTS = {
-    "retry": "last_error = u.e, next_attempt_at = to_timestamp(u.n)",
-    "failed": "status = 'failed', last_error = u.e",
+    # delivered after retries within the claim
+    "delivered": f"status = 'delivered', delivered_at = now(), last_error = u.e, {_ATTEMPTS}",
+    "retry": f"last_error = u.e, next_attempt_at = to_timestamp(u.n), {_ATTEMPTS}",
+    "failed": f"status = 'failed', last_error = u.e, {_ATTEMPTS}",
     # claimed but never attempted: the claim's attempt is taken back
     "released": "attempts = d.attempts - 1, next_attempt_at = to_timestamp(u.n)",
 }
@@ -136,6 +141,11 @@ class Claimed:
     alert: Alert
     attempts: int  # including the attempt this claim is for
     claimed_at: float = field(default_factory=time.monotonic)
+    # Attempts the claimer retried on its own within the claim (not in the table yet), the last
+    # one's error and Unix time: what the outcome writes in the end.
+    retries: int = 0
+    last_error: str | None = None
+    attempted_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -147,6 +157,8 @@ class Outcome:
     retry_at: float | None = None  # None with delivered False: given up
     digest_id: str | None = None
     released: bool = False  # claimed but never attempted (the channel was paused, or the worker stops)
+    attempts: int | None = None  # attempts made, when the claimer retried within its claim (else as claimed)
+    attempted_at: float | None = None  # Unix time of the last of those attempts
 
 
 class DeliveryLog:
@@ -211,10 +223,12 @@ class DeliveryLog:
         delivered: dict[tuple[str, str | None], list[str]] = {}
         others: dict[tuple[str, str], list[Outcome]] = {}
         for o in outcomes:
-            if o.delivered:
+            if o.delivered and o.attempts is None:
                 delivered.setdefault((o.channel, o.digest_id), []).append(o.transaction_id)
             else:
-                kind = "released" if o.released else "retry" if o.retry_at is not None else "failed"
+                kind = (
+                    "delivered" if o.delivered else "released" if o.released else "retry" if o.retry_at is not None else "failed"
+                )
                 others.setdefault((kind, o.channel), []).append(o)
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             for (channel, digest_id), ids in delivered.items():
@@ -227,6 +241,8 @@ class DeliveryLog:
                         "t": [o.transaction_id for o in rows],
                         "e": [o.error for o in rows],
                         "n": [o.retry_at for o in rows],
+                        "a": [o.attempts for o in rows],
+                        "l": [o.attempted_at for o in rows],
                     },
                 )
 

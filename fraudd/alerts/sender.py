@@ -13,9 +13,13 @@ over and waits for it to be recorded (``handle``).
 
 A failed attempt, whatever the channel raised, is that alert's: it is retried on its own back-off
 (or the ``Retry-After`` it was given) and dead-lettered after ``max_attempts``, while the other
-alerts go on. Per channel, a circuit breaker (``circuit.py``) keeps a channel that is down from
-burning its backlog's attempts: it pauses the channel only on a high failure rate or a peer that
-cannot be reached, then probes with one delivery until one succeeds.
+alerts go on. The worker that made the attempt retries it itself, the row staying claimed, while
+the retry fits in the claim's lease and the channel is not paused: a flaky peer then costs its
+extra requests, not an outcome update and a new claim per attempt, nor a wait behind the channel's
+backlog; the attempts are written with the final outcome. A retry that would not fit goes back
+through the table. Per channel, a circuit breaker (``circuit.py``) keeps a channel that is down
+from burning its backlog's attempts: it pauses the channel only on a high failure rate or a peer
+that cannot be reached, then probes with one delivery until one succeeds.
 """
 
 from __future__ import annotations
@@ -255,6 +259,8 @@ class ChannelRunner:
         self.name = channel.name
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._busy = 0
+        self._backing_off: dict[str, tuple[Claimed, asyncio.TimerHandle]] = {}  # retried here, by transaction id
+        self._stopping = False
         self._woken = asyncio.Event()
         self.circuit = Circuit(self.config)
         self._tasks: list[asyncio.Task] = []
@@ -279,7 +285,13 @@ class ChannelRunner:
     async def stop(self, grace_s: float) -> None:
         claimer, senders = self._tasks[0], self._tasks[1:]
         claimer.cancel()
+        self._stopping = True  # from now on a failed attempt goes back to the table
         pending = [claimed for claimed in _drain(self._ready)]
+        now, loop_now = time.time(), asyncio.get_running_loop().time()
+        for claimed, timer in self._backing_off.values():
+            timer.cancel()
+            self._hand_back(claimed, now + max(0.0, timer.when() - loop_now))
+        self._backing_off.clear()
         # Idle senders wait on the queue; busy ones finish their attempt within the grace period.
         deadline = time.monotonic() + grace_s
         while self._busy and time.monotonic() < deadline:
@@ -291,7 +303,23 @@ class ChannelRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         now = time.time()
         for claimed in pending:
-            self.sender.recorder.add(Outcome(self.name, claimed.alert.transaction_id, False, retry_at=now, released=True))
+            self._hand_back(claimed, now)
+
+    def _hand_back(self, claimed: Claimed, retry_at: float) -> None:
+        """Give a claimed delivery back to the table, due at ``retry_at``, its last attempt not made."""
+        if claimed.retries:
+            outcome = Outcome(
+                self.name,
+                claimed.alert.transaction_id,
+                False,
+                error=claimed.last_error,
+                retry_at=retry_at,
+                attempts=claimed.attempts - 1,
+                attempted_at=claimed.attempted_at,
+            )
+        else:
+            outcome = Outcome(self.name, claimed.alert.transaction_id, False, retry_at=retry_at, released=True)
+        self.sender.recorder.add(outcome)
 
     async def _claim_loop(self) -> None:
         delay = 0.05
@@ -341,18 +369,15 @@ class ChannelRunner:
             self._busy += 1
             try:
                 now = time.time()
-                if self.circuit.is_open(now) or time.monotonic() > self.config.send_by(claimed.claimed_at):
-                    # The circuit opened while this one was queued, or it was queued so long that an
-                    # attempt might outlast its claim: hand it back unattempted.
-                    self.sender.recorder.add(
-                        Outcome(
-                            self.name,
-                            claimed.alert.transaction_id,
-                            False,
-                            retry_at=max(now, self.circuit.open_until),
-                            released=True,
-                        )
-                    )
+                if (
+                    self.circuit.is_open(now)
+                    or (claimed.retries and not self.circuit.closed)
+                    or time.monotonic() > self.config.send_by(claimed.claimed_at)
+                ):
+                    # The circuit opened while this one was queued (or, for a retry, is probing with
+                    # another delivery), or it was queued so long that an attempt might outlast its
+                    # claim: hand it back unattempted.
+                    self._hand_back(claimed, max(now, self.circuit.open_until))
                     continue
                 await self._attempt([claimed], self.channel.send(claimed.alert), None)
             finally:
@@ -380,18 +405,46 @@ class ChannelRunner:
             failure = DeliveryFailed(describe(exc))
         else:
             self.circuit.succeeded()
+            now = time.time()
             for c in claimed:
-                recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
+                outcome = Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id)
+                if c.retries:  # the attempts retried here are news to the table
+                    outcome.error, outcome.attempts, outcome.attempted_at = c.last_error, c.attempts, now
+                recorder.add(outcome, c.alert)
             return
+        metrics.alert_deliveries.labels(self.name, "failed").inc(len(claimed))
         reason = self.channel.redact(failure.reason)
         attempts = max(c.attempts for c in claimed)
+        now = time.time()
         if failure.permanent or attempts >= self.sender.settings.max_attempts:
             for c in claimed:
-                recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=reason), c.alert, c.attempts)
+                recorder.add(
+                    Outcome(self.name, c.alert.transaction_id, False, reason, attempts=c.attempts, attempted_at=now),
+                    c.alert,
+                    c.attempts,
+                )
             return
-        retry_at = time.time() + (failure.retry_after if failure.retry_after is not None else backoff(self.config, attempts))
+        wait = failure.retry_after if failure.retry_after is not None else backoff(self.config, attempts)
+        if digest_id is None and self._retry_here(claimed[0], wait, reason, now):
+            return
         for c in claimed:
-            recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=reason, retry_at=retry_at))
+            recorder.add(
+                Outcome(self.name, c.alert.transaction_id, False, reason, now + wait, attempts=c.attempts, attempted_at=now)
+            )
+
+    def _retry_here(self, claimed: Claimed, wait: float, error: str, now: float) -> bool:
+        """Retry a transient failure from this worker after ``wait``, the row staying claimed, if the
+        retry still fits in the claim's lease and the channel is not paused; False otherwise."""
+        if self._stopping or not self.circuit.closed or time.monotonic() + wait > self.config.send_by(claimed.claimed_at):
+            return False
+        txid = claimed.alert.transaction_id
+        retry = Claimed(claimed.alert, claimed.attempts + 1, claimed.claimed_at, claimed.retries + 1, error, now)
+        self._backing_off[txid] = (retry, asyncio.get_running_loop().call_later(wait, self._retry_due, txid))
+        return True
+
+    def _retry_due(self, txid: str) -> None:
+        retry, _timer = self._backing_off.pop(txid)
+        self._ready.put_nowait(retry)
 
 
 class Recorder:
@@ -469,17 +522,12 @@ class Recorder:
 def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, list[tuple[Alert, str, int]]]) -> None:
     now = time.time()
     delivered: dict[str, list[float]] = {}
-    failed: dict[str, int] = {}
     for outcome, alert, _attempts in batch:
         if outcome.delivered and alert is not None:
             delivered.setdefault(outcome.channel, []).append(now - int(alert.stream_id.split("-", 1)[0]) / 1000.0)
-        elif not outcome.delivered and not outcome.released:
-            failed[outcome.channel] = failed.get(outcome.channel, 0) + 1
     for channel, latencies in delivered.items():
         metrics.alert_deliveries.labels(channel, "delivered").inc(len(latencies))
         metrics.observe_many(metrics.alert_delivery_latency.labels(channel), np.array(latencies))
-    for channel, count in failed.items():
-        metrics.alert_deliveries.labels(channel, "failed").inc(count)
     for channel, deliveries in given_up.items():
         metrics.alert_deliveries.labels(channel, "dead_lettered").inc(len(deliveries))
         log.error(

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import logs, metrics
-from .health import HealthServer
+from .health import HealthProblem, HealthServer
 from .notify import Notifier
 from .process import EXIT_BOOT_ERROR, WorkerProcess, die_with_supervisor
 
@@ -61,7 +61,7 @@ class Halt(Exception):
         self.exit_code = exit_code
 
 
-def _nothing_wrong() -> list[str]:
+def _nothing_wrong() -> list[HealthProblem]:
     return []
 
 
@@ -80,7 +80,7 @@ class Service:
     # On SIGHUP, before the workers are told: what the supervisor holds of the configuration is
     # what every worker it forks from then on starts with, so it must be the reloaded one.
     reload: Callable[[], None] | None = None
-    health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+    health_problems: Callable[[], list[HealthProblem]] = field(default=_nothing_wrong)  # for /healthz, besides workers
     # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
     # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
     summary: Callable[[], str] | None = None
@@ -160,12 +160,12 @@ class Supervisor:
                 self._health.stop()
             self._notifier.close()
 
-    def health_problems(self) -> list[str]:
+    def health_problems(self) -> list[HealthProblem]:
         """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
         problems = self.service.health_problems()
         ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
         if ready < len(self.slots):
-            problems.append(f"workers: {ready} of {len(self.slots)} ready")
+            problems.append(HealthProblem("workers", f"{ready} of {len(self.slots)} ready"))
         return problems
 
     def status_line(self) -> str:
