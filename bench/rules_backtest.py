@@ -17,12 +17,12 @@ import numpy as np
 import psycopg
 
 from bench.namespace import Namespace
-from fraudd.config import DEFAULT_RULES
 from fraudd.rulesets import backtest
 from fraudd.schema import connect
 from fraudd.scoring import vectors
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.rules import DECISIONS, Rules
+from fraudd.scoring.settings import DEFAULT_RULES
 
 CANDIDATE_RULE = (
     '\n[[rule]]\ncode = "R_BENCH_LARGE"\nreason = "large"\naction = "review"\nfeature = "amount"\nop = ">="\nvalue = 2000\n'

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
@@ -17,25 +13,44 @@ import psycopg
 import redis
 from redis.cluster import RedisCluster
 
-from .config import (
-    ConfigError,
-    Settings,
-    alert_options,
-    alert_settings_from,
-    check_postgres_url,
-    check_redis_url,
-    ingest_options,
-    ingest_settings_from,
-    settings_from,
-    settings_options,
-)
+from .alerts import settings as alert_settings
+from .ingest import settings as ingest_settings
+from .keys import shard_streams
 from .learning import cli as learning_cli
+from .preflight import (
+    check_dependencies,
+    check_eviction,
+    check_producer_shard_count,
+    check_shard_count,
+    connect_postgres,
+    prepare_metrics_dir,
+    redact,
+)
 from .rulesets import cli as rulesets_cli
 from .runtime import logs
+from .scoring import settings as scoring_settings
+from .settings import (
+    DEDUP_WINDOW_S,
+    DLQ_STREAM,
+    FRAUD_STREAM,
+    GROUP,
+    LOG_LEVEL,
+    POSTGRES_OPTIONS,
+    POSTGRES_URL,
+    REDIS_OPTIONS,
+    REDIS_URL,
+    SHARDS,
+    STREAM,
+    ConfigError,
+    PostgresSettings,
+    RedisSettings,
+    check_cluster,
+    options,
+)
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
-    from .config import IngestSettings
-    from .runtime.health import GroupState, RedisMemory
+    from .runtime.groups import GroupState
+    from .runtime.health import RedisMemory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -56,15 +71,16 @@ main.add_command(rulesets_cli.rules)
 
 
 @main.command()
-@settings_options
+@options(scoring_settings.OPTIONS)
 def run(**params) -> None:
     """Score the input stream with a supervisor and --workers worker processes."""
-    settings = settings_from(params)
-    check_thresholds(settings)
+    settings = scoring_settings.ScoringSettings.from_params(params)
     logs.setup(settings.log_level)
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    preflight(settings)
+    scoring_settings.check_files(settings)
+    check_dependencies(settings.redis, settings.postgres, settings.input_streams, settings.consumer.group)
+    check_shard_count(settings.redis, settings.consumer.stream, settings.shards, settings.consumer.group)
     # Both import prometheus-client, which reads the directory above.
     from .runtime.supervisor import Supervisor
     from .scoring.worker import service
@@ -73,16 +89,16 @@ def run(**params) -> None:
 
 
 @main.command()
-@ingest_options
+@options(ingest_settings.OPTIONS)
 def ingest(**params) -> None:
     """Serve the HTTP API that writes transactions onto the input stream (and answers /v1/score)."""
-    settings = ingest_settings_from(params)
+    settings = ingest_settings.IngestSettings.from_params(params)
     logs.setup(settings.log_level)
     # Every server process counts into this directory; any of them answers /metrics with the sum.
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
-    check_eviction(settings.redis_url, settings.redis_cluster)
-    check_ingest_shard_count(settings)
+    check_eviction(settings.redis)
+    check_producer_shard_count(settings.redis, settings.stream, settings.shards)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -97,32 +113,31 @@ def ingest(**params) -> None:
 
 
 @main.command()
-@settings_options
-@alert_options
+@options(alert_settings.OPTIONS)
 def alerts(**params) -> None:
     """Deliver every alert of --fraud-stream to the channels of --config (Slack, e-mail, signed webhooks)."""
     from .alerts.config import AlertConfigError, load
 
-    settings, alert_settings = settings_from(params), alert_settings_from(params)
+    settings = alert_settings.AlertSettings.from_params(params)
     logs.setup(settings.log_level)
     try:
-        config = load(alert_settings.config)
+        config = load(settings.config)
     except AlertConfigError as exc:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
     # A new group starts at the present: a deployment scoring for a while does not alert its history.
-    start = "0" if alert_settings.from_beginning else "$"
-    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group, start)
+    start = "0" if settings.from_beginning else "$"
+    check_dependencies(settings.redis, settings.postgres, [settings.fraud_stream], settings.consumer.group, start)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor
 
-    sys.exit(Supervisor(service(settings, alert_settings, config)).run())
+    sys.exit(Supervisor(service(settings, config)).run())
 
 
 @main.command()
-@settings_options
+@options(POSTGRES_OPTIONS, [LOG_LEVEL])
 @click.option(
     "--compress-after-days",
     envvar="FRAUDD_COMPRESS_AFTER_DAYS",
@@ -141,190 +156,53 @@ def alerts(**params) -> None:
     type=click.IntRange(min=0),
     help="TimescaleDB: drop chunks older than this (0: keep every row).",
 )
-def migrate(compress_after_days: int, retention_days: int, **params) -> None:
+def migrate(compress_after_days: int, retention_days: int, log_level: str, **params) -> None:
     """Apply pending schema migrations, set up TimescaleDB where loaded, create the coming days' partitions (idempotent)."""
     from .schema import MigrationError
     from .schema import migrate as apply
 
-    settings = settings_from(params)
-    logs.setup(settings.log_level)
-    with _connect_postgres(settings) as conn:
+    postgres = PostgresSettings.from_params(params)
+    logs.setup(log_level)
+    with connect_postgres(postgres) as conn:
         try:
-            report = apply(conn, settings.pg_schema, compress_after_days=compress_after_days, retention_days=retention_days)
+            report = apply(conn, postgres.schema, compress_after_days=compress_after_days, retention_days=retention_days)
         except MigrationError as exc:
-            raise click.ClickException(f"schema {settings.pg_schema}: {exc}") from None
-    click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(report.applied)}" if report.applied else "up to date"))
+            raise click.ClickException(f"schema {postgres.schema}: {exc}") from None
+    click.echo(f"schema {postgres.schema}: " + (f"applied {', '.join(report.applied)}" if report.applied else "up to date"))
     click.echo(f"transactions: {report.storage}")
 
 
-def check_thresholds(settings: Settings) -> None:
-    """A ``--thresholds`` file must load and belong to the model (workers re-read it on SIGHUP)."""
-    from .scoring import thresholds
-    from .scoring.features import FEATURE_NAMES
-    from .scoring.model import FraudModel, ModelError
+@dataclass(frozen=True, slots=True)
+class StreamsSettings:
+    """What ``fraudd status`` and ``fraudd dlq`` read: the servers and the streams."""
 
-    if settings.thresholds is None:
-        return
-    if settings.review_threshold is not None or settings.decline_threshold is not None:
-        raise ConfigError(
-            "--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold"
+    redis: RedisSettings
+    postgres: PostgresSettings
+    stream: str
+    fraud_stream: str
+    dlq_stream: str
+    shards: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> StreamsSettings:
+        settings = cls(
+            RedisSettings.from_params(params),
+            PostgresSettings.from_params(params),
+            params["stream"],
+            params["fraud_stream"],
+            params["dlq_stream"],
+            params["shards"],
         )
-    try:
-        thresholds.load(settings.thresholds).check_model(
-            FraudModel.load(settings.model_path, FEATURE_NAMES).version, settings.thresholds
-        )
-    except thresholds.ThresholdsError as exc:
-        raise ConfigError(f"--thresholds / FRAUDD_THRESHOLDS: {exc}") from None
-    except ModelError as exc:
-        raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
+        check_cluster(settings.redis, settings.shards)
+        return settings
+
+    @property
+    def input_streams(self) -> list[str]:
+        return shard_streams(self.stream, self.shards)
 
 
-def preflight(settings: Settings) -> None:
-    """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
-    from .scoring.features import FEATURE_NAMES
-    from .scoring.model import FraudModel, ModelError
-    from .scoring.rules import Rules, RulesError
-
-    try:
-        FraudModel.load(settings.model_path, FEATURE_NAMES)
-    except ModelError as exc:
-        raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
-    if settings.shadow_model is not None:
-        try:
-            FraudModel.load(settings.shadow_model, FEATURE_NAMES)
-        except ModelError as exc:
-            raise ConfigError(f"--shadow-model / FRAUDD_SHADOW_MODEL: {exc}") from None
-    try:
-        Rules.load(settings.rules_path)
-    except RulesError as exc:
-        raise ConfigError(f"--rules-path: {exc}") from None
-    check_dependencies(settings, settings.input_streams, settings.group)
-    check_shard_count(settings)
-
-
-def check_shard_count(settings: Settings) -> None:
-    """Refuse a --shards that leaves entries on streams only another count reads; otherwise record it."""
-    from . import shard_counts
-    from .runtime.redis_clients import redis_client
-
-    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True)
-    try:
-        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
-        if not left:
-            shard_counts.record(client, settings.stream, settings.shards, int(time.time() * 1000))
-    finally:
-        client.close()
-    if left:
-        raise ConfigError(shard_counts.describe(left, settings.shards))
-
-
-def check_dependencies(settings: Settings, streams: list[str], group: str, start: str = "0") -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``, created
-    at ``start`` if new), PostgreSQL answers with every migration applied."""
-    from .runtime.consumer import ensure_group
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import connect_redis
-    from .schema import MigrationError, pending_migrations
-
-    client = connect_redis(settings.redis_url, settings.redis_cluster)
-    try:
-        client.ping()
-        eviction = redis_memory(client).eviction_problem()
-        for stream in streams:
-            ensure_group(client, stream, group, start)
-    except redis.RedisError as exc:
-        raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
-    finally:
-        client.close()
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-    with _connect_postgres(settings) as conn:
-        try:
-            pending = pending_migrations(conn)
-        except MigrationError as exc:
-            raise ConfigError(str(exc)) from None
-    if pending:
-        raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
-
-
-def check_ingest_shard_count(settings: IngestSettings) -> None:
-    """Refuse a --shards other than the one scoring last ran with: its streams would have no reader.
-    A Redis that does not answer yet is let be, as in ``check_eviction``."""
-    from redis.exceptions import RedisClusterException
-
-    from . import shard_counts
-    from .runtime.redis_clients import redis_client
-
-    try:
-        client = redis_client(settings.redis_url, settings.redis_cluster, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            scored_with = shard_counts.latest(client, settings.stream)
-        finally:
-            client.close()
-    except (redis.RedisError, RedisClusterException):
-        return
-    if scored_with is not None and scored_with != settings.shards:
-        raise ConfigError(
-            f"--shards {settings.shards}: fraudd run scores {settings.stream} with --shards {scored_with}, so nobody would "
-            f"read what this ingest writes; use --shards {scored_with} (README: Changing the shard count)"
-        )
-
-
-def check_eviction(url: str, cluster: bool) -> None:
-    """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
-    let be: the ingest starts anyway and answers 503 until Redis is back."""
-    from redis.exceptions import RedisClusterException
-
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import redis_client
-
-    try:
-        client = redis_client(url, cluster, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            eviction = redis_memory(client).eviction_problem()
-        finally:
-            client.close()
-    except (redis.RedisError, RedisClusterException):
-        return
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-
-
-def _connect_postgres(settings: Settings) -> psycopg.Connection:
-    from .schema import connect
-
-    try:
-        return connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True)
-    except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(
-            f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}"
-        ) from None
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for an error message."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
-def prepare_metrics_dir() -> None:
-    """Give prometheus-client an empty multiprocess directory before anything imports it.
-
-    It picks its storage at import time, and every forked worker then writes its own files there
-    for the supervisor's ``/metrics`` to sum. Without ``--metrics-port`` nothing is exported and
-    the metrics stay in process memory.
-    """
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    directory = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="fraudd-metrics-"))
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    atexit.register(shutil.rmtree, directory, True)
+DLQ_OPTIONS = [*REDIS_OPTIONS, *POSTGRES_OPTIONS, STREAM, SHARDS, FRAUD_STREAM, DLQ_STREAM]
+STATUS_OPTIONS = [*DLQ_OPTIONS, GROUP, DEDUP_WINDOW_S]
 
 
 # `fraudd status` exit codes (README: Operations): a monitoring script tells "down" from "behind".
@@ -332,7 +210,7 @@ STATUS_OK, STATUS_DOWN, STATUS_BEHIND = 0, 1, 3  # 2: a bad option (click's usag
 
 
 @main.command()
-@settings_options
+@options(STATUS_OPTIONS)
 @click.option(
     "--lag-limit",
     default=0,
@@ -340,7 +218,7 @@ STATUS_OK, STATUS_DOWN, STATUS_BEHIND = 0, 1, 3  # 2: a bad option (click's usag
     type=click.IntRange(min=0),
     help="Exit 3 when the group's lag (over every shard) is above this.",
 )
-def status(lag_limit: int, **params) -> None:
+def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster).
 
     Exit status: 0 all up and the lag within --lag-limit; 1 Redis or PostgreSQL down, or Redis full or
@@ -348,25 +226,26 @@ def status(lag_limit: int, **params) -> None:
     another --shards reads."""
     from . import shard_counts
     from .keys import Keys
-    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
+    from .runtime.groups import combined, group_state
+    from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     healthy, behind = True, False
-    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
+    client = redis_client(settings.redis.url, settings.redis.cluster, decode_responses=True, socket_timeout=3)
     try:
-        states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
+        states = [group_state(client, stream, group) for stream in settings.input_streams]
         state = combined(states)
-        click.echo(f"redis      up    {_redact(settings.redis_url)}")
+        click.echo(f"redis      up    {redact(settings.redis.url)}")
         shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
         click.echo(
-            f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
+            f"group      {group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
             f"oldest pending {state.oldest_pending_age_s:.1f}s"
         )
         if state.lag > lag_limit:
             behind = True
             click.echo(f"           behind: lag {state.lag} is above --lag-limit {lag_limit}")
-        left = shard_counts.stranded(client, settings.stream, settings.shards, settings.group)
+        left = shard_counts.stranded(client, settings.stream, settings.shards, group)
         if left:
             behind = True
             click.echo(f"stranded   {shard_counts.describe(left, settings.shards)}")
@@ -388,10 +267,10 @@ def status(lag_limit: int, **params) -> None:
         click.echo(f"memory     {memory.describe()}")
         click.echo(
             f"           input {sum(rates):,.0f} tx/s over the last second: dedup markers for the "
-            f"{settings.dedup_window_s} s window need ≈ {_marker_need(sum(rates), settings.dedup_window_s, memory)}"
+            f"{dedup_window_s} s window need ≈ {_marker_need(sum(rates), dedup_window_s, memory)}"
         )
         if isinstance(client, RedisCluster):
-            _echo_nodes(client, settings, states, rates)
+            _echo_nodes(client, settings, states, rates, dedup_window_s)
         # A full Redis refuses a write whose arguments do not fit, so INFO may still show a little room.
         problem = memory_problem(memory, refusing=memory.maximum > 0 and memory.used > NEARLY_FULL * memory.maximum)
         if problem:
@@ -399,17 +278,19 @@ def status(lag_limit: int, **params) -> None:
             click.echo(f"           {problem}")
     except redis.RedisError as exc:
         healthy = False
-        click.echo(f"redis      DOWN  {_redact(settings.redis_url)}: {exc}")
+        click.echo(f"redis      DOWN  {redact(settings.redis.url)}: {exc}")
     try:
-        check_postgres(settings)
-        click.echo(f"postgres   up    {_redact(settings.postgres_url)}")
+        check_postgres(settings.postgres)
+        click.echo(f"postgres   up    {redact(settings.postgres.url)}")
     except (psycopg.Error, OSError) as exc:
         healthy = False
-        click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
+        click.echo(f"postgres   DOWN  {redact(settings.postgres.url)}: {' '.join(str(exc).split())}")
     sys.exit(STATUS_DOWN if not healthy else STATUS_BEHIND if behind else STATUS_OK)
 
 
-def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupState], rates: list[float]) -> None:
+def _echo_nodes(
+    client: RedisCluster, settings: StreamsSettings, states: list[GroupState], rates: list[float], dedup_window_s: int
+) -> None:
     """One line per primary of a cluster: the shards it serves (their lag, pending and input rate, the
     dedup markers they need) and its memory. Each primary holds its own shards' markers and states,
     so one node full or lagging is visible here while the totals above still look fine."""
@@ -430,7 +311,7 @@ def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupStat
             f"lag {sum(states[k].lag for k in shards)}, pending {sum(states[k].pending for k in shards)}, "
             f"input {rate:,.0f} tx/s"
         )
-        click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, settings.dedup_window_s, memory)}")
+        click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, dedup_window_s, memory)}")
 
 
 def _marker_need(rate: float, window_s: int, memory: RedisMemory) -> str:
@@ -466,14 +347,14 @@ def dlq() -> None:
     """Inspect, replay or purge the dead-letter stream."""
 
 
-def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
+def _dlq_client(settings: StreamsSettings) -> redis.Redis | RedisCluster:
     from .runtime.redis_clients import redis_client
 
-    return redis_client(settings.redis_url, settings.redis_cluster)
+    return redis_client(settings.redis.url, settings.redis.cluster)
 
 
 def _dlq_selection(
-    client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
+    client: redis.Redis, settings: StreamsSettings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
 ) -> list[tuple[str, dict]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")
@@ -487,12 +368,12 @@ def _dlq_selection(
 
 
 @dlq.command("list")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.option("--reason", default=None, help="Only entries with this reason.")
 @click.option("--count", default=50, show_default=True, help="At most this many entries.")
 def dlq_list(reason: str | None, count: int, **params) -> None:
     """List dead letters: id, reason, detail, original entry, deliveries and the payload's start."""
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     shown = 0
     for entry_id, fields in client.xrange(settings.dlq_stream):
@@ -512,7 +393,7 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
 
 
 @dlq.command("replay")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.argument("entry_ids", nargs=-1)
 @click.option("--reason", default=None, help="Replay every entry with this reason.")
 @click.option("--all", "select_all", is_flag=True, help="Replay every entry.")
@@ -527,7 +408,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     from .ingest import Publisher
     from .runtime.deadletters import restored_fields
 
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     # An entry that had no data field goes back as it was, to the stream it came from.
@@ -556,7 +437,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
             pipe.xadd(source, kept)
         pipe.execute()
     if alerts:
-        with _connect_postgres(settings) as conn:
+        with connect_postgres(settings.postgres) as conn:
             retry_failed(conn, client, settings.fraud_stream, settings.dlq_stream, [fields for _id, fields in alerts])
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
@@ -570,13 +451,13 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
 
 
 @dlq.command("purge")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.argument("entry_ids", nargs=-1)
 @click.option("--reason", default=None, help="Purge every entry with this reason.")
 @click.option("--all", "select_all", is_flag=True, help="Purge every entry.")
 def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
     """Delete dead letters for good."""
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     if selected:
@@ -585,14 +466,7 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 
 
 @main.command()
-@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True, callback=check_redis_url)
-@click.option(
-    "--postgres-url",
-    envvar="POSTGRES_URL",
-    default="postgresql://127.0.0.1:5432/postgres",
-    show_default=True,
-    callback=check_postgres_url,
-)
+@options([REDIS_URL, POSTGRES_URL])
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)

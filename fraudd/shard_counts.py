@@ -21,6 +21,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from .keys import Keys, shard_streams
+from .runtime.groups import group_state
 
 
 def record_key(stream: str) -> str:
@@ -59,8 +60,6 @@ class Stranded:
 def stranded(client: redis.Redis | RedisCluster, stream: str, shards: int, group: str) -> list[Stranded]:
     """(``client`` decodes responses.) Streams that only another count reads (the single stream
     counts, recorded or not) and that still hold entries ``group`` has not finished."""
-    from .runtime.health import group_state  # the runtime's health imports the settings, which import keys
-
     ours = set(shard_streams(stream, shards))
     found: dict[str, Stranded] = {}
     for count in sorted({1, *recorded(client, stream)} - {shards}):

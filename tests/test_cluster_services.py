@@ -12,28 +12,28 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.learning.labels import parse_labels, publish_labels
-from fraudd.localservers import RedisClusterServers
+from fraudd.learning.labels import parse_labels
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
-from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler, marker_prefix
+from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring import decode
 from fraudd.scoring.confirmed import KINDS
+from fraudd.settings import ConsumerSettings
 
 from .alerting import HttpReceiver
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, stop
-from .streams import NOW, fully_drained, payload
+from .streams import NOW, fully_drained, payload, publish_labels
 from .test_alerts import write_config
 from .test_alerts_service import start_alerts
 
@@ -83,22 +83,13 @@ def dead_letters(client: RedisCluster, ns: Namespace) -> list[dict[str, bytes]]:
     return [{k.decode(): v for k, v in fields.items()} for _id, fields in client.xrange(ns.dlq_stream)]
 
 
-@dataclass(frozen=True)
-class ConsumerOptions:
-    stream: str
-    group: str = "readers"
-    batch_size: int = 100
-    block_ms: int = 10
-    claim_idle_ms: int = 1000
-    max_deliveries: int = 5
-    shutdown_timeout_s: float = 5.0
-
-
 def test_a_read_whose_dead_letters_were_written_but_not_acked_writes_none_again(
     ns: Namespace, redis_cluster: RedisClusterServers, cluster_client: RedisCluster
 ) -> None:
     client = connect_redis(redis_cluster.url, cluster=True)
-    options = ConsumerOptions(ns.labels_stream)
+    options = ConsumerSettings(
+        ns.labels_stream, "readers", "reader", workers=1, batch_size=100, block_ms=10, claim_idle_ms=1000, shutdown_timeout_s=5.0
+    )
     ensure_group(client, options.stream, options.group)
     ids = [client.xadd(options.stream, {"data": f"entry {i}"}).decode() for i in range(5)]
     consumer = StreamConsumer(client, options, "reader-0", WorkerProcess(0))
@@ -194,21 +185,21 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
     score(ns, cluster_client, tmp_path, "--claim-idle-ms", "300", "--max-deliveries", "3")
     reasons = Counter(letter["reason"].decode() for letter in dead_letters(cluster_client, ns))
     assert reasons == {
-        decode.REASON_MAX_DELIVERIES: SHARDS,
+        REASON_MAX_DELIVERIES: SHARDS,
         decode.REASON_NOT_JSON: 1,
         decode.REASON_NOT_OBJECT: 1,
         decode.REASON_MISSING: 1,
     }, reasons
 
-    listed = ns.fraudd("dlq", "list", "--reason", decode.REASON_MAX_DELIVERIES)
+    listed = ns.fraudd("dlq", "list", "--reason", REASON_MAX_DELIVERIES)
     assert listed.returncode == 0 and f"{SHARDS} shown, {SHARDS + 3} in {ns.dlq_stream}" in listed.stderr, listed.stderr
     assert len(listed.stdout.splitlines()) == SHARDS and all(
-        decode.REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
+        REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
     )
     # Replayed twice at once (say, two operators): each transaction is still scored once, in its shard.
     first = next(i for i, f in cluster_client.xrange(ns.dlq_stream) if f[b"reason"] == b"max_deliveries")
     cluster_client.xadd(ns.dlq_stream, cluster_client.xrange(ns.dlq_stream, first, first)[0][1])
-    replayed = ns.fraudd("dlq", "replay", "--reason", decode.REASON_MAX_DELIVERIES)
+    replayed = ns.fraudd("dlq", "replay", "--reason", REASON_MAX_DELIVERIES)
     assert replayed.returncode == 0 and f"replayed {SHARDS + 1} entries" in replayed.stdout, replayed.stderr
     score(ns, cluster_client, tmp_path)
     rows = ns.sql("SELECT transaction_id, user_id, stream_id FROM transactions WHERE starts_with(transaction_id, 'poison_')")

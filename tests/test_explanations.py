@@ -12,13 +12,13 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.learning import train
 from fraudd.learning.simulator import Simulator, SimulatorConfig
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import META_SOURCE, FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 from .conftest import Namespace
 from .services import drain

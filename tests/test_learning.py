@@ -11,10 +11,9 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
-from fraudd.learning.labels import parse_labels, publish_labels
+from fraudd.learning.labels import parse_labels
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
     COMPROMISED_TERMINAL,
@@ -29,10 +28,11 @@ from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
 from .services import drain, start, stop
-from .streams import fully_drained
+from .streams import fully_drained, publish_labels
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
 

@@ -383,9 +383,9 @@ def test_healthz_is_200_while_healthy(observed: Observed) -> None:
 
 def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fraudd.cli import run
-    from fraudd.config import settings_from
     from fraudd.runtime.health import HealthServer
     from fraudd.runtime.supervisor import Supervisor
+    from fraudd.scoring.settings import ScoringSettings
     from fraudd.scoring.worker import service
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -403,7 +403,7 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
             "2",
         ],
     )
-    settings = settings_from(context.params)
+    settings = ScoringSettings.from_params(context.params)
     supervisor = Supervisor(service(settings))
     probes = []
 
@@ -411,7 +411,7 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
         probes.append(time.monotonic())
         return supervisor.health_problems()
 
-    server = HealthServer(port, probe)
+    server = HealthServer(settings.metrics.listen, probe)
     server.start()
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -422,6 +422,35 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
     assert set(answers) == {(503, "postgres: unavailable\nworkers: 0 of 2 ready\n")}
     # One probe (one PostgreSQL connection) a second, however many ask at once.
     assert len(probes) <= probes[-1] - probes[0] + 1, probes
+
+
+@pytest.mark.parametrize(
+    ("args", "everywhere"),
+    [
+        (["--metrics-port", "{port}"], False),
+        (["--metrics-listen", "127.0.0.1:{port}"], False),
+        (["--metrics-listen", ":{port}"], True),
+    ],
+)
+def test_metrics_and_healthz_listen_on_loopback_unless_told_otherwise(
+    args: list[str], everywhere: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fraudd.cli import run
+    from fraudd.runtime.health import HealthServer
+    from fraudd.scoring.settings import ScoringSettings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert ScoringSettings.from_params(run.make_context("run", []).params).metrics.listen is None  # off by default
+    port = free_port()
+    settings = ScoringSettings.from_params(run.make_context("run", [arg.format(port=port) for arg in args]).params)
+    server = HealthServer(settings.metrics.listen, lambda: [])
+    server.start()
+    try:
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        # 127.0.0.2 is this host too, but not the address a loopback-only socket is bound to.
+        assert http_get(f"http://127.0.0.2:{port}/healthz") == ((200, "ok\n") if everywhere else (0, ""))
+    finally:
+        server.stop()
 
 
 def test_logs_are_json_lines_that_do_not_grow_with_traffic(observed: Observed) -> None:

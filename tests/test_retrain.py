@@ -11,12 +11,12 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.learning.simulator import SimulatedHistory, Simulator, SimulatorConfig
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, drain, stop

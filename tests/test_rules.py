@@ -11,10 +11,14 @@ import redis
 
 from fraudd.keys import Keys
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features, FeatureStore
-from fraudd.scoring.rules import DECISIONS, DEFAULT_RULES_PATH, Rule, RuleOutcome, Rules, RulesError, decide, model_decision
+from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features
+from fraudd.scoring.features_shared import SharedFeatureStore
+from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide, model_decision
+from fraudd.scoring.settings import DEFAULT_RULES
 
-DEFAULT = Rules.load()
+from .conftest import REDIS_URL
+
+DEFAULT = Rules.load(DEFAULT_RULES)
 
 
 def quiet_row() -> dict[str, float]:
@@ -101,7 +105,7 @@ def test_decide_takes_the_max_of_model_and_rules() -> None:
 
 
 def test_version_follows_the_content(tmp_path) -> None:
-    text = DEFAULT_RULES_PATH.read_bytes()
+    text = DEFAULT_RULES.read_bytes()
     assert Rules.from_bytes(text).version == DEFAULT.version
     assert Rules.from_bytes(text + b"\n").version != DEFAULT.version
     assert len(DEFAULT.version) == 12
@@ -175,10 +179,10 @@ def test_duplicate_codes_are_refused() -> None:
 
 
 def test_blocklist_rule_fires_after_a_live_sadd() -> None:
-    client = redis.Redis(host="127.0.0.1", port=6379)
+    client = redis.Redis.from_url(REDIS_URL)
     name = f"test-rules-{uuid.uuid4().hex[:10]}"
     keys = Keys(stream=f"{name}:raw", fraud_stream=f"{name}:fraud", dlq_stream=f"{name}:dlq")
-    store = FeatureStore(client, keys, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, keys, dedup_window_ms=3_600_000)
     payload = {"user_id": "mallory", "amount": 30.0, "merchant": "Shady Goods", "timestamp": 1764385200, "ip": "203.0.113.7"}
     try:
 

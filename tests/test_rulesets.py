@@ -14,9 +14,9 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from fraudd.config import DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_stream
+from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import Namespace, migrated_namespace, wait_for
 from .services import DaemonProcess, drain, stop

@@ -23,8 +23,10 @@ import orjson
 import pytest
 import redis
 
-from fraudd import cli, config
+from fraudd import cli
+from fraudd.ingest import settings as ingest_settings
 from fraudd.runtime.supervisor import STOP_MARGIN_S
+from fraudd.settings import SHUTDOWN_TIMEOUT_S
 
 from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
@@ -119,8 +121,8 @@ def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
 
 
 def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_hardening() -> None:
-    drain_s = next(kwargs["default"] for flag, _env, kwargs, _help in config.OPTIONS if flag == "shutdown-timeout-s")
-    connections = next(kwargs["default"] for flag, _env, kwargs, _help in config.INGEST_OPTIONS if flag == "max-connections")
+    drain_s = SHUTDOWN_TIMEOUT_S.default
+    connections = next(option.default for option in ingest_settings.OPTIONS if option.flag == "max-connections")
     reference = None
     for unit in DAEMONS:
         settings = dict(service_section(unit))
@@ -148,12 +150,20 @@ def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_harden
         assert timer["Unit"]["PartOf"] == "fraudd.target" and timer["Install"]["WantedBy"] == "fraudd.target"
 
 
+# The commands the units run: the environment file holds their settings.
+SERVICES_COMMANDS = ("run", "ingest", "alerts")
+
+
+def envvars(name: str) -> set[str]:
+    """The environment variables command ``fraudd <name>`` reads its options from."""
+    return {param.envvar for param in cli.main.get_command(None, name).params if getattr(param, "envvar", None)}
+
+
 def test_the_environment_file_documents_every_option_and_its_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = (UNITS / "fraudd.env").read_text().splitlines()
     assignments = [re.match(r"#?([A-Z][A-Z0-9_]*)=(.*)", line) for line in lines]
     documented = [m.group(1) for m in assignments if m]
-    options = {name: value for name, value in vars(config).items() if name.endswith("OPTIONS")}
-    known = {envvar for option_list in options.values() for _flag, envvar, _kwargs, _help in option_list}
+    known = {envvar for command in SERVICES_COMMANDS for envvar in envvars(command)}
     missing, unknown = sorted(known - set(documented)), sorted(set(documented) - known)
     assert missing == [], f"systemd/fraudd.env lacks {missing}: document each new option there"
     assert unknown == [], f"systemd/fraudd.env names options that do not exist: {unknown}"
@@ -164,7 +174,7 @@ def test_the_environment_file_documents_every_option_and_its_values_are_accepted
     for match, line in zip(assignments, lines):
         if match and not line.startswith("#"):
             monkeypatch.setenv(match.group(1), match.group(2))
-    for name in ("run", "ingest", "alerts"):
+    for name in SERVICES_COMMANDS:
         command = cli.main.get_command(None, name)
         command.make_context(name, [])  # parses and checks every option, from the environment
 

@@ -43,7 +43,7 @@ import uvloop
 
 from ..keys import Keys
 from ..runtime import deadletters, metrics
-from ..runtime.deadletters import DeadLetter
+from ..runtime.deadletters import DeadLetter, Rejected
 from ..runtime.redis_clients import ReplicaWait, async_redis_client
 from .channels import Alert, Channel, DeliveryFailed, describe, open_channel
 from .circuit import Circuit, backoff
@@ -72,15 +72,6 @@ class SenderSettings:
     max_attempts: int
     consumer: str
     redis_cluster: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A fraud-stream entry that is no alert (not JSON, no transaction_id): dead-lettered, never retried."""
-
-    entry_id: str
-    payload: bytes
-    detail: str
 
 
 class AlertSender:
@@ -225,7 +216,7 @@ class AlertSender:
 def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[list[Alert], list[Rejected]]:
     """Alerts of a stream batch, one ``orjson`` call for all; entries that are no alert, rejected."""
     present = [(i, p) for i, p in zip(entry_ids, payloads) if p]
-    rejected = [Rejected(i, b"", "no data field") for i, p in zip(entry_ids, payloads) if not p]
+    rejected = [Rejected(i, b"", REASON_INVALID_ALERT, "no data field") for i, p in zip(entry_ids, payloads) if not p]
     try:
         documents = orjson.loads(b"[" + b",".join(p for _i, p in present) + b"]") if present else []
         if len(documents) != len(present):
@@ -238,7 +229,7 @@ def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[li
         if isinstance(txid, str) and txid:
             alerts.append(Alert(txid, entry_id, payload, document))
         else:
-            rejected.append(Rejected(entry_id, payload, "not a JSON object with a transaction_id"))
+            rejected.append(Rejected(entry_id, payload, REASON_INVALID_ALERT, "not a JSON object with a transaction_id"))
     return alerts, rejected
 
 

@@ -26,11 +26,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from redis.cluster import RedisCluster
 
-from ..config import IngestSettings
 from ..keys import Keys
-from ..learning.labels import parse_labels
-from ..runtime.health import HEALTH_CACHE_S, HealthProblem, group_state, health_body, log_health_change
-from ..runtime.redis_clients import AsyncNodes, redis_client
+from ..learning.labels import label_entries, parse_labels
+from ..runtime.groups import group_state
+from ..runtime.health import HEALTH_CACHE_S, HealthProblem, health_body, log_health_change
+from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -45,6 +45,7 @@ from . import auth
 from . import metrics as ingest_metrics
 from .decisions import Decisions, StoredDecisions, instance_name
 from .publisher import Accepted, CoalescingPublisher, Submission, fingerprint
+from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Ingest:
         # The unsharded keys hold what is not per shard (signature markers).
         self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
         # Every call touches one slot and goes to the node serving it (on a Redis Cluster).
-        self.nodes = AsyncNodes(settings.redis_url, settings.redis_cluster, socket_timeout=5, socket_connect_timeout=3)
+        self.nodes = AsyncNodes(settings.redis.url, settings.redis.cluster, socket_timeout=5, socket_connect_timeout=3)
         # Group state is read with the runtime's (synchronous) helper, in a thread, with a client
         # made there on first use (a cluster client connects when made, and Redis may be away).
         self._lag_client: redis.Redis | RedisCluster | None = None
@@ -123,7 +124,7 @@ class Ingest:
         shard_keys = [Keys(stream, settings.fraud_stream, settings.dlq_stream) for stream in settings.input_streams]
         self.publisher = CoalescingPublisher(self.nodes, shard_keys, instance_name(), settings.dedup_window_s * 1000)
         self.decisions = Decisions(self.nodes, self.publisher.channels)
-        self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
+        self.stored = StoredDecisions(settings.postgres.url, settings.postgres.schema)
         self.backpressure = Backpressure()
         self.tally = ingest_metrics.Tally()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
@@ -153,14 +154,14 @@ class Ingest:
         s = self.settings
         if self._lag_client is None:
             self._lag_client = redis_client(
-                s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=5, socket_connect_timeout=3
+                s.redis.url, s.redis.cluster, decode_responses=True, socket_timeout=5, socket_connect_timeout=3
             )
         lags = [0]
         for stream in s.input_streams:
             try:
                 lags.append(group_state(self._lag_client, stream, s.group).lag)
             except redis.ResponseError as exc:
-                if "no such key" not in str(exc):
+                if redis_error_code(exc) != NO_SUCH_KEY:
                     raise
         return max(lags)
 
@@ -312,7 +313,7 @@ class Ingest:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document()))) for label in labels]
+        commands = [hiredis.pack_command(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:

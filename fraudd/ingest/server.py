@@ -19,12 +19,13 @@ import ssl
 import uvloop
 from aiohttp import web, web_protocol, web_response
 
-from ..config import ConfigError, IngestSettings
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.supervisor import Service
+from ..settings import ConfigError
 from .app import make_app
 from .auth import Authenticator
+from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,27 @@ from __future__ import annotations
 import getpass
 import re
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import click
 import redis
 
-from fraudd.config import selected_options, settings_options
+from fraudd.scoring.settings import MODEL_PATH, RULES_PATH, THRESHOLDS
+from fraudd.settings import (
+    DLQ_STREAM,
+    FRAUD_STREAM,
+    PG_SCHEMA,
+    POSTGRES_OPTIONS,
+    POSTGRES_URL,
+    REDIS_CLUSTER,
+    REDIS_URL,
+    SHARDS,
+    STREAM,
+    options,
+)
+
+from . import settings as label_settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -146,7 +161,7 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
 @_LABEL_FEATURES
 @_LABEL_DELAY
-@selected_options("redis-url", "postgres-url", "pg-schema")
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA])
 def train(
     history: Path | None,
     from_postgres: bool,
@@ -246,7 +261,7 @@ _RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 @click.option("--target-decline-rate", required=True, type=_RATE, help="Share of transactions to decline.")
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Thresholds file to write (JSON).")
-@selected_options("postgres-url", "pg-schema", "model-path", "rules-path")
+@options([POSTGRES_URL, PG_SCHEMA, MODEL_PATH, RULES_PATH])
 def calibrate(
     target_review_rate: float,
     target_decline_rate: float,
@@ -303,18 +318,18 @@ def calibrate(
 
 
 @click.command("labels")
-@settings_options
+@options(label_settings.OPTIONS)
 def labels_service(**params) -> None:
     """Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers."""
-    from fraudd.cli import check_dependencies, prepare_metrics_dir
-    from fraudd.config import settings_from
+    from fraudd.preflight import check_dependencies, prepare_metrics_dir
     from fraudd.runtime import logs
 
-    settings = settings_from(params)
+    settings = label_settings.LabelSettings.from_params(params)
     logs.setup(settings.log_level)
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.labels_stream], settings.group)
+    check_dependencies(settings.redis, settings.postgres, [settings.consumer.stream], settings.consumer.group)
+    # Both import prometheus-client, which reads the directory above.
     from fraudd.runtime.supervisor import Supervisor
 
     from .consumer import service
@@ -331,7 +346,7 @@ def labels_service(**params) -> None:
     help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.",
 )
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
-@selected_options("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "shards")
+@options([REDIS_URL, REDIS_CLUSTER, POSTGRES_URL, PG_SCHEMA, STREAM, SHARDS])
 def label_file(
     path: Path,
     source: str | None,
@@ -344,7 +359,7 @@ def label_file(
 ) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import psycopg
 
@@ -357,7 +372,7 @@ def label_file(
         numbered = read_label_file(path.read_bytes(), str(path))
     except LabelError as exc:
         raise click.ClickException(str(exc)) from None
-    written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     labels, errors = parse_labels([document for _number, document in numbered], source or f"file:{path.name}", written)
     if errors:
         position, reason = errors[0]
@@ -413,7 +428,7 @@ def label_file(
 @click.option("--by", "actor", default=None, help="Who retrains, for the audit [default: the user running it].")
 @_LABEL_FEATURES
 @_LABEL_DELAY
-@selected_options("redis-url", "postgres-url", "pg-schema", "model-path", "rules-path", "thresholds")
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA, MODEL_PATH, RULES_PATH, THRESHOLDS])
 def retrain(
     since: str,
     window: str,
@@ -517,7 +532,7 @@ _ACTOR = click.option("--by", "actor", default=None, help="Who, for the audit [d
 @click.argument("version")
 @_REASON
 @_ACTOR
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def models_promote(version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
     """Make registered model VERSION decide, with the thresholds calibrated for it (audited)."""
     _change_champion("promote", version, reason, actor, postgres_url, pg_schema)
@@ -527,7 +542,7 @@ def models_promote(version: str, reason: str, actor: str | None, postgres_url: s
 @click.argument("version")
 @_REASON
 @_ACTOR
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def models_rollback(version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
     """Restore VERSION, a model that decided before, as the champion (audited)."""
     _change_champion("rollback", version, reason, actor, postgres_url, pg_schema)
@@ -535,7 +550,7 @@ def models_rollback(version: str, reason: str, actor: str | None, postgres_url: 
 
 @models.command("report")
 @click.option("--since", default="14d", show_default=True, help="Transactions of this last period (event time).")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
     """Champion vs challenger (--shadow-model) on the labelled rows: recall and precision at their
     thresholds, alert volume, recall at 1% and 0.1% FPR. Unlabelled transactions count as legitimate."""
@@ -557,7 +572,7 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
 @click.command()
 @click.argument("transaction_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored decision and explanation as JSON.")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def explain(transaction_id: str, as_json: bool, postgres_url: str, pg_schema: str) -> None:
     """Why a stored transaction was decided as it was: each feature's exact contribution (log-odds)
     to the deciding model's score, with the feature's value."""
@@ -603,7 +618,7 @@ def explain(transaction_id: str, as_json: bool, postgres_url: str, pg_schema: st
     help="Thresholds file for the candidate [default: the model's own].",
 )
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
-@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA, STREAM, FRAUD_STREAM, DLQ_STREAM])
 def backtest(
     model_path: Path,
     rules_path: Path,

@@ -10,8 +10,8 @@ on the ingest service, and ``fraudd label --file``. ``parse_labels`` is the one 
 - ``labels``: the latest verdict per transaction (latest ``reported_at``; a tie goes to the
   verdict ``fraud``, so a chargeback is never hidden by a simultaneous "legit").
 
-``publish_labels`` is the one place that writes the labels stream (what the ingest service calls);
-``confirm`` passes fraud verdicts on to the confirmed-fraud counts the scoring reads.
+``label_entries`` is the one shape of a labels-stream entry, which fraudd writes in one place: the
+ingest's ``POST /v1/labels``; ``confirm`` passes fraud verdicts on to the confirmed-fraud counts the scoring reads.
 """
 
 from __future__ import annotations
@@ -217,9 +217,6 @@ def confirmed_shards(client: redis.Redis, stream: str, shards: int) -> list[Conf
     return [ConfirmedFraud(client, Keys(shard_stream(stream, shards, k), "", "")) for k in range(shards)]
 
 
-def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> list[str]:
-    """Append ``labels`` to the labels stream in one round trip; returns their entry ids."""
-    pipe = client.pipeline(transaction=False)
-    for label in labels:
-        pipe.xadd(stream, {"data": orjson.dumps(label.document())})
-    return [entry_id.decode() if isinstance(entry_id, bytes) else entry_id for entry_id in pipe.execute()]
+def label_entries(stream: str, labels: list[Label]) -> list[tuple[str, str, str, str, bytes]]:
+    """The XADD commands that append ``labels`` to the labels stream, one entry each."""
+    return [("XADD", stream, "*", "data", orjson.dumps(label.document())) for label in labels]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from psycopg import sql
@@ -115,7 +116,7 @@ def compare(
     rules: Rules | None = None,
     samples: int = 5,
     top: int = 10,
-) -> dict:
+) -> dict[str, Any]:
     """The report: decisions changing by pair, extra cases (reviews) per day and the analyst hours
     they mean, recall and precision against the labels for both sets, the rules that fire most
     (with their precision once labelled) and sample transactions per change."""

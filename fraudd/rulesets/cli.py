@@ -1,51 +1,40 @@
 """``fraudd rules``: import, export, list, diff, test, shadow, publish, roll back and report rule sets,
 and edit the live blocklists; every action audited in ``rules_audit`` under ``--actor`` (default: the OS user).
 
-Its settings are PostgreSQL (where the sets live) and Redis (where the published pointer and the
-blocklists live, per shard of ``--stream``), nothing else.
+
+Its settings (``settings.py``) are PostgreSQL, where the sets live, and Redis, where the published
+pointer and the blocklists live per shard of ``--stream``: nothing of another service.
 """
 
 from __future__ import annotations
 
 import difflib
-import getpass
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 import psycopg
 
-from fraudd.config import selected_options
 from fraudd.keys import Keys, shard_streams
 from fraudd.learning.cli import parse_duration
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.schema import connect
 from fraudd.scoring.features import BLOCKLIST_KINDS
 from fraudd.scoring.rules import Rules, RulesError
+from fraudd.settings import options
 
 from . import backtest, pointer, store
-
-_SETTINGS = ("postgres-url", "pg-schema", "redis-url", "redis-cluster", "stream", "shards")
-DEFAULT_MINUTES_PER_CASE = 5.0
-
-
-def _actor(function):
-    return click.option(
-        "--actor",
-        envvar="FRAUDD_ACTOR",
-        default=getpass.getuser(),
-        show_default="the OS user",
-        help="Who does this, as the audit records it.",
-    )(function)
+from .settings import ACTOR, MINUTES_PER_CASE, OPTIONS, RulesSettings
 
 
 @contextmanager
-def _database(params: dict) -> Iterator[psycopg.Connection]:
+def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
     try:
-        with connect(params["postgres_url"], params["pg_schema"], autocommit=True, connect_timeout=5) as conn:
+        with connect(settings.postgres.url, settings.postgres.schema, autocommit=True, connect_timeout=5) as conn:
             yield conn
     except (store.RuleSetError, RulesError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -53,14 +42,14 @@ def _database(params: dict) -> Iterator[psycopg.Connection]:
         raise click.ClickException("the rule-set tables are missing: run `fraudd migrate` first") from None
 
 
-def _point_workers(conn: psycopg.Connection, params: dict) -> None:
+def _point_workers(conn: psycopg.Connection, settings: RulesSettings) -> None:
     """Send the workers of every shard the stored live and shadow versions (after the commit)."""
     live, shadow = store.current(conn)
-    client = connect_redis(params["redis_url"], params["redis_cluster"])
+    client = connect_redis(settings.redis.url, settings.redis.cluster)
     copies = pointer.publish(
         client,
-        params["stream"],
-        params["shards"],
+        settings.stream,
+        settings.shards,
         None if live is None else live.version,
         None if shadow is None else shadow.version,
     )
@@ -79,30 +68,32 @@ def rules() -> None:
 @rules.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--note", default="", help="What this version changes, for the list and the audit.")
-@_actor
-@selected_options(*_SETTINGS)
-def import_(file: Path, note: str, actor: str, **params) -> None:
+@options(OPTIONS, [ACTOR])
+def import_(file: Path, note: str, actor: str, **params: Any) -> None:
     """Store FILE (the TOML rule language) as a new draft; prints its version."""
+    settings = RulesSettings.from_params(params)
     source = file.read_text()
-    with _database(params) as conn:
+    with _database(settings) as conn:
         draft = store.import_draft(conn, source, actor, note, where=str(file))
     click.echo(draft.version)
 
 
 @rules.command("export")
 @click.argument("version", type=int)
-@selected_options(*_SETTINGS)
-def export(version: int, **params) -> None:
+@options(OPTIONS)
+def export(version: int, **params: Any) -> None:
     """Print VERSION in the TOML rule language."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         click.echo(store.get(conn, version).source, nl=False)
 
 
 @rules.command("list")
-@selected_options(*_SETTINGS)
-def list_(**params) -> None:
+@options(OPTIONS)
+def list_(**params: Any) -> None:
     """Every version, its status, author and note."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         sets = store.list_sets(conn)
     click.echo(f"{'version':>7}  {'status':8} {'author':16} {'created (UTC)':19}  {'digest':12}  note")
     for s in sets:
@@ -113,10 +104,11 @@ def list_(**params) -> None:
 @rules.command("diff")
 @click.argument("a", type=int)
 @click.argument("b", type=int)
-@selected_options(*_SETTINGS)
-def diff(a: int, b: int, **params) -> None:
+@options(OPTIONS)
+def diff(a: int, b: int, **params: Any) -> None:
     """The rules added, removed and changed from version A to B, then the text's unified diff."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         left, right = store.get(conn, a), store.get(conn, b)
     old, new = {r.code: r for r in left.rules().rules}, {r.code: r for r in right.rules().rules}
     for code in sorted(new.keys() - old.keys()):
@@ -133,32 +125,25 @@ def diff(a: int, b: int, **params) -> None:
 @rules.command("test")
 @click.argument("candidate")
 @click.option("--since", default="30d", show_default=True, help="How far back to evaluate (90d, 12h, 30m, …).")
-@click.option(
-    "--minutes-per-case",
-    type=float,
-    default=DEFAULT_MINUTES_PER_CASE,
-    show_default=True,
-    envvar="FRAUDD_MINUTES_PER_CASE",
-    help="Analyst minutes one review case takes, for the hours extra cases mean.",
-)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-@_actor
-@selected_options(*_SETTINGS)
-def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, actor: str, **params) -> None:
+@options(OPTIONS, [MINUTES_PER_CASE, ACTOR])
+def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, actor: str, **params: Any) -> None:
     """Evaluate CANDIDATE (a rules FILE or a stored VERSION) on the stored decisions' feature vectors
     and compare it with what was decided: changes by pair, extra cases per day, recall and precision."""
+    settings = RulesSettings.from_params(params)
     since_s = parse_duration(since)
-    with _database(params) as conn:
+    with _database(settings) as conn:
         if candidate.isdigit() and not Path(candidate).exists():
-            version: int | None = int(candidate)
-            rules_ = store.get(conn, version).rules()
+            stored_version = int(candidate)
+            rules_ = store.get(conn, stored_version).rules()
+            version: int | None = stored_version
         else:
             version = None
             path = Path(candidate)
             if not path.is_file():
                 raise click.BadParameter(f"{candidate!r} is neither a rules file nor a stored version", param_hint="CANDIDATE")
             rules_ = Rules.from_bytes(path.read_bytes(), source=str(path))
-        stored = backtest.load(params["postgres_url"], params["pg_schema"], since_s)
+        stored = backtest.load(settings.postgres.url, settings.postgres.schema, since_s)
         decisions, fired = backtest.evaluate(stored, rules_)
         report = backtest.compare(stored, decisions, minutes_per_case, fired, rules_)
         report["candidate"] = rules_.version
@@ -169,22 +154,20 @@ def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, act
 @rules.command("report")
 @click.argument("version", type=int)
 @click.option("--since", default="30d", show_default=True, help="How far back to look (90d, 12h, 30m, …).")
-@click.option(
-    "--minutes-per-case", type=float, default=DEFAULT_MINUTES_PER_CASE, show_default=True, envvar="FRAUDD_MINUTES_PER_CASE"
-)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-@selected_options(*_SETTINGS)
-def report(version: int, since: str, minutes_per_case: float, as_json: bool, **params) -> None:
+@options(OPTIONS, [MINUTES_PER_CASE])
+def report(version: int, since: str, minutes_per_case: float, as_json: bool, **params: Any) -> None:
     """What VERSION decided in shadow on live traffic, against the live decisions (same report as test)."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         store.get(conn, version)
-        stored = backtest.load(params["postgres_url"], params["pg_schema"], parse_duration(since), str(version))
+        stored = backtest.load(settings.postgres.url, settings.postgres.schema, parse_duration(since), str(version))
     result = backtest.compare(stored, stored.shadow, minutes_per_case)
     result["candidate"] = str(version)
     _show(result, as_json)
 
 
-def _show(report: dict, as_json: bool) -> None:
+def _show(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return
@@ -215,41 +198,41 @@ def _ratio(value: float | None) -> str:
 @rules.command("shadow")
 @click.argument("version", type=int, required=False)
 @click.option("--stop", is_flag=True, help="Stop the set in shadow instead.")
-@_actor
-@selected_options(*_SETTINGS)
-def shadow(version: int | None, stop: bool, actor: str, **params) -> None:
+@options(OPTIONS, [ACTOR])
+def shadow(version: int | None, stop: bool, actor: str, **params: Any) -> None:
     """Run VERSION in shadow beside the live set: its would-be decisions are stored, it decides nothing."""
+    settings = RulesSettings.from_params(params)
     if stop == (version is not None):
         raise click.UsageError("give a VERSION, or --stop")
-    with _database(params) as conn:
-        if stop:
+    with _database(settings) as conn:
+        if version is None:  # --stop
             store.unshadow(conn, actor)
         else:
             store.shadow(conn, version, actor)
-        _point_workers(conn, params)
+        _point_workers(conn, settings)
 
 
 @rules.command("publish")
 @click.argument("version", type=int)
 @click.option("--allow-self-approve", is_flag=True, help="Let the draft's author publish it (a one-person team; audited).")
-@_actor
-@selected_options(*_SETTINGS)
-def publish(version: int, allow_self_approve: bool, actor: str, **params) -> None:
+@options(OPTIONS, [ACTOR])
+def publish(version: int, allow_self_approve: bool, actor: str, **params: Any) -> None:
     """Make VERSION live on every worker at its next batch; its author may not publish it (maker-checker)."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         store.publish(conn, version, actor, allow_self_approve)
-        _point_workers(conn, params)
+        _point_workers(conn, settings)
 
 
 @rules.command("rollback")
 @click.argument("version", type=int)
-@_actor
-@selected_options(*_SETTINGS)
-def rollback(version: int, actor: str, **params) -> None:
+@options(OPTIONS, [ACTOR])
+def rollback(version: int, actor: str, **params: Any) -> None:
     """Make VERSION, live before, live again (a publish of an earlier version)."""
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    with _database(settings) as conn:
         store.publish(conn, version, actor, rollback=True)
-        _point_workers(conn, params)
+        _point_workers(conn, settings)
 
 
 @rules.command("block")
@@ -257,14 +240,14 @@ def rollback(version: int, actor: str, **params) -> None:
 @click.argument("value")
 @click.option("--reason", required=True, help="Why, as the audit records it.")
 @click.option("--remove", is_flag=True, help="Take VALUE off the list instead.")
-@_actor
-@selected_options(*_SETTINGS)
-def block(kind: str, value: str, reason: str, remove: bool, actor: str, **params) -> None:
+@options(OPTIONS, [ACTOR])
+def block(kind: str, value: str, reason: str, remove: bool, actor: str, **params: Any) -> None:
     """Put VALUE on (or, with --remove, take it off) the live KIND blocklist of every shard; audited."""
-    client = connect_redis(params["redis_url"], params["redis_cluster"])
-    with _database(params) as conn:
+    settings = RulesSettings.from_params(params)
+    client = connect_redis(settings.redis.url, settings.redis.cluster)
+    with _database(settings) as conn:
         pipe = client.pipeline(transaction=False)
-        for stream in shard_streams(params["stream"], params["shards"]):
+        for stream in shard_streams(settings.stream, settings.shards):
             key = Keys(stream, stream, stream).blocklist(kind)
             pipe.srem(key, value) if remove else pipe.sadd(key, value)
         pipe.execute()

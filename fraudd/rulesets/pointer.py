@@ -1,7 +1,7 @@
 """The published rule sets, as every scoring worker sees them: a pointer in Redis, one copy per shard.
 
 The value is ``<live version>|<shadow version>`` (either may be empty). A worker reads its shard's
-copy in the first round trip its batch makes anyway (``FeatureStore.compute``) and loads a set from
+copy in the first round trip its batch makes anyway (``features.compute_features``) and loads a set from
 PostgreSQL only when the pointer moved, so a publish reaches every worker of every supervisor at
 its next batch, without a signal or a restart, and each batch is decided by the one version it read.
 Each copy carries its shard's hash tag, so on a Redis Cluster it lives on the shard's node.

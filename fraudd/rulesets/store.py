@@ -57,6 +57,7 @@ def import_draft(conn: psycopg.Connection, source: str, actor: str, note: str = 
             f"INSERT INTO rule_sets (source, digest, author, note) VALUES (%s, %s, %s, %s) RETURNING {_COLUMNS}",
             (source, hashlib.sha256(source.encode()).hexdigest()[:12], actor, note),
         ).fetchone()
+        assert row is not None  # INSERT ... RETURNING returns the row it inserted
         draft = RuleSet(*row)
         audit(conn, actor, "import", draft.version, digest=draft.digest, note=note)
     return draft
@@ -82,9 +83,11 @@ def current(conn: psycopg.Connection) -> tuple[RuleSet | None, RuleSet | None]:
 
 
 def was_live(conn: psycopg.Connection, version: int) -> bool:
-    return conn.execute(
+    row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM rules_audit WHERE version = %s AND action IN ('publish', 'rollback'))", (version,)
-    ).fetchone()[0]
+    ).fetchone()
+    assert row is not None  # SELECT EXISTS returns one row
+    return bool(row[0])
 
 
 def publish(

@@ -29,9 +29,10 @@ from typing import Protocol, TypeVar
 import psycopg
 import redis
 
+from ..settings import ConsumerSettings
 from . import metrics
 from .process import BootError, WorkerProcess
-from .redis_clients import on_node
+from .redis_clients import on_node, redis_error_code
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,6 @@ class Entries:
         return {} if payload else self.extra.get(entry_id, {})
 
 
-REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
-
-
 @dataclass(frozen=True, slots=True)
 class Poison:
     """An entry delivered more than ``max_deliveries`` times: it goes to the DLQ, not through again."""
@@ -125,18 +123,6 @@ def _extra_fields(fields: list) -> dict[bytes, bytes]:
     return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
 
 
-class ConsumerOptions(Protocol):
-    """The settings a consumer reads; every service's settings carry these names."""
-
-    stream: str
-    group: str
-    batch_size: int
-    block_ms: int
-    claim_idle_ms: int
-    max_deliveries: int
-    shutdown_timeout_s: float
-
-
 class StreamConsumer:
     """Consumer ``name`` of ``options.group`` on ``options.stream``, in worker process ``process``.
 
@@ -151,7 +137,7 @@ class StreamConsumer:
     def __init__(
         self,
         client: redis.Redis,
-        options: ConsumerOptions,
+        options: ConsumerSettings,
         name: str,
         process: WorkerProcess,
         on_outage: Callable[[str], None] | None = None,
@@ -246,7 +232,7 @@ class StreamConsumer:
         The group vanishes when Redis loses its data, and the entries read from it with it: the
         service goes on with what arrives next instead of stopping.
         """
-        if "NOGROUP" not in str(exc):
+        if redis_error_code(exc) != "NOGROUP":
             raise exc
         log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
         ensure_group(self.redis, self.options.stream, self.options.group)
@@ -415,7 +401,7 @@ def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "0")
     try:
         client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
+        if redis_error_code(exc) == "BUSYGROUP":
             return False
         raise
     return True

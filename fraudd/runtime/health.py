@@ -13,6 +13,7 @@ or many, cost one probe a second.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,13 +24,13 @@ import psycopg
 import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
-from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
 from .. import shard_counts
-from ..config import Settings
 from ..schema import connect, ensure_partitions
+from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
+from .groups import GroupState, combined, group_state
 from .redis_clients import redis_client
 from .retention import trim_acked
 
@@ -134,71 +135,26 @@ def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
     return f"redis: {problem}" if problem else None
 
 
-@dataclass(frozen=True, slots=True)
-class GroupState:
-    lag: int
-    pending: int
-    oldest_pending_age_s: float
-    consumers: list[dict]
-    entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
-
-
-def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
-    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
-    lag when Redis has none); a stream nothing was written to yet has neither."""
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
-            raise
-        return GroupState(0, 0, 0.0, [])
-    info = next((g for g in groups if g["name"] == group), None)
-    if info is None:
-        return GroupState(client.xlen(stream), 0, 0.0, [])
-    lag = info.get("lag")
-    if lag is None:
-        # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
-        # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
-        lag = len(
-            client.execute_command(
-                "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
-            )
-        )
-    summary = client.xpending(stream, group)
-    oldest = 0.0
-    if summary["pending"]:
-        oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
-    entries_read = info.get("entries-read")
-    return GroupState(
-        int(lag),
-        int(info["pending"]),
-        oldest,
-        client.xinfo_consumers(stream, group),
-        None if entries_read is None else int(entries_read),
-    )
-
-
-def combined(states: list[GroupState]) -> GroupState:
-    """The group over every input shard: lags and pending summed, the oldest pending of all."""
-    if len(states) == 1:
-        return states[0]
-    reads = [state.entries_read for state in states]
-    return GroupState(
-        sum(state.lag for state in states),
-        sum(state.pending for state in states),
-        max(state.oldest_pending_age_s for state in states),
-        [consumer for state in states for consumer in state.consumers],
-        None if None in reads else sum(reads),
-    )
-
-
 class Housekeeper:
-    """Periodic supervisor chores; each one tolerates its dependency being down."""
+    """Periodic supervisor chores of a service whose workers consume ``streams`` as ``consumer``
+    says; each chore tolerates its dependency being down. ``partitions``: also create the coming
+    days' ``transactions`` partitions (the scoring, which writes them; other services only check
+    that PostgreSQL answers)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        redis_settings: RedisSettings,
+        postgres: PostgresSettings,
+        consumer: ConsumerSettings,
+        streams: list[str],
+        partitions: bool = False,
+    ) -> None:
+        self.postgres = postgres
+        self.partitions = partitions
+        self.consumer = consumer
+        self.streams = streams
         self.redis = redis_client(
-            settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+            redis_settings.url, redis_settings.cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
         )
         self._next_partitions = 0.0
         self._down: set[str] = set()
@@ -211,11 +167,12 @@ class Housekeeper:
         self._guard("redis", self._group_gauges)
         self._guard("postgres", self._partitions)
 
-    def keep_input(self) -> None:
-        """The input stream's upkeep, ``fraudd run``'s alone (other consumers keep their own stream):
-        the shard count recorded and checked, and the acknowledged entries trimmed."""
-        self._guard("redis", self._shard_count)
-        self._guard("redis", self._trim)
+    def keep_input(self, stream: str, shards: int, retention_s: int) -> None:
+        """The upkeep of input stream ``stream`` read as ``shards`` shards (``streams``), ``fraudd
+        run``'s alone (other consumers keep their own stream): the shard count recorded and checked,
+        and the acknowledged entries trimmed."""
+        self._guard("redis", lambda: self._shard_count(stream, shards))
+        self._guard("redis", lambda: self._trim(retention_s))
 
     def summary(self) -> str:
         """One line for systemd's status: the group's read rate, lag and pending, as last gathered."""
@@ -244,11 +201,11 @@ class Housekeeper:
             log.info(f"{dependency} back", extra={"event": "recovered", "component": dependency})
 
     def _group_gauges(self) -> None:
-        s = self.settings
+        s = self.consumer
         memory = redis_memory(self.redis)
         metrics.redis_memory_used.set(memory.used)
         metrics.redis_memory_max.set(memory.maximum)
-        states = {stream: group_state(self.redis, stream, s.group) for stream in s.input_streams}
+        states = {stream: group_state(self.redis, stream, s.group) for stream in self.streams}
         state = combined(list(states.values()))
         now = time.monotonic()
         previous = self._state
@@ -273,51 +230,49 @@ class Housekeeper:
                     self.redis.xgroup_delconsumer(stream, s.group, name)
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
 
-    def _shard_count(self) -> None:
+    def _shard_count(self, stream: str, shards: int) -> None:
         """Record this --shards as alive, and say when entries wait where no worker of it reads."""
-        s = self.settings
-        shard_counts.record(self.redis, s.stream, s.shards, int(time.time() * 1000))
-        stranded = shard_counts.stranded(self.redis, s.stream, s.shards, s.group)
+        shard_counts.record(self.redis, stream, shards, int(time.time() * 1000))
+        stranded = shard_counts.stranded(self.redis, stream, shards, self.consumer.group)
         metrics.stranded_entries.set(sum(left.entries for left in stranded))
         if stranded and {left.stream for left in stranded} != {left.stream for left in self._stranded}:
-            log.error(shard_counts.describe(stranded, s.shards), extra={"event": "stranded"})
+            log.error(shard_counts.describe(stranded, shards), extra={"event": "stranded"})
         self._stranded = stranded
 
-    def _trim(self) -> None:
+    def _trim(self, retention_s: int) -> None:
         """Trim each input stream of what every group acknowledged (``--retention-s``): whoever
         produces, the stream stays bounded. Each shard's calls go to the node serving it."""
-        s = self.settings
-        trimmed = sum(trim_acked(self.redis, stream, s.retention_s) for stream in s.input_streams)
+        trimmed = sum(trim_acked(self.redis, stream, retention_s) for stream in self.streams)
         if trimmed:
             log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
     def _partitions(self) -> None:
-        if time.monotonic() < self._next_partitions:
-            check_postgres(self.settings)
+        if not self.partitions or time.monotonic() < self._next_partitions:
+            check_postgres(self.postgres)
             return
-        with connect_postgres(self.settings) as conn:
+        with connect_postgres(self.postgres) as conn:
             created = ensure_partitions(conn, PARTITION_DAYS_AHEAD)
         if created:
             log.info("partitions created", extra={"event": "partitions_created", "count": created})
         self._next_partitions = time.monotonic() + PARTITION_UPKEEP_INTERVAL_S
 
 
-def connect_postgres(settings: Settings, timeout_s: int = 3) -> psycopg.Connection:
+def connect_postgres(postgres: PostgresSettings, timeout_s: int = 3) -> psycopg.Connection:
     return connect(
-        settings.postgres_url,
-        settings.pg_schema,
+        postgres.url,
+        postgres.schema,
         connect_timeout=timeout_s,
         autocommit=True,
         application_name="fraudd-supervisor",
     )
 
 
-def check_postgres(settings: Settings) -> None:
-    with connect_postgres(settings, timeout_s=2) as conn:
+def check_postgres(postgres: PostgresSettings) -> None:
+    with connect_postgres(postgres, timeout_s=2) as conn:
         conn.execute("SELECT 1")
 
 
-def health_problems(settings: Settings, client: redis.Redis) -> list[HealthProblem]:
+def health_problems(postgres: PostgresSettings, client: redis.Redis) -> list[HealthProblem]:
     """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
     PostgreSQL answer."""
     problems = []
@@ -336,7 +291,7 @@ def health_problems(settings: Settings, client: redis.Redis) -> list[HealthProbl
             )
             problems.append(HealthProblem("redis", summary, problem))
     try:
-        check_postgres(settings)
+        check_postgres(postgres)
     except (psycopg.Error, OSError) as exc:
         problems.append(HealthProblem("postgres", "unavailable", str(exc).strip()))
     return problems
@@ -344,16 +299,19 @@ def health_problems(settings: Settings, client: redis.Redis) -> list[HealthProbl
 
 class HealthServer:
     """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``, at most once per
-    ``HEALTH_CACHE_S``) on ``port``, in a thread."""
+    ``HEALTH_CACHE_S``) on ``listen`` (host, port), in a thread. Neither asks who is asking, hence
+    loopback by default."""
 
-    def __init__(self, port: int, problems: Callable[[], list[HealthProblem]]) -> None:
+    def __init__(self, listen: tuple[str, int], problems: Callable[[], list[HealthProblem]]) -> None:
         self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
         self._problems = problems
         # Requests are served on a thread each: the lock makes those arriving together share one probe.
         self._probe_lock = threading.Lock()
         self._current: list[HealthProblem] = []
         self._expires = 0.0
-        self._server = make_server("", port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        host, port = listen
+        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
+        self._server = make_server(host, port, self._app, server_class, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     def start(self) -> None:
@@ -381,6 +339,10 @@ class HealthServer:
                 log_health_change(self._current, problems)
                 self._current, self._expires = problems, time.monotonic() + HEALTH_CACHE_S
             return self._current
+
+
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):

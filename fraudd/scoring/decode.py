@@ -22,6 +22,8 @@ from datetime import datetime
 import numpy as np
 import orjson
 
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
+
 MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_ID_CHARS = 64
 MAX_TEXT_CHARS = 256
@@ -51,9 +53,6 @@ REASON_NOT_OBJECT = "not_an_object"
 REASON_MISSING = "missing_field"
 REASON_INVALID = "invalid_field"
 REASON_NO_DATA = "missing_data_field"
-# Poison, split out by the runtime's consumer (``runtime.consumer.REASON_MAX_DELIVERIES``, not
-# imported: this module loads before prometheus-client may be) and listed with the other reasons.
-REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PROCESSING = "processing_error"
 DEAD_LETTER_REASONS = (
     REASON_TOO_LARGE,
@@ -108,16 +107,6 @@ class Problem:
         if self.field is None:
             return self.message
         return self.field if self.reason == REASON_MISSING else f"{self.field}: {self.message}"
-
-
-@dataclass(slots=True)
-class Rejected:
-    """An entry that cannot be scored, with the reason the DLQ records."""
-
-    entry_id: str
-    payload: bytes
-    reason: str
-    detail: str
 
 
 @dataclass(slots=True)

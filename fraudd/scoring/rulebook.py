@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 
 from fraudd.rulesets import pointer, store
 from fraudd.schema import connect
+from fraudd.settings import PostgresSettings
 
 from .rules import Rules, RulesError
 
@@ -29,16 +31,15 @@ class RuleSets:
 
 
 class RuleBook:
-    def __init__(self, postgres_url: str, pg_schema: str, rules_path: str) -> None:
-        self._url = postgres_url
-        self._schema = pg_schema
+    def __init__(self, postgres: PostgresSettings, rules_path: Path) -> None:
+        self._postgres = postgres
         self._rules_path = rules_path
         self._pointer: bytes | None = None
         self.current = RuleSets(Rules.load(rules_path), None)
 
     def load(self) -> RuleSets:
         """The stored live and shadow sets, else the rules file (raises RulesError when that is unusable)."""
-        with connect(self._url, self._schema, connect_timeout=5) as conn:
+        with connect(self._postgres.url, self._postgres.schema, connect_timeout=5) as conn:
             live, shadow = store.current(conn)
         self.current = RuleSets(
             Rules.load(self._rules_path) if live is None else live.rules(), None if shadow is None else shadow.rules()
@@ -50,7 +51,7 @@ class RuleBook:
         if published == self._pointer:
             return self.current
         wanted = pointer.decode(published)
-        if wanted is not None:
+        if published is not None and wanted is not None:
             try:
                 self.current = self._fetch(*wanted)
             except (psycopg.Error, store.RuleSetError, RulesError) as exc:
@@ -68,7 +69,7 @@ class RuleBook:
 
     def _fetch(self, live: int | None, shadow: int | None) -> RuleSets:
         held = {r.version: r for r in (self.current.live, self.current.shadow) if r is not None}
-        with connect(self._url, self._schema, connect_timeout=5) as conn:
+        with connect(self._postgres.url, self._postgres.schema, connect_timeout=5) as conn:
 
             def take(version: int) -> Rules:
                 return held.get(str(version)) or store.get(conn, version).rules()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudd.config import DEFAULT_RULES
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
     EXTRA_COLUMNS,
@@ -30,7 +29,6 @@ APPROVE, REVIEW, DECLINE = 0, 1, 2
 # A shadow rule fires and is stored in the reasons, but never decides: how a new or noisy rule
 # is tried on live traffic before it is trusted.
 SHADOW = -1
-DEFAULT_RULES_PATH = DEFAULT_RULES
 
 _ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
 ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
@@ -101,7 +99,7 @@ class Rules:
         self._hits = np.zeros(len(rules), dtype=np.int64)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_RULES_PATH) -> Rules:
+    def load(cls, path: str | Path) -> Rules:
         """Read and validate a rules file; raises RulesError (naming the file) if it is unusable."""
         path = Path(path)
         try:
@@ -152,7 +150,8 @@ class Rules:
 
     def actions(self, fired: np.ndarray) -> np.ndarray:
         """int8 (n,): the strongest action forced on each row by the rules that ``fired``."""
-        return np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
+        strongest: np.ndarray = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
+        return strongest
 
     def take_hits(self) -> list[tuple[Rule, int]]:
         """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""
@@ -162,12 +161,16 @@ class Rules:
 
 def model_decision(scores: np.ndarray, review_threshold: float, decline_threshold: float) -> np.ndarray:
     """The model's own decision codes (int8 index into DECISIONS): its thresholds, before any rule."""
-    return np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE)).astype(np.int8)
+    by_model: np.ndarray = np.where(
+        scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE)
+    ).astype(np.int8)
+    return by_model
 
 
 def decide(model: np.ndarray, rules_action: np.ndarray) -> np.ndarray:
     """Decision codes (index into DECISIONS): the stronger of the model's decision and the rules' action."""
-    return np.maximum(model, rules_action)
+    stronger: np.ndarray = np.maximum(model, rules_action)
+    return stronger
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

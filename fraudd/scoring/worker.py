@@ -7,8 +7,9 @@ The batch loop, top to bottom (DESIGN.md):
     models    the deployment's champion and challenger, swapped here when a promotion changed them
               (``model_deployment`` polled at most once a second): one read, one set of models
     decode    one orjson call; invalid entries become dead letters
-    features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
-              (compare-and-set of the states, dedup markers, blocklist lookups)
+    features  numpy over the users' states, read in one round trip and committed with the dedup
+              markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
+              the shared state, a fenced MULTI/EXEC on an owned shard's)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds; the scores and the features' drift from the
               champion's training sample go to the metrics (numpy over the batch)
@@ -32,6 +33,7 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import time
@@ -39,33 +41,38 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import psycopg
 import redis
 
 from .. import shard_counts
-from ..config import Settings
 from ..rulesets.store import RuleSetError
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds, vectors
-from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .dedup import CarriedOver
 from .deployment import Deployed, DeploymentWatch
 from .drift import Drift
-from .features import FEATURE_NAMES, Features, Fenced
+from .features import FEATURE_NAMES, Features
+from .leases import Fenced
 from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
 from .rulebook import RuleBook, RuleSets
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide, model_decision
+from .settings import ScoringSettings
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, ShadowRules, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, ShadowRules, alert_documents, decision_replies
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -97,22 +104,22 @@ class Settlement:
     shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
-    dead: list[DeadLetter]
+    dead: list[Rejected]
     payloads: dict[str, bytes]  # for dead letters found while storing
 
 
 class ScoringWorker:
     """The batch handler of consumer ``<consumer-id>-<index>`` of the scoring group."""
 
-    def __init__(self, settings: Settings, process: WorkerProcess) -> None:
+    def __init__(self, settings: ScoringSettings, process: WorkerProcess) -> None:
         self.settings = settings
         # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
         self.store = DecisionStore(
-            settings.postgres_url, settings.pg_schema, settings.lease_ms // 2 if settings.shards > 1 else 0
+            settings.postgres.url, settings.postgres.schema, settings.lease_ms // 2 if settings.shards > 1 else 0
         )
-        self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
-        self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
-        self.deployment = DeploymentWatch(settings.postgres_url, settings.pg_schema)
+        self.redis = connect_redis(settings.redis.url, settings.redis.cluster)
+        self.reader = ShardReader(self.redis, settings, settings.consumer.consumer_name(process.index), process, self._on_outage)
+        self.deployment = DeploymentWatch(settings.postgres.url, settings.postgres.schema)
         self._deployed: Deployed | None = None
         self._settling: tuple[Future, Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
@@ -124,9 +131,9 @@ class ScoringWorker:
         self._use(_load_models(s, None))
         self.rulebook = _rulebook(s)
         self.reader.until_done(self.reader.start, "redis")
-        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.stream), "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.consumer.stream), "redis")
         self.carried_over = CarriedOver(
-            s.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+            s.consumer.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
         )
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
@@ -244,12 +251,9 @@ class ScoringWorker:
     def _process(self, shard: Shard, entries: Entries) -> None:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
-        deliveries = entries.deliveries
         dead = [
-            DeadLetter(
-                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
-                p.deliveries,
-                entries.kept_fields(p.entry_id, p.payload),
+            Rejected(
+                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
             )
             for p in poison
         ]
@@ -257,11 +261,11 @@ class ScoringWorker:
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
+        dead += _delivered(batch.rejected, entries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        work.dead += _delivered(failed, entries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -287,7 +291,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
+            work.dead += _delivered(failed, work.entries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -298,7 +302,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
@@ -402,7 +406,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
-    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+    def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
         for scored in stored:
             counts = np.bincount(scored.decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
@@ -417,14 +421,23 @@ class ScoringWorker:
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
             # (each entry, with its reason and detail, is in the DLQ stream).
-            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            reasons = collections.Counter(rejected.reason for rejected in dead)
             for reason, count in reasons.items():
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
 
 
-def _count_pairs(counter, acting: np.ndarray, shadow: np.ndarray) -> None:
+def _delivered(rejected: list[Rejected], entries: Entries) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once), and the fields
+    an entry without data keeps (``Entries.kept_fields``)."""
+    return [
+        dataclasses.replace(r, deliveries=entries.deliveries.get(r.entry_id, 1), kept=entries.kept_fields(r.entry_id, r.payload))
+        for r in rejected
+    ]
+
+
+def _count_pairs(counter: Counter, acting: np.ndarray, shadow: np.ndarray) -> None:
     """Count rows by (acting decision, shadow decision): one bincount, then one increment per pair seen."""
     pairs = np.bincount(acting.astype(np.intp) * len(DECISIONS) + shadow, minlength=len(DECISIONS) ** 2)
     for pair, count in enumerate(pairs.tolist()):
@@ -479,7 +492,7 @@ def score_batch(
     return BatchDecisions(scores, decision, reasons, explanations, by_model)
 
 
-def _load_models(settings: Settings, deployed: Deployed | None) -> Models:
+def _load_models(settings: ScoringSettings, deployed: Deployed | None) -> Models:
     """The deployment's models with their registered thresholds; without one, the flags'."""
     if deployed is None:
         champion = _load_model(settings.model_path, "--model-path")
@@ -508,7 +521,7 @@ def _load_model(path: Path, what: str) -> FraudModel:
         raise BootError(f"{what}: {exc}") from exc
 
 
-def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
+def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, float]:
     """(review, decline): from --thresholds (re-read at every reload), the flags, or the model's own."""
     if settings.thresholds is not None:
         try:
@@ -522,9 +535,9 @@ def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
     return review, decline
 
 
-def _rulebook(settings: Settings) -> RuleBook:
+def _rulebook(settings: ScoringSettings) -> RuleBook:
     try:
-        return RuleBook(settings.postgres_url, settings.pg_schema, settings.rules_path)
+        return RuleBook(settings.postgres, settings.rules_path)
     except RulesError as exc:
         raise BootError(str(exc)) from exc
 
@@ -537,31 +550,31 @@ def _load_rule_sets(rulebook: RuleBook) -> RuleSets:
         raise BootError(str(exc)) from exc
 
 
-def service(settings: Settings) -> Service:
+def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
-    housekeeper = Housekeeper(settings)
-    precision = FlaggedPrecision(settings.postgres_url, settings.pg_schema)
+    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
+    precision = FlaggedPrecision(settings.postgres.url, settings.postgres.schema)
 
     def housekeeping() -> None:
         housekeeper.run_once()
-        housekeeper.keep_input()
+        housekeeper.keep_input(settings.consumer.stream, settings.shards, settings.retention_s)
         precision.run_once()
 
     return Service(
         name="fraudd",
-        workers=settings.workers,
+        workers=settings.consumer.workers,
         run_worker=lambda process: worker_main(settings, process),
-        worker_name=settings.consumer_name,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
+        worker_name=settings.consumer.consumer_name,
+        shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
         housekeeping=housekeeping,
-        health_problems=lambda: health_problems(settings, housekeeper.redis),
+        health_problems=lambda: health_problems(settings.postgres, housekeeper.redis),
         summary=housekeeper.summary,
     )
 
 
-def worker_main(settings: Settings, process: WorkerProcess) -> int:
+def worker_main(settings: ScoringSettings, process: WorkerProcess) -> int:
     """Entry point of a forked scoring worker; returns its exit code."""
     worker = ScoringWorker(settings, process)
     # A batch holds a few thousand fresh containers (a dict per payload, lists per column) until it
@@ -570,5 +583,5 @@ def worker_main(settings: Settings, process: WorkerProcess) -> int:
     # of CPU per transaction. Frozen, the start-up heap leaves every collection; a young generation
     # larger than a batch lets most of a batch die by reference count before a collection sees it.
     gc.freeze()
-    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.batch_size), *gc.get_threshold()[1:])
+    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.consumer.batch_size), *gc.get_threshold()[1:])
     return consume(process, worker.reader, worker)

@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import vectors
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.sinks import ScoredBatch, Settler, _copy_text, alert_documents
 from fraudd.scoring.worker import score_batch
 
@@ -60,7 +61,7 @@ def keys() -> Iterator[Keys]:
 
 @pytest.fixture(scope="module")
 def store(keys: Keys) -> FeatureStore:
-    return FeatureStore(redis.Redis.from_url(REDIS_URL, protocol=2), keys, dedup_window_ms=3_600_000)
+    return SharedFeatureStore(redis.Redis.from_url(REDIS_URL, protocol=2), keys, dedup_window_ms=3_600_000)
 
 
 @pytest.fixture(scope="module")
