@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
+from fraudd.scoring import vectors
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Shadow
+from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Shadow, ShadowRules
 
 from .conftest import Namespace
 
@@ -37,7 +38,10 @@ def scored_batch(shadow: bool) -> ScoredBatch:
         [None, None, explanation],
         "gbm-7",
         NOW_MS + 123,
+        "rules-3",
+        np.arange(len(batch) * len(vectors.VECTOR_COLUMNS), dtype=np.float32).reshape(len(batch), -1) / 7,
         Shadow(np.array([0.25, 0.75, 0.5], dtype=np.float32), np.array([0, 2, 1], dtype=np.int8), "gbm-8") if shadow else None,
+        ShadowRules(np.array([2, 0, 1], dtype=np.int8), "rules-4") if shadow else None,
     )
 
 
@@ -45,7 +49,8 @@ def stored_rows(ns: Namespace) -> list[tuple]:
     return ns.sql(
         """SELECT transaction_id, user_id, amount, currency, merchant, mcc, country, card_id, device_id, ip, channel, lat, lon,
                   extract(epoch FROM event_time)::numeric, stream_id, extract(epoch FROM scored_at)::numeric, score, decision,
-                  reasons, model_version, shadow_score, shadow_decision, shadow_model_version, explanation
+                  reasons, model_version, shadow_score, shadow_decision, shadow_model_version, explanation,
+                  rules_version, shadow_rules_version, shadow_rules_decision, features
            FROM transactions ORDER BY stream_id"""
     )
 
@@ -71,13 +76,20 @@ def expected_rows(scored: ScoredBatch) -> list[tuple]:
                 None if shadow is None else ("approve", "review", "decline")[shadow.decision[i]],
                 None if shadow is None else shadow.model_version,
                 row["explanation"],
+                scored.rules_version,
+                None if scored.shadow_rules is None else scored.shadow_rules.version,
+                None if scored.shadow_rules is None else ("approve", "review", "decline")[scored.shadow_rules.decision[i]],
+                scored.vectors[i].astype("<f4").tobytes(),
             )
         )
     return rows
 
 
 def normalised(rows: list[tuple]) -> list[tuple]:
-    return [tuple(float(v) if v.__class__.__name__ == "Decimal" else v for v in row) for row in rows]
+    return [
+        tuple(float(v) if v.__class__.__name__ == "Decimal" else bytes(v) if isinstance(v, memoryview) else v for v in row)
+        for row in rows
+    ]
 
 
 def test_binary_copy_stores_every_value_as_decided(ns: Namespace) -> None:

@@ -124,6 +124,7 @@ class Features:
     blocked: dict[str, np.ndarray]  # bool (n,) per BLOCKLIST_KINDS entry
     amount: np.ndarray  # float64 (n,)
     confirmed: dict[str, np.ndarray] = field(default_factory=dict)  # CONFIRMED_COLUMNS, from labels
+    published_rules: bytes | None = None  # the shard's rule-set pointer as this batch read it (rulesets/pointer.py)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -216,15 +217,19 @@ class Prepared:
 Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], Any]]
 
 
-def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
+def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
     """``FeatureStore.compute`` with the store's ``behaviour_of``: the message columns, the behaviour
-    and blocklists the store computes, and the confirmed-fraud counts."""
+    and blocklists the store computes, the confirmed-fraud counts and the published rule sets."""
     n = len(batch)
     if n == 0:
         return _empty()
     p = _prepare(batch)
-    # The confirmed-fraud version rides on the batch's first round trip rather than its own.
-    behaviour_columns, blocklist_hits, confirmed_version = behaviour_of(p, batch.transaction_id, ("GET", confirmed.version_key))
+    # The confirmed-fraud version and the published rule sets ride on the batch's first round trip
+    # rather than their own (both keys carry the shard's hash tag).
+    behaviour_columns, blocklist_hits, versions = behaviour_of(
+        p, batch.transaction_id, ("MGET", confirmed.version_key, keys.rules)
+    )
+    confirmed_version, published_rules = cast("list[bytes | None]", versions)  # MGET's raw reply
     # A copy whose original belongs to another user is only corrected here.
     p.copies_take_their_originals_time()
 
@@ -244,6 +249,7 @@ def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_o
         blocked=blocked,
         amount=batch.amount,
         confirmed=confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms, confirmed_version),
+        published_rules=published_rules,
     )
 
 

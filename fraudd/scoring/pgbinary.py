@@ -139,6 +139,16 @@ def nullable_float8(values: np.ndarray) -> Column:
     return [pieces]
 
 
+def bytea_rows(rows: np.ndarray) -> Column:
+    """Each row of a 2-D array as one ``bytea`` field: the row's bytes as they lie in memory."""
+    width = rows.shape[1] * rows.itemsize
+    record = np.empty(len(rows), dtype=[("length", ">i4"), ("data", f"V{width}")])
+    record["length"] = width
+    record["data"] = np.ascontiguousarray(rows).view(f"V{width}").reshape(len(rows))
+    pieces: Pieces = record.view(f"V{record.itemsize}").tolist()
+    return [pieces]
+
+
 def text_array(items: Sequence[str]) -> bytes:
     """One text[] field: dimensions, no NULL elements, element type text, then each element."""
     if not items:

@@ -29,7 +29,7 @@ from ..keys import Keys
 from ..runtime.deadletters import Rejected, kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
-from . import pgbinary
+from . import pgbinary, vectors
 from .decode import DecodedBatch
 from .dedup import buckets, entry_bucket
 from .leases import Fenced, Lease
@@ -62,6 +62,10 @@ COLUMNS = (
     "shadow_decision",
     "shadow_model_version",
     "explanation",
+    "rules_version",
+    "shadow_rules_version",
+    "shadow_rules_decision",
+    "features",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _DECISION_BYTES = [d.encode() for d in DECISIONS]
@@ -81,6 +85,17 @@ class Shadow:
 
 
 @dataclass(slots=True)
+class ShadowRules:
+    """What the rule set in shadow would have decided for a batch: stored, never acted on."""
+
+    decision: np.ndarray  # int8 index into DECISIONS
+    version: str
+
+    def take(self, index: np.ndarray) -> ShadowRules:
+        return ShadowRules(self.decision[index], self.version)
+
+
+@dataclass(slots=True)
 class ScoredBatch:
     """A decoded batch with its outcome; ``decision``/``score``/``reasons`` are final after storing."""
 
@@ -93,7 +108,10 @@ class ScoredBatch:
     explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
+    rules_version: str
+    vectors: np.ndarray  # float32 (n, len(vectors.VECTOR_COLUMNS)): what each decision was made from
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
+    shadow_rules: ShadowRules | None = None  # the rule set in shadow's view of the batch
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -115,7 +133,10 @@ class ScoredBatch:
             [self.explanations[i] for i in rows],
             self.model_version,
             self.scored_at_ms,
+            self.rules_version,
+            self.vectors[index],
             None if self.shadow is None else self.shadow.take(index),
+            None if self.shadow_rules is None else self.shadow_rules.take(index),
         )
 
     def row(self, i: int) -> dict[str, Any]:
@@ -143,6 +164,7 @@ class ScoredBatch:
             "decision": DECISIONS[self.decision[i]],
             "reasons": self.reasons[i],
             "model_version": self.model_version,
+            "rules_version": self.rules_version,
             "explanation": self.explanations[i],
         }
 
@@ -278,6 +300,8 @@ def _copy_rows(scored: ScoredBatch) -> bytes:
             pgbinary.memoized(scored.reasons, tuple, pgbinary.text_array),
             *_version_and_shadow_columns(scored.model_version, scored.shadow, n),
             pgbinary.sparse(n, _explanations(scored.explanations)),
+            *_rules_columns(scored.rules_version, scored.shadow_rules, n),
+            pgbinary.bytea_rows(vectors.stored(scored.vectors)),
         ],
     )
 
@@ -290,6 +314,15 @@ def _version_and_shadow_columns(model_version: str, shadow: Shadow | None, n: in
         [pgbinary.Record(n).float4(shadow.score).pieces()],
         pgbinary.by_code(shadow.decision, _DECISION_BYTES),
         pgbinary.constant(n, shadow.model_version.encode()),
+    ]
+
+
+def _rules_columns(rules_version: str, shadow: ShadowRules | None, n: int) -> list[pgbinary.Column]:
+    if shadow is None:
+        return [pgbinary.constant(n, rules_version.encode(), None, None)]
+    return [
+        pgbinary.constant(n, rules_version.encode(), shadow.version.encode()),
+        pgbinary.by_code(shadow.decision, _DECISION_BYTES),
     ]
 
 
