@@ -187,8 +187,9 @@ class FeatureStore(Protocol):
         """Features of every transaction of ``batch``; new ones are added to the state, once.
 
         The first occurrence of a transaction id in batch order is the original; later copies in
-        the batch, and transactions whose dedup marker already exists, are ``seen``: scored at the
-        original's event time against the state that already holds it, and not added again.
+        the batch, and transactions whose dedup marker already exists, are ``seen`` and not added
+        again. A copy takes its original's features; a transaction counted in an earlier batch is
+        scored at the original's event time against the state that already holds it.
         """
         ...
 
@@ -236,6 +237,12 @@ def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud,
     matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
     matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
     matrix[:, len(MESSAGE_FEATURES) :] = behaviour_columns
+    # A copy is its original, so it takes the original's features (whichever of them the
+    # idempotent store keeps, it is the same decision). Evaluated against the batch's final state,
+    # its behaviour could differ: that state no longer tells exactly what preceded the original
+    # once more of the user's transactions follow it (recent times, merchants and cards are
+    # bounded), and how many do depends on how the stream is batched and sharded.
+    matrix[p.copy] = matrix[p.original[p.copy]]
     columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
     blocked = {
         kind: _flags(column, values, flags)
