@@ -1,16 +1,10 @@
-"""Running the HTTP API: the listening socket, TLS, signals, and one server per process.
-
-The socket is bound once, before any server process starts, and every process accepts on that
-same socket: a bad address or a port in use is one clear start-up error, and a server process
-that dies leaves no queue of accepted-but-unserved connections behind (with ``SO_REUSEPORT`` each
-process has its own accept queue, whose connections are reset when it dies). The kernel wakes
-an idle process for each new connection, which spreads the load by itself.
+"""Running the HTTP API: signals, and one server per process on the shared socket
+(``runtime.listener``: bound once before the fork, TLS included).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -22,6 +16,7 @@ from aiohttp import web
 from redis.cluster import RedisCluster
 
 from ..config import ConfigError, IngestSettings
+from ..runtime.listener import bind, is_loopback, tls_context
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import redis_client
@@ -31,17 +26,6 @@ from .app import make_handler
 from .auth import Authenticator
 
 log = logging.getLogger(__name__)
-
-BACKLOG = 1024
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> None:
@@ -56,33 +40,6 @@ def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> No
         raise ConfigError("--require-signature needs API keys (--api-keys-file / FRAUDD_API_KEYS): the key signs")
 
 
-def bind(settings: IngestSettings) -> socket.socket:
-    host, port = settings.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"--listen {host}:{port}: {exc.strerror}") from None
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
-def tls_context(settings: IngestSettings) -> ssl.SSLContext | None:
-    if settings.tls_cert is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--tls-cert / --tls-key: {exc}") from None
-    return context
-
-
 def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     """``fraudd ingest``: the supervisor's view of the HTTP server processes.
 
@@ -90,8 +47,8 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     bad address or certificate stops start-up with one line. The supervisor's housekeeping trims
     the stream (once per host, not once per process).
     """
-    sock = bind(settings)
-    context = tls_context(settings)
+    sock = bind(settings.listen)
+    context = tls_context(settings.tls_cert, settings.tls_key)
     trimmer = Trimmer(settings)
     return Service(
         name="fraudd ingest",
