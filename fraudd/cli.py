@@ -24,13 +24,16 @@ from .config import (
     alert_settings_from,
     ingest_options,
     ingest_settings_from,
+    selected_options,
     settings_from,
     settings_options,
 )
+from .console.settings import console_options, console_settings_from
 from .learning import cli as learning_cli
 from .runtime import logs
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
+    from .console.settings import ConsoleSettings
     from .runtime.health import GroupState, RedisMemory
 
 
@@ -86,6 +89,173 @@ def ingest(**params) -> None:
 
     check_exposure(settings, authenticator)
     sys.exit(Supervisor(service(settings, authenticator)).run())
+
+
+@main.command()
+@console_options
+def console(**params) -> None:
+    """Serve the analyst console: the review queue, cases with their evidence, verdicts that become labels."""
+    from .runtime.listener import is_loopback
+
+    settings = console_settings_from(params)
+    logs.setup(settings.log_level)
+    if settings.metrics_port:
+        prepare_metrics_dir()
+    check_eviction(settings.redis_url, settings.redis_cluster)
+    with _connect_postgres(settings) as conn:
+        _check_migrated(conn, settings.pg_schema)
+    if settings.tls_cert is None and not is_loopback(settings.listen[0]):
+        click.echo(
+            f"warning: --listen {settings.listen[0]} without --tls-cert: passwords and session cookies cross the network "
+            "in clear unless a TLS proxy is in front",
+            err=True,
+        )
+    # Both import prometheus-client, which reads the directory above.
+    from .console.server import service
+    from .runtime.supervisor import Supervisor
+
+    sys.exit(Supervisor(service(settings)).run())
+
+
+@main.group()
+def users() -> None:
+    """Console users: add, list, disable, set-role."""
+
+
+def _users_connection(params: dict) -> psycopg.Connection:
+    settings = _PostgresOnly(params["postgres_url"], params["pg_schema"])
+    conn = _connect_postgres(settings)
+    _check_migrated(conn, settings.pg_schema)
+    return conn
+
+
+class _PostgresOnly:
+    def __init__(self, postgres_url: str, pg_schema: str) -> None:
+        self.postgres_url, self.pg_schema = postgres_url, pg_schema
+
+
+def _actor() -> str:
+    """Who changed a user from the command line, for the audit trail."""
+    return "cli:" + (os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid()))
+
+
+def _password(password_file: Path | None) -> str:
+    from .console.passwords import MIN_LENGTH
+
+    if password_file is not None:
+        return password_file.read_text().rstrip("\n")
+    return click.prompt(f"Password (at least {MIN_LENGTH} characters)", hide_input=True, confirmation_prompt=True)
+
+
+_ROLE = click.Choice(["analyst", "lead", "admin"])
+_PASSWORD_FILE = click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the password from this file (its first line); otherwise it is prompted for. Never a flag.",
+)
+
+
+@users.command("add")
+@selected_options("postgres-url", "pg-schema")
+@click.argument("name")
+@click.option("--role", type=_ROLE, required=True)
+@_PASSWORD_FILE
+def users_add(name: str, role: str, password_file: Path | None, **params) -> None:
+    """Add console user NAME with ROLE (analyst: queue, cases, verdicts; lead: also reassign and bulk; admin: also users)."""
+    from .console import audit
+    from .console import users as console_users
+    from .console.passwords import PasswordError, hash_password
+
+    try:
+        hashed = hash_password(_password(password_file))
+    except PasswordError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _users_connection(params) as conn, conn.transaction():
+        try:
+            console_users.add(conn, name, role, hashed)
+        except console_users.UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        audit.record(conn, _actor(), "user_added", subject=name, after={"role": role})
+    click.echo(f"user {name} added as {role}")
+
+
+@users.command("list")
+@selected_options("postgres-url", "pg-schema")
+def users_list(**params) -> None:
+    """List console users: name, role, status."""
+    from .console import users as console_users
+
+    with _users_connection(params) as conn:
+        for user in console_users.all_users(conn):
+            click.echo(f"{user.username:<24} {user.role:<8} {'disabled' if user.disabled else 'active'}")
+
+
+def _change_user(params: dict, name: str, action: str, **changes: object) -> None:
+    from .console import audit
+    from .console import users as console_users
+
+    with _users_connection(params) as conn, conn.transaction():
+        try:
+            before, after = console_users.update(conn, name, **changes)
+        except console_users.UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        audit.record(conn, _actor(), action, subject=name, before=before, after=after)
+
+
+@users.command("disable")
+@selected_options("postgres-url", "pg-schema")
+@click.argument("name")
+def users_disable(name: str, **params) -> None:
+    """Disable user NAME: their sessions end and they cannot sign in."""
+    _change_user(params, name, "user_disabled", disabled=True)
+    click.echo(f"user {name} disabled")
+
+
+@users.command("enable")
+@selected_options("postgres-url", "pg-schema")
+@click.argument("name")
+def users_enable(name: str, **params) -> None:
+    """Enable user NAME again."""
+    _change_user(params, name, "user_enabled", disabled=False)
+    click.echo(f"user {name} enabled")
+
+
+@users.command("set-role")
+@selected_options("postgres-url", "pg-schema")
+@click.argument("name")
+@click.argument("role", type=_ROLE)
+def users_set_role(name: str, role: str, **params) -> None:
+    """Give user NAME the ROLE (their sessions end)."""
+    _change_user(params, name, "role_changed", role=role)
+    click.echo(f"user {name} is now {role}")
+
+
+@users.command("set-password")
+@selected_options("postgres-url", "pg-schema")
+@click.argument("name")
+@_PASSWORD_FILE
+def users_set_password(name: str, password_file: Path | None, **params) -> None:
+    """Set user NAME's password (their sessions end)."""
+    from .console.passwords import PasswordError, hash_password
+
+    try:
+        hashed = hash_password(_password(password_file))
+    except PasswordError as exc:
+        raise click.ClickException(str(exc)) from None
+    _change_user(params, name, "password_changed", password_hash=hashed)
+    click.echo(f"password of {name} set")
+
+
+def _check_migrated(conn: psycopg.Connection, pg_schema: str) -> None:
+    from .schema import MigrationError, pending_migrations
+
+    try:
+        pending = pending_migrations(conn)
+    except MigrationError as exc:
+        raise ConfigError(str(exc)) from None
+    if pending:
+        raise ConfigError(f"schema {pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
 
 
 @main.command()
@@ -197,7 +367,6 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
     from .runtime.redis_clients import connect_redis
-    from .schema import MigrationError, pending_migrations
 
     client = connect_redis(settings.redis_url, settings.redis_cluster)
     try:
@@ -212,12 +381,7 @@ def check_dependencies(settings: Settings, streams: list[str], group: str) -> No
     if eviction:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
     with _connect_postgres(settings) as conn:
-        try:
-            pending = pending_migrations(conn)
-        except MigrationError as exc:
-            raise ConfigError(str(exc)) from None
-    if pending:
-        raise ConfigError(f"schema {settings.pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+        _check_migrated(conn, settings.pg_schema)
 
 
 def check_eviction(url: str, cluster: bool) -> None:
@@ -240,7 +404,7 @@ def check_eviction(url: str, cluster: bool) -> None:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
 
 
-def _connect_postgres(settings: Settings) -> psycopg.Connection:
+def _connect_postgres(settings: Settings | ConsoleSettings | _PostgresOnly) -> psycopg.Connection:
     from .schema import connect
 
     try:

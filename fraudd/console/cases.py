@@ -1,0 +1,172 @@
+"""SQL of cases: filling them from new decisions, a case with its evidence, and verdicts.
+
+A verdict resolves the case once (the UPDATE that resolves it refuses a resolved one) and, in the
+same PostgreSQL transaction, stores the label with ``fraudd.learning.labels.store_labels``, the
+one writer of ``label_history`` and ``labels`` that ``POST /v1/labels`` ends in too (source
+``console:<username>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+from ..learning.labels import Label, store_labels
+
+# The expression of the transactions_entities index (migration 006): a linked-entities query must
+# spell it exactly so for PostgreSQL to use the index.
+ENTITIES = "ARRAY['device:' || {t}.device_id, 'ip:' || {t}.ip, 'card:' || {t}.card_id]"
+LINK_WINDOW = timedelta(days=30)
+RECENT = 20
+LINKED = 20
+# Overlap of each sync with the previous one: a batch whose COPY began before another's commits after it.
+SYNC_OVERLAP = timedelta(seconds=30)
+VERDICTS = {"fraud": "Fraud", "legit": "Legitimate"}
+TYPOLOGIES = ("", "stolen card", "account takeover", "card testing", "friendly fraud", "merchant fraud", "other")
+
+
+def rank_sql(sla: timedelta, t: str = "") -> str:
+    """The stored priority: (score + log10(1 + amount) / 4) SLA lengths ahead of the case's age."""
+    prefix = f"{t}." if t else ""
+    seconds = sla.total_seconds()
+    return (
+        f"({prefix}score + log(1 + greatest({prefix}amount, 0)) / 4) * {seconds}"
+        f" - extract(epoch FROM {prefix}{'scored_at' if t else 'created_at'})"
+    )
+
+
+def sync(conn: psycopg.Connection, sla: timedelta) -> int:
+    """Copy the decisions scored since the newest case (review and decline) into ``cases``; returns how many were new."""
+    return conn.execute(
+        f"""INSERT INTO cases (transaction_id, event_time, created_at, user_id, decision, score, amount,
+                               merchant, country, reasons, rank)
+            SELECT t.transaction_id, t.event_time, t.scored_at, t.user_id, t.decision, t.score, t.amount,
+                   t.merchant, t.country, t.reasons, {rank_sql(sla, "t")}
+            FROM transactions t
+            WHERE t.decision <> 'approve'
+              AND t.scored_at > coalesce((SELECT max(created_at) FROM cases), '-infinity') - %s
+            ON CONFLICT (transaction_id) DO NOTHING""",
+        (SYNC_OVERLAP,),
+    ).rowcount
+
+
+def rerank(conn: psycopg.Connection, sla: timedelta) -> int:
+    """Recompute the unresolved cases' stored priority for ``sla`` (after --sla-minutes changed)."""
+    return conn.execute(f"UPDATE cases SET rank = {rank_sql(sla)} WHERE state <> 'resolved' AND rank <> {rank_sql(sla)}").rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class CaseFile:
+    """A case with everything its page shows."""
+
+    case: dict
+    transaction: dict
+    recent: list[dict]
+    linked: list[dict]
+    notes: list[dict]
+
+
+def _dicts(cursor: psycopg.Cursor) -> list[dict]:
+    names = [column.name for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def case_file(conn: psycopg.Connection, transaction_id: str) -> CaseFile | None:
+    cases = _dicts(conn.execute("SELECT * FROM cases WHERE transaction_id = %s", (transaction_id,)))
+    if not cases:
+        return None
+    case = cases[0]
+    # The whole row, so columns added later (rules_version, explanation) reach the page as they land.
+    row = conn.execute(
+        "SELECT to_jsonb(t) FROM transactions t WHERE transaction_id = %s AND event_time = %s",
+        (transaction_id, case["event_time"]),
+    ).fetchone()
+    transaction = row[0] if row else {}
+    recent = _dicts(
+        conn.execute(
+            """SELECT t.transaction_id, t.event_time, t.amount, t.currency, t.merchant, t.country, t.decision, t.score,
+                      l.label
+               FROM transactions t LEFT JOIN labels l USING (transaction_id)
+               WHERE t.user_id = %s ORDER BY t.event_time DESC LIMIT %s""",
+            (case["user_id"], RECENT),
+        )
+    )
+    return CaseFile(case, transaction, recent, linked(conn, transaction, case["event_time"]), notes(conn, transaction_id))
+
+
+def linked(conn: psycopg.Connection, transaction: dict, at: datetime) -> list[dict]:
+    """Other customers seen on this transaction's device, IP or card within 30 days of it: per
+    customer, what they share, how many such transactions, when last, and how many are labelled
+    fraud and legit."""
+    kinds = (("device", "device_id"), ("ip", "ip"), ("card", "card_id"))
+    mine = [f"{kind}:{transaction[column]}" for kind, column in kinds if transaction.get(column)]
+    if not mine:
+        return []
+    return _dicts(
+        conn.execute(
+            f"""SELECT t.user_id, array_agg(DISTINCT e.entity ORDER BY e.entity) AS shared,
+                       count(DISTINCT t.transaction_id) AS transactions, max(t.event_time) AS last_seen,
+                       count(DISTINCT l.transaction_id) FILTER (WHERE l.label = 'fraud') AS fraud,
+                       count(DISTINCT l.transaction_id) FILTER (WHERE l.label = 'legit') AS legit
+                FROM transactions t
+                CROSS JOIN LATERAL unnest({ENTITIES.format(t="t")}) AS e(entity)
+                LEFT JOIN labels l ON l.transaction_id = t.transaction_id
+                WHERE {ENTITIES.format(t="t")} && %(mine)s::text[] AND e.entity = ANY(%(mine)s)
+                  AND t.event_time > %(since)s AND t.event_time <= %(until)s AND t.user_id <> %(user)s
+                GROUP BY t.user_id ORDER BY count(DISTINCT e.entity) DESC, max(t.event_time) DESC LIMIT %(limit)s""",
+            {"mine": mine, "since": at - LINK_WINDOW, "until": at + LINK_WINDOW, "user": transaction["user_id"], "limit": LINKED},
+        )
+    )
+
+
+def notes(conn: psycopg.Connection, transaction_id: str) -> list[dict]:
+    return _dicts(
+        conn.execute(
+            "SELECT author, body, created_at FROM case_notes WHERE transaction_id = %s ORDER BY created_at", (transaction_id,)
+        )
+    )
+
+
+def add_note(conn: psycopg.Connection, transaction_id: str, author: str, body: str) -> None:
+    conn.execute("INSERT INTO case_notes (transaction_id, author, body) VALUES (%s, %s, %s)", (transaction_id, author, body))
+
+
+class VerdictRefused(Exception):
+    """The case cannot take this verdict: resolved already, held by someone else, or unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    transaction_id: str
+    verdict: str
+    time_to_verdict_s: float  # from the case's creation
+    label: Label
+
+
+def resolve(
+    conn: psycopg.Connection,
+    transaction_ids: list[str],
+    username: str,
+    verdict: str,
+    typology: str = "",
+    claimed_only: bool = True,
+) -> list[Resolved]:
+    """Give ``transaction_ids`` the ``verdict`` and store its label, in the caller's transaction.
+
+    With ``claimed_only`` (one analyst's verdict) a case held by someone else under a live lease is
+    refused; otherwise (a lead's bulk verdict) only open cases are taken. A resolved case is never
+    resolved again. Returns what was resolved.
+    """
+    held = "(state = 'open' OR assignee = %(user)s OR lease_until < clock_timestamp())" if claimed_only else "state = 'open'"
+    rows = conn.execute(
+        f"""UPDATE cases SET state = 'resolved', verdict = %(verdict)s, typology = nullif(%(typology)s, ''),
+                             resolved_by = %(user)s, resolved_at = clock_timestamp(), lease_until = NULL
+            WHERE transaction_id = ANY(%(ids)s) AND state <> 'resolved' AND {held}
+            RETURNING transaction_id, resolved_at, extract(epoch FROM resolved_at - created_at)""",
+        {"verdict": verdict, "typology": typology, "user": username, "ids": transaction_ids},
+    ).fetchall()
+    labels = [Label(txid, verdict, f"console:{username}", at.astimezone(UTC)) for txid, at, _ in rows]
+    store_labels(conn, labels)
+    return [Resolved(row[0], verdict, float(row[2]), label) for row, label in zip(rows, labels)]

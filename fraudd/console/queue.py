@@ -1,0 +1,218 @@
+"""SQL of the queue: listing cases with filters, counts per state, claiming and leases.
+
+Priority rises with score, amount and age against the SLA. ``cases.rank`` stores it without the
+moment it is read at (see the migration), so "breached first, then by priority" is
+``ORDER BY created_at < now() - SLA DESC, rank DESC`` over the unresolved cases' index.
+A claim is one statement: the best unclaimed case (or one whose lease ran out), locked with
+``FOR UPDATE SKIP LOCKED``, so analysts claiming at the same instant each get a different case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+DECISIONS = ("review", "decline")
+STATES = ("open", "claimed", "resolved")
+SORTS = {
+    "priority": "(created_at < %(cutoff)s) DESC, rank DESC",
+    "score": "score DESC, created_at",
+    "amount": "amount DESC, created_at",
+    "oldest": "created_at",
+    "newest": "created_at DESC",
+}
+PAGE = 50
+QUEUE_COLUMNS = ("transaction_id", "created_at", "user_id", "decision", "score", "amount", "merchant", "country", "reasons")
+QUEUE_COLUMNS += ("state", "assignee", "lease_until", "verdict", "resolved_by")
+
+
+class FilterError(ValueError):
+    """A queue filter that does not parse; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """What the queue shows: every field a filter of the page, checked once here."""
+
+    decision: str = "review"
+    state: str = "open"
+    reason: str = ""
+    rule: str = ""
+    score_min: float | None = None
+    amount_min: float | None = None
+    amount_max: float | None = None
+    merchant: str = ""
+    country: str = ""
+    assignee: str = ""
+    older_than_minutes: int | None = None
+    breached: bool = False
+    sort: str = "priority"
+    page: int = 0
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> QueueFilter:
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = query.get(f.name, "").strip()
+            if not raw:
+                continue
+            if f.name in ("score_min", "amount_min", "amount_max"):
+                values[f.name] = _number(f.name, raw, float)
+            elif f.name in ("older_than_minutes", "page"):
+                values[f.name] = _number(f.name, raw, int)
+            elif f.name == "breached":
+                values[f.name] = raw in ("1", "on", "true")
+            else:
+                values[f.name] = raw[:128]
+        chosen = cls(**values)
+        for name, allowed in (("decision", DECISIONS), ("state", STATES), ("sort", tuple(SORTS))):
+            if getattr(chosen, name) not in allowed:
+                raise FilterError(f"{name} must be one of {', '.join(allowed)}")
+        return chosen
+
+    def query_string(self, **changes: object) -> dict[str, str]:
+        """This filter (with ``changes``) as query parameters, defaults left out, for links."""
+        default = QueueFilter()
+        values = {f.name: changes.get(f.name, getattr(self, f.name)) for f in fields(self)}
+        return {
+            name: ("1" if value is True else str(value))
+            for name, value in values.items()
+            if value != getattr(default, name) and value not in (None, "", False)
+        }
+
+
+def _number(name: str, raw: str, kind: type) -> float | int:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise FilterError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise FilterError(f"{name} must not be negative")
+    return value
+
+
+def _where(chosen: QueueFilter, sla: timedelta) -> tuple[str, dict]:
+    clauses = ["decision = %(decision)s", "state = %(state)s"]
+    params: dict[str, object] = {"decision": chosen.decision, "state": chosen.state, "cutoff": _cutoff(sla)}
+    if chosen.state != "resolved":
+        clauses[1] = "state <> 'resolved' AND state = %(state)s"  # the unresolved cases' partial indexes
+    if chosen.reason or chosen.rule:
+        clauses.append("reasons @> %(codes)s")
+        params["codes"] = [code for code in (chosen.reason, chosen.rule) if code]
+    for column, name, op in (
+        ("score", "score_min", ">="),
+        ("amount", "amount_min", ">="),
+        ("amount", "amount_max", "<="),
+        ("merchant", "merchant", "="),
+        ("country", "country", "="),
+        ("assignee", "assignee", "="),
+    ):
+        value = getattr(chosen, name)
+        if value not in (None, ""):
+            clauses.append(f"{column} {op} %({name})s")
+            params[name] = value
+    if chosen.older_than_minutes is not None:
+        clauses.append("created_at < clock_timestamp() - %(older)s")
+        params["older"] = timedelta(minutes=chosen.older_than_minutes)
+    if chosen.breached:
+        clauses.append("created_at < %(cutoff)s")
+    return " AND ".join(clauses), params
+
+
+def _cutoff(sla: timedelta) -> datetime:
+    """Cases created before this have breached the SLA (one instant for the whole statement)."""
+    return datetime.now(UTC) - sla
+
+
+def listing(conn: psycopg.Connection, chosen: QueueFilter, sla: timedelta) -> list[dict]:
+    """One page of the queue, ``breached`` and ``age`` added to each case."""
+    where, params = _where(chosen, sla)
+    order = "resolved_at DESC" if chosen.state == "resolved" and chosen.sort == "priority" else SORTS[chosen.sort]
+    params.update(limit=PAGE, offset=chosen.page * PAGE)
+    cursor = conn.execute(
+        f"""SELECT {", ".join(QUEUE_COLUMNS)}, created_at < %(cutoff)s, clock_timestamp() - created_at
+            FROM cases WHERE {where} ORDER BY {order} LIMIT %(limit)s OFFSET %(offset)s""",
+        params,
+    )
+    return [dict(zip((*QUEUE_COLUMNS, "breached", "age"), row)) for row in cursor.fetchall()]
+
+
+def counts(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict[str, int]:
+    """Cases per state of one queue: open, claimed, breached (unresolved past the SLA) and resolved in the last 24 hours."""
+    row = conn.execute(
+        """SELECT count(*) FILTER (WHERE state = 'open'), count(*) FILTER (WHERE state = 'claimed'),
+                  count(*) FILTER (WHERE created_at < %(cutoff)s),
+                  (SELECT count(*) FROM cases WHERE state = 'resolved' AND decision = %(decision)s
+                      AND resolved_at > clock_timestamp() - interval '24 hours'),
+                  max(created_at)
+           FROM cases WHERE state <> 'resolved' AND decision = %(decision)s""",
+        {"decision": decision, "cutoff": _cutoff(sla)},
+    ).fetchone()
+    return {"open": row[0], "claimed": row[1], "breached": row[2], "resolved_24h": row[3], "newest": row[4]}
+
+
+def claim_next(conn: psycopg.Connection, username: str, decision: str, sla: timedelta, lease: timedelta) -> str | None:
+    """Lock the highest-priority claimable case of the ``decision`` queue for ``username``; its id, or None."""
+    row = conn.execute(
+        """WITH next AS (
+               SELECT transaction_id FROM cases
+               WHERE state <> 'resolved' AND decision = %(decision)s
+                 AND (state = 'open' OR lease_until < clock_timestamp())
+               ORDER BY (created_at < %(cutoff)s) DESC, rank DESC
+               LIMIT 1 FOR UPDATE SKIP LOCKED)
+           UPDATE cases c SET state = 'claimed', assignee = %(user)s, claimed_at = clock_timestamp(),
+                              lease_until = clock_timestamp() + %(lease)s
+           FROM next WHERE c.transaction_id = next.transaction_id
+           RETURNING c.transaction_id""",
+        {"decision": decision, "cutoff": _cutoff(sla), "user": username, "lease": lease},
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def claim(conn: psycopg.Connection, transaction_id: str, username: str, lease: timedelta, override: bool = False) -> str | None:
+    """Claim (or renew) one case for ``username``: when it is open, already theirs, its lease ran out,
+    or ``override`` (a lead reassigning). Returns the previous assignee ("" when none), None when refused."""
+    row = conn.execute(
+        """UPDATE cases c SET state = 'claimed', assignee = %(user)s, lease_until = clock_timestamp() + %(lease)s,
+                  claimed_at = CASE WHEN c.assignee IS DISTINCT FROM %(user)s THEN clock_timestamp() ELSE c.claimed_at END
+           FROM (SELECT transaction_id, assignee FROM cases WHERE transaction_id = %(id)s FOR UPDATE) old
+           WHERE c.transaction_id = old.transaction_id AND c.state <> 'resolved'
+             AND (c.state = 'open' OR c.assignee = %(user)s OR c.lease_until < clock_timestamp() OR %(override)s)
+           RETURNING coalesce(old.assignee, '')""",
+        {"id": transaction_id, "user": username, "lease": lease, "override": override},
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def release(conn: psycopg.Connection, transaction_id: str, username: str) -> bool:
+    """Put ``username``'s claimed case back in the queue; False when it was not theirs."""
+    return bool(
+        conn.execute(
+            """UPDATE cases SET state = 'open', assignee = NULL, lease_until = NULL, claimed_at = NULL
+               WHERE transaction_id = %s AND state = 'claimed' AND assignee = %s""",
+            (transaction_id, username),
+        ).rowcount
+    )
+
+
+def expire_leases(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """Return every case whose lease ran out to the queue; (transaction_id, former assignee) of each."""
+    return conn.execute(
+        """UPDATE cases c SET state = 'open', assignee = NULL, lease_until = NULL, claimed_at = NULL
+           FROM (SELECT transaction_id, assignee FROM cases
+                 WHERE state = 'claimed' AND lease_until < clock_timestamp() FOR UPDATE SKIP LOCKED) old
+           WHERE c.transaction_id = old.transaction_id
+           RETURNING c.transaction_id, old.assignee"""
+    ).fetchall()
+
+
+def depth(conn: psycopg.Connection) -> tuple[dict[tuple[str, str], int], float]:
+    """(unresolved cases per (decision, state), age in seconds of the oldest open one): the queue's gauges."""
+    rows = conn.execute(
+        "SELECT decision, state, count(*), extract(epoch FROM clock_timestamp() - min(created_at)) "
+        "FROM cases WHERE state <> 'resolved' GROUP BY decision, state"
+    ).fetchall()
+    oldest = max((float(row[3]) for row in rows if row[1] == "open"), default=0.0)
+    return {(row[0], row[1]): row[2] for row in rows}, oldest
