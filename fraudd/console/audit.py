@@ -64,7 +64,7 @@ def export_csv(conn: psycopg.Connection, since: datetime | None = None) -> Itera
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(COLUMNS)
-    with conn.cursor(name="audit_export") as cursor:
+    with conn.transaction(), conn.cursor(name="audit_export") as cursor:
         cursor.execute(
             "SELECT " + ", ".join(COLUMNS) + " FROM console_audit WHERE %s::timestamptz IS NULL OR at >= %s ORDER BY id",
             (since, since),
