@@ -30,6 +30,7 @@ class Site:
     console: Daemon
     scorer: Daemon
     redis: redis.Redis
+    metrics_url: str
     published: list[str] = field(default_factory=list)
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
@@ -89,12 +90,12 @@ def start_site(ns: Namespace, client: redis.Redis, tmp: Path) -> Iterator[Site]:
         result = ns.fraudd("users", "add", name, "--role", role, "--password-file", str(password_file))
         assert result.returncode == 0, result.stderr
     scorer = ns.start("--workers", "1")
-    port = free_port()
-    console = ns.start_command("console", "--listen", f"127.0.0.1:{port}", "--workers", "2")
+    port, metrics_port = free_port(), free_port()
+    console = ns.start_command("console", "--listen", f"127.0.0.1:{port}", "--workers", "2", "--metrics-port", str(metrics_port))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(url), 30, message="the console answering")
-        yield Site(ns, url, console, scorer, client)
+        yield Site(ns, url, console, scorer, client, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         console_code, console_log = console.stop()
         scorer_code, scorer_log = scorer.stop()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -20,7 +21,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from fraudd.keys import Keys
 from fraudd.scoring.confirmed import ConfirmedFraud
 
-from .conftest import REDIS_URL, migrated_namespace
+from .conftest import REDIS_URL, migrated_namespace, wait_for
 from .console_site import CHROMIUM, Site, csrf_token, sign_in, start_site
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -229,3 +230,25 @@ def test_sign_in_is_throttled_after_failures(site: Site, page: Page) -> None:
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("status")).to_have_text("Too many failed sign-ins: try again in 15 minutes.")
     assert site.sql("SELECT count(*) FROM console_sessions WHERE username = 'erin'") == [(0,)]
+
+
+def test_metrics(site: Site) -> None:
+    """After the tests above: the queue's gauges, verdicts per analyst and their time-to-verdict."""
+
+    def sample(name: str, text: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    text = ""
+    open_cases = site.sql("SELECT count(*) FROM cases WHERE state = 'open' AND decision = 'review'")[0][0]
+
+    def exported() -> bool:  # the gauges follow the cases at the next housekeeping (every 5 s)
+        nonlocal text
+        text = httpx.get(site.metrics_url, timeout=5).text
+        return sample('fraudd_console_queue_depth{decision="review",state="open"}', text) == open_cases
+
+    wait_for(exported, 15, message="the queue gauges")
+    assert sample("fraudd_console_oldest_open_case_age_seconds", text) > 0
+    assert sample('fraudd_console_verdicts_total{analyst="alice",verdict="fraud"}', text) == 1
+    assert sample('fraudd_console_verdicts_total{analyst="dave",verdict="legit"}', text) == 1
+    assert sample('fraudd_console_time_to_verdict_seconds_count{analyst="alice"}', text) == 2
+    assert sample("fraudd_console_sla_seconds", text) == 4 * 3600
