@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from fraudd import cli, config
+from fraudd.console import settings as console_settings
 from fraudd.runtime.supervisor import STOP_MARGIN_S
 
 from .alerting import SECRET, HttpReceiver
@@ -109,6 +110,7 @@ def test_the_environment_file_documents_every_option_and_its_values_are_accepted
     assignments = [re.match(r"#?([A-Z][A-Z0-9_]*)=(.*)", line) for line in lines]
     documented = [m.group(1) for m in assignments if m]
     options = {name: value for name, value in vars(config).items() if name.endswith("OPTIONS")}
+    options["CONSOLE_OPTIONS"] = console_settings.CONSOLE_OPTIONS
     known = {envvar for option_list in options.values() for _flag, envvar, _kwargs, _help in option_list}
     missing, unknown = sorted(known - set(documented)), sorted(set(documented) - known)
     assert missing == [], f"systemd/fraudd.env lacks {missing}: document each new option there"
@@ -120,7 +122,7 @@ def test_the_environment_file_documents_every_option_and_its_values_are_accepted
     for match, line in zip(assignments, lines):
         if match and not line.startswith("#"):
             monkeypatch.setenv(match.group(1), match.group(2))
-    for name in ("run", "ingest", "alerts"):
+    for name in ("run", "ingest", "alerts", "console"):
         command = cli.main.get_command(None, name)
         command.make_context(name, [])  # parses and checks every option, from the environment
 
@@ -253,3 +255,22 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
             lambda: len(receiver.accepted) == 100,
             FRAUDD_WEBHOOK_SECRET=SECRET,
         )
+
+
+@needs_strace
+def test_console_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("sandbox-password\n")
+    assert ns.fraudd("users", "add", "sandbox", "--role", "analyst", "--password-file", str(password)).returncode == 0
+    port = free_port()
+
+    def signs_in() -> bool:
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Accept": "text/html"}, timeout=5) as client:
+                token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+                client.post("/login", data={"username": "sandbox", "password": "sandbox-password", "csrf": token})
+                return "Claim next" in client.get("/").text
+        except httpx.TransportError:
+            return False
+
+    traced(ns, tmp_path, "fraudd-console.service", ["console", "--workers", "2", "--listen", f"127.0.0.1:{port}"], signs_in)

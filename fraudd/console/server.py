@@ -137,7 +137,9 @@ async def _serve(
     try:
         while process.running:
             process.heartbeat()  # the loop turns at least every half second: the watchdog's sign of life
-            process.reload_requested = False  # nothing to re-read
+            if process.reload_requested:  # nothing to re-read: answer the reload at once
+                process.reload_requested = False
+                process.ready()
             wake.clear()
             try:
                 await asyncio.wait_for(wake.wait(), timeout=0.5)
