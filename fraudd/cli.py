@@ -674,13 +674,18 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)
-def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int) -> None:
+@click.option(
+    "--console/--no-console",
+    default=None,
+    help="At the end, serve the analyst console on the demo's cases until Ctrl-C (default: when run from a terminal).",
+)
+def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, console: bool | None) -> None:
     """The whole system on generated traffic: HTTP ingest, scoring, alerts to a local webhook receiver.
 
     Uses the servers at --redis-url / --postgres-url when they answer (streams fraudd_demo:transactions:*,
     schema fraudd_demo), otherwise throwaway ones; stops everything it started on exit or Ctrl-C."""
-    from .demo import format_summary, run_demo
+    from .demo import run_demo
 
-    result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo)
-    click.echo(format_summary(result))
+    offer = sys.stdin.isatty() if console is None else console
+    result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo, console=offer)
     sys.exit(0 if result.consistent else 1)

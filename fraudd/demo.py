@@ -237,7 +237,10 @@ class _Processes:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run_demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, echo: _ECHO) -> DemoResult:
+def run_demo(
+    redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, echo: _ECHO, console: bool = False
+) -> DemoResult:
+    """Run the demo and print its summary; with ``console``, then serve the analyst console on its cases until Ctrl-C."""
     with contextlib.ExitStack() as stack:
         redis_url, postgres_url, throwaway = stack.enter_context(_servers(redis_url, postgres_url, echo))
         directory = scratch_dir("fraudd-demo-run-")
@@ -291,6 +294,11 @@ def run_demo(redis_url: str, postgres_url: str, transactions: int, workers: int,
             exit_codes = processes.stop()
         result = _summary(client, demo, traffic, rejected, receiver, exit_codes, started)
         result.where = _where(demo, throwaway)
+        echo(format_summary(result))
+        if console:
+            _offer_console(directory, env, result.decisions["review"], echo)
+        else:
+            echo("  console: `fraudd demo --console` serves the analyst console on the demo's cases at the end")
         return result
 
 
@@ -328,17 +336,63 @@ def _json_item(payload: bytes) -> bool:
 
 
 def _wait_for_ingest(port: int, processes: _Processes, timeout: float = 60.0) -> None:
+    _wait_for_http(f"http://127.0.0.1:{port}/healthz", "fraudd ingest", processes, timeout)
+
+
+def _wait_for_http(url: str, what: str, processes: _Processes, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         processes.check_alive()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"fraudd ingest did not become healthy on port {port} within {timeout:.0f}s")
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
+
+
+def _offer_console(directory: Path, env: dict[str, str], review_cases: int, echo: _ECHO) -> None:
+    """Serve ``fraudd console`` on the demo's cases, with a lead ``demo`` whose password is printed,
+    until Ctrl-C."""
+    password = secrets.token_urlsafe(12)
+    (directory / "console-password").write_text(password + "\n")
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fraudd",
+            "users",
+            "add",
+            "demo",
+            "--role",
+            "lead",
+            "--password-file",
+            str(directory / "console-password"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if added.returncode != 0:
+        raise RuntimeError(f"fraudd users add failed:\n{added.stderr[-2000:]}")
+    port = free_port()
+    processes = _Processes(directory, env)
+    processes.start("console", "console", "--workers", "1", "--listen", f"127.0.0.1:{port}")
+    try:
+        _wait_for_http(f"http://127.0.0.1:{port}/login", "fraudd console", processes)
+        echo(
+            f"\nconsole: http://127.0.0.1:{port}/  sign in as demo / {password} (a lead) to work the "
+            f"{review_cases:,} review cases; Ctrl-C stops the demo"
+        )
+        while True:
+            processes.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        echo("")
+    finally:
+        processes.stop()
 
 
 def _send(
