@@ -1,6 +1,6 @@
 """The console's aiohttp application: the factory, and the middlewares every request passes.
 
-In order: security headers on every answer; the session (a page without one redirects to the
+In order: the time spent (``Server-Timing``); security headers on every answer; the session (a page without one redirects to the
 sign-in form, anything else answers 401); the CSRF token on every POST (the session's, sent as the
 form field ``csrf`` or the ``X-CSRF-Token`` header; the sign-in form has its own double-submit
 cookie). Roles are checked per handler (``views.requires``), and a refusal is audited.
@@ -9,6 +9,7 @@ cookie). Roles are checked per handler (``views.requires``), and a refusal is au
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
@@ -58,6 +59,20 @@ def client_address(request: web.Request) -> str | None:
 
 
 @web.middleware
+async def server_timing(request: web.Request, handler) -> web.StreamResponse:
+    """``Server-Timing: app;dur=<ms>`` on every answer: the time spent in the console, for the
+    browser's developer tools and ``python -m bench console``."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+        raise
+    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+    return response
+
+
+@web.middleware
 async def security_headers(request: web.Request, handler) -> web.StreamResponse:
     try:
         response = await handler(request)
@@ -101,7 +116,7 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
 def make_app(console: Console) -> web.Application:
     from . import views  # the handlers import this module's middlewares' names
 
-    app = web.Application(middlewares=[security_headers, authenticate], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[server_timing, security_headers, authenticate], client_max_size=256 * 1024)
     app[CONSOLE] = console
     app.router.add_get("/login", views.login_form)
     app.router.add_post("/login", views.login)

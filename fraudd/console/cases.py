@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from ..learning.labels import Label, store_labels
+from .queue import rank_sql
 
 # The expression of the transactions_entities index (migration 006): a linked-entities query must
 # spell it exactly so for PostgreSQL to use the index.
@@ -25,16 +26,6 @@ LINKED = 20
 SYNC_OVERLAP = timedelta(seconds=30)
 VERDICTS = {"fraud": "Fraud", "legit": "Legitimate"}
 TYPOLOGIES = ("", "stolen card", "account takeover", "card testing", "friendly fraud", "merchant fraud", "other")
-
-
-def rank_sql(sla: timedelta, t: str = "") -> str:
-    """The stored priority: (score + log10(1 + amount) / 4) SLA lengths ahead of the case's age."""
-    prefix = f"{t}." if t else ""
-    seconds = sla.total_seconds()
-    return (
-        f"({prefix}score + log(1 + greatest({prefix}amount, 0)) / 4) * {seconds}"
-        f" - extract(epoch FROM {prefix}{'scored_at' if t else 'created_at'})"
-    )
 
 
 def sync(conn: psycopg.Connection, sla: timedelta) -> int:

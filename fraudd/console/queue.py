@@ -24,6 +24,9 @@ SORTS = {
     "newest": "created_at DESC",
 }
 PAGE = 50
+# A case's weight (score + log10(1 + amount) / 4, the amount's part capped at 2) is at most this
+# many SLA lengths: what bounds where the cases within the SLA can sit in the rank index.
+MAX_WEIGHT = 3.0
 QUEUE_COLUMNS = ("transaction_id", "created_at", "user_id", "decision", "score", "amount", "merchant", "country", "reasons")
 QUEUE_COLUMNS += ("state", "assignee", "lease_until", "verdict", "resolved_by")
 
@@ -66,6 +69,8 @@ class QueueFilter:
                 values[f.name] = raw in ("1", "on", "true")
             else:
                 values[f.name] = raw[:128]
+        if values.get("assignee") and values.get("state", "open") == "open":
+            values["state"] = "claimed"  # an open case has no assignee: whose cases means the ones they hold
         chosen = cls(**values)
         for name, allowed in (("decision", DECISIONS), ("state", STATES), ("sort", tuple(SORTS))):
             if getattr(chosen, name) not in allowed:
@@ -121,6 +126,18 @@ def _where(chosen: QueueFilter, sla: timedelta) -> tuple[str, dict]:
     return " AND ".join(clauses), params
 
 
+def rank_sql(sla: timedelta, t: str = "") -> str:
+    """The stored priority: a case's weight (score + log10(1 + amount) / 4, the amount's part
+    capped at 2) in SLA lengths, minus its creation time: at any moment, ordering by it is ordering
+    by weight plus age against the SLA."""
+    prefix = f"{t}." if t else ""
+    seconds = sla.total_seconds()
+    return (
+        f"({prefix}score + least(log(1 + greatest({prefix}amount, 0)), 8) / 4) * {seconds}"
+        f" - extract(epoch FROM {prefix}{'scored_at' if t else 'created_at'})"
+    )
+
+
 def _cutoff(sla: timedelta) -> datetime:
     """Cases created before this have breached the SLA (one instant for the whole statement)."""
     return datetime.now(UTC) - sla
@@ -129,11 +146,24 @@ def _cutoff(sla: timedelta) -> datetime:
 def listing(conn: psycopg.Connection, chosen: QueueFilter, sla: timedelta) -> list[dict]:
     """One page of the queue, ``breached`` and ``age`` added to each case."""
     where, params = _where(chosen, sla)
-    order = "resolved_at DESC" if chosen.state == "resolved" and chosen.sort == "priority" else SORTS[chosen.sort]
-    params.update(limit=PAGE, offset=chosen.page * PAGE)
+    params.update(limit=PAGE, offset=chosen.page * PAGE, upto=(chosen.page + 1) * PAGE)
+    columns = ", ".join(QUEUE_COLUMNS)
+    if chosen.sort == "priority" and chosen.state != "resolved":
+        # Breached first, then by priority: each side is read from the rank index, never the whole
+        # queue sorted. A case within the SLA ranks below MAX_WEIGHT SLAs minus the cutoff, so that
+        # side starts there instead of walking past every breached case above it.
+        part = f"SELECT {columns}, rank FROM cases WHERE {where} AND {{}} ORDER BY rank DESC LIMIT %(upto)s"
+        breached = part.format("created_at < %(cutoff)s")
+        fresh = part.format("created_at >= %(cutoff)s AND rank <= %(fresh_rank)s")
+        rows = f"({breached}) UNION ALL ({fresh})"
+        params["fresh_rank"] = MAX_WEIGHT * sla.total_seconds() - params["cutoff"].timestamp()
+        order = "created_at < %(cutoff)s DESC, rank DESC"
+    else:
+        rows = f"SELECT {columns}, resolved_at FROM cases WHERE {where}"
+        order = "resolved_at DESC" if chosen.sort == "priority" else SORTS[chosen.sort]
     cursor = conn.execute(
-        f"""SELECT {", ".join(QUEUE_COLUMNS)}, created_at < %(cutoff)s, clock_timestamp() - created_at
-            FROM cases WHERE {where} ORDER BY {order} LIMIT %(limit)s OFFSET %(offset)s""",
+        f"""SELECT {columns}, created_at < %(cutoff)s, clock_timestamp() - created_at
+            FROM ({rows}) q ORDER BY {order} LIMIT %(limit)s OFFSET %(offset)s""",
         params,
     )
     return [dict(zip((*QUEUE_COLUMNS, "breached", "age"), row)) for row in cursor.fetchall()]
@@ -154,18 +184,24 @@ def counts(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict[str,
 
 
 def claim_next(conn: psycopg.Connection, username: str, decision: str, sla: timedelta, lease: timedelta) -> str | None:
-    """Lock the highest-priority claimable case of the ``decision`` queue for ``username``; its id, or None."""
+    """Lock the highest-priority claimable case of the ``decision`` queue for ``username``; its id, or None.
+
+    One statement: the best breached case, or when there is none the best other one, each read in
+    rank order and locked with SKIP LOCKED, so concurrent claimers pass over each other's rows."""
+    claimable = "state <> 'resolved' AND decision = %(decision)s AND (state = 'open' OR lease_until < clock_timestamp())"
     row = conn.execute(
-        """WITH next AS (
-               SELECT transaction_id FROM cases
-               WHERE state <> 'resolved' AND decision = %(decision)s
-                 AND (state = 'open' OR lease_until < clock_timestamp())
-               ORDER BY (created_at < %(cutoff)s) DESC, rank DESC
-               LIMIT 1 FOR UPDATE SKIP LOCKED)
-           UPDATE cases c SET state = 'claimed', assignee = %(user)s, claimed_at = clock_timestamp(),
-                              lease_until = clock_timestamp() + %(lease)s
-           FROM next WHERE c.transaction_id = next.transaction_id
-           RETURNING c.transaction_id""",
+        f"""WITH breached AS (
+                SELECT transaction_id FROM cases WHERE {claimable} AND created_at < %(cutoff)s
+                ORDER BY rank DESC LIMIT 1 FOR UPDATE SKIP LOCKED),
+            fresh AS (
+                SELECT transaction_id FROM cases WHERE {claimable} AND created_at >= %(cutoff)s
+                  AND NOT EXISTS (SELECT FROM breached)
+                ORDER BY rank DESC LIMIT 1 FOR UPDATE SKIP LOCKED),
+            next AS (SELECT transaction_id FROM breached UNION ALL SELECT transaction_id FROM fresh)
+            UPDATE cases c SET state = 'claimed', assignee = %(user)s, claimed_at = clock_timestamp(),
+                               lease_until = clock_timestamp() + %(lease)s
+            FROM next WHERE c.transaction_id = next.transaction_id
+            RETURNING c.transaction_id""",
         {"decision": decision, "cutoff": _cutoff(sla), "user": username, "lease": lease},
     ).fetchone()
     return None if row is None else row[0]
