@@ -46,6 +46,7 @@ def test_cases_come_from_review_and_decline_decisions_once(ns: Namespace, conn: 
     stored(ns, 6, "r", "review")
     stored(ns, 4, "d", "decline")
     stored(ns, 5, "a", "approve")
+    stored(ns, 3, "h", "review", age="8 days")  # history from before the console: not cases
     assert cases.sync(conn, SLA) == 10
     assert cases.sync(conn, SLA) == 0
     assert dict(ns.sql("SELECT decision, count(*) FROM cases GROUP BY decision")) == {"review": 6, "decline": 4}
@@ -157,7 +158,7 @@ def test_queue_filters(ns: Namespace, conn: psycopg.Connection) -> None:
     assert ids(score_min="0.6") == [] and ids(country="FR") == ids()
     assert ids(decision="decline") == [] and ids(breached="1") == [] and ids(older_than_minutes="60") == []
     queue.claim(conn, "f3", "alice", LEASE)
-    assert ids(state="claimed", assignee="alice") == ["f3"]
+    assert ids(state="claimed", assignee="alice") == ["f3"] == ids(assignee="alice")  # whose cases: the ones they hold
     assert [row["transaction_id"] for row in queue.listing(conn, QueueFilter.parse({"sort": "amount"}), SLA)][0] == "f9"
     for bad in ({"score_min": "x"}, {"state": "gone"}, {"sort": "random"}, {"amount_min": "-1"}):
         with pytest.raises(FilterError):

@@ -24,12 +24,15 @@ RECENT = 20
 LINKED = 20
 # Overlap of each sync with the previous one: a batch whose COPY began before another's commits after it.
 SYNC_OVERLAP = timedelta(seconds=30)
+# A console started on a store with history takes the decisions of this last period, not of every year.
+FIRST_SYNC = timedelta(days=7)
 VERDICTS = {"fraud": "Fraud", "legit": "Legitimate"}
 TYPOLOGIES = ("", "stolen card", "account takeover", "card testing", "friendly fraud", "merchant fraud", "other")
 
 
 def sync(conn: psycopg.Connection, sla: timedelta) -> int:
-    """Copy the decisions scored since the newest case (review and decline) into ``cases``; returns how many were new."""
+    """Copy the decisions scored since the newest case (review and decline; the first time, those of
+    the last FIRST_SYNC) into ``cases``; returns how many were new."""
     return conn.execute(
         f"""INSERT INTO cases (transaction_id, event_time, created_at, user_id, decision, score, amount,
                                merchant, country, reasons, rank)
@@ -37,9 +40,9 @@ def sync(conn: psycopg.Connection, sla: timedelta) -> int:
                    t.merchant, t.country, t.reasons, {rank_sql(sla, "t")}
             FROM transactions t
             WHERE t.decision <> 'approve'
-              AND t.scored_at > coalesce((SELECT max(created_at) FROM cases), '-infinity') - %s
+              AND t.scored_at > coalesce((SELECT max(created_at) FROM cases) - %s, clock_timestamp() - %s)
             ON CONFLICT (transaction_id) DO NOTHING""",
-        (SYNC_OVERLAP,),
+        (SYNC_OVERLAP, FIRST_SYNC),
     ).rowcount
 
 
