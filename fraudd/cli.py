@@ -81,9 +81,9 @@ def ingest(**params) -> None:
     from .ingest.auth import Authenticator, KeysError
 
     try:
-        authenticator = Authenticator(settings.api_keys_file, settings.api_keys)
+        authenticator = Authenticator(settings.api_keys_file, settings.api_keys, settings.require_signature)
     except KeysError as exc:
-        raise ConfigError(f"--api-keys-file: {exc}") from None
+        raise ConfigError(str(exc)) from None
     from .ingest.server import check_exposure, service
     from .runtime.supervisor import Supervisor
 

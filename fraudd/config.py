@@ -357,7 +357,7 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         "api-keys-file",
         "FRAUDD_API_KEYS_FILE",
         {"default": None, "type": click.Path(dir_okay=False, path_type=Path)},
-        "API keys, one per line (# comments); re-read on SIGHUP.",
+        "API keys, one per line: KEY_ID:TOKEN:SIGNING_SECRET[:SCOPE+SCOPE...] or a bare token (# comments); re-read on SIGHUP.",
     ),
     (
         "api-keys",
@@ -375,7 +375,7 @@ INGEST_OPTIONS: list[tuple[str, str, dict, str]] = [
         "require-signature",
         "FRAUDD_REQUIRE_SIGNATURE",
         {"is_flag": True, "default": False},
-        "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with the API key.",
+        "Require an HMAC-SHA256 request signature (X-Fraudd-Timestamp, X-Fraudd-Signature) keyed with each key's signing secret.",
     ),
     (
         "signature-window-s",

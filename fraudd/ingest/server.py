@@ -22,22 +22,21 @@ from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import redis_client
 from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
-from .app import make_handler
+from .app import make_app
 from .auth import Authenticator
 
 log = logging.getLogger(__name__)
 
 
 def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> None:
-    """Refuse to serve beyond loopback without API keys, unless told ``--insecure-no-auth``."""
+    """Refuse to serve beyond loopback without API keys, unless told ``--insecure-no-auth`` (a
+    reload never turns keys off: ``Authenticator.reload``)."""
     host = settings.listen[0]
     if not authenticator.enabled and not is_loopback(host) and not settings.insecure_no_auth:
         raise ConfigError(
             f"--listen {host}: refusing to serve beyond loopback without API keys "
             "(--api-keys-file / FRAUDD_API_KEYS), or pass --insecure-no-auth"
         )
-    if settings.require_signature and not authenticator.enabled:
-        raise ConfigError("--require-signature needs API keys (--api-keys-file / FRAUDD_API_KEYS): the key signs")
 
 
 def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
@@ -45,7 +44,8 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
 
     Binds the socket and builds the TLS context here, before the fork, so both are shared and a
     bad address or certificate stops start-up with one line. The supervisor's housekeeping trims
-    the stream (once per host, not once per process).
+    the stream (once per host, not once per process). The supervisor re-reads the API keys on
+    SIGHUP too: a server process it respawns starts with the keys in use, not those of start-up.
     """
     sock = bind(settings.listen)
     context = tls_context(settings.tls_cert, settings.tls_key)
@@ -58,6 +58,7 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         housekeeping=trimmer.run_once,
+        reload=authenticator.reload,
     )
 
 
@@ -114,9 +115,10 @@ async def _serve(
     wake = asyncio.Event()
     process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
     registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-    ingest, handler = make_handler(settings, authenticator, registry)
+    app = make_app(settings, authenticator, registry)
+    ingest = app.ingest
     await ingest.start()
-    server = web.Server(handler, access_log=None, keepalive_timeout=settings.client_timeout_s)
+    server = web.Server(app, access_log=None, keepalive_timeout=settings.client_timeout_s)
     runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)

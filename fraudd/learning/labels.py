@@ -56,13 +56,14 @@ class Label:
         }
 
 
-def parse_label(obj: object, default_source: str = "", now: datetime | None = None) -> Label:
+def parse_label(obj: object, default_source: str = "", now: datetime | None = None, not_after: datetime | None = None) -> Label:
     """One label from its JSON document; raises LabelError naming the field.
 
     ``label`` also accepts 1/0 and true/false (as history files do); ``reported_at`` is Unix
     seconds or RFC 3339 and defaults to ``now``, which callers make deterministic (the stream
     entry's time, the file's modification time) so that a report read twice is the same report;
-    ``source`` defaults to ``default_source``.
+    ``source`` defaults to ``default_source``; a ``reported_at`` later than ``not_after`` (when
+    given) is refused.
     """
     if not isinstance(obj, dict):
         raise LabelError("not a JSON object")
@@ -79,7 +80,12 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
     source = obj.get("source") or default_source
     if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
         raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters")
-    return Label(txid, verdict, source, _time(obj.get("reported_at"), now))
+    reported_at = _time(obj.get("reported_at"), now)
+    if not_after is not None and reported_at > not_after:
+        raise LabelError(
+            f"reported_at must not be later than {not_after.isoformat(timespec='seconds')}, got {obj.get('reported_at')!r}"
+        )
+    return Label(txid, verdict, source, reported_at)
 
 
 def _time(value: object, now: datetime | None) -> datetime:
@@ -102,15 +108,16 @@ def _time(value: object, now: datetime | None) -> datetime:
 
 
 def parse_labels(
-    documents: Iterable[object], default_source: str = "", now: datetime | None = None
+    documents: Iterable[object], default_source: str = "", now: datetime | None = None, not_after: datetime | None = None
 ) -> tuple[list[Label], list[tuple[int, str]]]:
     """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
-    ``reported_at`` of documents without one (default: the current time)."""
+    ``reported_at`` of documents without one (default: the current time); ``not_after``: the
+    latest ``reported_at`` accepted (default: any)."""
     labels, errors = [], []
     now = now or datetime.now(timezone.utc)
     for position, document in enumerate(documents):
         try:
-            labels.append(parse_label(document, default_source, now))
+            labels.append(parse_label(document, default_source, now, not_after))
         except LabelError as exc:
             errors.append((position, str(exc)))
     return labels, errors

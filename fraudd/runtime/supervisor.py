@@ -8,7 +8,8 @@ through a pipe; everything else happens in the loop, outside signal context:
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
   stops at once (SIGKILL: whatever was not settled stays pending, nothing is lost);
 - SIGQUIT: immediate stop;
-- SIGHUP: forwarded to the workers, which reload their configuration at their next boundary.
+- SIGHUP: the service's own ``reload`` first (what respawned workers inherit), then forwarded to
+  the workers, which reload their configuration at their next boundary.
 
 Under systemd (``Type=notify``) it tells the service manager (``notify.Notifier``): ``READY=1`` once
 every worker consumes, again after a reload once every worker has reloaded (``RELOADING=1``
@@ -75,6 +76,9 @@ class Service:
     log_level: str
     metrics_port: int = 0
     housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
+    # On SIGHUP, before the workers are told: what the supervisor holds of the configuration is
+    # what every worker it forks from then on starts with, so it must be the reloaded one.
+    reload: Callable[[], None] | None = None
     health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
     # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
     # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
@@ -232,6 +236,8 @@ class Supervisor:
                     continue
                 log.info("reload requested, forwarding to workers", extra={"event": "reload_requested"})
                 self._notifier.reloading()
+                if self.service.reload is not None:
+                    self.service.reload()
                 self._ready_sent = False
                 for slot in self._alive():
                     # A worker still booting reads the new configuration anyway and reports R then.
