@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import click
 import numpy as np
 import orjson
 import redis
@@ -140,8 +141,28 @@ def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, labe
     secret = setup.log_dir / f"{ns.name}.secret"
     secret.write_text(SECRET)
     config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nsecret_file = "{secret}"\n')
-    command = [*FRAUDD, "alerts", "--config", str(config), *setup.fraudd_args, "--workers", str(processes)]
+    command = [*FRAUDD, "alerts", "--config", str(config), *_alerts_args(setup.fraudd_args), "--workers", str(processes)]
     return Consumers(label, [command], ns, setup.log_dir / f"{ns.name}.log", supervised=True, count=processes)
+
+
+def _alerts_args(args: list[str]) -> list[str]:
+    """The options of ``args`` (given for ``fraudd run``) that ``fraudd alerts`` takes too (``--shards``,
+    ``--model-path`` and the like are the scoring's alone)."""
+    from fraudd.cli import alerts, run
+
+    def options(command: click.Command) -> dict[str, click.Parameter]:
+        return {flag: param for param in command.params for flag in param.opts}
+
+    run_options, alerts_options = options(run), options(alerts)
+    kept, i = [], 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0]
+        param = run_options.get(flag)
+        width = 1 if param is None or getattr(param, "is_flag", False) or "=" in args[i] else 2
+        if flag in alerts_options:
+            kept += args[i : i + width]
+        i += width
+    return kept
 
 
 def _xadd(client: redis.Redis, stream: str, documents: list[dict]) -> list[str]:

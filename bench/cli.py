@@ -22,8 +22,8 @@ from bench import alerts, console, latency, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
-from fraudd.config import DEFAULT_MODEL
 from fraudd.runtime.redis_clients import redis_client
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 

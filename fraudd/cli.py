@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,23 +15,32 @@ import psycopg
 import redis
 from redis.cluster import RedisCluster
 
-from .config import (
-    ConfigError,
-    Settings,
-    alert_options,
-    alert_settings_from,
-    ingest_options,
-    ingest_settings_from,
-    selected_options,
-    settings_from,
-    settings_options,
-)
-from .console.settings import console_options, console_settings_from
+from .alerts import settings as alert_settings
+from .console import settings as console_settings
+from .ingest import settings as ingest_settings
+from .keys import shard_streams
 from .learning import cli as learning_cli
+from .preflight import check_dependencies, check_eviction, check_migrated, connect_postgres, prepare_metrics_dir, redact
 from .runtime import logs
+from .scoring import settings as scoring_settings
+from .settings import (
+    DEDUP_WINDOW_S,
+    DLQ_STREAM,
+    FRAUD_STREAM,
+    GROUP,
+    LOG_LEVEL,
+    POSTGRES_OPTIONS,
+    REDIS_OPTIONS,
+    SHARDS,
+    STREAM,
+    ConfigError,
+    PostgresSettings,
+    RedisSettings,
+    check_cluster,
+    options,
+)
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
-    from .console.settings import ConsoleSettings
     from .runtime.health import GroupState, RedisMemory
 
 
@@ -52,15 +59,15 @@ main.add_command(learning_cli.backtest)
 
 
 @main.command()
-@settings_options
+@options(scoring_settings.OPTIONS)
 def run(**params) -> None:
     """Score the input stream with a supervisor and --workers worker processes."""
-    settings = settings_from(params)
-    check_thresholds(settings)
+    settings = scoring_settings.ScoringSettings.from_params(params)
     logs.setup(settings.log_level)
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    preflight(settings)
+    scoring_settings.check_files(settings)
+    check_dependencies(settings.redis, settings.postgres, settings.input_streams, settings.consumer.group)
     # Both import prometheus-client, which reads the directory above.
     from .runtime.supervisor import Supervisor
     from .scoring.worker import service
@@ -69,15 +76,15 @@ def run(**params) -> None:
 
 
 @main.command()
-@ingest_options
+@options(ingest_settings.OPTIONS)
 def ingest(**params) -> None:
     """Serve the HTTP API that writes transactions onto the input stream (and answers /v1/score)."""
-    settings = ingest_settings_from(params)
+    settings = ingest_settings.IngestSettings.from_params(params)
     logs.setup(settings.log_level)
     # Every server process counts into this directory; any of them answers /metrics with the sum.
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
-    check_eviction(settings.redis_url, settings.redis_cluster)
+    check_eviction(settings.redis)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -92,18 +99,18 @@ def ingest(**params) -> None:
 
 
 @main.command()
-@console_options
+@options(console_settings.OPTIONS)
 def console(**params) -> None:
     """Serve the analyst console: the review queue, cases with their evidence, verdicts that become labels."""
     from .runtime.listener import is_loopback
 
-    settings = console_settings_from(params)
+    settings = console_settings.ConsoleSettings.from_params(params)
     logs.setup(settings.log_level)
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    check_eviction(settings.redis_url, settings.redis_cluster)
-    with _connect_postgres(settings) as conn:
-        _check_migrated(conn, settings.pg_schema)
+    check_eviction(settings.redis)
+    with connect_postgres(settings.postgres) as conn:
+        check_migrated(conn, settings.postgres)
     if settings.tls_cert is None and not is_loopback(settings.listen[0]):
         click.echo(
             f"warning: --listen {settings.listen[0]} without --tls-cert: passwords and session cookies cross the network "
@@ -119,19 +126,14 @@ def console(**params) -> None:
 
 @main.group()
 def users() -> None:
-    """Console users: add, list, disable, set-role."""
+    """Console users: add, list, disable, enable, set-role, set-password."""
 
 
 def _users_connection(params: dict) -> psycopg.Connection:
-    settings = _PostgresOnly(params["postgres_url"], params["pg_schema"])
-    conn = _connect_postgres(settings)
-    _check_migrated(conn, settings.pg_schema)
+    postgres = PostgresSettings.from_params(params)
+    conn = connect_postgres(postgres)
+    check_migrated(conn, postgres)
     return conn
-
-
-class _PostgresOnly:
-    def __init__(self, postgres_url: str, pg_schema: str) -> None:
-        self.postgres_url, self.pg_schema = postgres_url, pg_schema
 
 
 def _actor() -> str:
@@ -143,7 +145,7 @@ def _password(password_file: Path | None) -> str:
     from .console.passwords import MIN_LENGTH
 
     if password_file is not None:
-        return password_file.read_text().rstrip("\n")
+        return next(iter(password_file.read_text().splitlines()), "")
     return click.prompt(f"Password (at least {MIN_LENGTH} characters)", hide_input=True, confirmation_prompt=True)
 
 
@@ -157,7 +159,7 @@ _PASSWORD_FILE = click.option(
 
 
 @users.command("add")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 @click.argument("name")
 @click.option("--role", type=_ROLE, required=True)
 @_PASSWORD_FILE
@@ -181,7 +183,7 @@ def users_add(name: str, role: str, password_file: Path | None, **params) -> Non
 
 
 @users.command("list")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def users_list(**params) -> None:
     """List console users: name, role, status."""
     from .console import users as console_users
@@ -204,7 +206,7 @@ def _change_user(params: dict, name: str, action: str, **changes: object) -> Non
 
 
 @users.command("disable")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 @click.argument("name")
 def users_disable(name: str, **params) -> None:
     """Disable user NAME: their sessions end and they cannot sign in."""
@@ -213,7 +215,7 @@ def users_disable(name: str, **params) -> None:
 
 
 @users.command("enable")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 @click.argument("name")
 def users_enable(name: str, **params) -> None:
     """Enable user NAME again."""
@@ -222,7 +224,7 @@ def users_enable(name: str, **params) -> None:
 
 
 @users.command("set-role")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 @click.argument("name")
 @click.argument("role", type=_ROLE)
 def users_set_role(name: str, role: str, **params) -> None:
@@ -232,7 +234,7 @@ def users_set_role(name: str, role: str, **params) -> None:
 
 
 @users.command("set-password")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 @click.argument("name")
 @_PASSWORD_FILE
 def users_set_password(name: str, password_file: Path | None, **params) -> None:
@@ -247,42 +249,30 @@ def users_set_password(name: str, password_file: Path | None, **params) -> None:
     click.echo(f"password of {name} set")
 
 
-def _check_migrated(conn: psycopg.Connection, pg_schema: str) -> None:
-    from .schema import MigrationError, pending_migrations
-
-    try:
-        pending = pending_migrations(conn)
-    except MigrationError as exc:
-        raise ConfigError(str(exc)) from None
-    if pending:
-        raise ConfigError(f"schema {pg_schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
-
-
 @main.command()
-@settings_options
-@alert_options
+@options(alert_settings.OPTIONS)
 def alerts(**params) -> None:
     """Deliver every alert of --fraud-stream to the channels of --config (Slack, e-mail, signed webhooks)."""
     from .alerts.config import AlertConfigError, load
 
-    settings, alert_settings = settings_from(params), alert_settings_from(params)
+    settings = alert_settings.AlertSettings.from_params(params)
     logs.setup(settings.log_level)
     try:
-        config = load(alert_settings.config)
+        config = load(settings.config)
     except AlertConfigError as exc:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.fraud_stream], alert_settings.alerts_group)
+    check_dependencies(settings.redis, settings.postgres, [settings.fraud_stream], settings.consumer.group)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor
 
-    sys.exit(Supervisor(service(settings, alert_settings, config)).run())
+    sys.exit(Supervisor(service(settings, config)).run())
 
 
 @main.command()
-@settings_options
+@options(POSTGRES_OPTIONS, [LOG_LEVEL])
 @click.option(
     "--compress-after-days",
     envvar="FRAUDD_COMPRESS_AFTER_DAYS",
@@ -301,164 +291,73 @@ def alerts(**params) -> None:
     type=click.IntRange(min=0),
     help="TimescaleDB: drop chunks older than this (0: keep every row).",
 )
-def migrate(compress_after_days: int, retention_days: int, **params) -> None:
+def migrate(compress_after_days: int, retention_days: int, log_level: str, **params) -> None:
     """Apply pending schema migrations, set up TimescaleDB where loaded, create the coming days' partitions (idempotent)."""
     from .schema import MigrationError
     from .schema import migrate as apply
 
-    settings = settings_from(params)
-    logs.setup(settings.log_level)
-    with _connect_postgres(settings) as conn:
+    postgres = PostgresSettings.from_params(params)
+    logs.setup(log_level)
+    with connect_postgres(postgres) as conn:
         try:
-            report = apply(conn, settings.pg_schema, compress_after_days=compress_after_days, retention_days=retention_days)
+            report = apply(conn, postgres.schema, compress_after_days=compress_after_days, retention_days=retention_days)
         except MigrationError as exc:
-            raise click.ClickException(f"schema {settings.pg_schema}: {exc}") from None
-    click.echo(f"schema {settings.pg_schema}: " + (f"applied {', '.join(report.applied)}" if report.applied else "up to date"))
+            raise click.ClickException(f"schema {postgres.schema}: {exc}") from None
+    click.echo(f"schema {postgres.schema}: " + (f"applied {', '.join(report.applied)}" if report.applied else "up to date"))
     click.echo(f"transactions: {report.storage}")
 
 
-def check_thresholds(settings: Settings) -> None:
-    """A ``--thresholds`` file must load and belong to the model (workers re-read it on SIGHUP)."""
-    from .scoring import thresholds
-    from .scoring.features import FEATURE_NAMES
-    from .scoring.model import FraudModel, ModelError
+@dataclass(frozen=True, slots=True)
+class StreamsSettings:
+    """What ``fraudd status`` and ``fraudd dlq`` read: the servers and the streams."""
 
-    if settings.thresholds is None:
-        return
-    if settings.review_threshold is not None or settings.decline_threshold is not None:
-        raise ConfigError(
-            "--thresholds / FRAUDD_THRESHOLDS: give either a thresholds file or --review-threshold/--decline-threshold"
+    redis: RedisSettings
+    postgres: PostgresSettings
+    stream: str
+    fraud_stream: str
+    dlq_stream: str
+    shards: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> StreamsSettings:
+        settings = cls(
+            RedisSettings.from_params(params),
+            PostgresSettings.from_params(params),
+            params["stream"],
+            params["fraud_stream"],
+            params["dlq_stream"],
+            params["shards"],
         )
-    try:
-        thresholds.load(settings.thresholds).check_model(
-            FraudModel.load(settings.model_path, FEATURE_NAMES).version, settings.thresholds
-        )
-    except thresholds.ThresholdsError as exc:
-        raise ConfigError(f"--thresholds / FRAUDD_THRESHOLDS: {exc}") from None
-    except ModelError as exc:
-        raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
+        check_cluster(settings.redis, settings.shards)
+        return settings
+
+    @property
+    def input_streams(self) -> list[str]:
+        return shard_streams(self.stream, self.shards)
 
 
-def preflight(settings: Settings) -> None:
-    """Check every dependency before forking, so a bad setting is one clear line, not a crash loop."""
-    from .scoring.features import FEATURE_NAMES
-    from .scoring.model import FraudModel, ModelError
-    from .scoring.rules import Rules, RulesError
-
-    try:
-        FraudModel.load(settings.model_path, FEATURE_NAMES)
-    except ModelError as exc:
-        raise ConfigError(f"--model-path / ML_MODEL_PATH: {exc}") from None
-    if settings.shadow_model is not None:
-        try:
-            FraudModel.load(settings.shadow_model, FEATURE_NAMES)
-        except ModelError as exc:
-            raise ConfigError(f"--shadow-model / FRAUDD_SHADOW_MODEL: {exc}") from None
-    try:
-        Rules.load(settings.rules_path)
-    except RulesError as exc:
-        raise ConfigError(f"--rules-path: {exc}") from None
-    check_dependencies(settings, settings.input_streams, settings.group)
-
-
-def check_dependencies(settings: Settings, streams: list[str], group: str) -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
-    answers with every migration applied."""
-    from .runtime.consumer import ensure_group
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import connect_redis
-
-    client = connect_redis(settings.redis_url, settings.redis_cluster)
-    try:
-        client.ping()
-        eviction = redis_memory(client).eviction_problem()
-        for stream in streams:
-            ensure_group(client, stream, group)
-    except redis.RedisError as exc:
-        raise ConfigError(f"--redis-url / REDIS_URL: cannot use {_redact(settings.redis_url)}: {exc}") from None
-    finally:
-        client.close()
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-    with _connect_postgres(settings) as conn:
-        _check_migrated(conn, settings.pg_schema)
-
-
-def check_eviction(url: str, cluster: bool) -> None:
-    """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
-    let be: the ingest starts anyway and answers 503 until Redis is back."""
-    from redis.exceptions import RedisClusterException
-
-    from .runtime.health import redis_memory
-    from .runtime.redis_clients import redis_client
-
-    try:
-        client = redis_client(url, cluster, socket_timeout=3, socket_connect_timeout=3)
-        try:
-            eviction = redis_memory(client).eviction_problem()
-        finally:
-            client.close()
-    except (redis.RedisError, RedisClusterException):
-        return
-    if eviction:
-        raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
-
-
-def _connect_postgres(settings: Settings | ConsoleSettings | _PostgresOnly) -> psycopg.Connection:
-    from .schema import connect
-
-    try:
-        return connect(settings.postgres_url, settings.pg_schema, connect_timeout=5, autocommit=True)
-    except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(
-            f"--postgres-url / POSTGRES_URL: cannot connect to {_redact(settings.postgres_url)}: {reason}"
-        ) from None
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for an error message."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
-def prepare_metrics_dir() -> None:
-    """Give prometheus-client an empty multiprocess directory before anything imports it.
-
-    It picks its storage at import time, and every forked worker then writes its own files there
-    for the supervisor's ``/metrics`` to sum. Without ``--metrics-port`` nothing is exported and
-    the metrics stay in process memory.
-    """
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    directory = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="fraudd-metrics-"))
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    atexit.register(shutil.rmtree, directory, True)
+DLQ_OPTIONS = [*REDIS_OPTIONS, *POSTGRES_OPTIONS, STREAM, SHARDS, FRAUD_STREAM, DLQ_STREAM]
+STATUS_OPTIONS = [*DLQ_OPTIONS, GROUP, DEDUP_WINDOW_S]
 
 
 @main.command()
-@settings_options
-def status(**params) -> None:
+@options(STATUS_OPTIONS)
+def status(group: str, dedup_window_s: int, **params) -> None:
     """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster)."""
     from .keys import Keys
     from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     healthy = True
-    client = redis_client(settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=3)
+    client = redis_client(settings.redis.url, settings.redis.cluster, decode_responses=True, socket_timeout=3)
     try:
-        states = [group_state(client, stream, settings.group) for stream in settings.input_streams]
+        states = [group_state(client, stream, group) for stream in settings.input_streams]
         state = combined(states)
-        click.echo(f"redis      up    {_redact(settings.redis_url)}")
+        click.echo(f"redis      up    {redact(settings.redis.url)}")
         shards = f" ({settings.shards} shards)" if settings.shards > 1 else ""
         click.echo(
-            f"group      {settings.group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
+            f"group      {group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
             f"oldest pending {state.oldest_pending_age_s:.1f}s"
         )
         for consumer in state.consumers:
@@ -479,10 +378,10 @@ def status(**params) -> None:
         click.echo(f"memory     {memory.describe()}")
         click.echo(
             f"           input {sum(rates):,.0f} tx/s over the last second: dedup markers for the "
-            f"{settings.dedup_window_s} s window need ≈ {_marker_need(sum(rates), settings.dedup_window_s, memory)}"
+            f"{dedup_window_s} s window need ≈ {_marker_need(sum(rates), dedup_window_s, memory)}"
         )
         if isinstance(client, RedisCluster):
-            _echo_nodes(client, settings, states, rates)
+            _echo_nodes(client, settings, states, rates, dedup_window_s)
         # A full Redis refuses a write whose arguments do not fit, so INFO may still show a little room.
         problem = memory_problem(memory, refusing=memory.maximum > 0 and memory.used > NEARLY_FULL * memory.maximum)
         if problem:
@@ -490,17 +389,19 @@ def status(**params) -> None:
             click.echo(f"           {problem}")
     except redis.RedisError as exc:
         healthy = False
-        click.echo(f"redis      DOWN  {_redact(settings.redis_url)}: {exc}")
+        click.echo(f"redis      DOWN  {redact(settings.redis.url)}: {exc}")
     try:
-        check_postgres(settings)
-        click.echo(f"postgres   up    {_redact(settings.postgres_url)}")
+        check_postgres(settings.postgres)
+        click.echo(f"postgres   up    {redact(settings.postgres.url)}")
     except (psycopg.Error, OSError) as exc:
         healthy = False
-        click.echo(f"postgres   DOWN  {_redact(settings.postgres_url)}: {' '.join(str(exc).split())}")
+        click.echo(f"postgres   DOWN  {redact(settings.postgres.url)}: {' '.join(str(exc).split())}")
     sys.exit(0 if healthy else 1)
 
 
-def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupState], rates: list[float]) -> None:
+def _echo_nodes(
+    client: RedisCluster, settings: StreamsSettings, states: list[GroupState], rates: list[float], dedup_window_s: int
+) -> None:
     """One line per primary of a cluster: the shards it serves (their lag, pending and input rate, the
     dedup markers they need) and its memory. Each primary holds its own shards' markers and states,
     so one node full or lagging is visible here while the totals above still look fine."""
@@ -521,7 +422,7 @@ def _echo_nodes(client: RedisCluster, settings: Settings, states: list[GroupStat
             f"lag {sum(states[k].lag for k in shards)}, pending {sum(states[k].pending for k in shards)}, "
             f"input {rate:,.0f} tx/s"
         )
-        click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, settings.dedup_window_s, memory)}")
+        click.echo(f"           memory {memory.describe()}, markers need ≈ {_marker_need(rate, dedup_window_s, memory)}")
 
 
 def _marker_need(rate: float, window_s: int, memory: RedisMemory) -> str:
@@ -557,14 +458,14 @@ def dlq() -> None:
     """Inspect, replay or purge the dead-letter stream."""
 
 
-def _dlq_client(settings: Settings) -> redis.Redis | RedisCluster:
+def _dlq_client(settings: StreamsSettings) -> redis.Redis | RedisCluster:
     from .runtime.redis_clients import redis_client
 
-    return redis_client(settings.redis_url, settings.redis_cluster)
+    return redis_client(settings.redis.url, settings.redis.cluster)
 
 
 def _dlq_selection(
-    client: redis.Redis, settings: Settings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
+    client: redis.Redis, settings: StreamsSettings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
 ) -> list[tuple[str, dict]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")
@@ -578,12 +479,12 @@ def _dlq_selection(
 
 
 @dlq.command("list")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.option("--reason", default=None, help="Only entries with this reason.")
 @click.option("--count", default=50, show_default=True, help="At most this many entries.")
 def dlq_list(reason: str | None, count: int, **params) -> None:
     """List dead letters: id, reason, detail, original entry, deliveries and the payload's start."""
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     shown = 0
     for entry_id, fields in client.xrange(settings.dlq_stream):
@@ -603,7 +504,7 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
 
 
 @dlq.command("replay")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.argument("entry_ids", nargs=-1)
 @click.option("--reason", default=None, help="Replay every entry with this reason.")
 @click.option("--all", "select_all", is_flag=True, help="Replay every entry.")
@@ -617,7 +518,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
 
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
@@ -641,7 +542,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
         pipe.execute()
     if alerts:
-        with _connect_postgres(settings) as conn:
+        with connect_postgres(settings.postgres) as conn:
             retry_failed(conn, client, settings.fraud_stream, settings.dlq_stream, [fields for _id, fields in alerts])
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
@@ -654,13 +555,13 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
 
 
 @dlq.command("purge")
-@settings_options
+@options(DLQ_OPTIONS)
 @click.argument("entry_ids", nargs=-1)
 @click.option("--reason", default=None, help="Purge every entry with this reason.")
 @click.option("--all", "select_all", is_flag=True, help="Purge every entry.")
 def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
     """Delete dead letters for good."""
-    settings = settings_from(params)
+    settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
     if selected:

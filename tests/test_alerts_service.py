@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -268,3 +269,33 @@ def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_pat
             "environment variable FRAUDD_TEST_UNSET_SECRET is not set"
         )
     ], result.stderr
+
+
+def test_only_the_scoring_housekeeping_creates_transactions_partitions(ns: Namespace, tmp_path: Path) -> None:
+    from fraudd import cli
+    from fraudd.alerts.config import load
+    from fraudd.alerts.service import service as alerts_service
+    from fraudd.alerts.settings import AlertSettings
+    from fraudd.schema import connect
+    from fraudd.scoring.settings import ScoringSettings
+    from fraudd.scoring.worker import service as scoring_service
+
+    partition = f"transactions_{(datetime.now(UTC) + timedelta(days=3)):%Y%m%d}"
+    with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {partition}")
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    config = write_config(
+        tmp_path, f'[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\nsecret_file = "{secret}"\n'
+    )
+    common = ["--redis-url", ns.redis_url, "--postgres-url", ns.postgres_url, "--pg-schema", ns.schema]
+
+    def exists() -> bool:
+        return ns.sql("SELECT to_regclass(%s) IS NOT NULL", (partition,)) == [(True,)]
+
+    alert_settings = AlertSettings.from_params(cli.alerts.make_context("alerts", [*common, "--config", str(config)]).params)
+    alerts_service(alert_settings, load(config)).housekeeping()
+    assert not exists()
+    scoring = ScoringSettings.from_params(cli.run.make_context("run", [*common, "--stream", ns.stream]).params)
+    scoring_service(scoring).housekeeping()
+    assert exists()

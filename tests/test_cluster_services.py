@@ -12,7 +12,6 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -29,6 +28,7 @@ from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring import decode
 from fraudd.scoring.confirmed import KINDS
+from fraudd.settings import ConsumerSettings
 
 from .alerting import HttpReceiver
 from .conftest import Namespace, wait_for
@@ -83,22 +83,13 @@ def dead_letters(client: RedisCluster, ns: Namespace) -> list[dict[str, bytes]]:
     return [{k.decode(): v for k, v in fields.items()} for _id, fields in client.xrange(ns.dlq_stream)]
 
 
-@dataclass(frozen=True)
-class ConsumerOptions:
-    stream: str
-    group: str = "readers"
-    batch_size: int = 100
-    block_ms: int = 10
-    claim_idle_ms: int = 1000
-    max_deliveries: int = 5
-    shutdown_timeout_s: float = 5.0
-
-
 def test_a_read_whose_dead_letters_were_written_but_not_acked_writes_none_again(
     ns: Namespace, redis_cluster: RedisClusterServers, cluster_client: RedisCluster
 ) -> None:
     client = connect_redis(redis_cluster.url, cluster=True)
-    options = ConsumerOptions(ns.labels_stream)
+    options = ConsumerSettings(
+        ns.labels_stream, "readers", "reader", workers=1, batch_size=100, block_ms=10, claim_idle_ms=1000, shutdown_timeout_s=5.0
+    )
     ensure_group(client, options.stream, options.group)
     ids = [client.xadd(options.stream, {"data": f"entry {i}"}).decode() for i in range(5)]
     consumer = StreamConsumer(client, options, "reader-0", WorkerProcess(0))

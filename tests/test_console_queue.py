@@ -14,8 +14,8 @@ import pytest
 from fraudd.console import audit, cases, queue
 from fraudd.console.queue import FilterError, QueueFilter
 from fraudd.console.server import Housekeeper
-from fraudd.console.settings import ConsoleSettings
 from fraudd.schema import connect
+from fraudd.settings import PostgresSettings
 
 from .conftest import Namespace
 
@@ -97,27 +97,7 @@ def test_an_expired_lease_returns_the_case_to_the_queue(ns: Namespace, conn: psy
     with conn.transaction():
         assert cases.resolve(conn, ["l1"], "bob", "fraud") == []
     ns.sql("UPDATE cases SET lease_until = now() - interval '1 second' RETURNING 1")
-    settings = ConsoleSettings(
-        listen=("127.0.0.1", 0),
-        workers=1,
-        sla_minutes=240,
-        lease_minutes=30,
-        session_idle_minutes=30,
-        login_attempts=5,
-        tls_cert=None,
-        tls_key=None,
-        redis_url="",
-        redis_cluster=False,
-        postgres_url=ns.postgres_url,
-        pg_schema=ns.schema,
-        rules_path=Path("unused"),
-        stream=ns.stream,
-        shards=1,
-        shutdown_timeout_s=5,
-        metrics_port=0,
-        log_level="INFO",
-    )
-    Housekeeper(settings).run_once()
+    Housekeeper(PostgresSettings(ns.postgres_url, ns.schema), SLA, timedelta(minutes=30)).run_once()
     assert ns.sql("SELECT state, assignee FROM cases") == [("open", None)]
     assert ns.sql("SELECT actor, action, before->>'assignee' FROM console_audit") == [("fraudd", "lease_expired", "alice")]
     assert queue.claim_next(conn, "bob", "review", SLA, LEASE) == "l1"

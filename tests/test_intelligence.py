@@ -12,15 +12,15 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
-from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
-from fraudd.learning import train
 from fraudd.keys import Keys
+from fraudd.learning import train
+from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
 from fraudd.scoring.model import META_FEATURES, FraudModel, ModelError
 from fraudd.scoring.rules import DECISIONS, Rules
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.worker import score_batch
 
 from .conftest import Namespace, wait_for

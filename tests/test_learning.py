@@ -11,7 +11,6 @@ import orjson
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
 from fraudd.learning.labels import parse_labels, publish_labels
@@ -29,6 +28,7 @@ from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
 from .services import drain

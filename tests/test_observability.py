@@ -384,9 +384,9 @@ def test_healthz_is_200_while_healthy(observed: Observed) -> None:
 
 def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fraudd.cli import run
-    from fraudd.config import settings_from
     from fraudd.runtime.health import HealthServer
     from fraudd.runtime.supervisor import Supervisor
+    from fraudd.scoring.settings import ScoringSettings
     from fraudd.scoring.worker import service
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -404,8 +404,8 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
             "2",
         ],
     )
-    settings = settings_from(context.params)
-    server = HealthServer(port, Supervisor(service(settings)).health_problems)
+    settings = ScoringSettings.from_params(context.params)
+    server = HealthServer(settings.metrics.listen, Supervisor(service(settings)).health_problems)
     server.start()
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/healthz")
@@ -413,6 +413,35 @@ def test_healthz_is_503_with_the_reason(tmp_path: Path, monkeypatch: pytest.Monk
         server.stop()
     assert status == 503
     assert "postgres:" in body and "workers: 0 of 2 ready" in body and "redis" not in body, body
+
+
+@pytest.mark.parametrize(
+    ("args", "everywhere"),
+    [
+        (["--metrics-port", "{port}"], False),
+        (["--metrics-listen", "127.0.0.1:{port}"], False),
+        (["--metrics-listen", ":{port}"], True),
+    ],
+)
+def test_metrics_and_healthz_listen_on_loopback_unless_told_otherwise(
+    args: list[str], everywhere: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fraudd.cli import run
+    from fraudd.runtime.health import HealthServer
+    from fraudd.scoring.settings import ScoringSettings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert ScoringSettings.from_params(run.make_context("run", []).params).metrics.listen is None  # off by default
+    port = free_port()
+    settings = ScoringSettings.from_params(run.make_context("run", [arg.format(port=port) for arg in args]).params)
+    server = HealthServer(settings.metrics.listen, lambda: [])
+    server.start()
+    try:
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        # 127.0.0.2 is this host too, but not the address a loopback-only socket is bound to.
+        assert http_get(f"http://127.0.0.2:{port}/healthz") == ((200, "ok\n") if everywhere else (0, ""))
+    finally:
+        server.stop()
 
 
 def test_logs_are_json_lines_that_do_not_grow_with_traffic(observed: Observed) -> None:

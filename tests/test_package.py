@@ -20,10 +20,10 @@ import numpy as np
 import orjson
 import redis
 
-from fraudd.config import DEFAULT_MODEL
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import FraudModel
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 from .conftest import Namespace
 from .services import drain
@@ -83,7 +83,7 @@ def test_wheel_installed_elsewhere_migrates_and_scores(redis_client: redis.Redis
             [
                 venv / "bin" / "python",
                 "-c",
-                "import fraudd, fraudd.config; print(fraudd.__file__); print(fraudd.config.DEFAULT_MODEL)",
+                "import fraudd, fraudd.scoring.settings; print(fraudd.__file__); print(fraudd.scoring.settings.DEFAULT_MODEL)",
             ],
             env=ns.env(),
             cwd=tmp_path,

@@ -11,9 +11,9 @@ import orjson
 import pytest
 import redis
 
-from fraudd.scoring import decode
-from fraudd.config import DEFAULT_MODEL
 from fraudd.ingest import Publisher
+from fraudd.scoring import decode
+from fraudd.scoring.settings import DEFAULT_MODEL
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import drain

@@ -15,16 +15,26 @@ from pathlib import Path
 import pytest
 import redis
 
-from fraudd.scoring import decode
-from fraudd.config import OPTIONS, Settings
-from fraudd.scoring.features import LIBRARY_NAME, stored_states
-from fraudd.runtime.health import Housekeeper
 from fraudd.keys import Keys
+from fraudd.runtime.health import Housekeeper
 from fraudd.schema import connect
+from fraudd.scoring import decode
+from fraudd.scoring.features import LIBRARY_NAME, stored_states
+from fraudd.settings import ConsumerSettings, PostgresSettings, RedisSettings
 
 from .conftest import Namespace, wait_for, worker_pids
-from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop
-from .services import dedicated_postgres, dedicated_redis, volatile_redis  # noqa: F401  (fixtures)
+from .services import (  # noqa: F401  (fixtures)
+    PostgresServer,
+    RedisServer,
+    alive,
+    dedicated_namespace,
+    dedicated_postgres,
+    dedicated_redis,
+    drain,
+    start,
+    stop,
+    volatile_redis,
+)
 from .streams import alerts, dlq, fully_drained, group, payload, pending_deliveries, publish, valid_payloads
 
 
@@ -65,39 +75,22 @@ def test_entries_a_dead_consumer_left_pending_are_reclaimed(ns: Namespace, redis
     assert ghost["pending"] == 0
 
 
-def _settings(ns: Namespace, **overrides) -> Settings:
-    values = {flag.replace("-", "_"): kwargs.get("default") for flag, _env, kwargs, _help in OPTIONS}
-    values.update(
-        redis_url=ns.redis_url,
-        postgres_url=ns.postgres_url,
-        pg_schema=ns.schema,
-        stream=ns.stream,
-        fraud_stream=ns.fraud_stream,
-        dlq_stream=ns.dlq_stream,
-        group=ns.group,
-        consumer_id=f"{ns.name}-c",
-        workers=2,
-        **overrides,
-    )
-    return Settings(**values)
-
-
 def test_housekeeper_removes_gone_consumers_that_own_nothing(
     ns: Namespace, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = _settings(ns, claim_idle_ms=50)
+    consumer = ConsumerSettings(ns.stream, ns.group, f"{ns.name}-c", workers=2, claim_idle_ms=50)
     publish(redis_client, ns.stream, valid_payloads(1, "hk"))
     redis_client.xgroup_create(ns.stream, ns.group, id="0")
     redis_client.xgroup_createconsumer(ns.stream, ns.group, "gone-empty")
     redis_client.xreadgroup(ns.group, "gone-holding", {ns.stream: ">"}, count=1)
-    redis_client.xgroup_createconsumer(ns.stream, ns.group, settings.consumer_name(1))  # ours, idle
+    redis_client.xgroup_createconsumer(ns.stream, ns.group, consumer.consumer_name(1))  # ours, idle
     # The production threshold is a minute of idleness; the rule, not the minute, is under test.
     monkeypatch.setattr("fraudd.runtime.health.GONE_CONSUMER_MIN_IDLE_MS", 0)
     time.sleep(0.2)
-    Housekeeper(settings).run_once()
+    Housekeeper(RedisSettings(ns.redis_url), PostgresSettings(ns.postgres_url, ns.schema), consumer, [ns.stream]).run_once()
     names = {c["name"].decode() for c in redis_client.xinfo_consumers(ns.stream, ns.group)}
     # Gone and owning nothing: removed. Owning a pending entry: kept for XAUTOCLAIM. Ours: kept.
-    assert names == {"gone-holding", settings.consumer_name(1)}
+    assert names == {"gone-holding", consumer.consumer_name(1)}
 
 
 # -- poison and bisection ----------------------------------------------------------------------

@@ -9,12 +9,13 @@ import orjson
 import pytest
 import redis
 
-from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, FeatureStore, Features
 from fraudd.keys import Keys
-from fraudd.scoring.rules import DECISIONS, DEFAULT_RULES_PATH, Rule, RuleOutcome, Rules, RulesError, decide
+from fraudd.scoring.decode import decode_batch
+from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide
+from fraudd.scoring.settings import DEFAULT_RULES
 
-DEFAULT = Rules.load()
+DEFAULT = Rules.load(DEFAULT_RULES)
 
 
 def quiet_row() -> dict[str, float]:
@@ -101,7 +102,7 @@ def test_decide_takes_the_max_of_model_and_rules() -> None:
 
 
 def test_version_follows_the_content(tmp_path) -> None:
-    text = DEFAULT_RULES_PATH.read_bytes()
+    text = DEFAULT_RULES.read_bytes()
     assert Rules.from_bytes(text).version == DEFAULT.version
     assert Rules.from_bytes(text + b"\n").version != DEFAULT.version
     assert len(DEFAULT.version) == 12

@@ -23,9 +23,9 @@ import orjson
 import pytest
 import redis
 
-from fraudd import cli, config
-from fraudd.console import settings as console_settings
+from fraudd import cli
 from fraudd.runtime.supervisor import STOP_MARGIN_S
+from fraudd.settings import SHUTDOWN_TIMEOUT_S
 
 from .alerting import SECRET, HttpReceiver
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
@@ -89,7 +89,7 @@ def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
 
 
 def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_hardening() -> None:
-    drain_s = next(kwargs["default"] for flag, _env, kwargs, _help in config.OPTIONS if flag == "shutdown-timeout-s")
+    drain_s = SHUTDOWN_TIMEOUT_S.default
     reference = None
     for unit in SERVICES:
         settings = dict(service_section(unit))
@@ -105,13 +105,20 @@ def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_harden
         assert units["Unit"]["PartOf"] == "fraudd.target" and units["Install"]["WantedBy"] == "fraudd.target"
 
 
+# The commands the units run: the environment file holds their settings.
+SERVICES_COMMANDS = ("run", "ingest", "alerts", "console")
+
+
+def envvars(name: str) -> set[str]:
+    """The environment variables command ``fraudd <name>`` reads its options from."""
+    return {param.envvar for param in cli.main.get_command(None, name).params if getattr(param, "envvar", None)}
+
+
 def test_the_environment_file_documents_every_option_and_its_values_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = (UNITS / "fraudd.env").read_text().splitlines()
     assignments = [re.match(r"#?([A-Z][A-Z0-9_]*)=(.*)", line) for line in lines]
     documented = [m.group(1) for m in assignments if m]
-    options = {name: value for name, value in vars(config).items() if name.endswith("OPTIONS")}
-    options["CONSOLE_OPTIONS"] = console_settings.CONSOLE_OPTIONS
-    known = {envvar for option_list in options.values() for _flag, envvar, _kwargs, _help in option_list}
+    known = {envvar for command in SERVICES_COMMANDS for envvar in envvars(command)}
     missing, unknown = sorted(known - set(documented)), sorted(set(documented) - known)
     assert missing == [], f"systemd/fraudd.env lacks {missing}: document each new option there"
     assert unknown == [], f"systemd/fraudd.env names options that do not exist: {unknown}"
@@ -122,7 +129,7 @@ def test_the_environment_file_documents_every_option_and_its_values_are_accepted
     for match, line in zip(assignments, lines):
         if match and not line.startswith("#"):
             monkeypatch.setenv(match.group(1), match.group(2))
-    for name in ("run", "ingest", "alerts", "console"):
+    for name in SERVICES_COMMANDS:
         command = cli.main.get_command(None, name)
         command.make_context(name, [])  # parses and checks every option, from the environment
 

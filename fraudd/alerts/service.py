@@ -10,14 +10,12 @@ never holds up the stream.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
 import psycopg
 import redis
 
-from ..config import AlertSettings, Settings
 from ..runtime import metrics
 from ..runtime.consumer import REASON_MAX_DELIVERIES, Entries, StreamConsumer, consume
 from ..runtime.deadletters import DeadLetterSettler
@@ -30,6 +28,7 @@ from ..schema import connect
 from .config import AlertConfigError, AlertsConfig, load
 from .deliveries import purge_settled
 from .sender import REASON_INVALID_ALERT, AlertSender, SenderSettings
+from .settings import AlertSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,45 +37,34 @@ PURGE_INTERVAL_S = 600.0  # settled deliveries age by days: no need to look more
 OUTCOMES = ("delivered", "failed", "dead_lettered")
 
 
-def consumer_view(settings: Settings, alert_settings: AlertSettings) -> Settings:
-    """The settings as the alert consumer and its housekeeping see them: its stream is the fraud
-    stream (never sharded: --shards splits the input), its group the alerts group, its consumers
-    ``<consumer-id>-alerts-<i>``."""
-    return dataclasses.replace(
-        settings,
-        stream=settings.fraud_stream,
-        group=alert_settings.alerts_group,
-        consumer_id=f"{settings.consumer_id}-alerts",
-        shards=1,
-    )
-
-
 class AlertWorker:
     """The batch handler of one ``fraudd alerts`` worker process."""
 
-    def __init__(self, settings: Settings, alert_settings: AlertSettings, config: AlertsConfig, process: WorkerProcess) -> None:
-        self.view = consumer_view(settings, alert_settings)
-        self.alert_settings = alert_settings
+    def __init__(self, settings: AlertSettings, config: AlertsConfig, process: WorkerProcess) -> None:
+        self.settings = settings
         self.config = config
         self.consumer = StreamConsumer(
-            connect_redis(settings.redis_url, settings.redis_cluster), self.view, self.view.consumer_name(process.index), process
+            connect_redis(settings.redis.url, settings.redis.cluster),
+            settings.consumer,
+            settings.consumer.consumer_name(process.index),
+            process,
         )
         self.settler = DeadLetterSettler(self.consumer, settings.dlq_stream)
         self.sender = self._sender(config)
 
     def _sender(self, config: AlertsConfig) -> AlertSender:
-        s = self.view
+        s = self.settings
         return AlertSender(
             config,
             SenderSettings(
-                s.redis_url,
-                s.postgres_url,
-                s.pg_schema,
+                s.redis.url,
+                s.postgres.url,
+                s.postgres.schema,
                 s.fraud_stream,
                 s.dlq_stream,
-                self.alert_settings.max_attempts,
+                s.max_attempts,
                 self.consumer.name,
-                s.redis_cluster,
+                s.redis.cluster,
             ),
         )
 
@@ -90,18 +78,18 @@ class AlertWorker:
         self.sender.start()
 
     def _check_postgres(self) -> None:
-        with connect(self.view.postgres_url, self.view.pg_schema, connect_timeout=5) as conn:
+        with connect(self.settings.postgres.url, self.settings.postgres.schema, connect_timeout=5) as conn:
             conn.execute("SELECT 1 FROM alert_deliveries LIMIT 1")
 
     def reload(self) -> None:
         """Re-read the channels file; a bad one is refused and the running channels kept."""
         try:
-            config = load(self.alert_settings.config)
+            config = load(self.settings.config)
         except AlertConfigError as exc:
             metrics.reloads.labels("refused").inc()
             log.error("reload refused, keeping the running channels", extra={"event": "reload_refused", "reason": str(exc)})
             return
-        self.sender.stop(self.view.shutdown_timeout_s / 2)
+        self.sender.stop(self.settings.consumer.shutdown_timeout_s / 2)
         self.config, self.sender = config, self._sender(config)
         self.boot()
         metrics.reloads.labels("ok").inc()
@@ -126,35 +114,34 @@ class AlertWorker:
         """Nothing settles in the background: a read is recorded and acked before the next."""
 
     def close(self) -> None:
-        self.sender.stop(self.view.shutdown_timeout_s / 2)
+        self.sender.stop(self.settings.consumer.shutdown_timeout_s / 2)
 
 
-def service(settings: Settings, alert_settings: AlertSettings, config: AlertsConfig) -> Service:
+def service(settings: AlertSettings, config: AlertsConfig) -> Service:
     """``fraudd alerts``: the supervisor's view of the alert workers."""
-    view = consumer_view(settings, alert_settings)
-    housekeeper = Housekeeper(view)
+    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, [settings.fraud_stream])
     backlog: list[int] = []  # the last count, for the status line
     next_purge = [0.0]
 
     def housekeeping() -> None:
         housekeeper.run_once()
         try:
-            trim_acked(housekeeper.redis, view.stream, alert_settings.fraud_retention_s)
+            trim_acked(housekeeper.redis, settings.fraud_stream, settings.fraud_retention_s)
         except (redis.RedisError, OSError):
             pass  # the housekeeper reports Redis down
         try:
-            with connect(view.postgres_url, view.pg_schema, connect_timeout=2, autocommit=True) as conn:
+            with connect(settings.postgres.url, settings.postgres.schema, connect_timeout=2, autocommit=True) as conn:
                 (count,) = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
-                if alert_settings.deliveries_retention_days and time.monotonic() >= next_purge[0]:
+                if settings.deliveries_retention_days and time.monotonic() >= next_purge[0]:
                     next_purge[0] = time.monotonic() + PURGE_INTERVAL_S
-                    purged = purge_settled(conn, alert_settings.deliveries_retention_days)
+                    purged = purge_settled(conn, settings.deliveries_retention_days)
                     if purged:
                         log.info(
                             "settled alert deliveries purged",
                             extra={
                                 "event": "deliveries_purged",
                                 "rows": purged,
-                                "days": alert_settings.deliveries_retention_days,
+                                "days": settings.deliveries_retention_days,
                             },
                         )
         except (psycopg.Error, OSError):
@@ -167,19 +154,19 @@ def service(settings: Settings, alert_settings: AlertSettings, config: AlertsCon
 
     return Service(
         name="fraudd alerts",
-        workers=settings.workers,
-        run_worker=lambda process: worker_main(settings, alert_settings, config, process),
-        worker_name=view.consumer_name,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
+        workers=settings.consumer.workers,
+        run_worker=lambda process: worker_main(settings, config, process),
+        worker_name=settings.consumer.consumer_name,
+        shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
         housekeeping=housekeeping,
-        health_problems=lambda: health_problems(view, housekeeper.redis),
+        health_problems=lambda: health_problems(settings.postgres, housekeeper.redis),
         summary=summary,
     )
 
 
-def worker_main(settings: Settings, alert_settings: AlertSettings, config: AlertsConfig, process: WorkerProcess) -> int:
+def worker_main(settings: AlertSettings, config: AlertsConfig, process: WorkerProcess) -> int:
     """Entry point of a forked alert worker; returns its exit code."""
-    worker = AlertWorker(settings, alert_settings, config, process)
+    worker = AlertWorker(settings, config, process)
     return consume(process, worker.consumer, worker)

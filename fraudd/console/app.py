@@ -1,61 +1,24 @@
 """The console's aiohttp application: the factory, and the middlewares every request passes.
 
-In order: the time spent (``Server-Timing``); security headers on every answer; the session (a page without one redirects to the
-sign-in form, anything else answers 401); the CSRF token on every POST (the session's, sent as the
-form field ``csrf`` or the ``X-CSRF-Token`` header; the sign-in form has its own double-submit
-cookie). Roles are checked per handler (``views.requires``), and a refusal is audited.
+In order: the time spent (``Server-Timing``); security headers on every answer; the session (a
+page without one redirects to the sign-in form, anything else answers 401); the CSRF token on every
+POST (the session's, sent as the form field ``csrf`` or the ``X-CSRF-Token`` header; the sign-in
+form has its own double-submit cookie). Roles are checked per handler (``views.requires``), and a refusal is audited.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from urllib.parse import quote
 
-import jinja2
 from aiohttp import web
 
-from . import audit, sessions
-from .db import Database
-from .settings import ConsoleSettings
-from .verdicts import Teacher
+from . import audit, sessions, views
+from .context import CONSOLE, SESSION_COOKIE, Console, client_address
 
-SESSION_COOKIE = "fraudd_session"
-LOGIN_CSRF_COOKIE = "fraudd_login_csrf"
 PUBLIC = ("/login", "/static/", "/favicon.ico")
 # Same origin only, no inline script or style: the console's own files are all it loads.
 CSP = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-
-
-@dataclass(frozen=True, slots=True)
-class Console:
-    """What handlers share, kept on the application as ``app[CONSOLE]``."""
-
-    settings: ConsoleSettings
-    db: Database
-    teacher: Teacher
-    templates: jinja2.Environment
-    rule_reasons: dict[str, str]  # rule code -> its reason, for the codes stored in a case's reasons
-
-    @property
-    def secure_cookies(self) -> bool:
-        return self.settings.tls_cert is not None
-
-    def render(self, request: web.Request, name: str, status: int = 200, **context: object) -> web.Response:
-        session = request.get("session")
-        text = self.templates.get_template(name).render(
-            session=session, csrf=session.csrf_token if session else "", path=request.path, **context
-        )
-        return web.Response(text=text, status=status, content_type="text/html")
-
-
-CONSOLE = web.AppKey("console", Console)
-
-
-def client_address(request: web.Request) -> str | None:
-    return request.remote
 
 
 @web.middleware
@@ -114,8 +77,6 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
 
 
 def make_app(console: Console) -> web.Application:
-    from . import views  # the handlers import this module's middlewares' names
-
     app = web.Application(middlewares=[server_timing, security_headers, authenticate], client_max_size=256 * 1024)
     app[CONSOLE] = console
     app.router.add_get("/login", views.login_form)
@@ -146,29 +107,3 @@ def make_app(console: Console) -> web.Application:
     app.on_startup.append(open_db)
     app.on_cleanup.append(close_db)
     return app
-
-
-def templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("fraudd.console", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["duration"] = duration
-    env.filters["age"] = lambda at: duration(datetime.now(UTC) - at)
-    env.filters["urlencode"] = lambda text: quote(str(text), safe="")
-    return env
-
-
-def duration(span: timedelta) -> str:
-    """A span as an analyst reads it: "45 s", "12 min", "3 h 05 min", "2 d 4 h"."""
-    seconds = max(int(span.total_seconds()), 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from datetime import timedelta
 
 import psycopg
 import uvloop
@@ -18,8 +19,10 @@ from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from ..schema import connect
 from ..scoring.rules import Rules
+from ..settings import PostgresSettings
 from . import audit, cases, metrics, queue, sessions
-from .app import Console, make_app, templates
+from .app import make_app
+from .context import Console, templates
 from .db import Database
 from .settings import ConsoleSettings
 from .verdicts import Teacher
@@ -34,9 +37,9 @@ def service(settings: ConsoleSettings) -> Service:
     sock = bind(settings.listen)
     context = tls_context(settings.tls_cert, settings.tls_key)
     rule_reasons = {rule.code: rule.reason for rule in Rules.load(settings.rules_path).rules}
-    with connect(settings.postgres_url, settings.pg_schema, autocommit=True) as conn:
+    with connect(settings.postgres.url, settings.postgres.schema, autocommit=True) as conn:
         cases.rerank(conn, settings.sla)
-    housekeeper = Housekeeper(settings)
+    housekeeper = Housekeeper(settings.postgres, settings.sla, settings.session_idle)
     metrics.sla_seconds.set(settings.sla.total_seconds())
     return Service(
         name="fraudd console",
@@ -45,7 +48,7 @@ def service(settings: ConsoleSettings) -> Service:
         worker_name=lambda index: f"console-{index}",
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
         housekeeping=housekeeper.run_once,
         summary=housekeeper.summary,
     )
@@ -56,26 +59,27 @@ class Housekeeper:
     their cases to the queue (audited), idle sessions go, and the queue's gauges are set. Logs an
     outage once, never raises."""
 
-    def __init__(self, settings: ConsoleSettings) -> None:
-        self._settings = settings
+    def __init__(self, postgres: PostgresSettings, sla: timedelta, session_idle: timedelta) -> None:
+        self._postgres = postgres
+        self._sla = sla
+        self._session_idle = session_idle
         self._conn: psycopg.Connection | None = None
         self._failing = False
         self._open = 0
 
     def run_once(self) -> None:
-        s = self._settings
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = connect(s.postgres_url, s.pg_schema, connect_timeout=3, autocommit=True)
+                self._conn = connect(self._postgres.url, self._postgres.schema, connect_timeout=3, autocommit=True)
             conn = self._conn
             with conn.transaction():
-                created = cases.sync(conn, s.sla)
+                created = cases.sync(conn, self._sla)
             with conn.transaction():
                 for transaction_id, assignee in queue.expire_leases(conn):
                     audit.record(
                         conn, "fraudd", "lease_expired", transaction_id, before={"assignee": assignee}, after={"assignee": None}
                     )
-            sessions.expire(conn, s.session_idle)
+            sessions.expire(conn, self._session_idle)
             depth, oldest = queue.depth(conn)
         except psycopg.Error as exc:
             if not self._failing:
@@ -121,8 +125,8 @@ async def _serve(
     process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
     console = Console(
         settings=settings,
-        db=Database(settings.postgres_url, settings.pg_schema),
-        teacher=Teacher(connect_redis(settings.redis_url, settings.redis_cluster), settings.stream, settings.shards),
+        db=Database(settings.postgres.url, settings.postgres.schema),
+        teacher=Teacher(connect_redis(settings.redis.url, settings.redis.cluster), settings.stream, settings.shards),
         templates=templates(),
         rule_reasons=rule_reasons,
     )

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .. import __version__
 from . import audit, cases, metrics, queue, sessions, users, verdicts
-from .app import CONSOLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Console, client_address
+from .context import CONSOLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Console, client_address
 from .passwords import verify_password
 from .queue import FilterError, QueueFilter
 

@@ -26,7 +26,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from redis.cluster import RedisCluster
 
-from ..config import IngestSettings
 from ..keys import Keys
 from ..learning.labels import parse_labels
 from ..runtime.health import group_state
@@ -45,6 +44,7 @@ from . import auth
 from . import metrics as ingest_metrics
 from .decisions import Decisions, StoredDecisions, instance_name
 from .publisher import Accepted, CoalescingPublisher, Submission
+from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Ingest:
         # The unsharded keys hold what is not per shard (signature markers).
         self.keys = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream)
         # Every call touches one slot and goes to the node serving it (on a Redis Cluster).
-        self.nodes = AsyncNodes(settings.redis_url, settings.redis_cluster, socket_timeout=5, socket_connect_timeout=3)
+        self.nodes = AsyncNodes(settings.redis.url, settings.redis.cluster, socket_timeout=5, socket_connect_timeout=3)
         # Group state is read with the runtime's (synchronous) helper, in a thread, with a client
         # made there on first use (a cluster client connects when made, and Redis may be away).
         self._lag_client: redis.Redis | RedisCluster | None = None
@@ -113,7 +113,7 @@ class Ingest:
         shard_keys = [Keys(stream, settings.fraud_stream, settings.dlq_stream) for stream in settings.input_streams]
         self.publisher = CoalescingPublisher(self.nodes, shard_keys, instance_name(), settings.dedup_window_s * 1000)
         self.decisions = Decisions(self.nodes, self.publisher.channels)
-        self.stored = StoredDecisions(settings.postgres_url, settings.pg_schema)
+        self.stored = StoredDecisions(settings.postgres.url, settings.postgres.schema)
         self.backpressure = Backpressure()
         self.tally = ingest_metrics.Tally()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
@@ -139,7 +139,7 @@ class Ingest:
         s = self.settings
         if self._lag_client is None:
             self._lag_client = redis_client(
-                s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=5, socket_connect_timeout=3
+                s.redis.url, s.redis.cluster, decode_responses=True, socket_timeout=5, socket_connect_timeout=3
             )
         lags = [0]
         for stream in s.input_streams:

@@ -15,15 +15,16 @@ import uvloop
 from aiohttp import web
 from redis.cluster import RedisCluster
 
-from ..config import ConfigError, IngestSettings
 from ..runtime.listener import bind, is_loopback, tls_context
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import redis_client
 from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
+from ..settings import ConfigError
 from .app import make_app
 from .auth import Authenticator
+from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Trimmer:
         try:
             if self._client is None:
                 self._client = redis_client(
-                    s.redis_url, s.redis_cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+                    s.redis.url, s.redis.cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
                 )
             trimmed = sum(trim_acked(self._client, stream, s.retention_s) for stream in s.input_streams)
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:

@@ -1,15 +1,30 @@
-"""The learning commands: ``fraudd simulate``, ``fraudd train``."""
+"""The learning commands: ``fraudd simulate``, ``train``, ``calibrate``, ``labels``, ``label``, ``models``, ``backtest``."""
 
 from __future__ import annotations
 
 import re
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import click
 import redis
 
-from fraudd.config import selected_options, settings_options
+from fraudd.scoring.settings import MODEL_PATH, RULES_PATH
+from fraudd.settings import (
+    DLQ_STREAM,
+    FRAUD_STREAM,
+    PG_SCHEMA,
+    POSTGRES_OPTIONS,
+    POSTGRES_URL,
+    REDIS_CLUSTER,
+    REDIS_URL,
+    SHARDS,
+    STREAM,
+    options,
+)
+
+from . import settings as label_settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -124,7 +139,7 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
     help="False-positive rate of the decline threshold on the tuning part.",
 )
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
-@selected_options("redis-url", "postgres-url", "pg-schema")
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA])
 def train(
     history: Path | None,
     from_postgres: bool,
@@ -214,7 +229,7 @@ _RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 @click.option("--target-decline-rate", required=True, type=_RATE, help="Share of transactions to decline.")
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Thresholds file to write (JSON).")
-@selected_options("postgres-url", "pg-schema", "model-path", "rules-path")
+@options([POSTGRES_URL, PG_SCHEMA, MODEL_PATH, RULES_PATH])
 def calibrate(
     target_review_rate: float,
     target_decline_rate: float,
@@ -271,18 +286,18 @@ def calibrate(
 
 
 @click.command("labels")
-@settings_options
+@options(label_settings.OPTIONS)
 def labels_service(**params) -> None:
     """Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers."""
-    from fraudd.cli import check_dependencies, prepare_metrics_dir
-    from fraudd.config import settings_from
+    from fraudd.preflight import check_dependencies, prepare_metrics_dir
     from fraudd.runtime import logs
 
-    settings = settings_from(params)
+    settings = label_settings.LabelSettings.from_params(params)
     logs.setup(settings.log_level)
-    if settings.metrics_port:
+    if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    check_dependencies(settings, [settings.labels_stream], settings.group)
+    check_dependencies(settings.redis, settings.postgres, [settings.consumer.stream], settings.consumer.group)
+    # Both import prometheus-client, which reads the directory above.
     from fraudd.runtime.supervisor import Supervisor
 
     from .consumer import service
@@ -299,7 +314,7 @@ def labels_service(**params) -> None:
     help="Labels: .csv (header transaction_id,label[,source][,reported_at]) or JSON Lines.",
 )
 @click.option("--source", default=None, help="Source of labels that name none [default: file:<name>].")
-@selected_options("redis-url", "redis-cluster", "postgres-url", "pg-schema", "stream", "shards")
+@options([REDIS_URL, REDIS_CLUSTER, POSTGRES_URL, PG_SCHEMA, STREAM, SHARDS])
 def label_file(
     path: Path,
     source: str | None,
@@ -312,7 +327,7 @@ def label_file(
 ) -> None:
     """Record labels from a file in the labels table (idempotent: loading a file twice changes nothing)
     and in the confirmed-fraud counts the scoring reads."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import psycopg
 
@@ -325,7 +340,7 @@ def label_file(
         numbered = read_label_file(path.read_bytes(), str(path))
     except LabelError as exc:
         raise click.ClickException(str(exc)) from None
-    written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     labels, errors = parse_labels([document for _number, document in numbered], source or f"file:{path.name}", written)
     if errors:
         position, reason = errors[0]
@@ -357,7 +372,7 @@ def models() -> None:
 
 @models.command("report")
 @click.option("--since", default="14d", show_default=True, help="Transactions of this last period (event time).")
-@selected_options("postgres-url", "pg-schema")
+@options(POSTGRES_OPTIONS)
 def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
     """Champion vs challenger (--shadow-model) on the labelled rows: recall and precision at their
     thresholds, alert volume, recall at 1% and 0.1% FPR. Unlabelled transactions count as legitimate."""
@@ -399,7 +414,7 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
     help="Thresholds file for the candidate [default: the model's own].",
 )
 @click.option("--since", default="7d", show_default=True, help="Stored transactions of this last period (event time).")
-@selected_options("redis-url", "postgres-url", "pg-schema", "stream", "fraud-stream", "dlq-stream")
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA, STREAM, FRAUD_STREAM, DLQ_STREAM])
 def backtest(
     model_path: Path,
     rules_path: Path,

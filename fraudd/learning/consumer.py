@@ -11,13 +11,11 @@ the ack of the whole read (``DeadLetterSettler``: durable first, ack last, on on
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import psycopg
 
-from fraudd.config import Settings
 from fraudd.runtime.consumer import Entries, StreamConsumer, consume
 from fraudd.runtime.deadletters import DeadLetterSettler
 from fraudd.runtime.process import WorkerProcess
@@ -27,6 +25,7 @@ from fraudd.schema import connect
 from fraudd.scoring.decode import REASON_INVALID, REASON_NO_DATA, REASON_NOT_JSON
 
 from .labels import Label, LabelError, confirm, confirmed_shards, parse_label, store_labels
+from .settings import LabelSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,12 @@ log = logging.getLogger(__name__)
 class LabelsWorker:
     """The batch handler of consumer ``<consumer-id>-<index>`` on the labels stream."""
 
-    def __init__(self, settings: Settings, process: WorkerProcess) -> None:
+    def __init__(self, settings: LabelSettings, process: WorkerProcess) -> None:
         self.settings = settings
-        # The runtime's consumer reads ``stream``: here, the labels stream.
-        labels = replace(settings, stream=settings.labels_stream)
         self.consumer = StreamConsumer(
-            connect_redis(settings.redis_url, settings.redis_cluster),
-            labels,
-            settings.consumer_name(process.index),
+            connect_redis(settings.redis.url, settings.redis.cluster),
+            settings.consumer,
+            settings.consumer.consumer_name(process.index),
             process,
             on_outage=self._on_outage,
         )
@@ -67,7 +64,7 @@ class LabelsWorker:
             try:
                 # Without its own reported_at, a label was reported when the stream accepted it: the
                 # same on every redelivery, so storing it again changes nothing.
-                accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, timezone.utc)
+                accepted = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000.0, UTC)
                 labels.append(parse_label(orjson.loads(payload), now=accepted))
             except orjson.JSONDecodeError as exc:
                 dead.append(self.settler.letter(entry_id, payload, REASON_NOT_JSON, str(exc)[:200], deliveries))
@@ -92,7 +89,7 @@ class LabelsWorker:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.settings.postgres_url, self.settings.pg_schema, connect_timeout=5, autocommit=True)
+            self._conn = connect(self.settings.postgres.url, self.settings.postgres.schema, connect_timeout=5, autocommit=True)
         return self._conn
 
     def _on_outage(self, kind: str) -> None:
@@ -100,19 +97,19 @@ class LabelsWorker:
             self.close()
 
 
-def service(settings: Settings) -> Service:
+def service(settings: LabelSettings) -> Service:
     """``fraudd labels``: the supervisor's view of the labels workers."""
     return Service(
         name="fraudd labels",
-        workers=settings.workers,
+        workers=settings.consumer.workers,
         run_worker=lambda process: worker_main(settings, process),
-        worker_name=settings.consumer_name,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
+        worker_name=settings.consumer.consumer_name,
+        shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
     )
 
 
-def worker_main(settings: Settings, process: WorkerProcess) -> int:
+def worker_main(settings: LabelSettings, process: WorkerProcess) -> int:
     worker = LabelsWorker(settings, process)
     return consume(process, worker.consumer, worker)

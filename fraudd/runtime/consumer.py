@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 import psycopg
 import redis
 
+from ..settings import ConsumerSettings
 from . import metrics
 from .process import BootError, WorkerProcess
 from .redis_clients import on_node
@@ -116,18 +117,6 @@ def _extra_fields(fields: list) -> dict[bytes, bytes]:
     return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
 
 
-class ConsumerOptions(Protocol):
-    """The settings a consumer reads; every service's settings carry these names."""
-
-    stream: str
-    group: str
-    batch_size: int
-    block_ms: int
-    claim_idle_ms: int
-    max_deliveries: int
-    shutdown_timeout_s: float
-
-
 class StreamConsumer:
     """Consumer ``name`` of ``options.group`` on ``options.stream``, in worker process ``process``.
 
@@ -142,7 +131,7 @@ class StreamConsumer:
     def __init__(
         self,
         client: redis.Redis,
-        options: ConsumerOptions,
+        options: ConsumerSettings,
         name: str,
         process: WorkerProcess,
         on_outage: Callable[[str], None] | None = None,

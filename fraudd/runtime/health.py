@@ -8,6 +8,7 @@ and tries again next time.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +22,8 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
-from ..config import Settings
 from ..schema import connect, ensure_partitions
+from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
 from .redis_clients import redis_client
 
@@ -156,12 +157,25 @@ def combined(states: list[GroupState]) -> GroupState:
 
 
 class Housekeeper:
-    """Periodic supervisor chores; each one tolerates its dependency being down."""
+    """Periodic supervisor chores of a service whose workers consume ``streams`` as ``consumer``
+    says; each chore tolerates its dependency being down. ``partitions``: also create the coming
+    days' ``transactions`` partitions (the scoring, which writes them; other services only check
+    that PostgreSQL answers)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        redis_settings: RedisSettings,
+        postgres: PostgresSettings,
+        consumer: ConsumerSettings,
+        streams: list[str],
+        partitions: bool = False,
+    ) -> None:
+        self.postgres = postgres
+        self.partitions = partitions
+        self.consumer = consumer
+        self.streams = streams
         self.redis = redis_client(
-            settings.redis_url, settings.redis_cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+            redis_settings.url, redis_settings.cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
         )
         self._next_partitions = 0.0
         self._down: set[str] = set()
@@ -200,11 +214,11 @@ class Housekeeper:
             log.info(f"{dependency} back", extra={"event": "recovered", "component": dependency})
 
     def _group_gauges(self) -> None:
-        s = self.settings
+        s = self.consumer
         memory = redis_memory(self.redis)
         metrics.redis_memory_used.set(memory.used)
         metrics.redis_memory_max.set(memory.maximum)
-        states = {stream: group_state(self.redis, stream, s.group) for stream in s.input_streams}
+        states = {stream: group_state(self.redis, stream, s.group) for stream in self.streams}
         state = combined(list(states.values()))
         now = time.monotonic()
         previous = self._state
@@ -230,32 +244,32 @@ class Housekeeper:
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
 
     def _partitions(self) -> None:
-        if time.monotonic() < self._next_partitions:
-            check_postgres(self.settings)
+        if not self.partitions or time.monotonic() < self._next_partitions:
+            check_postgres(self.postgres)
             return
-        with connect_postgres(self.settings) as conn:
+        with connect_postgres(self.postgres) as conn:
             created = ensure_partitions(conn, PARTITION_DAYS_AHEAD)
         if created:
             log.info("partitions created", extra={"event": "partitions_created", "count": created})
         self._next_partitions = time.monotonic() + PARTITION_UPKEEP_INTERVAL_S
 
 
-def connect_postgres(settings: Settings, timeout_s: int = 3) -> psycopg.Connection:
+def connect_postgres(postgres: PostgresSettings, timeout_s: int = 3) -> psycopg.Connection:
     return connect(
-        settings.postgres_url,
-        settings.pg_schema,
+        postgres.url,
+        postgres.schema,
         connect_timeout=timeout_s,
         autocommit=True,
         application_name="fraudd-supervisor",
     )
 
 
-def check_postgres(settings: Settings) -> None:
-    with connect_postgres(settings, timeout_s=2) as conn:
+def check_postgres(postgres: PostgresSettings) -> None:
+    with connect_postgres(postgres, timeout_s=2) as conn:
         conn.execute("SELECT 1")
 
 
-def health_problems(settings: Settings, client: redis.Redis) -> list[str]:
+def health_problems(postgres: PostgresSettings, client: redis.Redis) -> list[str]:
     """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
     PostgreSQL answer."""
     problems = []
@@ -267,19 +281,22 @@ def health_problems(settings: Settings, client: redis.Redis) -> list[str]:
         if problem:
             problems.append(problem)
     try:
-        check_postgres(settings)
+        check_postgres(postgres)
     except (psycopg.Error, OSError) as exc:
         problems.append(f"postgres: {str(exc).strip()}")
     return problems
 
 
 class HealthServer:
-    """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``) on ``port``, in a thread."""
+    """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``) on ``listen``
+    (host, port), in a thread. Neither asks who is asking, hence loopback by default."""
 
-    def __init__(self, port: int, problems: Callable[[], list[str]]) -> None:
+    def __init__(self, listen: tuple[str, int], problems: Callable[[], list[str]]) -> None:
         self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
         self._problems = problems
-        self._server = make_server("", port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        host, port = listen
+        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
+        self._server = make_server(host, port, self._app, server_class, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     def start(self) -> None:
@@ -299,6 +316,10 @@ class HealthServer:
             )
             return [body]
         return self._metrics_app(environ, start_response)
+
+
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -15,7 +15,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from ..config import ConfigError
+from ..settings import ConfigError
 
 BACKLOG = 1024
 

@@ -74,7 +74,7 @@ class Service:
     worker_name: Callable[[int], str]  # stable across respawns: a consumer re-reads its own pending
     shutdown_timeout_s: float
     log_level: str
-    metrics_port: int = 0
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of /metrics and /healthz; None: not served
     housekeeping: Callable[[], None] | None = None  # every few seconds; must tolerate outages itself
     # On SIGHUP, before the workers are told: what the supervisor holds of the configuration is
     # what every worker it forks from then on starts with, so it must be the reloaded one.
@@ -121,8 +121,8 @@ class Supervisor:
     def run(self) -> int:
         for sig in self.SIGNALS:
             signal.signal(sig, self._queue_signal)
-        if self.service.metrics_port:
-            self._health = HealthServer(self.service.metrics_port, self.health_problems)
+        if self.service.metrics_listen is not None:
+            self._health = HealthServer(self.service.metrics_listen, self.health_problems)
             self._health.start()
         log.info(f"{self.service.name} started", extra={"event": "started", "workers": self.service.workers})
         next_housekeeping = 0.0

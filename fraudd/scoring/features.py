@@ -23,13 +23,13 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from fraudd.config import packaged
 from fraudd.keys import Keys
 from fraudd.runtime.redis_clients import node_client, on_node
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
+from fraudd.settings import packaged
 
 __all__ = [
     "BEHAVIOUR_FEATURES",

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from fraudd.config import DEFAULT_RULES
 from fraudd.keys import Keys, shard_streams
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
@@ -32,7 +31,6 @@ APPROVE, REVIEW, DECLINE = 0, 1, 2
 # A shadow rule fires and is stored in the reasons, but never decides: how a new or noisy rule
 # is tried on live traffic before it is trusted.
 SHADOW = -1
-DEFAULT_RULES_PATH = DEFAULT_RULES
 
 _ACTIONS = {"review": REVIEW, "decline": DECLINE, "shadow": SHADOW}
 ACTION_NAMES = {code: name for name, code in _ACTIONS.items()}
@@ -103,7 +101,7 @@ class Rules:
         self._hits = np.zeros(len(rules), dtype=np.int64)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_RULES_PATH) -> Rules:
+    def load(cls, path: str | Path) -> Rules:
         """Read and validate a rules file; raises RulesError (naming the file) if it is unusable."""
         path = Path(path)
         try:

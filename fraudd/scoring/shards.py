@@ -40,12 +40,12 @@ from dataclasses import dataclass
 import redis
 from redis.cluster import RedisCluster
 
-from ..config import Settings
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import REPLICA_WAIT_MS, on_node
 from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
+from .settings import ScoringSettings
 from .sinks import Settler
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ShardReader:
     """
 
     def __init__(
-        self, client: redis.Redis, settings: Settings, name: str, process: WorkerProcess, on_outage: Callable[[str], None]
+        self, client: redis.Redis, settings: ScoringSettings, name: str, process: WorkerProcess, on_outage: Callable[[str], None]
     ) -> None:
         self.redis = client
         self.settings = settings
@@ -95,14 +95,14 @@ class ShardReader:
         self._process = process
         self._on_outage = on_outage
         # Outage waits outside any shard's batch (leases, start-up) go through this one.
-        self.control = StreamConsumer(client, settings, name, process, on_outage)
+        self.control = StreamConsumer(client, settings.consumer, name, process, on_outage)
         self.owner = f"{name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.shards: dict[int, Shard] = {}
         self.current: Shard | None = None
         self._order: list[int] = []
         self._next = 0
         self._next_tick = 0.0
-        self._registry = Keys(settings.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
+        self._registry = Keys(settings.consumer.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
         self._alive_at = time.monotonic()
         self._closing = threading.Event()
         self._renewer = threading.Thread(target=self._renew_while_alive, name="leases", daemon=True)
@@ -133,7 +133,7 @@ class ShardReader:
         if self.sharded and time.monotonic() >= self._next_tick:
             self.until_done(self._rebalance, "redis")
         if not self._order:
-            time.sleep(self.settings.block_ms / 1000.0)
+            time.sleep(self.settings.consumer.block_ms / 1000.0)
             return Entries([], [], set(), {}, {})
         for _ in range(len(self._order)):
             shard = self.shards[self._order[self._next % len(self._order)]]
@@ -173,7 +173,7 @@ class ShardReader:
 
     def _open(self, index: int, lease: Lease | None) -> Shard:
         s = self.settings
-        stream = shard_stream(s.stream, s.shards, index)
+        stream = shard_stream(s.consumer.stream, s.shards, index)
         keys = Keys(stream, s.fraud_stream, s.dlq_stream)
         window_ms = s.dedup_window_s * 1000
         # An owned shard's pending entries belong to owners whose lease expired: all are claimed
@@ -181,17 +181,19 @@ class ShardReader:
         # lease, not the shared stream's --claim-idle-ms.
         # Each shard blocks 1 ms when idle, so one busy shard is not held up by the idle others.
         options = (
-            dataclasses.replace(s, stream=stream, claim_idle_ms=min(s.claim_idle_ms, s.lease_ms), block_ms=1) if lease else s
+            dataclasses.replace(s.consumer, stream=stream, claim_idle_ms=min(s.consumer.claim_idle_ms, s.lease_ms), block_ms=1)
+            if lease
+            else s.consumer
         )
         consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
         if lease is not None:
-            ensure_group(self.redis, stream, s.group)
+            ensure_group(self.redis, stream, s.consumer.group)
         return Shard(
             index,
             keys,
             consumer,
             FeatureStore(self.redis, keys, window_ms, lease),
-            Settler(self.redis, keys, s.group, self.name, window_ms, lease),
+            Settler(self.redis, keys, s.consumer.group, self.name, window_ms, lease),
             lease,
         )
 
@@ -285,7 +287,7 @@ class ShardReader:
             index = (first + step) % s.shards
             if index in self.shards:
                 continue
-            keys = Keys(shard_stream(s.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
+            keys = Keys(shard_stream(s.consumer.stream, s.shards, index), s.fraud_stream, s.dlq_stream)
             token = self._acquire(keys)
             if token is None:
                 continue

@@ -40,18 +40,18 @@ from typing import TypeVar
 import numpy as np
 import redis
 
-from ..config import Settings
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
-from ..runtime.redis_clients import connect_redis
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
+from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
+from .settings import ScoringSettings
 from .shards import Shard, ShardReader
 from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
@@ -82,14 +82,14 @@ class Settlement:
 class ScoringWorker:
     """The batch handler of consumer ``<consumer-id>-<index>`` of the scoring group."""
 
-    def __init__(self, settings: Settings, process: WorkerProcess) -> None:
+    def __init__(self, settings: ScoringSettings, process: WorkerProcess) -> None:
         self.settings = settings
         # Owned shards: a paused owner's COPY must not hold its successor's rows locked for long.
         self.store = DecisionStore(
-            settings.postgres_url, settings.pg_schema, settings.lease_ms // 2 if settings.shards > 1 else 0
+            settings.postgres.url, settings.postgres.schema, settings.lease_ms // 2 if settings.shards > 1 else 0
         )
-        self.redis = connect_redis(settings.redis_url, settings.redis_cluster)
-        self.reader = ShardReader(self.redis, settings, settings.consumer_name(process.index), process, self._on_outage)
+        self.redis = connect_redis(settings.redis.url, settings.redis.cluster)
+        self.reader = ShardReader(self.redis, settings, settings.consumer.consumer_name(process.index), process, self._on_outage)
         self._settling: tuple[Future, Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
@@ -343,14 +343,14 @@ def score_batch(
     return scores, decision, reasons
 
 
-def _load_model(settings: Settings) -> FraudModel:
+def _load_model(settings: ScoringSettings) -> FraudModel:
     try:
         return FraudModel.load(settings.model_path, FEATURE_NAMES)
     except ModelError as exc:
         raise BootError(str(exc)) from exc
 
 
-def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
+def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, float]:
     """(review, decline): from --thresholds (re-read at every reload), the flags, or the model's own."""
     if settings.thresholds is not None:
         try:
@@ -364,7 +364,7 @@ def _thresholds(settings: Settings, model: FraudModel) -> tuple[float, float]:
     return review, decline
 
 
-def _load_shadow(settings: Settings) -> FraudModel | None:
+def _load_shadow(settings: ScoringSettings) -> FraudModel | None:
     """The challenger of --shadow-model, which decides with its own thresholds (nothing acts on them)."""
     if settings.shadow_model is None:
         return None
@@ -374,31 +374,31 @@ def _load_shadow(settings: Settings) -> FraudModel | None:
         raise BootError(f"--shadow-model: {exc}") from exc
 
 
-def _load_rules(settings: Settings) -> Rules:
+def _load_rules(settings: ScoringSettings) -> Rules:
     try:
         return Rules.load(settings.rules_path)
     except RulesError as exc:
         raise BootError(str(exc)) from exc
 
 
-def service(settings: Settings) -> Service:
+def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
-    housekeeper = Housekeeper(settings)
+    housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
     return Service(
         name="fraudd",
-        workers=settings.workers,
+        workers=settings.consumer.workers,
         run_worker=lambda process: worker_main(settings, process),
-        worker_name=settings.consumer_name,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
+        worker_name=settings.consumer.consumer_name,
+        shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
-        metrics_port=settings.metrics_port,
+        metrics_listen=settings.metrics.listen,
         housekeeping=housekeeper.run_once,
-        health_problems=lambda: health_problems(settings, housekeeper.redis),
+        health_problems=lambda: health_problems(settings.postgres, housekeeper.redis),
         summary=housekeeper.summary,
     )
 
 
-def worker_main(settings: Settings, process: WorkerProcess) -> int:
+def worker_main(settings: ScoringSettings, process: WorkerProcess) -> int:
     """Entry point of a forked scoring worker; returns its exit code."""
     worker = ScoringWorker(settings, process)
     # A batch holds a few thousand fresh containers (a dict per payload, lists per column) until it
@@ -407,5 +407,5 @@ def worker_main(settings: Settings, process: WorkerProcess) -> int:
     # of CPU per transaction. Frozen, the start-up heap leaves every collection; a young generation
     # larger than a batch lets most of a batch die by reference count before a collection sees it.
     gc.freeze()
-    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.batch_size), *gc.get_threshold()[1:])
+    gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.consumer.batch_size), *gc.get_threshold()[1:])
     return consume(process, worker.reader, worker)

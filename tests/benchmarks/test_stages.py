@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import redis
 
-from fraudd.config import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
+from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.sinks import ScoredBatch, Settler, _copy_text, alert_documents
 from fraudd.scoring.worker import score_batch
 

@@ -1,0 +1,182 @@
+"""Each command takes the options its service reads and no other, refuses a bad value with one line
+naming the option, and the package imports without a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from fraudd import cli
+from fraudd.alerts.settings import AlertSettings
+from fraudd.ingest.settings import IngestSettings
+from fraudd.learning.settings import LabelSettings
+from fraudd.scoring.settings import ScoringSettings
+
+PACKAGE = Path(cli.__file__).resolve().parent
+
+SERVICES = {"run": ScoringSettings, "ingest": IngestSettings, "alerts": AlertSettings, "labels": LabelSettings}
+REQUIRED = {"alerts": ["--config", "alerts.toml"]}
+
+# Flags only some commands may take, and which: what one service reads is no other's option.
+SCORING = {"run"}
+CONSUMERS = {"run", "alerts", "labels"}
+OWNERS = {
+    **dict.fromkeys(
+        ("--model-path", "--rules-path", "--shadow-model", "--thresholds", "--review-threshold", "--decline-threshold"),
+        SCORING,
+    ),
+    **dict.fromkeys(("--pipeline-depth", "--lease-ms"), SCORING),
+    **dict.fromkeys(("--listen", "--api-keys-file", "--api-keys", "--max-batch", "--max-lag", "--tls-cert"), {"ingest"}),
+    **dict.fromkeys(("--config", "--alerts-group", "--max-attempts", "--deliveries-retention-days"), {"alerts"}),
+    **dict.fromkeys(("--consumer-id", "--batch-size", "--block-ms", "--claim-idle-ms", "--max-deliveries"), CONSUMERS),
+    **dict.fromkeys(("--metrics-listen", "--metrics-port"), CONSUMERS),
+    "--labels-stream": {"ingest", "labels"},
+    "--workers": {"run", "ingest", "alerts", "labels"},
+    "--shutdown-timeout-s": {"run", "ingest", "alerts", "labels"},
+    "--dedup-window-s": {"run", "ingest", "status"},
+    "--stream": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge"},
+    "--shards": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge"},
+    "--group": {"run", "ingest", "labels", "status"},
+}
+
+
+def commands() -> dict[str, click.Command]:
+    """Every service and operations command by its name (``dlq list``: a subcommand)."""
+    named = {name: cli.main.get_command(None, name) for name in (*SERVICES, "status", "migrate")}
+    named.update({f"dlq {name}": command for name, command in cli.dlq.commands.items()})
+    return named
+
+
+def flags(command: click.Command) -> set[str]:
+    return {flag for param in command.params if isinstance(param, click.Option) for flag in param.opts}
+
+
+class Recording(dict):
+    """A command's parameters that remember which ones were read."""
+
+    def __init__(self, params: dict) -> None:
+        super().__init__(params)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("name", sorted(OWNERS["--workers"]))
+def test_each_service_settings_read_every_option_the_command_takes(name: str) -> None:
+    command = cli.main.get_command(None, name)
+    params = Recording(command.make_context(name, REQUIRED.get(name, [])).params)
+    SERVICES[name].from_params(params)
+    assert set(params) - params.read == set(), f"fraudd {name} takes options its settings never read"
+
+
+def test_no_command_takes_an_option_of_another_service() -> None:
+    for name, command in commands().items():
+        foreign = sorted(flag for flag in flags(command) if flag in OWNERS and name not in OWNERS[flag])
+        assert foreign == [], f"fraudd {name} takes {foreign}"
+
+
+def test_alerts_help_lists_no_scoring_option() -> None:
+    result = CliRunner().invoke(cli.main, ["alerts", "--help"])
+    assert result.exit_code == 0 and "--alerts-group" in result.output
+    for flag in ("--model-path", "--shadow-model", "--rules-path", "--lease-ms", "--stream ", "--listen"):
+        assert flag not in result.output
+
+
+def test_every_option_of_a_service_keeps_its_environment_variable() -> None:
+    for name in (*SERVICES, "status", "migrate"):
+        for param in cli.main.get_command(None, name).params:
+            assert param.envvar, f"fraudd {name} {param.opts[0]} has no environment variable"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["run", "--batch-size", "0"], "--batch-size"),
+        (["run", "--review-threshold", "1.5"], "--review-threshold"),
+        (["run", "--thresholds", "t.json", "--review-threshold", "0.5"], "--thresholds"),
+        (["run", "--redis-cluster"], "--redis-cluster"),
+        (["ingest", "--listen", "nowhere"], "--listen"),
+        (["ingest", "--tls-cert", __file__], "--tls-cert"),
+        (["alerts", "--config", "a.toml", "--max-attempts", "0"], "--max-attempts"),
+        (["alerts", "--config", "a.toml", "--metrics-listen", ":9464", "--metrics-port", "9465"], "--metrics-listen"),
+        (["labels", "--workers", "0"], "--workers"),
+        (["labels", "--metrics-listen", "9464"], "--metrics-listen"),
+        (["status", "--shards", "0"], "--shards"),
+        (["migrate", "--retention-days", "-1"], "--retention-days"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_one_line_naming_the_option(args: list[str], option: str) -> None:
+    result = CliRunner().invoke(cli.main, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and option in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """The fraudd modules ``module`` (at ``path``) imports, anywhere in it but under ``if TYPE_CHECKING``,
+    with the packages each import runs on the way."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for statement in branch.body
+        for node in ast.walk(statement)
+    }
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {name for name in found if name.startswith("fraudd")}
+
+
+def test_no_import_cycle_among_fraudds_modules() -> None:
+    modules = {
+        ".".join(("fraudd", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+    }
+    graph = {module: imports_of(path, module) & modules.keys() - {module} for module, path in modules.items()}
+    # Python runs a module's parent packages before it, so a module importing its own parent is no cycle.
+    graph = {module: {name for name in names if not module.startswith(name + ".")} for module, names in graph.items()}
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for name in sorted(graph[module]):
+            if state.get(name) == 1:
+                cycles.append(" -> ".join([*trail[trail.index(name) :], name]))
+            elif name not in state:
+                visit(name, [*trail, name])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_the_readme_documents_every_option_of_every_service_with_its_environment_variable() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name in (*SERVICES, "status", "migrate"):
+        for param in cli.main.get_command(None, name).params:
+            assert f"| `{param.opts[0]}` | `{param.envvar}` |" in readme, f"README lacks fraudd {name} {param.opts[0]}"
