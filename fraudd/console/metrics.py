@@ -1,6 +1,6 @@
 """The console's metrics (``/metrics`` on ``--metrics-port``, summed over its processes).
 
-The queue gauges are set by the supervisor's housekeeping from one query (``queue.depth``); the
+The queue gauges are set by the supervisor's housekeeping from its counts (``queue.store_tallies``); the
 verdict counters and time-to-verdict by the server process that took the verdict.
 """
 
@@ -33,8 +33,8 @@ time_to_verdict = Histogram(
 cases_created = Counter("fraudd_console_cases_created_total", "Cases created from new review and decline decisions.")
 
 
-def set_depth(depth: dict[tuple[str, str], int], oldest_s: float) -> None:
+def set_depth(tallies: dict[str, dict], oldest_s: float) -> None:
     for decision in DECISIONS:
         for state in STATES[:2]:
-            queue_depth.labels(decision, state).set(depth.get((decision, state), 0))
+            queue_depth.labels(decision, state).set(tallies[decision][state])
     oldest_open_age.set(oldest_s)

@@ -169,8 +169,12 @@ def listing(conn: psycopg.Connection, chosen: QueueFilter, sla: timedelta) -> li
     return [dict(zip((*QUEUE_COLUMNS, "breached", "age"), row)) for row in cursor.fetchall()]
 
 
-def counts(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict[str, int]:
-    """Cases per state of one queue: open, claimed, breached (unresolved past the SLA) and resolved in the last 24 hours."""
+COUNTS = ("open", "claimed", "breached", "resolved_24h")
+
+
+def tally(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict:
+    """Cases per state of one queue, counted now: open, claimed, breached (unresolved past the SLA),
+    resolved in the last 24 hours, and when the newest was created."""
     row = conn.execute(
         """SELECT count(*) FILTER (WHERE state = 'open'), count(*) FILTER (WHERE state = 'claimed'),
                   count(*) FILTER (WHERE created_at < %(cutoff)s),
@@ -180,7 +184,39 @@ def counts(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict[str,
            FROM cases WHERE state <> 'resolved' AND decision = %(decision)s""",
         {"decision": decision, "cutoff": _cutoff(sla)},
     ).fetchone()
-    return {"open": row[0], "claimed": row[1], "breached": row[2], "resolved_24h": row[3], "newest": row[4]}
+    return {**dict(zip(COUNTS, row[:4])), "newest": row[4]}
+
+
+def store_tallies(conn: psycopg.Connection, sla: timedelta) -> dict[str, dict]:
+    """Count every queue (``tally``) and keep the counts in ``console_queue_counts``, where pages
+    read them: counting tens of thousands of cases once every few seconds, not on every page."""
+    tallies = {decision: tally(conn, decision, sla) for decision in DECISIONS}
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            """INSERT INTO console_queue_counts (decision, open, claimed, breached, resolved_24h, newest, counted_at)
+               VALUES (%(decision)s, %(open)s, %(claimed)s, %(breached)s, %(resolved_24h)s, %(newest)s, clock_timestamp())
+               ON CONFLICT (decision) DO UPDATE SET open = EXCLUDED.open, claimed = EXCLUDED.claimed,
+                   breached = EXCLUDED.breached, resolved_24h = EXCLUDED.resolved_24h, newest = EXCLUDED.newest,
+                   counted_at = EXCLUDED.counted_at""",
+            [{"decision": decision, **counted} for decision, counted in tallies.items()],
+        )
+    return tallies
+
+
+def counts(conn: psycopg.Connection, decision: str) -> dict:
+    """The counts of one queue as the housekeeping last stored them (zeros before its first pass)."""
+    row = conn.execute(
+        "SELECT open, claimed, breached, resolved_24h, newest FROM console_queue_counts WHERE decision = %s", (decision,)
+    ).fetchone()
+    return {**dict(zip(COUNTS, row[:4])), "newest": row[4]} if row else {**dict.fromkeys(COUNTS, 0), "newest": None}
+
+
+def oldest_open_age(conn: psycopg.Connection) -> float:
+    """Age in seconds of the oldest open (unclaimed) case, 0 without one: what the SLA alert watches."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM cases WHERE state <> 'resolved' AND state = 'open'"
+    ).fetchone()
+    return float(row[0] or 0.0)
 
 
 def claim_next(conn: psycopg.Connection, username: str, decision: str, sla: timedelta, lease: timedelta) -> str | None:
@@ -242,13 +278,3 @@ def expire_leases(conn: psycopg.Connection) -> list[tuple[str, str]]:
            WHERE c.transaction_id = old.transaction_id
            RETURNING c.transaction_id, old.assignee"""
     ).fetchall()
-
-
-def depth(conn: psycopg.Connection) -> tuple[dict[tuple[str, str], int], float]:
-    """(unresolved cases per (decision, state), age in seconds of the oldest open one): the queue's gauges."""
-    rows = conn.execute(
-        "SELECT decision, state, count(*), extract(epoch FROM clock_timestamp() - min(created_at)) "
-        "FROM cases WHERE state <> 'resolved' GROUP BY decision, state"
-    ).fetchall()
-    oldest = max((float(row[3]) for row in rows if row[1] == "open"), default=0.0)
-    return {(row[0], row[1]): row[2] for row in rows}, oldest

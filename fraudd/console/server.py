@@ -56,7 +56,8 @@ def service(settings: ConsoleSettings) -> Service:
 
 class Housekeeper:
     """Every few seconds, in the supervisor: new decisions become cases, leases that ran out return
-    their cases to the queue (audited), idle sessions go, and the queue's gauges are set. Logs an
+    their cases to the queue (audited), idle sessions go, the queues are counted for the pages and
+    the gauges. Logs an
     outage once, never raises."""
 
     def __init__(self, postgres: PostgresSettings, sla: timedelta, session_idle: timedelta) -> None:
@@ -80,7 +81,8 @@ class Housekeeper:
                         conn, "fraudd", "lease_expired", transaction_id, before={"assignee": assignee}, after={"assignee": None}
                     )
             sessions.expire(conn, self._session_idle)
-            depth, oldest = queue.depth(conn)
+            tallies = queue.store_tallies(conn, self._sla)
+            oldest = queue.oldest_open_age(conn)
         except psycopg.Error as exc:
             if not self._failing:
                 log.error("cannot keep the queue", extra={"event": "outage", "component": "postgres", "error": str(exc)})
@@ -93,8 +95,8 @@ class Housekeeper:
         if created:
             metrics.cases_created.inc(created)
             log.info("cases created", extra={"event": "cases_created", "cases": created})
-        metrics.set_depth(depth, oldest)
-        self._open = sum(count for (_decision, state), count in depth.items() if state == "open")
+        metrics.set_depth(tallies, oldest)
+        self._open = sum(counted["open"] for counted in tallies.values())
 
     def summary(self) -> str:
         return f"{self._open} open cases"

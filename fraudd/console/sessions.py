@@ -1,8 +1,8 @@
 """SQL of sign-in sessions (``console_sessions``).
 
 The cookie holds a random token; the table holds only its SHA-256, the session's CSRF token and
-when it was last used. Looking a session up renews it, in the same statement that refuses one idle
-longer than the timeout or belonging to a disabled user.
+when it was last used. Looking a session up refuses one idle longer than the timeout or belonging
+to a disabled user, and renews it when its last use is a minute old.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from datetime import timedelta
 import psycopg
 
 from .users import User
+
+RENEW_AFTER = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +40,20 @@ def create(conn: psycopg.Connection, username: str) -> str:
 
 
 def current(conn: psycopg.Connection, token: str, idle: timedelta) -> Session | None:
-    """The live session of ``token``, renewed; None when unknown, idle too long or its user disabled."""
+    """The live session of ``token``; None when unknown, idle too long or its user disabled. Its
+    ``last_seen`` is renewed at most once a minute: a page view is a read, not a write and a commit."""
+    digest = _digest(token)
     row = conn.execute(
-        """UPDATE console_sessions s SET last_seen = clock_timestamp()
-           FROM console_users u
-           WHERE s.token_hash = %s AND s.last_seen > clock_timestamp() - %s AND u.username = s.username AND NOT u.disabled
-           RETURNING u.username, u.role, u.disabled, u.created_at, s.csrf_token""",
-        (_digest(token), idle),
+        """SELECT u.username, u.role, u.disabled, u.created_at, s.csrf_token, s.last_seen < clock_timestamp() - %s
+           FROM console_sessions s JOIN console_users u USING (username)
+           WHERE s.token_hash = %s AND s.last_seen > clock_timestamp() - %s AND NOT u.disabled""",
+        (RENEW_AFTER, digest, idle),
     ).fetchone()
-    return None if row is None else Session(User(*row[:4]), row[4])
+    if row is None:
+        return None
+    if row[5]:
+        conn.execute("UPDATE console_sessions SET last_seen = clock_timestamp() WHERE token_hash = %s", (digest,))
+    return Session(User(*row[:4]), row[4])
 
 
 def end(conn: psycopg.Connection, token: str) -> None:

@@ -137,7 +137,7 @@ async def _queue_context(request: web.Request) -> dict:
     chosen = _filter(request)
 
     def read(conn) -> tuple[list[dict], dict]:
-        return queue.listing(conn, chosen, console.settings.sla), queue.counts(conn, chosen.decision, console.settings.sla)
+        return queue.listing(conn, chosen, console.settings.sla), queue.counts(conn, chosen.decision)
 
     rows, counts = await console.db.run(read)
     return {

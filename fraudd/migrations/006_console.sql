@@ -52,6 +52,18 @@ CREATE INDEX IF NOT EXISTS cases_reasons ON cases USING gin (reasons);
 CREATE INDEX IF NOT EXISTS transactions_entities ON transactions
     USING gin ((ARRAY['device:' || device_id, 'ip:' || ip, 'card:' || card_id])) WITH (gin_pending_list_limit = 256);
 
+-- Cases per state of each queue, as the console's housekeeping last counted them: what the queue
+-- page shows, read as one row instead of counting every open case on every page.
+CREATE TABLE IF NOT EXISTS console_queue_counts (
+    decision     text        PRIMARY KEY,
+    open         integer     NOT NULL,
+    claimed      integer     NOT NULL,
+    breached     integer     NOT NULL,
+    resolved_24h integer     NOT NULL,
+    newest       timestamptz,
+    counted_at   timestamptz NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS case_notes (
     id             bigserial   PRIMARY KEY,
     transaction_id text        NOT NULL REFERENCES cases ON DELETE CASCADE,
