@@ -8,6 +8,7 @@ The queue and case screenshots of README's "For analysts" are taken here (docs/c
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,11 @@ import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from fraudd.keys import Keys
+from fraudd.localservers import free_port
 from fraudd.scoring.confirmed import ConfirmedFraud
 
-from .conftest import REDIS_URL, migrated_namespace, wait_for
-from .console_site import CHROMIUM, Site, csrf_token, sign_in, start_site
+from .conftest import REDIS_URL, Namespace, migrated_namespace, wait_for
+from .console_site import CHROMIUM, PASSWORD, Site, csrf_token, sign_in, start_site
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -252,3 +254,40 @@ def test_metrics(site: Site) -> None:
     assert sample('fraudd_console_verdicts_total{analyst="dave",verdict="legit"}', text) == 1
     assert sample('fraudd_console_time_to_verdict_seconds_count{analyst="alice"}', text) == 2
     assert sample("fraudd_console_sla_seconds", text) == 4 * 3600
+
+
+def test_under_tls_the_session_cookie_is_secure(ns: Namespace, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "password").write_text(PASSWORD + "\n")
+    assert ns.fraudd("users", "add", "tina", "--role", "analyst", "--password-file", str(tmp_path / "password")).returncode == 0
+    port = free_port()
+    console = ns.start_command(
+        "console", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=False, headers={"Accept": "text/html"}, timeout=5) as http:
+            wait_for(lambda: _answers(http), 30, message="the console answering over TLS")
+            token = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text).group(1)
+            signed_in = http.post("/login", data={"username": "tina", "password": PASSWORD, "csrf": token})
+        cookie = next(
+            value for name, value in signed_in.headers.multi_items() if name == "set-cookie" and "fraudd_session" in value
+        )
+        assert signed_in.status_code == 303 and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=3)
+    finally:
+        code, log = console.stop()
+        assert code == 0, log[-2000:]
+
+
+def _answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/login").status_code == 200
+    except httpx.TransportError:
+        return False
