@@ -383,6 +383,17 @@ def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: 
     click.echo(f"\nreport: {path}")
 
 
+@main.command("console-writes")
+@click.option("-n", "--rows", default=200_000, show_default=True, help="Scored transactions per COPY.")
+@click.option("--rounds", default=4, show_default=True, help="COPYs into each table, alternating.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
+    """What the console's index on transactions adds to the scoring's COPY, per row."""
+    result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
+    click.echo(console.format_index_cost(result))
+
+
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
     """The maximum rate: the flag, a given report, the newest throughput report run with the same
     fraudd flags, or a fresh fraudd-only drain, in that order."""

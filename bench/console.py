@@ -24,7 +24,7 @@ import redis
 
 from bench import report
 from bench.namespace import FRAUDD, Namespace
-from fraudd.console import cases
+from fraudd.console import cases, links
 from fraudd.localservers import free_port
 from fraudd.schema import connect
 
@@ -88,6 +88,10 @@ def fill(ns: Namespace, transactions: int, echo) -> dict:
         with conn.transaction():
             created = cases.sync(conn, SLA)
         sync_s = time.perf_counter() - started
+        started = time.perf_counter()
+        with conn.transaction():
+            links.sync(conn)
+        links_s = time.perf_counter() - started
         conn.execute("VACUUM ANALYZE")  # what autovacuum will have done to a store of that size
         # Some claimed and some resolved cases, so those views have rows to show.
         conn.execute(
@@ -105,6 +109,7 @@ def fill(ns: Namespace, transactions: int, echo) -> dict:
         "open_cases": open_cases,
         "fill_seconds": round(filled_s, 1),
         "first_sync_seconds": round(sync_s, 2),
+        "first_links_sync_seconds": round(links_s, 2),
     }
 
 
@@ -205,7 +210,8 @@ def format_result(result: dict) -> str:
     store = result["store"]
     lines = [
         f"console on {store['transactions']:,} transactions, {store['cases_created']:,} cases "
-        f"({store['open_cases']:,} open); first sync {store['first_sync_seconds']} s",
+        f"({store['open_cases']:,} open); first sync of cases {store['first_sync_seconds']} s, "
+        f"of linked customers {store['first_links_sync_seconds']} s",
         f"{'page':<34} {'server p50':>11} {'server p99':>11} {'round trip p99':>15}",
     ]
     rows = [(f"queue: {name}", view) for name, view in result["queue"].items()]
@@ -219,3 +225,61 @@ def format_result(result: dict) -> str:
         f"(worst queue view {result['worst_queue_p99_ms']:.1f} ms, case page {result['case_page']['server']['p99']:.1f} ms)"
     )
     return "\n".join(lines)
+
+
+# -- what the console's indexes on `transactions` cost the scoring's COPY ----------------------
+
+# The indexes every `transactions` table has, then the one migration 006 adds for the console.
+_BASE_INDEXES = (
+    "CREATE UNIQUE INDEX ON {t} (transaction_id, event_time)",
+    "CREATE INDEX ON {t} (user_id, event_time)",
+    "CREATE INDEX ON {t} (event_time) WHERE decision <> 'approve'",
+)
+_CONSOLE_INDEXES = ("CREATE INDEX ON {t} USING brin (scored_at) WITH (autosummarize = on)",)
+
+
+def index_cost(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict:
+    """COPY the same ``rows`` scored transactions into a table with the indexes of `transactions`
+    without and with the console's, alternately, ``rounds`` times; µs per row of each."""
+    ns = Namespace.fresh("console_writes", redis_url, postgres_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        ns.migrate()
+        with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
+            conn.execute("SELECT fraudd_ensure_partitions(current_date - 30, current_date + 1)")
+            conn.execute(_FILL, (1, rows))
+            with conn.cursor().copy("COPY (SELECT * FROM transactions) TO STDOUT") as copy:
+                data = b"".join(bytes(chunk) for chunk in copy)
+            for table, indexes in (("without", _BASE_INDEXES), ("with", _BASE_INDEXES + _CONSOLE_INDEXES)):
+                conn.execute(f"CREATE TABLE copy_{table} (LIKE transactions INCLUDING DEFAULTS)")
+                for index in indexes:
+                    conn.execute(index.format(t=f"copy_{table}"))
+            timings: dict[str, list[float]] = {"without": [], "with": []}
+            for round_ in range(rounds):
+                for table in ("without", "with") if round_ % 2 == 0 else ("with", "without"):
+                    conn.execute(f"TRUNCATE copy_{table}")
+                    started = time.perf_counter()
+                    with conn.transaction(), conn.cursor().copy(f"COPY copy_{table} FROM STDIN") as copy:
+                        copy.write(data)
+                    timings[table].append((time.perf_counter() - started) / rows * 1e6)
+                    echo(f"  COPY {rows:,} rows {table} the console's indexes: {timings[table][-1]:.1f} µs/row")
+    finally:
+        ns.drop(client)
+        client.close()
+    best = {table: min(values) for table, values in timings.items()}
+    return {
+        "rows": rows,
+        "rounds": rounds,
+        "us_per_row": timings,
+        "best": best,
+        "added_us_per_row": best["with"] - best["without"],
+    }
+
+
+def format_index_cost(result: dict) -> str:
+    best = result["best"]
+    return (
+        f"COPY of {result['rows']:,} scored transactions, best of {result['rounds']}: "
+        f"{best['without']:.1f} µs/row without the console's indexes, {best['with']:.1f} µs/row with them "
+        f"(+{result['added_us_per_row']:.1f} µs/row)"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fraudd.console import audit, cases, queue
+from fraudd.console import audit, cases, links, queue
 from fraudd.console.queue import FilterError, QueueFilter
 from fraudd.console.server import Housekeeper
 from fraudd.schema import connect
@@ -171,3 +171,17 @@ def test_users_command(ns: Namespace, tmp_path: Path) -> None:
         "user_disabled": 1,
     }
     assert ns.fraudd("users", "disable", "nobody").returncode != 0
+
+
+def test_linked_customers_share_a_device_ip_or_card(ns: Namespace, conn: psycopg.Connection) -> None:
+    stored(ns, 20, "k")  # customers u0..u9; devices d0..d4, IPs 10.0.0.0..6, a card each
+    assert links.sync(conn) > 0
+    assert links.sync(conn) == 0  # a pass read twice changes nothing
+    ns.sql("INSERT INTO labels (transaction_id, label, reported_at) VALUES ('k6', 'fraud', now()) RETURNING 1")
+    mine = ns.sql("SELECT to_jsonb(t), event_time FROM transactions t WHERE transaction_id = 'k1'")[0]
+    found = {row["user_id"]: row for row in links.linked(conn, *mine)}
+    # k1 is u1 on d1 and 10.0.0.1: k6 (u6) shares d1, k8 (u8) shares 10.0.0.1, k11 (u1) is the same customer.
+    assert found["u6"]["shared"] == ["device:d1"] and found["u6"]["fraud"] == 1
+    assert found["u8"]["shared"] == ["ip:10.0.0.1"] and found["u8"]["fraud"] == 0
+    assert "u1" not in found
+    assert all(set(row["shared"]) <= {"device:d1", "ip:10.0.0.1", "card:c1"} for row in found.values())

@@ -9,30 +9,23 @@ one writer of ``label_history`` and ``labels`` that ``POST /v1/labels`` ends in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 
 import psycopg
 
 from ..learning.labels import Label, store_labels
+from . import links
 from .queue import rank_sql
 
-# The expression of the transactions_entities index (migration 006): a linked-entities query must
-# spell it exactly so for PostgreSQL to use the index.
-ENTITIES = "ARRAY['device:' || {t}.device_id, 'ip:' || {t}.ip, 'card:' || {t}.card_id]"
-LINK_WINDOW = timedelta(days=30)
 RECENT = 20
-LINKED = 20
-# Overlap of each sync with the previous one: a batch whose COPY began before another's commits after it.
-SYNC_OVERLAP = timedelta(seconds=30)
-# A console started on a store with history takes the decisions of this last period, not of every year.
-FIRST_SYNC = timedelta(days=7)
 VERDICTS = {"fraud": "Fraud", "legit": "Legitimate"}
 TYPOLOGIES = ("", "stolen card", "account takeover", "card testing", "friendly fraud", "merchant fraud", "other")
 
 
 def sync(conn: psycopg.Connection, sla: timedelta) -> int:
     """Copy the decisions scored since the newest case (review and decline; the first time, those of
-    the last FIRST_SYNC) into ``cases``; returns how many were new."""
+    the last ``links.FIRST_SYNC``, each pass overlapping the last by ``links.OVERLAP``) into
+    ``cases``; returns how many were new."""
     return conn.execute(
         f"""INSERT INTO cases (transaction_id, event_time, created_at, user_id, decision, score, amount,
                                merchant, country, reasons, rank)
@@ -42,7 +35,7 @@ def sync(conn: psycopg.Connection, sla: timedelta) -> int:
             WHERE t.decision <> 'approve'
               AND t.scored_at > coalesce((SELECT max(created_at) FROM cases) - %s, clock_timestamp() - %s)
             ON CONFLICT (transaction_id) DO NOTHING""",
-        (SYNC_OVERLAP, FIRST_SYNC),
+        (links.OVERLAP, links.FIRST_SYNC),
     ).rowcount
 
 
@@ -87,32 +80,7 @@ def case_file(conn: psycopg.Connection, transaction_id: str) -> CaseFile | None:
             (case["user_id"], RECENT),
         )
     )
-    return CaseFile(case, transaction, recent, linked(conn, transaction, case["event_time"]), notes(conn, transaction_id))
-
-
-def linked(conn: psycopg.Connection, transaction: dict, at: datetime) -> list[dict]:
-    """Other customers seen on this transaction's device, IP or card within 30 days of it: per
-    customer, what they share, how many such transactions, when last, and how many are labelled
-    fraud and legit."""
-    kinds = (("device", "device_id"), ("ip", "ip"), ("card", "card_id"))
-    mine = [f"{kind}:{transaction[column]}" for kind, column in kinds if transaction.get(column)]
-    if not mine:
-        return []
-    return _dicts(
-        conn.execute(
-            f"""SELECT t.user_id, array_agg(DISTINCT e.entity ORDER BY e.entity) AS shared,
-                       count(DISTINCT t.transaction_id) AS transactions, max(t.event_time) AS last_seen,
-                       count(DISTINCT l.transaction_id) FILTER (WHERE l.label = 'fraud') AS fraud,
-                       count(DISTINCT l.transaction_id) FILTER (WHERE l.label = 'legit') AS legit
-                FROM transactions t
-                CROSS JOIN LATERAL unnest({ENTITIES.format(t="t")}) AS e(entity)
-                LEFT JOIN labels l ON l.transaction_id = t.transaction_id
-                WHERE {ENTITIES.format(t="t")} && %(mine)s::text[] AND e.entity = ANY(%(mine)s)
-                  AND t.event_time > %(since)s AND t.event_time <= %(until)s AND t.user_id <> %(user)s
-                GROUP BY t.user_id ORDER BY count(DISTINCT e.entity) DESC, max(t.event_time) DESC LIMIT %(limit)s""",
-            {"mine": mine, "since": at - LINK_WINDOW, "until": at + LINK_WINDOW, "user": transaction["user_id"], "limit": LINKED},
-        )
-    )
+    return CaseFile(case, transaction, recent, links.linked(conn, transaction, case["event_time"]), notes(conn, transaction_id))
 
 
 def notes(conn: psycopg.Connection, transaction_id: str) -> list[dict]:

@@ -20,7 +20,7 @@ from ..runtime.supervisor import Service
 from ..schema import connect
 from ..scoring.rules import Rules
 from ..settings import PostgresSettings
-from . import audit, cases, metrics, queue, sessions
+from . import audit, cases, links, metrics, queue, sessions
 from .app import make_app
 from .context import Console, templates
 from .db import Database
@@ -55,7 +55,8 @@ def service(settings: ConsoleSettings) -> Service:
 
 
 class Housekeeper:
-    """Every few seconds, in the supervisor: new decisions become cases, leases that ran out return
+    """Every few seconds, in the supervisor: new decisions become cases, new transactions extend the
+    linked customers, leases that ran out return
     their cases to the queue (audited), idle sessions go, the queues are counted for the pages and
     the gauges. Logs an
     outage once, never raises."""
@@ -75,6 +76,8 @@ class Housekeeper:
             conn = self._conn
             with conn.transaction():
                 created = cases.sync(conn, self._sla)
+            with conn.transaction():
+                links.sync(conn)
             with conn.transaction():
                 for transaction_id, assignee in queue.expire_leases(conn):
                     audit.record(

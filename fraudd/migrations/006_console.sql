@@ -1,10 +1,14 @@
--- The analyst console (`fraudd console`): cases, their notes, users, sessions and the audit trail.
+-- The analyst console (`fraudd console`): cases, linked customers, notes, users, sessions and the
+-- audit trail.
 --
 -- A case is a `review` or `decline` decision that analysts work. It is a table, not a view over
--- `transactions`: the console copies each new non-approve row in (fraudd.console.cases.sync, from
--- the partial index below), so the queue's queries and their indexes touch only the cases, never
--- the partitioned transactions, and scoring's COPY gains no trigger.
-CREATE INDEX IF NOT EXISTS transactions_flagged_scored ON transactions (scored_at) WHERE decision <> 'approve';
+-- `transactions`: the console copies each new non-approve row in (fraudd.console.cases.sync), so
+-- the queue's queries and their indexes touch only the cases, never the partitioned transactions.
+-- What the console reads of new transactions (new cases, linked customers) it finds by scored_at
+-- through a BRIN index: rows arrive in scored_at order, and a BRIN index adds next to nothing to
+-- scoring's COPY (pages not yet summarized are always read, and they are the newest), where a
+-- B-tree or GIN index over devices, IPs and cards doubled the COPY's cost per row.
+CREATE INDEX IF NOT EXISTS transactions_scored ON transactions USING brin (scored_at) WITH (autosummarize = on);
 
 CREATE TABLE IF NOT EXISTS cases (
     transaction_id text             PRIMARY KEY,
@@ -44,13 +48,22 @@ CREATE INDEX IF NOT EXISTS cases_merchant ON cases (merchant);
 CREATE INDEX IF NOT EXISTS cases_user ON cases (user_id);
 CREATE INDEX IF NOT EXISTS cases_reasons ON cases USING gin (reasons);
 
--- Linked entities: the customers seen on the same device, IP or card in the last 30 days. One GIN
--- index over the three (its pending list batches the inserts) rather than three B-trees that
--- scoring's COPY would maintain row by row; fraudd.console.cases.ENTITIES is the same expression.
--- A lookup scans the pending list whole, so it is kept small (256 kB, not 4 MB): a case page on
--- the partition being written stays fast between two flushes.
-CREATE INDEX IF NOT EXISTS transactions_entities ON transactions
-    USING gin ((ARRAY['device:' || device_id, 'ip:' || ip, 'card:' || card_id])) WITH (gin_pending_list_limit = 256);
+-- Linked customers: who was seen on each device, IP address and card ('device:<id>', 'ip:<addr>',
+-- 'card:<id>'), and from when to when; kept by the console's housekeeping from the new
+-- transactions (fraudd.console.links), so a case page reads a few rows instead of the transactions.
+CREATE TABLE IF NOT EXISTS entity_customers (
+    entity     text        NOT NULL,
+    user_id    text        NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    PRIMARY KEY (entity, user_id)
+);
+
+-- How far each of the console's syncs has read `transactions` (by scored_at).
+CREATE TABLE IF NOT EXISTS console_watermarks (
+    name      text        PRIMARY KEY,
+    scored_at timestamptz NOT NULL
+);
 
 -- Cases per state of each queue, as the console's housekeeping last counted them: what the queue
 -- page shows, read as one row instead of counting every open case on every page.
