@@ -56,6 +56,7 @@ main.add_command(learning_cli.labels_service)
 main.add_command(learning_cli.label_file)
 main.add_command(learning_cli.models)
 main.add_command(learning_cli.backtest)
+main.add_command(learning_cli.explain)
 
 
 @main.command()

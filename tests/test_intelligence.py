@@ -70,7 +70,9 @@ def offline_decisions(client: redis.Redis, payloads: list[bytes]) -> dict[str, t
             chunk = payloads[start : start + 500]
             batch = decode_batch([f"{start + i + 1}-0" for i in range(len(chunk))], chunk)
             features = store.compute(batch)
-            scores, decision, reasons = score_batch(model, rules, features, model.review_threshold, model.decline_threshold)
+            scores, decision, reasons, _explanations = score_batch(
+                model, rules, features, model.review_threshold, model.decline_threshold
+            )
             for txid, score, code, why in zip(batch.transaction_id, scores.tolist(), decision.tolist(), reasons):
                 decided[txid] = (DECISIONS[code], score, why)
     finally:
@@ -171,7 +173,11 @@ def test_model_with_other_features_is_refused(ns: Namespace, tmp_path: Path) -> 
 def test_model_reasons_name_features(holdout: train.Dataset) -> None:
     model = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
     flagged = holdout.matrix[holdout.is_fraud][:50]
-    reasons = model.reasons(flagged)
-    assert len(reasons) == 50
-    assert all(len(r) == 2 and all(code.removeprefix("model:") in FEATURE_NAMES for code in r) for r in reasons)
+    reasons, explanations = model.explain(flagged)
+    assert len(reasons) == len(explanations) == 50
+    for codes, explanation in zip(reasons, explanations):
+        assert 1 <= len(codes) <= 2 and all(code.removeprefix("model:") in FEATURE_NAMES for code in codes)
+        # Named by what pushed the score up, strongest first.
+        pushed = [explanation["contributions"][code.removeprefix("model:")] for code in codes]
+        assert all(c > 0 for c in pushed) and pushed == sorted(pushed, reverse=True)
     assert np.isfinite(model.score(flagged)).all()

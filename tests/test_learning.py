@@ -31,7 +31,7 @@ from fraudd.scoring.model import FraudModel
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
-from .services import drain
+from .services import drain, start, stop
 from .streams import fully_drained
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
@@ -484,19 +484,105 @@ def test_confirmed_fraud_state_forgets_entities_after_28_days(redis_client: redi
     now_ms = int(time.time() * 1000)
     day = 86_400_000
     try:
-        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, True)])
+        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, now_ms - day, True)])
         batch = (["shop_1", "shop_2"], [None, None], [None, None], ["card_1", "card_2"])
         counts = confirmed.counts(batch, np.array([now_ms] * 2))
         assert counts["merchant_fraud_7d"].tolist() == [1, 0] and counts["card_fraud_28d"].tolist() == [1, 0]
         # A late chargeback for a fraud 40 days old, and the same label again: nothing is kept for it.
-        old = ("old", ("shop_2", None, None, "card_2"), now_ms - 40 * day, True)
+        old = ("old", ("shop_2", None, None, "card_2"), now_ms - 40 * day, now_ms, True)
         confirmed.record([old, old])
         assert redis_client.hkeys(f"{keys.prefix}confirmed:merchant") == [b"shop_1"]
         counts = confirmed.counts(batch, np.array([now_ms] * 2))  # the copy follows the version
         assert counts["merchant_fraud_28d"].tolist() == [1, 0] and counts["card_fraud_28d"].tolist() == [1, 0]
         # The verdict reversed: shop_1 forgets it too.
-        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, False)])
+        confirmed.record([("recent", ("shop_1", None, None, "card_1"), now_ms - 3 * day, now_ms, False)])
         assert not redis_client.exists(f"{keys.prefix}confirmed:merchant")
         assert confirmed.counts(batch, np.array([now_ms] * 2))["merchant_fraud_28d"].tolist() == [0, 0]
     finally:
         redis_client.delete(*redis_client.keys(f"{keys.prefix}confirmed:*"))
+
+
+def test_confirmed_fraud_is_seen_only_by_transactions_after_its_report(redis_client: redis.Redis) -> None:
+    """A label reported after a transaction's event time never reaches that transaction's features."""
+    keys = Keys(f"t{time.time_ns()}:transactions:raw", "unused", "unused")
+    confirmed = ConfirmedFraud(redis_client, keys)
+    now_ms = int(time.time() * 1000)
+    day = 86_400_000
+    try:
+        # Fraud at shop_1 ten days ago, its chargeback reported three days ago.
+        confirmed.record([("fraud", ("shop_1", None, None, None), now_ms - 10 * day, now_ms - 3 * day, True)])
+        # Late events at shop_1 between the fraud and its report, then one after the report.
+        times = np.array([now_ms - 9 * day, now_ms - 3 * day - 1, now_ms - 3 * day, now_ms])
+        counts = confirmed.counts((["shop_1"] * 4, [None] * 4, [None] * 4, [None] * 4), times)
+        assert counts["merchant_fraud_28d"].tolist() == [0, 0, 1, 1]
+        # State written before reports were kept counts as reported long ago.
+        redis_client.hset(f"{keys.prefix}confirmed:merchant", "shop_2", f"legacy={now_ms - 2 * day}")
+        redis_client.incr(confirmed.version_key)
+        counts = confirmed.counts((["shop_2"], [None], [None], [None]), np.array([now_ms - day]))
+        assert counts["merchant_fraud_7d"].tolist() == [1]
+    finally:
+        redis_client.delete(*redis_client.keys(f"{keys.prefix}confirmed:*"))
+
+
+def test_label_features_catch_compromised_terminals_through_the_live_pipeline(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A model fitted on the label-fed counts, point in time, catches what no per-customer feature can.
+
+    Trained on the first 60% of a portfolio; then the last 40% is scored live, day by day, while its
+    chargebacks come back as the simulator reports them (each counted only from its report on).
+    """
+    traffic = Simulator(
+        SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20, terminal_compromises_per_day=1e-3)
+    ).history()
+    cut = int(len(traffic) * 0.6)
+    model = tmp_path / "team.onnx"
+    trained = ns.fraudd(
+        "train",
+        "--history",
+        str(write_history(tmp_path / "first60.jsonl", traffic.take(slice(0, cut)))),
+        "--out",
+        str(model),
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert FraudModel.load(model, FEATURE_NAMES).uses_label_features
+
+    def report_chargebacks(rows: SimulatedHistory) -> None:
+        fraud = rows.is_fraud
+        path = tmp_path / "chargebacks.jsonl"
+        path.write_bytes(
+            b"\n".join(
+                orjson.dumps({"transaction_id": txid, "label": "fraud", "source": "chargeback", "reported_at": at})
+                for txid, at in zip(rows.transaction_id[fraud].tolist(), rows.reported_at[fraud].tolist())
+            )
+        )
+        assert ns.fraudd("label", "--file", str(path)).returncode == 0
+
+    daemon = start(ns, tmp_path, "--workers", "1", "--model-path", str(model))
+    try:
+        publisher = Publisher(redis_client, ns.stream)
+        chunks = [slice(0, cut)]
+        day_starts = np.searchsorted(traffic.timestamp, np.arange(traffic.timestamp[cut], traffic.timestamp[-1], 86_400.0))
+        chunks += [slice(a, b) for a, b in zip([cut, *day_starts[1:]], [*day_starts[1:], len(traffic)])]
+        for rows in chunks:
+            part = traffic.take(rows)
+            publisher.publish(part.payloads())
+            wait_for(lambda: fully_drained(redis_client, ns), 180, message="the stream to be drained")
+            report_chargebacks(part)
+    finally:
+        stop(daemon)
+
+    later = traffic.take(slice(cut, len(traffic)))
+    scores = dict(
+        ns.sql("SELECT transaction_id, score FROM transactions WHERE transaction_id = ANY(%s)", (later.transaction_id.tolist(),))
+    )
+    score = np.array([scores[t] for t in later.transaction_id.tolist()])
+    recall = recall_at_fpr(score, later.is_fraud, 0.01)
+    terminals = later.typology == COMPROMISED_TERMINAL
+    terminal_recall = recall_at_fpr(score[terminals | ~later.is_fraud], later.is_fraud[terminals | ~later.is_fraud], 0.01)
+    print(
+        f"last 40% live ({len(later):,}, {int(later.is_fraud.sum())} fraud): recall at 1% FPR {recall:.1%}, "
+        f"compromised terminals {terminal_recall:.1%} ({int(terminals.sum())})"
+    )
+    assert terminal_recall >= 0.5 and recall >= 0.65

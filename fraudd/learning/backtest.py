@@ -74,7 +74,7 @@ def backtest(
                     f"stored transaction {stored.transaction_ids[start]} no longer decodes: "
                     f"{batch.rejected[0].reason}: {batch.rejected[0].detail}"
                 )
-            _scores, decision, _reasons = score_batch(model, rules, store.compute(batch), review, decline)
+            decision = score_batch(model, rules, store.compute(batch), review, decline, explain=False).decision
             decided.append(decision)
             if (start // BATCH) % 50 == 49:
                 progress(f"replayed {start + len(chunk):,}/{len(payloads):,} transactions")

@@ -139,6 +139,20 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
     help="False-positive rate of the decline threshold on the tuning part.",
 )
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
+@click.option(
+    "--label-features/--no-label-features",
+    default=True,
+    show_default=True,
+    help="Fit the label-fed confirmed-fraud counts (merchant, device, IP, card over 7 and 28 days) as model inputs, "
+    "point in time: a row sees only the labels reported before its event time.",
+)
+@click.option(
+    "--label-delay",
+    default="7d",
+    show_default=True,
+    callback=_duration,
+    help="When a label does not say when it was reported (reported_at), take it as reported this long after its transaction.",
+)
 @options([REDIS_URL, POSTGRES_URL, PG_SCHEMA])
 def train(
     history: Path | None,
@@ -154,6 +168,8 @@ def train(
     review_fpr: float,
     decline_fpr: float,
     version: str | None,
+    label_features: bool,
+    label_delay: float,
     redis_url: str,
     postgres_url: str,
     pg_schema: str,
@@ -165,11 +181,12 @@ def train(
         raise click.UsageError("give exactly one of --history FILE, --from-postgres or --generated N")
     client = redis.Redis.from_url(redis_url, protocol=2)
     command = " ".join(["fraudd", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else "fraudd train"
+    delay = label_delay if label_features else None
     try:
         if generated is not None:
             fit_source = training.generated_history(seed, generated)
-            everything = training.featurize(client, fit_source, _echo_err)
-            holdout = training.featurize(client, training.generated_history(seed + 1, generated_holdout), _echo_err)
+            everything = training.featurize(client, fit_source, _echo_err, delay)
+            holdout = training.featurize(client, training.generated_history(seed + 1, generated_holdout), _echo_err, delay)
             cut = int(len(everything) * 0.8)
             fit_part, tune = everything.take(slice(0, cut)), everything.take(slice(cut, len(everything)))
             version = (
@@ -190,7 +207,7 @@ def train(
                 source = labelled_history(postgres_url, pg_schema, since)
             parts = training.split_bounds(len(source.payloads), holdout_share, tune_share)
             training.check_positives(source.is_fraud, parts)
-            everything = training.featurize(client, source, _echo_err)
+            everything = training.featurize(client, source, _echo_err, delay)
             fit_part, tune, holdout = (everything.take(rows) for rows in parts)
             version = version or (
                 f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x"
@@ -389,6 +406,32 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
             f"no transaction of the last {since} was scored by a challenger: run `fraudd run --shadow-model PATH` first"
         )
     click.echo(format_report(*compared, since))
+
+
+@click.command()
+@click.argument("transaction_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored decision and explanation as JSON.")
+@options(POSTGRES_OPTIONS)
+def explain(transaction_id: str, as_json: bool, postgres_url: str, pg_schema: str) -> None:
+    """Why a stored transaction was decided as it was: each feature's exact contribution (log-odds)
+    to the deciding model's score, with the feature's value."""
+    import dataclasses
+
+    import orjson
+    import psycopg
+
+    from .explanations import format_explanation, stored_decision
+
+    try:
+        stored = stored_decision(postgres_url, pg_schema, transaction_id)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    if stored is None:
+        raise click.ClickException(f"no stored transaction {transaction_id!r}")
+    if as_json:
+        click.echo(orjson.dumps(dataclasses.asdict(stored), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(format_explanation(stored))
 
 
 @click.command()

@@ -107,6 +107,11 @@ def _time(value: object, now: datetime | None) -> datetime:
     raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}")
 
 
+def reported_time(value: object) -> datetime:
+    """A ``reported_at`` value as documents give it (Unix seconds or RFC 3339); LabelError otherwise."""
+    return _time(value, None)
+
+
 def parse_labels(
     documents: Iterable[object], default_source: str = "", now: datetime | None = None, not_after: datetime | None = None
 ) -> tuple[list[Label], list[tuple[int, str]]]:
@@ -176,6 +181,9 @@ def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
     return new
 
 
+_SEPARATORS = frozenset("=@;")
+
+
 def confirm(conn: psycopg.Connection, shards: list[ConfirmedFraud], labels: list[Label]) -> int:
     """Teach the scoring what ``labels`` say about merchants, devices, IPs and cards (after
     ``store_labels``): each labelled transaction that is stored counts for its entities while its
@@ -185,12 +193,13 @@ def confirm(conn: psycopg.Connection, shards: list[ConfirmedFraud], labels: list
     ids = sorted({label.transaction_id for label in labels})
     rows = conn.execute(
         """SELECT t.transaction_id, t.merchant, t.device_id, t.ip, t.card_id,
-                  (extract(epoch FROM t.event_time) * 1000)::bigint, l.label = 'fraud'
+                  (extract(epoch FROM t.event_time) * 1000)::bigint, (extract(epoch FROM l.reported_at) * 1000)::bigint,
+                  l.label = 'fraud'
            FROM transactions t JOIN labels l USING (transaction_id) WHERE t.transaction_id = ANY(%s)""",
         (ids,),
     ).fetchall()
-    # The state separates pairs with "=" and ";": an id holding one cannot be counted.
-    records = [(row[0], row[1:5], row[5], row[6]) for row in rows if "=" not in row[0] and ";" not in row[0]]
+    # The state separates entries with "=", "@" and ";": an id holding one cannot be counted.
+    records = [(row[0], row[1:5], row[5], row[6], row[7]) for row in rows if not _SEPARATORS.intersection(row[0])]
     for confirmed in shards:
         confirmed.record(records)
     return len(rows)

@@ -26,6 +26,11 @@ Fraud, labelled per transaction with its typology:
 - ``compromised_customer``: the customer's credentials leak; for 14 days a third of the account's
   transactions are the fraudster's, at 5× the usual amount, through the customer's usual terminals.
 
+Labels come back late, as chargebacks and disputes do: each fraud is reported a log-normally
+distributed delay after it happened (median ``report_delay_median_days``, two days by default; one in
+ten after more than five and a half days), which ``history_lines`` give as ``reported_at`` so that
+training sees each label only from then on.
+
 Deterministic for a seed; the history ends at ``start_ts + days`` (by default: now), in
 event-time order.
 """
@@ -70,6 +75,7 @@ class SimulatorConfig:
     terminal_fraud_probability: float = 0.8
     customer_compromises_per_day: float = 6e-4
     card_thefts_per_day: float = 4e-4
+    report_delay_median_days: float = 2.0
     typologies: tuple[str, ...] = field(default_factory=lambda: TYPOLOGIES[1:])
 
     def __post_init__(self) -> None:
@@ -105,6 +111,7 @@ class SimulatedHistory:
     typology: np.ndarray  # int8 codes into TYPOLOGIES
     terminal: np.ndarray  # int64 (never in the message)
     customer: np.ndarray  # int64 (never in the message)
+    reported_at: np.ndarray  # float64 Unix seconds a fraud's label is reported; NaN for legit (never in the message)
 
     typology_names = TYPOLOGIES
 
@@ -163,9 +170,10 @@ class SimulatedHistory:
         which fraudd ignores as an unknown field but the model card reports recall by)."""
         names = np.array(TYPOLOGIES, dtype=object)[self.typology].tolist()
         fraud = self.is_fraud.tolist()
+        reported = np.round(self.reported_at, 3).tolist()
         return [
-            orjson.dumps({**message, "label": int(label), "typology": name})
-            for message, label, name in zip(self.messages(), fraud, names)
+            orjson.dumps({**message, "label": int(label), "typology": name, **({"reported_at": at} if label else {})})
+            for message, label, name, at in zip(self.messages(), fraud, names, reported)
         ]
 
 
@@ -328,7 +336,14 @@ class Simulator:
             typology=typology,
             terminal=terminal,
             customer=customer,
+            reported_at=self._reported_at(ts, typology),
         )
+
+    def _reported_at(self, ts: np.ndarray, typology: np.ndarray) -> np.ndarray:
+        # A stream of its own, so that adding report times left every earlier history unchanged.
+        rng = np.random.default_rng([self.config.seed, 0x7E])
+        delay_days = rng.lognormal(np.log(self.config.report_delay_median_days), 0.8, len(ts))
+        return np.where(typology != LEGIT, np.round(ts, 3) + delay_days * _DAY, np.nan)
 
 
 class _Groups:

@@ -9,6 +9,7 @@ team's chargebacks to have arrived.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
     with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
         rows = conn.execute(
             f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, t.decision, l.label IS NOT NULL,
-                       coalesce(l.label = 'fraud', false)
+                       coalesce(l.label = 'fraud', false), extract(epoch FROM l.reported_at)::float8
                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
                 WHERE t.event_time >= now() - make_interval(secs => %s)
                 ORDER BY t.event_time, t.stream_id""",
@@ -69,17 +70,18 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
         message = {name: value for name, value in zip(_MESSAGE_FIELDS, row) if value is not None}
         message["timestamp"] = row[len(_MESSAGE_FIELDS)]
         payloads.append(orjson.dumps(message))
-    is_fraud = np.fromiter((row[-1] for row in rows), bool, len(rows))
+    is_fraud = np.fromiter((row[-2] for row in rows), bool, len(rows))
     history = History(
         payloads,
         is_fraud,
         is_fraud.astype(np.int16),
         ("legit", "fraud"),
         f"PostgreSQL schema {pg_schema} (transactions joined with {labelled:,} labels)",
+        reported_at=np.array([math.nan if row[-1] is None else row[-1] for row in rows], dtype=np.float64),
     )
     return StoredHistory(
         history,
         [row[0] for row in rows],
         [row[len(_MESSAGE_FIELDS) + 1] for row in rows],
-        np.fromiter((row[-2] for row in rows), bool, len(rows)),
+        np.fromiter((row[-3] for row in rows), bool, len(rows)),
     )

@@ -13,6 +13,7 @@ the shipped ``fraudd/scoring/fraud.onnx`` is made).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +34,10 @@ from fraudd.keys import Keys
 from fraudd.scoring import model as model_meta
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
+from fraudd.scoring.model import LABEL_FEATURE_NAMES
+
+from .confirmed_history import confirmed_counts
+from .labels import LabelError, reported_time
 
 BATCH = 1000
 REVIEW_FPR = 0.01
@@ -63,17 +68,20 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Dataset:
-    matrix: np.ndarray  # float32 (n, len(FEATURE_NAMES)), in time order
+    matrix: np.ndarray  # float32 (n, len(feature_names)), in time order
     is_fraud: np.ndarray  # bool (n,)
     typology: np.ndarray  # int codes into ``names``; 0 = legit or unknown
     names: tuple[str, ...]
     timestamp: np.ndarray  # float64 Unix seconds (n,)
+    feature_names: tuple[str, ...] = FEATURE_NAMES  # the feature contract of ``matrix``'s columns
 
     def __len__(self) -> int:
         return len(self.is_fraud)
 
     def take(self, rows: slice | np.ndarray) -> Dataset:
-        return Dataset(self.matrix[rows], self.is_fraud[rows], self.typology[rows], self.names, self.timestamp[rows])
+        return Dataset(
+            self.matrix[rows], self.is_fraud[rows], self.typology[rows], self.names, self.timestamp[rows], self.feature_names
+        )
 
 
 @dataclass
@@ -86,18 +94,26 @@ class History:
     names: tuple[str, ...]
     source: str  # the file or table, for error messages and the model card
     line_numbers: list[int] | None = None  # of each payload in the file, for error messages
+    # When each label was reported, Unix seconds (NaN: not said, taken as event time + a delay).
+    reported_at: np.ndarray | None = None
 
 
 def _quiet(_message: str) -> None:
     pass
 
 
-def featurize(client: redis.Redis, history: History, progress: Progress = _quiet) -> Dataset:
-    """The live features of ``history``, computed by the daemon's FeatureStore in its order."""
+def featurize(client: redis.Redis, history: History, progress: Progress = _quiet, label_delay_s: float | None = None) -> Dataset:
+    """The live features of ``history``, computed by the daemon's FeatureStore in its order.
+
+    With ``label_delay_s``, the label-fed confirmed-fraud counts too (``LABEL_FEATURE_NAMES``), point
+    in time: a fraud counts for a row only once reported, when the history says, else that long
+    after the fraud happened.
+    """
     scratch = Keys(f"fraudd-train-{uuid.uuid4().hex}:raw", "unused:fraud", "unused:dlq")
     store = FeatureStore(client, scratch, dedup_window_ms=3_600_000)
     payloads = history.payloads
     parts, timestamps = [], []
+    entities: tuple[list[str | None], ...] = ([], [], [], [])
     started = last_report = time.monotonic()
     try:
         for start in range(0, len(payloads), BATCH):
@@ -110,6 +126,8 @@ def featurize(client: redis.Redis, history: History, progress: Progress = _quiet
                 raise TrainingError(f"{history.source} {where}: {bad.reason}: {bad.detail}")
             parts.append(store.compute(batch).matrix)
             timestamps.append(batch.timestamp)
+            for column, values in zip(entities, (batch.merchant, batch.device_id, batch.ip, batch.card_id)):
+                column.extend(values)
             done = start + len(chunk)
             now = time.monotonic()
             if now - last_report >= 2.0 or done == len(payloads):
@@ -120,7 +138,14 @@ def featurize(client: redis.Redis, history: History, progress: Progress = _quiet
             client.delete(*keys)
     matrix = np.concatenate(parts) if parts else np.empty((0, len(FEATURE_NAMES)), np.float32)
     stamps = np.concatenate(timestamps) if timestamps else np.empty(0)
-    return Dataset(matrix, history.is_fraud, history.typology, history.names, stamps)
+    if label_delay_s is None:
+        return Dataset(matrix, history.is_fraud, history.typology, history.names, stamps)
+    reported = np.full(len(stamps), np.nan) if history.reported_at is None else history.reported_at
+    reported = np.where(np.isnan(reported), stamps + label_delay_s, reported)
+    counts = confirmed_counts(
+        entities, np.round(stamps * 1000).astype(np.int64), history.is_fraud, np.round(reported * 1000).astype(np.int64)
+    )
+    return Dataset(np.hstack([matrix, counts]), history.is_fraud, history.typology, history.names, stamps, LABEL_FEATURE_NAMES)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -143,6 +168,7 @@ def read_history(path: Path, progress: Progress = _quiet) -> History:
     labels: list[bool] = []
     kinds: list[str] = []
     numbers: list[int] = []
+    reported: list[float] = []
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
@@ -155,6 +181,10 @@ def read_history(path: Path, progress: Progress = _quiet) -> History:
         label = message.get("label")
         if label.__class__ not in (int, bool) or label not in _LABELS:
             raise TrainingError(f"{path} line {number}: 'label' must be 1/0 or true/false, got {label!r}")
+        try:
+            reported.append(math.nan if message.get("reported_at") is None else reported_time(message["reported_at"]).timestamp())
+        except LabelError as exc:
+            raise TrainingError(f"{path} line {number}: {exc}") from None
         payloads.append(line)
         labels.append(_LABELS[label])
         kinds.append(str(message.get("typology") or ("fraud" if _LABELS[label] else "legit")))
@@ -166,7 +196,13 @@ def read_history(path: Path, progress: Progress = _quiet) -> History:
     names = ("legit", *sorted(set(kinds) - {"legit"}))
     codes = {name: code for code, name in enumerate(names)}
     return History(
-        payloads, np.array(labels, dtype=bool), np.array([codes[k] for k in kinds], dtype=np.int16), names, str(path), numbers
+        payloads,
+        np.array(labels, dtype=bool),
+        np.array([codes[k] for k in kinds], dtype=np.int16),
+        names,
+        str(path),
+        numbers,
+        np.array(reported, dtype=np.float64),
     )
 
 
@@ -182,9 +218,9 @@ def generated_history(seed: int, n: int) -> History:
     )
 
 
-def dataset(client: redis.Redis, seed: int, n: int) -> Dataset:
+def dataset(client: redis.Redis, seed: int, n: int, label_delay_s: float | None = None) -> Dataset:
     """The generator's stream for ``seed`` with live features (the shipped model's data)."""
-    return featurize(client, generated_history(seed, n))
+    return featurize(client, generated_history(seed, n), label_delay_s=label_delay_s)
 
 
 def split_bounds(n: int, holdout_share: float, tune_share: float) -> tuple[slice, slice, slice]:
@@ -302,7 +338,7 @@ def train(
     progress: Progress = _quiet,
 ) -> Trained:
     """Fit on ``fit_part``, set thresholds on ``tune``, measure on ``holdout``."""
-    all_columns = list(range(len(FEATURE_NAMES)))
+    all_columns = list(range(len(fit_part.feature_names)))
     progress(f"fitting on {len(fit_part):,} transactions ({int(fit_part.is_fraud.sum()):,} fraud)")
     classifier = fit(fit_part, all_columns, seed)
     tune_scores = classifier.predict_proba(tune.matrix)[:, 1]
@@ -336,10 +372,11 @@ def export(trained: Trained, path: Path) -> None:
     classifier, fit_part = trained.classifier, trained.fit_part
     onnx_model = onnxmltools.convert_lightgbm(
         classifier,
-        initial_types=[("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
+        initial_types=[("features", FloatTensorType([None, len(fit_part.feature_names)]))],
         zipmap=False,
         target_opset=15,
     )
+    _write_covers(onnx_model, classifier.booster_)
     gain = classifier.booster_.feature_importance(importance_type="gain")
     figures = {
         "holdout": trained.metrics,
@@ -348,13 +385,16 @@ def export(trained: Trained, path: Path) -> None:
     }
     meta = {
         model_meta.META_VERSION: trained.version,
-        model_meta.META_FEATURES: orjson.dumps(list(FEATURE_NAMES)).decode(),
+        model_meta.META_FEATURES: orjson.dumps(list(fit_part.feature_names)).decode(),
         model_meta.META_REVIEW: repr(trained.review),
         model_meta.META_DECLINE: repr(trained.decline),
         model_meta.META_MEANS: orjson.dumps(fit_part.matrix.mean(axis=0).tolist()).decode(),
         model_meta.META_SCALES: orjson.dumps((fit_part.matrix.std(axis=0) + 1e-6).tolist()).decode(),
         model_meta.META_IMPORTANCE: orjson.dumps((gain / gain.sum()).tolist()).decode(),
         model_meta.META_METRICS: orjson.dumps(figures).decode(),
+        # The model as LightGBM itself wrote it: what an auditor compares the ONNX file against, and
+        # how the explanations are checked against LightGBM's own contributions.
+        model_meta.META_SOURCE: classifier.booster_.model_to_string(),
     }
     onnx.helper.set_model_props(onnx_model, meta)
     onnx_model.producer_name = "fraudd train"
@@ -362,10 +402,42 @@ def export(trained: Trained, path: Path) -> None:
     path.write_bytes(onnx_model.SerializeToString())
 
 
+def _write_covers(onnx_model: onnx.ModelProto, booster: lightgbm.Booster) -> None:
+    """Each node's training-row count into the ensemble's ``nodes_hitrates``, for exact explanations.
+
+    The converter leaves them at 1; the explainer (``fraudd.scoring.explain``) needs them, and the
+    daemon must not depend on LightGBM to read them. The two trees are walked side by side, checking
+    that every split agrees, so a converter that laid nodes out differently fails here, not later.
+    """
+    (ensemble,) = [node for node in onnx_model.graph.node if node.op_type == "TreeEnsembleClassifier"]
+    attributes = {a.name: a for a in ensemble.attribute}
+    values = {name: onnx.helper.get_attribute_value(attribute) for name, attribute in attributes.items()}
+    index = {(tree, node): i for i, (tree, node) in enumerate(zip(values["nodes_treeids"], values["nodes_nodeids"]))}
+    covers = [0.0] * len(index)
+    for tree, info in enumerate(booster.dump_model()["tree_info"]):
+        stack = [(info["tree_structure"], index[(tree, 0)])]
+        while stack:
+            lgb_node, i = stack.pop()
+            if "leaf_index" in lgb_node or "split_index" not in lgb_node:
+                covers[i] = float(lgb_node.get("leaf_count", 0))
+                continue
+            if values["nodes_featureids"][i] != lgb_node["split_feature"] or lgb_node["decision_type"] != "<=":
+                raise RuntimeError(f"tree {tree}: the ONNX ensemble's splits do not match LightGBM's")
+            covers[i] = float(lgb_node["internal_count"])
+            stack.append((lgb_node["left_child"], index[(tree, values["nodes_truenodeids"][i])]))
+            stack.append((lgb_node["right_child"], index[(tree, values["nodes_falsenodeids"][i])]))
+    hitrates = attributes.get("nodes_hitrates")
+    if hitrates is None:
+        ensemble.attribute.append(onnx.helper.make_attribute("nodes_hitrates", covers))
+    else:
+        del hitrates.floats[:]
+        hitrates.floats.extend(covers)
+
+
 def model_card(trained: Trained, data_section: str, command: str) -> str:
     metrics, baseline, review, decline = trained.metrics, trained.baseline, trained.review, trained.decline
     gain = trained.classifier.booster_.feature_importance(importance_type="gain")
-    top = sorted(zip(FEATURE_NAMES, gain / gain.sum()), key=lambda item: -item[1])[:8]
+    top = sorted(zip(trained.fit_part.feature_names, gain / gain.sum()), key=lambda item: -item[1])[:8]
     typologies = "\n".join(
         f"| {name} | {recall:.1%} | {metrics['typology_recall_at_review'][name]:.1%} | "
         f"{baseline['typology_recall_at_1pct_fpr'][name]:.1%} |"
@@ -377,7 +449,7 @@ def model_card(trained: Trained, data_section: str, command: str) -> str:
 
 Produced by `{command}` (re-running it reproduces these figures). LightGBM,
 {LIGHTGBM_PARAMS["n_estimators"]} trees × {LIGHTGBM_PARAMS["num_leaves"]} leaves, exported to ONNX with
-its feature contract ({len(FEATURE_NAMES)} features, in the daemon's order) and thresholds in the
+its feature contract ({len(trained.fit_part.feature_names)} features, in the daemon's order) and thresholds in the
 metadata.
 
 ## Data

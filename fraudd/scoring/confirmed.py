@@ -5,11 +5,16 @@ compromised, a device or an IP address a fraudster uses, a card that was stolen.
 arrives, the transaction's merchant, device, IP and card each count it for 28 days (by the fraudulent
 transaction's event time), and every transaction scored afterwards sees, per entity, how many
 confirmed frauds it had in the 7 and 28 days before it: the ``CONFIRMED_COLUMNS``, which rules can
-test (``merchant_fraud_7d >= 2``). They are not model inputs: the model's feature contract is
-unchanged.
+test (``merchant_fraud_7d >= 2``) and which models of the second feature contract take as inputs.
+
+Point in time: a transaction only sees a fraud whose label was reported at or before its own event
+time, as it would have been scored in real time. Live, a label cannot arrive before it is reported,
+so this only bites for late or replayed events; training (``fraudd.learning.train``) applies the
+same rule to history, so no label from a row's future ever reaches its features.
 
 State: per kind, one hash ``<prefix>confirmed:<kind>``; field = the entity, value = its confirmed
-fraudulent transactions as ``txid=ms`` pairs, and ``<prefix>confirmed:version``. Writing is one
+fraudulent transactions as ``txid=ms@reported_ms`` entries (entries written before reports were kept
+read as ``txid=ms``, reported long ago), and ``<prefix>confirmed:version``. Writing is one
 script call per batch of labels: idempotent (a transaction is counted once), a verdict turned legit
 removes it, pairs older than 28 days before the entity's newest are dropped, a step of a sweep drops
 entities whose last confirmed fraud is 28 days old (so the state stays bounded), and the version
@@ -32,27 +37,30 @@ CONFIRMED_COLUMNS: tuple[str, ...] = tuple(f"{kind}_fraud_{name}" for kind in KI
 HORIZON_MS = WINDOWS[-1][1]
 
 # KEYS: the four hashes, their four sweep cursors, then the version. ARGV: horizon, then per label:
-# kind index (1-based), entity, transaction id, event ms, 1 add / 0 remove. After the labels, a
+# kind index (1-based), entity, transaction id, event ms, reported ms, 1 add / 0 remove. After the labels, a
 # step of a sweep drops the entities whose newest confirmed fraud is older than the horizon (by the
 # server's clock), so entities never labelled again do not stay forever.
 _RECORD = """
 local horizon = tonumber(ARGV[1])
-for i = 2, #ARGV, 5 do
-    local key, entity, txid, ms, add = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4] == '1'
+for i = 2, #ARGV, 6 do
+    local key, entity, txid = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+    local ms, reported_ms, add = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5] == '1'
     local kept, newest = {}, add and ms or 0
     local current = redis.call('HGET', key, entity)
     if current then
-        for id, at in string.gmatch(current, '([^=;]+)=(%d+)') do
+        for id, at, reported in string.gmatch(current, '([^=;]+)=(%d+)@?(%d*)') do
             if id ~= txid then
-                kept[#kept + 1] = {id, tonumber(at)}
+                kept[#kept + 1] = {id, tonumber(at), reported ~= '' and reported or '0'}
                 if tonumber(at) > newest then newest = tonumber(at) end
             end
         end
     end
-    if add then kept[#kept + 1] = {txid, ms} end
+    if add then kept[#kept + 1] = {txid, ms, reported_ms} end
     local parts = {}
-    for _, pair in ipairs(kept) do
-        if pair[2] > newest - horizon then parts[#parts + 1] = pair[1] .. '=' .. string.format('%d', pair[2]) end
+    for _, entry in ipairs(kept) do
+        if entry[2] > newest - horizon then
+            parts[#parts + 1] = entry[1] .. '=' .. string.format('%d', entry[2]) .. '@' .. entry[3]
+        end
     end
     if #parts == 0 then redis.call('HDEL', key, entity) else redis.call('HSET', key, entity, table.concat(parts, ';')) end
 end
@@ -94,16 +102,16 @@ class ConfirmedFraud:
         self._version_key = f"{keys.prefix}confirmed:version"
         self._record = client.register_script(_RECORD)
         self._version: bytes | None = None
-        self._state: list[dict[str, np.ndarray]] = [{} for _ in KINDS]
+        self._state: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in KINDS]
 
-    def record(self, confirmed: list[tuple[str, tuple[str | None, ...], int, bool]]) -> None:
-        """``(transaction_id, (merchant, device, ip, card), event ms, is fraud)`` per labelled
-        transaction: fraud is counted once, legit removes an earlier count."""
+    def record(self, confirmed: list[tuple[str, tuple[str | None, ...], int, int, bool]]) -> None:
+        """``(transaction_id, (merchant, device, ip, card), event ms, reported ms, is fraud)`` per
+        labelled transaction: fraud is counted once, legit removes an earlier count."""
         args: list = [HORIZON_MS]
-        for txid, entities, ms, fraud in confirmed:
+        for txid, entities, ms, reported_ms, fraud in confirmed:
             for k, entity in enumerate(entities, start=1):
                 if entity is not None:
-                    args += [k, entity, txid, int(ms), 1 if fraud else 0]
+                    args += [k, entity, txid, int(ms), int(reported_ms), 1 if fraud else 0]
         if len(args) > 1:
             self._record(keys=[*self._keys, *self._sweep_keys, self._version_key], args=args)
 
@@ -125,9 +133,9 @@ class ConfirmedFraud:
             if not known:
                 continue
             for i in [i for i, v in enumerate(column) if v in known]:
-                times, now = known[column[i]], event_ms[i]
+                (times, reported), now = known[column[i]], event_ms[i]
                 for name, span in WINDOWS:
-                    out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span))
+                    out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span) & (reported <= now))
         return out
 
     def _refresh(self, version: bytes | None) -> None:
@@ -138,9 +146,14 @@ class ConfirmedFraud:
         for key in self._keys:
             pipe.hgetall(key)
         version, *hashes = pipe.execute()
-        self._state = [{entity.decode(): _times(blob) for entity, blob in fields.items()} for fields in hashes]
+        self._state = [{entity.decode(): _entries(blob) for entity, blob in fields.items()} for fields in hashes]
         self._version = version
 
 
-def _times(blob: bytes) -> np.ndarray:
-    return np.array([int(pair.rsplit(b"=", 1)[1]) for pair in blob.split(b";")], dtype=np.int64)
+def _entries(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(event ms, reported ms) of an entity's confirmed frauds."""
+    times = [entry.rsplit(b"=", 1)[1].partition(b"@") for entry in blob.split(b";")]
+    return (
+        np.array([int(at) for at, _sep, _reported in times], dtype=np.int64),
+        np.array([int(reported or 0) for _at, _sep, reported in times], dtype=np.int64),
+    )

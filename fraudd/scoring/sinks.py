@@ -57,6 +57,7 @@ COLUMNS = (
     "shadow_score",
     "shadow_decision",
     "shadow_model_version",
+    "explanation",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _TEXT_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -85,6 +86,7 @@ class ScoredBatch:
     score: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
+    explanations: list[dict | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
@@ -106,6 +108,7 @@ class ScoredBatch:
             self.score[index],
             self.decision[index],
             [self.reasons[i] for i in rows],
+            [self.explanations[i] for i in rows],
             self.model_version,
             self.scored_at_ms,
             None if self.shadow is None else self.shadow.take(index),
@@ -136,6 +139,7 @@ class ScoredBatch:
             "decision": DECISIONS[self.decision[i]],
             "reasons": self.reasons[i],
             "model_version": self.model_version,
+            "explanation": self.explanations[i],
         }
 
 
@@ -206,7 +210,7 @@ class DecisionStore:
             # time bounds let the server skip other partitions and, in a compressed TimescaleDB
             # chunk, decompress only the batches of that time range instead of the whole chunk.
             cur.execute(
-                """SELECT t.transaction_id, t.score, t.decision, t.reasons
+                """SELECT t.transaction_id, t.score, t.decision, t.reasons, t.explanation
                    FROM transactions t JOIN fraudd_staging s USING (transaction_id, event_time)
                    WHERE t.event_time BETWEEN (SELECT min(event_time) FROM fraudd_staging)
                                           AND (SELECT max(event_time) FROM fraudd_staging)"""
@@ -219,10 +223,11 @@ def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
     decision_index = {name: i for i, name in enumerate(DECISIONS)}
     for i, txid in enumerate(scored.batch.transaction_id):
         if txid in stored:
-            score, decision, reasons = stored[txid]
+            score, decision, reasons, explanation = stored[txid]
             scored.score[i] = score
             scored.decision[i] = decision_index[decision]
             scored.reasons[i] = list(reasons)
+            scored.explanations[i] = explanation
 
 
 def _copy_text(scored: ScoredBatch) -> bytes:
@@ -253,6 +258,7 @@ def _copy_text(scored: ScoredBatch) -> bytes:
         ["{" + ",".join(r) + "}" for r in scored.reasons],
         [scored.model_version] * n,
         *_shadow_columns(scored.shadow, n),
+        _text_column([None if e is None else orjson.dumps(e).decode() for e in scored.explanations]),
     ]
     return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode()
 
@@ -498,6 +504,7 @@ def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dic
                         "score": round(float(scored.score[i]), 6),
                         "reasons": scored.reasons[i],
                         "model_version": scored.model_version,
+                        "explanation": scored.explanations[i],
                     }
                 )
     return {channel: orjson.dumps(decisions) for channel, decisions in replies.items()}

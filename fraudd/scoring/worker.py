@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -263,13 +263,13 @@ class ScoringWorker:
         features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
         after_features = time.perf_counter()
         model = self.model
-        scores, decision, reasons = score_batch(model, self.rules, features, *self.thresholds)
+        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
         for rule, count in self.rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if self.shadow is not None:
-            shadow_scores, shadow_decision, _ = score_batch(
-                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold
+            shadow_scores, shadow_decision, _, _ = score_batch(
+                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
             )
             shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
             self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
@@ -283,6 +283,7 @@ class ScoringWorker:
             score=scores,
             decision=decision,
             reasons=reasons,
+            explanations=explanations,
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
             shadow=shadow,
@@ -325,22 +326,43 @@ def _reply_channels(entries: Entries) -> dict[str, str]:
     return {entry_id: fields[b"reply"].decode() for entry_id, fields in entries.extra.items() if b"reply" in fields}
 
 
-def score_batch(
-    model: FraudModel, rules: Rules, features: Features, review_threshold: float, decline_threshold: float
-) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """Scores, decisions and reason codes of a batch: one inference call, then the rules.
+class BatchDecisions(NamedTuple):
+    """What the model and the rules decided for a batch, row by row."""
 
-    The reasons of a row are the rules that fired, then, for non-approved rows, the model's top
-    features. Offline scoring (training, tests) calls this too, so it decides as the daemon does.
+    scores: np.ndarray  # float32
+    decision: np.ndarray  # int8 index into DECISIONS
+    reasons: list[list[str]]
+    explanations: list[dict | None]  # the model's explanation of each non-approved row
+
+
+def score_batch(
+    model: FraudModel,
+    rules: Rules,
+    features: Features,
+    review_threshold: float,
+    decline_threshold: float,
+    explain: bool = True,
+) -> BatchDecisions:
+    """Scores, decisions, reason codes and explanations of a batch: one inference call, then the rules.
+
+    The reasons of a row are the rules that fired, then, for non-approved rows, the features that
+    pushed its score up most. Only non-approved rows are explained, so the cost follows the flag
+    rate, not the traffic; ``explain=False`` (a shadow model, a backtest) skips it. Offline scoring
+    (training, tests) calls this too, so it decides as the daemon does.
     """
-    scores = model.score(features.matrix)
+    inputs = model.inputs(features)
+    scores = model.score(inputs)
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
-    flagged = np.flatnonzero(decision > 0)
-    for i, codes in zip(flagged.tolist(), model.reasons(features.matrix[flagged])):
-        reasons[i].extend(codes)
-    return scores, decision, reasons
+    explanations: list[dict | None] = [None] * len(scores)
+    if explain:
+        flagged = np.flatnonzero(decision > 0)
+        model_reasons, documents = model.explain(inputs[flagged])
+        for i, codes, document in zip(flagged.tolist(), model_reasons, documents):
+            reasons[i].extend(codes)
+            explanations[i] = document
+    return BatchDecisions(scores, decision, reasons, explanations)
 
 
 def _load_model(settings: ScoringSettings) -> FraudModel:

@@ -71,10 +71,12 @@ def model() -> FraudModel:
 def scored(payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> ScoredBatch:
     batch = decoded(payload_batches[-1])
     features = store.compute(batch)
-    scores, decision, reasons = score_batch(
+    scores, decision, reasons, explanations = score_batch(
         model, Rules.load(DEFAULT_RULES), features, model.review_threshold, model.decline_threshold
     )
-    return ScoredBatch(batch, features.event_ms, features.seen, scores, decision, reasons, model.version, int(time.time() * 1000))
+    return ScoredBatch(
+        batch, features.event_ms, features.seen, scores, decision, reasons, explanations, model.version, int(time.time() * 1000)
+    )
 
 
 def test_decode(benchmark, payload_batches: list[list[bytes]]) -> None:
@@ -91,8 +93,20 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
 def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> None:
     features = store.compute(decoded(payload_batches[-2]))
     rules = Rules.load(DEFAULT_RULES)
-    scores, decision, _reasons = benchmark(score_batch, model, rules, features, model.review_threshold, model.decline_threshold)
+    scores, decision, _reasons, _explanations = benchmark(
+        score_batch, model, rules, features, model.review_threshold, model.decline_threshold
+    )
     assert scores.shape == (BATCH,) and decision.max() <= 2
+
+
+def test_explanations_of_flagged_rows(
+    benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel
+) -> None:
+    """The exact contributions of one batch's worth of flagged rows (the cost per flagged row)."""
+    features = store.compute(decoded(payload_batches[-3]))
+    rows = features.matrix[np.argsort(-model.score(features.matrix))[:32]]
+    reasons, explanations = benchmark(model.explain, rows)
+    assert len(explanations) == 32 and all(e is not None for e in explanations)
 
 
 def test_copy_encoding(benchmark, scored: ScoredBatch) -> None:
