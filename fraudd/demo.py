@@ -463,21 +463,27 @@ class _Progress:
         self._last = (now, scored)
         line = (
             f"  scored {scored:>9,}  {(scored - scored_then) / (now - then):>8,.0f} tx/s   "
-            f"lag {_lag(self._client, self._demo.stream):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
+            f"lag {_lag(self._client, self._demo):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
             f"delivered {len(self._receiver.received):>6,}"
         )
         sys.stdout.write(f"\r{line}" if self._tty else f"{line}\n")
         sys.stdout.flush()
 
 
-def _lag(client: redis.Redis, stream: str) -> int:
-    groups = client.xinfo_groups(stream) if client.exists(stream) else []
-    return sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups if g["name"] == b"fraud-group")
+def _lag(client: redis.Redis, demo: Namespace) -> int:
+    """Entries of the input stream the scoring has not yet read and acked; all of them while its
+    group does not exist yet (``fraudd run`` still starting), so a demo never settles before scoring."""
+    if not client.exists(demo.stream):
+        return 0
+    groups = [g for g in client.xinfo_groups(demo.stream) if g["name"] == demo.group.encode()]
+    if not groups:
+        return client.xlen(demo.stream)
+    return sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups)
 
 
 def _settled(client: redis.Redis, demo: Namespace, receiver: WebhookReceiver) -> bool:
     """Every entry scored and acked, and every alert delivered."""
-    if _lag(client, demo.stream) > 0:
+    if _lag(client, demo) > 0:
         return False
     return len(receiver.received) >= client.xlen(demo.fraud_stream)
 
