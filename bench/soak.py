@@ -1,10 +1,13 @@
 """``bench soak``: a long run at a fixed share of the maximum rate, watching for slow leaks.
 
 Every few seconds it samples each worker's RSS, the group's lag and pending count and Redis's
-memory, and trims the input stream below what the group still needs (production would trim it
-too; an untrimmed stream alone would grow Redis by gigabytes and hide anything else). Growth is
-the mean of the last window minus the mean of the first; a window is a minute, or a third of a
-shorter run.
+memory. The producer writes the stream itself, as the origin design's does: what keeps Redis
+bounded is fraudd run's own trimming (``--retention-s``) and the expiry of its dedup markers
+(``--dedup-window-s``). Both default to an hour, longer than a soak, so unless given after the
+command the soak runs fraudd with a retention and a window short enough (``steady_state_args``)
+for Redis to reach its steady state within the run: flat from then on, or something leaks.
+Growth is the mean of the last window minus the mean of the first; a window is a minute, or a
+third of a shorter run.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import redis
 
 from bench import procstat
 from bench.namespace import Namespace
@@ -22,14 +24,16 @@ from bench.usage import Probe, usage
 MIB = 2**20
 
 
-def _trim(client: redis.Redis, ns: Namespace) -> None:
-    """Drop entries the group has delivered and acked: below its oldest pending and last delivered id."""
-    group = next(g for g in client.xinfo_groups(ns.stream) if g["name"] == ns.group)
-    floor = group["last-delivered-id"]
-    pending = client.xpending(ns.stream, ns.group)
-    if pending["pending"]:
-        floor = min(floor, pending["min"], key=lambda i: tuple(map(int, i.split("-"))))
-    client.xtrim(ns.stream, minid=floor, approximate=True)
+def steady_state_args(fraudd_args: list[str], seconds: float) -> list[str]:
+    """``fraudd_args`` plus a ``--retention-s`` of 5 s and a ``--dedup-window-s`` of a tenth of the run
+    (at least 10 s) where they do not set them: a marker lives its window plus the minute its bucket
+    keeps receiving, so Redis levels off about a window and a minute and a half into the run."""
+    added = []
+    if not any(arg.startswith("--retention-s") for arg in fraudd_args):
+        added += ["--retention-s", "5"]
+    if not any(arg.startswith("--dedup-window-s") for arg in fraudd_args):
+        added += ["--dedup-window-s", str(max(10, int(seconds / 10)))]
+    return [*fraudd_args, *added]
 
 
 def _growth(times: np.ndarray, values: np.ndarray, window: float) -> dict:
@@ -54,7 +58,8 @@ def run(
     try:
         ns.migrate()
         ns.create_group(client)
-        consumers = Consumers.fraudd(ns, setup.fraudd_args, setup.workers, setup.log_dir / f"{ns.name}.log")
+        fraudd_args = steady_state_args(setup.fraudd_args, seconds)
+        consumers = Consumers.fraudd(ns, fraudd_args, setup.workers, setup.log_dir / f"{ns.name}.log")
         consumers.wait_ready(client, ns)
         producer, t0 = start_producer(ns, rate, seconds, seed, record_path)
         probe = Probe(client, ns.postgres_url, consumers.pids, supervised=True, producer=producer.pid)
@@ -78,7 +83,6 @@ def run(
                         "redis_used_memory": int(client.info("memory")["used_memory"]),
                     }
                 )
-                _trim(client, ns)
                 next_sample += interval
             time.sleep(0.05)
         if producer.returncode != 0:
@@ -102,6 +106,7 @@ def run(
         rows, distinct = ns.sql("SELECT count(*), count(DISTINCT transaction_id) FROM transactions")[0]
         return {
             "fraction_of_max": fraction,
+            "fraudd_args": fraudd_args,
             "namespace": ns.name,
             "target_rate": round(rate, 1),
             "seconds": seconds,

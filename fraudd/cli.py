@@ -20,7 +20,16 @@ from .console import settings as console_settings
 from .ingest import settings as ingest_settings
 from .keys import shard_streams
 from .learning import cli as learning_cli
-from .preflight import check_dependencies, check_eviction, check_migrated, connect_postgres, prepare_metrics_dir, redact
+from .preflight import (
+    check_dependencies,
+    check_eviction,
+    check_migrated,
+    check_producer_shard_count,
+    check_shard_count,
+    connect_postgres,
+    prepare_metrics_dir,
+    redact,
+)
 from .runtime import logs
 from .scoring import settings as scoring_settings
 from .settings import (
@@ -30,7 +39,9 @@ from .settings import (
     GROUP,
     LOG_LEVEL,
     POSTGRES_OPTIONS,
+    POSTGRES_URL,
     REDIS_OPTIONS,
+    REDIS_URL,
     SHARDS,
     STREAM,
     ConfigError,
@@ -41,7 +52,8 @@ from .settings import (
 )
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
-    from .runtime.health import GroupState, RedisMemory
+    from .runtime.groups import GroupState
+    from .runtime.health import RedisMemory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -69,6 +81,7 @@ def run(**params) -> None:
         prepare_metrics_dir()
     scoring_settings.check_files(settings)
     check_dependencies(settings.redis, settings.postgres, settings.input_streams, settings.consumer.group)
+    check_shard_count(settings.redis, settings.consumer.stream, settings.shards, settings.consumer.group)
     # Both import prometheus-client, which reads the directory above.
     from .runtime.supervisor import Supervisor
     from .scoring.worker import service
@@ -86,6 +99,7 @@ def ingest(**params) -> None:
     prepare_metrics_dir()
     # What follows imports prometheus-client, which reads the directory above.
     check_eviction(settings.redis)
+    check_producer_shard_count(settings.redis, settings.stream, settings.shards)
     from .ingest.auth import Authenticator, KeysError
 
     try:
@@ -341,16 +355,33 @@ DLQ_OPTIONS = [*REDIS_OPTIONS, *POSTGRES_OPTIONS, STREAM, SHARDS, FRAUD_STREAM, 
 STATUS_OPTIONS = [*DLQ_OPTIONS, GROUP, DEDUP_WINDOW_S]
 
 
+# `fraudd status` exit codes (README: Operations): a monitoring script tells "down" from "behind".
+STATUS_OK, STATUS_DOWN, STATUS_BEHIND = 0, 1, 3  # 2: a bad option (click's usage error)
+
+
 @main.command()
 @options(STATUS_OPTIONS)
-def status(group: str, dedup_window_s: int, **params) -> None:
-    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster)."""
+@click.option(
+    "--lag-limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Exit 3 when the group's lag (over every shard) is above this.",
+)
+def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
+    """Say what is up and what is down: Redis, PostgreSQL, the group's lag, pending and consumers (per node on a cluster).
+
+    Exit status: 0 all up and the lag within --lag-limit; 1 Redis or PostgreSQL down, or Redis full or
+    evicting; 2 a bad option; 3 up, but the lag is above --lag-limit or entries wait on a stream only
+    another --shards reads."""
+    from . import shard_counts
     from .keys import Keys
-    from .runtime.health import NEARLY_FULL, check_postgres, combined, group_state, memory_problem, redis_memory
+    from .runtime.groups import combined, group_state
+    from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
     from .runtime.redis_clients import redis_client
 
     settings = StreamsSettings.from_params(params)
-    healthy = True
+    healthy, behind = True, False
     client = redis_client(settings.redis.url, settings.redis.cluster, decode_responses=True, socket_timeout=3)
     try:
         states = [group_state(client, stream, group) for stream in settings.input_streams]
@@ -361,6 +392,13 @@ def status(group: str, dedup_window_s: int, **params) -> None:
             f"group      {group} on {settings.stream}{shards}: lag {state.lag}, pending {state.pending}, "
             f"oldest pending {state.oldest_pending_age_s:.1f}s"
         )
+        if state.lag > lag_limit:
+            behind = True
+            click.echo(f"           behind: lag {state.lag} is above --lag-limit {lag_limit}")
+        left = shard_counts.stranded(client, settings.stream, settings.shards, group)
+        if left:
+            behind = True
+            click.echo(f"stranded   {shard_counts.describe(left, settings.shards)}")
         for consumer in state.consumers:
             click.echo(f"  consumer {consumer['name']}: pending {consumer['pending']}, idle {consumer['idle'] / 1000:.1f}s")
         if settings.shards > 1:
@@ -397,7 +435,7 @@ def status(group: str, dedup_window_s: int, **params) -> None:
     except (psycopg.Error, OSError) as exc:
         healthy = False
         click.echo(f"postgres   DOWN  {redact(settings.postgres.url)}: {' '.join(str(exc).split())}")
-    sys.exit(0 if healthy else 1)
+    sys.exit(STATUS_DOWN if not healthy else STATUS_BEHIND if behind else STATUS_OK)
 
 
 def _echo_nodes(
@@ -518,29 +556,35 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     """
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
+    from .runtime.deadletters import restored_fields
 
     settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     selected = _dlq_selection(client, settings, entry_ids, reason, select_all)
+    # An entry that had no data field goes back as it was, to the stream it came from.
+    restored = [(f.get(b"source_stream", settings.stream.encode()), restored_fields(f)) for _i, f in selected]
     alerts = [(i, f) for i, f in selected if f.get(b"reason") == REASON_UNDELIVERABLE.encode()]
     inputs = {stream.encode() for stream in settings.input_streams}
     # Letters naming no stream were written by the scoring workers before letters named theirs.
     transactions = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source in inputs and kept is None
     ]
     others = [
         (i, f)
-        for i, f in selected
-        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and f.get(b"source_stream", settings.stream.encode()) not in inputs
+        for (i, f), (source, kept) in zip(selected, restored)
+        if f.get(b"reason") != REASON_UNDELIVERABLE.encode() and source not in inputs and kept is None
     ]
+    as_they_were = [(source, kept) for source, kept in restored if kept is not None]
     if transactions:
         Publisher(client, settings.stream, settings.shards).publish([fields.get(b"data", b"") for _id, fields in transactions])
-    if others:
+    if others or as_they_were:
         pipe = client.pipeline(transaction=False)
         for _id, fields in others:
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
+        for source, kept in as_they_were:
+            pipe.xadd(source, kept)
         pipe.execute()
     if alerts:
         with connect_postgres(settings.postgres) as conn:
@@ -548,6 +592,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
     if selected:
         client.xdel(settings.dlq_stream, *[entry_id for entry_id, _ in selected])
     elsewhere = Counter(fields[b"source_stream"].decode() for _id, fields in others)
+    elsewhere.update(source.decode() for source, _kept in as_they_were)
     click.echo(
         f"replayed {len(transactions)} entries onto {settings.stream}"
         + "".join(f", {n} onto {stream}" for stream, n in sorted(elsewhere.items()))
@@ -571,8 +616,7 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 
 
 @main.command()
-@click.option("--redis-url", envvar="REDIS_URL", default="redis://127.0.0.1:6379/0", show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default="postgresql://127.0.0.1:5432/postgres", show_default=True)
+@options([REDIS_URL, POSTGRES_URL])
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -72,6 +73,46 @@ def check_migrated(conn: psycopg.Connection, postgres: PostgresSettings) -> None
         raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {postgres.schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
+
+
+def check_shard_count(redis_settings: RedisSettings, stream: str, shards: int, group: str) -> None:
+    """Refuse a --shards that leaves entries on streams only another count reads; otherwise record it
+    (the scoring's start-up)."""
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    client = redis_client(redis_settings.url, redis_settings.cluster, decode_responses=True)
+    try:
+        left = shard_counts.stranded(client, stream, shards, group)
+        if not left:
+            shard_counts.record(client, stream, shards, int(time.time() * 1000))
+    finally:
+        client.close()
+    if left:
+        raise ConfigError(shard_counts.describe(left, shards))
+
+
+def check_producer_shard_count(redis_settings: RedisSettings, stream: str, shards: int) -> None:
+    """Refuse a --shards other than the one scoring last ran with: its streams would have no reader.
+    A Redis that does not answer yet is let be, as in ``check_eviction`` (the ingest's start-up)."""
+    from redis.exceptions import RedisClusterException
+
+    from . import shard_counts
+    from .runtime.redis_clients import redis_client
+
+    try:
+        client = redis_client(redis_settings.url, redis_settings.cluster, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            scored_with = shard_counts.latest(client, stream)
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException):
+        return
+    if scored_with is not None and scored_with != shards:
+        raise ConfigError(
+            f"--shards {shards}: fraudd run scores {stream} with --shards {scored_with}, so nobody would "
+            f"read what this ingest writes; use --shards {scored_with} (README: Changing the shard count)"
+        )
 
 
 def check_eviction(redis_settings: RedisSettings) -> None:

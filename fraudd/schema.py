@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from importlib import resources
-from pathlib import PurePosixPath
 
 import psycopg
 
@@ -96,14 +95,16 @@ NOT_LOADED = (
 def timescaledb_state(conn: psycopg.Connection) -> tuple[bool, bool]:
     """(installed, loaded): the extension's files are on the server / its library is preloaded.
 
-    Only a loaded TimescaleDB can be used; read-only, so it is safe to ask before migrating.
+    Only a loaded TimescaleDB can be used; read-only, so it is safe to ask before migrating. Asked
+    without reading ``shared_preload_libraries``, which only superusers (and pg_read_all_settings)
+    may: the preloaded library defines its settings, an integer among them, where a mere mention
+    in postgresql.conf would leave an untyped placeholder.
     """
-    installed, libraries = conn.execute(
+    installed, loaded = conn.execute(
         "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb'), "
-        "current_setting('shared_preload_libraries')"
+        "EXISTS (SELECT FROM pg_settings WHERE name = 'timescaledb.bgw_launcher_poll_time' AND vartype = 'integer')"
     ).fetchone()
-    loaded = "timescaledb" in {PurePosixPath(name.strip().strip('"')).name for name in libraries.split(",")}
-    return bool(installed), loaded
+    return bool(installed), bool(loaded)
 
 
 def migrate(

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import psycopg
+import redis
 
 
 def packaged(package: str, name: str) -> Path:
@@ -166,8 +168,37 @@ class RedisSettings:
         return cls(params["redis_url"], params["redis_cluster"])
 
 
+def option_hint(param: click.Parameter) -> str:
+    """``--flag / ENV`` of an option, as the one-line start-up errors name it."""
+    envvar = f" / {param.envvar}" if isinstance(param.envvar, str) else ""
+    return f"{param.opts[0]}{envvar}"
+
+
+def check_redis_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A Redis URL (or a cluster's comma-separated seed URLs) that redis-py can use; the message
+    never repeats the URL, which may hold a password."""
+    for seed in value.split(","):
+        try:
+            redis.connection.parse_url(seed.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{option_hint(param)}: {exc}") from None
+    return value
+
+
+def check_postgres_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A libpq connection string: ``postgresql://`` URL or ``key=value`` pairs (never repeated: passwords)."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"{option_hint(param)}: neither a postgresql:// URL nor key=value pairs") from None
+    return value
+
+
 REDIS_URL = Option(
-    "redis-url", "REDIS_URL", "Redis holding the streams and feature state.", {"default": "redis://127.0.0.1:6379/0"}
+    "redis-url",
+    "REDIS_URL",
+    "Redis holding the streams and feature state.",
+    {"default": "redis://127.0.0.1:6379/0", "callback": check_redis_url},
 )
 REDIS_CLUSTER = Option(
     "redis-cluster",
@@ -198,7 +229,10 @@ class PostgresSettings:
 
 
 POSTGRES_URL = Option(
-    "postgres-url", "POSTGRES_URL", "PostgreSQL receiving the decisions.", {"default": "postgresql://127.0.0.1:5432/postgres"}
+    "postgres-url",
+    "POSTGRES_URL",
+    "PostgreSQL receiving the decisions.",
+    {"default": "postgresql://127.0.0.1:5432/postgres", "callback": check_postgres_url},
 )
 PG_SCHEMA = Option("pg-schema", "FRAUDD_PG_SCHEMA", "PostgreSQL schema of fraudd's tables.", {"default": "public"})
 POSTGRES_OPTIONS = [POSTGRES_URL, PG_SCHEMA]

@@ -1,7 +1,7 @@
 """Smoke runs of ``python -m bench``: every mode produces a report with sane fields.
 
-No performance thresholds: on a shared 2-core box the figures move too much for that (see
-/work/shared/COSTS.md); performance is judged from full runs on a quiet machine.
+No performance thresholds: on a shared 2-core box the figures move too much for that; performance
+is judged from full runs on a quiet machine.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Two supervisors (different CONSUMER_ID) share 8 shards; their workers are SIGKIL
 one supervisor is killed for good with its workers (the other takes its shards over once their
 leases expire); the master serving the fraud stream's slot (and some shards') is SIGKILLed and its
 replica promoted while scoring goes on, and every primary loses the Function library: 100,000
-transactions, as issue 12 asks, in about 20 s on 2 busy cores. Batches of 1,000 and a kill storm
+transactions in about 20 s on 2 busy cores. Batches of 1,000 and a kill storm
 of 5 s keep it there (each SIGKILL idles the dead worker's shards for a lease); throughput is
 bench/'s business.
 

@@ -96,11 +96,20 @@ def test_ingest_through_a_slot_move_and_a_failover_stores_every_accepted_transac
     streams = shard_streams(ns.stream, SHARDS)
 
     scoring = DaemonProcess.start(
-        ns, tmp_path / "run.log", "--workers", "2", "--shards", str(SHARDS), "--lease-ms", "1500", "--batch-size", "300"
+        ns,
+        tmp_path / "run.log",
+        "--workers",
+        "2",
+        "--shards",
+        str(SHARDS),
+        "--lease-ms",
+        "1500",
+        "--batch-size",
+        "300",
+        "--retention-s",
+        "1",
     )
-    ingest = IngestServer.start(
-        ns, tmp_path, "--workers", "2", "--shards", str(SHARDS), "--decision-timeout-ms", "10000", "--retention-s", "1"
-    )
+    ingest = IngestServer.start(ns, tmp_path, "--workers", "2", "--shards", str(SHARDS), "--decision-timeout-ms", "10000")
     try:
         with ingest.client() as http, ThreadPoolExecutor(8) as pool:
             moving, failing = threading.Event(), threading.Event()

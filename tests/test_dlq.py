@@ -37,12 +37,21 @@ def dlq_ids(client: redis.Redis, ns: Namespace) -> list[str]:
     return [i.decode() for i, _ in client.xrange(ns.dlq_stream)]
 
 
-def test_entry_without_data_field_is_dead_lettered(
-    ns: Namespace, redis_client: redis.Redis, dead_letters: dict[str, str]
+def test_entry_without_data_field_is_dead_lettered_with_its_fields_and_replayed_as_it_was(
+    ns: Namespace, redis_client: redis.Redis, dead_letters: dict[str, str], tmp_path: Path
 ) -> None:
     letter = next(d for d in dlq(redis_client, ns) if d["reason"] == decode.REASON_NO_DATA.encode())
     assert letter["data"] == b"" and letter["deliveries"] == b"1" and letter["source_stream"] == ns.stream.encode()
+    assert letter["field:note"] == b"no data field"
     assert redis_client.xpending(ns.stream, ns.group)["pending"] == 0
+
+    replayed = ns.fraudd("dlq", "replay", "--reason", decode.REASON_NO_DATA)
+    assert replayed.returncode == 0, replayed.stderr
+    (_id, fields), *_ = redis_client.xrevrange(ns.stream, count=1)
+    assert fields == {b"note": b"no data field"}
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    reasons = sorted(d["reason"].decode() for d in dlq(redis_client, ns))
+    assert reasons == sorted(dead_letters.values()), "the replayed entry is dead-lettered for what it is, not as invalid_json"
 
 
 def test_list_shows_every_dead_letter_and_filters(ns: Namespace, dead_letters: dict[str, str]) -> None:

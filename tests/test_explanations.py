@@ -34,10 +34,10 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def contributions_of(explanations: list[dict | None]) -> tuple[np.ndarray, np.ndarray]:
+def contributions_of(explanations: list[dict | None], names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(base per row, contributions rows × features) from explanation documents."""
     base = np.array([e["base"] for e in explanations])
-    return base, np.array([[e["contributions"][name] for name in FEATURE_NAMES] for e in explanations])
+    return base, np.array([[e["contributions"][name] for name in names] for e in explanations])
 
 
 def assert_exact(model_path: Path, rows: np.ndarray) -> None:
@@ -50,7 +50,8 @@ def assert_exact(model_path: Path, rows: np.ndarray) -> None:
     raw = booster.predict(rows, raw_score=True)
 
     reasons, explanations = model.explain(rows)
-    base, contributions = contributions_of(explanations)
+    names = model.feature_names
+    base, contributions = contributions_of(explanations, names)
     assert np.abs(base - reference[:, -1]).max() < 1e-5
     assert np.abs(contributions - reference[:, :-1]).max() < 1e-5
     assert np.abs(base + contributions.sum(axis=1) - raw).max() < 1e-4
@@ -62,11 +63,11 @@ def assert_exact(model_path: Path, rows: np.ndarray) -> None:
     assert np.abs((base + contributions.sum(axis=1) - logit(scores))[servable]).max() < 1e-4
     # Reasons name what pushed the score up, strongest first; never a feature that pulled it down.
     for codes, row in zip(reasons, contributions):
-        expected = [FEATURE_NAMES[j] for j in np.argsort(-row)[:2] if row[j] > 0]
+        expected = [names[j] for j in np.argsort(-row)[:2] if row[j] > 0]
         assert [code.removeprefix("model:") for code in codes] == expected
     # The values the row was scored with, as stored (JSON has no NaN: a missing value is null).
     stored = orjson.loads(orjson.dumps([explanation["values"] for explanation in explanations]))
-    expected = [{name: None if np.isnan(v) else v for name, v in zip(FEATURE_NAMES, values)} for values in rows.tolist()]
+    expected = [{name: None if np.isnan(v) else v for name, v in zip(names, values)} for values in rows.tolist()]
     assert stored == expected
 
 
@@ -101,7 +102,8 @@ def test_freshly_trained_model_explanations_are_lightgbms(ns: Namespace, tmp_pat
     model_path = tmp_path / "team.onnx"
     result = ns.fraudd("train", "--history", str(path), "--out", str(model_path), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    data = train.dataset(redis.Redis(protocol=2), seed=4, n=5_000)
+    data = train.dataset(redis.Redis(protocol=2), seed=4, n=5_000, label_delay_s=7 * 86_400.0)
+    assert data.feature_names == FraudModel.load(model_path, FEATURE_NAMES).feature_names
     assert_exact(model_path, data.matrix)
 
 

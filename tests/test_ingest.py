@@ -239,20 +239,6 @@ def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tm
     assert [orjson.loads(p)["transaction_id"] for p in stream_payloads(dedicated_redis.client(), ns)] == ["r1", "r2"]
 
 
-def test_the_supervisor_trims_acknowledged_entries(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
-    ids = publish(redis_client, ns.stream, valid_payloads(1000, "kept"))
-    redis_client.xgroup_create(ns.stream, ns.group, id="0")
-    redis_client.xreadgroup(ns.group, "c", {ns.stream: ">"}, count=1000)
-    redis_client.xack(ns.stream, ns.group, *ids[:800])
-    server = IngestServer.start(ns, tmp_path, "--workers", "1", "--retention-s", "1")
-    try:
-        wait_for(lambda: redis_client.xlen(ns.stream) < 1000, 20, message="the housekeeping to trim")
-    finally:
-        assert server.stop() == 0
-    remaining = [i.decode() for i, _f in redis_client.xrange(ns.stream)]
-    assert remaining == ids[-len(remaining) :] and ids[800] in remaining
-
-
 def test_labels_reach_the_labels_stream_all_or_none(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:
     with server.client() as http:
         written = post(

@@ -17,15 +17,22 @@ from .streams import fully_drained
 
 
 def stored_rows(ns: Namespace) -> dict[str, dict]:
-    rows = ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version FROM transactions")
+    rows = ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version, explanation FROM transactions")
     return {
-        r[0]: {"id": r[1], "decision": r[2], "score": round(float(r[3]), 6), "reasons": list(r[4]), "model_version": r[5]}
+        r[0]: {
+            "id": r[1],
+            "decision": r[2],
+            "score": round(float(r[3]), 6),
+            "reasons": list(r[4]),
+            "model_version": r[5],
+            "explanation": r[6],
+        }
         for r in rows
     }
 
 
 def decision_of(answer: dict) -> dict:
-    return {k: answer[k] for k in ("id", "decision", "score", "reasons", "model_version")}
+    return {k: answer[k] for k in ("id", "decision", "score", "reasons", "model_version", "explanation")}
 
 
 @pytest.fixture
@@ -60,6 +67,8 @@ def test_score_answers_the_stored_decision(ns: Namespace, scoring, tmp_path: Pat
                 assert decision_of(answer) == rows[answer["transaction_id"]]
                 assert answer["latency_ms"] > 0
             assert {a["decision"] for a in answers} >= {"approve"}
+            # A flagged decision answers with the explanation it was stored with.
+            assert all((a["explanation"] is None) == (a["decision"] == "approve") for a in answers)
 
             again = post(http, "/v1/score", items[1]).json()
             assert again["duplicate"] is True and not again["timed_out"]

@@ -586,3 +586,24 @@ def test_label_features_catch_compromised_terminals_through_the_live_pipeline(
         f"compromised terminals {terminal_recall:.1%} ({int(terminals.sum())})"
     )
     assert terminal_recall >= 0.5 and recall >= 0.65
+
+
+def test_train_without_the_train_extra_names_it_in_one_line(ns: Namespace, tmp_path: Path) -> None:
+    # The daemon's own virtualenv has the extra; an interpreter that cannot import lightgbm stands
+    # in for one installed without it.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] == 'lightgbm':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
+    )
+    result = ns.fraudd("train", "--generated", "1000", "--out", str(tmp_path / "m.onnx"), PYTHONPATH=str(site))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: fraudd train needs the train extra (lightgbm is missing): pip install 'fraudd[train]'"
+    ]
+    assert not (tmp_path / "m.onnx").exists()

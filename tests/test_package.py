@@ -8,10 +8,12 @@ defaults it ships: migrations, model, rules and Lua all come from inside the ins
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 import zipfile
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import redis
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.scoring.features import FEATURE_NAMES
@@ -136,3 +140,36 @@ def test_wheel_installed_elsewhere_migrates_and_scores(redis_client: redis.Redis
             assert len(lines) == 1 and lines[0].startswith("Error: ") and "no migrations found" in lines[0], result.stderr
     finally:
         ns.drop(redis_client)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_PIN = re.compile(r"^([A-Za-z0-9._-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", re.MULTILINE)
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    """name -> version of every requirement in a pip-compile lock; each must carry its hashes."""
+    text = lock.read_text()
+    pins = {canonicalize_name(name): version for name, version, _hashes in _PIN.findall(text)}
+    listed = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert len(listed) == len(pins), f"{lock.name}: a requirement without hashes"
+    return pins
+
+
+def test_the_lock_files_pin_every_dependency_with_hashes() -> None:
+    """What a deployment (requirements.lock) and the set-up (requirements-dev.lock) install is the
+    whole tree pyproject.toml asks for, each at one version with its hashes; a dependency added to
+    pyproject.toml without locking it again fails here."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime, dev = _pins(ROOT / "requirements.lock"), _pins(ROOT / "requirements-dev.lock")
+    wanted = {"requirements.lock": (runtime, project["dependencies"])}
+    wanted["requirements-dev.lock"] = (
+        dev,
+        project["dependencies"] + [r for e in ("dev", "train") for r in project["optional-dependencies"][e]],
+    )
+    for lock, (pins, requirements) in wanted.items():
+        for text in requirements:
+            requirement = Requirement(text)
+            name = canonicalize_name(requirement.name)
+            assert name in pins, f"{lock} lacks {name}: lock again (README: Deploying)"
+            assert requirement.specifier.contains(pins[name], prereleases=True), f"{lock}: {name}=={pins[name]} is not {text}"
+    assert {name: dev.get(name) for name in runtime} == runtime, "the set-up must test the versions a deployment installs"

@@ -226,3 +226,20 @@ def test_installed_but_not_loaded(unloaded_postgres: PostgresServer, redis_clien
         )
     finally:
         ns.drop(redis_client)
+
+
+def test_migrate_as_the_owner_of_the_database_not_a_superuser(unloaded_postgres: PostgresServer) -> None:
+    """The README's deploy steps: a role ``fraudd`` owning a database ``fraudd``, nothing more."""
+    unloaded_postgres.execute("CREATE ROLE fraudd LOGIN")
+    unloaded_postgres.execute("CREATE DATABASE fraudd OWNER fraudd")
+    ns = Namespace("public", postgres_url=f"postgresql://fraudd@127.0.0.1:{unloaded_postgres.port}/fraudd")
+    migrated = ns.fraudd("migrate", "--retention-days", "0")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "native daily partitions" in migrated.stdout and "not loaded" in migrated.stdout
+
+    unloaded_postgres.stop()
+    unloaded_postgres.settings.update(TIMESCALEDB)
+    unloaded_postgres.start()
+    converted = ns.fraudd("migrate", "--retention-days", "0")
+    assert converted.returncode == 0, converted.stderr
+    assert "transactions: TimescaleDB hypertable" in converted.stdout, converted.stdout

@@ -98,9 +98,16 @@ class AlertWorker:
     def process(self, entries: Entries) -> None:
         fresh, poison = self.consumer.split_poison(entries)
         rejected = self.consumer.until_done(lambda: self.sender.handle(fresh.ids, fresh.payloads), "postgres")
-        letters = self.settler.poison_letters(poison)
+        letters = self.settler.poison_letters(poison, entries)
         letters += [
-            self.settler.letter(r.entry_id, r.payload, REASON_INVALID_ALERT, r.detail, entries.deliveries.get(r.entry_id, 1))
+            self.settler.letter(
+                r.entry_id,
+                r.payload,
+                REASON_INVALID_ALERT,
+                r.detail,
+                entries.deliveries.get(r.entry_id, 1),
+                entries.kept_fields(r.entry_id, r.payload),
+            )
             for r in rejected
         ]
         self.consumer.until_done(lambda: self.settler.settle(entries.ids, letters), "redis")

@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 
 from ..keys import Keys
 from ..learning.labels import parse_labels
-from ..runtime.health import group_state
+from ..runtime.groups import group_state
 from ..runtime.redis_clients import AsyncNodes, redis_client
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
@@ -346,6 +346,7 @@ class Ingest:
                 score=None,
                 reasons=[],
                 model_version=None,
+                explanation=None,
                 timed_out=True,
             )
         else:
@@ -356,6 +357,7 @@ class Ingest:
                 score=decision["score"],
                 reasons=decision["reasons"],
                 model_version=decision["model_version"],
+                explanation=decision["explanation"],
                 timed_out=False,
             )
         answer["latency_ms"] = round((time.monotonic() - started) * 1000.0, 3)

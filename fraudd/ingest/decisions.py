@@ -220,7 +220,7 @@ class StoredDecisions:
                 )
             try:
                 cursor = await self._conn.execute(
-                    "SELECT stream_id, decision, score, reasons, model_version FROM transactions"
+                    "SELECT stream_id, decision, score, reasons, model_version, explanation FROM transactions"
                     " WHERE transaction_id = %s LIMIT 1",
                     (transaction_id,),
                 )
@@ -230,7 +230,7 @@ class StoredDecisions:
                 raise
         if row is None:
             return None
-        stream_id, decision, score, reasons, model_version = row
+        stream_id, decision, score, reasons, model_version, explanation = row
         return {
             "transaction_id": transaction_id,
             "id": stream_id,
@@ -238,4 +238,5 @@ class StoredDecisions:
             "score": round(float(score), 6),
             "reasons": list(reasons),
             "model_version": model_version,
+            "explanation": explanation,
         }

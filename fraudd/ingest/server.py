@@ -10,16 +10,12 @@ import os
 import socket
 import ssl
 
-import redis
 import uvloop
 from aiohttp import web
-from redis.cluster import RedisCluster
 
 from ..runtime.listener import bind, is_loopback, tls_context
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import redis_client
-from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
 from ..settings import ConfigError
 from .app import make_app
@@ -44,13 +40,12 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     """``fraudd ingest``: the supervisor's view of the HTTP server processes.
 
     Binds the socket and builds the TLS context here, before the fork, so both are shared and a
-    bad address or certificate stops start-up with one line. The supervisor's housekeeping trims
-    the stream (once per host, not once per process). The supervisor re-reads the API keys on
+    bad address or certificate stops start-up with one line. Trimming the input stream is the
+    consuming side's (``fraudd run``), whoever writes it. The supervisor re-reads the API keys on
     SIGHUP too: a server process it respawns starts with the keys in use, not those of start-up.
     """
     sock = bind(settings.listen)
     context = tls_context(settings.tls_cert, settings.tls_key)
-    trimmer = Trimmer(settings)
     return Service(
         name="fraudd ingest",
         workers=settings.workers,
@@ -58,37 +53,8 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
         worker_name=lambda index: f"ingest-{index}",
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
-        housekeeping=trimmer.run_once,
         reload=authenticator.reload,
     )
-
-
-class Trimmer:
-    """Trims what every group acked (``--retention-s``), each shard stream on the node serving it;
-    logs an outage once, never raises."""
-
-    def __init__(self, settings: IngestSettings) -> None:
-        self._settings = settings
-        # Made on first use: a cluster client connects when made, and Redis may be away at start.
-        self._client: redis.Redis | RedisCluster | None = None
-        self._failing = False
-
-    def run_once(self) -> None:
-        s = self._settings
-        try:
-            if self._client is None:
-                self._client = redis_client(
-                    s.redis.url, s.redis.cluster, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
-                )
-            trimmed = sum(trim_acked(self._client, stream, s.retention_s) for stream in s.input_streams)
-        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
-            if not self._failing:
-                log.error("cannot trim the input stream", extra={"event": "outage", "component": "redis", "error": str(exc)})
-            self._failing = True
-            return
-        self._failing = False
-        if trimmed:
-            log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
 
 def _serve_process(

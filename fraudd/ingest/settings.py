@@ -47,7 +47,6 @@ class IngestSettings:
     workers: int
     max_batch: int
     max_lag: int
-    retention_s: int
     decision_timeout_ms: int
     fallback_decision: str
     client_timeout_s: float
@@ -133,12 +132,6 @@ OPTIONS: list[Option] = [
         "FRAUDD_MAX_LAG",
         "Group lag from which writes are refused with 503 and Retry-After.",
         {"default": 1_000_000, "type": int, "callback": positive("max-lag")},
-    ),
-    Option(
-        "retention-s",
-        "FRAUDD_RETENTION_S",
-        "How long entries every group has acknowledged stay on the stream before trimming.",
-        {"default": 3600, "type": int, "callback": positive("retention-s")},
     ),
     Option(
         "decision-timeout-ms",

@@ -28,6 +28,8 @@ from . import settings as label_settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# What the ``train`` extra installs (pyproject.toml), by import name: the daemon itself needs none of them.
+TRAIN_EXTRA_MODULES = frozenset({"lightgbm", "onnxmltools", "onnx", "sklearn"})
 
 
 def parse_duration(text: str) -> float:
@@ -175,7 +177,14 @@ def train(
     pg_schema: str,
 ) -> None:
     """Train a model on labelled history with the daemon's own features; write it and its model card."""
-    from . import train as training
+    try:
+        from . import train as training
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        raise click.ClickException(
+            f"fraudd train needs the train extra ({exc.name} is missing): pip install 'fraudd[train]'"
+        ) from None
 
     if sum((history is not None, from_postgres, generated is not None)) != 1:
         raise click.UsageError("give exactly one of --history FILE, --from-postgres or --generated N")

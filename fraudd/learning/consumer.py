@@ -55,11 +55,12 @@ class LabelsWorker:
     def process(self, entries: Entries) -> None:
         work, poison = self.consumer.split_poison(entries)
         labels: list[Label] = []
-        dead = self.settler.poison_letters(poison)
+        dead = self.settler.poison_letters(poison, entries)
         for entry_id, payload in zip(work.ids, work.payloads):
             deliveries = work.deliveries.get(entry_id, 1)
             if payload is None:
-                dead.append(self.settler.letter(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries))
+                kept = entries.kept_fields(entry_id, None)
+                dead.append(self.settler.letter(entry_id, b"", REASON_NO_DATA, "entry has no 'data' field", deliveries, kept))
                 continue
             try:
                 # Without its own reported_at, a label was reported when the stream accepted it: the

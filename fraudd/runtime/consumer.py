@@ -80,6 +80,11 @@ class Entries:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def kept_fields(self, entry_id: str, payload: bytes | None) -> dict[bytes, bytes]:
+        """What a dead letter of an entry without ``data`` keeps of it (``payload`` empty or None):
+        its fields, so a replay puts the entry back as it was rather than as an empty payload."""
+        return {} if payload else self.extra.get(entry_id, {})
+
 
 REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
 
@@ -102,7 +107,11 @@ def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) ->
     ids = [entry_id.decode() for entry_id, _fields in raw_entries]
     # The origin producer writes exactly one field, ``data``: look further only when it did not.
     payloads = [fields[1] if fields and fields[0] == b"data" else _data_field(fields) for _id, fields in raw_entries]
-    extra = {i: _extra_fields(fields) for i, (_id, fields) in zip(ids, raw_entries) if fields and len(fields) > 2}
+    extra = {
+        i: _extra_fields(fields)
+        for i, (_id, fields) in zip(ids, raw_entries)
+        if fields and (len(fields) > 2 or fields[0] != b"data")
+    }
     deleted = {i for i, (_id, fields) in zip(ids, raw_entries) if fields is None} if deliveries is not None else set()
     return Entries(ids, payloads, deleted, deliveries or {}, extra)
 

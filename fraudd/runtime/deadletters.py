@@ -21,7 +21,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from .consumer import REASON_MAX_DELIVERIES, Poison, StreamConsumer
+from .consumer import REASON_MAX_DELIVERIES, Entries, Poison, StreamConsumer
 from .redis_clients import ReplicaWait, on_node
 
 SCRIPT = """
@@ -50,6 +50,20 @@ return {written, acked}
 """
 
 MARKER_TTL_S = 7 * 86400  # far longer than any redelivery or retry of the same entry
+# A dead letter of an entry without ``data`` carries the entry's own fields under this prefix
+# (``Entries.kept_fields``); ``fraudd dlq replay`` writes them back unprefixed.
+KEPT_FIELD_PREFIX = b"field:"
+
+
+def kept_field_pairs(fields: dict[bytes, bytes]) -> list[bytes]:
+    """An entry's kept fields as flat, prefixed name/value pairs for a dead letter."""
+    return [part for name, value in fields.items() for part in (KEPT_FIELD_PREFIX + name, value)]
+
+
+def restored_fields(letter: dict[bytes, bytes]) -> dict[bytes, bytes] | None:
+    """The fields of the entry a dead letter kept (it had no ``data``); None for a letter with a payload."""
+    kept = {name[len(KEPT_FIELD_PREFIX) :]: value for name, value in letter.items() if name.startswith(KEPT_FIELD_PREFIX)}
+    return kept or None
 
 
 def marker_prefix(consumed: str, dlq_stream: str) -> str:
@@ -63,7 +77,7 @@ class DeadLetter:
     """One DLQ entry: ``marker`` identifies it (an entry id, ``<transaction>:<channel>``, ...)."""
 
     marker: str
-    fields: dict[str, bytes | str | int]
+    fields: dict[str | bytes, bytes | str | int]
 
 
 def script_args(
@@ -93,22 +107,30 @@ class DeadLetterSettler:
         self._split = isinstance(self._client, RedisCluster)
         self._replicas = ReplicaWait()
 
-    def letter(self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int) -> DeadLetter:
-        """The dead letter of one entry of the consumed stream (marked by its id)."""
-        return DeadLetter(
-            entry_id,
-            {
-                "data": payload,
-                "reason": reason,
-                "detail": detail,
-                "source_id": entry_id,
-                "consumer": self._consumer.name,
-                "deliveries": deliveries,
-            },
-        )
+    def letter(
+        self, entry_id: str, payload: bytes, reason: str, detail: str, deliveries: int, kept: dict[bytes, bytes] | None = None
+    ) -> DeadLetter:
+        """The dead letter of one entry of the consumed stream (marked by its id); ``kept``: the
+        fields of an entry without ``data`` (``Entries.kept_fields``)."""
+        fields: dict[str | bytes, bytes | str | int] = {
+            "data": payload,
+            "reason": reason,
+            "detail": detail,
+            "source_id": entry_id,
+            "consumer": self._consumer.name,
+            "deliveries": deliveries,
+        }
+        for name, value in (kept or {}).items():
+            fields[KEPT_FIELD_PREFIX + name] = value
+        return DeadLetter(entry_id, fields)
 
-    def poison_letters(self, poison: list[Poison]) -> list[DeadLetter]:
-        return [self.letter(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries) for p in poison]
+    def poison_letters(self, poison: list[Poison], entries: Entries) -> list[DeadLetter]:
+        return [
+            self.letter(
+                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
+            )
+            for p in poison
+        ]
 
     def settle(self, ack_ids: list[str], letters: list[DeadLetter]) -> tuple[int, int]:
         """(dead letters written, entries acked); a consumer group lost with Redis's data is created

@@ -19,13 +19,15 @@ import psycopg
 import redis
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
-from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 
+from .. import shard_counts
 from ..schema import connect, ensure_partitions
 from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
+from .groups import GroupState, combined, group_state
 from .redis_clients import redis_client
+from .retention import trim_acked
 
 log = logging.getLogger(__name__)
 
@@ -98,64 +100,6 @@ def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
     return f"redis: {problem}" if problem else None
 
 
-@dataclass(frozen=True, slots=True)
-class GroupState:
-    lag: int
-    pending: int
-    oldest_pending_age_s: float
-    consumers: list[dict]
-    entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
-
-
-def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
-    """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
-    lag when Redis has none); a stream nothing was written to yet has neither."""
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
-            raise
-        return GroupState(0, 0, 0.0, [])
-    info = next((g for g in groups if g["name"] == group), None)
-    if info is None:
-        return GroupState(client.xlen(stream), 0, 0.0, [])
-    lag = info.get("lag")
-    if lag is None:
-        # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
-        # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
-        lag = len(
-            client.execute_command(
-                "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
-            )
-        )
-    summary = client.xpending(stream, group)
-    oldest = 0.0
-    if summary["pending"]:
-        oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000.0)
-    entries_read = info.get("entries-read")
-    return GroupState(
-        int(lag),
-        int(info["pending"]),
-        oldest,
-        client.xinfo_consumers(stream, group),
-        None if entries_read is None else int(entries_read),
-    )
-
-
-def combined(states: list[GroupState]) -> GroupState:
-    """The group over every input shard: lags and pending summed, the oldest pending of all."""
-    if len(states) == 1:
-        return states[0]
-    reads = [state.entries_read for state in states]
-    return GroupState(
-        sum(state.lag for state in states),
-        sum(state.pending for state in states),
-        max(state.oldest_pending_age_s for state in states),
-        [consumer for state in states for consumer in state.consumers],
-        None if None in reads else sum(reads),
-    )
-
-
 class Housekeeper:
     """Periodic supervisor chores of a service whose workers consume ``streams`` as ``consumer``
     says; each chore tolerates its dependency being down. ``partitions``: also create the coming
@@ -182,10 +126,18 @@ class Housekeeper:
         self._state: GroupState | None = None
         self._state_at = 0.0
         self._rate: float | None = None
+        self._stranded: list[shard_counts.Stranded] = []
 
     def run_once(self) -> None:
         self._guard("redis", self._group_gauges)
         self._guard("postgres", self._partitions)
+
+    def keep_input(self, stream: str, shards: int, retention_s: int) -> None:
+        """The upkeep of input stream ``stream`` read as ``shards`` shards (``streams``), ``fraudd
+        run``'s alone (other consumers keep their own stream): the shard count recorded and checked,
+        and the acknowledged entries trimmed."""
+        self._guard("redis", lambda: self._shard_count(stream, shards))
+        self._guard("redis", lambda: self._trim(retention_s))
 
     def summary(self) -> str:
         """One line for systemd's status: the group's read rate, lag and pending, as last gathered."""
@@ -242,6 +194,22 @@ class Housekeeper:
                 ):
                     self.redis.xgroup_delconsumer(stream, s.group, name)
                     log.info("removed a gone consumer", extra={"event": "consumer_removed", "consumer": name})
+
+    def _shard_count(self, stream: str, shards: int) -> None:
+        """Record this --shards as alive, and say when entries wait where no worker of it reads."""
+        shard_counts.record(self.redis, stream, shards, int(time.time() * 1000))
+        stranded = shard_counts.stranded(self.redis, stream, shards, self.consumer.group)
+        metrics.stranded_entries.set(sum(left.entries for left in stranded))
+        if stranded and {left.stream for left in stranded} != {left.stream for left in self._stranded}:
+            log.error(shard_counts.describe(stranded, shards), extra={"event": "stranded"})
+        self._stranded = stranded
+
+    def _trim(self, retention_s: int) -> None:
+        """Trim each input stream of what every group acknowledged (``--retention-s``): whoever
+        produces, the stream stays bounded. Each shard's calls go to the node serving it."""
+        trimmed = sum(trim_acked(self.redis, stream, retention_s) for stream in self.streams)
+        if trimmed:
+            log.debug("trimmed acknowledged entries", extra={"event": "trimmed", "entries": trimmed})
 
     def _partitions(self) -> None:
         if not self.partitions or time.monotonic() < self._next_partitions:

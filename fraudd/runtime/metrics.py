@@ -87,6 +87,11 @@ workers_alive = Gauge("fraudd_workers_alive", "Worker processes alive.", multipr
 group_lag = Gauge(
     "fraudd_group_lag", "Entries of the stream not yet delivered to the consumer group.", multiprocess_mode="livemax"
 )
+stranded_entries = Gauge(
+    "fraudd_stranded_entries",
+    "Entries on input streams that only another --shards reads (fraudd status names them).",
+    multiprocess_mode="livemax",
+)
 group_pending = Gauge("fraudd_group_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="livemax")
 oldest_pending_age = Gauge("fraudd_oldest_pending_age_seconds", "Age of the oldest pending entry.", multiprocess_mode="livemax")
 redis_memory_used = Gauge("fraudd_redis_memory_used_bytes", "Redis used_memory (INFO memory).", multiprocess_mode="livemax")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from ..keys import Keys
+from ..keys import Keys, shard_of, shard_stream
 
 BUCKET_MS = 60_000
 # Redis memory per marker with its share of the bucket's hash table, measured as used_memory growth
@@ -87,3 +87,62 @@ def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], ti
         for row, value in zip(rows, values):
             seen[row] = value is not None
     return seen
+
+
+class CarriedOver:
+    """The dedup markers written under earlier shard counts (``shard_counts.earlier``), adopted by
+    the current shard while they may still be alive.
+
+    A marker lives in its shard's keys, and ``--shards`` decides the shard: after a change, a
+    transaction re-sent within the window finds no marker where its new shard looks. Before a
+    batch's features, ``adopt`` looks each transaction up where each earlier count kept it and
+    copies what it finds into this shard's bucket (same id, same offset), so the features treat it
+    as seen: scored once, stored once, alerted once. One pipelined round trip per batch, only
+    while an earlier count's markers may live (its last alive time plus the window and the minute
+    a bucket keeps receiving); nothing at all on a deployment that never changed its count.
+    """
+
+    def __init__(self, stream: str, earlier: dict[int, int], window_ms: int) -> None:
+        """``stream``: the base input stream; ``earlier``: count -> last alive (ms) of each earlier count."""
+        self._stream = stream
+        self._window_ms = window_ms
+        self._until_ms = {count: last + window_ms + 2 * BUCKET_MS for count, last in earlier.items()}
+
+    def adopt(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        transaction_ids: Sequence[str],
+        user_ids: Sequence[str],
+        timestamps: np.ndarray,
+        now_ms: int,
+    ) -> int:
+        """Copy the earlier counts' markers of these transactions into ``keys``' buckets; returns how many.
+        (A loop per transaction, but only in the hour or so after a change of the count.)"""
+        counts = [count for count, until in self._until_ms.items() if until > now_ms]
+        if not counts or not transaction_ids:
+            return 0
+        bucket_of = buckets(event_ms(timestamps)).tolist()
+        lookups: dict[str, list[int]] = {}
+        for count in counts:
+            for row, (user, bucket) in enumerate(zip(user_ids, bucket_of)):
+                shard = Keys(shard_stream(self._stream, count, shard_of(user, count)), "", "")
+                lookups.setdefault(shard.seen_bucket(bucket), []).append(row)
+        pipe = client.pipeline(transaction=False)
+        for key, rows in lookups.items():
+            pipe.hmget(key, [transaction_ids[r] for r in rows])
+        found: dict[int, bytes] = {}
+        for rows, offsets in zip(lookups.values(), pipe.execute()):
+            for row, offset in zip(rows, offsets):
+                if offset is not None:
+                    found.setdefault(row, offset)
+        if not found:
+            return 0
+        pipe = client.pipeline(transaction=False)
+        for row, offset in found.items():
+            bucket = keys.seen_bucket(bucket_of[row])
+            pipe.hsetnx(bucket, transaction_ids[row], offset)
+            # As the features' own additions do: the bucket lives the window after its last addition.
+            pipe.pexpire(bucket, self._window_ms)
+        pipe.execute()
+        return len(found)

@@ -29,6 +29,7 @@ from ..settings import (
     RedisSettings,
     check_cluster,
     packaged,
+    positive,
     probability,
 )
 
@@ -55,6 +56,7 @@ class ScoringSettings:
     shards: int = 1
     lease_ms: int = 10_000
     dedup_window_s: int = 3600
+    retention_s: int = 3600
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ScoringSettings:
@@ -77,6 +79,7 @@ class ScoringSettings:
             params["shards"],
             params["lease_ms"],
             params["dedup_window_s"],
+            params["retention_s"],
         )
         check_cluster(settings.redis, settings.shards)
         if settings.thresholds is not None and (settings.review_threshold is not None or settings.decline_threshold is not None):
@@ -146,6 +149,12 @@ OPTIONS: list[Option] = [
         _path(None),
     ),
     DEDUP_WINDOW_S,
+    Option(
+        "retention-s",
+        "FRAUDD_RETENTION_S",
+        "How long entries every group has acknowledged stay on the input stream before the supervisor trims them.",
+        {"default": 3600, "type": int, "callback": positive("retention-s")},
+    ),
     *METRICS_OPTIONS,
     LOG_LEVEL,
 ]

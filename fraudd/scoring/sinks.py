@@ -16,7 +16,7 @@ row is durable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
+from ..runtime.deadletters import kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait
 from ..schema import connect
 from .decode import DecodedBatch, Rejected
@@ -317,13 +318,15 @@ for _ = 1, n_alerts do
 end
 for _ = 1, n_dead do
   local key = dead .. ARGV[i + 1]
+  local kept = tonumber(ARGV[i + 7])  -- field pairs kept of an entry without data
   touched[key] = true
   if redis.call('SADD', key, ARGV[i]) == 1 then
     redis.call('XADD', dlq, '*', 'data', ARGV[i + 2], 'reason', ARGV[i + 3], 'detail', ARGV[i + 4],
-               'source_id', ARGV[i], 'source_stream', source, 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6])
+               'source_id', ARGV[i], 'source_stream', source, 'consumer', ARGV[i + 5], 'deliveries', ARGV[i + 6],
+               unpack(ARGV, i + 8, i + 7 + 2 * kept))
     dead_written = dead_written + 1
   end
-  i = i + 7
+  i = i + 8 + 2 * kept
 end
 for key in pairs(touched) do redis.call('PEXPIRE', key, window_ms) end
 local replies = i
@@ -346,6 +349,7 @@ return {acked, alerts_written, dead_written}
 class DeadLetter:
     rejected: Rejected
     deliveries: int
+    kept: dict[bytes, bytes] = field(default_factory=dict)  # the fields of an entry without data
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,10 +389,10 @@ class Settler:
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
         self._replicas = ReplicaWait()
-        # Split markers live in their stream's slot; dead letters' are per shard, as entry ids are.
-        self._alerted_prefix = (
-            Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix if self._split else keys.alerted_prefix
-        )
+        # Alerted markers live with the fraud stream, whatever the shard count: a transaction re-sent
+        # after --shards changed lands on another shard and must still find its marker. Dead letters'
+        # are per shard (in the DLQ's slot when split), as entry ids are.
+        self._alerted_prefix = Keys(keys.fraud_stream, keys.fraud_stream, keys.dlq_stream).alerted_prefix
         self._dead_prefix = (
             f"{Keys(keys.dlq_stream, keys.fraud_stream, keys.dlq_stream).dead_prefix}{keys.stream}:"
             if self._split
@@ -458,6 +462,7 @@ class Settler:
         for letter in dead:
             r = letter.rejected
             args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
+            args += (len(letter.kept), *kept_field_pairs(letter.kept))
         for channel, message in replies.items():
             args += (channel, message)
         args += ack_ids

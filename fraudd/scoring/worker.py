@@ -40,6 +40,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import redis
 
+from .. import shard_counts
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
 from ..runtime.health import Housekeeper, health_problems
@@ -48,6 +49,7 @@ from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
 from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .dedup import CarriedOver
 from .features import FEATURE_NAMES, Features, Fenced
 from .model import FraudModel, ModelError
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
@@ -100,6 +102,10 @@ class ScoringWorker:
         self.model = _load_model(s)
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
+        earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.consumer.stream), "redis")
+        self.carried_over = CarriedOver(
+            s.consumer.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
+        )
         self.thresholds = _thresholds(s, self.model)
         self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
@@ -173,12 +179,19 @@ class ScoringWorker:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         deliveries = entries.deliveries
-        dead = [DeadLetter(Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail), p.deliveries) for p in poison]
+        dead = [
+            DeadLetter(
+                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
+                p.deliveries,
+                entries.kept_fields(p.entry_id, p.payload),
+            )
+            for p in poison
+        ]
 
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in batch.rejected]
+        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
@@ -258,9 +271,20 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
+    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
+        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+        now_ms = int(time.time() * 1000)
+        adopted = self.carried_over.adopt(self.redis, shard.keys, batch.transaction_id, batch.user_id, batch.timestamp, now_ms)
+        if adopted:
+            log.info(
+                "transactions seen under an earlier shard count",
+                extra={"event": "carried_over", "transactions": adopted},
+            )
+        return shard.features.compute(batch)
+
     def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
         started = time.perf_counter()
-        features = shard.consumer.until_done(lambda: shard.features.compute(batch), "redis")
+        features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
         model = self.model
         scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
@@ -406,6 +430,11 @@ def _load_rules(settings: ScoringSettings) -> Rules:
 def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
+
+    def housekeeping() -> None:
+        housekeeper.run_once()
+        housekeeper.keep_input(settings.consumer.stream, settings.shards, settings.retention_s)
+
     return Service(
         name="fraudd",
         workers=settings.consumer.workers,
@@ -414,7 +443,7 @@ def service(settings: ScoringSettings) -> Service:
         shutdown_timeout_s=settings.consumer.shutdown_timeout_s,
         log_level=settings.log_level,
         metrics_listen=settings.metrics.listen,
-        housekeeping=housekeeper.run_once,
+        housekeeping=housekeeping,
         health_problems=lambda: health_problems(settings.postgres, housekeeper.redis),
         summary=housekeeper.summary,
     )
