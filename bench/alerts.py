@@ -7,8 +7,19 @@ processes) delivers each to one signed-webhook channel; the rate is counted at t
 alert to its last. Latency: a paced open-loop writer XADDs alerts at ``fraction`` × the
 one-process rate; each alert's latency is its first arrival at the receiver minus its fraud-stream
 entry id's millisecond timestamp (when Redis accepted it), as the service's
-``fraudd_alert_delivery_latency_seconds`` defines it. Every run checks that each alert arrived
+``fraudd_alert_delivery_latency_seconds`` defines it.
+
+The rate is over the time the service was sending: once every alert has had its first attempt,
+a pause of more than ``IDLE_GAP_S`` with no request at all is the service waiting out its last
+back-offs, and is left out (``idle_tail_s``; a healthy run has none). Those waits are the latency
+of the last failing alerts, not work per alert: counted, they would make the flaky rate depend on
+``n``. ``drain_alerts_per_s`` is the plain first-to-last-arrival rate, reported too. Every run checks that each alert arrived
 once, no ``webhook-id`` twice, and that ``alert_deliveries`` holds one delivered row per alert.
+
+Flaky: the 1-process throughput run again, in the same run, against a receiver behind a flaky
+load balancer (``--flaky-every 10``: one alert in ten answered 503 twice, then served), with the
+channel's default retry settings; its rate over the healthy one is the share of throughput a
+partial failure costs (the failing alerts' retries wait their back-off, the others go on).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from fraudd.localservers import free_port
 
 SECRET = "whsec_ZnJhdWRkLWJlbmNoLXNpZ25pbmcta2V5LTAwMDE="
 CHUNK = 500
+IDLE_GAP_S = 0.1  # no request for this long after the backlog's last first attempt: the service is idle
 GROUP = "fraudd-alerts"  # the default of fraudd alerts --alerts-group
 
 
@@ -67,11 +79,21 @@ def alert_document(i: int, prefix: str) -> dict:
 class Receiver:
     """``bench.receiver`` in its own process."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, flaky_every: int = 0) -> None:
         self.port = free_port()
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.receiver", "--port", str(self.port), "--secret", SECRET],
+            [
+                sys.executable,
+                "-m",
+                "bench.receiver",
+                "--port",
+                str(self.port),
+                "--secret",
+                SECRET,
+                "--flaky-every",
+                str(flaky_every),
+            ],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -126,6 +148,8 @@ def bare_client(setup: Setup, n: int, concurrency: int = 64) -> dict:
             "alerts": n,
             "seconds": round(seconds, 3),
             "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+            "drain_alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+            "idle_tail_s": 0.0,
             "service_cpu_s": round(cpu_s, 2),
             "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
             "receiver_cpu_s": None,
@@ -140,8 +164,20 @@ def _start(setup: Setup, ns: Namespace, receiver: Receiver, processes: int, labe
     config = setup.log_dir / f"{ns.name}.toml"
     secret = setup.log_dir / f"{ns.name}.secret"
     secret.write_text(SECRET)
-    config.write_text(f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nsecret_file = "{secret}"\n')
-    command = [*FRAUDD, "alerts", "--config", str(config), *_alerts_args(setup.fraudd_args), "--workers", str(processes)]
+    config.write_text(
+        f'[[channels]]\nname = "bench-hook"\nkind = "webhook"\nurl = "{receiver.url}"\nallow_insecure = true\n'
+        f'secret_file = "{secret}"\n'
+    )
+    command = [
+        *FRAUDD,
+        "alerts",
+        "--config",
+        str(config),
+        *_alerts_args(setup.fraudd_args),
+        "--workers",
+        str(processes),
+        "--from-beginning",
+    ]
     return Consumers(label, [command], ns, setup.log_dir / f"{ns.name}.log", supervised=True, count=processes)
 
 
@@ -192,13 +228,16 @@ def _wait_arrivals(receiver: Receiver, consumers: Consumers, expected: int, stal
 def _checks(ns: Namespace, stats: dict, expected: int, exit_codes: list[int]) -> dict:
     rows = ns.sql("SELECT status, count(*), max(attempts) FROM alert_deliveries GROUP BY status")
     delivered = next((count for status, count, _a in rows if status == "delivered"), 0)
+    attempts = ns.sql("SELECT attempts, count(*) FROM alert_deliveries GROUP BY attempts ORDER BY attempts")
     return {
         "expected": expected,
         "arrived": len(stats["arrivals"]),
         "repeats": stats["repeats"],
         "bad_signatures": stats["bad_signatures"],
+        "failed_503": stats["failed_503"],
         "delivered_rows": delivered,
         "statuses": {status: count for status, count, _a in rows},
+        "attempts": {str(n): count for n, count in attempts},
         "exit_codes": exit_codes,
         "exactly_once": len(stats["arrivals"]) == expected == delivered and stats["bad_signatures"] == 0,
     }
@@ -208,15 +247,16 @@ def _cpu_s(consumers: Consumers) -> float:
     return procstat.total_cpu_s(procstat.tree(consumers.pids, procstat.all_processes()))
 
 
-def throughput(setup: Setup, n: int, processes: int) -> dict:
+def throughput(setup: Setup, n: int, processes: int, flaky_every: int = 0) -> dict:
     ns = Namespace.fresh("alerts", setup.redis_url, setup.postgres_url)
     receiver = consumers = None
     try:
         ns.migrate()
-        receiver = Receiver(setup.log_dir / f"{ns.name}.receiver.log")
+        receiver = Receiver(setup.log_dir / f"{ns.name}.receiver.log", flaky_every)
         for start in range(0, n, CHUNK):
             _xadd(setup.client, ns.fraud_stream, [alert_document(i, "tput") for i in range(start, min(n, start + CHUNK))])
-        setup.echo(f"  {n:,} alerts on {ns.fraud_stream}, delivering with {processes} process(es) ...")
+        flaky = f", one alert in {flaky_every} answered 503 twice" if flaky_every else ""
+        setup.echo(f"  {n:,} alerts on {ns.fraud_stream}, delivering with {processes} process(es){flaky} ...")
         consumers = _start(setup, ns, receiver, processes, f"alerts-{processes}")
         stats = _wait_arrivals(receiver, consumers, n)
         cpu_s = _cpu_s(consumers)
@@ -225,11 +265,14 @@ def throughput(setup: Setup, n: int, processes: int) -> dict:
         consumers = None
         times = np.array(sorted(stats["arrivals"].values()))
         seconds = float(times[-1] - times[0])
+        idle_s = idle_tail_s(np.array(stats["requests"]), stats["last_new_request"])
         return {
             "processes": processes,
             "alerts": n,
             "seconds": round(seconds, 3),
-            "alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
+            "idle_tail_s": round(idle_s, 3),
+            "alerts_per_s": round((n - 1) / (seconds - idle_s), 1) if seconds > idle_s else None,
+            "drain_alerts_per_s": round((n - 1) / seconds, 1) if seconds > 0 else None,
             "service_cpu_s": round(cpu_s, 2),
             "service_cpu_us_per_alert": round(cpu_s / n * 1e6, 1),
             "receiver_cpu_s": round(receiver_cpu_s, 2),
@@ -241,6 +284,14 @@ def throughput(setup: Setup, n: int, processes: int) -> dict:
         if receiver is not None:
             receiver.stop()
         ns.drop(setup.client)
+
+
+def idle_tail_s(requests: np.ndarray, last_new_request: float) -> float:
+    """The pauses longer than ``IDLE_GAP_S`` between the requests made after every alert had its first
+    attempt (at ``last_new_request``): the service waiting out back-offs with nothing else to send."""
+    tail = np.sort(requests[requests >= last_new_request])
+    gaps = np.diff(tail)
+    return float(gaps[gaps > IDLE_GAP_S].sum())
 
 
 def latency(setup: Setup, rate: float, seconds: float, warmup: float) -> dict:
@@ -294,17 +345,26 @@ def _wait_joined(client: redis.Redis, ns: Namespace, consumers: Consumers, timeo
         time.sleep(0.05)
 
 
-def run(setup: Setup, n: int, process_counts: list[int], fraction: float, seconds: float, warmup: float) -> dict:
+def run(
+    setup: Setup, n: int, process_counts: list[int], fraction: float, seconds: float, warmup: float, flaky_every: int
+) -> dict:
     drains = {"bare client": bare_client(setup, n)}
     drains.update({str(p): throughput(setup, n, p) for p in process_counts})
+    first = str(process_counts[0])
+    if flaky_every:
+        drains[f"{first}, flaky receiver"] = throughput(setup, n, process_counts[0], flaky_every)
     for p, d in drains.items():
         setup.echo(f"    {p}: {d['alerts_per_s']:,.0f} alerts/s, {d['service_cpu_us_per_alert']} CPU-µs/alert")
-    one = drains[str(process_counts[0])]["alerts_per_s"]
+    one = drains[first]["alerts_per_s"]
     ratios = {
         f"{p}_over_bare_client": round(d["alerts_per_s"] / drains["bare client"]["alerts_per_s"], 3)
         for p, d in drains.items()
         if p != "bare client"
     }
+    if flaky_every:
+        flaky = drains[f"{first}, flaky receiver"]
+        ratios["flaky_over_healthy"] = round(flaky["alerts_per_s"] / one, 3)
+        ratios["flaky_over_healthy_drain"] = round(flaky["drain_alerts_per_s"] / drains[first]["drain_alerts_per_s"], 3)
     return {
         "alerts": n,
         "throughput": drains,
@@ -320,6 +380,8 @@ def format_result(result: dict) -> str:
             p,
             f"{d['alerts']:,}",
             f"{d['alerts_per_s']:,.0f}",
+            f"{d['drain_alerts_per_s']:,.0f}",
+            d["idle_tail_s"],
             d["service_cpu_us_per_alert"],
             d["receiver_cpu_s"] or "-",
             "yes" if d["checks"]["exactly_once"] else "NO",
@@ -333,7 +395,17 @@ def format_result(result: dict) -> str:
             "",
             "alerts delivered to a local signed-webhook receiver (prefilled fraud stream)",
             report.table(
-                rows, ["sender (fraudd alerts --workers)", "alerts", "alerts/s", "CPU-µs/alert", "receiver CPU-s", "each once"]
+                rows,
+                [
+                    "sender (fraudd alerts --workers)",
+                    "alerts",
+                    "alerts/s",
+                    "first-to-last alerts/s",
+                    "idle tail s",
+                    "CPU-µs/alert",
+                    "receiver CPU-s",
+                    "each once",
+                ],
             ),
             "ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()),
             "",

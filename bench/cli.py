@@ -332,6 +332,12 @@ def ingest_cmd(
 )
 @click.option("--seconds", default=20.0, show_default=True, help="Sending time of the latency run.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start left out of the latency quantiles.")
+@click.option(
+    "--flaky-every",
+    default=10,
+    show_default=True,
+    help="Also drain into a receiver answering 503 twice to one alert in this many (0: skip that run).",
+)
 @_common
 def alerts_cmd(
     n: int,
@@ -339,6 +345,7 @@ def alerts_cmd(
     fraction: float,
     seconds: float,
     warmup: float,
+    flaky_every: int,
     redis_url: str,
     postgres_url: str,
     seed: int,
@@ -346,10 +353,11 @@ def alerts_cmd(
     out_dir: Path,
     fraudd_args: tuple[str, ...],
 ) -> None:
-    """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver; delivery latency at a fraction of it."""
+    """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver, healthy and flaky; delivery
+    latency at a fraction of it."""
     started = time.time()
     with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        result = alerts.run(setup, n, [int(p) for p in processes.split(",")], fraction, seconds, warmup)
+        result = alerts.run(setup, n, [int(p) for p in processes.split(",")], fraction, seconds, warmup, flaky_every)
         _finish("alerts", setup, started, result, alerts.format_result(result))
 
 

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 import psycopg
 import redis
 
-from fraudd.localservers import PostgresServer, RedisClusterServers, RedisServer, scratch_dir
+from bench.redis_cluster import RedisClusterServers
+from fraudd.localservers import PostgresServer, RedisServer, scratch_dir
 
 REDIS_SETTINGS = ("appendonly", "appendfsync", "save", "hz", "io-threads")
 PG_SETTINGS = (

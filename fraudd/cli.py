@@ -67,6 +67,7 @@ main.add_command(learning_cli.calibrate)
 main.add_command(learning_cli.labels_service)
 main.add_command(learning_cli.label_file)
 main.add_command(learning_cli.models)
+main.add_command(learning_cli.retrain)
 main.add_command(learning_cli.backtest)
 main.add_command(learning_cli.explain)
 
@@ -278,7 +279,9 @@ def alerts(**params) -> None:
         raise ConfigError(f"--config / FRAUDD_ALERTS_CONFIG: {exc}") from None
     if settings.metrics.listen is not None:
         prepare_metrics_dir()
-    check_dependencies(settings.redis, settings.postgres, [settings.fraud_stream], settings.consumer.group)
+    # A new group starts at the present: a deployment scoring for a while does not alert its history.
+    start = "0" if settings.from_beginning else "$"
+    check_dependencies(settings.redis, settings.postgres, [settings.fraud_stream], settings.consumer.group, start)
     # Both import prometheus-client, which reads the directory above.
     from .alerts.service import service
     from .runtime.supervisor import Supervisor

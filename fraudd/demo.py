@@ -274,7 +274,7 @@ def run_demo(
         )
         processes.start("run", "run", "--workers", str(workers))
         processes.start("ingest", "ingest", "--workers", "1", "--listen", f"127.0.0.1:{ingest_port}")
-        processes.start("alerts", "alerts", "--config", str(directory / "alerts.toml"), "--workers", "1")
+        processes.start("alerts", "alerts", "--config", str(directory / "alerts.toml"), "--workers", "1", "--from-beginning")
         exit_codes: dict[str, int] = {}
         try:
             _wait_for_ingest(ingest_port, processes)
@@ -584,11 +584,12 @@ def format_summary(result: DemoResult) -> str:
 
 
 _ALERTS_CONFIG = """\
-# Written by fraudd demo: every review and decline goes to the demo's webhook receiver.
+# Written by fraudd demo: every review and decline goes to the demo's webhook receiver (local, plain http).
 [[channels]]
 name = "demo-webhook"
 kind = "webhook"
 url = "{url}"
+allow_insecure = true
 secret_env = "FRAUDD_DEMO_WEBHOOK_SECRET"
 decisions = ["review", "decline"]
 """

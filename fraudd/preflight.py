@@ -40,9 +40,11 @@ def prepare_metrics_dir() -> None:
     atexit.register(shutil.rmtree, directory, True)
 
 
-def check_dependencies(redis_settings: RedisSettings, postgres: PostgresSettings, streams: list[str], group: str) -> None:
-    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``), PostgreSQL
-    answers with every migration applied."""
+def check_dependencies(
+    redis_settings: RedisSettings, postgres: PostgresSettings, streams: list[str], group: str, start: str = "0"
+) -> None:
+    """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``, created
+    at ``start`` if new), PostgreSQL answers with every migration applied."""
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
     from .runtime.redis_clients import connect_redis
@@ -52,7 +54,7 @@ def check_dependencies(redis_settings: RedisSettings, postgres: PostgresSettings
         client.ping()
         eviction = redis_memory(client).eviction_problem()
         for stream in streams:
-            ensure_group(client, stream, group)
+            ensure_group(client, stream, group, start)
     except redis.RedisError as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {redact(redis_settings.url)}: {exc}") from None
     finally:

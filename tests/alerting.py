@@ -29,11 +29,16 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 @dataclass
 class Failures:
-    """How a path answers its next requests: ``count`` times ``status`` (with ``retry_after``), then 200."""
+    """How a path answers its next requests: ``count`` times ``status`` (with ``retry_after``, or
+    ``location`` for a redirect) after ``delay_s``, with ``text`` (``{path}``: the request's path, as
+    some servers echo it), then 200."""
 
     count: int = 0
     status: int = 500
     retry_after: str | None = None
+    location: str | None = None
+    delay_s: float = 0.0
+    text: str = "unavailable"
 
 
 @dataclass
@@ -45,6 +50,8 @@ class HttpReceiver:
     accepted: dict[str, dict] = field(default_factory=dict)  # webhook-id -> body, first acceptance
     repeats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     failures: dict[str, Failures] = field(default_factory=dict)
+    # webhook-id -> 503s still to answer it: a flaky load balancer failing some alerts, not the channel
+    flaky: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str) -> str:
@@ -64,8 +71,17 @@ class HttpReceiver:
             failing = self.failures.get(request.path)
             if failing is not None and failing.count > 0:
                 failing.count -= 1
-                extra = {"Retry-After": failing.retry_after} if failing.retry_after else {}
-                return web.Response(status=failing.status, text="unavailable", headers=extra)
+            else:
+                failing = None
+            if self.flaky.get(headers.get("webhook-id", ""), 0) > 0:
+                self.flaky[headers["webhook-id"]] -= 1
+                failing = Failures(status=503)
+        if failing is not None:
+            await asyncio.sleep(failing.delay_s)
+            extra = {"Retry-After": failing.retry_after} if failing.retry_after else {}
+            if failing.location:
+                extra["Location"] = failing.location
+            return web.Response(status=failing.status, text=failing.text.format(path=request.path), headers=extra)
         if request.path.startswith("/hook"):
             Webhook(SECRET).verify(body, headers)  # raises: the test sees a 500 and fails on the log
             webhook_id = headers["webhook-id"]

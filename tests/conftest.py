@@ -23,7 +23,8 @@ import redis
 from redis.cluster import RedisCluster
 
 import fraudd.namespace
-from fraudd.localservers import RedisClusterServers, RedisServer, scratch_dir
+from bench.redis_cluster import RedisClusterServers
+from fraudd.localservers import RedisServer, scratch_dir
 from fraudd.runtime import redis_clients
 
 _Servers = TypeVar("_Servers", RedisServer, RedisClusterServers)

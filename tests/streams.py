@@ -10,6 +10,7 @@ import redis
 
 from fraudd.ingest import Publisher
 from fraudd.keys import shard_stream
+from fraudd.learning.labels import Label, label_entries
 
 from .conftest import Namespace
 
@@ -19,6 +20,15 @@ NOW = int(time.time())
 def payload(txid: str, user: str = "user_1", amount: float = 42.5, merchant: str = "Amazon", ts: float = NOW - 60) -> bytes:
     """One valid input message (DESIGN.md's shape)."""
     return orjson.dumps({"transaction_id": txid, "user_id": user, "amount": amount, "merchant": merchant, "timestamp": ts})
+
+
+def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> None:
+    """Append ``labels`` to the labels stream in one round trip, as a source of labels other than
+    the ingest would."""
+    pipe = client.pipeline(transaction=False)
+    for command in label_entries(stream, labels):
+        pipe.execute_command(*command)
+    pipe.execute()
 
 
 def valid_payloads(count: int, prefix: str, users: int = 50) -> list[bytes]:

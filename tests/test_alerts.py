@@ -3,6 +3,8 @@ storm digests. The sender runs in-process here; ``test_alerts_service.py`` runs 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +45,15 @@ def alert(
         "decision": decision,
         "reasons": list(reasons),
         "model_version": "test-1",
+        "explanation": None,
     }
+
+
+EXPLAINED = {
+    "base": -6.1,
+    "contributions": {"card_count_1m": 2.31, "new_device": 1.05, "amount_to_mean": -0.52, "hour_utc": 0.01},
+    "values": {"card_count_1m": 4.0, "new_device": 1.0, "amount_to_mean": 0.4, "hour_utc": 3.0},
+}
 
 
 def write_config(tmp_path: Path, body: str) -> Path:
@@ -93,6 +103,7 @@ def test_each_channel_sends_its_exact_content(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "TEST_WEBHOOK_SECRET"
 decisions = ["review", "decline"]
 
@@ -100,6 +111,7 @@ decisions = ["review", "decline"]
 name = "fraud-slack"
 kind = "slack"
 url_env = "TEST_SLACK_URL"
+allow_insecure = true
 decisions = ["decline"]
 min_amount = 100
 console_url = "https://console.example/tx/{{transaction_id}}"
@@ -122,7 +134,7 @@ reasons = ["velocity_1h"]
         sender = run_sender(ns, config, environ)
         try:
             documents = [
-                alert("tx_big"),
+                {**alert("tx_big"), "explanation": EXPLAINED},
                 alert("tx_review", decision="review", reasons=("new_device",)),
                 alert("tx_small", amount=20.0),
             ]
@@ -151,6 +163,8 @@ reasons = ["velocity_1h"]
             "*Score*": "0.970",
             "*Decision*": "decline",
             "*Reasons*": "velocity_1h",
+            # What moved the score most, either way, from the model's exact explanation.
+            "*Why (log-odds)*": "card_count_1m = 4 (+2.31), new_device = 1 (+1.05), amount_to_mean = 0.4 (-0.52)",
         }
         assert message["blocks"][-1]["elements"][0]["url"] == "https://console.example/tx/tx_big"
 
@@ -167,6 +181,7 @@ reasons = ["velocity_1h"]
         assert plain.replace("\r\n", "\n") == (
             "Transaction: tx_big\nAmount: 512.30 USD\nUser: user_x1\nMerchant: Amazon\n"
             "Score: 0.970\nDecision: decline\nReasons: velocity_1h\n"
+            "Why (log-odds): card_count_1m = 4 (+2.31), new_device = 1 (+1.05), amount_to_mean = 0.4 (-0.52)\n"
         )
         assert "<th align=left>Merchant</th><td>Amazon</td>" in html
 
@@ -193,6 +208,7 @@ def test_a_receiver_failing_n_times_gets_one_delivery_after_n_plus_one_attempts(
 name = "hook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "S"
 retry_base_s = 0.05
 """,
@@ -217,16 +233,17 @@ def test_slack_429_retry_after_is_honoured(
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
+        """
 [[channels]]
 name = "slack"
 kind = "slack"
-url = "{receiver.url("/slack")}"
+url_env = "TEST_SLACK_URL"
+allow_insecure = true
 retry_base_s = 0.01
 """,
     )
     receiver.failures["/slack"] = Failures(count=1, status=429, retry_after="2")
-    sender = run_sender(ns, config, {})
+    sender = run_sender(ns, config, {"TEST_SLACK_URL": receiver.url("/slack")})
     try:
         publish(redis_client, ns, sender, [alert("tx_a"), alert("tx_b")])
         wait_for(lambda: [r[0] for r in deliveries(ns).values()] == ["delivered"] * 2, 20, message="deliveries")
@@ -250,6 +267,7 @@ def test_a_channel_down_for_good_is_dead_lettered_and_blocks_no_other(
 name = "gone"
 kind = "webhook"
 url = "http://127.0.0.1:9/hook"
+allow_insecure = true
 secret_env = "S"
 retry_base_s = 0.02
 retry_max_s = 0.1
@@ -258,6 +276,7 @@ retry_max_s = 0.1
 name = "alive"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "S"
 """,
     )
@@ -303,6 +322,7 @@ def test_a_refusal_for_good_is_dead_lettered_after_one_attempt(
 name = "hook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "S"
 
 [[channels]]
@@ -344,7 +364,8 @@ def test_a_storm_is_grouped_into_digests(
 [[channels]]
 name = "slack"
 kind = "slack"
-url = "{receiver.url("/slack")}"
+url_env = "TEST_SLACK_URL"
+allow_insecure = true
 digest_above = 3
 digest_interval_s = 1
 
@@ -362,7 +383,7 @@ digest_above = 1
 digest_interval_s = 1
 """,
         )
-        sender = run_sender(ns, config, {"P": SMTP_PASSWORD})
+        sender = run_sender(ns, config, {"P": SMTP_PASSWORD, "TEST_SLACK_URL": receiver.url("/slack")})
         try:
             publish(redis_client, ns, sender, [alert(f"tx_{i}", amount=100.0) for i in range(40)])
             wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 20, message="the digests")
@@ -397,12 +418,245 @@ def test_a_bad_config_names_the_key(tmp_path: Path) -> None:
     cases = {
         'name = "a"\nkind = "pager"': "channels[0] (a).kind: 'pager': must be one of webhook, slack, email",
         'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret = "whsec_abc"': "channels[0] (a).secret: secrets are never read",
-        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret_env = "NOPE"': "channels[0] (a).secret_env: environment variable NOPE is not set",
-        'name = "a"\nkind = "slack"\nurl = "http://x"\ndecisions = ["approve"]': "channels[0] (a).decisions: must list some of",
-        'name = "a"\nkind = "email"\nhost = "h"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"': "channels[0] (a).password_env: a username needs",
+        'name = "a"\nkind = "webhook"\nurl = "https://x"\nsecret_env = "NOPE"': (
+            "channels[0] (a).secret_env: environment variable NOPE is not set"
+        ),
+        'name = "a"\nkind = "slack"\nurl_env = "U"\ndecisions = ["approve"]': "channels[0] (a).decisions: must list some of",
+        'name = "a"\nkind = "email"\nhost = "h"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"': (
+            "channels[0] (a).password_env: a username needs"
+        ),
+        'name = "a"\nkind = "email"\nhost = "h"\ntls = "none"\nfrom = "f@x"\nto = ["t@x"]\nusername = "u"\npassword_env = "P"': (
+            'channels[0] (a).tls: "none" would send the SMTP password in clear'
+        ),
+        'name = "a"\nkind = "slack"\nurl = "https://hooks.slack.com/services/T/B/x"': (
+            "channels[0] (a).url: secrets are never read from the config; use url_env or url_file"
+        ),
+        'name = "a"\nkind = "webhook"\nurl = "http://x"\nsecret_env = "S"': (
+            "channels[0] (a).url: 'http://x': must be https:// (or set allow_insecure = true"
+        ),
+        'name = "a"\nkind = "webhook"\nurl = "ftp://x"\nallow_insecure = true\nsecret_env = "S"': (
+            "channels[0] (a).url: 'ftp://x': must be an https:// URL"
+        ),
     }
     for body, expected in cases.items():
         path = write_config(tmp_path, f"[[channels]]\n{body}\n")
         with pytest.raises(AlertConfigError) as raised:
             load(path, {})
         assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def _events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
+def test_a_flaky_receiver_failing_one_alert_in_ten_stalls_nothing(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+""",
+    )
+    # A load balancer answering 503 to one alert in ten, twice each, then 200.
+    receiver.flaky.update({f"tx_{i}:hook": 2 for i in range(0, 600, 10)})
+    sender = run_sender(ns, config, {"S": SECRET})
+    started = time.monotonic()
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}") for i in range(600)])
+        # Each failing alert waits its own back-off (0.5-1 s, then 1-2 s) while the others go on.
+        wait_for(lambda: len(receiver.accepted) == 600, 15, message="every alert delivered")
+        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 10, message="every delivery recorded")
+    finally:
+        sender.stop(5)
+    assert time.monotonic() - started < 15
+    rows = deliveries(ns)
+    assert sorted(attempts for _s, attempts, *_r in rows.values()) == [1] * 540 + [3] * 60
+    assert len(receiver.requests["/hook"]) == 600 + 2 * 60 and not receiver.repeats
+    assert not _events(caplog, "alerts_channel_down")
+
+
+def test_a_retry_is_made_by_its_worker_not_behind_the_backlog(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+concurrency = 2
+retry_base_s = 0.02
+""",
+    )
+    receiver.flaky["tx_0:hook"] = 2
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}") for i in range(1000)])
+        wait_for(lambda: len(receiver.accepted) == 1000, 30, message="every alert delivered")
+        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 10, message="every delivery recorded")
+    finally:
+        sender.stop(5)
+    # Its retries (after 10-20 ms, then 20-40 ms) came from the worker holding it, among the first
+    # deliveries, not after the hundreds of rows that were due before them in the table.
+    assert list(receiver.accepted).index("tx_0:hook") < 200
+    assert deliveries(ns)[("tx_0", "hook")][:4] == ("delivered", 3, "HTTP 503: unavailable", True)
+    assert len(receiver.requests["/hook"]) == 1002 and not receiver.repeats
+
+
+def test_a_retry_held_by_a_stopping_worker_goes_back_to_the_table_on_its_retry_after(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+""",
+    )
+    receiver.failures["/hook"] = Failures(count=1, status=503, retry_after="4")
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert("tx_1")])
+        wait_for(lambda: len(receiver.requests["/hook"]) == 1, 10, message="the first attempt")
+        time.sleep(0.3)
+    finally:
+        sender.stop(5)
+    assert deliveries(ns)[("tx_1", "hook")][:4] == ("pending", 1, "HTTP 503: unavailable", False)
+    ((wait,),) = ns.sql("SELECT extract(epoch FROM next_attempt_at - last_attempt_at) FROM alert_deliveries")
+    assert 3.9 <= float(wait) <= 4.1, wait
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        wait_for(lambda: deliveries(ns)[("tx_1", "hook")][0] == "delivered", 20, message="the delivery")
+    finally:
+        sender.stop(5)
+    (_h, _b, first), (_h2, _b2, second) = receiver.requests["/hook"]
+    assert second - first >= 3.9
+    assert deliveries(ns)[("tx_1", "hook")][:4] == ("delivered", 2, "HTTP 503: unavailable", True)
+    assert list(receiver.accepted) == ["tx_1:hook"] and not receiver.repeats
+
+
+def test_a_burst_of_timeouts_opens_the_circuit_once_for_a_logged_moment(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+timeout_s = 0.5
+concurrency = 40
+""",
+    )
+    # 26 requests hang past the timeout at once, then the receiver is healthy again.
+    receiver.failures["/hook"] = Failures(count=26, status=503, delay_s=2.0)
+    sender = run_sender(ns, config, {"S": SECRET})
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}") for i in range(40)])
+        wait_for(lambda: len(receiver.accepted) == 40, 10, message="every alert delivered")
+        wait_for(lambda: all(r[0] == "delivered" for r in deliveries(ns).values()), 10, message="every delivery recorded")
+    finally:
+        sender.stop(5)
+    assert {row[2] for row in deliveries(ns).values() if row[1] == 2} == {"timed out"}
+    # The simultaneous timeouts are one outage: the circuit opened once, for the first back-off
+    # step (retry_base_s 1: 0.5-1 s), said so, and closed on the first successful probe.
+    (down,) = _events(caplog, "alerts_channel_down")
+    assert 0.5 <= down.open_s <= 1.0 and down.channel == "hook", down.__dict__
+    (up,) = _events(caplog, "alerts_channel_up")
+    assert up.channel == "hook" and up.down_s < 5
+
+
+def test_redirects_are_not_followed(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+retry_base_s = 0.01
+""",
+    )
+    receiver.failures["/hook"] = Failures(count=100, status=307, location=receiver.url("/elsewhere"))
+    sender = run_sender(ns, config, {"S": SECRET}, max_attempts=2)
+    try:
+        publish(redis_client, ns, sender, [alert("tx_1")])
+        wait_for(lambda: redis_client.xlen(ns.dlq_stream) == 1, 20, message="the dead letter")
+    finally:
+        sender.stop(5)
+    assert deliveries(ns)[("tx_1", "hook")][:3] == ("failed", 2, "HTTP 307: unavailable")
+    assert len(receiver.requests["/hook"]) == 2 and not receiver.requests["/elsewhere"]
+    assert not _events(caplog, "worker_crashed")
+
+
+def test_slack_ids_are_escaped_links_encoded_and_the_url_token_never_shown(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    token_path = "/services/T0001/B0001/XyZsecretTOKEN42"
+    config = write_config(
+        tmp_path,
+        """
+[[channels]]
+name = "slack"
+kind = "slack"
+url_env = "SLACK_URL"
+allow_insecure = true
+console_url = "https://console.example/tx/{transaction_id}?from=slack"
+
+[[channels]]
+name = "gone-slack"
+kind = "slack"
+url_env = "GONE_SLACK_URL"
+allow_insecure = true
+""",
+    )
+    # A server that echoes the path it was asked for in its error page (as many do on a 404).
+    receiver.failures[token_path] = Failures(count=100, status=404, text="Cannot POST {path}")
+    environ = {"SLACK_URL": receiver.url("/slack"), "GONE_SLACK_URL": receiver.url(token_path)}
+    sender = run_sender(ns, config, environ)
+    hostile = alert("tx/<1>&?#x")
+    hostile["merchant"] = "<!channel> & <https://evil.example|click here>"
+    hostile["user_id"] = "<@U024BE7LH>"
+    try:
+        publish(redis_client, ns, sender, [hostile])
+        wait_for(lambda: redis_client.xlen(ns.dlq_stream) == 1, 20, message="the gone channel's dead letter")
+        wait_for(lambda: len(receiver.requests["/slack"]) == 1, 20, message="the Slack message")
+    finally:
+        sender.stop(5)
+    (message,) = receiver.bodies("/slack")
+    fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in message["blocks"][1]["fields"]}
+    assert fields["*Merchant*"] == "&lt;!channel&gt; &amp; &lt;https://evil.example|click here&gt;"
+    assert fields["*User*"] == "&lt;@U024BE7LH&gt;"
+    assert message["blocks"][2]["elements"][0]["text"] == "transaction `tx/&lt;1&gt;&amp;?#x`"
+    assert "<" not in message["text"] and "&lt;!channel&gt;" in message["text"]
+    assert message["blocks"][-1]["elements"][0]["url"] == "https://console.example/tx/tx%2F%3C1%3E%26%3F%23x?from=slack"
+
+    assert len(receiver.requests[token_path]) == 1  # refused for good: one attempt
+    (letter,) = [f for _i, f in redis_client.xrange(ns.dlq_stream)]
+    row = deliveries(ns)[("tx/<1>&?#x", "gone-slack")]
+    assert row[:2] == ("failed", 1)
+    assert letter[b"detail"].decode() == row[2] == "HTTP 404: Cannot POST /[redacted]"
+    assert not [r for r in caplog.records if "XyZsecretTOKEN42" in r.getMessage() + str(r.__dict__)]

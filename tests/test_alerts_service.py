@@ -8,6 +8,8 @@ import os
 import random
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -19,11 +21,12 @@ import orjson
 import pytest
 import redis
 
-from .alerting import SECRET, HttpReceiver
+from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
 from .services import (  # noqa: F401  (fixtures)
     PostgresServer,
     RedisServer,
+    alive,
     dedicated_namespace,
     dedicated_postgres,
     dedicated_redis,
@@ -40,15 +43,48 @@ def receiver() -> Iterator[HttpReceiver]:
         yield server
 
 
-def start_alerts(ns: Namespace, config: Path, log_path: Path, *args: str) -> subprocess.Popen:
+def start_alerts(ns: Namespace, config: Path, log_path: Path, *args: str, from_beginning: bool = True) -> subprocess.Popen:
+    """``fraudd alerts``, by default ``--from-beginning``: most tests publish alerts while it starts."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [FRAUDD, "alerts", "--config", str(config), *args],
+            [FRAUDD, "alerts", "--config", str(config), *(["--from-beginning"] if from_beginning else []), *args],
             stdout=log,
             stderr=log,
-            env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000"),
+            env=ns.env(FRAUDD_WEBHOOK_SECRET=SECRET, FRAUDD_CLAIM_IDLE_MS="1000", FRAUDD_SMTP_PASSWORD=SMTP_PASSWORD),
             start_new_session=True,
         )
+
+
+def stop_alerts(daemon: subprocess.Popen) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(10)
+
+
+def webhook_config(tmp_path: Path, receiver: HttpReceiver, extra: str = "") -> Path:
+    return write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "ops-webhook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "FRAUDD_WEBHOOK_SECRET"
+{extra}
+""",
+    )
+
+
+def xadd_alerts(client: redis.Redis, ns: Namespace, txids: list[str]) -> None:
+    with client.pipeline(transaction=False) as pipe:
+        for txid in txids:
+            pipe.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(txid))})
+        pipe.execute()
 
 
 def test_sigkilled_repeatedly_every_alert_arrives_once(
@@ -61,6 +97,7 @@ def test_sigkilled_repeatedly_every_alert_arrives_once(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 """,
@@ -132,7 +169,10 @@ timeout_s = 1
 
 
 def test_postgres_down_alerts_wait_then_each_arrives_once(
-    dedicated_redis: RedisServer, dedicated_postgres: PostgresServer, receiver: HttpReceiver, tmp_path: Path
+    dedicated_redis: RedisServer,  # noqa: F811
+    dedicated_postgres: PostgresServer,  # noqa: F811
+    receiver: HttpReceiver,
+    tmp_path: Path,
 ) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
@@ -143,6 +183,7 @@ def test_postgres_down_alerts_wait_then_each_arrives_once(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 """,
@@ -218,6 +259,7 @@ def test_the_fraud_stream_and_the_delivery_log_stay_bounded(
 name = "ops-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 """,
     )
@@ -257,7 +299,7 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
 def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
-        '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\n'
+        '[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "https://127.0.0.1:9/hook"\n'
         'secret_env = "FRAUDD_TEST_UNSET_SECRET"\n',
     )
     result = ns.fraudd("alerts", "--config", str(config), timeout=30)
@@ -269,6 +311,184 @@ def test_a_bad_channels_file_stops_start_up_with_one_line(ns: Namespace, tmp_pat
             "environment variable FRAUDD_TEST_UNSET_SECRET is not set"
         )
     ], result.stderr
+
+
+def test_an_id_no_channel_can_send_is_dead_lettered_and_the_worker_lives_on(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    with SmtpServer(tmp_path) as smtp:
+        config = webhook_config(
+            tmp_path,
+            receiver,
+            f"""retry_base_s = 0.05
+
+[[channels]]
+name = "analysts"
+kind = "email"
+host = "127.0.0.1"
+port = {smtp.port}
+ca_file = "{smtp.cert}"
+username = "{SMTP_USER}"
+password_env = "FRAUDD_SMTP_PASSWORD"
+from = "fraudd@bank.example"
+to = ["analysts@bank.example"]
+retry_base_s = 0.05
+""",
+        )
+        log_path = tmp_path / "alerts.log"
+        daemon = start_alerts(ns, config, log_path, "--workers", "1", "--max-attempts", "3")
+        try:
+            # Written straight onto the fraud stream: a line break in the id cannot be a webhook
+            # header, an e-mail Subject or a Message-ID.
+            xadd_alerts(redis_client, ns, ["tx_before", "tx_bad\r\nX-Injected: 1", "tx_after"])
+            wait_for(lambda: redis_client.xlen(ns.dlq_stream) == 2, 30, message="the bad alert dead-lettered on both channels")
+            wait_for(lambda: len(receiver.accepted) == 2 and len(smtp.mailbox.messages) == 2, 30, message="the good ones")
+            xadd_alerts(redis_client, ns, ["tx_later"])
+            wait_for(lambda: len(receiver.accepted) == 3, 30, message="an alert after them")
+        finally:
+            stop_alerts(daemon)
+    log = log_path.read_text()
+    assert daemon.returncode == 0, log[-3000:]
+    assert '"worker_crashed"' not in log and '"worker_died"' not in log, log[-3000:]
+    assert sorted(receiver.accepted) == ["tx_after:ops-webhook", "tx_before:ops-webhook", "tx_later:ops-webhook"]
+    letters = {f[b"channel"].decode(): f for _i, f in redis_client.xrange(ns.dlq_stream)}
+    assert sorted(letters) == ["analysts", "ops-webhook"]
+    for letter in letters.values():
+        assert letter[b"reason"] == b"alert_undeliverable" and letter[b"attempts"] == b"3", letter
+        assert b"ValueError" in letter[b"detail"], letter
+    rows = ns.sql(
+        "SELECT channel, status, attempts FROM alert_deliveries WHERE left(transaction_id, 6) = 'tx_bad' ORDER BY channel"
+    )
+    assert rows == [("analysts", "failed", 3), ("ops-webhook", "failed", 3)]
+
+
+def test_a_worker_with_a_stuck_loop_dies_with_its_supervisor(ns: Namespace, receiver: HttpReceiver, tmp_path: Path) -> None:
+    log_path = tmp_path / "alerts.log"
+    daemon = start_alerts(ns, webhook_config(tmp_path, receiver), log_path, "--workers", "1")
+    try:
+        wait_for(lambda: '"ready"' in log_path.read_text(), 30, message="the worker ready")
+        (worker,) = worker_pids(daemon.pid)
+        os.kill(worker, signal.SIGSTOP)  # runs nothing at all: neither its loop nor a signal handler
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(10)
+        wait_for(lambda: not alive(worker), 2, interval=0.05, message="the worker gone with its supervisor")
+    finally:
+        os.killpg(daemon.pid, signal.SIGKILL)
+
+
+CRASHING_WORKER = """
+    import asyncio, threading
+    import uvloop
+    from fraudd.alerts.sender import worker_task
+    from fraudd.runtime import logs
+    from fraudd.runtime.process import WorkerProcess
+
+    logs.setup("INFO", "crashing-worker")
+    WorkerProcess(0).install_signals()  # as in a worker: SIGTERM only asks for a stop at a boundary
+    loop = uvloop.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    async def start() -> None:
+        worker_task(crash(), "crashing")
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result()
+    threading.Event().wait()  # the main thread stuck, never reaching a boundary
+"""
+
+
+def test_a_worker_whose_task_crashed_exits_even_when_stuck(tmp_path: Path) -> None:
+    from fraudd.alerts.sender import CRASH_EXIT_S, EXIT_CRASHED
+
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASHING_WORKER)], capture_output=True, text=True, timeout=CRASH_EXIT_S + 20
+    )
+    assert process.returncode == EXIT_CRASHED, process.stderr[-2000:]
+    assert '"worker_crashed"' in process.stderr + process.stdout
+
+
+def test_a_new_alert_group_starts_at_the_present_unless_from_the_beginning(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = webhook_config(tmp_path, receiver)
+    xadd_alerts(redis_client, ns, ["history_1", "history_2"])  # scored before the alert service existed
+    log_path = tmp_path / "alerts.log"
+    daemon = start_alerts(ns, config, log_path, "--workers", "1", from_beginning=False)
+    try:
+        wait_for(lambda: '"ready"' in log_path.read_text(), 30, message="the alert service ready")
+        xadd_alerts(redis_client, ns, ["new_1"])
+        wait_for(lambda: "new_1:ops-webhook" in receiver.accepted, 30, message="the new alert")
+    finally:
+        stop_alerts(daemon)
+    xadd_alerts(redis_client, ns, ["while_stopped"])
+    # An existing group resumes where it was, flag or not.
+    daemon = start_alerts(ns, config, log_path, "--workers", "1", from_beginning=True)
+    try:
+        wait_for(lambda: "while_stopped:ops-webhook" in receiver.accepted, 30, message="the alert written while stopped")
+    finally:
+        stop_alerts(daemon)
+    assert sorted(receiver.accepted) == ["new_1:ops-webhook", "while_stopped:ops-webhook"]
+    # A new group told --from-beginning delivers the history too.
+    daemon = start_alerts(ns, config, log_path, "--workers", "1", "--alerts-group", "replay", from_beginning=True)
+    try:
+        wait_for(lambda: len(ns.sql("SELECT 1 FROM alert_deliveries")) == 4, 30, message="the history recorded")
+        wait_for(lambda: "history_1:ops-webhook" in receiver.accepted, 30, message="the history delivered")
+    finally:
+        stop_alerts(daemon)
+    assert sorted(receiver.accepted) == sorted(f"{t}:ops-webhook" for t in ("history_1", "history_2", "new_1", "while_stopped"))
+    assert not receiver.repeats
+
+
+def test_due_deliveries_are_taken_within_seconds_through_kills_and_a_burst_of_timeouts(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = webhook_config(tmp_path, receiver, "timeout_s = 1")
+    log_path = tmp_path / "alerts.log"
+    daemon = start_alerts(ns, config, log_path, "--workers", "2", "--batch-size", "100")
+    rng = random.Random(11)
+
+    def overdue_s() -> float:
+        (late,) = ns.sql(
+            "SELECT coalesce(max(extract(epoch FROM now() - next_attempt_at)), 0) FROM alert_deliveries WHERE status = 'pending'"
+        )[0]
+        return float(late)
+
+    try:
+        wait_for(lambda: '"ready"' in log_path.read_text(), 30, message="the alert service ready")
+        for kill in range(5):
+            xadd_alerts(redis_client, ns, [f"tx_{i}" for i in range(kill * 500, (kill + 1) * 500)])
+            time.sleep(rng.uniform(0.3, 0.8))
+            os.kill(rng.choice(worker_pids(daemon.pid)), signal.SIGKILL)
+        wait_for(lambda: len(receiver.accepted) == 2500, 60, message="the first alerts")
+        wait_for(lambda: len(worker_pids(daemon.pid)) == 2, 10, message="both workers")
+        # Then the receiver stalls (150 requests hang past the timeout) while both workers hold
+        # deliveries, and one of them is killed in the middle of it: its claims come due when their
+        # lease ends (2 x timeout_s + 5 s), the timed-out ones when their back-off does, and both
+        # workers (the survivor and the one started in place of the dead) have just seen a burst of
+        # timeouts. Whichever is alive must take what is due within seconds.
+        receiver.failures["/hook"] = Failures(count=150, status=503, delay_s=3.0)
+        xadd_alerts(redis_client, ns, [f"tx_{i}" for i in range(2500, 3000)])
+        time.sleep(0.5)
+        os.kill(rng.choice(worker_pids(daemon.pid)), signal.SIGKILL)
+        worst, deadline = 0.0, time.monotonic() + 40
+        while len(receiver.accepted) < 3000 and time.monotonic() < deadline:
+            worst = max(worst, overdue_s())
+            time.sleep(0.5)
+        assert len(receiver.accepted) == 3000, (len(receiver.accepted), worst, log_path.read_text()[-3000:])
+        assert worst < 10, worst
+        wait_for(
+            lambda: ns.sql("SELECT count(*) FROM alert_deliveries WHERE status = 'delivered'")[0][0] == 3000,
+            30,
+            message="every delivery recorded",
+        )
+    finally:
+        stop_alerts(daemon)
+    log = log_path.read_text()
+    assert daemon.returncode == 0, log[-3000:]
+    assert '"worker_crashed"' not in log, log[-3000:]
+    assert sorted(receiver.accepted) == sorted(f"tx_{i}:ops-webhook" for i in range(3000))
 
 
 def test_only_the_scoring_housekeeping_creates_transactions_partitions(ns: Namespace, tmp_path: Path) -> None:
@@ -286,7 +506,9 @@ def test_only_the_scoring_housekeeping_creates_transactions_partitions(ns: Names
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
     config = write_config(
-        tmp_path, f'[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\nsecret_file = "{secret}"\n'
+        tmp_path,
+        f'[[channels]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/hook"\nallow_insecure = true\n'
+        f'secret_file = "{secret}"\n',
     )
     common = ["--redis-url", ns.redis_url, "--postgres-url", ns.postgres_url, "--pg-schema", ns.schema]
 

@@ -32,13 +32,15 @@ import numpy as np
 import orjson
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.localservers import RedisClusterServers
 from fraudd.runtime.redis_clients import CLUSTER_CHANGED, ReplicaWait, async_redis_client, connect_redis
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring.features import LIBRARY_NAME, FeatureStore, Lease, stored_states
+from fraudd.scoring.features import LIBRARY_NAME, stored_states
+from fraudd.scoring.features_owned import OwnedFeatureStore
+from fraudd.scoring.leases import Lease
 
 from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
 from .services import DaemonProcess, stop
@@ -258,7 +260,7 @@ def test_an_owner_whose_last_commit_died_with_its_master_counts_its_redelivery_o
     client = connect_redis(redis_cluster.url, cluster=True)
     lease = Lease(keys.lease, "1:owner")
     client.set(keys.lease, lease.token, px=120_000)
-    store = FeatureStore(client, keys, 3_600_000, lease)
+    store = OwnedFeatureStore(client, keys, 3_600_000, lease)
 
     def batch(*txids: str) -> DecodedBatch:
         return decode_batch(

@@ -21,9 +21,9 @@ import numpy as np
 import orjson
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import shard_streams
-from fraudd.localservers import RedisClusterServers
 
 from .conftest import Namespace, wait_for
 from .ingest_server import IngestServer, post

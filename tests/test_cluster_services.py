@@ -18,12 +18,12 @@ import orjson
 import pytest
 from redis.cluster import RedisCluster
 
+from bench.redis_cluster import RedisClusterServers
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.learning.labels import parse_labels, publish_labels
-from fraudd.localservers import RedisClusterServers
+from fraudd.learning.labels import parse_labels
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
-from fraudd.runtime.deadletters import DeadLetter, DeadLetterSettler, marker_prefix
+from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.scoring import decode
@@ -33,7 +33,7 @@ from fraudd.settings import ConsumerSettings
 from .alerting import HttpReceiver
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, stop
-from .streams import NOW, fully_drained, payload
+from .streams import NOW, fully_drained, payload, publish_labels
 from .test_alerts import write_config
 from .test_alerts_service import start_alerts
 
@@ -185,21 +185,21 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
     score(ns, cluster_client, tmp_path, "--claim-idle-ms", "300", "--max-deliveries", "3")
     reasons = Counter(letter["reason"].decode() for letter in dead_letters(cluster_client, ns))
     assert reasons == {
-        decode.REASON_MAX_DELIVERIES: SHARDS,
+        REASON_MAX_DELIVERIES: SHARDS,
         decode.REASON_NOT_JSON: 1,
         decode.REASON_NOT_OBJECT: 1,
         decode.REASON_MISSING: 1,
     }, reasons
 
-    listed = ns.fraudd("dlq", "list", "--reason", decode.REASON_MAX_DELIVERIES)
+    listed = ns.fraudd("dlq", "list", "--reason", REASON_MAX_DELIVERIES)
     assert listed.returncode == 0 and f"{SHARDS} shown, {SHARDS + 3} in {ns.dlq_stream}" in listed.stderr, listed.stderr
     assert len(listed.stdout.splitlines()) == SHARDS and all(
-        decode.REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
+        REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
     )
     # Replayed twice at once (say, two operators): each transaction is still scored once, in its shard.
     first = next(i for i, f in cluster_client.xrange(ns.dlq_stream) if f[b"reason"] == b"max_deliveries")
     cluster_client.xadd(ns.dlq_stream, cluster_client.xrange(ns.dlq_stream, first, first)[0][1])
-    replayed = ns.fraudd("dlq", "replay", "--reason", decode.REASON_MAX_DELIVERIES)
+    replayed = ns.fraudd("dlq", "replay", "--reason", REASON_MAX_DELIVERIES)
     assert replayed.returncode == 0 and f"replayed {SHARDS + 1} entries" in replayed.stdout, replayed.stderr
     score(ns, cluster_client, tmp_path)
     rows = ns.sql("SELECT transaction_id, user_id, stream_id FROM transactions WHERE starts_with(transaction_id, 'poison_')")
@@ -236,6 +236,7 @@ def test_each_alert_delivered_once_through_a_failover_and_a_dead_channel_dead_le
 name = "ops"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 timeout_s = 1
 
@@ -243,6 +244,7 @@ timeout_s = 1
 name = "gone"
 kind = "webhook"
 url = "http://127.0.0.1:9/hook"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 min_amount = 10000
 retry_base_s = 0.02

@@ -69,3 +69,92 @@ def test_payloads_cannot_shift_onto_other_entries() -> None:
 def test_missing_data_field() -> None:
     batch = decode.decode_batch(["1-0"], [None])
     assert [r.reason for r in batch.rejected] == [decode.REASON_NO_DATA]
+
+
+CONTROL_CHARACTERS = ["\r\n", "\n", "\t", "\x00", "\x1b", "\x7f", "\x85", "\x9f"]
+
+
+def test_control_characters_in_identifiers_are_dead_lettered_naming_the_field() -> None:
+    bad = [
+        tx(100 + k, **{name: f"a{char}b"})
+        for k, (name, char) in enumerate((n, c) for n in decode.IDENTIFIERS for c in CONTROL_CHARACTERS)
+    ]
+    # Spelled raw in UTF-8 where JSON allows it (DEL, C1), escaped otherwise; printable escapes pass.
+    assert b"\x7f" in b"".join(bad) and b"\xc2\x85" in b"".join(bad)
+    good = [tx(0, merchant="Caf\u00e9 \u00a0\u2028"), tx(1, merchant="£ ¥"), tx(2)]
+    batch = decode.decode_batch([f"{i}-0" for i in range(len(good) + len(bad))], good + bad)
+    assert batch.transaction_id == ["t0", "t1", "t2"]
+    assert len(batch.rejected) == len(bad)
+    assert {r.reason for r in batch.rejected} == {decode.REASON_INVALID}
+    fields = sorted({r.detail.split(":")[0] for r in batch.rejected})
+    assert fields == sorted(decode.IDENTIFIERS)
+    assert all("control characters" in r.detail for r in batch.rejected)
+
+
+def test_an_escaped_printable_character_alone_does_not_reject_a_batch() -> None:
+    payloads = [orjson.dumps({"transaction_id": "t\\", "user_id": "u", "amount": 1, "merchant": 'm"', "timestamp": NOW})]
+    assert b"\\" in payloads[0]
+    batch = decode.decode_batch(["1-0"], payloads)
+    assert batch.rejected == [] and batch.transaction_id == ["t\\"]
+
+
+def test_amount_is_bounded() -> None:
+    batch = decode.decode_batch(["1-0", "2-0", "3-0"], [tx(0, amount=1e308), tx(1, amount=decode.MAX_AMOUNT), tx(2, amount=2e12)])
+    assert batch.transaction_id == ["t1"]
+    assert [(r.entry_id, r.reason, r.detail.split(":")[0]) for r in batch.rejected] == [
+        ("1-0", decode.REASON_INVALID, "amount"),
+        ("3-0", decode.REASON_INVALID, "amount"),
+    ]
+
+
+def test_rfc3339_forms_the_api_accepts_are_scored() -> None:
+    stamps = ["2025-11-29t03:00:00z", "2016-12-31T23:59:60Z", "2001-01-01T00:30:00+01:00", "2025-11-29T03:00:00.123456789-05:00"]
+    payloads = [tx(i, timestamp=stamp) for i, stamp in enumerate(stamps)]
+    for payload in payloads:
+        assert not isinstance(decode.check_payload(payload), decode.Problem), payload
+    batch = decode.decode_batch([f"{i}-0" for i in range(len(payloads))], payloads)
+    assert batch.rejected == []
+    assert batch.timestamp.tolist()[:2] == [1764385200.0, 1483228800.0]
+
+
+def test_the_api_refuses_what_the_decoder_drops() -> None:
+    """The decoder scores a transaction whose optional field is malformed, without that field; the
+    API refuses it, naming the field, as its schema says."""
+    cases = {
+        "timestamp": ["2025-11-29 03:00:00Z", "2025-11-29T03:00Z", "20251129T030000Z", "2100-01-01T00:00:00Z"],
+        "currency": ["EURO", "E1R", 978],
+        "country": ["DEU", "D1"],
+        "mcc": ["54x1", "541", "5411\n", "٥٤١١"],
+        "channel": ["moon", "POS"],
+        "lat": [90.5, "north", True],
+        "lon": [181, -180.01],
+        "card_id": ["c" * 65, 7],
+        "device_id": ["d" * 257],
+        "ip": ["i" * 65],
+    }
+    for name, values in cases.items():
+        for value in values:
+            payload = tx(0, **{name: value})
+            problem = decode.check_payload(payload)
+            assert isinstance(problem, decode.Problem) and (problem.reason, problem.field) == (decode.REASON_INVALID, name), (
+                name,
+                value,
+                problem,
+            )
+            if name != "timestamp" or value != "2100-01-01T00:00:00Z":
+                assert not decode.decode_batch(["1-0"], [payload]).rejected, (name, value)
+    absent = tx(0, currency=None, country=None, mcc=None, channel=None, lat=None, lon=None, card_id=None, ip="")
+    assert not isinstance(decode.check_payload(absent), decode.Problem)
+
+
+def test_an_optional_field_of_any_json_type_never_fails_the_batch() -> None:
+    odd = [[], {}, [1], {"a": 1}, True, 7, None]
+    payloads = [
+        tx(i, **{name: value}) for i, value in enumerate(odd) for name in ("channel", "currency", "mcc", "country", "lat")
+    ]
+    batch = decode.decode_batch([f"{i}-0" for i in range(len(payloads))], payloads)
+    assert batch.rejected == [] and len(batch) == len(payloads)
+    assert set(batch.channel) == {None} and set(batch.currency) == {"USD"}
+    for value in odd[:-1]:
+        problem = decode.check_payload(tx(0, channel=value))
+        assert isinstance(problem, decode.Problem) and problem.field == "channel"

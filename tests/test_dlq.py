@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES
 from fraudd.scoring import decode
 
 from .conftest import Namespace
@@ -100,13 +101,13 @@ def test_replay_of_a_fixed_entry_yields_exactly_one_row(ns: Namespace, redis_cli
         "0.000001",
     )
     reasons = sorted(d["reason"].decode() for d in dlq(redis_client, ns))
-    assert reasons == sorted([decode.REASON_MAX_DELIVERIES, decode.REASON_NOT_JSON])
+    assert reasons == sorted([REASON_MAX_DELIVERIES, decode.REASON_NOT_JSON])
     assert ns.sql("SELECT count(*) FROM transactions")[0][0] == 0
     # An operator replays it twice (say, two people at once): still one row, one alert.
     poison_id = next(i for i, f in redis_client.xrange(ns.dlq_stream) if f[b"reason"] == b"max_deliveries")
     redis_client.xadd(ns.dlq_stream, redis_client.xrange(ns.dlq_stream, poison_id, poison_id)[0][1])
 
-    replayed = ns.fraudd("dlq", "replay", "--reason", decode.REASON_MAX_DELIVERIES)
+    replayed = ns.fraudd("dlq", "replay", "--reason", REASON_MAX_DELIVERIES)
     assert replayed.returncode == 0 and "replayed 2 entries" in replayed.stdout, replayed.stderr
     assert [d["reason"].decode() for d in dlq(redis_client, ns)] == [decode.REASON_NOT_JSON]
     drain(redis_client, ns, tmp_path, "--workers", "1", "--review-threshold", "0.000001")

@@ -10,24 +10,26 @@ import orjson
 import pytest
 import redis
 
+from fraudd.keys import Keys
+from fraudd.scoring import dedup, features_shared
 from fraudd.scoring.behaviour import STATE
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring import dedup
-from fraudd.scoring import features as features_module
 from fraudd.scoring.features import (
     FEATURE_NAMES,
+    LIBRARY_NAME,
     MESSAGE_FEATURES,
     SECONDS_SINCE_PREV_CAP,
     CommitConflictError,
-    LIBRARY_NAME,
-    FeatureStore,
     Features,
-    Fenced,
-    Lease,
+    FeatureStore,
     state_periods,
     stored_states,
 )
-from fraudd.keys import Keys
+from fraudd.scoring.features_owned import OwnedFeatureStore
+from fraudd.scoring.features_shared import SharedFeatureStore
+from fraudd.scoring.leases import Fenced, Lease
+
+from .conftest import REDIS_URL
 
 T0 = 1764385200.0  # 2025-11-29 03:00:00 UTC: mid 2-hour slot, on a 10-minute one
 HOUR = 3600.0
@@ -35,7 +37,7 @@ HOUR = 3600.0
 
 @pytest.fixture()
 def client() -> redis.Redis:
-    r = redis.Redis(host="127.0.0.1", port=6379)
+    r = redis.Redis.from_url(REDIS_URL)
     r.ping()
     return r
 
@@ -52,18 +54,23 @@ def keys(client: redis.Redis):
 
 
 @pytest.fixture()
-def store(client: redis.Redis, keys: Keys) -> FeatureStore:
-    return FeatureStore(client, keys, dedup_window_ms=3_600_000)
+def store(client: redis.Redis, keys: Keys) -> SharedFeatureStore:
+    return SharedFeatureStore(client, keys, dedup_window_ms=3_600_000)
 
 
 @pytest.fixture(params=["shared", "owned"])
 def either_store(request: pytest.FixtureRequest, client: redis.Redis, keys: Keys) -> FeatureStore:
     """A shared store (compare-and-set), or the owner of the shard (markers checked in the commit)."""
-    lease = None
-    if request.param == "owned":
-        lease = Lease(keys.lease, "1:test")
-        client.set(keys.lease, lease.token, px=60_000)
-    return FeatureStore(client, keys, dedup_window_ms=3_600_000, lease=lease)
+    return open_store(client, keys, owned=request.param == "owned")
+
+
+def open_store(client: redis.Redis, keys: Keys, owned: bool) -> FeatureStore:
+    """A shared store, or one owning the shard through a lease it holds (for a minute)."""
+    if not owned:
+        return SharedFeatureStore(client, keys, 3_600_000)
+    lease = Lease(keys.lease, "1:test")
+    client.set(keys.lease, lease.token, px=60_000)
+    return OwnedFeatureStore(client, keys, 3_600_000, lease)
 
 
 _seq = iter(range(10**9))
@@ -295,8 +302,8 @@ def test_already_counted_and_new_transactions_of_one_user(client: redis.Redis, k
     assert col(store.compute(batch(tx(T0 + 40))), "count_1m") == [4]
 
 
-def test_a_state_written_meanwhile_is_read_again(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
-    other = FeatureStore(client, keys, dedup_window_ms=3_600_000)
+def test_a_state_written_meanwhile_is_read_again(client: redis.Redis, keys: Keys, store: SharedFeatureStore) -> None:
+    other = SharedFeatureStore(client, keys, dedup_window_ms=3_600_000)
     read = store._read
     racing = [batch(tx(T0 + 1), tx(T0 + 2, user="bob"))]
 
@@ -313,7 +320,7 @@ def test_a_state_written_meanwhile_is_read_again(client: redis.Redis, keys: Keys
     assert struct.unpack_from("<dI", user_state(client, keys, "alice"))[1] == 2
 
 
-def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: FeatureStore, monkeypatch) -> None:
+def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: SharedFeatureStore, monkeypatch) -> None:
     read = store._read
     bump = iter(range(1, 10**6))
 
@@ -325,7 +332,7 @@ def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: Feature
         return replies
 
     store._read = read_then_race
-    monkeypatch.setattr(features_module, "MAX_COMMIT_ATTEMPTS", 3)
+    monkeypatch.setattr(features_shared, "MAX_COMMIT_ATTEMPTS", 3)
     with pytest.raises(CommitConflictError):
         store.compute(batch(tx(T0)))
     assert not list(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*")), (
@@ -334,7 +341,7 @@ def test_endless_conflicts_raise(client: redis.Redis, keys: Keys, store: Feature
 
 
 def test_markers_are_one_hash_per_event_minute_living_the_window(client: redis.Redis, keys: Keys) -> None:
-    store = FeatureStore(client, keys, dedup_window_ms=600_000)
+    store = SharedFeatureStore(client, keys, dedup_window_ms=600_000)
     store.compute(batch(tx(T0), tx(T0 + 59.5, user="bob"), tx(T0 + 60)))
     buckets = sorted(client.scan_iter(match=keys.seen_prefix.replace("{", "\\{").replace("}", "\\}") + "*"))
     minute = int(T0 * 1000) // dedup.BUCKET_MS
@@ -357,18 +364,14 @@ def test_was_seen_answers_for_counted_transactions_only(client: redis.Redis, key
 def test_states_follow_the_latest_period(client: redis.Redis, keys: Keys, owned: bool) -> None:
     """A state from the period before is read and carried into this one; one written a period
     ahead (another host's clock) is the latest copy, and later writes go there, not behind it."""
-    lease = None
-    if owned:
-        lease = Lease(keys.lease, "1:test")
-        client.set(keys.lease, lease.token, px=60_000)
     before, current, after = state_periods(keys)
-    FeatureStore(client, keys, 3_600_000, lease).compute(batch(tx(T0), tx(T0 + 1, user="bob")))
+    open_store(client, keys, owned).compute(batch(tx(T0), tx(T0 + 1, user="bob")))
     client.rename(current, before)
-    f = FeatureStore(client, keys, 3_600_000, lease).compute(batch(tx(T0 + 2)))
+    f = open_store(client, keys, owned).compute(batch(tx(T0 + 2)))
     assert col(f, "count_1m") == [2]
     assert client.hkeys(current) == [b"alice"] and struct.unpack_from("<dI", client.hget(current, "alice"))[1] == 2
     client.rename(current, after)
-    store = FeatureStore(client, keys, 3_600_000, lease)
+    store = open_store(client, keys, owned)
     assert col(store.compute(batch(tx(T0 + 3), tx(T0 + 4, user="carol"))), "count_1m") == [3, 1]
     assert not client.exists(current), "written where the latest copy is"
     assert sorted(client.hkeys(after)) == [b"alice", b"carol"]
@@ -378,7 +381,7 @@ def test_states_follow_the_latest_period(client: redis.Redis, keys: Keys, owned:
 def test_an_owner_whose_lease_changed_hands_writes_nothing(client: redis.Redis, keys: Keys) -> None:
     lease = Lease(keys.lease, "1:test")
     client.set(keys.lease, lease.token, px=60_000)
-    store = FeatureStore(client, keys, 3_600_000, lease)
+    store = OwnedFeatureStore(client, keys, 3_600_000, lease)
     store.compute(batch(tx(T0)))
     client.set(keys.lease, "2:another-owner", px=60_000)
     fenced = batch(tx(T0 + 1), tx(T0 + 2, user="bob"))

@@ -19,8 +19,7 @@ from fraudd.scoring import decode
 
 from .conftest import Namespace, wait_for
 from .ingest_server import NOW, IngestServer, post, tx
-from .services import RedisServer
-from .services import dedicated_redis  # noqa: F401  (fixture)
+from .services import RedisServer, dedicated_redis  # noqa: F401  (fixture)
 from .streams import publish, valid_payloads
 
 
@@ -40,9 +39,13 @@ def test_every_status_code(server: IngestServer, ns: Namespace, redis_client: re
         accepted = post(http, "/v1/transactions", tx("s1"))
         assert accepted.status_code == 202
         assert accepted.json() == {"id": accepted.json()["id"], "transaction_id": "s1"}
-        duplicate = post(http, "/v1/transactions", tx("s1", amount=99))
+        duplicate = post(http, "/v1/transactions", tx("s1"))
         assert duplicate.status_code == 200
         assert duplicate.json() == {"duplicate": True, "id": accepted.json()["id"], "transaction_id": "s1"}
+        conflict = post(http, "/v1/transactions", tx("s1", amount=99))
+        assert conflict.status_code == 409
+        assert conflict.json()["error"] == "conflict" and conflict.json()["field"] == "transaction_id"
+        assert accepted.json()["id"] in conflict.json()["detail"]
 
         not_json = post(http, "/v1/transactions", b'{"transaction_id": ')
         assert not_json.status_code == 400 and not_json.json()["error"] == decode.REASON_NOT_JSON
@@ -131,6 +134,54 @@ def test_batch_judges_each_item(server: IngestServer, ns: Namespace, redis_clien
     assert decode.decode_batch([str(i) for i in range(len(written))], written).rejected == []
 
 
+def test_a_resent_transaction_id_is_judged_before_the_duplicate_check_and_another_body_conflicts(
+    server: IngestServer, ns: Namespace, redis_client: redis.Redis
+) -> None:
+    """The same transaction again (in any key order and spacing, on any write route) is a
+    duplicate; another body under its transaction_id is a 409 naming the conflict; an invalid one
+    is refused as invalid, never answered as a duplicate."""
+    original = tx("c1", lat=10.5, lon=20.25)
+    with server.client() as http:
+        first = post(http, "/v1/transactions", original)
+        assert first.status_code == 202
+        reordered = b"{\n" + b",\n".join(orjson.dumps({k: v})[1:-1] for k, v in reversed(original.items())) + b"\n}"
+        assert post(http, "/v1/transactions", reordered).status_code == 200
+        assert post(http, "/v1/score", original).json()["duplicate"] is True
+
+        invalid = post(http, "/v1/transactions", {**original, "lon": 181})
+        assert invalid.status_code == 422 and invalid.json()["field"] == "lon"
+        for path in ("/v1/transactions", "/v1/score"):
+            conflict = post(http, path, {**original, "amount": 1.0})
+            assert conflict.status_code == 409, (path, conflict.text)
+            assert conflict.json()["error"] == "conflict" and conflict.json()["field"] == "transaction_id"
+            assert first.json()["id"] in conflict.json()["detail"]
+        batch = post(http, "/v1/transactions/batch", [original, {**original, "merchant": "Other"}, tx("c2"), tx("c2", amount=2)])
+        body = batch.json()
+        assert [r["status"] for r in body["results"]] == [200, 409, 202, 409]
+        assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 1, 2)
+        assert body["results"][1]["error"] == "conflict" and body["results"][1]["field"] == "transaction_id"
+        metrics = http.get("/metrics").text
+        assert 'fraudd_ingest_transactions_total{outcome="conflict"} 4.0' in metrics
+    assert [orjson.loads(p)["transaction_id"] for p in stream_payloads(redis_client, ns)] == ["c1", "c2"]
+
+
+def test_control_characters_in_identifiers_are_refused_naming_the_field(
+    server: IngestServer, ns: Namespace, redis_client: redis.Redis
+) -> None:
+    with server.client() as http:
+        for k, name in enumerate(decode.IDENTIFIERS):
+            for char in ("\r\n", "\x00", "\x7f", "\x85"):
+                fields = {name: f"x{char}y"} if name != "transaction_id" else {}
+                body = tx(f"cc{k}" if name != "transaction_id" else f"cc{char}", **fields)
+                for path in ("/v1/transactions", "/v1/score"):
+                    response = post(http, path, body)
+                    assert response.status_code == 422, (name, char, response.text)
+                    assert (response.json()["error"], response.json()["field"]) == (decode.REASON_INVALID, name)
+                item = post(http, "/v1/transactions/batch", [body]).json()["results"][0]
+                assert (item["status"], item["field"]) == (422, name)
+    assert stream_payloads(redis_client, ns) == []
+
+
 def test_duplicate_of_a_transaction_the_worker_counted(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     """A transaction that reached the stream another way and was scored is a duplicate too."""
     from .services import drain
@@ -216,7 +267,7 @@ def test_trims_only_what_every_group_acked(ns: Namespace, redis_client: redis.Re
     assert ids[1500] in remaining  # the oldest pending entry of fraud-group stays
 
 
-def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tmp_path: Path) -> None:
+def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tmp_path: Path) -> None:  # noqa: F811
     # Nothing here reaches PostgreSQL: names of its own on the scratch Redis suffice.
     ns = Namespace(f"t{uuid.uuid4().hex[:10]}", redis_url=dedicated_redis.url)
     server = IngestServer.start(ns, tmp_path, "--workers", "1")
@@ -228,7 +279,10 @@ def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tm
             assert down.status_code == 503 and down.headers["Retry-After"] == "1"
             assert down.json()["error"] == "unavailable"
             assert post(http, "/v1/transactions/batch", [tx("r3")]).status_code == 503
-            assert http.get("/healthz").status_code == 503
+            wait_for(lambda: http.get("/healthz").status_code == 503, 5, message="/healthz to say 503")
+            # Generic words for whoever asks; the error text (address, port) only in the log.
+            assert http.get("/healthz").text == "redis: unavailable\n"
+            assert f"{dedicated_redis.port}" in server.log() and '"unhealthy"' in server.log()
             dedicated_redis.start()
             # The retry a gateway makes is written once; the decision channel is back too.
             wait_for(lambda: post(http, "/v1/transactions", tx("r2")).status_code == 202, 20, message="writes accepted again")
@@ -237,6 +291,62 @@ def test_redis_outage_answers_503_then_recovers(dedicated_redis: RedisServer, tm
     finally:
         assert server.stop() == 0, server.log()[-2000:]
     assert [orjson.loads(p)["transaction_id"] for p in stream_payloads(dedicated_redis.client(), ns)] == ["r1", "r2"]
+
+
+def test_healthz_probes_at_most_once_a_second(dedicated_redis: RedisServer, tmp_path: Path) -> None:  # noqa: F811
+    ns = Namespace(f"t{uuid.uuid4().hex[:10]}", redis_url=dedicated_redis.url)
+    server = IngestServer.start(ns, tmp_path, "--workers", "1")
+    client = dedicated_redis.client()
+    try:
+        with server.client() as http:
+            client.config_resetstat()
+            started = time.monotonic()
+            answers = {http.get("/healthz").text for _ in range(60)}
+            elapsed = time.monotonic() - started
+        pings = int(client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+    assert answers == {"ok\n"}
+    assert pings <= elapsed + 2, (pings, elapsed)
+
+
+def test_connections_beyond_the_cap_are_closed(ns: Namespace, tmp_path: Path) -> None:
+    server = IngestServer.start(ns, tmp_path, "--workers", "1", "--max-connections", "3")
+
+    def keep_alive() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        conn.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        return conn
+
+    def served(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(200).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    try:
+        held = [keep_alive() for _ in range(3)]
+        assert all(served(conn) for conn in held)
+        with keep_alive() as beyond:
+            assert not served(beyond)
+        held.pop().close()
+        wait_for(lambda: served(keep_alive()), 10, message="a connection once one closed")
+        assert '"connection_cap"' in server.log()
+        for conn in held:
+            conn.close()
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+
+
+def test_no_response_names_the_server_software(server: IngestServer) -> None:
+    with server.client() as http:
+        assert http.get("/healthz").headers["Server"] == "fraudd"
+    # aiohttp answers a malformed request itself.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        reply = raw.recv(1000)
+    assert reply.startswith(b"HTTP/1.0 400") and b"Server: fraudd\r\n" in reply, reply
+    assert b"aiohttp" not in reply and b"Python" not in reply
 
 
 def test_labels_reach_the_labels_stream_all_or_none(server: IngestServer, ns: Namespace, redis_client: redis.Redis) -> None:

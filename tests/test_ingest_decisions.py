@@ -12,7 +12,7 @@ import redis
 
 from .conftest import Namespace, wait_for
 from .ingest_server import IngestServer, post, tx
-from .services import start, stop
+from .services import DaemonProcess, start, stop
 from .streams import fully_drained
 
 
@@ -35,9 +35,17 @@ def decision_of(answer: dict) -> dict:
     return {k: answer[k] for k in ("id", "decision", "score", "reasons", "model_version", "explanation")}
 
 
+def ready_scoring(ns: Namespace, tmp_path: Path, *args: str) -> DaemonProcess:
+    """``fraudd run`` with its workers ready: on a loaded box its start-up alone can outlast a
+    decision timeout, and a request sent before would time out."""
+    daemon = start(ns, tmp_path, *args)
+    wait_for(lambda: '"event": "ready"' in daemon.log(), 60, message="the scoring workers to be ready")
+    return daemon
+
+
 @pytest.fixture
 def scoring(ns: Namespace, redis_client: redis.Redis, tmp_path: Path):
-    daemon = start(ns, tmp_path, "--workers", "2")
+    daemon = ready_scoring(ns, tmp_path, "--workers", "2")
     yield daemon
     wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to be drained")
     stop(daemon)
@@ -117,7 +125,7 @@ def test_sharded_input(ns: Namespace, redis_client: redis.Redis, tmp_path: Path)
     from fraudd.keys import shard_of, shard_stream
 
     shards = "3"
-    daemon = start(ns, tmp_path, "--workers", "2", "--shards", shards)
+    daemon = ready_scoring(ns, tmp_path, "--workers", "2", "--shards", shards)
     server = IngestServer.start(ns, tmp_path, "--workers", "2", "--shards", shards, "--decision-timeout-ms", "5000")
     items = [tx(f"sh{i}", user_id=f"user_{i}") for i in range(30)]
     try:

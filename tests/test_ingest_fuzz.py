@@ -23,7 +23,7 @@ from .services import start, stop
 from .streams import fully_drained
 
 KEY = "fuzz-key-0123456789"
-ANSWERS = {200, 202, 400, 401, 405, 413, 415, 422}
+ANSWERS = {200, 202, 400, 401, 405, 409, 413, 415, 422}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -17,7 +17,8 @@ from fraudd.ingest import Publisher
 from fraudd.keys import Keys
 from fraudd.learning import train
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import META_FEATURES, FraudModel, ModelError
 from fraudd.scoring.rules import DECISIONS, Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
@@ -62,7 +63,7 @@ def test_single_message_model_cannot_catch_most_fraud(holdout: train.Dataset) ->
 def offline_decisions(client: redis.Redis, payloads: list[bytes]) -> dict[str, tuple[str, float, list[str]]]:
     """Score ``payloads`` the way the daemon does, without it: features on a scratch key prefix."""
     scratch = Keys(f"offline-{time.time_ns()}:raw", "unused", "unused")
-    store = FeatureStore(client, scratch, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, scratch, dedup_window_ms=3_600_000)
     model, rules = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES), Rules.load(DEFAULT_RULES)
     decided = {}
     try:

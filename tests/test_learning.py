@@ -13,7 +13,7 @@ import redis
 
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
-from fraudd.learning.labels import parse_labels, publish_labels
+from fraudd.learning.labels import parse_labels
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
     COMPROMISED_TERMINAL,
@@ -32,7 +32,7 @@ from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
 from .services import drain, start, stop
-from .streams import fully_drained
+from .streams import fully_drained, publish_labels
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
 
@@ -432,7 +432,10 @@ def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(
     chargebacks = tmp_path / "chargebacks.jsonl"
     chargebacks.write_bytes(
         b"\n".join(
-            orjson.dumps({"transaction_id": t, "label": "fraud", "source": "chargeback"})
+            # Reported by the end of day 10: they count for every transaction of days 11-20.
+            orjson.dumps(
+                {"transaction_id": t, "label": "fraud", "source": "chargeback", "reported_at": float(second.timestamp[0])}
+            )
             for t in first.transaction_id[first.is_fraud].tolist()
         )
     )

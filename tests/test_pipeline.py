@@ -84,6 +84,20 @@ INVALID_KINDS: list[tuple[bytes, str]] = [
         decode.REASON_INVALID,
     ),
     (b'{"a":1},{"b":2}', decode.REASON_NOT_JSON),
+    (
+        orjson.dumps({"transaction_id": "crlf", "user_id": "u", "amount": 4, "merchant": "m\r\nBcc: x", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps(
+            {"transaction_id": "c1", "user_id": "u", "amount": 4, "merchant": "m", "timestamp": NOW, "card_id": "c\x85"}
+        ),
+        decode.REASON_INVALID,
+    ),
+    (
+        orjson.dumps({"transaction_id": "huge", "user_id": "u", "amount": 1e308, "merchant": "m", "timestamp": NOW}),
+        decode.REASON_INVALID,
+    ),
 ]
 
 
@@ -169,7 +183,8 @@ def test_migrate_is_idempotent(ns: Namespace) -> None:
 def test_row_without_partition_does_not_fail(ns: Namespace) -> None:
     # Far in the future: no daily partition exists, the default one takes it, and creating the
     # day's partition later moves it out.
-    ns.sql("""INSERT INTO transactions (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision, model_version)
+    ns.sql("""INSERT INTO transactions
+              (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision, model_version)
               VALUES ('future', 'u', 1, 'm', '2099-01-01T12:00:00Z', '1-0', 0.1, 'approve', 'v') RETURNING 1""")
     assert ns.sql("SELECT count(*) FROM transactions_default")[0][0] == 1
     assert ns.sql("SELECT fraudd_ensure_partitions('2099-01-01', '2099-01-01')")[0][0] == 1

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from fraudd.keys import Keys
+from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES
 from fraudd.runtime.health import Housekeeper
 from fraudd.schema import connect
 from fraudd.scoring import decode
@@ -108,7 +109,7 @@ def test_entry_delivered_too_often_is_dead_lettered_as_poison(ns: Namespace, red
     letters = dlq(redis_client, ns)
     assert sorted(d["source_id"].decode() for d in letters) == sorted(ids[:2])
     for letter in letters:
-        assert letter["reason"].decode() == decode.REASON_MAX_DELIVERIES
+        assert letter["reason"].decode() == REASON_MAX_DELIVERIES
         assert int(letter["deliveries"]) > 3
         assert letter["data"] == payloads[ids.index(letter["source_id"].decode())]
     assert sorted(r[0] for r in ns.sql("SELECT stream_id FROM transactions")) == sorted(ids[2:])

@@ -11,9 +11,12 @@ import redis
 
 from fraudd.keys import Keys
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide
 from fraudd.scoring.settings import DEFAULT_RULES
+
+from .conftest import REDIS_URL
 
 DEFAULT = Rules.load(DEFAULT_RULES)
 
@@ -176,10 +179,10 @@ def test_duplicate_codes_are_refused() -> None:
 
 
 def test_blocklist_rule_fires_after_a_live_sadd() -> None:
-    client = redis.Redis(host="127.0.0.1", port=6379)
+    client = redis.Redis.from_url(REDIS_URL)
     name = f"test-rules-{uuid.uuid4().hex[:10]}"
     keys = Keys(stream=f"{name}:raw", fraud_stream=f"{name}:fraud", dlq_stream=f"{name}:dlq")
-    store = FeatureStore(client, keys, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, keys, dedup_window_ms=3_600_000)
     payload = {"user_id": "mallory", "amount": 30.0, "merchant": "Shady Goods", "timestamp": 1764385200, "ip": "203.0.113.7"}
     try:
 

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from fraudd import cli
+from fraudd.ingest import settings as ingest_settings
 from fraudd.runtime.supervisor import STOP_MARGIN_S
 from fraudd.settings import SHUTDOWN_TIMEOUT_S
 
@@ -37,10 +38,41 @@ from .test_alerts import alert, write_config
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))
+# Run by a timer to completion, not supervised: its lifecycle settings are its own.
+JOBS = [UNITS / "fraudd-retrain.service"]
+DAEMONS = [unit for unit in SERVICES if unit not in JOBS]
 INSTALLED_FRAUDD = "/opt/fraudd/bin/fraudd"
 # Everything but what a unit says about its own service: identical in every unit, so that
 # hardening one hardens all.
-OWN_SETTINGS = {"ExecStart", "ExecReload", "EnvironmentFile", "Environment", "RuntimeDirectory", "ReadOnlyPaths"}
+OWN_SETTINGS = {
+    "ExecStart",
+    "ExecReload",
+    "EnvironmentFile",
+    "Environment",
+    "RuntimeDirectory",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+}
+# What a job may set otherwise, each with the reason in its unit.
+JOB_OWN_SETTINGS = {"MemoryDenyWriteExecute"}
+# How a long-running service starts, stops, restarts and what memory it gets: a job's differ.
+LIFECYCLE = {
+    "Type",
+    "ExecReload",
+    "KillMode",
+    "KillSignal",
+    "TimeoutStopSec",
+    "TimeoutStartSec",
+    "WatchdogSec",
+    "Restart",
+    "RestartSec",
+    "RestartPreventExitStatus",
+    "RuntimeDirectoryMode",
+    "MemoryHigh",
+    "MemoryMax",
+    "Nice",
+    "CPUWeight",
+}
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (.ci/setup installs it)")
 
@@ -48,7 +80,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("units")
-    for unit in [*SERVICES, *UNITS.glob("*.target")]:
+    for unit in [*SERVICES, *UNITS.glob("*.target"), *UNITS.glob("*.timer")]:
         (directory / unit.name).write_text(unit.read_text().replace(INSTALLED_FRAUDD, FRAUDD))
     return directory
 
@@ -71,7 +103,7 @@ def test_every_unit_verifies(rendered: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     # verify exits 0 on an unknown or misspelt setting and only warns: the warning is the failure.
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert {Path(u).name for u in units} >= {"fraudd.service", "fraudd-ingest.service", "fraudd.target"}
+    assert {Path(u).name for u in units} >= {"fraudd.service", "fraudd-ingest.service", "fraudd.target", "fraudd-retrain.timer"}
 
 
 def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
@@ -90,9 +122,12 @@ def test_exposure_is_ok_and_the_readme_says_what_it_is(rendered: Path) -> None:
 
 def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_hardening() -> None:
     drain_s = SHUTDOWN_TIMEOUT_S.default
+    connections = next(option.default for option in ingest_settings.OPTIONS if option.flag == "max-connections")
     reference = None
-    for unit in SERVICES:
+    for unit in DAEMONS:
         settings = dict(service_section(unit))
+        # Files per process: the ingest's connections, and room for much more than its default cap.
+        assert int(settings["LimitNOFILE"]) >= 16 * connections, unit.name
         assert settings["Type"] == "notify" and settings["ExecReload"] == "/bin/kill -HUP $MAINPID", unit.name
         assert float(settings["TimeoutStopSec"]) == drain_s + STOP_MARGIN_S, unit.name
         assert settings["User"] == "fraudd" and settings["CapabilityBoundingSet"] == "", unit.name
@@ -103,6 +138,16 @@ def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_harden
         units = configparser.ConfigParser(strict=False, interpolation=None)
         units.read_string(unit.read_text())
         assert units["Unit"]["PartOf"] == "fraudd.target" and units["Install"]["WantedBy"] == "fraudd.target"
+    assert reference is not None
+    for job in JOBS:
+        settings = dict(service_section(job))
+        assert settings["Type"] == "oneshot" and settings["User"] == "fraudd", job.name
+        hardening = [(key, value) for key, value in reference if key not in LIFECYCLE | JOB_OWN_SETTINGS]
+        own = OWN_SETTINGS | LIFECYCLE | JOB_OWN_SETTINGS
+        assert [(k, v) for k, v in service_section(job) if k not in own] == hardening, job.name
+        timer = configparser.ConfigParser(strict=False, interpolation=None)
+        timer.read_string(job.with_suffix(".timer").read_text())
+        assert timer["Unit"]["PartOf"] == "fraudd.target" and timer["Install"]["WantedBy"] == "fraudd.target"
 
 
 # The commands the units run: the environment file holds their settings.
@@ -146,6 +191,7 @@ def allowed_syscalls(unit: Path) -> set[str]:
     """The system calls the unit's ``SystemCallFilter=`` lines leave, expanded by systemd-analyze."""
     listing = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True).stdout
     groups: dict[str, list[str]] = {}
+    current = ""  # the group whose members the indented lines list
     for line in listing.splitlines():
         if line.strip() and not line.strip().startswith("#"):
             if line.startswith(" "):
@@ -197,6 +243,8 @@ def check_trace(trace: Path, unit: Path) -> None:
     used = {m.group(1) for m in map(_SYSCALL.match, lines) if m}
     refused = sorted(used - allowed_syscalls(unit) - TOLERATED_SYSCALLS)
     assert len(used) > 40 and refused == [], f"{unit.name}'s SystemCallFilter refuses {refused}"
+    if dict(service_section(unit)).get("MemoryDenyWriteExecute") != "yes":
+        return
     # MemoryDenyWriteExecute refuses memory both writable and executable, and making memory executable later.
     wx = [
         line
@@ -249,6 +297,7 @@ def test_alerts_use_only_what_their_sandbox_allows(ns: Namespace, redis_client: 
 name = "sandbox-webhook"
 kind = "webhook"
 url = "{receiver.url("/hook")}"
+allow_insecure = true
 secret_env = "FRAUDD_WEBHOOK_SECRET"
 """,
         )
@@ -258,7 +307,7 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
             ns,
             tmp_path,
             "fraudd-alerts.service",
-            ["alerts", "--config", str(config), "--workers", "2"],
+            ["alerts", "--config", str(config), "--workers", "2", "--from-beginning"],
             lambda: len(receiver.accepted) == 100,
             FRAUDD_WEBHOOK_SECRET=SECRET,
         )
@@ -281,3 +330,48 @@ def test_console_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path
             return False
 
     traced(ns, tmp_path, "fraudd-console.service", ["console", "--workers", "2", "--listen", f"127.0.0.1:{port}"], signs_in)
+
+
+@needs_strace
+def test_retrain_uses_only_what_its_sandbox_allows(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    from fraudd.ingest import Publisher
+    from fraudd.learning.simulator import Simulator, SimulatorConfig
+
+    from .services import drain
+
+    traffic = Simulator(
+        SimulatorConfig(
+            seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
+        )
+    ).history()
+    Publisher(redis_client, ns.stream).publish(traffic.payloads())
+    drain(redis_client, ns, tmp_path, "--workers", "1", timeout=300)
+    labels = tmp_path / "chargebacks.jsonl"
+    labels.write_bytes(
+        b"\n".join(orjson.dumps({"transaction_id": t, "label": "fraud"}) for t in traffic.transaction_id[traffic.is_fraud])
+    )
+    assert ns.fraudd("label", "--file", str(labels)).returncode == 0
+    trace = tmp_path / "retrain.trace"
+    result = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            str(trace),
+            FRAUDD,
+            "retrain",
+            "--since",
+            "30d",
+            "--window",
+            "4d",
+            "--models-dir",
+            str(tmp_path),
+        ],
+        env=ns.env(HOME="/proc/nonexistent"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    check_trace(trace, UNITS / "fraudd-retrain.service")

@@ -3,7 +3,11 @@
 Each channel sends one alert (``send``) or, for Slack and e-mail under storm control, one digest
 of many (``send_digest``), and says why an attempt failed by raising ``DeliveryFailed`` (with the
 wait the peer asked for, when it did: HTTP ``Retry-After``, Slack's 429; or that retrying is pointless:
-a 4xx answer other than 408, 425 and 429, an SMTP 5xx reply). Clients are opened once
+a 4xx answer other than 408, 425 and 429, an SMTP 5xx reply; or that the peer could not be reached
+at all). Redirects are never followed: a 3xx is a failed attempt, so a signed body never goes to a
+place the channels file does not name. Error texts pass through ``redact`` before they reach a log,
+the delivery table or the DLQ: a Slack URL (and any webhook URL's path and query) is a secret.
+Clients are opened once
 per worker process and kept: one aiohttp session with a bounded keep-alive pool per HTTP channel,
 a small pool of authenticated SMTP connections per e-mail channel.
 """
@@ -18,6 +22,7 @@ import hmac
 import html
 import ssl
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -39,13 +44,16 @@ _HTTP_TRANSIENT = frozenset({408, 425, 429})
 
 class DeliveryFailed(Exception):
     """One attempt failed; ``retry_after`` is the wait the peer asked for, if it did. ``permanent``:
-    the peer refused this alert for good (it answered, so the channel itself is not down)."""
+    the peer refused this alert for good (it answered, so the channel itself is not down).
+    ``unreachable``: no connection to the peer at all (refused, no route, no name, TLS handshake),
+    which says the whole channel is down, not this alert."""
 
-    def __init__(self, reason: str, retry_after: float | None = None, permanent: bool = False) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, permanent: bool = False, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
         self.permanent = permanent
+        self.unreachable = unreachable
 
 
 @dataclass(slots=True)
@@ -71,11 +79,18 @@ class Channel(abc.ABC):
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
         self.name = config.name
+        self._secrets: tuple[str, ...] = ()  # texts that must never appear in an error
 
-    async def open(self) -> None:
+    def redact(self, text: str) -> str:
+        """``text`` without any secret of this channel's target (its URL's path and query)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "/[redacted]")
+        return text
+
+    async def open(self) -> None:  # noqa: B027  optional: only a kind with clients to open overrides it
         pass
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  likewise
         pass
 
     @abc.abstractmethod
@@ -88,6 +103,20 @@ class Channel(abc.ABC):
 
 
 class _HttpChannel(Channel):
+    def __init__(self, config: ChannelConfig, url: str) -> None:
+        super().__init__(config)
+        self._url = url
+        parts = urllib.parse.urlsplit(url)
+        token = parts.path + (f"?{parts.query}" if parts.query else "")
+        # As given and as an HTTP client or server may print it back (percent-encoded or not).
+        self._secrets = tuple(
+            sorted(
+                {t for t in (token, urllib.parse.unquote(token), urllib.parse.quote(token, safe="/?=&")) if t.strip("/")},
+                key=len,
+                reverse=True,
+            )
+        )
+
     async def open(self) -> None:
         # No cookie jar, no decompression, no automatic headers: a delivery needs none, and each
         # is per-request work on the path of every alert.
@@ -105,7 +134,7 @@ class _HttpChannel(Channel):
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status < 300:
                     await response.read()
                     return
@@ -115,8 +144,10 @@ class _HttpChannel(Channel):
                     _retry_after(response.headers.get("Retry-After")),
                     permanent=400 <= response.status < 500 and response.status not in _HTTP_TRANSIENT,
                 )
+        except aiohttp.ClientConnectorError as exc:  # TLS handshake failures included
+            raise DeliveryFailed(describe(exc), unreachable=True) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise DeliveryFailed(_describe(exc)) from None
+            raise DeliveryFailed(describe(exc)) from None
 
 
 class WebhookChannel(_HttpChannel):
@@ -125,10 +156,9 @@ class WebhookChannel(_HttpChannel):
     recording; the signature is made afresh per attempt so that a late retry is not "too old"."""
 
     def __init__(self, config: ChannelConfig) -> None:
-        super().__init__(config)
         target = config.target
         assert isinstance(target, WebhookTarget)
-        self._url = target.url
+        super().__init__(config, target.url)
         self._key = base64.b64decode(target.secret[len("whsec_") :] + "==")
 
     def headers(self, alert: Alert, timestamp: int) -> dict[str, str]:
@@ -150,10 +180,9 @@ class SlackChannel(_HttpChannel):
     """A Block Kit message per alert (amount, user, merchant, score, decision, reasons, a console link)."""
 
     def __init__(self, config: ChannelConfig) -> None:
-        super().__init__(config)
         target = config.target
         assert isinstance(target, SlackTarget)
-        self._url = target.url
+        super().__init__(config, target.url)
         self._console_url = target.console_url
 
     async def send(self, alert: Alert) -> None:
@@ -215,9 +244,12 @@ class EmailChannel(Channel):
                 if not client.is_connected:
                     await client.connect()
                 await client.send_message(message)
+            except (aiosmtplib.SMTPConnectError, ssl.SSLError, ConnectionRefusedError) as exc:
+                client.close()
+                raise DeliveryFailed(describe(exc), unreachable=True) from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
-                raise DeliveryFailed(_describe(exc), permanent=_smtp_permanent(exc)) from None
+                raise DeliveryFailed(describe(exc), permanent=_smtp_permanent(exc)) from None
             self._idle.append(client)
 
 
@@ -226,6 +258,17 @@ def open_channel(config: ChannelConfig) -> Channel:
 
 
 # -- message content -----------------------------------------------------------------------
+
+
+def _slack_escape(text: object) -> str:
+    """Slack's escaping of message text: ``& < >`` only, so that an identifier can never become a
+    mention (``<!channel>``), a link or a user reference."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def console_link(template: str, transaction_id: str) -> str:
+    """The console URL of a transaction, its id percent-encoded (it may hold ``/``, ``?``, ``#``…)."""
+    return template.format(transaction_id=urllib.parse.quote(transaction_id, safe=""))
 
 
 def _money(document: dict) -> str:
@@ -239,21 +282,49 @@ def _headline(document: dict) -> str:
     )
 
 
-def slack_message(document: dict, console_url: str | None) -> dict:
-    txid = str(document.get("transaction_id"))
-    reasons = ", ".join(document.get("reasons") or []) or "none"
+def explanation_text(document: dict, top: int = 3) -> str | None:
+    """The features that moved the score most, either way: ``name = value (+contribution)``.
+
+    From the row's exact explanation (``transactions.explanation``); None when the row has none.
+    """
+    explanation = document.get("explanation")
+    if not explanation:
+        return None
+    values = explanation.get("values") or {}
+    strongest = sorted(explanation["contributions"].items(), key=lambda item: -abs(item[1]))[:top]
+    return ", ".join(f"{name} = {_number(values.get(name))} ({contribution:+.2f})" for name, contribution in strongest)
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else "?"
+
+
+def _fields(document: dict) -> list[tuple[str, object]]:
+    """What a person reads about one alert, in order (the Slack fields and the e-mail table)."""
     fields = [
         ("Amount", _money(document)),
         ("User", document.get("user_id")),
         ("Merchant", document.get("merchant")),
         ("Score", f"{document.get('score', 0):.3f}"),
         ("Decision", document.get("decision")),
-        ("Reasons", reasons),
+        ("Reasons", ", ".join(map(str, document.get("reasons") or [])) or "none"),
     ]
+    why = explanation_text(document)
+    if why:
+        fields.append(("Why (log-odds)", why))
+    return fields
+
+
+def slack_message(document: dict, console_url: str | None) -> dict:
+    txid = str(document.get("transaction_id"))
+    fields = _fields(document)
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert: {str(document.get('decision')).upper()}"}},
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{label}*\n{value}"} for label, value in fields]},
-        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"transaction `{txid}`"}]},
+        {
+            "type": "section",
+            "fields": [{"type": "mrkdwn", "text": f"*{label}*\n{_slack_escape(value)}"} for label, value in fields],
+        },
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"transaction `{_slack_escape(txid)}`"}]},
     ]
     if console_url:
         blocks.append(
@@ -263,12 +334,12 @@ def slack_message(document: dict, console_url: str | None) -> dict:
                     {
                         "type": "button",
                         "text": {"type": "plain_text", "text": "Open in console"},
-                        "url": console_url.format(transaction_id=txid),
+                        "url": console_link(console_url, txid),
                     }
                 ],
             }
         )
-    return {"text": f"Fraud alert {_headline(document)}", "blocks": blocks}
+    return {"text": f"Fraud alert {_slack_escape(_headline(document))}", "blocks": blocks}
 
 
 def _digest_lines(alerts: list[Alert]) -> tuple[str, list[str]]:
@@ -281,12 +352,15 @@ def _digest_lines(alerts: list[Alert]) -> tuple[str, list[str]]:
 def slack_digest(alerts: list[Alert], interval_s: float, console_url: str | None) -> dict:
     summary, lines = _digest_lines(alerts)
     more = len(alerts) - len(lines)
-    text = "\n".join(f"• {line}" for line in lines) + (f"\n… and {more} more in alert_deliveries" if more else "")
+    text = "\n".join(f"• {_slack_escape(line)}" for line in lines) + (f"\n… and {more} more in alert_deliveries" if more else "")
     return {
-        "text": f"Fraud alert digest: {summary}",
+        "text": f"Fraud alert digest: {_slack_escape(summary)}",
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": f"Fraud alert digest: {len(alerts)} alerts"}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"{summary} within {interval_s:g}s (storm control)"}},
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": f"{_slack_escape(summary)} within {interval_s:g}s (storm control)"},
+            },
             {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}},
         ],
     }
@@ -294,16 +368,8 @@ def slack_digest(alerts: list[Alert], interval_s: float, console_url: str | None
 
 def email_message(document: dict, target: EmailTarget, channel: str, console_url: str | None) -> EmailMessage:
     txid = str(document.get("transaction_id"))
-    rows = [
-        ("Transaction", txid),
-        ("Amount", _money(document)),
-        ("User", document.get("user_id")),
-        ("Merchant", document.get("merchant")),
-        ("Score", f"{document.get('score', 0):.3f}"),
-        ("Decision", document.get("decision")),
-        ("Reasons", ", ".join(document.get("reasons") or []) or "none"),
-    ]
-    link = console_url.format(transaction_id=txid) if console_url else None
+    rows = [("Transaction", txid), *_fields(document)]
+    link = console_link(console_url, txid) if console_url else None
     plain = "\n".join(f"{label}: {value}" for label, value in rows) + (f"\n\n{link}\n" if link else "\n")
     cells = "".join(
         f"<tr><th align=left>{html.escape(label)}</th><td>{html.escape(str(value))}</td></tr>" for label, value in rows
@@ -366,7 +432,8 @@ def _retry_after(header: str | None) -> float | None:
         return None
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One line naming what went wrong, short enough for a log field and a table column."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     text = " ".join(str(exc).split())

@@ -3,7 +3,9 @@
 Read and checked entirely at start-up: a bad file stops the service with one line naming the key
 (``channels[1] (ops-slack).url: required``) rather than failing on the first alert. Secrets (webhook
 signing keys, SMTP passwords, Slack webhook URLs, which embed a token) are read from the
-environment or from files named in the config, never from the config itself.
+environment or from files named in the config, never from the config itself; a file holding one
+anyway (a ``password``, a Slack ``url``) is refused, and so is an SMTP password sent over a connection
+without TLS. HTTP channels need ``https://`` unless the channel says ``allow_insecure = true``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ ALERT_DECISIONS = ("review", "decline")  # the non-approve decisions that the fr
 PREFETCH_ROUNDS = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Keys that would put a secret in clear in the file: each names the way it must be given instead.
-_CLEAR_SECRETS = {"secret": "secret_env or secret_file", "password": "password_env or password_file"}
+_CLEAR_SECRETS = {
+    "secret": "secret_env or secret_file",
+    "password": "password_env or password_file",
+}
+_CLEAR_SECRETS_OF_KIND = {"slack": {"url": "url_env or url_file (a Slack webhook URL carries its token)"}}
 
 
 class AlertConfigError(ValueError):
@@ -124,8 +130,8 @@ _COMMON = {
     "digest_interval_s",
 }
 _KIND_KEYS = {
-    "webhook": {"url", "secret_env", "secret_file"},
-    "slack": {"url", "url_env", "url_file", "console_url"},
+    "webhook": {"url", "secret_env", "secret_file", "allow_insecure"},
+    "slack": {"url_env", "url_file", "console_url", "allow_insecure"},
     "email": {"host", "port", "tls", "from", "to", "username", "password_env", "password_file", "ca_file", "console_url"},
 }
 _DEFAULT_CONCURRENCY = {"webhook": 64, "slack": 4, "email": 4}
@@ -175,9 +181,10 @@ class _Channel:
         kind = self.get("kind", str, required=True)
         if kind not in KINDS:
             raise self.fail("kind", f"{kind!r}: must be one of {', '.join(KINDS)}")
+        clear_secrets = _CLEAR_SECRETS | _CLEAR_SECRETS_OF_KIND.get(kind, {})
         for key in self.table:
-            if key in _CLEAR_SECRETS:
-                raise self.fail(key, f"secrets are never read from the config; use {_CLEAR_SECRETS[key]}")
+            if key in clear_secrets:
+                raise self.fail(key, f"secrets are never read from the config; use {clear_secrets[key]}")
             if key not in _COMMON | _KIND_KEYS[kind]:
                 raise self.fail(key, f"unknown key for a {kind} channel")
         decisions = self.get("decisions", list, default=list(ALERT_DECISIONS))
@@ -227,12 +234,8 @@ class _Channel:
         return WebhookTarget(url, secret)
 
     def _slack(self) -> SlackTarget:
-        if "url" in self.table:
-            url = self.url("url")
-        else:
-            url = self.secret("url", required=True)
-            if not url.startswith(("http://", "https://")):
-                raise self.fail("url_env", "must hold an http(s) URL")
+        url = self.secret("url", required=True)
+        self.check_scheme("url_env" if "url_env" in self.table else "url_file", url, shown="the URL")
         return SlackTarget(url, self.console_url())
 
     def _email(self) -> EmailTarget:
@@ -246,6 +249,8 @@ class _Channel:
         if "@" not in sender:
             raise self.fail("from", f"{sender!r} is not an e-mail address")
         username = self.get("username", str, default=None)
+        if username is not None and tls == "none":
+            raise self.fail("tls", '"none" would send the SMTP password in clear: use starttls or implicit')
         password = self.secret("password", required=False)
         if username is not None and password is None:
             raise self.fail("password_env", "a username needs a password (password_env or password_file)")
@@ -291,9 +296,17 @@ class _Channel:
 
     def url(self, key: str) -> str:
         value = self.get(key, str, required=True)
-        if not value.startswith(("http://", "https://")):
-            raise self.fail(key, f"{value!r}: must be an http(s) URL")
+        self.check_scheme(key, value, shown=repr(value))
         return value
+
+    def check_scheme(self, key: str, url: str, shown: str) -> None:
+        """``https://``, or ``http://`` where the channel allows it (a receiver on a trusted network)."""
+        allow_insecure = self.get("allow_insecure", bool, default=False)
+        if url.startswith("https://") or (allow_insecure and url.startswith("http://")):
+            return
+        if url.startswith("http://"):
+            raise self.fail(key, f"{shown}: must be https:// (or set allow_insecure = true for a plain-http receiver)")
+        raise self.fail(key, f"{shown}: must be an https:// URL")
 
     def console_url(self) -> str | None:
         template = self.get("console_url", str, default=None)

@@ -20,13 +20,17 @@ from .channels import Alert
 
 # The rows travel as one JSON document built by orjson, the alerts embedded as they came: a text[]
 # parameter would have psycopg escape every quote of every alert in Python, its main cost per alert.
-# A row may be inserted already claimed (k) by the worker that inserts it, for its first attempt:
-# then it costs no claim of its own. The rows returned are those inserted (not already there).
+# A row may be inserted already claimed by the worker that inserts it, for its first attempt, with a
+# lease of l seconds: then it costs no claim of its own. The lease runs from the insert itself, not
+# from when the worker built the row: an insert that waited out a PostgreSQL outage would
+# otherwise land with its lease already over, and another claim would send the alert a second time.
+# The rows returned are those inserted (not already there).
 _INSERT = """
 INSERT INTO alert_deliveries (transaction_id, channel, status, stream_id, alert, next_attempt_at, digest_id, attempts,
                               first_attempt_at, last_attempt_at)
-SELECT t, c, s, i, a, to_timestamp(n), g, k::int, CASE WHEN k THEN now() END, CASE WHEN k THEN now() END
-FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text, k boolean)
+SELECT t, c, s, i, a, CASE WHEN l IS NULL THEN to_timestamp(n) ELSE now() + l * interval '1 second' END, g,
+       (l IS NOT NULL)::int, CASE WHEN l IS NOT NULL THEN now() END, CASE WHEN l IS NOT NULL THEN now() END
+FROM jsonb_to_recordset(%s::jsonb) AS u(t text, c text, s text, i text, a jsonb, n float8, g text, l float8)
 ON CONFLICT (transaction_id, channel) DO NOTHING
 RETURNING transaction_id, channel
 """
@@ -56,16 +60,25 @@ _DELIVERED = """
 UPDATE alert_deliveries SET status = 'delivered', delivered_at = now(), digest_id = coalesce(%(g)s, digest_id)
 WHERE channel = %(c)s AND transaction_id = ANY(%(t)s::text[]) AND status NOT IN ('delivered', 'failed')
 """
-# The rarer outcomes carry a value per row: one statement per row, all in one pipeline.
+# The other outcomes carry values per row: one statement per kind and channel, the values as arrays
+# (a flaky peer makes retries common, so no statement per row). The ``ANY`` keeps the key lookup
+# in the index condition; the join alone would scan the channel's rows. A worker that retried a
+# delivery within its claim reports the attempts it made and when it made the last (``a``, ``l``);
+# otherwise those are NULL and the claim's own count and time stand.
 _OUTCOME = """
-UPDATE alert_deliveries SET {assignments}
-WHERE transaction_id = %(t)s AND channel = %(c)s AND status NOT IN ('delivered', 'failed')
+UPDATE alert_deliveries d SET {assignments}
+FROM unnest(%(t)s::text[], %(e)s::text[], %(n)s::float8[], %(a)s::int[], %(l)s::float8[]) AS u(t, e, n, a, l)
+WHERE d.channel = %(c)s AND d.transaction_id = ANY(%(t)s::text[]) AND d.transaction_id = u.t
+  AND d.status NOT IN ('delivered', 'failed')
 """
+_ATTEMPTS = "attempts = coalesce(u.a, d.attempts), last_attempt_at = coalesce(to_timestamp(u.l), d.last_attempt_at)"
 _ASSIGNMENTS = {
-    "retry": "last_error = %(e)s, next_attempt_at = to_timestamp(%(n)s)",
-    "failed": "status = 'failed', last_error = %(e)s",
+    # delivered after retries within the claim
+    "delivered": f"status = 'delivered', delivered_at = now(), last_error = u.e, {_ATTEMPTS}",
+    "retry": f"last_error = u.e, next_attempt_at = to_timestamp(u.n), {_ATTEMPTS}",
+    "failed": f"status = 'failed', last_error = u.e, {_ATTEMPTS}",
     # claimed but never attempted: the claim's attempt is taken back
-    "released": "attempts = attempts - 1, next_attempt_at = to_timestamp(%(n)s)",
+    "released": "attempts = d.attempts - 1, next_attempt_at = to_timestamp(u.n)",
 }
 
 
@@ -118,9 +131,9 @@ class NewDelivery:
     alert: Alert
     channel: str
     status: str  # 'pending' or 'digest'
-    due_at: float  # Unix seconds; with ``claimed``, when the claim lapses
+    due_at: float  # Unix seconds, of a row not claimed at its insert
     digest_id: str | None = None
-    claimed: bool = False  # by the inserting worker, for the first attempt
+    lease_s: float | None = None  # claimed by the inserting worker for its first attempt, this long from the insert
 
 
 @dataclass(slots=True)
@@ -128,6 +141,11 @@ class Claimed:
     alert: Alert
     attempts: int  # including the attempt this claim is for
     claimed_at: float = field(default_factory=time.monotonic)
+    # Attempts the claimer retried on its own within the claim (not in the table yet), the last
+    # one's error and Unix time: what the outcome writes in the end.
+    retries: int = 0
+    last_error: str | None = None
+    attempted_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -139,6 +157,8 @@ class Outcome:
     retry_at: float | None = None  # None with delivered False: given up
     digest_id: str | None = None
     released: bool = False  # claimed but never attempted (the channel was paused, or the worker stops)
+    attempts: int | None = None  # attempts made, when the claimer retried within its claim (else as claimed)
+    attempted_at: float | None = None  # Unix time of the last of those attempts
 
 
 class DeliveryLog:
@@ -182,7 +202,7 @@ class DeliveryLog:
                     "a": orjson.Fragment(r.alert.body),
                     "n": r.due_at,
                     "g": r.digest_id,
-                    "k": r.claimed,
+                    "l": r.lease_s,
                 }
                 for r in rows
             ]
@@ -201,19 +221,29 @@ class DeliveryLog:
     async def record(self, outcomes: list[Outcome]) -> None:
         """Write a round of outcomes in one transaction."""
         delivered: dict[tuple[str, str | None], list[str]] = {}
-        others: dict[str, list[Outcome]] = {}
+        others: dict[tuple[str, str], list[Outcome]] = {}
         for o in outcomes:
-            if o.delivered:
+            if o.delivered and o.attempts is None:
                 delivered.setdefault((o.channel, o.digest_id), []).append(o.transaction_id)
             else:
-                others.setdefault("released" if o.released else "retry" if o.retry_at is not None else "failed", []).append(o)
+                kind = (
+                    "delivered" if o.delivered else "released" if o.released else "retry" if o.retry_at is not None else "failed"
+                )
+                others.setdefault((kind, o.channel), []).append(o)
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             for (channel, digest_id), ids in delivered.items():
                 await cursor.execute(_DELIVERED, {"c": channel, "g": digest_id, "t": ids})
-            for kind, rows in others.items():
-                await cursor.executemany(
+            for (kind, channel), rows in others.items():
+                await cursor.execute(
                     _OUTCOME.format(assignments=_ASSIGNMENTS[kind]),
-                    [{"t": o.transaction_id, "c": o.channel, "e": o.error, "n": o.retry_at} for o in rows],
+                    {
+                        "c": channel,
+                        "t": [o.transaction_id for o in rows],
+                        "e": [o.error for o in rows],
+                        "n": [o.retry_at for o in rows],
+                        "a": [o.attempts for o in rows],
+                        "l": [o.attempted_at for o in rows],
+                    },
                 )
 
     async def backlog(self) -> int:

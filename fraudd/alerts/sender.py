@@ -11,9 +11,15 @@ Everything asynchronous runs on one uvloop event loop in a thread of its own, so
 retries go on while the consumer thread blocks on its next read; the consumer hands each batch
 over and waits for it to be recorded (``handle``).
 
-Per channel, a circuit breaker keeps a channel that is down from burning its backlog's attempts:
-after a failed attempt the channel pauses (back-off, or the ``Retry-After`` it was given), then
-probes with one delivery until one succeeds.
+A failed attempt, whatever the channel raised, is that alert's: it is retried on its own back-off
+(or the ``Retry-After`` it was given) and dead-lettered after ``max_attempts``, while the other
+alerts go on. The worker that made the attempt retries it itself, the row staying claimed, while
+the retry fits in the claim's lease and the channel is not paused: a flaky peer then costs its
+extra requests, not an outcome update and a new claim per attempt, nor a wait behind the channel's
+backlog; the attempts are written with the final outcome. A retry that would not fit goes back
+through the table. Per channel, a circuit breaker (``circuit.py``) keeps a channel that is down
+from burning its backlog's attempts: it pauses the channel only on a high failure rate or a peer
+that cannot be reached, then probes with one delivery until one succeeds.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -38,14 +43,17 @@ import uvloop
 
 from ..keys import Keys
 from ..runtime import deadletters, metrics
-from ..runtime.deadletters import DeadLetter
+from ..runtime.deadletters import DeadLetter, Rejected
 from ..runtime.redis_clients import ReplicaWait, async_redis_client
-from .channels import Alert, Channel, DeliveryFailed, open_channel
+from .channels import Alert, Channel, DeliveryFailed, describe, open_channel
+from .circuit import Circuit, backoff
 from .config import AlertsConfig, ChannelConfig
 from .deliveries import REASON_UNDELIVERABLE, Claimed, DeliveryLog, NewDelivery, Outcome
 
 log = logging.getLogger(__name__)
 
+CRASH_EXIT_S = 5.0  # a worker whose task crashed stops gracefully within this, or exits regardless
+EXIT_CRASHED = 70
 POLL_S = 0.5  # how often a channel looks for rows made due by others (retries, other processes' leftovers)
 DIGEST_MAX_ALERTS = 10_000
 REASON_INVALID_ALERT = "invalid_alert"
@@ -64,15 +72,6 @@ class SenderSettings:
     max_attempts: int
     consumer: str
     redis_cluster: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A fraud-stream entry that is no alert (not JSON, no transaction_id): dead-lettered, never retried."""
-
-    entry_id: str
-    payload: bytes
-    detail: str
 
 
 class AlertSender:
@@ -157,11 +156,11 @@ class AlertSender:
                 # As many as the channel has room for are claimed at once, by this worker, for
                 # their first attempt; the rest wait in the table for any worker's claim.
                 for row in [r for r in channel_rows if r.status == "pending"][: runner.room()]:
-                    row.claimed, row.due_at = True, now + runner.config.lease_s
+                    row.lease_s = runner.config.lease_s
                 rows += channel_rows
         inserted = await self.log.add(rows)
         for row in rows:
-            if row.claimed and (row.alert.transaction_id, row.channel) in inserted:
+            if row.lease_s is not None and (row.alert.transaction_id, row.channel) in inserted:
                 self._channels[row.channel].enqueue(Claimed(row.alert, 1))
         for name, channel_alerts in routed.items():
             if channel_alerts:
@@ -217,7 +216,7 @@ class AlertSender:
 def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[list[Alert], list[Rejected]]:
     """Alerts of a stream batch, one ``orjson`` call for all; entries that are no alert, rejected."""
     present = [(i, p) for i, p in zip(entry_ids, payloads) if p]
-    rejected = [Rejected(i, b"", "no data field") for i, p in zip(entry_ids, payloads) if not p]
+    rejected = [Rejected(i, b"", REASON_INVALID_ALERT, "no data field") for i, p in zip(entry_ids, payloads) if not p]
     try:
         documents = orjson.loads(b"[" + b",".join(p for _i, p in present) + b"]") if present else []
         if len(documents) != len(present):
@@ -230,7 +229,7 @@ def parse_alerts(entry_ids: list[str], payloads: list[bytes | None]) -> tuple[li
         if isinstance(txid, str) and txid:
             alerts.append(Alert(txid, entry_id, payload, document))
         else:
-            rejected.append(Rejected(entry_id, payload, "not a JSON object with a transaction_id"))
+            rejected.append(Rejected(entry_id, payload, REASON_INVALID_ALERT, "not a JSON object with a transaction_id"))
     return alerts, rejected
 
 
@@ -239,13 +238,6 @@ def _loads_or_none(payload: bytes) -> Any:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-
-
-def backoff(config: ChannelConfig, attempts: int) -> float:
-    """Exponential back-off with equal jitter: half the step fixed, half random, so that a crowd of
-    retries spreads out instead of hitting a recovering peer together."""
-    step = min(config.retry_base_s * 2 ** max(0, attempts - 1), config.retry_max_s)
-    return step / 2 + random.uniform(0, step / 2)
 
 
 class ChannelRunner:
@@ -258,22 +250,23 @@ class ChannelRunner:
         self.name = channel.name
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._busy = 0
+        self._backing_off: dict[str, tuple[Claimed, asyncio.TimerHandle]] = {}  # retried here, by transaction id
+        self._stopping = False
         self._woken = asyncio.Event()
-        self._failures = 0  # consecutive failed attempts: > 0 means paused, then probing with one delivery
-        self._paused_until = 0.0
+        self.circuit = Circuit(self.config)
         self._tasks: list[asyncio.Task] = []
         self._digest_in_flight: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._tasks = [_task(self._claim_loop(), f"claim-{self.name}")]
-        self._tasks += [_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
+        self._tasks = [worker_task(self._claim_loop(), f"claim-{self.name}")]
+        self._tasks += [worker_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
         self._woken.set()
 
     def room(self) -> int:
-        """Deliveries this worker may take on now: none while the channel is paused or probing."""
-        if self._failures or time.time() < self._paused_until:
+        """Deliveries this worker may take on now: none while the circuit is open or probing."""
+        if not self.circuit.closed:
             return 0
         return max(0, self.config.prefetch - self._ready.qsize() - self._busy)
 
@@ -283,7 +276,13 @@ class ChannelRunner:
     async def stop(self, grace_s: float) -> None:
         claimer, senders = self._tasks[0], self._tasks[1:]
         claimer.cancel()
+        self._stopping = True  # from now on a failed attempt goes back to the table
         pending = [claimed for claimed in _drain(self._ready)]
+        now, loop_now = time.time(), asyncio.get_running_loop().time()
+        for claimed, timer in self._backing_off.values():
+            timer.cancel()
+            self._hand_back(claimed, now + max(0.0, timer.when() - loop_now))
+        self._backing_off.clear()
         # Idle senders wait on the queue; busy ones finish their attempt within the grace period.
         deadline = time.monotonic() + grace_s
         while self._busy and time.monotonic() < deadline:
@@ -295,7 +294,23 @@ class ChannelRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         now = time.time()
         for claimed in pending:
-            self.sender.recorder.add(Outcome(self.name, claimed.alert.transaction_id, False, retry_at=now, released=True))
+            self._hand_back(claimed, now)
+
+    def _hand_back(self, claimed: Claimed, retry_at: float) -> None:
+        """Give a claimed delivery back to the table, due at ``retry_at``, its last attempt not made."""
+        if claimed.retries:
+            outcome = Outcome(
+                self.name,
+                claimed.alert.transaction_id,
+                False,
+                error=claimed.last_error,
+                retry_at=retry_at,
+                attempts=claimed.attempts - 1,
+                attempted_at=claimed.attempted_at,
+            )
+        else:
+            outcome = Outcome(self.name, claimed.alert.transaction_id, False, retry_at=retry_at, released=True)
+        self.sender.recorder.add(outcome)
 
     async def _claim_loop(self) -> None:
         delay = 0.05
@@ -315,13 +330,14 @@ class ChannelRunner:
     async def _claim_round(self) -> None:
         now = time.time()
         wait = POLL_S
-        if now < self._paused_until:
-            wait = min(POLL_S, self._paused_until - now)
+        if self.circuit.is_open(now):
+            wait = min(POLL_S, self.circuit.open_until - now)
         else:
+            probing = not self.circuit.closed
             queued = self._ready.qsize() + self._busy
-            room = (1 if self._failures else self.config.prefetch) - queued
+            room = (1 if probing else self.config.prefetch) - queued
             # Claim in large chunks (a claim is a round trip); while probing a paused channel, one at a time.
-            if room >= (1 if self._failures else self.config.prefetch // 2):
+            if room >= (1 if probing else self.config.prefetch // 2):
                 claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
                 for item in claimed:
                     self._ready.put_nowait(item)
@@ -330,7 +346,7 @@ class ChannelRunner:
             if self.config.digest_above is not None and self._digest_in_flight is None:
                 digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
                 if digest:
-                    self._digest_in_flight = _task(self._send_digest(digest), f"digest-{self.name}")
+                    self._digest_in_flight = worker_task(self._send_digest(digest), f"digest-{self.name}")
         if wait > 0:
             try:
                 await asyncio.wait_for(self._woken.wait(), wait)
@@ -343,18 +359,16 @@ class ChannelRunner:
             claimed = await self._ready.get()
             self._busy += 1
             try:
-                if time.time() < self._paused_until or time.monotonic() > self.config.send_by(claimed.claimed_at):
-                    # Paused after a failure while this one was queued, or queued so long that an
-                    # attempt might outlast its claim: hand it back unattempted.
-                    self.sender.recorder.add(
-                        Outcome(
-                            self.name,
-                            claimed.alert.transaction_id,
-                            False,
-                            retry_at=max(time.time(), self._paused_until),
-                            released=True,
-                        )
-                    )
+                now = time.time()
+                if (
+                    self.circuit.is_open(now)
+                    or (claimed.retries and not self.circuit.closed)
+                    or time.monotonic() > self.config.send_by(claimed.claimed_at)
+                ):
+                    # The circuit opened while this one was queued (or, for a retry, is probing with
+                    # another delivery), or it was queued so long that an attempt might outlast its
+                    # claim: hand it back unattempted.
+                    self._hand_back(claimed, max(now, self.circuit.open_until))
                     continue
                 await self._attempt([claimed], self.channel.send(claimed.alert), None)
             finally:
@@ -373,36 +387,55 @@ class ChannelRunner:
         try:
             await sending
         except DeliveryFailed as exc:
-            attempts = max(c.attempts for c in claimed)
-            if not exc.permanent:
-                self._pause(exc, attempts)
-            if exc.permanent or attempts >= self.sender.settings.max_attempts:
-                for c in claimed:
-                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason), c.alert, c.attempts)
+            failure = exc
+            if exc.permanent:
+                self.circuit.succeeded()  # the peer answered: the channel is up, this alert is refused
             else:
-                retry_at = time.time() + (exc.retry_after if exc.retry_after is not None else backoff(self.config, attempts))
-                for c in claimed:
-                    recorder.add(Outcome(self.name, c.alert.transaction_id, False, error=exc.reason, retry_at=retry_at))
+                self.circuit.failed(self.channel.redact(exc.reason), exc.unreachable, exc.retry_after)
+        except Exception as exc:  # noqa: BLE001  e.g. an id with a line break cannot be a header: this alert's fault
+            failure = DeliveryFailed(describe(exc))
+        else:
+            self.circuit.succeeded()
+            now = time.time()
+            for c in claimed:
+                outcome = Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id)
+                if c.retries:  # the attempts retried here are news to the table
+                    outcome.error, outcome.attempts, outcome.attempted_at = c.last_error, c.attempts, now
+                recorder.add(outcome, c.alert)
             return
-        if self._failures:
-            log.info(
-                "alert channel back",
-                extra={"event": "alerts_channel_up", "channel": self.name, "failed_attempts": self._failures},
-            )
-            self._failures = 0
+        metrics.alert_deliveries.labels(self.name, "failed").inc(len(claimed))
+        reason = self.channel.redact(failure.reason)
+        attempts = max(c.attempts for c in claimed)
+        now = time.time()
+        if failure.permanent or attempts >= self.sender.settings.max_attempts:
+            for c in claimed:
+                recorder.add(
+                    Outcome(self.name, c.alert.transaction_id, False, reason, attempts=c.attempts, attempted_at=now),
+                    c.alert,
+                    c.attempts,
+                )
+            return
+        wait = failure.retry_after if failure.retry_after is not None else backoff(self.config, attempts)
+        if digest_id is None and self._retry_here(claimed[0], wait, reason, now):
+            return
         for c in claimed:
-            recorder.add(Outcome(self.name, c.alert.transaction_id, True, digest_id=digest_id), c.alert)
-
-    def _pause(self, failure: DeliveryFailed, attempts: int) -> None:
-        if not self._failures:
-            # Logged once per outage, not per attempt; the delivery log keeps each row's last error.
-            log.error(
-                "alert channel failing, pausing it",
-                extra={"event": "alerts_channel_down", "channel": self.name, "reason": failure.reason},
+            recorder.add(
+                Outcome(self.name, c.alert.transaction_id, False, reason, now + wait, attempts=c.attempts, attempted_at=now)
             )
-        self._failures += 1
-        pause = failure.retry_after if failure.retry_after is not None else backoff(self.config, self._failures)
-        self._paused_until = max(self._paused_until, time.time() + pause)
+
+    def _retry_here(self, claimed: Claimed, wait: float, error: str, now: float) -> bool:
+        """Retry a transient failure from this worker after ``wait``, the row staying claimed, if the
+        retry still fits in the claim's lease and the channel is not paused; False otherwise."""
+        if self._stopping or not self.circuit.closed or time.monotonic() + wait > self.config.send_by(claimed.claimed_at):
+            return False
+        txid = claimed.alert.transaction_id
+        retry = Claimed(claimed.alert, claimed.attempts + 1, claimed.claimed_at, claimed.retries + 1, error, now)
+        self._backing_off[txid] = (retry, asyncio.get_running_loop().call_later(wait, self._retry_due, txid))
+        return True
+
+    def _retry_due(self, txid: str) -> None:
+        retry, _timer = self._backing_off.pop(txid)
+        self._ready.put_nowait(retry)
 
 
 class Recorder:
@@ -422,7 +455,7 @@ class Recorder:
         self._recording = 0  # outcomes taken from the buffer and not yet written
 
     def start(self) -> None:
-        self._task = _task(self._run(), "record")
+        self._task = worker_task(self._run(), "record")
 
     def add(self, outcome: Outcome, alert: Alert | None = None, attempts: int = 0) -> None:
         self._outcomes.append((outcome, alert, attempts))
@@ -480,17 +513,12 @@ class Recorder:
 def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, list[tuple[Alert, str, int]]]) -> None:
     now = time.time()
     delivered: dict[str, list[float]] = {}
-    failed: dict[str, int] = {}
     for outcome, alert, _attempts in batch:
         if outcome.delivered and alert is not None:
             delivered.setdefault(outcome.channel, []).append(now - int(alert.stream_id.split("-", 1)[0]) / 1000.0)
-        elif not outcome.delivered and not outcome.released:
-            failed[outcome.channel] = failed.get(outcome.channel, 0) + 1
     for channel, latencies in delivered.items():
         metrics.alert_deliveries.labels(channel, "delivered").inc(len(latencies))
         metrics.observe_many(metrics.alert_delivery_latency.labels(channel), np.array(latencies))
-    for channel, count in failed.items():
-        metrics.alert_deliveries.labels(channel, "failed").inc(count)
     for channel, deliveries in given_up.items():
         metrics.alert_deliveries.labels(channel, "dead_lettered").inc(len(deliveries))
         log.error(
@@ -499,7 +527,7 @@ def _count(batch: list[tuple[Outcome, Alert | None, int]], given_up: dict[str, l
         )
 
 
-def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+def worker_task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
     """A task whose unexpected death stops the worker process (the supervisor starts a new one)
     rather than leaving it alive and silently not delivering."""
     task = asyncio.create_task(coroutine, name=name)
@@ -515,6 +543,10 @@ def _stop_process_on_crash(task: asyncio.Task) -> None:
         exc_info=task.exception(),
         extra={"event": "worker_crashed", "task": task.get_name()},
     )
+    # A graceful stop first, so that the deliveries in hand are recorded; but the crash may have left
+    # the event loop or the main thread stuck, so the process ends after CRASH_EXIT_S regardless
+    # (from a thread of its own) and the supervisor starts a new one.
+    threading.Timer(CRASH_EXIT_S, os._exit, (EXIT_CRASHED,)).start()
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -17,8 +17,8 @@ import psycopg
 import redis
 
 from ..runtime import metrics
-from ..runtime.consumer import REASON_MAX_DELIVERIES, Entries, StreamConsumer, consume
-from ..runtime.deadletters import DeadLetterSettler
+from ..runtime.consumer import Entries, StreamConsumer, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
@@ -103,7 +103,7 @@ class AlertWorker:
             self.settler.letter(
                 r.entry_id,
                 r.payload,
-                REASON_INVALID_ALERT,
+                r.reason,
                 r.detail,
                 entries.deliveries.get(r.entry_id, 1),
                 entries.kept_fields(r.entry_id, r.payload),

@@ -37,6 +37,7 @@ class AlertSettings:
     dlq_stream: str
     log_level: str
     config: Path
+    from_beginning: bool = False  # a new --alerts-group starts at the fraud stream's beginning, not the present
     max_attempts: int = 10
     fraud_retention_s: int = 86_400
     deliveries_retention_days: int = 90
@@ -54,6 +55,7 @@ class AlertSettings:
             params["dlq_stream"],
             params["log_level"],
             params["config"],
+            params["from_beginning"],
             params["max_attempts"],
             params["fraud_retention_s"],
             params["deliveries_retention_days"],
@@ -80,6 +82,13 @@ OPTIONS: list[Option] = [
         "FRAUDD_ALERTS_GROUP",
         "Consumer group of the alert service on --fraud-stream.",
         {"default": "fraudd-alerts"},
+    ),
+    Option(
+        "from-beginning",
+        "FRAUDD_ALERTS_FROM_BEGINNING",
+        "A new --alerts-group starts at the fraud stream's beginning (the history is delivered), not at "
+        "the present. An existing group always resumes where it was.",
+        {"is_flag": True, "default": False},
     ),
     *CONSUMER_OPTIONS,
     Option(

@@ -27,23 +27,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from ..learning.labels import parse_labels
+from ..learning.labels import label_entries, parse_labels
 from ..runtime.groups import group_state
-from ..runtime.redis_clients import AsyncNodes, redis_client
+from ..runtime.health import HEALTH_CACHE_S, HealthProblem, health_body, log_health_change
+from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
     REASON_NOT_UTF8,
     REASON_TOO_LARGE,
     Problem,
-    check_object,
     check_payload,
+    check_transaction,
     json_value,
 )
 from . import auth
 from . import metrics as ingest_metrics
 from .decisions import Decisions, StoredDecisions, instance_name
-from .publisher import Accepted, CoalescingPublisher, Submission
+from .publisher import Accepted, CoalescingPublisher, Submission, fingerprint
 from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ def _problem_refusal(problem: Problem) -> Refusal:
     return Refusal(_PROBLEM_STATUS.get(problem.reason, 422), problem.reason, problem.message, problem.field)
 
 
+def _conflict(transaction_id: str, earlier_id: str | None) -> Refusal:
+    return Refusal(
+        409,
+        "conflict",
+        f"transaction_id {transaction_id} was accepted earlier (entry {earlier_id}) with another body; "
+        "a retry must send the same transaction, another transaction needs its own transaction_id",
+        "transaction_id",
+    )
+
+
 def _unavailable(detail: str) -> Refusal:
     return Refusal(503, "unavailable", detail, headers={"Retry-After": RETRY_AFTER_S})
 
@@ -118,6 +129,10 @@ class Ingest:
         self.tally = ingest_metrics.Tally()
         self.max_batch_bytes = settings.max_batch * (MAX_PAYLOAD_BYTES + _BATCH_OVERHEAD_BYTES)
         self._watch: asyncio.Task | None = None
+        # /healthz probes at most once per HEALTH_CACHE_S; requests arriving meanwhile share the answer.
+        self._health_lock = asyncio.Lock()
+        self._health: list[HealthProblem] = []
+        self._health_expires = 0.0
 
     async def start(self) -> None:
         self.decisions.start()
@@ -146,7 +161,7 @@ class Ingest:
             try:
                 lags.append(group_state(self._lag_client, stream, s.group).lag)
             except redis.ResponseError as exc:
-                if "no such key" not in str(exc):
+                if redis_error_code(exc) != NO_SUCH_KEY:
                     raise
         return max(lags)
 
@@ -279,38 +294,53 @@ class Ingest:
         except (redis.RedisError, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         duplicates = sum(a.duplicate for a in accepted)
+        conflicts = sum(a.conflict for a in accepted)
         if duplicates:
             self.tally.transactions["duplicate"] += duplicates
-        if duplicates < len(accepted):
-            self.tally.transactions["written"] += len(accepted) - duplicates
+        if conflicts:
+            self.tally.transactions["conflict"] += conflicts
+        if duplicates + conflicts < len(accepted):
+            self.tally.transactions["written"] += len(accepted) - duplicates - conflicts
         return accepted
 
     async def publish_labels(self, documents: list) -> list[str]:
         """Put labels on the labels stream, all or none: a bad one is a 422 naming its position.
-        A label is reported now or in the past: ``reported_at`` beyond the clock skew is refused."""
+        A label is reported now or in the past: a ``reported_at`` beyond the clock skew is recorded
+        as the clock plus the skew."""
         now = datetime.now(UTC)
         labels, errors = parse_labels(documents, default_source="api", now=now, not_after=now + REPORTED_AT_SKEW)
         if errors:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [hiredis.pack_command(("XADD", stream, "*", "data", orjson.dumps(label.document()))) for label in labels]
+        commands = [hiredis.pack_command(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
-    async def redis_problem(self) -> str | None:
-        """Why Redis cannot take this process's writes now; None when every node serving its keys answers."""
+    async def health(self) -> list[HealthProblem]:
+        """What keeps this process from serving, as last probed (at most ``HEALTH_CACHE_S`` ago)."""
+        async with self._health_lock:
+            if time.monotonic() >= self._health_expires:
+                problems = await self._probe_health()
+                log_health_change(self._health, problems)
+                self._health, self._health_expires = problems, time.monotonic() + HEALTH_CACHE_S
+            return self._health
+
+    async def _probe_health(self) -> list[HealthProblem]:
+        """Every node serving this process's keys answers, and the decisions channel is subscribed."""
         s = self.settings
         keys = [*s.input_streams, s.labels_stream, *([self.keys.signature_prefix] if s.require_signature else [])]
         try:
             nodes = {await self.nodes.node(key): key for key in keys}
             await asyncio.gather(*(self.nodes.on_node(key, lambda node: node.ping()) for key in nodes.values()))
         except (redis.RedisError, OSError) as exc:
-            return f"redis: {exc}"
-        return None
+            return [HealthProblem("redis", "unavailable", str(exc))]
+        if not self.decisions.subscribed:
+            return [HealthProblem("decisions channel", "not subscribed yet")]
+        return []
 
     async def decision(self, transaction_id: str, submission: Submission, started: float) -> dict:
         """Write ``submission`` and wait for its decision until ``--decision-timeout-ms``."""
@@ -319,6 +349,8 @@ class Ingest:
         future, first = self.decisions.expect(transaction_id, channel)
         try:
             (accepted,) = await self.publish([submission])
+            if accepted.conflict:
+                raise _conflict(transaction_id, accepted.id)
             decision = None
             if accepted.duplicate and first:
                 # Written earlier, not by a request of this instance that is still waiting: its
@@ -399,8 +431,11 @@ class Api:
         self.openapi_document = OPENAPI_PATH.read_bytes()
 
     async def transactions(self, received: Received) -> web.Response:
-        transaction_id, user_id, event_s = _valid_one(received.body, self.ingest.tally)
-        (accepted,) = await self.ingest.publish([Submission(transaction_id, user_id, event_s, received.body)])
+        submission = _valid_one(received.body, self.ingest.tally)
+        transaction_id = submission.transaction_id
+        (accepted,) = await self.ingest.publish([submission])
+        if accepted.conflict:
+            raise _conflict(transaction_id, accepted.id)
         if accepted.duplicate:
             return _json(200, {"duplicate": True, "id": accepted.id, "transaction_id": transaction_id})
         return _json(202, {"id": accepted.id, "transaction_id": transaction_id})
@@ -422,6 +457,20 @@ class Api:
                 )
             else:
                 a = next(accepted)
+                if a.conflict:
+                    rejected += 1
+                    refusal = _conflict(item.transaction_id, a.id)
+                    results.append(
+                        {
+                            "index": index,
+                            "status": 409,
+                            "transaction_id": item.transaction_id,
+                            "error": refusal.error,
+                            "field": refusal.field,
+                            "detail": refusal.detail,
+                        }
+                    )
+                    continue
                 results.append(
                     {
                         "index": index,
@@ -432,14 +481,12 @@ class Api:
                     }
                 )
         duplicates = sum(1 for r in results if r.get("duplicate"))
-        return _json(
-            200, {"accepted": len(submissions) - duplicates, "duplicates": duplicates, "rejected": rejected, "results": results}
-        )
+        accepted_count = len(checked) - duplicates - rejected
+        return _json(200, {"accepted": accepted_count, "duplicates": duplicates, "rejected": rejected, "results": results})
 
     async def score(self, received: Received) -> web.Response:
-        transaction_id, user_id, event_s = _valid_one(received.body, self.ingest.tally)
-        submission = Submission(transaction_id, user_id, event_s, received.body, reply=True)
-        return _json(200, await self.ingest.decision(transaction_id, submission, received.started))
+        submission = _valid_one(received.body, self.ingest.tally, reply=True)
+        return _json(200, await self.ingest.decision(submission.transaction_id, submission, received.started))
 
     async def labels(self, received: Received) -> web.Response:
         documents = _json_body(received.body)
@@ -451,12 +498,8 @@ class Api:
         return _json(202, {"accepted": len(ids), "ids": ids})
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
-        problem = await self.ingest.redis_problem()
-        if problem is not None:
-            return web.Response(status=503, text=problem + "\n")
-        if not self.ingest.decisions.subscribed:
-            return web.Response(status=503, text="decisions channel: not subscribed yet\n")
-        return web.Response(text="ok\n")
+        problems = await self.ingest.health()
+        return web.Response(status=503 if problems else 200, text=health_body(problems))
 
     async def metrics(self, request: web.BaseRequest) -> web.Response:
         self.ingest.tally.flush()
@@ -507,13 +550,18 @@ def _json(status: int, body: dict) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type=JSON)
 
 
-def _valid_one(body: bytes, tally: ingest_metrics.Tally) -> tuple[str, str, float]:
+def _submission(obj: dict, event_s: float, payload: bytes, reply: bool = False) -> Submission:
+    return Submission(obj["transaction_id"], obj["user_id"], event_s, payload, fingerprint(obj), reply)
+
+
+def _valid_one(body: bytes, tally: ingest_metrics.Tally, reply: bool = False) -> Submission:
+    """The body as a submission; a refusal naming the problem when the API does not accept it."""
     checked = check_payload(body)
     if isinstance(checked, Problem):
         tally.transactions["rejected"] += 1
         raise _problem_refusal(checked)
     obj, event_s = checked
-    return obj["transaction_id"], obj["user_id"], event_s
+    return _submission(obj, event_s, body, reply)
 
 
 def _json_body(body: bytes):
@@ -540,8 +588,7 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
             if isinstance(result, Problem):
                 checked.append(result)
             else:
-                obj, event_s = result
-                checked.append(Submission(obj["transaction_id"], obj["user_id"], event_s, line))
+                checked.append(_submission(*result, line))
         return checked
     items = _json_body(body)
     if not isinstance(items, list):
@@ -554,8 +601,6 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
         if len(payload) > MAX_PAYLOAD_BYTES:
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
-        result = check_object(obj)
-        checked.append(
-            result if isinstance(result, Problem) else Submission(obj["transaction_id"], obj["user_id"], result, payload)
-        )
+        result = check_transaction(obj)
+        checked.append(result if isinstance(result, Problem) else _submission(obj, result, payload))
     return checked

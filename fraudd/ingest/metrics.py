@@ -25,7 +25,8 @@ request_duration = Histogram(
 )
 transactions = Counter(
     "fraudd_ingest_transactions_total",
-    "Transactions received, by outcome: written to the stream, duplicate (not written again), rejected (invalid).",
+    "Transactions received, by outcome: written to the stream, duplicate (not written again), conflict (a "
+    "transaction_id accepted earlier with another body, not written), rejected (invalid).",
     ["outcome"],
 )
 decisions = Counter(
@@ -36,7 +37,7 @@ decisions = Counter(
 
 for _route in ROUTES:
     request_duration.labels(_route)
-for _outcome in ("written", "duplicate", "rejected"):
+for _outcome in ("written", "duplicate", "conflict", "rejected"):
     transactions.labels(_outcome)
 for _outcome in ("answered", "timed_out"):
     decisions.labels(_outcome)

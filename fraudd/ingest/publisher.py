@@ -9,7 +9,8 @@ event-loop turn submitted goes out as one script call, and the calls made while 
 wait for it and go out together next, so the number of round trips per second stays about fixed
 while the batch grows with the load. The same script call is the idempotency check: a
 ``transaction_id`` the ingest accepted, or the worker counted, within the dedup window is answered
-as a duplicate and not written again.
+as a duplicate and not written again; one the ingest accepted with another body (by its
+``fingerprint``) is answered as a conflict, as a reused idempotency key is in payment APIs.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ return ids
 """
 
 # KEYS: the stream, then per item its accepted hash and its seen-marker probe key.
-# ARGV: the dedup window (ms), then per item transaction_id, seen-probe member, payload and reply
-#       channel ('' when nobody waits for the decision).
+# ARGV: the dedup window (ms), then per item transaction_id, seen-probe member, payload, reply
+#       channel ('' when nobody waits for the decision) and fingerprint.
+# The accepted hash maps a transaction_id to "<entry id> <fingerprint>" (entry ids hold no space).
 # Reply per item: the new entry id, or '=' followed by the id written earlier ('=' alone when the
-# worker counted it but this ingest did not write it: it came another way).
+# worker counted it but this ingest did not write it: it came another way), or '!' followed by the
+# id written earlier when that was written with another fingerprint.
 _ACCEPT = (
     SEEN_PROBE_LUA
     + """
@@ -52,11 +55,16 @@ local stream, window = KEYS[1], ARGV[1]
 local out, refreshed = {}, {}
 for i = 1, (#KEYS - 1) / 2 do
   local accepted, probe = KEYS[2 * i], KEYS[2 * i + 1]
-  local a = 4 * i - 2
-  local txid, reply = ARGV[a], ARGV[a + 3]
+  local a = 5 * i - 3
+  local txid, reply, fingerprint = ARGV[a], ARGV[a + 3], ARGV[a + 4]
   local earlier = redis.call('HGET', accepted, txid)
   if earlier then
-    out[i] = '=' .. earlier
+    local cut = string.find(earlier, ' ', 1, true)
+    if cut and string.sub(earlier, cut + 1) ~= fingerprint then
+      out[i] = '!' .. string.sub(earlier, 1, cut - 1)
+    else
+      out[i] = '=' .. (cut and string.sub(earlier, 1, cut - 1) or earlier)
+    end
   elseif counted(probe, ARGV[a + 1]) then
     out[i] = '='
   else
@@ -66,7 +74,7 @@ for i = 1, (#KEYS - 1) / 2 do
     else
       id = redis.call('XADD', stream, '*', 'data', ARGV[a + 2], 'reply', reply)
     end
-    redis.call('HSET', accepted, txid, id)
+    redis.call('HSET', accepted, txid, id .. ' ' .. fingerprint)
     if not refreshed[accepted] then
       redis.call('PEXPIRE', accepted, window)
       refreshed[accepted] = true
@@ -81,22 +89,32 @@ return out
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """One valid transaction for the stream: its ids, event time, and the exact ``data`` bytes."""
+    """One valid transaction for the stream: its ids, event time, the exact ``data`` bytes, and
+    the ``fingerprint`` of its content."""
 
     transaction_id: str
     user_id: str  # routes it to its shard
     event_s: float
     payload: bytes
+    fingerprint: bytes
     reply: bool = False  # a request of this instance waits for its decision
+
+
+def fingerprint(transaction: dict) -> bytes:
+    """What tells a retry (the same transaction again) from a conflict (another transaction under
+    the same ``transaction_id``): a digest of the content, so key order and spacing do not count."""
+    return hashlib.blake2b(orjson.dumps(transaction, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """Where a submission went: ``id`` is its stream entry id; for a duplicate, the earlier
-    entry's id (None when it reached the stream another way than this ingest)."""
+    """Where a submission went: ``id`` is its stream entry id; for a duplicate or a conflict, the
+    earlier entry's id (None when it reached the stream another way than this ingest). A conflict
+    was not written: the earlier entry has another body."""
 
     id: str | None
     duplicate: bool
+    conflict: bool = False
 
 
 class Publisher:
@@ -238,7 +256,7 @@ class CoalescingPublisher:
             # Grouped like the worker's markers, by minute of event time: a field per transaction
             # instead of a key with its own expiry, and a retry (same event time) finds its hash.
             keys += (f"{accepted}{bucket_of(s.event_s)}", probe_key)
-            args += (s.transaction_id, probe_member, s.payload, channel if s.reply else "")
+            args += (s.transaction_id, probe_member, s.payload, channel if s.reply else "", s.fingerprint)
         # Packed by hiredis in one call: redis-py's own packing inspects every argument in Python,
         # which cost ≈ 17 µs per transaction of a 500-transaction batch (six arguments each).
         command = hiredis.pack_command(("EVALSHA", self._sha, len(keys), *keys, *args))
@@ -256,4 +274,6 @@ def _accepted(reply: bytes) -> Accepted:
     text = reply.decode()
     if text[:1] == "=":
         return Accepted(text[1:] or None, True)
+    if text[:1] == "!":
+        return Accepted(text[1:], False, conflict=True)
     return Accepted(text, False)

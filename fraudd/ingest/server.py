@@ -11,7 +11,7 @@ import socket
 import ssl
 
 import uvloop
-from aiohttp import web
+from aiohttp import web, web_protocol, web_response
 
 from ..runtime.listener import bind, is_loopback, tls_context
 from ..runtime.metrics import multiprocess_registry
@@ -23,6 +23,10 @@ from .auth import Authenticator
 from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
+
+# What every response's Server header says. aiohttp's own names it and the Python version (a
+# scanner's first clue), also on the responses it makes itself, e.g. to a malformed request.
+SERVER_NAME = "fraudd"
 
 
 def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> None:
@@ -57,6 +61,31 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     )
 
 
+class CappedServer(web.Server):
+    """aiohttp's low-level server with at most ``max_connections`` open connections: one more is
+    closed as soon as it is accepted, so open files and memory stay bounded whatever clients do
+    (an idle keep-alive connection holds both until ``--client-timeout-s``). The kernel's backlog
+    holds connections not yet accepted, and another server process may take them."""
+
+    def __init__(self, handler, max_connections: int, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self._refusing = False
+
+    def connection_made(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        if len(self._connections) >= self.max_connections:
+            transport.close()  # its RequestHandler sees the connection lost and ends
+            if not self._refusing:
+                log.warning(
+                    "connection cap reached, closing new connections",
+                    extra={"event": "connection_cap", "max_connections": self.max_connections},
+                )
+            self._refusing = True
+            return
+        self._refusing = False
+        super().connection_made(handler, transport)
+
+
 def _serve_process(
     settings: IngestSettings,
     sock: socket.socket,
@@ -85,7 +114,8 @@ async def _serve(
     app = make_app(settings, authenticator, registry)
     ingest = app.ingest
     await ingest.start()
-    server = web.Server(app, access_log=None, keepalive_timeout=settings.client_timeout_s)
+    web_response.SERVER_SOFTWARE = SERVER_NAME
+    server = CappedServer(app, settings.max_connections, access_log=None, keepalive_timeout=settings.client_timeout_s)
     runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)

@@ -47,6 +47,7 @@ class IngestSettings:
     workers: int
     max_batch: int
     max_lag: int
+    max_connections: int
     decision_timeout_ms: int
     fallback_decision: str
     client_timeout_s: float
@@ -132,6 +133,12 @@ OPTIONS: list[Option] = [
         "FRAUDD_MAX_LAG",
         "Group lag from which writes are refused with 503 and Retry-After.",
         {"default": 1_000_000, "type": int, "callback": positive("max-lag")},
+    ),
+    Option(
+        "max-connections",
+        "FRAUDD_MAX_CONNECTIONS",
+        "Open connections per HTTP server process; one more is closed as soon as it is accepted (keep below LimitNOFILE).",
+        {"default": 1000, "type": int, "callback": positive("max-connections")},
     ),
     Option(
         "decision-timeout-ms",

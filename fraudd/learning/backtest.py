@@ -22,7 +22,8 @@ import redis
 
 from fraudd.keys import Keys
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import BLOCKLIST_KINDS, FeatureStore
+from fraudd.scoring.features import BLOCKLIST_KINDS
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import DECISIONS, Rules
 from fraudd.scoring.worker import score_batch
@@ -62,7 +63,7 @@ def backtest(
         members = client.smembers(live_keys.blocklist(kind))
         if members:
             client.sadd(scratch.blocklist(kind), *members)
-    store = FeatureStore(client, scratch, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, scratch, dedup_window_ms=3_600_000)
     payloads = stored.history.payloads
     decided: list[np.ndarray] = []
     try:

@@ -37,11 +37,15 @@ def stored_scores(postgres_url: str, pg_schema: str, model_version: str, since_s
             "AND model_version = %s",
             (since_s, model_version),
         ).fetchall()
+    return scores_under_rules(np.fromiter((row[0] for row in rows), np.float64, len(rows)), [row[1] for row in rows], rules)
+
+
+def scores_under_rules(score: np.ndarray, reasons: list[list[str]], rules: Rules) -> StoredScores:
+    """``score`` with what the current rules force on each row, from the rule codes in its stored reasons."""
     actions = {rule.code: rule.action for rule in rules.rules}
-    score = np.fromiter((row[0] for row in rows), np.float64, len(rows))
-    forced = np.fromiter((max((actions.get(code, 0) for code in row[1]), default=0) for row in rows), np.int8, len(rows))
-    fired = Counter(code for row in rows for code in row[1] if code in actions)
-    return StoredScores(score, np.maximum(forced, 0), {code: count / max(len(rows), 1) for code, count in fired.most_common()})
+    forced = np.fromiter((max((actions.get(code, 0) for code in codes), default=0) for codes in reasons), np.int8, len(reasons))
+    fired = Counter(code for codes in reasons for code in codes if code in actions)
+    return StoredScores(score, np.maximum(forced, 0), {code: count / max(len(reasons), 1) for code, count in fired.most_common()})
 
 
 def _threshold(scores: np.ndarray, forced: np.ndarray, level: int, target: float) -> tuple[float, float]:
@@ -62,6 +66,11 @@ def _threshold(scores: np.ndarray, forced: np.ndarray, level: int, target: float
     return min(threshold, 1.0), rate
 
 
+def decisions(stored: StoredScores, review: float, decline: float) -> np.ndarray:
+    """The decision codes (``DECISIONS``) of ``stored``'s rows at these thresholds, rules included."""
+    return np.maximum(np.where(stored.score >= decline, DECLINE, np.where(stored.score >= review, REVIEW, 0)), stored.forced)
+
+
 def calibrate(
     stored: StoredScores, review_rate: float, decline_rate: float, model_version: str, since: str, rules_version: str
 ) -> Thresholds:
@@ -80,7 +89,7 @@ def calibrate(
     decline, decline_share = _threshold(stored.score, stored.forced, DECLINE, decline_rate)
     review, flagged_share = _threshold(stored.score, stored.forced, REVIEW, review_rate + decline_rate)
     review = min(review, decline)
-    decision = np.maximum(np.where(stored.score >= decline, DECLINE, np.where(stored.score >= review, REVIEW, 0)), stored.forced)
+    decision = decisions(stored, review, decline)
     shares = np.bincount(decision, minlength=len(DECISIONS)) / n
     forced_shares = np.bincount(stored.forced, minlength=len(DECISIONS)) / n
     return Thresholds(

@@ -1,7 +1,9 @@
-"""The learning commands: ``fraudd simulate``, ``train``, ``calibrate``, ``labels``, ``label``, ``models``, ``backtest``."""
+"""The learning commands: ``fraudd simulate``, ``train``, ``retrain``, ``calibrate``, ``labels``, ``label``,
+``models``, ``backtest``."""
 
 from __future__ import annotations
 
+import getpass
 import re
 import sys
 from datetime import UTC
@@ -10,7 +12,7 @@ from pathlib import Path
 import click
 import redis
 
-from fraudd.scoring.settings import MODEL_PATH, RULES_PATH
+from fraudd.scoring.settings import MODEL_PATH, RULES_PATH, THRESHOLDS
 from fraudd.settings import (
     DLQ_STREAM,
     FRAUD_STREAM,
@@ -46,6 +48,22 @@ def _duration(ctx, param, value):
 
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+_LABEL_FEATURES = click.option(
+    "--label-features/--no-label-features",
+    default=True,
+    show_default=True,
+    help="Fit the label-fed confirmed-fraud counts (merchant, device, IP, card over 7 and 28 days) as model inputs, "
+    "point in time: a row sees only the labels reported before its event time.",
+)
+_LABEL_DELAY = click.option(
+    "--label-delay",
+    default="7d",
+    show_default=True,
+    callback=_duration,
+    help="When a label does not say when it was reported (reported_at), take it as reported this long after its transaction.",
+)
 
 
 @click.command()
@@ -141,20 +159,8 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
     help="False-positive rate of the decline threshold on the tuning part.",
 )
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
-@click.option(
-    "--label-features/--no-label-features",
-    default=True,
-    show_default=True,
-    help="Fit the label-fed confirmed-fraud counts (merchant, device, IP, card over 7 and 28 days) as model inputs, "
-    "point in time: a row sees only the labels reported before its event time.",
-)
-@click.option(
-    "--label-delay",
-    default="7d",
-    show_default=True,
-    callback=_duration,
-    help="When a label does not say when it was reported (reported_at), take it as reported this long after its transaction.",
-)
+@_LABEL_FEATURES
+@_LABEL_DELAY
 @options([REDIS_URL, POSTGRES_URL, PG_SCHEMA])
 def train(
     history: Path | None,
@@ -391,9 +397,155 @@ def label_file(
     click.echo(f"{path}: {len(labels):,} labels ({fraud:,} fraud), {new:,} new reports")
 
 
+@click.command()
+@click.option(
+    "--since",
+    default="60d",
+    show_default=True,
+    help="Train on the stored, labelled transactions of this last period (event time).",
+)
+@click.option(
+    "--window",
+    default="7d",
+    show_default=True,
+    help="The most recent part of that period, not trained on: the candidate must beat the champion there.",
+)
+@click.option(
+    "--margin",
+    default=0.02,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Recall (share of the window's labelled fraud) the candidate must gain at the champion's alert budget.",
+)
+@click.option(
+    "--models-dir",
+    default=Path("/var/lib/fraudd/models"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the candidate and its model card are written (readable at the same path by every scoring host).",
+)
+@click.option("--seed", default=1, show_default=True, help="Learner seed.")
+@click.option("--by", "actor", default=None, help="Who retrains, for the audit [default: the user running it].")
+@_LABEL_FEATURES
+@_LABEL_DELAY
+@options([REDIS_URL, POSTGRES_URL, PG_SCHEMA, MODEL_PATH, RULES_PATH, THRESHOLDS])
+def retrain(
+    since: str,
+    window: str,
+    margin: float,
+    models_dir: Path,
+    seed: int,
+    actor: str | None,
+    label_features: bool,
+    label_delay: float,
+    redis_url: str,
+    postgres_url: str,
+    pg_schema: str,
+    model_path: Path,
+    rules_path: Path,
+    thresholds: Path | None,
+) -> None:
+    """Train a candidate on the recent labelled traffic and promote it only if it beats the champion.
+
+    The most recent --window is held out; there the candidate is calibrated to the champion's review
+    and decline rates and must catch --margin more of the labelled fraud to be promoted. Otherwise the
+    champion keeps deciding and the candidate runs in shadow. Both are recorded in model_promotions
+    and the candidate's model card; the scoring workers follow within a second. The champion is the
+    deployed one, or --model-path (with --thresholds) before the first retrain.
+    """
+    import psycopg
+
+    from fraudd.scoring import thresholds as thresholds_file
+    from fraudd.scoring.deployment import DeploymentError, Registered
+    from fraudd.scoring.features import FEATURE_NAMES
+    from fraudd.scoring.model import FraudModel, ModelError
+    from fraudd.scoring.rules import Rules, RulesError
+
+    from .retrain import retrain as run
+    from .train import TrainingError
+
+    command = " ".join(["fraudd", "retrain", *sys.argv[2:]]) if sys.argv[1:2] == ["retrain"] else "fraudd retrain"
+    try:
+        rules = Rules.load(rules_path)
+        model = FraudModel.load(model_path, FEATURE_NAMES)
+        review, decline, calibration = model.review_threshold, model.decline_threshold, {}
+        if thresholds is not None:
+            chosen = thresholds_file.load(thresholds)
+            chosen.check_model(model.version, thresholds)
+            review, decline, calibration = chosen.review_threshold, chosen.decline_threshold, chosen.calibration
+        client = redis.Redis.from_url(redis_url, protocol=2)
+        try:
+            outcome = run(
+                client,
+                postgres_url,
+                pg_schema,
+                Registered(model.version, model_path, review, decline, calibration),
+                rules,
+                parse_duration(since),
+                parse_duration(window),
+                margin,
+                label_delay if label_features else None,
+                models_dir,
+                seed,
+                actor or getpass.getuser(),
+                command,
+                _echo_err,
+            )
+        finally:
+            client.close()
+    except (ModelError, RulesError, thresholds_file.ThresholdsError, TrainingError, DeploymentError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except psycopg.Error as exc:
+        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"--redis-url / REDIS_URL: cannot compute features: {exc}") from None
+    if outcome.promoted:
+        click.echo(f"promoted {outcome.candidate.version} over {outcome.champion.version}: {outcome.reason}; card {outcome.card}")
+    else:
+        click.echo(
+            f"kept {outcome.champion.version}; {outcome.candidate.version} runs in shadow: {outcome.reason}; card {outcome.card}"
+        )
+
+
 @click.group()
 def models() -> None:
-    """Compare the champion model with a challenger run in shadow."""
+    """The deployed models: compare champion and challenger, promote or roll back by hand."""
+
+
+def _change_champion(action: str, version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
+    from fraudd.scoring.deployment import DeploymentError
+
+    from .retrain import change_champion
+
+    try:
+        generation = change_champion(postgres_url, pg_schema, version, action, actor or getpass.getuser(), reason)
+    except DeploymentError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{version} is the champion (deployment {generation}); the scoring workers follow within a second")
+
+
+_REASON = click.option("--reason", required=True, help="Why, for the audit (model_promotions).")
+_ACTOR = click.option("--by", "actor", default=None, help="Who, for the audit [default: the user running it].")
+
+
+@models.command("promote")
+@click.argument("version")
+@_REASON
+@_ACTOR
+@options(POSTGRES_OPTIONS)
+def models_promote(version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
+    """Make registered model VERSION decide, with the thresholds calibrated for it (audited)."""
+    _change_champion("promote", version, reason, actor, postgres_url, pg_schema)
+
+
+@models.command("rollback")
+@click.argument("version")
+@_REASON
+@_ACTOR
+@options(POSTGRES_OPTIONS)
+def models_rollback(version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
+    """Restore VERSION, a model that decided before, as the champion (audited)."""
+    _change_champion("rollback", version, reason, actor, postgres_url, pg_schema)
 
 
 @models.command("report")

@@ -10,8 +10,8 @@ on the ingest service, and ``fraudd label --file``. ``parse_labels`` is the one 
 - ``labels``: the latest verdict per transaction (latest ``reported_at``; a tie goes to the
   verdict ``fraud``, so a chargeback is never hidden by a simultaneous "legit").
 
-``publish_labels`` is the one place that writes the labels stream (what the ingest service calls);
-``confirm`` passes fraud verdicts on to the confirmed-fraud counts the scoring reads.
+``label_entries`` is the one shape of a labels-stream entry, which fraudd writes in one place: the
+ingest's ``POST /v1/labels``; ``confirm`` passes fraud verdicts on to the confirmed-fraud counts the scoring reads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import csv
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import psycopg
@@ -28,7 +28,7 @@ import redis
 
 from fraudd.keys import Keys, shard_stream
 from fraudd.scoring.confirmed import ConfirmedFraud
-from fraudd.scoring.decode import MAX_ID_CHARS
+from fraudd.scoring.decode import MAX_ID_CHARS, api_seconds, holds_control
 
 VERDICTS = ("fraud", "legit")
 MAX_SOURCE_CHARS = 128
@@ -60,16 +60,21 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
     """One label from its JSON document; raises LabelError naming the field.
 
     ``label`` also accepts 1/0 and true/false (as history files do); ``reported_at`` is Unix
-    seconds or RFC 3339 and defaults to ``now``, which callers make deterministic (the stream
-    entry's time, the file's modification time) so that a report read twice is the same report;
-    ``source`` defaults to ``default_source``; a ``reported_at`` later than ``not_after`` (when
-    given) is refused.
+    seconds or RFC 3339 with an offset (``decode.api_seconds``, as the API's schema states) and
+    defaults to ``now``, which callers make deterministic (the stream entry's time, the file's
+    modification time) so that a report read twice is the same report; ``source`` defaults to
+    ``default_source``; a ``reported_at`` later than ``not_after`` (when given) is recorded as
+    ``not_after``: no report can date itself ahead of the clock and outrank later verdicts, and
+    the API's schema, which cannot state a bound that moves with the clock, stays exact.
+    Identifiers hold no control characters, as a transaction's.
     """
     if not isinstance(obj, dict):
         raise LabelError("not a JSON object")
     txid = obj.get("transaction_id")
-    if not isinstance(txid, str) or not 1 <= len(txid) <= MAX_ID_CHARS:
-        raise LabelError(f"transaction_id must be a string of 1-{MAX_ID_CHARS} characters, got {txid!r}")
+    if not isinstance(txid, str) or not 1 <= len(txid) <= MAX_ID_CHARS or holds_control(txid):
+        raise LabelError(
+            f"transaction_id must be a string of 1-{MAX_ID_CHARS} characters without control characters, got {txid!r}"
+        )
     verdict = obj.get("label")
     if verdict in (1, True, "1", "true"):
         verdict = "fraud"
@@ -77,34 +82,23 @@ def parse_label(obj: object, default_source: str = "", now: datetime | None = No
         verdict = "legit"
     if verdict not in VERDICTS:
         raise LabelError(f'label must be "fraud" or "legit", got {obj.get("label")!r}')
-    source = obj.get("source") or default_source
-    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
-        raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters")
+    source = obj.get("source")
+    source = default_source if source is None or source == "" else source
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS or holds_control(source):
+        raise LabelError(f"source must be a string of at most {MAX_SOURCE_CHARS} characters without control characters")
     reported_at = _time(obj.get("reported_at"), now)
-    if not_after is not None and reported_at > not_after:
-        raise LabelError(
-            f"reported_at must not be later than {not_after.isoformat(timespec='seconds')}, got {obj.get('reported_at')!r}"
-        )
+    if not_after is not None:
+        reported_at = min(reported_at, not_after)
     return Label(txid, verdict, source, reported_at)
 
 
 def _time(value: object, now: datetime | None) -> datetime:
-    if value is None or value == "":
-        return now or datetime.now(timezone.utc)
-    if value.__class__ in (int, float):
-        if not 978307200 <= value <= 4102444800:
-            raise LabelError(f"reported_at must be Unix seconds between 2001 and 2100, got {value!r}")
-        return datetime.fromtimestamp(value, timezone.utc)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            try:
-                return _time(float(value), now)
-            except ValueError:
-                raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    raise LabelError(f"reported_at must be Unix seconds or RFC 3339, got {value!r}")
+    if value is None:
+        return now or datetime.now(UTC)
+    seconds = api_seconds(value)
+    if seconds is None:
+        raise LabelError(f"reported_at must be Unix seconds (2001-2100) or RFC 3339 with an offset (2001-2099), got {value!r}")
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def reported_time(value: object) -> datetime:
@@ -117,9 +111,9 @@ def parse_labels(
 ) -> tuple[list[Label], list[tuple[int, str]]]:
     """(labels, errors): every document parsed; an error is (position, reason). ``now``: the
     ``reported_at`` of documents without one (default: the current time); ``not_after``: the
-    latest ``reported_at`` accepted (default: any)."""
+    latest ``reported_at`` recorded, a later one taken as it (default: any)."""
     labels, errors = [], []
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     for position, document in enumerate(documents):
         try:
             labels.append(parse_label(document, default_source, now, not_after))
@@ -138,7 +132,7 @@ def read_label_file(data: bytes, name: str) -> list[tuple[int, dict]]:
             raise LabelError(f"{name}: not a CSV file: {exc}") from None
         if rows and "transaction_id" not in rows[0]:
             raise LabelError(f"{name}: the header must name transaction_id and label")
-        return [(i + 2, {k: v for k, v in row.items() if k in LABEL_FIELDS}) for i, row in enumerate(rows)]
+        return [(i + 2, _typed(row)) for i, row in enumerate(rows)]
     documents = []
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
@@ -148,6 +142,19 @@ def read_label_file(data: bytes, name: str) -> list[tuple[int, dict]]:
         except orjson.JSONDecodeError as exc:
             raise LabelError(f"{name} line {number}: not JSON: {exc}") from None
     return documents
+
+
+def _typed(row: dict[str, str]) -> dict:
+    """A CSV row as the JSON document it stands for: CSV has no types, so an empty cell is an
+    absent field and a numeric ``reported_at`` is a number."""
+    document: dict = {k: v for k, v in row.items() if k in LABEL_FIELDS and v}
+    stamp = document.get("reported_at")
+    if stamp is not None:
+        try:
+            document["reported_at"] = float(stamp)
+        except ValueError:
+            pass
+    return document
 
 
 def store_labels(conn: psycopg.Connection, labels: list[Label]) -> int:
@@ -210,9 +217,6 @@ def confirmed_shards(client: redis.Redis, stream: str, shards: int) -> list[Conf
     return [ConfirmedFraud(client, Keys(shard_stream(stream, shards, k), "", "")) for k in range(shards)]
 
 
-def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> list[str]:
-    """Append ``labels`` to the labels stream in one round trip; returns their entry ids."""
-    pipe = client.pipeline(transaction=False)
-    for label in labels:
-        pipe.xadd(stream, {"data": orjson.dumps(label.document())})
-    return [entry_id.decode() if isinstance(entry_id, bytes) else entry_id for entry_id in pipe.execute()]
+def label_entries(stream: str, labels: list[Label]) -> list[tuple[str, str, str, str, bytes]]:
+    """The XADD commands that append ``labels`` to the labels stream, one entry each."""
+    return [("XADD", stream, "*", "data", orjson.dumps(label.document())) for label in labels]

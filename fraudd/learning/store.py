@@ -41,6 +41,7 @@ class StoredHistory:
     history: History
     transaction_ids: list[str]
     decisions: list[str]  # as stored
+    reasons: list[list[str]]  # as stored: the rules that fired, then the model's reasons
     labelled: np.ndarray  # bool: has a label at all
 
 
@@ -55,7 +56,7 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
     columns = ", ".join(f"t.{name}" for name in _MESSAGE_FIELDS)
     with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
         rows = conn.execute(
-            f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, t.decision, l.label IS NOT NULL,
+            f"""SELECT {columns}, extract(epoch FROM t.event_time)::float8, t.decision, t.reasons, l.label IS NOT NULL,
                        coalesce(l.label = 'fraud', false), extract(epoch FROM l.reported_at)::float8
                 FROM transactions t LEFT JOIN labels l USING (transaction_id)
                 WHERE t.event_time >= now() - make_interval(secs => %s)
@@ -83,5 +84,6 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
         history,
         [row[0] for row in rows],
         [row[len(_MESSAGE_FIELDS) + 1] for row in rows],
+        [row[len(_MESSAGE_FIELDS) + 2] for row in rows],
         np.fromiter((row[-3] for row in rows), bool, len(rows)),
     )

@@ -1,7 +1,7 @@
 """Training a model on labelled history with the daemon's own feature code (``fraudd train``).
 
 Features are computed by streaming the history, in time order, through the daemon's own
-``FeatureStore`` on a scratch key prefix that is deleted afterwards, so the model is trained on
+``SharedFeatureStore`` on a scratch key prefix that is deleted afterwards, so the model is trained on
 exactly what the live pipeline computes. The split is by time: the most recent part is held out
 for the model card's figures, the part before it sets the thresholds, the rest fits the trees.
 
@@ -32,8 +32,10 @@ from sklearn.metrics import average_precision_score
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring import model as model_meta
+from fraudd.scoring.bins import FeatureBins
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES, FeatureStore
+from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import LABEL_FEATURE_NAMES
 
 from .confirmed_history import confirmed_counts
@@ -103,14 +105,14 @@ def _quiet(_message: str) -> None:
 
 
 def featurize(client: redis.Redis, history: History, progress: Progress = _quiet, label_delay_s: float | None = None) -> Dataset:
-    """The live features of ``history``, computed by the daemon's FeatureStore in its order.
+    """The live features of ``history``, computed by the daemon's feature store in its order.
 
     With ``label_delay_s``, the label-fed confirmed-fraud counts too (``LABEL_FEATURE_NAMES``), point
     in time: a fraud counts for a row only once reported, when the history says, else that long
     after the fraud happened.
     """
     scratch = Keys(f"fraudd-train-{uuid.uuid4().hex}:raw", "unused:fraud", "unused:dlq")
-    store = FeatureStore(client, scratch, dedup_window_ms=3_600_000)
+    store = SharedFeatureStore(client, scratch, dedup_window_ms=3_600_000)
     payloads = history.payloads
     parts, timestamps = [], []
     entities: tuple[list[str | None], ...] = ([], [], [], [])
@@ -392,6 +394,7 @@ def export(trained: Trained, path: Path) -> None:
         model_meta.META_SCALES: orjson.dumps((fit_part.matrix.std(axis=0) + 1e-6).tolist()).decode(),
         model_meta.META_IMPORTANCE: orjson.dumps((gain / gain.sum()).tolist()).decode(),
         model_meta.META_METRICS: orjson.dumps(figures).decode(),
+        model_meta.META_BINS: FeatureBins.of(fit_part.matrix).dumps(),
         # The model as LightGBM itself wrote it: what an auditor compares the ONNX file against, and
         # how the explanations are checked against LightGBM's own contributions.
         model_meta.META_SOURCE: classifier.booster_.model_to_string(),
@@ -454,7 +457,7 @@ metadata.
 
 ## Data
 {data_section}
-Features come from the daemon's own FeatureStore, so offline and live features are the same
+Features come from the daemon's own feature store, so offline and live features are the same
 computation.
 
 ## Held-out results

@@ -32,7 +32,7 @@ import redis
 from ..settings import ConsumerSettings
 from . import metrics
 from .process import BootError, WorkerProcess
-from .redis_clients import on_node
+from .redis_clients import on_node, redis_error_code
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ class Entries:
         """What a dead letter of an entry without ``data`` keeps of it (``payload`` empty or None):
         its fields, so a replay puts the entry back as it was rather than as an empty payload."""
         return {} if payload else self.extra.get(entry_id, {})
-
-
-REASON_MAX_DELIVERIES = "max_deliveries"  # the DLQ reason of poison, whichever service split it out
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +232,7 @@ class StreamConsumer:
         The group vanishes when Redis loses its data, and the entries read from it with it: the
         service goes on with what arrives next instead of stopping.
         """
-        if "NOGROUP" not in str(exc):
+        if redis_error_code(exc) != "NOGROUP":
             raise exc
         log.error("consumer group missing, recreating it", extra={"event": "group_recreated"})
         ensure_group(self.redis, self.options.stream, self.options.group)
@@ -398,12 +395,13 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
     return 0
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
-    """Create the consumer group from the stream's beginning if missing; True if it was created."""
+def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "0") -> bool:
+    """Create the consumer group if missing, reading from ``start`` (``0``: the stream's beginning,
+    ``$``: what arrives next); True if it was created."""
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
+        if redis_error_code(exc) == "BUSYGROUP":
             return False
         raise
     return True

@@ -15,14 +15,20 @@ The scoring worker settles its reads with its own script (alerts, dead letters a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from .consumer import REASON_MAX_DELIVERIES, Entries, Poison, StreamConsumer
 from .redis_clients import ReplicaWait, on_node
+
+if TYPE_CHECKING:  # the consumer imports prometheus-client; what only names the DLQ's reasons must not
+    from .consumer import Entries, Poison, StreamConsumer
+
+# The DLQ reason of poison (``consumer.Poison``), whichever service split it out.
+REASON_MAX_DELIVERIES = "max_deliveries"
 
 SCRIPT = """
 -- KEYS[1] the DLQ stream, KEYS[2] the consumed stream (may equal KEYS[1] when nothing is acked)
@@ -70,6 +76,19 @@ def marker_prefix(consumed: str, dlq_stream: str) -> str:
     """Where the markers of the dead letters taken from stream ``consumed`` live: in the DLQ stream's
     slot (so on a Redis Cluster a marker is written in one call with its letter), apart per stream."""
     return f"{Keys(dlq_stream, dlq_stream, dlq_stream).dead_prefix}{consumed}:"
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A stream entry a service cannot use, with the reason and detail its dead letter records, and
+    how often it was delivered (1 unless the read knew: re-read and reclaimed entries)."""
+
+    entry_id: str
+    payload: bytes
+    reason: str
+    detail: str
+    deliveries: int = 1
+    kept: dict[bytes, bytes] = field(default_factory=dict)  # the fields of an entry without data
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import redis
 from redis.client import NEVER_DECODE
 
+from .redis_clients import NO_SUCH_KEY, redis_error_code
+
 
 @dataclass(frozen=True, slots=True)
 class GroupState:
@@ -28,7 +30,7 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
     try:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError as exc:
-        if "no such key" not in str(exc):
+        if redis_error_code(exc) != NO_SUCH_KEY:
             raise
         return GroupState(0, 0, 0.0, [])
     info = next((g for g in groups if g["name"] == group), None)

@@ -3,6 +3,11 @@
 The housekeeper runs in the supervisor's loop every few seconds. It must never take the daemon
 down: while Redis or PostgreSQL is away it records that (``fraudd_dependency_up``), logs it once,
 and tries again next time.
+
+``/healthz`` (here and in the ingest) answers what is not ready in generic words, the same for
+everyone who asks; the error text, which names addresses and versions, goes to the log only. A
+probe opens connections, so its answer is reused for ``HEALTH_CACHE_S``: a monitor polling hard,
+or many, cost one probe a second.
 """
 
 from __future__ import annotations
@@ -36,6 +41,36 @@ PARTITION_DAYS_AHEAD = 7
 GONE_CONSUMER_MIN_IDLE_MS = 60_000
 # Share of maxmemory from which `fraudd status` calls Redis full (a batch's write needs some room).
 NEARLY_FULL = 0.95
+HEALTH_CACHE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthProblem:
+    """Something not ready: ``part: summary`` is what ``/healthz`` answers, ``detail`` what the log gets."""
+
+    part: str
+    summary: str
+    detail: str = ""
+
+    @property
+    def line(self) -> str:
+        return f"{self.part}: {self.summary}"
+
+
+def health_body(problems: list[HealthProblem]) -> str:
+    """``/healthz``'s text: ``ok``, or one generic line per problem."""
+    return "".join(p.line + "\n" for p in problems) if problems else "ok\n"
+
+
+def log_health_change(before: list[HealthProblem], after: list[HealthProblem]) -> None:
+    """Log the details when what ``/healthz`` answers changes (not on every probe)."""
+    if [p.line for p in before] == [p.line for p in after]:
+        return
+    if after:
+        details = [f"{p.part}: {p.detail or p.summary}" for p in after]
+        log.warning("not ready: " + "; ".join(details), extra={"event": "unhealthy", "problems": details})
+    else:
+        log.info("ready again", extra={"event": "healthy"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,31 +272,43 @@ def check_postgres(postgres: PostgresSettings) -> None:
         conn.execute("SELECT 1")
 
 
-def health_problems(postgres: PostgresSettings, client: redis.Redis) -> list[str]:
+def health_problems(postgres: PostgresSettings, client: redis.Redis) -> list[HealthProblem]:
     """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
     PostgreSQL answer."""
     problems = []
     try:
-        problem = memory_problem(redis_memory(client), bool(metrics.current("fraudd_redis_out_of_memory")))
+        memory = redis_memory(client)
     except redis.RedisError as exc:
-        problems.append(f"redis: {exc}")
+        problems.append(HealthProblem("redis", "unavailable", str(exc)))
     else:
+        refusing = bool(metrics.current("fraudd_redis_out_of_memory"))
+        problem = memory_problem(memory, refusing)
         if problem:
-            problems.append(problem)
+            summary = (
+                "out of memory, writes refused (raise maxmemory)"
+                if refusing
+                else "may evict keys (set maxmemory-policy noeviction)"
+            )
+            problems.append(HealthProblem("redis", summary, problem))
     try:
         check_postgres(postgres)
     except (psycopg.Error, OSError) as exc:
-        problems.append(f"postgres: {str(exc).strip()}")
+        problems.append(HealthProblem("postgres", "unavailable", str(exc).strip()))
     return problems
 
 
 class HealthServer:
-    """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``) on ``listen``
-    (host, port), in a thread. Neither asks who is asking, hence loopback by default."""
+    """``/metrics`` (all workers' metrics summed) and ``/healthz`` (``problems()``, at most once per
+    ``HEALTH_CACHE_S``) on ``listen`` (host, port), in a thread. Neither asks who is asking, hence
+    loopback by default."""
 
-    def __init__(self, listen: tuple[str, int], problems: Callable[[], list[str]]) -> None:
+    def __init__(self, listen: tuple[str, int], problems: Callable[[], list[HealthProblem]]) -> None:
         self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
         self._problems = problems
+        # Requests are served on a thread each: the lock makes those arriving together share one probe.
+        self._probe_lock = threading.Lock()
+        self._current: list[HealthProblem] = []
+        self._expires = 0.0
         host, port = listen
         server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
         self._server = make_server(host, port, self._app, server_class, handler_class=_QuietHandler)
@@ -277,13 +324,21 @@ class HealthServer:
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
-            problems = self._problems()
-            body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
+            problems = self._health()
+            body = health_body(problems).encode()
             start_response(
                 "200 OK" if not problems else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
             )
             return [body]
         return self._metrics_app(environ, start_response)
+
+    def _health(self) -> list[HealthProblem]:
+        with self._probe_lock:
+            if time.monotonic() >= self._expires:
+                problems = self._problems()
+                log_health_change(self._current, problems)
+                self._current, self._expires = problems, time.monotonic() + HEALTH_CACHE_S
+            return self._current
 
 
 class _IPv6Server(ThreadingWSGIServer):

@@ -29,6 +29,7 @@ from prometheus_client.mmap_dict import MmapedDict
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+SCORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
 
 STAGES = ("read", "decode", "features", "inference", "copy", "settle")
 RELOAD_OUTCOMES = ("ok", "refused")
@@ -79,6 +80,26 @@ stage_duration = Histogram(
     "fraudd_stage_duration_seconds", "Time one batch spends in each stage.", ["stage"], buckets=STAGE_BUCKETS
 )
 batch_size = Histogram("fraudd_batch_size", "Entries per batch read.", buckets=BATCH_SIZE_BUCKETS)
+scores = Histogram("fraudd_score", "Fraud scores the deciding model gave, per transaction scored.", buckets=SCORE_BUCKETS)
+feature_psi = Gauge(
+    "fraudd_feature_psi",
+    "Population stability index of each feature over a worker's last ~20,000 transactions against the "
+    "deciding model's training sample (the highest of the workers).",
+    ["feature"],
+    multiprocess_mode="livemax",
+)
+flagged_fraud_share = Gauge(
+    "fraudd_flagged_fraud_share",
+    "Share of the reviewed or declined transactions later labelled fraud, by ISO week (its Monday) of event time.",
+    ["week"],
+    multiprocess_mode="livemax",
+)
+flagged_labelled = Gauge(
+    "fraudd_flagged_labelled",
+    "Reviewed or declined transactions with a label, by ISO week (its Monday) of event time.",
+    ["week"],
+    multiprocess_mode="livemax",
+)
 
 model_info = Gauge("fraudd_model_info", "Model in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
 rules_info = Gauge("fraudd_rules_info", "Rules in use (value 1), by version.", ["version"], multiprocess_mode="livemax")

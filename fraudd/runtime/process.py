@@ -6,8 +6,8 @@ respawning it in a loop), and that it is still making progress (``H``, a heartbe
 of its loop, idle turns included, at most every ``HEARTBEAT_INTERVAL_S``): the supervisor pings
 systemd's watchdog only while every worker's heartbeat is fresh, so a wedged worker gets the
 service restarted. A service whose workers do not run ``consume()`` calls ``heartbeat()`` from its
-own loop. It dies with its supervisor: a worker outliving it would keep consuming
-under a name the next supervisor reuses. SIGTERM/SIGINT ask it to stop at its next boundary and
+own loop. It dies with its supervisor (``die_with_supervisor``, right after the fork): a worker
+outliving it would keep consuming under a name the next supervisor reuses. SIGTERM/SIGINT ask it to stop at its next boundary and
 SIGHUP to reload; both only set flags (and wake an event loop that asked to be woken), so a batch
 is never interrupted halfway.
 """
@@ -29,6 +29,22 @@ class BootError(RuntimeError):
     """The worker cannot start with this configuration; respawning it would not help."""
 
 
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel SIGKILL this (just forked) worker when its supervisor dies.
+
+    A signal the kernel delivers needs nothing from the worker: it holds while the worker's event
+    loop or main thread is stuck, where a handler, an orphan check in the loop or a SIGTERM (which
+    only asks for a stop at the next boundary) would wait forever. Whatever the worker held
+    unsettled stays pending for the next supervisor's workers. A supervisor that died before the
+    ``prctl`` sends nothing: then the parent is already another process, and the worker leaves now.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != supervisor_pid:
+        os._exit(1)
+
+
 class WorkerProcess:
     """Worker ``index`` of a supervisor, seen from inside the forked process."""
 
@@ -47,10 +63,6 @@ class WorkerProcess:
         self._wakers: list[Callable[[], None]] = []
 
     def install_signals(self) -> None:
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)

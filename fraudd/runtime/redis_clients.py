@@ -26,6 +26,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
 from ..keys import hash_tag
+from .redis_wire import refresh_slots, refresh_slots_async, round_trip_async
 
 _T = TypeVar("_T")
 
@@ -92,6 +93,22 @@ def _raw_stream_replies(client: redis.Redis) -> None:
         client.set_response_callback(command, _raw)
 
 
+# The generic errors callers tell apart, as ``redis_error_code`` gives them.
+FUNCTION_NOT_FOUND = "function not found"  # FCALL after a restart without persistence, or FUNCTION FLUSH
+NO_SUCH_KEY = "no such key"  # XINFO of a stream nothing was written to yet
+
+
+def redis_error_code(exc: redis.ResponseError) -> str:
+    """Which error Redis replied: the code it starts the reply with (``NOGROUP``, ``BUSYGROUP``, or
+    ``FENCED`` from fraudd's own scripts), or for the generic ``ERR``, whose code redis-py drops,
+    the message in lower case (``FUNCTION_NOT_FOUND``, ``NO_SUCH_KEY``); from a pipeline as from a
+    single command."""
+    # redis-py puts where in a pipeline an error came from before its message.
+    message = str(exc).rpartition(" of pipeline caused error: ")[2]
+    code = message.split(" ", 1)[0]
+    return code if code.isupper() and code.isalpha() else message.lower()
+
+
 # What a command sent straight to a cluster node meets when the node failed or the slot moved, or
 # when the slot map learnt during a failover has no node for the slot yet.
 CLUSTER_CHANGED = (
@@ -128,16 +145,6 @@ def on_node(
     except CLUSTER_CHANGED:
         refresh_slots(client)
         raise
-
-
-def refresh_slots(client: redis.Redis | RedisCluster) -> None:
-    """After a node failed or a slot moved, learn the cluster's slot map again (best effort: while
-    the cluster is down the next attempt fails again, and refreshes again)."""
-    if isinstance(client, RedisCluster):
-        try:
-            client.nodes_manager.initialize()
-        except (redis.RedisError, redis.exceptions.RedisClusterException):
-            pass
 
 
 # How long a write that must outlive its master waits for a replica to confirm it (Redis Cluster): a
@@ -267,17 +274,7 @@ class AsyncNodes:
         async def attempt(node: redis.asyncio.Redis) -> list:
             wait = replicated and self.cluster and self._replicas.due(key)
             packed = [*commands, _WAIT] if wait else commands
-            pool = node.connection_pool
-            conn = await pool.get_connection()
-            try:
-                await conn.send_packed_command(packed, check_health=False)
-                replies = [await conn.read_response() for _command in packed]
-            except BaseException:
-                # Whatever was cut off mid-reply must not be read by the next user of this connection.
-                await conn.disconnect()
-                raise
-            finally:
-                await pool.release(conn)
+            replies = await round_trip_async(node, packed)
             if wait:
                 self._replicas.waited(key, replies.pop())
             return replies
@@ -291,7 +288,7 @@ class AsyncNodes:
             return
         try:
             if self._mapped:
-                await self._map.nodes_manager.initialize()
+                await refresh_slots_async(self._map)
             else:
                 await self._map.initialize()
                 self._mapped = True

@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from .redis_clients import NO_SUCH_KEY, redis_error_code
+
 
 def _entry_id(text: str) -> tuple[int, int]:
     ms, _, seq = text.partition("-")
@@ -42,7 +44,7 @@ def trim_acked(client: redis.Redis, stream: str, retention_s: float) -> int:
     try:
         bound = trim_bound(client, stream, retention_s)
     except redis.ResponseError as exc:
-        if "no such key" in str(exc):
+        if redis_error_code(exc) == NO_SUCH_KEY:
             return 0
         raise
     if bound is None:

@@ -1,8 +1,9 @@
 """The supervisor: forks a service's workers, keeps them alive, and stops them cleanly.
 
 Every long-running fraudd service (scoring, ingest, alerts) runs under this one supervisor; a
-``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's arbiter. Signal handlers only queue the signal and wake the main loop
-through a pipe; everything else happens in the loop, outside signal context:
+``Service`` says what its workers run and how its health is judged. Modelled on gunicorn's
+arbiter. Signal handlers only queue the signal and wake the main loop through a pipe; everything
+else happens in the loop, outside signal context:
 
 - SIGCHLD: reap dead workers and respawn them, with back-off;
 - SIGTERM / SIGINT: graceful stop: workers settle their current batch and exit; a second one
@@ -36,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import logs, metrics
-from .health import HealthServer
+from .health import HealthProblem, HealthServer
 from .notify import Notifier
-from .process import EXIT_BOOT_ERROR, WorkerProcess
+from .process import EXIT_BOOT_ERROR, WorkerProcess, die_with_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Halt(Exception):
         self.exit_code = exit_code
 
 
-def _nothing_wrong() -> list[str]:
+def _nothing_wrong() -> list[HealthProblem]:
     return []
 
 
@@ -79,7 +80,7 @@ class Service:
     # On SIGHUP, before the workers are told: what the supervisor holds of the configuration is
     # what every worker it forks from then on starts with, so it must be the reloaded one.
     reload: Callable[[], None] | None = None
-    health_problems: Callable[[], list[str]] = field(default=_nothing_wrong)  # for /healthz, besides workers
+    health_problems: Callable[[], list[HealthProblem]] = field(default=_nothing_wrong)  # for /healthz, besides workers
     # One line for systemd's STATUS= (e.g. "1,200 tx/s, lag 0"), sent after each housekeeping;
     # called in the supervisor's loop, so it reads what housekeeping gathered and does no I/O itself.
     summary: Callable[[], str] | None = None
@@ -159,12 +160,12 @@ class Supervisor:
                 self._health.stop()
             self._notifier.close()
 
-    def health_problems(self) -> list[str]:
+    def health_problems(self) -> list[HealthProblem]:
         """What is wrong right now, for /healthz: the service's own checks, then workers not ready."""
         problems = self.service.health_problems()
         ready = sum(1 for s in self.slots if s.pid is not None and s.ready)
         if ready < len(self.slots):
-            problems.append(f"workers: {ready} of {len(self.slots)} ready")
+            problems.append(HealthProblem("workers", f"{ready} of {len(self.slots)} ready"))
         return problems
 
     def status_line(self) -> str:
@@ -280,6 +281,7 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
+                die_with_supervisor(supervisor_pid)
                 logs.setup(self.service.log_level, self.service.worker_name(slot.index))
                 code = self.service.run_worker(WorkerProcess(slot.index, status_w, supervisor_pid))
             except BaseException as exc:  # the last resort of a forked child: never return into the parent's loop

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.keys import Keys
 
@@ -95,7 +96,7 @@ class ConfirmedFraud:
     devices, IPs and cards to Redis.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, keys: Keys) -> None:
         self._redis = client
         self._keys = [f"{keys.prefix}confirmed:{kind}" for kind in KINDS]
         self._sweep_keys = [f"{keys.prefix}confirmed:sweep:{kind}" for kind in KINDS]

@@ -4,9 +4,12 @@ The happy path decodes the whole batch with one ``orjson.loads`` over the payloa
 JSON array; only a batch that holds a bad payload falls back to one ``loads`` per entry, so that
 each bad entry gets its own reason and the good ones in the same batch are still scored.
 
-``check_payload`` / ``check_object`` judge one transaction by the same rules, field by field, for
-the HTTP ingest: what they accept the batch decoder accepts, so nothing the ingest writes is ever
-dead-lettered for its content.
+``check_object`` judges one transaction by the same rules, field by field, and names the problem.
+``check_transaction`` is how the HTTP API judges one: those rules, plus every optional field in its
+documented form (the decoder drops a malformed optional field; the API refuses it, so the client
+learns of its mistake). What the API accepts the batch decoder accepts, so nothing the ingest
+writes is ever dead-lettered for its content. ``fraudd/ingest/openapi.json`` states these rules;
+its constraints are the constants below (a test holds the two together).
 """
 
 from __future__ import annotations
@@ -19,9 +22,28 @@ from datetime import datetime
 import numpy as np
 import orjson
 
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
+
 MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_ID_CHARS = 64
 MAX_TEXT_CHARS = 256
+MAX_IP_CHARS = 64
+# Beyond any payment; bounds what features and sums ever see (1e308 would overflow them).
+MAX_AMOUNT = 1e12
+# Event times: Unix seconds from 2001 up to 2100, or RFC 3339 of the years 2001-2099 (as written,
+# in its own offset). Anything outside is a unit mix-up (ms instead of s) or garbage.
+EPOCH_MIN, EPOCH_MAX = 978307200.0, 4102444800.0
+YEAR_MIN, YEAR_MAX = 2001, 2099
+# Identifiers end up in HTTP headers, e-mail subjects, logs and links of alerts: no control
+# characters (Unicode Cc: C0, DEL, C1), which would split or forge a header or a log line. JSON
+# Schema's (ECMA 262) and Python's regular expressions read this the same way.
+IDENTIFIERS = ("transaction_id", "user_id", "merchant", "card_id", "device_id", "ip")
+NO_CONTROL_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+CHANNELS = ("pos", "ecom", "atm")
+CURRENCY_PATTERN = "^[A-Za-z]{3}$"
+COUNTRY_PATTERN = "^[A-Za-z]{2}$"
+MCC_PATTERN = "^[0-9]{4}$"
+LAT_LIMIT, LON_LIMIT = 90.0, 180.0
 
 # Reasons written to the DLQ; operators filter on them, so they are a contract.
 REASON_TOO_LARGE = "payload_too_large"
@@ -31,9 +53,6 @@ REASON_NOT_OBJECT = "not_an_object"
 REASON_MISSING = "missing_field"
 REASON_INVALID = "invalid_field"
 REASON_NO_DATA = "missing_data_field"
-# Poison, split out by the runtime's consumer (``runtime.consumer.REASON_MAX_DELIVERIES``, not
-# imported: this module loads before prometheus-client may be) and listed with the other reasons.
-REASON_MAX_DELIVERIES = "max_deliveries"
 REASON_PROCESSING = "processing_error"
 DEAD_LETTER_REASONS = (
     REASON_TOO_LARGE,
@@ -50,18 +69,27 @@ DEAD_LETTER_REASONS = (
 # A payload holding two top-level values ("{...},{...}") would shift every later element of the
 # joined array onto the wrong entry; such batches take the per-entry path instead.
 _VALUE_BOUNDARY = re.compile(rb"\}\s*,")
-_CHANNELS = frozenset(("pos", "ecom", "atm"))
-# Event times from 2001 to 2100: anything outside is a unit mix-up (ms instead of s) or garbage.
-_EPOCH_MIN, _EPOCH_MAX = 978307200.0, 4102444800.0
+_CHANNELS = frozenset(CHANNELS)
+_CONTROL = re.compile(r"[\u0000-\u001f\u007f-\u009f]")
+# A control character reaches a decoded string only as a backslash escape (JSON refuses a raw C0),
+# a raw DEL, or a raw C1 in UTF-8 (C2 80-9F): a batch holding none of these holds none at all.
+_C1_UTF8 = re.compile(rb"\xc2[\x80-\x9f]")
+_CONTROL_PROBLEM = "must not contain control characters (U+0000-U+001F, U+007F-U+009F)"
+_RFC3339 = re.compile(r"(\d{4})-\d\d-\d\d[Tt]\d\d:\d\d:(\d\d)(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)", re.ASCII)
+# Anchored here, not in the patterns: Python's "$" also matches before a final newline.
+_OPTIONAL_CODES = (
+    ("currency", re.compile(CURRENCY_PATTERN[1:-1]), "must be 3 letters (ISO 4217)"),
+    ("country", re.compile(COUNTRY_PATTERN[1:-1]), "must be 2 letters (ISO 3166 alpha-2)"),
+    ("mcc", re.compile(MCC_PATTERN[1:-1]), "must be 4 digits"),
+)
+_OPTIONAL_TEXTS = (("card_id", MAX_ID_CHARS), ("device_id", MAX_TEXT_CHARS), ("ip", MAX_IP_CHARS))
 _NOTHING: dict = {}
 _NUMBER_TYPES = (int, float)
 _STR = {str}
 _FLOAT_OR_NONE = {float, type(None)}
-# JSON may spell a NUL character as an escape; PostgreSQL text cannot hold one, so a transaction
-# carrying it in a stored text field would fail its COPY instead of being rejected up front.
-_ESCAPED_NUL = b"\\u0000"
 _REQUIRED = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
-_TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset"
+_TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset (2001-2099)"
+_AMOUNT_PROBLEM = f"must be a number > 0 and <= {MAX_AMOUNT:.0f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +107,6 @@ class Problem:
         if self.field is None:
             return self.message
         return self.field if self.reason == REASON_MISSING else f"{self.field}: {self.message}"
-
-
-@dataclass(slots=True)
-class Rejected:
-    """An entry that cannot be scored, with the reason the DLQ records."""
-
-    entry_id: str
-    payload: bytes
-    reason: str
-    detail: str
 
 
 @dataclass(slots=True)
@@ -207,11 +225,14 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
     merchant = [g("merchant") for g in get]
     amount = [g("amount") for g in get]
     stamp = [g("timestamp") for g in get]
+    card = [g("card_id") for g in get]
+    device = [g("device_id") for g in get]
+    ip = [g("ip") for g in get]
     joined = b"".join(payloads)
-    # The escape starts with a backslash, which most batches lack: one memchr rules it out.
-    if b"\\" in joined and _ESCAPED_NUL in joined:
-        # Rows spelling a NUL take the per-row checks, which name the field at fault.
-        clean = [_ESCAPED_NUL not in p for p in payloads]
+    # Three byte searches (memchr) rule out control characters for most batches; rows that hold
+    # one take the per-row checks, which name the field at fault.
+    if b"\\" in joined or b"\x7f" in joined or (b"\xc2" in joined and _C1_UTF8.search(joined)):
+        clean = _rows_without_control((txid, user, merchant, card, device, ip))
     else:
         clean = [True] * len(payloads)
     fast = [
@@ -227,8 +248,9 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
         for c, t, u, m, a, z in zip(clean, txid, user, merchant, amount, stamp)
     ]
     amounts = np.array([a if ok else 1.0 for a, ok in zip(amount, fast)], dtype=np.float64)
-    seconds = np.array([z if ok else _EPOCH_MIN for z, ok in zip(stamp, fast)], dtype=np.float64)
-    in_range = np.isfinite(amounts) & (amounts > 0) & (seconds >= _EPOCH_MIN) & (seconds < _EPOCH_MAX)
+    seconds = np.array([z if ok else EPOCH_MIN for z, ok in zip(stamp, fast)], dtype=np.float64)
+    # NaN and infinity fail the amount's comparisons.
+    in_range = (amounts > 0) & (amounts <= MAX_AMOUNT) & (seconds >= EPOCH_MIN) & (seconds < EPOCH_MAX)
     accepted = in_range & np.array(fast, dtype=bool)
     if not accepted.all():
         for i in np.flatnonzero(~accepted).tolist():
@@ -243,7 +265,9 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
         rows = np.flatnonzero(accepted)
         keep = rows.tolist()
         get = [get[i] for i in keep]
-        entry_ids, txid, user, merchant = ([column[i] for i in keep] for column in (entry_ids, txid, user, merchant))
+        entry_ids, txid, user, merchant, card, device, ip = (
+            [column[i] for i in keep] for column in (entry_ids, txid, user, merchant, card, device, ip)
+        )
         amounts, seconds = amounts[rows], seconds[rows]
     currency = [g("currency") for g in get]
     mcc = [g("mcc") for g in get]
@@ -256,15 +280,16 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
         merchant=merchant,
         amount=amounts,
         timestamp=seconds,
-        card_id=_texts([g("card_id") for g in get], MAX_ID_CHARS),
+        card_id=_texts(card, MAX_ID_CHARS),
         currency=_codes(currency, 3, "USD"),
         mcc=[c if c.__class__ is str and len(c) == 4 and c.isdigit() else None for c in mcc],
         country=_codes(country, 2, None),
-        device_id=_texts([g("device_id") for g in get], MAX_TEXT_CHARS),
-        ip=_texts([g("ip") for g in get], 64),
-        channel=[c if c in _CHANNELS else None for c in channel],
-        lat=_coordinates([g("lat") for g in get], 90.0),
-        lon=_coordinates([g("lon") for g in get], 180.0),
+        device_id=_texts(device, MAX_TEXT_CHARS),
+        ip=_texts(ip, MAX_IP_CHARS),
+        # Checked for a string first: a list or an object cannot be looked up in a set.
+        channel=[c if c.__class__ is str and c in _CHANNELS else None for c in channel],
+        lat=_coordinates([g("lat") for g in get], LAT_LIMIT),
+        lon=_coordinates([g("lon") for g in get], LON_LIMIT),
         rejected=rejected,
     )
 
@@ -282,19 +307,20 @@ def json_value(payload: bytes) -> object | Problem:
 
 
 def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
-    """One payload judged as ``decode_batch`` judges it: (the object, its event time in Unix
-    seconds) when the worker would score it, else the problem it would be dead-lettered for."""
+    """One payload judged as the API judges it (``check_transaction``): (the object, its event time
+    in Unix seconds), else the problem, which the API answers with."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     obj = json_value(payload)
     if isinstance(obj, Problem):
         return obj
-    checked = check_object(obj)
+    checked = check_transaction(obj)
     return checked if isinstance(checked, Problem) else (obj, checked)
 
 
 def check_object(obj) -> float | Problem:
-    """A decoded payload's event time (Unix seconds), or the first problem with its required fields.
+    """A decoded payload's event time (Unix seconds), or the first problem the decoder dead-letters
+    it for: its required fields, and control characters in any identifier.
 
     The callers bound the size of the payload: ``check_payload`` or, for an object that is written
     re-serialized, the caller itself with ``MAX_PAYLOAD_BYTES``.
@@ -308,24 +334,57 @@ def check_object(obj) -> float | Problem:
         value = obj[name]
         if not isinstance(value, str) or not 1 <= len(value) <= limit:
             return Problem(REASON_INVALID, name, f"must be a string of 1-{limit} characters")
-        if "\x00" in value:
-            return Problem(REASON_INVALID, name, "must not contain NUL (U+0000)")
+    for name in IDENTIFIERS:
+        value = obj.get(name)
+        if value.__class__ is str and _CONTROL.search(value):
+            return Problem(REASON_INVALID, name, _CONTROL_PROBLEM)
     amount = obj["amount"]
     # bool is an int subclass, and JSON true is not an amount.
-    if amount.__class__ not in _NUMBER_TYPES:
-        return Problem(REASON_INVALID, "amount", "must be a number")
-    if not (math.isfinite(amount) and amount > 0):
-        return Problem(REASON_INVALID, "amount", "must be finite and > 0")
+    if amount.__class__ not in _NUMBER_TYPES or not 0 < amount <= MAX_AMOUNT:
+        return Problem(REASON_INVALID, "amount", _AMOUNT_PROBLEM)
     seconds = _timestamp(obj["timestamp"])
     if seconds is None:
         return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
     return seconds
 
 
+def check_transaction(obj) -> float | Problem:
+    """``check_object``, then the rules the decoder does not enforce but the API's schema states: a
+    string timestamp in RFC 3339 form, and each optional field absent, null, or in its documented
+    form."""
+    seconds = check_object(obj)
+    if isinstance(seconds, Problem):
+        return seconds
+    if api_seconds(obj["timestamp"]) is None:
+        return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
+    get = obj.get
+    for name, limit in _OPTIONAL_TEXTS:
+        value = get(name)
+        if value is not None and (value.__class__ is not str or len(value) > limit):
+            return Problem(REASON_INVALID, name, f"must be a string of at most {limit} characters")
+    for name, code, problem in _OPTIONAL_CODES:
+        value = get(name)
+        if value is not None and (value.__class__ is not str or code.fullmatch(value) is None):
+            return Problem(REASON_INVALID, name, problem)
+    channel = get("channel")
+    if channel is not None and (channel.__class__ is not str or channel not in _CHANNELS):
+        return Problem(REASON_INVALID, "channel", f"must be one of {', '.join(CHANNELS)}")
+    for name, limit in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
+        value = get(name)
+        if value is not None and (value.__class__ not in _NUMBER_TYPES or not -limit <= value <= limit):
+            return Problem(REASON_INVALID, name, f"must be a number from {-limit:.0f} to {limit:.0f}")
+    return seconds
+
+
 def _timestamp(value) -> float | None:
+    """Unix seconds of an event time: a number, RFC 3339, or (for producers writing the stream
+    themselves) another ISO 8601 form with an offset that ``datetime.fromisoformat`` reads."""
     if value.__class__ in _NUMBER_TYPES:
         seconds = float(value)
     elif isinstance(value, str):
+        rfc3339 = _rfc3339(value)
+        if rfc3339 is not None:
+            return rfc3339
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
@@ -335,11 +394,61 @@ def _timestamp(value) -> float | None:
         seconds = parsed.timestamp()
     else:
         return None
-    return seconds if _EPOCH_MIN <= seconds < _EPOCH_MAX else None
+    return seconds if EPOCH_MIN <= seconds < EPOCH_MAX else None
+
+
+def api_seconds(value) -> float | None:
+    """Unix seconds of a time in the form the API's schema states: a number from EPOCH_MIN up to
+    EPOCH_MAX, or an RFC 3339 date-time of the years YEAR_MIN-YEAR_MAX; else None."""
+    if value.__class__ in _NUMBER_TYPES:
+        return float(value) if EPOCH_MIN <= value < EPOCH_MAX else None
+    return _rfc3339(value) if isinstance(value, str) else None
+
+
+def holds_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (see ``NO_CONTROL_PATTERN``)."""
+    return _CONTROL.search(text) is not None
+
+
+def _rfc3339(value: str) -> float | None:
+    """Unix seconds of an RFC 3339 date-time of the years YEAR_MIN-YEAR_MAX, else None. Lower-case
+    ``t``/``z`` and a leap second (``:60``, read as the next second) are RFC 3339 too."""
+    match = _RFC3339.fullmatch(value)
+    if match is None or not YEAR_MIN <= int(match[1]) <= YEAR_MAX:
+        return None
+    leap = match[2] == "60"
+    if leap:
+        value = value[: match.start(2)] + "59" + value[match.end(2) :]
+    try:
+        parsed = datetime.fromisoformat(value.upper())
+    except ValueError:
+        return None
+    return parsed.timestamp() + leap
+
+
+def _rows_without_control(columns: tuple[list, ...]) -> list[bool]:
+    """Per row: whether none of its identifier ``columns`` holds a control character. A column is
+    searched whole (``isprintable`` is one C pass, and rules out most); a row at a time only when
+    it holds one, or values of another type."""
+    clean = [True] * len(columns[0])
+    for column in columns:
+        try:
+            text = "".join(column)
+        except TypeError:  # an absent optional field (None), or a value of another type
+            try:
+                text = "".join(filter(None, column))
+            except TypeError:
+                text = None
+        if text is not None and (text.isprintable() or _CONTROL.search(text) is None):
+            continue
+        for i, value in enumerate(column):
+            if value.__class__ is str and _CONTROL.search(value):
+                clean[i] = False
+    return clean
 
 
 def _text(value, limit: int) -> str | None:
-    return value if value.__class__ is str and 0 < len(value) <= limit and "\x00" not in value else None
+    return value if value.__class__ is str and 0 < len(value) <= limit else None
 
 
 # The optional columns below are judged column by column: when every value is of the usual kind,
@@ -349,13 +458,7 @@ def _text(value, limit: int) -> str | None:
 
 def _texts(values: list, limit: int) -> list[str | None]:
     """``_text`` of every value."""
-    if (
-        values
-        and set(map(type, values)) == _STR
-        and 0 < min(map(len, values))
-        and max(map(len, values)) <= limit
-        and "\x00" not in "".join(values)
-    ):
+    if values and set(map(type, values)) == _STR and 0 < min(map(len, values)) and max(map(len, values)) <= limit:
         return values
     return [_text(v, limit) for v in values]
 

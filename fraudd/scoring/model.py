@@ -1,7 +1,8 @@
 """The ONNX fraud model: loading with its feature contract, batched scoring and explanations.
 
 A model file carries its own contract in ONNX metadata (written by ``fraudd train``): the
-ordered feature names it was trained on, its version and thresholds, and per-feature statistics.
+ordered feature names it was trained on, its version and thresholds, per-feature statistics, and
+the training sample's bins that live drift is measured against (``bins.py``).
 Two feature contracts exist: the daemon's ``FEATURE_NAMES`` (message and behaviour features), and
 ``LABEL_FEATURE_NAMES``, the same followed by the label-fed confirmed-fraud counts
 (``confirmed.CONFIRMED_COLUMNS``), which ``fraudd train`` fits by default. A model whose features are
@@ -25,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import orjson
 
+from .bins import FeatureBins
 from .confirmed import CONFIRMED_COLUMNS
 from .explain import ExplainerError, TreeExplainer
 from .features import FEATURE_NAMES, Features
@@ -39,6 +41,7 @@ META_MEANS = "fraudd.feature_means"
 META_SCALES = "fraudd.feature_scales"
 META_IMPORTANCE = "fraudd.feature_importance"
 META_METRICS = "fraudd.metrics"
+META_BINS = "fraudd.feature_bins"
 META_SOURCE = "fraudd.lightgbm_model"
 REASONS_PER_DECISION = 2
 LABEL_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + CONFIRMED_COLUMNS
@@ -68,6 +71,7 @@ class FraudModel:
     _importance: np.ndarray
     _explainer: TreeExplainer | None
     _margin_output: bool  # the session returns log-odds; the logistic is applied here, in float64
+    feature_bins: FeatureBins | None = None  # None: trained before bins were stored, no drift measured
 
     @classmethod
     def load(cls, path: Path, expected_features: tuple[str, ...]) -> FraudModel:
@@ -111,6 +115,10 @@ class FraudModel:
         scales = _vector(meta, META_SCALES, width, 1.0)
         importance = _vector(meta, META_IMPORTANCE, width, 1.0)
         try:
+            bins = FeatureBins.loads(meta[META_BINS], width) if META_BINS in meta else None
+        except ValueError as exc:
+            raise ModelError(f"{path}: model metadata {META_BINS}: {exc}") from None
+        try:
             explainer: TreeExplainer | None = TreeExplainer.from_onnx(proto, width)
         except ExplainerError as exc:
             explainer = None
@@ -132,6 +140,7 @@ class FraudModel:
             _importance=importance,
             _explainer=explainer,
             _margin_output=margin_output,
+            feature_bins=bins,
         )
 
     @property

@@ -99,6 +99,12 @@ def _path(default: Path | None) -> dict[str, Any]:
 
 
 MODEL_PATH = Option("model-path", "ML_MODEL_PATH", "ONNX model file (with fraudd metadata).", _path(DEFAULT_MODEL))
+THRESHOLDS = Option(
+    "thresholds",
+    "FRAUDD_THRESHOLDS",
+    "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP.",
+    _path(None),
+)
 RULES_PATH = Option("rules-path", "FRAUDD_RULES_PATH", "Rules file (TOML); re-read on SIGHUP.", _path(DEFAULT_RULES))
 
 OPTIONS: list[Option] = [
@@ -136,12 +142,7 @@ OPTIONS: list[Option] = [
         "Score from which a transaction is declined; default: the model's.",
         {"default": None, "type": float, "callback": probability},
     ),
-    Option(
-        "thresholds",
-        "FRAUDD_THRESHOLDS",
-        "Thresholds file from `fraudd calibrate` (instead of the two above); re-read on SIGHUP.",
-        _path(None),
-    ),
+    THRESHOLDS,
     Option(
         "shadow-model",
         "FRAUDD_SHADOW_MODEL",

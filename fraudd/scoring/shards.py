@@ -43,8 +43,11 @@ from redis.cluster import RedisCluster
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import REPLICA_WAIT_MS, on_node
-from .features import LEASE_FUNCTION, FeatureStore, Fenced, Lease, load_library
+from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
+from .features import LEASE_FUNCTION, FeatureStore, load_library
+from .features_owned import OwnedFeatureStore
+from .features_shared import SharedFeatureStore
+from .leases import Fenced, Lease
 from .settings import ScoringSettings
 from .sinks import Settler
 
@@ -186,13 +189,17 @@ class ShardReader:
             else s.consumer
         )
         consumer = StreamConsumer(self.redis, options, self.name, self._process, self._on_outage, take_over=lease is not None)
-        if lease is not None:
+        features: FeatureStore
+        if lease is None:
+            features = SharedFeatureStore(self.redis, keys, window_ms)
+        else:
             ensure_group(self.redis, stream, s.consumer.group)
+            features = OwnedFeatureStore(self.redis, keys, window_ms, lease)
         return Shard(
             index,
             keys,
             consumer,
-            FeatureStore(self.redis, keys, window_ms, lease),
+            features,
             Settler(self.redis, keys, s.consumer.group, self.name, window_ms, lease),
             lease,
         )
@@ -218,7 +225,7 @@ class ShardReader:
             return on_node(self.redis, keys.lease, send)
         except redis.ResponseError as exc:
             # A restarted Redis without persistence, or FUNCTION FLUSH, drops the library.
-            if "function not found" not in str(exc).lower():
+            if redis_error_code(exc) != FUNCTION_NOT_FOUND:
                 raise
         load_library(self.redis)
         return on_node(self.redis, keys.lease, send)

@@ -16,7 +16,7 @@ row is durable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -26,12 +26,12 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys
-from ..runtime.deadletters import kept_field_pairs
-from ..runtime.redis_clients import ReplicaWait
+from ..runtime.deadletters import Rejected, kept_field_pairs
+from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
-from .decode import DecodedBatch, Rejected
+from .decode import DecodedBatch
 from .dedup import buckets, entry_bucket
-from .features import Fenced, Lease
+from .leases import Fenced, Lease
 from .rules import DECISIONS
 
 COLUMNS = (
@@ -346,13 +346,6 @@ return {acked, alerts_written, dead_written}
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    rejected: Rejected
-    deliveries: int
-    kept: dict[bytes, bytes] = field(default_factory=dict)  # the fields of an entry without data
-
-
-@dataclass(frozen=True, slots=True)
 class Settled:
     acked: int
     alerts: int
@@ -400,7 +393,7 @@ class Settler:
         )
 
     def settle(
-        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None = None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes] | None = None
     ) -> Settled:
         """``replies``: per decisions channel, the message of decisions for it (``decision_replies``)."""
         if self._split:
@@ -409,7 +402,7 @@ class Settler:
         return Settled(*self._call(keys, self.arguments(ack_ids, alerts, dead, replies)))
 
     def _settle_split(
-        self, ack_ids: list[str], alerts: list[Alert], dead: list[DeadLetter], replies: dict[str, bytes] | None
+        self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes] | None
     ) -> Settled:
         alerts_written = dead_written = 0
         if alerts:
@@ -430,7 +423,7 @@ class Settler:
         try:
             acked, alerts_written, dead_written = self._script(keys=keys, args=args)
         except redis.ResponseError as exc:
-            if str(exc).startswith("FENCED"):
+            if redis_error_code(exc) == "FENCED":
                 raise Fenced(f"lease on {self._keys.stream} lost") from None
             raise
         return acked, alerts_written, dead_written
@@ -438,8 +431,8 @@ class Settler:
     def arguments(
         self,
         ack_ids: list[str],
-        alerts: list[Alert],
-        dead: list[DeadLetter],
+        alerts: list[AlertDocument],
+        dead: list[Rejected],
         replies: dict[str, bytes] | None = None,
         fenced: bool = True,
     ) -> list:
@@ -459,17 +452,16 @@ class Settler:
         ]
         for alert in alerts:
             args += alert
-        for letter in dead:
-            r = letter.rejected
-            args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, letter.deliveries)
-            args += (len(letter.kept), *kept_field_pairs(letter.kept))
+        for r in dead:
+            args += (r.entry_id, entry_bucket(r.entry_id), r.payload, r.reason, r.detail, self._consumer, r.deliveries)
+            args += (len(r.kept), *kept_field_pairs(r.kept))
         for channel, message in replies.items():
             args += (channel, message)
         args += ack_ids
         return args
 
 
-class Alert(NamedTuple):
+class AlertDocument(NamedTuple):
     """One non-approved decision for the alert stream, with the bucket of its alerted marker."""
 
     transaction_id: str
@@ -477,15 +469,15 @@ class Alert(NamedTuple):
     document: bytes  # the JSON row
 
 
-def alert_documents(scored: ScoredBatch) -> list[Alert]:
+def alert_documents(scored: ScoredBatch) -> list[AlertDocument]:
     """The alerts of every non-approved decision, once per id within the batch."""
     flagged = np.flatnonzero(scored.decision > 0)
     bucket_of = buckets(scored.event_ms[flagged]).tolist()
-    documents: dict[str, Alert] = {}
+    documents: dict[str, AlertDocument] = {}
     for i, bucket in zip(flagged.tolist(), bucket_of):
         txid = scored.batch.transaction_id[i]
         if txid not in documents:
-            documents[txid] = Alert(txid, bucket, orjson.dumps(scored.row(i)))
+            documents[txid] = AlertDocument(txid, bucket, orjson.dumps(scored.row(i)))
     return list(documents.values())
 
 

@@ -4,11 +4,15 @@ The batch loop, top to bottom (DESIGN.md):
 
     read      XREADGROUP COUNT (own pending first, then reclaimed, then new entries; the runtime's
               ``StreamConsumer``)
+    models    the deployment's champion and challenger, swapped here when a promotion changed them
+              (``model_deployment`` polled at most once a second): one read, one set of models
     decode    one orjson call; invalid entries become dead letters
-    features  numpy over the users' states from one HMGET round trip, committed by one atomic Function call
-              (compare-and-set of the states, dedup markers, blocklist lookups)
+    features  numpy over the users' states, read in one round trip and committed with the dedup
+              markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
+              the shared state, a fenced MULTI/EXEC on an owned shard's)
     inference one ONNX call for the batch (one more for a --shadow-model challenger), then
-              vectorized rules and thresholds
+              vectorized rules and thresholds; the scores and the features' drift from the
+              champion's training sample go to the metrics (numpy over the batch)
     copy      one COPY of every decision into PostgreSQL (durable first)
     settle    one Redis script call: alerts, dead letters, XACK (ack last)
 
@@ -29,12 +33,14 @@ the supervisor stops instead of respawning it in a loop.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -43,19 +49,24 @@ import redis
 from .. import shard_counts
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
+from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds
-from .decode import DEAD_LETTER_REASONS, REASON_MAX_DELIVERIES, REASON_PROCESSING, DecodedBatch, Rejected, decode_batch
+from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .dedup import CarriedOver
-from .features import FEATURE_NAMES, Features, Fenced
+from .deployment import Deployed, DeploymentWatch
+from .drift import Drift
+from .features import FEATURE_NAMES, Features
+from .leases import Fenced
 from .model import FraudModel, ModelError
+from .precision import FlaggedPrecision
 from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
 from .settings import ScoringSettings
 from .shards import Shard, ShardReader
-from .sinks import DeadLetter, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -70,6 +81,16 @@ for _label in DEAD_LETTER_REASONS:
     metrics.dead_letters.labels(_label)
 
 
+@dataclass(frozen=True, slots=True)
+class Models:
+    """What scores a read: the champion with the thresholds it decides with, and the challenger."""
+
+    champion: FraudModel
+    thresholds: tuple[float, float]  # (review, decline)
+    shadow: FraudModel | None
+    shadow_thresholds: tuple[float, float]
+
+
 @dataclass(slots=True)
 class Settlement:
     """One read on its way to PostgreSQL and the ack: what ``_settle`` needs, and nothing shared."""
@@ -77,7 +98,7 @@ class Settlement:
     shard: Shard
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
-    dead: list[DeadLetter]
+    dead: list[Rejected]
     payloads: dict[str, bytes]  # for dead letters found while storing
 
 
@@ -92,6 +113,8 @@ class ScoringWorker:
         )
         self.redis = connect_redis(settings.redis.url, settings.redis.cluster)
         self.reader = ShardReader(self.redis, settings, settings.consumer.consumer_name(process.index), process, self._on_outage)
+        self.deployment = DeploymentWatch(settings.postgres.url, settings.postgres.schema)
+        self._deployed: Deployed | None = None
         self._settling: tuple[Future, Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
@@ -99,49 +122,89 @@ class ScoringWorker:
 
     def boot(self) -> None:
         s = self.settings
-        self.model = _load_model(s)
+        self._use(_load_models(s, None))
         self.rules = _load_rules(s)
         self.reader.until_done(self.reader.start, "redis")
         earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.consumer.stream), "redis")
         self.carried_over = CarriedOver(
             s.consumer.stream, {count: last for count, last in earlier.items() if count != s.shards}, s.dedup_window_s * 1000
         )
-        self.thresholds = _thresholds(s, self.model)
-        self.shadow = _load_shadow(s)
         # Wait for PostgreSQL before reading anything: re-reading this consumer's pending entries
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
         self.reader.until_done(self.store.connect, "postgres")
+        deployed = self.deployment.poll()
+        if deployed is not None:
+            self._deployed = deployed
+            self._use(_load_models(s, deployed))
         self._publish_versions()
 
     def reload(self) -> None:
         """Swap rules, model and thresholds at a batch boundary; bad files are refused and the old
         ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
-            model, rules = _load_model(self.settings), _load_rules(self.settings)
-            chosen = _thresholds(self.settings, model)
-            shadow = _load_shadow(self.settings)
+            models, rules = _load_models(self.settings, self._deployed), _load_rules(self.settings)
         except BootError as exc:
             metrics.reloads.labels("refused").inc()
             log.error(
                 "reload refused, keeping the running model and rules", extra={"event": "reload_refused", "reason": str(exc)}
             )
             return
-        metrics.model_info.labels(self.model.version).set(0)
         metrics.rules_info.labels(self.rules.version).set(0)
-        self.model, self.rules, self.thresholds, self.shadow = model, rules, chosen, shadow
+        self.rules = rules
+        self._use(models)
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
         log.info(
             "model and rules reloaded",
             extra={
                 "event": "reloaded",
-                "model_version": model.version,
+                "model_version": models.champion.version,
                 "rules_version": rules.version,
-                "review_threshold": chosen[0],
-                "decline_threshold": chosen[1],
+                "review_threshold": models.thresholds[0],
+                "decline_threshold": models.thresholds[1],
             },
         )
+
+    def _follow_deployment(self) -> None:
+        """Swap to the deployment's models when a promotion or rollback changed them (checked at
+        most once a second); files that cannot be loaded are refused, the running models kept, and
+        the deployment tried again at the next poll."""
+        deployed = self.deployment.poll()
+        if deployed is None:
+            return
+        try:
+            models = _load_models(self.settings, deployed)
+        except BootError as exc:
+            if self.deployment.refused(deployed):
+                metrics.reloads.labels("refused").inc()
+                log.error(
+                    "deployment refused, keeping the running models until it loads",
+                    extra={"event": "deployment_refused", "generation": deployed.generation, "reason": str(exc)},
+                )
+            return
+        self._deployed = deployed
+        self._use(models)
+        self._publish_versions()
+        log.info(
+            "deployment followed",
+            extra={
+                "event": "deployment_followed",
+                "generation": deployed.generation,
+                "model_version": models.champion.version,
+                "shadow_model_version": models.shadow.version if models.shadow else None,
+                "review_threshold": models.thresholds[0],
+                "decline_threshold": models.thresholds[1],
+            },
+        )
+
+    def _use(self, models: Models) -> None:
+        previous = getattr(self, "models", None)
+        if previous is not None:
+            metrics.model_info.labels(previous.champion.version).set(0)
+        self.models = models
+        # Drift is measured against the training sample of the model that decides.
+        self.drift = Drift(models.champion)
 
     def drain(self) -> None:
         self._wait_for_settling()
@@ -151,9 +214,10 @@ class ScoringWorker:
             self._settling_thread.shutdown(wait=True)
         self.reader.release_all()
         self.store.close()
+        self.deployment.close()
 
     def _publish_versions(self) -> None:
-        metrics.model_info.labels(self.model.version).set(1)
+        metrics.model_info.labels(self.models.champion.version).set(1)
         metrics.rules_info.labels(self.rules.version).set(1)
 
     def _on_outage(self, kind: str) -> None:
@@ -166,6 +230,7 @@ class ScoringWorker:
         """Decode and score this read, then hand it to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         shard = self.reader.current
+        self._follow_deployment()
         try:
             self._process(shard, entries)
         except Fenced as exc:
@@ -178,12 +243,9 @@ class ScoringWorker:
     def _process(self, shard: Shard, entries: Entries) -> None:
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
-        deliveries = entries.deliveries
         dead = [
-            DeadLetter(
-                Rejected(p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail),
-                p.deliveries,
-                entries.kept_fields(p.entry_id, p.payload),
+            Rejected(
+                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
             )
             for p in poison
         ]
@@ -191,11 +253,11 @@ class ScoringWorker:
         started = time.perf_counter()
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += [DeadLetter(r, deliveries.get(r.entry_id, 1), entries.kept_fields(r.entry_id, r.payload)) for r in batch.rejected]
+        dead += _delivered(batch.rejected, entries)
         work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
         scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
         work.scored = scored
-        work.dead += [DeadLetter(r, deliveries.get(r.entry_id, 1)) for r in failed]
+        work.dead += _delivered(failed, entries)
 
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -221,7 +283,7 @@ class ScoringWorker:
             shard.check()
             ok, failed = self._bisected(scored, lambda part: self._store(shard, part), work.payloads)
             stored += ok
-            work.dead += [DeadLetter(r, work.entries.deliveries.get(r.entry_id, 1)) for r in failed]
+            work.dead += _delivered(failed, work.entries)
         started = time.perf_counter()
         alerts = [doc for scored in stored for doc in alert_documents(scored)]
         replies = decision_replies(stored, _reply_channels(work.entries))
@@ -232,7 +294,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         self._count(stored, work.dead, settled.alerts, committed_at)
 
-    def _settle_in_redis(self, work: Settlement, alerts: list[tuple[str, bytes]], replies: dict[str, bytes]) -> Settled:
+    def _settle_in_redis(self, work: Settlement, alerts: list[AlertDocument], replies: dict[str, bytes]) -> Settled:
         settler = work.shard.settler
         try:
             return settler.settle(work.entries.ids, alerts, work.dead, replies)
@@ -286,19 +348,22 @@ class ScoringWorker:
         started = time.perf_counter()
         features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
         after_features = time.perf_counter()
-        model = self.model
-        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *self.thresholds)
+        models = self.models
+        model = models.champion
+        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *models.thresholds)
         for rule, count in self.rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
-        if self.shadow is not None:
+        if models.shadow is not None:
             shadow_scores, shadow_decision, _, _ = score_batch(
-                self.shadow, self.rules, features, self.shadow.review_threshold, self.shadow.decline_threshold, explain=False
+                models.shadow, self.rules, features, *models.shadow_thresholds, explain=False
             )
-            shadow = Shadow(shadow_scores, shadow_decision, self.shadow.version)
+            shadow = Shadow(shadow_scores, shadow_decision, models.shadow.version)
             self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
+        metrics.observe_many(metrics.scores, scores)
+        self.drift.observe(features)
         metrics.duplicates.inc(int(features.seen.sum()))
         return ScoredBatch(
             batch=batch,
@@ -319,7 +384,7 @@ class ScoringWorker:
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
-    def _count(self, stored: list[ScoredBatch], dead: list[DeadLetter], alerts: int, committed_at: float) -> None:
+    def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
         for scored in stored:
             counts = np.bincount(scored.decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
@@ -338,11 +403,20 @@ class ScoringWorker:
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
             # (each entry, with its reason and detail, is in the DLQ stream).
-            reasons = collections.Counter(letter.rejected.reason for letter in dead)
+            reasons = collections.Counter(rejected.reason for rejected in dead)
             for reason, count in reasons.items():
                 metrics.dead_letters.labels(reason).inc(count)
             log.warning("dead-lettered", extra={"event": "dead_lettered", "entries": len(dead), "reasons": dict(reasons)})
         metrics.alerts_written.inc(alerts)
+
+
+def _delivered(rejected: list[Rejected], entries: Entries) -> list[Rejected]:
+    """``rejected`` with how often each entry was delivered (1 for those read once), and the fields
+    an entry without data keeps (``Entries.kept_fields``)."""
+    return [
+        dataclasses.replace(r, deliveries=entries.deliveries.get(r.entry_id, 1), kept=entries.kept_fields(r.entry_id, r.payload))
+        for r in rejected
+    ]
 
 
 def _reply_channels(entries: Entries) -> dict[str, str]:
@@ -389,11 +463,33 @@ def score_batch(
     return BatchDecisions(scores, decision, reasons, explanations)
 
 
-def _load_model(settings: ScoringSettings) -> FraudModel:
+def _load_models(settings: ScoringSettings, deployed: Deployed | None) -> Models:
+    """The deployment's models with their registered thresholds; without one, the flags'."""
+    if deployed is None:
+        champion = _load_model(settings.model_path, "--model-path")
+        shadow = None if settings.shadow_model is None else _load_model(settings.shadow_model, "--shadow-model")
+        return Models(
+            champion,
+            _thresholds(settings, champion),
+            shadow,
+            (shadow.review_threshold, shadow.decline_threshold) if shadow else (1.0, 1.0),
+        )
+    chosen, challenger = deployed.champion, deployed.shadow
+    champion = _load_model(chosen.path, f"deployed model {chosen.version}")
+    shadow = None if challenger is None else _load_model(challenger.path, f"deployed shadow model {challenger.version}")
+    return Models(
+        champion,
+        (chosen.review_threshold, chosen.decline_threshold),
+        shadow,
+        (challenger.review_threshold, challenger.decline_threshold) if challenger else (1.0, 1.0),
+    )
+
+
+def _load_model(path: Path, what: str) -> FraudModel:
     try:
-        return FraudModel.load(settings.model_path, FEATURE_NAMES)
+        return FraudModel.load(path, FEATURE_NAMES)
     except ModelError as exc:
-        raise BootError(str(exc)) from exc
+        raise BootError(f"{what}: {exc}") from exc
 
 
 def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, float]:
@@ -410,16 +506,6 @@ def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, fl
     return review, decline
 
 
-def _load_shadow(settings: ScoringSettings) -> FraudModel | None:
-    """The challenger of --shadow-model, which decides with its own thresholds (nothing acts on them)."""
-    if settings.shadow_model is None:
-        return None
-    try:
-        return FraudModel.load(settings.shadow_model, FEATURE_NAMES)
-    except ModelError as exc:
-        raise BootError(f"--shadow-model: {exc}") from exc
-
-
 def _load_rules(settings: ScoringSettings) -> Rules:
     try:
         return Rules.load(settings.rules_path)
@@ -430,10 +516,12 @@ def _load_rules(settings: ScoringSettings) -> Rules:
 def service(settings: ScoringSettings) -> Service:
     """``fraudd run``: the supervisor's view of the scoring workers."""
     housekeeper = Housekeeper(settings.redis, settings.postgres, settings.consumer, settings.input_streams, partitions=True)
+    precision = FlaggedPrecision(settings.postgres.url, settings.postgres.schema)
 
     def housekeeping() -> None:
         housekeeper.run_once()
         housekeeper.keep_input(settings.consumer.stream, settings.shards, settings.retention_s)
+        precision.run_once()
 
     return Service(
         name="fraudd",

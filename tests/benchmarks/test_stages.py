@@ -23,6 +23,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
@@ -59,7 +60,7 @@ def keys() -> Iterator[Keys]:
 
 @pytest.fixture(scope="module")
 def store(keys: Keys) -> FeatureStore:
-    return FeatureStore(redis.Redis.from_url(REDIS_URL, protocol=2), keys, dedup_window_ms=3_600_000)
+    return SharedFeatureStore(redis.Redis.from_url(REDIS_URL, protocol=2), keys, dedup_window_ms=3_600_000)
 
 
 @pytest.fixture(scope="module")

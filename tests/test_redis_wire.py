@@ -1,0 +1,121 @@
+"""What ``fraudd.runtime.redis_wire`` relies on in redis-py's connection internals, on a real Redis:
+a redis-py release that changes any of it fails here rather than on the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import hiredis
+import pytest
+import redis
+import redis.asyncio
+from redis.cluster import RedisCluster
+
+from fraudd.runtime.redis_wire import refresh_slots, round_trip, round_trip_async, transaction_while
+
+from .conftest import REDIS_URL
+
+
+@pytest.fixture
+def key(redis_client: redis.Redis) -> Iterator[str]:
+    name = f"test-wire-{uuid.uuid4().hex[:10]}"
+    yield name
+    redis_client.delete(name, f"{name}:lease")
+
+
+def test_round_trip_returns_raw_replies_in_order(redis_client: redis.Redis, key: str) -> None:
+    replies = round_trip(
+        redis_client, [("HSET", key, "a", b"\x00\x01", "b", 2), ("HMGET", key, "a", "b", "c"), ("PEXPIRE", key, 60_000)]
+    )
+    assert replies == [2, [b"\x00\x01", b"2", None], 1]
+    # The connection went back to the pool, with nothing left unread on it.
+    assert redis_client.connection_pool._in_use_connections == set()
+    assert redis_client.ping() is True
+
+
+def test_round_trip_reads_every_reply_then_raises_the_first_error(redis_client: redis.Redis, key: str) -> None:
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        round_trip(redis_client, [("SET", key, "x"), ("HSET", key, "a", 1), ("LPUSH", key, 1), ("GET", key)])
+    # The replies after the error were read too: the next command meets its own reply.
+    assert redis_client.get(key) == b"x"
+    assert round_trip(redis_client, [("GET", key)]) == [b"x"]
+
+
+def test_round_trip_on_a_single_connection_client_takes_redis_pys_path(key: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL, protocol=2, single_connection_client=True)
+    try:
+        assert client.connection is not None
+        assert round_trip(client, [("SET", key, "y"), ("GET", key)]) == [True, b"y"]
+    finally:
+        client.close()
+
+
+def test_round_trip_after_the_server_closed_the_connection_goes_through_redis_py(redis_client: redis.Redis, key: str) -> None:
+    redis_client.set(key, "z")
+    name = f"wire-{uuid.uuid4().hex[:8]}"
+    redis_client.client_setname(name)
+    killer = redis.Redis.from_url(REDIS_URL, protocol=2)
+    try:
+        clients = [c for c in killer.client_list() if c.get("name") == name]
+        assert clients
+        killer.client_kill_filter(_id=clients[0]["id"])
+    finally:
+        killer.close()
+    # The pooled connection is dead; the round trip reconnects through redis-py and still answers.
+    assert round_trip(redis_client, [("GET", key)]) == [b"z"]
+
+
+def test_transaction_while_applies_only_while_the_key_holds_the_value(redis_client: redis.Redis, key: str) -> None:
+    lease = f"{key}:lease"
+    redis_client.set(lease, "1:me")
+    assert transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 1), ("PEXPIRE", key, 60_000)]) is True
+    assert redis_client.hgetall(key) == {b"a": b"1"}
+
+    redis_client.set(lease, "2:other")
+    assert transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 2)]) is False
+    assert redis_client.hgetall(key) == {b"a": b"1"}
+    # No WATCH is left on the pooled connection: a MULTI/EXEC after a change of the key applies.
+    conn = redis_client.connection_pool.get_connection()
+    try:
+        conn.send_packed_command([hiredis.pack_command(c) for c in (("SET", lease, "3"), ("MULTI",), ("GET", lease), ("EXEC",))])
+        assert [conn.read_response() for _ in range(4)][-1] == [b"3"]
+    finally:
+        redis_client.connection_pool.release(conn)
+
+
+def test_transaction_while_raises_an_error_reply_inside_the_transaction(redis_client: redis.Redis, key: str) -> None:
+    lease = f"{key}:lease"
+    redis_client.set(lease, "1:me")
+    redis_client.set(key, "a string")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 1)])
+    assert redis_client.get(key) == b"a string"
+    assert redis_client.ping() is True
+
+
+def test_round_trip_async_returns_raw_replies_and_raises_error_replies(key: str) -> None:
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(REDIS_URL, protocol=2)
+        try:
+            packed = [hiredis.pack_command(c) for c in (("SET", key, "v"), ("GET", key))]
+            assert await round_trip_async(client, packed) == [b"OK", b"v"]
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                await round_trip_async(client, [hiredis.pack_command(("HGET", key, "f"))])
+            # The connection cut off after the error was closed: the next round trip starts clean.
+            assert await round_trip_async(client, [hiredis.pack_command(("GET", key))]) == [b"v"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_refresh_slots_learns_a_forgotten_slot_map(cluster_client: RedisCluster) -> None:
+    key = "{wire}:probe"
+    cluster_client.set(key, "m")
+    cluster_client.nodes_manager.slots_cache.clear()
+    with pytest.raises(redis.exceptions.RedisClusterException):
+        cluster_client.get_node_from_key(key)
+    refresh_slots(cluster_client)
+    assert cluster_client.get_redis_connection(cluster_client.get_node_from_key(key)).get(key) == b"m"
