@@ -229,7 +229,7 @@ def format_result(result: dict) -> str:
 
 # -- what the console's indexes on `transactions` cost the scoring's COPY ----------------------
 
-# The indexes every `transactions` table has, then the one migration 007 adds for the console.
+# The indexes every `transactions` table has, then the one migration 009 adds for the console.
 _BASE_INDEXES = (
     "CREATE UNIQUE INDEX ON {t} (transaction_id, event_time)",
     "CREATE INDEX ON {t} (user_id, event_time)",
