@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, timedelta
+from typing import Any
 
 import psycopg
 
@@ -55,8 +56,8 @@ class CaseFile:
     notes: list[dict]
 
 
-def _dicts(cursor: psycopg.Cursor) -> list[dict]:
-    names = [column.name for column in cursor.description]
+def _dicts(cursor: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
+    names = [column.name for column in cursor.description or ()]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 

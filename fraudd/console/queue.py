@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -27,8 +28,22 @@ PAGE = 50
 # A case's weight (score + log10(1 + amount) / 4, the amount's part capped at 2) is at most this
 # many SLA lengths: what bounds where the cases within the SLA can sit in the rank index.
 MAX_WEIGHT = 3.0
-QUEUE_COLUMNS = ("transaction_id", "created_at", "user_id", "decision", "score", "amount", "merchant", "country", "reasons")
-QUEUE_COLUMNS += ("state", "assignee", "lease_until", "verdict", "resolved_by")
+QUEUE_COLUMNS = (
+    "transaction_id",
+    "created_at",
+    "user_id",
+    "decision",
+    "score",
+    "amount",
+    "merchant",
+    "country",
+    "reasons",
+    "state",
+    "assignee",
+    "lease_until",
+    "verdict",
+    "resolved_by",
+)
 
 
 class FilterError(ValueError):
@@ -56,7 +71,7 @@ class QueueFilter:
 
     @classmethod
     def parse(cls, query: dict[str, str]) -> QueueFilter:
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # each field's own type, checked as it is parsed
         for f in fields(cls):
             raw = query.get(f.name, "").strip()
             if not raw:

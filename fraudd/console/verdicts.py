@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from ..learning.labels import confirm, confirmed_shards
 from ..scoring.rules import block
@@ -26,7 +27,7 @@ BLOCKABLE = {"device": "device_id", "ip": "ip"}
 class Teacher:
     """Where verdicts teach the scoring: the input stream's shards in Redis."""
 
-    client: redis.Redis
+    client: redis.Redis | RedisCluster
     stream: str
     shards: int
 

@@ -91,7 +91,7 @@ async def login(request: web.Request) -> web.StreamResponse:
             audit.record(conn, username, "login_throttled", subject=username, address=address)
             return "Too many failed sign-ins: try again in 15 minutes."
         found = users.password_hash(conn, username)
-        if not verify_password(password, found[1] if found else None) or found[0].disabled:
+        if not verify_password(password, found[1] if found else None) or found is None or found[0].disabled:
             audit.record(conn, username, "login_failed", subject=username, address=address)
             return "Wrong username or password."
         audit.record(conn, username, "login", subject=username, address=address)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.keys import Keys, shard_streams
 from fraudd.scoring.features import (
@@ -149,7 +150,7 @@ class Rules:
         return [(rule, int(count)) for rule, count in zip(self.rules, hits.tolist()) if count]
 
 
-def block(client: redis.Redis, stream: str, shards: int, kind: str, value: str) -> bool:
+def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: str, value: str) -> bool:
     """Put ``value`` on the live blocklist of ``kind`` (one of BLOCKLIST_KINDS) of every input shard of
     ``stream``: each shard's workers look up their own, and the next batch of each sees it. True when
     it was not blocked before."""
