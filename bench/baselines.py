@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -81,8 +81,8 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
     import orjson
     import redis
 
-    from fraudd.scoring.features import FEATURE_NAMES
     from fraudd.schema import connect
+    from fraudd.scoring.features import FEATURE_NAMES
 
     stream, group = _env("FRAUDD_STREAM"), _env("CONSUMER_GROUP")
     client = redis.Redis.from_url(_env("REDIS_URL"), decode_responses=True)
@@ -129,7 +129,7 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
                         tx.get("channel"),
                         tx.get("lat"),
                         tx.get("lon"),
-                        datetime.fromtimestamp(tx["timestamp"], tz=timezone.utc),
+                        datetime.fromtimestamp(tx["timestamp"], tz=UTC),
                         entry_id,
                         score,
                         decision,

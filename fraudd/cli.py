@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 import psycopg
@@ -409,7 +409,7 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
             leases = [
                 client.get(Keys(stream, settings.fraud_stream, settings.dlq_stream).lease) for stream in settings.input_streams
             ]
-            owners = Counter(lease.split(":", 1)[1] for lease in leases if lease)
+            owners = Counter(str(lease).split(":", 1)[1] for lease in leases if lease)
             click.echo(
                 f"shards     {settings.shards}: {sum(owners.values())} owned, "
                 + (", ".join(f"{owner} {count}" for owner, count in sorted(owners.items())) or "no owner")
@@ -500,6 +500,14 @@ def dlq() -> None:
     """Inspect, replay or purge the dead-letter stream."""
 
 
+# What XRANGE answers a client that does not decode: (entry id, fields).
+_RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _dlq_entries(client: redis.Redis | RedisCluster, settings: StreamsSettings, start: str = "-", end: str = "+") -> _RawEntries:
+    return cast(_RawEntries, client.xrange(settings.dlq_stream, start, end))
+
+
 def _dlq_client(settings: StreamsSettings) -> redis.Redis | RedisCluster:
     from .runtime.redis_clients import redis_client
 
@@ -507,16 +515,20 @@ def _dlq_client(settings: StreamsSettings) -> redis.Redis | RedisCluster:
 
 
 def _dlq_selection(
-    client: redis.Redis, settings: StreamsSettings, entry_ids: tuple[str, ...], reason: str | None, select_all: bool
-) -> list[tuple[str, dict]]:
+    client: redis.Redis | RedisCluster,
+    settings: StreamsSettings,
+    entry_ids: tuple[str, ...],
+    reason: str | None,
+    select_all: bool,
+) -> list[tuple[str, dict[bytes, bytes]]]:
     if not (entry_ids or reason or select_all):
         raise click.UsageError("name entry ids, or select with --reason or --all")
     if entry_ids:
-        entries = []
+        entries: _RawEntries = []
         for entry_id in entry_ids:
-            entries += client.xrange(settings.dlq_stream, entry_id, entry_id)
+            entries += _dlq_entries(client, settings, entry_id, entry_id)
     else:
-        entries = client.xrange(settings.dlq_stream)
+        entries = _dlq_entries(client, settings)
     return [(i.decode(), f) for i, f in entries if reason is None or f.get(b"reason", b"").decode() == reason]
 
 
@@ -529,7 +541,7 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
     settings = StreamsSettings.from_params(params)
     client = _dlq_client(settings)
     shown = 0
-    for entry_id, fields in client.xrange(settings.dlq_stream):
+    for entry_id, fields in _dlq_entries(client, settings):
         text = {k.decode(): v for k, v in fields.items()}
         if reason is not None and text.get("reason", b"").decode() != reason:
             continue
@@ -553,9 +565,10 @@ def dlq_list(reason: str | None, count: int, **params) -> None:
 def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, **params) -> None:
     """Put dead letters back on the stream they were read from (after a fix), then remove them from the DLQ.
 
-    Transactions go through the ingest's routing, so each lands on its shard. A replayed transaction that was already scored is recognised as a duplicate, so replaying
-    twice never yields two rows. An undeliverable alert (reason alert_undeliverable) is instead
-    given to `fraudd alerts` again: its delivery is due now, with a fresh count of attempts.
+    Transactions go through the ingest's routing, so each lands on its shard. A replayed transaction
+    that was already scored is recognised as a duplicate, so replaying twice never yields two rows. An
+    undeliverable alert (reason alert_undeliverable) is instead given to `fraudd alerts` again: its
+    delivery is due now, with a fresh count of attempts.
     """
     from .alerts.deliveries import REASON_UNDELIVERABLE, retry_failed
     from .ingest import Publisher
@@ -587,7 +600,7 @@ def dlq_replay(entry_ids: tuple[str, ...], reason: str | None, select_all: bool,
         for _id, fields in others:
             pipe.xadd(fields[b"source_stream"], {"data": fields.get(b"data", b"")})
         for source, kept in as_they_were:
-            pipe.xadd(source, kept)
+            pipe.xadd(source, kept)  # type: ignore[arg-type]  # redis-py types the fields as an invariant dict of unions
         pipe.execute()
     if alerts:
         with connect_postgres(settings.postgres) as conn:

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import numpy as np
@@ -507,7 +508,8 @@ def _summary(
     flagged = {txid for (txid,) in demo.sql("SELECT transaction_id FROM transactions WHERE decision <> 'approve'")}
     fraud_ids = set(traffic.transaction_ids[traffic.is_fraud].tolist())
     caught = len(fraud_ids & flagged)
-    reasons = Counter(fields[b"reason"].decode() for _id, fields in client.xrange(demo.dlq_stream))
+    dead = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(demo.dlq_stream))  # the client does not decode
+    reasons = Counter(fields[b"reason"].decode() for _id, fields in dead)
     return DemoResult(
         sent=len(traffic.payloads),
         duplicates_sent=traffic.duplicates,

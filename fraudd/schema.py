@@ -18,8 +18,9 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -79,6 +80,14 @@ async def connect_async(url: str, pg_schema: str, **kwargs) -> psycopg.AsyncConn
     return await psycopg.AsyncConnection.connect(url, options=f"-c search_path={pg_schema}", **kwargs)
 
 
+def one_row(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row of a query that always answers one (an aggregate, a function call)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise psycopg.ProgrammingError("the query answered no row")
+    return row
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationReport:
     applied: list[str]
@@ -100,10 +109,12 @@ def timescaledb_state(conn: psycopg.Connection) -> tuple[bool, bool]:
     may: the preloaded library defines its settings, an integer among them, where a mere mention
     in postgresql.conf would leave an untyped placeholder.
     """
-    installed, loaded = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb'), "
-        "EXISTS (SELECT FROM pg_settings WHERE name = 'timescaledb.bgw_launcher_poll_time' AND vartype = 'integer')"
-    ).fetchone()
+    installed, loaded = one_row(
+        conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb'), "
+            "EXISTS (SELECT FROM pg_settings WHERE name = 'timescaledb.bgw_launcher_poll_time' AND vartype = 'integer')"
+        )
+    )
     return bool(installed), bool(loaded)
 
 
@@ -134,7 +145,7 @@ def migrate(
                    checksum text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        applied = dict(conn.execute("SELECT version, checksum FROM fraudd_schema_migrations").fetchall())
+        applied: dict[int, str] = dict(conn.execute("SELECT version, checksum FROM fraudd_schema_migrations").fetchall())
         done = []
         for migration in migrations:
             if migration.version in applied:
@@ -152,10 +163,9 @@ def migrate(
         storage = NOT_LOADED if installed else NATIVE
         if loaded:
             with _one_line_errors("TimescaleDB storage failed and was rolled back"), conn.transaction():
-                storage = conn.execute(
-                    "SELECT fraudd_use_timescaledb(%s, %s)",
-                    (_days(compress_after_days), _days(retention_days)),
-                ).fetchone()[0]
+                storage = one_row(
+                    conn.execute("SELECT fraudd_use_timescaledb(%s, %s)", (_days(compress_after_days), _days(retention_days)))
+                )[0]
         ensure_partitions(conn, partition_days_ahead)
         return MigrationReport(done, storage)
     finally:
@@ -178,9 +188,9 @@ def _one_line_errors(what: str) -> Iterator[None]:
 
 def ensure_partitions(conn: psycopg.Connection, days_ahead: int) -> int:
     """Create daily partitions from yesterday to ``days_ahead`` days out; returns how many were new."""
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     first, last = today - timedelta(days=1), today + timedelta(days=days_ahead)
-    row = conn.execute("SELECT fraudd_ensure_partitions(%s, %s)", (first, last)).fetchone()
+    row = one_row(conn.execute("SELECT fraudd_ensure_partitions(%s, %s)", (first, last)))
     return int(row[0])
 
 

@@ -29,6 +29,10 @@ from fraudd.runtime import redis_clients
 
 _Servers = TypeVar("_Servers", RedisServer, RedisClusterServers)
 
+# The private servers' fixtures (a test that stops, kills or restarts a server): registered here,
+# so a test asks for them by parameter name, with no import its parameter would shadow.
+pytest_plugins = ["tests.services"]
+
 REDIS_URL = os.environ.get("FRAUDD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("FRAUDD_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
 FRAUDD = str(Path(sys.executable).with_name("fraudd"))

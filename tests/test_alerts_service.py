@@ -23,15 +23,7 @@ import redis
 
 from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
-from .services import (  # noqa: F401  (fixtures)
-    PostgresServer,
-    RedisServer,
-    alive,
-    dedicated_namespace,
-    dedicated_postgres,
-    dedicated_redis,
-    free_port,
-)
+from .services import PostgresServer, RedisServer, alive, dedicated_namespace, free_port
 from .test_alerts import alert, write_config
 
 ALERTS = 5_000

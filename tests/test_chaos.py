@@ -25,14 +25,13 @@ import numpy as np
 import orjson
 import redis
 
-from fraudd.scoring import decode
-from fraudd.scoring.features import stored_states
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
+from fraudd.scoring import decode
+from fraudd.scoring.features import stored_states
 
 from .conftest import Namespace, wait_for, worker_pids
 from .services import DaemonProcess, PostgresServer, RedisServer, alive, dedicated_namespace
-from .services import dedicated_postgres, dedicated_redis  # noqa: F401  (fixtures)
 from .streams import fully_drained, publish
 
 TRANSACTIONS = 200_000
@@ -274,9 +273,11 @@ def test_exactly_once_under_chaos(dedicated_redis: RedisServer, dedicated_postgr
         for _ in range(log.count(f'"{e}"'))
     )
     print(
-        f"\nchaos: {chaos_s:.1f}s; stream entries {len(stream)} (duplicated ids {sum(1 for c in entries_of.values() if c > 1)}, "
+        f"\nchaos: {chaos_s:.1f}s; stream entries {len(stream)} "
+        f"(duplicated ids {sum(1 for c in entries_of.values() if c > 1)}, "
         f"producer retries {producer.retries}); worker SIGKILLs {chaos.worker_kills}, supervisor SIGKILLs 1 "
-        f"(orphans exited: {len(chaos.orphans)}), PostgreSQL down {POSTGRES_DOWN_S:.0f}s, Redis restarts 1; log events {dict(events)}\n"
+        f"(orphans exited: {len(chaos.orphans)}), PostgreSQL down {POSTGRES_DOWN_S:.0f}s, Redis restarts 1; "
+        f"log events {dict(events)}\n"
         f"(1) rows {len(stored)} = distinct valid ids {len(expected_rows)}, max rows per id 1\n"
         f"(2) alerts {len(alerts)} = distinct non-approved ids {len(flagged)}, max alerts per id 1\n"
         f"(3) dead letters {len(letters)} = invalid entries {len(expected_dead)}, max per source 1, "

@@ -193,9 +193,7 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
 
     listed = ns.fraudd("dlq", "list", "--reason", REASON_MAX_DELIVERIES)
     assert listed.returncode == 0 and f"{SHARDS} shown, {SHARDS + 3} in {ns.dlq_stream}" in listed.stderr, listed.stderr
-    assert len(listed.stdout.splitlines()) == SHARDS and all(
-        REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines()
-    )
+    assert len(listed.stdout.splitlines()) == SHARDS and all(REASON_MAX_DELIVERIES in line for line in listed.stdout.splitlines())
     # Replayed twice at once (say, two operators): each transaction is still scored once, in its shard.
     first = next(i for i, f in cluster_client.xrange(ns.dlq_stream) if f[b"reason"] == b"max_deliveries")
     cluster_client.xadd(ns.dlq_stream, cluster_client.xrange(ns.dlq_stream, first, first)[0][1])

@@ -8,7 +8,6 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from fraudd.scoring import decode
 from fraudd.generator import (
     ACCOUNT_TAKEOVER,
     CARD_TESTING,
@@ -19,6 +18,7 @@ from fraudd.generator import (
     GeneratorConfig,
     TransactionGenerator,
 )
+from fraudd.scoring import decode
 
 SMALL = GeneratorConfig(seed=3, n_users=2_000, tx_per_second=0.2)
 

@@ -19,7 +19,7 @@ from fraudd.scoring import decode
 
 from .conftest import Namespace, wait_for
 from .ingest_server import NOW, IngestServer, post, tx
-from .services import RedisServer, dedicated_redis  # noqa: F401  (fixture)
+from .services import RedisServer
 from .streams import publish, valid_payloads
 
 

@@ -184,7 +184,7 @@ def test_row_without_partition_does_not_fail(ns: Namespace) -> None:
     # Far in the future: no daily partition exists, the default one takes it, and creating the
     # day's partition later moves it out.
     ns.sql("""INSERT INTO transactions
-              (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision, model_version)
+                (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision, model_version)
               VALUES ('future', 'u', 1, 'm', '2099-01-01T12:00:00Z', '1-0', 0.1, 'approve', 'v') RETURNING 1""")
     assert ns.sql("SELECT count(*) FROM transactions_default")[0][0] == 1
     assert ns.sql("SELECT fraudd_ensure_partitions('2099-01-01', '2099-01-01')")[0][0] == 1

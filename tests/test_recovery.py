@@ -24,18 +24,7 @@ from fraudd.scoring.features import LIBRARY_NAME, stored_states
 from fraudd.settings import ConsumerSettings, PostgresSettings, RedisSettings
 
 from .conftest import Namespace, wait_for, worker_pids
-from .services import (  # noqa: F401  (fixtures)
-    PostgresServer,
-    RedisServer,
-    alive,
-    dedicated_namespace,
-    dedicated_postgres,
-    dedicated_redis,
-    drain,
-    start,
-    stop,
-    volatile_redis,
-)
+from .services import PostgresServer, RedisServer, alive, dedicated_namespace, drain, start, stop
 from .streams import alerts, dlq, fully_drained, group, payload, pending_deliveries, publish, valid_payloads
 
 

@@ -20,7 +20,6 @@ from .services import (
     free_port,
     start,
     stop,
-    volatile_redis,  # noqa: F401  (fixture)
 )
 from .streams import dlq, fully_drained, publish
 from .test_observability import http_get

@@ -190,15 +190,15 @@ _SYSCALL = re.compile(r"^\d+\s+(\w+)\(")
 def allowed_syscalls(unit: Path) -> set[str]:
     """The system calls the unit's ``SystemCallFilter=`` lines leave, expanded by systemd-analyze."""
     listing = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True).stdout
+    # A set's name on a line of its own, then its members indented under it.
     groups: dict[str, list[str]] = {}
-    current = ""  # the group whose members the indented lines list
+    members: list[str] = []
     for line in listing.splitlines():
         if line.strip() and not line.strip().startswith("#"):
             if line.startswith(" "):
-                groups[current].append(line.strip())
+                members.append(line.strip())
             else:
-                current = line.strip()
-                groups[current] = []
+                members = groups[line.strip()] = []
 
     def expand(name: str) -> set[str]:
         return set().union(*(expand(item) for item in groups[name])) if name.startswith("@") else {name}

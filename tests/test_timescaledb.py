@@ -27,7 +27,6 @@ from fraudd.schema import load_migrations
 
 from .conftest import Namespace, migrated_namespace
 from .services import TIMESCALEDB, PostgresServer, drain, scratch_postgres
-from .services import dedicated_redis, timescaledb_postgres  # noqa: F401  (fixtures)
 from .streams import alerts, payload, publish
 from .test_chaos import test_exactly_once_under_chaos  # noqa: F401  (runs here on the hypertable)
 from .test_pipeline import (  # noqa: F401  (run here on the hypertable)
@@ -53,13 +52,13 @@ def policies() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def dedicated_postgres(timescaledb_postgres: PostgresServer) -> PostgresServer:  # noqa: F811
+def dedicated_postgres(timescaledb_postgres: PostgresServer) -> PostgresServer:
     """The chaos test's own PostgreSQL (stopped and restarted by it) is the TimescaleDB cluster."""
     return timescaledb_postgres
 
 
 @pytest.fixture
-def ns(redis_client: redis.Redis, timescaledb_postgres: PostgresServer) -> Iterator[Namespace]:  # noqa: F811
+def ns(redis_client: redis.Redis, timescaledb_postgres: PostgresServer) -> Iterator[Namespace]:
     """A namespace migrated on the TimescaleDB cluster: ``transactions`` is a hypertable there."""
     yield from migrated_namespace(redis_client, postgres_url=timescaledb_postgres.url)
 
@@ -114,7 +113,7 @@ class ChunkCompressor(threading.Thread):
 
 
 @pytest.fixture(autouse=True)
-def compressed_under_the_writers(request: pytest.FixtureRequest, timescaledb_postgres: PostgresServer) -> Iterator[None]:  # noqa: F811
+def compressed_under_the_writers(request: pytest.FixtureRequest, timescaledb_postgres: PostgresServer) -> Iterator[None]:
     """The imported tests run while their chunks are compressed; they must have written into compressed chunks."""
     if request.function.__module__ == __name__:
         yield

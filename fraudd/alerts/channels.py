@@ -254,7 +254,8 @@ class EmailChannel(Channel):
 
 
 def open_channel(config: ChannelConfig) -> Channel:
-    return {"webhook": WebhookChannel, "slack": SlackChannel, "email": EmailChannel}[config.kind](config)
+    kinds: dict[str, type[Channel]] = {"webhook": WebhookChannel, "slack": SlackChannel, "email": EmailChannel}
+    return kinds[config.kind](config)
 
 
 # -- message content -----------------------------------------------------------------------

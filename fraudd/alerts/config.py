@@ -15,9 +15,10 @@ import binascii
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 KINDS = ("webhook", "slack", "email")
 TLS_MODES = ("starttls", "implicit", "none")
@@ -137,9 +138,9 @@ _KIND_KEYS = {
 _DEFAULT_CONCURRENCY = {"webhook": 64, "slack": 4, "email": 4}
 
 
-def load(path: Path, environ: dict[str, str] | None = None) -> AlertsConfig:
+def load(path: Path, environ: Mapping[str, str] | None = None) -> AlertsConfig:
     """Parse and check the channels file; raise ``AlertConfigError`` naming the first bad key."""
-    environ = os.environ if environ is None else environ
+    variables = os.environ if environ is None else environ
     try:
         document = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -154,7 +155,7 @@ def load(path: Path, environ: dict[str, str] | None = None) -> AlertsConfig:
         raise AlertConfigError(f"{path}: channels: at least one [[channels]] table is required")
     channels: list[ChannelConfig] = []
     for index, table in enumerate(tables):
-        channel = _Channel(path, index, table, environ).parse()
+        channel = _Channel(path, index, table, variables).parse()
         if any(c.name == channel.name for c in channels):
             raise AlertConfigError(f"{path}: channels[{index}].name: {channel.name!r} is used twice")
         channels.append(channel)
@@ -164,7 +165,7 @@ def load(path: Path, environ: dict[str, str] | None = None) -> AlertsConfig:
 class _Channel:
     """One ``[[channels]]`` table being checked; every error names ``channels[i] (name).key``."""
 
-    def __init__(self, path: Path, index: int, table: Any, environ: dict[str, str]) -> None:
+    def __init__(self, path: Path, index: int, table: Any, environ: Mapping[str, str]) -> None:
         self.path, self.index, self.table, self.environ = path, index, table, environ
         self.label = f"channels[{index}]"
 
@@ -317,6 +318,10 @@ class _Channel:
                 raise self.fail("console_url", "may only use the {transaction_id} placeholder") from None
         return template
 
+    @overload
+    def secret(self, stem: str, required: Literal[True]) -> str: ...
+    @overload
+    def secret(self, stem: str, required: bool) -> str | None: ...
     def secret(self, stem: str, required: bool) -> str | None:
         """``<stem>_env`` (a variable's name) or ``<stem>_file`` (a path): the secret's value."""
         env_key, file_key = f"{stem}_env", f"{stem}_file"

@@ -14,6 +14,7 @@ import orjson
 import psycopg
 import redis
 from psycopg_pool import AsyncConnectionPool
+from redis.cluster import RedisCluster
 
 from ..runtime.deadletters import marker_prefix
 from .channels import Alert
@@ -114,7 +115,11 @@ WHERE transaction_id = u.t AND channel = u.c AND status = 'failed'
 
 
 def retry_failed(
-    conn: psycopg.Connection, client: redis.Redis, fraud_stream: str, dlq_stream: str, letters: list[dict[bytes, bytes]]
+    conn: psycopg.Connection,
+    client: redis.Redis | RedisCluster,
+    fraud_stream: str,
+    dlq_stream: str,
+    letters: list[dict[bytes, bytes]],
 ) -> int:
     """Make the deliveries of these ``alert_undeliverable`` dead letters due again (``fraudd dlq
     replay``), and forget that they were dead-lettered, so that another give-up is written again.
@@ -250,4 +255,5 @@ class DeliveryLog:
         """Deliveries still to make, due or not (the service's queue beyond the stream)."""
         async with self.pool.connection() as conn:
             cursor = await conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')")
-            return int((await cursor.fetchone())[0])
+            [(count,)] = await cursor.fetchall()
+            return int(count)

@@ -39,6 +39,7 @@ import numpy as np
 import orjson
 import psycopg
 import redis
+import redis.asyncio.cluster
 import uvloop
 
 from ..keys import Keys
@@ -87,7 +88,7 @@ class AlertSender:
         self._dead_prefix = deadletters.marker_prefix(settings.fraud_stream, settings.dlq_stream)
         self._replicas = ReplicaWait()
         self._channels: dict[str, ChannelRunner] = {}
-        self.recorder: Recorder | None = None
+        self._recorder: Recorder | None = None
 
     # -- the consumer's side (its thread) --------------------------------------------------
 
@@ -113,6 +114,13 @@ class AlertSender:
         future: concurrent.futures.Future[_T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result()
 
+    @property
+    def recorder(self) -> Recorder:
+        """The delivery log's writer, there once the event loop opened the sender."""
+        if self._recorder is None:
+            raise RuntimeError("the alert sender is not open")
+        return self._recorder
+
     # -- the event loop's side -------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -121,7 +129,7 @@ class AlertSender:
         )
         self._dead_letters = self.redis.register_script(deadletters.SCRIPT)
         await self.log.open()
-        self.recorder = Recorder(self)
+        self._recorder = Recorder(self)
         for channel_config in self.config.channels:
             channel = open_channel(channel_config)
             await channel.open()
@@ -133,8 +141,8 @@ class AlertSender:
     async def _close(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
         await asyncio.gather(*(runner.stop(grace_s) for runner in self._channels.values()))
-        if self.recorder is not None:
-            await self.recorder.stop(max(1.0, deadline - time.monotonic()))
+        if self._recorder is not None:
+            await self._recorder.stop(max(1.0, deadline - time.monotonic()))
         for runner in self._channels.values():
             await runner.channel.close()
         await self.log.close()
@@ -208,7 +216,7 @@ class AlertSender:
         await self._dead_letters(
             keys=[dlq, dlq], args=deadletters.script_args("", self._dead_prefix, self.settings.fraud_stream, letters, [])
         )
-        if self.settings.redis_cluster:
+        if isinstance(self.redis, redis.asyncio.cluster.RedisCluster):
             # The delivery is recorded failed next, for good: its dead letter must outlive the DLQ's master.
             await self._replicas.wait_async(self.redis, dlq)
 

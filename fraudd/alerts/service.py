@@ -24,7 +24,7 @@ from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
-from ..schema import connect
+from ..schema import connect, one_row
 from .config import AlertConfigError, AlertsConfig, load
 from .deliveries import purge_settled
 from .sender import REASON_INVALID_ALERT, AlertSender, SenderSettings
@@ -138,7 +138,7 @@ def service(settings: AlertSettings, config: AlertsConfig) -> Service:
             pass  # the housekeeper reports Redis down
         try:
             with connect(settings.postgres.url, settings.postgres.schema, connect_timeout=2, autocommit=True) as conn:
-                (count,) = conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')").fetchone()
+                (count,) = one_row(conn.execute("SELECT count(*) FROM alert_deliveries WHERE status IN ('pending', 'digest')"))
                 if settings.deliveries_retention_days and time.monotonic() >= next_purge[0]:
                     next_purge[0] = time.monotonic() + PURGE_INTERVAL_S
                     purged = purge_settled(conn, settings.deliveries_retention_days)

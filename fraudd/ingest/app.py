@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import hiredis
 import orjson
 import redis
 from aiohttp import web
@@ -31,6 +30,7 @@ from ..learning.labels import label_entries, parse_labels
 from ..runtime.groups import group_state
 from ..runtime.health import HEALTH_CACHE_S, HealthProblem, health_body, log_health_change
 from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
+from ..runtime.redis_wire import pack
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
     REASON_NOT_JSON,
@@ -217,7 +217,7 @@ class Ingest:
             body,
             self.settings.signature_window_s,
         )
-        if problem is None:
+        if problem is None and signature is not None:  # (a missing signature is a problem)
             marker = self.keys.signature_prefix + signature[len(auth.SIGNATURE_VERSION) :]
             # Kept until its timestamp leaves the window (plus a second): a replay after that is
             # refused by the timestamp alone, so markers live at most one window on average.
@@ -313,7 +313,7 @@ class Ingest:
             position, reason = errors[0]
             raise Refusal(422, "invalid_label", f"item {position}: {reason}")
         stream = self.settings.labels_stream
-        commands = [hiredis.pack_command(command) for command in label_entries(stream, labels)]
+        commands = [pack(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
         except (redis.RedisError, OSError) as exc:
@@ -601,6 +601,6 @@ def _batch_items(body: bytes, ndjson: bool, max_batch: int) -> list[Submission |
         if len(payload) > MAX_PAYLOAD_BYTES:
             checked.append(Problem(REASON_TOO_LARGE, None, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}"))
             continue
-        result = check_transaction(obj)
-        checked.append(result if isinstance(result, Problem) else _submission(obj, result, payload))
+        event_s = check_transaction(obj)
+        checked.append(event_s if isinstance(event_s, Problem) else _submission(obj, event_s, payload))
     return checked

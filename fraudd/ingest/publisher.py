@@ -24,6 +24,7 @@ import hiredis
 import orjson
 import redis
 import redis.exceptions
+from redis.cluster import RedisCluster
 
 from ..keys import Keys, shard_of, shard_stream
 from ..runtime.redis_clients import AsyncNodes
@@ -122,7 +123,7 @@ class Publisher:
     ``shards`` > 1 to the shard stream of each payload's ``user_id`` (``keys.shard_of``): the one
     place that routes."""
 
-    def __init__(self, client: redis.Redis, stream: str, shards: int = 1) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, stream: str, shards: int = 1) -> None:
         self._stream = stream
         self._shards = shards
         self._script = client.register_script(_XADD_MANY)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 import orjson
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from fraudd.keys import Keys, shard_stream
 from fraudd.scoring.confirmed import ConfirmedFraud
@@ -212,7 +213,7 @@ def confirm(conn: psycopg.Connection, shards: list[ConfirmedFraud], labels: list
     return len(rows)
 
 
-def confirmed_shards(client: redis.Redis, stream: str, shards: int) -> list[ConfirmedFraud]:
+def confirmed_shards(client: redis.Redis | RedisCluster, stream: str, shards: int) -> list[ConfirmedFraud]:
     """The confirmed-fraud state of each input shard of ``stream``."""
     return [ConfirmedFraud(client, Keys(shard_stream(stream, shards, k), "", "")) for k in range(shards)]
 

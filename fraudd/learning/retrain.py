@@ -80,7 +80,8 @@ def retrain(
         f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-"
         f"{training.data_version(stored.history)}"
     )
-    trained = training.train(*(past.take(rows) for rows in parts), seed, version, progress=progress)
+    fit_part, tune, holdout = (past.take(rows) for rows in parts)
+    trained = training.train(fit_part, tune, holdout, seed, version, progress=progress)
     path = models_dir / f"{version}.onnx"
     training.export(trained, path)
 

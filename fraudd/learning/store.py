@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from fraudd.schema import connect
+from fraudd.schema import connect, one_row
 
 from .train import History, TrainingError
 
@@ -63,7 +63,7 @@ def stored_history(postgres_url: str, pg_schema: str, since_s: float) -> StoredH
                 ORDER BY t.event_time, t.stream_id""",
             (since_s,),
         ).fetchall()
-        labelled = conn.execute("SELECT count(*) FROM labels").fetchone()[0]
+        labelled = one_row(conn.execute("SELECT count(*) FROM labels"))[0]
     if not rows:
         raise TrainingError(f"schema {pg_schema}: no stored transactions in the period asked for")
     payloads = []

@@ -16,9 +16,10 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightgbm
 import numpy as np
@@ -46,7 +47,7 @@ REVIEW_FPR = 0.01
 DECLINE_FPR = 0.001
 # Below this many fraudulent transactions in a part of the split, its figures are noise.
 MIN_POSITIVES = {"fit": 50, "tune": 10, "holdout": 10}
-LIGHTGBM_PARAMS = dict(
+LIGHTGBM_PARAMS: dict[str, Any] = dict(
     objective="binary",
     n_estimators=120,
     num_leaves=15,
@@ -128,7 +129,8 @@ def featurize(client: redis.Redis, history: History, progress: Progress = _quiet
                 raise TrainingError(f"{history.source} {where}: {bad.reason}: {bad.detail}")
             parts.append(store.compute(batch).matrix)
             timestamps.append(batch.timestamp)
-            for column, values in zip(entities, (batch.merchant, batch.device_id, batch.ip, batch.card_id)):
+            values_of: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.card_id)
+            for column, values in zip(entities, values_of):
                 column.extend(values)
             done = start + len(chunk)
             now = time.monotonic()
@@ -283,7 +285,7 @@ def evaluate(scores: np.ndarray, data: Dataset, review: float, decline: float) -
     fraud = data.is_fraud
     legit = ~fraud
     at_1pct = threshold_at_fpr(scores, fraud, 0.01)
-    result = {
+    result: dict[str, Any] = {
         "transactions": int(len(fraud)),
         "fraud": int(fraud.sum()),
         "pr_auc": round(float(average_precision_score(fraud, scores)), 4),
@@ -315,6 +317,11 @@ def fit(train: Dataset, columns: list[int], seed: int) -> lightgbm.LGBMClassifie
     return classifier
 
 
+def fraud_probability(classifier: lightgbm.LGBMClassifier, matrix: np.ndarray) -> np.ndarray:
+    """The classifier's probability of the fraud class for each row."""
+    return np.asarray(classifier.predict_proba(matrix))[:, 1]
+
+
 @dataclass
 class Trained:
     """A fitted model with its thresholds and held-out figures, ready to export."""
@@ -343,17 +350,17 @@ def train(
     all_columns = list(range(len(fit_part.feature_names)))
     progress(f"fitting on {len(fit_part):,} transactions ({int(fit_part.is_fraud.sum()):,} fraud)")
     classifier = fit(fit_part, all_columns, seed)
-    tune_scores = classifier.predict_proba(tune.matrix)[:, 1]
+    tune_scores = fraud_probability(classifier, tune.matrix)
     review = threshold_at_fpr(tune_scores, tune.is_fraud, review_fpr)
     decline = threshold_at_fpr(tune_scores, tune.is_fraud, decline_fpr)
-    metrics = evaluate(classifier.predict_proba(holdout.matrix)[:, 1], holdout, review, decline)
+    metrics = evaluate(fraud_probability(classifier, holdout.matrix), holdout, review, decline)
 
     progress("fitting the single-message baseline")
     message_columns = [FEATURE_NAMES.index(name) for name in MESSAGE_FEATURES]
     baseline = fit(fit_part, message_columns, seed)
-    baseline_tune_scores = baseline.predict_proba(tune.matrix[:, message_columns])[:, 1]
+    baseline_tune_scores = fraud_probability(baseline, tune.matrix[:, message_columns])
     baseline_metrics = evaluate(
-        baseline.predict_proba(holdout.matrix[:, message_columns])[:, 1],
+        fraud_probability(baseline, holdout.matrix[:, message_columns]),
         holdout,
         threshold_at_fpr(baseline_tune_scores, tune.is_fraud, review_fpr),
         threshold_at_fpr(baseline_tune_scores, tune.is_fraud, decline_fpr),
@@ -477,8 +484,10 @@ Plain rules on the same held-out transactions, each at its best threshold within
 {rules}
 
 ## Thresholds (set on the tuning slice)
-- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics["recall_at_review"]:.1%} at FPR {metrics["fpr_at_review"]:.2%};
-- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics["recall_at_decline"]:.1%} at FPR {metrics["fpr_at_decline"]:.3%}.
+- review from score {review:.4f} (1% FPR on tuning data): held-out recall {metrics["recall_at_review"]:.1%}
+  at FPR {metrics["fpr_at_review"]:.2%};
+- decline from score {decline:.4f} (0.1% FPR): held-out recall {metrics["recall_at_decline"]:.1%}
+  at FPR {metrics["fpr_at_decline"]:.3%}.
 
 ## Recall per typology (held out)
 | typology | at 1% FPR | at the review threshold | single-message baseline at 1% FPR |

@@ -24,10 +24,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 from ..settings import ConsumerSettings
 from . import metrics
@@ -99,7 +100,7 @@ class Poison:
         return f"delivered {self.deliveries} times"
 
 
-def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) -> Entries:
+def read_entries(raw_entries: list[Any], deliveries: dict[str, int] | None = None) -> Entries:
     """Entries from a raw (RESP2, undecoded) XREADGROUP/XAUTOCLAIM reply."""
     ids = [entry_id.decode() for entry_id, _fields in raw_entries]
     # The origin producer writes exactly one field, ``data``: look further only when it did not.
@@ -113,13 +114,13 @@ def read_entries(raw_entries: list, deliveries: dict[str, int] | None = None) ->
     return Entries(ids, payloads, deleted, deliveries or {}, extra)
 
 
-def _data_field(fields: list | None) -> bytes | None:
+def _data_field(fields: list[bytes] | None) -> bytes | None:
     if not fields:
         return None
     return dict(zip(fields[::2], fields[1::2])).get(b"data")
 
 
-def _extra_fields(fields: list) -> dict[bytes, bytes]:
+def _extra_fields(fields: list[bytes]) -> dict[bytes, bytes]:
     return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
 
 
@@ -136,7 +137,7 @@ class StreamConsumer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         options: ConsumerSettings,
         name: str,
         process: WorkerProcess,
@@ -210,7 +211,7 @@ class StreamConsumer:
                 return entries
         return read_entries(self._xreadgroup(">", block=True))
 
-    def _xreadgroup(self, start: str, block: bool) -> list:
+    def _xreadgroup(self, start: str, block: bool) -> list[Any]:
         o = self.options
         args = ["GROUP", o.group, self.name, "COUNT", o.batch_size]
         if block:
@@ -222,8 +223,9 @@ class StreamConsumer:
             return []
         return reply[0][1] if reply else []
 
-    def _command(self, *args) -> object:
-        """A command on the stream, its reply raw (``connect_redis``), on the node serving it."""
+    def _command(self, *args: Any) -> Any:
+        """A command on the stream, its reply raw (``connect_redis``: nested lists of bytes), on the
+        node serving it."""
         return on_node(self.redis, self.options.stream, lambda client: client.execute_command(*args))
 
     def recreate_lost_group(self, exc: redis.ResponseError) -> None:
@@ -269,7 +271,7 @@ class StreamConsumer:
         log.info("reclaimed pending entries", extra={"event": "reclaimed", "entries": len(raw)})
         return read_entries(raw, self._deliveries(raw))
 
-    def _deliveries(self, raw: list) -> dict[str, int]:
+    def _deliveries(self, raw: list[Any]) -> dict[str, int]:
         """Delivery counts of entries this consumer holds, for the poison check."""
         first, last = raw[0][0], raw[-1][0]
         pending = self._command("XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name)
@@ -339,6 +341,21 @@ class StreamConsumer:
             pass
 
 
+class Reader(Protocol):
+    """What ``consume`` reads from: a ``StreamConsumer``, or a reader over several (the scoring
+    worker's owned shards)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def held(self) -> int:
+        """Entries read and not yet acked."""
+
+    def read(self) -> Entries:
+        """The next batch, possibly empty."""
+
+
 class BatchHandler(Protocol):
     """What a service does with a batch; ``consume`` calls these in this order."""
 
@@ -358,7 +375,7 @@ class BatchHandler(Protocol):
         """Release connections."""
 
 
-def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHandler) -> int:
+def consume(process: WorkerProcess, consumer: Reader, handler: BatchHandler) -> int:
     """The life of a consumer worker process; returns its exit code."""
     process.install_signals()
     try:
@@ -395,7 +412,7 @@ def consume(process: WorkerProcess, consumer: StreamConsumer, handler: BatchHand
     return 0
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str, start: str = "0") -> bool:
+def ensure_group(client: redis.Redis | RedisCluster, stream: str, group: str, start: str = "0") -> bool:
     """Create the consumer group if missing, reading from ``start`` (``0``: the stream's beginning,
     ``$``: what arrives next); True if it was created."""
     try:

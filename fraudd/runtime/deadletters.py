@@ -101,10 +101,10 @@ class DeadLetter:
 
 def script_args(
     group: str, marker_prefix: str, source_stream: str, letters: list[DeadLetter], ack_ids: list[str], ttl_s: int = MARKER_TTL_S
-) -> list:
+) -> list[str | int | bytes]:
     """The script's ARGV; with a sync or asyncio client's ``register_script`` alike. Each letter names
     ``source_stream``, where ``fraudd dlq replay`` puts it back."""
-    args: list = [group, marker_prefix, ttl_s, source_stream, len(letters)]
+    args: list[str | int | bytes] = [group, marker_prefix, ttl_s, source_stream, len(letters)]
     for letter in letters:
         args += [letter.marker, len(letter.fields)]
         for name, value in letter.fields.items():

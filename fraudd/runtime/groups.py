@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.client import NEVER_DECODE
+from redis.cluster import RedisCluster
 
 from .redis_clients import NO_SUCH_KEY, redis_error_code
 
@@ -20,11 +22,11 @@ class GroupState:
     lag: int
     pending: int
     oldest_pending_age_s: float
-    consumers: list[dict]
+    consumers: list[dict[str, Any]]
     entries_read: int | None = None  # delivered to the group since it was created; None: Redis cannot tell
 
 
-def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
+def group_state(client: redis.Redis | RedisCluster, stream: str, group: str) -> GroupState:
     """(``client`` decodes responses.) Lag, pending count and oldest pending age of ``group`` (computing
     lag when Redis has none); a stream nothing was written to yet has neither."""
     try:
@@ -41,7 +43,7 @@ def group_state(client: redis.Redis, stream: str, group: str) -> GroupState:
         # Redis reports no lag after deletions or trimming; count what lies past the last delivery.
         # Undecoded: a decoding client would choke on a payload that is not UTF-8 (it is dead-lettered).
         lag = len(
-            client.execute_command(
+            client.execute_command(  # type: ignore[no-untyped-call]  # redis-py's, unannotated on RedisCluster
                 "XRANGE", stream, f"({info['last-delivered-id']}", "+", "COUNT", 100_000, keys=[stream], **{NEVER_DECODE: True}
             )
         )
@@ -63,11 +65,11 @@ def combined(states: list[GroupState]) -> GroupState:
     """The group over every input shard: lags and pending summed, the oldest pending of all."""
     if len(states) == 1:
         return states[0]
-    reads = [state.entries_read for state in states]
+    reads = [state.entries_read for state in states if state.entries_read is not None]
     return GroupState(
         sum(state.lag for state in states),
         sum(state.pending for state in states),
         max(state.oldest_pending_age_s for state in states),
         [consumer for state in states for consumer in state.consumers],
-        None if None in reads else sum(reads),
+        sum(reads) if len(reads) == len(states) else None,
     )

@@ -16,9 +16,11 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import psycopg
 import redis
@@ -116,7 +118,7 @@ def primary_memory(client: RedisCluster) -> dict[str, RedisMemory]:
     return {node.name: _memory(client.get_redis_connection(node).info("memory")) for node in client.get_primaries()}
 
 
-def _memory(info: dict) -> RedisMemory:
+def _memory(info: dict[str, Any]) -> RedisMemory:
     return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
 
 
@@ -272,7 +274,7 @@ def check_postgres(postgres: PostgresSettings) -> None:
         conn.execute("SELECT 1")
 
 
-def health_problems(postgres: PostgresSettings, client: redis.Redis) -> list[HealthProblem]:
+def health_problems(postgres: PostgresSettings, client: redis.Redis | RedisCluster) -> list[HealthProblem]:
     """What is wrong with the dependencies right now; empty when Redis (writable, not evicting) and
     PostgreSQL answer."""
     problems = []
@@ -303,7 +305,9 @@ class HealthServer:
     loopback by default."""
 
     def __init__(self, listen: tuple[str, int], problems: Callable[[], list[HealthProblem]]) -> None:
-        self._metrics_app = make_wsgi_app(metrics.multiprocess_registry())
+        self._metrics_app: Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]] = make_wsgi_app(
+            metrics.multiprocess_registry()
+        )
         self._problems = problems
         # Requests are served on a thread each: the lock makes those arriving together share one probe.
         self._probe_lock = threading.Lock()
@@ -321,7 +325,7 @@ class HealthServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _app(self, environ, start_response):
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/healthz":
             problems = self._health()
@@ -346,5 +350,5 @@ class _IPv6Server(ThreadingWSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args) -> None:  # scrapes every few seconds are not news
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds are not news
         pass

@@ -212,7 +212,7 @@ class _ConsistentMultiProcessCollector(multiprocess.MultiProcessCollector):
 
     def collect(self) -> Iterable[Metric]:
         with _directory_lock:
-            return list(super().collect())
+            return list(super().collect())  # type: ignore[no-untyped-call]  # prometheus-client's, unannotated
 
 
 def current(name: str) -> float | None:
@@ -225,5 +225,5 @@ def current(name: str) -> float | None:
 def multiprocess_registry() -> CollectorRegistry:
     """A registry summing every process's metrics from ``PROMETHEUS_MULTIPROC_DIR``, for ``/metrics``."""
     registry = CollectorRegistry()
-    _ConsistentMultiProcessCollector(registry)
+    _ConsistentMultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus-client's, unannotated
     return registry

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Notifier:
 
     def send(self, *assignments: str, status: str | None = None) -> None:
         """Send ``assignments`` (``NAME=value``) and ``STATUS=status`` as one message."""
-        if self._socket is None:
+        if self._socket is None or self._address is None:
             return
         lines = list(assignments)
         if status is not None:
@@ -80,7 +81,7 @@ def _socket_address(value: str) -> str | None:
     return None  # unset, or a transport this module does not speak (e.g. vsock)
 
 
-def _watchdog_interval(env) -> float | None:
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     """The watchdog interval in seconds, if this process is the one systemd watches."""
     try:
         usec = int(env.get("WATCHDOG_USEC", ""))

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from types import FrameType
 
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL_S = 0.25  # well under any sensible watchdog interval; a pipe write, not per batch
@@ -60,7 +61,7 @@ class WorkerProcess:
         # The supervisor's pid as it knew it before the fork: had it died before this line, getppid()
         # would already name the process that adopted the orphan, which then never looks orphaned.
         self._parent = parent_pid if parent_pid is not None else os.getppid()
-        self._wakers: list[Callable[[], None]] = []
+        self._wakers: list[Callable[[], object]] = []
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -68,7 +69,7 @@ class WorkerProcess:
         signal.signal(signal.SIGHUP, self._on_reload)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
-    def wake_on_signal(self, waker: Callable[[], None]) -> None:
+    def wake_on_signal(self, waker: Callable[[], object]) -> None:
         """Call ``waker`` (e.g. an event loop's thread-safe wake-up) after every stop or reload signal."""
         self._wakers.append(waker)
 
@@ -105,11 +106,11 @@ class WorkerProcess:
         except BlockingIOError:
             pass  # the supervisor is not reading (wedged): its own watchdog deals with that
 
-    def _on_stop(self, signum, frame) -> None:
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
         self._wake()
 
-    def _on_reload(self, signum, frame) -> None:
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True
         self._wake()
 

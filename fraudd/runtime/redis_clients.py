@@ -14,9 +14,8 @@ from __future__ import annotations
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, Literal, TypeVar, overload
 
-import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -26,12 +25,12 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
 from ..keys import hash_tag
-from .redis_wire import refresh_slots, refresh_slots_async, round_trip_async
+from .redis_wire import pack, refresh_slots, refresh_slots_async, round_trip_async
 
 _T = TypeVar("_T")
 
 
-def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | RedisCluster:
+def redis_client(url: str, cluster: bool = False, **options: Any) -> redis.Redis | RedisCluster:
     """A client of the Redis at ``url``, or with ``cluster`` of the Redis Cluster whose seed nodes
     ``url`` lists, comma-separated; ``options`` go to redis-py (``decode_responses``, timeouts)."""
     options = {"protocol": 2, **options}
@@ -40,7 +39,15 @@ def redis_client(url: str, cluster: bool = False, **options) -> redis.Redis | Re
     return RedisCluster(**_cluster_options(url, ClusterNode), **options)
 
 
-def async_redis_client(url: str, cluster: bool = False, **options) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+@overload
+def async_redis_client(url: str, cluster: Literal[False] = False, **options: Any) -> redis.asyncio.Redis: ...
+@overload
+def async_redis_client(url: str, cluster: Literal[True], **options: Any) -> redis.asyncio.cluster.RedisCluster: ...
+@overload
+def async_redis_client(url: str, cluster: bool, **options: Any) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster: ...
+def async_redis_client(
+    url: str, cluster: bool = False, **options: Any
+) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """``redis_client`` for an asyncio event loop."""
     options = {"protocol": 2, **options}
     if not cluster:
@@ -52,7 +59,7 @@ def _seeds(url: str) -> list[urllib.parse.SplitResult]:
     return [urllib.parse.urlsplit(seed.strip()) for seed in url.split(",") if seed.strip()]
 
 
-def _cluster_options(url: str, node: type) -> dict:
+def _cluster_options(url: str, node: type) -> dict[str, Any]:
     """The cluster client's start-up nodes (of redis-py's sync or asyncio ``ClusterNode`` class) and
     credentials, from the seed URLs."""
     seeds = _seeds(url)
@@ -78,12 +85,12 @@ def connect_redis(url: str, cluster: bool = False) -> redis.Redis | RedisCluster
         health_check_interval=0,
         **({} if cluster else {"retry_on_timeout": False}),
     )
-    if not cluster:
+    if isinstance(client, redis.Redis):
         _raw_stream_replies(client)
     return client
 
 
-def _raw(response, **options):
+def _raw(response: Any, **options: Any) -> Any:
     return response
 
 
@@ -154,7 +161,7 @@ REPLICA_WAIT_MS = 100
 REPLICA_RETRY_S = 5.0
 
 
-def _probe(key: str) -> tuple:
+def _probe(key: str) -> tuple[str, str, int, str, int]:
     """A write in ``key``'s slot that leaves nothing behind (it expires): what ``ReplicaWait`` waits on."""
     return ("SET", f"fraudd:{{{hash_tag(key)}}}:replica-probe", 1, "PX", 10 * REPLICA_WAIT_MS)
 
@@ -196,11 +203,13 @@ class ReplicaWait:
         """``wait`` with the asyncio cluster client."""
         if self.due(key):
             commands = [PipelineCommand(0, *_probe(key)), PipelineCommand(1, "WAIT", 1, REPLICA_WAIT_MS)]
-            await client.get_node_from_key(key).execute_pipeline(commands)
-            for command in commands:
-                if isinstance(command.result, Exception):
-                    raise command.result
-            self.waited(key, commands[1].result)
+            await _master(client, key).execute_pipeline(commands)
+            probe, wait = commands
+            if isinstance(probe.result, Exception):
+                raise probe.result
+            if isinstance(wait.result, Exception):
+                raise wait.result
+            self.waited(key, wait.result)
 
     def due(self, key: str) -> bool:
         """Whether a write to ``key`` is to be waited for (its master had a replica lately)."""
@@ -210,6 +219,15 @@ class ReplicaWait:
         """What a ``WAIT`` after a write to ``key`` answered: how many replicas have it."""
         if replicas == 0:
             self._unreplicated_until[key] = time.monotonic() + REPLICA_RETRY_S
+
+
+def _master(client: redis.asyncio.cluster.RedisCluster, key: str) -> redis.asyncio.cluster.ClusterNode:
+    """The master serving ``key``'s slot (``SlotNotCoveredError`` when none does): redis-py's lookup
+    is typed optional for the replica it may be asked for instead."""
+    node = client.get_node_from_key(key)
+    if node is None:
+        raise redis.exceptions.SlotNotCoveredError(f"no node serves the slot of {key}")
+    return node
 
 
 class AsyncNodes:
@@ -223,7 +241,7 @@ class AsyncNodes:
     cluster is away (its calls fail meanwhile, as on a single Redis that is down).
     """
 
-    def __init__(self, url: str, cluster: bool = False, **options) -> None:
+    def __init__(self, url: str, cluster: bool = False, **options: Any) -> None:
         """``options`` go to redis-py's clients (timeouts)."""
         self.cluster = cluster
         # One retry, at once: enough for a connection the server closed while idle. redis-py's
@@ -248,12 +266,12 @@ class AsyncNodes:
         if not self._mapped:
             await self.refresh()
         try:
-            node = self._map.get_node_from_key(key)
+            node = _master(self._map, key)
         except redis.exceptions.RedisClusterException:  # the map is unknown, or lacks the slot
             raise redis.exceptions.ClusterDownError(f"no known node serves the slot of {key}") from None
         client = self._clients.get(node.name)
         if client is None:
-            client = self._clients[node.name] = redis.asyncio.Redis(host=node.host, port=node.port, **self._options)
+            client = self._clients[node.name] = redis.asyncio.Redis(host=node.host, port=int(node.port), **self._options)
         return client
 
     async def on_node(self, key: str, send: Callable[[redis.asyncio.Redis], Awaitable[_T]]) -> _T:
@@ -265,13 +283,13 @@ class AsyncNodes:
             await self.refresh()
             raise
 
-    async def send(self, key: str, commands: list[bytes], replicated: bool = False) -> list:
+    async def send(self, key: str, commands: list[bytes], replicated: bool = False) -> list[Any]:
         """The replies of ``commands`` (packed with hiredis: redis-py's own packing inspects each
         argument in Python) sent in one write to the node serving ``key``. ``replicated`` on a
         cluster: a replica holds them too before this returns (``WAIT``, in the same round trip),
         so a master dying right after does not take back what the caller was told is written."""
 
-        async def attempt(node: redis.asyncio.Redis) -> list:
+        async def attempt(node: redis.asyncio.Redis) -> list[Any]:
             wait = replicated and self.cluster and self._replicas.due(key)
             packed = [*commands, _WAIT] if wait else commands
             replies = await round_trip_async(node, packed)
@@ -304,4 +322,4 @@ class AsyncNodes:
         await self._map.aclose()
 
 
-_WAIT = hiredis.pack_command(("WAIT", 1, REPLICA_WAIT_MS))
+_WAIT = pack(("WAIT", 1, REPLICA_WAIT_MS))

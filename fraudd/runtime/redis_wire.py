@@ -41,7 +41,7 @@ def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command([_pack(c) for c in commands], check_health=False)
+            conn.send_packed_command([pack(c) for c in commands], check_health=False)
             replies: list[Any] = []
             error: redis.ResponseError | None = None
             for _ in commands:
@@ -67,15 +67,15 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
     ``key`` is WATCHed and read in one round trip, the transaction sent in a second; an error reply
     of one of ``commands`` is raised. Whatever breaks off closes the connection, which may be left
     with a WATCH or an open MULTI."""
-    transaction = [_pack(("MULTI",)), *(_pack(c) for c in commands)]
-    transaction.append(_pack(("EXEC",)))
+    transaction = [pack(("MULTI",)), *(pack(c) for c in commands)]
+    transaction.append(pack(("EXEC",)))
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command([_pack(("WATCH", key)), _pack(("GET", key))], check_health=False)
+        conn.send_packed_command([pack(("WATCH", key)), pack(("GET", key))], check_health=False)
         conn.read_response()
         if conn.read_response() != value:
-            conn.send_packed_command([_pack(("UNWATCH",))], check_health=False)
+            conn.send_packed_command([pack(("UNWATCH",))], check_health=False)
             conn.read_response()
             return False
         conn.send_packed_command(transaction, check_health=False)
@@ -93,14 +93,15 @@ def transaction_while(client: redis.Redis, key: str, value: bytes, commands: Seq
         pool.release(conn)
 
 
-def _pack(command: Command) -> bytes:
+def pack(command: Command) -> bytes:
+    """``command`` in the Redis protocol, packed by hiredis in one C call."""
     # hiredis's stub types the command as a tuple of one argument.
     packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
     return packed
 
 
 async def round_trip_async(client: redis.asyncio.Redis, packed: Sequence[bytes]) -> list[Any]:
-    """The raw replies of the already packed (``hiredis.pack_command``) commands, sent to ``client``
+    """The raw replies of the already packed (``pack``) commands, sent to ``client``
     in one write; the first error reply is raised. Whatever was cut off mid-reply closes the
     connection, so the next user of it does not read it."""
     pool = client.connection_pool

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.cluster import RedisCluster
 
 from .redis_clients import NO_SUCH_KEY, redis_error_code
 
@@ -20,7 +21,9 @@ def _entry_id(text: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def trim_bound(client: redis.Redis, stream: str, retention_s: float, now_s: float | None = None) -> tuple[int, int] | None:
+def trim_bound(
+    client: redis.Redis | RedisCluster, stream: str, retention_s: float, now_s: float | None = None
+) -> tuple[int, int] | None:
     """(``client`` decodes responses.) The smallest entry id some group may still need, capped at
     ``retention_s`` ago; None when there is nothing to trim (no group, or nothing read yet)."""
     groups = client.xinfo_groups(stream)
@@ -38,7 +41,7 @@ def trim_bound(client: redis.Redis, stream: str, retention_s: float, now_s: floa
     return bound if bound > (0, 0) else None
 
 
-def trim_acked(client: redis.Redis, stream: str, retention_s: float) -> int:
+def trim_acked(client: redis.Redis | RedisCluster, stream: str, retention_s: float) -> int:
     """Trim entries below ``trim_bound``; returns how many went. Approximate trimming removes
     whole stream nodes only, so it may keep a few more entries, never fewer."""
     try:

@@ -35,6 +35,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 from . import logs, metrics
 from .health import HealthProblem, HealthServer
@@ -201,7 +202,7 @@ class Supervisor:
         self._watchdog_at = now
         self._notifier.watchdog()
 
-    def _queue_signal(self, signum, frame) -> None:
+    def _queue_signal(self, signum: int, frame: FrameType | None) -> None:
         if len(self._signals) < 10:
             self._signals.append(signum)
         try:
@@ -325,15 +326,15 @@ class Supervisor:
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
                 continue
-            self._worker_exited(slot, status)
+            self._worker_exited(slot, pid, status)
 
-    def _worker_exited(self, slot: Slot, status: int) -> None:
+    def _worker_exited(self, slot: Slot, pid: int, status: int) -> None:
         if slot.status_fd is not None:
             self._read_status(slot.status_fd)
             if slot.status_fd is not None:
                 os.close(slot.status_fd)
                 slot.status_fd = None
-        pid, was_ready = slot.pid, slot.ready
+        was_ready = slot.ready
         slot.pid, slot.ready = None, False
         metrics.worker_exited(pid)
         consumer = self.service.worker_name(slot.index)
@@ -363,7 +364,9 @@ class Supervisor:
         return [s for s in self.slots if s.pid is not None]
 
     def _kill_all(self, sig: int) -> None:
-        for slot in self._alive():
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
             try:
                 os.kill(slot.pid, sig)
             except ProcessLookupError:

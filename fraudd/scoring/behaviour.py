@@ -135,7 +135,7 @@ def decode(blobs: list[bytes | None]) -> States:
     missing = [i for i, b in enumerate(blobs) if b is None]
     rec = np.zeros(len(blobs), dtype=STATE)
     if present:
-        rec[present] = np.frombuffer(b"".join(blobs[i] for i in present), dtype=STATE)
+        rec[present] = np.frombuffer(b"".join([b for b in blobs if b is not None]), dtype=STATE)
     rec["head_ms"][missing] = -1.0
     rec["recent_ago"][missing] = _EMPTY
     rec["card_recent_ago"][missing] = _EMPTY
@@ -231,7 +231,14 @@ def _cleared(head: np.ndarray, ts: np.ndarray, size: int, n: int) -> np.ndarray:
 
 
 def _add(
-    ring: np.ndarray, index: tuple, head: np.ndarray, ts: np.ndarray, size: int, n: int, x: np.ndarray | float, cap: float
+    ring: np.ndarray,
+    index: tuple[np.ndarray, ...],
+    head: np.ndarray,
+    ts: np.ndarray,
+    size: int,
+    n: int,
+    x: np.ndarray | float,
+    cap: float,
 ) -> None:
     """Adds x to ts's slot, unless the slot is older than the ring's reach from ``head``."""
     s = np.floor(ts / size)
@@ -247,11 +254,11 @@ def _remember(recent: np.ndarray, amounts: np.ndarray | None, ts: np.ndarray, am
     oldest = np.argmin(recent, axis=1)
     take = ts > recent[r, oldest]
     recent[r[take], oldest[take]] = ts[take]
-    if amounts is not None:
+    if amounts is not None and amount is not None:
         amounts[r[take], oldest[take]] = amount[take]
 
 
-def _slot(ids: np.ndarray, last: np.ndarray, want: np.ndarray, now: np.ndarray):
+def _slot(ids: np.ndarray, last: np.ndarray, want: np.ndarray, now: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where an entity goes: its own slot, else the first empty one, else the least recently seen
     (taken only by an observation newer than that one's last). Returns (slot, found, write)."""
     match = ids == want[:, None]
@@ -333,7 +340,8 @@ def _window(
     # Only an evaluation before the head (out of order, redelivered) has later transactions.
     later = ((hi == s) & (t < head))[:, None] & (recent > t[:, None]) & (np.floor(recent / size) == s[:, None])
     total -= np.where(later, 1.0 if amounts is None else amounts, 0.0).sum(axis=1)
-    return np.maximum(total, 0.0)
+    clipped: np.ndarray = np.maximum(total, 0.0)
+    return clipped
 
 
 def _recent_stats(recent: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -348,13 +356,15 @@ def _first_time(ent: Entities, users: np.ndarray, ids: np.ndarray, tsec: np.ndar
     """1 where no observation of the entity is earlier than tsec (absent id: 0)."""
     match = ent.ids[users] == ids[:, None]
     first = ent.first[users][np.arange(len(ids)), match.argmax(axis=1)]
-    return np.where(ids == 0, 0.0, np.where(match.any(axis=1) & (first < tsec), 0.0, 1.0))
+    first_seen: np.ndarray = np.where(ids == 0, 0.0, np.where(match.any(axis=1) & (first < tsec), 0.0, 1.0))
+    return first_seen
 
 
 def _distinct(ent: Entities, users: np.ndarray, tsec: np.ndarray, window_s: float) -> np.ndarray:
     tt = tsec[:, None]
     seen = (ent.ids[users] != 0) & (ent.first[users] <= tt) & (ent.last[users] > tt - window_s)
-    return seen.sum(axis=1).astype(np.float64)
+    counts: np.ndarray = seen.sum(axis=1).astype(np.float64)
+    return counts
 
 
 def _evaluate(s: States, tx: Transactions, rows: np.ndarray) -> np.ndarray:

@@ -64,7 +64,8 @@ class FeatureBins:
         """Each feature's PSI of ``counts`` (as from ``counts``) against the training shares."""
         live = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
         live, train = np.maximum(live, _FLOOR), np.maximum(self.shares, _FLOOR)
-        return np.where(self.valid, (live - train) * np.log(live / train), 0.0).sum(axis=1)
+        psi: np.ndarray = np.where(self.valid, (live - train) * np.log(live / train), 0.0).sum(axis=1)
+        return psi
 
     def dumps(self) -> str:
         edges = [row[: int(valid.sum()) - 1].tolist() for row, valid in zip(self.edges, self.valid)]

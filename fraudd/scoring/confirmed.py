@@ -25,6 +25,10 @@ labels changed it.
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
+from typing import Any, Literal
+
 import numpy as np
 import redis
 from redis.cluster import RedisCluster
@@ -83,8 +87,10 @@ return redis.call('INCR', KEYS[9])
 """
 
 
-# ``ConfirmedFraud.counts`` without a version read by the caller (None is a version: the key is absent).
-_UNREAD = object()
+class _Unread(enum.Enum):
+    """``ConfirmedFraud.counts`` without a version read by the caller (None is a version: the key is absent)."""
+
+    UNREAD = enum.auto()
 
 
 class ConfirmedFraud:
@@ -102,13 +108,13 @@ class ConfirmedFraud:
         self._sweep_keys = [f"{keys.prefix}confirmed:sweep:{kind}" for kind in KINDS]
         self._version_key = f"{keys.prefix}confirmed:version"
         self._record = client.register_script(_RECORD)
-        self._version: bytes | None = None
+        self._version: bytes | str | None = None  # str only from a client that decodes
         self._state: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in KINDS]
 
     def record(self, confirmed: list[tuple[str, tuple[str | None, ...], int, int, bool]]) -> None:
         """``(transaction_id, (merchant, device, ip, card), event ms, reported ms, is fraud)`` per
         labelled transaction: fraud is counted once, legit removes an earlier count."""
-        args: list = [HORIZON_MS]
+        args: list[Any] = [HORIZON_MS]
         for txid, entities, ms, reported_ms, fraud in confirmed:
             for k, entity in enumerate(entities, start=1):
                 if entity is not None:
@@ -122,24 +128,27 @@ class ConfirmedFraud:
         return self._version_key
 
     def counts(
-        self, columns: tuple[list[str | None], ...], event_ms: np.ndarray, version: bytes | None | object = _UNREAD
+        self,
+        columns: tuple[Sequence[str | None], ...],
+        event_ms: np.ndarray,
+        version: bytes | None | Literal[_Unread.UNREAD] = _Unread.UNREAD,
     ) -> dict[str, np.ndarray]:
         """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card.
 
         ``version``: the value of ``version_key`` as read for this batch (unread: read here)."""
-        self._refresh(self._redis.get(self._version_key) if version is _UNREAD else version)
+        self._refresh(self._redis.get(self._version_key) if version is _Unread.UNREAD else version)
         n = len(event_ms)
         out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
         for kind, column, known in zip(KINDS, columns, self._state):
             if not known:
                 continue
-            for i in [i for i, v in enumerate(column) if v in known]:
-                (times, reported), now = known[column[i]], event_ms[i]
+            for i, entity in [(i, v) for i, v in enumerate(column) if v is not None and v in known]:
+                (times, reported), now = known[entity], event_ms[i]
                 for name, span in WINDOWS:
                     out[f"{kind}_fraud_{name}"][i] = np.count_nonzero((times <= now) & (times > now - span) & (reported <= now))
         return out
 
-    def _refresh(self, version: bytes | None) -> None:
+    def _refresh(self, version: bytes | str | None) -> None:
         if version == self._version:
             return
         pipe = self._redis.pipeline(transaction=True)

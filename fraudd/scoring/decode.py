@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -83,13 +85,15 @@ _OPTIONAL_CODES = (
     ("mcc", re.compile(MCC_PATTERN[1:-1]), "must be 4 digits"),
 )
 _OPTIONAL_TEXTS = (("card_id", MAX_ID_CHARS), ("device_id", MAX_TEXT_CHARS), ("ip", MAX_IP_CHARS))
-_NOTHING: dict = {}
+_NOTHING: dict[str, Any] = {}
 _NUMBER_TYPES = (int, float)
 _STR = {str}
 _FLOAT_OR_NONE = {float, type(None)}
 _REQUIRED = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
 _TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset (2001-2099)"
 _AMOUNT_PROBLEM = f"must be a number > 0 and <= {MAX_AMOUNT:.0f}"
+_T = TypeVar("_T")
+_Default = TypeVar("_Default", str, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +141,11 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.entry_ids)
 
-    def take(self, rows: np.ndarray | list[int]) -> DecodedBatch:
+    def take(self, rows: np.ndarray | Sequence[int]) -> DecodedBatch:
         """The sub-batch of the given row positions (rejections are not carried over)."""
-        rows = list(rows)
-        pick = _picker(rows)
-        index = np.asarray(rows, dtype=np.intp)
+        positions = list(rows)
+        pick = _picker(positions)
+        index = np.asarray(positions, dtype=np.intp)
         return DecodedBatch(
             entry_ids=pick(self.entry_ids),
             transaction_id=pick(self.transaction_id),
@@ -161,11 +165,11 @@ class DecodedBatch:
         )
 
 
-def _picker(rows: list[int]):
+def _picker(rows: list[int]) -> Callable[[list[_T]], list[_T]]:
     return lambda column: [column[i] for i in rows]
 
 
-def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedBatch:
+def decode_batch(entry_ids: Sequence[str], payloads: Sequence[bytes | None]) -> DecodedBatch:
     """Validate and decode one batch. Never raises on bad input: bad entries become ``rejected``."""
     rejected: list[Rejected] = []
     ok_ids: list[str] = []
@@ -185,7 +189,7 @@ def decode_batch(entry_ids: list[str], payloads: list[bytes | None]) -> DecodedB
     return _columns(ok_ids, ok_payloads, objects, rejected)
 
 
-def _loads_joined(payloads: list[bytes]) -> list | None:
+def _loads_joined(payloads: list[bytes]) -> list[Any] | None:
     """One ``loads`` for the batch, or None when some payload needs the per-entry path."""
     if not payloads:
         return []
@@ -201,7 +205,7 @@ def _loads_joined(payloads: list[bytes]) -> list | None:
     return objects if len(objects) == len(payloads) else None
 
 
-def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
+def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]) -> object:
     value = json_value(payload)
     if isinstance(value, Problem):
         rejected.append(Rejected(entry_id, payload, value.reason, value.message))
@@ -212,14 +216,15 @@ def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]):
 _ALREADY_REJECTED = object()
 
 
-def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejected: list[Rejected]) -> DecodedBatch:
+def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], rejected: list[Rejected]) -> DecodedBatch:
     """Columns of the acceptable objects, built one column at a time.
 
     The common case is checked with a few list comprehensions over the batch; only rows that fail
     them (a bad field, or an RFC 3339 timestamp to parse) go through the per-row checks that name
     the reason.
     """
-    get = [o.get if o.__class__ is dict else _NOTHING.get for o in objects]
+    # Field values are whatever JSON held: the checks below, not the types, make them columns.
+    get: list[Callable[[str], Any]] = [o.get if o.__class__ is dict else _NOTHING.get for o in objects]
     txid = [g("transaction_id") for g in get]
     user = [g("user_id") for g in get]
     merchant = [g("merchant") for g in get]
@@ -297,16 +302,17 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list, rejecte
 def json_value(payload: bytes) -> object | Problem:
     """The payload's JSON value, or why it has none: not UTF-8, or not JSON."""
     try:
-        return orjson.loads(payload)
+        value: object = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:
             return Problem(REASON_NOT_UTF8, None, str(exc))
         return Problem(REASON_NOT_JSON, None, str(exc))
+    return value
 
 
-def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
+def check_payload(payload: bytes) -> tuple[dict[str, Any], float] | Problem:
     """One payload judged as the API judges it (``check_transaction``): (the object, its event time
     in Unix seconds), else the problem, which the API answers with."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -315,10 +321,10 @@ def check_payload(payload: bytes) -> tuple[dict, float] | Problem:
     if isinstance(obj, Problem):
         return obj
     checked = check_transaction(obj)
-    return checked if isinstance(checked, Problem) else (obj, checked)
+    return checked if isinstance(checked, Problem) else (cast(dict[str, Any], obj), checked)
 
 
-def check_object(obj) -> float | Problem:
+def check_object(obj: object) -> float | Problem:
     """A decoded payload's event time (Unix seconds), or the first problem the decoder dead-letters
     it for: its required fields, and control characters in any identifier.
 
@@ -348,16 +354,17 @@ def check_object(obj) -> float | Problem:
     return seconds
 
 
-def check_transaction(obj) -> float | Problem:
+def check_transaction(obj: object) -> float | Problem:
     """``check_object``, then the rules the decoder does not enforce but the API's schema states: a
     string timestamp in RFC 3339 form, and each optional field absent, null, or in its documented
     form."""
     seconds = check_object(obj)
     if isinstance(seconds, Problem):
         return seconds
-    if api_seconds(obj["timestamp"]) is None:
+    fields = cast(dict[str, Any], obj)  # check_object accepted it: a JSON object
+    if api_seconds(fields["timestamp"]) is None:
         return Problem(REASON_INVALID, "timestamp", _TIMESTAMP_PROBLEM)
-    get = obj.get
+    get = fields.get
     for name, limit in _OPTIONAL_TEXTS:
         value = get(name)
         if value is not None and (value.__class__ is not str or len(value) > limit):
@@ -369,14 +376,14 @@ def check_transaction(obj) -> float | Problem:
     channel = get("channel")
     if channel is not None and (channel.__class__ is not str or channel not in _CHANNELS):
         return Problem(REASON_INVALID, "channel", f"must be one of {', '.join(CHANNELS)}")
-    for name, limit in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
+    for name, degrees in (("lat", LAT_LIMIT), ("lon", LON_LIMIT)):
         value = get(name)
-        if value is not None and (value.__class__ not in _NUMBER_TYPES or not -limit <= value <= limit):
-            return Problem(REASON_INVALID, name, f"must be a number from {-limit:.0f} to {limit:.0f}")
+        if value is not None and (value.__class__ not in _NUMBER_TYPES or not -degrees <= value <= degrees):
+            return Problem(REASON_INVALID, name, f"must be a number from {-degrees:.0f} to {degrees:.0f}")
     return seconds
 
 
-def _timestamp(value) -> float | None:
+def _timestamp(value: Any) -> float | None:
     """Unix seconds of an event time: a number, RFC 3339, or (for producers writing the stream
     themselves) another ISO 8601 form with an offset that ``datetime.fromisoformat`` reads."""
     if value.__class__ in _NUMBER_TYPES:
@@ -397,7 +404,7 @@ def _timestamp(value) -> float | None:
     return seconds if EPOCH_MIN <= seconds < EPOCH_MAX else None
 
 
-def api_seconds(value) -> float | None:
+def api_seconds(value: object) -> float | None:
     """Unix seconds of a time in the form the API's schema states: a number from EPOCH_MIN up to
     EPOCH_MAX, or an RFC 3339 date-time of the years YEAR_MIN-YEAR_MAX; else None."""
     if value.__class__ in _NUMBER_TYPES:
@@ -426,7 +433,7 @@ def _rfc3339(value: str) -> float | None:
     return parsed.timestamp() + leap
 
 
-def _rows_without_control(columns: tuple[list, ...]) -> list[bool]:
+def _rows_without_control(columns: tuple[list[Any], ...]) -> list[bool]:
     """Per row: whether none of its identifier ``columns`` holds a control character. A column is
     searched whole (``isprintable`` is one C pass, and rules out most); a row at a time only when
     it holds one, or values of another type."""
@@ -447,7 +454,7 @@ def _rows_without_control(columns: tuple[list, ...]) -> list[bool]:
     return clean
 
 
-def _text(value, limit: int) -> str | None:
+def _text(value: Any, limit: int) -> str | None:
     return value if value.__class__ is str and 0 < len(value) <= limit else None
 
 
@@ -456,14 +463,14 @@ def _text(value, limit: int) -> str | None:
 # any other column takes the per-value check.
 
 
-def _texts(values: list, limit: int) -> list[str | None]:
+def _texts(values: list[Any], limit: int) -> list[str | None]:
     """``_text`` of every value."""
     if values and set(map(type, values)) == _STR and 0 < min(map(len, values)) and max(map(len, values)) <= limit:
         return values
     return [_text(v, limit) for v in values]
 
 
-def _codes(values: list, length: int, default: str | None) -> list[str | None]:
+def _codes(values: list[Any], length: int, default: _Default) -> list[str | _Default]:
     """Every value upper-cased when it is a code of ``length`` ASCII letters, else ``default``."""
     if values and set(map(type, values)) == _STR and set(map(len, values)) == {length}:
         joined = "".join(values)
@@ -472,7 +479,7 @@ def _codes(values: list, length: int, default: str | None) -> list[str | None]:
     return [c.upper() if _is_code(c, length) else default for c in values]
 
 
-def _coordinates(values: list, limit: float) -> np.ndarray:
+def _coordinates(values: list[Any], limit: float) -> np.ndarray:
     """``_coordinate`` of every value."""
     if set(map(type, values)) <= _FLOAT_OR_NONE:
         column = np.array(values, dtype=np.float64)  # None becomes NaN
@@ -482,11 +489,11 @@ def _coordinates(values: list, limit: float) -> np.ndarray:
     return np.array([_coordinate(v, limit) for v in values], dtype=np.float64)
 
 
-def _is_code(value, length: int) -> bool:
+def _is_code(value: object, length: int) -> bool:
     return isinstance(value, str) and len(value) == length and value.isalpha() and value.isascii()
 
 
-def _coordinate(value, limit: float) -> float:
+def _coordinate(value: Any, limit: float) -> float:
     if value.__class__ in _NUMBER_TYPES and math.isfinite(value) and -limit <= value <= limit:
         return float(value)
     return math.nan

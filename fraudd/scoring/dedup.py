@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from ..keys import Keys, shard_of, shard_stream
 
@@ -39,7 +40,7 @@ def event_ms(timestamps: np.ndarray) -> np.ndarray:
 
 def buckets(event_times_ms: np.ndarray) -> np.ndarray:
     """The bucket number of each event time (floor division: events before 1970 are valid too)."""
-    return np.floor_divide(event_times_ms, BUCKET_MS)
+    return event_times_ms // BUCKET_MS
 
 
 def entry_bucket(entry_id: str) -> int:
@@ -110,7 +111,7 @@ class CarriedOver:
 
     def adopt(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         keys: Keys,
         transaction_ids: Sequence[str],
         user_ids: Sequence[str],

@@ -14,11 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
 
-from ..schema import connect
+from ..schema import connect, one_row
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Registered:
     path: Path
     review_threshold: float
     decline_threshold: float
-    calibration: dict
+    calibration: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ class Deployed:
 _COLUMNS = "version, path, review_threshold, decline_threshold, calibration"
 
 
-def _registered(row: tuple) -> Registered:
+def _registered(row: tuple[Any, ...]) -> Registered:
     return Registered(row[0], Path(row[1]), float(row[2]), float(row[3]), row[4] or {})
 
 
@@ -95,7 +96,7 @@ def deploy(
     action: str,
     actor: str,
     reason: str,
-    comparison: dict | None = None,
+    comparison: dict[str, Any] | None = None,
     audited_version: str | None = None,
     replacing: str | None = None,
 ) -> int:
@@ -107,13 +108,15 @@ def deploy(
         # Serializes concurrent changes: each audit row's previous_version is the champion it replaced.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('fraudd model_deployment'))")
         before = conn.execute("SELECT champion FROM model_deployment").fetchone()
-        (generation,) = conn.execute(
-            """INSERT INTO model_deployment (champion, shadow, generation) VALUES (%s, %s, 1)
+        (generation,) = one_row(
+            conn.execute(
+                """INSERT INTO model_deployment (champion, shadow, generation) VALUES (%s, %s, 1)
                ON CONFLICT (singleton) DO UPDATE SET champion = excluded.champion, shadow = excluded.shadow,
                    generation = model_deployment.generation + 1, updated_at = now()
                RETURNING generation""",
-            (champion, shadow),
-        ).fetchone()
+                (champion, shadow),
+            )
+        )
         conn.execute(
             """INSERT INTO model_promotions (action, model_version, previous_version, actor, reason, comparison)
                VALUES (%s, %s, %s, %s, %s, %s)""",
@@ -167,7 +170,7 @@ class DeploymentWatch:
                 self._conn = connect(
                     self._url, self._schema, connect_timeout=2, autocommit=True, application_name="fraudd-deployment"
                 )
-            (generation,) = self._conn.execute("SELECT coalesce(max(generation), 0) FROM model_deployment").fetchone()
+            (generation,) = one_row(self._conn.execute("SELECT coalesce(max(generation), 0) FROM model_deployment"))
             if generation == self._generation:
                 return None
             deployed = current(self._conn)

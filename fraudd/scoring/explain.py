@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,7 +123,7 @@ class TreeExplainer:
         return Explanation(self.base, contributions)
 
 
-def _leaves(attributes: dict, covers: np.ndarray) -> tuple[list[_Leaf], float]:
+def _leaves(attributes: dict[str, Any], covers: np.ndarray) -> tuple[list[_Leaf], float]:
     """Every leaf with its path, and the base value (the cover-weighted mean of the leaf values)."""
     tree_ids = attributes["nodes_treeids"]
     node_ids = attributes["nodes_nodeids"]
@@ -157,7 +158,7 @@ def _leaves(attributes: dict, covers: np.ndarray) -> tuple[list[_Leaf], float]:
 def _leaf(
     value: float,
     path: list[tuple[int, bool]],
-    attributes: dict,
+    attributes: dict[str, Any],
     index: dict[tuple[int, int], int],
     covers: np.ndarray,
     missing_true: list[int],

@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis
@@ -97,7 +97,7 @@ HIGH_RISK_MCC = frozenset(
         "7995",
     )
 )
-_CHANNEL_CODES = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
+_CHANNEL_CODES: dict[str | None, float] = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
@@ -213,7 +213,7 @@ class Prepared:
 
 # What a store computes per batch: the behaviour columns, the blocklist flags (per BLOCKLIST_KINDS,
 # '0'/'1' per distinct value) and the reply of the command it was asked to send along.
-Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], object]]
+Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], Any]]
 
 
 def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
@@ -346,7 +346,8 @@ class ShardCalls:
 
 def _prepare(batch: DecodedBatch) -> Prepared:
     n = len(batch)
-    distinct_merchants, distinct_devices = dict.fromkeys(batch.merchant), dict.fromkeys(batch.device_id)
+    distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
+    distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
     # Users numbered in order of first appearance; each row's original (first in batch order).
     users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
     user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
@@ -374,25 +375,26 @@ def _prepare(batch: DecodedBatch) -> Prepared:
     return Prepared(tx, copy, original, names, distinct)
 
 
-def _hashes(values: list[str | None], distinct: dict | None = None) -> np.ndarray:
+def _hashes(values: Sequence[str | None], distinct: dict[str | None, None] | None = None) -> np.ndarray:
     """Stable 32-bit ids (crc32; 0 means absent, so a real 0 becomes 1) for the state's lists.
 
     ``distinct``: the values' ``dict.fromkeys`` when the caller has it already."""
-    ids = dict.fromkeys(values) if distinct is None else dict(distinct)
-    ids.pop(None, None)
-    ids = dict(zip(ids, [h or 1 for h in map(zlib.crc32, map(str.encode, ids))]))
+    present = dict.fromkeys(values) if distinct is None else dict(distinct)
+    present.pop(None, None)
+    names = cast(dict[str, None], present)  # None popped
+    ids: dict[str | None, int] = dict(zip(names, [h or 1 for h in map(zlib.crc32, map(str.encode, names))]))
     ids[None] = 0
     return np.fromiter(map(ids.__getitem__, values), np.int64, len(values))
 
 
 def _country_codes(countries: list[str | None]) -> np.ndarray:
     """Alpha-2 codes as 16 bits (both letters), 0 when absent."""
-    codes = {c: (ord(c[0]) << 8) | ord(c[1]) for c in set(countries) if c is not None}
+    codes: dict[str | None, int] = {c: (ord(c[0]) << 8) | ord(c[1]) for c in set(countries) if c is not None}
     codes[None] = 0
     return np.fromiter((codes[c] for c in countries), np.int64, len(countries))
 
 
-def _distinct(values: dict) -> list[str]:
+def _distinct(values: dict[str | None, None]) -> list[str]:
     """The column's distinct values (its ``dict.fromkeys``), in order, that can be looked up."""
     # NUL separates the values inside the call; a value holding one can't be blocklisted anyway.
     return [v for v in values if v is not None and "\0" not in v]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -170,7 +171,7 @@ class FraudModel:
         """Whether ``explain`` gives exact contributions (the model carries node covers)."""
         return self._explainer is not None
 
-    def explain(self, matrix: np.ndarray) -> tuple[list[list[str]], list[dict | None]]:
+    def explain(self, matrix: np.ndarray) -> tuple[list[list[str]], list[dict[str, Any] | None]]:
         """Each row's model reason codes and explanation document; meant for the flagged rows only.
 
         The document is ``{"base", "contributions": {feature: log-odds}, "values": {feature: value}}``
@@ -190,7 +191,7 @@ class FraudModel:
         names = self.feature_names
         reasons = [[f"model:{names[j]}" for j, up in zip(row, ups) if up] for row, ups in zip(top.tolist(), pushed_up.tolist())]
         base = round(explanation.base, 6)
-        documents: list[dict | None] = [
+        documents: list[dict[str, Any] | None] = [
             {"base": base, "contributions": dict(zip(names, row)), "values": dict(zip(names, values))}
             for row, values in zip(np.round(contributions, 6).tolist(), matrix.tolist())
         ]
@@ -213,7 +214,8 @@ def _margin_model(proto: onnx.ModelProto) -> bytes | None:
     for attribute in ensembles[0].attribute:
         if attribute.name == "post_transform" and attribute.s == b"LOGISTIC":
             attribute.s = b"NONE"
-            return margins.SerializeToString()
+            serialized: bytes = margins.SerializeToString()
+            return serialized
     return None
 
 
@@ -222,8 +224,8 @@ def _probability_output(session: ort.InferenceSession) -> str:
     outputs = session.get_outputs()
     for output in outputs:
         if output.name in ("probabilities", "output_probability"):
-            return output.name
-    return outputs[-1].name
+            return str(output.name)
+    return str(outputs[-1].name)
 
 
 def _vector(meta: dict[str, str], key: str, width: int, fill: float) -> np.ndarray:

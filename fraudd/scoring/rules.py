@@ -165,7 +165,8 @@ def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: st
 def decide(scores: np.ndarray, review_threshold: float, decline_threshold: float, outcome: RuleOutcome) -> np.ndarray:
     """Decision codes (index into DECISIONS): the stronger of the model's thresholds and the rules."""
     model = np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE))
-    return np.maximum(model.astype(np.int8), outcome.action)
+    decision: np.ndarray = np.maximum(model.astype(np.int8), outcome.action)
+    return decision
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

@@ -36,6 +36,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
@@ -60,6 +61,8 @@ TRUSTED_SHARE = 0.8
 # Renewal runs in a thread, so a batch waiting on a lock or a slow COPY keeps its shards; it stops
 # once the batch loop has shown no sign of life for this many leases (a hung worker).
 HUNG_AFTER_LEASES = 2
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -90,7 +93,12 @@ class ShardReader:
     """
 
     def __init__(
-        self, client: redis.Redis, settings: ScoringSettings, name: str, process: WorkerProcess, on_outage: Callable[[str], None]
+        self,
+        client: redis.Redis | RedisCluster,
+        settings: ScoringSettings,
+        name: str,
+        process: WorkerProcess,
+        on_outage: Callable[[str], None],
     ) -> None:
         self.redis = client
         self.settings = settings
@@ -118,7 +126,7 @@ class ShardReader:
     def held(self) -> int:
         return sum(shard.consumer.held for shard in self.shards.values())
 
-    def until_done(self, attempt, component: str):
+    def until_done(self, attempt: Callable[[], _T], component: str) -> _T:
         return self.control.until_done(attempt, component)
 
     def start(self) -> None:
@@ -210,12 +218,12 @@ class ShardReader:
         if self.current is not None and self.current.index == index:
             self.current = None
 
-    def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> object:
+    def _lease(self, op: str, keys: Keys, who: str, replicated: bool = False) -> Any:
         """The lease function's reply; with ``replicated``, [reply, replicas that acknowledged it]."""
         # Straight to the shard's node: the cluster client would ask a node for FCALL's keys first.
         args = ("FCALL", LEASE_FUNCTION, 2, keys.lease, keys.epoch, op, who, self.settings.lease_ms)
 
-        def send(client: redis.Redis) -> object:
+        def send(client: redis.Redis) -> Any:
             if not replicated:
                 return client.execute_command(*args)
             # WAIT counts what the connection it arrives on wrote last: one pipeline keeps both on one.
@@ -258,7 +266,7 @@ class ShardReader:
         while not self._closing.wait(lease_s / RENEWALS_PER_LEASE):
             for shard in list(self.shards.values()):
                 started = time.monotonic()
-                if started - max(self._alive_at, shard.alive_at) > HUNG_AFTER_LEASES * lease_s:
+                if shard.lease is None or started - max(self._alive_at, shard.alive_at) > HUNG_AFTER_LEASES * lease_s:
                     continue  # hung: let the lease run out so another worker takes the shard over
                 try:
                     held = self._lease("renew", shard.keys, shard.lease.token) == 1
@@ -284,7 +292,9 @@ class ShardReader:
         live = max(1, pipe.execute()[-1])
         share = math.ceil(s.shards / live)
         for index in sorted(self.shards, reverse=True)[: max(0, len(self.shards) - share)]:
-            self._lease("release", self.shards[index].keys, self.shards[index].lease.token)
+            given_back = self.shards[index]
+            if given_back.lease is not None:
+                self._lease("release", given_back.keys, given_back.lease.token)
             log.info("shard given back", extra={"event": "shard_released", "shard": index, "workers": live})
             self._drop(index)
         first = zlib.crc32(self.owner.encode()) % s.shards
@@ -298,8 +308,9 @@ class ShardReader:
             token = self._acquire(keys)
             if token is None:
                 continue
-            shard = self._open(index, Lease(keys.lease, token))
+            lease = Lease(keys.lease, token)
+            shard = self._open(index, lease)
             shard.trusted_until = started + s.lease_ms / 1000.0 * TRUSTED_SHARE
             self.shards[index] = shard
             self._order = sorted(self.shards)
-            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": shard.lease.token, "workers": live})
+            log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": lease.token, "workers": live})

@@ -16,8 +16,9 @@ row is durable.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import orjson
@@ -87,7 +88,7 @@ class ScoredBatch:
     score: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
@@ -115,7 +116,7 @@ class ScoredBatch:
             None if self.shadow is None else self.shadow.take(index),
         )
 
-    def row(self, i: int) -> dict:
+    def row(self, i: int) -> dict[str, Any]:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
         b = self.batch
         lat, lon = float(b.lat[i]), float(b.lon[i])
@@ -220,7 +221,7 @@ class DecisionStore:
         _adopt_stored(scored, stored)
 
 
-def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple]) -> None:
+def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple[Any, ...]]) -> None:
     decision_index = {name: i for i, name in enumerate(DECISIONS)}
     for i, txid in enumerate(scored.batch.transaction_id):
         if txid in stored:
@@ -272,17 +273,18 @@ def _shadow_columns(shadow: Shadow | None, n: int) -> list[list[str]]:
 
 def _timestamps(ms: np.ndarray) -> list[str]:
     # The session runs in UTC, so an ISO timestamp without offset is read as UTC.
-    return np.datetime_as_string(ms.astype("datetime64[ms]"), unit="ms").tolist()
+    texts: list[str] = np.datetime_as_string(ms.astype("datetime64[ms]"), unit="ms").tolist()
+    return texts
 
 
-def _text_column(values: list[str | None]) -> list[str]:
-    if None in values:
-        values = [_NULL if v is None else v for v in values]
-    joined = "".join(values)
+def _text_column(values: Sequence[str | None]) -> list[str]:
+    # Without a None the column is used as it is, not copied.
+    texts = [_NULL if v is None else v for v in values] if None in values else cast(list[str], values)
+    joined = "".join(texts)
     if "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined:
         # Only columns that hold a special character pay for per-value escaping.
-        values = [v if v is _NULL else v.translate(_TEXT_SPECIALS) for v in values]
-    return values
+        texts = [v if v is _NULL else v.translate(_TEXT_SPECIALS) for v in texts]
+    return texts
 
 
 def _float_column(values: np.ndarray) -> list[str]:
@@ -417,8 +419,8 @@ class Settler:
         acked, _, _ = self._call([stream] * 3, self.arguments(ack_ids, [], [], replies))
         return Settled(acked, alerts_written, dead_written)
 
-    def _call(self, keys: list[str], args: list) -> tuple[int, int, int]:
-        if args[7]:  # fenced: the lease is checked in the call
+    def _call(self, keys: list[str], args: list[Any]) -> tuple[int, int, int]:
+        if args[7] and self._lease is not None:  # fenced: the lease is checked in the call
             keys = [*keys, self._lease.key]
         try:
             acked, alerts_written, dead_written = self._script(keys=keys, args=args)
@@ -435,11 +437,11 @@ class Settler:
         dead: list[Rejected],
         replies: dict[str, bytes] | None = None,
         fenced: bool = True,
-    ) -> list:
+    ) -> list[Any]:
         """The script's ARGV for one settle (apart so its encoding cost can be measured alone)."""
         replies = replies or {}
         token = self._lease.token if self._lease is not None and fenced else ""
-        args: list = [
+        args: list[Any] = [
             self._group,
             self._window_ms,
             self._alerted_prefix,
@@ -487,7 +489,7 @@ def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dic
     the waiting requests answer. Only those rows are visited; a batch without any costs nothing."""
     if not reply_to:
         return {}
-    replies: dict[str, list[dict]] = {}
+    replies: dict[str, list[dict[str, Any]]] = {}
     for scored in stored:
         b = scored.batch
         for i, entry_id in enumerate(b.entry_ids):

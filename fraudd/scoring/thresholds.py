@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -23,7 +24,7 @@ class Thresholds:
     decline_threshold: float
     model_version: str
     # How they were chosen (targets, period, rates expected from the stored traffic): for people.
-    calibration: dict = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2) + b"\n"
@@ -46,13 +47,18 @@ def load(path: Path | str) -> Thresholds:
         raise ThresholdsError(f"{path}: not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ThresholdsError(f"{path}: must be a JSON object")
-    review, decline, version = (document.get(key) for key in ("review_threshold", "decline_threshold", "model_version"))
-    for name, value in (("review_threshold", review), ("decline_threshold", decline)):
-        if value.__class__ not in (int, float) or not 0.0 <= value <= 1.0:
-            raise ThresholdsError(f"{path}: '{name}' must be a number between 0 and 1, got {value!r}")
+    review, decline = (_threshold(path, document, name) for name in ("review_threshold", "decline_threshold"))
+    version = document.get("model_version")
     if decline < review:
         raise ThresholdsError(f"{path}: decline_threshold {decline} is below review_threshold {review}")
     if not isinstance(version, str) or not version:
         raise ThresholdsError(f"{path}: 'model_version' must name the model the thresholds were calibrated for")
     calibration = document.get("calibration", {})
-    return Thresholds(float(review), float(decline), version, calibration if isinstance(calibration, dict) else {})
+    return Thresholds(review, decline, version, calibration if isinstance(calibration, dict) else {})
+
+
+def _threshold(path: Path | str, document: dict[str, Any], name: str) -> float:
+    value = document.get(name)
+    if value.__class__ not in (int, float) or not 0.0 <= value <= 1.0:
+        raise ThresholdsError(f"{path}: '{name}' must be a number between 0 and 1, got {value!r}")
+    return float(value)

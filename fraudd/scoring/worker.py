@@ -41,7 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -71,7 +71,9 @@ from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, a
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
 
+# What ``_bisected`` splits, and what each attempt on a part makes of it.
 _Part = TypeVar("_Part", DecodedBatch, ScoredBatch)
+_Done = TypeVar("_Done")
 
 # Series that exist from the start, at 0: a rate over them is 0 rather than absent, so dashboards
 # and alerts see "nothing declined" instead of "no data".
@@ -99,7 +101,7 @@ class Settlement:
     entries: Entries  # every entry of the read: all are acked together at the end
     scored: list[ScoredBatch]
     dead: list[Rejected]
-    payloads: dict[str, bytes]  # for dead letters found while storing
+    payloads: dict[str, bytes | None]  # for dead letters found while storing (None: no data field)
 
 
 class ScoringWorker:
@@ -115,7 +117,7 @@ class ScoringWorker:
         self.reader = ShardReader(self.redis, settings, settings.consumer.consumer_name(process.index), process, self._on_outage)
         self.deployment = DeploymentWatch(settings.postgres.url, settings.postgres.schema)
         self._deployed: Deployed | None = None
-        self._settling: tuple[Future, Settlement] | None = None
+        self._settling: tuple[Future[None], Settlement] | None = None
         self._settling_thread = ThreadPoolExecutor(1, thread_name_prefix="settle") if settings.pipeline_depth > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -230,6 +232,7 @@ class ScoringWorker:
         """Decode and score this read, then hand it to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         shard = self.reader.current
+        assert shard is not None, "read() names the shard of what it returns"
         self._follow_deployment()
         try:
             self._process(shard, entries)
@@ -305,8 +308,8 @@ class ScoringWorker:
         return settler.settle(work.entries.ids, alerts, work.dead, replies)
 
     def _bisected(
-        self, part: _Part, attempt: Callable[[_Part], _Part], payloads: dict[str, bytes]
-    ) -> tuple[list[_Part], list[Rejected]]:
+        self, part: _Part, attempt: Callable[[_Part], _Done], payloads: dict[str, bytes | None]
+    ) -> tuple[list[_Done], list[Rejected]]:
         """``attempt(part)``; when it fails as a whole, bisect down to the entries at fault.
 
         Outages never get here (``until_done`` waits them out), so what fails is the data: the
@@ -325,7 +328,7 @@ class ScoringWorker:
                     "entry cannot be processed",
                     extra={"event": "dead_lettered", "reason": REASON_PROCESSING, "entry_id": entry_id, "error": repr(exc)},
                 )
-                return [], [Rejected(entry_id, payloads[entry_id], REASON_PROCESSING, repr(exc)[:500])]
+                return [], [Rejected(entry_id, payloads[entry_id] or b"", REASON_PROCESSING, repr(exc)[:500])]
             metrics.batch_failures.inc()
             log.warning("batch failed, bisecting", extra={"event": "batch_bisected", "entries": len(part), "error": repr(exc)})
             middle = len(part) // 2
@@ -380,7 +383,12 @@ class ScoringWorker:
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
         started = time.perf_counter()
-        shard.consumer.until_done(lambda: (shard.check(), self.store.store(scored)), "postgres")
+
+        def attempt() -> None:
+            shard.check()
+            self.store.store(scored)
+
+        shard.consumer.until_done(attempt, "postgres")
         metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
         return scored
 
@@ -430,7 +438,7 @@ class BatchDecisions(NamedTuple):
     scores: np.ndarray  # float32
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
-    explanations: list[dict | None]  # the model's explanation of each non-approved row
+    explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
 
 
 def score_batch(
@@ -453,7 +461,7 @@ def score_batch(
     outcome = rules.evaluate(features)
     decision = decide(scores, review_threshold, decline_threshold, outcome)
     reasons = [list(codes) for codes in outcome.codes]
-    explanations: list[dict | None] = [None] * len(scores)
+    explanations: list[dict[str, Any] | None] = [None] * len(scores)
     if explain:
         flagged = np.flatnonzero(decision > 0)
         model_reasons, documents = model.explain(inputs[flagged])
