@@ -16,6 +16,8 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ..schema import one_row
+
 COLUMNS = ("id", "at", "actor", "action", "transaction_id", "subject", "before", "after", "address")
 
 
@@ -53,10 +55,12 @@ def for_case(conn: psycopg.Connection, transaction_id: str) -> list[dict]:
 
 def failed_logins(conn: psycopg.Connection, username: str, window: timedelta) -> int:
     """Failed sign-ins of ``username`` within ``window``: what the login throttle counts."""
-    return conn.execute(
-        "SELECT count(*) FROM console_audit WHERE action = 'login_failed' AND subject = %s AND at > clock_timestamp() - %s",
-        (username, window),
-    ).fetchone()[0]
+    return one_row(
+        conn.execute(
+            "SELECT count(*) FROM console_audit WHERE action = 'login_failed' AND subject = %s AND at > clock_timestamp() - %s",
+            (username, window),
+        )
+    )[0]
 
 
 def export_csv(conn: psycopg.Connection, since: datetime | None = None) -> Iterator[str]:

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from ..schema import one_row
+
 # Each pass over new transactions (here and ``cases.sync``) re-reads this much before its
 # watermark: a batch whose COPY began before another's may commit after it.
 OVERLAP = timedelta(seconds=30)
@@ -24,12 +26,15 @@ LINKED = 20
 def sync(conn: psycopg.Connection) -> int:
     """Fold the transactions scored since the last pass into ``entity_customers``; returns how many
     (entity, customer) pairs were new or moved."""
-    since = conn.execute(
-        "SELECT coalesce((SELECT scored_at FROM console_watermarks WHERE name = 'links') - %s, clock_timestamp() - %s)",
-        (OVERLAP, FIRST_SYNC),
-    ).fetchone()[0]
-    row = conn.execute(
-        """WITH fresh AS MATERIALIZED (
+    since = one_row(
+        conn.execute(
+            "SELECT coalesce((SELECT scored_at FROM console_watermarks WHERE name = 'links') - %s, clock_timestamp() - %s)",
+            (OVERLAP, FIRST_SYNC),
+        )
+    )[0]
+    row = one_row(
+        conn.execute(
+            """WITH fresh AS MATERIALIZED (
                SELECT t.user_id, t.event_time, t.scored_at, e.entity
                FROM transactions t
                CROSS JOIN LATERAL unnest(ARRAY['device:' || t.device_id, 'ip:' || t.ip, 'card:' || t.card_id]) AS e(entity)
@@ -43,8 +48,9 @@ def sync(conn: psycopg.Connection) -> int:
                WHERE EXCLUDED.first_seen < entity_customers.first_seen OR EXCLUDED.last_seen > entity_customers.last_seen
                RETURNING 1)
            SELECT (SELECT count(*) FROM folded), (SELECT max(scored_at) FROM fresh)""",
-        {"since": since},
-    ).fetchone()
+            {"since": since},
+        )
+    )
     if row[1] is not None:
         conn.execute(
             """INSERT INTO console_watermarks (name, scored_at) VALUES ('links', %s)

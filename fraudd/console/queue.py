@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 
+from ..schema import one_row
+
 DECISIONS = ("review", "decline")
 STATES = ("open", "claimed", "resolved")
 SORTS = {
@@ -190,15 +192,17 @@ COUNTS = ("open", "claimed", "breached", "resolved_24h")
 def tally(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict:
     """Cases per state of one queue, counted now: open, claimed, breached (unresolved past the SLA),
     resolved in the last 24 hours, and when the newest was created."""
-    row = conn.execute(
-        """SELECT count(*) FILTER (WHERE state = 'open'), count(*) FILTER (WHERE state = 'claimed'),
+    row = one_row(
+        conn.execute(
+            """SELECT count(*) FILTER (WHERE state = 'open'), count(*) FILTER (WHERE state = 'claimed'),
                   count(*) FILTER (WHERE created_at < %(cutoff)s),
                   (SELECT count(*) FROM cases WHERE state = 'resolved' AND decision = %(decision)s
                       AND resolved_at > clock_timestamp() - interval '24 hours'),
                   max(created_at)
            FROM cases WHERE state <> 'resolved' AND decision = %(decision)s""",
-        {"decision": decision, "cutoff": _cutoff(sla)},
-    ).fetchone()
+            {"decision": decision, "cutoff": _cutoff(sla)},
+        )
+    )
     return {**dict(zip(COUNTS, row[:4])), "newest": row[4]}
 
 
@@ -228,9 +232,12 @@ def counts(conn: psycopg.Connection, decision: str) -> dict:
 
 def oldest_open_age(conn: psycopg.Connection) -> float:
     """Age in seconds of the oldest open (unclaimed) case, 0 without one: what the SLA alert watches."""
-    row = conn.execute(
-        "SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM cases WHERE state <> 'resolved' AND state = 'open'"
-    ).fetchone()
+    row = one_row(
+        conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM cases"
+            " WHERE state <> 'resolved' AND state = 'open'"
+        )
+    )
     return float(row[0] or 0.0)
 
 
