@@ -591,3 +591,16 @@ def format_soak(result: dict) -> str:
             f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
         ]
     )
+
+
+@main.command("rules-backtest")
+@click.option("-n", "transactions", default=1_000_000, show_default=True, help="Stored decisions to backtest.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@click.option("--seed", default=7, show_default=True)
+def rules_backtest_cmd(transactions: int, redis_url: str, postgres_url: str, seed: int) -> None:
+    """`fraudd rules test` on N stored decisions (goal: 1,000,000 in <= 10 s), and the cost of storing feature vectors."""
+    from bench import rules_backtest
+
+    result = rules_backtest.run(redis_url, postgres_url, transactions, seed, lambda line: click.echo(line, err=True))
+    click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

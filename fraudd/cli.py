@@ -30,6 +30,7 @@ from .preflight import (
     prepare_metrics_dir,
     redact,
 )
+from .rulesets import cli as rulesets_cli
 from .runtime import logs
 from .scoring import settings as scoring_settings
 from .settings import (
@@ -70,6 +71,7 @@ main.add_command(learning_cli.models)
 main.add_command(learning_cli.retrain)
 main.add_command(learning_cli.backtest)
 main.add_command(learning_cli.explain)
+main.add_command(rulesets_cli.rules)
 
 
 @main.command()

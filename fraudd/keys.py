@@ -105,6 +105,12 @@ class Keys:
         """``<prefix>dead:<bucket>``: the set of entry ids of that bucket (of entry time) already dead-lettered."""
         return self.prefix + "dead:"
 
+    @property
+    def rules(self) -> str:
+        """``<live version>|<shadow version>`` of the published rule sets (``fraudd/rulesets/pointer.py``):
+        one copy per shard, so each worker reads it in its batch's first round trip, on the shard's node."""
+        return self.prefix + "rules"
+
     def blocklist(self, kind: str) -> str:
         """The set of blocked values of ``kind`` (merchant, device, ip, country), edited live by operators."""
         return f"{self.prefix}blocklist:{kind}"

@@ -158,6 +158,21 @@ def test_duplicates_within_one_batch(client: redis.Redis, keys: Keys, either_sto
     assert col(later, "count_1h") == [3], "the copy must not have been counted"
 
 
+def test_a_copy_after_more_of_its_users_transactions_scores_as_its_original(either_store: FeatureStore) -> None:
+    # More of the user's transactions between the original and its copy than the state keeps
+    # exactly (recent times, merchants, cards): evaluated against the batch's final state, the copy
+    # would see fewer; it is the same transaction, so it gets its original's features. How many
+    # such transactions share its batch depends on the batch (one shard or eight), so anything
+    # else gives one transaction different decisions depending on the shard count.
+    store = either_store
+    first = tx(T0, merchant="m0", card_id="card1")
+    burst = [tx(T0 + i, merchant=f"m{i}", card_id="card1") for i in range(1, 9)]
+    features = store.compute(batch(first, *burst, first))
+    assert features.seen.tolist() == [False] * 9 + [True]
+    assert col(features, "count_1h") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]
+    np.testing.assert_array_equal(features.matrix[-1], features.matrix[0])
+
+
 def test_event_time_windows(store: FeatureStore) -> None:
     # Minute: exact, window (t - 60 s, t].
     f = store.compute(batch(tx(T0), tx(T0 + 59), tx(T0 + 119.5)))

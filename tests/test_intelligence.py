@@ -71,9 +71,7 @@ def offline_decisions(client: redis.Redis, payloads: list[bytes]) -> dict[str, t
             chunk = payloads[start : start + 500]
             batch = decode_batch([f"{start + i + 1}-0" for i in range(len(chunk))], chunk)
             features = store.compute(batch)
-            scores, decision, reasons, _explanations = score_batch(
-                model, rules, features, model.review_threshold, model.decline_threshold
-            )
+            scores, decision, reasons, *_ = score_batch(model, rules, features, model.review_threshold, model.decline_threshold)
             for txid, score, code, why in zip(batch.transaction_id, scores.tolist(), decision.tolist(), reasons):
                 decided[txid] = (DECISIONS[code], score, why)
     finally:

@@ -13,7 +13,7 @@ from fraudd.keys import Keys
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features
 from fraudd.scoring.features_shared import SharedFeatureStore
-from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide
+from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide, model_decision
 from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import REDIS_URL
@@ -73,7 +73,7 @@ def test_shadow_rule_is_listed_but_never_decides() -> None:
     row["amount"] = 500.0
     outcome = shadow.evaluate(features_of([quiet_row(), row]))
     assert outcome.action.tolist() == [0, 0] and outcome.codes == [(), ("R_TRY",)]
-    assert decide(np.array([0.0, 0.0]), 0.5, 0.9, outcome).tolist() == [0, 0]
+    assert decide(model_decision(np.array([0.0, 0.0]), 0.5, 0.9), outcome.action).tolist() == [0, 0]
     shadow.evaluate(features_of([row, row, quiet_row()]))
     assert [(rule.code, count) for rule, count in shadow.take_hits()] == [("R_TRY", 3)]  # counted for the metric
     assert shadow.take_hits() == []
@@ -99,7 +99,7 @@ def test_conjunction_needs_every_condition() -> None:
 def test_decide_takes_the_max_of_model_and_rules() -> None:
     outcome = RuleOutcome(np.array([0, 0, 0, 1, 2, 1], dtype=np.int8), [()] * 6)
     scores = np.array([0.1, 0.6, 0.95, 0.1, 0.1, 0.95])
-    decisions = decide(scores, 0.5, 0.9, outcome)
+    decisions = decide(model_decision(scores, 0.5, 0.9), outcome.action)
     assert decisions.dtype == np.int8
     assert [DECISIONS[d] for d in decisions] == ["approve", "review", "decline", "review", "decline", "decline"]
 

@@ -24,6 +24,7 @@ REQUIRED = {"alerts": ["--config", "alerts.toml"]}
 # Flags only some commands may take, and which: what one service reads is no other's option.
 SCORING = {"run"}
 CONSUMERS = {"run", "alerts", "labels"}
+RULES = {f"rules {name}" for name in cli.rulesets_cli.rules.commands}
 OWNERS = {
     **dict.fromkeys(
         ("--model-path", "--rules-path", "--shadow-model", "--thresholds", "--review-threshold", "--decline-threshold"),
@@ -38,8 +39,8 @@ OWNERS = {
     "--workers": {"run", "ingest", "alerts", "labels"},
     "--shutdown-timeout-s": {"run", "ingest", "alerts", "labels"},
     "--dedup-window-s": {"run", "ingest", "status"},
-    "--stream": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge"},
-    "--shards": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge"},
+    "--stream": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge", *RULES},
+    "--shards": {"run", "ingest", "labels", "status", "dlq list", "dlq replay", "dlq purge", *RULES},
     "--group": {"run", "ingest", "labels", "status"},
 }
 
@@ -48,6 +49,7 @@ def commands() -> dict[str, click.Command]:
     """Every service and operations command by its name (``dlq list``: a subcommand)."""
     named = {name: cli.main.get_command(None, name) for name in (*SERVICES, "status", "migrate")}
     named.update({f"dlq {name}": command for name, command in cli.dlq.commands.items()})
+    named.update({f"rules {name}": command for name, command in cli.rulesets_cli.rules.commands.items()})
     return named
 
 
@@ -183,3 +185,24 @@ def test_the_readme_documents_every_option_of_every_service_with_its_environment
     for name in (*SERVICES, "migrate"):
         for param in cli.main.get_command(None, name).params:
             assert f"| `{param.opts[0]}` | `{param.envvar}` |" in readme, f"README lacks fraudd {name} {param.opts[0]}"
+
+
+def test_the_readme_documents_every_setting_of_fraudd_rules_with_its_environment_variable() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name, command in cli.rulesets_cli.rules.commands.items():
+        for param in command.params:
+            if param.envvar:
+                assert f"| `{param.opts[0]}` | `{param.envvar}` |" in readme, f"README lacks fraudd rules {name} {param.opts[0]}"
+
+
+def test_fraudd_rules_takes_postgresql_redis_and_the_input_shards_only() -> None:
+    for name, command in cli.rulesets_cli.rules.commands.items():
+        settings = {flag for param in command.params if param.envvar for flag in param.opts}
+        assert settings - {"--actor", "--minutes-per-case"} == {
+            "--redis-url",
+            "--redis-cluster",
+            "--postgres-url",
+            "--pg-schema",
+            "--stream",
+            "--shards",
+        }, f"fraudd rules {name}"

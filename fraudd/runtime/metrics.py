@@ -69,6 +69,16 @@ shadow_decisions = Counter(
 rule_hits = Counter(
     "fraudd_rule_hits_total", "Transactions each rule fired on, by rule code and action (shadow rules too).", ["rule", "action"]
 )
+shadow_rule_hits = Counter(
+    "fraudd_shadow_rule_hits_total",
+    "Transactions each rule of the rule set in shadow (fraudd rules shadow) fired on, by version and rule code.",
+    ["version", "rule"],
+)
+shadow_rules_decisions = Counter(
+    "fraudd_shadow_rules_decisions_total",
+    "Transactions decided by the live rule set, by its decision and what the rule set in shadow would have decided.",
+    ["live", "shadow"],
+)
 reloads = Counter("fraudd_reloads_total", "Rules/model reloads on SIGHUP, by outcome.", ["outcome"])
 
 e2e_latency = Histogram(

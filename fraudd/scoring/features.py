@@ -124,6 +124,7 @@ class Features:
     blocked: dict[str, np.ndarray]  # bool (n,) per BLOCKLIST_KINDS entry
     amount: np.ndarray  # float64 (n,)
     confirmed: dict[str, np.ndarray] = field(default_factory=dict)  # CONFIRMED_COLUMNS, from labels
+    published_rules: bytes | None = None  # the shard's rule-set pointer as this batch read it (rulesets/pointer.py)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -186,8 +187,9 @@ class FeatureStore(Protocol):
         """Features of every transaction of ``batch``; new ones are added to the state, once.
 
         The first occurrence of a transaction id in batch order is the original; later copies in
-        the batch, and transactions whose dedup marker already exists, are ``seen``: scored at the
-        original's event time against the state that already holds it, and not added again.
+        the batch, and transactions whose dedup marker already exists, are ``seen`` and not added
+        again. A copy takes its original's features; a transaction counted in an earlier batch is
+        scored at the original's event time against the state that already holds it.
         """
         ...
 
@@ -216,21 +218,31 @@ class Prepared:
 Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[bytes], Any]]
 
 
-def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
+def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
     """``FeatureStore.compute`` with the store's ``behaviour_of``: the message columns, the behaviour
-    and blocklists the store computes, and the confirmed-fraud counts."""
+    and blocklists the store computes, the confirmed-fraud counts and the published rule sets."""
     n = len(batch)
     if n == 0:
         return _empty()
     p = _prepare(batch)
-    # The confirmed-fraud version rides on the batch's first round trip rather than its own.
-    behaviour_columns, blocklist_hits, confirmed_version = behaviour_of(p, batch.transaction_id, ("GET", confirmed.version_key))
+    # The confirmed-fraud version and the published rule sets ride on the batch's first round trip
+    # rather than their own (both keys carry the shard's hash tag).
+    behaviour_columns, blocklist_hits, versions = behaviour_of(
+        p, batch.transaction_id, ("MGET", confirmed.version_key, keys.rules)
+    )
+    confirmed_version, published_rules = cast("list[bytes | None]", versions)  # MGET's raw reply
     # A copy whose original belongs to another user is only corrected here.
     p.copies_take_their_originals_time()
 
     matrix = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
     matrix[:, : len(MESSAGE_FEATURES)] = message_columns(batch)
     matrix[:, len(MESSAGE_FEATURES) :] = behaviour_columns
+    # A copy is its original, so it takes the original's features (whichever of them the
+    # idempotent store keeps, it is the same decision). Evaluated against the batch's final state,
+    # its behaviour could differ: that state no longer tells exactly what preceded the original
+    # once more of the user's transactions follow it (recent times, merchants and cards are
+    # bounded), and how many do depends on how the stream is batched and sharded.
+    matrix[p.copy] = matrix[p.original[p.copy]]
     columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
     blocked = {
         kind: _flags(column, values, flags)
@@ -244,6 +256,7 @@ def compute_features(batch: DecodedBatch, confirmed: ConfirmedFraud, behaviour_o
         blocked=blocked,
         amount=batch.amount,
         confirmed=confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms, confirmed_version),
+        published_rules=published_rules,
     )
 
 

@@ -66,7 +66,7 @@ class OwnedFeatureStore:
         self._confirmed = ConfirmedFraud(redis_client, keys)
 
     def compute(self, batch: DecodedBatch) -> Features:
-        return compute_features(batch, self._confirmed, self._behaviour)
+        return compute_features(batch, self._keys, self._confirmed, self._behaviour)
 
     def _behaviour(self, p: Prepared, transaction_ids: list[str], also: Command) -> tuple[np.ndarray, list[bytes], object]:
         """One read (states not in memory, markers, blocklists, and ``also``), the arithmetic, one

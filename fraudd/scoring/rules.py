@@ -112,7 +112,8 @@ class Rules:
         return cls.from_bytes(data, source=str(path))
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<rules>") -> Rules:
+    def from_bytes(cls, data: bytes, source: str = "<rules>", version: str | None = None) -> Rules:
+        """Parse and validate rules text; ``version`` names a stored rule set (default: the text's sha256 prefix)."""
         try:
             document = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -129,20 +130,31 @@ class Rules:
             if any(existing.code == rule.code for existing in rules):
                 raise RulesError(f"{source}: rule #{index} ({rule.code}): duplicate code")
             rules.append(rule)
-        return cls(tuple(rules), hashlib.sha256(data).hexdigest()[:12])
+        return cls(tuple(rules), version or hashlib.sha256(data).hexdigest()[:12])
 
     def evaluate(self, features: Features) -> RuleOutcome:
         """Every rule over the whole batch at once; reason lists only for rows where one fired."""
         n = len(features)
         if not self.rules or n == 0:
             return RuleOutcome(np.zeros(n, dtype=np.int8), [()] * n)
-        fired = np.column_stack([rule.matches(features) for rule in self.rules])
+        fired = self.fired(features)
         self._hits += fired.sum(axis=0)
-        action = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
+        action = self.actions(fired)
         codes: list[tuple[str, ...]] = [()] * n
         for row in np.flatnonzero(fired.any(axis=1)):
             codes[row] = tuple(self._codes[fired[row]])
         return RuleOutcome(action, codes)
+
+    def fired(self, features: Features) -> np.ndarray:
+        """bool (n, rules): which rule fired on which row."""
+        if not self.rules:
+            return np.zeros((len(features), 0), dtype=bool)
+        return np.column_stack([rule.matches(features) for rule in self.rules])
+
+    def actions(self, fired: np.ndarray) -> np.ndarray:
+        """int8 (n,): the strongest action forced on each row by the rules that ``fired``."""
+        strongest: np.ndarray = np.where(fired, self._actions, 0).max(axis=1, initial=0).astype(np.int8)
+        return strongest
 
     def take_hits(self) -> list[tuple[Rule, int]]:
         """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""
@@ -162,11 +174,18 @@ def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: st
     return any(pipe.execute())
 
 
-def decide(scores: np.ndarray, review_threshold: float, decline_threshold: float, outcome: RuleOutcome) -> np.ndarray:
-    """Decision codes (index into DECISIONS): the stronger of the model's thresholds and the rules."""
-    model = np.where(scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE))
-    decision: np.ndarray = np.maximum(model.astype(np.int8), outcome.action)
-    return decision
+def model_decision(scores: np.ndarray, review_threshold: float, decline_threshold: float) -> np.ndarray:
+    """The model's own decision codes (int8 index into DECISIONS): its thresholds, before any rule."""
+    by_model: np.ndarray = np.where(
+        scores >= decline_threshold, DECLINE, np.where(scores >= review_threshold, REVIEW, APPROVE)
+    ).astype(np.int8)
+    return by_model
+
+
+def decide(model: np.ndarray, rules_action: np.ndarray) -> np.ndarray:
+    """Decision codes (index into DECISIONS): the stronger of the model's decision and the rules' action."""
+    stronger: np.ndarray = np.maximum(model, rules_action)
+    return stronger
 
 
 def _parse_rule(entry: object, where: str) -> Rule:

@@ -30,6 +30,7 @@ from ..keys import Keys
 from ..runtime.deadletters import Rejected, kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
 from ..schema import connect
+from . import vectors
 from .decode import DecodedBatch
 from .dedup import buckets, entry_bucket
 from .leases import Fenced, Lease
@@ -60,6 +61,10 @@ COLUMNS = (
     "shadow_decision",
     "shadow_model_version",
     "explanation",
+    "rules_version",
+    "shadow_rules_version",
+    "shadow_rules_decision",
+    "features",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _TEXT_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -79,6 +84,17 @@ class Shadow:
 
 
 @dataclass(slots=True)
+class ShadowRules:
+    """What the rule set in shadow would have decided for a batch: stored, never acted on."""
+
+    decision: np.ndarray  # int8 index into DECISIONS
+    version: str
+
+    def take(self, index: np.ndarray) -> ShadowRules:
+        return ShadowRules(self.decision[index], self.version)
+
+
+@dataclass(slots=True)
 class ScoredBatch:
     """A decoded batch with its outcome; ``decision``/``score``/``reasons`` are final after storing."""
 
@@ -91,7 +107,10 @@ class ScoredBatch:
     explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
     model_version: str
     scored_at_ms: int
+    rules_version: str
+    vectors: np.ndarray  # float32 (n, len(vectors.VECTOR_COLUMNS)): what each decision was made from
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
+    shadow_rules: ShadowRules | None = None  # the rule set in shadow's view of the batch
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -113,7 +132,10 @@ class ScoredBatch:
             [self.explanations[i] for i in rows],
             self.model_version,
             self.scored_at_ms,
+            self.rules_version,
+            self.vectors[index],
             None if self.shadow is None else self.shadow.take(index),
+            None if self.shadow_rules is None else self.shadow_rules.take(index),
         )
 
     def row(self, i: int) -> dict[str, Any]:
@@ -141,6 +163,7 @@ class ScoredBatch:
             "decision": DECISIONS[self.decision[i]],
             "reasons": self.reasons[i],
             "model_version": self.model_version,
+            "rules_version": self.rules_version,
             "explanation": self.explanations[i],
         }
 
@@ -261,6 +284,9 @@ def _copy_text(scored: ScoredBatch) -> bytes:
         [scored.model_version] * n,
         *_shadow_columns(scored.shadow, n),
         _text_column([None if e is None else orjson.dumps(e).decode() for e in scored.explanations]),
+        [scored.rules_version] * n,
+        *_shadow_rules_columns(scored.shadow_rules, n),
+        vectors.copy_text(scored.vectors),
     ]
     return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode()
 
@@ -269,6 +295,12 @@ def _shadow_columns(shadow: Shadow | None, n: int) -> list[list[str]]:
     if shadow is None:
         return [[_NULL] * n] * 3
     return [list(map(repr, shadow.score.tolist())), [DECISIONS[d] for d in shadow.decision.tolist()], [shadow.model_version] * n]
+
+
+def _shadow_rules_columns(shadow: ShadowRules | None, n: int) -> list[list[str]]:
+    if shadow is None:
+        return [[_NULL] * n] * 2
+    return [_text_column([shadow.version] * n), [DECISIONS[d] for d in shadow.decision.tolist()]]
 
 
 def _timestamps(ms: np.ndarray) -> list[str]:

@@ -41,12 +41,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
+import psycopg
 import redis
 
 from .. import shard_counts
+from ..rulesets.store import RuleSetError
 from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
 from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
@@ -54,7 +56,7 @@ from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
-from . import thresholds
+from . import thresholds, vectors
 from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .dedup import CarriedOver
 from .deployment import Deployed, DeploymentWatch
@@ -63,10 +65,14 @@ from .features import FEATURE_NAMES, Features
 from .leases import Fenced
 from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
-from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide
+from .rulebook import RuleBook, RuleSets
+from .rules import ACTION_NAMES, DECISIONS, Rules, RulesError, decide, model_decision
 from .settings import ScoringSettings
 from .shards import Shard, ShardReader
-from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, alert_documents, decision_replies
+from .sinks import AlertDocument, DecisionStore, ScoredBatch, Settled, Shadow, ShadowRules, alert_documents, decision_replies
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 20_000  # allocations between young collections (the default is 700)
@@ -125,7 +131,7 @@ class ScoringWorker:
     def boot(self) -> None:
         s = self.settings
         self._use(_load_models(s, None))
-        self.rules = _load_rules(s)
+        self.rulebook = _rulebook(s)
         self.reader.until_done(self.reader.start, "redis")
         earlier = self.reader.until_done(lambda: shard_counts.recorded(self.redis, s.consumer.stream), "redis")
         self.carried_over = CarriedOver(
@@ -135,6 +141,7 @@ class ScoringWorker:
         # counts a delivery each time, so a worker respawned again and again during an outage would
         # otherwise push valid entries past --max-deliveries and dead-letter them as poison.
         self.reader.until_done(self.store.connect, "postgres")
+        self.reader.until_done(lambda: _load_rule_sets(self.rulebook), "postgres")
         deployed = self.deployment.poll()
         if deployed is not None:
             self._deployed = deployed
@@ -145,15 +152,15 @@ class ScoringWorker:
         """Swap rules, model and thresholds at a batch boundary; bad files are refused and the old
         ones kept (a thresholds file calibrated for another model is a bad file)."""
         try:
-            models, rules = _load_models(self.settings, self._deployed), _load_rules(self.settings)
-        except BootError as exc:
+            models = _load_models(self.settings, self._deployed)
+            rules = _load_rule_sets(self.rulebook).live  # last: it takes effect once loaded
+        except (BootError, psycopg.Error) as exc:
             metrics.reloads.labels("refused").inc()
             log.error(
                 "reload refused, keeping the running model and rules", extra={"event": "reload_refused", "reason": str(exc)}
             )
             return
-        metrics.rules_info.labels(self.rules.version).set(0)
-        self.rules = rules
+        metrics.rules_info.labels(self._rules_in_use).set(0)
         self._use(models)
         self._publish_versions()
         metrics.reloads.labels("ok").inc()
@@ -219,8 +226,9 @@ class ScoringWorker:
         self.deployment.close()
 
     def _publish_versions(self) -> None:
+        self._rules_in_use = self.rulebook.current.live.version
         metrics.model_info.labels(self.models.champion.version).set(1)
-        metrics.rules_info.labels(self.rules.version).set(1)
+        metrics.rules_info.labels(self._rules_in_use).set(1)
 
     def _on_outage(self, kind: str) -> None:
         if kind == "postgres":
@@ -353,32 +361,46 @@ class ScoringWorker:
         after_features = time.perf_counter()
         models = self.models
         model = models.champion
-        scores, decision, reasons, explanations = score_batch(model, self.rules, features, *models.thresholds)
-        for rule, count in self.rules.take_hits():
+        # One pointer read per batch picks the rule sets: the whole batch is decided by one version.
+        rule_sets = self.rulebook.for_batch(features.published_rules)
+        if rule_sets.live.version != self._rules_in_use:
+            metrics.rules_info.labels(self._rules_in_use).set(0)
+            self._publish_versions()
+        rules = rule_sets.live
+        decided = score_batch(model, rules, features, *models.thresholds)
+        for rule, count in rules.take_hits():
             metrics.rule_hits.labels(rule.code, ACTION_NAMES[rule.action]).inc(count)
         shadow = None
         if models.shadow is not None:
-            shadow_scores, shadow_decision, _, _ = score_batch(
-                models.shadow, self.rules, features, *models.shadow_thresholds, explain=False
+            challenger = score_batch(models.shadow, rules, features, *models.shadow_thresholds, explain=False)
+            shadow = Shadow(challenger.scores, challenger.decision, models.shadow.version)
+            rules.take_hits()  # the same rules fired again for the challenger: counted once above
+        shadow_rules = None
+        if rule_sets.shadow is not None:
+            shadow_rules = ShadowRules(
+                decide(decided.model_decision, rule_sets.shadow.evaluate(features).action), rule_sets.shadow.version
             )
-            shadow = Shadow(shadow_scores, shadow_decision, models.shadow.version)
-            self.rules.take_hits()  # the same rules fired again for the challenger: counted once above
+            for rule, count in rule_sets.shadow.take_hits():
+                metrics.shadow_rule_hits.labels(rule_sets.shadow.version, rule.code).inc(count)
         metrics.stage_duration.labels("features").observe(after_features - started)
         metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
-        metrics.observe_many(metrics.scores, scores)
+        metrics.observe_many(metrics.scores, decided.scores)
         self.drift.observe(features)
         metrics.duplicates.inc(int(features.seen.sum()))
         return ScoredBatch(
             batch=batch,
             event_ms=features.event_ms,
             seen=features.seen,
-            score=scores,
-            decision=decision,
-            reasons=reasons,
-            explanations=explanations,
+            score=decided.scores,
+            decision=decided.decision,
+            reasons=decided.reasons,
+            explanations=decided.explanations,
             model_version=model.version,
             scored_at_ms=int(time.time() * 1000),
+            rules_version=rules.version,
+            vectors=vectors.pack(features, decided.model_decision),
             shadow=shadow,
+            shadow_rules=shadow_rules,
         )
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
@@ -399,13 +421,9 @@ class ScoringWorker:
                 if count:
                     metrics.transactions.labels(name).inc(count)
             if scored.shadow is not None:
-                pairs = np.bincount(
-                    scored.decision.astype(np.intp) * len(DECISIONS) + scored.shadow.decision, minlength=len(DECISIONS) ** 2
-                )
-                for pair, count in enumerate(pairs.tolist()):
-                    if count:
-                        champion, challenger = divmod(pair, len(DECISIONS))
-                        metrics.shadow_decisions.labels(DECISIONS[champion], DECISIONS[challenger]).inc(count)
+                _count_pairs(metrics.shadow_decisions, scored.decision, scored.shadow.decision)
+            if scored.shadow_rules is not None:
+                _count_pairs(metrics.shadow_rules_decisions, scored.decision, scored.shadow_rules.decision)
             accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
@@ -427,6 +445,15 @@ def _delivered(rejected: list[Rejected], entries: Entries) -> list[Rejected]:
     ]
 
 
+def _count_pairs(counter: Counter, acting: np.ndarray, shadow: np.ndarray) -> None:
+    """Count rows by (acting decision, shadow decision): one bincount, then one increment per pair seen."""
+    pairs = np.bincount(acting.astype(np.intp) * len(DECISIONS) + shadow, minlength=len(DECISIONS) ** 2)
+    for pair, count in enumerate(pairs.tolist()):
+        if count:
+            first, second = divmod(pair, len(DECISIONS))
+            counter.labels(DECISIONS[first], DECISIONS[second]).inc(count)
+
+
 def _reply_channels(entries: Entries) -> dict[str, str]:
     """Entry id -> decisions channel of the entries written by ``/v1/score`` (field ``reply``)."""
     return {entry_id: fields[b"reply"].decode() for entry_id, fields in entries.extra.items() if b"reply" in fields}
@@ -439,6 +466,7 @@ class BatchDecisions(NamedTuple):
     decision: np.ndarray  # int8 index into DECISIONS
     reasons: list[list[str]]
     explanations: list[dict[str, Any] | None]  # the model's explanation of each non-approved row
+    model_decision: np.ndarray  # int8: the model's thresholds alone, before the rules
 
 
 def score_batch(
@@ -459,7 +487,8 @@ def score_batch(
     inputs = model.inputs(features)
     scores = model.score(inputs)
     outcome = rules.evaluate(features)
-    decision = decide(scores, review_threshold, decline_threshold, outcome)
+    by_model = model_decision(scores, review_threshold, decline_threshold)
+    decision = decide(by_model, outcome.action)
     reasons = [list(codes) for codes in outcome.codes]
     explanations: list[dict[str, Any] | None] = [None] * len(scores)
     if explain:
@@ -468,7 +497,7 @@ def score_batch(
         for i, codes, document in zip(flagged.tolist(), model_reasons, documents):
             reasons[i].extend(codes)
             explanations[i] = document
-    return BatchDecisions(scores, decision, reasons, explanations)
+    return BatchDecisions(scores, decision, reasons, explanations, by_model)
 
 
 def _load_models(settings: ScoringSettings, deployed: Deployed | None) -> Models:
@@ -514,10 +543,18 @@ def _thresholds(settings: ScoringSettings, model: FraudModel) -> tuple[float, fl
     return review, decline
 
 
-def _load_rules(settings: ScoringSettings) -> Rules:
+def _rulebook(settings: ScoringSettings) -> RuleBook:
     try:
-        return Rules.load(settings.rules_path)
+        return RuleBook(settings.postgres, settings.rules_path)
     except RulesError as exc:
+        raise BootError(str(exc)) from exc
+
+
+def _load_rule_sets(rulebook: RuleBook) -> RuleSets:
+    """The stored live and shadow sets (else the rules file); an unusable one stops the worker's start."""
+    try:
+        return rulebook.load()
+    except (RulesError, RuleSetError) as exc:
         raise BootError(str(exc)) from exc
 
 

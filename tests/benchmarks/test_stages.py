@@ -21,6 +21,7 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
+from fraudd.scoring import vectors
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
 from fraudd.scoring.features_shared import SharedFeatureStore
@@ -72,11 +73,20 @@ def model() -> FraudModel:
 def scored(payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> ScoredBatch:
     batch = decoded(payload_batches[-1])
     features = store.compute(batch)
-    scores, decision, reasons, explanations = score_batch(
-        model, Rules.load(DEFAULT_RULES), features, model.review_threshold, model.decline_threshold
-    )
+    rules = Rules.load(DEFAULT_RULES)
+    decided = score_batch(model, rules, features, model.review_threshold, model.decline_threshold)
     return ScoredBatch(
-        batch, features.event_ms, features.seen, scores, decision, reasons, explanations, model.version, int(time.time() * 1000)
+        batch,
+        features.event_ms,
+        features.seen,
+        decided.scores,
+        decided.decision,
+        decided.reasons,
+        decided.explanations,
+        model.version,
+        int(time.time() * 1000),
+        rules.version,
+        vectors.pack(features, decided.model_decision),
     )
 
 
@@ -94,9 +104,7 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
 def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> None:
     features = store.compute(decoded(payload_batches[-2]))
     rules = Rules.load(DEFAULT_RULES)
-    scores, decision, _reasons, _explanations = benchmark(
-        score_batch, model, rules, features, model.review_threshold, model.decline_threshold
-    )
+    scores, decision, *_ = benchmark(score_batch, model, rules, features, model.review_threshold, model.decline_threshold)
     assert scores.shape == (BATCH,) and decision.max() <= 2
 
 

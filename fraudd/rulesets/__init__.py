@@ -1,0 +1,1 @@
+"""Rule sets as versioned data: stored in PostgreSQL, published through Redis, tested on stored vectors."""

@@ -1,0 +1,275 @@
+"""Rule sets as versioned data: import, maker-checker, publish and rollback reaching running workers,
+shadow sets, and `fraudd rules test` on the stored feature vectors, on the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from fraudd.ingest import Publisher
+from fraudd.keys import Keys, shard_stream
+from fraudd.scoring.settings import DEFAULT_RULES
+
+from .conftest import Namespace, migrated_namespace, wait_for
+from .services import DaemonProcess, drain, stop
+from .streams import fully_drained
+
+NOW = int(time.time())
+# Fires on every transaction of 300 or more: how these tests tell versions apart in the rows.
+LARGE = (
+    '\n[[rule]]\ncode = "R_TEST_LARGE"\nreason = "300 or more"\naction = "review"\nfeature = "amount"\nop = ">="\nvalue = 300\n'
+)
+
+
+@pytest.fixture
+def second_ns(redis_client: redis.Redis) -> Iterator[Namespace]:
+    yield from migrated_namespace(redis_client)
+
+
+def rules_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"rules-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    return path
+
+
+def rules(ns: Namespace, *args: str, actor: str = "alice") -> str:
+    result = (
+        ns.fraudd("rules", *args, "--actor", actor)
+        if args[0] not in ("export", "list", "diff", "report")
+        else ns.fraudd("rules", *args)
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def payloads(count: int, prefix: str) -> list[bytes]:
+    return [
+        orjson.dumps(
+            {
+                "transaction_id": f"{prefix}_{i}",
+                "user_id": f"user_{i % 300}",
+                "amount": round(5 + (i * 7.31) % 600, 2),
+                "merchant": ("Amazon", "Walmart", "Shell", "Uber", "Steam")[i % 5],
+                "timestamp": NOW - 3600 + i % 3600,
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def produce(client: redis.Redis, ns: Namespace, items: list[bytes]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for payload in items:
+        pipe.xadd(ns.stream, {"data": payload})
+    pipe.execute()
+
+
+def test_invalid_rule_is_refused_naming_it(ns: Namespace, tmp_path: Path) -> None:
+    bad = rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE.replace('"amount"', '"amount_typo"'))
+    result = ns.fraudd("rules", "import", str(bad), "--actor", "alice")
+    assert result.returncode != 0
+    assert "R_TEST_LARGE" in result.stderr and "unknown feature 'amount_typo'" in result.stderr
+    assert ns.sql("SELECT count(*) FROM rule_sets") == [(0,)]
+
+
+def test_maker_checker_publish_rollback_and_audit(ns: Namespace, tmp_path: Path) -> None:
+    first = int(rules(ns, "import", str(DEFAULT_RULES), actor="alice"))
+    second = int(rules(ns, "import", str(rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE)), actor="alice"))
+    assert second == first + 1
+
+    refused = ns.fraudd("rules", "publish", str(first), "--actor", "alice")
+    assert refused.returncode != 0 and "maker-checker" in refused.stderr
+    rules(ns, "publish", str(first), actor="bob")
+    rules(ns, "publish", str(second), "--allow-self-approve", actor="alice")
+    assert dict(ns.sql("SELECT version, status FROM rule_sets")) == {first: "retired", second: "live"}
+    assert "+ R_TEST_LARGE" in rules(ns, "diff", str(first), str(second))
+    assert rules(ns, "export", str(second)) == DEFAULT_RULES.read_text() + LARGE
+
+    never_live = int(rules(ns, "import", str(DEFAULT_RULES), actor="carol"))
+    refused = ns.fraudd("rules", "rollback", str(never_live), "--actor", "bob")
+    assert refused.returncode != 0 and "never live" in refused.stderr
+    rules(ns, "rollback", str(first), actor="alice")  # checked when it was first published
+    assert ns.sql("SELECT version FROM rule_sets WHERE status = 'live'") == [(first,)]
+
+    audit = ns.sql(
+        "SELECT actor, action, version, detail->>'self_approved' FROM rules_audit WHERE action <> 'import' ORDER BY id"
+    )
+    assert audit == [
+        ("bob", "publish", first, "false"),
+        ("alice", "publish", second, "true"),
+        ("alice", "rollback", first, "true"),
+    ]
+    with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+        ns.sql("DELETE FROM rules_audit")
+    with pytest.raises(psycopg.errors.RaiseException, match="immutable"):
+        ns.sql("UPDATE rule_sets SET source = '' WHERE version = %s", (first,))
+
+
+def versions_of(ns: Namespace, since: float = 0.0) -> list[tuple]:
+    return ns.sql(
+        """SELECT rules_version, extract(epoch FROM scored_at)::float8, amount, 'R_TEST_LARGE' = ANY(reasons), scored_at
+           FROM transactions WHERE scored_at >= to_timestamp(%s)""",
+        (since,),
+    )
+
+
+def test_publish_reaches_every_worker_of_two_supervisors_within_a_second_and_rollback_restores(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    first = rules(ns, "import", str(DEFAULT_RULES)).strip()
+    rules(ns, "publish", first, actor="bob")
+    second = rules(ns, "import", str(rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE))).strip()
+    supervisors = [
+        DaemonProcess.start(ns, tmp_path / f"{name}.log", "--workers", "2", "--batch-size", "50", CONSUMER_ID=name)
+        for name in ("north", "south")
+    ]
+    sent = 0
+
+    def send_for(seconds: float) -> None:
+        nonlocal sent
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            produce(redis_client, ns, payloads(40, f"p{sent}"))
+            sent += 1
+            time.sleep(0.02)
+
+    try:
+        send_for(2.0)
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] > 0, 30, message="first decisions")
+        published_at = time.time()
+        rules(ns, "publish", second, actor="bob")
+        pointed_at = time.time()
+        send_for(3.0)
+        rollback_started = time.time()
+        rules(ns, "rollback", first, actor="carol")
+        rolled_back_at = time.time()
+        send_for(3.0)
+        wait_for(lambda: fully_drained(redis_client, ns), 60, message="the stream to be drained")
+    finally:
+        for daemon in supervisors:
+            stop(daemon)
+
+    rows = versions_of(ns)
+    assert len(rows) == sent * 40
+    for version, scored_at, amount, large, _ in rows:
+        # Every row is decided wholly by the version it records.
+        assert large == (version == second and amount >= 300)
+        if scored_at < published_at or scored_at >= rolled_back_at + 1.0:
+            assert version == first, (scored_at, published_at, rolled_back_at)
+        elif pointed_at + 1.0 <= scored_at < rollback_started:
+            assert version == second, (scored_at, pointed_at)
+    assert {row[0] for row in rows} == {first, second}
+    # A batch (one scored_at per batch) is decided by one version.
+    assert ns.sql("SELECT scored_at FROM transactions GROUP BY scored_at HAVING count(DISTINCT rules_version) > 1") == []
+
+
+def test_backtest_equals_live_and_shadow_decides_nothing(
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path, second_ns: Namespace
+) -> None:
+    """The same traffic through two pipelines: ``ns`` decides with the default rules and runs the
+    candidate in shadow, ``second_ns`` decides with the candidate. `fraudd rules test` of the
+    candidate on ``ns``'s stored vectors, and its shadow report, must equal what ``second_ns`` decided."""
+    candidate = rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE)
+    live = rules(ns, "import", str(DEFAULT_RULES)).strip()
+    rules(ns, "publish", live, actor="bob")
+    shadow = rules(ns, "import", str(candidate)).strip()
+    rules(ns, "shadow", shadow, actor="bob")
+    rules(second_ns, "publish", rules(second_ns, "import", str(candidate)).strip(), actor="bob")
+    traffic = payloads(3000, "same")
+    for namespace in (ns, second_ns):
+        produce(redis_client, namespace, traffic)
+        drain(redis_client, namespace, tmp_path, "--workers", "1")
+
+    # Shadow: stored beside every row, never acting.
+    assert ns.sql("SELECT count(*) FROM transactions WHERE 'R_TEST_LARGE' = ANY(reasons) OR rules_version <> %s", (live,)) == [
+        (0,)
+    ]
+    assert ns.sql("SELECT DISTINCT shadow_rules_version FROM transactions") == [(shadow,)]
+    assert ns.sql("SELECT count(*) FROM transactions WHERE shadow_rules_decision <> decision")[0][0] > 0
+    alerted = {orjson.loads(f[b"data"])["transaction_id"] for _, f in redis_client.xrange(ns.fraud_stream)}
+    assert alerted == {t for (t,) in ns.sql("SELECT transaction_id FROM transactions WHERE decision <> 'approve'")}
+
+    # What the second pipeline decided, by (first pipeline's decision -> second's).
+    pairs = ns.sql(
+        f"""SELECT a.decision || '->' || b.decision, count(*) FROM transactions a
+            JOIN {second_ns.schema}.transactions b USING (transaction_id)
+            WHERE a.decision <> b.decision GROUP BY 1"""
+    )
+    decided = dict(second_ns.sql("SELECT decision, count(*) FROM transactions GROUP BY decision"))
+    assert pairs, "the candidate changes some decisions"
+    ns.sql(
+        """INSERT INTO labels (transaction_id, label, reported_at)
+           SELECT transaction_id, CASE WHEN amount >= 250 THEN 'fraud' ELSE 'legit' END, now()
+           FROM transactions WHERE right(transaction_id, 1) IN ('1', '2', '3') RETURNING transaction_id"""
+    )
+    (candidate_recall, candidate_precision), (live_recall, live_precision) = (
+        ns.sql(
+            f"""SELECT round(count(*) FILTER (WHERE l.label = 'fraud' AND t.decision <> 'approve')::numeric
+                             / nullif(count(*) FILTER (WHERE l.label = 'fraud'), 0), 4)::float8,
+                       round(count(*) FILTER (WHERE l.label = 'fraud' AND t.decision <> 'approve')::numeric
+                             / nullif(count(*) FILTER (WHERE t.decision <> 'approve'), 0), 4)::float8
+                FROM {schema}.transactions t JOIN labels l USING (transaction_id)"""
+        )[0]
+        for schema in (second_ns.schema, ns.schema)
+    )
+
+    table = rules(ns, "test", shadow, "--since", "2h")  # for people
+    assert "extra cases per day" in table and "R_TEST_LARGE" in table and "approve->review" in table
+    for report in (
+        orjson.loads(rules(ns, "test", str(candidate), "--since", "2h", "--json")),
+        orjson.loads(rules(ns, "test", shadow, "--since", "2h", "--json")),
+        orjson.loads(rules(ns, "report", shadow, "--since", "2h", "--json")),
+    ):
+        assert report["transactions"] == 3000
+        assert report["changed"] == dict(pairs)
+        assert {k: v for k, v in report["decisions"]["candidate"].items() if v} == decided
+        extra = report["decisions"]["candidate"]["review"] - report["decisions"]["live"]["review"]
+        assert report["extra_cases_per_day"] == extra  # the traffic spans less than a day
+        assert report["recall"] == {"live": live_recall, "candidate": candidate_recall}
+        assert report["precision"] == {"live": live_precision, "candidate": candidate_precision}
+        for pair, ids in report["samples"].items():
+            assert ids and all(
+                ns.sql(
+                    f"SELECT a.decision || '->' || b.decision FROM transactions a JOIN {second_ns.schema}.transactions b "
+                    "USING (transaction_id) WHERE transaction_id = %s",
+                    (txid,),
+                )
+                == [(pair,)]
+                for txid in ids
+            )
+
+
+def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
+    cluster_ns: Namespace, cluster_client: RedisCluster, tmp_path: Path
+) -> None:
+    ns, shards = cluster_ns, 3
+    first = rules(ns, "import", str(DEFAULT_RULES)).strip()
+    rules(ns, "publish", first, "--shards", str(shards), actor="bob")
+    second = rules(ns, "import", str(rules_file(tmp_path, DEFAULT_RULES.read_text() + LARGE))).strip()
+    publisher = Publisher(cluster_client, ns.stream, shards)
+    daemon = DaemonProcess.start(ns, tmp_path / "fraudd.log", "--workers", "2", "--shards", str(shards))
+    try:
+        publisher.publish(payloads(600, "before"))
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] == 600, 60, message="the first decisions")
+        rules(ns, "publish", second, "--shards", str(shards), actor="bob")
+        time.sleep(1.0)
+        publisher.publish(payloads(600, "after"))
+        wait_for(lambda: ns.sql("SELECT count(*) FROM transactions")[0][0] == 1200, 60, message="the later decisions")
+    finally:
+        stop(daemon)
+    by_version = dict(
+        ns.sql("SELECT split_part(transaction_id, '_', 1) || ':' || rules_version, count(*) FROM transactions GROUP BY 1")
+    )
+    assert by_version == {f"before:{first}": 600, f"after:{second}": 600}
+    # Every shard's copy of the pointer lives in that shard's slot and names the live set.
+    for k in range(shards):
+        stream = shard_stream(ns.stream, shards, k)
+        assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
