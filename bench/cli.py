@@ -18,7 +18,11 @@ import click
 import orjson
 import redis
 
+<<<<<<< HEAD
 from bench import alerts, latency, plots, report, services, soak, throughput
+=======
+from bench import alerts, console, latency, report, services, soak, throughput
+>>>>>>> main
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -378,6 +382,41 @@ main.add_command(throughput_cmd, "throughput")
 main.add_command(latency_cmd, "latency")
 main.add_command(soak_cmd, "soak")
 main.add_command(alerts_cmd, "alerts")
+
+
+@main.command("console")
+@click.option("-n", "--transactions", default=1_000_000, show_default=True, help="Stored transactions (5% of them become cases).")
+@click.option("--requests", default=200, show_default=True, help="Requests per queue view (case pages: five times as many).")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: str, out_dir: Path) -> None:
+    """Server time of the analyst console's queue page (first 50, each filter) and case page on a full store."""
+    started = time.time()
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    result = console.run(redis_url, postgres_url, transactions, requests, out_dir, echo)
+    document = {
+        "mode": "console",
+        "command": ["python", "-m", "bench", *sys.argv[1:]],
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+        "result": result,
+    }
+    path = report.write(report.out_path(out_dir, "console"), document)
+    click.echo(console.format_result(result))
+    click.echo(f"\nreport: {path}")
+
+
+@main.command("console-writes")
+@click.option("-n", "--rows", default=200_000, show_default=True, help="Scored transactions per COPY.")
+@click.option("--rounds", default=4, show_default=True, help="COPYs into each table, alternating.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
+    """What the console's index on transactions adds to the scoring's COPY, per row."""
+    result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
+    click.echo(console.format_index_cost(result))
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import click
@@ -14,12 +16,14 @@ import redis
 from redis.cluster import RedisCluster
 
 from .alerts import settings as alert_settings
+from .console import settings as console_settings
 from .ingest import settings as ingest_settings
 from .keys import shard_streams
 from .learning import cli as learning_cli
 from .preflight import (
     check_dependencies,
     check_eviction,
+    check_migrated,
     check_producer_shard_count,
     check_shard_count,
     connect_postgres,
@@ -110,6 +114,157 @@ def ingest(**params) -> None:
 
     check_exposure(settings, authenticator)
     sys.exit(Supervisor(service(settings, authenticator)).run())
+
+
+@main.command()
+@options(console_settings.OPTIONS)
+def console(**params) -> None:
+    """Serve the analyst console: the review queue, cases with their evidence, verdicts that become labels."""
+    from .runtime.listener import is_loopback
+
+    settings = console_settings.ConsoleSettings.from_params(params)
+    logs.setup(settings.log_level)
+    if settings.metrics.listen is not None:
+        prepare_metrics_dir()
+    check_eviction(settings.redis)
+    with connect_postgres(settings.postgres) as conn:
+        check_migrated(conn, settings.postgres)
+    if settings.tls_cert is None and not is_loopback(settings.listen[0]):
+        click.echo(
+            f"warning: --listen {settings.listen[0]} without --tls-cert: passwords and session cookies cross the network "
+            "in clear unless a TLS proxy is in front",
+            err=True,
+        )
+    # Both import prometheus-client, which reads the directory above.
+    from .console.server import service
+    from .runtime.supervisor import Supervisor
+
+    sys.exit(Supervisor(service(settings)).run())
+
+
+@main.group()
+def users() -> None:
+    """Console users: add, list, disable, enable, set-role, set-password."""
+
+
+def _users_connection(params: dict) -> psycopg.Connection:
+    postgres = PostgresSettings.from_params(params)
+    conn = connect_postgres(postgres)
+    check_migrated(conn, postgres)
+    return conn
+
+
+def _actor() -> str:
+    """Who changed a user from the command line, for the audit trail."""
+    return "cli:" + (os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid()))
+
+
+def _password(password_file: Path | None) -> str:
+    from .console.passwords import MIN_LENGTH
+
+    if password_file is not None:
+        return next(iter(password_file.read_text().splitlines()), "")
+    return click.prompt(f"Password (at least {MIN_LENGTH} characters)", hide_input=True, confirmation_prompt=True)
+
+
+_ROLE = click.Choice(["analyst", "lead", "admin"])
+_PASSWORD_FILE = click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the password from this file (its first line); otherwise it is prompted for. Never a flag.",
+)
+
+
+@users.command("add")
+@options(POSTGRES_OPTIONS)
+@click.argument("name")
+@click.option("--role", type=_ROLE, required=True)
+@_PASSWORD_FILE
+def users_add(name: str, role: str, password_file: Path | None, **params) -> None:
+    """Add console user NAME with ROLE (analyst: queue, cases, verdicts; lead: also reassign and bulk; admin: also users)."""
+    from .console import audit
+    from .console import users as console_users
+    from .console.passwords import PasswordError, hash_password
+
+    try:
+        hashed = hash_password(_password(password_file))
+    except PasswordError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _users_connection(params) as conn, conn.transaction():
+        try:
+            console_users.add(conn, name, role, hashed)
+        except console_users.UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        audit.record(conn, _actor(), "user_added", subject=name, after={"role": role})
+    click.echo(f"user {name} added as {role}")
+
+
+@users.command("list")
+@options(POSTGRES_OPTIONS)
+def users_list(**params) -> None:
+    """List console users: name, role, status."""
+    from .console import users as console_users
+
+    with _users_connection(params) as conn:
+        for user in console_users.all_users(conn):
+            click.echo(f"{user.username:<24} {user.role:<8} {'disabled' if user.disabled else 'active'}")
+
+
+def _change_user(params: dict, name: str, action: str, **changes: object) -> None:
+    from .console import audit
+    from .console import users as console_users
+
+    with _users_connection(params) as conn, conn.transaction():
+        try:
+            before, after = console_users.update(conn, name, **changes)
+        except console_users.UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        audit.record(conn, _actor(), action, subject=name, before=before, after=after)
+
+
+@users.command("disable")
+@options(POSTGRES_OPTIONS)
+@click.argument("name")
+def users_disable(name: str, **params) -> None:
+    """Disable user NAME: their sessions end and they cannot sign in."""
+    _change_user(params, name, "user_disabled", disabled=True)
+    click.echo(f"user {name} disabled")
+
+
+@users.command("enable")
+@options(POSTGRES_OPTIONS)
+@click.argument("name")
+def users_enable(name: str, **params) -> None:
+    """Enable user NAME again."""
+    _change_user(params, name, "user_enabled", disabled=False)
+    click.echo(f"user {name} enabled")
+
+
+@users.command("set-role")
+@options(POSTGRES_OPTIONS)
+@click.argument("name")
+@click.argument("role", type=_ROLE)
+def users_set_role(name: str, role: str, **params) -> None:
+    """Give user NAME the ROLE (their sessions end)."""
+    _change_user(params, name, "role_changed", role=role)
+    click.echo(f"user {name} is now {role}")
+
+
+@users.command("set-password")
+@options(POSTGRES_OPTIONS)
+@click.argument("name")
+@_PASSWORD_FILE
+def users_set_password(name: str, password_file: Path | None, **params) -> None:
+    """Set user NAME's password (their sessions end)."""
+    from .console.passwords import PasswordError, hash_password
+
+    try:
+        hashed = hash_password(_password(password_file))
+    except PasswordError as exc:
+        raise click.ClickException(str(exc)) from None
+    _change_user(params, name, "password_changed", password_hash=hashed)
+    click.echo(f"password of {name} set")
 
 
 @main.command()
@@ -483,13 +638,18 @@ def dlq_purge(entry_ids: tuple[str, ...], reason: str | None, select_all: bool, 
 @click.option("--transactions", default=100_000, show_default=True, help="Generated transactions to send.")
 @click.option("--workers", default=2, show_default=True, help="Scoring worker processes.")
 @click.option("--seed", default=7, show_default=True)
-def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int) -> None:
+@click.option(
+    "--console/--no-console",
+    default=None,
+    help="At the end, serve the analyst console on the demo's cases until Ctrl-C (default: when run from a terminal).",
+)
+def demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, console: bool | None) -> None:
     """The whole system on generated traffic: HTTP ingest, scoring, alerts to a local webhook receiver.
 
     Uses the servers at --redis-url / --postgres-url when they answer (streams fraudd_demo:transactions:*,
     schema fraudd_demo), otherwise throwaway ones; stops everything it started on exit or Ctrl-C."""
-    from .demo import format_summary, run_demo
+    from .demo import run_demo
 
-    result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo)
-    click.echo(format_summary(result))
+    offer = sys.stdin.isatty() if console is None else console
+    result = run_demo(redis_url, postgres_url, transactions, workers, seed, click.echo, console=offer)
     sys.exit(0 if result.consistent else 1)

@@ -238,7 +238,10 @@ class _Processes:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run_demo(redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, echo: _ECHO) -> DemoResult:
+def run_demo(
+    redis_url: str, postgres_url: str, transactions: int, workers: int, seed: int, echo: _ECHO, console: bool = False
+) -> DemoResult:
+    """Run the demo and print its summary; with ``console``, then serve the analyst console on its cases until Ctrl-C."""
     with contextlib.ExitStack() as stack:
         redis_url, postgres_url, throwaway = stack.enter_context(_servers(redis_url, postgres_url, echo))
         directory = scratch_dir("fraudd-demo-run-")
@@ -292,6 +295,11 @@ def run_demo(redis_url: str, postgres_url: str, transactions: int, workers: int,
             exit_codes = processes.stop()
         result = _summary(client, demo, traffic, rejected, receiver, exit_codes, started)
         result.where = _where(demo, throwaway)
+        echo(format_summary(result))
+        if console:
+            _offer_console(directory, env, result.decisions["review"], echo)
+        else:
+            echo("  console: `fraudd demo --console` serves the analyst console on the demo's cases at the end")
         return result
 
 
@@ -329,17 +337,63 @@ def _json_item(payload: bytes) -> bool:
 
 
 def _wait_for_ingest(port: int, processes: _Processes, timeout: float = 60.0) -> None:
+    _wait_for_http(f"http://127.0.0.1:{port}/healthz", "fraudd ingest", processes, timeout)
+
+
+def _wait_for_http(url: str, what: str, processes: _Processes, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         processes.check_alive()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"fraudd ingest did not become healthy on port {port} within {timeout:.0f}s")
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
+
+
+def _offer_console(directory: Path, env: dict[str, str], review_cases: int, echo: _ECHO) -> None:
+    """Serve ``fraudd console`` on the demo's cases, with a lead ``demo`` whose password is printed,
+    until Ctrl-C."""
+    password = secrets.token_urlsafe(12)
+    (directory / "console-password").write_text(password + "\n")
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fraudd",
+            "users",
+            "add",
+            "demo",
+            "--role",
+            "lead",
+            "--password-file",
+            str(directory / "console-password"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if added.returncode != 0:
+        raise RuntimeError(f"fraudd users add failed:\n{added.stderr[-2000:]}")
+    port = free_port()
+    processes = _Processes(directory, env)
+    processes.start("console", "console", "--workers", "1", "--listen", f"127.0.0.1:{port}")
+    try:
+        _wait_for_http(f"http://127.0.0.1:{port}/login", "fraudd console", processes)
+        echo(
+            f"\nconsole: http://127.0.0.1:{port}/  sign in as demo / {password} (a lead) to work the "
+            f"{review_cases:,} review cases; Ctrl-C stops the demo"
+        )
+        while True:
+            processes.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        echo("")
+    finally:
+        processes.stop()
 
 
 def _send(
@@ -410,21 +464,27 @@ class _Progress:
         self._last = (now, scored)
         line = (
             f"  scored {scored:>9,}  {(scored - scored_then) / (now - then):>8,.0f} tx/s   "
-            f"lag {_lag(self._client, self._demo.stream):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
+            f"lag {_lag(self._client, self._demo):>7,}   alerts {self._client.xlen(self._demo.fraud_stream):>6,}   "
             f"delivered {len(self._receiver.received):>6,}"
         )
         sys.stdout.write(f"\r{line}" if self._tty else f"{line}\n")
         sys.stdout.flush()
 
 
-def _lag(client: redis.Redis, stream: str) -> int:
-    groups = client.xinfo_groups(stream) if client.exists(stream) else []
-    return sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups if g["name"] == b"fraud-group")
+def _lag(client: redis.Redis, demo: Namespace) -> int:
+    """Entries of the input stream the scoring has not yet read and acked; all of them while its
+    group does not exist yet (``fraudd run`` still starting), so a demo never settles before scoring."""
+    if not client.exists(demo.stream):
+        return 0
+    groups = [g for g in client.xinfo_groups(demo.stream) if g["name"] == demo.group.encode()]
+    if not groups:
+        return client.xlen(demo.stream)
+    return sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups)
 
 
 def _settled(client: redis.Redis, demo: Namespace, receiver: WebhookReceiver) -> bool:
     """Every entry scored and acked, and every alert delivered."""
-    if _lag(client, demo.stream) > 0:
+    if _lag(client, demo) > 0:
         return False
     return len(receiver.received) >= client.xlen(demo.fraud_stream)
 

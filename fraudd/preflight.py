@@ -48,7 +48,6 @@ def check_dependencies(
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
     from .runtime.redis_clients import connect_redis
-    from .schema import MigrationError, pending_migrations
 
     client = connect_redis(redis_settings.url, redis_settings.cluster)
     try:
@@ -63,10 +62,17 @@ def check_dependencies(
     if eviction:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")
     with connect_postgres(postgres) as conn:
-        try:
-            pending = pending_migrations(conn)
-        except MigrationError as exc:
-            raise ConfigError(str(exc)) from None
+        check_migrated(conn, postgres)
+
+
+def check_migrated(conn: psycopg.Connection, postgres: PostgresSettings) -> None:
+    """Every migration is applied to ``postgres``'s schema (``conn`` connects to it)."""
+    from .schema import MigrationError, pending_migrations
+
+    try:
+        pending = pending_migrations(conn)
+    except MigrationError as exc:
+        raise ConfigError(str(exc)) from None
     if pending:
         raise ConfigError(f"schema {postgres.schema} lacks migrations {', '.join(pending)}: run `fraudd migrate` first")
 

@@ -151,7 +151,7 @@ def test_units_run_as_notify_services_with_the_drain_timeout_and_the_same_harden
 
 
 # The commands the units run: the environment file holds their settings.
-SERVICES_COMMANDS = ("run", "ingest", "alerts")
+SERVICES_COMMANDS = ("run", "ingest", "alerts", "console")
 
 
 def envvars(name: str) -> set[str]:
@@ -311,6 +311,25 @@ secret_env = "FRAUDD_WEBHOOK_SECRET"
             lambda: len(receiver.accepted) == 100,
             FRAUDD_WEBHOOK_SECRET=SECRET,
         )
+
+
+@needs_strace
+def test_console_uses_only_what_its_sandbox_allows(ns: Namespace, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("sandbox-password\n")
+    assert ns.fraudd("users", "add", "sandbox", "--role", "analyst", "--password-file", str(password)).returncode == 0
+    port = free_port()
+
+    def signs_in() -> bool:
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Accept": "text/html"}, timeout=5) as client:
+                token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+                client.post("/login", data={"username": "sandbox", "password": "sandbox-password", "csrf": token})
+                return "Claim next" in client.get("/").text
+        except httpx.TransportError:
+            return False
+
+    traced(ns, tmp_path, "fraudd-console.service", ["console", "--workers", "2", "--listen", f"127.0.0.1:{port}"], signs_in)
 
 
 @needs_strace

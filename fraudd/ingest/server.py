@@ -1,16 +1,10 @@
-"""Running the HTTP API: the listening socket, TLS, signals, and one server per process.
-
-The socket is bound once, before any server process starts, and every process accepts on that
-same socket: a bad address or a port in use is one clear start-up error, and a server process
-that dies leaves no queue of accepted-but-unserved connections behind (with ``SO_REUSEPORT`` each
-process has its own accept queue, whose connections are reset when it dies). The kernel wakes
-an idle process for each new connection, which spreads the load by itself.
+"""Running the HTTP API: signals, and one server per process on the shared socket
+(``runtime.listener``: bound once before the fork, TLS included).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -19,6 +13,7 @@ import ssl
 import uvloop
 from aiohttp import web, web_protocol, web_response
 
+from ..runtime.listener import bind, is_loopback, tls_context
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.supervisor import Service
@@ -29,19 +24,9 @@ from .settings import IngestSettings
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 1024
 # What every response's Server header says. aiohttp's own names it and the Python version (a
 # scanner's first clue), also on the responses it makes itself, e.g. to a malformed request.
 SERVER_NAME = "fraudd"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> None:
@@ -55,33 +40,6 @@ def check_exposure(settings: IngestSettings, authenticator: Authenticator) -> No
         )
 
 
-def bind(settings: IngestSettings) -> socket.socket:
-    host, port = settings.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"--listen {host}:{port}: {exc.strerror}") from None
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
-def tls_context(settings: IngestSettings) -> ssl.SSLContext | None:
-    if settings.tls_cert is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--tls-cert / --tls-key: {exc}") from None
-    return context
-
-
 def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     """``fraudd ingest``: the supervisor's view of the HTTP server processes.
 
@@ -90,8 +48,8 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     consuming side's (``fraudd run``), whoever writes it. The supervisor re-reads the API keys on
     SIGHUP too: a server process it respawns starts with the keys in use, not those of start-up.
     """
-    sock = bind(settings)
-    context = tls_context(settings)
+    sock = bind(settings.listen)
+    context = tls_context(settings.tls_cert, settings.tls_key)
     return Service(
         name="fraudd ingest",
         workers=settings.workers,

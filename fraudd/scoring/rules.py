@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
+from redis.cluster import RedisCluster
 
+from fraudd.keys import Keys, shard_streams
 from fraudd.scoring.features import (
     BLOCKLIST_KINDS,
     EXTRA_COLUMNS,
@@ -157,6 +160,18 @@ class Rules:
         """(rule, rows it fired on) since the last call, for the rules that fired; resets the counts."""
         hits, self._hits = self._hits, np.zeros(len(self.rules), dtype=np.int64)
         return [(rule, int(count)) for rule, count in zip(self.rules, hits.tolist()) if count]
+
+
+def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: str, value: str) -> bool:
+    """Put ``value`` on the live blocklist of ``kind`` (one of BLOCKLIST_KINDS) of every input shard of
+    ``stream``: each shard's workers look up their own, and the next batch of each sees it. True when
+    it was not blocked before."""
+    if kind not in BLOCKLIST_KINDS:
+        raise ValueError(f"no blocklist of kind {kind!r}; known: {list(BLOCKLIST_KINDS)}")
+    pipe = client.pipeline(transaction=False)
+    for shard in shard_streams(stream, shards):
+        pipe.sadd(Keys(shard, "", "").blocklist(kind), value)
+    return any(pipe.execute())
 
 
 def model_decision(scores: np.ndarray, review_threshold: float, decline_threshold: float) -> np.ndarray:

@@ -1,0 +1,293 @@
+"""``fraudd console`` in a real browser (Debian's chromium through Playwright) against a real
+console, a real ``fraudd run``, PostgreSQL and Redis: sign in, claim, read a case, verdicts that
+become labels and teach the scoring, blocks that decline the next transaction, two analysts
+claiming at once, the keyboard, roles, CSRF and session expiry.
+
+The queue and case screenshots of README's "For analysts" are taken here (docs/console-*.png)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from fraudd.keys import Keys
+from fraudd.localservers import free_port
+from fraudd.scoring.confirmed import ConfirmedFraud
+
+from .conftest import REDIS_URL, Namespace, migrated_namespace, wait_for
+from .console_site import CHROMIUM, PASSWORD, Site, csrf_token, sign_in, start_site
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    try:
+        for ns in migrated_namespace(client):
+            yield from start_site(ns, client, tmp_path_factory.mktemp("console"))
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+def second_page(browser: Browser) -> Page:
+    return browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+
+
+def test_claim_read_and_fraud_verdict_with_a_block(site: Site, page: Page) -> None:
+    # Three customers with some history, whose large transactions share an IP address (linked).
+    for customer in ("cust-ana", "cust-ben", "cust-cho"):
+        site.transactions(2, amount=40.0, user_id=customer)
+    ids = [
+        site.transactions(1, amount=20_000.0 + 2_500 * i, user_id=customer, ip="203.0.113.7")[0]
+        for i, customer in enumerate(("cust-ana", "cust-ben", "cust-cho"))
+    ]
+    ids += site.transactions(5, amount=10_000.0)
+    decisions = site.cases(ids)
+    assert set(decisions.values()) <= {"review", "decline"}
+    sign_in(page, site, "alice")
+    expect(page.get_by_role("table", name="Cases")).to_contain_text(ids[0])
+    cookie = next(c for c in page.context.cookies() if c["name"] == "fraudd_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "console-queue.png"))
+
+    page.get_by_role("button", name="Claim next").click()
+    page.wait_for_url("**/cases/**")
+    claimed = page.get_by_role("heading", level=1).inner_text()
+    assert site.sql("SELECT state, assignee FROM cases WHERE transaction_id = %s", (claimed,)) == [("claimed", "alice")]
+    device = site.sql("SELECT device_id FROM transactions WHERE transaction_id = %s", (claimed,))[0][0]
+    expect(page.get_by_role("region", name="Decision", exact=True)).to_contain_text("R_LARGE_AMOUNT")
+    expect(page.get_by_role("region", name="Transaction", exact=True)).to_contain_text(device)
+    expect(page.get_by_role("region", name="History", exact=True)).to_contain_text("claim")
+    expect(page.get_by_role("table", name="Linked customers")).to_contain_text("ip:203.0.113.7")
+    expect(page.get_by_role("table", name=re.compile("Recent transactions"))).to_contain_text("40.00")
+    page.get_by_label("Verdict note").fill("card holder denies it")
+    page.screenshot(path=str(DOCS / "console-case.png"), full_page=True)
+
+    page.get_by_role("checkbox", name=f"device {device}").check()
+    page.get_by_role("button", name="Fraud", exact=True).click()
+    expect(page.get_by_role("status")).to_have_text("Verdict recorded.")
+
+    assert site.sql("SELECT label, source FROM label_history WHERE transaction_id = %s", (claimed,)) == [
+        ("fraud", "console:alice")
+    ]
+    assert site.sql("SELECT label, source FROM labels WHERE transaction_id = %s", (claimed,)) == [("fraud", "console:alice")]
+    assert site.sql("SELECT state, verdict, resolved_by FROM cases WHERE transaction_id = %s", (claimed,)) == [
+        ("resolved", "fraud", "alice")
+    ]
+    actions = [row[0] for row in site.sql("SELECT action FROM console_audit WHERE transaction_id = %s ORDER BY id", (claimed,))]
+    assert actions == ["claim", "verdict", "note", "block"]
+    # The label-fed counts: the device now has one confirmed fraud for the scoring to see.
+    counts = ConfirmedFraud(site.redis, Keys(site.ns.stream, "", "")).counts(
+        ([None], [device], [None], [None]), np.array([int(time.time() * 1000)])
+    )
+    assert counts["device_fraud_7d"].tolist() == [1.0]
+
+    # The block: the next transaction on that device, small and otherwise harmless, is declined.
+    (after,) = site.transactions(1, amount=12.0, device_id=device)
+    decision, reasons = site.decision(after)
+    assert decision == "decline" and "R_BLOCKED_DEVICE" in reasons
+
+    # A resolved case is resolved once: a second verdict is refused and stores nothing.
+    page.goto(f"{site.url}/cases/{claimed}")
+    expect(page.get_by_role("button", name="Legitimate")).to_have_count(0)
+    response = page.request.post(
+        f"{site.url}/cases/{claimed}/verdict", form={"csrf": csrf_token(page), "verdict": "legit", "typology": ""}
+    )
+    assert "resolved already" in response.url.replace("+", " ")
+    assert site.sql("SELECT count(*) FROM label_history WHERE transaction_id = %s", (claimed,)) == [(1,)]
+
+
+def test_two_analysts_claiming_at_once_get_different_cases(site: Site, browser: Browser, page: Page) -> None:
+    site.cases(site.transactions(4))
+    other = second_page(browser)
+    sign_in(page, site, "bob")
+    sign_in(other, site, "carol")
+    page.get_by_role("button", name="Claim next").click(no_wait_after=True)
+    other.get_by_role("button", name="Claim next").click(no_wait_after=True)
+    page.wait_for_url("**/cases/**")
+    other.wait_for_url("**/cases/**")
+    mine, theirs = page.get_by_role("heading", level=1).inner_text(), other.get_by_role("heading", level=1).inner_text()
+    assert mine != theirs
+    assert site.sql("SELECT assignee FROM cases WHERE transaction_id = ANY(%s) ORDER BY assignee", ([mine, theirs],)) == [
+        ("bob",),
+        ("carol",),
+    ]
+    for analyst_page in (page, other):
+        analyst_page.get_by_role("button", name="Release").click()
+        expect(analyst_page.get_by_role("status")).to_have_text("Case released to the queue.")
+    other.context.close()
+
+
+def test_keyboard_shortcuts(site: Site, page: Page) -> None:
+    site.cases(site.transactions(2))
+    sign_in(page, site, "alice")
+    page.keyboard.press("?")
+    expect(page.get_by_role("dialog", name="Keyboard shortcuts")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("dialog")).to_be_hidden()
+    page.keyboard.press("j")
+    first = page.locator("a[data-row]").first
+    expect(first).to_be_focused()
+    page.keyboard.press("j")
+    expect(page.locator("a[data-row]").nth(1)).to_be_focused()
+    page.keyboard.press("k")
+    expect(first).to_be_focused()
+
+    page.keyboard.press("c")
+    page.wait_for_url("**/cases/**")
+    claimed = page.get_by_role("heading", level=1).inner_text()
+    page.keyboard.press("n")
+    expect(page.get_by_label("New note")).to_be_focused()
+    page.keyboard.type("seen this customer before")  # typed into the note: no shortcut fires
+    page.get_by_role("button", name="Add note").click()
+    expect(page.get_by_role("region", name="Notes", exact=True)).to_contain_text("seen this customer before")
+    page.keyboard.press("l")
+    expect(page.get_by_role("status")).to_have_text("Verdict recorded.")
+    assert site.sql("SELECT label, source FROM labels WHERE transaction_id = %s", (claimed,)) == [("legit", "console:alice")]
+
+
+def test_an_analyst_cannot_reach_a_leads_action(site: Site, browser: Browser, page: Page) -> None:
+    (open_case,) = site.cases(site.transactions(1))
+    sign_in(page, site, "alice")
+    bulk = {"csrf": csrf_token(page), "transaction_id": open_case, "confirm": "yes"}
+    assert page.request.post(f"{site.url}/bulk", form=bulk).status == 403
+    assert page.request.get(f"{site.url}/audit.csv").status == 403
+    assert page.request.get(f"{site.url}/users").status == 403
+    assert site.sql("SELECT state FROM cases WHERE transaction_id = %s", (open_case,)) == [("open",)]
+    refused = site.sql("SELECT subject, after->>'needs' FROM console_audit WHERE actor = 'alice' AND action = 'forbidden'")
+    assert ("POST /bulk", "lead") in refused and ("GET /audit.csv", "lead") in refused and ("GET /users", "admin") in refused
+
+    lead = second_page(browser)
+    sign_in(lead, site, "dave")
+    lead.get_by_role("checkbox", name=f"Select {open_case}").check()
+    lead.get_by_role("checkbox", name="Confirm").check()
+    lead.get_by_role("button", name="Mark selected Legitimate").click()
+    expect(lead.get_by_role("status")).to_have_text("Bulk verdict recorded.")
+    assert site.sql("SELECT label, source FROM labels WHERE transaction_id = %s", (open_case,)) == [("legit", "console:dave")]
+    export = lead.request.get(f"{site.url}/audit.csv")
+    assert export.status == 200 and export.headers["content-type"].startswith("text/csv")
+    assert "bulk_verdict" in export.text() and "forbidden" in export.text()
+    lead.context.close()
+
+
+def test_a_post_without_the_csrf_token_is_refused(site: Site, page: Page) -> None:
+    (case,) = site.cases(site.transactions(1))
+    sign_in(page, site, "alice")
+    for form in ({"note": "forged"}, {"note": "forged", "csrf": "not-the-token"}):
+        response = page.request.post(f"{site.url}/cases/{case}/notes", form=form)
+        assert response.status == 403
+    assert site.sql("SELECT count(*) FROM case_notes WHERE transaction_id = %s", (case,)) == [(0,)]
+    assert site.sql(
+        "SELECT count(*) FROM console_audit WHERE action = 'csrf_refused' AND subject = %s", (f"/cases/{case}/notes",)
+    ) == [(2,)]
+    # The sign-in form has its own token: a login posted from elsewhere is refused too.
+    assert page.request.post(f"{site.url}/login", form={"username": "alice", "password": "x"}).status == 403
+
+
+def test_an_idle_session_expires(site: Site, page: Page) -> None:
+    sign_in(page, site, "carol")
+    site.sql("UPDATE console_sessions SET last_seen = last_seen - interval '2 hours' WHERE username = 'carol' RETURNING 1")
+    page.reload()
+    page.wait_for_url("**/login?expired=1")
+    expect(page.get_by_role("status")).to_have_text("Your session expired: sign in again.")
+    assert page.request.post(f"{site.url}/claim", form={"decision": "review"}, max_redirects=0).status == 401
+
+
+def test_sign_in_is_throttled_after_failures(site: Site, page: Page) -> None:
+    for _ in range(5):
+        page.goto(site.url + "/login")
+        page.get_by_label("Username").fill("erin")
+        page.get_by_label("Password").fill("wrong password")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("status")).to_have_text("Wrong username or password.")
+    page.goto(site.url + "/login")
+    page.get_by_label("Username").fill("erin")
+    page.get_by_label("Password").fill("correct horse battery")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("status")).to_have_text("Too many failed sign-ins: try again in 15 minutes.")
+    assert site.sql("SELECT count(*) FROM console_sessions WHERE username = 'erin'") == [(0,)]
+
+
+def test_metrics(site: Site) -> None:
+    """After the tests above: the queue's gauges, verdicts per analyst and their time-to-verdict."""
+
+    def sample(name: str, text: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    text = ""
+    open_cases = site.sql("SELECT count(*) FROM cases WHERE state = 'open' AND decision = 'review'")[0][0]
+
+    def exported() -> bool:  # the gauges follow the cases at the next housekeeping (every 5 s)
+        nonlocal text
+        text = httpx.get(site.metrics_url, timeout=5).text
+        return sample('fraudd_console_queue_depth{decision="review",state="open"}', text) == open_cases
+
+    wait_for(exported, 15, message="the queue gauges")
+    assert sample("fraudd_console_oldest_open_case_age_seconds", text) > 0
+    assert sample('fraudd_console_verdicts_total{analyst="alice",verdict="fraud"}', text) == 1
+    assert sample('fraudd_console_verdicts_total{analyst="dave",verdict="legit"}', text) == 1
+    assert sample('fraudd_console_time_to_verdict_seconds_count{analyst="alice"}', text) == 2
+    assert sample("fraudd_console_sla_seconds", text) == 4 * 3600
+
+
+def test_under_tls_the_session_cookie_is_secure(ns: Namespace, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "password").write_text(PASSWORD + "\n")
+    assert ns.fraudd("users", "add", "tina", "--role", "analyst", "--password-file", str(tmp_path / "password")).returncode == 0
+    port = free_port()
+    console = ns.start_command(
+        "console", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=False, headers={"Accept": "text/html"}, timeout=5) as http:
+            wait_for(lambda: _answers(http), 30, message="the console answering over TLS")
+            token = re.search(r'name="csrf" value="([^"]+)"', http.get("/login").text).group(1)
+            signed_in = http.post("/login", data={"username": "tina", "password": PASSWORD, "csrf": token})
+        cookie = next(
+            value for name, value in signed_in.headers.multi_items() if name == "set-cookie" and "fraudd_session" in value
+        )
+        assert signed_in.status_code == 303 and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=3)
+    finally:
+        code, log = console.stop()
+        assert code == 0, log[-2000:]
+
+
+def _answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/login").status_code == 200
+    except httpx.TransportError:
+        return False
