@@ -18,11 +18,7 @@ import click
 import orjson
 import redis
 
-<<<<<<< HEAD
-from bench import alerts, latency, plots, report, services, soak, throughput
-=======
-from bench import alerts, console, latency, report, services, soak, throughput
->>>>>>> main
+from bench import alerts, console, latency, plots, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
