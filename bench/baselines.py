@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 
 import click
 
+from fraudd.scoring.features import HIGH_RISK_MCC
+
 _stopping = False
 
 
@@ -50,25 +52,6 @@ def bare(consumer: str, batch_size: int, block_ms: int) -> None:
 
 
 # Message-only features, written out per message the way a tutorial would.
-_HIGH_RISK_MCC = {
-    "4829",
-    "5816",
-    "5933",
-    "5944",
-    "5962",
-    "5966",
-    "5967",
-    "6010",
-    "6011",
-    "6012",
-    "6051",
-    "6211",
-    "6540",
-    "7273",
-    "7801",
-    "7802",
-    "7995",
-}
 _CHANNELS = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 _INSERT = """INSERT INTO transactions (transaction_id, user_id, amount, currency, merchant, mcc, country,
     card_id, device_id, ip, channel, lat, lon, event_time, stream_id, score, decision, model_version)
@@ -106,7 +89,7 @@ def naive(consumer: str, batch_size: int, block_ms: int, model_path: str) -> Non
                 row = np.zeros((1, len(FEATURE_NAMES)), dtype=np.float32)
                 row[0, 0] = math.log1p(tx["amount"])
                 row[0, 1] = (int(tx["timestamp"]) // 3600) % 24
-                row[0, 2] = tx.get("mcc") in _HIGH_RISK_MCC
+                row[0, 2] = tx.get("mcc") in HIGH_RISK_MCC
                 row[0, 3] = _CHANNELS.get(tx.get("channel"), 0.0)
                 row[0, 4] = tx.get("device_id") is not None
                 row[0, 5] = tx.get("card_id") is not None
