@@ -12,7 +12,6 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from .. import __version__
 from . import audit, cases, metrics, queue, sessions, users, verdicts
 from .context import CONSOLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Console, client_address
 from .passwords import verify_password
@@ -376,9 +375,3 @@ async def audit_csv(request: web.Request) -> web.Response:
     return web.Response(
         text=text, content_type="text/csv", headers={"Content-Disposition": 'attachment; filename="fraudd-audit.csv"'}
     )
-
-
-@requires("admin")
-async def users_page(request: web.Request) -> web.Response:
-    console = request.app[CONSOLE]
-    return console.render(request, "users.html", users=await console.db.run(users.all_users), version=__version__)
