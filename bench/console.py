@@ -25,6 +25,7 @@ import redis
 from bench import report
 from bench.namespace import FRAUDD, Namespace
 from fraudd.console import cases, links
+from fraudd.console.queue import DECISIONS
 from fraudd.localservers import free_port
 from fraudd.schema import connect
 
@@ -86,7 +87,7 @@ def fill(ns: Namespace, transactions: int, echo) -> dict:
         filled_s = time.perf_counter() - started
         started = time.perf_counter()
         with conn.transaction():
-            created = cases.sync(conn, SLA)
+            created = cases.sync(conn, dict.fromkeys(DECISIONS, SLA))
         sync_s = time.perf_counter() - started
         started = time.perf_counter()
         with conn.transaction():

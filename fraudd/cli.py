@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -182,8 +183,7 @@ _PASSWORD_FILE = click.option(
 @click.option("--role", type=_ROLE, required=True)
 @_PASSWORD_FILE
 def users_add(name: str, role: str, password_file: Path | None, **params) -> None:
-    """Add console user NAME with ROLE (analyst: queue, cases, verdicts; lead: also reassign and bulk; admin: also users)."""
-    from .console import audit
+    """Add console user NAME with ROLE (analyst: queue, cases, verdicts; lead: also reassign, bulk, SLAs; admin: also users)."""
     from .console import users as console_users
     from .console.passwords import PasswordError, hash_password
 
@@ -191,12 +191,7 @@ def users_add(name: str, role: str, password_file: Path | None, **params) -> Non
         hashed = hash_password(_password(password_file))
     except PasswordError as exc:
         raise click.ClickException(str(exc)) from None
-    with _users_connection(params) as conn, conn.transaction():
-        try:
-            console_users.add(conn, name, role, hashed)
-        except console_users.UserError as exc:
-            raise click.ClickException(str(exc)) from None
-        audit.record(conn, _actor(), "user_added", subject=name, after={"role": role})
+    _change_user(params, console_users.add, name, role, hashed)
     click.echo(f"user {name} added as {role}")
 
 
@@ -211,16 +206,16 @@ def users_list(**params) -> None:
             click.echo(f"{user.username:<24} {user.role:<8} {'disabled' if user.disabled else 'active'}")
 
 
-def _change_user(params: dict, name: str, action: str, **changes: object) -> None:
-    from .console import audit
+def _change_user(params: dict, change: Callable[..., None], name: str, *args: str) -> None:
+    """One of ``fraudd.console.users``' changes (``add``, ``disable`` …) of user NAME, audited as the
+    command line's; its refusal (no such user, the last active admin) is the command's error."""
     from .console import users as console_users
 
     with _users_connection(params) as conn, conn.transaction():
         try:
-            before, after = console_users.update(conn, name, **changes)
+            change(conn, _actor(), name, *args)
         except console_users.UserError as exc:
             raise click.ClickException(str(exc)) from None
-        audit.record(conn, _actor(), action, subject=name, before=before, after=after)
 
 
 @users.command("disable")
@@ -228,7 +223,9 @@ def _change_user(params: dict, name: str, action: str, **changes: object) -> Non
 @click.argument("name")
 def users_disable(name: str, **params) -> None:
     """Disable user NAME: their sessions end and they cannot sign in."""
-    _change_user(params, name, "user_disabled", disabled=True)
+    from .console import users as console_users
+
+    _change_user(params, console_users.disable, name)
     click.echo(f"user {name} disabled")
 
 
@@ -237,7 +234,9 @@ def users_disable(name: str, **params) -> None:
 @click.argument("name")
 def users_enable(name: str, **params) -> None:
     """Enable user NAME again."""
-    _change_user(params, name, "user_enabled", disabled=False)
+    from .console import users as console_users
+
+    _change_user(params, console_users.enable, name)
     click.echo(f"user {name} enabled")
 
 
@@ -247,7 +246,9 @@ def users_enable(name: str, **params) -> None:
 @click.argument("role", type=_ROLE)
 def users_set_role(name: str, role: str, **params) -> None:
     """Give user NAME the ROLE (their sessions end)."""
-    _change_user(params, name, "role_changed", role=role)
+    from .console import users as console_users
+
+    _change_user(params, console_users.set_role, name, role)
     click.echo(f"user {name} is now {role}")
 
 
@@ -257,13 +258,14 @@ def users_set_role(name: str, role: str, **params) -> None:
 @_PASSWORD_FILE
 def users_set_password(name: str, password_file: Path | None, **params) -> None:
     """Set user NAME's password (their sessions end)."""
+    from .console import users as console_users
     from .console.passwords import PasswordError, hash_password
 
     try:
         hashed = hash_password(_password(password_file))
     except PasswordError as exc:
         raise click.ClickException(str(exc)) from None
-    _change_user(params, name, "password_changed", password_hash=hashed)
+    _change_user(params, console_users.set_password, name, hashed)
     click.echo(f"password of {name} set")
 
 

@@ -1,9 +1,10 @@
 """``fraudd console`` in a real browser (Debian's chromium through Playwright) against a real
 console, a real ``fraudd run``, PostgreSQL and Redis: sign in, claim, read a case, verdicts that
 become labels and teach the scoring, blocks that decline the next transaction, two analysts
-claiming at once, the keyboard, roles, CSRF and session expiry.
+claiming at once, the keyboard, roles, CSRF and session expiry, a lead changing a queue's SLA and
+an admin managing users.
 
-The queue and case screenshots of README's "For analysts" are taken here (docs/console-*.png)."""
+The queue, case, SLA and users screenshots of README's "For analysts" are taken here (docs/console-*.png)."""
 
 from __future__ import annotations
 
@@ -234,12 +235,13 @@ def test_sign_in_is_throttled_after_failures(site: Site, page: Page) -> None:
     assert site.sql("SELECT count(*) FROM console_sessions WHERE username = 'erin'") == [(0,)]
 
 
+def sample(name: str, text: str) -> float:
+    """The sum of the samples of ``name`` (with its labels, if given) in a /metrics page."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_metrics(site: Site) -> None:
     """After the tests above: the queue's gauges, verdicts per analyst and their time-to-verdict."""
-
-    def sample(name: str, text: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
     text = ""
     open_cases = site.sql("SELECT count(*) FROM cases WHERE state = 'open' AND decision = 'review'")[0][0]
 
@@ -253,7 +255,122 @@ def test_metrics(site: Site) -> None:
     assert sample('fraudd_console_verdicts_total{analyst="alice",verdict="fraud"}', text) == 1
     assert sample('fraudd_console_verdicts_total{analyst="dave",verdict="legit"}', text) == 1
     assert sample('fraudd_console_time_to_verdict_seconds_count{analyst="alice"}', text) == 2
-    assert sample("fraudd_console_sla_seconds", text) == 4 * 3600
+    assert sample('fraudd_console_sla_seconds{decision="review"}', text) == 4 * 3600
+
+
+def test_a_lead_changes_a_queues_sla_and_the_queue_follows(site: Site, browser: Browser, page: Page) -> None:
+    (case,) = ids = site.transactions(1)
+    decision = site.cases(ids)[case]
+    # Two hours old: within the 4-hour SLA, past a 1-hour one. Its stored rank is left as it was:
+    # the SLA's change re-ranks the queue.
+    site.sql("UPDATE cases SET created_at = created_at - interval '2 hours' WHERE transaction_id = %s RETURNING 1", (case,))
+    analyst = second_page(browser)
+    sign_in(analyst, site, "alice")
+    analyst.goto(f"{site.url}/sla")
+    expect(analyst.get_by_role("table", name="SLAs")).to_contain_text("4 h 00 min")
+    expect(analyst.get_by_role("button", name=re.compile("Save"))).to_have_count(0)
+    refused = analyst.request.post(f"{site.url}/sla", form={"csrf": csrf_token(analyst), "decision": decision, "minutes": "1"})
+    assert refused.status == 403
+    assert site.sql("SELECT after->>'needs' FROM console_audit WHERE actor = 'alice' AND subject = 'POST /sla'") == [("lead",)]
+    analyst.context.close()
+
+    sign_in(page, site, "dave")
+    page.get_by_role("link", name="SLAs").click()
+    invalid = page.request.post(f"{site.url}/sla", form={"csrf": csrf_token(page), "decision": decision, "minutes": "0"})
+    assert invalid.status == 400 and "an SLA is from 1 to 10080 minutes" in invalid.text()
+    page.get_by_label(f"{decision.capitalize()} SLA (minutes)").fill("60")
+    page.get_by_role("button", name=f"Save {decision} SLA").click()
+    expect(page.get_by_role("status")).to_have_text("SLA changed: the queue is re-ranked and counted against it.")
+    expect(page.get_by_role("table", name="SLAs")).to_contain_text("1 h 00 min")
+    page.screenshot(path=str(DOCS / "console-sla.png"))
+    assert site.sql("SELECT actor, before, after FROM console_audit WHERE action = 'sla_changed'") == [
+        ("dave", {"sla_minutes": 240}, {"sla_minutes": 60})
+    ]
+
+    page.goto(f"{site.url}/?decision={decision}")
+    first = page.get_by_role("table", name="Cases").locator("tbody tr").first
+    expect(first).to_contain_text(case)
+    expect(first).to_contain_text("breached")
+    expect(page.get_by_role("list", name="Cases per state")).to_contain_text("past the 1 h 00 min SLA")
+    text = ""
+
+    def exported() -> bool:  # the housekeeping's next pass exports the queue's new SLA beside its oldest case
+        nonlocal text
+        text = httpx.get(site.metrics_url, timeout=5).text
+        return sample(f'fraudd_console_sla_seconds{{decision="{decision}"}}', text) == 3600
+
+    wait_for(exported, 15, message="the SLA gauge")
+    assert sample(f'fraudd_console_oldest_open_case_age_seconds{{decision="{decision}"}}', text) > 3600
+
+    page.goto(f"{site.url}/sla")
+    page.get_by_label(f"{decision.capitalize()} SLA (minutes)").fill("240")
+    page.get_by_role("button", name=f"Save {decision} SLA").click()
+    expect(page.get_by_role("status")).to_contain_text("SLA changed")
+    page.goto(f"{site.url}/?decision={decision}")
+    expect(page.get_by_role("table", name="Cases").locator("tr", has_text=case)).not_to_contain_text("breached")
+
+
+def test_an_admin_adds_disables_and_keeps_the_last_admin(site: Site, browser: Browser, page: Page) -> None:
+    password = "frank's own passphrase"
+    sign_in(page, site, "root")
+    page.get_by_role("link", name="Users").click()
+    page.get_by_label("Username", exact=True).fill("frank")
+    page.get_by_label("Role", exact=True).select_option("analyst")
+    page.get_by_label("Initial password").fill(password)
+    page.get_by_label("Repeat the password").fill(password + "!")
+    page.get_by_role("button", name="Add user").click()
+    expect(page.get_by_role("status")).to_have_text("The two passwords differ.")
+    page.get_by_label("Initial password").fill(password)
+    page.get_by_label("Repeat the password").fill(password)
+    page.get_by_role("button", name="Add user").click()
+    expect(page.get_by_role("status")).to_have_text("User added.")
+    assert password.split()[0] not in page.url
+    assert site.sql("SELECT role, disabled, password_hash LIKE 'scrypt$%%' FROM console_users WHERE username = 'frank'") == [
+        ("analyst", False, True)
+    ]
+
+    frank = second_page(browser)
+    sign_in(frank, site, "frank", password)
+    page.get_by_role("button", name="Disable frank").click()
+    expect(page.get_by_role("status")).to_have_text("User disabled: their sessions ended.")
+    frank.reload()
+    frank.wait_for_url("**/login?expired=1")
+    frank.get_by_label("Username").fill("frank")
+    frank.get_by_label("Password").fill(password)
+    frank.get_by_role("button", name="Sign in").click()
+    expect(frank.get_by_role("status")).to_have_text("Wrong username or password.")
+    frank.context.close()
+
+    # root is the only active admin: neither their demotion nor their disabling is made.
+    page.get_by_label("Role of root", exact=True).select_option("lead")
+    page.get_by_role("button", name="Set role of root").click()
+    expect(page.get_by_role("status")).to_have_text("Not changed: root is the last active admin: make another user admin first.")
+    page.get_by_role("button", name="Disable root").click()
+    expect(page.get_by_role("status")).to_contain_text("root is the last active admin")
+    assert site.sql("SELECT role, disabled FROM console_users WHERE username = 'root'") == [("admin", False)]
+    page.goto(f"{site.url}/users")
+    page.screenshot(path=str(DOCS / "console-users.png"), full_page=True)
+    changes = site.sql("SELECT action, before, after FROM console_audit WHERE actor = 'root' AND subject = 'frank' ORDER BY id")
+    assert changes == [
+        ("user_added", None, {"role": "analyst", "disabled": False}),
+        ("user_disabled", {"role": "analyst", "disabled": False}, {"role": "analyst", "disabled": True}),
+    ]
+    assert site.sql("SELECT count(*) FROM console_audit WHERE position(%s in concat(before, after)) > 0", (password,)) == [(0,)]
+
+    lead = second_page(browser)
+    sign_in(lead, site, "dave")
+    form = {"csrf": csrf_token(lead), "username": "mallory", "role": "admin", "password": password, "password_again": password}
+    assert lead.request.post(f"{site.url}/users", form=form).status == 403
+    assert (
+        lead.request.post(f"{site.url}/users/dave", form={"csrf": csrf_token(lead), "action": "role", "role": "admin"}).status
+        == 403
+    )
+    assert site.sql("SELECT subject FROM console_audit WHERE actor = 'dave' AND action = 'forbidden' ORDER BY id") == [
+        ("POST /users",),
+        ("POST /users/dave",),
+    ]
+    assert site.sql("SELECT username, role FROM console_users WHERE username IN ('mallory', 'dave')") == [("dave", "lead")]
+    lead.context.close()
 
 
 def test_under_tls_the_session_cookie_is_secure(ns: Namespace, tmp_path: Path) -> None:

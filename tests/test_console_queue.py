@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fraudd.console import audit, cases, links, queue
+from fraudd.console import audit, cases, links, queue, sla
 from fraudd.console.queue import FilterError, QueueFilter
 from fraudd.console.server import Housekeeper
 from fraudd.schema import connect
@@ -20,6 +20,7 @@ from fraudd.settings import PostgresSettings
 from .conftest import Namespace
 
 SLA = timedelta(hours=4)
+SLAS = dict.fromkeys(queue.DECISIONS, SLA)
 LEASE = timedelta(minutes=30)
 
 
@@ -47,15 +48,15 @@ def test_cases_come_from_review_and_decline_decisions_once(ns: Namespace, conn: 
     stored(ns, 4, "d", "decline")
     stored(ns, 5, "a", "approve")
     stored(ns, 3, "h", "review", age="8 days")  # history from before the console: not cases
-    assert cases.sync(conn, SLA) == 10
-    assert cases.sync(conn, SLA) == 0
+    assert cases.sync(conn, SLAS) == 10
+    assert cases.sync(conn, SLAS) == 0
     assert dict(ns.sql("SELECT decision, count(*) FROM cases GROUP BY decision")) == {"review": 6, "decline": 4}
 
 
 def test_breached_cases_come_first_then_priority(ns: Namespace, conn: psycopg.Connection) -> None:
     stored(ns, 3, "new", score=0.9)
     stored(ns, 2, "old", score=0.1, age="5 hours")
-    cases.sync(conn, SLA)
+    cases.sync(conn, SLAS)
     listed = [row["transaction_id"] for row in queue.listing(conn, QueueFilter(), SLA)]
     assert listed[:2] == ["old2", "old1"] and listed[2:] == ["new3", "new2", "new1"]  # larger amounts first
     assert queue.tally(conn, "review", SLA) | {"newest": None} == {
@@ -66,14 +67,43 @@ def test_breached_cases_come_first_then_priority(ns: Namespace, conn: psycopg.Co
         "newest": None,
     }
     assert queue.counts(conn, "review")["open"] == 0  # the pages read what the housekeeping last counted
-    queue.store_tallies(conn, SLA)
+    queue.store_tallies(conn, SLAS)
     assert queue.counts(conn, "review") == queue.tally(conn, "review", SLA)
     assert queue.claim_next(conn, "alice", "review", SLA, LEASE) == "old2"
 
 
+def test_a_queues_sla_changes_its_order_and_breaches_at_once(ns: Namespace, conn: psycopg.Connection) -> None:
+    stored(ns, 2, "sure", score=0.9)
+    stored(ns, 1, "aged", score=0.1, age="90 minutes")
+    stored(ns, 1, "dec", decision="decline", age="90 minutes")
+    cases.sync(conn, SLAS)
+
+    def listed(decision: str = "review") -> list[tuple[str, bool]]:
+        slas = sla.current(conn, SLA)
+        return [(row["transaction_id"], row["breached"]) for row in queue.listing(conn, QueueFilter(decision), slas[decision])]
+
+    assert listed() == [("sure2", False), ("sure1", False), ("aged1", False)]  # 90 minutes weigh less than 0.8 of score
+    with conn.transaction():
+        sla.change(conn, "review", timedelta(hours=1), SLA, "dave", "127.0.0.1")
+    assert sla.current(conn, SLA) == {"review": timedelta(hours=1), "decline": SLA}
+    assert listed() == [("aged1", True), ("sure2", False), ("sure1", False)]
+    assert listed("decline") == [("dec1", False)]  # the other queue keeps its SLA
+    assert queue.counts(conn, "review")["breached"] == 1  # counted in the same transaction
+    assert queue.claim_next(conn, "alice", "review", sla.current(conn, SLA)["review"], LEASE) == "aged1"
+    assert ns.sql("SELECT actor, action, subject, before, after, address FROM console_audit") == [
+        ("dave", "sla_changed", "review", {"sla_minutes": 240}, {"sla_minutes": 60}, "127.0.0.1")
+    ]
+    stored(ns, 1, "new")
+    assert cases.sync(conn, sla.current(conn, SLA)) == 1
+    assert cases.rerank(conn, sla.current(conn, SLA)) == 0  # a new case is ranked against its queue's SLA too
+    for bad in ("0", "-5", "x", "10081", "1.5"):
+        with pytest.raises(sla.SlaError):
+            sla.parse_minutes(bad)
+
+
 def test_twenty_concurrent_claimers_never_get_the_same_case(ns: Namespace, conn: psycopg.Connection) -> None:
     stored(ns, 300, "c")
-    cases.sync(conn, SLA)
+    cases.sync(conn, SLAS)
     claimed: list[str] = []
     start = threading.Barrier(20)
 
@@ -94,7 +124,7 @@ def test_twenty_concurrent_claimers_never_get_the_same_case(ns: Namespace, conn:
 
 def test_an_expired_lease_returns_the_case_to_the_queue(ns: Namespace, conn: psycopg.Connection) -> None:
     stored(ns, 1, "l")
-    cases.sync(conn, SLA)
+    cases.sync(conn, SLAS)
     assert queue.claim_next(conn, "alice", "review", SLA, LEASE) == "l1"
     # Bob may not take a verdict on Alice's case while her lease runs.
     with conn.transaction():
@@ -108,7 +138,7 @@ def test_an_expired_lease_returns_the_case_to_the_queue(ns: Namespace, conn: psy
 
 def test_a_case_is_resolved_once(ns: Namespace, conn: psycopg.Connection) -> None:
     stored(ns, 2, "v")
-    cases.sync(conn, SLA)
+    cases.sync(conn, SLAS)
     with conn.transaction():
         (first,) = cases.resolve(conn, ["v1"], "alice", "fraud")
     with conn.transaction():
@@ -130,7 +160,7 @@ def test_the_audit_trail_is_append_only(ns: Namespace, conn: psycopg.Connection)
 
 def test_queue_filters(ns: Namespace, conn: psycopg.Connection) -> None:
     stored(ns, 9, "f")
-    cases.sync(conn, SLA)
+    cases.sync(conn, SLAS)
 
     def ids(**query: str) -> list[str]:
         return sorted(row["transaction_id"] for row in queue.listing(conn, QueueFilter.parse(query), SLA))
@@ -171,6 +201,18 @@ def test_users_command(ns: Namespace, tmp_path: Path) -> None:
         "user_disabled": 1,
     }
     assert ns.fraudd("users", "disable", "nobody").returncode != 0
+    # The last active admin can be neither demoted nor disabled; with a second admin, they can.
+    assert ns.fraudd("users", "add", "root", "--role", "admin", "--password-file", str(password)).returncode == 0
+    for refused in (("set-role", "root", "lead"), ("disable", "root")):
+        result = ns.fraudd("users", *refused)
+        assert result.returncode != 0 and "last active admin" in result.stderr
+    assert ns.fraudd("users", "enable", "ann").returncode == 0
+    assert ns.fraudd("users", "set-role", "ann", "admin").returncode == 0
+    assert ns.fraudd("users", "disable", "root").returncode == 0
+    assert ns.sql("SELECT username, role, disabled FROM console_users ORDER BY username") == [
+        ("ann", "admin", False),
+        ("root", "admin", True),
+    ]
 
 
 def test_linked_customers_share_a_device_ip_or_card(ns: Namespace, conn: psycopg.Connection) -> None:

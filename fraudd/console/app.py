@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from . import audit, sessions, users_views, views
+from . import audit, sessions, sla_views, users_views, views
 from .context import CONSOLE, SESSION_COOKIE, Console, client_address
 
 PUBLIC = ("/login", "/static/", "/favicon.ico")
@@ -95,6 +95,10 @@ def make_app(console: Console) -> web.Application:
     app.router.add_post("/bulk", views.bulk)
     app.router.add_get("/audit.csv", views.audit_csv)
     app.router.add_get("/users", users_views.users_page)
+    app.router.add_post("/users", users_views.add_user)
+    app.router.add_post("/users/{username}", users_views.change_user)
+    app.router.add_get("/sla", sla_views.sla_page)
+    app.router.add_post("/sla", sla_views.change_sla)
     app.router.add_static("/static/", views.STATIC)
 
     async def open_db(app: web.Application) -> None:

@@ -23,15 +23,15 @@ VERDICTS = {"fraud": "Fraud", "legit": "Legitimate"}
 TYPOLOGIES = ("", "stolen card", "account takeover", "card testing", "friendly fraud", "merchant fraud", "other")
 
 
-def sync(conn: psycopg.Connection, sla: timedelta) -> int:
+def sync(conn: psycopg.Connection, slas: dict[str, timedelta]) -> int:
     """Copy the decisions scored since the newest case (review and decline; the first time, those of
     the last ``links.FIRST_SYNC``, each pass overlapping the last by ``links.OVERLAP``) into
-    ``cases``; returns how many were new."""
+    ``cases``, ranked against their queue's SLA in ``slas``; returns how many were new."""
     return conn.execute(
         f"""INSERT INTO cases (transaction_id, event_time, created_at, user_id, decision, score, amount,
                                merchant, country, reasons, rank)
             SELECT t.transaction_id, t.event_time, t.scored_at, t.user_id, t.decision, t.score, t.amount,
-                   t.merchant, t.country, t.reasons, {rank_sql(sla, "t")}
+                   t.merchant, t.country, t.reasons, {rank_sql(slas, "t")}
             FROM transactions t
             WHERE t.decision <> 'approve'
               AND t.scored_at > coalesce((SELECT max(created_at) FROM cases) - %s, clock_timestamp() - %s)
@@ -40,9 +40,13 @@ def sync(conn: psycopg.Connection, sla: timedelta) -> int:
     ).rowcount
 
 
-def rerank(conn: psycopg.Connection, sla: timedelta) -> int:
-    """Recompute the unresolved cases' stored priority for ``sla`` (after --sla-minutes changed)."""
-    return conn.execute(f"UPDATE cases SET rank = {rank_sql(sla)} WHERE state <> 'resolved' AND rank <> {rank_sql(sla)}").rowcount
+def rerank(conn: psycopg.Connection, slas: dict[str, timedelta]) -> int:
+    """Recompute the stored priority of the unresolved cases of the queues in ``slas`` for their SLA
+    (after a lead changed it, or --sla-minutes changed); returns how many moved."""
+    rank = rank_sql(slas)
+    return conn.execute(
+        f"UPDATE cases SET rank = {rank} WHERE state <> 'resolved' AND decision = ANY(%s) AND rank <> {rank}", (list(slas),)
+    ).rowcount
 
 
 @dataclass(frozen=True, slots=True)

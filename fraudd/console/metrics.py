@@ -1,10 +1,13 @@
 """The console's metrics (``/metrics`` on ``--metrics-port``, summed over its processes).
 
-The queue gauges are set by the supervisor's housekeeping from its counts (``queue.store_tallies``); the
+The queue gauges (depth, oldest open case and SLA per queue) are set by the supervisor's
+housekeeping from its counts (``queue.store_tallies``); the
 verdict counters and time-to-verdict by the server process that took the verdict.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -20,9 +23,17 @@ queue_depth = Gauge(
     multiprocess_mode="livemax",
 )
 oldest_open_age = Gauge(
-    "fraudd_console_oldest_open_case_age_seconds", "Age of the oldest open (unclaimed) case.", multiprocess_mode="livemax"
+    "fraudd_console_oldest_open_case_age_seconds",
+    "Age of the oldest open (unclaimed) case, by queue (decision).",
+    ["decision"],
+    multiprocess_mode="livemax",
 )
-sla_seconds = Gauge("fraudd_console_sla_seconds", "The SLA a case should get its verdict within.", multiprocess_mode="livemax")
+sla_seconds = Gauge(
+    "fraudd_console_sla_seconds",
+    "The SLA a case should get its verdict within, by queue (decision): as a lead set it, else --sla-minutes.",
+    ["decision"],
+    multiprocess_mode="livemax",
+)
 verdicts = Counter("fraudd_console_verdicts_total", "Verdicts given, by analyst and verdict.", ["analyst", "verdict"])
 time_to_verdict = Histogram(
     "fraudd_console_time_to_verdict_seconds",
@@ -33,8 +44,11 @@ time_to_verdict = Histogram(
 cases_created = Counter("fraudd_console_cases_created_total", "Cases created from new review and decline decisions.")
 
 
-def set_depth(tallies: dict[str, dict], oldest_s: float) -> None:
+def set_depth(tallies: dict[str, dict], oldest_s: dict[str, float], slas: dict[str, timedelta]) -> None:
+    """Each queue's depth, its oldest open case and its SLA, from one housekeeping pass: the SLA
+    alert compares the last two per queue."""
     for decision in DECISIONS:
         for state in STATES[:2]:
             queue_depth.labels(decision, state).set(tallies[decision][state])
-    oldest_open_age.set(oldest_s)
+        oldest_open_age.labels(decision).set(oldest_s[decision])
+        sla_seconds.labels(decision).set(slas[decision].total_seconds())

@@ -143,14 +143,14 @@ def _where(chosen: QueueFilter, sla: timedelta) -> tuple[str, dict]:
     return " AND ".join(clauses), params
 
 
-def rank_sql(sla: timedelta, t: str = "") -> str:
+def rank_sql(slas: dict[str, timedelta], t: str = "") -> str:
     """The stored priority: a case's weight (score + log10(1 + amount) / 4, the amount's part
-    capped at 2) in SLA lengths, minus its creation time: at any moment, ordering by it is ordering
-    by weight plus age against the SLA."""
+    capped at 2) in lengths of its queue's SLA (``slas``: decision -> SLA), minus its creation
+    time: at any moment, ordering a queue by it is ordering by weight plus age against the SLA."""
     prefix = f"{t}." if t else ""
-    seconds = sla.total_seconds()
+    seconds = " ".join(f"WHEN '{decision}' THEN {sla.total_seconds()}" for decision, sla in slas.items())
     return (
-        f"({prefix}score + least(log(1 + greatest({prefix}amount, 0)), 8) / 4) * {seconds}"
+        f"({prefix}score + least(log(1 + greatest({prefix}amount, 0)), 8) / 4) * (CASE {prefix}decision {seconds} END)"
         f" - extract(epoch FROM {prefix}{'scored_at' if t else 'created_at'})"
     )
 
@@ -206,10 +206,10 @@ def tally(conn: psycopg.Connection, decision: str, sla: timedelta) -> dict:
     return {**dict(zip(COUNTS, row[:4])), "newest": row[4]}
 
 
-def store_tallies(conn: psycopg.Connection, sla: timedelta) -> dict[str, dict]:
-    """Count every queue (``tally``) and keep the counts in ``console_queue_counts``, where pages
-    read them: counting tens of thousands of cases once every few seconds, not on every page."""
-    tallies = {decision: tally(conn, decision, sla) for decision in DECISIONS}
+def store_tallies(conn: psycopg.Connection, slas: dict[str, timedelta]) -> dict[str, dict]:
+    """Count every queue against its SLA (``tally``) and keep the counts in ``console_queue_counts``,
+    where pages read them: counting tens of thousands of cases once every few seconds, not on every page."""
+    tallies = {decision: tally(conn, decision, slas[decision]) for decision in DECISIONS}
     with conn.cursor() as cursor:
         cursor.executemany(
             """INSERT INTO console_queue_counts (decision, open, claimed, breached, resolved_24h, newest, counted_at)
@@ -230,15 +230,16 @@ def counts(conn: psycopg.Connection, decision: str) -> dict:
     return {**dict(zip(COUNTS, row[:4])), "newest": row[4]} if row else {**dict.fromkeys(COUNTS, 0), "newest": None}
 
 
-def oldest_open_age(conn: psycopg.Connection) -> float:
-    """Age in seconds of the oldest open (unclaimed) case, 0 without one: what the SLA alert watches."""
-    row = one_row(
-        conn.execute(
-            "SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM cases"
-            " WHERE state <> 'resolved' AND state = 'open'"
-        )
-    )
-    return float(row[0] or 0.0)
+def oldest_open_ages(conn: psycopg.Connection) -> dict[str, float]:
+    """Per queue, the age in seconds of its oldest open (unclaimed) case, 0 without one: what the SLA
+    alert compares with that queue's SLA. Each is the first entry of the queue's ``cases_created`` index."""
+    rows = conn.execute(
+        """SELECT d, extract(epoch FROM clock_timestamp() - (
+               SELECT min(created_at) FROM cases WHERE decision = d AND state <> 'resolved' AND state = 'open'))
+           FROM unnest(%s::text[]) d""",
+        (list(DECISIONS),),
+    ).fetchall()
+    return {decision: float(age or 0.0) for decision, age in rows}
 
 
 def claim_next(conn: psycopg.Connection, username: str, decision: str, sla: timedelta, lease: timedelta) -> str | None:

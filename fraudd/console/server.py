@@ -20,7 +20,7 @@ from ..runtime.supervisor import Service
 from ..schema import connect
 from ..scoring.rules import Rules
 from ..settings import PostgresSettings
-from . import audit, cases, links, metrics, queue, sessions
+from . import audit, cases, links, metrics, queue, sessions, sla
 from .app import make_app
 from .context import Console, templates
 from .db import Database
@@ -32,15 +32,14 @@ log = logging.getLogger(__name__)
 
 def service(settings: ConsoleSettings) -> Service:
     """``fraudd console``: binds the socket and loads the rules' reasons before the fork, so a bad
-    address, certificate or rules file stops start-up with one line; re-ranks the open cases for
-    the current SLA once."""
+    address, certificate or rules file stops start-up with one line; re-ranks the open cases once
+    for their queue's SLA (--sla-minutes may have changed for a queue no lead set)."""
     sock = bind(settings.listen)
     context = tls_context(settings.tls_cert, settings.tls_key)
     rule_reasons = {rule.code: rule.reason for rule in Rules.load(settings.rules_path).rules}
-    with connect(settings.postgres.url, settings.postgres.schema, autocommit=True) as conn:
-        cases.rerank(conn, settings.sla)
+    with connect(settings.postgres.url, settings.postgres.schema, autocommit=True) as conn, conn.transaction():
+        cases.rerank(conn, sla.current(conn, settings.sla, hold=True))
     housekeeper = Housekeeper(settings.postgres, settings.sla, settings.session_idle)
-    metrics.sla_seconds.set(settings.sla.total_seconds())
     return Service(
         name="fraudd console",
         workers=settings.workers,
@@ -57,13 +56,13 @@ def service(settings: ConsoleSettings) -> Service:
 class Housekeeper:
     """Every few seconds, in the supervisor: new decisions become cases, new transactions extend the
     linked customers, leases that ran out return
-    their cases to the queue (audited), idle sessions go, the queues are counted for the pages and
-    the gauges. Logs an
-    outage once, never raises."""
+    their cases to the queue (audited), idle sessions go, the queues are counted against their SLAs
+    for the pages and the gauges. Logs an outage once, never raises. ``default_sla`` is
+    --sla-minutes, for a queue whose SLA no lead set."""
 
-    def __init__(self, postgres: PostgresSettings, sla: timedelta, session_idle: timedelta) -> None:
+    def __init__(self, postgres: PostgresSettings, default_sla: timedelta, session_idle: timedelta) -> None:
         self._postgres = postgres
-        self._sla = sla
+        self._default_sla = default_sla
         self._session_idle = session_idle
         self._conn: psycopg.Connection | None = None
         self._failing = False
@@ -75,7 +74,7 @@ class Housekeeper:
                 self._conn = connect(self._postgres.url, self._postgres.schema, connect_timeout=3, autocommit=True)
             conn = self._conn
             with conn.transaction():
-                created = cases.sync(conn, self._sla)
+                created = cases.sync(conn, sla.current(conn, self._default_sla, hold=True))
             with conn.transaction():
                 links.sync(conn)
             with conn.transaction():
@@ -84,8 +83,10 @@ class Housekeeper:
                         conn, "fraudd", "lease_expired", transaction_id, before={"assignee": assignee}, after={"assignee": None}
                     )
             sessions.expire(conn, self._session_idle)
-            tallies = queue.store_tallies(conn, self._sla)
-            oldest = queue.oldest_open_age(conn)
+            with conn.transaction():
+                slas = sla.current(conn, self._default_sla, hold=True)
+                tallies = queue.store_tallies(conn, slas)
+            oldest = queue.oldest_open_ages(conn)
         except psycopg.Error as exc:
             if not self._failing:
                 log.error("cannot keep the queue", extra={"event": "outage", "component": "postgres", "error": str(exc)})
@@ -98,7 +99,7 @@ class Housekeeper:
         if created:
             metrics.cases_created.inc(created)
             log.info("cases created", extra={"event": "cases_created", "cases": created})
-        metrics.set_depth(tallies, oldest)
+        metrics.set_depth(tallies, oldest, slas)
         self._open = sum(counted["open"] for counted in tallies.values())
 
     def summary(self) -> str:

@@ -101,7 +101,10 @@ OPTIONS: list[Option] = [
     Option(
         "sla-minutes",
         "FRAUDD_CONSOLE_SLA_MINUTES",
-        "Time within which a case should get its verdict; older open cases are breached and come first.",
+        (
+            "Time within which a case should get its verdict, for each queue whose SLA no lead set in the console; "
+            "older open cases are breached and come first."
+        ),
         {"default": 240, "type": int, "callback": positive("sla-minutes")},
     ),
     Option(

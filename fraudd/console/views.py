@@ -12,7 +12,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from . import audit, cases, metrics, queue, sessions, users, verdicts
+from . import audit, cases, metrics, queue, sessions, sla, users, verdicts
 from .context import CONSOLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Console, client_address
 from .passwords import verify_password
 from .queue import FilterError, QueueFilter
@@ -135,16 +135,17 @@ async def _queue_context(request: web.Request) -> dict:
     console = request.app[CONSOLE]
     chosen = _filter(request)
 
-    def read(conn) -> tuple[list[dict], dict]:
-        return queue.listing(conn, chosen, console.settings.sla), queue.counts(conn, chosen.decision)
+    def read(conn) -> tuple[list[dict], dict, timedelta]:
+        queue_sla = sla.current(conn, console.settings.sla)[chosen.decision]
+        return queue.listing(conn, chosen, queue_sla), queue.counts(conn, chosen.decision), queue_sla
 
-    rows, counts = await console.db.run(read)
+    rows, counts, queue_sla = await console.db.run(read)
     return {
         "rows": rows,
         "counts": counts,
         "filter": chosen,
         "urlencode": urlencode,
-        "sla": console.settings.sla,
+        "sla": queue_sla,
         "page_size": queue.PAGE,
     }
 
@@ -170,7 +171,8 @@ async def claim_next(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="decision must be review or decline")
 
     def claim(conn) -> str | None:
-        claimed = queue.claim_next(conn, user.username, decision, console.settings.sla, console.settings.lease)
+        queue_sla = sla.current(conn, console.settings.sla)[decision]
+        claimed = queue.claim_next(conn, user.username, decision, queue_sla, console.settings.lease)
         if claimed:
             audit.record(
                 conn, user.username, "claim", claimed, after={"assignee": user.username}, address=client_address(request)
@@ -198,9 +200,13 @@ async def case_page(request: web.Request) -> web.Response:
     def read(conn):
         if _holds(conn, transaction_id, user.username):  # reading one's own case is working on it: the lease is renewed
             queue.claim(conn, transaction_id, user.username, console.settings.lease)
-        return cases.case_file(conn, transaction_id), audit.for_case(conn, transaction_id)
+        return (
+            cases.case_file(conn, transaction_id),
+            audit.for_case(conn, transaction_id),
+            sla.current(conn, console.settings.sla),
+        )
 
-    found, history = await console.db.run(read)
+    found, history, slas = await console.db.run(read)
     if found is None:
         return console.render(request, "error.html", 404, title="Not found", message=f"No case {transaction_id}.")
     return console.render(
@@ -213,7 +219,7 @@ async def case_page(request: web.Request) -> web.Response:
         typologies=cases.TYPOLOGIES,
         verdict_names=cases.VERDICTS,
         blockable=verdicts.BLOCKABLE,
-        sla=console.settings.sla,
+        sla=slas[found.case["decision"]],
     )
 
 
