@@ -9,6 +9,7 @@ A claim is one statement: the best unclaimed case (or one whose lease ran out), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,9 +28,6 @@ SORTS = {
     "newest": "created_at DESC",
 }
 PAGE = 50
-# A case's weight (score + log10(1 + amount) / 4, the amount's part capped at 2) is at most this
-# many SLA lengths: what bounds where the cases within the SLA can sit in the rank index.
-MAX_WEIGHT = 3.0
 QUEUE_COLUMNS = (
     "transaction_id",
     "created_at",
@@ -116,8 +114,9 @@ def _number(name: str, raw: str, kind: type) -> float | int:
 
 
 def _where(chosen: QueueFilter, sla: timedelta) -> tuple[str, dict]:
+    now = datetime.now(UTC)  # one instant for the whole statement: the SLA's cutoff and the age filter
     clauses = ["decision = %(decision)s", "state = %(state)s"]
-    params: dict[str, object] = {"decision": chosen.decision, "state": chosen.state, "cutoff": _cutoff(sla)}
+    params: dict[str, Any] = {"decision": chosen.decision, "state": chosen.state, "cutoff": now - sla}
     if chosen.state != "resolved":
         clauses[1] = "state <> 'resolved' AND state = %(state)s"  # the unresolved cases' partial indexes
     if chosen.reason or chosen.rule:
@@ -136,8 +135,8 @@ def _where(chosen: QueueFilter, sla: timedelta) -> tuple[str, dict]:
             clauses.append(f"{column} {op} %({name})s")
             params[name] = value
     if chosen.older_than_minutes is not None:
-        clauses.append("created_at < clock_timestamp() - %(older)s")
-        params["older"] = timedelta(minutes=chosen.older_than_minutes)
+        clauses.append("created_at < %(older)s")
+        params["older"] = now - timedelta(minutes=chosen.older_than_minutes)
     if chosen.breached:
         clauses.append("created_at < %(cutoff)s")
     return " AND ".join(clauses), params
@@ -167,13 +166,15 @@ def listing(conn: psycopg.Connection, chosen: QueueFilter, sla: timedelta) -> li
     columns = ", ".join(QUEUE_COLUMNS)
     if chosen.sort == "priority" and chosen.state != "resolved":
         # Breached first, then by priority: each side is read from the rank index, never the whole
-        # queue sorted. A case within the SLA ranks below MAX_WEIGHT SLAs minus the cutoff, so that
-        # side starts there instead of walking past every breached case above it.
+        # queue sorted. A case within the SLA ranks at most the heaviest weight there is, in SLAs,
+        # minus the cutoff, so that side starts there instead of walking past every breached case
+        # above it; a filter that only breached cases pass (breached, older than the SLA) skips it.
         part = f"SELECT {columns}, rank FROM cases WHERE {where} AND {{}} ORDER BY rank DESC LIMIT %(upto)s"
-        breached = part.format("created_at < %(cutoff)s")
-        fresh = part.format("created_at >= %(cutoff)s AND rank <= %(fresh_rank)s")
-        rows = f"({breached}) UNION ALL ({fresh})"
-        params["fresh_rank"] = MAX_WEIGHT * sla.total_seconds() - params["cutoff"].timestamp()
+        rows = f"({part.format('created_at < %(cutoff)s')})"
+        if not chosen.breached and params.get("older", params["cutoff"]) >= params["cutoff"]:
+            rows += f" UNION ALL ({part.format('created_at >= %(cutoff)s AND rank <= %(fresh_rank)s')})"
+            heaviest = _heaviest(conn, chosen.decision, chosen.state)
+            params["fresh_rank"] = heaviest * sla.total_seconds() - params["cutoff"].timestamp() + 1  # a second more: rounding
         order = "created_at < %(cutoff)s DESC, rank DESC"
     else:
         rows = f"SELECT {columns}, resolved_at FROM cases WHERE {where}"
@@ -184,6 +185,18 @@ def listing(conn: psycopg.Connection, chosen: QueueFilter, sla: timedelta) -> li
         params,
     )
     return [dict(zip((*QUEUE_COLUMNS, "breached", "age"), row)) for row in cursor.fetchall()]
+
+
+def _heaviest(conn: psycopg.Connection, decision: str, state: str) -> float:
+    """An upper bound of the weight (see ``rank_sql``) of the queue's unresolved cases in ``state``:
+    its largest score plus its largest amount's part, each the first entry of its index."""
+    cases = "FROM cases WHERE decision = %(decision)s AND state <> 'resolved' AND state = %(state)s"
+    score, amount = one_row(
+        conn.execute(f"SELECT (SELECT max(score) {cases}), (SELECT max(amount) {cases})", {"decision": decision, "state": state})
+    )
+    if score is None:
+        return 0.0
+    return score + min(math.log10(1 + max(amount, 0)), 8) / 4
 
 
 COUNTS = ("open", "claimed", "breached", "resolved_24h")
