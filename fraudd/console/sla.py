@@ -47,11 +47,15 @@ def current(conn: psycopg.Connection, default: timedelta, hold: bool = False) ->
 def queues(conn: psycopg.Connection, default: timedelta) -> list[dict]:
     """What the SLA page shows per queue: its SLA, and who set it when (None: the default)."""
     rows = {row[0]: row[1:] for row in conn.execute("SELECT decision, sla, changed_by, changed_at FROM console_slas")}
-    shown: list[dict] = []
-    for decision in DECISIONS:
-        sla, changed_by, changed_at = rows.get(decision, (None, None, None))
-        shown.append({"decision": decision, "sla": sla or default, "changed_by": changed_by, "changed_at": changed_at})
-    return shown
+    return [
+        {
+            "decision": decision,
+            "sla": rows[decision][0] or default,
+            "changed_by": rows[decision][1],
+            "changed_at": rows[decision][2],
+        }
+        for decision in DECISIONS
+    ]
 
 
 def change(
