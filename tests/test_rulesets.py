@@ -103,6 +103,7 @@ def test_maker_checker_publish_rollback_and_audit(ns: Namespace, tmp_path: Path)
         "SELECT actor, action, version, detail->>'self_approved' FROM rules_audit WHERE action <> 'import' ORDER BY id"
     )
     assert audit == [
+        ("alice", "refused", first, None),  # her own version
         ("bob", "publish", first, "false"),
         ("alice", "publish", second, "true"),
         ("alice", "rollback", first, "true"),
@@ -273,3 +274,44 @@ def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
     for k in range(shards):
         stream = shard_stream(ns.stream, shards, k)
         assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
+
+
+def test_where_the_console_has_users_only_an_active_lead_or_admin_publishes(ns: Namespace, tmp_path: Path) -> None:
+    """``--actor`` is checked against the console's users by the function the rules page calls."""
+    password = tmp_path / "password"
+    password.write_text("correct horse battery\n")
+    for name, role in (("lena", "lead"), ("alice", "analyst"), ("olga", "lead")):
+        assert ns.fraudd("users", "add", name, "--role", role, "--password-file", str(password)).returncode == 0
+    assert ns.fraudd("users", "disable", "olga").returncode == 0
+    version = rules(ns, "import", str(DEFAULT_RULES), actor="alice").strip()
+    for actor in ("alice", "mallory", "olga"):
+        refused = ns.fraudd("rules", "publish", version, "--actor", actor)
+        assert refused.returncode != 0 and f"{actor} is not an active lead or admin" in refused.stderr
+    refused = ns.fraudd("rules", "shadow", version, "--actor", "alice")
+    assert refused.returncode != 0 and "not an active lead or admin" in refused.stderr
+    rules(ns, "publish", version, actor="lena")
+    assert ns.sql("SELECT actor, action, detail->>'refused' FROM rules_audit WHERE action <> 'import' ORDER BY id") == [
+        ("alice", "refused", "publish"),
+        ("mallory", "refused", "publish"),
+        ("olga", "refused", "publish"),
+        ("alice", "refused", "shadow"),
+        ("lena", "publish", None),
+    ]
+
+
+def test_block_and_unblock_edit_every_shard_and_are_audited(ns: Namespace, redis_client: redis.Redis) -> None:
+    rules(ns, "block", "device", "dev-9", "--reason", "mule ring", "--shards", "2", actor="carol")
+    rules(ns, "block", "device", "dev-9", "--reason", "mule ring", "--shards", "2", actor="carol")
+    keys = [Keys(shard_stream(ns.stream, 2, k), "", "").blocklist("device") for k in range(2)]
+    assert [redis_client.sismember(key, "dev-9") for key in keys] == [True, True]
+    rules(ns, "block", "device", "dev-9", "--remove", "--reason", "cleared by the bank", "--shards", "2", actor="dave")
+    assert [redis_client.sismember(key, "dev-9") for key in keys] == [False, False]
+    assert ns.sql(
+        """SELECT actor, action, detail->>'value', detail->>'reason', detail->'before'->>'blocked', detail->'after'->>'blocked'
+           FROM rules_audit ORDER BY id"""
+    ) == [
+        ("carol", "block", "dev-9", "mule ring", "false", "true"),
+        ("carol", "block", "dev-9", "mule ring", "true", "true"),
+        ("dave", "unblock", "dev-9", "cleared by the bank", "true", "false"),
+    ]
+
