@@ -315,3 +315,36 @@ def test_block_and_unblock_edit_every_shard_and_are_audited(ns: Namespace, redis
         ("dave", "unblock", "dev-9", "cleared by the bank", "true", "false"),
     ]
 
+
+def test_precision_per_rule_once_labelled(ns: Namespace, tmp_path: Path) -> None:
+    """Ten decisions as the workers store them, R_PRECISION_A fired on all and R_PRECISION_B on the
+    first four; three are labelled fraud and three legit: A's precision is 3/6, B's 3/4."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from fraudd.scoring.precision import FlaggedPrecision
+
+    ns.sql(
+        """INSERT INTO transactions (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision,
+                                     reasons, model_version)
+           SELECT 'prec' || i, 'u' || i, 100, 'm', now() - interval '1 hour', '1-' || i, 0.5, 'review',
+                  CASE WHEN i <= 4 THEN ARRAY['R_PRECISION_A', 'R_PRECISION_B', 'model:amount']
+                       ELSE ARRAY['R_PRECISION_A', 'model:amount'] END, 'v1'
+           FROM generate_series(1, 10) i RETURNING 1"""
+    )
+    labels = tmp_path / "verdicts.jsonl"
+    labels.write_bytes(
+        b"\n".join(orjson.dumps({"transaction_id": f"prec{i}", "label": "fraud" if i <= 3 else "legit"}) for i in range(1, 7))
+    )
+    assert ns.fraudd("label", "--file", str(labels)).returncode == 0
+
+    FlaggedPrecision(ns.postgres_url, ns.schema).run_once()
+    exposed = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in generate_latest(REGISTRY).decode().splitlines()
+        if line.startswith(("fraudd_rule_precision{", "fraudd_rule_labelled_hits{"))
+    }
+    assert exposed['fraudd_rule_precision{rule="R_PRECISION_A"}'] == pytest.approx(3 / 6)
+    assert exposed['fraudd_rule_precision{rule="R_PRECISION_B"}'] == pytest.approx(3 / 4)
+    assert exposed['fraudd_rule_labelled_hits{rule="R_PRECISION_A"}'] == 6
+    assert exposed['fraudd_rule_labelled_hits{rule="R_PRECISION_B"}'] == 4
+    assert not any("model:" in name for name in exposed)  # the model's reasons are no rules
