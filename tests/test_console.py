@@ -248,7 +248,9 @@ all = [{ feature = "amount", op = ">=", value = 777 }, { feature = "amount", op 
 """
 
 
-def test_a_lead_drafts_and_tests_a_rule_and_another_lead_publishes_it(site: Site, browser: Browser, page: Page) -> None:
+def test_a_lead_drafts_and_tests_a_rule_another_lead_publishes_it_and_rolls_back(
+    site: Site, browser: Browser, page: Page
+) -> None:
     earlier = site.transactions(3, amount=777.0)  # 777, 778, 779: what the test of the draft reads
     expected = {}
     for txid in earlier:
@@ -313,16 +315,23 @@ def test_a_lead_drafts_and_tests_a_rule_and_another_lead_publishes_it(site: Site
     checker.get_by_role("button", name="Publish").click()
     expect(checker.get_by_role("status")).to_contain_text("Published")
     expect(checker.get_by_role("heading", level=1)).to_have_text(f"Rule set {draft} live")
-    checker.context.close()
     assert site.sql(
         "SELECT actor, detail->>'self_approved' FROM rules_audit WHERE action = 'publish' AND version = %s", (int(draft),)
     ) == [("lena", "false")]
 
-    # The scoring decides its next batch with it.
+    # The scoring decides its next batch with it, and with the earlier set again once rolled back.
     (after,) = site.transactions(1, amount=778.5)
     decision, reasons = site.decision(after)
     assert decision == "decline" and "R_CONSOLE_777" in reasons
     assert site.sql("SELECT rules_version FROM transactions WHERE transaction_id = %s", (after,)) == [(draft,)]
+    checker.goto(f"{site.url}/rules/{first}")
+    checker.get_by_role("button", name="Roll back to this version").click()
+    expect(checker.get_by_role("status")).to_contain_text("Rolled back")
+    expect(checker.get_by_role("heading", level=1)).to_have_text(f"Rule set {first} live")
+    checker.context.close()
+    (later,) = site.transactions(1, amount=778.5)
+    assert "R_CONSOLE_777" not in site.decision(later)[1]
+    assert site.sql("SELECT rules_version FROM transactions WHERE transaction_id = %s", (later,)) == [(first,)]
 
 
 def test_metrics(site: Site) -> None:
