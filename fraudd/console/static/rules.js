@@ -11,12 +11,17 @@
 
   async function check() {
     const asked = ++sent;
-    const answer = await fetch(editor.dataset.validate, {
-      method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-      body: JSON.stringify({ source: editor.value }),
-    });
+    let answer;
+    try {
+      answer = await fetch(editor.dataset.validate, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+        body: JSON.stringify({ source: editor.value }),
+      });
+    } catch {
+      return; // the console is unreachable: Save draft still checks on the server
+    }
     if (asked !== sent || !answer.ok) return; // a later keystroke's answer will follow
     const result = await answer.json();
     verdict.textContent = result.message;
