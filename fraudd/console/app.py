@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from . import audit, sessions, sla_views, users_views, views
+from . import audit, rules, sessions, sla_views, users_views, views
 from .context import CONSOLE, SESSION_COOKIE, Console, client_address
 
 PUBLIC = ("/login", "/static/", "/favicon.ico")
@@ -99,6 +99,7 @@ def make_app(console: Console) -> web.Application:
     app.router.add_post("/users/{username}", users_views.change_user)
     app.router.add_get("/sla", sla_views.sla_page)
     app.router.add_post("/sla", sla_views.change_sla)
+    rules.add_routes(app.router)
     app.router.add_static("/static/", views.STATIC)
 
     async def open_db(app: web.Application) -> None:
