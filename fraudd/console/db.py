@@ -3,11 +3,6 @@
 The SQL modules (queue, cases, audit, users, sessions) are plain functions of a connection, the
 same code the CLI, tests and the benchmark call; ``run`` gives one of them a pooled connection in
 one transaction (committed when it returns, rolled back when it raises) off the event loop.
-
-Every statement is planned for its own values (``plan_cache_mode=force_custom_plan``): the queue's
-statements bound their index walks with values of the moment (the SLA's cutoff, the heaviest
-weight), and the generic plan PostgreSQL settles on for a statement prepared five times ignores
-them (``python -m bench console``: the amount filter's page 37 ms instead of 4 ms).
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ class Database:
     def __init__(self, url: str, pg_schema: str, size: int = 4) -> None:
         self.pool = ConnectionPool(
             url,
-            kwargs={"options": f"-c search_path={pg_schema} -c plan_cache_mode=force_custom_plan"},
+            kwargs={"options": f"-c search_path={pg_schema}"},
             min_size=1,
             max_size=size,
             open=False,
