@@ -63,7 +63,8 @@ MESSAGE_FEATURES: tuple[str, ...] = (
 FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 # Not model inputs, but rules may test them too.
 EXTRA_COLUMNS: tuple[str, ...] = ("amount", *CONFIRMED_COLUMNS)
-BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country")
+# The live blocklists rules can test (`blocklist = "<kind>"`), in the order features.lua takes them.
+BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country", "card")
 
 # 24 h windows plus an hour of slack for late events.
 STATE_TTL_MS = 25 * 3600 * 1000
@@ -101,10 +102,10 @@ _CHANNEL_CODES: dict[str | None, float] = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
-LIBRARY_NAME = "fraudd_v5"
-FUNCTION_NAME = "fraudd_commit_v5"
-READ_FUNCTION = "fraudd_owned_read_v5"
-LEASE_FUNCTION = "fraudd_lease_v5"
+LIBRARY_NAME = "fraudd_v6"
+FUNCTION_NAME = "fraudd_commit_v6"
+READ_FUNCTION = "fraudd_owned_read_v6"
+LEASE_FUNCTION = "fraudd_lease_v6"
 _LIBRARY = packaged("fraudd.scoring", "features.lua").read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _STATES_INFIX = "u3:"
@@ -243,7 +244,7 @@ def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud,
     # once more of the user's transactions follow it (recent times, merchants and cards are
     # bounded), and how many do depends on how the stream is batched and sharded.
     matrix[p.copy] = matrix[p.original[p.copy]]
-    columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
+    columns = blocklist_columns(batch)
     blocked = {
         kind: _flags(column, values, flags)
         for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
@@ -361,6 +362,7 @@ def _prepare(batch: DecodedBatch) -> Prepared:
     n = len(batch)
     distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
     distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
+    distinct_cards: dict[str | None, None] = dict.fromkeys(batch.card_id)
     # Users numbered in order of first appearance; each row's original (first in batch order).
     users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
     user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
@@ -376,7 +378,7 @@ def _prepare(batch: DecodedBatch) -> Prepared:
         merchant=_hashes(batch.merchant, distinct_merchants),
         country=_country_codes(batch.country),
         device=_hashes(batch.device_id, distinct_devices),
-        card=_hashes(batch.card_id),
+        card=_hashes(batch.card_id, distinct_cards),
     )
     names = list(users)
     distinct = [
@@ -384,8 +386,14 @@ def _prepare(batch: DecodedBatch) -> Prepared:
         _distinct(distinct_devices),
         _distinct(dict.fromkeys(batch.ip)),
         _distinct(dict.fromkeys(batch.country)),
+        _distinct(distinct_cards),
     ]
     return Prepared(tx, copy, original, names, distinct)
+
+
+def blocklist_columns(batch: DecodedBatch) -> tuple[Sequence[str | None], ...]:
+    """The batch's values of each BLOCKLIST_KINDS entry, in its order."""
+    return (batch.merchant, batch.device_id, batch.ip, batch.country, batch.card_id)
 
 
 def _hashes(values: Sequence[str | None], distinct: dict[str | None, None] | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The behaviour state of a shard this worker owns through a lease (``--shards`` > 1).
 
 Nobody else writes the shard's users, so their states are kept in memory (the most recent
-MAX_STATES_IN_MEMORY), and per batch: one read (``fraudd_owned_read_v5`` of ``features.lua``) of
+MAX_STATES_IN_MEMORY), and per batch: one read (``fraudd_owned_read_v6`` of ``features.lua``) of
 the states not in memory, of which transactions were counted before and of the blocklists, the
 arithmetic, then the states and markers written once, in one MULTI/EXEC of plain commands under
 WATCH of the lease (the same HSETs cost Redis about twice as much called from Lua), applied only
