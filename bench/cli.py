@@ -158,6 +158,14 @@ def main() -> None:
 @click.option("--naive-transactions", default=20_000, show_default=True, help="Transactions for the (slow) naive baseline.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
 @click.option(
+    "--event-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Event-time pace of the generated transactions (tx/s; users in proportion, each at its usual "
+    "pace). Default: the generator's natural 1 tx/s, where a batch of 500 spans 8 minutes of event "
+    "time; production's rates put a batch in one or two minutes (e.g. 10).",
+)
+@click.option(
     "--redis-cluster-masters",
     type=click.IntRange(min=0),
     default=0,
@@ -178,6 +186,7 @@ def throughput_cmd(
     transactions: int,
     naive_transactions: int,
     baselines: bool,
+    event_rate: float | None,
     redis_cluster_masters: int,
     redis_cluster_replicas: int,
     redis_url: str,
@@ -193,7 +202,7 @@ def throughput_cmd(
         redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters, redis_cluster_replicas
     ) as setup:
         chosen = throughput.BASELINES if baselines and not setup.cluster else ()
-        result = throughput.run(setup, transactions, naive_transactions, seed, chosen)
+        result = throughput.run(setup, transactions, naive_transactions, seed, chosen, event_rate)
         _finish("throughput", setup, started, result, format_throughput(result))
 
 

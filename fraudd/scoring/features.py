@@ -222,15 +222,32 @@ Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[byte
 def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
     """``FeatureStore.compute`` with the store's ``behaviour_of``: the message columns, the behaviour
     and blocklists the store computes, the confirmed-fraud counts and the published rule sets."""
-    n = len(batch)
-    if n == 0:
-        return _empty()
-    p = _prepare(batch)
+    if len(batch) == 0:
+        return empty_features()
+    p = prepare(batch)
     # The confirmed-fraud version and the published rule sets ride on the batch's first round trip
     # rather than their own (both keys carry the shard's hash tag).
-    behaviour_columns, blocklist_hits, versions = behaviour_of(
-        p, batch.transaction_id, ("MGET", confirmed.version_key, keys.rules)
-    )
+    behaviour_columns, blocklist_hits, versions = behaviour_of(p, batch.transaction_id, versions_command(keys, confirmed))
+    return assemble(batch, p, behaviour_columns, blocklist_hits, versions, confirmed)
+
+
+def versions_command(keys: Keys, confirmed: ConfirmedFraud) -> Command:
+    """The read of the shard's confirmed-fraud version and published rule sets, sent along with the
+    batch's first round trip (``assemble`` takes its reply)."""
+    return ("MGET", confirmed.version_key, keys.rules)
+
+
+def assemble(
+    batch: DecodedBatch,
+    p: Prepared,
+    behaviour_columns: np.ndarray,
+    blocklist_hits: list[bytes],
+    versions: object,
+    confirmed: ConfirmedFraud,
+) -> Features:
+    """The batch's ``Features`` from what its store computed: the behaviour columns, the blocklist
+    flags and the reply of ``versions_command``."""
+    n = len(batch)
     confirmed_version, published_rules = cast("list[bytes | None]", versions)  # MGET's raw reply
     # A copy whose original belongs to another user is only corrected here.
     p.copies_take_their_originals_time()
@@ -244,10 +261,9 @@ def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud,
     # once more of the user's transactions follow it (recent times, merchants and cards are
     # bounded), and how many do depends on how the stream is batched and sharded.
     matrix[p.copy] = matrix[p.original[p.copy]]
-    columns = blocklist_columns(batch)
     blocked = {
         kind: _flags(column, values, flags)
-        for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
+        for kind, column, values, flags in zip(BLOCKLIST_KINDS, blocklist_columns(batch), p.distinct, blocklist_hits)
     }
     event_ms = p.tx.t_ms.astype(np.int64)
     return Features(
@@ -358,7 +374,8 @@ class ShardCalls:
         return replies[0], replies[-1] if also else None
 
 
-def _prepare(batch: DecodedBatch) -> Prepared:
+def prepare(batch: DecodedBatch) -> Prepared:
+    """The batch's columns for the behaviour arithmetic, its users and the values to look up."""
     n = len(batch)
     distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
     distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
@@ -428,7 +445,7 @@ def _flags(column: Sequence[str | None], values: list[str], flags: bytes) -> np.
     return np.fromiter((v in hit for v in column), bool, len(column))
 
 
-def _empty() -> Features:
+def empty_features() -> Features:
     return Features(
         matrix=np.empty((0, len(FEATURE_NAMES)), dtype=np.float32),
         seen=np.empty(0, dtype=bool),
