@@ -21,10 +21,11 @@ read and committed on its own, in the same two round trips.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -113,8 +114,9 @@ class OwnedFeatureStore:
         ]
         return _Read(p, candidates, missing, ("FCALL", READ_FUNCTION, len(keys), *keys, *args))
 
-    def _behaviour(self, read: _Read, reply: list[Any], transaction_ids: list[str], now: int) -> _Computed:
-        """The read's reply taken in, the arithmetic, and what to write for the batch."""
+    def _take_in(self, read: _Read, reply: list[Any], now: int) -> list[bytes]:
+        """The read's reply taken in: states into memory, the transactions found counted before
+        marked seen (at their original's time, copies too); returns the blocklist flags."""
         p = read.prepared
         latest, stored, seen, *blocklist_hits = reply
         if latest:
@@ -123,32 +125,27 @@ class OwnedFeatureStore:
             self._states[name] = blob
         read.candidates.found(seen, p.tx)
         p.copies_take_their_originals_time()
-        states = behaviour.decode([self._states[name] for name in p.names])
-        columns = behaviour.compute(states, p.tx)
-        commands, written = self._writes(states, p, transaction_ids, now)
-        return _Computed(columns, blocklist_hits, commands, written)
+        return cast(list[bytes], blocklist_hits)
 
-    def _writes(
-        self, states: behaviour.States, p: Prepared, transaction_ids: list[str], now: int
-    ) -> tuple[list[Command], dict[str, bytes]]:
-        """The commands writing the new transactions' users and markers, and the states written."""
-        tx, names = p.tx, p.names
-        new = np.flatnonzero(tx.new)
-        writers = np.unique(tx.user[new])
-        if not len(writers):
-            return [], {}
-        written = split_states(behaviour.encode(states, writers))
-        writer_names = [names[w] for w in writers.tolist()]
-        markers = Markers.of(new, tx.t_ms)
-        pairs = markers.pairs(transaction_ids)
+    def _writes(self, p: Prepared, written: dict[str, bytes], transaction_ids: list[str], now: int) -> list[Command]:
+        """The commands writing the states ``written`` (the users with new transactions) and the
+        new transactions' markers."""
+        if not written:
+            return []
         period = period_key(self._keys, max(now, self._latest_period))
-        commands: list[Command] = [("HSET", period, *interleave(writer_names, written)), ("PEXPIRE", period, STATE_TTL_MS)]
+        new = np.flatnonzero(p.tx.new)
+        markers = Markers.of(new, p.tx.t_ms)
+        pairs = markers.pairs(transaction_ids)
+        commands: list[Command] = [
+            ("HSET", period, *interleave(list(written), list(written.values()))),
+            ("PEXPIRE", period, STATE_TTL_MS),
+        ]
         start = 0
         for bucket, count in zip(markers.bucket_ids, markers.bucket_counts.tolist()):
             key = self._keys.seen_bucket(bucket)
             commands += [("HSET", key, *pairs[start : start + 2 * count]), ("PEXPIRE", key, self._dedup_window_ms)]
             start += 2 * count
-        return commands, dict(zip(writer_names, written))
+        return commands
 
     def _remember(self, written: dict[str, bytes]) -> None:
         """Keep the states just committed, newest last, up to MAX_STATES_IN_MEMORY."""
@@ -174,11 +171,9 @@ class _Read:
 
 
 @dataclass(slots=True)
-class _Computed:
-    """A batch's behaviour and blocklists, and its commit: the commands and the states they write."""
+class _Commit:
+    """What a shard's part writes: the commands, and the states they write (kept once written)."""
 
-    columns: np.ndarray
-    blocklist_hits: list[bytes]
     commands: list[Command]
     written: dict[str, bytes]
 
@@ -219,19 +214,19 @@ def _together(
     try:
         with Watch(node) as watch:
             leases, replies = _read_watched(client, watch, [store._lease.key for store in stores], commands)
-            commits: list[tuple[int, OwnedFeatureStore, _Computed]] = []
-            for k, (i, store, read, lease) in enumerate(zip(busy, stores, reads, leases)):
-                if lease != store._token:
+            live = [k for k, (store, lease) in enumerate(zip(stores, leases)) if lease == store._token]
+            for k in set(range(len(stores))) - set(live):
+                results[busy[k]] = stores[k]._fenced()
+            if live:
+                hits = [stores[k]._take_in(reads[k], replies[2 * k], now) for k in live]
+                columns, written = _behaviour([stores[k] for k in live], [reads[k].prepared for k in live])
+                commits: list[tuple[int, OwnedFeatureStore, _Commit]] = []
+                for j, k in enumerate(live):
+                    i, store, batch, p = busy[k], stores[k], parts[busy[k]][1], reads[k].prepared
+                    results[i] = assemble(batch, p, columns[j], hits[j], replies[2 * k + 1], store._confirmed)
+                    commits.append((i, store, _Commit(store._writes(p, written[j], batch.transaction_id, now), written[j])))
+                for i, store in _commit(watch, commits):
                     results[i] = store._fenced()
-                    continue
-                batch = parts[i][1]
-                computed = store._behaviour(read, replies[2 * k], batch.transaction_id, now)
-                results[i] = assemble(
-                    batch, read.prepared, computed.columns, computed.blocklist_hits, replies[2 * k + 1], store._confirmed
-                )
-                commits.append((i, store, computed))
-            for i, store in _commit(watch, commits):
-                results[i] = store._fenced()
     except BaseException:
         # The commit may have reached Redis all the same (a lost reply): start again from what
         # Redis holds rather than from states that may be behind it.
@@ -239,6 +234,29 @@ def _together(
             store._states.clear()
         raise
     return results
+
+
+def _behaviour(stores: list[OwnedFeatureStore], prepared: list[Prepared]) -> tuple[list[np.ndarray], list[dict[str, bytes]]]:
+    """Per shard, the behaviour columns of its batch and the new states of its users with new
+    transactions. A user lives on one shard, so the shards' batches are computed as one: the
+    arithmetic's cost is mostly per call, not per row, and one pass costs what one shard's does."""
+    names = [name for p in prepared for name in p.names]
+    users_at = np.cumsum([0] + [len(p.names) for p in prepared])
+    rows_at = np.cumsum([0] + [len(p.tx.user) for p in prepared])
+    joined = {
+        field.name: np.concatenate([getattr(p.tx, field.name) for p in prepared])
+        for field in dataclasses.fields(behaviour.Transactions)
+    }
+    joined["user"] = np.concatenate([p.tx.user + first for p, first in zip(prepared, users_at.tolist())])
+    tx = behaviour.Transactions(**joined)
+    states = behaviour.decode([store._states[name] for store, p in zip(stores, prepared) for name in p.names])
+    columns = behaviour.compute(states, tx)
+    writers = np.unique(tx.user[tx.new])
+    shard_of_writer = np.searchsorted(users_at, writers, side="right") - 1
+    written: list[dict[str, bytes]] = [{} for _ in prepared]
+    for writer, shard, blob in zip(writers.tolist(), shard_of_writer.tolist(), split_states(behaviour.encode(states, writers))):
+        written[shard][names[writer]] = blob
+    return [columns[rows_at[j] : rows_at[j + 1]] for j in range(len(prepared))], written
 
 
 def _read_watched(
@@ -255,24 +273,24 @@ def _read_watched(
     return watch.read(leases, commands)
 
 
-def _commit(watch: Watch, commits: list[tuple[int, OwnedFeatureStore, _Computed]]) -> list[tuple[int, OwnedFeatureStore]]:
+def _commit(watch: Watch, commits: list[tuple[int, OwnedFeatureStore, _Commit]]) -> list[tuple[int, OwnedFeatureStore]]:
     """Every part's commands in one MULTI/EXEC while the watched leases are unchanged; a changed one
     refuses the whole, and the transaction goes again without the parts whose lease another owner
     now holds. Returns those parts (nothing written for them)."""
     lost: list[tuple[int, OwnedFeatureStore]] = []
     for _ in range(MAX_COMMIT_ATTEMPTS):
-        pending = [(i, store, computed) for i, store, computed in commits if computed.commands]
+        pending = [(i, store, commit) for i, store, commit in commits if commit.commands]
         if not pending:
             return lost
-        if watch.execute([c for _i, _store, computed in pending for c in computed.commands]):
-            for _i, store, computed in pending:
-                store._remember(computed.written)
+        if watch.execute([c for _i, _store, commit in pending for c in commit.commands]):
+            for _i, store, commit in pending:
+                store._remember(commit.written)
             return lost
-        leases, _ = watch.read([store._lease.key for _i, store, _computed in pending])
+        leases, _ = watch.read([store._lease.key for _i, store, _commit in pending])
         commits = []
-        for (i, store, computed), lease in zip(pending, leases):
+        for (i, store, commit), lease in zip(pending, leases):
             if lease == store._token:
-                commits.append((i, store, computed))
+                commits.append((i, store, commit))
             else:
                 lost.append((i, store))
     raise CommitConflictError(f"a lease changed under {MAX_COMMIT_ATTEMPTS} commits of {len(commits)} shards")
