@@ -18,7 +18,7 @@ import click
 import orjson
 import redis
 
-from bench import alerts, console, latency, plots, report, services, soak, throughput
+from bench import alerts, console, copy_indexes, latency, plots, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -422,6 +422,17 @@ def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str
     """What the console's index on transactions adds to the scoring's COPY, per row."""
     result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
     click.echo(console.format_index_cost(result))
+
+
+@main.command("copy-indexes")
+@click.option("-n", "--rows", default=1_000, show_default=True, help="Scored transactions per COPY (a worker's batch).")
+@click.option("--rounds", default=100, show_default=True, help="COPYs into each table, alternating.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+def copy_indexes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
+    """PostgreSQL's CPU per row of the workers' COPY: no index, the primary key only, `transactions` as migrated."""
+    result = copy_indexes.run(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
+    click.echo(copy_indexes.format_result(result))
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
