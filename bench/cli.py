@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from bench.usage import redis_nodes
 from fraudd.runtime.redis_clients import redis_client
 from fraudd.scoring.settings import DEFAULT_MODEL
 
+Command = Callable[..., None]
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
@@ -38,39 +39,68 @@ def _flag(args: list[str], name: str, env: str, default: str) -> str:
     return os.environ.get(env, default)
 
 
-def _common(function):
-    for decorator in reversed(
-        [
-            click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
-            click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
-            click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
-            click.option(
-                "--private-services",
-                is_flag=True,
-                help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
-                "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
-            ),
-            click.option(
-                "--out-dir",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=report.OUT_DIR,
-                show_default=True,
-                help="Where reports and logs go.",
-            ),
-            click.option(
-                "--pictures-dir",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=plots.HERE,
-                show_default=True,
-                expose_value=False,
-                callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
-                help="Where throughput.png and latency.png go (next to RESULTS.md).",
-            ),
-            click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
-        ]
-    ):
-        function = decorator(function)
-    return function
+def _all(*decorators: Callable[[Command], Command]) -> Callable[[Command], Command]:
+    """One decorator applying ``decorators`` in the order they are written."""
+
+    def decorate(function: Command) -> Command:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
+
+
+_servers = _all(
+    click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
+    click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
+)
+_SEED = click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions.")
+_PRIVATE_SERVICES = click.option(
+    "--private-services",
+    is_flag=True,
+    help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
+    "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
+)
+_OUT_DIR = click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=report.OUT_DIR,
+    show_default=True,
+    help="Where reports and logs go.",
+)
+# The modes that run `fraudd run`: everything after their own options is passed to it.
+_common = _all(
+    _servers,
+    _SEED,
+    _PRIVATE_SERVICES,
+    _OUT_DIR,
+    click.option(
+        "--pictures-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=plots.HERE,
+        show_default=True,
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
+        help="Where throughput.png and latency.png go (next to RESULTS.md).",
+    ),
+    click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
+)
+# The modes at a fraction of the maximum rate (``_max_rate``).
+_max_rate_options = _all(
+    click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the offered load refers to."),
+    click.option(
+        "--from-report",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Take the maximum from this throughput report.",
+    ),
+    click.option(
+        "--calibrate-transactions",
+        default=200_000,
+        show_default=True,
+        help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
+    ),
+)
 
 
 @contextmanager
@@ -198,19 +228,7 @@ def throughput_cmd(
 
 
 @main.command(context_settings=PASS_THROUGH)
-@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fractions refer to.")
-@click.option(
-    "--from-report",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Take the maximum from this throughput report.",
-)
-@click.option(
-    "--calibrate-transactions",
-    default=200_000,
-    show_default=True,
-    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
-)
+@_max_rate_options
 @click.option("--rates", default="0.1,0.5,0.8", show_default=True, help="Offered loads, as fractions of the maximum.")
 @click.option("--seconds", default=20.0, show_default=True, help="Sending time per rate.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
@@ -242,19 +260,7 @@ def latency_cmd(
 @main.command(context_settings=PASS_THROUGH)
 @click.option("--minutes", default=10.0, show_default=True)
 @click.option("--fraction", default=0.5, show_default=True, help="Offered load as a fraction of the maximum.")
-@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fraction refers to.")
-@click.option(
-    "--from-report",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Take the maximum from this throughput report.",
-)
-@click.option(
-    "--calibrate-transactions",
-    default=200_000,
-    show_default=True,
-    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
-)
+@_max_rate_options
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between samples.")
 @_common
 def soak_cmd(
@@ -288,10 +294,9 @@ def soak_cmd(
 @click.option("--batch-items", default=500, show_default=True, help="Transactions per batch POST.")
 @click.option("--fraction", default=0.5, show_default=True, help="Paced load, as a fraction of the measured maximum.")
 @click.option("--score/--no-score", default=True, show_default=True, help="Also measure /v1/score with `fraudd run` on the box.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--private-services", is_flag=True, help="Run on a private redis-server and PostgreSQL cluster.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+@_servers
+@_PRIVATE_SERVICES
+@_OUT_DIR
 def ingest_cmd(
     seconds: float,
     ingest_workers: int,
@@ -383,9 +388,8 @@ main.add_command(alerts_cmd, "alerts")
 @main.command("console")
 @click.option("-n", "--transactions", default=1_000_000, show_default=True, help="Stored transactions (5% of them become cases).")
 @click.option("--requests", default=200, show_default=True, help="Requests per queue view (case pages: five times as many).")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+@_servers
+@_OUT_DIR
 def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: str, out_dir: Path) -> None:
     """Server time of the analyst console's queue page (first 50, each filter) and case page on a full store."""
     started = time.time()
@@ -407,8 +411,7 @@ def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: 
 @main.command("console-writes")
 @click.option("-n", "--rows", default=200_000, show_default=True, help="Scored transactions per COPY.")
 @click.option("--rounds", default=4, show_default=True, help="COPYs into each table, alternating.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@_servers
 def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
     """What the console's index on transactions adds to the scoring's COPY, per row."""
     result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
@@ -608,9 +611,8 @@ def format_soak(result: dict) -> str:
 
 @main.command("rules-backtest")
 @click.option("-n", "transactions", default=1_000_000, show_default=True, help="Stored decisions to backtest.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--seed", default=7, show_default=True)
+@_servers
+@_SEED
 def rules_backtest_cmd(transactions: int, redis_url: str, postgres_url: str, seed: int) -> None:
     """`fraudd rules test` on N stored decisions (goal: 1,000,000 in <= 10 s), and the cost of storing feature vectors."""
     from bench import rules_backtest
