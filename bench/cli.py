@@ -7,12 +7,15 @@ process count and batch size from the same flags, so they always match fraudd's.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
@@ -68,8 +71,21 @@ _OUT_DIR = click.option(
     show_default=True,
     help="Where reports and logs go.",
 )
-# The modes that run `fraudd run`: everything after their own options is passed to it.
-_common = _all(
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """The options every mode that runs ``fraudd run`` takes (``_common``)."""
+
+    redis_url: str
+    postgres_url: str
+    seed: int
+    private_services: bool
+    out_dir: Path
+    fraudd_args: tuple[str, ...]  # everything after the mode's own options, passed to ``fraudd run``
+
+
+_common_options = _all(
     _servers,
     _SEED,
     _PRIVATE_SERVICES,
@@ -85,6 +101,26 @@ _common = _all(
     ),
     click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
 )
+
+
+def _common(mode: Command) -> Command:
+    """The options of a mode that runs ``fraudd run``; ``mode`` receives them as its first
+    argument, an ``Invocation``, and its own options by name."""
+
+    def command(
+        redis_url: str,
+        postgres_url: str,
+        seed: int,
+        private_services: bool,
+        out_dir: Path,
+        fraudd_args: tuple[str, ...],
+        **own: Any,
+    ) -> None:
+        mode(Invocation(redis_url, postgres_url, seed, private_services, out_dir, fraudd_args), **own)
+
+    return _common_options(functools.update_wrapper(command, mode))
+
+
 # The modes at a fraction of the maximum rate (``_max_rate``).
 _max_rate_options = _all(
     click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the offered load refers to."),
@@ -104,27 +140,24 @@ _max_rate_options = _all(
 
 
 @contextmanager
-def _setup(
-    redis_url: str,
-    postgres_url: str,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
-    cluster_masters: int = 0,
-    cluster_replicas: int = 0,
-) -> Iterator[Setup]:
+def _setup(invocation: Invocation, cluster_masters: int = 0, cluster_replicas: int = 0) -> Iterator[Setup]:
     """The invocation's Setup, on the shared servers or on a private pair that lives as long as it;
     ``cluster_masters``: the private Redis is a cluster of that many masters, and ``fraudd run``
     is told so (``--redis-cluster``)."""
+    fraudd_args, out_dir = invocation.fraudd_args, invocation.out_dir
     if cluster_masters:
         fraudd_args = (*fraudd_args, "--redis-cluster") if "--redis-cluster" not in fraudd_args else fraudd_args
-    if private_services or cluster_masters:
+    if invocation.private_services or cluster_masters:
         with services.private(
-            redis_url, postgres_url, lambda line: click.echo(line, err=True), cluster_masters, cluster_replicas
+            invocation.redis_url,
+            invocation.postgres_url,
+            lambda line: click.echo(line, err=True),
+            cluster_masters,
+            cluster_replicas,
         ) as (r, p, settings):
             yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args, bool(cluster_masters))
     else:
-        yield _make_setup(redis_url, postgres_url, {"private": False}, out_dir, fraudd_args)
+        yield _make_setup(invocation.redis_url, invocation.postgres_url, {"private": False}, out_dir, fraudd_args)
 
 
 def _make_setup(
@@ -205,25 +238,18 @@ def main() -> None:
 )
 @_common
 def throughput_cmd(
+    invocation: Invocation,
     transactions: int,
     naive_transactions: int,
     baselines: bool,
     redis_cluster_masters: int,
     redis_cluster_replicas: int,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
     started = time.time()
-    with _setup(
-        redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters, redis_cluster_replicas
-    ) as setup:
+    with _setup(invocation, redis_cluster_masters, redis_cluster_replicas) as setup:
         chosen = throughput.BASELINES if baselines and not setup.cluster else ()
-        result = throughput.run(setup, transactions, naive_transactions, seed, chosen)
+        result = throughput.run(setup, transactions, naive_transactions, invocation.seed, chosen)
         _finish("throughput", setup, started, result, format_throughput(result))
 
 
@@ -234,25 +260,20 @@ def throughput_cmd(
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
 @_common
 def latency_cmd(
+    invocation: Invocation,
     max_rate: float | None,
     from_report: Path | None,
     calibrate_transactions: int,
     rates: str,
     seconds: float,
     warmup: float,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
     started = time.time()
     fractions = [float(f) for f in rates.split(",")]
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
-        result = latency.run(setup, maximum, fractions, seconds, warmup, seed)
+    with _setup(invocation) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, invocation.seed)
+        result = latency.run(setup, maximum, fractions, seconds, warmup, invocation.seed)
         result["max_rate_source"] = source
         _finish("latency", setup, started, result, format_latency(result))
 
@@ -264,25 +285,20 @@ def latency_cmd(
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between samples.")
 @_common
 def soak_cmd(
+    invocation: Invocation,
     minutes: float,
     fraction: float,
     max_rate: float | None,
     from_report: Path | None,
     calibrate_transactions: int,
     interval: float,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+    with _setup(invocation) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, invocation.seed)
         setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
-        result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, seed)
+        result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, invocation.seed)
         result["max_rate"], result["max_rate_source"] = maximum, source
         _finish("soak", setup, started, result, format_soak(result))
 
@@ -358,23 +374,18 @@ def ingest_cmd(
 )
 @_common
 def alerts_cmd(
+    invocation: Invocation,
     n: int,
     processes: str,
     fraction: float,
     seconds: float,
     warmup: float,
     flaky_every: int,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver, healthy and flaky; delivery
     latency at a fraction of it."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+    with _setup(invocation) as setup:
         result = alerts.run(setup, n, [int(p) for p in processes.split(",")], fraction, seconds, warmup, flaky_every)
         _finish("alerts", setup, started, result, alerts.format_result(result))
 
