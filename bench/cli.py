@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,18 +189,16 @@ def _make_setup(
 
 
 def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str) -> None:
-    document = {
-        "mode": mode,
-        "command": ["python", "-m", "bench", *sys.argv[1:]],
-        "fraudd_args": setup.fraudd_args,
-        "workers": setup.workers,
-        "batch_size": setup.batch_size,
-        "services": setup.services,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine(next(iter(redis_nodes(setup.client).values())), setup.postgres_url),
-        "result": result,
-    }
+    document = report.document(
+        mode,
+        started,
+        lambda: report.machine(next(iter(redis_nodes(setup.client).values())), setup.postgres_url),
+        result,
+        fraudd_args=setup.fraudd_args,
+        workers=setup.workers,
+        batch_size=setup.batch_size,
+        services=setup.services,
+    )
     path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
     draw = {"throughput": plots.throughput, "latency": plots.latency}.get(mode)
@@ -338,15 +335,13 @@ def ingest_cmd(
         result = ingest.run(
             redis_url, postgres_url, log_dir, seconds, ingest_workers, connections, batch_items, fraction, score, echo
         )
-        document = {
-            "mode": "ingest",
-            "command": ["python", "-m", "bench", *sys.argv[1:]],
-            "services": services_info,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "wall_seconds": round(time.time() - started, 1),
-            "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
-            "result": result,
-        }
+        document = report.document(
+            "ingest",
+            started,
+            lambda: report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+            result,
+            services=services_info,
+        )
         path = report.write(report.out_path(out_dir, "ingest"), document)
         click.echo(ingest.format_result(result))
         click.echo(f"\nreport: {path}")
@@ -406,14 +401,12 @@ def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: 
     started = time.time()
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     result = console.run(redis_url, postgres_url, transactions, requests, out_dir, echo)
-    document = {
-        "mode": "console",
-        "command": ["python", "-m", "bench", *sys.argv[1:]],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
-        "result": result,
-    }
+    document = report.document(
+        "console",
+        started,
+        lambda: report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+        result,
+    )
     path = report.write(report.out_path(out_dir, "console"), document)
     click.echo(console.format_result(result))
     click.echo(f"\nreport: {path}")
