@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import psycopg
 import pytest
@@ -16,6 +17,9 @@ from redis.cluster import RedisCluster
 
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_stream
+from fraudd.rulesets import backtest
+from fraudd.scoring import vectors
+from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import Namespace, migrated_namespace, wait_for
@@ -274,6 +278,32 @@ def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
     for k in range(shards):
         stream = shard_stream(ns.stream, shards, k)
         assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
+
+
+def test_vectors_stored_before_the_card_blocklist_stay_readable(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Rows whose vector has the first stored layout (before `blocked_card` was appended) are read by
+    the backtest with the card as not blocked and every other column as stored."""
+    blocked = ns.fraudd("rules", "block", "card", "card-x", "--reason", "stolen")
+    assert blocked.returncode == 0, blocked.stderr
+    produce(redis_client, ns, [orjson.dumps(dict(orjson.loads(p), card_id="card-x")) for p in payloads(200, "card")])
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    assert ns.sql("SELECT count(*) FROM transactions WHERE decision = 'decline' AND 'R_BLOCKED_CARD' = ANY(reasons)") == [(200,)]
+    today = backtest.load(ns.postgres_url, ns.schema, 7200)
+    first_layout = vectors.LAYOUT_BYTES[0]
+    ns.sql(
+        "UPDATE transactions SET features = substring(features FROM 1 FOR %s) WHERE right(transaction_id, 1) < '5' RETURNING 1",
+        (first_layout,),
+    )
+    read = backtest.load(ns.postgres_url, ns.schema, 7200)
+    assert len(read) == len(today) == 200
+    by_id = {txid: row for row, txid in enumerate(read.transaction_id.tolist())}
+    order = [by_id[txid] for txid in today.transaction_id.tolist()]
+    old = np.array([txid.rstrip(b"\0")[-1:] < b"5" for txid in today.transaction_id.tolist()])
+    card = vectors.VECTOR_COLUMNS.index("blocked_card")
+    assert (read.vectors[order][:, card] == np.where(old, 0.0, 1.0)).all()
+    np.testing.assert_array_equal(read.vectors[order][:, :card], today.vectors[:, :card])
+    decisions, _ = backtest.evaluate(read, Rules.load(DEFAULT_RULES))
+    assert (decisions[order][~old] == 2).all() and (decisions[order][old] < 2).any()
 
 
 def test_where_the_console_has_users_only_an_active_lead_or_admin_publishes(ns: Namespace, tmp_path: Path) -> None:
