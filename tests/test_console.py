@@ -84,7 +84,7 @@ def test_claim_read_and_fraud_verdict_with_a_block(site: Site, page: Page) -> No
     page.wait_for_url("**/cases/**")
     claimed = page.get_by_role("heading", level=1).inner_text()
     assert site.sql("SELECT state, assignee FROM cases WHERE transaction_id = %s", (claimed,)) == [("claimed", "alice")]
-    device = site.sql("SELECT device_id FROM transactions WHERE transaction_id = %s", (claimed,))[0][0]
+    device, card = site.sql("SELECT device_id, card_id FROM transactions WHERE transaction_id = %s", (claimed,))[0]
     expect(page.get_by_role("region", name="Decision", exact=True)).to_contain_text("R_LARGE_AMOUNT")
     expect(page.get_by_role("region", name="Transaction", exact=True)).to_contain_text(device)
     expect(page.get_by_role("region", name="History", exact=True)).to_contain_text("claim")
@@ -94,6 +94,7 @@ def test_claim_read_and_fraud_verdict_with_a_block(site: Site, page: Page) -> No
     page.screenshot(path=str(DOCS / "console-case.png"), full_page=True)
 
     page.get_by_role("checkbox", name=f"device {device}").check()
+    page.get_by_role("checkbox", name=f"card {card}").check()
     page.get_by_role("button", name="Fraud", exact=True).click()
     expect(page.get_by_role("status")).to_have_text("Verdict recorded.")
 
@@ -105,17 +106,21 @@ def test_claim_read_and_fraud_verdict_with_a_block(site: Site, page: Page) -> No
         ("resolved", "fraud", "alice")
     ]
     actions = [row[0] for row in site.sql("SELECT action FROM console_audit WHERE transaction_id = %s ORDER BY id", (claimed,))]
-    assert actions == ["claim", "verdict", "note", "block"]
+    assert actions == ["claim", "verdict", "note", "block", "block"]
     # The label-fed counts: the device now has one confirmed fraud for the scoring to see.
     counts = ConfirmedFraud(site.redis, Keys(site.ns.stream, "", "")).counts(
         ([None], [device], [None], [None]), np.array([int(time.time() * 1000)])
     )
     assert counts["device_fraud_7d"].tolist() == [1.0]
 
-    # The block: the next transaction on that device, small and otherwise harmless, is declined.
+    # The blocks: the next transaction on that device, or with that card on a device of its own,
+    # small and otherwise harmless, is declined.
     (after,) = site.transactions(1, amount=12.0, device_id=device)
+    (on_card,) = site.transactions(1, amount=12.0, card_id=card)
     decision, reasons = site.decision(after)
     assert decision == "decline" and "R_BLOCKED_DEVICE" in reasons
+    decision, reasons = site.decision(on_card)
+    assert decision == "decline" and "R_BLOCKED_CARD" in reasons and "R_BLOCKED_DEVICE" not in reasons
 
     # A resolved case is resolved once: a second verdict is refused and stores nothing.
     page.goto(f"{site.url}/cases/{claimed}")

@@ -20,7 +20,7 @@ from . import audit, cases
 from .cases import Resolved, VerdictRefused
 
 # What an analyst may block with a Fraud verdict: the rules' live blocklists of the transaction's own values.
-BLOCKABLE = {"device": "device_id", "ip": "ip"}
+BLOCKABLE = {"device": "device_id", "ip": "ip", "card": "card_id"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +76,12 @@ def give(
         audit.record(conn, username, "note", transaction_id, after={"body": note}, address=address)
     teacher.confirm(conn, resolved)
     if verdict == "fraud" and blocks:
+        columns = tuple(BLOCKABLE.values())
         transaction = conn.execute(
-            "SELECT device_id, ip FROM transactions WHERE transaction_id = %s AND event_time = %s", (transaction_id, event_time)
+            f"SELECT {', '.join(columns)} FROM transactions WHERE transaction_id = %s AND event_time = %s",
+            (transaction_id, event_time),
         ).fetchone()
-        values = dict(zip(("device_id", "ip"), transaction or (None, None)))
+        values = dict(zip(columns, transaction or ()))
         for kind in blocks:
             value = values.get(BLOCKABLE[kind])
             if value:
