@@ -101,6 +101,16 @@ def _copy_out(url: str, pg_schema: str, start_s: float, end_s: float, shadow_ver
     return np.frombuffer(memoryview(data)[_HEADER : len(data) - 2], dtype=_RECORD) if data else np.empty(0, dtype=_RECORD)
 
 
+def test(url: str, pg_schema: str, candidate: Rules, since_s: float, minutes_per_case: float) -> dict[str, Any]:
+    """The report of ``fraudd rules test`` (and of the console's Run test): ``candidate`` evaluated
+    on the decisions of the last ``since_s`` seconds, against what was decided."""
+    stored = load(url, pg_schema, since_s)
+    decisions, fired = evaluate(stored, candidate)
+    report = compare(stored, decisions, minutes_per_case, fired, candidate)
+    report["candidate"] = candidate.version
+    return report
+
+
 def evaluate(stored: Stored, candidate: Rules) -> tuple[np.ndarray, np.ndarray]:
     """(decisions, fired): what ``candidate`` decides on each stored row, and which of its rules fired."""
     features, by_model = vectors.unpack(stored.vectors, stored.amount)
