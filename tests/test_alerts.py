@@ -14,7 +14,8 @@ import redis
 from standardwebhooks import Webhook
 
 from fraudd.alerts.config import load
-from fraudd.alerts.sender import AlertSender, SenderSettings
+from fraudd.alerts.deliveries import Claimed
+from fraudd.alerts.sender import POLL_S, AlertSender, SenderSettings
 
 from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
 from .conftest import Namespace, wait_for
@@ -511,6 +512,50 @@ retry_base_s = 0.02
     assert list(receiver.accepted).index("tx_0:hook") < 200
     assert deliveries(ns)[("tx_0", "hook")][:4] == ("delivered", 3, "HTTP 503: unavailable", True)
     assert len(receiver.requests["/hook"]) == 1002 and not receiver.repeats
+
+
+def test_retries_waiting_their_back_off_do_not_poll_the_table_per_request(
+    ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"""
+[[channels]]
+name = "hook"
+kind = "webhook"
+url = "{receiver.url("/hook")}"
+allow_insecure = true
+secret_env = "S"
+retry_base_s = 0.4
+""",
+    )
+    # Every alert is claimed at its insert; one in four then retries twice, spread over its back-offs.
+    receiver.flaky.update({f"tx_{i}:hook": 2 for i in range(0, 40, 4)})
+    sender = AlertSender(
+        load(config, {"S": SECRET}),
+        SenderSettings(ns.redis_url, ns.postgres_url, ns.schema, ns.fraud_stream, ns.dlq_stream, 5, "test-0"),
+    )
+    claims: list[int] = []
+    claim = sender.log.claim
+
+    async def counted_claim(channel: str, status: str, limit: int, lease_s: float) -> list[Claimed]:
+        claimed = await claim(channel, status, limit, lease_s)
+        claims.append(len(claimed))
+        return claimed
+
+    sender.log.claim = counted_claim  # type: ignore[method-assign]
+    sender.start()
+    started = time.monotonic()
+    try:
+        publish(redis_client, ns, sender, [alert(f"tx_{i}") for i in range(40)])
+        wait_for(lambda: len(receiver.accepted) == 40, 15, message="every alert delivered")
+        elapsed = time.monotonic() - started
+    finally:
+        sender.stop(5)
+    assert len(receiver.requests["/hook"]) == 40 + 2 * 10 and not receiver.repeats
+    # The table held nothing due after the insert: it was looked at again every POLL_S, not after
+    # each of the 20 retries.
+    assert not any(claims) and len(claims) <= 2 + elapsed / POLL_S, (claims, elapsed)
 
 
 def test_a_retry_held_by_a_stopping_worker_goes_back_to_the_table_on_its_retry_after(

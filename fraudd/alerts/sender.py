@@ -261,7 +261,15 @@ class ChannelRunner:
         self._backing_off: dict[str, tuple[Claimed, asyncio.TimerHandle]] = {}  # retried here, by transaction id
         self._stopping = False
         self._woken = asyncio.Event()
+        # Whether the table may hold due rows of this channel that no claim has seen: rows were
+        # inserted or handed back since the last claim that came back short, or POLL_S has passed.
+        # A claim is a round trip: while the table holds nothing due, a send finishing (which
+        # frees room) must not ask again, or a channel left with only retries waiting out their
+        # back-off polls PostgreSQL once per request.
+        self._rows_due = True
+        self._poll_at = 0.0  # monotonic time of the next look for rows made due by others
         self.circuit = Circuit(self.config)
+        self._failed_attempts = metrics.alert_deliveries.labels(self.name, "failed")
         self._tasks: list[asyncio.Task] = []
         self._digest_in_flight: asyncio.Task | None = None
 
@@ -270,6 +278,8 @@ class ChannelRunner:
         self._tasks += [worker_task(self._send_loop(), f"send-{self.name}") for _ in range(self.config.concurrency)]
 
     def wake(self) -> None:
+        """New rows are in the table: claim what fits."""
+        self._rows_due = True
         self._woken.set()
 
     def room(self) -> int:
@@ -319,6 +329,7 @@ class ChannelRunner:
         else:
             outcome = Outcome(self.name, claimed.alert.transaction_id, False, retry_at=retry_at, released=True)
         self.sender.recorder.add(outcome)
+        self._rows_due = True
 
     async def _claim_loop(self) -> None:
         delay = 0.05
@@ -338,19 +349,26 @@ class ChannelRunner:
     async def _claim_round(self) -> None:
         now = time.time()
         wait = POLL_S
+        if time.monotonic() >= self._poll_at:
+            self._rows_due = True
         if self.circuit.is_open(now):
             wait = min(POLL_S, self.circuit.open_until - now)
+        elif not self._rows_due:
+            wait = self._poll_at - time.monotonic()
         else:
             probing = not self.circuit.closed
             queued = self._ready.qsize() + self._busy
             room = (1 if probing else self.config.prefetch) - queued
             # Claim in large chunks (a claim is a round trip); while probing a paused channel, one at a time.
             if room >= (1 if probing else self.config.prefetch // 2):
+                self._rows_due = False  # set again by rows that arrive while the claim is on its way
                 claimed = await self.sender.log.claim(self.name, "pending", room, self.config.lease_s)
                 for item in claimed:
                     self._ready.put_nowait(item)
                 if len(claimed) == room:
-                    wait = 0.0  # more may be due
+                    wait, self._rows_due = 0.0, True  # more may be due
+                else:
+                    self._poll_at = time.monotonic() + POLL_S
             if self.config.digest_above is not None and self._digest_in_flight is None:
                 digest = await self.sender.log.claim(self.name, "digest", DIGEST_MAX_ALERTS, self.config.lease_s)
                 if digest:
@@ -395,7 +413,9 @@ class ChannelRunner:
         try:
             await sending
         except DeliveryFailed as exc:
-            failure = exc
+            # Without its traceback: kept with it, the exception would hold this frame and the
+            # sending coroutine's (the response with them) in a cycle only the garbage collector frees.
+            failure = exc.with_traceback(None)
             if exc.permanent:
                 self.circuit.succeeded()  # the peer answered: the channel is up, this alert is refused
             else:
@@ -411,7 +431,7 @@ class ChannelRunner:
                     outcome.error, outcome.attempts, outcome.attempted_at = c.last_error, c.attempts, now
                 recorder.add(outcome, c.alert)
             return
-        metrics.alert_deliveries.labels(self.name, "failed").inc(len(claimed))
+        self._failed_attempts.inc(len(claimed))
         reason = self.channel.redact(failure.reason)
         attempts = max(c.attempts for c in claimed)
         now = time.time()
