@@ -7,24 +7,27 @@ process count and batch size from the same flags, so they always match fraudd's.
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 import redis
 
-from bench import alerts, console, latency, plots, report, services, soak, throughput
+from bench import alerts, console, copy_indexes, latency, plots, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
 from fraudd.runtime.redis_clients import redis_client
 from fraudd.scoring.settings import DEFAULT_MODEL
 
+Command = Callable[..., None]
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
@@ -38,63 +41,122 @@ def _flag(args: list[str], name: str, env: str, default: str) -> str:
     return os.environ.get(env, default)
 
 
-def _common(function):
-    for decorator in reversed(
-        [
-            click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
-            click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
-            click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions."),
-            click.option(
-                "--private-services",
-                is_flag=True,
-                help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
-                "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
-            ),
-            click.option(
-                "--out-dir",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=report.OUT_DIR,
-                show_default=True,
-                help="Where reports and logs go.",
-            ),
-            click.option(
-                "--pictures-dir",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=plots.HERE,
-                show_default=True,
-                expose_value=False,
-                callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
-                help="Where throughput.png and latency.png go (next to RESULTS.md).",
-            ),
-            click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
-        ]
-    ):
-        function = decorator(function)
-    return function
+def _all(*decorators: Callable[[Command], Command]) -> Callable[[Command], Command]:
+    """One decorator applying ``decorators`` in the order they are written."""
+
+    def decorate(function: Command) -> Command:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
+
+
+_servers = _all(
+    click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True),
+    click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True),
+)
+_SEED = click.option("--seed", default=7, show_default=True, help="Generator seed: same seed, same transactions.")
+_PRIVATE_SERVICES = click.option(
+    "--private-services",
+    is_flag=True,
+    help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
+    "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
+)
+_OUT_DIR = click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=report.OUT_DIR,
+    show_default=True,
+    help="Where reports and logs go.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """The options every mode that runs ``fraudd run`` takes (``_common``)."""
+
+    redis_url: str
+    postgres_url: str
+    seed: int
+    private_services: bool
+    out_dir: Path
+    fraudd_args: tuple[str, ...]  # everything after the mode's own options, passed to ``fraudd run``
+
+
+_common_options = _all(
+    _servers,
+    _SEED,
+    _PRIVATE_SERVICES,
+    _OUT_DIR,
+    click.option(
+        "--pictures-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=plots.HERE,
+        show_default=True,
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
+        help="Where throughput.png and latency.png go (next to RESULTS.md).",
+    ),
+    click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
+)
+
+
+def _common(mode: Command) -> Command:
+    """The options of a mode that runs ``fraudd run``; ``mode`` receives them as its first
+    argument, an ``Invocation``, and its own options by name."""
+
+    def command(
+        redis_url: str,
+        postgres_url: str,
+        seed: int,
+        private_services: bool,
+        out_dir: Path,
+        fraudd_args: tuple[str, ...],
+        **own: Any,
+    ) -> None:
+        mode(Invocation(redis_url, postgres_url, seed, private_services, out_dir, fraudd_args), **own)
+
+    return _common_options(functools.update_wrapper(command, mode))
+
+
+# The modes at a fraction of the maximum rate (``_max_rate``).
+_max_rate_options = _all(
+    click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the offered load refers to."),
+    click.option(
+        "--from-report",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Take the maximum from this throughput report.",
+    ),
+    click.option(
+        "--calibrate-transactions",
+        default=200_000,
+        show_default=True,
+        help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
+    ),
+)
 
 
 @contextmanager
-def _setup(
-    redis_url: str,
-    postgres_url: str,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
-    cluster_masters: int = 0,
-    cluster_replicas: int = 0,
-) -> Iterator[Setup]:
+def _setup(invocation: Invocation, cluster_masters: int = 0, cluster_replicas: int = 0) -> Iterator[Setup]:
     """The invocation's Setup, on the shared servers or on a private pair that lives as long as it;
     ``cluster_masters``: the private Redis is a cluster of that many masters, and ``fraudd run``
     is told so (``--redis-cluster``)."""
+    fraudd_args, out_dir = invocation.fraudd_args, invocation.out_dir
     if cluster_masters:
         fraudd_args = (*fraudd_args, "--redis-cluster") if "--redis-cluster" not in fraudd_args else fraudd_args
-    if private_services or cluster_masters:
+    if invocation.private_services or cluster_masters:
         with services.private(
-            redis_url, postgres_url, lambda line: click.echo(line, err=True), cluster_masters, cluster_replicas
+            invocation.redis_url,
+            invocation.postgres_url,
+            lambda line: click.echo(line, err=True),
+            cluster_masters,
+            cluster_replicas,
         ) as (r, p, settings):
             yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args, bool(cluster_masters))
     else:
-        yield _make_setup(redis_url, postgres_url, {"private": False}, out_dir, fraudd_args)
+        yield _make_setup(invocation.redis_url, invocation.postgres_url, {"private": False}, out_dir, fraudd_args)
 
 
 def _make_setup(
@@ -127,18 +189,16 @@ def _make_setup(
 
 
 def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str) -> None:
-    document = {
-        "mode": mode,
-        "command": ["python", "-m", "bench", *sys.argv[1:]],
-        "fraudd_args": setup.fraudd_args,
-        "workers": setup.workers,
-        "batch_size": setup.batch_size,
-        "services": setup.services,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine(next(iter(redis_nodes(setup.client).values())), setup.postgres_url),
-        "result": result,
-    }
+    document = report.document(
+        mode,
+        started,
+        lambda: report.machine(next(iter(redis_nodes(setup.client).values())), setup.postgres_url),
+        result,
+        fraudd_args=setup.fraudd_args,
+        workers=setup.workers,
+        batch_size=setup.batch_size,
+        services=setup.services,
+    )
     path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
     draw = {"throughput": plots.throughput, "latency": plots.latency}.get(mode)
@@ -158,6 +218,14 @@ def main() -> None:
 @click.option("--naive-transactions", default=20_000, show_default=True, help="Transactions for the (slow) naive baseline.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also drain with the bare and naive consumers.")
 @click.option(
+    "--event-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Event-time pace of the generated transactions (tx/s; users in proportion, each at its usual "
+    "pace). Default: the generator's natural 1 tx/s, where a batch of 500 spans 8 minutes of event "
+    "time; production's rates put a batch in one or two minutes (e.g. 10).",
+)
+@click.option(
     "--redis-cluster-masters",
     type=click.IntRange(min=0),
     default=0,
@@ -175,66 +243,43 @@ def main() -> None:
 )
 @_common
 def throughput_cmd(
+    invocation: Invocation,
     transactions: int,
     naive_transactions: int,
     baselines: bool,
+    event_rate: float | None,
     redis_cluster_masters: int,
     redis_cluster_replicas: int,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """Drain a prefilled stream with fraudd and the baselines; rate, CPU per transaction, checks."""
     started = time.time()
-    with _setup(
-        redis_url, postgres_url, private_services, out_dir, fraudd_args, redis_cluster_masters, redis_cluster_replicas
-    ) as setup:
+    with _setup(invocation, redis_cluster_masters, redis_cluster_replicas) as setup:
         chosen = throughput.BASELINES if baselines and not setup.cluster else ()
-        result = throughput.run(setup, transactions, naive_transactions, seed, chosen)
+        result = throughput.run(setup, transactions, naive_transactions, invocation.seed, chosen, event_rate)
         _finish("throughput", setup, started, result, format_throughput(result))
 
 
 @main.command(context_settings=PASS_THROUGH)
-@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fractions refer to.")
-@click.option(
-    "--from-report",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Take the maximum from this throughput report.",
-)
-@click.option(
-    "--calibrate-transactions",
-    default=200_000,
-    show_default=True,
-    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
-)
+@_max_rate_options
 @click.option("--rates", default="0.1,0.5,0.8", show_default=True, help="Offered loads, as fractions of the maximum.")
 @click.option("--seconds", default=20.0, show_default=True, help="Sending time per rate.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds at the start of each rate left out of the quantiles.")
 @_common
 def latency_cmd(
+    invocation: Invocation,
     max_rate: float | None,
     from_report: Path | None,
     calibrate_transactions: int,
     rates: str,
     seconds: float,
     warmup: float,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """End-to-end latency at fixed open-loop rates (by default 10%, 50% and 80% of the maximum)."""
     started = time.time()
     fractions = [float(f) for f in rates.split(",")]
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
-        result = latency.run(setup, maximum, fractions, seconds, warmup, seed)
+    with _setup(invocation) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, invocation.seed)
+        result = latency.run(setup, maximum, fractions, seconds, warmup, invocation.seed)
         result["max_rate_source"] = source
         _finish("latency", setup, started, result, format_latency(result))
 
@@ -242,41 +287,24 @@ def latency_cmd(
 @main.command(context_settings=PASS_THROUGH)
 @click.option("--minutes", default=10.0, show_default=True)
 @click.option("--fraction", default=0.5, show_default=True, help="Offered load as a fraction of the maximum.")
-@click.option("--max-rate", type=float, default=None, help="Maximum rate (tx/s) the fraction refers to.")
-@click.option(
-    "--from-report",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Take the maximum from this throughput report.",
-)
-@click.option(
-    "--calibrate-transactions",
-    default=200_000,
-    show_default=True,
-    help="Without --max-rate or a matching report: drain this many to measure the maximum first.",
-)
+@_max_rate_options
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between samples.")
 @_common
 def soak_cmd(
+    invocation: Invocation,
     minutes: float,
     fraction: float,
     max_rate: float | None,
     from_report: Path | None,
     calibrate_transactions: int,
     interval: float,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """A long run at a fixed load: worker RSS, group lag and Redis memory over time."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
-        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, seed)
+    with _setup(invocation) as setup:
+        maximum, source = _max_rate(setup, max_rate, from_report, calibrate_transactions, invocation.seed)
         setup.echo(f"soak: {fraction:.0%} of {maximum:,.0f} tx/s for {minutes:g} min ...")
-        result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, seed)
+        result = soak.run(setup, maximum * fraction, fraction, minutes * 60.0, interval, invocation.seed)
         result["max_rate"], result["max_rate_source"] = maximum, source
         _finish("soak", setup, started, result, format_soak(result))
 
@@ -288,10 +316,9 @@ def soak_cmd(
 @click.option("--batch-items", default=500, show_default=True, help="Transactions per batch POST.")
 @click.option("--fraction", default=0.5, show_default=True, help="Paced load, as a fraction of the measured maximum.")
 @click.option("--score/--no-score", default=True, show_default=True, help="Also measure /v1/score with `fraudd run` on the box.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--private-services", is_flag=True, help="Run on a private redis-server and PostgreSQL cluster.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+@_servers
+@_PRIVATE_SERVICES
+@_OUT_DIR
 def ingest_cmd(
     seconds: float,
     ingest_workers: int,
@@ -317,15 +344,13 @@ def ingest_cmd(
         result = ingest.run(
             redis_url, postgres_url, log_dir, seconds, ingest_workers, connections, batch_items, fraction, score, echo
         )
-        document = {
-            "mode": "ingest",
-            "command": ["python", "-m", "bench", *sys.argv[1:]],
-            "services": services_info,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "wall_seconds": round(time.time() - started, 1),
-            "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
-            "result": result,
-        }
+        document = report.document(
+            "ingest",
+            started,
+            lambda: report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+            result,
+            services=services_info,
+        )
         path = report.write(report.out_path(out_dir, "ingest"), document)
         click.echo(ingest.format_result(result))
         click.echo(f"\nreport: {path}")
@@ -353,23 +378,18 @@ def ingest_cmd(
 )
 @_common
 def alerts_cmd(
+    invocation: Invocation,
     n: int,
     processes: str,
     fraction: float,
     seconds: float,
     warmup: float,
     flaky_every: int,
-    redis_url: str,
-    postgres_url: str,
-    seed: int,
-    private_services: bool,
-    out_dir: Path,
-    fraudd_args: tuple[str, ...],
 ) -> None:
     """Alerts/s delivered by `fraudd alerts` to a local signed-webhook receiver, healthy and flaky; delivery
     latency at a fraction of it."""
     started = time.time()
-    with _setup(redis_url, postgres_url, private_services, out_dir, fraudd_args) as setup:
+    with _setup(invocation) as setup:
         result = alerts.run(setup, n, [int(p) for p in processes.split(",")], fraction, seconds, warmup, flaky_every)
         _finish("alerts", setup, started, result, alerts.format_result(result))
 
@@ -383,22 +403,19 @@ main.add_command(alerts_cmd, "alerts")
 @main.command("console")
 @click.option("-n", "--transactions", default=1_000_000, show_default=True, help="Stored transactions (5% of them become cases).")
 @click.option("--requests", default=200, show_default=True, help="Requests per queue view (case pages: five times as many).")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=report.OUT_DIR, show_default=True)
+@_servers
+@_OUT_DIR
 def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: str, out_dir: Path) -> None:
     """Server time of the analyst console's queue page (first 50, each filter) and case page on a full store."""
     started = time.time()
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     result = console.run(redis_url, postgres_url, transactions, requests, out_dir, echo)
-    document = {
-        "mode": "console",
-        "command": ["python", "-m", "bench", *sys.argv[1:]],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
-        "result": result,
-    }
+    document = report.document(
+        "console",
+        started,
+        lambda: report.machine(redis.Redis.from_url(redis_url, decode_responses=True), postgres_url),
+        result,
+    )
     path = report.write(report.out_path(out_dir, "console"), document)
     click.echo(console.format_result(result))
     click.echo(f"\nreport: {path}")
@@ -407,12 +424,22 @@ def console_cmd(transactions: int, requests: int, redis_url: str, postgres_url: 
 @main.command("console-writes")
 @click.option("-n", "--rows", default=200_000, show_default=True, help="Scored transactions per COPY.")
 @click.option("--rounds", default=4, show_default=True, help="COPYs into each table, alternating.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@_servers
 def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
     """What the console's index on transactions adds to the scoring's COPY, per row."""
     result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
     click.echo(console.format_index_cost(result))
+
+
+@main.command("copy-indexes")
+@click.option("-n", "--rows", default=1_000, show_default=True, help="Scored transactions per COPY (a worker's batch).")
+@click.option("--rounds", default=100, show_default=True, help="COPYs into each table, alternating.")
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+def copy_indexes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
+    """PostgreSQL's CPU per row of the workers' COPY: no index, the primary key only, `transactions` as migrated."""
+    result = copy_indexes.run(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
+    click.echo(copy_indexes.format_result(result))
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
@@ -608,9 +635,8 @@ def format_soak(result: dict) -> str:
 
 @main.command("rules-backtest")
 @click.option("-n", "transactions", default=1_000_000, show_default=True, help="Stored decisions to backtest.")
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-@click.option("--seed", default=7, show_default=True)
+@_servers
+@_SEED
 def rules_backtest_cmd(transactions: int, redis_url: str, postgres_url: str, seed: int) -> None:
     """`fraudd rules test` on N stored decisions (goal: 1,000,000 in <= 10 s), and the cost of storing feature vectors."""
     from bench import rules_backtest

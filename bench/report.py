@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,21 @@ QUANTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99.9", 99.9))
 def out_path(out_dir: Path, mode: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def document(mode: str, started: float, describe_machine: Callable[[], dict], result: dict, **context: object) -> dict:
+    """A mode's report: the command that ran it, ``context`` (its fraudd flags, the services),
+    when it started and how long it took, the machine and the result. The machine is described
+    after the run's wall time is taken, which therefore does not count it."""
+    return {
+        "mode": mode,
+        "command": ["python", "-m", "bench", *sys.argv[1:]],
+        **context,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": describe_machine(),
+        "result": result,
+    }
 
 
 def write(path: Path, report: dict) -> Path:

@@ -37,8 +37,8 @@ class Traffic:
     is_fraud: np.ndarray
 
     @classmethod
-    def generate(cls, seed: int, n: int) -> Traffic:
-        batch = generator(seed, n).generate(n)
+    def generate(cls, seed: int, n: int, event_rate: float | None = None) -> Traffic:
+        batch = generator(seed, n, event_rate).generate(n)
         return cls(batch.payloads(), batch.transaction_id, batch.is_fraud)
 
 
@@ -174,10 +174,10 @@ def check_output(client: redis.Redis, ns: Namespace, traffic: Traffic, n: int, e
     }
 
 
-def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...]) -> dict:
+def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...], event_rate: float | None = None) -> dict:
     """Every drain of one invocation; bare first and naive last, fraudd between them."""
     setup.echo(f"generating {max(n, naive_n):,} transactions (seed {seed}) ...")
-    traffic = Traffic.generate(seed, max(n, naive_n))
+    traffic = Traffic.generate(seed, max(n, naive_n), event_rate)
     order = [k for k in ("bare", "fraudd", "naive") if k == "fraudd" or k in baselines]
     drains: dict[str, dict] = {}
     checks: dict = {}
@@ -200,6 +200,7 @@ def run(setup: Setup, n: int, naive_n: int, seed: int, baselines: tuple[str, ...
         "transactions": n,
         "naive_transactions": naive_n if "naive" in baselines else 0,
         "seed": seed,
+        "event_rate": event_rate,
         "drains": drains,
         "ratios": ratios,
         "checks": checks,

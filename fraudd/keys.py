@@ -112,5 +112,5 @@ class Keys:
         return self.prefix + "rules"
 
     def blocklist(self, kind: str) -> str:
-        """The set of blocked values of ``kind`` (merchant, device, ip, country), edited live by operators."""
+        """The set of blocked values of ``kind`` (merchant, device, ip, country, card), edited live by operators."""
         return f"{self.prefix}blocklist:{kind}"

@@ -237,6 +237,34 @@ POSTGRES_URL = Option(
 PG_SCHEMA = Option("pg-schema", "FRAUDD_PG_SCHEMA", "PostgreSQL schema of fraudd's tables.", {"default": "public"})
 POSTGRES_OPTIONS = [POSTGRES_URL, PG_SCHEMA]
 
+# -- TLS of the HTTP services (ingest, console) ----------------------------------------------
+
+
+def tls_options(envvar_prefix: str, serves: str = "HTTPS") -> list[Option]:
+    """``--tls-cert`` and ``--tls-key`` of an HTTP service, read from ``<envvar_prefix>_TLS_CERT``
+    and ``<envvar_prefix>_TLS_KEY``; ``serves``: what the certificate turns on, for the help."""
+    return [
+        Option(
+            "tls-cert",
+            f"{envvar_prefix}_TLS_CERT",
+            f"TLS certificate chain (PEM); serves {serves} when given.",
+            {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
+        ),
+        Option(
+            "tls-key",
+            f"{envvar_prefix}_TLS_KEY",
+            "TLS private key (PEM), with --tls-cert.",
+            {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
+        ),
+    ]
+
+
+def check_tls(cert: Path | None, key: Path | None) -> None:
+    """A certificate without its key (or the reverse) would only fail at the first handshake."""
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+
+
 # -- /metrics and /healthz -------------------------------------------------------------------
 
 

@@ -20,7 +20,15 @@ from .streams import publish
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery"
-USERS = {"alice": "analyst", "bob": "analyst", "carol": "analyst", "erin": "analyst", "dave": "lead", "root": "admin"}
+USERS = {
+    "alice": "analyst",
+    "bob": "analyst",
+    "carol": "analyst",
+    "erin": "analyst",
+    "dave": "lead",
+    "lena": "lead",
+    "root": "admin",
+}
 
 
 @dataclass

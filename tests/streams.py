@@ -12,7 +12,7 @@ from fraudd.ingest import Publisher
 from fraudd.keys import shard_stream
 from fraudd.learning.labels import Label, label_entries
 
-from .conftest import Namespace
+from .conftest import Namespace, wait_for
 
 NOW = int(time.time())
 
@@ -29,6 +29,33 @@ def publish_labels(client: redis.Redis, stream: str, labels: list[Label]) -> Non
     for command in label_entries(stream, labels):
         pipe.execute_command(*command)
     pipe.execute()
+
+
+# A label that is no verdict, and an entry that is not JSON: what the labels service dead-letters
+# (invalid_field, invalid_json) instead of storing.
+UNREADABLE_LABELS = (b'{"transaction_id": "unknown_tx", "label": "perhaps"}', b"not json")
+
+
+def feed_labels_service(client: redis.Redis, ns: Namespace, labels: list[Label], resent: int) -> None:
+    """The labels stream as the labels service must take it: ``labels``, the first ``resent`` of them
+    again (a source sending twice), then ``UNREADABLE_LABELS``."""
+    publish_labels(client, ns.labels_stream, labels)
+    publish_labels(client, ns.labels_stream, labels[:resent])
+    for data in UNREADABLE_LABELS:
+        client.xadd(ns.labels_stream, {"data": data})
+
+
+def wait_labels_stored(client: redis.Redis, ns: Namespace, stored: int, timeout: float) -> None:
+    """Until ``stored`` labels are in the table, the unreadable entries in the DLQ and nothing is pending."""
+    wait_for(
+        lambda: (
+            ns.sql("SELECT count(*) FROM labels")[0][0] == stored
+            and client.xlen(ns.dlq_stream) == len(UNREADABLE_LABELS)
+            and client.xpending(ns.labels_stream, ns.group)["pending"] == 0
+        ),
+        timeout,
+        message="labels stored",
+    )
 
 
 def valid_payloads(count: int, prefix: str, users: int = 50) -> list[bytes]:

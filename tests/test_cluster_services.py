@@ -33,7 +33,7 @@ from fraudd.settings import ConsumerSettings
 from .alerting import HttpReceiver
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, stop
-from .streams import NOW, fully_drained, payload, publish_labels
+from .streams import NOW, feed_labels_service, fully_drained, payload, wait_labels_stored
 from .test_alerts import write_config
 from .test_alerts_service import start_alerts
 
@@ -124,21 +124,10 @@ def test_labels_are_stored_once_and_counted_in_every_shards_slot(
             for i in range(0, 120, 3)
         ]
     )
-    publish_labels(cluster_client, ns.labels_stream, labels)
-    publish_labels(cluster_client, ns.labels_stream, labels[:10])  # a source sending again
-    cluster_client.xadd(ns.labels_stream, {"data": b'{"transaction_id": "lab_1", "label": "perhaps"}'})
-    cluster_client.xadd(ns.labels_stream, {"data": b"not json"})
+    feed_labels_service(cluster_client, ns, labels, resent=10)
     daemon = ns.start_command("labels", "--workers", "2")
     try:
-        wait_for(
-            lambda: (
-                ns.sql("SELECT count(*) FROM labels")[0][0] == 40
-                and cluster_client.xlen(ns.dlq_stream) == 2
-                and cluster_client.xpending(ns.labels_stream, ns.group)["pending"] == 0
-            ),
-            30,
-            message="labels stored",
-        )
+        wait_labels_stored(cluster_client, ns, 40, 30)
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-3000:]

@@ -1,9 +1,12 @@
 """``fraudd console`` in a real browser (Debian's chromium through Playwright) against a real
 console, a real ``fraudd run``, PostgreSQL and Redis: sign in, claim, read a case, verdicts that
 become labels and teach the scoring, blocks that decline the next transaction, two analysts
-claiming at once, the keyboard, roles, CSRF and session expiry.
+claiming at once, the keyboard, roles, CSRF and session expiry; the rules page: a lead's draft
+checked as it is typed and tested on the stored decisions, maker-checker, and another lead's publish
+that the scoring then decides with.
 
-The queue and case screenshots of README's "For analysts" are taken here (docs/console-*.png)."""
+The queue and case screenshots of README's "For analysts" and the rules page's of "Changing rules
+safely" are taken here (docs/console-*.png)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from fraudd.keys import Keys
 from fraudd.localservers import free_port
 from fraudd.scoring.confirmed import ConfirmedFraud
+from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import REDIS_URL, Namespace, migrated_namespace, wait_for
 from .console_site import CHROMIUM, PASSWORD, Site, csrf_token, sign_in, start_site
@@ -232,6 +236,102 @@ def test_sign_in_is_throttled_after_failures(site: Site, page: Page) -> None:
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("status")).to_have_text("Too many failed sign-ins: try again in 15 minutes.")
     assert site.sql("SELECT count(*) FROM console_sessions WHERE username = 'erin'") == [(0,)]
+
+
+# Declines what the tests of this module never send otherwise: amounts from 777 up to 780.
+RULE_777 = """
+[[rule]]
+code = "R_CONSOLE_777"
+reason = "amounts of 777 to 780"
+action = "decline"
+all = [{ feature = "amount", op = ">=", value = 777 }, { feature = "amount", op = "<", value = 780 }]
+"""
+
+
+def test_a_lead_drafts_and_tests_a_rule_another_lead_publishes_it_and_rolls_back(
+    site: Site, browser: Browser, page: Page
+) -> None:
+    earlier = site.transactions(3, amount=777.0)  # 777, 778, 779: what the test of the draft reads
+    expected = {}
+    for txid in earlier:
+        decision, _ = site.decision(txid)
+        if decision != "decline":
+            expected[f"{decision}->decline"] = expected.get(f"{decision}->decline", 0) + 1
+    # The live set, published from the command line by a lead of the console (the same check as the page's).
+    first = site.ns.fraudd("rules", "import", str(DEFAULT_RULES), "--actor", "root").stdout.strip()
+    assert site.ns.fraudd("rules", "publish", first, "--actor", "dave").returncode == 0
+
+    sign_in(page, site, "dave")
+    page.get_by_role("link", name="Rules", exact=True).click()
+    expect(page.get_by_role("table", name="Rule sets")).to_contain_text(f"{first} live root dave", use_inner_text=True)
+    page.get_by_role("link", name="New draft").click()
+    editor = page.get_by_label("Rules", exact=True)
+    expect(editor).to_have_value(DEFAULT_RULES.read_text())
+    editor.fill(DEFAULT_RULES.read_text() + RULE_777.replace('"amount", op = "<"', '"amount_typo", op = "<"'))
+    validation = page.locator("#validation")
+    expect(validation).to_contain_text("(R_CONSOLE_777)")
+    expect(validation).to_contain_text("unknown feature 'amount_typo'")
+    editor.fill(DEFAULT_RULES.read_text() + RULE_777)
+    expect(validation).to_contain_text("Valid:")
+    page.get_by_label("Note").fill("decline 777 to 780")
+    page.get_by_role("button", name="Save draft").click()
+    page.wait_for_url(re.compile(r"/rules/\d+"))
+    draft = page.url.rsplit("/", 1)[-1].split("?")[0]
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Rule set {draft} draft")
+
+    page.get_by_role("button", name="Run test").click()
+    report = page.get_by_role("region", name="Test report")
+    expect(report).to_contain_text("Extra cases per day")
+    changing = page.get_by_role("table", name="Decisions changing")
+    for pair, count in expected.items():
+        expect(changing).to_contain_text(f"{pair} {count} ", use_inner_text=True)
+    expect(page.get_by_role("table", name="Top rules")).to_contain_text("R_CONSOLE_777")
+    page.screenshot(path=str(DOCS / "console-rules.png"), full_page=True)
+
+    # Maker-checker: its author may not publish it; an analyst may not publish at all. Both audited.
+    with page.expect_response(lambda answer: answer.url.endswith("/publish")) as own:
+        page.get_by_role("button", name="Publish").click()
+    assert own.value.status == 403
+    expect(page.get_by_role("main")).to_contain_text("maker-checker")
+    analyst = second_page(browser)
+    sign_in(analyst, site, "alice")
+    analyst.goto(f"{site.url}/rules/{draft}")
+    expect(analyst.get_by_role("button", name="Publish")).to_have_count(0)
+    assert analyst.request.post(f"{site.url}/rules/{draft}/publish", form={"csrf": csrf_token(analyst)}).status == 403
+    analyst.context.close()
+    assert site.sql(
+        "SELECT after->>'needs' FROM console_audit WHERE actor = 'alice' AND subject = %s", (f"POST /rules/{draft}/publish",)
+    ) == [("lead",)]
+    assert site.sql(
+        "SELECT actor, detail->>'refused' FROM rules_audit WHERE action = 'refused' AND version = %s", (int(draft),)
+    ) == [("dave", "publish")]
+    assert site.sql("SELECT status FROM rule_sets WHERE version = %s", (int(draft),)) == [("draft",)]
+
+    checker = second_page(browser)
+    sign_in(checker, site, "lena")
+    checker.goto(f"{site.url}/rules/diff?a={first}&b={draft}")
+    expect(checker.get_by_role("region", name="Rules changed").get_by_role("listitem")).to_have_text(["+ R_CONSOLE_777"])
+    checker.goto(f"{site.url}/rules/{draft}")
+    checker.get_by_role("button", name="Publish").click()
+    expect(checker.get_by_role("status")).to_contain_text("Published")
+    expect(checker.get_by_role("heading", level=1)).to_have_text(f"Rule set {draft} live")
+    assert site.sql(
+        "SELECT actor, detail->>'self_approved' FROM rules_audit WHERE action = 'publish' AND version = %s", (int(draft),)
+    ) == [("lena", "false")]
+
+    # The scoring decides its next batch with it, and with the earlier set again once rolled back.
+    (after,) = site.transactions(1, amount=778.5)
+    decision, reasons = site.decision(after)
+    assert decision == "decline" and "R_CONSOLE_777" in reasons
+    assert site.sql("SELECT rules_version FROM transactions WHERE transaction_id = %s", (after,)) == [(draft,)]
+    checker.goto(f"{site.url}/rules/{first}")
+    checker.get_by_role("button", name="Roll back to this version").click()
+    expect(checker.get_by_role("status")).to_contain_text("Rolled back")
+    expect(checker.get_by_role("heading", level=1)).to_have_text(f"Rule set {first} live")
+    checker.context.close()
+    (later,) = site.transactions(1, amount=778.5)
+    assert "R_CONSOLE_777" not in site.decision(later)[1]
+    assert site.sql("SELECT rules_version FROM transactions WHERE transaction_id = %s", (later,)) == [(first,)]
 
 
 def test_metrics(site: Site) -> None:

@@ -15,6 +15,7 @@ from fraudd.scoring import dedup, features_shared
 from fraudd.scoring.behaviour import STATE
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import (
+    BLOCKLIST_KINDS,
     FEATURE_NAMES,
     LIBRARY_NAME,
     MESSAGE_FEATURES,
@@ -247,19 +248,24 @@ def test_card_counts_are_per_user_and_card(store: FeatureStore) -> None:
     assert col(f, "card_count_24h") == [1, 1, 0, 1, 2]
 
 
-def test_blocklist_edits_apply_at_the_next_batch(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
-    b = batch(tx(T0, merchant="evil", device_id="dev9", ip="10.0.0.9", country="KP"), tx(T0 + 1, merchant="fine"))
-    before = store.compute(b)
+def test_blocklist_edits_apply_at_the_next_batch(client: redis.Redis, keys: Keys, either_store: FeatureStore) -> None:
+    blocked = {"merchant": "evil", "device": "dev9", "ip": "10.0.0.9", "country": "KP", "card": "card9"}
+    assert sorted(blocked) == sorted(BLOCKLIST_KINDS)
+    b = batch(
+        tx(T0, merchant="evil", device_id="dev9", ip="10.0.0.9", country="KP", card_id="card9"),
+        tx(T0 + 1, merchant="fine", card_id="card1"),
+    )
+    before = either_store.compute(b)
     assert not any(flags.any() for flags in before.blocked.values())
-    client.sadd(keys.blocklist("merchant"), "evil")
-    client.sadd(keys.blocklist("device"), "dev9")
-    client.sadd(keys.blocklist("ip"), "10.0.0.9")
-    client.sadd(keys.blocklist("country"), "KP")
-    after = store.compute(b)
-    for kind in ("merchant", "device", "ip", "country"):
+    for kind, value in blocked.items():
+        client.sadd(keys.blocklist(kind), value)
+    after = either_store.compute(b)
+    for kind in BLOCKLIST_KINDS:
         assert after.blocked[kind].tolist() == [True, False], kind
     client.srem(keys.blocklist("merchant"), "evil")
-    assert store.compute(b).blocked["merchant"].tolist() == [False, False]
+    client.srem(keys.blocklist("card"), "card9")
+    again = either_store.compute(b)
+    assert again.blocked["merchant"].tolist() == again.blocked["card"].tolist() == [False, False]
 
 
 def test_function_reloaded_after_it_is_lost(client: redis.Redis, store: FeatureStore) -> None:

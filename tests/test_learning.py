@@ -32,7 +32,7 @@ from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 
 from .conftest import Namespace, wait_for
 from .services import drain, start, stop
-from .streams import fully_drained, publish_labels
+from .streams import UNREADABLE_LABELS, feed_labels_service, fully_drained, wait_labels_stored
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
 
@@ -353,21 +353,10 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(
             for i in range(500)
         ]
     )
-    publish_labels(redis_client, ns.labels_stream, good)
-    publish_labels(redis_client, ns.labels_stream, good[:100])  # a source sending again
-    redis_client.xadd(ns.labels_stream, {"data": b'{"transaction_id": "tx9", "label": "perhaps"}'})
-    redis_client.xadd(ns.labels_stream, {"data": b"not json"})
+    feed_labels_service(redis_client, ns, good, resent=100)
     daemon = ns.start_command("labels", "--workers", "1")
     try:
-        wait_for(
-            lambda: (
-                ns.sql("SELECT count(*) FROM labels")[0][0] == 500
-                and redis_client.xlen(ns.dlq_stream) == 2
-                and redis_client.xpending(ns.labels_stream, ns.group)["pending"] == 0
-            ),
-            60,
-            message="labels stored",
-        )
+        wait_labels_stored(redis_client, ns, 500, 60)
     finally:
         code, stderr = daemon.stop()
     assert code == 0, stderr[-2000:]
@@ -379,10 +368,7 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(
     replayed = ns.fraudd("dlq", "replay", "--all")
     assert replayed.returncode == 0 and f"replayed 0 entries onto {ns.stream}, 2 onto {ns.labels_stream}" in replayed.stdout
     assert redis_client.xlen(ns.stream) == 0 and redis_client.xlen(ns.dlq_stream) == 0
-    assert [fields[b"data"] for _id, fields in redis_client.xrange(ns.labels_stream)][-2:] == [
-        b'{"transaction_id": "tx9", "label": "perhaps"}',
-        b"not json",
-    ]
+    assert [fields[b"data"] for _id, fields in redis_client.xrange(ns.labels_stream)][-2:] == list(UNREADABLE_LABELS)
 
 
 def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:

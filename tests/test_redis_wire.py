@@ -13,7 +13,7 @@ import redis
 import redis.asyncio
 from redis.cluster import RedisCluster
 
-from fraudd.runtime.redis_wire import refresh_slots, round_trip, round_trip_async, transaction_while
+from fraudd.runtime.redis_wire import Watch, refresh_slots, round_trip, round_trip_async
 
 from .conftest import REDIS_URL
 
@@ -67,15 +67,22 @@ def test_round_trip_after_the_server_closed_the_connection_goes_through_redis_py
     assert round_trip(redis_client, [("GET", key)]) == [b"z"]
 
 
-def test_transaction_while_applies_only_while_the_key_holds_the_value(redis_client: redis.Redis, key: str) -> None:
+def test_watch_applies_only_while_no_watched_key_changed(redis_client: redis.Redis, key: str) -> None:
     lease = f"{key}:lease"
     redis_client.set(lease, "1:me")
-    assert transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 1), ("PEXPIRE", key, 60_000)]) is True
+    with Watch(redis_client) as watch:
+        assert watch.read([lease], [("HSET", key, "a", 0)]) == ([b"1:me"], [1])
+        assert watch.execute([("HSET", key, "a", 1), ("PEXPIRE", key, 60_000)]) is True
     assert redis_client.hgetall(key) == {b"a": b"1"}
 
-    redis_client.set(lease, "2:other")
-    assert transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 2)]) is False
+    with Watch(redis_client) as watch:
+        assert watch.read([lease]) == ([b"1:me"], [])
+        redis_client.set(lease, "2:other")  # another connection: a new owner
+        assert watch.execute([("HSET", key, "a", 2)]) is False
     assert redis_client.hgetall(key) == {b"a": b"1"}
+
+    with Watch(redis_client) as watch:
+        watch.read([lease])  # watched, then left without a write: unwatched on the way out
     # No WATCH is left on the pooled connection: a MULTI/EXEC after a change of the key applies.
     conn = redis_client.connection_pool.get_connection()
     try:
@@ -85,12 +92,13 @@ def test_transaction_while_applies_only_while_the_key_holds_the_value(redis_clie
         redis_client.connection_pool.release(conn)
 
 
-def test_transaction_while_raises_an_error_reply_inside_the_transaction(redis_client: redis.Redis, key: str) -> None:
+def test_watch_raises_an_error_reply_inside_the_transaction(redis_client: redis.Redis, key: str) -> None:
     lease = f"{key}:lease"
     redis_client.set(lease, "1:me")
     redis_client.set(key, "a string")
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        transaction_while(redis_client, lease, b"1:me", [("HSET", key, "a", 1)])
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"), Watch(redis_client) as watch:
+        watch.read([lease])
+        watch.execute([("HSET", key, "a", 1)])
     assert redis_client.get(key) == b"a string"
     assert redis_client.ping() is True
 

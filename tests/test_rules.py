@@ -12,11 +12,11 @@ import redis
 from fraudd.keys import Keys
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import BLOCKLIST_KINDS, FEATURE_NAMES, Features
-from fraudd.scoring.features_shared import SharedFeatureStore
-from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, decide, model_decision
+from fraudd.scoring.rules import DECISIONS, Rule, RuleOutcome, Rules, RulesError, block, decide, model_decision
 from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import REDIS_URL
+from .test_features import open_store
 
 DEFAULT = Rules.load(DEFAULT_RULES)
 
@@ -178,12 +178,21 @@ def test_duplicate_codes_are_refused() -> None:
         Rules.from_bytes((rule + rule).encode())
 
 
-def test_blocklist_rule_fires_after_a_live_sadd() -> None:
+# The value each blocklist is keyed by, in an otherwise unremarkable transaction.
+BLOCKED_VALUES = {"ip": ("ip", "203.0.113.7"), "card": ("card_id", "card_4242")}
+
+
+@pytest.mark.parametrize("owned", [False, True], ids=["shared", "owned"])
+@pytest.mark.parametrize("kind", sorted(BLOCKED_VALUES))
+def test_blocklist_rule_fires_after_a_live_block(kind: str, owned: bool) -> None:
+    """``rules.block`` (what the console and `fraudd rules block` write) declines the next transaction
+    with that value, whether the shard's state is shared or owned through a lease."""
     client = redis.Redis.from_url(REDIS_URL)
     name = f"test-rules-{uuid.uuid4().hex[:10]}"
     keys = Keys(stream=f"{name}:raw", fraud_stream=f"{name}:fraud", dlq_stream=f"{name}:dlq")
-    store = SharedFeatureStore(client, keys, dedup_window_ms=3_600_000)
-    payload = {"user_id": "mallory", "amount": 30.0, "merchant": "Shady Goods", "timestamp": 1764385200, "ip": "203.0.113.7"}
+    store = open_store(client, keys, owned)
+    field, value = BLOCKED_VALUES[kind]
+    payload = {"user_id": "mallory", "amount": 30.0, "merchant": "Shady Goods", "timestamp": 1764385200, field: value}
     try:
 
         def score(txid: str) -> RuleOutcome:
@@ -191,9 +200,9 @@ def test_blocklist_rule_fires_after_a_live_sadd() -> None:
             return DEFAULT.evaluate(store.compute(batch))
 
         assert score("t1").codes == [()]
-        client.sadd(keys.blocklist("ip"), "203.0.113.7")
+        assert block(client, keys.stream, 1, kind, value)
         outcome = score("t2")
-        assert outcome.codes == [("R_BLOCKED_IP",)] and outcome.action.tolist() == [2]
+        assert outcome.codes == [(f"R_BLOCKED_{kind.upper()}",)] and outcome.action.tolist() == [2]
     finally:
         stale = list(client.scan_iter(match=keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*"))
         if stale:

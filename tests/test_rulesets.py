@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import psycopg
 import pytest
@@ -16,6 +17,9 @@ from redis.cluster import RedisCluster
 
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_stream
+from fraudd.rulesets import backtest
+from fraudd.scoring import vectors
+from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_RULES
 
 from .conftest import Namespace, migrated_namespace, wait_for
@@ -103,6 +107,7 @@ def test_maker_checker_publish_rollback_and_audit(ns: Namespace, tmp_path: Path)
         "SELECT actor, action, version, detail->>'self_approved' FROM rules_audit WHERE action <> 'import' ORDER BY id"
     )
     assert audit == [
+        ("alice", "refused", first, None),  # her own version
         ("bob", "publish", first, "false"),
         ("alice", "publish", second, "true"),
         ("alice", "rollback", first, "true"),
@@ -273,3 +278,103 @@ def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
     for k in range(shards):
         stream = shard_stream(ns.stream, shards, k)
         assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
+
+
+def test_vectors_stored_before_the_card_blocklist_stay_readable(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Rows whose vector has the first stored layout (before `blocked_card` was appended) are read by
+    the backtest with the card as not blocked and every other column as stored."""
+    blocked = ns.fraudd("rules", "block", "card", "card-x", "--reason", "stolen")
+    assert blocked.returncode == 0, blocked.stderr
+    produce(redis_client, ns, [orjson.dumps(dict(orjson.loads(p), card_id="card-x")) for p in payloads(200, "card")])
+    drain(redis_client, ns, tmp_path, "--workers", "1")
+    assert ns.sql("SELECT count(*) FROM transactions WHERE decision = 'decline' AND 'R_BLOCKED_CARD' = ANY(reasons)") == [(200,)]
+    today = backtest.load(ns.postgres_url, ns.schema, 7200)
+    first_layout = vectors.LAYOUT_BYTES[0]
+    ns.sql(
+        "UPDATE transactions SET features = substring(features FROM 1 FOR %s) WHERE right(transaction_id, 1) < '5' RETURNING 1",
+        (first_layout,),
+    )
+    read = backtest.load(ns.postgres_url, ns.schema, 7200)
+    assert len(read) == len(today) == 200
+    by_id = {txid: row for row, txid in enumerate(read.transaction_id.tolist())}
+    order = [by_id[txid] for txid in today.transaction_id.tolist()]
+    old = np.array([txid.rstrip(b"\0")[-1:] < b"5" for txid in today.transaction_id.tolist()])
+    card = vectors.VECTOR_COLUMNS.index("blocked_card")
+    assert (read.vectors[order][:, card] == np.where(old, 0.0, 1.0)).all()
+    np.testing.assert_array_equal(read.vectors[order][:, :card], today.vectors[:, :card])
+    decisions, _ = backtest.evaluate(read, Rules.load(DEFAULT_RULES))
+    assert (decisions[order][~old] == 2).all() and (decisions[order][old] < 2).any()
+
+
+def test_where_the_console_has_users_only_an_active_lead_or_admin_publishes(ns: Namespace, tmp_path: Path) -> None:
+    """``--actor`` is checked against the console's users by the function the rules page calls."""
+    password = tmp_path / "password"
+    password.write_text("correct horse battery\n")
+    for name, role in (("lena", "lead"), ("alice", "analyst"), ("olga", "lead")):
+        assert ns.fraudd("users", "add", name, "--role", role, "--password-file", str(password)).returncode == 0
+    assert ns.fraudd("users", "disable", "olga").returncode == 0
+    version = rules(ns, "import", str(DEFAULT_RULES), actor="alice").strip()
+    for actor in ("alice", "mallory", "olga"):
+        refused = ns.fraudd("rules", "publish", version, "--actor", actor)
+        assert refused.returncode != 0 and f"{actor} is not an active lead or admin" in refused.stderr
+    refused = ns.fraudd("rules", "shadow", version, "--actor", "alice")
+    assert refused.returncode != 0 and "not an active lead or admin" in refused.stderr
+    rules(ns, "publish", version, actor="lena")
+    assert ns.sql("SELECT actor, action, detail->>'refused' FROM rules_audit WHERE action <> 'import' ORDER BY id") == [
+        ("alice", "refused", "publish"),
+        ("mallory", "refused", "publish"),
+        ("olga", "refused", "publish"),
+        ("alice", "refused", "shadow"),
+        ("lena", "publish", None),
+    ]
+
+
+def test_block_and_unblock_edit_every_shard_and_are_audited(ns: Namespace, redis_client: redis.Redis) -> None:
+    rules(ns, "block", "device", "dev-9", "--reason", "mule ring", "--shards", "2", actor="carol")
+    rules(ns, "block", "device", "dev-9", "--reason", "mule ring", "--shards", "2", actor="carol")
+    keys = [Keys(shard_stream(ns.stream, 2, k), "", "").blocklist("device") for k in range(2)]
+    assert [redis_client.sismember(key, "dev-9") for key in keys] == [True, True]
+    rules(ns, "block", "device", "dev-9", "--remove", "--reason", "cleared by the bank", "--shards", "2", actor="dave")
+    assert [redis_client.sismember(key, "dev-9") for key in keys] == [False, False]
+    assert ns.sql(
+        """SELECT actor, action, detail->>'value', detail->>'reason', detail->'before'->>'blocked', detail->'after'->>'blocked'
+           FROM rules_audit ORDER BY id"""
+    ) == [
+        ("carol", "block", "dev-9", "mule ring", "false", "true"),
+        ("carol", "block", "dev-9", "mule ring", "true", "true"),
+        ("dave", "unblock", "dev-9", "cleared by the bank", "true", "false"),
+    ]
+
+
+def test_precision_per_rule_once_labelled(ns: Namespace, tmp_path: Path) -> None:
+    """Ten decisions as the workers store them, R_PRECISION_A fired on all and R_PRECISION_B on the
+    first four; three are labelled fraud and three legit: A's precision is 3/6, B's 3/4."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from fraudd.scoring.precision import FlaggedPrecision
+
+    ns.sql(
+        """INSERT INTO transactions (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision,
+                                     reasons, model_version)
+           SELECT 'prec' || i, 'u' || i, 100, 'm', now() - interval '1 hour', '1-' || i, 0.5, 'review',
+                  CASE WHEN i <= 4 THEN ARRAY['R_PRECISION_A', 'R_PRECISION_B', 'model:amount']
+                       ELSE ARRAY['R_PRECISION_A', 'model:amount'] END, 'v1'
+           FROM generate_series(1, 10) i RETURNING 1"""
+    )
+    labels = tmp_path / "verdicts.jsonl"
+    labels.write_bytes(
+        b"\n".join(orjson.dumps({"transaction_id": f"prec{i}", "label": "fraud" if i <= 3 else "legit"}) for i in range(1, 7))
+    )
+    assert ns.fraudd("label", "--file", str(labels)).returncode == 0
+
+    FlaggedPrecision(ns.postgres_url, ns.schema).run_once()
+    exposed = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in generate_latest(REGISTRY).decode().splitlines()
+        if line.startswith(("fraudd_rule_precision{", "fraudd_rule_labelled_hits{"))
+    }
+    assert exposed['fraudd_rule_precision{rule="R_PRECISION_A"}'] == pytest.approx(3 / 6)
+    assert exposed['fraudd_rule_precision{rule="R_PRECISION_B"}'] == pytest.approx(3 / 4)
+    assert exposed['fraudd_rule_labelled_hits{rule="R_PRECISION_A"}'] == 6
+    assert exposed['fraudd_rule_labelled_hits{rule="R_PRECISION_B"}'] == 4
+    assert not any("model:" in name for name in exposed)  # the model's reasons are no rules

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import redis
 
@@ -127,6 +128,45 @@ def test_one_and_eight_shards_give_the_same_decisions(
         a["transaction_id"] for a in alerts(redis_client, ns)
     )
     assert len(dlq(redis_client, second_ns)) == len(dlq(redis_client, ns)) > 0
+
+
+def test_a_blocked_card_is_declined_on_every_shard(redis_client: redis.Redis, ns: Namespace, tmp_path: Path) -> None:
+    """`fraudd rules block card` reaches every shard's blocklist: the card's next transaction is
+    declined by the default `blocklist = "card"` rule whichever worker owns the user's shard."""
+    shards = 4
+    blocked = ns.fraudd("rules", "block", "card", "card-stolen", "--reason", "reported stolen", "--shards", str(shards))
+    assert blocked.returncode == 0, blocked.stderr
+    users = {shard_of(f"user-{i}", shards): f"user-{i}" for i in range(100)}
+    assert len(users) == shards
+    now = int(time.time())
+    payloads = [
+        orjson.dumps(
+            {
+                "transaction_id": f"{user}-{card}",
+                "user_id": user,
+                "amount": 20.0,
+                "merchant": "m",
+                "timestamp": now,
+                "card_id": card,
+            }
+        )
+        for user in users.values()
+        for card in ("card-stolen", "card-fine")
+    ]
+    Publisher(redis_client, ns.stream, shards).publish(payloads)
+    daemon = start(ns, tmp_path, "--workers", "2", "--shards", str(shards), "--lease-ms", "3000")
+    try:
+        wait_for(lambda: fully_drained(redis_client, ns, shards), 60, message="every shard drained")
+    finally:
+        stop(daemon)
+    rows = {
+        txid: (decision, reasons)
+        for txid, decision, reasons in ns.sql("SELECT transaction_id, decision, reasons FROM transactions")
+    }
+    assert len(rows) == len(payloads)
+    for user in users.values():
+        assert rows[f"{user}-card-stolen"][0] == "decline" and "R_BLOCKED_CARD" in rows[f"{user}-card-stolen"][1]
+        assert "R_BLOCKED_CARD" not in rows[f"{user}-card-fine"][1]
 
 
 # --pipeline-depth 2: a read settles in a thread while the next is scored; it must stay fenced by

@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from . import audit, sessions, views
+from . import audit, rules, sessions, views
 from .context import CONSOLE, SESSION_COOKIE, Console, client_address
 
 PUBLIC = ("/login", "/static/", "/favicon.ico")
@@ -95,6 +95,7 @@ def make_app(console: Console) -> web.Application:
     app.router.add_post("/bulk", views.bulk)
     app.router.add_get("/audit.csv", views.audit_csv)
     app.router.add_get("/users", views.users_page)
+    rules.add_routes(app.router)
     app.router.add_static("/static/", views.STATIC)
 
     async def open_db(app: web.Application) -> None:

@@ -3,17 +3,15 @@ server per process on the shared socket."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import ssl
 from datetime import timedelta
 
 import psycopg
-import uvloop
 from aiohttp import web
 
-from ..runtime.listener import bind, tls_context
+from ..runtime.listener import bind, serve, serve_in_process, tls_context
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
@@ -44,7 +42,7 @@ def service(settings: ConsoleSettings) -> Service:
     return Service(
         name="fraudd console",
         workers=settings.workers,
-        run_worker=lambda process: _serve_process(settings, sock, context, rule_reasons, process),
+        run_worker=lambda process: serve_in_process(process, lambda: _serve(settings, sock, context, rule_reasons, process)),
         worker_name=lambda index: f"console-{index}",
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
@@ -105,18 +103,6 @@ class Housekeeper:
         return f"{self._open} open cases"
 
 
-def _serve_process(
-    settings: ConsoleSettings,
-    sock: socket.socket,
-    context: ssl.SSLContext | None,
-    rule_reasons: dict[str, str],
-    process: WorkerProcess,
-) -> int:
-    process.install_signals()
-    uvloop.run(_serve(settings, sock, context, rule_reasons, process))
-    return 0
-
-
 async def _serve(
     settings: ConsoleSettings,
     sock: socket.socket,
@@ -124,10 +110,8 @@ async def _serve(
     rule_reasons: dict[str, str],
     process: WorkerProcess,
 ) -> None:
-    """Serve until told to stop (or orphaned); requests in progress get ``--shutdown-timeout-s``."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
+    """Serve until told to stop (or orphaned); requests in progress get ``--shutdown-timeout-s``.
+    A reload has nothing to re-read: it is answered at once."""
     console = Console(
         settings=settings,
         db=Database(settings.postgres.url, settings.postgres.schema),
@@ -136,24 +120,4 @@ async def _serve(
         rule_reasons=rule_reasons,
     )
     runner = web.AppRunner(make_app(console), access_log=None, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s)
-    await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
-    await site.start()
-    process.ready()
-    log.info(
-        "serving", extra={"event": "serving", "listen": f"{settings.listen[0]}:{settings.listen[1]}", "tls": context is not None}
-    )
-    try:
-        while process.running:
-            process.heartbeat()  # the loop turns at least every half second: the watchdog's sign of life
-            if process.reload_requested:  # nothing to re-read: answer the reload at once
-                process.reload_requested = False
-                process.ready()
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
-    finally:
-        await runner.cleanup()
-        log.info("stopped", extra={"event": "stopped"})
+    await serve(process, runner, sock, context, settings.listen, settings.shutdown_timeout_s)

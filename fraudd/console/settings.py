@@ -14,8 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import click
-
 from ..keys import shard_streams
 from ..scoring.settings import RULES_PATH
 from ..settings import (
@@ -26,14 +24,15 @@ from ..settings import (
     SHARDS,
     SHUTDOWN_TIMEOUT_S,
     STREAM,
-    ConfigError,
     MetricsSettings,
     Option,
     PostgresSettings,
     RedisSettings,
     check_cluster,
+    check_tls,
     listen_address,
     positive,
+    tls_options,
 )
 
 
@@ -63,8 +62,7 @@ class ConsoleSettings:
         settings = cls(
             RedisSettings.from_params(params), PostgresSettings.from_params(params), MetricsSettings.from_params(params), **own
         )
-        if (settings.tls_cert is None) != (settings.tls_key is None):
-            raise ConfigError("--tls-cert and --tls-key go together")
+        check_tls(settings.tls_cert, settings.tls_key)
         check_cluster(settings.redis, settings.shards)
         return settings
 
@@ -122,18 +120,7 @@ OPTIONS: list[Option] = [
         "Failed sign-ins of one username within 15 minutes after which it is refused until they age out.",
         {"default": 5, "type": int, "callback": positive("login-attempts")},
     ),
-    Option(
-        "tls-cert",
-        "FRAUDD_CONSOLE_TLS_CERT",
-        "TLS certificate chain (PEM); serves HTTPS (and Secure cookies) when given.",
-        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
-    ),
-    Option(
-        "tls-key",
-        "FRAUDD_CONSOLE_TLS_KEY",
-        "TLS private key (PEM), with --tls-cert.",
-        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
-    ),
+    *tls_options("FRAUDD_CONSOLE", "HTTPS (and Secure cookies)"),
     *REDIS_OPTIONS,
     *POSTGRES_OPTIONS,
     RULES_PATH,

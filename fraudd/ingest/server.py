@@ -1,5 +1,5 @@
-"""Running the HTTP API: signals, and one server per process on the shared socket
-(``runtime.listener``: bound once before the fork, TLS included).
+"""Running the HTTP API: one server per process on the shared socket (``runtime.listener``:
+bound once before the fork, TLS included, and the serving loop every server process runs).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import os
 import socket
 import ssl
 
-import uvloop
 from aiohttp import web, web_protocol, web_response
 
-from ..runtime.listener import bind, is_loopback, tls_context
+from ..runtime.listener import bind, is_loopback, serve, serve_in_process, tls_context
 from ..runtime.metrics import multiprocess_registry
 from ..runtime.process import WorkerProcess
 from ..runtime.supervisor import Service
@@ -53,7 +52,7 @@ def service(settings: IngestSettings, authenticator: Authenticator) -> Service:
     return Service(
         name="fraudd ingest",
         workers=settings.workers,
-        run_worker=lambda process: _serve_process(settings, sock, context, authenticator, process),
+        run_worker=lambda process: serve_in_process(process, lambda: _serve(settings, sock, context, authenticator, process)),
         worker_name=lambda index: f"ingest-{index}",
         shutdown_timeout_s=settings.shutdown_timeout_s,
         log_level=settings.log_level,
@@ -86,18 +85,6 @@ class CappedServer(web.Server):
         super().connection_made(handler, transport)
 
 
-def _serve_process(
-    settings: IngestSettings,
-    sock: socket.socket,
-    context: ssl.SSLContext | None,
-    authenticator: Authenticator,
-    process: WorkerProcess,
-) -> int:
-    process.install_signals()
-    uvloop.run(_serve(settings, sock, context, authenticator, process))
-    return 0
-
-
 async def _serve(
     settings: IngestSettings,
     sock: socket.socket,
@@ -106,10 +93,8 @@ async def _serve(
     process: WorkerProcess,
 ) -> None:
     """Serve until told to stop (or orphaned), then drain: requests in progress get up to
-    ``--shutdown-timeout-s`` to finish. SIGHUP re-reads the API keys."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    process.wake_on_signal(lambda: loop.call_soon_threadsafe(wake.set))
+    ``--shutdown-timeout-s`` to finish, then the writes they queued are flushed. SIGHUP re-reads
+    the API keys."""
     registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
     app = make_app(settings, authenticator, registry)
     ingest = app.ingest
@@ -117,32 +102,14 @@ async def _serve(
     web_response.SERVER_SOFTWARE = SERVER_NAME
     server = CappedServer(app, settings.max_connections, access_log=None, keepalive_timeout=settings.client_timeout_s)
     runner = web.ServerRunner(server, shutdown_timeout=settings.shutdown_timeout_s, handle_signals=False)
-    await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=context, shutdown_timeout=settings.shutdown_timeout_s)
-    await site.start()
-    process.ready()
-    log.info(
-        "serving",
-        extra={
-            "event": "serving",
-            "listen": f"{settings.listen[0]}:{settings.listen[1]}",
-            "tls": context is not None,
-            "auth": authenticator.enabled,
-        },
+    await serve(
+        process,
+        runner,
+        sock,
+        context,
+        settings.listen,
+        settings.shutdown_timeout_s,
+        reload=authenticator.reload,
+        finish=ingest.stop,
+        auth=authenticator.enabled,
     )
-    try:
-        while process.running:
-            process.heartbeat()  # the loop turns at least every half second: the watchdog's sign of life
-            if process.reload_requested:
-                process.reload_requested = False
-                authenticator.reload()
-                process.ready()
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
-    finally:
-        await runner.cleanup()
-        await ingest.stop()
-        log.info("stopped", extra={"event": "stopped"})

@@ -22,13 +22,14 @@ from ..settings import (
     SHARDS,
     SHUTDOWN_TIMEOUT_S,
     STREAM,
-    ConfigError,
     Option,
     PostgresSettings,
     RedisSettings,
     check_cluster,
+    check_tls,
     listen_address,
     positive,
+    tls_options,
 )
 
 DECISION_NAMES = ("approve", "review", "decline")
@@ -68,8 +69,7 @@ class IngestSettings:
         """The settings of a click command decorated with ``OPTIONS``, from the keyword arguments it received."""
         own = {f.name: params[f.name] for f in fields(cls) if f.name not in ("redis", "postgres")}
         settings = cls(RedisSettings.from_params(params), PostgresSettings.from_params(params), **own)
-        if (settings.tls_cert is None) != (settings.tls_key is None):
-            raise ConfigError("--tls-cert and --tls-key go together")
+        check_tls(settings.tls_cert, settings.tls_key)
         check_cluster(settings.redis, settings.shards)
         return settings
 
@@ -158,18 +158,7 @@ OPTIONS: list[Option] = [
         "Time a client has to send a whole request, and an idle keep-alive connection lives.",
         {"default": 10.0, "type": float, "callback": positive("client-timeout-s")},
     ),
-    Option(
-        "tls-cert",
-        "FRAUDD_TLS_CERT",
-        "TLS certificate chain (PEM); serves HTTPS when given.",
-        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
-    ),
-    Option(
-        "tls-key",
-        "FRAUDD_TLS_KEY",
-        "TLS private key (PEM), with --tls-cert.",
-        {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path)},
-    ),
+    *tls_options("FRAUDD"),
     *REDIS_OPTIONS,
     *POSTGRES_OPTIONS,
     STREAM,

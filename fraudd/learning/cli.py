@@ -23,6 +23,7 @@ from fraudd.settings import (
     REDIS_URL,
     SHARDS,
     STREAM,
+    Decorated,
     options,
 )
 
@@ -50,20 +51,36 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-_LABEL_FEATURES = click.option(
-    "--label-features/--no-label-features",
-    default=True,
-    show_default=True,
-    help="Fit the label-fed confirmed-fraud counts (merchant, device, IP, card over 7 and 28 days) as model inputs, "
-    "point in time: a row sees only the labels reported before its event time.",
-)
-_LABEL_DELAY = click.option(
-    "--label-delay",
-    default="7d",
-    show_default=True,
-    callback=_duration,
-    help="When a label does not say when it was reported (reported_at), take it as reported this long after its transaction.",
-)
+def _postgres_failed(exc: Exception) -> click.ClickException:
+    """A PostgreSQL error as the one-line message naming the option behind it."""
+    return click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}")
+
+
+def _command_line(name: str) -> str:
+    """How ``fraudd NAME`` was invoked, for the model card and the audit (just the name when run
+    from Python rather than the command line)."""
+    return " ".join(["fraudd", name, *sys.argv[2:]]) if sys.argv[1:2] == [name] else f"fraudd {name}"
+
+
+def _label_options(function: Decorated) -> Decorated:
+    """The options of ``train`` and ``retrain`` that say how the labels feed the model's inputs."""
+    function = click.option(
+        "--label-delay",
+        default="7d",
+        show_default=True,
+        callback=_duration,
+        help="When a label does not say when it was reported (reported_at), take it as reported this long after its transaction.",
+    )(function)
+    return click.option(
+        "--label-features/--no-label-features",
+        default=True,
+        show_default=True,
+        help="Fit the label-fed confirmed-fraud counts (merchant, device, IP, card over 7 and 28 days) as model inputs, "
+        "point in time: a row sees only the labels reported before its event time.",
+    )(function)
+
+
+_RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 
 
 @click.command()
@@ -148,19 +165,18 @@ def simulate(out: Path, customers: int, terminals: int, days: int, seed: int, en
     "--review-fpr",
     default=0.01,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    type=_RATE,
     help="False-positive rate of the review threshold on the tuning part.",
 )
 @click.option(
     "--decline-fpr",
     default=0.001,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    type=_RATE,
     help="False-positive rate of the decline threshold on the tuning part.",
 )
 @click.option("--version", "version", default=None, help="Model version [default: derived from the data].")
-@_LABEL_FEATURES
-@_LABEL_DELAY
+@_label_options
 @options([REDIS_URL, POSTGRES_URL, PG_SCHEMA])
 def train(
     history: Path | None,
@@ -195,7 +211,7 @@ def train(
     if sum((history is not None, from_postgres, generated is not None)) != 1:
         raise click.UsageError("give exactly one of --history FILE, --from-postgres or --generated N")
     client = redis.Redis.from_url(redis_url, protocol=2)
-    command = " ".join(["fraudd", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else "fraudd train"
+    command = _command_line("train")
     delay = label_delay if label_features else None
     try:
         if generated is not None:
@@ -253,9 +269,6 @@ def train(
     )
 
 
-_RATE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
-
-
 @click.command()
 @click.option("--target-review-rate", required=True, type=_RATE, help="Share of transactions to put in review (0.01: 1%).")
 @click.option("--target-decline-rate", required=True, type=_RATE, help="Share of transactions to decline.")
@@ -295,7 +308,7 @@ def calibrate(
     except (ModelError, RulesError, CalibrationError) as exc:
         raise click.ClickException(str(exc)) from None
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     out.write_bytes(thresholds.dumps())
     c = thresholds.calibration
     click.echo(
@@ -388,7 +401,7 @@ def label_file(
                 new += store_labels(conn, labels[start : start + 10_000])
                 confirm(conn, confirmed, labels[start : start + 10_000])
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"--redis-url / REDIS_URL: {exc}") from None
     finally:
@@ -426,8 +439,7 @@ def label_file(
 )
 @click.option("--seed", default=1, show_default=True, help="Learner seed.")
 @click.option("--by", "actor", default=None, help="Who retrains, for the audit [default: the user running it].")
-@_LABEL_FEATURES
-@_LABEL_DELAY
+@_label_options
 @options([REDIS_URL, POSTGRES_URL, PG_SCHEMA, MODEL_PATH, RULES_PATH, THRESHOLDS])
 def retrain(
     since: str,
@@ -464,7 +476,7 @@ def retrain(
     from .retrain import retrain as run
     from .train import TrainingError
 
-    command = " ".join(["fraudd", "retrain", *sys.argv[2:]]) if sys.argv[1:2] == ["retrain"] else "fraudd retrain"
+    command = _command_line("retrain")
     try:
         rules = Rules.load(rules_path)
         model = FraudModel.load(model_path, FEATURE_NAMES)
@@ -496,7 +508,7 @@ def retrain(
     except (ModelError, RulesError, thresholds_file.ThresholdsError, TrainingError, DeploymentError) as exc:
         raise click.ClickException(str(exc)) from None
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"--redis-url / REDIS_URL: cannot compute features: {exc}") from None
     if outcome.promoted:
@@ -561,7 +573,7 @@ def models_report(since: str, postgres_url: str, pg_schema: str) -> None:
     try:
         compared = compare(postgres_url, pg_schema, parse_duration(since))
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     if compared is None:
         raise click.ClickException(
             f"no transaction of the last {since} was scored by a challenger: run `fraudd run --shadow-model PATH` first"
@@ -586,7 +598,7 @@ def explain(transaction_id: str, as_json: bool, postgres_url: str, pg_schema: st
     try:
         stored = stored_decision(postgres_url, pg_schema, transaction_id)
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     if stored is None:
         raise click.ClickException(f"no stored transaction {transaction_id!r}")
     if as_json:
@@ -663,7 +675,7 @@ def backtest(
     except (ModelError, RulesError, thresholds.ThresholdsError, TrainingError) as exc:
         raise click.ClickException(str(exc)) from None
     except psycopg.Error as exc:
-        raise click.ClickException(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None
+        raise _postgres_failed(exc) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"--redis-url / REDIS_URL: {exc}") from None
     click.echo(replay.format_backtest(result, since, model, rules))

@@ -51,8 +51,9 @@ class Stored:
 
 
 def load(url: str, pg_schema: str, since_s: float, shadow_version: str | None = None, parts: int = 2) -> Stored:
-    """The decisions of the last ``since_s`` seconds that have a feature vector of today's layout
-    (and, given ``shadow_version``, only those that set decided in shadow).
+    """The decisions of the last ``since_s`` seconds that have a feature vector, of today's layout or
+    an earlier one (a prefix of today's, read with the columns it predates as 0: ``vectors``), and,
+    given ``shadow_version``, only those that set decided in shadow.
 
     A COPY runs in one server process, whose encoding of the rows is most of the cost: the window is
     cut into ``parts`` time ranges read at once over as many connections, one per core."""
@@ -79,10 +80,10 @@ def _copy_out(url: str, pg_schema: str, start_s: float, end_s: float, shadow_ver
         """COPY (SELECT substring(convert_to(t.transaction_id, 'UTF8') || {pad} FROM 1 FOR {width}),
                         (extract(epoch FROM t.event_time) * 1000)::int8, t.amount, {decision},
                         coalesce(CASE l.label WHEN 'fraud' THEN 1 WHEN 'legit' THEN 0 END, -1)::int2,
-                        {shadow}, t.features
+                        {shadow}, substring(t.features || {zeros} FROM 1 FOR {size})
                  FROM transactions t LEFT JOIN labels l USING (transaction_id)
                  WHERE t.event_time >= to_timestamp({start}) AND t.event_time < to_timestamp({end})
-                   AND octet_length(t.features) = {size} {shadow_filter})
+                   AND octet_length(t.features) IN ({layouts}) {shadow_filter})
            TO STDOUT (FORMAT binary)"""
     ).format(
         pad=sql.Literal(bytes(TXID_BYTES)),
@@ -92,6 +93,8 @@ def _copy_out(url: str, pg_schema: str, start_s: float, end_s: float, shadow_ver
         start=sql.Literal(start_s),
         end=sql.Literal(end_s),
         size=sql.Literal(vectors.VECTOR_BYTES),
+        zeros=sql.Literal(bytes(vectors.VECTOR_BYTES)),
+        layouts=sql.SQL(", ").join(map(sql.Literal, vectors.LAYOUT_BYTES)),
         shadow_filter=shadow_filter,
     )
     data = bytearray()
@@ -99,6 +102,16 @@ def _copy_out(url: str, pg_schema: str, start_s: float, end_s: float, shadow_ver
         for chunk in copy:
             data += chunk
     return np.frombuffer(memoryview(data)[_HEADER : len(data) - 2], dtype=_RECORD) if data else np.empty(0, dtype=_RECORD)
+
+
+def test(url: str, pg_schema: str, candidate: Rules, since_s: float, minutes_per_case: float) -> dict[str, Any]:
+    """The report of ``fraudd rules test`` (and of the console's Run test): ``candidate`` evaluated
+    on the decisions of the last ``since_s`` seconds, against what was decided."""
+    stored = load(url, pg_schema, since_s)
+    decisions, fired = evaluate(stored, candidate)
+    report = compare(stored, decisions, minutes_per_case, fired, candidate)
+    report["candidate"] = candidate.version
+    return report
 
 
 def evaluate(stored: Stored, candidate: Rules) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """``fraudd rules``: import, export, list, diff, test, shadow, publish, roll back and report rule sets,
 and edit the live blocklists; every action audited in ``rules_audit`` under ``--actor`` (default: the OS user).
-
+Where the console has users, ``--actor`` must be an active lead or admin among them to publish,
+shadow or roll back (``store.authorize``, the rule the console's rules page enforces too).
 
 Its settings (``settings.py``) are PostgreSQL, where the sets live, and Redis, where the published
 pointer and the blocklists live per shard of ``--stream``: nothing of another service.
@@ -8,7 +9,6 @@ pointer and the blocklists live per shard of ``--stream``: nothing of another se
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,15 +19,14 @@ import click
 import orjson
 import psycopg
 
-from fraudd.keys import Keys, shard_streams
 from fraudd.learning.cli import parse_duration
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.schema import connect
 from fraudd.scoring.features import BLOCKLIST_KINDS
-from fraudd.scoring.rules import Rules, RulesError
+from fraudd.scoring.rules import Rules, RulesError, block
 from fraudd.settings import options
 
-from . import backtest, pointer, store
+from . import backtest, diff, pointer, store
 from .settings import ACTOR, MINUTES_PER_CASE, OPTIONS, RulesSettings
 
 
@@ -44,15 +43,8 @@ def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
 
 def _point_workers(conn: psycopg.Connection, settings: RulesSettings) -> None:
     """Send the workers of every shard the stored live and shadow versions (after the commit)."""
-    live, shadow = store.current(conn)
     client = connect_redis(settings.redis.url, settings.redis.cluster)
-    copies = pointer.publish(
-        client,
-        settings.stream,
-        settings.shards,
-        None if live is None else live.version,
-        None if shadow is None else shadow.version,
-    )
+    live, shadow, copies = pointer.follow(conn, client, settings.stream, settings.shards)
     click.echo(f"workers of {copies} shard(s) pointed at live {_version(live)}, shadow {_version(shadow)}", err=True)
 
 
@@ -91,35 +83,29 @@ def export(version: int, **params: Any) -> None:
 @rules.command("list")
 @options(OPTIONS)
 def list_(**params: Any) -> None:
-    """Every version, its status, author and note."""
+    """Every version, its status, author, who last made it live, and note."""
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
-        sets = store.list_sets(conn)
-    click.echo(f"{'version':>7}  {'status':8} {'author':16} {'created (UTC)':19}  {'digest':12}  note")
+        sets, published_by = store.list_sets(conn), store.publishers(conn)
+    click.echo(f"{'version':>7}  {'status':8} {'author':16} {'published by':16} {'created (UTC)':19}  {'digest':12}  note")
     for s in sets:
         created = s.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{s.version:>7}  {s.status:8} {s.author[:16]:16} {created:19}  {s.digest:12}  {s.note}")
+        publisher = published_by.get(s.version, "-")[:16]
+        click.echo(f"{s.version:>7}  {s.status:8} {s.author[:16]:16} {publisher:16} {created:19}  {s.digest:12}  {s.note}")
 
 
 @rules.command("diff")
 @click.argument("a", type=int)
 @click.argument("b", type=int)
 @options(OPTIONS)
-def diff(a: int, b: int, **params: Any) -> None:
+def diff_(a: int, b: int, **params: Any) -> None:
     """The rules added, removed and changed from version A to B, then the text's unified diff."""
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         left, right = store.get(conn, a), store.get(conn, b)
-    old, new = {r.code: r for r in left.rules().rules}, {r.code: r for r in right.rules().rules}
-    for code in sorted(new.keys() - old.keys()):
-        click.echo(f"+ {code}")
-    for code in sorted(old.keys() - new.keys()):
-        click.echo(f"- {code}")
-    for code in sorted(c for c in old.keys() & new.keys() if old[c] != new[c]):
-        click.echo(f"~ {code}")
-    sys.stdout.writelines(
-        difflib.unified_diff(left.source.splitlines(True), right.source.splitlines(True), f"version {a}", f"version {b}")
-    )
+    for change in diff.rule_changes(left, right):
+        click.echo(change)
+    sys.stdout.writelines(diff.text_diff(left, right))
 
 
 @rules.command("test")
@@ -143,10 +129,7 @@ def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, act
             if not path.is_file():
                 raise click.BadParameter(f"{candidate!r} is neither a rules file nor a stored version", param_hint="CANDIDATE")
             rules_ = Rules.from_bytes(path.read_bytes(), source=str(path))
-        stored = backtest.load(settings.postgres.url, settings.postgres.schema, since_s)
-        decisions, fired = backtest.evaluate(stored, rules_)
-        report = backtest.compare(stored, decisions, minutes_per_case, fired, rules_)
-        report["candidate"] = rules_.version
+        report = backtest.test(settings.postgres.url, settings.postgres.schema, rules_, since_s, minutes_per_case)
         store.audit(conn, actor, "test", version, candidate=candidate, since=since, transactions=report["transactions"])
     _show(report, as_json)
 
@@ -241,14 +224,21 @@ def rollback(version: int, actor: str, **params: Any) -> None:
 @click.option("--reason", required=True, help="Why, as the audit records it.")
 @click.option("--remove", is_flag=True, help="Take VALUE off the list instead.")
 @options(OPTIONS, [ACTOR])
-def block(kind: str, value: str, reason: str, remove: bool, actor: str, **params: Any) -> None:
-    """Put VALUE on (or, with --remove, take it off) the live KIND blocklist of every shard; audited."""
+def block_(kind: str, value: str, reason: str, remove: bool, actor: str, **params: Any) -> None:
+    """Put VALUE on (or, with --remove, take it off) the live KIND blocklist of every shard; audited
+    with who and why, and whether it was on the list before, as the console audits a block."""
     settings = RulesSettings.from_params(params)
     client = connect_redis(settings.redis.url, settings.redis.cluster)
     with _database(settings) as conn:
-        pipe = client.pipeline(transaction=False)
-        for stream in shard_streams(settings.stream, settings.shards):
-            key = Keys(stream, stream, stream).blocklist(kind)
-            pipe.srem(key, value) if remove else pipe.sadd(key, value)
-        pipe.execute()
-        store.audit(conn, actor, "unblock" if remove else "block", None, kind=kind, value=value, reason=reason)
+        changed = block(client, settings.stream, settings.shards, kind, value, remove)
+        store.audit(
+            conn,
+            actor,
+            "unblock" if remove else "block",
+            None,
+            kind=kind,
+            value=value,
+            reason=reason,
+            before={"blocked": remove == changed},
+            after={"blocked": not remove},
+        )

@@ -12,11 +12,14 @@ commit and may simply be written again (``fraudd rules publish`` of the live ver
 
 from __future__ import annotations
 
+import psycopg
 import redis
 from redis.cluster import RedisCluster
 
 from fraudd import shard_counts
 from fraudd.keys import Keys, shard_streams
+
+from . import store
 
 
 def encode(live: int | None, shadow: int | None) -> bytes:
@@ -46,3 +49,13 @@ def publish(client: redis.Redis | RedisCluster, stream: str, shards: int, live: 
         pipe.set(key, value)
     pipe.execute()
     return len(keys)
+
+
+def follow(
+    conn: psycopg.Connection, client: redis.Redis | RedisCluster, stream: str, shards: int
+) -> tuple[store.RuleSet | None, store.RuleSet | None, int]:
+    """Point every shard's workers at the stored live and shadow sets (call it after the commit that
+    changed them); returns (live, shadow, copies written)."""
+    live, shadow = store.current(conn)
+    copies = publish(client, stream, shards, None if live is None else live.version, None if shadow is None else shadow.version)
+    return live, shadow, copies

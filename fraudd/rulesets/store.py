@@ -4,25 +4,39 @@ A version is immutable once imported; only its status moves (draft -> shadow -> 
 Every change of status happens in one transaction with its audit row, under an advisory lock, so two
 operators publishing at once take turns and the table never holds two live sets. What the workers
 decide with follows the Redis pointer (``pointer.py``) that the caller sets after the commit.
+
+``fraudd rules`` and the console's rules page call the same functions here, so both enforce who
+may change what is live (``authorize``, maker-checker in ``publish``) with one rule, and a refusal
+is audited the same way from either.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
 from psycopg.types.json import Jsonb
 
+from fraudd.schema import one_row
 from fraudd.scoring.rules import Rules
 
 STATUSES = ("draft", "shadow", "live", "retired")
+# The console roles (``console_users``) that may change what is live: publish, shadow, roll back.
+PUBLISHER_ROLES = ("lead", "admin")
 _LOCK = 0x72756C6573  # "rules": one number every publisher agrees on
 
 
 class RuleSetError(RuntimeError):
     """An action on rule sets is refused; the message says why, in one line for the operator."""
+
+
+class Refused(RuleSetError):
+    """This actor may not take this action (not a publisher, or the version's own author): audited
+    as ``refused``; the console answers 403."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +63,15 @@ def audit(conn: psycopg.Connection, actor: str, action: str, version: int | None
     )
 
 
+def validate(source: str, where: str) -> Rules:
+    """The rules of ``source``, or RulesError naming ``where`` and the rule at fault: the one check a
+    draft passes, whether imported from a file or typed in the console."""
+    return Rules.from_bytes(source.encode(), source=where)
+
+
 def import_draft(conn: psycopg.Connection, source: str, actor: str, note: str = "", where: str = "imported rules") -> RuleSet:
     """Validate ``source`` (raises RulesError naming ``where`` and the rule) and store it as a new draft."""
-    Rules.from_bytes(source.encode(), source=where)
+    validate(source, where)
     with conn.transaction():
         row = conn.execute(
             f"INSERT INTO rule_sets (source, digest, author, note) VALUES (%s, %s, %s, %s) RETURNING {_COLUMNS}",
@@ -74,6 +94,20 @@ def list_sets(conn: psycopg.Connection) -> list[RuleSet]:
     return [RuleSet(*row) for row in conn.execute(f"SELECT {_COLUMNS} FROM rule_sets ORDER BY version")]
 
 
+def publishers(conn: psycopg.Connection) -> dict[int, str]:
+    """Who last made each version live (publish or rollback), for the versions that ever were."""
+    rows = conn.execute(
+        """SELECT DISTINCT ON (version) version, actor FROM rules_audit
+           WHERE action IN ('publish', 'rollback') ORDER BY version, id DESC"""
+    ).fetchall()
+    return dict(rows)
+
+
+def history(conn: psycopg.Connection, version: int) -> list[tuple[datetime, str, str, dict]]:
+    """(at, actor, action, detail) of every audited action on ``version``, oldest first."""
+    return conn.execute("SELECT at, actor, action, detail FROM rules_audit WHERE version = %s ORDER BY id", (version,)).fetchall()
+
+
 def current(conn: psycopg.Connection) -> tuple[RuleSet | None, RuleSet | None]:
     """(live, shadow): the sets the workers decide with and run beside it, None where there is none."""
     found = {
@@ -90,17 +124,47 @@ def was_live(conn: psycopg.Connection, version: int) -> bool:
     return bool(row[0])
 
 
+def authorize(conn: psycopg.Connection, actor: str) -> None:
+    """Raise Refused unless ``actor`` may change what is live.
+
+    Where the console has users (``console_users``), the actor must be one of them, active, with a
+    role in PUBLISHER_ROLES, whether they act in the console or through ``fraudd rules --actor``;
+    where it has none (a team without the console), the actor is whoever the operator names."""
+    if one_row(conn.execute("SELECT to_regclass('console_users') IS NULL"))[0]:  # a store older than the console
+        return
+    users, allowed = one_row(
+        conn.execute(
+            """SELECT count(*), coalesce(bool_or(username = %s AND NOT disabled AND role = ANY(%s)), false)
+               FROM console_users""",
+            (actor, list(PUBLISHER_ROLES)),
+        )
+    )
+    if users and not allowed:
+        raise Refused(f"{actor} is not an active {' or '.join(PUBLISHER_ROLES)} among the console's users")
+
+
+@contextmanager
+def _audited_refusal(conn: psycopg.Connection, actor: str, action: str, version: int | None) -> Iterator[None]:
+    """Record a refusal of ``action`` (after its transaction rolled back), then let it raise."""
+    try:
+        yield
+    except Refused as exc:
+        audit(conn, actor, "refused", version, refused=action, why=str(exc))
+        raise
+
+
 def publish(
     conn: psycopg.Connection, version: int, actor: str, allow_self_approve: bool = False, rollback: bool = False
 ) -> RuleSet:
     """Make ``version`` the live set (the live one retires); audited.
 
-    Maker-checker: the actor must not be the draft's author, unless ``allow_self_approve`` (a
-    one-person team), which the audit row records. A rollback goes back to a version that was live
-    before, and so was checked when it was first published."""
-    with conn.transaction():
+    Maker-checker: the actor must be a publisher (``authorize``) and not the draft's author, unless
+    ``allow_self_approve`` (a one-person team), which the audit row records. A rollback goes back to
+    a version that was live before, and so was checked when it was first published."""
+    with _audited_refusal(conn, actor, "rollback" if rollback else "publish", version), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
         target = get(conn, version)
+        authorize(conn, actor)
         if rollback and not was_live(conn, version):
             raise RuleSetError(
                 f"rule set {version} was never live: publish it instead (a rollback returns to an earlier live set)"
@@ -109,9 +173,9 @@ def publish(
             raise RuleSetError(f"rule set {version} is already live")
         self_approved = target.author == actor
         if self_approved and not rollback and not allow_self_approve:
-            raise RuleSetError(
-                f"rule set {version} was written by {actor}: another person must publish it (maker-checker), "
-                "or pass --allow-self-approve on a one-person team"
+            raise Refused(
+                f"rule set {version} was written by {actor}: another person must publish it (maker-checker); "
+                "on a one-person team its author may, with --allow-self-approve (in the console: the box beside Publish)"
             )
         target.rules()  # stored sets were validated on import; a newer fraudd may know fewer features
         conn.execute("UPDATE rule_sets SET status = 'retired' WHERE status = 'live'")
@@ -133,9 +197,10 @@ def publish(
 
 def shadow(conn: psycopg.Connection, version: int, actor: str) -> RuleSet:
     """Run ``version`` in shadow beside the live set (replacing any other shadow set); audited."""
-    with conn.transaction():
+    with _audited_refusal(conn, actor, "shadow", version), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
         target = get(conn, version)
+        authorize(conn, actor)
         if target.status == "live":
             raise RuleSetError(f"rule set {version} is live: only another version can run in shadow")
         conn.execute("UPDATE rule_sets SET status = 'retired' WHERE status = 'shadow' AND version <> %s", (version,))
@@ -146,8 +211,9 @@ def shadow(conn: psycopg.Connection, version: int, actor: str) -> RuleSet:
 
 def unshadow(conn: psycopg.Connection, actor: str) -> int | None:
     """Stop the shadow set, if any; returns its version."""
-    with conn.transaction():
+    with _audited_refusal(conn, actor, "unshadow", None), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        authorize(conn, actor)
         row = conn.execute("UPDATE rule_sets SET status = 'retired' WHERE status = 'shadow' RETURNING version").fetchone()
         if row is not None:
             audit(conn, actor, "unshadow", row[0])

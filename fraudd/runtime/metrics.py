@@ -110,6 +110,19 @@ flagged_labelled = Gauge(
     ["week"],
     multiprocess_mode="livemax",
 )
+rule_precision = Gauge(
+    "fraudd_rule_precision",
+    "Share of each rule's labelled hits labelled fraud, over the transactions of the last 8 ISO weeks "
+    "(event time) it fired on, by rule code (shadow-action rules too).",
+    ["rule"],
+    multiprocess_mode="livemax",
+)
+rule_labelled_hits = Gauge(
+    "fraudd_rule_labelled_hits",
+    "Transactions of the last 8 ISO weeks (event time) each rule fired on that have a label, by rule code.",
+    ["rule"],
+    multiprocess_mode="livemax",
+)
 
 model_info = Gauge("fraudd_model_info", "Model in use (value 1), by version.", ["version"], multiprocess_mode="livemax")
 rules_info = Gauge("fraudd_rules_info", "Rules in use (value 1), by version.", ["version"], multiprocess_mode="livemax")

@@ -1,6 +1,6 @@
-#!lua name=fraudd_v5
+#!lua name=fraudd_v6
 --[[
-Commit of one batch's behaviour state (FCALL fraudd_commit_v5): per user, compare-and-set of its
+Commit of one batch's behaviour state (FCALL fraudd_commit_v6): per user, compare-and-set of its
 state together with its transactions' dedup markers, all in one atomic call.
 
 Why so little here: the arithmetic runs in the workers (behaviour.py), because Redis is the
@@ -17,15 +17,16 @@ in a later period is newer, and a batch writes its states into the latest period
 of them, or the caller's own if later: a worker whose clock runs behind another's never writes a
 state where the newer copy would hide it.
 
-KEYS: [1..3] state periods, then the b marker buckets, then the four blocklist sets (merchant,
-      device, ip, country). Every key carries the shard's {hash tag}, so the call is in one slot.
+KEYS: [1..3] state periods, then the b marker buckets, then the five blocklist sets (merchant,
+      device, ip, country, card: BLOCKLIST_KINDS in features.py, in its order). Every key carries
+      the shard's {hash tag}, so the call is in one slot.
 ARGV: [1] dedup_window_ms, [2] state_ttl_ms, [3] u, [4] b, then fixed-width strings (few large
       arguments cost both sides far less than one argument per field):
       [5] stamps  per user, the first 12 bytes of its state as read (all zero = absent)
       [6] counts  per bucket, its marker count, 4 bytes big-endian
       [7] owners  per marker (buckets in order), the number of its user, 4 bytes big-endian
-      [8..11] per blocklist the batch's distinct values, NUL-joined ('' = don't look)
-      [12..11+2u] per user, its name and its new state
+      [8..12] per blocklist the batch's distinct values, NUL-joined ('' = don't look)
+      [13..12+2u] per user, its name and its new state
       then per marker, buckets in order: transaction id, event-time offset in its bucket (ms)
 Reply: { stale, seen, then per blocklist a string of '0'/'1' flags in the order of its values }.
       stale: the numbers of the users whose state changed since it was read. seen: flat pairs
@@ -47,6 +48,8 @@ local function split(s)
     return t
 end
 
+local BLOCKLISTS = 5  -- merchant, device, ip, country, card (BLOCKLIST_KINDS in features.py)
+
 -- Read here rather than in the worker's read so an empty list (the usual case) costs one SCARD,
 -- and operators' edits apply from the next batch on.
 local function blocklist_flags(key, joined)
@@ -56,6 +59,15 @@ local function blocklist_flags(key, joined)
     local flags = {}
     for k = 1, #hits do flags[k] = hits[k] == 1 and '1' or '0' end
     return table.concat(flags)
+end
+
+-- reply, with the flags of every blocklist appended: its sets at keys[first_key..], the values
+-- looked up at args[first_arg..].
+local function with_blocklist_flags(reply, keys, first_key, args, first_arg)
+    for k = 0, BLOCKLISTS - 1 do
+        reply[#reply + 1] = blocklist_flags(keys[first_key + k], args[first_arg + k])
+    end
+    return reply
 end
 
 local ABSENT = '\0\0\0\0\0\0\0\0\0\0\0\0'
@@ -110,7 +122,7 @@ local function commit(keys, args)
     local window_ms, ttl_ms, n_users, n_buckets = args[1], args[2], tonumber(args[3]), tonumber(args[4])
     local stamps, counts, owners = args[5], args[6], args[7]
     local sub, call = string.sub, redis.call
-    local PAIRS = 11  -- ARGV index before the first user's (name, state) pair
+    local PAIRS = 7 + BLOCKLISTS  -- ARGV index before the first user's (name, state) pair
     local skip = {}  -- users not to write: stale state or a transaction counted before
     local stale, seen = {}, {}
     local current, latest = newest(keys, args, PAIRS - 1, 2, n_users)
@@ -175,30 +187,29 @@ local function commit(keys, args)
         call('PEXPIRE', key, window_ms)
         pair, marker = pair + 2 * m, marker + m
     end
-    local bl = PERIODS + n_buckets
-    return { stale, seen, blocklist_flags(keys[bl + 1], args[8]), blocklist_flags(keys[bl + 2], args[9]),
-             blocklist_flags(keys[bl + 3], args[10]), blocklist_flags(keys[bl + 4], args[11]) }
+    return with_blocklist_flags({ stale, seen }, keys, PERIODS + n_buckets + 1, args, 8)
 end
 
 --[[
 Owned shards (--shards > 1): one worker at a time owns a shard through a lease, so no other writer
 races on its users. The worker keeps their states in memory and reads from Redis only the states
 it does not hold, which of the batch's transactions were counted before, and the blocklists
-(fraudd_owned_read_v5, read-only); it then writes states and markers once, in a MULTI/EXEC of plain
+(fraudd_owned_read_v6, read-only); it then writes states and markers once, in a MULTI/EXEC of plain
 commands under WATCH of the lease (features.py), not here: the same HSETs cost Redis about twice as
 much called from Lua, with every state passed through as an argument.
 ]]
 
--- KEYS: [1..3] state periods, then b marker buckets, then the four blocklists.
--- ARGV: [1] u, [2] b, [3] counts per bucket (4 bytes big-endian), [4..7] blocklist values
---       (NUL-joined), [8..7+u] user names, then the candidate transaction ids, buckets in order.
+-- KEYS: [1..3] state periods, then b marker buckets, then the five blocklists.
+-- ARGV: [1] u, [2] b, [3] counts per bucket (4 bytes big-endian), [4..8] blocklist values
+--       (NUL-joined), [9..8+u] user names, then the candidate transaction ids, buckets in order.
 -- Reply: { latest period holding any of the states (0 = none), states (nil = absent), seen (flat:
---          marker number, stored offset), four flag strings }.
+--          marker number, stored offset), five flag strings }.
 local function owned_read(keys, args)
     local n_users, n_buckets, counts = tonumber(args[1]), tonumber(args[2]), args[3]
-    local states, latest = newest(keys, args, 7, 1, n_users)
+    local NAMES = 3 + BLOCKLISTS  -- ARGV index before the first user's name
+    local states, latest = newest(keys, args, NAMES, 1, n_users)
     local seen = {}
-    local first, marker = 7 + n_users, 0
+    local first, marker = NAMES + n_users, 0
     for b = 1, n_buckets do
         local m = u32(counts, b)
         for c = 0, m - 1, CHUNK do
@@ -213,9 +224,7 @@ local function owned_read(keys, args)
         end
         first, marker = first + m, marker + m
     end
-    local bl = PERIODS + n_buckets
-    return { latest, states, seen, blocklist_flags(keys[bl + 1], args[4]), blocklist_flags(keys[bl + 2], args[5]),
-             blocklist_flags(keys[bl + 3], args[6]), blocklist_flags(keys[bl + 4], args[7]) }
+    return with_blocklist_flags({ latest, states, seen }, keys, PERIODS + n_buckets + 1, args, 4)
 end
 
 -- Shard leases. KEYS: [1] the lease, [2] the shard's epoch counter.
@@ -235,6 +244,6 @@ local function lease(keys, args)
     return 1
 end
 
-redis.register_function('fraudd_commit_v5', commit)
-redis.register_function{function_name = 'fraudd_owned_read_v5', callback = owned_read, flags = {'no-writes'}}
-redis.register_function('fraudd_lease_v5', lease)
+redis.register_function('fraudd_commit_v6', commit)
+redis.register_function{function_name = 'fraudd_owned_read_v6', callback = owned_read, flags = {'no-writes'}}
+redis.register_function('fraudd_lease_v6', lease)

@@ -63,7 +63,8 @@ MESSAGE_FEATURES: tuple[str, ...] = (
 FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 # Not model inputs, but rules may test them too.
 EXTRA_COLUMNS: tuple[str, ...] = ("amount", *CONFIRMED_COLUMNS)
-BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country")
+# The live blocklists rules can test (`blocklist = "<kind>"`), in the order features.lua takes them.
+BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country", "card")
 
 # 24 h windows plus an hour of slack for late events.
 STATE_TTL_MS = 25 * 3600 * 1000
@@ -101,10 +102,10 @@ _CHANNEL_CODES: dict[str | None, float] = {"pos": 1.0, "ecom": 2.0, "atm": 3.0}
 
 # Library and function are named after their calling convention, so during a rolling upgrade the
 # old and the new workers each keep their own loaded side by side instead of replacing each other's.
-LIBRARY_NAME = "fraudd_v5"
-FUNCTION_NAME = "fraudd_commit_v5"
-READ_FUNCTION = "fraudd_owned_read_v5"
-LEASE_FUNCTION = "fraudd_lease_v5"
+LIBRARY_NAME = "fraudd_v6"
+FUNCTION_NAME = "fraudd_commit_v6"
+READ_FUNCTION = "fraudd_owned_read_v6"
+LEASE_FUNCTION = "fraudd_lease_v6"
 _LIBRARY = packaged("fraudd.scoring", "features.lua").read_text()
 # Key names carry a layout version, so a changed packing starts fresh instead of misreading.
 _STATES_INFIX = "u3:"
@@ -221,15 +222,32 @@ Behaviour = Callable[[Prepared, list[str], Command], tuple[np.ndarray, list[byte
 def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud, behaviour_of: Behaviour) -> Features:
     """``FeatureStore.compute`` with the store's ``behaviour_of``: the message columns, the behaviour
     and blocklists the store computes, the confirmed-fraud counts and the published rule sets."""
-    n = len(batch)
-    if n == 0:
-        return _empty()
-    p = _prepare(batch)
+    if len(batch) == 0:
+        return empty_features()
+    p = prepare(batch)
     # The confirmed-fraud version and the published rule sets ride on the batch's first round trip
     # rather than their own (both keys carry the shard's hash tag).
-    behaviour_columns, blocklist_hits, versions = behaviour_of(
-        p, batch.transaction_id, ("MGET", confirmed.version_key, keys.rules)
-    )
+    behaviour_columns, blocklist_hits, versions = behaviour_of(p, batch.transaction_id, versions_command(keys, confirmed))
+    return assemble(batch, p, behaviour_columns, blocklist_hits, versions, confirmed)
+
+
+def versions_command(keys: Keys, confirmed: ConfirmedFraud) -> Command:
+    """The read of the shard's confirmed-fraud version and published rule sets, sent along with the
+    batch's first round trip (``assemble`` takes its reply)."""
+    return ("MGET", confirmed.version_key, keys.rules)
+
+
+def assemble(
+    batch: DecodedBatch,
+    p: Prepared,
+    behaviour_columns: np.ndarray,
+    blocklist_hits: list[bytes],
+    versions: object,
+    confirmed: ConfirmedFraud,
+) -> Features:
+    """The batch's ``Features`` from what its store computed: the behaviour columns, the blocklist
+    flags and the reply of ``versions_command``."""
+    n = len(batch)
     confirmed_version, published_rules = cast("list[bytes | None]", versions)  # MGET's raw reply
     # A copy whose original belongs to another user is only corrected here.
     p.copies_take_their_originals_time()
@@ -243,10 +261,9 @@ def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud,
     # once more of the user's transactions follow it (recent times, merchants and cards are
     # bounded), and how many do depends on how the stream is batched and sharded.
     matrix[p.copy] = matrix[p.original[p.copy]]
-    columns: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.country)
     blocked = {
         kind: _flags(column, values, flags)
-        for kind, column, values, flags in zip(BLOCKLIST_KINDS, columns, p.distinct, blocklist_hits)
+        for kind, column, values, flags in zip(BLOCKLIST_KINDS, blocklist_columns(batch), p.distinct, blocklist_hits)
     }
     event_ms = p.tx.t_ms.astype(np.int64)
     return Features(
@@ -357,10 +374,12 @@ class ShardCalls:
         return replies[0], replies[-1] if also else None
 
 
-def _prepare(batch: DecodedBatch) -> Prepared:
+def prepare(batch: DecodedBatch) -> Prepared:
+    """The batch's columns for the behaviour arithmetic, its users and the values to look up."""
     n = len(batch)
     distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
     distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
+    distinct_cards: dict[str | None, None] = dict.fromkeys(batch.card_id)
     # Users numbered in order of first appearance; each row's original (first in batch order).
     users = {u: i for i, u in enumerate(dict.fromkeys(batch.user_id))}
     user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
@@ -376,7 +395,7 @@ def _prepare(batch: DecodedBatch) -> Prepared:
         merchant=_hashes(batch.merchant, distinct_merchants),
         country=_country_codes(batch.country),
         device=_hashes(batch.device_id, distinct_devices),
-        card=_hashes(batch.card_id),
+        card=_hashes(batch.card_id, distinct_cards),
     )
     names = list(users)
     distinct = [
@@ -384,8 +403,14 @@ def _prepare(batch: DecodedBatch) -> Prepared:
         _distinct(distinct_devices),
         _distinct(dict.fromkeys(batch.ip)),
         _distinct(dict.fromkeys(batch.country)),
+        _distinct(distinct_cards),
     ]
     return Prepared(tx, copy, original, names, distinct)
+
+
+def blocklist_columns(batch: DecodedBatch) -> tuple[Sequence[str | None], ...]:
+    """The batch's values of each BLOCKLIST_KINDS entry, in its order."""
+    return (batch.merchant, batch.device_id, batch.ip, batch.country, batch.card_id)
 
 
 def _hashes(values: Sequence[str | None], distinct: dict[str | None, None] | None = None) -> np.ndarray:
@@ -420,7 +445,7 @@ def _flags(column: Sequence[str | None], values: list[str], flags: bytes) -> np.
     return np.fromiter((v in hit for v in column), bool, len(column))
 
 
-def _empty() -> Features:
+def empty_features() -> Features:
     return Features(
         matrix=np.empty((0, len(FEATURE_NAMES)), dtype=np.float32),
         seen=np.empty(0, dtype=bool),

@@ -1,7 +1,7 @@
 """The behaviour state shared by every worker of the group (one shard, the default).
 
 Any worker may write any user, so per batch: one pipelined read (HMGET of the users' states), the
-arithmetic in the worker (``behaviour.py``), then one atomic commit call (``fraudd_commit_v5`` of
+arithmetic in the worker (``behaviour.py``), then one atomic commit call (``fraudd_commit_v6`` of
 ``features.lua``) that writes each user's state only if it is unchanged since the read, together
 with its transactions' dedup markers and the blocklist lookups. A conflict (another worker wrote
 the user, or a transaction was already counted) is re-read and recomputed for the users
@@ -21,6 +21,7 @@ from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
 from fraudd.scoring.features import (
+    BLOCKLIST_KINDS,
     FUNCTION_NAME,
     STATE_TTL_MS,
     CommitConflictError,
@@ -131,7 +132,7 @@ class SharedFeatureStore:
             b"".join([(blobs[w] or _ABSENT)[:STAMP_SIZE] for w in writers.tolist()]),
             markers.counts(),
             (owner + 1).astype(">u4").tobytes(),
-            *(blocklist_values or [b""] * 4),
+            *(blocklist_values or [b""] * len(BLOCKLIST_KINDS)),
             *interleave([names[i] for i in pending[writers].tolist()], split_states(behaviour.encode(states, writers))),
             *markers.pairs(transaction_ids),
         ]

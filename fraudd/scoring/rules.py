@@ -44,7 +44,8 @@ _OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "!=": operator.ne,
 }
 _COLUMNS = frozenset(FEATURE_NAMES) | frozenset(EXTRA_COLUMNS)
-_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+CODE_PATTERN = r"^[A-Z][A-Z0-9_]{0,63}$"  # a rule's code; PostgreSQL's regular expressions read it alike
+_CODE = re.compile(CODE_PATTERN)
 _RULE_KEYS = frozenset(("code", "reason", "action", "feature", "op", "value", "all", "blocklist"))
 _CONDITION_KEYS = frozenset(("feature", "op", "value"))
 
@@ -162,15 +163,16 @@ class Rules:
         return [(rule, int(count)) for rule, count in zip(self.rules, hits.tolist()) if count]
 
 
-def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: str, value: str) -> bool:
-    """Put ``value`` on the live blocklist of ``kind`` (one of BLOCKLIST_KINDS) of every input shard of
-    ``stream``: each shard's workers look up their own, and the next batch of each sees it. True when
-    it was not blocked before."""
+def block(client: redis.Redis | RedisCluster, stream: str, shards: int, kind: str, value: str, remove: bool = False) -> bool:
+    """Put ``value`` on (or, with ``remove``, take it off) the live blocklist of ``kind`` (one of
+    BLOCKLIST_KINDS) of every input shard of ``stream``: each shard's workers look up their own, and
+    the next batch of each sees it. True when this changed the list (of any shard)."""
     if kind not in BLOCKLIST_KINDS:
         raise ValueError(f"no blocklist of kind {kind!r}; known: {list(BLOCKLIST_KINDS)}")
     pipe = client.pipeline(transaction=False)
     for shard in shard_streams(stream, shards):
-        pipe.sadd(Keys(shard, "", "").blocklist(kind), value)
+        key = Keys(shard, "", "").blocklist(kind)
+        pipe.srem(key, value) if remove else pipe.sadd(key, value)
     return any(pipe.execute())
 
 

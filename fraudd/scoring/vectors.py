@@ -5,6 +5,12 @@ the blocklist flags, and the model's own decision (its thresholds applied to its
 rule). That is everything a rule set reads except ``amount``, which the row already holds in double
 precision, so a candidate rule set evaluated on stored vectors decides exactly as the live pipeline
 would have (``fraudd rules test``). Packed and unpacked for a whole batch at once, never per row.
+
+The stored layout only grows at its end: a column is appended, never moved or removed, so a vector
+stored under an earlier layout is a prefix of today's, told apart by its length alone. Read back, its
+missing columns are 0: a blocklist added since, such as ``card``, reads as not
+blocked on the rows stored before it existed, which is what those decisions saw
+(``fraudd.rulesets.backtest`` pads them so in the COPY that reads them).
 """
 
 from __future__ import annotations
@@ -15,15 +21,22 @@ from .confirmed import CONFIRMED_COLUMNS
 from .features import BLOCKLIST_KINDS, FEATURE_NAMES, Features
 
 MODEL_DECISION = "model_decision"
-VECTOR_COLUMNS: tuple[str, ...] = (
+# The first stored layout, as rows hold it; every later column follows it.
+_FIRST_LAYOUT: tuple[str, ...] = (
     *FEATURE_NAMES,
     *CONFIRMED_COLUMNS,
-    *(f"blocked_{kind}" for kind in BLOCKLIST_KINDS),
+    *(f"blocked_{kind}" for kind in ("merchant", "device", "ip", "country")),
     MODEL_DECISION,
 )
+VECTOR_COLUMNS: tuple[str, ...] = (
+    *_FIRST_LAYOUT,
+    *(f"blocked_{kind}" for kind in BLOCKLIST_KINDS if f"blocked_{kind}" not in _FIRST_LAYOUT),
+)
 VECTOR_BYTES = 4 * len(VECTOR_COLUMNS)
+# The byte lengths of the vectors of every layout, oldest first (today's last).
+LAYOUT_BYTES: tuple[int, ...] = (4 * len(_FIRST_LAYOUT), VECTOR_BYTES)
+_AT = {name: j for j, name in enumerate(VECTOR_COLUMNS)}
 _CONFIRMED_AT = len(FEATURE_NAMES)
-_BLOCKED_AT = _CONFIRMED_AT + len(CONFIRMED_COLUMNS)
 
 
 def pack(features: Features, model_decision: np.ndarray) -> np.ndarray:
@@ -31,26 +44,27 @@ def pack(features: Features, model_decision: np.ndarray) -> np.ndarray:
     n = len(features)
     out = np.empty((n, len(VECTOR_COLUMNS)), dtype=np.float32)
     out[:, :_CONFIRMED_AT] = features.matrix
-    for j, name in enumerate(CONFIRMED_COLUMNS, start=_CONFIRMED_AT):
-        out[:, j] = features.column(name)
-    for j, kind in enumerate(BLOCKLIST_KINDS, start=_BLOCKED_AT):
-        out[:, j] = features.blocked[kind]
-    out[:, -1] = model_decision
+    for name in CONFIRMED_COLUMNS:
+        out[:, _AT[name]] = features.column(name)
+    for kind in BLOCKLIST_KINDS:
+        out[:, _AT[f"blocked_{kind}"]] = features.blocked[kind]
+    out[:, _AT[MODEL_DECISION]] = model_decision
     return out
 
 
 def unpack(vectors: np.ndarray, amount: np.ndarray) -> tuple[Features, np.ndarray]:
-    """Features (as the rules read them) and the model's decisions of stored vectors."""
+    """Features (as the rules read them) and the model's decisions of stored vectors, in today's
+    layout (older ones padded with zeros)."""
     n = len(vectors)
     features = Features(
         matrix=vectors[:, :_CONFIRMED_AT],
         seen=np.zeros(n, dtype=bool),
         event_ms=np.zeros(n, dtype=np.int64),
-        blocked={kind: vectors[:, j] != 0 for j, kind in enumerate(BLOCKLIST_KINDS, start=_BLOCKED_AT)},
+        blocked={kind: vectors[:, _AT[f"blocked_{kind}"]] != 0 for kind in BLOCKLIST_KINDS},
         amount=amount,
-        confirmed={name: vectors[:, j] for j, name in enumerate(CONFIRMED_COLUMNS, start=_CONFIRMED_AT)},
+        confirmed={name: vectors[:, _AT[name]] for name in CONFIRMED_COLUMNS},
     )
-    return features, vectors[:, -1].astype(np.int8)
+    return features, vectors[:, _AT[MODEL_DECISION]].astype(np.int8)
 
 
 def stored(vectors: np.ndarray) -> np.ndarray:

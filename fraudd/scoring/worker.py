@@ -10,8 +10,9 @@ The batch loop, top to bottom (DESIGN.md):
     decode    one orjson call; invalid entries become dead letters
     features  numpy over the users' states, read in one round trip and committed with the dedup
               markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
-              the shared state, a fenced MULTI/EXEC on an owned shard's)
-    inference one ONNX call for the batch (one more for a --shadow-model challenger), then
+              the shared state; on owned shards every shard of the read at once, one MULTI/EXEC
+              fenced by each shard's lease, ``compute_owned``)
+    inference one ONNX call per shard's batch (one more for a --shadow-model challenger), then
               vectorized rules and thresholds; the scores and the features' drift from the
               champion's training sample go to the metrics (numpy over the batch)
     copy      one COPY of every decision of the read into PostgreSQL (durable first)
@@ -66,6 +67,7 @@ from .dedup import CarriedOver
 from .deployment import Deployed, DeploymentWatch
 from .drift import Drift
 from .features import FEATURE_NAMES, Features
+from .features_owned import OwnedFeatureStore, compute_owned
 from .leases import Fenced
 from .model import FraudModel, ModelError
 from .precision import FlaggedPrecision
@@ -251,15 +253,23 @@ class ScoringWorker:
     # -- the batch loop --------------------------------------------------------------------
 
     def process(self, entries: Entries) -> None:
-        """Decode and score this read, shard by shard, then hand it to ``_settle``: in the settling
-        thread when ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
+        """Decode this read shard by shard, compute the features of all its shards together, score
+        each shard's batch, then hand the read to ``_settle``: in the settling thread when
+        ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         self._follow_deployment()
-        works = []
+        decoded = []
         for shard, part in self.reader.parts:
             try:
-                works.append(self._process(shard, part))
+                decoded.append(self._decoded(shard, part))
             except Fenced as exc:
                 self._lost(shard, part, exc)
+        works = []
+        for (work, batch), features in zip(decoded, self._features_of_read(decoded)):
+            try:
+                self._score_part(work, batch, features)
+                works.append(work)
+            except Fenced as exc:
+                self._lost(work.shard, work.entries, exc)
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
         if not works:
@@ -278,7 +288,8 @@ class ScoringWorker:
         for work, exc in fenced:
             self._lost(work.shard, work.entries, exc)
 
-    def _process(self, shard: Shard, entries: Entries) -> Settlement:
+    def _decoded(self, shard: Shard, entries: Entries) -> tuple[Settlement, DecodedBatch]:
+        """A shard's part of the read decoded, its poison and invalid entries set aside as dead letters."""
         shard.check()
         fresh, poison = shard.consumer.split_poison(entries)
         dead = [
@@ -292,11 +303,54 @@ class ScoringWorker:
         batch = decode_batch(fresh.ids, fresh.payloads)
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
         dead += _delivered(batch.rejected, entries)
-        work = Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads)))
-        scored, failed = self._bisected(batch, lambda part: self._score(shard, part), work.payloads)
+        return Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads))), batch
+
+    def _features_of_read(self, decoded: list[tuple[Settlement, DecodedBatch]]) -> list[Features | Fenced | None]:
+        """Every shard's features, computed together (owned shards: one read and one fenced commit
+        for them all, ``features_owned.compute_owned``); ``Fenced`` for a shard lost meanwhile, and
+        None for all when that failed as a whole: each shard's batch is then scored apart, bisected
+        down to the entries at fault."""
+        if not decoded:
+            return []
+        started = time.perf_counter()
+        try:
+            features = decoded[0][0].shard.consumer.until_done(lambda: self._features_together(decoded), "redis")
+        except (Stopping, Fenced):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the data is at fault: find it shard by shard
+            log.warning(
+                "read failed to compute its features, scoring shard by shard", extra={"event": "batch_split", "error": repr(exc)}
+            )
+            return [None] * len(decoded)
+        metrics.stage_duration.labels("features").observe(time.perf_counter() - started)
+        return list(features)
+
+    def _features_together(self, decoded: list[tuple[Settlement, DecodedBatch]]) -> list[Features | Fenced]:
+        for work, batch in decoded:
+            self._adopt_carried_over(work.shard, batch)
+        owned = [(work.shard.features, batch) for work, batch in decoded]
+        if all(isinstance(store, OwnedFeatureStore) for store, _batch in owned):
+            return compute_owned(cast(list[tuple[OwnedFeatureStore, DecodedBatch]], owned))
+        return [store.compute(batch) for store, batch in owned]
+
+    def _score_part(self, work: Settlement, batch: DecodedBatch, features: Features | Fenced | None) -> None:
+        """A shard's batch scored with the features of its read (``Fenced`` raised), or, without
+        them or when scoring fails, bisected down to the entries at fault (dead-lettered)."""
+        if isinstance(features, Fenced):
+            raise features
+        if not len(batch):  # every entry was poison or invalid: dead letters only
+            return
+        if features is not None:
+            try:
+                work.scored = [self._decided(batch, features)]
+                return
+            except (Stopping, Fenced):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the data is at fault: find it by bisecting
+                log.warning("batch failed to score, bisecting", extra={"event": "batch_split", "error": repr(exc)})
+        scored, failed = self._bisected(batch, lambda part: self._score(work.shard, part), work.payloads)
         work.scored = scored
-        work.dead += _delivered(failed, entries)
-        return work
+        work.dead += _delivered(failed, work.entries)
 
     def _wait_for_settling(self) -> None:
         if self._settling is not None:
@@ -445,8 +499,8 @@ class ScoringWorker:
             right = self._bisected(part.take(range(middle, len(part))), attempt, payloads)
             return left[0] + right[0], left[1] + right[1]
 
-    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
-        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+    def _adopt_carried_over(self, shard: Shard, batch: DecodedBatch) -> None:
+        """Adopt the dedup markers an earlier shard count wrote for the batch's transactions."""
         now_ms = int(time.time() * 1000)
         adopted = self.carried_over.adopt(self.redis, shard.keys, batch.transaction_id, batch.user_id, batch.timestamp, now_ms)
         if adopted:
@@ -454,12 +508,22 @@ class ScoringWorker:
                 "transactions seen under an earlier shard count",
                 extra={"event": "carried_over", "transactions": adopted},
             )
+
+    def _features(self, shard: Shard, batch: DecodedBatch) -> Features:
+        """The batch's features, after adopting the dedup markers of an earlier shard count."""
+        self._adopt_carried_over(shard, batch)
         return shard.features.compute(batch)
 
     def _score(self, shard: Shard, batch: DecodedBatch) -> ScoredBatch:
+        """A part of a shard's batch on its own: its features, then ``_decided``."""
         started = time.perf_counter()
         features = shard.consumer.until_done(lambda: self._features(shard, batch), "redis")
-        after_features = time.perf_counter()
+        metrics.stage_duration.labels("features").observe(time.perf_counter() - started)
+        return self._decided(batch, features)
+
+    def _decided(self, batch: DecodedBatch, features: Features) -> ScoredBatch:
+        """The batch scored: one inference call, the live rules (and the shadow model and rules)."""
+        started = time.perf_counter()
         models = self.models
         model = models.champion
         # One pointer read per batch picks the rule sets: the whole batch is decided by one version.
@@ -483,8 +547,7 @@ class ScoringWorker:
             )
             for rule, count in rule_sets.shadow.take_hits():
                 metrics.shadow_rule_hits.labels(rule_sets.shadow.version, rule.code).inc(count)
-        metrics.stage_duration.labels("features").observe(after_features - started)
-        metrics.stage_duration.labels("inference").observe(time.perf_counter() - after_features)
+        metrics.stage_duration.labels("inference").observe(time.perf_counter() - started)
         metrics.observe_many(metrics.scores, decided.scores)
         self.drift.observe(features)
         metrics.duplicates.inc(int(features.seen.sum()))

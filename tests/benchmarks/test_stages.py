@@ -20,11 +20,13 @@ import pytest
 import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
-from fraudd.keys import Keys
+from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.scoring import pgbinary, vectors
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
 from fraudd.scoring.features_shared import SharedFeatureStore
+from fraudd.scoring.leases import Fenced, Lease
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
@@ -99,6 +101,40 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
     batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
     features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_features_of_owned_shards(benchmark, payload_batches: list[list[bytes]], keys: Keys, shards: int) -> None:
+    """One read's features on owned shards, the read's 1,000 transactions spread over ``shards`` by
+    user: every shard read in one round trip and committed in one MULTI/EXEC fenced by each lease
+    (``compute_owned``), so the cost per transaction should not grow with the shards of a read."""
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    stores = []
+    for k in range(shards):
+        shard = Keys(
+            shard_stream(keys.stream, shards, k) if shards > 1 else f"{keys.stream}:owned", keys.fraud_stream, keys.dlq_stream
+        )
+        lease = Lease(shard.lease, "1:bench")
+        client.set(lease.key, lease.token, px=600_000)
+        stores.append(OwnedFeatureStore(client, shard, 3_600_000, lease))
+
+    def parts(payloads: list[bytes]) -> list[tuple[OwnedFeatureStore, DecodedBatch]]:
+        batch = decoded(payloads)
+        rows = [[i for i, user in enumerate(batch.user_id) if shard_of(user, shards) == k] for k in range(shards)]
+        return [(store, batch.take(part)) for store, part in zip(stores, rows)]
+
+    reads = iter([parts(p) for p in payload_batches[:ROUNDS]])
+    try:
+        features = benchmark.pedantic(compute_owned, setup=lambda: ((next(reads),), {}), rounds=ROUNDS)
+    finally:
+        stale = [
+            key
+            for store in stores
+            for key in client.scan_iter(match=store._keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000)
+        ]
+        for start in range(0, len(stale), 1000):
+            client.unlink(*stale[start : start + 1000])
+    assert sum(len(f) for f in features if isinstance(f, Features)) == BATCH and not any(isinstance(f, Fenced) for f in features)
 
 
 def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel) -> None:
