@@ -54,6 +54,14 @@ def history() -> SimulatedHistory:
     return Simulator(SMALL).history()
 
 
+@pytest.fixture(scope="module")
+def terminal_traffic() -> SimulatedHistory:
+    """20 days of a portfolio whose terminals get compromised, for the tests of the label-fed counts."""
+    return Simulator(
+        SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20, terminal_compromises_per_day=1e-3)
+    ).history()
+
+
 def write_history(path: Path, history: SimulatedHistory) -> Path:
     path.write_bytes(b"\n".join(history.history_lines()) + b"\n")
     return path
@@ -399,12 +407,10 @@ def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, re
 
 
 def test_confirmed_fraud_counts_raise_recall_on_compromised_terminals(
-    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path, terminal_traffic: SimulatedHistory
 ) -> None:
     """Chargebacks of the first ten days teach the scoring which terminals were compromised."""
-    traffic = Simulator(
-        SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20, terminal_compromises_per_day=1e-3)
-    ).history()
+    traffic = terminal_traffic
     half = int(np.searchsorted(traffic.timestamp, traffic.timestamp[0] + 10 * 86400.0))
     first, second = traffic.take(slice(0, half)), traffic.take(slice(half, len(traffic)))
     rules = tmp_path / "rules.toml"
@@ -514,16 +520,14 @@ def test_confirmed_fraud_is_seen_only_by_transactions_after_its_report(redis_cli
 
 
 def test_label_features_catch_compromised_terminals_through_the_live_pipeline(
-    ns: Namespace, redis_client: redis.Redis, tmp_path: Path
+    ns: Namespace, redis_client: redis.Redis, tmp_path: Path, terminal_traffic: SimulatedHistory
 ) -> None:
     """A model fitted on the label-fed counts, point in time, catches what no per-customer feature can.
 
     Trained on the first 60% of a portfolio; then the last 40% is scored live, day by day, while its
     chargebacks come back as the simulator reports them (each counted only from its report on).
     """
-    traffic = Simulator(
-        SimulatorConfig(seed=12, n_customers=2_000, n_terminals=2_000, days=20, terminal_compromises_per_day=1e-3)
-    ).history()
+    traffic = terminal_traffic
     cut = int(len(traffic) * 0.6)
     model = tmp_path / "team.onnx"
     trained = ns.fraudd(

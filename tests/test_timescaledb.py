@@ -25,9 +25,9 @@ import redis
 from fraudd.keys import Keys
 from fraudd.schema import load_migrations
 
-from .conftest import Namespace, migrated_namespace
-from .services import TIMESCALEDB, PostgresServer, drain, scratch_postgres
-from .streams import alerts, payload, publish
+from .conftest import Namespace, migrated_namespace, wait_for
+from .services import TIMESCALEDB, PostgresServer, scratch_postgres, start, stop
+from .streams import alerts, fully_drained, payload, publish
 from .test_chaos import test_exactly_once_under_chaos  # noqa: F401  (runs here on the hypertable)
 from .test_pipeline import (  # noqa: F401  (run here on the hypertable)
     test_killed_worker_is_respawned_and_nothing_is_lost,
@@ -150,43 +150,52 @@ def _chunk_of(ns: Namespace, transaction_id: str) -> tuple[str, bool]:
 
 
 def test_late_and_resent_rows_in_a_compressed_chunk(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
-    first = [payload(f"old_{i}", user=f"old_user_{i % 40}", amount=5 + i % 900, ts=LATE_DAY + i) for i in range(3000)]
-    publish(redis_client, ns.stream, first)
-    drain(redis_client, ns, tmp_path, "--workers", "2", "--batch-size", "500")
-    stored = dict(ns.sql("SELECT transaction_id, decision FROM transactions"))
-    assert len(stored) == 3000
+    # One daemon throughout, as in production: each step publishes, then waits for the drain.
+    daemon = start(ns, tmp_path, "--workers", "2", "--batch-size", "500")
 
-    _run_policy(ns, "policy_compression")
-    chunk, compressed = _chunk_of(ns, "old_0")
-    assert compressed and ns.sql(f"SELECT count(*) FROM ONLY {chunk}")[0][0] == 0
+    def drained() -> None:
+        wait_for(lambda: fully_drained(redis_client, ns), 120, message="the stream to be drained")
 
-    # Late rows of that day; re-sent rows Redis still knows (the staging table's ON CONFLICT on
-    # compressed rows); re-sent rows Redis forgot (a plain COPY, refused by the key, then the same).
-    late = [payload(f"late_{i}", user=f"old_user_{i % 40}", ts=LATE_DAY + 3000 + i) for i in range(1000)]
-    publish(redis_client, ns.stream, first[:500] + late)
-    drain(redis_client, ns, tmp_path, "--workers", "2", "--batch-size", "500")
-    keys = Keys(ns.stream, ns.fraud_stream, ns.dlq_stream)
-    redis_client.unlink(*redis_client.scan_iter(match=keys.seen_prefix + "*", count=10_000))
-    publish(redis_client, ns.stream, first[500:1000])
-    drain(redis_client, ns, tmp_path, "--workers", "2", "--batch-size", "500")
+    try:
+        first = [payload(f"old_{i}", user=f"old_user_{i % 40}", amount=5 + i % 900, ts=LATE_DAY + i) for i in range(3000)]
+        publish(redis_client, ns.stream, first)
+        drained()
+        stored = dict(ns.sql("SELECT transaction_id, decision FROM transactions"))
+        assert len(stored) == 3000
 
-    rows = dict(ns.sql("SELECT transaction_id, decision FROM transactions"))
-    assert len(rows) == 4000 == ns.sql("SELECT count(*) FROM transactions")[0][0]
-    assert {txid: rows[txid] for txid in stored} == stored  # the first stored decision stands
-    assert _chunk_of(ns, "late_0") == (chunk, True)
-    sent = alerts(redis_client, ns)
-    per_id = Counter(a["transaction_id"] for a in sent)
-    assert set(per_id) == {txid for txid, decision in rows.items() if decision != "approve"}
-    assert max(per_id.values(), default=1) == 1
-    assert all(a["decision"] == rows[a["transaction_id"]] for a in sent)
+        _run_policy(ns, "policy_compression")
+        chunk, compressed = _chunk_of(ns, "old_0")
+        assert compressed and ns.sql(f"SELECT count(*) FROM ONLY {chunk}")[0][0] == 0
 
-    # The retention policy drops whole chunks older than its age, and nothing younger.
-    publish(redis_client, ns.stream, [payload("ancient", ts=time.time() - (RETENTION_DAYS + 10) * 86400)])
-    drain(redis_client, ns, tmp_path, "--workers", "1")
-    assert ns.sql("SELECT count(*) FROM transactions WHERE transaction_id = 'ancient'")[0][0] == 1
-    _run_policy(ns, "policy_retention")
-    assert ns.sql("SELECT count(*) FROM transactions WHERE transaction_id = 'ancient'")[0][0] == 0
-    assert ns.sql("SELECT count(*) FROM transactions")[0][0] == 4000
+        # Late rows of that day; re-sent rows Redis still knows (the staging table's ON CONFLICT on
+        # compressed rows); re-sent rows Redis forgot (a plain COPY, refused by the key, then the same).
+        late = [payload(f"late_{i}", user=f"old_user_{i % 40}", ts=LATE_DAY + 3000 + i) for i in range(1000)]
+        publish(redis_client, ns.stream, first[:500] + late)
+        drained()
+        keys = Keys(ns.stream, ns.fraud_stream, ns.dlq_stream)
+        redis_client.unlink(*redis_client.scan_iter(match=keys.seen_prefix + "*", count=10_000))
+        publish(redis_client, ns.stream, first[500:1000])
+        drained()
+
+        rows = dict(ns.sql("SELECT transaction_id, decision FROM transactions"))
+        assert len(rows) == 4000 == ns.sql("SELECT count(*) FROM transactions")[0][0]
+        assert {txid: rows[txid] for txid in stored} == stored  # the first stored decision stands
+        assert _chunk_of(ns, "late_0") == (chunk, True)
+        sent = alerts(redis_client, ns)
+        per_id = Counter(a["transaction_id"] for a in sent)
+        assert set(per_id) == {txid for txid, decision in rows.items() if decision != "approve"}
+        assert max(per_id.values(), default=1) == 1
+        assert all(a["decision"] == rows[a["transaction_id"]] for a in sent)
+
+        # The retention policy drops whole chunks older than its age, and nothing younger.
+        publish(redis_client, ns.stream, [payload("ancient", ts=time.time() - (RETENTION_DAYS + 10) * 86400)])
+        drained()
+        assert ns.sql("SELECT count(*) FROM transactions WHERE transaction_id = 'ancient'")[0][0] == 1
+        _run_policy(ns, "policy_retention")
+        assert ns.sql("SELECT count(*) FROM transactions WHERE transaction_id = 'ancient'")[0][0] == 0
+        assert ns.sql("SELECT count(*) FROM transactions")[0][0] == 4000
+    finally:
+        stop(daemon)
 
 
 @pytest.fixture

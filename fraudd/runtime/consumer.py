@@ -61,6 +61,8 @@ POSTGRES_DOWN = (
     psycopg.errors.ReadOnlySqlTransaction,
     psycopg.errors.InsufficientPrivilege,
 )
+# The reply to a blocked XREADGROUP whose node stopped serving the stream meanwhile (``read_failed``).
+UNBLOCKED = "UNBLOCKED"
 _T = TypeVar("_T")
 
 
@@ -230,7 +232,7 @@ class StreamConsumer:
         try:
             reply = self._command("XREADGROUP", *args, "STREAMS", o.stream, start)
         except redis.ResponseError as exc:
-            self.recreate_lost_group(exc)
+            self.read_failed(exc)
             return []
         return reply[0][1] if reply else []
 
@@ -238,6 +240,25 @@ class StreamConsumer:
         """A command on the stream, its reply raw (``connect_redis``: nested lists of bytes), on the
         node serving it."""
         return on_node(self.redis, self.options.stream, lambda client: client.execute_command(*args))
+
+    def _pending_command(self, *args: Any) -> Any:
+        """``_command`` for XAUTOCLAIM and XPENDING. A group lost with Redis's data, or with a master
+        that failed over before its replica had the XGROUP CREATE (the shard's lease, waited for
+        until a replica held it, survives), is recreated, with nothing pending, and the command
+        sent again."""
+        try:
+            return self._command(*args)
+        except redis.ResponseError as exc:
+            self.recreate_lost_group(exc)
+        return self._command(*args)
+
+    def read_failed(self, exc: redis.ResponseError) -> None:
+        """After an error reply to XREADGROUP, which read nothing: a lost group is recreated, and a
+        blocked read that the node gave up (``UNBLOCKED``: the stream's key left it, moved to another
+        node by a reshard or deleted, or the node turned replica) is over; the next read finds where
+        the stream went (a redirection, waited out as an outage). Anything else is raised."""
+        if redis_error_code(exc) != UNBLOCKED:
+            self.recreate_lost_group(exc)
 
     def recreate_lost_group(self, exc: redis.ResponseError) -> None:
         """Re-raise ``exc`` unless it says the consumer group is gone; then recreate the group.
@@ -256,7 +277,9 @@ class StreamConsumer:
         o = self.options
         cursor, claimed = b"0-0", 0
         while True:
-            cursor, ids, *_deleted = self._command("XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor, "COUNT", 1000, "JUSTID")
+            cursor, ids, *_deleted = self._pending_command(
+                "XAUTOCLAIM", o.stream, o.group, self.name, 0, cursor, "COUNT", 1000, "JUSTID"
+            )
             claimed += len(ids)
             if cursor == b"0-0":
                 break
@@ -268,7 +291,7 @@ class StreamConsumer:
     def _claim(self) -> Entries | None:
         """Take over entries idle for longer than ``claim_idle_ms`` (their consumer died or hung)."""
         o = self.options
-        cursor, raw, _deleted = self._command(
+        cursor, raw, _deleted = self._pending_command(
             "XAUTOCLAIM", o.stream, o.group, self.name, o.claim_idle_ms, self._claim_cursor, "COUNT", o.batch_size
         )
         self._claim_cursor = cursor.decode()
@@ -285,7 +308,7 @@ class StreamConsumer:
     def _deliveries(self, raw: list[Any]) -> dict[str, int]:
         """Delivery counts of entries this consumer holds, for the poison check."""
         first, last = raw[0][0], raw[-1][0]
-        pending = self._command("XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name)
+        pending = self._pending_command("XPENDING", self.options.stream, self.options.group, first, last, len(raw), self.name)
         return {entry_id.decode(): int(count) for entry_id, _consumer, _idle, count in pending}
 
     # -- waiting out outages ---------------------------------------------------------------

@@ -176,8 +176,8 @@ class ShardReader:
                 reply = on_node(self.redis, streams[0], lambda client: client.execute_command(*command, *([">"] * len(streams))))
                 return cast(list[Any], reply or [])
             except redis.ResponseError as exc:
-                for shard in shards:  # one stream's group is gone: recreate it (the others exist)
-                    shard.consumer.recreate_lost_group(exc)
+                for shard in shards:  # a lost group is recreated (the others exist); a read given up is over
+                    shard.consumer.read_failed(exc)
                 return []
 
         by_stream = {name.decode(): raw for name, raw in self.until_done(attempt, "redis")}
