@@ -616,7 +616,7 @@ def format_soak(result: dict) -> str:
         [f"worker {i}", w["first_window_mib"], w["last_window_mib"], w["growth_mib"], w["growth_pct"], w["max_mib"]]
         for i, w in enumerate(result["worker_rss"])
     ]
-    for name in ("supervisor_rss", "redis_used_memory"):
+    for name in ("supervisor_rss", "redis_used_memory", "redis_without_alert_stream"):
         g = result[name]
         rows.append([name, g["first_window_mib"], g["last_window_mib"], g["growth_mib"], g["growth_pct"], g["max_mib"]])
     return "\n".join(
