@@ -18,7 +18,6 @@ from bench.namespace import Namespace
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys
 from fraudd.schema import connect
-from fraudd.scoring import vectors
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.features_shared import SharedFeatureStore
@@ -26,7 +25,7 @@ from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.sinks import _COLUMN_LIST, ScoredBatch, _copy_binary
-from fraudd.scoring.worker import score_batch
+from fraudd.scoring.worker import score_batch, scored_batch
 
 TABLES = {
     "no index": "copy_heap",
@@ -35,7 +34,7 @@ TABLES = {
 }
 
 
-def scored_batch(ns: Namespace, client: redis.Redis, rows: int) -> ScoredBatch:
+def generated_scored_batch(ns: Namespace, client: redis.Redis, rows: int) -> ScoredBatch:
     """``rows`` generated transactions of the last hours, scored as a worker scores them."""
     now = time.time()
     generated = TransactionGenerator(GeneratorConfig(seed=5, start_ts=now - 3 * 3600, tx_per_second=50.0, n_users=100_000))
@@ -43,19 +42,7 @@ def scored_batch(ns: Namespace, client: redis.Redis, rows: int) -> ScoredBatch:
     features = SharedFeatureStore(client, Keys(ns.stream, ns.fraud_stream, ns.dlq_stream), 3_600_000).compute(batch)
     model, rules = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES), Rules.load(DEFAULT_RULES)
     decided = score_batch(model, rules, features, model.review_threshold, model.decline_threshold)
-    return ScoredBatch(
-        batch,
-        features.event_ms,
-        features.seen,
-        decided.scores,
-        decided.decision,
-        decided.reasons,
-        decided.explanations,
-        model.version,
-        int(now * 1000),
-        rules.version,
-        vectors.pack(features, decided.model_decision),
-    )
+    return scored_batch(batch, features, decided, model.version, rules.version)
 
 
 def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict:
@@ -64,7 +51,7 @@ def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict
     client = redis.Redis.from_url(redis_url, protocol=2)
     try:
         ns.migrate()
-        scored = scored_batch(ns, client, rows)
+        scored = generated_scored_batch(ns, client, rows)
 
         def payload(tag: str) -> bytes:
             part = scored.take(range(rows))

@@ -551,21 +551,7 @@ class ScoringWorker:
         metrics.observe_many(metrics.scores, decided.scores)
         self.drift.observe(features)
         metrics.duplicates.inc(int(features.seen.sum()))
-        return ScoredBatch(
-            batch=batch,
-            event_ms=features.event_ms,
-            seen=features.seen,
-            score=decided.scores,
-            decision=decided.decision,
-            reasons=decided.reasons,
-            explanations=decided.explanations,
-            model_version=model.version,
-            scored_at_ms=int(time.time() * 1000),
-            rules_version=rules.version,
-            vectors=vectors.pack(features, decided.model_decision),
-            shadow=shadow,
-            shadow_rules=shadow_rules,
-        )
+        return scored_batch(batch, features, decided, model.version, rules.version, shadow, shadow_rules)
 
     def _store(self, shard: Shard, scored: ScoredBatch) -> ScoredBatch:
         started = time.perf_counter()
@@ -662,6 +648,34 @@ def score_batch(
             reasons[i].extend(codes)
             explanations[i] = document
     return BatchDecisions(scores, decision, reasons, explanations, by_model)
+
+
+def scored_batch(
+    batch: DecodedBatch,
+    features: Features,
+    decided: BatchDecisions,
+    model_version: str,
+    rules_version: str,
+    shadow: Shadow | None = None,
+    shadow_rules: ShadowRules | None = None,
+) -> ScoredBatch:
+    """A batch with what was decided for it and the feature vectors it was decided from, stamped
+    now: what the settle stores."""
+    return ScoredBatch(
+        batch=batch,
+        event_ms=features.event_ms,
+        seen=features.seen,
+        score=decided.scores,
+        decision=decided.decision,
+        reasons=decided.reasons,
+        explanations=decided.explanations,
+        model_version=model_version,
+        scored_at_ms=int(time.time() * 1000),
+        rules_version=rules_version,
+        vectors=vectors.pack(features, decided.model_decision),
+        shadow=shadow,
+        shadow_rules=shadow_rules,
+    )
 
 
 def _load_models(settings: ScoringSettings, deployed: Deployed | None) -> Models:

@@ -21,7 +21,7 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.scoring import pgbinary, vectors
+from fraudd.scoring import pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
 from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
@@ -31,7 +31,7 @@ from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
 from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Settler, _copy_binary, alert_documents
-from fraudd.scoring.worker import score_batch
+from fraudd.scoring.worker import score_batch, scored_batch
 
 from ..conftest import REDIS_URL, Namespace, migrated_namespace
 
@@ -77,19 +77,7 @@ def scored(payload_batches: list[list[bytes]], store: FeatureStore, model: Fraud
     features = store.compute(batch)
     rules = Rules.load(DEFAULT_RULES)
     decided = score_batch(model, rules, features, model.review_threshold, model.decline_threshold)
-    return ScoredBatch(
-        batch,
-        features.event_ms,
-        features.seen,
-        decided.scores,
-        decided.decision,
-        decided.reasons,
-        decided.explanations,
-        model.version,
-        int(time.time() * 1000),
-        rules.version,
-        vectors.pack(features, decided.model_decision),
-    )
+    return scored_batch(batch, features, decided, model.version, rules.version)
 
 
 def test_decode(benchmark, payload_batches: list[list[bytes]]) -> None:
