@@ -27,6 +27,7 @@ import functools
 import os
 import signal
 import struct
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 from redis.cluster import RedisCluster
 
 from bench.redis_cluster import RedisClusterServers
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.runtime.consumer import StreamConsumer, ensure_group
+from fraudd.runtime.consumer import Stopping, StreamConsumer, ensure_group
 from fraudd.runtime.process import WorkerProcess
 from fraudd.runtime.redis_clients import CLUSTER_CHANGED, ReplicaWait, async_redis_client, connect_redis
 from fraudd.scoring.decode import DecodedBatch, decode_batch
@@ -360,6 +362,27 @@ def test_a_read_blocked_on_a_slot_that_moves_away_ends_empty_and_the_next_follow
         assert len(blocked.result(timeout=10)) == 0
     entry_id = client.xadd(stream, {"data": b"after the move"}).decode()
     assert reader.read().ids == [entry_id]
+    client.close()
+
+
+def test_a_cluster_with_no_node_left_is_waited_out_never_a_crash(
+    redis_cluster: RedisClusterServers, cluster_ns: Namespace
+) -> None:
+    """With every node gone, redis-py's cluster client ends a command with
+    ``RedisClusterUnreachableError``, which is no ``redis.RedisError``: the worker waits it out like
+    any outage until it is told to stop, and then stops with its batch left pending."""
+    stream = shard_stream(cluster_ns.stream, SHARDS, 0)
+    client = connect_redis(redis_cluster.url, cluster=True)
+    client.xadd(stream, {"data": b"before"})
+    reader = shard_reader(client, stream, block_ms=1)
+    redis_cluster.kill()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(reader.until_done, lambda: client.xlen(stream), "redis")
+        time.sleep(4)  # several failed attempts, each ending in an error from a cluster with no node
+        assert not waiting.done(), waiting.exception()
+        reader.process.stopping = True
+        with pytest.raises(Stopping):
+            waiting.result(timeout=30)
     client.close()
 
 

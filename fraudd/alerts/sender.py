@@ -45,7 +45,7 @@ import uvloop
 from ..keys import Keys
 from ..runtime import deadletters, metrics
 from ..runtime.deadletters import DeadLetter, Rejected
-from ..runtime.redis_clients import ReplicaWait, async_redis_client
+from ..runtime.redis_clients import REDIS_FAILURES, ReplicaWait, async_redis_client
 from .channels import Alert, Channel, DeliveryFailed, describe, open_channel
 from .circuit import Circuit, backoff
 from .config import AlertsConfig, ChannelConfig
@@ -60,7 +60,7 @@ DIGEST_MAX_ALERTS = 10_000
 REASON_INVALID_ALERT = "invalid_alert"
 _RECORD_BACKOFF_MAX_S = 5.0
 _T = TypeVar("_T")
-OUTAGES = (psycopg.Error, redis.RedisError, OSError)
+OUTAGES = (psycopg.Error, *REDIS_FAILURES, OSError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,13 @@ import logging
 import time
 
 import psycopg
-import redis
 
 from ..runtime import metrics
 from ..runtime.consumer import Entries, StreamConsumer, consume
 from ..runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetterSettler
 from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import connect_redis
+from ..runtime.redis_clients import REDIS_FAILURES, connect_redis
 from ..runtime.retention import trim_acked
 from ..runtime.supervisor import Service
 from ..schema import connect, one_row
@@ -134,7 +133,7 @@ def service(settings: AlertSettings, config: AlertsConfig) -> Service:
         housekeeper.run_once()
         try:
             trim_acked(housekeeper.redis, settings.fraud_stream, settings.fraud_retention_s)
-        except (redis.RedisError, OSError):
+        except (*REDIS_FAILURES, OSError):
             pass  # the housekeeper reports Redis down
         try:
             with connect(settings.postgres.url, settings.postgres.schema, connect_timeout=2, autocommit=True) as conn:

@@ -29,7 +29,7 @@ from ..keys import Keys
 from ..learning.labels import label_entries, parse_labels
 from ..runtime.groups import group_state
 from ..runtime.health import HEALTH_CACHE_S, HealthProblem, health_body, log_health_change
-from ..runtime.redis_clients import NO_SUCH_KEY, AsyncNodes, redis_client, redis_error_code
+from ..runtime.redis_clients import NO_SUCH_KEY, REDIS_FAILURES, AsyncNodes, redis_client, redis_error_code
 from ..runtime.redis_wire import pack
 from ..scoring.decode import (
     MAX_PAYLOAD_BYTES,
@@ -171,7 +171,7 @@ class Ingest:
             lag = None
             try:
                 lag = await asyncio.to_thread(self._lag)
-            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+            except (*REDIS_FAILURES, OSError) as exc:
                 if not self._lag_unknown:
                     log.warning("group lag unknown", extra={"event": "lag_unknown", "error": str(exc)})
                 self._lag_unknown = True
@@ -224,7 +224,7 @@ class Ingest:
             expires_ms = (int(request.headers[auth.TIMESTAMP_HEADER]) + self.settings.signature_window_s + 1) * 1000
             try:
                 fresh = await self.nodes.on_node(marker, lambda node: node.set(marker, b"1", nx=True, pxat=expires_ms))
-            except (redis.RedisError, OSError) as exc:
+            except (*REDIS_FAILURES, OSError) as exc:
                 raise _unavailable("redis: " + type(exc).__name__) from None
             problem = None if fresh else "replayed"
         if problem is not None:
@@ -291,7 +291,7 @@ class Ingest:
     async def publish(self, submissions: list[Submission]) -> list[Accepted]:
         try:
             accepted = await self.publisher.submit(submissions)
-        except (redis.RedisError, OSError) as exc:
+        except (*REDIS_FAILURES, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         duplicates = sum(a.duplicate for a in accepted)
         conflicts = sum(a.conflict for a in accepted)
@@ -316,7 +316,7 @@ class Ingest:
         commands = [pack(command) for command in label_entries(stream, labels)]
         try:
             ids = await self.nodes.send(stream, commands, replicated=True) if commands else []
-        except (redis.RedisError, OSError) as exc:
+        except (*REDIS_FAILURES, OSError) as exc:
             raise _unavailable("redis: " + type(exc).__name__) from None
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
@@ -336,7 +336,7 @@ class Ingest:
         try:
             nodes = {await self.nodes.node(key): key for key in keys}
             await asyncio.gather(*(self.nodes.on_node(key, lambda node: node.ping()) for key in nodes.values()))
-        except (redis.RedisError, OSError) as exc:
+        except (*REDIS_FAILURES, OSError) as exc:
             return [HealthProblem("redis", "unavailable", str(exc))]
         if not self.decisions.subscribed:
             return [HealthProblem("decisions channel", "not subscribed yet")]

@@ -24,7 +24,7 @@ import psycopg
 import redis
 import redis.asyncio
 
-from ..runtime.redis_clients import AsyncNodes
+from ..runtime.redis_clients import REDIS_FAILURES, AsyncNodes
 from ..schema import connect_async
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Decisions:
             while True:
                 try:
                     serving = await self._serving()
-                except (redis.RedisError, OSError):
+                except (*REDIS_FAILURES, OSError):
                     serving = None  # the map is unknown yet: keep what is subscribed
                 for node, (channels, task) in list(links.items()):
                     if task.done() or (serving is not None and serving.get(node) != channels):
@@ -149,7 +149,7 @@ class Decisions:
                     # Not asked for: the node gave the channel's slot away (resharding, or it
                     # became a replica). Subscribe again where the map says.
                     return
-        except (redis.RedisError, OSError) as exc:
+        except (*REDIS_FAILURES, OSError) as exc:
             if not self._broken:
                 self._broken = True
                 log.error(

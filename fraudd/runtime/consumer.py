@@ -33,19 +33,23 @@ from redis.cluster import RedisCluster
 from ..settings import ConsumerSettings
 from . import metrics
 from .process import BootError, WorkerProcess
-from .redis_clients import on_node, redis_error_code
+from .redis_clients import REDIS_FAILURES, on_node, redis_error_code
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_FIRST_S = 0.05
-_BACKOFF_MAX_S = 5.0
+# At most a second between attempts: after a Redis Cluster failover the first attempt that meets
+# the new slot map must come within a /v1/score decision timeout, and one call a second per
+# worker costs a recovering server nothing.
+_BACKOFF_MAX_S = 1.0
 
 # Errors that mean "a dependency is away", not "this batch is bad": the batch is retried as is.
 # A Redis at maxmemory (noeviction) refuses writes until memory is freed (markers expire, the
 # stream is trimmed) or raised: an outage like any other, never a reason to dead-letter a batch.
 # On a Redis Cluster, a failed master's slots answer CLUSTERDOWN (or TRYAGAIN, MASTERDOWN) until a
 # replica takes over, and MOVED/ASK reach the per-node path of the features code while the slot
-# map changes: the same wait, then a retry on the new map.
+# map changes: the same wait, then a retry on the new map. With no node of the cluster reachable,
+# redis-py raises RedisClusterUnreachableError, outside redis.RedisError: an outage all the same.
 REDIS_DOWN = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -55,6 +59,7 @@ REDIS_DOWN = (
     redis.exceptions.TryAgainError,
     redis.exceptions.AskError,
     redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.RedisClusterUnreachableError,
 )
 POSTGRES_DOWN = (
     psycopg.OperationalError,
@@ -369,7 +374,7 @@ class StreamConsumer:
             return
         try:
             self._command("XCLAIM", self.options.stream, self.options.group, self.name, 0, *in_flight, "JUSTID")
-        except redis.RedisError:
+        except REDIS_FAILURES:
             # Best effort: Redis is still away, or lost the group with these entries (the read or
             # the settle that is waiting recreates it).
             pass

@@ -33,7 +33,7 @@ from ..schema import connect, ensure_partitions
 from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
 from .groups import GroupState, combined, group_state
-from .redis_clients import redis_client
+from .redis_clients import REDIS_FAILURES, redis_client
 from .retention import trim_acked
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Housekeeper:
     def _guard(self, dependency: str, chore: Callable[[], None]) -> None:
         try:
             chore()
-        except (redis.RedisError, psycopg.Error, OSError) as exc:
+        except (*REDIS_FAILURES, psycopg.Error, OSError) as exc:
             metrics.dependency_up.labels(dependency).set(0)
             if dependency not in self._down:
                 self._down.add(dependency)
@@ -280,7 +280,7 @@ def health_problems(postgres: PostgresSettings, client: redis.Redis | RedisClust
     problems = []
     try:
         memory = redis_memory(client)
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         problems.append(HealthProblem("redis", "unavailable", str(exc)))
     else:
         refusing = bool(metrics.current("fraudd_redis_out_of_memory"))

@@ -27,6 +27,11 @@ from redis.cluster import ClusterNode, RedisCluster
 from ..keys import hash_tag
 from .redis_wire import pack, refresh_slots, refresh_slots_async, round_trip_async
 
+# Every error a call to Redis can end with. redis-py's cluster client raises some outside
+# ``redis.RedisError``: no node of the cluster reachable (``RedisClusterUnreachableError``), no
+# slot map (``SlotNotCoveredError``); a loop that must outlive an outage catches these too.
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException)
+
 _T = TypeVar("_T")
 
 
@@ -310,7 +315,7 @@ class AsyncNodes:
             else:
                 await self._map.initialize()
                 self._mapped = True
-        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+        except (*REDIS_FAILURES, OSError):
             pass
 
     async def aclose(self) -> None:

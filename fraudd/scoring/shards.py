@@ -44,7 +44,7 @@ from redis.cluster import RedisCluster
 from ..keys import Keys, shard_stream
 from ..runtime.consumer import Entries, StreamConsumer, ensure_group, read_entries
 from ..runtime.process import WorkerProcess
-from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REPLICA_WAIT_MS, on_node, redis_error_code
+from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REDIS_FAILURES, REPLICA_WAIT_MS, on_node, redis_error_code
 from .features import LEASE_FUNCTION, FeatureStore, load_library
 from .features_owned import OwnedFeatureStore
 from .features_shared import SharedFeatureStore
@@ -209,7 +209,7 @@ class ShardReader:
             if shard.lease is not None:
                 try:
                     self._lease("release", shard.keys, shard.lease.token)
-                except redis.RedisError:
+                except REDIS_FAILURES:
                     pass  # the lease expires by itself
             self._drop(index)
 
@@ -301,7 +301,7 @@ class ShardReader:
                     continue  # hung: let the lease run out so another worker takes the shard over
                 try:
                     held = self._lease("renew", shard.keys, shard.lease.token) == 1
-                except redis.RedisError:
+                except REDIS_FAILURES:
                     continue  # Redis away: the lease runs out unless it comes back in time
                 shard.trusted_until = started + lease_s * TRUSTED_SHARE if held else -math.inf
 
