@@ -8,6 +8,12 @@ read from ``/proc/<pid>/schedstat`` around each COPY, so what the client and the
 spend stays out of it; WAL bytes are the server's WAL position moved by each COPY, which counts only
 this COPY on a private server (``--private-services``). It prices each index the table carries
 against the exactly-once and console queries that need it (bench/RESULTS.md).
+
+``after_checkpoint`` prices what the first change of a page after each checkpoint costs: the whole
+page in the WAL (``full_page_writes``). Every COPY then follows a CHECKPOINT, as the COPYs of the
+first moments after each checkpoint of a server do; ``preload`` rows stored in each table first
+make its indexes big enough that a batch's random keys land on pages of their own, as in a day's
+partition that already holds millions of rows.
 """
 
 from __future__ import annotations
@@ -50,11 +56,12 @@ def generated_scored_batch(ns: Namespace, client: redis.Redis, rows: int) -> Sco
 
 
 def _tables(conn: psycopg.Connection, schema: str) -> dict[str, str]:
-    """Label -> table: a heap, the heap with each prefix of transactions' indexes, transactions."""
+    """Label -> table: a heap, the heap with each prefix of transactions' indexes (all of them the
+    last), then transactions itself, whose partitioning is what it adds to the last."""
     indexes = conn.execute(_INDEXES).fetchall()
     tables = {"no index": "copy_heap_0"}
     conn.execute("CREATE TABLE copy_heap_0 (LIKE transactions INCLUDING DEFAULTS)")
-    for k in range(1, len(indexes)):
+    for k in range(1, len(indexes) + 1):
         table = f"copy_heap_{k}"
         conn.execute(f"CREATE TABLE {table} (LIKE transactions INCLUDING DEFAULTS)")
         for _, definition in indexes[:k]:
@@ -62,11 +69,13 @@ def _tables(conn: psycopg.Connection, schema: str) -> dict[str, str]:
             on_table = re.sub(r" ON ONLY \S+ ", f" ON {table} ", definition)
             conn.execute(re.sub(r"^CREATE (UNIQUE )?INDEX \S+ ", r"CREATE \1INDEX ", on_table))
         tables[" + ".join(name for name, _ in indexes[:k])] = table
-    tables["transactions (all: " + ", ".join(name for name, _ in indexes) + ")"] = "transactions"
+    tables["transactions (partitioned, all of them)"] = "transactions"
     return tables
 
 
-def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict:
+def run(
+    redis_url: str, postgres_url: str, rows: int, rounds: int, echo, after_checkpoint: bool = False, preload: int = 0
+) -> dict:
     """Server CPU, wall time and WAL bytes per row of ``rounds`` COPYs of ``rows`` new rows into each table, alternating."""
     ns = Namespace.fresh("copy_indexes", redis_url, postgres_url)
     client = redis.Redis.from_url(redis_url, protocol=2)
@@ -83,12 +92,18 @@ def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict
             conn.execute("SET TIME ZONE 'UTC'")
             tables = _tables(conn, ns.schema)
             backend = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+            for table in tables.values():
+                for r in range(preload // rows):
+                    with conn.cursor().copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.write(payload(f"-{table}-preload-{r}"))
             data = {label: [payload(f"-{table}-{r}") for r in range(rounds)] for label, table in tables.items()}
             cpu_s = dict.fromkeys(tables, 0.0)
             wall_s = dict.fromkeys(tables, 0.0)
             wal_bytes = dict.fromkeys(tables, 0)
             for r in range(rounds):
                 for label in tables if r % 2 == 0 else reversed(tables):
+                    if after_checkpoint:
+                        conn.execute("CHECKPOINT")
                     lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
                     before, started = procstat.run_s(backend), time.perf_counter()
                     with conn.cursor().copy(f"COPY {tables[label]} ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -97,7 +112,7 @@ def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict
                     cpu_s[label] += procstat.run_s(backend) - before
                     wal_bytes[label] += int(conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (lsn,)).fetchone()[0])  # type: ignore[index]
             width = conn.execute("SELECT avg(pg_column_size(t.*)) FROM copy_heap_0 t").fetchone()[0]  # type: ignore[index]
-            echo(f"  {rounds} COPYs of {rows:,} rows into each table")
+            echo(f"  {rounds} COPYs of {rows:,} rows into each table" + (", each after a CHECKPOINT" if after_checkpoint else ""))
     finally:
         ns.drop(client)
         client.close()
@@ -105,6 +120,8 @@ def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict
     return {
         "rows": rows,
         "rounds": rounds,
+        "after_checkpoint": after_checkpoint,
+        "preload": preload,
         "row_bytes": round(float(width), 1),
         "payload_bytes_per_row": round(len(data["no index"][0]) / rows, 1),
         "server_cpu_us_per_row": {label: round(cpu_s[label] / n * 1e6, 2) for label in tables},
@@ -116,7 +133,8 @@ def run(redis_url: str, postgres_url: str, rows: int, rounds: int, echo) -> dict
 def format_result(result: dict) -> str:
     cpu, wall, wal = result["server_cpu_us_per_row"], result["wall_us_per_row"], result["wal_bytes_per_row"]
     lines = [
-        f"COPY of {result['rounds']} × {result['rows']:,} scored transactions into each table, alternating "
+        f"COPY of {result['rounds']} × {result['rows']:,} scored transactions into each table holding "
+        f"{result['preload']:,} rows, alternating{', each after a CHECKPOINT' if result['after_checkpoint'] else ''} "
         f"(rows of {result['row_bytes']} bytes, {result['payload_bytes_per_row']} bytes of COPY each):"
     ]
     lines += [
