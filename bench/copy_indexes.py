@@ -55,7 +55,7 @@ def generated_scored_batch(ns: Namespace, client: redis.Redis, rows: int) -> Sco
     return scored_batch(batch, features, decided, model.version, rules.version)
 
 
-def _tables(conn: psycopg.Connection, schema: str) -> dict[str, str]:
+def _tables(conn: psycopg.Connection) -> dict[str, str]:
     """Label -> table: a heap, the heap with each prefix of transactions' indexes (all of them the
     last), then transactions itself, whose partitioning is what it adds to the last."""
     indexes = conn.execute(_INDEXES).fetchall()
@@ -65,8 +65,9 @@ def _tables(conn: psycopg.Connection, schema: str) -> dict[str, str]:
         table = f"copy_heap_{k}"
         conn.execute(f"CREATE TABLE {table} (LIKE transactions INCLUDING DEFAULTS)")
         for _, definition in indexes[:k]:
-            # The partitioned parent's definition, made on the plain table under a name of its own.
-            on_table = re.sub(r" ON ONLY \S+ ", f" ON {table} ", definition)
+            # The parent's definition (partitioned or a hypertable), made on the plain table under a
+            # name of its own.
+            on_table = re.sub(r" ON (ONLY )?\S+ ", f" ON {table} ", definition, count=1)
             conn.execute(re.sub(r"^CREATE (UNIQUE )?INDEX \S+ ", r"CREATE \1INDEX ", on_table))
         tables[" + ".join(name for name, _ in indexes[:k])] = table
     tables["transactions (partitioned, all of them)"] = "transactions"
@@ -90,7 +91,7 @@ def run(
 
         with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
             conn.execute("SET TIME ZONE 'UTC'")
-            tables = _tables(conn, ns.schema)
+            tables = _tables(conn)
             backend = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
             for table in tables.values():
                 for r in range(preload // rows):
