@@ -21,9 +21,9 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.scoring import pgbinary
+from fraudd.scoring import behaviour, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, prepare, split_states
 from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.leases import Fenced, Lease
@@ -89,6 +89,28 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
     batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
     features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+def test_behaviour_arithmetic(benchmark, payload_batches: list[list[bytes]]) -> None:
+    """The behaviour states of a batch's users decoded, its transactions applied and evaluated, the
+    written states encoded: the worker's own part of the features stage, without Redis."""
+    stored: dict[str, bytes] = {}
+    for payloads in payload_batches[:ROUNDS]:  # the users' states as the earlier batches left them
+        p = prepare(decoded(payloads))
+        states = behaviour.decode([stored.get(name) for name in p.names])
+        behaviour.compute(states, p.tx)
+        stored.update(zip(p.names, split_states(behaviour.encode(states, np.arange(len(p.names))))))
+    p = prepare(decoded(payload_batches[ROUNDS]))
+    blobs = [stored.get(name) for name in p.names]
+
+    def arithmetic() -> np.ndarray:
+        states = behaviour.decode(blobs)
+        columns = behaviour.compute(states, p.tx)
+        behaviour.encode(states, np.unique(p.tx.user))
+        return columns
+
+    columns = benchmark(arithmetic)
+    assert columns.shape == (BATCH, len(behaviour.BEHAVIOUR_FEATURES)) and sum(b is not None for b in blobs) > BATCH // 4
 
 
 @pytest.mark.parametrize("shards", [1, 4])
