@@ -23,7 +23,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.scoring import behaviour, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, prepare, split_states
+from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, Prepared, message_columns, prepare, split_states
 from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.leases import Fenced, Lease
@@ -89,6 +89,19 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
     batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
     features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+def test_features_preparation(benchmark, payload_batches: list[list[bytes]]) -> None:
+    """A batch's columns made ready for the behaviour arithmetic (users, hashes, copies, the values
+    to look up in the blocklists) and its message columns: the features stage without Redis."""
+    batch = decoded(payload_batches[0])
+
+    def preparation() -> Prepared:
+        message_columns(batch)
+        return prepare(batch)
+
+    p = benchmark(preparation)
+    assert len(p.tx.user) == BATCH and len(p.names) > BATCH // 2
 
 
 def test_behaviour_arithmetic(benchmark, payload_batches: list[list[bytes]]) -> None:
