@@ -21,6 +21,7 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
+from fraudd.runtime.process import keep_freed_memory
 from fraudd.scoring import behaviour, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, Prepared, message_columns, prepare, split_states
@@ -37,6 +38,13 @@ from ..conftest import REDIS_URL, Namespace, migrated_namespace
 
 BATCH = 1_000
 ROUNDS = 40  # features: each round scores a batch never seen before, as the worker does
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_heap() -> None:
+    """Allocate as a scoring worker does (its ``worker_main``), or every stage pays page faults the
+    worker does not."""
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="module")
