@@ -84,6 +84,18 @@ STATE = np.dtype(
 )
 
 
+def _empty_state() -> bytes:
+    rec = np.zeros(1, dtype=STATE)
+    rec["head_ms"] = -1.0
+    rec["recent_ago"] = _EMPTY
+    rec["card_recent_ago"] = _EMPTY
+    return rec.tobytes()
+
+
+# What ``decode`` reads for a user without a stored state.
+_EMPTY_STATE = _empty_state()
+
+
 @dataclass(slots=True)
 class Entities:
     """Remembered (id, first seen, last seen) per user; id 0 = empty slot, times in Unix seconds."""
@@ -131,14 +143,7 @@ class Transactions:
 
 def decode(blobs: list[bytes | None]) -> States:
     """States from stored blobs; a missing one (new or idle user) is the empty state."""
-    present = [i for i, b in enumerate(blobs) if b is not None]
-    missing = [i for i, b in enumerate(blobs) if b is None]
-    rec = np.zeros(len(blobs), dtype=STATE)
-    if present:
-        rec[present] = np.frombuffer(b"".join([b for b in blobs if b is not None]), dtype=STATE)
-    rec["head_ms"][missing] = -1.0
-    rec["recent_ago"][missing] = _EMPTY
-    rec["card_recent_ago"][missing] = _EMPTY
+    rec = np.frombuffer(b"".join([_EMPTY_STATE if b is None else b for b in blobs]), dtype=STATE)
     head = rec["head_ms"].astype(np.float64)
     return States(
         head=head,
@@ -220,31 +225,33 @@ def _entities(rec: np.ndarray, name: str) -> Entities:
     return Entities(rec[name].astype(np.int64), rec[name + "_first"].astype(np.float64), rec[name + "_last"].astype(np.float64))
 
 
-def _cleared(head: np.ndarray, ts: np.ndarray, size: int, n: int) -> np.ndarray:
-    """(R, n) mask of the ring slots a head moving from ``head`` to ``ts`` passes (to be zeroed).
+def _cleared(head: np.ndarray, slot: np.ndarray, moved: np.ndarray, size: int, n: int) -> np.ndarray:
+    """(R, n) mask of the ring slots a head moving from ``head`` to the event of absolute slot
+    ``slot`` passes (to be zeroed); ``moved``: the event is later than the head.
 
     Slot j is passed when some absolute slot in (h, s] maps to it; a gap of a whole ring or more
     clears everything, so a long silence resets the window."""
-    h, s = np.floor(head / size), np.floor(ts / size)
+    h = np.floor(head / size)
     d = np.mod(np.arange(n)[None, :] - h[:, None] - 1, n)
-    return (ts > head)[:, None] & (d < (s - h)[:, None])
+    return moved[:, None] & (d < (slot - h)[:, None])
 
 
-def _add(
-    ring: np.ndarray,
-    index: tuple[np.ndarray, ...],
-    head: np.ndarray,
-    ts: np.ndarray,
-    size: int,
-    n: int,
-    x: np.ndarray | float,
-    cap: float,
-) -> None:
-    """Adds x to ts's slot, unless the slot is older than the ring's reach from ``head``."""
-    s = np.floor(ts / size)
-    ok = s > np.floor(head / size) - n
-    idx = tuple(i[ok] for i in index) + (np.mod(s[ok], n).astype(np.intp),)
-    x = x[ok] if isinstance(x, np.ndarray) else x
+def _ring_index(
+    index: tuple[np.ndarray, ...], head: np.ndarray, slot: np.ndarray, size: int, n: int
+) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+    """Where events of absolute ``slot`` go in a ring, leaving out those older than its reach from
+    ``head``; and the mask of the events kept, None when all are (events in order: no selection)."""
+    ok = slot > np.floor(head / size) - n
+    if ok.all():
+        return (*index, np.mod(slot, n).astype(np.intp)), None
+    return (*(i[ok] for i in index), np.mod(slot[ok], n).astype(np.intp)), ok
+
+
+def _add(ring: np.ndarray, at: tuple[tuple[np.ndarray, ...], np.ndarray | None], x: np.ndarray | float, cap: float) -> None:
+    """Adds x to the slots ``_ring_index`` found (the events it kept)."""
+    idx, ok = at
+    if ok is not None and isinstance(x, np.ndarray):
+        x = x[ok]
     ring[idx] = np.minimum(ring[idx] + x, cap)
 
 
@@ -272,76 +279,109 @@ def _slot(ids: np.ndarray, last: np.ndarray, want: np.ndarray, now: np.ndarray) 
 
 def _observe(ent: Entities, users: np.ndarray, ids: np.ndarray, tsec: np.ndarray) -> None:
     keep = ids > 0
-    users, ids, tsec = users[keep], ids[keep], tsec[keep]
+    if not keep.all():
+        users, ids, tsec = users[keep], ids[keep], tsec[keep]
     slot, found, write = _slot(ent.ids[users], ent.last[users], ids, tsec)
-    u, j = users[write], slot[write]
-    found, tsec = found[write], tsec[write]
-    ent.first[u, j] = np.where(found, np.minimum(ent.first[u, j], tsec), tsec)
-    ent.last[u, j] = np.where(found, np.maximum(ent.last[u, j], tsec), tsec)
-    ent.ids[u, j] = ids[write]
+    if not write.all():
+        users, slot, found, tsec, ids = users[write], slot[write], found[write], tsec[write], ids[write]
+    at = (users, slot)
+    ent.first[at] = np.where(found, np.minimum(ent.first[at], tsec), tsec)
+    ent.last[at] = np.where(found, np.maximum(ent.last[at], tsec), tsec)
+    ent.ids[at] = ids
 
 
 def _apply(s: States, tx: Transactions, rows: np.ndarray) -> None:
     """Adds one transaction to each user's state (each user at most once in ``rows``)."""
     u, ts, amount = tx.user[rows], tx.t_ms[rows], tx.amount[rows]
     head = s.head[u]
-    for size, n, user_rings, card_rings in (
-        (S1H, N1H, (s.count_1h,), s.card_count_1h),
-        (S24, N24, (s.count_24h, s.sum_24h), s.card_count_24h),
-    ):
-        clear = _cleared(head, ts, size, n)
-        if clear.any():
-            for ring in user_rings:
-                ring[u] = np.where(clear, 0.0, ring[u])
-            card_rings[u] = np.where(clear[:, None, :], 0.0, card_rings[u])
-    head = np.maximum(head, ts)
-    s.head[u] = head
-    _add(s.count_1h, (u,), head, ts, S1H, N1H, 1.0, _COUNT_CAP)
-    _add(s.count_24h, (u,), head, ts, S24, N24, 1.0, _COUNT_CAP)
-    _add(s.sum_24h, (u,), head, ts, S24, N24, amount, np.inf)
+    moved = ts > head
+    slot_1h, slot_24 = np.floor(ts / S1H), np.floor(ts / S24)
+    if moved.any():
+        for slot, size, n, user_rings, card_rings in (
+            (slot_1h, S1H, N1H, (s.count_1h,), s.card_count_1h),
+            (slot_24, S24, N24, (s.count_24h, s.sum_24h), s.card_count_24h),
+        ):
+            clear = _cleared(head, slot, moved, size, n)
+            if clear.any():
+                for ring in user_rings:
+                    ring[u] = np.where(clear, 0.0, ring[u])
+                card_rings[u] = np.where(clear[:, None, :], 0.0, card_rings[u])
+        head = np.maximum(head, ts)
+        s.head[u] = head
+    _add(s.count_1h, _ring_index((u,), head, slot_1h, S1H, N1H), 1.0, _COUNT_CAP)
+    at_24 = _ring_index((u,), head, slot_24, S24, N24)
+    _add(s.count_24h, at_24, 1.0, _COUNT_CAP)
+    _add(s.sum_24h, at_24, amount, np.inf)
     recent, amounts = s.recent[u], s.recent_amount[u]
     _remember(recent, amounts, ts, amount)
     s.recent[u], s.recent_amount[u] = recent, amounts
     n = s.n[u] + 1
     s.n[u] = n
-    s.mean[u] += (amount - s.mean[u]) / n
+    mean = s.mean[u]
+    s.mean[u] = mean + (amount - mean) / n
     tsec = np.floor(ts / 1000)
     _observe(s.merchants, u, tx.merchant[rows], tsec)
     _observe(s.countries, u, tx.country[rows], tsec)
     _observe(s.devices, u, tx.device[rows], tsec)
 
     card = tx.card[rows]
-    with_card = card > 0
+    with_card = np.flatnonzero(card > 0)
+    if len(with_card) == 0:
+        return
     u, ts, head, card = u[with_card], ts[with_card], head[with_card], card[with_card]
+    slot_1h, slot_24 = slot_1h[with_card], slot_24[with_card]
     slot, found, write = _slot(s.card[u], s.card_recent[u].max(axis=2), card, ts)
-    u, ts, head, slot, card, fresh = u[write], ts[write], head[write], slot[write], card[write], ~found[write]
-    # A card taking over a slot starts with an empty history.
-    s.card_recent[u[fresh], slot[fresh]] = -1.0
-    s.card_count_1h[u[fresh], slot[fresh]] = 0.0
-    s.card_count_24h[u[fresh], slot[fresh]] = 0.0
+    if not write.all():
+        u, ts, head, slot, card, found = u[write], ts[write], head[write], slot[write], card[write], found[write]
+        slot_1h, slot_24 = slot_1h[write], slot_24[write]
+    fresh = ~found
+    if fresh.any():
+        # A card taking over a slot starts with an empty history.
+        taken = (u[fresh], slot[fresh])
+        s.card_recent[taken] = -1.0
+        s.card_count_1h[taken] = 0.0
+        s.card_count_24h[taken] = 0.0
     s.card[u, slot] = card
-    _add(s.card_count_1h, (u, slot), head, ts, S1H, N1H, 1.0, _COUNT_CAP)
-    _add(s.card_count_24h, (u, slot), head, ts, S24, N24, 1.0, _COUNT_CAP)
+    _add(s.card_count_1h, _ring_index((u, slot), head, slot_1h, S1H, N1H), 1.0, _COUNT_CAP)
+    _add(s.card_count_24h, _ring_index((u, slot), head, slot_24, S24, N24), 1.0, _COUNT_CAP)
     recent = s.card_recent[u, slot]
     _remember(recent, None, ts, None)
     s.card_recent[u, slot] = recent
 
 
-def _window(
-    ring: np.ndarray, size: int, n: int, head: np.ndarray, t: np.ndarray, recent: np.ndarray, amounts: np.ndarray | None
-) -> np.ndarray:
-    """Sum of the window ending at event time t, minus the recent transactions later than t in t's
-    own slot (the only slot of t's window a later transaction can be in)."""
-    s, h = np.floor(t / size), np.floor(head / size)
-    lo = np.maximum(s, h) - n + 1
-    hi = np.minimum(s, h)
-    absolute = hi[:, None] - np.mod(hi[:, None] - np.arange(n)[None, :], n)
-    total = np.where(absolute >= lo[:, None], ring, 0.0).sum(axis=1)
-    # Only an evaluation before the head (out of order, redelivered) has later transactions.
-    later = ((hi == s) & (t < head))[:, None] & (recent > t[:, None]) & (np.floor(recent / size) == s[:, None])
-    total -= np.where(later, 1.0 if amounts is None else amounts, 0.0).sum(axis=1)
-    clipped: np.ndarray = np.maximum(total, 0.0)
-    return clipped
+class _Window:
+    """The slots of a ring that make the window ending at each event time t, for every ring of one
+    slot size read at the same (head, t): computed once, applied to each ring."""
+
+    __slots__ = ("before_head", "inside", "size", "slot", "t")
+
+    def __init__(self, size: int, n: int, head: np.ndarray, t: np.ndarray) -> None:
+        s, h = np.floor(t / size), np.floor(head / size)
+        lo = np.maximum(s, h) - n + 1
+        hi = np.minimum(s, h)
+        absolute = hi[:, None] - np.mod(hi[:, None] - np.arange(n)[None, :], n)
+        self.size, self.slot, self.t = size, s, t
+        self.inside = absolute >= lo[:, None]
+        # Only an evaluation before the head (out of order, redelivered) has later transactions.
+        before = (hi == s) & (t < head)
+        self.before_head = before if before.any() else None
+
+    def later(self, recent: np.ndarray) -> np.ndarray | None:
+        """Which of the recent transactions are later than t in t's own slot (the only slot of t's
+        window a later transaction can be in); None when no evaluation is before its head."""
+        if self.before_head is None:
+            return None
+        t = self.t[:, None]
+        later: np.ndarray = self.before_head[:, None] & (recent > t) & (np.floor(recent / self.size) == self.slot[:, None])
+        return later
+
+    def total(self, ring: np.ndarray, later: np.ndarray | None, amounts: np.ndarray | None) -> np.ndarray:
+        """Sum of the window, minus the ``later`` transactions (their amounts, else 1 each)."""
+        total = np.where(self.inside, ring, 0.0).sum(axis=1)
+        if later is not None:
+            total -= np.where(later, 1.0 if amounts is None else amounts, 0.0).sum(axis=1)
+        clipped: np.ndarray = np.maximum(total, 0.0)
+        return clipped
 
 
 def _recent_stats(recent: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -352,19 +392,23 @@ def _recent_stats(recent: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.nda
     return c1m, np.where(prev < 0, -1.0, (t - prev) / 1000)
 
 
-def _first_time(ent: Entities, users: np.ndarray, ids: np.ndarray, tsec: np.ndarray) -> np.ndarray:
-    """1 where no observation of the entity is earlier than tsec (absent id: 0)."""
-    match = ent.ids[users] == ids[:, None]
-    first = ent.first[users][np.arange(len(ids)), match.argmax(axis=1)]
-    first_seen: np.ndarray = np.where(ids == 0, 0.0, np.where(match.any(axis=1) & (first < tsec), 0.0, 1.0))
+def _first_time(ids: np.ndarray, first: np.ndarray, want: np.ndarray, tsec: np.ndarray) -> np.ndarray:
+    """1 where no observation of the entity is earlier than tsec (absent id: 0); ``ids`` and
+    ``first``: the users' remembered entities."""
+    match = ids == want[:, None]
+    first_of = first[np.arange(len(want)), match.argmax(axis=1)]
+    first_seen: np.ndarray = np.where(want == 0, 0.0, np.where(match.any(axis=1) & (first_of < tsec), 0.0, 1.0))
     return first_seen
 
 
-def _distinct(ent: Entities, users: np.ndarray, tsec: np.ndarray, window_s: float) -> np.ndarray:
+def _distinct(ids: np.ndarray, first: np.ndarray, last: np.ndarray, tsec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How many of the users' remembered entities were seen within 1 h and within 24 h up to tsec."""
     tt = tsec[:, None]
-    seen = (ent.ids[users] != 0) & (ent.first[users] <= tt) & (ent.last[users] > tt - window_s)
-    counts: np.ndarray = seen.sum(axis=1).astype(np.float64)
-    return counts
+    known = (ids != 0) & (first <= tt)
+    return (
+        (known & (last > tt - 3600.0)).sum(axis=1).astype(np.float64),
+        (known & (last > tt - 86400.0)).sum(axis=1).astype(np.float64),
+    )
 
 
 def _evaluate(s: States, tx: Transactions, rows: np.ndarray) -> np.ndarray:
@@ -374,46 +418,52 @@ def _evaluate(s: States, tx: Transactions, rows: np.ndarray) -> np.ndarray:
     tsec = np.floor(t / 1000)
     head = s.head[u]
     recent = s.recent[u]
+    recent_amount = s.recent_amount[u]
     c1m, since = _recent_stats(recent, t)
+    w1h, w24 = _Window(S1H, N1H, head, t), _Window(S24, N24, head, t)
+    later_1h, later_24 = w1h.later(recent), w24.later(recent)
     # An event older than a ring's reach still counts what the exact recent list knows of it.
-    c1h = np.maximum(_window(s.count_1h[u], S1H, N1H, head, t, recent, None), c1m)
-    c24 = np.maximum(_window(s.count_24h[u], S24, N24, head, t, recent, None), c1h)
-    sum24 = _window(s.sum_24h[u], S24, N24, head, t, recent, s.recent_amount[u]).astype(np.float32)
+    c1h = np.maximum(w1h.total(s.count_1h[u], later_1h, None), c1m)
+    c24 = np.maximum(w24.total(s.count_24h[u], later_24, None), c1h)
+    sum24 = w24.total(s.sum_24h[u], later_24, recent_amount).astype(np.float32)
 
     # Mean of the user's transactions before t: the running mean with the recent ones at or after
     # t taken back out, so a redelivery sees what the original saw.
     at_or_after = recent >= t[:, None]
-    count = s.n[u] - at_or_after.sum(axis=1)
-    total = s.n[u] * s.mean[u] - np.where(at_or_after, s.recent_amount[u], 0.0).sum(axis=1)
+    n = s.n[u]
+    count = n - at_or_after.sum(axis=1)
+    total = n * s.mean[u] - np.where(at_or_after, recent_amount, 0.0).sum(axis=1)
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32).astype(np.float64)
     to_mean = np.divide(amount, mean, out=np.ones(len(rows)), where=mean > 0)
 
+    out = np.empty((len(rows), len(BEHAVIOUR_FEATURES)))
     card = tx.card[rows]
     match = (s.card[u] == card[:, None]) & (card > 0)[:, None]
     has_card = match.any(axis=1)
-    slot = match.argmax(axis=1)
-    card_recent = s.card_recent[u, slot]
-    cc1m = np.where(has_card, _recent_stats(card_recent, t)[0], 0.0)
-    cc1h = np.maximum(_window(s.card_count_1h[u, slot], S1H, N1H, head, t, card_recent, None), cc1m)
-    cc24 = np.maximum(_window(s.card_count_24h[u, slot], S24, N24, head, t, card_recent, None), cc1h)
+    if has_card.any():
+        slot = match.argmax(axis=1)
+        card_recent = s.card_recent[u, slot]
+        cc1m = np.where(has_card, _recent_stats(card_recent, t)[0], 0.0)
+        cc1h = np.maximum(w1h.total(s.card_count_1h[u, slot], w1h.later(card_recent), None), cc1m)
+        cc24 = np.maximum(w24.total(s.card_count_24h[u, slot], w24.later(card_recent), None), cc1h)
+        out[:, 13] = cc1m
+        out[:, 14] = np.where(has_card, np.minimum(cc1h, _COUNT_CAP), 0.0)
+        out[:, 15] = np.where(has_card, np.minimum(cc24, _COUNT_CAP), 0.0)
+    else:
+        out[:, 13:] = 0.0
 
-    return np.column_stack(
-        (
-            c1m,
-            np.minimum(c1h, _COUNT_CAP),
-            np.minimum(c24, _COUNT_CAP),
-            sum24,
-            to_mean,
-            _distinct(s.merchants, u, tsec, 3600.0),
-            _distinct(s.merchants, u, tsec, 86400.0),
-            _distinct(s.countries, u, tsec, 3600.0),
-            _distinct(s.countries, u, tsec, 86400.0),
-            np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since),
-            _first_time(s.devices, u, tx.device[rows], tsec),
-            _first_time(s.countries, u, tx.country[rows], tsec),
-            _first_time(s.merchants, u, tx.merchant[rows], tsec),
-            cc1m,
-            np.where(has_card, np.minimum(cc1h, _COUNT_CAP), 0.0),
-            np.where(has_card, np.minimum(cc24, _COUNT_CAP), 0.0),
-        )
-    )
+    merchants, countries, devices = s.merchants, s.countries, s.devices
+    merchant_ids, merchant_first = merchants.ids[u], merchants.first[u]
+    country_ids, country_first = countries.ids[u], countries.first[u]
+    out[:, 0] = c1m
+    out[:, 1] = np.minimum(c1h, _COUNT_CAP)
+    out[:, 2] = np.minimum(c24, _COUNT_CAP)
+    out[:, 3] = sum24
+    out[:, 4] = to_mean
+    out[:, 5], out[:, 6] = _distinct(merchant_ids, merchant_first, merchants.last[u], tsec)
+    out[:, 7], out[:, 8] = _distinct(country_ids, country_first, countries.last[u], tsec)
+    out[:, 9] = np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since)
+    out[:, 10] = _first_time(devices.ids[u], devices.first[u], tx.device[rows], tsec)
+    out[:, 11] = _first_time(country_ids, country_first, tx.country[rows], tsec)
+    out[:, 12] = _first_time(merchant_ids, merchant_first, tx.merchant[rows], tsec)
+    return out

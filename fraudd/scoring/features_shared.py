@@ -31,6 +31,7 @@ from fraudd.scoring.features import (
     ShardCalls,
     compute_features,
     interleave,
+    newest_states,
     split_states,
     state_periods,
 )
@@ -96,8 +97,7 @@ class SharedFeatureStore:
         host's clock is ahead: its HMGET is a few nils."""
         periods = [("HMGET", key, *names) for key in reversed(state_periods(self._keys))] if names else []
         replies = self._calls.round_trip([*periods, *also]) if periods or also else []
-        states = [next((state for state in found if state is not None), None) for found in zip(*replies[: len(periods)])]
-        return states, replies[-1] if also else None
+        return newest_states(replies[: len(periods)]), replies[-1] if also else None
 
     def _commit(
         self,

@@ -58,7 +58,7 @@ from ..runtime import metrics
 from ..runtime.consumer import Entries, Stopping, consume
 from ..runtime.deadletters import REASON_MAX_DELIVERIES, Rejected
 from ..runtime.health import Housekeeper, health_problems
-from ..runtime.process import BootError, WorkerProcess
+from ..runtime.process import BootError, WorkerProcess, keep_freed_memory
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
 from . import thresholds, vectors
@@ -770,4 +770,5 @@ def worker_main(settings: ScoringSettings, process: WorkerProcess) -> int:
     # larger than a batch lets most of a batch die by reference count before a collection sees it.
     gc.freeze()
     gc.set_threshold(max(_YOUNG_GENERATION, 20 * settings.consumer.batch_size), *gc.get_threshold()[1:])
+    keep_freed_memory()
     return consume(process, worker.reader, worker)

@@ -21,9 +21,10 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
-from fraudd.scoring import pgbinary
+from fraudd.runtime.process import keep_freed_memory
+from fraudd.scoring import behaviour, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
-from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore
+from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, Prepared, message_columns, prepare, split_states
 from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.leases import Fenced, Lease
@@ -37,6 +38,13 @@ from ..conftest import REDIS_URL, Namespace, migrated_namespace
 
 BATCH = 1_000
 ROUNDS = 40  # features: each round scores a batch never seen before, as the worker does
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_heap() -> None:
+    """Allocate as a scoring worker does (its ``worker_main``), or every stage pays page faults the
+    worker does not."""
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +97,41 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
     batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
     features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+def test_features_preparation(benchmark, payload_batches: list[list[bytes]]) -> None:
+    """A batch's columns made ready for the behaviour arithmetic (users, hashes, copies, the values
+    to look up in the blocklists) and its message columns: the features stage without Redis."""
+    batch = decoded(payload_batches[0])
+
+    def preparation() -> Prepared:
+        message_columns(batch)
+        return prepare(batch)
+
+    p = benchmark(preparation)
+    assert len(p.tx.user) == BATCH and len(p.names) > BATCH // 2
+
+
+def test_behaviour_arithmetic(benchmark, payload_batches: list[list[bytes]]) -> None:
+    """The behaviour states of a batch's users decoded, its transactions applied and evaluated, the
+    written states encoded: the worker's own part of the features stage, without Redis."""
+    stored: dict[str, bytes] = {}
+    for payloads in payload_batches[:ROUNDS]:  # the users' states as the earlier batches left them
+        p = prepare(decoded(payloads))
+        states = behaviour.decode([stored.get(name) for name in p.names])
+        behaviour.compute(states, p.tx)
+        stored.update(zip(p.names, split_states(behaviour.encode(states, np.arange(len(p.names))))))
+    p = prepare(decoded(payload_batches[ROUNDS]))
+    blobs = [stored.get(name) for name in p.names]
+
+    def arithmetic() -> np.ndarray:
+        states = behaviour.decode(blobs)
+        columns = behaviour.compute(states, p.tx)
+        behaviour.encode(states, np.unique(p.tx.user))
+        return columns
+
+    columns = benchmark(arithmetic)
+    assert columns.shape == (BATCH, len(behaviour.BEHAVIOUR_FEATURES)) and sum(b is not None for b in blobs) > BATCH // 4
 
 
 @pytest.mark.parametrize("shards", [1, 4])
