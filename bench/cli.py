@@ -434,11 +434,38 @@ def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str
 @main.command("copy-indexes")
 @click.option("-n", "--rows", default=1_000, show_default=True, help="Scored transactions per COPY (a worker's batch).")
 @click.option("--rounds", default=100, show_default=True, help="COPYs into each table, alternating.")
+@click.option("--after-checkpoint", is_flag=True, help="A CHECKPOINT before each COPY: what full-page writes add.")
+@click.option("--preload", default=0, show_default=True, help="Rows stored in each table before the COPYs measured.")
+@_PRIVATE_SERVICES
+@click.option(
+    "--pg-setting",
+    "pg_settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="With --private-services: a setting of the private PostgreSQL to price (wal_compression=lz4, say).",
+)
 @click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
 @click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
-def copy_indexes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str) -> None:
-    """PostgreSQL's CPU per row of the workers' COPY: no index, the primary key only, `transactions` as migrated."""
-    result = copy_indexes.run(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
+def copy_indexes_cmd(
+    rows: int,
+    rounds: int,
+    after_checkpoint: bool,
+    preload: int,
+    private_services: bool,
+    pg_settings: tuple[str, ...],
+    redis_url: str,
+    postgres_url: str,
+) -> None:
+    """PostgreSQL's CPU and WAL per row of the workers' COPY: no index, each index of `transactions` added, the table."""
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    if pg_settings and not private_services:
+        raise click.UsageError("--pg-setting needs --private-services")
+    if private_services:
+        overrides = dict(setting.split("=", 1) for setting in pg_settings)
+        with services.private(redis_url, postgres_url, echo, pg_overrides=overrides) as (r, p, _):
+            result = copy_indexes.run(r, p, rows, rounds, echo, after_checkpoint, preload)
+    else:
+        result = copy_indexes.run(redis_url, postgres_url, rows, rounds, echo, after_checkpoint, preload)
     click.echo(copy_indexes.format_result(result))
 
 

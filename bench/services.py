@@ -44,16 +44,23 @@ PG_SETTINGS = (
 
 @contextmanager
 def private(
-    shared_redis_url: str, shared_postgres_url: str, echo, cluster_masters: int = 0, cluster_replicas: int = 0
+    shared_redis_url: str,
+    shared_postgres_url: str,
+    echo,
+    cluster_masters: int = 0,
+    cluster_replicas: int = 0,
+    pg_overrides: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, str, dict]]:
     """(redis URL, PostgreSQL URL, settings used) of a fresh private pair, torn down on exit; the
-    URL lists every node, comma-separated, when the Redis is a cluster."""
+    URL lists every node, comma-separated, when the Redis is a cluster. ``pg_overrides``: settings
+    of the private PostgreSQL that differ from the shared one's (a tuning to price)."""
     shared = redis.Redis.from_url(shared_redis_url, decode_responses=True)
     redis_settings = {name: shared.config_get(name).get(name) for name in REDIS_SETTINGS}
     redis_settings = {name: value for name, value in redis_settings.items() if value is not None}
     with psycopg.connect(shared_postgres_url, autocommit=True) as conn:
         pg_settings = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in PG_SETTINGS}
     pg_settings["track_commit_timestamp"] = "on"
+    pg_settings.update(pg_overrides or {})
     directory = scratch_dir("fraudd-bench-")
     (directory / "pg").mkdir()
     if cluster_masters:

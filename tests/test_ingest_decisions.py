@@ -17,7 +17,9 @@ from .streams import fully_drained
 
 
 def stored_rows(ns: Namespace) -> dict[str, dict]:
-    rows = ns.sql("SELECT transaction_id, stream_id, decision, score, reasons, model_version, explanation FROM transactions")
+    rows = ns.sql(
+        "SELECT transaction_id, stream_id, decision, score::float8, reasons, model_version, explanation FROM transactions"
+    )
     return {
         r[0]: {
             "id": r[1],

@@ -219,8 +219,10 @@ class StoredDecisions:
                     self._url, self._schema, autocommit=True, connect_timeout=2, application_name="fraudd-ingest"
                 )
             try:
+                # float8: the stored float32 exactly, rounded as the worker rounds its answer (a
+                # real's text form is its shortest decimal, which can round the other way).
                 cursor = await self._conn.execute(
-                    "SELECT stream_id, decision, score, reasons, model_version, explanation FROM transactions"
+                    "SELECT stream_id, decision, score::float8, reasons, model_version, explanation FROM transactions"
                     " WHERE transaction_id = %s LIMIT 1",
                     (transaction_id,),
                 )

@@ -8,7 +8,10 @@ list by slice assignment and one ``b"".join`` makes the rows. No Python code run
 but for NULLs in a mostly non-NULL column and non-NULLs in a mostly NULL one.
 
 Fixed-width fields adjacent in the column list share one piece per row, a numpy record of their
-lengths and big-endian values; a text column is two pieces per row, its length and its bytes.
+lengths and big-endian values (a NULL in one is patched into its row's piece: such fields are
+rarely NULL); a text column is two pieces per row, its length and its bytes. Lengths of short
+fields are shared objects from a table, not made per value: the join costs per piece, and making
+a piece per length (numpy's ``tolist``) cost as much as splitting out the values themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC in Unix microseconds
 _TEXT_OID = 25
 
 _NONE = np.array(None, dtype=object)
+_SHORT_LENGTHS = [size.to_bytes(4, "big") for size in range(1 << 12)]  # what most fields' lengths are
 V = TypeVar("V")
 K = TypeVar("K", bound=Hashable)
 
@@ -38,6 +42,7 @@ class Record:
     def __init__(self, n: int) -> None:
         self._n = n
         self._fields: list[tuple[str, np.ndarray | int | float]] = []
+        self._nulls: list[tuple[int, int, np.ndarray]] = []  # (offset, width, rows NULL) of a field
 
     def int16(self, value: int) -> Record:
         """A bare int16 without a length: the field count that starts a row."""
@@ -54,21 +59,41 @@ class Record:
     def float4(self, values: np.ndarray | float) -> Record:
         return self._field(">f4", 4, values)
 
+    def nullable_float8(self, values: np.ndarray) -> Record:
+        """float8 with NaN as NULL."""
+        self._nulls.append((self._itemsize(), 12, np.flatnonzero(np.isnan(values))))
+        return self.float8(values)
+
     def timestamptz(self, unix_ms: np.ndarray | int) -> Record:
         return self._field(">i8", 8, np.asarray(unix_ms, dtype=np.int64) * 1000 - _POSTGRES_EPOCH_US)
+
+    def bytea(self, rows: np.ndarray) -> Record:
+        """Each row of a 2-D array as one ``bytea`` field: the row's bytes as they lie in memory."""
+        width = rows.shape[1] * rows.itemsize
+        return self._field(f"V{width}", width, np.ascontiguousarray(rows).view(f"V{width}").reshape(len(rows)))
+
+    def _itemsize(self) -> int:
+        return sum(np.dtype(dtype).itemsize for dtype, _ in self._fields)
 
     def pieces(self) -> Pieces:
         record = np.empty(self._n, dtype=[(f"f{i}", dtype) for i, (dtype, _) in enumerate(self._fields)])
         for i, (_, values) in enumerate(self._fields):
             record[f"f{i}"] = values
         pieces: Pieces = record.view(f"V{record.itemsize}").tolist()
+        # Later fields first, so an earlier field's offset still holds in a row already patched.
+        for offset, width, rows in reversed(self._nulls):
+            for i in rows.tolist():
+                pieces[i] = pieces[i][:offset] + NULL + pieces[i][offset + width :]
         return pieces
 
 
-def lengths(sizes: Sequence[int] | np.ndarray) -> Pieces:
-    """Each size as the int32 length a field starts with."""
-    pieces: Pieces = np.asarray(sizes, dtype=">i4").view("V4").tolist()
-    return pieces
+def lengths(values: Sequence[bytes]) -> Pieces:
+    """Each value's length as the int32 its field starts with."""
+    try:
+        return list(map(_SHORT_LENGTHS.__getitem__, map(len, values)))
+    except IndexError:  # a field of 4 KiB or more
+        pieces: Pieces = np.asarray(list(map(len, values)), dtype=">i4").view("V4").tolist()
+        return pieces
 
 
 def present(values: Sequence[Any]) -> list[int]:
@@ -81,20 +106,18 @@ def text(values: Sequence[str | None]) -> Column:
     """A text column; None is NULL. The values hold no NUL character (decode rejects it, and
     PostgreSQL's text cannot hold one), so one encode of the joined column and one split give every
     value's bytes."""
-    nulls: list[int] = []
-    if None in values:
+    try:
+        data = "\x00".join(cast(Sequence[str], values)).encode().split(b"\x00")
+    except TypeError:  # a None among them: found by numpy, not by a scan of every column
         column = np.array(values, dtype=object)
         found = np.flatnonzero(np.equal(column, _NONE))
         column[found] = ""
-        texts: list[str] = column.tolist()
-        nulls = found.tolist()
-    else:
-        texts = cast(list[str], values)
-    data = "\x00".join(texts).encode().split(b"\x00")
-    head = lengths(list(map(len, data)))
-    for i in nulls:
-        head[i] = NULL
-    return [head, data]
+        data = "\x00".join(column.tolist()).encode().split(b"\x00")
+        head = lengths(data)
+        for i in found.tolist():
+            head[i] = NULL
+        return [head, data]
+    return [lengths(data), data]
 
 
 def categorical(values: Sequence[str | None]) -> Column:
@@ -126,26 +149,8 @@ def memoized(values: Sequence[V], key: Callable[[V], K], field_of: Callable[[K],
 def sparse(n: int, values: dict[int, bytes]) -> Column:
     """A column that is NULL but in a few rows: row -> value's bytes."""
     pieces = [NULL] * n
-    for i, head, data in zip(values, lengths(list(map(len, values.values()))), values.values()):
+    for i, head, data in zip(values, lengths(list(values.values())), values.values()):
         pieces[i] = head + data
-    return [pieces]
-
-
-def nullable_float8(values: np.ndarray) -> Column:
-    """float8 with NaN as NULL."""
-    pieces = Record(len(values)).float8(values).pieces()
-    for i in np.flatnonzero(np.isnan(values)).tolist():
-        pieces[i] = NULL
-    return [pieces]
-
-
-def bytea_rows(rows: np.ndarray) -> Column:
-    """Each row of a 2-D array as one ``bytea`` field: the row's bytes as they lie in memory."""
-    width = rows.shape[1] * rows.itemsize
-    record = np.empty(len(rows), dtype=[("length", ">i4"), ("data", f"V{width}")])
-    record["length"] = width
-    record["data"] = np.ascontiguousarray(rows).view(f"V{width}").reshape(len(rows))
-    pieces: Pieces = record.view(f"V{record.itemsize}").tolist()
     return [pieces]
 
 

@@ -36,7 +36,7 @@ from .leases import Fenced, Lease
 from .rules import DECISIONS
 
 # In the order of the binary COPY payload (_copy_binary): the fixed-width columns first, as one
-# piece per row.
+# piece per row (the feature vector too: its width is the same in every row of a batch).
 COLUMNS = (
     "amount",
     "event_time",
@@ -44,6 +44,7 @@ COLUMNS = (
     "score",
     "lat",
     "lon",
+    "features",
     "transaction_id",
     "user_id",
     "currency",
@@ -65,7 +66,6 @@ COLUMNS = (
     "rules_version",
     "shadow_rules_version",
     "shadow_rules_decision",
-    "features",
 )
 _COLUMN_LIST = ", ".join(COLUMNS)
 _DECISION_BYTES = [d.encode() for d in DECISIONS]
@@ -279,14 +279,15 @@ def _copy_rows(scored: ScoredBatch) -> bytes:
         .timestamptz(scored.event_ms)
         .timestamptz(scored.scored_at_ms)
         .float4(scored.score)
+        .nullable_float8(b.lat)
+        .nullable_float8(b.lon)
+        .bytea(vectors.stored(scored.vectors))
         .pieces()
     )
     return pgbinary.rows(
         n,
         [
             [fixed],
-            pgbinary.nullable_float8(b.lat),
-            pgbinary.nullable_float8(b.lon),
             pgbinary.text(b.transaction_id),
             pgbinary.text(b.user_id),
             pgbinary.categorical(b.currency),
@@ -303,7 +304,6 @@ def _copy_rows(scored: ScoredBatch) -> bytes:
             *_version_and_shadow_columns(scored.model_version, scored.shadow, n),
             pgbinary.sparse(n, _explanations(scored.explanations)),
             *_rules_columns(scored.rules_version, scored.shadow_rules, n),
-            pgbinary.bytea_rows(vectors.stored(scored.vectors)),
         ],
     )
 

@@ -179,9 +179,17 @@ def test_explanations_of_flagged_rows(
     assert len(explanations) == 32 and all(e is not None for e in explanations)
 
 
-def test_copy_encoding(benchmark, scored: ScoredBatch) -> None:
+@pytest.mark.parametrize("missing", [0, 10], ids=["complete", "optional fields missing in 1 of 10"])
+def test_copy_encoding(benchmark, scored: ScoredBatch, missing: int) -> None:
+    """The batch's binary COPY; every ``missing``-th row without location, card, device and IP (the
+    generator always sends them, real gateways not), whose NULLs are patched in per row."""
+    scored = scored.take(range(BATCH))
+    for i in range(0, BATCH, missing) if missing else ():
+        scored.batch.lat[i] = scored.batch.lon[i] = np.nan
+        scored.batch.card_id[i] = scored.batch.device_id[i] = scored.batch.ip[i] = None
     data = benchmark(_copy_binary, [scored])
     assert data.startswith(pgbinary.HEADER) and data.endswith(pgbinary.TRAILER) and len(data) > BATCH * 200
+    assert data.count(pgbinary.NULL) >= (5 * BATCH // missing if missing else 0)
 
 
 @pytest.fixture(scope="module")
