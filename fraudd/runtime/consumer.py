@@ -166,10 +166,12 @@ class StreamConsumer:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self) -> Entries:
-        """The next batch (possibly empty after ``block_ms``); held until ``release``d."""
+    def read(self, new: bool = True) -> Entries:
+        """The next batch (possibly empty after ``block_ms``); held until ``release``d. With
+        ``new=False`` only what comes before the new entries (taken over, own pending, reclaimed):
+        empty, at once, when nothing is."""
         started = time.perf_counter()
-        entries = self.until_done(self._next_entries, "redis")
+        entries = self.until_done(lambda: self._next_entries(new), "redis")
         if entries:
             self.hold(entries, started)
         return entries
@@ -214,7 +216,7 @@ class StreamConsumer:
             ids, [p for _i, p in keep], set(), deliveries, {i: entries.extra[i] for i in ids if i in entries.extra}
         ), poison
 
-    def _next_entries(self) -> Entries:
+    def _next_entries(self, new: bool) -> Entries:
         if self._take_over:
             self._claim_all_pending()
         if self._own_pending_cursor is not None:
@@ -227,7 +229,7 @@ class StreamConsumer:
             entries = self._claim()
             if entries:
                 return entries
-        return read_entries(self._xreadgroup(">", block=True))
+        return read_entries(self._xreadgroup(">", block=True) if new else [])
 
     def _xreadgroup(self, start: str, block: bool) -> list[Any]:
         o = self.options

@@ -29,6 +29,11 @@ import onnx
 # Tables hold 2**d * d values per leaf; a model whose leaves need more than this in total (very deep
 # trees over many distinct features) is not tabulated and keeps the reason-code proxy.
 MAX_TABLE_VALUES = 1 << 24
+# Rows explained at a time. A row's intermediate arrays span every path slot of every leaf (≈ 150 KB
+# for the default model): a few rows at once stay in the CPU's cache, many do not. On the 2-core
+# reference box the cost per row was ≈ 50 µs in blocks of 8 and ≈ 100-180 µs in blocks of 16 to 128,
+# so the flagged rows of a large read are explained block by block.
+EXPLAIN_BLOCK_ROWS = 8
 
 
 class ExplainerError(ValueError):
@@ -112,14 +117,18 @@ class TreeExplainer:
         contributions = np.zeros((rows, self.width))
         if rows == 0 or len(self._table) == 0:
             return Explanation(self.base, contributions)
-        values = matrix[:, self._slot_feature]
-        agrees = (values > self._lower) & (values <= self._upper)
-        if np.isnan(matrix).any():
-            agrees = np.where(np.isnan(values), self._missing_agrees, agrees)
-        running = np.cumsum(agrees * self._slot_weight, axis=1, dtype=np.int32)
-        pattern = np.diff(running[:, self._leaf_last_slot], axis=1, prepend=0)
-        shares = self._table[self._order_base + pattern[:, self._order_leaf] * self._order_depth]
-        contributions[:, self._features_present] = np.add.reduceat(shares, self._feature_first, axis=1)
+        for start in range(0, rows, EXPLAIN_BLOCK_ROWS):
+            block = matrix[start : start + EXPLAIN_BLOCK_ROWS]
+            values = block[:, self._slot_feature]
+            agrees = (values > self._lower) & (values <= self._upper)
+            if np.isnan(block).any():
+                agrees = np.where(np.isnan(values), self._missing_agrees, agrees)
+            running = np.cumsum(agrees * self._slot_weight, axis=1, dtype=np.int32)
+            pattern = np.diff(running[:, self._leaf_last_slot], axis=1, prepend=0)
+            shares = self._table[self._order_base + pattern[:, self._order_leaf] * self._order_depth]
+            contributions[start : start + EXPLAIN_BLOCK_ROWS, self._features_present] = np.add.reduceat(
+                shares, self._feature_first, axis=1
+            )
         return Explanation(self.base, contributions)
 
 

@@ -89,7 +89,7 @@ class Shard:
 class ShardReader:
     """The consumer ``consume()`` reads through: the next batch of this worker's shards.
 
-    ``parts`` are the entries ``read`` returned last, by shard. Once every owned shard has only new
+    ``parts`` are the entries ``read`` returned last, by shard. Once the owned shards have only new
     entries left, one XREADGROUP reads them all (on one Redis, whose streams a single command can
     name): a worker owning several shards scores one batch spanning them instead of a small batch
     per shard in turn, each waiting for the others'.
@@ -142,8 +142,9 @@ class ShardReader:
             self._renewer.start()
 
     def read(self) -> Entries:
-        """The next non-empty read (empty after about ``--block-ms`` idle): of all shards at once
-        when they are caught up, else of the shards in turn."""
+        """The next non-empty read (empty after about ``--block-ms`` idle): what a shard reads
+        before its new entries, else the new entries of all shards at once (on one Redis), else
+        (a Redis Cluster) of the shards in turn."""
         self._alive_at = time.monotonic()
         self.parts = []
         if self.sharded and time.monotonic() >= self._next_tick:
@@ -152,7 +153,14 @@ class ShardReader:
             time.sleep(self.settings.consumer.block_ms / 1000.0)
             return _nothing()
         shards = [self.shards[index] for index in self._order]
-        if len(shards) > 1 and not isinstance(self.redis, RedisCluster) and all(s.consumer.caught_up for s in shards):
+        if len(shards) > 1 and not isinstance(self.redis, RedisCluster):
+            # What a shard reads before its new entries (taken over, own pending, reclaimed) is read
+            # on its own; once none is left, at once the new entries of all: a claim falling due on
+            # one shard (every few seconds) does not hold the others' new entries back for a read.
+            for shard in shards:
+                if not shard.consumer.caught_up and (entries := shard.consumer.read(new=False)):
+                    self.parts = [(shard, entries)]
+                    return entries
             return self._read_together(shards)
         for _ in range(len(shards)):
             shard = shards[self._next % len(shards)]

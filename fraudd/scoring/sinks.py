@@ -120,17 +120,19 @@ class ScoredBatch:
     def entry_ids(self) -> list[str]:
         return self.batch.entry_ids
 
-    def take(self, rows: range) -> ScoredBatch:
-        """The sub-batch of the given row positions (to bisect a batch that fails to store)."""
+    def take(self, rows: range, batch: DecodedBatch | None = None) -> ScoredBatch:
+        """The sub-batch of the given row positions (to bisect a batch that fails to store, or to
+        split a read's batch back into its shards' parts); ``batch``: those rows, decoded apart."""
         index = np.asarray(rows, dtype=np.intp)
+        cut = slice(rows.start, rows.stop, rows.step)
         return ScoredBatch(
-            self.batch.take(rows),
+            self.batch.take(rows) if batch is None else batch,
             self.event_ms[index],
             self.seen[index],
             self.score[index],
             self.decision[index],
-            [self.reasons[i] for i in rows],
-            [self.explanations[i] for i in rows],
+            self.reasons[cut],
+            self.explanations[cut],
             self.model_version,
             self.scored_at_ms,
             self.rules_version,

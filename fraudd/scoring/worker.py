@@ -12,9 +12,10 @@ The batch loop, top to bottom (DESIGN.md):
               markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
               the shared state; on owned shards every shard of the read at once, one MULTI/EXEC
               fenced by each shard's lease, ``compute_owned``)
-    inference one ONNX call per shard's batch (one more for a --shadow-model challenger), then
-              vectorized rules and thresholds; the scores and the features' drift from the
-              champion's training sample go to the metrics (numpy over the batch)
+    inference one ONNX call per read, its shards' parts joined (``joined``: one more for a
+              --shadow-model challenger), then vectorized rules and thresholds, and the result
+              split back into the parts; the scores and the features' drift from the champion's
+              training sample go to the metrics (numpy over the read)
     copy      one COPY of every decision of the read into PostgreSQL (durable first)
     settle    one Redis script call per shard of the read, sent in one round trip: alerts, dead
               letters, XACK (ack last), each fenced by its own shard's lease
@@ -61,7 +62,7 @@ from ..runtime.health import Housekeeper, health_problems
 from ..runtime.process import BootError, WorkerProcess, keep_freed_memory
 from ..runtime.redis_clients import connect_redis
 from ..runtime.supervisor import Service
-from . import thresholds, vectors
+from . import joined, thresholds, vectors
 from .decode import DEAD_LETTER_REASONS, REASON_PROCESSING, DecodedBatch, decode_batch
 from .dedup import CarriedOver
 from .deployment import Deployed, DeploymentWatch
@@ -254,7 +255,7 @@ class ScoringWorker:
 
     def process(self, entries: Entries) -> None:
         """Decode this read shard by shard, compute the features of all its shards together, score
-        each shard's batch, then hand the read to ``_settle``: in the settling thread when
+        them together, then hand the read to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         self._follow_deployment()
         decoded = []
@@ -263,13 +264,7 @@ class ScoringWorker:
                 decoded.append(self._decoded(shard, part))
             except Fenced as exc:
                 self._lost(shard, part, exc)
-        works = []
-        for (work, batch), features in zip(decoded, self._features_of_read(decoded)):
-            try:
-                self._score_part(work, batch, features)
-                works.append(work)
-            except Fenced as exc:
-                self._lost(work.shard, work.entries, exc)
+        works = self._scored(decoded, self._features_of_read(decoded))
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
         if not works:
@@ -333,13 +328,50 @@ class ScoringWorker:
             return compute_owned(cast(list[tuple[OwnedFeatureStore, DecodedBatch]], owned))
         return [store.compute(batch) for store, batch in owned]
 
-    def _score_part(self, work: Settlement, batch: DecodedBatch, features: Features | Fenced | None) -> None:
-        """A shard's batch scored with the features of its read (``Fenced`` raised), or, without
-        them or when scoring fails, bisected down to the entries at fault (dead-lettered)."""
-        if isinstance(features, Fenced):
-            raise features
-        if not len(batch):  # every entry was poison or invalid: dead letters only
-            return
+    def _scored(
+        self, decoded: list[tuple[Settlement, DecodedBatch]], features: list[Features | Fenced | None]
+    ) -> list[Settlement]:
+        """The read's parts scored; returns those whose shard is still this worker's. The parts with
+        their features are scored together, in one inference call over their rows joined
+        (``joined``), and the result split back into the parts; a part without features, or every
+        part when scoring them together fails, is scored on its own (``_score_part``)."""
+        works: list[Settlement] = []
+        together: list[tuple[Settlement, DecodedBatch, Features]] = []
+        apart: list[tuple[Settlement, DecodedBatch, Features | None]] = []
+        for (work, batch), computed in zip(decoded, features):
+            if isinstance(computed, Fenced):
+                self._lost(work.shard, work.entries, computed)
+                continue
+            works.append(work)
+            if not len(batch):  # every entry was poison or invalid: dead letters only
+                continue
+            if computed is None:
+                apart.append((work, batch, None))
+            else:
+                together.append((work, batch, computed))
+        if together:
+            parts = [batch for _work, batch, _features in together]
+            try:
+                scored = self._decided(joined.batches(parts), joined.features([f for _w, _b, f in together]))
+                for (work, _batch, _features), part in zip(together, joined.split(scored, parts)):
+                    work.scored = [part]
+            except (Stopping, Fenced):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the data is at fault: find it shard by shard
+                log.warning("read failed to score, scoring shard by shard", extra={"event": "batch_split", "error": repr(exc)})
+                apart += together
+        for work, batch, computed in apart:
+            try:
+                self._score_part(work, batch, computed)
+            except Fenced as exc:
+                works.remove(work)
+                self._lost(work.shard, work.entries, exc)
+        return works
+
+    def _score_part(self, work: Settlement, batch: DecodedBatch, features: Features | None) -> None:
+        """A shard's batch scored on its own with the features of its read, or, without them or
+        when scoring fails, bisected down to the entries at fault (dead-lettered); ``Fenced`` when
+        its shard was lost meanwhile."""
         if features is not None:
             try:
                 work.scored = [self._decided(batch, features)]

@@ -22,7 +22,7 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.runtime.process import keep_freed_memory
-from fraudd.scoring import behaviour, pgbinary
+from fraudd.scoring import behaviour, joined, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, Prepared, message_columns, prepare, split_states
 from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
@@ -173,6 +173,43 @@ def test_inference_and_rules(benchmark, payload_batches: list[list[bytes]], stor
     rules = Rules.load(DEFAULT_RULES)
     scores, decision, *_ = benchmark(score_batch, model, rules, features, model.review_threshold, model.decline_threshold)
     assert scores.shape == (BATCH,) and decision.max() <= 2
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_scoring_of_a_read_over_shards(
+    benchmark, payload_batches: list[list[bytes]], store: FeatureStore, model: FraudModel, shards: int
+) -> None:
+    """One read's scoring, its 1,000 transactions spread over ``shards`` by user: the parts joined,
+    scored in one inference call and split back into the parts (``joined``), as the worker does,
+    so the cost per transaction should not grow with the shards of a read."""
+    whole = decoded(payload_batches[-2])
+    features = store.compute(whole)
+    rows = [[i for i, user in enumerate(whole.user_id) if shard_of(user, shards) == k] for k in range(shards)]
+    parts = [whole.take(part) for part in rows]
+    part_features = [_features_of(features, part) for part in rows]
+    rules = Rules.load(DEFAULT_RULES)
+
+    def score() -> list[ScoredBatch]:
+        together = joined.features(part_features)
+        decided = score_batch(model, rules, together, model.review_threshold, model.decline_threshold)
+        return joined.split(scored_batch(joined.batches(parts), together, decided, model.version, rules.version), parts)
+
+    scored = benchmark(score)
+    assert [len(part) for part in scored] == [len(part) for part in rows] and sum(map(len, scored)) == BATCH
+
+
+def _features_of(features: Features, rows: list[int]) -> Features:
+    """The features of some rows of a batch, as a shard's part of a read has them."""
+    index = np.asarray(rows, dtype=np.intp)
+    return Features(
+        features.matrix[index],
+        features.seen[index],
+        features.event_ms[index],
+        {kind: flags[index] for kind, flags in features.blocked.items()},
+        features.amount[index],
+        {name: column[index] for name, column in features.confirmed.items()},
+        features.published_rules,
+    )
 
 
 def test_explanations_of_flagged_rows(
