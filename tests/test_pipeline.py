@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from fraudd.ingest import Publisher
+from fraudd.schema import load_migrations
 from fraudd.scoring import decode
 from fraudd.scoring.settings import DEFAULT_MODEL
 
@@ -173,11 +175,19 @@ def test_killed_worker_is_respawned_and_nothing_is_lost(ns: Namespace, redis_cli
     assert redis_client.xpending(ns.stream, ns.group)["pending"] == 0
 
 
-def test_migrate_is_idempotent(ns: Namespace) -> None:
-    again = ns.fraudd("migrate")
-    assert again.returncode == 0, again.stderr
-    assert "up to date" in again.stdout
-    assert ns.sql("SELECT count(*) FROM fraudd_schema_migrations")[0][0] >= 1
+def test_migrate_applies_every_migration_then_is_idempotent(redis_client: redis.Redis) -> None:
+    """The command itself, on a schema of its own (the fixtures migrate in-process)."""
+    ns = Namespace(f"t{uuid.uuid4().hex[:10]}")
+    try:
+        first = ns.fraudd("migrate")
+        assert first.returncode == 0, first.stderr
+        assert f"applied {', '.join(m.name for m in load_migrations())}" in first.stdout
+        again = ns.fraudd("migrate")
+        assert again.returncode == 0, again.stderr
+        assert "up to date" in again.stdout
+        assert ns.sql("SELECT count(*) FROM fraudd_schema_migrations")[0][0] == len(load_migrations())
+    finally:
+        ns.drop(redis_client)
 
 
 def test_row_without_partition_does_not_fail(ns: Namespace) -> None:
