@@ -30,7 +30,7 @@ from fraudd.scoring import decode
 from fraudd.scoring.confirmed import KINDS
 from fraudd.settings import ConsumerSettings
 
-from .alerting import HttpReceiver
+from .alerting import HttpReceiver, webhook_channel
 from .conftest import Namespace, wait_for
 from .services import DaemonProcess, stop
 from .streams import NOW, feed_labels_service, fully_drained, payload, wait_labels_stored
@@ -216,27 +216,11 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
 def test_each_alert_delivered_once_through_a_failover_and_a_dead_channel_dead_lettered_once(
     ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, receiver: HttpReceiver, tmp_path: Path
 ) -> None:
+    secret = "FRAUDD_WEBHOOK_SECRET"
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "ops"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-timeout_s = 1
-
-[[channels]]
-name = "gone"
-kind = "webhook"
-url = "http://127.0.0.1:9/hook"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-min_amount = 10000
-retry_base_s = 0.02
-retry_max_s = 0.1
-""",
+        webhook_channel(receiver.url("/hook"), "ops", secret, timeout_s=1)
+        + webhook_channel("http://127.0.0.1:9/hook", "gone", secret, min_amount=10000, retry_base_s=0.02, retry_max_s=0.1),
     )
     payloads = transactions(3000, "al", users=300, big_every=100)
     publisher = Publisher(cluster_client, ns.stream, SHARDS)
