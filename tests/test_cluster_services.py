@@ -2,7 +2,9 @@
 started by the module): ``fraudd labels`` and ``fraudd label`` counting confirmed fraud in every
 shard's slot, ``fraudd dlq list|replay|purge`` routing replays to their shards, ``fraudd status``
 per node, and ``fraudd alerts`` delivering each alert once while the fraud stream's master fails
-over and a dead channel's alerts go to the DLQ once each. Each test has a cluster of its own.
+over and a dead channel's alerts go to the DLQ once each. The tests share the module's cluster,
+each in namespaces (key tags) of its own; the failover test, after which a master has no replica,
+comes last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench.redis_cluster import RedisClusterServers
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.learning.labels import parse_labels
+from fraudd.localservers import scratch_dir
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
 from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
@@ -31,7 +34,7 @@ from fraudd.scoring.confirmed import KINDS
 from fraudd.settings import ConsumerSettings
 
 from .alerting import HttpReceiver, webhook_channel
-from .conftest import Namespace, wait_for
+from .conftest import Namespace, running, wait_for
 from .services import DaemonProcess, stop
 from .streams import NOW, feed_labels_service, fully_drained, payload, wait_labels_stored
 from .test_alerts import write_config
@@ -39,6 +42,12 @@ from .test_alerts_service import start_alerts
 
 SHARDS = 8
 RUN_ARGS = ("--workers", "2", "--lease-ms", "1500", "--batch-size", "200")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """The module's cluster (conftest's is one per test): 2-3 s to start, once."""
+    yield from running(RedisClusterServers(scratch_dir("fraudd-cluster-")))
 
 
 @pytest.fixture
