@@ -385,12 +385,13 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
     from .keys import Keys
     from .runtime.groups import combined, group_state
     from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
-    from .runtime.redis_clients import redis_client
+    from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     settings = StreamsSettings.from_params(params)
     healthy, behind = True, False
-    client = redis_client(settings.redis.url, settings.redis.cluster, decode_responses=True, socket_timeout=3)
     try:
+        # A Redis Cluster client asks for the slot map as it is made: a cluster down fails here.
+        client = redis_client(settings.redis.url, settings.redis.cluster, decode_responses=True, socket_timeout=3)
         states = [group_state(client, stream, group) for stream in settings.input_streams]
         state = combined(states)
         click.echo(f"redis      up    {redact(settings.redis.url)}")
@@ -433,7 +434,7 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
         if problem:
             healthy = False
             click.echo(f"           {problem}")
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         healthy = False
         click.echo(f"redis      DOWN  {redact(settings.redis.url)}: {exc}")
     try:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import redis
 
 from .settings import ConfigError, PostgresSettings, RedisSettings
 
@@ -47,7 +46,7 @@ def check_dependencies(
     at ``start`` if new), PostgreSQL answers with every migration applied."""
     from .runtime.consumer import ensure_group
     from .runtime.health import redis_memory
-    from .runtime.redis_clients import connect_redis
+    from .runtime.redis_clients import REDIS_FAILURES, connect_redis
 
     client = connect_redis(redis_settings.url, redis_settings.cluster)
     try:
@@ -55,7 +54,7 @@ def check_dependencies(
         eviction = redis_memory(client).eviction_problem()
         for stream in streams:
             ensure_group(client, stream, group, start)
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         raise ConfigError(f"--redis-url / REDIS_URL: cannot use {redact(redis_settings.url)}: {exc}") from None
     finally:
         client.close()
@@ -97,10 +96,8 @@ def check_shard_count(redis_settings: RedisSettings, stream: str, shards: int, g
 def check_producer_shard_count(redis_settings: RedisSettings, stream: str, shards: int) -> None:
     """Refuse a --shards other than the one scoring last ran with: its streams would have no reader.
     A Redis that does not answer yet is let be, as in ``check_eviction`` (the ingest's start-up)."""
-    from redis.exceptions import RedisClusterException
-
     from . import shard_counts
-    from .runtime.redis_clients import redis_client
+    from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     try:
         client = redis_client(redis_settings.url, redis_settings.cluster, socket_timeout=3, socket_connect_timeout=3)
@@ -108,7 +105,7 @@ def check_producer_shard_count(redis_settings: RedisSettings, stream: str, shard
             scored_with = shard_counts.latest(client, stream)
         finally:
             client.close()
-    except (redis.RedisError, RedisClusterException):
+    except REDIS_FAILURES:
         return
     if scored_with is not None and scored_with != shards:
         raise ConfigError(
@@ -120,10 +117,8 @@ def check_producer_shard_count(redis_settings: RedisSettings, stream: str, shard
 def check_eviction(redis_settings: RedisSettings) -> None:
     """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
     let be: the ingest starts anyway and answers 503 until Redis is back."""
-    from redis.exceptions import RedisClusterException
-
     from .runtime.health import redis_memory
-    from .runtime.redis_clients import redis_client
+    from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     try:
         client = redis_client(redis_settings.url, redis_settings.cluster, socket_timeout=3, socket_connect_timeout=3)
@@ -131,7 +126,7 @@ def check_eviction(redis_settings: RedisSettings) -> None:
             eviction = redis_memory(client).eviction_problem()
         finally:
             client.close()
-    except (redis.RedisError, RedisClusterException):
+    except REDIS_FAILURES:
         return
     if eviction:
         raise ConfigError(f"--redis-url / REDIS_URL: {eviction}")

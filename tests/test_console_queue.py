@@ -14,6 +14,7 @@ import pytest
 from fraudd.console import audit, cases, links, queue, sla
 from fraudd.console.queue import FilterError, QueueFilter
 from fraudd.console.server import Housekeeper
+from fraudd.rulesets import store
 from fraudd.schema import connect
 from fraudd.settings import PostgresSettings
 
@@ -154,8 +155,11 @@ def test_the_audit_trail_is_append_only(ns: Namespace, conn: psycopg.Connection)
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             conn.execute(statement)
     assert ns.sql("SELECT actor FROM console_audit") == [("alice",)]
-    text = "".join(audit.export_csv(conn))
-    assert text.splitlines()[0] == ",".join(audit.COLUMNS) and ",alice,login," in text
+    store.audit(conn, "bob", "publish", None, note="tightened")
+    lines = "".join(audit.export_csv(conn)).splitlines()
+    assert lines[0] == ",".join(audit.EXPORT_COLUMNS)
+    assert lines[1].startswith("console,") and ",alice,login," in lines[1]
+    assert lines[2].startswith("rules,") and ",bob,publish," in lines[2] and "tightened" in lines[2]
 
 
 def test_queue_filters(ns: Namespace, conn: psycopg.Connection) -> None:

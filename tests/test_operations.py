@@ -28,6 +28,9 @@ def test_status_exit_codes_tell_down_from_behind(ns: Namespace, redis_client: re
     assert ns.fraudd("status", "--lag-limit", "6", timeout=30).returncode == 0
     down = ns.fraudd("status", "--redis-url", "redis://127.0.0.1:1/0", timeout=30)
     assert down.returncode == 1 and "redis      DOWN" in down.stdout
+    cluster_down = ns.fraudd("status", "--redis-cluster", "--shards", "4", "--redis-url", "redis://127.0.0.1:1/0", timeout=30)
+    assert cluster_down.returncode == 1 and "redis      DOWN" in cluster_down.stdout, cluster_down.stderr
+    assert "Traceback" not in cluster_down.stderr
 
 
 @pytest.mark.parametrize(

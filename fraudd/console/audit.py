@@ -2,7 +2,7 @@
 
 Every action lands here with who, when, what and before/after: sign-ins (and failed ones, which
 the login throttle counts), claims, releases, verdicts, blocks, notes, bulk actions, user changes
-and refused requests.
+and refused requests. The export adds the rules' own trail.
 """
 
 from __future__ import annotations
@@ -63,16 +63,24 @@ def failed_logins(conn: psycopg.Connection, username: str, window: timedelta) ->
     )[0]
 
 
+# The export's rows: the console's trail and the rules' (``rules_audit``: every rule-set change,
+# from the console or ``fraudd rules``), told apart by ``trail``, so one file answers an auditor.
+EXPORT_COLUMNS = ("trail", *COLUMNS)
+_EXPORT = f"""
+    SELECT 'console', {", ".join(COLUMNS)} FROM console_audit WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s
+    UNION ALL
+    SELECT 'rules', id, at, actor, action, NULL, 'rule set ' || version, NULL, detail, NULL
+      FROM rules_audit WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s
+    ORDER BY at, 1, id"""
+
+
 def export_csv(conn: psycopg.Connection, since: datetime | None = None) -> Iterator[str]:
-    """The trail (from ``since``) as CSV text chunks, oldest first, read by a server-side cursor."""
+    """Both trails (from ``since``) as CSV text chunks, oldest first, read by a server-side cursor."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(COLUMNS)
+    writer.writerow(EXPORT_COLUMNS)
     with conn.transaction(), conn.cursor(name="audit_export") as cursor:
-        cursor.execute(
-            "SELECT " + ", ".join(COLUMNS) + " FROM console_audit WHERE %s::timestamptz IS NULL OR at >= %s ORDER BY id",
-            (since, since),
-        )
+        cursor.execute(_EXPORT, {"since": since})
         for rows in iter(lambda: cursor.fetchmany(1000), []):
             for row in rows:
                 writer.writerow([_cell(value) for value in row])

@@ -376,7 +376,7 @@ def label_file(
 
     import psycopg
 
-    from fraudd.runtime.redis_clients import redis_client
+    from fraudd.runtime.redis_clients import REDIS_FAILURES, redis_client
     from fraudd.schema import connect
 
     from .labels import LabelError, confirm, confirmed_shards, parse_labels, read_label_file, store_labels
@@ -402,7 +402,7 @@ def label_file(
                 confirm(conn, confirmed, labels[start : start + 10_000])
     except psycopg.Error as exc:
         raise _postgres_failed(exc) from None
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         raise click.ClickException(f"--redis-url / REDIS_URL: {exc}") from None
     finally:
         client.close()
