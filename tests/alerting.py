@@ -27,6 +27,15 @@ from .services import free_port
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
+def webhook_channel(url: str, name: str = "hook", secret_env: str = "S", **settings: object) -> str:
+    """One webhook ``[[channels]]`` block of an alerts file: to ``url`` over plain HTTP (the local
+    receivers have no TLS), signed with the secret in the variable ``secret_env``; ``settings`` are
+    more of the channel's keys (``retry_base_s=0.05``, ``decisions=["review"]``), as TOML values."""
+    lines = ["[[channels]]", f'name = "{name}"', 'kind = "webhook"', f'url = "{url}"', "allow_insecure = true"]
+    lines += [f'secret_env = "{secret_env}"', *(f"{key} = {orjson.dumps(value).decode()}" for key, value in settings.items())]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class Failures:
     """How a path answers its next requests: ``count`` times ``status`` (with ``retry_after``, or

@@ -7,12 +7,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import orjson
 import redis
 
+from fraudd import schema
+from fraudd.console import users as console_users
+from fraudd.console.passwords import hash_password
 from fraudd.localservers import free_port
 
 from .conftest import Daemon, Namespace, wait_for
@@ -91,12 +93,12 @@ class Site:
         return rows[0][0], list(rows[0][1])
 
 
-def start_site(ns: Namespace, client: redis.Redis, tmp: Path) -> Iterator[Site]:
-    password_file = tmp / "password"
-    password_file.write_text(PASSWORD + "\n")
-    for name, role in USERS.items():
-        result = ns.fraudd("users", "add", name, "--role", role, "--password-file", str(password_file))
-        assert result.returncode == 0, result.stderr
+def start_site(ns: Namespace, client: redis.Redis) -> Iterator[Site]:
+    # Added as `fraudd users add` adds them, in this process: seven commands take seconds to start
+    # (test_console_queue runs the command itself).
+    with schema.connect(ns.postgres_url, ns.schema, autocommit=True) as conn, conn.transaction():
+        for name, role in USERS.items():
+            console_users.add(conn, "cli:tests", name, role, hash_password(PASSWORD))
     scorer = ns.start("--workers", "1")
     port, metrics_port = free_port(), free_port()
     console = ns.start_command("console", "--listen", f"127.0.0.1:{port}", "--workers", "2", "--metrics-port", str(metrics_port))

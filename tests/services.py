@@ -24,7 +24,7 @@ import redis
 from fraudd import localservers
 from fraudd.localservers import RedisServer, free_port, scratch_dir
 
-from .conftest import Namespace, running, wait_for
+from .conftest import Namespace, migrate, running, wait_for
 from .streams import fully_drained
 
 __all__ = ["RedisServer", "free_port"]
@@ -86,8 +86,7 @@ def timescaledb_postgres() -> Iterator[PostgresServer]:
 def dedicated_namespace(redis_server: RedisServer, postgres_url: str) -> Namespace:
     """A migrated namespace on the given servers (nothing to drop: the servers are scratch)."""
     namespace = Namespace(f"t{uuid.uuid4().hex[:10]}", redis_url=redis_server.url, postgres_url=postgres_url)
-    result = namespace.fraudd("migrate")
-    assert result.returncode == 0, result.stderr
+    migrate(namespace)
     return namespace
 
 

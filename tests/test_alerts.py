@@ -17,7 +17,7 @@ from fraudd.alerts.config import load
 from fraudd.alerts.deliveries import Claimed
 from fraudd.alerts.sender import POLL_S, AlertSender, SenderSettings
 
-from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
+from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer, webhook_channel
 from .conftest import Namespace, wait_for
 
 
@@ -100,13 +100,7 @@ def test_each_channel_sends_its_exact_content(
         config = write_config(
             tmp_path,
             f"""
-[[channels]]
-name = "ops-webhook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "TEST_WEBHOOK_SECRET"
-decisions = ["review", "decline"]
+{webhook_channel(receiver.url("/hook"), "ops-webhook", "TEST_WEBHOOK_SECRET", decisions=["review", "decline"])}
 
 [[channels]]
 name = "fraud-slack"
@@ -204,15 +198,7 @@ def test_a_receiver_failing_n_times_gets_one_delivery_after_n_plus_one_attempts(
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-retry_base_s = 0.05
-""",
+        webhook_channel(receiver.url("/hook"), retry_base_s=0.05),
     )
     receiver.failures["/hook"] = Failures(count=3, status=503)
     sender = run_sender(ns, config, {"S": SECRET})
@@ -264,21 +250,9 @@ def test_a_channel_down_for_good_is_dead_lettered_and_blocks_no_other(
     config = write_config(
         tmp_path,
         f"""
-[[channels]]
-name = "gone"
-kind = "webhook"
-url = "http://127.0.0.1:9/hook"
-allow_insecure = true
-secret_env = "S"
-retry_base_s = 0.02
-retry_max_s = 0.1
+{webhook_channel("http://127.0.0.1:9/hook", "gone", retry_base_s=0.02, retry_max_s=0.1)}
 
-[[channels]]
-name = "alive"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
+{webhook_channel(receiver.url("/hook"), "alive")}
 """,
     )
     sender = run_sender(ns, config, {"S": SECRET}, max_attempts=3)
@@ -319,12 +293,7 @@ def test_a_refusal_for_good_is_dead_lettered_after_one_attempt(
         config = write_config(
             tmp_path,
             f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
+{webhook_channel(receiver.url("/hook"))}
 
 [[channels]]
 name = "mail"
@@ -456,14 +425,7 @@ def test_a_flaky_receiver_failing_one_alert_in_ten_stalls_nothing(
     caplog.set_level(logging.INFO)
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-""",
+        webhook_channel(receiver.url("/hook")),
     )
     # A load balancer answering 503 to one alert in ten, twice each, then 200.
     receiver.flaky.update({f"tx_{i}:hook": 2 for i in range(0, 600, 10)})
@@ -488,16 +450,7 @@ def test_a_retry_is_made_by_its_worker_not_behind_the_backlog(
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-concurrency = 2
-retry_base_s = 0.02
-""",
+        webhook_channel(receiver.url("/hook"), concurrency=2, retry_base_s=0.02),
     )
     receiver.flaky["tx_0:hook"] = 2
     sender = run_sender(ns, config, {"S": SECRET})
@@ -519,15 +472,7 @@ def test_retries_waiting_their_back_off_do_not_poll_the_table_per_request(
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-retry_base_s = 0.4
-""",
+        webhook_channel(receiver.url("/hook"), retry_base_s=0.4),
     )
     # Every alert is claimed at its insert; one in four then retries twice, spread over its back-offs.
     receiver.flaky.update({f"tx_{i}:hook": 2 for i in range(0, 40, 4)})
@@ -563,14 +508,7 @@ def test_a_retry_held_by_a_stopping_worker_goes_back_to_the_table_on_its_retry_a
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-""",
+        webhook_channel(receiver.url("/hook")),
     )
     receiver.failures["/hook"] = Failures(count=1, status=503, retry_after="4")
     sender = run_sender(ns, config, {"S": SECRET})
@@ -600,16 +538,7 @@ def test_a_burst_of_timeouts_opens_the_circuit_once_for_a_logged_moment(
     caplog.set_level(logging.INFO)
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-timeout_s = 0.5
-concurrency = 40
-""",
+        webhook_channel(receiver.url("/hook"), timeout_s=0.5, concurrency=40),
     )
     # 26 requests hang past the timeout at once, then the receiver is healthy again.
     receiver.failures["/hook"] = Failures(count=26, status=503, delay_s=2.0)
@@ -634,15 +563,7 @@ def test_redirects_are_not_followed(
 ) -> None:
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "hook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "S"
-retry_base_s = 0.01
-""",
+        webhook_channel(receiver.url("/hook"), retry_base_s=0.01),
     )
     receiver.failures["/hook"] = Failures(count=100, status=307, location=receiver.url("/elsewhere"))
     sender = run_sender(ns, config, {"S": SECRET}, max_attempts=2)

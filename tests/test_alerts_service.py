@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis
 
-from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer
+from .alerting import SECRET, SMTP_PASSWORD, SMTP_USER, Failures, HttpReceiver, SmtpServer, webhook_channel
 from .conftest import FRAUDD, Namespace, wait_for, worker_pids
 from .services import PostgresServer, RedisServer, alive, dedicated_namespace, free_port
 from .test_alerts import alert, write_config
@@ -61,12 +61,7 @@ def webhook_config(tmp_path: Path, receiver: HttpReceiver, extra: str = "") -> P
     return write_config(
         tmp_path,
         f"""
-[[channels]]
-name = "ops-webhook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
+{webhook_channel(receiver.url("/hook"), "ops-webhook", "FRAUDD_WEBHOOK_SECRET")}
 {extra}
 """,
     )
@@ -82,18 +77,7 @@ def xadd_alerts(client: redis.Redis, ns: Namespace, txids: list[str]) -> None:
 def test_sigkilled_repeatedly_every_alert_arrives_once(
     ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        f"""
-[[channels]]
-name = "ops-webhook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-timeout_s = 1
-""",
-    )
+    config = webhook_config(tmp_path, receiver, "timeout_s = 1")
     log_path = tmp_path / "alerts.log"
     invalid = [b"not json", b'{"no_transaction_id": 1}']
 
@@ -168,18 +152,7 @@ def test_postgres_down_alerts_wait_then_each_arrives_once(
 ) -> None:
     ns = dedicated_namespace(dedicated_redis, dedicated_postgres.url)
     client = dedicated_redis.client()
-    config = write_config(
-        tmp_path,
-        f"""
-[[channels]]
-name = "ops-webhook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-timeout_s = 1
-""",
-    )
+    config = webhook_config(tmp_path, receiver, "timeout_s = 1")
 
     def publish(prefix: str, count: int) -> None:
         with client.pipeline(transaction=False) as pipe:
@@ -244,17 +217,7 @@ def _get(port: int, path: str) -> str:
 def test_the_fraud_stream_and_the_delivery_log_stay_bounded(
     ns: Namespace, redis_client: redis.Redis, receiver: HttpReceiver, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        f"""
-[[channels]]
-name = "ops-webhook"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-""",
-    )
+    config = webhook_config(tmp_path, receiver)
     with redis_client.pipeline(transaction=False) as pipe:
         for i in range(300):
             pipe.xadd(ns.fraud_stream, {"data": orjson.dumps(alert(f"tx_{i}"))})

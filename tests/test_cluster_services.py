@@ -2,7 +2,9 @@
 started by the module): ``fraudd labels`` and ``fraudd label`` counting confirmed fraud in every
 shard's slot, ``fraudd dlq list|replay|purge`` routing replays to their shards, ``fraudd status``
 per node, and ``fraudd alerts`` delivering each alert once while the fraud stream's master fails
-over and a dead channel's alerts go to the DLQ once each. Each test has a cluster of its own.
+over and a dead channel's alerts go to the DLQ once each. The tests share the module's cluster,
+each in namespaces (key tags) of its own; the failover test, after which a master has no replica,
+comes last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench.redis_cluster import RedisClusterServers
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.learning.labels import parse_labels
+from fraudd.localservers import scratch_dir
 from fraudd.runtime.consumer import StreamConsumer, ensure_group
 from fraudd.runtime.deadletters import REASON_MAX_DELIVERIES, DeadLetter, DeadLetterSettler, marker_prefix
 from fraudd.runtime.process import WorkerProcess
@@ -30,8 +33,8 @@ from fraudd.scoring import decode
 from fraudd.scoring.confirmed import KINDS
 from fraudd.settings import ConsumerSettings
 
-from .alerting import HttpReceiver
-from .conftest import Namespace, wait_for
+from .alerting import HttpReceiver, webhook_channel
+from .conftest import Namespace, running, wait_for
 from .services import DaemonProcess, stop
 from .streams import NOW, feed_labels_service, fully_drained, payload, wait_labels_stored
 from .test_alerts import write_config
@@ -39,6 +42,12 @@ from .test_alerts_service import start_alerts
 
 SHARDS = 8
 RUN_ARGS = ("--workers", "2", "--lease-ms", "1500", "--batch-size", "200")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """The module's cluster (conftest's is one per test): 2-3 s to start, once."""
+    yield from running(RedisClusterServers(scratch_dir("fraudd-cluster-")))
 
 
 @pytest.fixture
@@ -216,27 +225,11 @@ def test_dlq_list_replay_to_the_shards_and_purge_then_status_per_node(
 def test_each_alert_delivered_once_through_a_failover_and_a_dead_channel_dead_lettered_once(
     ns: Namespace, cluster_client: RedisCluster, redis_cluster: RedisClusterServers, receiver: HttpReceiver, tmp_path: Path
 ) -> None:
+    secret = "FRAUDD_WEBHOOK_SECRET"
     config = write_config(
         tmp_path,
-        f"""
-[[channels]]
-name = "ops"
-kind = "webhook"
-url = "{receiver.url("/hook")}"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-timeout_s = 1
-
-[[channels]]
-name = "gone"
-kind = "webhook"
-url = "http://127.0.0.1:9/hook"
-allow_insecure = true
-secret_env = "FRAUDD_WEBHOOK_SECRET"
-min_amount = 10000
-retry_base_s = 0.02
-retry_max_s = 0.1
-""",
+        webhook_channel(receiver.url("/hook"), "ops", secret, timeout_s=1)
+        + webhook_channel("http://127.0.0.1:9/hook", "gone", secret, min_amount=10000, retry_base_s=0.02, retry_max_s=0.1),
     )
     payloads = transactions(3000, "al", users=300, big_every=100)
     publisher = Publisher(cluster_client, ns.stream, SHARDS)

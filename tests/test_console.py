@@ -34,11 +34,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site() -> Iterator[Site]:
     client = redis.Redis.from_url(REDIS_URL, protocol=2)
     try:
         for ns in migrated_namespace(client):
-            yield from start_site(ns, client, tmp_path_factory.mktemp("console"))
+            yield from start_site(ns, client)
     finally:
         client.close()
 

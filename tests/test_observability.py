@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 
-from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, wait_for, worker_pids
+from .conftest import FRAUDD, REDIS_URL, Daemon, Namespace, migrate, wait_for, worker_pids
 from .streams import fully_drained
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
@@ -158,8 +158,7 @@ def observed() -> Iterator[Observed]:
     workdir = Path(tempfile.mkdtemp(prefix="fraudd-observability-"))
     daemon = prometheus = None
     try:
-        migrated = ns.fraudd("migrate")
-        assert migrated.returncode == 0, migrated.stderr
+        migrate(ns)
         metrics_port = free_port()
         metrics_dir = workdir / "metrics"
         stderr_path = workdir / "fraudd.stderr"

@@ -28,7 +28,7 @@ from fraudd.scoring.settings import ScoringSettings
 from fraudd.scoring.shards import ShardReader
 from fraudd.settings import ConsumerSettings, MetricsSettings, PostgresSettings, RedisSettings
 
-from .conftest import Namespace, kill_workers_until, wait_for, worker_pids
+from .conftest import Namespace, kill_workers_until, migrate, wait_for, worker_pids
 from .services import start, stop
 from .streams import alerts, dlq, fully_drained
 
@@ -50,7 +50,7 @@ def lease_owners(client: redis.Redis, ns: Namespace, shards: int) -> list[str | 
 @pytest.fixture
 def second_ns(redis_client: redis.Redis):
     namespace = Namespace(f"t{uuid.uuid4().hex[:10]}")
-    assert namespace.fraudd("migrate").returncode == 0
+    migrate(namespace)
     yield namespace
     namespace.drop(redis_client)
 
