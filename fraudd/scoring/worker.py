@@ -310,8 +310,10 @@ class ScoringWorker:
         started = time.perf_counter()
         try:
             features = decoded[0][0].shard.consumer.until_done(lambda: self._features_together(decoded), "redis")
-        except (Stopping, Fenced):
+        except Stopping:
             raise
+        except Fenced:
+            return [None] * len(decoded)  # one shard was lost: each part alone finds out which
         except Exception as exc:  # noqa: BLE001 - the data is at fault: find it shard by shard
             log.warning(
                 "read failed to compute its features, scoring shard by shard", extra={"event": "batch_split", "error": repr(exc)}
@@ -430,8 +432,10 @@ class ScoringWorker:
                 works[0].shard.consumer.until_done(lambda: self._store_checked(works, batches), "postgres")
                 metrics.stage_duration.labels("copy").observe(time.perf_counter() - started)
                 return {work: work.scored for work in works}
-            except (Stopping, Fenced):
+            except Stopping:
                 raise
+            except Fenced:
+                pass  # one shard was lost while the COPY waited: the others' parts are stored apart
             except Exception as exc:  # noqa: BLE001 - the data is at fault: find it part by part
                 log.warning("read failed to store, storing shard by shard", extra={"event": "batch_split", "error": repr(exc)})
         stored: dict[Settlement, list[ScoredBatch]] = {}
