@@ -377,6 +377,14 @@ def test_a_dead_workers_counts_survive_and_its_files_go(observed: Observed) -> N
     assert after["fraudd_workers_alive{}"] == WORKERS
 
 
+def test_end_to_end_latency_is_observed_once_per_scored_transaction(observed: Observed) -> None:
+    after = observed.after_restart
+    count = after["fraudd_end_to_end_latency_seconds_count{}"]
+    assert count == VALID
+    # Commit time minus the stream id's time: positive, and within the test's own span.
+    assert 0 < after["fraudd_end_to_end_latency_seconds_sum{}"] / count < 60
+
+
 def test_healthz_is_200_while_healthy(observed: Observed) -> None:
     status, body = http_get(observed.metrics_url.replace("/metrics", "/healthz"))
     assert (status, body) == (200, "ok\n")

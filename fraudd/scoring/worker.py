@@ -310,10 +310,8 @@ class ScoringWorker:
         started = time.perf_counter()
         try:
             features = decoded[0][0].shard.consumer.until_done(lambda: self._features_together(decoded), "redis")
-        except Stopping:
+        except (Stopping, Fenced):
             raise
-        except Fenced:
-            return [None] * len(decoded)  # one shard was lost: each part alone finds out which
         except Exception as exc:  # noqa: BLE001 - the data is at fault: find it shard by shard
             log.warning(
                 "read failed to compute its features, scoring shard by shard", extra={"event": "batch_split", "error": repr(exc)}
@@ -610,7 +608,8 @@ class ScoringWorker:
                 _count_pairs(metrics.shadow_decisions, scored.decision, scored.shadow.decision)
             if scored.shadow_rules is not None:
                 _count_pairs(metrics.shadow_rules_decisions, scored.decision, scored.shadow_rules.decision)
-            accepted_ms = np.array([int(i[: i.index("-")]) for i in scored.batch.entry_ids], dtype=np.float64)
+            # An entry id is "<ms>-<seq>": one join and one split give every id's milliseconds.
+            accepted_ms = np.array("-".join(scored.batch.entry_ids).split("-")[::2], dtype=np.int64).astype(np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
