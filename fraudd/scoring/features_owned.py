@@ -105,9 +105,10 @@ class OwnedFeatureStore:
 
         States and markers are read with plain HMGETs, not inside the read Function: an argument a
         Function passes on costs Redis a Lua string and a second command argument, more than the
-        HMGET itself (callgrind: the read's ≈ 7,500 instructions of Redis per transaction became
-        ≈ 2,900). The Function is called without users or markers, for the blocklists alone (a
-        few arguments per batch: an empty list costs one SCARD)."""
+        HMGET itself (``python -m bench redis-instructions``: the read's ≈ 8,700 instructions of
+        Redis per transaction at 8 shards became ≈ 2,500). The Function is called without users or
+        markers, for the blocklists alone (a few arguments per batch: an empty list costs one
+        SCARD)."""
         candidates = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms)
         missing = [name for name in p.names if name not in self._states]
         periods: list[Command] = [("HMGET", key, *missing) for key in reversed(state_periods(self._keys, now))] if missing else []
@@ -124,7 +125,7 @@ class OwnedFeatureStore:
         """The read's replies taken in: states into memory, the transactions found counted before
         marked seen (at their original's time, copies too); returns the blocklist flags."""
         p = read.prepared
-        periods = replies[:3] if read.missing else []
+        periods = replies[: len(state_periods(self._keys, now))] if read.missing else []
         markers = replies[len(periods) : -1]
         _latest, _states, _seen, *blocklist_hits = replies[-1]
         # The newest period holding any of the states: 1, 0 or -1 from this host's.
