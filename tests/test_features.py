@@ -371,6 +371,21 @@ def test_markers_are_one_hash_per_event_minute_living_the_window(client: redis.R
     assert 590_000 < client.pttl(keys.seen_bucket(minute)) <= 600_000
 
 
+def test_a_marker_bucket_is_a_hash_table_of_its_markers_alone(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+    """A listpack bucket (as a worker of the release before leaves one) is scanned for every marker
+    added or looked up: the commit makes new and listpack buckets hash tables, and the field that
+    converts them leaves with it."""
+    minute = int(T0 * 1000) // dedup.BUCKET_MS
+    counted = tx(T0)
+    client.hset(keys.seen_bucket(minute), counted["transaction_id"], int(T0 * 1000) - minute * dedup.BUCKET_MS)
+    assert client.object("encoding", keys.seen_bucket(minute)) == b"listpack"
+    txs = [counted, tx(T0 + 1, user="bob"), tx(T0 + 60)]
+    assert store.compute(batch(*txs)).seen.tolist() == [True, False, False]
+    for b, ids in ((minute, txs[:2]), (minute + 1, txs[2:])):
+        assert client.object("encoding", keys.seen_bucket(b)) == b"hashtable"
+        assert sorted(client.hkeys(keys.seen_bucket(b))) == sorted(t["transaction_id"].encode() for t in ids)
+
+
 def test_was_seen_answers_for_counted_transactions_only(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
     counted = [tx(T0), tx(T0 + 3600, user="bob")]
     store.compute(batch(*counted))

@@ -118,6 +118,23 @@ local function hset_range(key, args, from, to)
     end
 end
 
+-- A marker bucket is kept a hash table, never a listpack. Redis stores a hash of up to
+-- hash-max-listpack-entries (512) short fields as a listpack, in which every field an HSET adds or
+-- an HMGET looks up is found by scanning the bucket: below ≈ 8 transactions per second of event
+-- time per shard a whole minute's bucket is one, and at 10 tx/s on one shard those scans were half
+-- of Redis's instructions. A value longer than hash-max-listpack-value (64) converts the hash: the
+-- field '' (never a transaction id, which has 1-64 characters) carries one into the bucket ahead of
+-- the markers, and leaves it in the same call, so a bucket still holds its markers alone. Already
+-- a hash table (as soon as it held 512 markers, or from an earlier batch), the bucket costs two
+-- O(1) calls more per batch. HSET of args[from..to] (transaction id, offset pairs) into the marker
+-- bucket key.
+local function add_markers(key, args, from, to)
+    -- (the library's load can't reach `string`: the value is made here)
+    redis.call('HSET', key, '', string.rep('-', 1024))
+    hset_range(key, args, from, to)
+    redis.call('HDEL', key, '')
+end
+
 local function commit(keys, args)
     local window_ms, ttl_ms, n_users, n_buckets = args[1], args[2], tonumber(args[3]), tonumber(args[4])
     local stamps, counts, owners = args[5], args[6], args[7]
@@ -173,7 +190,7 @@ local function commit(keys, args)
         local m = u32(counts, b)
         local key = keys[PERIODS + b]
         if clean then
-            hset_range(key, args, pair + 1, pair + 2 * m)
+            add_markers(key, args, pair + 1, pair + 2 * m)
         else
             local pairs = {}
             for k = 1, m do
@@ -182,7 +199,7 @@ local function commit(keys, args)
                     pairs[#pairs + 1] = args[pair + 2 * k]
                 end
             end
-            if #pairs > 0 then hset_range(key, pairs, 1, #pairs) end
+            if #pairs > 0 then add_markers(key, pairs, 1, #pairs) end
         end
         call('PEXPIRE', key, window_ms)
         pair, marker = pair + 2 * m, marker + m
