@@ -656,8 +656,59 @@ def format_soak(result: dict) -> str:
             f"{result['drained_s_after_last_send']}s after the last send; rows {result['rows']:,}, "
             f"{'exactly once' if result['exactly_once'] else 'MISMATCH'}; "
             f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
+            "",
+            "per minute (CPU-µs per transaction scored; the producer's per transaction offered; last row: the drain)",
+            report.table(
+                [_soak_window_row(w) for w in [*result["per_minute"], result["drain_window"]]],
+                [
+                    "t s",
+                    "scored/s",
+                    "lag",
+                    "workers",
+                    "redis",
+                    "fcall",
+                    "postgres",
+                    "pg backends",
+                    "producer",
+                    "pipeline",
+                    "WAL B/row",
+                    "FPI/row",
+                    "ckpts",
+                    "idx read %",
+                    "rows",
+                    "pkey MiB",
+                    "user_time MiB",
+                    "redis MiB",
+                    "redis keys",
+                ],
+            ),
         ]
     )
+
+
+def _soak_window_row(w: dict) -> list:
+    cpu = w["cpu_us_per_tx"]
+    return [
+        w["t"],
+        f"{w['scored_per_s']:,.0f}",
+        f"{w['lag']:,}",
+        cpu["workers"],
+        cpu["redis"],
+        w["redis_us_per_tx"].get("fcall", 0.0),
+        cpu["postgres"],
+        cpu["postgres_backends"],
+        "-" if cpu.get("producer") is None else cpu["producer"],
+        w["pipeline_cpu_us_per_tx"],
+        f"{w['wal_bytes_per_row']:,.0f}",
+        w["wal_fpi_per_row"],
+        w["checkpoints"],
+        w["index_blocks_read_outside_shared_buffers_pct"],
+        f"{w['rows']:,}",
+        w["index_mib"].get("transactions_pkey", 0.0),
+        w["index_mib"].get("transactions_user_time", 0.0),
+        w["redis_mib"],
+        f"{w['redis_keys']:,}",
+    ]
 
 
 @main.command("rules-backtest")
