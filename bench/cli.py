@@ -20,7 +20,7 @@ import click
 import orjson
 import redis
 
-from bench import alerts, console, copy_indexes, latency, plots, report, services, soak, throughput
+from bench import alerts, console, copy_growth, copy_indexes, latency, plots, report, services, soak, throughput
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -467,6 +467,56 @@ def copy_indexes_cmd(
     else:
         result = copy_indexes.run(redis_url, postgres_url, rows, rounds, echo, after_checkpoint, preload)
     click.echo(copy_indexes.format_result(result))
+
+
+@main.command("copy-growth")
+@click.option("-n", "--rows", default=1_000, show_default=True, help="Scored transactions per COPY (a worker's batch).")
+@click.option("--total", default=6_000_000, show_default=True, help="Rows the day's partition ends with.")
+@click.option("--step", default=500_000, show_default=True, help="Rows between two lines of figures.")
+@_PRIVATE_SERVICES
+@click.option(
+    "--pg-setting",
+    "pg_settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="With --private-services: a setting of the private PostgreSQL to price (shared_buffers=1GB, say).",
+)
+@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
+@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@_OUT_DIR
+def copy_growth_cmd(
+    rows: int,
+    total: int,
+    step: int,
+    private_services: bool,
+    pg_settings: tuple[str, ...],
+    redis_url: str,
+    postgres_url: str,
+    out_dir: Path,
+) -> None:
+    """PostgreSQL's CPU, WAL and index reads per row of the workers' COPY as one day's partition fills."""
+    started = time.time()
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    if pg_settings and not private_services:
+        raise click.UsageError("--pg-setting needs --private-services")
+
+    def measure(r: str, p: str, services_info: dict) -> None:
+        result = copy_growth.run(r, p, rows, total, step, echo)
+        document = report.document(
+            "copy-growth",
+            started,
+            lambda: report.machine(redis.Redis.from_url(r, decode_responses=True), p),
+            result,
+            services=services_info,
+        )
+        click.echo(f"report: {report.write(report.out_path(out_dir, 'copy-growth'), document)}")
+
+    if private_services:
+        overrides = dict(setting.split("=", 1) for setting in pg_settings)
+        with services.private(redis_url, postgres_url, echo, pg_overrides=overrides) as (r, p, settings):
+            measure(r, p, {"private": True, **settings})
+    else:
+        measure(redis_url, postgres_url, {"private": False})
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:

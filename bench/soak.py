@@ -74,6 +74,7 @@ def run(
         first = probe.snapshot()
         sampler = trend.Sampler(probe, client, ns.postgres_url, ns.schema)
         trend_samples: list[trend.Sample] = []
+        minute_from = 0  # the sample the current minute's line starts at
         samples: list[dict] = []
         workers_seen: set[int] = set()
         next_sample = time.monotonic()
@@ -85,6 +86,9 @@ def run(
                 state = group_state(client, ns)
                 t = time.time() - t0
                 trend_samples.append(sampler.take(t, state.acked, state.entries_read + state.lag, state.lag))
+                if t - trend_samples[minute_from].t >= 60.0:
+                    setup.echo(trend.line(trend.window(trend_samples[minute_from], trend_samples[-1])))
+                    minute_from = len(trend_samples) - 1
                 samples.append(
                     {
                         "t": round(t, 2),

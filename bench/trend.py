@@ -29,7 +29,7 @@ REDIS_COMMANDS = ("fcall", "hmget", "evalsha", "xreadgroup")
 PROCESSES = ("workers", "supervisor", "redis", "postgres", "producer")
 
 _POSTGRES_COUNTERS = """
-SELECT w.wal_bytes::bigint, w.wal_fpi, w.wal_records,
+SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, w.wal_fpi, w.wal_records,
        b.checkpoints_timed + b.checkpoints_req, b.buffers_checkpoint, b.buffers_clean, b.buffers_backend,
        (SELECT coalesce(sum(idx_blks_read), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = %(schema)s),
        (SELECT coalesce(sum(idx_blks_hit), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = %(schema)s),
@@ -157,6 +157,17 @@ def window(first: Sample, last: Sample) -> dict:
         "redis_mib": round(last.redis_memory / MIB, 1),
         "redis_keys": last.redis_keys,
     }
+
+
+def line(w: dict) -> str:
+    """A window in one line, for following a long run as it goes."""
+    cpu = w["cpu_us_per_tx"]
+    return (
+        f"t {w['t']:6.0f}s  {w['scored_per_s']:8,.0f} tx/s  lag {w['lag']:>9,}  CPU-µs/tx: workers {cpu['workers']:6.1f}  "
+        f"redis {cpu['redis']:5.1f}  postgres {cpu['postgres']:5.1f} (backends {cpu['postgres_backends']:5.1f})  "
+        f"WAL {w['wal_bytes_per_row']:5.0f} B/row  FPI/row {w['wal_fpi_per_row']:.3f}  checkpoints {w['checkpoints']}  "
+        f"rows {w['rows']:,}"
+    )
 
 
 def windows(samples: list[Sample], seconds: float) -> list[dict]:
