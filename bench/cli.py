@@ -201,7 +201,7 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
     )
     path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
-    draw = {"throughput": plots.throughput, "latency": plots.latency}.get(mode)
+    draw = {"throughput": plots.throughput, "latency": plots.latency, "soak": plots.soak}.get(mode)
     if draw is not None:
         title = f"{' '.join(document['command'])}  ({document['started_at']})"
         click.echo(f"\npicture: {draw(result, title, click.get_current_context().meta['pictures_dir'])}")
