@@ -730,6 +730,7 @@ def format_soak(result: dict) -> str:
                     "user_time MiB",
                     "redis MiB",
                     "redis keys",
+                    "other cores",
                 ],
             ),
         ]
@@ -758,6 +759,7 @@ def _soak_window_row(w: dict) -> list:
         w["index_mib"].get("transactions_user_time", 0.0),
         w["redis_mib"],
         f"{w['redis_keys']:,}",
+        w["other_cores"],
     ]
 
 

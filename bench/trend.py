@@ -141,6 +141,8 @@ def window(first: Sample, last: Sample) -> dict:
         "cpu_us_per_tx": cpu,
         "pipeline_cpu_us_per_tx": round(spent.pipeline_cpu_us_per_tx, 2),
         "machine_utilisation": spent.as_dict()["machine_utilisation"],
+        # Cores kept busy by what is not this run's (other people's work on a shared box).
+        "other_cores": round(spent.other_cpu_s / seconds, 2) if seconds else 0.0,
         "redis_us_per_tx": {
             name: spent.redis_commands[name]["us_per_tx"] for name in REDIS_COMMANDS if name in spent.redis_commands
         },
@@ -166,7 +168,7 @@ def line(w: dict) -> str:
         f"t {w['t']:6.0f}s  {w['scored_per_s']:8,.0f} tx/s  lag {w['lag']:>9,}  CPU-µs/tx: workers {cpu['workers']:6.1f}  "
         f"redis {cpu['redis']:5.1f}  postgres {cpu['postgres']:5.1f} (backends {cpu['postgres_backends']:5.1f})  "
         f"WAL {w['wal_bytes_per_row']:5.0f} B/row  FPI/row {w['wal_fpi_per_row']:.3f}  checkpoints {w['checkpoints']}  "
-        f"rows {w['rows']:,}"
+        f"rows {w['rows']:,}  other work {w['other_cores']:.2f} cores"
     )
 
 
