@@ -96,7 +96,7 @@ _common_options = _all(
         show_default=True,
         expose_value=False,
         callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
-        help="Where throughput.png and latency.png go (next to RESULTS.md).",
+        help="Where throughput.png, latency.png and soak.png go (next to RESULTS.md).",
     ),
     click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
 )
@@ -481,8 +481,7 @@ def copy_indexes_cmd(
     metavar="NAME=VALUE",
     help="With --private-services: a setting of the private PostgreSQL to price (shared_buffers=1GB, say).",
 )
-@click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
-@click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
+@_servers
 @_OUT_DIR
 def copy_growth_cmd(
     rows: int,

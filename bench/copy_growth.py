@@ -17,7 +17,9 @@ where the WAL and the buffer counters are this COPY's alone.
 from __future__ import annotations
 
 import time
+import uuid
 
+import numpy as np
 import psycopg
 import redis
 
@@ -28,6 +30,7 @@ from fraudd.schema import connect
 from fraudd.scoring.sinks import _COLUMN_LIST, _copy_binary
 
 MIB = 2**20
+USERS = 5_000_000
 _COUNTERS = """
 SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, (SELECT wal_fpi FROM pg_stat_wal),
        (SELECT buffers_backend FROM pg_stat_bgwriter),
@@ -54,7 +57,7 @@ def run(redis_url: str, postgres_url: str, rows: int, total: int, step: int, ech
     try:
         ns.migrate()
         scored = generated_scored_batch(ns, client, rows)
-        ids = scored.batch.transaction_id
+        rng = np.random.default_rng(11)
         with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
             conn.execute("SET TIME ZONE 'UTC'")
             backend = int(_one(conn, "SELECT pg_backend_pid()"))
@@ -62,9 +65,12 @@ def run(redis_url: str, postgres_url: str, rows: int, total: int, step: int, ech
             while done < total:
                 before, cpu_before, started = _counters(conn), procstat.run_s(backend), time.perf_counter()
                 copy_s = 0.0
-                for r in range(done // rows, (done + step) // rows):
-                    # Fresh ids every COPY, spread over the whole key range as random ids are.
-                    scored.batch.transaction_id = [f"{t}-{r}" for t in ids]
+                for _ in range(step // rows):
+                    # Random ids (a gateway's UUIDs) and users drawn from millions: each row lands on a
+                    # leaf anywhere in both indexes, as in a day's partition of production traffic.
+                    # (The generator's own ids count up, so its rows would all go to the rightmost leaf.)
+                    scored.batch.transaction_id = [uuid.uuid4().hex for _ in range(rows)]
+                    scored.batch.user_id = [f"user_{u}" for u in rng.integers(0, USERS, rows).tolist()]
                     payload = _copy_binary([scored])
                     copy_started = time.perf_counter()
                     with conn.cursor().copy(f"COPY transactions ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
