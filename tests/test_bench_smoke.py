@@ -152,14 +152,15 @@ def test_soak(tmp_path: Path) -> None:
         assert 10 < worker["first_window_mib"] < 2000 and worker["max_mib"] >= worker["last_window_mib"]
     assert result["max_lag_entries"] >= 0 and len(result["samples"]) >= 3
     assert_usage(result["usage"])
-    # The cost per transaction over time: every window of the send accounts for its transactions,
-    # and the drain's window ends with every row stored.
-    windows = [*result["per_sample"], result["drain_window"]]
+    # The cost per transaction over time: windows of the send, and the drain's, which ends with
+    # every row stored.
     assert len(result["per_sample"]) >= 2 and result["per_minute"]
     assert result["drain_window"]["rows"] == result["rows"]
-    scoring = [w for w in windows if w["scored"] > 0]
-    assert scoring and all(w["cpu_us_per_tx"]["workers"] > 0 and w["wal_bytes_per_row"] > 0 for w in scoring)
-    assert all(w["index_mib"]["transactions_pkey"] > 0 for w in scoring)
+    # Over a whole minute (here the run) the workers' CPU and the WAL show; a one-second window
+    # can fall between two of the kernel's 10 ms ticks.
+    whole = result["per_minute"][0]
+    assert whole["scored"] > 0 and whole["cpu_us_per_tx"]["workers"] > 0 and whole["wal_bytes_per_row"] > 0
+    assert result["drain_window"]["index_mib"]["transactions_pkey"] > 0
     assert (tmp_path / "soak.png").stat().st_size > 0
     assert_dropped(result["namespace"])
 
