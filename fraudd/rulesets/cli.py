@@ -144,9 +144,9 @@ def report(version: int, since: str, minutes_per_case: float, as_json: bool, **p
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.get(conn, version)
-        stored = backtest.load(settings.postgres.url, settings.postgres.schema, parse_duration(since), str(version))
-    result = backtest.compare(stored, stored.shadow, minutes_per_case)
-    result["candidate"] = str(version)
+        result = backtest.shadow_report(
+            settings.postgres.url, settings.postgres.schema, parse_duration(since), version, minutes_per_case
+        )
     _show(result, as_json)
 
 
