@@ -20,7 +20,19 @@ import click
 import orjson
 import redis
 
-from bench import alerts, console, copy_growth, copy_indexes, latency, plots, report, services, soak, throughput
+from bench import (
+    alerts,
+    console,
+    copy_growth,
+    copy_indexes,
+    latency,
+    plots,
+    redis_instructions,
+    report,
+    services,
+    soak,
+    throughput,
+)
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -429,6 +441,26 @@ def console_writes_cmd(rows: int, rounds: int, redis_url: str, postgres_url: str
     """What the console's index on transactions adds to the scoring's COPY, per row."""
     result = console.index_cost(redis_url, postgres_url, rows, rounds, lambda line: click.echo(line, err=True))
     click.echo(console.format_index_cost(result))
+
+
+@main.command("redis-instructions")
+@click.option(
+    "-n", "--transactions", default=20_000, show_default=True, help="Transactions replayed (valgrind: ≈ 1 min per 10,000)."
+)
+@click.option("--shards", default=8, show_default=True, help="Input shards (1: the shared store, the default deployment).")
+@click.option("--workers", default=2, show_default=True, help="Consumers, taking turns; with shards each owns shard k mod this.")
+@click.option("--batch-size", default=1000, show_default=True, help="Entries per read, over all of a consumer's shards.")
+@click.option(
+    "--event-rate", default=10.0, show_default=True, help="Event-time pace of the transactions (tx/s), as throughput's."
+)
+@click.option("--resent-every", default=50, show_default=True, help="Every N-th transaction is sent again (0: none).")
+def redis_instructions_cmd(
+    transactions: int, shards: int, workers: int, batch_size: int, event_rate: float, resent_every: int
+) -> None:
+    """Redis's instructions per transaction (callgrind) of the scoring's Redis calls: deterministic."""
+    echo = functools.partial(click.echo, err=True)
+    result = redis_instructions.measure(transactions, shards, workers, batch_size, event_rate, resent_every, echo)
+    click.echo(redis_instructions.format_result(result))
 
 
 @main.command("copy-indexes")
