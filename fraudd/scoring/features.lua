@@ -196,7 +196,9 @@ races on its users. The worker keeps their states in memory and reads from Redis
 it does not hold, which of the batch's transactions were counted before, and the blocklists
 (fraudd_owned_read_v6, read-only); it then writes states and markers once, in a MULTI/EXEC of plain
 commands under WATCH of the lease (features.py), not here: the same HSETs cost Redis about twice as
-much called from Lua, with every state passed through as an argument.
+much called from Lua, with every state passed through as an argument. For the same reason today's
+workers read the states and markers with plain HMGETs and call this with u = b = 0, for the
+blocklists alone; it still reads users and markers for a worker of the release before.
 ]]
 
 -- KEYS: [1..3] state periods, then b marker buckets, then the five blocklists.
