@@ -20,7 +20,19 @@ import click
 import orjson
 import redis
 
-from bench import alerts, console, copy_indexes, latency, plots, redis_instructions, report, services, soak, throughput
+from bench import (
+    alerts,
+    console,
+    copy_growth,
+    copy_indexes,
+    latency,
+    plots,
+    redis_instructions,
+    report,
+    services,
+    soak,
+    throughput,
+)
 from bench.namespace import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.runners import Setup
 from bench.usage import redis_nodes
@@ -96,7 +108,7 @@ _common_options = _all(
         show_default=True,
         expose_value=False,
         callback=lambda ctx, _param, value: ctx.meta.setdefault("pictures_dir", value),
-        help="Where throughput.png and latency.png go (next to RESULTS.md).",
+        help="Where throughput.png, latency.png and soak.png go (next to RESULTS.md).",
     ),
     click.argument("fraudd_args", nargs=-1, type=click.UNPROCESSED),
 )
@@ -201,7 +213,7 @@ def _finish(mode: str, setup: Setup, started: float, result: dict, summary: str)
     )
     path = report.write(report.out_path(setup.out_dir, mode), document)
     click.echo(summary)
-    draw = {"throughput": plots.throughput, "latency": plots.latency}.get(mode)
+    draw = {"throughput": plots.throughput, "latency": plots.latency, "soak": plots.soak}.get(mode)
     if draw is not None:
         title = f"{' '.join(document['command'])}  ({document['started_at']})"
         click.echo(f"\npicture: {draw(result, title, click.get_current_context().meta['pictures_dir'])}")
@@ -489,6 +501,55 @@ def copy_indexes_cmd(
     click.echo(copy_indexes.format_result(result))
 
 
+@main.command("copy-growth")
+@click.option("-n", "--rows", default=1_000, show_default=True, help="Scored transactions per COPY (a worker's batch).")
+@click.option("--total", default=6_000_000, show_default=True, help="Rows the day's partition ends with.")
+@click.option("--step", default=500_000, show_default=True, help="Rows between two lines of figures.")
+@_PRIVATE_SERVICES
+@click.option(
+    "--pg-setting",
+    "pg_settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="With --private-services: a setting of the private PostgreSQL to price (shared_buffers=1GB, say).",
+)
+@_servers
+@_OUT_DIR
+def copy_growth_cmd(
+    rows: int,
+    total: int,
+    step: int,
+    private_services: bool,
+    pg_settings: tuple[str, ...],
+    redis_url: str,
+    postgres_url: str,
+    out_dir: Path,
+) -> None:
+    """PostgreSQL's CPU, WAL and index reads per row of the workers' COPY as one day's partition fills."""
+    started = time.time()
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    if pg_settings and not private_services:
+        raise click.UsageError("--pg-setting needs --private-services")
+
+    def measure(r: str, p: str, services_info: dict) -> None:
+        result = copy_growth.run(r, p, rows, total, step, echo)
+        document = report.document(
+            "copy-growth",
+            started,
+            lambda: report.machine(redis.Redis.from_url(r, decode_responses=True), p),
+            result,
+            services=services_info,
+        )
+        click.echo(f"report: {report.write(report.out_path(out_dir, 'copy-growth'), document)}")
+
+    if private_services:
+        overrides = dict(setting.split("=", 1) for setting in pg_settings)
+        with services.private(redis_url, postgres_url, echo, pg_overrides=overrides) as (r, p, settings):
+            measure(r, p, {"private": True, **settings})
+    else:
+        measure(redis_url, postgres_url, {"private": False})
+
+
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
     """The maximum rate: the flag, a given report, the newest throughput report run with the same
     fraudd flags, or a fresh fraudd-only drain, in that order."""
@@ -676,8 +737,61 @@ def format_soak(result: dict) -> str:
             f"{result['drained_s_after_last_send']}s after the last send; rows {result['rows']:,}, "
             f"{'exactly once' if result['exactly_once'] else 'MISMATCH'}; "
             f"CPU-µs/tx {result['usage']['pipeline_cpu_us_per_tx']}",
+            "",
+            "per minute (CPU-µs per transaction scored; the producer's per transaction offered; last row: the drain)",
+            report.table(
+                [_soak_window_row(w) for w in [*result["per_minute"], result["drain_window"]]],
+                [
+                    "t s",
+                    "scored/s",
+                    "lag",
+                    "workers",
+                    "redis",
+                    "fcall",
+                    "postgres",
+                    "pg backends",
+                    "producer",
+                    "pipeline",
+                    "WAL B/row",
+                    "FPI/row",
+                    "ckpts",
+                    "idx read %",
+                    "rows",
+                    "pkey MiB",
+                    "user_time MiB",
+                    "redis MiB",
+                    "redis keys",
+                    "other cores",
+                ],
+            ),
         ]
     )
+
+
+def _soak_window_row(w: dict) -> list:
+    cpu = w["cpu_us_per_tx"]
+    return [
+        w["t"],
+        f"{w['scored_per_s']:,.0f}",
+        f"{w['lag']:,}",
+        cpu["workers"],
+        cpu["redis"],
+        w["redis_us_per_tx"].get("fcall", 0.0),
+        cpu["postgres"],
+        cpu["postgres_backends"],
+        "-" if cpu.get("producer") is None else cpu["producer"],
+        w["pipeline_cpu_us_per_tx"],
+        f"{w['wal_bytes_per_row']:,.0f}",
+        w["wal_fpi_per_row"],
+        w["checkpoints"],
+        w["index_blocks_read_outside_shared_buffers_pct"],
+        f"{w['rows']:,}",
+        w["index_mib"].get("transactions_pkey", 0.0),
+        w["index_mib"].get("transactions_user_time", 0.0),
+        w["redis_mib"],
+        f"{w['redis_keys']:,}",
+        w["other_cores"],
+    ]
 
 
 @main.command("rules-backtest")

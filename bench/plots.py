@@ -2,7 +2,9 @@
 
 ``latency.png``: p50/p99/p99.9 against the offered load, up to the highest rate run, and the
 latency CDF at the rate nearest half the maximum. ``throughput.png``: CPU-µs per transaction of
-each drain, stacked by process, and fraudd's workers split by stage. Drawn with matplotlib's
+each drain, stacked by process, and fraudd's workers split by stage. ``soak.png``: each process's
+CPU-µs per transaction minute by minute, against the rows stored and the lag, so a cost that grows
+with time or data shows as a slope. Drawn with matplotlib's
 file-only backend: no display is needed.
 """
 
@@ -77,6 +79,27 @@ def throughput(result: dict, title: str, directory: Path = HERE) -> Path:
         axes.text(0.99, 0.97, "\n".join(off_scale), transform=axes.transAxes, ha="right", va="top", fontsize=8)
     axes.grid(True, axis="y", alpha=0.3)
     return _save(figure, directory / "throughput.png")
+
+
+def soak(result: dict, title: str, directory: Path = HERE) -> Path:
+    minutes = result["per_minute"]
+    figure, (cost, state) = plt.subplots(1, 2, figsize=(12, 4.5))
+    t = [w["t"] for w in minutes]
+    for process in ("workers", "redis", "postgres", "postgres_backends", "producer"):
+        values = [w["cpu_us_per_tx"].get(process) for w in minutes]
+        if any(v is not None for v in values):
+            cost.plot(t, values, marker="o", label=process, color=_colour(process))
+    cost.set(xlabel="seconds into the run", ylabel="CPU-µs per transaction", title="cost per transaction, minute by minute")
+    cost.set_ylim(bottom=0)
+    cost.grid(True, alpha=0.3)
+    cost.legend(fontsize=8)
+    state.plot(t, [w["rows"] / 1e6 for w in minutes], marker="o", label="rows stored (millions)")
+    state.plot(t, [w["lag"] / 1e6 for w in minutes], marker="o", label="lag (millions of entries)")
+    state.set(xlabel="seconds into the run", title="what the run had stored, and how far behind it was")
+    state.grid(True, alpha=0.3)
+    state.legend(fontsize=8)
+    figure.suptitle(textwrap.fill(title, 140), fontsize=9)
+    return _save(figure, directory / "soak.png")
 
 
 def _plain(axis) -> None:

@@ -63,26 +63,36 @@ class GroupState:
 
 
 def group_state(client: redis.Redis, ns: Namespace) -> GroupState:
-    """The group over the namespace's input (summed over its shards; consumers: distinct names)."""
+    """The group over the namespace's input (summed over its shards; consumers: distinct names).
+
+    One round trip for every shard: the latency and soak runs poll this every few milliseconds, on
+    the cores they measure.
+    """
+    sharded = ns.shards > 1
+    pipe = client.pipeline(transaction=False)
+    for stream in ns.streams:
+        pipe.xinfo_groups(stream)
+        if sharded:
+            # A worker joins the groups of the shards it owns only.
+            pipe.xinfo_consumers(stream, ns.group)
+    replies = pipe.execute()
     read = pending = lag = 0
     names: set[str] = set()
-    for stream in ns.streams:
-        for group in client.xinfo_groups(stream):
-            if group["name"] == ns.group:
-                read += group["entries-read"] or 0
-                shard_lag = group["lag"]
-                if shard_lag is None:
-                    # Redis cannot tell after deletions inside the unread range; count it instead.
-                    shard_lag = int(client.xinfo_stream(stream)["entries-added"]) - (group["entries-read"] or 0)
-                pending += int(group["pending"])
-                lag += int(shard_lag)
-                if ns.shards == 1:
-                    return GroupState(read, pending, lag, int(group["consumers"]))
-                # A worker joins the groups of the shards it owns only.
-                names.update(c["name"] for c in client.xinfo_consumers(stream, ns.group))
-                break
-        else:
+    for index, stream in enumerate(ns.streams):
+        groups = replies[index * 2 if sharded else index]
+        group = next((g for g in groups if g["name"] == ns.group), None)
+        if group is None:
             raise ConsumerFailed(f"consumer group {ns.group} missing on {stream}")
+        read += group["entries-read"] or 0
+        shard_lag = group["lag"]
+        if shard_lag is None:
+            # Redis cannot tell after deletions inside the unread range; count it instead.
+            shard_lag = int(client.xinfo_stream(stream)["entries-added"]) - (group["entries-read"] or 0)
+        pending += int(group["pending"])
+        lag += int(shard_lag)
+        if not sharded:
+            return GroupState(read, pending, lag, int(group["consumers"]))
+        names.update(c["name"] for c in replies[index * 2 + 1])
     return GroupState(read, pending, lag, len(names))
 
 

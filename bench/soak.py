@@ -10,6 +10,12 @@ The alert stream is the one exception: ``fraudd alerts`` trims it once delivered
 runs no alert service, so its memory is sampled apart and left out of the figure that must be flat.
 Growth is the mean of the last window minus the mean of the first; a window is a minute, or a
 third of a shorter run.
+
+Every sample also feeds ``bench.trend``: each process's CPU per transaction, PostgreSQL's WAL,
+checkpoints and index sizes, Redis's keys, per minute (``per_minute``) and per sample
+(``per_sample``) while the producer sends, and over the drain after its last send
+(``drain_window``). A cost per transaction
+that rises with time or with the data stored is a defect even while the run keeps up.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 
 import numpy as np
 
-from bench import procstat
+from bench import procstat, trend
 from bench.namespace import Namespace
 from bench.runners import ConsumerFailed, Consumers, Setup, group_state, start_producer, tear_down, wait_drained
 from bench.usage import Probe, usage
@@ -55,7 +61,7 @@ def run(
 ) -> dict:
     client = setup.client
     ns = Namespace.fresh("soak", setup.redis_url, setup.postgres_url)
-    consumers = producer = None
+    consumers = producer = sampler = None
     record_path = setup.log_dir / f"{ns.name}-producer.npz"
     try:
         ns.migrate()
@@ -66,6 +72,9 @@ def run(
         producer, t0 = start_producer(ns, rate, seconds, seed, record_path)
         probe = Probe(client, ns.postgres_url, consumers.pids, supervised=True, producer=producer.pid)
         first = probe.snapshot()
+        sampler = trend.Sampler(probe, client, ns.postgres_url, ns.schema)
+        trend_samples: list[trend.Sample] = []
+        minute_from = 0  # the sample the current minute's line starts at
         samples: list[dict] = []
         workers_seen: set[int] = set()
         next_sample = time.monotonic()
@@ -75,9 +84,14 @@ def run(
                 workers = consumers.worker_pids()
                 workers_seen.update(workers)
                 state = group_state(client, ns)
+                t = time.time() - t0
+                trend_samples.append(sampler.take(t, state.acked, state.entries_read + state.lag, state.lag))
+                if t - trend_samples[minute_from].t >= 60.0:
+                    setup.echo(trend.line(trend.window(trend_samples[minute_from], trend_samples[-1])))
+                    minute_from = len(trend_samples) - 1
                 samples.append(
                     {
-                        "t": round(time.time() - t0, 2),
+                        "t": round(t, 2),
                         "worker_rss": [procstat.rss_bytes(pid) or 0 for pid in sorted(workers)],
                         "supervisor_rss": procstat.rss_bytes(consumers.pids[0]) or 0,
                         "lag": state.lag,
@@ -91,8 +105,9 @@ def run(
         if producer.returncode != 0:
             raise ConsumerFailed(f"producer exited with {producer.returncode}")
         sent = int(np.load(record_path)["sent"])
-        wait_drained(client, ns, consumers, sent, stall_timeout)
+        drained = wait_drained(client, ns, consumers, sent, stall_timeout)
         drained_after = time.time() - t0 - seconds
+        drained_sample = sampler.take(time.time() - t0, drained.acked, drained.entries_read, 0)
         last = probe.snapshot()
         # The producer has exited and left /proc: its CPU comes from its own record.
         last.cpu_s["producer"] = float(np.load(record_path)["cpu_s"])
@@ -132,7 +147,12 @@ def run(
             "exactly_once": rows == distinct == sent,
             "exit_codes": exit_codes,
             "usage": usage(first, last, sent, last.wall - first.wall).as_dict(),
+            "per_minute": trend.windows(trend_samples, 60.0),
+            "per_sample": trend.windows(trend_samples, interval),
+            "drain_window": trend.window(trend_samples[-1], drained_sample),
             "samples": samples,
         }
     finally:
+        if sampler is not None:
+            sampler.close()
         tear_down(client, ns, producer, consumers, record_path)

@@ -12,6 +12,8 @@ import zlib
 from dataclasses import dataclass
 
 _HASH_TAG = re.compile(r"\{([^}]+)\}")
+# The live blocklists rules can test (`blocklist = "<kind>"`), in the order features.lua takes them.
+BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country", "card")
 
 
 def hash_tag(stream: str) -> str:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_RATE = "4000"
 
 
-def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
+def bench(tmp_path: Path, *args: str, timeout: float = 60, pictures: bool = True) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -34,8 +34,7 @@ def bench(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
         POSTGRES_URL,
         "--out-dir",
         str(tmp_path),
-        "--pictures-dir",
-        str(tmp_path),
+        *(["--pictures-dir", str(tmp_path)] if pictures else []),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,7 +142,9 @@ def test_latency(tmp_path: Path) -> None:
 
 
 def test_soak(tmp_path: Path) -> None:
-    report = bench(tmp_path, "soak", "--max-rate", MAX_RATE, "--minutes", str(5 / 60), "--interval", "1", "--workers", "2")
+    report = bench(
+        tmp_path, "soak", "--max-rate", MAX_RATE, "--minutes", str(5 / 60), "--interval", "1", "--workers", "2", timeout=180
+    )
     result = report["result"]
     assert result["sent"] == result["rows"] == 10_000 and result["exactly_once"]
     assert len(result["worker_rss"]) == 2
@@ -151,4 +152,23 @@ def test_soak(tmp_path: Path) -> None:
         assert 10 < worker["first_window_mib"] < 2000 and worker["max_mib"] >= worker["last_window_mib"]
     assert result["max_lag_entries"] >= 0 and len(result["samples"]) >= 3
     assert_usage(result["usage"])
+    # The cost per transaction over time: windows of the send, and the drain's, which ends with
+    # every row stored.
+    assert len(result["per_sample"]) >= 2 and result["per_minute"]
+    assert result["drain_window"]["rows"] == result["rows"]
+    # Over a whole minute (here the run) the workers' CPU and the WAL show; a one-second window
+    # can fall between two of the kernel's 10 ms ticks.
+    whole = result["per_minute"][0]
+    assert whole["scored"] > 0 and whole["cpu_us_per_tx"]["workers"] > 0 and whole["wal_bytes_per_row"] > 0
+    assert result["drain_window"]["index_mib"]["transactions_pkey"] > 0
+    assert (tmp_path / "soak.png").stat().st_size > 0
     assert_dropped(result["namespace"])
+
+
+def test_copy_growth(tmp_path: Path) -> None:
+    report = bench(tmp_path, "copy-growth", "--total", "4000", "--step", "2000", "--rows", "500", pictures=False)
+    steps = report["result"]["steps"]
+    assert [s["rows"] for s in steps] == [2000, 4000]
+    for step in steps:
+        assert step["server_cpu_us_per_row"] > 0 and step["wal_bytes_per_row"] > 0
+        assert step["partition_index_mib"]["transactions_pkey"] > 0

@@ -24,6 +24,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from fraudd.keys import Keys
 from fraudd.localservers import free_port
+from fraudd.rulesets import backtest
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.settings import DEFAULT_RULES
 
@@ -337,6 +338,22 @@ def test_a_lead_drafts_and_tests_a_rule_another_lead_publishes_it_and_rolls_back
     (later,) = site.transactions(1, amount=778.5)
     assert "R_CONSOLE_777" not in site.decision(later)[1]
     assert site.sql("SELECT rules_version FROM transactions WHERE transaction_id = %s", (later,)) == [(first,)]
+
+
+def test_a_backtest_asked_for_while_another_runs_is_refused_at_once(site: Site, page: Page) -> None:
+    """A rules test reads its whole window: one runs at a time for the whole console, whichever of
+    its processes is asked, and one asked for meanwhile is answered at once, to be tried again."""
+    version = site.ns.fraudd("rules", "import", str(DEFAULT_RULES), "--actor", "root").stdout.strip()
+    sign_in(page, site, "carol")
+    page.goto(f"{site.url}/rules/{version}")
+    form = {"csrf": csrf_token(page), "since": "1h", "minutes_per_case": "5"}
+    with backtest.turn(site.ns.postgres_url, site.ns.schema):  # another backtest running
+        for _ in range(4):
+            busy = page.request.post(f"{site.url}/rules/{version}/test", form=form)
+            assert (busy.status, busy.headers["retry-after"]) == (503, "30")
+            assert "A backtest is running; try again when it has finished." in busy.text()
+    done = page.request.post(f"{site.url}/rules/{version}/test", form=form)
+    assert done.status == 200 and "Extra cases per day" in done.text()
 
 
 def sample(name: str, text: str) -> float:

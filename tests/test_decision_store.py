@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import orjson
 
 from fraudd.scoring import vectors
 from fraudd.scoring.decode import decode_batch
-from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Shadow, ShadowRules
+from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Shadow, ShadowRules, alert_documents
 
 from .conftest import Namespace
 
@@ -117,3 +118,54 @@ def test_binary_copy_through_staging_keeps_the_stored_decision(ns: Namespace) ->
         assert normalised(stored_rows(ns)) == expected_rows(scored_batch(shadow=True))
     finally:
         store.close()
+
+
+def test_a_transaction_twice_in_one_batch_is_stored_as_its_first_copy_the_one_alerted(ns: Namespace) -> None:
+    """Copies of one transaction in one batch (same id, same minute) may differ in content; the
+    stored row is the first in stream order, the copy the alert stream carries, whatever the
+    server's sort does with the rest."""
+    ids, copies = 300, 3
+    rng = np.random.default_rng(7)
+    order = np.concatenate([rng.permutation(ids) for _ in range(copies)])  # every id's copies spread over the batch
+    payloads = [
+        orjson.dumps(
+            {
+                "transaction_id": f"dup_{t}",
+                "user_id": f"u{t}",
+                "amount": 10.0 + k,
+                "merchant": f"copy_{k}",
+                "timestamp": NOW_MS // 1000,
+            }
+        )
+        for k, t in enumerate(order.tolist())
+    ]
+    batch = decode_batch([f"{NOW_MS}-{k}" for k in range(len(payloads))], payloads)
+    n = len(batch)
+    scored = ScoredBatch(
+        batch,
+        np.full(n, NOW_MS, dtype=np.int64),
+        np.ones(n, dtype=bool),
+        np.full(n, 0.5, dtype=np.float32),
+        np.ones(n, dtype=np.int8),
+        [["velocity"] for _ in range(n)],
+        [None] * n,
+        "gbm-7",
+        NOW_MS + 123,
+        "rules-3",
+        np.zeros((n, len(vectors.VECTOR_COLUMNS)), dtype=np.float32),
+    )
+    store = DecisionStore(ns.postgres_url, ns.schema)
+    try:
+        store.store(scored)
+    finally:
+        store.close()
+    first = {}
+    for k, t in enumerate(order.tolist()):
+        first.setdefault(f"dup_{t}", (f"{NOW_MS}-{k}", f"copy_{k}", 10.0 + k))
+    alerted = {doc.transaction_id: orjson.loads(doc.document) for doc in alert_documents(scored)}
+    assert {txid: (a["stream_id"], a["merchant"], a["amount"]) for txid, a in alerted.items()} == first
+    stored = {
+        txid: (stream_id, merchant, amount)
+        for txid, stream_id, merchant, amount in ns.sql("SELECT transaction_id, stream_id, merchant, amount FROM transactions")
+    }
+    assert stored == first

@@ -4,6 +4,7 @@ shadow sets, and `fraudd rules test` on the stored feature vectors, on the real 
 from __future__ import annotations
 
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from bench.rules_backtest import synthetic
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys, shard_stream
 from fraudd.rulesets import backtest
+from fraudd.schema import connect
 from fraudd.scoring import vectors
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_RULES
@@ -280,6 +283,75 @@ def test_publish_reaches_the_workers_of_every_shard_on_a_redis_cluster(
         assert cluster_client.get(Keys(stream, stream, stream).rules) == f"{second}|".encode()
 
 
+def read_window(ns: Namespace, since_s: float) -> backtest.Stored:
+    """Every record of the window, its chunks joined."""
+    now = time.time()
+    parts = list(backtest.chunks(ns.postgres_url, ns.schema, now - since_s, float("inf")))
+    return backtest.Stored(
+        *(np.concatenate([getattr(part, name) for part in parts]) for name in backtest.Stored.__dataclass_fields__)
+    )
+
+
+def store_decisions(ns: Namespace, n: int, seed: int) -> None:
+    """``n`` decisions of the last two hours with plausible feature vectors, a tenth of them labelled."""
+    rng = np.random.default_rng(seed)
+    vec, amount, _ = synthetic(rng, n, NOW * 1000)
+    column = {name: j for j, name in enumerate(vectors.VECTOR_COLUMNS)}
+    vec[:, column[vectors.MODEL_DECISION]] = rng.choice(3, n, p=[0.8, 0.15, 0.05])
+    decision = rng.choice(["approve", "review", "decline"], n, p=[0.7, 0.2, 0.1])
+    event_ms = (NOW - rng.integers(0, 7200, n)) * 1000
+    times = [f"{t}+00" for t in np.datetime_as_string(event_ms.astype("datetime64[ms]"), unit="ms").tolist()]
+    rows = zip(range(n), amount.tolist(), times, decision.tolist(), vectors.copy_text(vec))
+    text = "".join(f"bt_{i}\tu\t{a!r}\tm\t{t}\t1-{i}\t0.1\t{d}\tv\t{v}\n" for i, a, t, d, v in rows)
+    with connect(ns.postgres_url, ns.schema) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY transactions (transaction_id, user_id, amount, merchant, event_time, stream_id, score, decision,"
+            " model_version, features) FROM STDIN"
+        ) as copy:
+            copy.write(text)
+    ns.sql(
+        """INSERT INTO labels (transaction_id, label, reported_at)
+           SELECT transaction_id, CASE WHEN amount >= 100 THEN 'fraud' ELSE 'legit' END, now()
+           FROM transactions WHERE right(transaction_id, 1) = '7' RETURNING 1"""
+    )
+
+
+def test_backtest_holds_a_chunk_at_a_time_and_reports_as_one_read_of_the_window(
+    ns: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However the window is chunked, the report is the same; what the test holds is a chunk's
+    worth, not the window's records."""
+    n, chunk = 80_000, 500
+    store_decisions(ns, n, seed=11)
+    candidate = Rules.from_bytes(DEFAULT_RULES.read_bytes() + LARGE.encode(), version="candidate")
+    seen: list[int] = []
+    evaluate = backtest.evaluate
+
+    def counted(stored: backtest.Stored, rules: Rules) -> tuple[np.ndarray, np.ndarray]:
+        seen.append(len(stored))
+        return evaluate(stored, rules)
+
+    monkeypatch.setattr(backtest, "evaluate", counted)
+    monkeypatch.setattr(backtest, "CHUNK_ROWS", chunk)
+    tracemalloc.start()
+    try:
+        chunked = backtest.test(ns.postgres_url, ns.schema, candidate, 3 * 3600, 5.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(seen) == n and max(seen) == chunk
+    assert peak < n * backtest.RECORD_BYTES / 8, f"held {peak} bytes at the peak"
+
+    monkeypatch.setattr(backtest, "CHUNK_ROWS", n)  # each part read whole
+    seen.clear()
+    whole = backtest.test(ns.postgres_url, ns.schema, candidate, 3 * 3600, 5.0)
+    assert len(seen) == backtest.PARTS
+    assert chunked == whole
+    assert chunked["transactions"] == n and chunked["labelled"] == n // 10 and chunked["top_rules"]
+    assert set(chunked["recall"]) == set(chunked["precision"]) == {"live", "candidate"}
+    assert all(len(ids) == backtest.SAMPLES for ids in chunked["samples"].values())
+
+
 def test_vectors_stored_before_the_card_blocklist_stay_readable(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     """Rows whose vector has the first stored layout (before `blocked_card` was appended) are read by
     the backtest with the card as not blocked and every other column as stored."""
@@ -288,13 +360,13 @@ def test_vectors_stored_before_the_card_blocklist_stay_readable(ns: Namespace, r
     produce(redis_client, ns, [orjson.dumps(dict(orjson.loads(p), card_id="card-x")) for p in payloads(200, "card")])
     drain(redis_client, ns, tmp_path, "--workers", "1")
     assert ns.sql("SELECT count(*) FROM transactions WHERE decision = 'decline' AND 'R_BLOCKED_CARD' = ANY(reasons)") == [(200,)]
-    today = backtest.load(ns.postgres_url, ns.schema, 7200)
+    today = read_window(ns, 7200)
     first_layout = vectors.LAYOUT_BYTES[0]
     ns.sql(
         "UPDATE transactions SET features = substring(features FROM 1 FOR %s) WHERE right(transaction_id, 1) < '5' RETURNING 1",
         (first_layout,),
     )
-    read = backtest.load(ns.postgres_url, ns.schema, 7200)
+    read = read_window(ns, 7200)
     assert len(read) == len(today) == 200
     by_id = {txid: row for row, txid in enumerate(read.transaction_id.tolist())}
     order = [by_id[txid] for txid in today.transaction_id.tolist()]

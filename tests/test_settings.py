@@ -4,6 +4,8 @@ naming the option, and the package imports without a cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -121,6 +123,20 @@ def test_a_bad_value_stops_start_up_with_one_line_naming_the_option(args: list[s
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 2 and len(errors) == 1 and option in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["ingest", "--help"], ["console", "--help"], ["alerts", "--help"], ["status", "--help"]]
+)
+def test_the_command_line_starts_without_numpy_or_the_models_runtime(args: list[str]) -> None:
+    """``fraudd`` starts for every operator's command and hundreds of times in these tests: numpy,
+    onnxruntime and scikit-learn come with the commands that use them, never with the command line."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fraudd", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "fraudd.cli" in imported
+    assert imported.isdisjoint({"numpy", "onnxruntime", "sklearn"})
 
 
 def imports_of(path: Path, module: str) -> set[str]:

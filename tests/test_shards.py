@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import threading
 import time
 import uuid
 from collections import Counter
@@ -65,9 +66,9 @@ def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns
     assert Keys(shard_stream(ns.stream, SHARDS, 3), ns.fraud_stream, ns.dlq_stream).prefix.endswith(":{3}:")
 
 
-def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_client: redis.Redis, ns: Namespace) -> None:
-    shards = 4
-    consumer = ConsumerSettings(ns.stream, ns.group, f"{ns.name}-c", workers=1, batch_size=100)
+def owned_shards_reader(ns: Namespace, shards: int, block_ms: int = 50) -> ShardReader:
+    """A worker's reader owning every one of ``shards``, past each shard's take-over and first claim pass."""
+    consumer = ConsumerSettings(ns.stream, ns.group, f"{ns.name}-c", workers=1, batch_size=100, block_ms=block_ms)
     settings = ScoringSettings(
         RedisSettings(ns.redis_url),
         PostgresSettings(ns.postgres_url, ns.schema),
@@ -80,20 +81,28 @@ def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_clie
     )
     reader = ShardReader(connect_redis(ns.redis_url), settings, consumer.consumer_name(0), WorkerProcess(0), lambda kind: None)
     reader.start()
+    assert sorted(reader.shards) == list(range(shards))
+    while reader.read():  # each shard's take-over and first claim pass, one shard at a time
+        pass
+    return reader
+
+
+def payloads_of(users: list[str]) -> list[bytes]:
+    return [
+        b'{"transaction_id": "t%d", "user_id": "%s", "amount": 1, "merchant": "m", "timestamp": 1}' % (i, u.encode())
+        for i, u in enumerate(users)
+    ]
+
+
+def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_client: redis.Redis, ns: Namespace) -> None:
+    shards = 4
+    reader = owned_shards_reader(ns, shards)
     try:
-        assert sorted(reader.shards) == list(range(shards))
-        while reader.read():  # each shard's take-over and first claim pass, one shard at a time
-            pass
         # A claim pass falling due on one shard (as every few seconds) reads nothing to claim, and
         # the read goes on over every shard's new entries.
         reader.shards[1].consumer._next_claim = 0.0
         users = [f"user-{i}" for i in range(200)]
-        Publisher(redis_client, ns.stream, shards).publish(
-            [
-                b'{"transaction_id": "t%d", "user_id": "%s", "amount": 1, "merchant": "m", "timestamp": 1}' % (i, u.encode())
-                for i, u in enumerate(users)
-            ]
-        )
+        Publisher(redis_client, ns.stream, shards).publish(payloads_of(users))
         read = reader.read()
         per_shard = Counter(shard_of(u, shards) for u in users)
         # One XREADGROUP: up to ceil(100 / 4) new entries of every shard, each part held by its shard's consumer.
@@ -101,6 +110,24 @@ def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_clie
         assert len(read) == sum(len(part) for _shard, part in reader.parts)
         assert all(shard.consumer.held == len(part) for shard, part in reader.parts)
     finally:
+        reader.release_all()
+
+
+def test_a_read_that_blocked_takes_what_every_shard_received_meanwhile(redis_client: redis.Redis, ns: Namespace) -> None:
+    """Redis before 7.2 answers a blocked read over several streams with the one written first;
+    the entries the other shards received in the same round trip belong to the same read."""
+    shards = 4
+    reader = owned_shards_reader(ns, shards, block_ms=5000)
+    users = [f"user-{i}" for i in range(40)]
+    sending = threading.Timer(0.3, lambda: Publisher(redis_client, ns.stream, shards).publish(payloads_of(users)))
+    try:
+        sending.start()
+        read = reader.read()  # blocks until the entries arrive
+        per_shard = Counter(shard_of(u, shards) for u in users)
+        assert {shard.index: len(part) for shard, part in reader.parts} == dict(per_shard)
+        assert len(read) == len(users)
+    finally:
+        sending.join()
         reader.release_all()
 
 

@@ -29,6 +29,7 @@ from .views import requires
 MAX_SOURCE = 200_000  # characters of rules text: far above any real set, below the request size limit
 MAX_NOTE = 500
 DEFAULT_SINCE = "30d"
+BUSY_RETRY_S = 30  # told to one who asks for a backtest while another runs
 DRAFT = "draft"  # how a typed draft is named in a validation message, where an import names its file
 MESSAGES = {
     "draft": "Draft saved.",
@@ -206,7 +207,9 @@ async def create_draft(request: web.Request) -> web.StreamResponse:
 
 
 async def run_test(request: web.Request) -> web.Response:
-    """``fraudd rules test VERSION --since …``: the version on the stored feature vectors (audited ``test``)."""
+    """``fraudd rules test VERSION --since …``: the version on the stored feature vectors (audited
+    ``test``), one at a time for the whole console (``backtest.turn``): another asked for meanwhile
+    is answered 503, to be tried again."""
     console = request.app[CONSOLE]
     user = request["session"].user
     version = _version(request)
@@ -224,7 +227,17 @@ async def run_test(request: web.Request) -> web.Response:
     except store.RuleSetError as exc:
         return _not_found(request, str(exc))
     postgres = console.settings.postgres
-    report = await asyncio.to_thread(backtest.test, postgres.url, postgres.schema, rule_set.rules(), since_s, minutes_per_case)
+
+    def test_alone() -> dict[str, Any]:
+        with backtest.turn(postgres.url, postgres.schema):
+            return backtest.test(postgres.url, postgres.schema, rule_set.rules(), since_s, minutes_per_case)
+
+    try:
+        report = await asyncio.to_thread(test_alone)
+    except backtest.Busy as exc:
+        busy = console.render(request, "error.html", 503, title="Busy", message=str(exc))
+        busy.headers["Retry-After"] = str(BUSY_RETRY_S)
+        return busy
     await console.db.run(
         lambda conn: store.audit(
             conn, user.username, "test", version, candidate=str(version), since=since, transactions=report["transactions"]

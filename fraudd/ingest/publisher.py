@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import hiredis
 import orjson
@@ -124,21 +125,25 @@ class Publisher:
     place that routes."""
 
     def __init__(self, client: redis.Redis | RedisCluster, stream: str, shards: int = 1) -> None:
+        self._client = client
         self._stream = stream
         self._shards = shards
         self._script = client.register_script(_XADD_MANY)
 
-    def publish(self, payloads: Sequence[bytes]) -> list[str]:
-        """Append ``payloads`` in order (per shard); returns their entry ids."""
+    def publish(self, payloads: Sequence[bytes], shards: Sequence[int] | None = None) -> list[str]:
+        """Append ``payloads`` in order (per shard); returns their entry ids. ``shards``: each
+        payload's shard (``shard``), when the caller routed them ahead of time."""
         if self._shards == 1:
-            return self._append(self._stream, payloads)
+            return self._append([(self._stream, payloads)])[0]
         rows: dict[int, list[int]] = {}
-        for row, shard in enumerate(map(self.shard, payloads)):
+        for row, shard in enumerate(map(self.shard, payloads) if shards is None else shards):
             rows.setdefault(shard, []).append(row)
+        appended = self._append(
+            [(shard_stream(self._stream, self._shards, shard), [payloads[r] for r in picked]) for shard, picked in rows.items()]
+        )
         ids: list[str] = [""] * len(payloads)
-        for shard, picked in rows.items():
-            stream = shard_stream(self._stream, self._shards, shard)
-            for row, entry_id in zip(picked, self._append(stream, [payloads[r] for r in picked])):
+        for picked, shard_ids in zip(rows.values(), appended):
+            for row, entry_id in zip(picked, shard_ids):
                 ids[row] = entry_id
         return ids
 
@@ -151,12 +156,40 @@ class Publisher:
             return 0
         return shard_of(user, self._shards) if isinstance(user, str) else 0
 
-    def _append(self, stream: str, payloads: Sequence[bytes]) -> list[str]:
-        ids: list[str] = []
-        for start in range(0, len(payloads), CHUNK):
-            reply = self._script(keys=[stream], args=list(payloads[start : start + CHUNK]))
-            ids += [i.decode() if isinstance(i, bytes) else i for i in reply]
+    def _append(self, appends: list[tuple[str, Sequence[bytes]]]) -> list[list[str]]:
+        """The entry ids of each stream's payloads, appended by one script call per CHUNK: on one
+        Redis all the calls in one round trip, on a Redis Cluster (each stream on its node) one by one."""
+        calls = [
+            (stream, list(payloads[start : start + CHUNK]))
+            for stream, payloads in appends
+            for start in range(0, len(payloads), CHUNK)
+        ]
+        if isinstance(self._client, RedisCluster) or len(calls) == 1:
+            replies = [self._script(keys=[stream], args=chunk) for stream, chunk in calls]
+        else:
+            replies = self._pipelined(calls)
+        ids: list[list[str]] = [[] for _ in appends]
+        by_stream = {stream: k for k, (stream, _payloads) in enumerate(appends)}
+        for (stream, _chunk), reply in zip(calls, replies):
+            ids[by_stream[stream]] += [i.decode() if isinstance(i, bytes) else i for i in reply]
         return ids
+
+    def _pipelined(self, calls: list[tuple[str, list[bytes]]]) -> list[list[bytes]]:
+        """The script's calls sent in one pipeline; when Redis lost the script (a restart, SCRIPT
+        FLUSH) none of them ran: it is loaded again and they are sent once more."""
+        client = cast(redis.Redis, self._client)
+
+        def send() -> list[list[bytes]]:
+            pipe = client.pipeline(transaction=False)
+            for stream, chunk in calls:
+                pipe.evalsha(self._script.sha, 1, stream, *chunk)
+            return cast(list[list[bytes]], pipe.execute())
+
+        try:
+            return send()
+        except redis.exceptions.NoScriptError:
+            client.script_load(_XADD_MANY)
+        return send()
 
 
 class CoalescingPublisher:

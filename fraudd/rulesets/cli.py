@@ -13,25 +13,30 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 import psycopg
 
+from fraudd.keys import BLOCKLIST_KINDS
 from fraudd.learning.cli import parse_duration
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.schema import connect
-from fraudd.scoring.features import BLOCKLIST_KINDS
-from fraudd.scoring.rules import Rules, RulesError, block
 from fraudd.settings import options
 
-from . import backtest, diff, pointer, store
 from .settings import ACTOR, MINUTES_PER_CASE, OPTIONS, RulesSettings
+
+if TYPE_CHECKING:  # the commands import the rules' modules (and numpy with them) when they run, not at `fraudd`'s start
+    from .store import RuleSet
 
 
 @contextmanager
 def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
+    from fraudd.scoring.rules import RulesError
+
+    from . import store
+
     try:
         with connect(settings.postgres.url, settings.postgres.schema, autocommit=True, connect_timeout=5) as conn:
             yield conn
@@ -43,12 +48,14 @@ def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
 
 def _point_workers(conn: psycopg.Connection, settings: RulesSettings) -> None:
     """Send the workers of every shard the stored live and shadow versions (after the commit)."""
+    from . import pointer
+
     client = connect_redis(settings.redis.url, settings.redis.cluster)
     live, shadow, copies = pointer.follow(conn, client, settings.stream, settings.shards)
     click.echo(f"workers of {copies} shard(s) pointed at live {_version(live)}, shadow {_version(shadow)}", err=True)
 
 
-def _version(rule_set: store.RuleSet | None) -> str:
+def _version(rule_set: RuleSet | None) -> str:
     return "-" if rule_set is None else str(rule_set.version)
 
 
@@ -63,6 +70,8 @@ def rules() -> None:
 @options(OPTIONS, [ACTOR])
 def import_(file: Path, note: str, actor: str, **params: Any) -> None:
     """Store FILE (the TOML rule language) as a new draft; prints its version."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     source = file.read_text()
     with _database(settings) as conn:
@@ -75,6 +84,8 @@ def import_(file: Path, note: str, actor: str, **params: Any) -> None:
 @options(OPTIONS)
 def export(version: int, **params: Any) -> None:
     """Print VERSION in the TOML rule language."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         click.echo(store.get(conn, version).source, nl=False)
@@ -84,6 +95,8 @@ def export(version: int, **params: Any) -> None:
 @options(OPTIONS)
 def list_(**params: Any) -> None:
     """Every version, its status, author, who last made it live, and note."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         sets, published_by = store.list_sets(conn), store.publishers(conn)
@@ -100,6 +113,8 @@ def list_(**params: Any) -> None:
 @options(OPTIONS)
 def diff_(a: int, b: int, **params: Any) -> None:
     """The rules added, removed and changed from version A to B, then the text's unified diff."""
+    from . import diff, store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         left, right = store.get(conn, a), store.get(conn, b)
@@ -116,6 +131,10 @@ def diff_(a: int, b: int, **params: Any) -> None:
 def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, actor: str, **params: Any) -> None:
     """Evaluate CANDIDATE (a rules FILE or a stored VERSION) on the stored decisions' feature vectors
     and compare it with what was decided: changes by pair, extra cases per day, recall and precision."""
+    from fraudd.scoring.rules import Rules
+
+    from . import backtest, store
+
     settings = RulesSettings.from_params(params)
     since_s = parse_duration(since)
     with _database(settings) as conn:
@@ -141,12 +160,14 @@ def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, act
 @options(OPTIONS, [MINUTES_PER_CASE])
 def report(version: int, since: str, minutes_per_case: float, as_json: bool, **params: Any) -> None:
     """What VERSION decided in shadow on live traffic, against the live decisions (same report as test)."""
+    from . import backtest, store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.get(conn, version)
-        stored = backtest.load(settings.postgres.url, settings.postgres.schema, parse_duration(since), str(version))
-    result = backtest.compare(stored, stored.shadow, minutes_per_case)
-    result["candidate"] = str(version)
+        result = backtest.shadow_report(
+            settings.postgres.url, settings.postgres.schema, parse_duration(since), version, minutes_per_case
+        )
     _show(result, as_json)
 
 
@@ -184,6 +205,8 @@ def _ratio(value: float | None) -> str:
 @options(OPTIONS, [ACTOR])
 def shadow(version: int | None, stop: bool, actor: str, **params: Any) -> None:
     """Run VERSION in shadow beside the live set: its would-be decisions are stored, it decides nothing."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     if stop == (version is not None):
         raise click.UsageError("give a VERSION, or --stop")
@@ -201,6 +224,8 @@ def shadow(version: int | None, stop: bool, actor: str, **params: Any) -> None:
 @options(OPTIONS, [ACTOR])
 def publish(version: int, allow_self_approve: bool, actor: str, **params: Any) -> None:
     """Make VERSION live on every worker at its next batch; its author may not publish it (maker-checker)."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.publish(conn, version, actor, allow_self_approve)
@@ -212,6 +237,8 @@ def publish(version: int, allow_self_approve: bool, actor: str, **params: Any) -
 @options(OPTIONS, [ACTOR])
 def rollback(version: int, actor: str, **params: Any) -> None:
     """Make VERSION, live before, live again (a publish of an earlier version)."""
+    from . import store
+
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.publish(conn, version, actor, rollback=True)
@@ -227,6 +254,10 @@ def rollback(version: int, actor: str, **params: Any) -> None:
 def block_(kind: str, value: str, reason: str, remove: bool, actor: str, **params: Any) -> None:
     """Put VALUE on (or, with --remove, take it off) the live KIND blocklist of every shard; audited
     with who and why, and whether it was on the list before, as the console audits a block."""
+    from fraudd.scoring.rules import block
+
+    from . import store
+
     settings = RulesSettings.from_params(params)
     client = connect_redis(settings.redis.url, settings.redis.cluster)
     with _database(settings) as conn:

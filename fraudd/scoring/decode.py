@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -142,7 +142,11 @@ class DecodedBatch:
         return len(self.entry_ids)
 
     def take(self, rows: np.ndarray | Sequence[int]) -> DecodedBatch:
-        """The sub-batch of the given row positions (rejections are not carried over)."""
+        """The sub-batch of the given row positions (rejections are not carried over); consecutive
+        rows (a ``range``) are sliced, not picked one by one."""
+        if isinstance(rows, range) and rows.step == 1:
+            cut = slice(rows.start, rows.stop)
+            return DecodedBatch(**{f.name: getattr(self, f.name)[cut] for f in fields(DecodedBatch) if f.name != "rejected"})
         positions = list(rows)
         pick = _picker(positions)
         index = np.asarray(positions, dtype=np.intp)

@@ -32,7 +32,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from fraudd.keys import Keys
+from fraudd.keys import BLOCKLIST_KINDS, Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, on_node, redis_error_code
 from fraudd.runtime.redis_wire import Command, round_trip
 from fraudd.scoring import behaviour, dedup
@@ -65,8 +65,6 @@ MESSAGE_FEATURES: tuple[str, ...] = (
 FEATURE_NAMES: tuple[str, ...] = MESSAGE_FEATURES + BEHAVIOUR_FEATURES
 # Not model inputs, but rules may test them too.
 EXTRA_COLUMNS: tuple[str, ...] = ("amount", *CONFIRMED_COLUMNS)
-# The live blocklists rules can test (`blocklist = "<kind>"`), in the order features.lua takes them.
-BLOCKLIST_KINDS: tuple[str, ...] = ("merchant", "device", "ip", "country", "card")
 
 # 24 h windows plus an hour of slack for late events.
 STATE_TTL_MS = 25 * 3600 * 1000

@@ -172,29 +172,42 @@ class ShardReader:
         return _nothing()
 
     def _read_together(self, shards: list[Shard]) -> Entries:
-        """One XREADGROUP of new entries over the shards' streams, up to ``--batch-size`` in all."""
-        s = self.settings.consumer
+        """One XREADGROUP of new entries over the shards' streams, up to ``--batch-size`` in all.
+
+        A read that blocked is answered by Redis before 7.2 with the one stream written first,
+        even when the same call wrote the others too: the streams missing from the answer are read
+        once more at once, without blocking, so what arrived together is scored in one read
+        rather than in one read per shard, each waiting for the one before to settle."""
         started = time.perf_counter()
-        count = math.ceil(s.batch_size / len(shards))
+        count = math.ceil(self.settings.consumer.batch_size / len(shards))
+        by_stream = self._new_entries(shards, count, block=True)
+        missing = [shard for shard in shards if shard.keys.stream not in by_stream]
+        if by_stream and missing:
+            by_stream.update(self._new_entries(missing, count, block=False))
+        for shard in shards:
+            if shard.keys.stream in by_stream:
+                entries = read_entries(by_stream[shard.keys.stream])
+                shard.consumer.hold(entries, started)
+                self.parts.append((shard, entries))
+        return _together(part for _shard, part in self.parts)
+
+    def _new_entries(self, shards: list[Shard], count: int, block: bool) -> dict[str, list[Any]]:
+        """Stream -> its raw entries, of the streams that had any, in one XREADGROUP of up to
+        ``count`` new entries per shard."""
+        s = self.settings.consumer
         streams = [shard.keys.stream for shard in shards]
-        command = ["XREADGROUP", "GROUP", s.group, self.name, "COUNT", count, "BLOCK", s.block_ms, "STREAMS", *streams]
+        command = ["XREADGROUP", "GROUP", s.group, self.name, "COUNT", count, *(["BLOCK", s.block_ms] if block else [])]
+        command += ["STREAMS", *streams, *[">"] * len(streams)]
 
         def attempt() -> list[Any]:
             try:
-                reply = on_node(self.redis, streams[0], lambda client: client.execute_command(*command, *([">"] * len(streams))))
-                return cast(list[Any], reply or [])
+                return cast(list[Any], on_node(self.redis, streams[0], lambda client: client.execute_command(*command)) or [])
             except redis.ResponseError as exc:
                 for shard in shards:  # a lost group is recreated (the others exist); a read given up is over
                     shard.consumer.read_failed(exc)
                 return []
 
-        by_stream = {name.decode(): raw for name, raw in self.until_done(attempt, "redis")}
-        for shard in shards:
-            if by_stream.get(shard.keys.stream):
-                entries = read_entries(by_stream[shard.keys.stream])
-                shard.consumer.hold(entries, started)
-                self.parts.append((shard, entries))
-        return _together(part for _shard, part in self.parts)
+        return {name.decode(): raw for name, raw in self.until_done(attempt, "redis") if raw}
 
     def lost(self, shard: Shard, reason: str) -> None:
         """Stop reading ``shard``: its lease is gone; what it held stays pending for the new owner.

@@ -233,9 +233,13 @@ class DecisionStore:
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY fraudd_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(data)
+            # Of the copies of one transaction in the batch, the first in stream order is stored:
+            # the one its alert is built from (``alert_documents``). The staging table is emptied at
+            # every commit, so its rows' physical order (ctid) is the COPY's, the batch's order.
             cur.execute(
                 f"""INSERT INTO transactions ({_COLUMN_LIST})
                     SELECT DISTINCT ON (transaction_id, event_time) {_COLUMN_LIST} FROM fraudd_staging
+                    ORDER BY transaction_id, event_time, ctid
                     ON CONFLICT DO NOTHING"""
             )
             # Every id of the batch now has exactly one row; read them back so the alerts carry

@@ -7,7 +7,8 @@ The batch loop, top to bottom (DESIGN.md):
               (``ShardReader``), so a read spans shards
     models    the deployment's champion and challenger, swapped here when a promotion changed them
               (``model_deployment`` polled at most once a second): one read, one set of models
-    decode    one orjson call; invalid entries become dead letters
+    decode    one orjson call per read (part by part when it holds an invalid entry); invalid
+              entries become dead letters
     features  numpy over the users' states, read in one round trip and committed with the dedup
               markers in one more (the shard's ``FeatureStore``: a compare-and-set Function call on
               the shared state; on owned shards every shard of the read at once, one MULTI/EXEC
@@ -40,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -254,16 +256,11 @@ class ScoringWorker:
     # -- the batch loop --------------------------------------------------------------------
 
     def process(self, entries: Entries) -> None:
-        """Decode this read shard by shard, compute the features of all its shards together, score
-        them together, then hand the read to ``_settle``: in the settling thread when
+        """Decode this read, compute the features of all its shards together, score them
+        together, then hand the read to ``_settle``: in the settling thread when
         ``--pipeline-depth`` is 2, so its COPY and settle overlap the scoring of the next read."""
         self._follow_deployment()
-        decoded = []
-        for shard, part in self.reader.parts:
-            try:
-                decoded.append(self._decoded(shard, part))
-            except Fenced as exc:
-                self._lost(shard, part, exc)
+        decoded = self._decoded(self._live_parts())
         works = self._scored(decoded, self._features_of_read(decoded))
         # At most two reads in flight: the previous one settles before this one may start to.
         self._wait_for_settling()
@@ -283,22 +280,50 @@ class ScoringWorker:
         for work, exc in fenced:
             self._lost(work.shard, work.entries, exc)
 
-    def _decoded(self, shard: Shard, entries: Entries) -> tuple[Settlement, DecodedBatch]:
-        """A shard's part of the read decoded, its poison and invalid entries set aside as dead letters."""
-        shard.check()
-        fresh, poison = shard.consumer.split_poison(entries)
-        dead = [
-            Rejected(
-                p.entry_id, p.payload, REASON_MAX_DELIVERIES, p.detail, p.deliveries, entries.kept_fields(p.entry_id, p.payload)
-            )
-            for p in poison
-        ]
+    def _live_parts(self) -> list[tuple[Settlement, Entries]]:
+        """The read's parts of the shards still this worker's, each with its poison set aside as
+        dead letters, and the entries left to decode."""
+        parts = []
+        for shard, entries in self.reader.parts:
+            try:
+                shard.check()
+            except Fenced as exc:
+                self._lost(shard, entries, exc)
+                continue
+            fresh, poison = shard.consumer.split_poison(entries)
+            dead = [
+                Rejected(
+                    p.entry_id,
+                    p.payload,
+                    REASON_MAX_DELIVERIES,
+                    p.detail,
+                    p.deliveries,
+                    entries.kept_fields(p.entry_id, p.payload),
+                )
+                for p in poison
+            ]
+            parts.append((Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads))), fresh))
+        return parts
 
+    def _decoded(self, parts: list[tuple[Settlement, Entries]]) -> list[tuple[Settlement, DecodedBatch]]:
+        """Every part decoded, its invalid entries set aside as dead letters: in one call over the
+        read, cut back into the parts; when that call rejects an entry, part by part, so that each
+        rejection stays with its part (two shards' streams may hold the same entry id)."""
         started = time.perf_counter()
-        batch = decode_batch(fresh.ids, fresh.payloads)
+        whole = None
+        if len(parts) > 1:
+            whole = decode_batch(
+                [i for _w, fresh in parts for i in fresh.ids], [p for _w, fresh in parts for p in fresh.payloads]
+            )
+        if whole is not None and not whole.rejected:
+            bounds = list(itertools.accumulate((len(fresh) for _w, fresh in parts), initial=0))
+            batches = [whole.take(range(start, end)) for start, end in zip(bounds, bounds[1:])]
+        else:
+            batches = [decode_batch(fresh.ids, fresh.payloads) for _w, fresh in parts]
         metrics.stage_duration.labels("decode").observe(time.perf_counter() - started)
-        dead += _delivered(batch.rejected, entries)
-        return Settlement(shard, entries, [], dead, dict(zip(fresh.ids, fresh.payloads))), batch
+        for (work, _fresh), batch in zip(parts, batches):
+            work.dead += _delivered(batch.rejected, work.entries)
+        return [(work, batch) for (work, _fresh), batch in zip(parts, batches)]
 
     def _features_of_read(self, decoded: list[tuple[Settlement, DecodedBatch]]) -> list[Features | Fenced | None]:
         """Every shard's features, computed together (owned shards: one read and one fenced commit
