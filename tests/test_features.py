@@ -371,10 +371,13 @@ def test_markers_are_one_hash_per_event_minute_living_the_window(client: redis.R
     assert 590_000 < client.pttl(keys.seen_bucket(minute)) <= 600_000
 
 
-def test_a_marker_bucket_is_a_hash_table_of_its_markers_alone(client: redis.Redis, keys: Keys, store: FeatureStore) -> None:
+def test_a_marker_bucket_is_a_hash_table_of_its_markers_alone(
+    client: redis.Redis, keys: Keys, either_store: FeatureStore
+) -> None:
     """A listpack bucket (as a worker of the release before leaves one) is scanned for every marker
-    added or looked up: the commit makes new and listpack buckets hash tables, and the field that
-    converts them leaves with it."""
+    added or looked up: the commit, shared or owned, makes new and listpack buckets hash tables,
+    and the field that converts them leaves with it."""
+    store = either_store
     minute = int(T0 * 1000) // dedup.BUCKET_MS
     counted = tx(T0)
     client.hset(keys.seen_bucket(minute), counted["transaction_id"], int(T0 * 1000) - minute * dedup.BUCKET_MS)

@@ -294,6 +294,10 @@ def assemble(
     )
 
 
+# A value longer than any hash-max-listpack-value in use (Redis's default is 64): features.lua uses the same.
+_AS_HASH_TABLE = b"-" * 1024
+
+
 @dataclass(slots=True)
 class Markers:
     """The dedup markers of some rows of a batch, in bucket order: one HMGET or HSET per bucket."""
@@ -328,6 +332,25 @@ class Markers:
     def pairs(self, transaction_ids: list[str]) -> list[Any]:
         """(transaction id, offset) of each marker, flat: the fields and values of the buckets' HSETs."""
         return interleave(self.ids(transaction_ids), self.offset_ms.tolist())
+
+    def writes(self, keys: Keys, transaction_ids: list[str], window_ms: int) -> list[Command]:
+        """The plain commands storing these markers, each bucket a hash table for the window.
+
+        The field ``''`` (never a transaction id) with a value longer than Redis's
+        hash-max-listpack-value rides ahead of the markers and is taken out again: a bucket is then
+        a hash table from its first batch, not a listpack scanned on every marker added or looked up
+        (features.lua's ``add_markers`` says what that saves), and still holds its markers alone."""
+        pairs = self.pairs(transaction_ids)
+        commands: list[Command] = []
+        start = 0
+        for key, count in zip(self.keys(keys), self.bucket_counts.tolist()):
+            commands += [
+                ("HSET", key, "", _AS_HASH_TABLE, *pairs[start : start + 2 * count]),
+                ("HDEL", key, ""),
+                ("PEXPIRE", key, window_ms),
+            ]
+            start += 2 * count
+        return commands
 
     def found(self, seen: list[Any], tx: behaviour.Transactions) -> list[int]:
         """Mark the rows whose marker a Function found stored (``seen``: flat pairs of 1-based marker

@@ -150,19 +150,12 @@ class OwnedFeatureStore:
         if not written:
             return []
         period = period_key(self._keys, max(now, self._latest_period))
-        new = np.flatnonzero(p.tx.new)
-        markers = Markers.of(new, p.tx.t_ms)
-        pairs = markers.pairs(transaction_ids)
-        commands: list[Command] = [
+        markers = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms)
+        return [
             ("HSET", period, *interleave(list(written), list(written.values()))),
             ("PEXPIRE", period, STATE_TTL_MS),
+            *markers.writes(self._keys, transaction_ids, self._dedup_window_ms),
         ]
-        start = 0
-        for bucket, count in zip(markers.bucket_ids, markers.bucket_counts.tolist()):
-            key = self._keys.seen_bucket(bucket)
-            commands += [("HSET", key, *pairs[start : start + 2 * count]), ("PEXPIRE", key, self._dedup_window_ms)]
-            start += 2 * count
-        return commands
 
     def _remember(self, written: dict[str, bytes]) -> None:
         """Keep the states just committed, newest last, up to MAX_STATES_IN_MEMORY."""
