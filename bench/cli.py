@@ -75,6 +75,13 @@ _PRIVATE_SERVICES = click.option(
     help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
     "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
 )
+_PG_SETTINGS = click.option(
+    "--pg-setting",
+    "pg_settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="With --private-services: a setting of the private PostgreSQL to price (wal_compression=lz4, shared_buffers=1GB, say).",
+)
 _OUT_DIR = click.option(
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -469,13 +476,7 @@ def redis_instructions_cmd(
 @click.option("--after-checkpoint", is_flag=True, help="A CHECKPOINT before each COPY: what full-page writes add.")
 @click.option("--preload", default=0, show_default=True, help="Rows stored in each table before the COPYs measured.")
 @_PRIVATE_SERVICES
-@click.option(
-    "--pg-setting",
-    "pg_settings",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="With --private-services: a setting of the private PostgreSQL to price (wal_compression=lz4, say).",
-)
+@_PG_SETTINGS
 @click.option("--redis-url", envvar="REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True)
 @click.option("--postgres-url", envvar="POSTGRES_URL", default=DEFAULT_POSTGRES_URL, show_default=True)
 def copy_indexes_cmd(
@@ -490,10 +491,8 @@ def copy_indexes_cmd(
 ) -> None:
     """PostgreSQL's CPU and WAL per row of the workers' COPY: no index, each index of `transactions` added, the table."""
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
-    if pg_settings and not private_services:
-        raise click.UsageError("--pg-setting needs --private-services")
+    overrides = _pg_overrides(pg_settings, private_services)
     if private_services:
-        overrides = dict(setting.split("=", 1) for setting in pg_settings)
         with services.private(redis_url, postgres_url, echo, pg_overrides=overrides) as (r, p, _):
             result = copy_indexes.run(r, p, rows, rounds, echo, after_checkpoint, preload)
     else:
@@ -506,13 +505,7 @@ def copy_indexes_cmd(
 @click.option("--total", default=6_000_000, show_default=True, help="Rows the day's partition ends with.")
 @click.option("--step", default=500_000, show_default=True, help="Rows between two lines of figures.")
 @_PRIVATE_SERVICES
-@click.option(
-    "--pg-setting",
-    "pg_settings",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="With --private-services: a setting of the private PostgreSQL to price (shared_buffers=1GB, say).",
-)
+@_PG_SETTINGS
 @_servers
 @_OUT_DIR
 def copy_growth_cmd(
@@ -528,8 +521,7 @@ def copy_growth_cmd(
     """PostgreSQL's CPU, WAL and index reads per row of the workers' COPY as one day's partition fills."""
     started = time.time()
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
-    if pg_settings and not private_services:
-        raise click.UsageError("--pg-setting needs --private-services")
+    overrides = _pg_overrides(pg_settings, private_services)
 
     def measure(r: str, p: str, services_info: dict) -> None:
         result = copy_growth.run(r, p, rows, total, step, echo)
@@ -543,11 +535,17 @@ def copy_growth_cmd(
         click.echo(f"report: {report.write(report.out_path(out_dir, 'copy-growth'), document)}")
 
     if private_services:
-        overrides = dict(setting.split("=", 1) for setting in pg_settings)
         with services.private(redis_url, postgres_url, echo, pg_overrides=overrides) as (r, p, settings):
             measure(r, p, {"private": True, **settings})
     else:
         measure(redis_url, postgres_url, {"private": False})
+
+
+def _pg_overrides(pg_settings: tuple[str, ...], private_services: bool) -> dict[str, str]:
+    """--pg-setting's NAME=VALUE pairs: settings of the private PostgreSQL, which only that one takes."""
+    if pg_settings and not private_services:
+        raise click.UsageError("--pg-setting needs --private-services")
+    return dict(setting.split("=", 1) for setting in pg_settings)
 
 
 def _max_rate(setup: Setup, flag: float | None, path: Path | None, calibrate: int, seed: int) -> tuple[float, str]:
