@@ -322,6 +322,11 @@ class Markers:
     def keys(self, keys: Keys) -> list[str]:
         return [keys.seen_bucket(b) for b in self.bucket_ids]
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Each bucket's markers, as the [start, end) of their positions."""
+        ends = np.cumsum(self.bucket_counts).tolist()
+        return list(zip([0, *ends], ends))
+
     def counts(self) -> bytes:
         """The marker count of each bucket, 4 bytes big-endian each, as the Functions take them."""
         return self.bucket_counts.astype(">u4").tobytes()
@@ -342,14 +347,12 @@ class Markers:
         (features.lua's ``add_markers`` says what that saves), and still holds its markers alone."""
         pairs = self.pairs(transaction_ids)
         commands: list[Command] = []
-        start = 0
-        for key, count in zip(self.keys(keys), self.bucket_counts.tolist()):
+        for key, (start, end) in zip(self.keys(keys), self.spans()):
             commands += [
-                ("HSET", key, "", _AS_HASH_TABLE, *pairs[start : start + 2 * count]),
+                ("HSET", key, "", _AS_HASH_TABLE, *pairs[2 * start : 2 * end]),
                 ("HDEL", key, ""),
                 ("PEXPIRE", key, window_ms),
             ]
-            start += 2 * count
         return commands
 
     def found(self, seen: list[Any], tx: behaviour.Transactions) -> list[int]:

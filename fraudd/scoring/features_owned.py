@@ -113,9 +113,8 @@ class OwnedFeatureStore:
         missing = [name for name in p.names if name not in self._states]
         periods: list[Command] = [("HMGET", key, *missing) for key in reversed(state_periods(self._keys, now))] if missing else []
         ids = candidates.ids(transaction_ids)
-        starts = np.cumsum([0, *candidates.bucket_counts.tolist()]).tolist()
         markers: list[Command] = [
-            ("HMGET", key, *ids[start:end]) for key, start, end in zip(candidates.keys(self._keys), starts, starts[1:])
+            ("HMGET", key, *ids[start:end]) for key, (start, end) in zip(candidates.keys(self._keys), candidates.spans())
         ]
         keys = [*state_periods(self._keys, now), *self._calls.blocklist_keys]
         blocklists: Command = ("FCALL", READ_FUNCTION, len(keys), *keys, 0, 0, b"", *p.blocklist_values())
