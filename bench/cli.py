@@ -75,12 +75,6 @@ _PRIVATE_SERVICES = click.option(
     help="Run on a private redis-server and PostgreSQL cluster (configured like the shared ones, "
     "plus track_commit_timestamp) so other work on the machine cannot blur the figures.",
 )
-_UNIX_SOCKETS = click.option(
-    "--unix-sockets",
-    is_flag=True,
-    help="With --private-services: fraudd and the benchmark reach the private Redis and PostgreSQL "
-    "through their Unix sockets instead of TCP loopback (not with a Redis Cluster).",
-)
 _PG_SETTINGS = click.option(
     "--pg-setting",
     "pg_settings",
@@ -105,7 +99,6 @@ class Invocation:
     postgres_url: str
     seed: int
     private_services: bool
-    unix_sockets: bool
     out_dir: Path
     fraudd_args: tuple[str, ...]  # everything after the mode's own options, passed to ``fraudd run``
 
@@ -114,7 +107,6 @@ _common_options = _all(
     _servers,
     _SEED,
     _PRIVATE_SERVICES,
-    _UNIX_SOCKETS,
     _OUT_DIR,
     click.option(
         "--pictures-dir",
@@ -138,12 +130,11 @@ def _common(mode: Command) -> Command:
         postgres_url: str,
         seed: int,
         private_services: bool,
-        unix_sockets: bool,
         out_dir: Path,
         fraudd_args: tuple[str, ...],
         **own: Any,
     ) -> None:
-        mode(Invocation(redis_url, postgres_url, seed, private_services, unix_sockets, out_dir, fraudd_args), **own)
+        mode(Invocation(redis_url, postgres_url, seed, private_services, out_dir, fraudd_args), **own)
 
     return _common_options(functools.update_wrapper(command, mode))
 
@@ -172,8 +163,6 @@ def _setup(invocation: Invocation, cluster_masters: int = 0, cluster_replicas: i
     ``cluster_masters``: the private Redis is a cluster of that many masters, and ``fraudd run``
     is told so (``--redis-cluster``)."""
     fraudd_args, out_dir = invocation.fraudd_args, invocation.out_dir
-    if invocation.unix_sockets and (cluster_masters or not invocation.private_services):
-        raise click.UsageError("--unix-sockets needs --private-services, and no Redis Cluster (reached over TCP only)")
     if cluster_masters:
         fraudd_args = (*fraudd_args, "--redis-cluster") if "--redis-cluster" not in fraudd_args else fraudd_args
     if invocation.private_services or cluster_masters:
@@ -183,7 +172,6 @@ def _setup(invocation: Invocation, cluster_masters: int = 0, cluster_replicas: i
             lambda line: click.echo(line, err=True),
             cluster_masters,
             cluster_replicas,
-            unix_sockets=invocation.unix_sockets,
         ) as (r, p, settings):
             yield _make_setup(r, p, {"private": True, **settings}, out_dir, fraudd_args, bool(cluster_masters))
     else:

@@ -10,9 +10,6 @@ shared server without a restart. Both are removed with their directories afterwa
 With ``cluster_masters`` the private Redis is a Redis Cluster of that many masters (and
 ``cluster_replicas`` replicas each), every node configured like the shared Redis: what ``bench
 throughput --redis-cluster-masters`` scales out on.
-
-With ``unix_sockets`` fraudd and the benchmark reach both servers through their Unix sockets
-instead of TCP loopback (``bench throughput --unix-sockets``): what a one-box deployment saves.
 """
 
 from __future__ import annotations
@@ -53,14 +50,10 @@ def private(
     cluster_masters: int = 0,
     cluster_replicas: int = 0,
     pg_overrides: dict[str, str] | None = None,
-    unix_sockets: bool = False,
 ) -> Iterator[tuple[str, str, dict]]:
     """(redis URL, PostgreSQL URL, settings used) of a fresh private pair, torn down on exit; the
     URL lists every node, comma-separated, when the Redis is a cluster. ``pg_overrides``: settings
-    of the private PostgreSQL that differ from the shared one's (a tuning to price);
-    ``unix_sockets``: the URLs are the servers' Unix sockets (not with a cluster)."""
-    if unix_sockets and cluster_masters:
-        raise ValueError("a Redis Cluster is reached over TCP only")
+    of the private PostgreSQL that differ from the shared one's (a tuning to price)."""
     shared = redis.Redis.from_url(shared_redis_url, decode_responses=True)
     redis_settings = {name: shared.config_get(name).get(name) for name in REDIS_SETTINGS}
     redis_settings = {name: value for name, value in redis_settings.items() if value is not None}
@@ -74,20 +67,17 @@ def private(
         redis_server = RedisClusterServers(directory, cluster_masters, cluster_replicas, persistent=False, config=redis_settings)
         described = f"redis cluster of {cluster_masters} masters x {cluster_replicas} replicas"
         settings = {"redis": redis_settings, "redis_cluster": {"masters": cluster_masters, "replicas": cluster_replicas}}
-        redis_url = redis_server.url
     else:
-        single = redis_server = RedisServer(directory, persistent=False, config=redis_settings)
+        redis_server = RedisServer(directory, persistent=False, config=redis_settings)
         described = "redis"
         settings = {"redis": redis_settings}
-        redis_url = single.socket_url if unix_sockets else single.url
     postgres = PostgresServer(directory / "pg", settings=pg_settings)
-    postgres_url = postgres.socket_url if unix_sockets else postgres.url
     try:
         redis_server.start()
         postgres.init()
         postgres.start()
-        echo(f"private services: {described} {redis_url}, postgresql {postgres_url} ({directory})")
-        yield redis_url, postgres_url, {**settings, "postgresql": pg_settings, "unix_sockets": unix_sockets}
+        echo(f"private services: {described} {redis_server.url}, postgresql :{postgres.port} ({directory})")
+        yield redis_server.url, postgres.url, {**settings, "postgresql": pg_settings}
     finally:
         postgres.stop()
         redis_server.kill()

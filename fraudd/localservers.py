@@ -1,7 +1,7 @@
 """Throwaway Redis and PostgreSQL servers on free ports, in a directory of their own.
 
-Each also listens on a Unix domain socket in its directory (``socket_url``): on one host a socket
-skips the TCP stack on both sides, which ``bench throughput --unix-sockets`` prices.
+Each also listens on a Unix domain socket in its directory (``socket_url``), so that fraudd's
+support for socket URLs is tested against real servers.
 
 The demo starts them when the configured servers are not reachable, the benchmark to keep its
 measurements free of other people's work, and the tests to stop, kill and restart a dependency
