@@ -54,7 +54,7 @@ from .settings import (
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
     from .runtime.groups import GroupState
-    from .runtime.health import RedisMemory
+    from .runtime.probes import RedisMemory
 
 
 # The commands of other packages, imported only when invoked (fraudd/lazy_group.py): the rules' modules import numpy.
@@ -419,7 +419,7 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
     from . import shard_counts
     from .keys import Keys
     from .runtime.groups import combined, group_state
-    from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
+    from .runtime.probes import NEARLY_FULL, check_postgres, memory_problem, redis_memory
     from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     settings = StreamsSettings.from_params(params)
@@ -487,7 +487,7 @@ def _echo_nodes(
     """One line per primary of a cluster: the shards it serves (their lag, pending and input rate, the
     dedup markers they need) and its memory. Each primary holds its own shards' markers and states,
     so one node full or lagging is visible here while the totals above still look fine."""
-    from .runtime.health import primary_memory
+    from .runtime.probes import primary_memory
 
     served: dict[str, list[int]] = {}
     for k, stream in enumerate(settings.input_streams):

@@ -20,6 +20,8 @@ from fraudd.ingest.settings import IngestSettings
 from fraudd.learning.settings import LabelSettings
 from fraudd.scoring.settings import ScoringSettings
 
+from .conftest import Namespace
+
 PACKAGE = Path(cli.__file__).resolve().parent
 RULES_COMMANDS = cast(click.Group, cli.main.get_command(None, "rules")).commands
 
@@ -128,6 +130,15 @@ def test_a_bad_value_stops_start_up_with_one_line_naming_the_option(args: list[s
     assert "Traceback" not in result.output
 
 
+# What no operator's command imports unless it uses them: the models' runtime, and numpy.
+HEAVY = {"numpy", "onnxruntime", "sklearn"}
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a process run with ``-X importtime`` imported, from its stderr."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
 @pytest.mark.parametrize(
     "args", [["--help"], ["ingest", "--help"], ["console", "--help"], ["alerts", "--help"], ["status", "--help"]]
 )
@@ -137,11 +148,22 @@ def test_the_command_line_starts_without_numpy_or_the_models_runtime(args: list[
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "fraudd", *args], capture_output=True, text=True, timeout=60, check=True
     )
-    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "fraudd.cli" in imported
-    assert imported.isdisjoint({"numpy", "onnxruntime", "sklearn"})
+    modules = imported(result.stderr)
+    assert "fraudd.cli" in modules
+    assert modules.isdisjoint(HEAVY)
     # The commands of other packages come with their own invocation only.
-    assert imported.isdisjoint(lazy.target.partition(":")[0] for lazy in cli.LAZY.values())
+    assert modules.isdisjoint(lazy.target.partition(":")[0] for lazy in cli.LAZY.values())
+
+
+def test_status_looks_at_the_servers_without_numpy_or_the_metrics(ns: Namespace) -> None:
+    """``fraudd status`` runs from monitoring scripts every few seconds: Redis's memory, PostgreSQL
+    and the dedup markers' estimate need neither numpy nor the services' metrics (prometheus-client)."""
+    result = ns.fraudd("status", PYTHONPROFILEIMPORTTIME="1")
+    assert result.returncode == 0, result.stdout
+    assert "dedup markers for the" in result.stdout and "postgres   up" in result.stdout
+    modules = imported(result.stderr)
+    assert "fraudd.scoring.dedup" in modules
+    assert modules.isdisjoint(HEAVY | {"prometheus_client"})
 
 
 # `fraudd --help` as a fresh process prints it, then with every lazily registered command imported first.
