@@ -316,8 +316,9 @@ def test_a_graceful_stop_hands_its_shards_over_before_its_heartbeat_ages_out(
     redis_client: redis.Redis, ns: Namespace, tmp_path: Path
 ) -> None:
     """A stopping worker leaves the registry with its leases: the other takes its shards over at its
-    next heartbeat (a third of a lease), not once the stopped one's heartbeat is a lease old."""
-    shards, lease_ms = 4, 6000
+    next heartbeat (250 ms), not a third of a lease later nor once the stopped one's heartbeat is a
+    lease old."""
+    shards, lease_ms = 4, 12_000
     args = ("--workers", "1", "--shards", str(shards), "--lease-ms", str(lease_ms))
     stopping = DaemonProcess.start(ns, tmp_path / "a.log", *args, CONSUMER_ID=f"{ns.name}-a")
     staying = DaemonProcess.start(ns, tmp_path / "b.log", *args, CONSUMER_ID=f"{ns.name}-b")
@@ -329,7 +330,7 @@ def test_a_graceful_stop_hands_its_shards_over_before_its_heartbeat_ages_out(
         wait_for(lambda: held_by("a") == held_by("b") == 2, 60, message="two shards each")
         os.kill(stopping.pid, signal.SIGTERM)
         wait_for(lambda: held_by("a") == 0, 30, interval=0.02, message="the stopping worker's leases given back")
-        wait_for(lambda: held_by("b") == shards, lease_ms / 1000 / 2, interval=0.02, message="every shard taken over")
+        wait_for(lambda: held_by("b") == shards, 2.0, interval=0.02, message="every shard taken over")
     finally:
         stop(staying)
         stop(stopping)
@@ -349,7 +350,7 @@ def test_three_workers_settle_on_three_three_and_two_of_eight_shards(
     try:
         wait_for(lambda: shares() == [2, 3, 3], 60, message="shares of 3, 3 and 2")
         settled = lease_owners(redis_client, ns, SHARDS)
-        for _ in range(3 * 10):  # three heartbeats of each worker
+        for _ in range(3 * 10):  # a lease: a dozen heartbeats of each worker
             time.sleep(lease_ms / 1000 / 3 / 10)
             assert lease_owners(redis_client, ns, SHARDS) == settled
     finally:

@@ -12,7 +12,7 @@ workers come and go. The shares sum to S exactly (S // live, one more for the fi
 workers by name), so once balanced no worker is short and none polls for more. A worker short of
 its share looks again within tens of milliseconds rather than at its next heartbeat: the shard
 another worker gives back at its own heartbeat, a moment after this one looked, is taken at once
-instead of lying unread for a third of a lease. A graceful stop leaves the registry with its
+instead of lying unread until this worker's next heartbeat. A graceful stop leaves the registry with its
 leases, so the others' shares grow at their next heartbeat rather than once its heartbeat is a
 lease old. A new owner starts from what Redis holds and takes over the entries the previous owner
 left pending.
@@ -71,6 +71,9 @@ HUNG_AFTER_LEASES = 2
 # worker to reach its heartbeat and give its extras back; a shard still taken after that waits for
 # a lease to run out, which the heartbeat's pace catches as well.
 SHORT_RETRY_S = 0.02
+# Workers heartbeat at least this often (one pipeline of four commands), so that the shares grow
+# soon after a graceful stop: a stopped worker's shards are read by nobody until the others notice.
+HEARTBEAT_S = 0.25
 
 _T = TypeVar("_T")
 
@@ -350,7 +353,7 @@ class ShardReader:
         this worker's share; when short of it, look again soon."""
         s = self.settings
         started = time.monotonic()
-        tick = s.lease_ms / 1000.0 / RENEWALS_PER_LEASE
+        tick = min(HEARTBEAT_S, s.lease_ms / 1000.0 / RENEWALS_PER_LEASE)
         for shard in list(self.shards.values()):
             if started > shard.trusted_until:
                 self.lost(shard, "lease expired")
