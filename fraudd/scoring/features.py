@@ -456,9 +456,9 @@ class ShardCalls:
 def prepare(batch: DecodedBatch, bounds: Sequence[int] | None = None) -> Prepared:
     """The batch's columns for the behaviour arithmetic, its users and the values to look up.
 
-    ``bounds``: where each part of a read begins, then its end (default: one part). Parts are
-    shards, apart in everything: a user, a copy's original and the values to look up are each of
-    one part, so the parts' arithmetic is the arithmetic of each alone, done in one pass."""
+    ``bounds``: where each part of a read begins, then its end (default: one part; none empty).
+    Parts are shards, apart in everything: a user, a copy's original and the values to look up
+    are each of one part, so the parts' arithmetic is the arithmetic of each alone, in one pass."""
     n = len(batch)
     bounds = [0, n] if bounds is None else list(bounds)
     columns = blocklist_columns(batch)
