@@ -26,6 +26,7 @@ import redis
 from bench import procstat
 from bench.copy_indexes import generated_scored_batch
 from bench.namespace import Namespace
+from bench.pg_writes import WriteCounters
 from fraudd.schema import connect
 from fraudd.scoring.sinks import _COLUMN_LIST, _copy_binary
 
@@ -33,8 +34,6 @@ MIB = 2**20
 USERS = 5_000_000
 _COUNTERS = """
 SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, (SELECT wal_fpi FROM pg_stat_wal),
-       (SELECT buffers_backend FROM pg_stat_bgwriter),
-       (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter),
        (SELECT coalesce(sum(idx_blks_read), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = current_schema()),
        (SELECT coalesce(sum(idx_blks_hit), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = current_schema())
 """
@@ -61,9 +60,10 @@ def run(redis_url: str, postgres_url: str, rows: int, total: int, step: int, ech
         with connect(ns.postgres_url, ns.schema, autocommit=True) as conn:
             conn.execute("SET TIME ZONE 'UTC'")
             backend = int(_one(conn, "SELECT pg_backend_pid()"))
+            writes = WriteCounters(conn)
             done = 0
             while done < total:
-                before, cpu_before, started = _counters(conn), procstat.run_s(backend), time.perf_counter()
+                before, cpu_before, started = _counters(conn, writes), procstat.run_s(backend), time.perf_counter()
                 copy_s = 0.0
                 for _ in range(step // rows):
                     # Random ids (a gateway's UUIDs) and users drawn from millions: each row lands on a
@@ -77,7 +77,7 @@ def run(redis_url: str, postgres_url: str, rows: int, total: int, step: int, ech
                         copy.write(payload)
                     copy_s += time.perf_counter() - copy_started
                 done += step
-                cpu, after = procstat.run_s(backend) - cpu_before, _counters(conn)
+                cpu, after = procstat.run_s(backend) - cpu_before, _counters(conn, writes)
                 spent = {name: after[name] - before[name] for name in after}
                 index_reads = spent["idx_blks_read"] + spent["idx_blks_hit"]
                 sizes = _index_sizes(conn, _fullest_partition(conn))
@@ -117,13 +117,13 @@ def _one(conn: psycopg.Connection, sql: str) -> object:
     return row[0]
 
 
-def _counters(conn: psycopg.Connection) -> dict[str, int]:
+def _counters(conn: psycopg.Connection, writes: WriteCounters) -> dict[str, int]:
     # This backend's own statistics reach the views when it next reports them: now.
     conn.execute("SELECT pg_stat_force_next_flush()")
     row = conn.execute(_COUNTERS).fetchone()
     assert row is not None
-    names = ("wal_bytes", "wal_fpi", "buffers_backend", "checkpoints", "idx_blks_read", "idx_blks_hit")
-    return dict(zip(names, (int(v) for v in row)))
+    names = ("wal_bytes", "wal_fpi", "idx_blks_read", "idx_blks_hit")
+    return dict(zip(names, (int(v) for v in row))) | writes.read()
 
 
 def _fullest_partition(conn: psycopg.Connection) -> str:

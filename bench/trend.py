@@ -6,7 +6,7 @@ markers held in Redis, or something the worker accumulates. Rates cannot tell th
 shared box; CPU per transaction of each process can, since it does not depend on how much of the
 machine the process got. So each sample takes every process's CPU (a ``Probe`` snapshot), the
 transactions scored and offered so far, and what PostgreSQL and Redis hold and write: WAL bytes,
-full-page images and checkpoints (pg_stat_wal, pg_stat_bgwriter), index blocks read from outside
+full-page images and checkpoints (pg_stat_wal, ``pg_writes``), index blocks read from outside
 shared_buffers, the size of the namespace's tables and of each index summed over its partitions,
 and Redis's memory and keys. ``windows`` turns consecutive samples into per-window figures.
 The CPU of PostgreSQL's backends serving the workers (``application_name`` fraudd-worker) is
@@ -21,6 +21,7 @@ import psycopg
 import redis
 
 from bench import procstat
+from bench.pg_writes import WriteCounters
 from bench.usage import Probe, Snapshot, usage
 
 MIB = 2**20
@@ -30,11 +31,10 @@ PROCESSES = ("workers", "supervisor", "redis", "postgres", "producer")
 
 _POSTGRES_COUNTERS = """
 SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, w.wal_fpi, w.wal_records,
-       b.checkpoints_timed + b.checkpoints_req, b.buffers_checkpoint, b.buffers_clean, b.buffers_backend,
        (SELECT coalesce(sum(idx_blks_read), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = %(schema)s),
        (SELECT coalesce(sum(idx_blks_hit), 0)::bigint FROM pg_statio_all_indexes WHERE schemaname = %(schema)s),
        (SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE application_name = 'fraudd-worker')
-  FROM pg_stat_wal w, pg_stat_bgwriter b
+  FROM pg_stat_wal w
 """
 # Each index of the namespace by its partitioned parent's name (a partition's own index rolls up),
 # and the heap of every partition.
@@ -72,6 +72,7 @@ class Sampler:
         self._probe = probe
         self._client = client
         self._conn = psycopg.connect(postgres_url, autocommit=True)
+        self._writes = WriteCounters(self._conn)
         self._schema = schema
 
     def take(self, t: float, scored: int, offered: int, lag: int) -> Sample:
@@ -80,22 +81,8 @@ class Sampler:
         row = self._conn.execute(_POSTGRES_COUNTERS, args).fetchone()
         assert row is not None
         *counters, backends = row
-        postgres = dict(
-            zip(
-                (
-                    "wal_bytes",
-                    "wal_fpi",
-                    "wal_records",
-                    "checkpoints",
-                    "buffers_checkpoint",
-                    "buffers_clean",
-                    "buffers_backend",
-                    "idx_blks_read",
-                    "idx_blks_hit",
-                ),
-                (int(v) for v in counters),
-            )
-        )
+        postgres = dict(zip(("wal_bytes", "wal_fpi", "wal_records", "idx_blks_read", "idx_blks_hit"), (int(v) for v in counters)))
+        postgres.update(self._writes.read())
         backend_cpu = {}
         for pid in backends:
             proc = procstat.read(pid)

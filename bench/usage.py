@@ -144,10 +144,12 @@ class Probe:
 
 
 def redis_nodes(client: redis.Redis | RedisCluster) -> dict[str, redis.Redis]:
-    """Every server behind ``client`` by ``host:port``: the one Redis, or each node of a cluster,
-    masters in slot order, then replicas."""
+    """Every server behind ``client`` by ``host:port`` (a socket's path): the one Redis, or each
+    node of a cluster, masters in slot order, then replicas."""
     if not isinstance(client, RedisCluster):
         kwargs = client.connection_pool.connection_kwargs
+        if "path" in kwargs:  # a unix:// URL
+            return {kwargs["path"]: client}
         return {f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}": client}
     # CLUSTER NODES rather than the client's slot map: Redis leaves a replica out of CLUSTER SLOTS
     # until it has replicated something.

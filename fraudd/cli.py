@@ -20,7 +20,7 @@ from .alerts import settings as alert_settings
 from .console import settings as console_settings
 from .ingest import settings as ingest_settings
 from .keys import shard_streams
-from .learning import cli as learning_cli
+from .lazy_group import Lazy, LazyGroup
 from .preflight import (
     check_dependencies,
     check_eviction,
@@ -31,7 +31,6 @@ from .preflight import (
     prepare_metrics_dir,
     redact,
 )
-from .rulesets import cli as rulesets_cli
 from .runtime import logs
 from .scoring import settings as scoring_settings
 from .settings import (
@@ -55,24 +54,60 @@ from .settings import (
 
 if TYPE_CHECKING:  # the command line imports the runtime's metrics only once prometheus-client's directory is set
     from .runtime.groups import GroupState
-    from .runtime.health import RedisMemory
+    from .runtime.probes import RedisMemory
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# The commands of other packages, imported only when invoked (fraudd/lazy_group.py): the rules' modules import numpy.
+LAZY = {
+    "simulate": Lazy(
+        "fraudd.learning.cli:simulate",
+        "Write a labelled history from the customers-and-terminals simulator (fraudd.learning.simulator).",
+    ),
+    "train": Lazy(
+        "fraudd.learning.cli:train",
+        "Train a model on labelled history with the daemon's own features; write it and its model card.",
+    ),
+    "calibrate": Lazy(
+        "fraudd.learning.cli:calibrate",
+        "Set review and decline thresholds from the scores of the team's own recent traffic (no labels needed).",
+    ),
+    "labels": Lazy(
+        "fraudd.learning.cli:labels_service",
+        "Store the labels stream (chargebacks, analyst verdicts) in the labels table, with --workers consumers.",
+    ),
+    "label": Lazy(
+        "fraudd.learning.cli:label_file",
+        "Record labels from a file in the labels table (idempotent: loading a file twice changes nothing) "
+        "and in the confirmed-fraud counts the scoring reads.",
+    ),
+    "models": Lazy(
+        "fraudd.learning.cli:models",
+        "The deployed models: compare champion and challenger, promote or roll back by hand.",
+    ),
+    "retrain": Lazy(
+        "fraudd.learning.cli:retrain",
+        "Train a candidate on the recent labelled traffic and promote it only if it beats the champion.",
+    ),
+    "backtest": Lazy(
+        "fraudd.learning.cli:backtest",
+        "Replay stored transactions in time order through a candidate model and rules (scratch keys, behaviour "
+        "recomputed); report the decisions that would change and recall/precision against labels.",
+    ),
+    "explain": Lazy(
+        "fraudd.learning.cli:explain",
+        "Why a stored transaction was decided as it was: each feature's exact contribution (log-odds) to the "
+        "deciding model's score, with the feature's value.",
+    ),
+    "rules": Lazy(
+        "fraudd.rulesets.cli:rules",
+        "Rule sets as versioned data: write, test, shadow, publish and roll back without a restart.",
+    ),
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """fraudd: real-time fraud scoring of a Redis Stream into PostgreSQL."""
-
-
-main.add_command(learning_cli.simulate)
-main.add_command(learning_cli.train)
-main.add_command(learning_cli.calibrate)
-main.add_command(learning_cli.labels_service)
-main.add_command(learning_cli.label_file)
-main.add_command(learning_cli.models)
-main.add_command(learning_cli.retrain)
-main.add_command(learning_cli.backtest)
-main.add_command(learning_cli.explain)
-main.add_command(rulesets_cli.rules)
 
 
 @main.command()
@@ -384,7 +419,7 @@ def status(lag_limit: int, group: str, dedup_window_s: int, **params) -> None:
     from . import shard_counts
     from .keys import Keys
     from .runtime.groups import combined, group_state
-    from .runtime.health import NEARLY_FULL, check_postgres, memory_problem, redis_memory
+    from .runtime.probes import NEARLY_FULL, check_postgres, memory_problem, redis_memory
     from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     settings = StreamsSettings.from_params(params)
@@ -452,7 +487,7 @@ def _echo_nodes(
     """One line per primary of a cluster: the shards it serves (their lag, pending and input rate, the
     dedup markers they need) and its memory. Each primary holds its own shards' markers and states,
     so one node full or lagging is visible here while the totals above still look fine."""
-    from .runtime.health import primary_memory
+    from .runtime.probes import primary_memory
 
     served: dict[str, list[int]] = {}
     for k, stream in enumerate(settings.input_streams):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _HASH_TAG = re.compile(r"\{([^}]+)\}")
 # The live blocklists rules can test (`blocklist = "<kind>"`), in the order features.lua takes them.
@@ -51,17 +51,17 @@ class Keys:
     fraud_stream: str
     dlq_stream: str
     namespace: str = "fraudd"
+    # Common prefix of every derived key of this shard (ends with ``:``). A stream named with its
+    # own tag (a shard, ``transactions:raw:{3}``) lends its whole name, tag included: keys stay
+    # apart per stream name and hash like the stream. An untagged stream is the tag itself. Found
+    # once: a read names a shard's keys dozens of times, and the search costs more than the name.
+    prefix: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def prefix(self) -> str:
-        """Common prefix of every derived key of this shard (ends with ``:``).
-
-        A stream named with its own tag (a shard, ``transactions:raw:{3}``) lends its whole name,
-        tag included: keys stay apart per stream name and hash like the stream. An untagged
-        stream is the tag itself."""
-        if _HASH_TAG.search(self.stream):
-            return f"{self.namespace}:{self.stream}:"
-        return f"{self.namespace}:{{{self.stream}}}:"
+    def __post_init__(self) -> None:
+        tagged = _HASH_TAG.search(self.stream)
+        object.__setattr__(
+            self, "prefix", f"{self.namespace}:{self.stream}:" if tagged else f"{self.namespace}:{{{self.stream}}}:"
+        )
 
     @property
     def lease(self) -> str:

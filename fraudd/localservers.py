@@ -1,5 +1,8 @@
 """Throwaway Redis and PostgreSQL servers on free ports, in a directory of their own.
 
+Each also listens on a Unix domain socket in its directory (``socket_url``), so that fraudd's
+support for socket URLs is tested against real servers.
+
 The demo starts them when the configured servers are not reachable, the benchmark to keep its
 measurements free of other people's work, and the tests to stop, kill and restart a dependency
 without touching the machine's shared servers. Each runs from the binaries Debian installs
@@ -68,6 +71,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def socket_url(self) -> str:
+        """The same server through its Unix socket (redis-py's ``UnixDomainSocketConnection``)."""
+        return f"unix://{self.socket}?db=0"
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, protocol=2, socket_timeout=10)
 
@@ -84,6 +96,10 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
                 "--dir",
                 str(self.directory),
                 "--logfile",
@@ -136,6 +152,12 @@ class PostgresServer:
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def socket_url(self) -> str:
+        """The same server through its Unix socket: libpq takes a directory as the host, and the
+        port names the socket file in it (``.s.PGSQL.<port>``)."""
+        return f"postgresql://postgres@/postgres?host={self.directory}&port={self.port}"
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> None:
         binary = PG_BIN / program

@@ -45,7 +45,7 @@ def check_dependencies(
     """Redis answers without an evicting policy (and ``group`` exists on each of ``streams``, created
     at ``start`` if new), PostgreSQL answers with every migration applied."""
     from .runtime.consumer import ensure_group
-    from .runtime.health import redis_memory
+    from .runtime.probes import redis_memory
     from .runtime.redis_clients import REDIS_FAILURES, connect_redis
 
     client = connect_redis(redis_settings.url, redis_settings.cluster)
@@ -117,7 +117,7 @@ def check_producer_shard_count(redis_settings: RedisSettings, stream: str, shard
 def check_eviction(redis_settings: RedisSettings) -> None:
     """Refuse a Redis whose maxmemory-policy can evict fraudd's keys. One that does not answer yet is
     let be: the ingest starts anyway and answers 503 until Redis is back."""
-    from .runtime.health import redis_memory
+    from .runtime.probes import redis_memory
     from .runtime.redis_clients import REDIS_FAILURES, redis_client
 
     try:

@@ -203,16 +203,23 @@ REDIS_URL = Option(
 REDIS_CLUSTER = Option(
     "redis-cluster",
     "REDIS_CLUSTER",
-    "--redis-url names seed nodes of a Redis Cluster (comma-separated URLs); the input then needs --shards > 1.",
+    "--redis-url names seed nodes of a Redis Cluster (comma-separated redis:// or rediss:// URLs); the input then "
+    "needs --shards > 1.",
     {"is_flag": True, "default": False},
 )
 REDIS_OPTIONS = [REDIS_URL, REDIS_CLUSTER]
 
 
 def check_cluster(redis: RedisSettings, shards: int) -> None:
-    if redis.cluster and shards < 2:
+    if not redis.cluster:
+        return
+    if shards < 2:
         # One shard means one hash slot: a cluster would hold all of fraudd on one node.
         raise ConfigError("--redis-cluster needs --shards > 1 (one shard lives in one slot, on one node)")
+    if any(seed.strip().startswith("unix:") for seed in redis.url.split(",")):
+        # Cluster nodes name each other by host and port: a socket seed would leave the client
+        # nothing to connect to but its default, 127.0.0.1:6379.
+        raise ConfigError("--redis-cluster needs redis:// or rediss:// seed URLs: a cluster is not reached through a Unix socket")
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import psycopg
 import pytest
 import redis
 
+from bench import pg_writes
+
 from .conftest import POSTGRES_URL, REDIS_URL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,3 +174,15 @@ def test_copy_growth(tmp_path: Path) -> None:
     for step in steps:
         assert step["server_cpu_us_per_row"] > 0 and step["wal_bytes_per_row"] > 0
         assert step["partition_index_mib"]["transactions_pkey"] > 0
+
+
+def test_the_write_counters_are_read_with_the_query_of_the_servers_version() -> None:
+    """This server's counters read; PostgreSQL 17's are asked where 17 keeps them (only the text can
+    be checked here: the machine runs 15)."""
+    with psycopg.connect(POSTGRES_URL) as conn:
+        counters = pg_writes.WriteCounters(conn).read()
+    assert list(counters) == list(pg_writes.NAMES) and min(counters.values()) >= 0
+    for version in (150004, 160000):
+        assert "pg_stat_checkpointer" not in pg_writes.query(version)
+    assert "FROM pg_stat_checkpointer" in pg_writes.query(170000) and "FROM pg_stat_io" in pg_writes.query(170002)
+    assert "buffers_backend" not in pg_writes.query(170000) and "checkpoints_" not in pg_writes.query(170000)

@@ -16,6 +16,7 @@ from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.learning import train
 from fraudd.learning.simulator import Simulator, SimulatorConfig
+from fraudd.scoring.explain import EXPLAIN_BLOCK_ROWS, TreeExplainer, _Leaf, _leaf_table
 from fraudd.scoring.features import FEATURE_NAMES
 from fraudd.scoring.model import META_SOURCE, FraudModel
 from fraudd.scoring.settings import DEFAULT_MODEL
@@ -83,6 +84,45 @@ def test_missing_values_follow_the_trees_default_direction(holdout: train.Datase
     rows[::3, 0] = np.nan
     rows[1::3, 7] = np.nan
     assert_exact(DEFAULT_MODEL, rows)
+
+
+def test_batched_explanations_sum_each_leafs_table_at_the_rows_pattern() -> None:
+    """The batched layout (each distinct interval compared once, patterns built position by position
+    over leaves of every depth, one gather, one sum per feature, block by block) gives what each
+    leaf's own table gives for the row's agreement pattern, summed leaf by leaf, to float64 rounding.
+    """
+    rng = np.random.default_rng(7)
+    width, thresholds = 12, np.linspace(-1.0, 1.0, 9)  # few thresholds: leaves share intervals
+    leaves = []
+    for _ in range(400):
+        features = rng.permutation(width)[: rng.integers(1, 11)].tolist()
+        bounds = np.sort(rng.choice(np.concatenate(([-np.inf, np.inf], thresholds)), size=(len(features), 2)), axis=1)
+        upper = np.where(bounds[:, 0] == bounds[:, 1], np.inf, bounds[:, 1])
+        leaves.append(
+            _Leaf(
+                float(rng.normal()),
+                features,
+                rng.uniform(0.05, 0.95, len(features)).tolist(),
+                bounds[:, 0].tolist(),
+                upper.tolist(),
+                (rng.random(len(features)) < 0.5).tolist(),
+            )
+        )
+    rows = rng.choice(np.concatenate((thresholds, rng.uniform(-1.5, 1.5, 40))), size=(3 * EXPLAIN_BLOCK_ROWS + 5, width))
+    rows[rng.random(rows.shape) < 0.1] = np.nan
+    rows = rows.astype(np.float32)
+
+    expected = np.zeros(rows.shape, dtype=np.float64)
+    for leaf in leaves:
+        values = rows[:, leaf.features]
+        agrees = np.where(
+            np.isnan(values), leaf.missing_agrees, (values > np.float32(leaf.lower)) & (values <= np.float32(leaf.upper))
+        )
+        pattern = agrees.astype(np.int64) @ (1 << np.arange(len(leaf.features)))
+        expected[:, leaf.features] += _leaf_table(leaf)[pattern]
+    explanation = TreeExplainer(leaves, width, 0.25).explain(rows)
+    assert explanation.base == 0.25
+    np.testing.assert_allclose(explanation.contributions, expected, rtol=0, atol=1e-12)
 
 
 def test_freshly_trained_model_explanations_are_lightgbms(ns: Namespace, tmp_path: Path) -> None:

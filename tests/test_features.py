@@ -10,7 +10,8 @@ import orjson
 import pytest
 import redis
 
-from fraudd.keys import Keys
+from fraudd.generator import GeneratorConfig, TransactionGenerator
+from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.scoring import dedup, features_shared
 from fraudd.scoring.behaviour import STATE
 from fraudd.scoring.decode import DecodedBatch, decode_batch
@@ -26,7 +27,7 @@ from fraudd.scoring.features import (
     state_periods,
     stored_states,
 )
-from fraudd.scoring.features_owned import OwnedFeatureStore
+from fraudd.scoring.features_owned import OwnedFeatureStore, compute_owned
 from fraudd.scoring.features_shared import SharedFeatureStore
 from fraudd.scoring.leases import Fenced, Lease
 
@@ -431,3 +432,49 @@ def test_an_owner_whose_lease_changed_hands_writes_nothing(client: redis.Redis, 
     assert user_state(client, keys, "bob") is None
     client.set(keys.lease, lease.token, px=60_000)
     assert col(store.compute(batch(tx(T0 + 3))), "count_1m") == [2], "back from what Redis holds"
+
+
+def test_a_read_over_shards_gives_each_shard_what_it_alone_would(client: redis.Redis) -> None:
+    """A read's shards are computed as one batch, yet apart in everything: each shard's features and
+    stored states are those of its part computed alone, with duplicates, redeliveries, a user and a
+    transaction id in two shards' parts (streams written under an earlier shard count), and a shard
+    fenced out at the read, which leaves the others computed."""
+    generated = TransactionGenerator(GeneratorConfig(seed=5, tx_per_second=20.0, n_users=300)).generate(1_200)
+    payloads = [p for p in generated.with_faults(0.05, 0.0, np.random.default_rng(2)).payloads if p is not None]
+    name = f"test-features-{uuid.uuid4().hex[:10]}"
+    shards = 3
+    together, alone = (
+        [Keys(shard_stream(f"{name}:{side}:raw", shards, k), f"{name}:fraud", f"{name}:dlq") for k in range(shards)]
+        for side in ("together", "alone")
+    )
+    stores = [[open_store(client, k, owned=True) for k in side] for side in (together, alone)]
+    try:
+        for r, start in enumerate(range(0, len(payloads), 200)):
+            read = decode_batch([f"{i}-0" for i in range(200)], payloads[start : start + 200])
+            rows = [[i for i, user in enumerate(read.user_id) if shard_of(user, shards) == k] for k in range(shards)]
+            rows[1] += rows[0][:3]  # a user in two shards' parts
+            rows[2] += rows[0][3:4] + rows[1][:1]  # and a transaction in two, of its own user and of another's
+            parts = [read.take(part) for part in rows]
+            if r == 2:
+                client.set(together[1].lease, "2:another-owner", px=60_000)
+            computed = compute_owned(list(zip(stores[0], parts)))
+            for k, (part, features) in enumerate(zip(parts, computed)):
+                if r == 2 and k == 1:
+                    assert isinstance(features, Fenced)
+                    client.set(together[1].lease, "1:test", px=60_000)
+                    continue
+                expected = stores[1][k].compute(part)
+                assert isinstance(features, Features)
+                assert features.matrix.tobytes() == expected.matrix.tobytes()
+                assert (
+                    features.seen.tolist() == expected.seen.tolist() and features.event_ms.tolist() == expected.event_ms.tolist()
+                )
+                assert all(features.blocked[kind].tolist() == expected.blocked[kind].tolist() for kind in BLOCKLIST_KINDS)
+                users = sorted(set(part.user_id))
+                assert stored_states(client, together[k], users) == stored_states(client, alone[k], users)
+    finally:
+        for side in (together, alone):
+            for k in side:
+                stale = list(client.scan_iter(match=k.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=1000))
+                if stale:
+                    client.delete(*stale)

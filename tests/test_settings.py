@@ -4,9 +4,11 @@ naming the option, and the package imports without a cycle."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 import pytest
@@ -18,7 +20,10 @@ from fraudd.ingest.settings import IngestSettings
 from fraudd.learning.settings import LabelSettings
 from fraudd.scoring.settings import ScoringSettings
 
+from .conftest import Namespace
+
 PACKAGE = Path(cli.__file__).resolve().parent
+RULES_COMMANDS = cast(click.Group, cli.main.get_command(None, "rules")).commands
 
 SERVICES = {"run": ScoringSettings, "ingest": IngestSettings, "alerts": AlertSettings, "labels": LabelSettings}
 REQUIRED = {"alerts": ["--config", "alerts.toml"]}
@@ -26,7 +31,7 @@ REQUIRED = {"alerts": ["--config", "alerts.toml"]}
 # Flags only some commands may take, and which: what one service reads is no other's option.
 SCORING = {"run"}
 CONSUMERS = {"run", "alerts", "labels"}
-RULES = {f"rules {name}" for name in cli.rulesets_cli.rules.commands}
+RULES = {f"rules {name}" for name in RULES_COMMANDS}
 OWNERS = {
     **dict.fromkeys(
         ("--model-path", "--rules-path", "--shadow-model", "--thresholds", "--review-threshold", "--decline-threshold"),
@@ -51,7 +56,7 @@ def commands() -> dict[str, click.Command]:
     """Every service and operations command by its name (``dlq list``: a subcommand)."""
     named = {name: cli.main.get_command(None, name) for name in (*SERVICES, "status", "migrate")}
     named.update({f"dlq {name}": command for name, command in cli.dlq.commands.items()})
-    named.update({f"rules {name}": command for name, command in cli.rulesets_cli.rules.commands.items()})
+    named.update({f"rules {name}": command for name, command in RULES_COMMANDS.items()})
     return named
 
 
@@ -125,6 +130,15 @@ def test_a_bad_value_stops_start_up_with_one_line_naming_the_option(args: list[s
     assert "Traceback" not in result.output
 
 
+# What no operator's command imports unless it uses them: the models' runtime, and numpy.
+HEAVY = {"numpy", "onnxruntime", "sklearn"}
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a process run with ``-X importtime`` imported, from its stderr."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
 @pytest.mark.parametrize(
     "args", [["--help"], ["ingest", "--help"], ["console", "--help"], ["alerts", "--help"], ["status", "--help"]]
 )
@@ -134,9 +148,44 @@ def test_the_command_line_starts_without_numpy_or_the_models_runtime(args: list[
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "fraudd", *args], capture_output=True, text=True, timeout=60, check=True
     )
-    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "fraudd.cli" in imported
-    assert imported.isdisjoint({"numpy", "onnxruntime", "sklearn"})
+    modules = imported(result.stderr)
+    assert "fraudd.cli" in modules
+    assert modules.isdisjoint(HEAVY)
+    # The commands of other packages come with their own invocation only.
+    assert modules.isdisjoint(lazy.target.partition(":")[0] for lazy in cli.LAZY.values())
+
+
+def test_status_looks_at_the_servers_without_numpy_or_the_metrics(ns: Namespace) -> None:
+    """``fraudd status`` runs from monitoring scripts every few seconds: Redis's memory, PostgreSQL
+    and the dedup markers' estimate need neither numpy nor the services' metrics (prometheus-client)."""
+    result = ns.fraudd("status", PYTHONPROFILEIMPORTTIME="1")
+    assert result.returncode == 0, result.stdout
+    assert "dedup markers for the" in result.stdout and "postgres   up" in result.stdout
+    modules = imported(result.stderr)
+    assert "fraudd.scoring.dedup" in modules
+    assert modules.isdisjoint(HEAVY | {"prometheus_client"})
+
+
+# `fraudd --help` as a fresh process prints it, then with every lazily registered command imported first.
+_HELP = (
+    "import sys; from fraudd import cli; [cli.main.get_command(None, n) for n in sys.argv[1:]]; cli.main(['--help'], 'fraudd')"
+)
+
+
+@pytest.mark.parametrize("width", ["80", "200"])
+def test_fraudd_help_lists_each_lazily_registered_command_with_its_own_short_help(width: str) -> None:
+    """The listing shows a command not imported yet with the short help it is registered with: what
+    the command itself says once imported, at any terminal width."""
+    env = {**os.environ, "COLUMNS": width}
+
+    def listing(*loaded: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", _HELP, *loaded], capture_output=True, text=True, timeout=60, check=True, env=env
+        ).stdout
+
+    lazily = listing()
+    assert all(f"  {name} " in lazily for name in cli.LAZY)
+    assert lazily == listing(*cli.LAZY)
 
 
 def imports_of(path: Path, module: str) -> set[str]:
@@ -205,14 +254,14 @@ def test_the_readme_documents_every_option_of_every_service_with_its_environment
 
 def test_the_readme_documents_every_setting_of_fraudd_rules_with_its_environment_variable() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
-    for name, command in cli.rulesets_cli.rules.commands.items():
+    for name, command in RULES_COMMANDS.items():
         for param in command.params:
             if param.envvar:
                 assert f"| `{param.opts[0]}` | `{param.envvar}` |" in readme, f"README lacks fraudd rules {name} {param.opts[0]}"
 
 
 def test_fraudd_rules_takes_postgresql_redis_and_the_input_shards_only() -> None:
-    for name, command in cli.rulesets_cli.rules.commands.items():
+    for name, command in RULES_COMMANDS.items():
         settings = {flag for param in command.params if param.envvar for flag in param.opts}
         assert settings - {"--actor", "--minutes-per-case"} == {
             "--redis-url",

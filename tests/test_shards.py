@@ -30,7 +30,7 @@ from fraudd.scoring.shards import ShardReader
 from fraudd.settings import ConsumerSettings, MetricsSettings, PostgresSettings, RedisSettings
 
 from .conftest import Namespace, kill_workers_until, migrate, wait_for, worker_pids
-from .services import start, stop
+from .services import DaemonProcess, start, stop
 from .streams import alerts, dlq, fully_drained
 
 SHARDS = 8
@@ -66,8 +66,8 @@ def test_publisher_routes_by_the_crc32_of_the_user(redis_client: redis.Redis, ns
     assert Keys(shard_stream(ns.stream, SHARDS, 3), ns.fraud_stream, ns.dlq_stream).prefix.endswith(":{3}:")
 
 
-def owned_shards_reader(ns: Namespace, shards: int, block_ms: int = 50) -> ShardReader:
-    """A worker's reader owning every one of ``shards``, past each shard's take-over and first claim pass."""
+def started_reader(ns: Namespace, shards: int, worker: int = 0, block_ms: int = 50, lease_ms: int = 10_000) -> ShardReader:
+    """Worker ``worker``'s reader, joined to the owners of ``shards`` (release_all it afterwards)."""
     consumer = ConsumerSettings(ns.stream, ns.group, f"{ns.name}-c", workers=1, batch_size=100, block_ms=block_ms)
     settings = ScoringSettings(
         RedisSettings(ns.redis_url),
@@ -78,9 +78,18 @@ def owned_shards_reader(ns: Namespace, shards: int, block_ms: int = 50) -> Shard
         ns.dlq_stream,
         "INFO",
         shards=shards,
+        lease_ms=lease_ms,
     )
-    reader = ShardReader(connect_redis(ns.redis_url), settings, consumer.consumer_name(0), WorkerProcess(0), lambda kind: None)
+    reader = ShardReader(
+        connect_redis(ns.redis_url), settings, consumer.consumer_name(worker), WorkerProcess(worker), lambda kind: None
+    )
     reader.start()
+    return reader
+
+
+def owned_shards_reader(ns: Namespace, shards: int, block_ms: int = 50) -> ShardReader:
+    """A worker's reader owning every one of ``shards``, past each shard's take-over and first claim pass."""
+    reader = started_reader(ns, shards, block_ms=block_ms)
     assert sorted(reader.shards) == list(range(shards))
     while reader.read():  # each shard's take-over and first claim pass, one shard at a time
         pass
@@ -279,6 +288,74 @@ def test_status_shows_the_shards_and_their_owners(redis_client: redis.Redis, ns:
     finally:
         stop(daemon)
     assert "(4 shards)" in status and "shards     4: 4 owned" in status, status
+
+
+def test_shards_given_back_at_a_heartbeat_are_taken_at_once(redis_client: redis.Redis, ns: Namespace) -> None:
+    """The first worker up takes every shard and gives half back at its next heartbeat; the second,
+    which found every shard taken a moment before, takes them within tens of milliseconds, not at
+    its own next heartbeat a third of a lease later (a shard given back is read by nobody)."""
+    first = started_reader(ns, SHARDS, worker=0)
+    second = None
+    try:
+        assert len(first.shards) == SHARDS
+        second = started_reader(ns, SHARDS, worker=1)
+        assert not second.shards
+        first._next_tick = 0.0  # its heartbeat falls now
+        first.read()
+        assert len(first.shards) == SHARDS // 2
+        joined = second
+        wait_for(lambda: (joined.read(), all(lease_owners(redis_client, ns, SHARDS)))[1], 1.0, message="every shard owned")
+        assert len(second.shards) == SHARDS // 2
+    finally:
+        for reader in (first, second):
+            if reader is not None:
+                reader.release_all()
+
+
+def test_a_graceful_stop_hands_its_shards_over_before_its_heartbeat_ages_out(
+    redis_client: redis.Redis, ns: Namespace, tmp_path: Path
+) -> None:
+    """A stopping worker leaves the registry with its leases: the other takes its shards over at its
+    next heartbeat (250 ms), not a third of a lease later nor once the stopped one's heartbeat is a
+    lease old."""
+    shards, lease_ms = 4, 12_000
+    args = ("--workers", "1", "--shards", str(shards), "--lease-ms", str(lease_ms))
+    stopping = DaemonProcess.start(ns, tmp_path / "a.log", *args, CONSUMER_ID=f"{ns.name}-a")
+    staying = DaemonProcess.start(ns, tmp_path / "b.log", *args, CONSUMER_ID=f"{ns.name}-b")
+
+    def held_by(consumer_id: str) -> int:
+        return sum(f":{ns.name}-{consumer_id}-" in (o or "") for o in lease_owners(redis_client, ns, shards))
+
+    try:
+        wait_for(lambda: held_by("a") == held_by("b") == 2, 60, message="two shards each")
+        os.kill(stopping.pid, signal.SIGTERM)
+        wait_for(lambda: held_by("a") == 0, 30, interval=0.02, message="the stopping worker's leases given back")
+        wait_for(lambda: held_by("b") == shards, 2.0, interval=0.02, message="every shard taken over")
+    finally:
+        stop(staying)
+        stop(stopping)
+
+
+def test_three_workers_settle_on_three_three_and_two_of_eight_shards(
+    redis_client: redis.Redis, ns: Namespace, tmp_path: Path
+) -> None:
+    """Shares sum to the shard count: once settled nobody is short, and nothing changes hands."""
+    lease_ms = 3000
+    daemon = start(ns, tmp_path, "--workers", "3", "--shards", str(SHARDS), "--lease-ms", str(lease_ms))
+
+    def shares() -> list[int]:
+        owners = lease_owners(redis_client, ns, SHARDS)
+        return sorted(Counter(o.split(":", 1)[1] for o in owners if o).values()) if all(owners) else []
+
+    try:
+        wait_for(lambda: shares() == [2, 3, 3], 60, message="shares of 3, 3 and 2")
+        settled = lease_owners(redis_client, ns, SHARDS)
+        for _ in range(3 * 10):  # a lease: a dozen heartbeats of each worker
+            time.sleep(lease_ms / 1000 / 3 / 10)
+            assert lease_owners(redis_client, ns, SHARDS) == settled
+    finally:
+        log = stop(daemon)
+    assert log.count('"shard_taken"') - log.count('"shard_released"') == SHARDS
 
 
 @pytest.mark.parametrize("depth", [1, 2])

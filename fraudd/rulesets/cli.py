@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 import orjson
@@ -23,20 +23,16 @@ from fraudd.keys import BLOCKLIST_KINDS
 from fraudd.learning.cli import parse_duration
 from fraudd.runtime.redis_clients import connect_redis
 from fraudd.schema import connect
+from fraudd.scoring.rules import Rules, RulesError, block
 from fraudd.settings import options
 
+from . import backtest, diff, pointer, store
 from .settings import ACTOR, MINUTES_PER_CASE, OPTIONS, RulesSettings
-
-if TYPE_CHECKING:  # the commands import the rules' modules (and numpy with them) when they run, not at `fraudd`'s start
-    from .store import RuleSet
+from .store import RuleSet
 
 
 @contextmanager
 def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
-    from fraudd.scoring.rules import RulesError
-
-    from . import store
-
     try:
         with connect(settings.postgres.url, settings.postgres.schema, autocommit=True, connect_timeout=5) as conn:
             yield conn
@@ -48,8 +44,6 @@ def _database(settings: RulesSettings) -> Iterator[psycopg.Connection]:
 
 def _point_workers(conn: psycopg.Connection, settings: RulesSettings) -> None:
     """Send the workers of every shard the stored live and shadow versions (after the commit)."""
-    from . import pointer
-
     client = connect_redis(settings.redis.url, settings.redis.cluster)
     live, shadow, copies = pointer.follow(conn, client, settings.stream, settings.shards)
     click.echo(f"workers of {copies} shard(s) pointed at live {_version(live)}, shadow {_version(shadow)}", err=True)
@@ -70,8 +64,6 @@ def rules() -> None:
 @options(OPTIONS, [ACTOR])
 def import_(file: Path, note: str, actor: str, **params: Any) -> None:
     """Store FILE (the TOML rule language) as a new draft; prints its version."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     source = file.read_text()
     with _database(settings) as conn:
@@ -84,8 +76,6 @@ def import_(file: Path, note: str, actor: str, **params: Any) -> None:
 @options(OPTIONS)
 def export(version: int, **params: Any) -> None:
     """Print VERSION in the TOML rule language."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         click.echo(store.get(conn, version).source, nl=False)
@@ -95,8 +85,6 @@ def export(version: int, **params: Any) -> None:
 @options(OPTIONS)
 def list_(**params: Any) -> None:
     """Every version, its status, author, who last made it live, and note."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         sets, published_by = store.list_sets(conn), store.publishers(conn)
@@ -113,8 +101,6 @@ def list_(**params: Any) -> None:
 @options(OPTIONS)
 def diff_(a: int, b: int, **params: Any) -> None:
     """The rules added, removed and changed from version A to B, then the text's unified diff."""
-    from . import diff, store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         left, right = store.get(conn, a), store.get(conn, b)
@@ -131,10 +117,6 @@ def diff_(a: int, b: int, **params: Any) -> None:
 def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, actor: str, **params: Any) -> None:
     """Evaluate CANDIDATE (a rules FILE or a stored VERSION) on the stored decisions' feature vectors
     and compare it with what was decided: changes by pair, extra cases per day, recall and precision."""
-    from fraudd.scoring.rules import Rules
-
-    from . import backtest, store
-
     settings = RulesSettings.from_params(params)
     since_s = parse_duration(since)
     with _database(settings) as conn:
@@ -160,8 +142,6 @@ def test(candidate: str, since: str, minutes_per_case: float, as_json: bool, act
 @options(OPTIONS, [MINUTES_PER_CASE])
 def report(version: int, since: str, minutes_per_case: float, as_json: bool, **params: Any) -> None:
     """What VERSION decided in shadow on live traffic, against the live decisions (same report as test)."""
-    from . import backtest, store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.get(conn, version)
@@ -205,8 +185,6 @@ def _ratio(value: float | None) -> str:
 @options(OPTIONS, [ACTOR])
 def shadow(version: int | None, stop: bool, actor: str, **params: Any) -> None:
     """Run VERSION in shadow beside the live set: its would-be decisions are stored, it decides nothing."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     if stop == (version is not None):
         raise click.UsageError("give a VERSION, or --stop")
@@ -224,8 +202,6 @@ def shadow(version: int | None, stop: bool, actor: str, **params: Any) -> None:
 @options(OPTIONS, [ACTOR])
 def publish(version: int, allow_self_approve: bool, actor: str, **params: Any) -> None:
     """Make VERSION live on every worker at its next batch; its author may not publish it (maker-checker)."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.publish(conn, version, actor, allow_self_approve)
@@ -237,8 +213,6 @@ def publish(version: int, allow_self_approve: bool, actor: str, **params: Any) -
 @options(OPTIONS, [ACTOR])
 def rollback(version: int, actor: str, **params: Any) -> None:
     """Make VERSION, live before, live again (a publish of an earlier version)."""
-    from . import store
-
     settings = RulesSettings.from_params(params)
     with _database(settings) as conn:
         store.publish(conn, version, actor, rollback=True)
@@ -254,10 +228,6 @@ def rollback(version: int, actor: str, **params: Any) -> None:
 def block_(kind: str, value: str, reason: str, remove: bool, actor: str, **params: Any) -> None:
     """Put VALUE on (or, with --remove, take it off) the live KIND blocklist of every shard; audited
     with who and why, and whether it was on the list before, as the console audits a block."""
-    from fraudd.scoring.rules import block
-
-    from . import store
-
     settings = RulesSettings.from_params(params)
     client = connect_redis(settings.redis.url, settings.redis.cluster)
     with _database(settings) as conn:

@@ -29,10 +29,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from redis.cluster import RedisCluster
 
 from .. import shard_counts
-from ..schema import connect, ensure_partitions
+from ..schema import ensure_partitions
 from ..settings import ConsumerSettings, PostgresSettings, RedisSettings
 from . import metrics
 from .groups import GroupState, combined, group_state
+from .probes import check_postgres, connect_postgres, memory_problem, redis_memory
 from .redis_clients import REDIS_FAILURES, redis_client
 from .retention import trim_acked
 
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 PARTITION_UPKEEP_INTERVAL_S = 3600.0
 PARTITION_DAYS_AHEAD = 7
 GONE_CONSUMER_MIN_IDLE_MS = 60_000
-# Share of maxmemory from which `fraudd status` calls Redis full (a batch's write needs some room).
-NEARLY_FULL = 0.95
 HEALTH_CACHE_S = 1.0
 
 
@@ -73,68 +72,6 @@ def log_health_change(before: list[HealthProblem], after: list[HealthProblem]) -
         log.warning("not ready: " + "; ".join(details), extra={"event": "unhealthy", "problems": details})
     else:
         log.info("ready again", extra={"event": "healthy"})
-
-
-@dataclass(frozen=True, slots=True)
-class RedisMemory:
-    """Redis's memory as ``INFO memory`` reports it (INFO works where CONFIG is disabled, as on managed Redis)."""
-
-    used: int
-    maximum: int  # 0: no limit
-    policy: str
-
-    def eviction_problem(self) -> str | None:
-        """Why this Redis may drop fraudd's keys, naming the setting to use; None when it never evicts."""
-        if self.policy == "noeviction":
-            return None
-        return (
-            f"Redis maxmemory-policy is {self.policy}: it may evict fraudd's streams, dedup markers or "
-            f"behaviour state and break exactly-once without a sign; set maxmemory-policy noeviction"
-        )
-
-    def describe(self) -> str:
-        limit = f"of maxmemory {_mib(self.maximum)}" if self.maximum else "(no maxmemory)"
-        return f"used {_mib(self.used)} {limit}, policy {self.policy}"
-
-
-def _mib(size: float) -> str:
-    return f"{size / 2**20:,.1f} MiB"
-
-
-def redis_memory(client: redis.Redis | RedisCluster) -> RedisMemory:
-    """The memory of the Redis, or of a cluster's fullest primary with the first evicting policy any
-    primary has: one primary full or evicting is enough to stop or break the shards it serves."""
-    if not isinstance(client, RedisCluster):
-        return _memory(client.info("memory"))
-    primaries = list(primary_memory(client).values())
-    fullest = max(primaries, key=lambda m: (m.used / m.maximum if m.maximum else 0.0, m.used))
-    evicting = next((m.policy for m in primaries if m.eviction_problem()), fullest.policy)
-    return RedisMemory(fullest.used, fullest.maximum, evicting)
-
-
-def primary_memory(client: RedisCluster) -> dict[str, RedisMemory]:
-    """Each primary's memory, by node name (``host:port``). Asked node by node: for a single target
-    node redis-py answers that node's INFO itself, not a mapping by node."""
-    return {node.name: _memory(client.get_redis_connection(node).info("memory")) for node in client.get_primaries()}
-
-
-def _memory(info: dict[str, Any]) -> RedisMemory:
-    return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
-
-
-def memory_problem(memory: RedisMemory, refusing: bool) -> str | None:
-    """The ``/healthz`` line of a Redis that refuses writes (``refusing``: a worker met
-    OutOfMemoryError and waits) or may evict; None when neither.
-
-    Redis refuses a write when the memory it holds plus the write's arguments exceed maxmemory, so
-    a full Redis may show some room in INFO: only the workers know for sure."""
-    if refusing:
-        return (
-            f"redis: out of memory ({memory.describe()}): writes are refused, scoring waits; "
-            f"raise maxmemory or shorten --dedup-window-s"
-        )
-    problem = memory.eviction_problem()
-    return f"redis: {problem}" if problem else None
 
 
 class Housekeeper:
@@ -257,21 +194,6 @@ class Housekeeper:
         if created:
             log.info("partitions created", extra={"event": "partitions_created", "count": created})
         self._next_partitions = time.monotonic() + PARTITION_UPKEEP_INTERVAL_S
-
-
-def connect_postgres(postgres: PostgresSettings, timeout_s: int = 3) -> psycopg.Connection:
-    return connect(
-        postgres.url,
-        postgres.schema,
-        connect_timeout=timeout_s,
-        autocommit=True,
-        application_name="fraudd-supervisor",
-    )
-
-
-def check_postgres(postgres: PostgresSettings) -> None:
-    with connect_postgres(postgres, timeout_s=2) as conn:
-        conn.execute("SELECT 1")
 
 
 def health_problems(postgres: PostgresSettings, client: redis.Redis | RedisCluster) -> list[HealthProblem]:

@@ -96,11 +96,11 @@ class Watch:
             self._pool.release(self._conn)
 
     def read(self, keys: Sequence[str], commands: Sequence[Command] = ()) -> tuple[list[Any], list[Any]]:
-        """WATCH ``keys``, then their values (GET) and the raw replies of ``commands``, in one round
-        trip; the first error reply is raised once every reply is read."""
+        """WATCH ``keys``, then their values (one MGET) and the raw replies of ``commands``, in one
+        round trip; the first error reply is raised once every reply is read."""
         self._watching = True
-        replies = _send(self._conn, [("WATCH", *keys), *(("GET", key) for key in keys), *commands])
-        return replies[1 : 1 + len(keys)], replies[1 + len(keys) :]
+        replies = _send(self._conn, [("WATCH", *keys), ("MGET", *keys), *commands])
+        return replies[1], replies[2:]
 
     def execute(self, commands: Sequence[Command]) -> bool:
         """``commands`` in one MULTI/EXEC: True when applied, False when a watched key changed since

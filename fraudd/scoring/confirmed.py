@@ -132,13 +132,15 @@ class ConfirmedFraud:
         columns: tuple[Sequence[str | None], ...],
         event_ms: np.ndarray,
         version: bytes | None | Literal[_Unread.UNREAD] = _Unread.UNREAD,
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The CONFIRMED_COLUMNS of a batch; ``columns`` are its merchant, device, IP and card.
 
-        ``version``: the value of ``version_key`` as read for this batch (unread: read here)."""
+        ``version``: the value of ``version_key`` as read for this batch (unread: read here);
+        ``out``: zeroed columns to count into (a part of a read's: a read's shards count into one)."""
         self._refresh(self._redis.get(self._version_key) if version is _Unread.UNREAD else version)
         n = len(event_ms)
-        out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
+        out = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS} if out is None else out
         for kind, column, known in zip(KINDS, columns, self._state):
             if not known:
                 continue

@@ -20,22 +20,20 @@ HTTP ingest's), passes the keys ``seen_probe`` names and calls ``SEEN_PROBE_LUA`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys, shard_of, shard_stream
 
+if TYPE_CHECKING:  # the batches come as numpy arrays; `fraudd status`'s estimate and the ingest's probe import no numpy
+    import numpy as np
+
 BUCKET_MS = 60_000
 # Redis memory per marker with its share of the bucket's hash table, measured as used_memory growth
 # over 300,000 transactions with 14-character ids (README: "Behaviour features and their memory").
 MARKER_BYTES = 70
-
-
-def event_ms(timestamps: np.ndarray) -> np.ndarray:
-    """Millisecond event times, as features and markers round them (float64 in, int64 out)."""
-    return np.round(np.asarray(timestamps, dtype=np.float64) * 1000.0).astype(np.int64)
 
 
 def buckets(event_times_ms: np.ndarray) -> np.ndarray:
@@ -49,7 +47,7 @@ def entry_bucket(entry_id: str) -> int:
 
 
 def bucket_of(timestamp: float) -> int:
-    """``buckets(event_ms(...))`` of one timestamp (Unix seconds)."""
+    """The bucket of one timestamp (Unix seconds), rounded to the millisecond half to even as numpy rounds."""
     return round(timestamp * 1000.0) // BUCKET_MS
 
 
@@ -76,9 +74,8 @@ def was_seen(client: redis.Redis, keys: Keys, transaction_ids: Sequence[str], ti
     """
     if not transaction_ids:
         return []
-    bucket_of = buckets(event_ms(np.asarray(timestamps, dtype=np.float64))).tolist()
     rows_of: dict[int, list[int]] = {}
-    for row, bucket in enumerate(bucket_of):
+    for row, bucket in enumerate(map(bucket_of, timestamps)):
         rows_of.setdefault(bucket, []).append(row)
     pipe = client.pipeline(transaction=False)
     for bucket, rows in rows_of.items():
@@ -123,10 +120,10 @@ class CarriedOver:
         counts = [count for count, until in self._until_ms.items() if until > now_ms]
         if not counts or not transaction_ids:
             return 0
-        bucket_of = buckets(event_ms(timestamps)).tolist()
+        row_buckets = [bucket_of(timestamp) for timestamp in timestamps.tolist()]
         lookups: dict[str, list[int]] = {}
         for count in counts:
-            for row, (user, bucket) in enumerate(zip(user_ids, bucket_of)):
+            for row, (user, bucket) in enumerate(zip(user_ids, row_buckets)):
                 shard = Keys(shard_stream(self._stream, count, shard_of(user, count)), "", "")
                 lookups.setdefault(shard.seen_bucket(bucket), []).append(row)
         pipe = client.pipeline(transaction=False)
@@ -141,9 +138,9 @@ class CarriedOver:
             return 0
         pipe = client.pipeline(transaction=False)
         for row, offset in found.items():
-            bucket = keys.seen_bucket(bucket_of[row])
-            pipe.hsetnx(bucket, transaction_ids[row], offset)
+            key = keys.seen_bucket(row_buckets[row])
+            pipe.hsetnx(key, transaction_ids[row], offset)
             # As the features' own additions do: the bucket lives the window after its last addition.
-            pipe.pexpire(bucket, self._window_ms)
+            pipe.pexpire(key, self._window_ms)
         pipe.execute()
         return len(found)

@@ -214,17 +214,20 @@ class FeatureStore(Protocol):
 
 @dataclass(slots=True)
 class Prepared:
-    """A batch's columns as the behaviour arithmetic takes them, with its users and their keys."""
+    """A batch's columns as the behaviour arithmetic takes them, with its users and their keys; the
+    batch is a read of one part or several (``prepare``)."""
 
     tx: behaviour.Transactions
-    copy: np.ndarray  # bool: a later copy of a transaction earlier in the batch
-    original: np.ndarray  # intp: each row's first occurrence in the batch
+    copy: np.ndarray  # bool: a later copy of a transaction earlier in its part
+    original: np.ndarray  # intp: each row's first occurrence in its part
     names: list[str]  # users in order of first appearance
-    distinct: list[list[str]]  # per BLOCKLIST_KINDS, the batch's values to look up
+    distinct: list[list[list[str]]]  # per part, per BLOCKLIST_KINDS, its values to look up
+    bounds: list[int]  # where each part's rows begin, then the end
+    user_bounds: list[int]  # where each part's users (of ``names``) begin, then the end
 
-    def blocklist_values(self) -> list[bytes]:
-        """Per BLOCKLIST_KINDS, the values to look up as the Functions take them (NUL-joined)."""
-        return ["\0".join(values).encode() for values in self.distinct]
+    def blocklist_values(self, part: int = 0) -> list[bytes]:
+        """Per BLOCKLIST_KINDS, the part's values to look up as the Functions take them (NUL-joined)."""
+        return ["\0".join(values).encode() for values in self.distinct[part]]
 
     def copies_take_their_originals_time(self) -> None:
         """A copy is scored at its original's event time, which a marker found may have corrected."""
@@ -244,28 +247,30 @@ def compute_features(batch: DecodedBatch, keys: Keys, confirmed: ConfirmedFraud,
     p = prepare(batch)
     # The confirmed-fraud version and the published rule sets ride on the batch's first round trip
     # rather than their own (both keys carry the shard's hash tag).
-    behaviour_columns, blocklist_hits, versions = behaviour_of(p, batch.transaction_id, versions_command(keys, confirmed))
-    return assemble(batch, p, behaviour_columns, blocklist_hits, versions, confirmed)
+    behaviour_columns, blocklist_hits, versions = behaviour_of(p, batch.transaction_id, versions_command([(keys, confirmed)]))
+    (features,) = assemble(batch, p, behaviour_columns, [PartReplies(blocklist_hits, cast(list[Any], versions), confirmed)])
+    return features
 
 
-def versions_command(keys: Keys, confirmed: ConfirmedFraud) -> Command:
-    """The read of the shard's confirmed-fraud version and published rule sets, sent along with the
-    batch's first round trip (``assemble`` takes its reply)."""
-    return ("MGET", confirmed.version_key, keys.rules)
+def versions_command(shards: Sequence[tuple[Keys, ConfirmedFraud]]) -> Command:
+    """The read of the shards' confirmed-fraud versions and published rule sets, sent along with
+    the read's first round trip (``PartReplies.versions`` takes its reply, two values a shard)."""
+    return ("MGET", *(key for keys, confirmed in shards for key in (confirmed.version_key, keys.rules)))
 
 
-def assemble(
-    batch: DecodedBatch,
-    p: Prepared,
-    behaviour_columns: np.ndarray,
-    blocklist_hits: list[bytes],
-    versions: object,
-    confirmed: ConfirmedFraud,
-) -> Features:
-    """The batch's ``Features`` from what its store computed: the behaviour columns, the blocklist
-    flags and the reply of ``versions_command``."""
+@dataclass(slots=True)
+class PartReplies:
+    """What a part's shard answered for a read, and the shard's confirmed fraud (its counts)."""
+
+    blocklist_hits: list[bytes]  # per BLOCKLIST_KINDS, '0'/'1' per value looked up
+    versions: Sequence[bytes | None]  # the shard's two values of versions_command's reply
+    confirmed: ConfirmedFraud
+
+
+def assemble(batch: DecodedBatch, p: Prepared, behaviour_columns: np.ndarray, replies: Sequence[PartReplies]) -> list[Features]:
+    """Each part's ``Features`` from what its store computed: the behaviour columns of the read,
+    and per part what its shard answered; assembled once for the read, each part's a slice of it."""
     n = len(batch)
-    confirmed_version, published_rules = cast("list[bytes | None]", versions)  # MGET's raw reply
     # A copy whose original belongs to another user is only corrected here.
     p.copies_take_their_originals_time()
 
@@ -278,20 +283,34 @@ def assemble(
     # once more of the user's transactions follow it (recent times, merchants and cards are
     # bounded), and how many do depends on how the stream is batched and sharded.
     matrix[p.copy] = matrix[p.original[p.copy]]
-    blocked = {
-        kind: _flags(column, values, flags)
-        for kind, column, values, flags in zip(BLOCKLIST_KINDS, blocklist_columns(batch), p.distinct, blocklist_hits)
-    }
+    blocked = {kind: np.zeros(n, dtype=bool) for kind in BLOCKLIST_KINDS}
+    confirmed = {name: np.zeros(n, dtype=np.float32) for name in CONFIRMED_COLUMNS}
     event_ms = p.tx.t_ms.astype(np.int64)
-    return Features(
-        matrix=matrix,
-        seen=~p.tx.new,
-        event_ms=event_ms,
-        blocked=blocked,
-        amount=batch.amount,
-        confirmed=confirmed.counts((batch.merchant, batch.device_id, batch.ip, batch.card_id), event_ms, confirmed_version),
-        published_rules=published_rules,
-    )
+    seen = ~p.tx.new
+    spans = list(zip(p.bounds, p.bounds[1:]))
+    features = []
+    for (start, end), distinct, part in zip(spans, p.distinct, replies):
+        rows = slice(start, end)
+        for kind, column, values, flags in zip(BLOCKLIST_KINDS, blocklist_columns(batch), distinct, part.blocklist_hits):
+            if b"1" in flags:
+                blocked[kind][rows] = _flags(column[rows], values, flags)
+        confirmed_version, published_rules = part.versions
+        entities: tuple[Sequence[str | None], ...] = (batch.merchant, batch.device_id, batch.ip, batch.card_id)
+        if len(spans) > 1:
+            entities = tuple(column[rows] for column in entities)
+        part.confirmed.counts(entities, event_ms[rows], confirmed_version, {name: c[rows] for name, c in confirmed.items()})
+        features.append(
+            Features(
+                matrix=matrix[rows],
+                seen=seen[rows],
+                event_ms=event_ms[rows],
+                blocked={kind: flags[rows] for kind, flags in blocked.items()},
+                amount=batch.amount[rows],
+                confirmed={name: counts[rows] for name, counts in confirmed.items()},
+                published_rules=published_rules,
+            )
+        )
+    return features
 
 
 # A value longer than any hash-max-listpack-value in use (Redis's default is 64): features.lua uses the same.
@@ -300,30 +319,46 @@ _AS_HASH_TABLE = b"-" * 1024
 
 @dataclass(slots=True)
 class Markers:
-    """The dedup markers of some rows of a batch, in bucket order: one HMGET or HSET per bucket."""
+    """The dedup markers of some rows of a batch (of a read's parts, each a shard's), in bucket
+    order within each part: one HMGET or HSET per part's bucket."""
 
-    rows: np.ndarray  # intp: the batch rows, in bucket order
+    rows: np.ndarray  # intp: the batch rows, in (part, bucket) order
     order: np.ndarray  # intp: for each marker, its position among the rows as given
     bucket: np.ndarray  # int64: each marker's bucket
     offset_ms: np.ndarray  # int64: each marker's event time in its bucket
-    bucket_ids: list[int]  # the distinct buckets, ascending
-    bucket_counts: np.ndarray  # the markers of each bucket
+    bucket_ids: list[int]  # each group's bucket: the distinct (part, bucket) pairs, in order
+    bucket_counts: np.ndarray  # the markers of each group
+    parts: list[int]  # each group's part
 
     @classmethod
-    def of(cls, rows: np.ndarray, t_ms: np.ndarray) -> Markers:
-        """The markers of ``rows``, whose event times are ``t_ms[rows]`` (float ms, as behaviour's)."""
+    def of(cls, rows: np.ndarray, t_ms: np.ndarray, part: np.ndarray | None = None) -> Markers:
+        """The markers of ``rows``, whose event times are ``t_ms[rows]`` (float ms, as behaviour's);
+        ``part``: each row's part of the read (None: one part), whose keys its markers go to."""
         event_ms = t_ms[rows].astype(np.int64)
         bucket = dedup.buckets(event_ms)
-        order = np.argsort(bucket, kind="stable")
-        bucket = bucket[order]
-        bucket_ids, bucket_counts = np.unique(bucket, return_counts=True)
-        return cls(rows[order], order, bucket, event_ms[order] - bucket * dedup.BUCKET_MS, bucket_ids.tolist(), bucket_counts)
+        # lexsort is stable, as the single part's argsort: a bucket's markers keep the rows' order.
+        of_part = np.zeros(len(rows), np.intp) if part is None else part[rows]
+        order = np.argsort(bucket, kind="stable") if part is None else np.lexsort((bucket, of_part))
+        bucket, of_part = bucket[order], of_part[order]
+        change = np.ones(len(bucket), bool)
+        change[1:] = (bucket[1:] != bucket[:-1]) | (of_part[1:] != of_part[:-1])
+        starts = np.flatnonzero(change)
+        return cls(
+            rows[order],
+            order,
+            bucket,
+            event_ms[order] - bucket * dedup.BUCKET_MS,
+            bucket[starts].tolist(),
+            np.diff(starts, append=len(bucket)),
+            of_part[starts].tolist(),
+        )
 
-    def keys(self, keys: Keys) -> list[str]:
-        return [keys.seen_bucket(b) for b in self.bucket_ids]
+    def keys(self, shards: Sequence[Keys]) -> list[str]:
+        """Each group's hash, of its part's shard (``shards``, by part)."""
+        return [shards[part].seen_bucket(b) for part, b in zip(self.parts, self.bucket_ids)]
 
     def spans(self) -> list[tuple[int, int]]:
-        """Each bucket's markers, as the [start, end) of their positions."""
+        """Each group's markers, as the [start, end) of their positions."""
         ends = np.cumsum(self.bucket_counts).tolist()
         return list(zip([0, *ends], ends))
 
@@ -338,20 +373,21 @@ class Markers:
         """(transaction id, offset) of each marker, flat: the fields and values of the buckets' HSETs."""
         return interleave(self.ids(transaction_ids), self.offset_ms.tolist())
 
-    def writes(self, keys: Keys, transaction_ids: list[str], window_ms: int) -> list[Command]:
-        """The plain commands storing these markers, each bucket a hash table for the window.
+    def writes(self, shards: Sequence[Keys], transaction_ids: list[str], windows_ms: Sequence[int]) -> list[list[Command]]:
+        """Per part (of ``shards``, by part), the plain commands storing its markers, each bucket a
+        hash table for the part's dedup window.
 
         The field ``''`` (never a transaction id) with a value longer than Redis's
         hash-max-listpack-value rides ahead of the markers and is taken out again: a bucket is then
         a hash table from its first batch, not a listpack scanned on every marker added or looked up
         (features.lua's ``add_markers`` says what that saves), and still holds its markers alone."""
         pairs = self.pairs(transaction_ids)
-        commands: list[Command] = []
-        for key, (start, end) in zip(self.keys(keys), self.spans()):
-            commands += [
+        commands: list[list[Command]] = [[] for _ in shards]
+        for part, key, (start, end) in zip(self.parts, self.keys(shards), self.spans()):
+            commands[part] += [
                 ("HSET", key, "", _AS_HASH_TABLE, *pairs[2 * start : 2 * end]),
                 ("HDEL", key, ""),
-                ("PEXPIRE", key, window_ms),
+                ("PEXPIRE", key, windows_ms[part]),
             ]
         return commands
 
@@ -417,38 +453,71 @@ class ShardCalls:
         return replies[0], replies[-1] if also else None
 
 
-def prepare(batch: DecodedBatch) -> Prepared:
-    """The batch's columns for the behaviour arithmetic, its users and the values to look up."""
+def prepare(batch: DecodedBatch, bounds: Sequence[int] | None = None) -> Prepared:
+    """The batch's columns for the behaviour arithmetic, its users and the values to look up.
+
+    ``bounds``: where each part of a read begins, then its end (default: one part; none empty).
+    Parts are shards, apart in everything: a user, a copy's original and the values to look up
+    are each of one part, so the parts' arithmetic is the arithmetic of each alone, in one pass."""
     n = len(batch)
-    distinct_merchants: dict[str | None, None] = dict.fromkeys(batch.merchant)
-    distinct_devices: dict[str | None, None] = dict.fromkeys(batch.device_id)
-    distinct_cards: dict[str | None, None] = dict.fromkeys(batch.card_id)
+    bounds = [0, n] if bounds is None else list(bounds)
+    columns = blocklist_columns(batch)
+    whole = [dict.fromkeys(column) for column in columns]
     # Users numbered in order of first appearance; each row's original (first in batch order).
-    users = dict(zip(dict.fromkeys(batch.user_id), range(n)))
-    user = np.fromiter(map(users.__getitem__, batch.user_id), np.intp, n)
-    ids = batch.transaction_id
-    firsts = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # the first occurrence is set last
-    original = np.arange(n) if len(firsts) == n else np.fromiter(map(firsts.__getitem__, ids), np.intp, n)
+    keys: Sequence[Any] = batch.user_id
+    users = dict(zip(dict.fromkeys(keys), range(n)))
+    user = np.fromiter(map(users.__getitem__, keys), np.intp, n)
+    if len(bounds) > 2 and not _apart(user, bounds):
+        keys = _of_parts(batch.user_id, bounds)  # the same user in two shards' streams: two users
+        users = dict(zip(dict.fromkeys(keys), range(n)))
+        user = np.fromiter(map(users.__getitem__, keys), np.intp, n)
+    original = _originals(batch.transaction_id)
+    if original is not None and len(bounds) > 2 and not _apart(original, bounds):
+        original = _originals(_of_parts(batch.transaction_id, bounds))
+    original = np.arange(n) if original is None else original
     copy = original != np.arange(n)
     tx = behaviour.Transactions(
         user=user,
         t_ms=np.round(batch.timestamp * 1000.0),
         new=~copy,
         amount=batch.amount,
-        merchant=_hashes(batch.merchant, distinct_merchants),
+        merchant=_hashes(batch.merchant, whole[0]),
         country=_country_codes(batch.country),
-        device=_hashes(batch.device_id, distinct_devices),
-        card=_hashes(batch.card_id, distinct_cards),
+        device=_hashes(batch.device_id, whole[1]),
+        card=_hashes(batch.card_id, whole[4]),
     )
-    names = list(users)
-    distinct = [
-        _distinct(distinct_merchants),
-        _distinct(distinct_devices),
-        _distinct(dict.fromkeys(batch.ip)),
-        _distinct(dict.fromkeys(batch.country)),
-        _distinct(distinct_cards),
-    ]
-    return Prepared(tx, copy, original, names, distinct)
+    names = list(users) if keys is batch.user_id else [name for _part, name in users]
+    distinct = (
+        [[_distinct(values) for values in whole]]
+        if len(bounds) == 2
+        else [[_distinct(dict.fromkeys(column[start:end])) for column in columns] for start, end in zip(bounds, bounds[1:])]
+    )
+    return Prepared(tx, copy, original, names, distinct, bounds, [*user[bounds[:-1]].tolist(), len(names)] if n else [0, 0])
+
+
+def _originals(ids: Sequence[Any]) -> np.ndarray | None:
+    """Each row's first occurrence in ``ids``; None when every row is its own."""
+    n = len(ids)
+    firsts = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # the first occurrence is set last
+    return None if len(firsts) == n else np.fromiter(map(firsts.__getitem__, ids), np.intp, n)
+
+
+def _apart(numbers: np.ndarray, bounds: list[int]) -> bool:
+    """Whether no part shares a number (a user, a row's original) with a part before it: numbered in
+    order of first appearance, each part's smallest is then above every number before it."""
+    smallest = np.minimum.reduceat(numbers, bounds[:-1])
+    largest = np.maximum.accumulate(np.maximum.reduceat(numbers, bounds[:-1]))
+    return bool((smallest[1:] > largest[:-1]).all())
+
+
+def _of_parts(values: Sequence[str], bounds: list[int]) -> list[tuple[int, str]]:
+    """``values`` keyed by their part as well."""
+    return list(zip(part_of_rows(bounds).tolist(), values))
+
+
+def part_of_rows(bounds: Sequence[int]) -> np.ndarray:
+    """Each row's part, of parts beginning at ``bounds`` (then the end)."""
+    return np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
 
 
 def blocklist_columns(batch: DecodedBatch) -> tuple[Sequence[str | None], ...]:

@@ -2,18 +2,25 @@
 
 Nobody else writes a shard's users, so their states are kept in memory (the most recent
 MAX_STATES_IN_MEMORY per shard), and per read, for every owned shard the read spans at once
-(``compute_owned``): one round trip with each shard's read (plain HMGETs of the states not in
-memory and of which transactions were counted before, ``fraudd_owned_read_v6`` of ``features.lua``
-for the blocklists) and its lease, watched; the arithmetic; then every shard's states and markers written
-in one MULTI/EXEC of plain commands (the same HSETs cost Redis about twice as much called from
-Lua), applied only while no lease written for changed since it was read as this worker's token.
+(``compute_owned``): the parts prepared as one batch (one ``prepare``, one set of markers, one
+arithmetic, one assembly, each part's features a slice of the read's: a read's cost in the worker
+does not grow with its shards); one round trip with each shard's read (plain HMGETs of the states
+not in memory and of which transactions were counted before, ``fraudd_owned_read_v6`` of
+``features.lua`` for the blocklists), one MGET of every shard's versions and one of the leases,
+watched; the arithmetic; then every shard's states and markers written in one MULTI/EXEC of plain
+commands (the same HSETs cost Redis about twice as much called from Lua), applied only while no
+lease written for changed since it was read as this worker's token.
 
-A lost lease fences only its own shard: its part is left out before anything is written, and the
-others commit. A lease found changed at the EXEC (a renewal by this worker's lease thread, or a
-new owner) refuses the whole transaction, nothing written; the leases are read again and the
-transaction sent again without the parts whose lease another owner now holds. Refusing the whole
-rather than half is what MULTI/EXEC gives, and it is what keeps it exactly once: a transaction is
-either all written or not at all, so sending it again never writes a marker twice.
+A lost lease fences only its own shard. One found another owner's at the read leaves its part out
+before anything is taken in or written: the read goes again without it (one more round trip, once
+per shard lost), and the others commit. A lease found changed at the EXEC (a renewal by this
+worker's lease thread, or a new owner) refuses the whole transaction, nothing written; the leases
+are read again and the transaction sent again without the parts whose lease another owner now
+holds. Refusing the whole rather than half is what MULTI/EXEC gives, and it is what keeps it
+exactly once: a transaction is either all written or not at all, so sending it again never writes
+a marker twice. One MULTI/EXEC per shard, pipelined on the connection, would not do: EXEC
+forgets every WATCH of its connection, so each after the first would be unfenced, or fenced only
+from a WATCH sent after the read.
 
 On a Redis Cluster, which refuses a transaction across slots (each shard is a slot), each shard is
 read and committed on its own, in the same two round trips.
@@ -21,7 +28,6 @@ read and committed on its own, in the same two round trips.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +40,7 @@ from redis.cluster import RedisCluster
 from fraudd.keys import Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, node_client, on_node, redis_error_code
 from fraudd.runtime.redis_wire import Command, Watch
-from fraudd.scoring import behaviour
+from fraudd.scoring import behaviour, joined
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
 from fraudd.scoring.features import (
@@ -43,6 +49,7 @@ from fraudd.scoring.features import (
     CommitConflictError,
     Features,
     Markers,
+    PartReplies,
     Prepared,
     ShardCalls,
     assemble,
@@ -51,6 +58,7 @@ from fraudd.scoring.features import (
     interleave,
     load_library,
     newest_states,
+    part_of_rows,
     period_key,
     prepare,
     split_states,
@@ -100,62 +108,6 @@ class OwnedFeatureStore:
             self._states.clear()
             self._calls.node = node
 
-    def _read(self, p: Prepared, transaction_ids: list[str], now: int) -> _Read:
-        """The read of a batch: states not in memory, markers already stored, blocklists.
-
-        States and markers are read with plain HMGETs, not inside the read Function: an argument a
-        Function passes on costs Redis a Lua string and a second command argument, more than the
-        HMGET itself (``python -m bench redis-instructions``: the read's ≈ 8,700 instructions of
-        Redis per transaction at 8 shards became ≈ 2,500). The Function is called without users or
-        markers, for the blocklists alone (a few arguments per batch: an empty list costs one
-        SCARD)."""
-        candidates = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms)
-        missing = [name for name in p.names if name not in self._states]
-        periods: list[Command] = [("HMGET", key, *missing) for key in reversed(state_periods(self._keys, now))] if missing else []
-        ids = candidates.ids(transaction_ids)
-        markers: list[Command] = [
-            ("HMGET", key, *ids[start:end]) for key, (start, end) in zip(candidates.keys(self._keys), candidates.spans())
-        ]
-        keys = [*state_periods(self._keys, now), *self._calls.blocklist_keys]
-        blocklists: Command = ("FCALL", READ_FUNCTION, len(keys), *keys, 0, 0, b"", *p.blocklist_values())
-        return _Read(p, candidates, missing, [*periods, *markers, blocklists])
-
-    def _take_in(self, read: _Read, replies: list[Any], now: int) -> list[bytes]:
-        """The read's replies taken in: states into memory, the transactions found counted before
-        marked seen (at their original's time, copies too); returns the blocklist flags."""
-        p = read.prepared
-        periods = replies[: len(state_periods(self._keys, now))] if read.missing else []
-        markers = replies[len(periods) : -1]
-        _latest, _states, _seen, *blocklist_hits = replies[-1]
-        # The newest period holding any of the states: 1, 0 or -1 from this host's.
-        latest = next((1 - j for j, stored in enumerate(periods) if any(state is not None for state in stored)), None)
-        if latest is not None:
-            self._latest_period = max(self._latest_period, now + latest)
-        for name, blob in zip(read.missing, newest_states(periods)):
-            self._states[name] = blob
-        seen = [
-            value
-            for number, offset in enumerate(itertools.chain.from_iterable(markers), 1)
-            if offset is not None
-            for value in (number, offset)
-        ]
-        read.candidates.found(seen, p.tx)
-        p.copies_take_their_originals_time()
-        return cast(list[bytes], blocklist_hits)
-
-    def _writes(self, p: Prepared, written: dict[str, bytes], transaction_ids: list[str], now: int) -> list[Command]:
-        """The commands writing the states ``written`` (the users with new transactions) and the
-        new transactions' markers."""
-        if not written:
-            return []
-        period = period_key(self._keys, max(now, self._latest_period))
-        markers = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms)
-        return [
-            ("HSET", period, *interleave(list(written), list(written.values()))),
-            ("PEXPIRE", period, STATE_TTL_MS),
-            *markers.writes(self._keys, transaction_ids, self._dedup_window_ms),
-        ]
-
     def _remember(self, written: dict[str, bytes]) -> None:
         """Keep the states just committed, newest last, up to MAX_STATES_IN_MEMORY."""
         for name, blob in written.items():
@@ -171,11 +123,13 @@ class OwnedFeatureStore:
 
 @dataclass(slots=True)
 class _Read:
-    """A batch prepared, with what its read asks Redis for."""
+    """A read's parts prepared as one batch, with what it asks their shards for."""
 
+    batch: DecodedBatch  # the parts' rows one after the other
     prepared: Prepared
-    candidates: Markers  # the markers of the batch's new transactions, to look up
-    missing: list[str]  # the users whose state is not in memory
+    part: np.ndarray | None  # each row's part (None: one part)
+    candidates: Markers  # the markers of the read's new transactions, to look up
+    missing: list[list[str]]  # per part, its users whose state is not in memory
     commands: list[Command]
 
 
@@ -212,65 +166,145 @@ def _together(
 ) -> list[Features | Fenced]:
     results: list[Features | Fenced] = [empty_features()] * len(parts)
     busy = [i for i, (_store, batch) in enumerate(parts) if len(batch)]
-    if not busy:
-        return results
-    stores = [parts[i][0] for i in busy]
-    for store in stores:
-        store._served_by(node)
-    now = current_period()
-    reads = [store._read(prepare(parts[i][1]), parts[i][1].transaction_id, now) for i, store in zip(busy, stores)]
-    commands = [
-        c for store, read in zip(stores, reads) for c in (*read.commands, versions_command(store._keys, store._confirmed))
-    ]
-    ends = np.cumsum([len(read.commands) + 1 for read in reads]).tolist()
-    try:
-        with Watch(node) as watch:
-            leases, replies = _read_watched(client, watch, [store._lease.key for store in stores], commands)
-            # Per shard, its read's replies, then its versions_command's.
-            of_read = [replies[end - len(read.commands) - 1 : end] for read, end in zip(reads, ends)]
-            live = [k for k, (store, lease) in enumerate(zip(stores, leases)) if lease == store._token]
-            for k in set(range(len(stores))) - set(live):
-                results[busy[k]] = stores[k]._fenced()
-            if live:
-                hits = [stores[k]._take_in(reads[k], of_read[k][:-1], now) for k in live]
-                columns, written = _behaviour([stores[k] for k in live], [reads[k].prepared for k in live])
-                commits: list[tuple[int, OwnedFeatureStore, _Commit]] = []
-                for j, k in enumerate(live):
-                    i, store, batch, p = busy[k], stores[k], parts[busy[k]][1], reads[k].prepared
-                    results[i] = assemble(batch, p, columns[j], hits[j], of_read[k][-1], store._confirmed)
-                    commits.append((i, store, _Commit(store._writes(p, written[j], batch.transaction_id, now), written[j])))
+    for i in busy:
+        parts[i][0]._served_by(node)
+    while busy:
+        stores = [parts[i][0] for i in busy]
+        now = current_period()
+        read = _read_of(stores, [parts[i][1] for i in busy], now)
+        try:
+            with Watch(node) as watch:
+                leases, replies = _read_watched(client, watch, [store._lease.key for store in stores], read.commands)
+                live = [lease == store._token for store, lease in zip(stores, leases)]
+                if not all(live):
+                    # Nothing of the read taken in yet: read again without the parts fenced out.
+                    for i, store, held in zip(busy, stores, live):
+                        if not held:
+                            results[i] = store._fenced()
+                    busy = [i for i, held in zip(busy, live) if held]
+                    continue
+                looked_up = _take_in(stores, read, replies, now)
+                columns, written = _behaviour(stores, read.prepared)
+                commits = [
+                    (i, store, _Commit(commands, states))
+                    for i, store, commands, states in zip(busy, stores, _writes(stores, read, written, now), written)
+                ]
+                for j, features in enumerate(assemble(read.batch, read.prepared, columns, looked_up)):
+                    results[busy[j]] = features
                 for i, store in _commit(watch, commits):
                     results[i] = store._fenced()
-    except BaseException:
-        # The commit may have reached Redis all the same (a lost reply): start again from what
-        # Redis holds rather than from states that may be behind it.
-        for store in stores:
-            store._states.clear()
-        raise
+        except BaseException:
+            # The commit may have reached Redis all the same (a lost reply): start again from what
+            # Redis holds rather than from states that may be behind it.
+            for store in stores:
+                store._states.clear()
+            raise
+        break
     return results
 
 
-def _behaviour(stores: list[OwnedFeatureStore], prepared: list[Prepared]) -> tuple[list[np.ndarray], list[dict[str, bytes]]]:
-    """Per shard, the behaviour columns of its batch and the new states of its users with new
-    transactions. A user lives on one shard, so the shards' batches are computed as one: the
-    arithmetic's cost is mostly per call, not per row, and one pass costs what one shard's does."""
-    names = [name for p in prepared for name in p.names]
-    users_at = np.cumsum([0] + [len(p.names) for p in prepared])
-    rows_at = np.cumsum([0] + [len(p.tx.user) for p in prepared])
-    joined = {
-        field.name: np.concatenate([getattr(p.tx, field.name) for p in prepared])
-        for field in dataclasses.fields(behaviour.Transactions)
-    }
-    joined["user"] = np.concatenate([p.tx.user + first for p, first in zip(prepared, users_at.tolist())])
-    tx = behaviour.Transactions(**joined)
-    states = behaviour.decode([store._states[name] for store, p in zip(stores, prepared) for name in p.names])
-    columns = behaviour.compute(states, tx)
-    writers = np.unique(tx.user[tx.new])
-    shard_of_writer = np.searchsorted(users_at, writers, side="right") - 1
-    written: list[dict[str, bytes]] = [{} for _ in prepared]
+def _read_of(stores: list[OwnedFeatureStore], batches: list[DecodedBatch], now: int) -> _Read:
+    """The read of the parts, prepared once for all: each shard's states not in memory, the markers
+    already stored, the blocklists, and every shard's versions in one MGET.
+
+    States and markers are read with plain HMGETs, not inside the read Function: an argument a
+    Function passes on costs Redis a Lua string and a second command argument, more than the
+    HMGET itself (``python -m bench redis-instructions``: the read's ≈ 8,700 instructions of
+    Redis per transaction at 8 shards became ≈ 2,500). The Function is called without users or
+    markers, for the blocklists alone (a few arguments per batch: an empty list costs one
+    SCARD)."""
+    batch = joined.batches(batches)
+    bounds = list(itertools.accumulate(map(len, batches), initial=0))
+    p = prepare(batch, bounds)
+    part = part_of_rows(bounds) if len(batches) > 1 else None
+    candidates = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms, part)
+    missing: list[list[str]] = []
+    periods: list[Command] = []
+    blocklists: list[Command] = []
+    for j, store in enumerate(stores):
+        absent = [name for name in p.names[p.user_bounds[j] : p.user_bounds[j + 1]] if name not in store._states]
+        missing.append(absent)
+        keys = state_periods(store._keys, now)
+        periods += [("HMGET", key, *absent) for key in reversed(keys)] if absent else []
+        keys += store._calls.blocklist_keys
+        blocklists.append(("FCALL", READ_FUNCTION, len(keys), *keys, 0, 0, b"", *p.blocklist_values(j)))
+    ids = candidates.ids(batch.transaction_id)
+    markers: list[Command] = [
+        ("HMGET", key, *ids[start:end])
+        for key, (start, end) in zip(candidates.keys([store._keys for store in stores]), candidates.spans())
+    ]
+    versions = versions_command([(store._keys, store._confirmed) for store in stores])
+    return _Read(batch, p, part, candidates, missing, [*periods, *markers, *blocklists, versions])
+
+
+def _take_in(stores: list[OwnedFeatureStore], read: _Read, replies: list[Any], now: int) -> list[PartReplies]:
+    """The read's replies taken in: states into memory, the transactions found counted before
+    marked seen (at their original's time, copies too); returns what each shard answered."""
+    at = 0
+    for store, missing in zip(stores, read.missing):
+        if not missing:
+            continue
+        periods = replies[at : at + len(state_periods(store._keys, now))]
+        at += len(periods)
+        # The newest period holding any of the states: 1, 0 or -1 from this host's.
+        latest = next((1 - j for j, stored in enumerate(periods) if any(state is not None for state in stored)), None)
+        if latest is not None:
+            store._latest_period = max(store._latest_period, now + latest)
+        for name, blob in zip(missing, newest_states(periods)):
+            store._states[name] = blob
+    markers = replies[at : at + len(read.candidates.bucket_ids)]
+    blocklists = replies[at + len(markers) : -1]
+    seen = [
+        value
+        for number, offset in enumerate(itertools.chain.from_iterable(markers), 1)
+        if offset is not None
+        for value in (number, offset)
+    ]
+    read.candidates.found(seen, read.prepared.tx)
+    read.prepared.copies_take_their_originals_time()
+    versions = replies[-1]
+    return [
+        PartReplies(cast(list[bytes], flags), versions[2 * j : 2 * j + 2], store._confirmed)
+        for j, (store, (_latest, _states, _seen, *flags)) in enumerate(zip(stores, blocklists))
+    ]
+
+
+def _behaviour(stores: list[OwnedFeatureStore], p: Prepared) -> tuple[np.ndarray, list[dict[str, bytes]]]:
+    """The behaviour columns of the read and, per shard, the new states of its users with new
+    transactions. A user lives on one shard (``prepare`` keeps the parts apart), so the shards'
+    batches are computed as one: the arithmetic's cost is mostly per call, not per row, and one
+    pass costs what one shard's does."""
+    ends = p.user_bounds
+    states = behaviour.decode([store._states[name] for j, store in enumerate(stores) for name in p.names[ends[j] : ends[j + 1]]])
+    columns = behaviour.compute(states, p.tx)
+    writers = np.unique(p.tx.user[p.tx.new])
+    shard_of_writer = np.searchsorted(ends, writers, side="right") - 1
+    written: list[dict[str, bytes]] = [{} for _ in stores]
     for writer, shard, blob in zip(writers.tolist(), shard_of_writer.tolist(), split_states(behaviour.encode(states, writers))):
-        written[shard][names[writer]] = blob
-    return [columns[rows_at[j] : rows_at[j + 1]] for j in range(len(prepared))], written
+        written[shard][p.names[writer]] = blob
+    return columns, written
+
+
+def _writes(stores: list[OwnedFeatureStore], read: _Read, written: list[dict[str, bytes]], now: int) -> list[list[Command]]:
+    """Per shard, the commands writing the states ``written`` (its users with new transactions) and
+    its new transactions' markers."""
+    p = read.prepared
+    markers = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms, read.part).writes(
+        [store._keys for store in stores], read.batch.transaction_id, [store._dedup_window_ms for store in stores]
+    )
+    commands: list[list[Command]] = []
+    for store, states, marker_writes in zip(stores, written, markers):
+        period = period_key(store._keys, max(now, store._latest_period))
+        commands.append(
+            [
+                ("HSET", period, *interleave(list(states), list(states.values()))),
+                ("PEXPIRE", period, STATE_TTL_MS),
+                *marker_writes,
+            ]
+            if states
+            else []
+        )
+    return commands
 
 
 def _read_watched(

@@ -123,7 +123,7 @@ class SharedFeatureStore:
             return pending[:0], []
         markers = Markers.of(rows[new], tx.t_ms)
         owner = owner[markers.order]
-        keys = [*state_periods(self._keys), *markers.keys(self._keys), *self._calls.blocklist_keys]
+        keys = [*state_periods(self._keys), *markers.keys([self._keys]), *self._calls.blocklist_keys]
         args = [
             self._dedup_window_ms,
             STATE_TTL_MS,

@@ -62,4 +62,4 @@ def split(scored: ScoredBatch, parts: Sequence[DecodedBatch]) -> list[ScoredBatc
 def _joined(columns: list[list[object]] | list[np.ndarray]) -> list[object] | np.ndarray:
     if isinstance(columns[0], np.ndarray):
         return np.concatenate(columns)
-    return [value for column in columns for value in column]
+    return list(itertools.chain.from_iterable(columns))  # in C, not a Python step per value

@@ -6,10 +6,16 @@ the one input stream's group, and the behaviour state is shared under a compare-
 With S > 1 shards each shard has one owner at a time: a worker holds the shard's lease in Redis
 (``<epoch>:<owner>``, expiring after ``--lease-ms`` unless renewed), renews it while it makes
 progress, and gives it back when it stops. Workers of every supervisor register in one sorted
-set with a heartbeat; each aims at an even share, ceil(S / live workers), taking free shards (their
-owner gave them back, died, hung, or lost its host: the lease expired) and giving back the extras,
-so shards rebalance as workers come and go. A new owner starts from what Redis holds and takes over
-the entries the previous owner left pending.
+set with a heartbeat; each aims at its share, taking free shards (their owner gave them back, died,
+hung, or lost its host: the lease expired) and giving back the extras, so shards rebalance as
+workers come and go. The shares sum to S exactly (S // live, one more for the first S % live
+workers by name), so once balanced no worker is short and none polls for more. A worker short of
+its share looks again within tens of milliseconds rather than at its next heartbeat: the shard
+another worker gives back at its own heartbeat, a moment after this one looked, is taken at once
+instead of lying unread until this worker's next heartbeat. A graceful stop leaves the registry with its
+leases, so the others' shares grow at their next heartbeat rather than once its heartbeat is a
+lease old. A new owner starts from what Redis holds and takes over the entries the previous owner
+left pending.
 
 Fencing: the lease value is a token whose epoch grows with every grant, and the calls that write
 for a shard (the features commit, a transaction under WATCH of the lease, and the settle script)
@@ -61,6 +67,13 @@ TRUSTED_SHARE = 0.8
 # Renewal runs in a thread, so a batch waiting on a lock or a slow COPY keeps its shards; it stops
 # once the batch loop has shown no sign of life for this many leases (a hung worker).
 HUNG_AFTER_LEASES = 2
+# A worker short of its share looks again this soon, for up to a lease: long enough for every live
+# worker to reach its heartbeat and give its extras back; a shard still taken after that waits for
+# a lease to run out, which the heartbeat's pace catches as well.
+SHORT_RETRY_S = 0.02
+# Workers heartbeat at least this often (one pipeline of four commands), so that the shares grow
+# soon after a graceful stop: a stopped worker's shards are read by nobody until the others notice.
+HEARTBEAT_S = 0.25
 
 _T = TypeVar("_T")
 
@@ -116,6 +129,8 @@ class ShardReader:
         self._order: list[int] = []
         self._next = 0
         self._next_tick = 0.0
+        self._share = 0
+        self._short_since: float | None = None  # time.monotonic() this worker found itself short
         self._registry = Keys(settings.consumer.stream, settings.fraud_stream, settings.dlq_stream).prefix + "workers"
         self._alive_at = time.monotonic()
         self._closing = threading.Event()
@@ -149,8 +164,8 @@ class ShardReader:
         self.parts = []
         if self.sharded and time.monotonic() >= self._next_tick:
             self.until_done(self._rebalance, "redis")
-        if not self._order:
-            time.sleep(self.settings.consumer.block_ms / 1000.0)
+        if not self._order:  # (a worker short of its share looks again before its block is up)
+            time.sleep(max(0.0, min(self.settings.consumer.block_ms / 1000.0, self._next_tick - time.monotonic())))
             return _nothing()
         shards = [self.shards[index] for index in self._order]
         if len(shards) > 1 and not isinstance(self.redis, RedisCluster):
@@ -223,8 +238,15 @@ class ShardReader:
         self._drop(shard.index)
 
     def release_all(self) -> None:
-        """Give every lease back (graceful stop), so other workers take the shards over at once."""
+        """Leave the registry and give every lease back (graceful stop): the other workers count one
+        worker fewer at their next heartbeat and take the shards over at once, instead of keeping
+        their old share until this worker's heartbeat is a lease old."""
         self._closing.set()
+        if self.sharded:
+            try:
+                self.redis.zrem(self._registry, self.owner)
+            except REDIS_FAILURES:
+                pass  # its heartbeat ages out
         for index in list(self.shards):
             shard = self.shards[index]
             if shard.lease is not None:
@@ -328,21 +350,14 @@ class ShardReader:
 
     def _rebalance(self) -> None:
         """Drop the shards whose lease ran out, then take free shards or give extras back towards
-        an even share."""
+        this worker's share; when short of it, look again soon."""
         s = self.settings
         started = time.monotonic()
-        self._next_tick = started + s.lease_ms / 1000.0 / RENEWALS_PER_LEASE
+        tick = min(HEARTBEAT_S, s.lease_ms / 1000.0 / RENEWALS_PER_LEASE)
         for shard in list(self.shards.values()):
             if started > shard.trusted_until:
                 self.lost(shard, "lease expired")
-        now_ms = int(time.time() * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self._registry, {self.owner: now_ms})
-        pipe.zremrangebyscore(self._registry, "-inf", now_ms - s.lease_ms)
-        pipe.pexpire(self._registry, 10 * s.lease_ms)
-        pipe.zcard(self._registry)
-        live = max(1, pipe.execute()[-1])
-        share = math.ceil(s.shards / live)
+        live, share = self._heartbeat()
         for index in sorted(self.shards, reverse=True)[: max(0, len(self.shards) - share)]:
             given_back = self.shards[index]
             if given_back.lease is not None:
@@ -366,6 +381,32 @@ class ShardReader:
             self.shards[index] = shard
             self._order = sorted(self.shards)
             log.info("shard taken", extra={"event": "shard_taken", "shard": index, "lease": lease.token, "workers": live})
+        # Short: another worker may give a shard back at its heartbeat any moment, and a shard given
+        # back is read by nobody until taken. A share that grew (a worker left) starts a new spell.
+        if len(self.shards) >= share:
+            self._short_since = None
+        elif self._short_since is None or share > self._share:
+            self._short_since = started
+        self._share = share
+        soon = self._short_since is not None and started - self._short_since < s.lease_ms / 1000.0
+        self._next_tick = started + (SHORT_RETRY_S if soon else tick)
+
+    def _heartbeat(self) -> tuple[int, int]:
+        """Renew this worker's entry in the registry; the live workers and this worker's share.
+
+        Shares go by rank of name among the live workers, so workers that read the same registry
+        agree on shares summing to S: one that read it a moment before a worker joined or left
+        disagrees until its next heartbeat, a short spell of polling at most."""
+        s = self.settings
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self._registry, {self.owner: now_ms})
+        pipe.zremrangebyscore(self._registry, "-inf", now_ms - s.lease_ms)
+        pipe.pexpire(self._registry, 10 * s.lease_ms)
+        pipe.zrange(self._registry, 0, -1)
+        members = sorted(pipe.execute()[-1])
+        rank = members.index(self.owner.encode())
+        return len(members), s.shards // len(members) + (rank < s.shards % len(members))
 
 
 def _nothing() -> Entries:

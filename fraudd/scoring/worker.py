@@ -435,12 +435,20 @@ class ScoringWorker:
         replies = {work: decision_replies(stored[work], _reply_channels(work.entries)) for work in live}
         outcomes = self._settle_in_redis(live, alerts, replies)
         committed_at = time.time()
+        settled: list[tuple[Settlement, Settled]] = []
         for work, outcome in zip(live, outcomes):
             if isinstance(outcome, Fenced):
                 fenced.append((work, outcome))
                 continue
             work.shard.consumer.release(work.entries)
-            self._count(stored[work], work.dead, outcome.alerts, committed_at)
+            settled.append((work, outcome))
+        # Counted once for the read, whatever the number of its shards.
+        self._count(
+            [scored for work, _outcome in settled for scored in stored[work]],
+            [rejected for work, _outcome in settled for rejected in work.dead],
+            sum(outcome.alerts for _work, outcome in settled),
+            committed_at,
+        )
         metrics.stage_duration.labels("settle").observe(time.perf_counter() - started)
         return fenced
 
@@ -624,17 +632,20 @@ class ScoringWorker:
         return scored
 
     def _count(self, stored: list[ScoredBatch], dead: list[Rejected], alerts: int, committed_at: float) -> None:
-        for scored in stored:
-            counts = np.bincount(scored.decision, minlength=len(DECISIONS))
+        if stored:
+            decision = np.concatenate([scored.decision for scored in stored])
+            counts = np.bincount(decision, minlength=len(DECISIONS))
             for name, count in zip(DECISIONS, counts.tolist()):
                 if count:
                     metrics.transactions.labels(name).inc(count)
-            if scored.shadow is not None:
-                _count_pairs(metrics.shadow_decisions, scored.decision, scored.shadow.decision)
-            if scored.shadow_rules is not None:
-                _count_pairs(metrics.shadow_rules_decisions, scored.decision, scored.shadow_rules.decision)
+            for counter, challenger in ((metrics.shadow_decisions, "shadow"), (metrics.shadow_rules_decisions, "shadow_rules")):
+                pairs = [(s.decision, getattr(s, challenger).decision) for s in stored if getattr(s, challenger) is not None]
+                if pairs:
+                    acting, shadow = zip(*pairs)
+                    _count_pairs(counter, np.concatenate(acting), np.concatenate(shadow))
             # An entry id is "<ms>-<seq>": one join and one split give every id's milliseconds.
-            accepted_ms = np.array("-".join(scored.batch.entry_ids).split("-")[::2], dtype=np.int64).astype(np.float64)
+            entry_ids = "-".join(entry_id for scored in stored for entry_id in scored.batch.entry_ids)
+            accepted_ms = np.array(entry_ids.split("-")[::2], dtype=np.int64).astype(np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
             # One line per batch, not per entry: a producer sending garbage must not flood the logs
