@@ -398,8 +398,15 @@ def test_worker_kills_across_handovers_keep_every_guarantee(
     )
     rng = np.random.default_rng(5)
     try:
-        # Kills close together: a quiet box drains in a few seconds, and the test needs several.
-        kills = kill_workers_until(lambda: fully_drained(redis_client, ns, shards), daemon.pid, 12, rng, every_s=(0.2, 0.6))
+        # Kills close together: a quiet box drains in a few seconds, and the test needs several. A
+        # loaded box may spend the first round starting its workers: more rounds until three landed.
+        kills, deadline = 0, time.monotonic() + 120
+        while (
+            daemon.log().count('"worker_died"') < 3
+            and not fully_drained(redis_client, ns, shards)
+            and time.monotonic() < deadline
+        ):
+            kills += kill_workers_until(lambda: fully_drained(redis_client, ns, shards), daemon.pid, 12, rng, every_s=(0.2, 0.6))
         wait_for(lambda: fully_drained(redis_client, ns, shards), 120, interval=0.5, message="the drain after the kills")
     finally:
         log = stop(daemon)
