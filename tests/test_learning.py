@@ -550,7 +550,7 @@ def test_label_features_catch_compromised_terminals_through_the_live_pipeline(
                 for txid, at in zip(rows.transaction_id[fraud].tolist(), rows.reported_at[fraud].tolist())
             )
         )
-        assert ns.fraudd("label", "--file", str(path)).returncode == 0
+        assert ns.fraudd_in_process("label", "--file", str(path)).exit_code == 0
 
     daemon = start(ns, tmp_path, "--workers", "1", "--model-path", str(model))
     try:
