@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import pytest
 import redis
+from click.testing import CliRunner, Result
 from redis.cluster import RedisCluster
 
 import fraudd.namespace
@@ -58,6 +59,14 @@ class Namespace(fraudd.namespace.Namespace):
 
     def fraudd(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.executable, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
+
+    def fraudd_in_process(self, *args: str) -> Result:
+        """``fraudd <args>`` run by this process, in the namespace's environment: for a command a test
+        repeats as plumbing (starting the executable costs 0.6 s a time); what a test checks of a
+        command's own behaviour goes through ``fraudd`` above."""
+        from fraudd import cli
+
+        return CliRunner().invoke(cli.main, list(args), env=self.env(), catch_exceptions=False)
 
     def start(self, *args: str, **env: str) -> Daemon:
         return self.start_command("run", *args, **env)

@@ -14,6 +14,7 @@ import redis
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
 from fraudd.learning.labels import parse_labels
+from fraudd.learning.report import recall_at_fpr
 from fraudd.learning.simulator import (
     COMPROMISED_CUSTOMER,
     COMPROMISED_TERMINAL,
@@ -23,7 +24,6 @@ from fraudd.learning.simulator import (
     Simulator,
     SimulatorConfig,
 )
-from fraudd.learning.train import recall_at_fpr
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES
@@ -35,6 +35,7 @@ from .services import drain, start, stop
 from .streams import UNREADABLE_LABELS, feed_labels_service, fully_drained, wait_labels_stored
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
+from .test_settings import imported
 
 # Small enough for tens of seconds through the live pipeline; a portfolio under heavier attack than
 # the default, so that 24 days hold enough fraud of each typology to learn from (~1,500).
@@ -180,8 +181,9 @@ def test_model_trained_on_first_60_percent_beats_plain_rules_live_and_shadow_agr
     labels = tmp_path / "chargebacks.jsonl"
     labels.write_bytes(b"\n".join(orjson.dumps({"transaction_id": t, "label": "fraud"}) for t in sorted(fraud)))
     assert ns.fraudd("label", "--file", str(labels)).returncode == 0
-    result = ns.fraudd("models", "report", "--since", "60d")
+    result = ns.fraudd("models", "report", "--since", "60d", PYTHONPROFILEIMPORTTIME="1")
     assert result.returncode == 0, result.stderr
+    assert imported(result.stderr).isdisjoint({"lightgbm", "sklearn", "onnx"})  # a report needs no training library
     print(result.stdout)
     report = {line[:24].strip(): line[24:].split() for line in result.stdout.splitlines()[1:]}
     every = np.array([row[0] in fraud for row in rows])
@@ -550,7 +552,7 @@ def test_label_features_catch_compromised_terminals_through_the_live_pipeline(
                 for txid, at in zip(rows.transaction_id[fraud].tolist(), rows.reported_at[fraud].tolist())
             )
         )
-        assert ns.fraudd("label", "--file", str(path)).returncode == 0
+        assert ns.fraudd_in_process("label", "--file", str(path)).exit_code == 0
 
     daemon = start(ns, tmp_path, "--workers", "1", "--model-path", str(model))
     try:

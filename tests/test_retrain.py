@@ -23,6 +23,7 @@ from .services import DaemonProcess, drain, stop
 from .streams import fully_drained
 from .test_intelligence import offline_decisions
 from .test_observability import free_port, http_get
+from .test_settings import imported
 
 # The team's own portfolio, from the second simulator: what the shipped generic model was not made for.
 PORTFOLIO = SimulatorConfig(
@@ -163,8 +164,10 @@ def test_retrain_promotes_only_a_better_model_workers_follow_live_and_rollback_r
         # A model that never decided cannot be "rolled back" to, and an unknown one cannot be promoted.
         refused = ns.fraudd("models", "rollback", worse, "--reason", "x")
         assert refused.returncode == 1 and "never decided here" in refused.stderr
-        refused = ns.fraudd("models", "promote", "no-such-model", "--reason", "x")
+        refused = ns.fraudd("models", "promote", "no-such-model", "--reason", "x", PYTHONPROFILEIMPORTTIME="1")
         assert refused.returncode == 1 and "not registered" in refused.stderr
+        # Changing the champion by hand, in an incident, waits for no training library.
+        assert imported(refused.stderr).isdisjoint({"lightgbm", "sklearn"})
     finally:
         logs += [stop(daemon) for daemon in daemons]
     # Both supervisors' workers followed the changes without a restart. (A worker follows a change

@@ -527,7 +527,7 @@ def models() -> None:
 def _change_champion(action: str, version: str, reason: str, actor: str | None, postgres_url: str, pg_schema: str) -> None:
     from fraudd.scoring.deployment import DeploymentError
 
-    from .retrain import change_champion
+    from .champion import change_champion
 
     try:
         generation = change_champion(postgres_url, pg_schema, version, action, actor or getpass.getuser(), reason)

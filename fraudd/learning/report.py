@@ -14,7 +14,17 @@ import numpy as np
 
 from fraudd.schema import connect
 
-from .train import recall_at_fpr
+
+def recall_at_fpr(scores: np.ndarray, is_fraud: np.ndarray, fpr: float) -> float:
+    """Recall of the best rule ``score > t`` whose false-positive rate is at most ``fpr``.
+
+    Exact with ties, so a plain rule with few distinct values (a count, a round amount) is judged
+    at the false-positive rate it really has, never above the budget.
+    """
+    legit = np.sort(scores[~is_fraud])
+    allowed = int(np.floor(len(legit) * fpr))
+    bar = legit[len(legit) - allowed - 1] if allowed < len(legit) else -np.inf
+    return float((scores[is_fraud] > bar).mean()) if is_fraud.any() else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Retraining that cannot make things worse (``fraudd retrain``), and changing the champion by hand.
+"""Retraining that cannot make things worse (``fraudd retrain``); changing the champion by hand is ``champion.py``.
 
 A retrain reads the last days of the team's own stored, labelled traffic (``fraudd train
 --from-postgres``'s path: ``store.py``, then the daemon's own features) and holds out its most
@@ -18,18 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import redis
 
 from fraudd.schema import connect
 from fraudd.scoring import deployment
 from fraudd.scoring.deployment import DeploymentError, Registered
-from fraudd.scoring.features import FEATURE_NAMES
-from fraudd.scoring.model import FraudModel, ModelError
+from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import DECLINE, REVIEW, Rules
 
 from . import train as training
 from .calibrate import CalibrationError, calibrate, decisions, scores_under_rules
+from .champion import load_deployable
 from .report import ModelFigures, figures, format_report
 from .store import stored_history
 
@@ -87,7 +86,7 @@ def retrain(
 
     scored = {
         name: scores_under_rules(model.score(_inputs(model, window)).astype(np.float64), stored.reasons[cut:], rules)
-        for name, model in (("champion", _load(champion.path)), ("candidate", _load(path)))
+        for name, model in (("champion", load_deployable(champion.path)), ("candidate", load_deployable(path)))
     }
     champion_decision = decisions(scored["champion"], champion.review_threshold, champion.decline_threshold)
     budget = {
@@ -133,13 +132,6 @@ def retrain(
                 conn, champion.version, version, "retrain-kept", actor, reason, comparison, version, champion.version
             )
     return Outcome(champion, candidate, promoted, reason, comparison, card)
-
-
-def _load(path: Path) -> FraudModel:
-    try:
-        return FraudModel.load(path, FEATURE_NAMES)
-    except ModelError as exc:
-        raise DeploymentError(str(exc)) from None
 
 
 def _inputs(model: FraudModel, data: training.Dataset) -> np.ndarray:
@@ -202,21 +194,3 @@ review from {candidate.review_threshold:.6g}, decline from {candidate.decline_th
 
 Decision: {verdict}; {reason}.
 """
-
-
-def change_champion(postgres_url: str, pg_schema: str, version: str, action: str, actor: str, reason: str) -> int:
-    """``fraudd models promote|rollback VERSION``: make a registered model the champion, audited;
-    a rollback only to a model that decided before. Returns the deployment's new generation."""
-    try:
-        with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
-            model = deployment.registered(conn, version)
-            if model is None:
-                raise DeploymentError(f"model {version} is not registered (`fraudd retrain` registers the models it trains)")
-            if action == "rollback" and not deployment.was_champion(conn, version):
-                raise DeploymentError(f"model {version} never decided here: promote it instead of rolling back to it")
-            _load(model.path)
-            deployed = deployment.current(conn)
-            shadow = None if deployed is None or deployed.shadow is None else deployed.shadow.version
-            return deployment.deploy(conn, version, None if shadow == version else shadow, action, actor, reason)
-    except psycopg.Error as exc:
-        raise DeploymentError(f"--postgres-url / POSTGRES_URL: {' '.join(str(exc).split())}") from None

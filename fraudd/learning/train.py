@@ -41,6 +41,7 @@ from fraudd.scoring.model import LABEL_FEATURE_NAMES
 
 from .confirmed_history import confirmed_counts
 from .labels import LabelError, reported_time
+from .report import recall_at_fpr
 
 BATCH = 1000
 REVIEW_FPR = 0.01
@@ -251,18 +252,6 @@ def threshold_at_fpr(scores: np.ndarray, is_fraud: np.ndarray, fpr: float) -> fl
     """The lowest score threshold whose false-positive rate on legit rows is at most ``fpr``."""
     legit = np.sort(scores[~is_fraud])
     return float(legit[min(len(legit) - 1, int(np.ceil(len(legit) * (1.0 - fpr))))])
-
-
-def recall_at_fpr(scores: np.ndarray, is_fraud: np.ndarray, fpr: float) -> float:
-    """Recall of the best rule ``score > t`` whose false-positive rate is at most ``fpr``.
-
-    Exact with ties, so a plain rule with few distinct values (a count, a round amount) is judged
-    at the false-positive rate it really has, never above the budget.
-    """
-    legit = np.sort(scores[~is_fraud])
-    allowed = int(np.floor(len(legit) * fpr))
-    bar = legit[len(legit) - allowed - 1] if allowed < len(legit) else -np.inf
-    return float((scores[is_fraud] > bar).mean()) if is_fraud.any() else 0.0
 
 
 # Plain rules a team could write without a model: the baselines a trained model must beat.
