@@ -644,7 +644,7 @@ class ScoringWorker:
                     acting, shadow = zip(*pairs)
                     _count_pairs(counter, np.concatenate(acting), np.concatenate(shadow))
             # An entry id is "<ms>-<seq>": one join and one split give every id's milliseconds.
-            entry_ids = "-".join(entry_id for scored in stored for entry_id in scored.batch.entry_ids)
+            entry_ids = "-".join(["-".join(scored.batch.entry_ids) for scored in stored if scored.batch.entry_ids])
             accepted_ms = np.array(entry_ids.split("-")[::2], dtype=np.int64).astype(np.float64)
             metrics.observe_many(metrics.e2e_latency, committed_at - accepted_ms / 1000.0)
         if dead:
