@@ -463,6 +463,7 @@ def prepare(batch: DecodedBatch, bounds: Sequence[int] | None = None) -> Prepare
     bounds = [0, n] if bounds is None else list(bounds)
     columns = blocklist_columns(batch)
     whole = [dict.fromkeys(column) for column in columns]
+    merchants, devices, _ips, _countries, cards = whole  # BLOCKLIST_KINDS' order
     # Users numbered in order of first appearance; each row's original (first in batch order).
     keys: Sequence[Any] = batch.user_id
     users = dict(zip(dict.fromkeys(keys), range(n)))
@@ -481,10 +482,10 @@ def prepare(batch: DecodedBatch, bounds: Sequence[int] | None = None) -> Prepare
         t_ms=np.round(batch.timestamp * 1000.0),
         new=~copy,
         amount=batch.amount,
-        merchant=_hashes(batch.merchant, whole[0]),
+        merchant=_hashes(batch.merchant, merchants),
         country=_country_codes(batch.country),
-        device=_hashes(batch.device_id, whole[1]),
-        card=_hashes(batch.card_id, whole[4]),
+        device=_hashes(batch.device_id, devices),
+        card=_hashes(batch.card_id, cards),
     )
     names = list(users) if keys is batch.user_id else [name for _part, name in users]
     distinct = (
