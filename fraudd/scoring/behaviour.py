@@ -460,8 +460,10 @@ def _evaluate(w: np.ndarray, r: _Rows, out: np.ndarray) -> None:
     c1m = np.minimum(((recent <= t3) & (recent > t3 - MINUTE_MS)).sum(axis=2), 255).astype(np.float64)
     c1h_24 = window.counts(w["counts"], later)
     c1h = np.maximum(c1h_24[:, :, 0], c1m)
-    c24 = np.maximum(c1h_24[:, :, 1], c1h)
-    sets = np.stack([c1m, np.minimum(c1h, _COUNT_CAP), np.minimum(c24, _COUNT_CAP)], axis=2)
+    sets = np.empty(c1h.shape + (3,))  # per counter set: count_1m, count_1h, count_24h
+    sets[:, :, 0] = c1m
+    np.minimum(c1h, _COUNT_CAP, out=sets[:, :, 1])
+    np.minimum(np.maximum(c1h_24[:, :, 1], c1h), _COUNT_CAP, out=sets[:, :, 2])
     out[:, 0:3] = sets[:, 0]
     # The card's set is the one whose slot holds the row's card; none (0) without one.
     card = (w["card"] == r.card[:, None]) & (r.card > 0)[:, None]
