@@ -118,8 +118,8 @@ _WORK = np.dtype(
 )
 # Per ring column: its slot length, its ring's size, its place in its ring.
 _RING_SIZE = np.repeat([float(S1H), float(S24)], [N1H, N24])
-_RING_N = np.repeat([float(N1H), float(N24)], [N1H, N24])
-_RING_POS = np.concatenate([np.arange(N1H), np.arange(N24)]).astype(np.float64)
+_RING_N = np.repeat([N1H, N24], [N1H, N24])
+_RING_POS = np.concatenate([np.arange(N1H), np.arange(N24)])
 # Per window (1 h, 24 h): its slot length, its first ring column.
 _WINDOW_SIZE = np.array([float(S1H), float(S24)])
 _WINDOW_START = np.array([0, N1H])
@@ -240,9 +240,11 @@ def compute(s: States, tx: Transactions) -> np.ndarray:
     new = np.flatnonzero(tx.new)
     order = new[np.lexsort((new, tx.t_ms[new], tx.user[new]))]
     if len(order):
-        users = tx.user[order]
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        # Each row's rank among its user's new rows: its place minus the place of the user's first.
+        users, place = tx.user[order], np.arange(len(order))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = users[1:] != users[:-1]
+        rank = place - np.maximum.accumulate(np.where(first, place, 0))
         by_rank = order[np.argsort(rank, kind="stable")]
         ends = np.cumsum(np.bincount(rank)).tolist()
         rows = _Rows.of(tx, by_rank)
@@ -283,12 +285,12 @@ class _Rows:
     def of(cls, tx: Transactions, rows: np.ndarray) -> _Rows:
         t = tx.t_ms[rows]
         slot = np.floor(t[:, None] / _RING_SIZE)
-        latest = slot - np.mod(slot - _RING_POS, _RING_N)
+        latest = slot - (slot.astype(np.int64) - _RING_POS) % _RING_N  # in integers: a float mod is slow
         return cls(
             user=tx.user[rows],
             t_ms=t,
             amount=tx.amount[rows],
-            entities=np.stack([tx.merchant[rows], tx.country[rows], tx.device[rows]], axis=1),
+            entities=np.array([tx.merchant[rows], tx.country[rows], tx.device[rows]]).T,
             card=tx.card[rows],
             tsec=np.floor(t / 1000),
             slot=slot,
