@@ -36,11 +36,11 @@ def test_rfc3339_timestamp() -> None:
         ["1-0"],
         [
             orjson.dumps(
-                {"transaction_id": "t", "user_id": "u", "amount": 1, "merchant": "m", "timestamp": "2025-11-29T03:00:00Z"}
+                {"transaction_id": "t", "user_id": "u", "amount": 12.5, "merchant": "m", "timestamp": "2025-11-29T03:00:00Z"}
             )
         ],
     )
-    assert batch.timestamp.tolist() == [1764385200.0]
+    assert batch.timestamp.tolist() == [1764385200.0] and batch.amount.tolist() == [12.5]
 
 
 def test_every_invalid_kind_gets_its_reason_and_good_neighbours_survive() -> None:

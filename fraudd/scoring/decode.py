@@ -269,7 +269,7 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], re
             if isinstance(checked, Problem):
                 rejected.append(Rejected(entry_ids[i], payloads[i], checked.reason, checked.detail))
             else:
-                seconds[i] = checked
+                amounts[i], seconds[i] = objects[i]["amount"], checked
                 accepted[i] = True
         rows = np.flatnonzero(accepted)
         keep = rows.tolist()
