@@ -8,6 +8,7 @@ import re
 import sys
 from datetime import UTC
 from pathlib import Path
+from types import ModuleType
 
 import click
 import redis
@@ -199,15 +200,7 @@ def train(
     pg_schema: str,
 ) -> None:
     """Train a model on labelled history with the daemon's own features; write it and its model card."""
-    try:
-        from . import train as training
-    except ImportError as exc:
-        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
-            raise
-        raise click.ClickException(
-            f"fraudd train needs the train extra ({exc.name} is missing): pip install 'fraudd[train]'"
-        ) from None
-
+    # The history is read and checked before the training libraries load: they take seconds.
     from .history import TrainingError, check_positives, data_version, featurize, generated_history, read_history, split_bounds
 
     if sum((history is not None, from_postgres, generated is not None)) != 1:
@@ -217,6 +210,7 @@ def train(
     delay = label_delay if label_features else None
     try:
         if generated is not None:
+            training = _training_libraries()
             fit_source = generated_history(seed, generated)
             everything = featurize(client, fit_source, _echo_err, delay)
             holdout = featurize(client, generated_history(seed + 1, generated_holdout), _echo_err, delay)
@@ -240,6 +234,7 @@ def train(
                 source = labelled_history(postgres_url, pg_schema, since)
             parts = split_bounds(len(source.payloads), holdout_share, tune_share)
             check_positives(source.is_fraud, parts)
+            training = _training_libraries()
             everything = featurize(client, source, _echo_err, delay)
             fit_part, tune, holdout = (everything.take(rows) for rows in parts)
             version = version or (
@@ -268,6 +263,19 @@ def train(
         f"(best plain rule, {best_rule[0]}: {best_rule[1]:.1%}), PR-AUC {m['pr_auc']:.3f}; "
         f"review from {trained.review:.4f}, decline from {trained.decline:.4f}; card {card}"
     )
+
+
+def _training_libraries() -> ModuleType:
+    """``train.py``, which loads LightGBM, scikit-learn and ONNX: the train extra."""
+    try:
+        from . import train as training
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        raise click.ClickException(
+            f"fraudd train needs the train extra ({exc.name} is missing): pip install 'fraudd[train]'"
+        ) from None
+    return training
 
 
 @click.command()
