@@ -96,8 +96,9 @@ STATE = np.dtype(
 # A card set's recent list holds KRC times, padded to KR with +inf: never the oldest (so never
 # replaced), never in a minute, never in an evaluation's own slot.
 # Ring columns: the 1 h ring's N1H slots, then the 24 h ring's N24.
-# Entity kinds: merchants, countries, devices, each padded to _KE slots with ones that never match,
-# are never empty, never known and never the least recently seen (id -1, times +inf).
+# Entity kinds: merchants, countries, devices (id 0 = empty slot, first and last seen in Unix
+# seconds), each padded to _KE slots with ones that never match, are never empty, never known and
+# never the least recently seen (id -1, times +inf).
 _SETS = 1 + KCARD
 _KINDS = (("merchant", KM), ("country", KC), ("device", KD))
 _KE = max(size for _name, size in _KINDS)
@@ -248,7 +249,7 @@ def compute(s: States, tx: Transactions) -> np.ndarray:
         by_rank = order[np.argsort(rank, kind="stable")]
         ends = np.cumsum(np.bincount(rank)).tolist()
         rows = _Rows.of(tx, by_rank)
-        features = np.empty_like(out, shape=(len(by_rank), out.shape[1]))
+        features = np.empty((len(by_rank), out.shape[1]))
         for start, end in zip([0, *ends[:-1]], ends):
             r = rows[start:end]
             records = s.of(r.user)
@@ -259,7 +260,7 @@ def compute(s: States, tx: Transactions) -> np.ndarray:
     old = np.flatnonzero(~tx.new)
     if len(old):
         r = _Rows.of(tx, old)
-        features = np.empty_like(out, shape=(len(old), out.shape[1]))
+        features = np.empty((len(old), out.shape[1]))
         _evaluate(s.of(r.user), r, features)
         out[old] = features
     return out
