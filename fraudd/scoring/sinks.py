@@ -28,6 +28,7 @@ from redis.cluster import RedisCluster
 from ..keys import Keys
 from ..runtime.deadletters import Rejected, kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
+from ..runtime.redis_wire import round_trip
 from ..schema import connect
 from . import pgbinary, vectors
 from .decode import DecodedBatch
@@ -466,13 +467,33 @@ class Settler:
         return Settled(acked, alerts_written, dead_written)
 
     def _call(self, keys: list[str], args: list[Any]) -> tuple[int, int, int]:
-        if args[7] and self._lease is not None:  # fenced: the lease is checked in the call
-            keys = [*keys, self._lease.key]
         try:
-            acked, alerts_written, dead_written = self._script(keys=keys, args=args)
+            if self._split:
+                acked, alerts_written, dead_written = self._script(keys=self._fenced_keys(keys, args), args=args)
+            else:
+                acked, alerts_written, dead_written = self._evalsha(self._command(keys, args))
         except redis.ResponseError as exc:
             raise self._fenced(exc) from None
         return acked, alerts_written, dead_written
+
+    def _fenced_keys(self, keys: list[str], args: list[Any]) -> list[str]:
+        """``keys`` and, for a fenced call, the lease's, which the script checks."""
+        return [*keys, self._lease.key] if args[7] and self._lease is not None else keys
+
+    def _command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        keys = self._fenced_keys(keys, args)
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    def _evalsha(self, command: tuple[Any, ...]) -> Any:
+        """The script's call packed by hiredis (``redis_wire``): redis-py's own packing inspects each
+        argument in Python, and the call has one or more per entry. Redis that lost the script (a
+        restart, SCRIPT FLUSH) ran nothing: it is loaded again and the call sent once more."""
+        client = cast(redis.Redis, self._client)
+        try:
+            return round_trip(client, [command])[0]
+        except redis.exceptions.NoScriptError:
+            client.script_load(SETTLE_SCRIPT)
+        return round_trip(client, [command])[0]
 
     def _fenced(self, exc: redis.ResponseError) -> Fenced | redis.ResponseError:
         """What the script's error means: ``Fenced`` for a lost lease, else the error itself."""
@@ -482,11 +503,8 @@ class Settler:
         self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]
     ) -> tuple[Any, ...]:
         """``settle`` on one Redis as an EVALSHA to send along with other shards' (``settle_together``)."""
-        args = self.arguments(ack_ids, alerts, dead, replies)
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
-        if args[7] and self._lease is not None:
-            keys.append(self._lease.key)
-        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        return self._command(keys, self.arguments(ack_ids, alerts, dead, replies))
 
     def outcome(self, reply: object) -> Settled | Fenced | redis.ResponseError:
         """The reply to ``command``: what was settled, ``Fenced``, or an error to settle alone after."""
@@ -535,10 +553,8 @@ def settle_together(
     on one Redis. Each is its own atomic script call fenced by its own shard's lease, so a shard
     lost leaves the others settled. A ``ResponseError`` outcome (the script or a consumer group
     lost with Redis's data) is to be settled alone, which restores what is missing."""
-    pipe = client.pipeline(transaction=False)
-    for settler, ack_ids, alerts, dead, replies in calls:
-        pipe.execute_command(*settler.command(ack_ids, alerts, dead, replies))
-    return [call[0].outcome(reply) for call, reply in zip(calls, pipe.execute(raise_on_error=False))]
+    commands = [settler.command(ack_ids, alerts, dead, replies) for settler, ack_ids, alerts, dead, replies in calls]
+    return [call[0].outcome(reply) for call, reply in zip(calls, round_trip(client, commands, errors_as_replies=True))]
 
 
 class AlertDocument(NamedTuple):
