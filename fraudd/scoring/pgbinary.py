@@ -4,7 +4,7 @@ A binary COPY row is a field count, then per field a big-endian int32 length (-1
 value's bytes. Formatting that per row and value in Python (psycopg's ``write_row``) costs more
 than the server's whole insert. Here each column becomes lists of ready pieces, one piece per row,
 made by numpy or by C-level ``map``/``join``/``split`` calls; the columns are interleaved into one
-list by slice assignment and one ``b"".join`` makes the rows. No Python code runs per value
+list by slice assignment and one ``b"".join`` makes the payload. No Python code runs per value
 but for NULLs in a mostly non-NULL column and non-NULLs in a mostly NULL one.
 
 Fixed-width fields adjacent in the column list share one piece per row, a numpy record of their
@@ -16,7 +16,9 @@ a piece per length (numpy's ``tolist``) cost as much as splitting out the values
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from itertools import compress, repeat
+from operator import is_, is_not
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -27,7 +29,6 @@ NULL = b"\xff\xff\xff\xff"
 _POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC in Unix microseconds
 _TEXT_OID = 25
 
-_NONE = np.array(None, dtype=object)
 _SHORT_LENGTHS = [size.to_bytes(4, "big") for size in range(1 << 12)]  # what most fields' lengths are
 V = TypeVar("V")
 K = TypeVar("K", bound=Hashable)
@@ -97,9 +98,15 @@ def lengths(values: Sequence[bytes]) -> Pieces:
 
 
 def present(values: Sequence[Any]) -> list[int]:
-    """The rows whose value is not None, found by numpy rather than a loop over the rows."""
-    rows: list[int] = np.flatnonzero(np.not_equal(np.array(values, dtype=object), _NONE)).tolist()
-    return rows
+    """The rows whose value is not None."""
+    return _rows_where(is_not, values)
+
+
+def _rows_where(test: Callable[[Any, None], bool], values: Sequence[Any]) -> list[int]:
+    """The rows whose value passes ``test`` against None, found by C-level ``map``/``compress``
+    calls rather than a loop over the rows (numpy's comparison of an object array calls back into
+    Python per value, at twice the cost)."""
+    return list(compress(range(len(values)), map(test, values, repeat(None))))
 
 
 def text(values: Sequence[str | None]) -> Column:
@@ -108,13 +115,14 @@ def text(values: Sequence[str | None]) -> Column:
     value's bytes."""
     try:
         data = "\x00".join(cast(Sequence[str], values)).encode().split(b"\x00")
-    except TypeError:  # a None among them: found by numpy, not by a scan of every column
-        column = np.array(values, dtype=object)
-        found = np.flatnonzero(np.equal(column, _NONE))
-        column[found] = ""
-        data = "\x00".join(column.tolist()).encode().split(b"\x00")
+    except TypeError:  # a None among them: found by C-level calls, not by a scan of every column
+        found = _rows_where(is_, values)
+        column = list(values)
+        for i in found:
+            column[i] = ""
+        data = "\x00".join(cast(list[str], column)).encode().split(b"\x00")
         head = lengths(data)
-        for i in found.tolist():
+        for i in found:
             head[i] = NULL
         return [head, data]
     return [lengths(data), data]
@@ -167,11 +175,21 @@ def field(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-def rows(n: int, columns: Sequence[Column]) -> bytes:
-    """``n`` rows of the columns' pieces interleaved: a payload's body, between HEADER and TRAILER."""
+def rows(n: int, columns: Sequence[Column]) -> Pieces:
+    """``n`` rows of the columns' pieces interleaved: a part of a payload's body (``payload``)."""
     flat = [pieces for column in columns for pieces in column]
     width = len(flat)
-    interleaved: list[bytes] = [b""] * (n * width)
+    interleaved: Pieces = [b""] * (n * width)
     for j, pieces in enumerate(flat):
         interleaved[j::width] = pieces
-    return b"".join(interleaved)
+    return interleaved
+
+
+def payload(bodies: Iterable[Pieces]) -> bytes:
+    """HEADER, the rows' pieces and TRAILER joined at once: a payload is copied once, not once more
+    per concatenation (it is half a megabyte for a batch of 1,000 rows)."""
+    pieces = [HEADER]
+    for body in bodies:
+        pieces += body
+    pieces.append(TRAILER)
+    return b"".join(pieces)

@@ -217,7 +217,8 @@ class DecisionStore:
         if not batches:
             return
         conn = self.connect()
-        data = _copy_binary(batches)
+        # psycopg writes a payload in slices of 128 KiB: of a memoryview, without copying them.
+        data = memoryview(_copy_binary(batches))
         if any(scored.seen.any() for scored in batches):
             self._store_idempotent(conn, batches, data)
             return
@@ -229,7 +230,7 @@ class DecisionStore:
             # it): the COPY wrote nothing; take the idempotent path for this batch.
             self._store_idempotent(conn, batches, data)
 
-    def _store_idempotent(self, conn: psycopg.Connection, batches: list[ScoredBatch], data: bytes) -> None:
+    def _store_idempotent(self, conn: psycopg.Connection, batches: list[ScoredBatch], data: memoryview) -> None:
         # One transaction: the staging table empties itself at its commit.
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY fraudd_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -271,10 +272,10 @@ def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple[Any, ...]]) -> No
 
 def _copy_binary(batches: list[ScoredBatch]) -> bytes:
     """The batches as one binary COPY payload, in the order of COLUMNS, built a column at a time."""
-    return pgbinary.HEADER + b"".join(map(_copy_rows, batches)) + pgbinary.TRAILER
+    return pgbinary.payload(map(_copy_rows, batches))
 
 
-def _copy_rows(scored: ScoredBatch) -> bytes:
+def _copy_rows(scored: ScoredBatch) -> pgbinary.Pieces:
     b = scored.batch
     n = len(b)
     fixed = (
