@@ -131,8 +131,35 @@ def text(values: Sequence[str | None]) -> Column:
 def categorical(values: Sequence[str | None]) -> Column:
     """A text column of few distinct values (currencies, countries, channels): each distinct value
     is encoded once, and a row's field is one piece instead of two. None is NULL."""
-    table = {v: NULL if v is None else field(v.encode()) for v in dict.fromkeys(values)}
-    return [list(map(table.__getitem__, values))]
+    return [_CATEGORIES.fields(values)]
+
+
+class _Fields:
+    """The fields of the values of categorical columns, kept from batch to batch: a batch's values
+    are looked up in one C-level ``map``, and only a value not seen before is encoded (finding a
+    batch's distinct values, then encoding them, cost a third of a categorical column). Values
+    are codes of a few letters or digits, or channels; should there be more of them than
+    ``kept``, the fields start anew."""
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._table: dict[str | None, bytes] = {None: NULL}
+
+    def fields(self, values: Sequence[str | None]) -> Pieces:
+        table = self._table  # one table throughout, even if another thread starts anew meanwhile
+        try:
+            return list(map(table.__getitem__, values))
+        except KeyError:
+            pass
+        if len(table) > self._kept:
+            table = self._table = {None: NULL}
+        for value in dict.fromkeys(values):
+            if value not in table:
+                table[value] = field(cast(str, value).encode())
+        return list(map(table.__getitem__, values))
+
+
+_CATEGORIES = _Fields(kept=1 << 14)
 
 
 def constant(n: int, *values: bytes | None) -> Column:
