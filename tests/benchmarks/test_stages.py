@@ -5,7 +5,7 @@ Run on demand, not in the default test run (``pyproject.toml`` keeps this direct
 
     .venv/bin/pytest tests/benchmarks --benchmark-columns=min,median,mean,stddev,rounds
 
-Figures divide by 1,000 to give µs per transaction; ``bench/RESULTS.md`` keeps the latest. They
+Figures divide by the batch's rows to give µs per transaction; ``bench/RESULTS.md`` keeps the latest. They
 time the worker's own CPU per stage; what Redis and PostgreSQL spend is ``python -m bench``'s.
 Features run against the machine's Redis (its round trip and commit are part of the stage).
 """
