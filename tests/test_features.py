@@ -437,8 +437,9 @@ def test_an_owner_whose_lease_changed_hands_writes_nothing(client: redis.Redis, 
 def test_a_read_over_shards_gives_each_shard_what_it_alone_would(client: redis.Redis) -> None:
     """A read's shards are computed as one batch, yet apart in everything: each shard's features and
     stored states are those of its part computed alone, with duplicates, redeliveries, a user and a
-    transaction id in two shards' parts (streams written under an earlier shard count), and a shard
-    fenced out at the read, which leaves the others computed."""
+    transaction id in two shards' parts (streams written under an earlier shard count), a shard
+    fenced out at the read, which leaves the others computed, and blocklists filled on two shards
+    after reads found them empty."""
     generated = TransactionGenerator(GeneratorConfig(seed=5, tx_per_second=20.0, n_users=300)).generate(1_200)
     payloads = [p for p in generated.with_faults(0.05, 0.0, np.random.default_rng(2)).payloads if p is not None]
     name = f"test-features-{uuid.uuid4().hex[:10]}"
@@ -457,8 +458,15 @@ def test_a_read_over_shards_gives_each_shard_what_it_alone_would(client: redis.R
             parts = [read.take(part) for part in rows]
             if r == 2:
                 client.set(together[1].lease, "2:another-owner", px=60_000)
+            filled = {0: "merchant", 2: "card"} if r == 3 else {}
+            for k, kind in filled.items():
+                value = next(v for v in (parts[k].merchant if kind == "merchant" else parts[k].card_id) if v is not None)
+                for side in (together, alone):
+                    client.sadd(side[k].blocklist(kind), value)
             computed = compute_owned(list(zip(stores[0], parts)))
             for k, (part, features) in enumerate(zip(parts, computed)):
+                if k in filled:
+                    assert isinstance(features, Features) and features.blocked[filled[k]].any()
                 if r == 2 and k == 1:
                     assert isinstance(features, Fenced)
                     client.set(together[1].lease, "1:test", px=60_000)

@@ -15,7 +15,7 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
 from fraudd.keys import Keys
-from fraudd.learning import train
+from fraudd.learning import history, train
 from fraudd.scoring.decode import decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, MESSAGE_FEATURES
 from fraudd.scoring.features_shared import SharedFeatureStore
@@ -30,12 +30,12 @@ from .streams import fully_drained
 
 
 @pytest.fixture(scope="module")
-def holdout() -> train.Dataset:
+def holdout() -> history.Dataset:
     client = redis.Redis(protocol=2)
-    return train.dataset(client, seed=2, n=100_000)
+    return history.dataset(client, seed=2, n=100_000)
 
 
-def test_model_catches_fraud_on_held_out_data(holdout: train.Dataset) -> None:
+def test_model_catches_fraud_on_held_out_data(holdout: history.Dataset) -> None:
     model = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
     scores = model.score(holdout.matrix)
     threshold = train.threshold_at_fpr(scores, holdout.is_fraud, 0.01)
@@ -49,8 +49,8 @@ def test_model_catches_fraud_on_held_out_data(holdout: train.Dataset) -> None:
         assert typology_recall >= 0.70, name
 
 
-def test_single_message_model_cannot_catch_most_fraud(holdout: train.Dataset) -> None:
-    training = train.dataset(redis.Redis(protocol=2), seed=1, n=100_000)
+def test_single_message_model_cannot_catch_most_fraud(holdout: history.Dataset) -> None:
+    training = history.dataset(redis.Redis(protocol=2), seed=1, n=100_000)
     columns = [FEATURE_NAMES.index(name) for name in MESSAGE_FEATURES]
     baseline = train.fit(training, columns, seed=1)
     scores = baseline.predict_proba(holdout.matrix[:, columns])[:, 1]
@@ -169,7 +169,7 @@ def test_model_with_other_features_is_refused(ns: Namespace, tmp_path: Path) -> 
     assert "feature contract mismatch" in result.stderr
 
 
-def test_model_reasons_name_features(holdout: train.Dataset) -> None:
+def test_model_reasons_name_features(holdout: history.Dataset) -> None:
     model = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
     flagged = holdout.matrix[holdout.is_fraud][:50]
     reasons, explanations = model.explain(flagged)

@@ -102,9 +102,10 @@ def test_train_refuses_unusable_history_in_one_line(ns: Namespace, tmp_path: Pat
     lines = history.history_lines()
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(b"\n".join(lines[:99] + [b'{"transaction_id": "t1", "label": 0'] + lines[100:]) + b"\n")
-    result = ns.fraudd("train", "--history", str(broken), "--out", str(tmp_path / "m.onnx"))
+    result = ns.fraudd("train", "--history", str(broken), "--out", str(tmp_path / "m.onnx"), PYTHONPROFILEIMPORTTIME="1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{broken} line 100: not JSON" in result.stderr
+    assert imported(result.stderr).isdisjoint({"lightgbm", "sklearn"})  # refused before the training libraries load
 
     invalid = tmp_path / "invalid.jsonl"
     bad = lines[1234].replace(b'"amount":', b'"amount":-')
@@ -115,9 +116,10 @@ def test_train_refuses_unusable_history_in_one_line(ns: Namespace, tmp_path: Pat
 
     legit_only = tmp_path / "legit.jsonl"
     legit_only.write_bytes(b"\n".join(line for line in lines[:20_000] if b'"label":0' in line) + b"\n")
-    result = ns.fraudd("train", "--history", str(legit_only), "--out", str(tmp_path / "m.onnx"))
+    result = ns.fraudd("train", "--history", str(legit_only), "--out", str(tmp_path / "m.onnx"), PYTHONPROFILEIMPORTTIME="1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "too few fraudulent transactions: 0 in the fit part" in result.stderr
+    assert imported(result.stderr).isdisjoint({"lightgbm", "sklearn"})
     assert not (tmp_path / "m.onnx").exists()
 
 

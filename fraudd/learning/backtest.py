@@ -28,8 +28,8 @@ from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import DECISIONS, Rules
 from fraudd.scoring.worker import score_batch
 
+from .history import BATCH, TrainingError
 from .store import StoredHistory
-from .train import BATCH, TrainingError
 
 
 @dataclass

@@ -8,6 +8,7 @@ import re
 import sys
 from datetime import UTC
 from pathlib import Path
+from types import ModuleType
 
 import click
 import redis
@@ -199,14 +200,8 @@ def train(
     pg_schema: str,
 ) -> None:
     """Train a model on labelled history with the daemon's own features; write it and its model card."""
-    try:
-        from . import train as training
-    except ImportError as exc:
-        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
-            raise
-        raise click.ClickException(
-            f"fraudd train needs the train extra ({exc.name} is missing): pip install 'fraudd[train]'"
-        ) from None
+    # The history is read and checked before the training libraries load: they take seconds.
+    from .history import TrainingError, check_positives, data_version, featurize, generated_history, read_history, split_bounds
 
     if sum((history is not None, from_postgres, generated is not None)) != 1:
         raise click.UsageError("give exactly one of --history FILE, --from-postgres or --generated N")
@@ -215,9 +210,10 @@ def train(
     delay = label_delay if label_features else None
     try:
         if generated is not None:
-            fit_source = training.generated_history(seed, generated)
-            everything = training.featurize(client, fit_source, _echo_err, delay)
-            holdout = training.featurize(client, training.generated_history(seed + 1, generated_holdout), _echo_err, delay)
+            training = _training_libraries()
+            fit_source = generated_history(seed, generated)
+            everything = featurize(client, fit_source, _echo_err, delay)
+            holdout = featurize(client, generated_history(seed + 1, generated_holdout), _echo_err, delay)
             cut = int(len(everything) * 0.8)
             fit_part, tune = everything.take(slice(0, cut)), everything.take(slice(cut, len(everything)))
             version = (
@@ -231,18 +227,18 @@ def train(
             )
         else:
             if history is not None:
-                source = training.read_history(history, _echo_err)
+                source = read_history(history, _echo_err)
             else:
                 from .store import labelled_history
 
                 source = labelled_history(postgres_url, pg_schema, since)
-            parts = training.split_bounds(len(source.payloads), holdout_share, tune_share)
-            training.check_positives(source.is_fraud, parts)
-            everything = training.featurize(client, source, _echo_err, delay)
+            parts = split_bounds(len(source.payloads), holdout_share, tune_share)
+            check_positives(source.is_fraud, parts)
+            training = _training_libraries()
+            everything = featurize(client, source, _echo_err, delay)
             fit_part, tune, holdout = (everything.take(rows) for rows in parts)
             version = version or (
-                f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x"
-                f"{training.LIGHTGBM_PARAMS['num_leaves']}-{training.data_version(source)}"
+                f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-{data_version(source)}"
             )
             data_section = (
                 f"{source.source}: {len(everything):,} labelled transactions ({int(everything.is_fraud.sum()):,} fraud),\n"
@@ -251,7 +247,7 @@ def train(
                 f"held out for the figures below."
             )
         trained = training.train(fit_part, tune, holdout, seed, version, review_fpr, decline_fpr, _echo_err)
-    except training.TrainingError as exc:
+    except TrainingError as exc:
         raise click.ClickException(str(exc)) from None
     except redis.RedisError as exc:
         raise click.ClickException(f"--redis-url / REDIS_URL: cannot compute features: {exc}") from None
@@ -267,6 +263,19 @@ def train(
         f"(best plain rule, {best_rule[0]}: {best_rule[1]:.1%}), PR-AUC {m['pr_auc']:.3f}; "
         f"review from {trained.review:.4f}, decline from {trained.decline:.4f}; card {card}"
     )
+
+
+def _training_libraries() -> ModuleType:
+    """``train.py``, which loads LightGBM, scikit-learn and ONNX: the train extra."""
+    try:
+        from . import train as training
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        raise click.ClickException(
+            f"fraudd train needs the train extra ({exc.name} is missing): pip install 'fraudd[train]'"
+        ) from None
+    return training
 
 
 @click.command()
@@ -473,8 +482,8 @@ def retrain(
     from fraudd.scoring.model import FraudModel, ModelError
     from fraudd.scoring.rules import Rules, RulesError
 
+    from .history import TrainingError
     from .retrain import retrain as run
-    from .train import TrainingError
 
     command = _command_line("retrain")
     try:
@@ -654,8 +663,8 @@ def backtest(
     from fraudd.scoring.rules import Rules, RulesError
 
     from . import backtest as replay
+    from .history import TrainingError
     from .store import stored_history
-    from .train import TrainingError
 
     try:
         model, rules = FraudModel.load(model_path, FEATURE_NAMES), Rules.load(rules_path)

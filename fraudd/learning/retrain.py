@@ -26,6 +26,7 @@ from fraudd.scoring.deployment import DeploymentError, Registered
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import DECLINE, REVIEW, Rules
 
+from . import history
 from . import train as training
 from .calibrate import CalibrationError, calibrate, decisions, scores_under_rules
 from .champion import load_deployable
@@ -63,21 +64,21 @@ def retrain(
     seed: int,
     actor: str,
     command: str,
-    progress: training.Progress,
+    progress: history.Progress,
 ) -> Outcome:
     """Train, compare on the held-out window, promote or keep, record; see the module's docstring."""
     with connect(postgres_url, pg_schema, connect_timeout=5, autocommit=True) as conn:
         deployed = deployment.current(conn)
     champion = deployed.champion if deployed is not None else flags_champion
     stored = stored_history(postgres_url, pg_schema, since_s)
-    data = training.featurize(client, stored.history, progress, label_delay_s)
+    data = history.featurize(client, stored.history, progress, label_delay_s)
     cut = int(np.searchsorted(data.timestamp, data.timestamp[-1] - window_s, side="left"))
     past, window = data.take(slice(0, cut)), data.take(slice(cut, len(data)))
-    parts = training.split_bounds(len(past), 0.2, 0.2)
-    training.check_positives(past.is_fraud, parts)
+    parts = history.split_bounds(len(past), 0.2, 0.2)
+    history.check_positives(past.is_fraud, parts)
     version = (
         f"lgbm-{training.LIGHTGBM_PARAMS['n_estimators']}x{training.LIGHTGBM_PARAMS['num_leaves']}-"
-        f"{training.data_version(stored.history)}"
+        f"{history.data_version(stored.history)}"
     )
     fit_part, tune, holdout = (past.take(rows) for rows in parts)
     trained = training.train(fit_part, tune, holdout, seed, version, progress=progress)
@@ -134,7 +135,7 @@ def retrain(
     return Outcome(champion, candidate, promoted, reason, comparison, card)
 
 
-def _inputs(model: FraudModel, data: training.Dataset) -> np.ndarray:
+def _inputs(model: FraudModel, data: history.Dataset) -> np.ndarray:
     """``data``'s columns of ``model``'s feature contract (the label-fed counts follow the others)."""
     width = len(model.feature_names)
     if data.feature_names[:width] != model.feature_names:
@@ -144,7 +145,7 @@ def _inputs(model: FraudModel, data: training.Dataset) -> np.ndarray:
     return data.matrix[:, :width]
 
 
-def _span(part: training.Dataset) -> dict:
+def _span(part: history.Dataset) -> dict:
     if len(part) == 0:
         return {"transactions": 0, "fraud": 0}
     return {
@@ -165,7 +166,7 @@ def _verdict(champion: ModelFigures, candidate: ModelFigures, margin: float) -> 
     return False, (f"recall {candidate.recall:.1%} {at} does not beat the champion's {champion.recall:.1%} by {margin:.1%}")
 
 
-def _data_section(source: str, past: training.Dataset, window: training.Dataset) -> str:
+def _data_section(source: str, past: history.Dataset, window: history.Dataset) -> str:
     return (
         f"{source}: the {len(past):,} labelled transactions ({int(past.is_fraud.sum()):,} fraud) before the most\n"
         f"recent window, in time order (first 60% fit, next 20% set the model's own thresholds, last 20% held\n"

@@ -17,7 +17,7 @@ import orjson
 
 from fraudd.schema import connect, one_row
 
-from .train import History, TrainingError
+from .history import History, TrainingError
 
 _MESSAGE_FIELDS = (
     "transaction_id",

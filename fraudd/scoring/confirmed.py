@@ -9,7 +9,7 @@ test (``merchant_fraud_7d >= 2``) and which models of the second feature contrac
 
 Point in time: a transaction only sees a fraud whose label was reported at or before its own event
 time, as it would have been scored in real time. Live, a label cannot arrive before it is reported,
-so this only bites for late or replayed events; training (``fraudd.learning.train``) applies the
+so this only bites for late or replayed events; training (``fraudd.learning.history``) applies the
 same rule to history, so no label from a row's future ever reaches its features.
 
 State: per kind, one hash ``<prefix>confirmed:<kind>``; field = the entity, value = its confirmed

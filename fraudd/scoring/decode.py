@@ -1,8 +1,11 @@
 """Turn a batch of raw stream entries into validated numpy columns.
 
-The happy path decodes the whole batch with one ``orjson.loads`` over the payloads joined into a
-JSON array; only a batch that holds a bad payload falls back to one ``loads`` per entry, so that
-each bad entry gets its own reason and the good ones in the same batch are still scored.
+The payloads are joined into one JSON array. The usual batch, every payload of it acceptable and
+holding only the documented fields, is decoded by one typed ``msgspec`` call whose field types
+state the required fields' rules, so no row needs a check of its own. Any other batch takes the
+general path: one ``orjson.loads`` over the array and the checks column by column; only a batch
+that holds a bad payload falls back to one ``loads`` per entry, so that each bad entry gets its own
+reason and the good ones in the same batch are still scored.
 
 ``check_object`` judges one transaction by the same rules, field by field, and names the problem.
 ``check_transaction`` is how the HTTP API judges one: those rules, plus every optional field in its
@@ -19,8 +22,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from operator import attrgetter
+from typing import Annotated, Any, TypeVar, cast
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -88,6 +93,7 @@ _OPTIONAL_TEXTS = (("card_id", MAX_ID_CHARS), ("device_id", MAX_TEXT_CHARS), ("i
 _NOTHING: dict[str, Any] = {}
 _NUMBER_TYPES = (int, float)
 _STR = {str}
+_FLOAT = {float}
 _FLOAT_OR_NONE = {float, type(None)}
 _REQUIRED = ("transaction_id", "user_id", "amount", "merchant", "timestamp")
 _TIMESTAMP_PROBLEM = "not Unix seconds (2001-2100) or RFC 3339 with an offset (2001-2099)"
@@ -173,6 +179,39 @@ def _picker(rows: list[int]) -> Callable[[list[_T]], list[_T]]:
     return lambda column: [column[i] for i in rows]
 
 
+class _Transaction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A payload that needs no check of its own: its required fields as ``check_object`` accepts
+    them (a number timestamp in range; a string one is parsed after), its optional fields of any
+    JSON type (a malformed one is dropped column by column, as on the general path).
+
+    Any other field refuses the batch: msgspec skips the value of a field it does not know
+    without the checks orjson makes (UTF-8, numbers out of range), so such a batch is left to
+    orjson. msgspec checks each value of a field given twice (a batch it refuses for an earlier one
+    is left to orjson, which keeps the last) and keeps the last, as orjson does. Identifiers are
+    still searched for control characters.
+    """
+
+    transaction_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    user_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    # msgspec's float is a JSON number, never true or false; NaN and infinity are no JSON.
+    amount: Annotated[float, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
+    merchant: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    timestamp: Annotated[float, msgspec.Meta(ge=EPOCH_MIN, lt=EPOCH_MAX)] | str
+    card_id: Any = None
+    currency: Any = None
+    mcc: Any = None
+    country: Any = None
+    device_id: Any = None
+    ip: Any = None
+    channel: Any = None
+    lat: Any = None
+    lon: Any = None
+
+
+_TRANSACTIONS = msgspec.json.Decoder(list[_Transaction])
+_TRANSACTION_FIELDS = tuple(map(attrgetter, _Transaction.__struct_fields__))
+
+
 def decode_batch(entry_ids: Sequence[str], payloads: Sequence[bytes | None]) -> DecodedBatch:
     """Validate and decode one batch. Never raises on bad input: bad entries become ``rejected``."""
     rejected: list[Rejected] = []
@@ -187,26 +226,66 @@ def decode_batch(entry_ids: Sequence[str], payloads: Sequence[bytes | None]) -> 
             ok_ids.append(entry_id)
             ok_payloads.append(payload)
 
-    objects = _loads_joined(ok_payloads)
+    array = _joined(ok_payloads)
+    if array is not None:
+        whole = _whole(ok_ids, array, rejected)
+        if whole is not None:
+            return whole
+    objects = None if array is None else _loads_joined(array, len(ok_payloads))
     if objects is None:
         objects = [_loads_one(entry_id, payload, rejected) for entry_id, payload in zip(ok_ids, ok_payloads)]
-    return _columns(ok_ids, ok_payloads, objects, rejected)
+    return _columns(ok_ids, ok_payloads, objects, rejected, array)
 
 
-def _loads_joined(payloads: list[bytes]) -> list[Any] | None:
-    """One ``loads`` for the batch, or None when some payload needs the per-entry path."""
-    if not payloads:
-        return []
+def _joined(payloads: list[bytes]) -> bytes | None:
+    """The payloads as one JSON array, or None when some payload needs the per-entry path."""
     for payload in payloads:
         if payload[:1] != b"{" or payload[-1:] != b"}":
             return None
     if _VALUE_BOUNDARY.search(b"\n".join(payloads)):
         return None
+    return b"[" + b",".join(payloads) + b"]"
+
+
+def _whole(entry_ids: list[str], array: bytes, rejected: list[Rejected]) -> DecodedBatch | None:
+    """The batch when every payload in ``array`` is a ``_Transaction`` whose identifiers hold no
+    control character and whose timestamp, if a string, parses; else None (the general path)."""
     try:
-        objects = orjson.loads(b"[" + b",".join(payloads) + b"]")
+        transactions = _TRANSACTIONS.decode(array)
+    # A ValidationError (a field that breaks a rule) is a DecodeError; msgspec's nesting limit,
+    # lower than orjson's, raises RecursionError.
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if len(transactions) != len(entry_ids):
+        return None
+    txid, user, amount, merchant, stamp, card, currency, mcc, country, device, ip, channel, lat, lon = (
+        list(map(get, transactions)) for get in _TRANSACTION_FIELDS
+    )
+    if _may_hold_control(array) and not all(_rows_without_control((txid, user, merchant, card, device, ip))):
+        return None
+    if set(map(type, stamp)) - _FLOAT:
+        stamp = [z if z.__class__ is float else _timestamp(z) for z in stamp]
+        if None in stamp:
+            return None
+    return _batch(
+        entry_ids,
+        txid,
+        user,
+        merchant,
+        np.array(amount, dtype=np.float64),
+        np.array(stamp, dtype=np.float64),
+        (card, currency, mcc, country, device, ip, channel, lat, lon),
+        rejected,
+    )
+
+
+def _loads_joined(array: bytes, count: int) -> list[Any] | None:
+    """One ``loads`` for the batch, or None when some payload needs the per-entry path."""
+    try:
+        objects = orjson.loads(array)
     except orjson.JSONDecodeError:
         return None
-    return objects if len(objects) == len(payloads) else None
+    return objects if len(objects) == count else None
 
 
 def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]) -> object:
@@ -220,8 +299,11 @@ def _loads_one(entry_id: str, payload: bytes, rejected: list[Rejected]) -> objec
 _ALREADY_REJECTED = object()
 
 
-def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], rejected: list[Rejected]) -> DecodedBatch:
-    """Columns of the acceptable objects, built one column at a time.
+def _columns(
+    entry_ids: list[str], payloads: list[bytes], objects: list[Any], rejected: list[Rejected], array: bytes | None
+) -> DecodedBatch:
+    """Columns of the acceptable objects, built one column at a time (``array``: the payloads
+    joined, when they were).
 
     The common case is checked with a few list comprehensions over the batch; only rows that fail
     them (a bad field, or an RFC 3339 timestamp to parse) go through the per-row checks that name
@@ -237,10 +319,8 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], re
     card = [g("card_id") for g in get]
     device = [g("device_id") for g in get]
     ip = [g("ip") for g in get]
-    joined = b"".join(payloads)
-    # Three byte searches (memchr) rule out control characters for most batches; rows that hold
-    # one take the per-row checks, which name the field at fault.
-    if b"\\" in joined or b"\x7f" in joined or (b"\xc2" in joined and _C1_UTF8.search(joined)):
+    # Rows that hold a control character take the per-row checks, which name the field at fault.
+    if _may_hold_control(b"".join(payloads) if array is None else array):
         clean = _rows_without_control((txid, user, merchant, card, device, ip))
     else:
         clean = [True] * len(payloads)
@@ -269,7 +349,7 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], re
             if isinstance(checked, Problem):
                 rejected.append(Rejected(entry_ids[i], payloads[i], checked.reason, checked.detail))
             else:
-                seconds[i] = checked
+                amounts[i], seconds[i] = objects[i]["amount"], checked
                 accepted[i] = True
         rows = np.flatnonzero(accepted)
         keep = rows.tolist()
@@ -278,10 +358,23 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], re
             [column[i] for i in keep] for column in (entry_ids, txid, user, merchant, card, device, ip)
         )
         amounts, seconds = amounts[rows], seconds[rows]
-    currency = [g("currency") for g in get]
-    mcc = [g("mcc") for g in get]
-    country = [g("country") for g in get]
-    channel = [g("channel") for g in get]
+    optional = tuple([g(name) for g in get] for name in ("currency", "mcc", "country", "channel", "lat", "lon"))
+    return _batch(entry_ids, txid, user, merchant, amounts, seconds, (card, *optional[:3], device, ip, *optional[3:]), rejected)
+
+
+def _batch(
+    entry_ids: list[str],
+    txid: list[str],
+    user: list[str],
+    merchant: list[str],
+    amounts: np.ndarray,
+    seconds: np.ndarray,
+    optional: tuple[list[Any], ...],
+    rejected: list[Rejected],
+) -> DecodedBatch:
+    """The batch of accepted rows; ``optional``: their raw card_id, currency, mcc, country,
+    device_id, ip, channel, lat and lon, each dropped (None, NaN, the default) where malformed."""
+    card, currency, mcc, country, device, ip, channel, lat, lon = optional
     return DecodedBatch(
         entry_ids=entry_ids,
         transaction_id=txid,
@@ -297,8 +390,8 @@ def _columns(entry_ids: list[str], payloads: list[bytes], objects: list[Any], re
         ip=_texts(ip, MAX_IP_CHARS),
         # Checked for a string first: a list or an object cannot be looked up in a set.
         channel=[c if c.__class__ is str and c in _CHANNELS else None for c in channel],
-        lat=_coordinates([g("lat") for g in get], LAT_LIMIT),
-        lon=_coordinates([g("lon") for g in get], LON_LIMIT),
+        lat=_coordinates(lat, LAT_LIMIT),
+        lon=_coordinates(lon, LON_LIMIT),
         rejected=rejected,
     )
 
@@ -435,6 +528,12 @@ def _rfc3339(value: str) -> float | None:
     except ValueError:
         return None
     return parsed.timestamp() + leap
+
+
+def _may_hold_control(data: bytes) -> bool:
+    """Whether decoded strings of ``data`` may hold a control character: three byte searches
+    (memchr) rule it out for most batches."""
+    return b"\\" in data or b"\x7f" in data or (b"\xc2" in data and _C1_UTF8.search(data) is not None)
 
 
 def _rows_without_control(columns: tuple[list[Any], ...]) -> list[bool]:

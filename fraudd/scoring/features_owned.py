@@ -6,10 +6,11 @@ MAX_STATES_IN_MEMORY per shard), and per read, for every owned shard the read sp
 arithmetic, one assembly, each part's features a slice of the read's: a read's cost in the worker
 does not grow with its shards); one round trip with each shard's read (plain HMGETs of the states
 not in memory and of which transactions were counted before, ``fraudd_owned_read_v6`` of
-``features.lua`` for the blocklists), one MGET of every shard's versions and one of the leases,
-watched; the arithmetic; then every shard's states and markers written in one MULTI/EXEC of plain
-commands (the same HSETs cost Redis about twice as much called from Lua), applied only while no
-lease written for changed since it was read as this worker's token.
+``features.lua`` for the blocklists in use, an EXISTS of those found empty before), one MGET of
+every shard's versions and one of the leases, watched; the arithmetic; then every shard's states
+and markers written in one MULTI/EXEC of plain commands (the same HSETs cost Redis about twice as
+much called from Lua), applied only while no lease written for changed since it was read as this
+worker's token.
 
 A lost lease fences only its own shard. One found another owner's at the read leaves its part out
 before anything is taken in or written: the read goes again without it (one more round trip, once
@@ -37,7 +38,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from fraudd.keys import Keys
+from fraudd.keys import BLOCKLIST_KINDS, Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, node_client, on_node, redis_error_code
 from fraudd.runtime.redis_wire import Command, Watch
 from fraudd.scoring import behaviour, joined
@@ -93,6 +94,9 @@ class OwnedFeatureStore:
         # host's clock is behind the previous owner's.
         self._latest_period = -1
         self._confirmed = ConfirmedFraud(redis_client, keys)
+        # Per BLOCKLIST_KINDS, whether its blocklist was empty when last looked at: a read then sends
+        # none of that kind's values, only an EXISTS of the set (``_read_of``).
+        self._unused_blocklists = [False] * len(BLOCKLIST_KINDS)
 
     def compute(self, batch: DecodedBatch) -> Features:
         (features,) = compute_owned([(self, batch)])
@@ -130,6 +134,9 @@ class _Read:
     part: np.ndarray | None  # each row's part (None: one part)
     candidates: Markers  # the markers of the read's new transactions, to look up
     missing: list[list[str]]  # per part, its users whose state is not in memory
+    values: list[list[bytes]]  # per part, per BLOCKLIST_KINDS, its values to look up (NUL-joined)
+    held: list[list[int]]  # per part, the kinds whose values the read holds back (blocklist unused)
+    called: list[bool]  # per part, whether the read calls the Function for its blocklists
     commands: list[Command]
 
 
@@ -211,30 +218,48 @@ def _read_of(stores: list[OwnedFeatureStore], batches: list[DecodedBatch], now: 
     Function passes on costs Redis a Lua string and a second command argument, more than the
     HMGET itself (``python -m bench redis-instructions``: the read's ≈ 8,700 instructions of
     Redis per transaction at 8 shards became ≈ 2,500). The Function is called without users or
-    markers, for the blocklists alone (a few arguments per batch: an empty list costs one
-    SCARD)."""
+    markers, for the blocklists alone, and without the values of a kind whose blocklist was empty
+    at the shard's last read: the values (≈ 85 bytes a transaction over the five kinds) cost Redis
+    ≈ 0.2 µs per transaction as Lua strings, even to learn that the set is empty. Those kinds are
+    probed with one EXISTS instead (an empty set is no key), and a shard with no other values to
+    look up calls no Function; one found filled since is looked up in one more round trip
+    (``_blocklist_hits``)."""
     batch = joined.batches(batches)
     bounds = list(itertools.accumulate(map(len, batches), initial=0))
     p = prepare(batch, bounds)
     part = part_of_rows(bounds) if len(batches) > 1 else None
     candidates = Markers.of(np.flatnonzero(p.tx.new), p.tx.t_ms, part)
     missing: list[list[str]] = []
+    values = [p.blocklist_values(j) for j in range(len(stores))]
+    held: list[list[int]] = []
+    called: list[bool] = []
     periods: list[Command] = []
     blocklists: list[Command] = []
+    probes: list[Command] = []
     for j, store in enumerate(stores):
         absent = [name for name in p.names[p.user_bounds[j] : p.user_bounds[j + 1]] if name not in store._states]
         missing.append(absent)
-        keys = state_periods(store._keys, now)
-        periods += [("HMGET", key, *absent) for key in reversed(keys)] if absent else []
-        keys += store._calls.blocklist_keys
-        blocklists.append(("FCALL", READ_FUNCTION, len(keys), *keys, 0, 0, b"", *p.blocklist_values(j)))
+        periods += [("HMGET", key, *absent) for key in reversed(state_periods(store._keys, now))] if absent else []
+        held.append([k for k, (unused, value) in enumerate(zip(store._unused_blocklists, values[j])) if unused and value])
+        probes += [("EXISTS", *(store._calls.blocklist_keys[k] for k in held[j]))] if held[j] else []
+        sent = [b"" if k in held[j] else value for k, value in enumerate(values[j])]
+        called.append(any(sent))
+        if called[j]:
+            keys, args = _blocklist_read(store, now, sent)
+            blocklists.append(("FCALL", READ_FUNCTION, len(keys), *keys, *args))
     ids = candidates.ids(batch.transaction_id)
     markers: list[Command] = [
         ("HMGET", key, *ids[start:end])
         for key, (start, end) in zip(candidates.keys([store._keys for store in stores]), candidates.spans())
     ]
     versions = versions_command([(store._keys, store._confirmed) for store in stores])
-    return _Read(batch, p, part, candidates, missing, [*periods, *markers, *blocklists, versions])
+    return _Read(batch, p, part, candidates, missing, values, held, called, [*periods, *markers, *blocklists, *probes, versions])
+
+
+def _blocklist_read(store: OwnedFeatureStore, now: int, values: list[bytes]) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of the read Function called for the blocklists alone: per
+    BLOCKLIST_KINDS, ``values`` to look up (NUL-joined; empty: none)."""
+    return [*state_periods(store._keys, now), *store._calls.blocklist_keys], [0, 0, b"", *values]
 
 
 def _take_in(stores: list[OwnedFeatureStore], read: _Read, replies: list[Any], now: int) -> list[PartReplies]:
@@ -253,7 +278,9 @@ def _take_in(stores: list[OwnedFeatureStore], read: _Read, replies: list[Any], n
         for name, blob in zip(missing, newest_states(periods)):
             store._states[name] = blob
     markers = replies[at : at + len(read.candidates.bucket_ids)]
-    blocklists = replies[at + len(markers) : -1]
+    at += len(markers)
+    blocklists = iter(replies[at : at + sum(read.called)])
+    probes = iter(replies[at + sum(read.called) : -1])
     seen = [
         value
         for number, offset in enumerate(itertools.chain.from_iterable(markers), 1)
@@ -264,9 +291,38 @@ def _take_in(stores: list[OwnedFeatureStore], read: _Read, replies: list[Any], n
     read.prepared.copies_take_their_originals_time()
     versions = replies[-1]
     return [
-        PartReplies(cast(list[bytes], flags), versions[2 * j : 2 * j + 2], store._confirmed)
-        for j, (store, (_latest, _states, _seen, *flags)) in enumerate(zip(stores, blocklists))
+        PartReplies(
+            _blocklist_hits(
+                store,
+                now,
+                values,
+                next(blocklists)[3:] if called else [b""] * len(values),
+                held,
+                bool(held) and next(probes) > 0,
+            ),
+            versions[2 * j : 2 * j + 2],
+            store._confirmed,
+        )
+        for j, (store, values, held, called) in enumerate(zip(stores, read.values, read.held, read.called))
     ]
+
+
+def _blocklist_hits(
+    store: OwnedFeatureStore, now: int, values: list[bytes], flags: list[bytes], held: list[int], filled: bool
+) -> list[bytes]:
+    """Per BLOCKLIST_KINDS, the flags of the part's values: the read's, and of the kinds it held back
+    (``held``), when the EXISTS found any of their blocklists filled (``filled``), those of one more
+    call with their values. Remembers which blocklists were empty for the shard's next read: one
+    answers no flags to values looked up only when empty."""
+    if filled:
+        reply, _ = store._calls.fcall(
+            READ_FUNCTION, *_blocklist_read(store, now, [value if k in held else b"" for k, value in enumerate(values)])
+        )
+        flags = [cast(list[bytes], reply)[3 + k] if k in held else hits for k, hits in enumerate(flags)]
+    for k, (value, hits) in enumerate(zip(values, flags)):
+        if value and (filled or k not in held):
+            store._unused_blocklists[k] = hits == b""
+    return flags
 
 
 def _behaviour(stores: list[OwnedFeatureStore], p: Prepared) -> tuple[np.ndarray, list[dict[str, bytes]]]:
