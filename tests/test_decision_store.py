@@ -60,7 +60,7 @@ def expected_rows(scored: ScoredBatch) -> list[tuple]:
     b = scored.batch
     rows = []
     for i in range(len(b)):
-        row = scored.row(i)
+        row = orjson.loads(orjson.dumps(scored.row(i)))  # the row as the alert stream carries it
         shadow = scored.shadow
         rows.append(
             (
@@ -112,8 +112,12 @@ def test_binary_copy_through_staging_keeps_the_stored_decision(ns: Namespace) ->
         again = scored_batch(shadow=False)
         again.seen[:] = True
         again.decision[:] = 0
+        again.explanations[:] = [None] * len(again)
         store.store(again)
         assert again.decision.tolist() == [0, 1, 2]
+        # The alerts carry the stored explanation, not the one the COPY was made with.
+        alerted = [orjson.loads(alert.document)["explanation"] for alert in alert_documents(again)]
+        assert alerted == [None, scored_batch(shadow=True).explanations[2]]
         assert ns.sql("SELECT count(*) FROM transactions") == [(3,)]
         assert normalised(stored_rows(ns)) == expected_rows(scored_batch(shadow=True))
     finally:

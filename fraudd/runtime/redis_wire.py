@@ -7,7 +7,7 @@ the one-per-user and one-per-transaction arguments of the features read and comm
 each command in one C call. So a batch's commands are packed by hiredis and written to a pooled
 connection at once, and their replies read back in order. No response callbacks apply: callers
 send only commands whose raw reply they use (HMGET, HSET, PEXPIRE, FCALL, WATCH, UNWATCH, GET,
-MGET, MULTI, EXEC, XADD, WAIT).
+MGET, MULTI, EXEC, XADD, WAIT, EVALSHA).
 
 What this relies on in redis-py (>= 5.3, pinned in pyproject.toml and by tests/test_redis_wire.py):
 ``ConnectionPool.get_connection()`` without arguments, ``send_packed_command(list of bytes,
@@ -30,27 +30,38 @@ from redis.cluster import RedisCluster
 Command = tuple[str | bytes | int | float, ...]
 
 
-def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+def round_trip(client: redis.Redis, commands: Sequence[Command], errors_as_replies: bool = False) -> list[Any]:
     """The raw replies of ``commands``, sent to ``client`` in one write and read back in order.
 
     Every reply is read, so an error reply leaves no other on the connection; the first error is
-    raised afterwards. A broken connection is closed and the commands go again through redis-py's
+    raised afterwards, or with ``errors_as_replies`` each error reply is its command's reply (a
+    ``ResponseError``). A broken connection is closed and the commands go again through redis-py's
     own path, which reconnects and retries as the client is configured to; so does a client with a
     single dedicated connection."""
     if client.connection is None:  # pooled
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            return _send(conn, commands)
+            return _send(conn, commands, errors_as_replies)
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
         finally:
             pool.release(conn)
-    return [client.execute_command(*c) for c in commands]
+    return [_executed(client, c, errors_as_replies) for c in commands]
 
 
-def _send(conn: Any, commands: Sequence[Command]) -> list[Any]:
-    """``commands`` written to ``conn`` at once, every reply read back; the first error reply raised.
+def _executed(client: redis.Redis, command: Command, errors_as_replies: bool) -> Any:
+    try:
+        return client.execute_command(*command)
+    except redis.ResponseError as exc:
+        if errors_as_replies:
+            return exc
+        raise
+
+
+def _send(conn: Any, commands: Sequence[Command], errors_as_replies: bool = False) -> list[Any]:
+    """``commands`` written to ``conn`` at once, every reply read back; the first error reply raised
+    (or, ``errors_as_replies``, kept as its command's reply).
 
     One buffer, one write: redis-py writes each piece of a list with a system call of its own, and
     on loopback every write also costs Redis a wake-up and a read (≈ 100 µs of both sides' CPU on
@@ -62,8 +73,9 @@ def _send(conn: Any, commands: Sequence[Command]) -> list[Any]:
         try:
             replies.append(conn.read_response())
         except redis.ResponseError as exc:
+            replies.append(exc)
             error = error or exc
-    if error is not None:
+    if error is not None and not errors_as_replies:
         raise error
     return replies
 

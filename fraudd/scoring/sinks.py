@@ -15,8 +15,8 @@ row is durable.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -28,6 +28,7 @@ from redis.cluster import RedisCluster
 from ..keys import Keys
 from ..runtime.deadletters import Rejected, kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
+from ..runtime.redis_wire import round_trip
 from ..schema import connect
 from . import pgbinary, vectors
 from .decode import DecodedBatch
@@ -112,6 +113,7 @@ class ScoredBatch:
     vectors: np.ndarray  # float32 (n, len(vectors.VECTOR_COLUMNS)): what each decision was made from
     shadow: Shadow | None = None  # the challenger's view of the batch (--shadow-model)
     shadow_rules: ShadowRules | None = None  # the rule set in shadow's view of the batch
+    _explained: dict[int, bytes] | None = field(default=None, repr=False, compare=False)  # explained()
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -143,32 +145,85 @@ class ScoredBatch:
 
     def row(self, i: int) -> dict[str, Any]:
         """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
+        return self.rows([i])[0]
+
+    def rows(self, index: list[int]) -> list[dict[str, Any]]:
+        """``row`` of each of ``index``, made a column at a time: numpy converts a column's values of
+        those rows in one call, where a value read alone costs a numpy scalar and its conversion."""
         b = self.batch
-        lat, lon = float(b.lat[i]), float(b.lon[i])
-        return {
-            "transaction_id": b.transaction_id[i],
-            "user_id": b.user_id[i],
-            "amount": float(b.amount[i]),
-            "currency": b.currency[i],
-            "merchant": b.merchant[i],
-            "mcc": b.mcc[i],
-            "country": b.country[i],
-            "card_id": b.card_id[i],
-            "device_id": b.device_id[i],
-            "ip": b.ip[i],
-            "channel": b.channel[i],
-            "lat": None if math.isnan(lat) else lat,
-            "lon": None if math.isnan(lon) else lon,
-            "event_time": int(self.event_ms[i]) / 1000.0,
-            "stream_id": b.entry_ids[i],
-            "scored_at": self.scored_at_ms / 1000.0,
-            "score": round(float(self.score[i]), 6),
-            "decision": DECISIONS[self.decision[i]],
-            "reasons": self.reasons[i],
-            "model_version": self.model_version,
-            "rules_version": self.rules_version,
-            "explanation": self.explanations[i],
-        }
+        at = np.asarray(index, dtype=np.intp)
+        scored_at = self.scored_at_ms / 1000.0
+        return [
+            {
+                "transaction_id": b.transaction_id[i],
+                "user_id": b.user_id[i],
+                "amount": amount,
+                "currency": b.currency[i],
+                "merchant": b.merchant[i],
+                "mcc": b.mcc[i],
+                "country": b.country[i],
+                "card_id": b.card_id[i],
+                "device_id": b.device_id[i],
+                "ip": b.ip[i],
+                "channel": b.channel[i],
+                "lat": lat,
+                "lon": lon,
+                "event_time": event_time,
+                "stream_id": b.entry_ids[i],
+                "scored_at": scored_at,
+                "score": score,
+                "decision": decision,
+                "reasons": self.reasons[i],
+                "model_version": self.model_version,
+                "rules_version": self.rules_version,
+                "explanation": explanation,
+            }
+            for i, amount, lat, lon, event_time, score, decision, explanation in zip(
+                index,
+                b.amount[at].tolist(),
+                _none_for_nan(b.lat[at]),
+                _none_for_nan(b.lon[at]),
+                (self.event_ms[at] / 1000.0).tolist(),
+                self.scores(at),
+                self.decisions(at),
+                self.explanation_fragments(index),
+            )
+        ]
+
+    def scores(self, at: np.ndarray) -> list[float]:
+        """The scores of rows ``at`` as documents carry them: rounded to 6 decimals."""
+        return list(map(round, self.score[at].tolist(), repeat(6)))
+
+    def decisions(self, at: np.ndarray) -> list[str]:
+        return list(map(DECISIONS.__getitem__, self.decision[at].tolist()))
+
+    def explained(self) -> dict[int, bytes]:
+        """Row -> JSON of its explanation, of the rows explained (the flagged ones: a few in a
+        hundred): made once for the COPY, the alerts and the decision replies, which all carry it."""
+        if self._explained is None:
+            self._explained = {i: orjson.dumps(self.explanations[i]) for i in pgbinary.present(self.explanations)}
+        return self._explained
+
+    def explanation_fragments(self, index: list[int]) -> list[orjson.Fragment | None]:
+        """The explanations of rows ``index``, to be put in documents as their JSON already made."""
+        explained = self.explained()
+        return [None if (json := explained.get(i)) is None else orjson.Fragment(json) for i in index]
+
+    def adopt(self, i: int, score: float, decision: str, reasons: list[str], explanation: dict[str, Any] | None) -> None:
+        """Row ``i`` as PostgreSQL holds it (stored by an earlier delivery)."""
+        self.score[i] = score
+        self.decision[i] = DECISIONS.index(decision)
+        self.reasons[i] = reasons
+        self.explanations[i] = explanation
+        self._explained = None
+
+
+def _none_for_nan(values: np.ndarray) -> list[float | None]:
+    """``values`` as Python floats, NaN (absent) as None."""
+    out: list[float | None] = values.tolist()
+    for j in np.flatnonzero(np.isnan(values)).tolist():
+        out[j] = None
+    return out
 
 
 class DecisionStore:
@@ -216,7 +271,8 @@ class DecisionStore:
         if not batches:
             return
         conn = self.connect()
-        data = _copy_binary(batches)
+        # psycopg writes a payload in slices of 128 KiB: of a memoryview, without copying them.
+        data = memoryview(_copy_binary(batches))
         if any(scored.seen.any() for scored in batches):
             self._store_idempotent(conn, batches, data)
             return
@@ -228,7 +284,7 @@ class DecisionStore:
             # it): the COPY wrote nothing; take the idempotent path for this batch.
             self._store_idempotent(conn, batches, data)
 
-    def _store_idempotent(self, conn: psycopg.Connection, batches: list[ScoredBatch], data: bytes) -> None:
+    def _store_idempotent(self, conn: psycopg.Connection, batches: list[ScoredBatch], data: memoryview) -> None:
         # One transaction: the staging table empties itself at its commit.
         with conn.transaction(), conn.cursor() as cur:
             with cur.copy(f"COPY fraudd_staging ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -258,22 +314,18 @@ class DecisionStore:
 
 
 def _adopt_stored(scored: ScoredBatch, stored: dict[str, tuple[Any, ...]]) -> None:
-    decision_index = {name: i for i, name in enumerate(DECISIONS)}
     for i, txid in enumerate(scored.batch.transaction_id):
         if txid in stored:
             score, decision, reasons, explanation = stored[txid]
-            scored.score[i] = score
-            scored.decision[i] = decision_index[decision]
-            scored.reasons[i] = list(reasons)
-            scored.explanations[i] = explanation
+            scored.adopt(i, score, decision, list(reasons), explanation)
 
 
 def _copy_binary(batches: list[ScoredBatch]) -> bytes:
     """The batches as one binary COPY payload, in the order of COLUMNS, built a column at a time."""
-    return pgbinary.HEADER + b"".join(map(_copy_rows, batches)) + pgbinary.TRAILER
+    return pgbinary.payload(map(_copy_rows, batches))
 
 
-def _copy_rows(scored: ScoredBatch) -> bytes:
+def _copy_rows(scored: ScoredBatch) -> pgbinary.Pieces:
     b = scored.batch
     n = len(b)
     fixed = (
@@ -306,7 +358,7 @@ def _copy_rows(scored: ScoredBatch) -> bytes:
             pgbinary.by_code(scored.decision, _DECISION_BYTES),
             pgbinary.memoized(scored.reasons, tuple, pgbinary.text_array),
             *_version_and_shadow_columns(scored.model_version, scored.shadow, n),
-            pgbinary.sparse(n, _explanations(scored.explanations)),
+            pgbinary.sparse(n, _explanations(scored)),
             *_rules_columns(scored.rules_version, scored.shadow_rules, n),
         ],
     )
@@ -332,9 +384,9 @@ def _rules_columns(rules_version: str, shadow: ShadowRules | None, n: int) -> li
     ]
 
 
-def _explanations(explanations: list[dict[str, Any] | None]) -> dict[int, bytes]:
-    """Row -> jsonb bytes of the rows explained (the flagged ones: a few in a hundred)."""
-    return {i: _JSONB_VERSION + orjson.dumps(explanations[i]) for i in pgbinary.present(explanations)}
+def _explanations(scored: ScoredBatch) -> dict[int, bytes]:
+    """Row -> jsonb bytes of the rows explained."""
+    return {i: _JSONB_VERSION + json for i, json in scored.explained().items()}
 
 
 # Alerts, dead letters and acks of one batch, atomically. Alerts and dead letters are guarded by a
@@ -466,13 +518,33 @@ class Settler:
         return Settled(acked, alerts_written, dead_written)
 
     def _call(self, keys: list[str], args: list[Any]) -> tuple[int, int, int]:
-        if args[7] and self._lease is not None:  # fenced: the lease is checked in the call
-            keys = [*keys, self._lease.key]
         try:
-            acked, alerts_written, dead_written = self._script(keys=keys, args=args)
+            if self._split:
+                acked, alerts_written, dead_written = self._script(keys=self._fenced_keys(keys, args), args=args)
+            else:
+                acked, alerts_written, dead_written = self._evalsha(self._command(keys, args))
         except redis.ResponseError as exc:
             raise self._fenced(exc) from None
         return acked, alerts_written, dead_written
+
+    def _fenced_keys(self, keys: list[str], args: list[Any]) -> list[str]:
+        """``keys`` and, for a fenced call, the lease's, which the script checks."""
+        return [*keys, self._lease.key] if args[7] and self._lease is not None else keys
+
+    def _command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        keys = self._fenced_keys(keys, args)
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    def _evalsha(self, command: tuple[Any, ...]) -> Any:
+        """The script's call packed by hiredis (``redis_wire``): redis-py's own packing inspects each
+        argument in Python, and the call has one or more per entry. Redis that lost the script (a
+        restart, SCRIPT FLUSH) ran nothing: it is loaded again and the call sent once more."""
+        client = cast(redis.Redis, self._client)
+        try:
+            return round_trip(client, [command])[0]
+        except redis.exceptions.NoScriptError:
+            client.script_load(SETTLE_SCRIPT)
+        return round_trip(client, [command])[0]
 
     def _fenced(self, exc: redis.ResponseError) -> Fenced | redis.ResponseError:
         """What the script's error means: ``Fenced`` for a lost lease, else the error itself."""
@@ -482,11 +554,8 @@ class Settler:
         self, ack_ids: list[str], alerts: list[AlertDocument], dead: list[Rejected], replies: dict[str, bytes]
     ) -> tuple[Any, ...]:
         """``settle`` on one Redis as an EVALSHA to send along with other shards' (``settle_together``)."""
-        args = self.arguments(ack_ids, alerts, dead, replies)
         keys = [self._keys.stream, self._keys.fraud_stream, self._keys.dlq_stream]
-        if args[7] and self._lease is not None:
-            keys.append(self._lease.key)
-        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        return self._command(keys, self.arguments(ack_ids, alerts, dead, replies))
 
     def outcome(self, reply: object) -> Settled | Fenced | redis.ResponseError:
         """The reply to ``command``: what was settled, ``Fenced``, or an error to settle alone after."""
@@ -535,10 +604,8 @@ def settle_together(
     on one Redis. Each is its own atomic script call fenced by its own shard's lease, so a shard
     lost leaves the others settled. A ``ResponseError`` outcome (the script or a consumer group
     lost with Redis's data) is to be settled alone, which restores what is missing."""
-    pipe = client.pipeline(transaction=False)
-    for settler, ack_ids, alerts, dead, replies in calls:
-        pipe.execute_command(*settler.command(ack_ids, alerts, dead, replies))
-    return [call[0].outcome(reply) for call, reply in zip(calls, pipe.execute(raise_on_error=False))]
+    commands = [settler.command(ack_ids, alerts, dead, replies) for settler, ack_ids, alerts, dead, replies in calls]
+    return [call[0].outcome(reply) for call, reply in zip(calls, round_trip(client, commands, errors_as_replies=True))]
 
 
 class AlertDocument(NamedTuple):
@@ -550,38 +617,42 @@ class AlertDocument(NamedTuple):
 
 
 def alert_documents(scored: ScoredBatch) -> list[AlertDocument]:
-    """The alerts of every non-approved decision, once per id within the batch."""
-    flagged = np.flatnonzero(scored.decision > 0)
-    bucket_of = buckets(scored.event_ms[flagged]).tolist()
-    documents: dict[str, AlertDocument] = {}
-    for i, bucket in zip(flagged.tolist(), bucket_of):
-        txid = scored.batch.transaction_id[i]
-        if txid not in documents:
-            documents[txid] = AlertDocument(txid, bucket, orjson.dumps(scored.row(i)))
-    return list(documents.values())
+    """The alerts of every non-approved decision, once per id within the batch (its first row)."""
+    flagged = np.flatnonzero(scored.decision > 0).tolist()
+    txids = scored.batch.transaction_id
+    first = sorted({txids[i]: i for i in reversed(flagged)}.values())
+    at = np.asarray(first, dtype=np.intp)
+    return [
+        AlertDocument(row["transaction_id"], bucket, orjson.dumps(row))
+        for row, bucket in zip(scored.rows(first), buckets(scored.event_ms[at]).tolist())
+    ]
 
 
 def decision_replies(stored: list[ScoredBatch], reply_to: dict[str, str]) -> dict[str, bytes]:
     """Per decisions channel, the JSON array of the stored decisions of the entries that named it
     (``reply_to``: entry id -> channel, the ``reply`` field that ``/v1/score`` entries carry): what
-    the waiting requests answer. Only those rows are visited; a batch without any costs nothing."""
+    the waiting requests answer. Only those rows are visited (found by C-level calls); a batch
+    without any costs nothing."""
     if not reply_to:
         return {}
     replies: dict[str, list[dict[str, Any]]] = {}
     for scored in stored:
         b = scored.batch
-        for i, entry_id in enumerate(b.entry_ids):
-            channel = reply_to.get(entry_id)
-            if channel is not None:
-                replies.setdefault(channel, []).append(
-                    {
-                        "transaction_id": b.transaction_id[i],
-                        "id": entry_id,
-                        "decision": DECISIONS[scored.decision[i]],
-                        "score": round(float(scored.score[i]), 6),
-                        "reasons": scored.reasons[i],
-                        "model_version": scored.model_version,
-                        "explanation": scored.explanations[i],
-                    }
-                )
+        channels = list(map(reply_to.get, b.entry_ids))
+        index = pgbinary.present(channels)
+        at = np.asarray(index, dtype=np.intp)
+        for i, decision, score, explanation in zip(
+            index, scored.decisions(at), scored.scores(at), scored.explanation_fragments(index)
+        ):
+            replies.setdefault(cast(str, channels[i]), []).append(
+                {
+                    "transaction_id": b.transaction_id[i],
+                    "id": b.entry_ids[i],
+                    "decision": decision,
+                    "score": score,
+                    "reasons": scored.reasons[i],
+                    "model_version": scored.model_version,
+                    "explanation": explanation,
+                }
+            )
     return {channel: orjson.dumps(decisions) for channel, decisions in replies.items()}

@@ -1,10 +1,11 @@
-"""Per-stage micro-benchmarks of the scoring hot path, each on a batch of 1,000 transactions.
+"""Per-stage micro-benchmarks of the scoring hot path, each on a batch of 1,000 transactions (the
+settle stage's also on one of 130, a read at half load, where a batch's fixed costs show).
 
 Run on demand, not in the default test run (``pyproject.toml`` keeps this directory out of it):
 
     .venv/bin/pytest tests/benchmarks --benchmark-columns=min,median,mean,stddev,rounds
 
-Figures divide by 1,000 to give µs per transaction; ``bench/RESULTS.md`` keeps the latest. They
+Figures divide by the batch's rows to give µs per transaction; ``bench/RESULTS.md`` keeps the latest. They
 time the worker's own CPU per stage; what Redis and PostgreSQL spend is ``python -m bench``'s.
 Features run against the machine's Redis (its round trip and commit are part of the stage).
 """
@@ -22,6 +23,7 @@ import redis
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
 from fraudd.runtime.process import keep_freed_memory
+from fraudd.runtime.redis_wire import pack
 from fraudd.scoring import behaviour, joined, pgbinary
 from fraudd.scoring.decode import DecodedBatch, decode_batch
 from fraudd.scoring.features import FEATURE_NAMES, Features, FeatureStore, Prepared, message_columns, prepare, split_states
@@ -37,7 +39,9 @@ from fraudd.scoring.worker import score_batch, scored_batch
 from ..conftest import REDIS_URL, Namespace, migrated_namespace
 
 BATCH = 1_000
+HALF_LOAD = 130  # what a read holds at half the throughput a worker sustains
 ROUNDS = 40  # features: each round scores a batch never seen before, as the worker does
+COPY_ROUNDS = 300  # each encodes a batch of its own, as the worker does
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,17 +254,23 @@ def test_explanations_of_flagged_rows(
     assert len(explanations) == flagged and all(e is not None for e in explanations)
 
 
+@pytest.mark.parametrize("rows", [BATCH, HALF_LOAD], ids=["1000-entry-reads", "130-entry-reads"])
 @pytest.mark.parametrize("missing", [0, 10], ids=["complete", "optional fields missing in 1 of 10"])
-def test_copy_encoding(benchmark, scored: ScoredBatch, missing: int) -> None:
+def test_copy_encoding(benchmark, scored: ScoredBatch, missing: int, rows: int) -> None:
     """The batch's binary COPY; every ``missing``-th row without location, card, device and IP (the
     generator always sends them, real gateways not), whose NULLs are patched in per row."""
-    scored = scored.take(range(BATCH))
-    for i in range(0, BATCH, missing) if missing else ():
+    scored = scored.take(range(rows))
+    for i in range(0, rows, missing) if missing else ():
         scored.batch.lat[i] = scored.batch.lon[i] = np.nan
         scored.batch.card_id[i] = scored.batch.device_id[i] = scored.batch.ip[i] = None
-    data = benchmark(_copy_binary, [scored])
-    assert data.startswith(pgbinary.HEADER) and data.endswith(pgbinary.TRAILER) and len(data) > BATCH * 200
-    assert data.count(pgbinary.NULL) >= (5 * BATCH // missing if missing else 0)
+
+    def fresh() -> tuple[tuple[list[ScoredBatch]], dict]:
+        """The batch as scored: its explanations not yet made JSON (the COPY makes it)."""
+        return ([scored.take(range(rows), scored.batch)],), {}
+
+    data = benchmark.pedantic(_copy_binary, setup=fresh, rounds=COPY_ROUNDS)
+    assert data.startswith(pgbinary.HEADER) and data.endswith(pgbinary.TRAILER) and len(data) > rows * 200
+    assert data.count(pgbinary.NULL) >= (5 * rows // missing if missing else 0)
 
 
 @pytest.fixture(scope="module")
@@ -268,33 +278,34 @@ def namespace() -> Iterator[Namespace]:
     yield from migrated_namespace(redis.Redis.from_url(REDIS_URL, protocol=2))
 
 
-def test_copy_into_postgres(benchmark, scored: ScoredBatch, namespace: Namespace) -> None:
+@pytest.mark.parametrize("rows", [BATCH, HALF_LOAD], ids=["1000-entry-reads", "130-entry-reads"])
+def test_copy_into_postgres(benchmark, scored: ScoredBatch, namespace: Namespace, rows: int) -> None:
     """Encoding and the COPY of a batch of new transactions, as the worker stores them (the round
     trip included; ``--benchmark-timer=time.process_time`` gives the worker's CPU alone)."""
     store = DecisionStore(namespace.postgres_url, namespace.schema)
     rounds = iter(range(ROUNDS))
 
     def fresh() -> tuple[tuple[ScoredBatch], dict]:
-        batch = scored.take(range(BATCH))
-        suffix = f"-{next(rounds)}"
+        batch = scored.take(range(rows))
+        suffix = f"-{rows}-{next(rounds)}"
         batch.batch.transaction_id = [t + suffix for t in batch.batch.transaction_id]
         return (batch,), {}
 
     benchmark.pedantic(store.store, setup=fresh, rounds=ROUNDS)
     store.close()
-    assert namespace.sql("SELECT count(*) FROM transactions") == [(BATCH * ROUNDS,)]
+    assert namespace.sql("SELECT count(*) FROM transactions WHERE transaction_id LIKE %s", (f"%-{rows}-%",)) == [(rows * ROUNDS,)]
 
 
-def test_settle_encoding(benchmark, scored: ScoredBatch, keys: Keys) -> None:
+@pytest.mark.parametrize("rows", [BATCH, HALF_LOAD], ids=["1000-entry-reads", "130-entry-reads"])
+def test_settle_encoding(benchmark, scored: ScoredBatch, keys: Keys, rows: int) -> None:
     """Alert documents, the script's arguments and their RESP packing, as the worker sends them."""
-    client = redis.Redis.from_url(REDIS_URL, protocol=2)
-    settler = Settler(client, keys, "group", "consumer", 3_600_000)
-    connection = redis.Connection()
+    scored = scored.take(range(rows))
+    _copy_binary([scored])  # made the explanations' JSON, which the alerts carry too, as in the worker
+    settler = Settler(redis.Redis.from_url(REDIS_URL, protocol=2), keys, "group", "consumer", 3_600_000)
 
-    def encode() -> list[bytes]:
-        args = settler.arguments(scored.entry_ids, alert_documents(scored), [])
-        return connection.pack_command("EVALSHA", "0" * 40, 3, keys.stream, keys.fraud_stream, keys.dlq_stream, *args)
+    def encode() -> bytes:
+        return pack(settler.command(scored.entry_ids, alert_documents(scored), [], {}))
 
     packed = benchmark(encode)
-    assert sum(map(len, packed)) > BATCH * 10
+    assert len(packed) > rows * 10
     assert np.count_nonzero(scored.decision) == len(alert_documents(scored))
