@@ -14,7 +14,7 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
-from fraudd.learning import history
+from fraudd.learning.history import Dataset, dataset, featurize, read_history
 from fraudd.learning.simulator import Simulator, SimulatorConfig
 from fraudd.scoring.explain import EXPLAIN_BLOCK_ROWS, TreeExplainer, _Leaf, _leaf_table
 from fraudd.scoring.features import FEATURE_NAMES
@@ -26,8 +26,8 @@ from .services import drain
 
 
 @pytest.fixture(scope="module")
-def holdout() -> history.Dataset:
-    return history.dataset(redis.Redis(protocol=2), seed=2, n=20_000)
+def holdout() -> Dataset:
+    return dataset(redis.Redis(protocol=2), seed=2, n=20_000)
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -72,14 +72,14 @@ def assert_exact(model_path: Path, rows: np.ndarray) -> None:
     assert stored == expected
 
 
-def test_shipped_model_explanations_are_lightgbms_and_add_up(holdout: history.Dataset) -> None:
+def test_shipped_model_explanations_are_lightgbms_and_add_up(holdout: Dataset) -> None:
     model = FraudModel.load(DEFAULT_MODEL, FEATURE_NAMES)
     order = np.argsort(-model.score(holdout.matrix))
     rows = holdout.matrix[np.concatenate([order[:400], order[::97]])]
     assert_exact(DEFAULT_MODEL, rows)
 
 
-def test_missing_values_follow_the_trees_default_direction(holdout: history.Dataset) -> None:
+def test_missing_values_follow_the_trees_default_direction(holdout: Dataset) -> None:
     rows = holdout.matrix[:300].copy()
     rows[::3, 0] = np.nan
     rows[1::3, 7] = np.nan
@@ -142,7 +142,7 @@ def test_freshly_trained_model_explanations_are_lightgbms(ns: Namespace, tmp_pat
     model_path = tmp_path / "team.onnx"
     result = ns.fraudd("train", "--history", str(path), "--out", str(model_path), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    data = history.dataset(redis.Redis(protocol=2), seed=4, n=5_000, label_delay_s=7 * 86_400.0)
+    data = dataset(redis.Redis(protocol=2), seed=4, n=5_000, label_delay_s=7 * 86_400.0)
     assert data.feature_names == FraudModel.load(model_path, FEATURE_NAMES).feature_names
     assert_exact(model_path, data.matrix)
 
@@ -208,7 +208,7 @@ def test_label_features_in_training_see_only_labels_reported_before_each_row(ns:
     ]
     path = tmp_path / "history.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    data = history.featurize(redis.Redis(protocol=2), history.read_history(path), label_delay_s=7 * day)
+    data = featurize(redis.Redis(protocol=2), read_history(path), label_delay_s=7 * day)
     column = data.feature_names.index("merchant_fraud_28d")
     assert data.matrix[:, column].tolist() == [0, 0, 0, 1, 2, 0]
     assert data.matrix[:, data.feature_names.index("merchant_fraud_7d")].tolist() == [0, 0, 0, 0, 0, 0]
