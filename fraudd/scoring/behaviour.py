@@ -10,6 +10,13 @@ and amount sums, a few exact recent transactions, a few remembered merchants, co
 and cards. Transactions are applied in rounds — round k applies the k-th new transaction of every
 user of the batch, in event-time order — so the vector width is the number of users, and each
 transaction is evaluated right after it is applied, at its own event time.
+
+A round costs numpy calls whatever its width, and most rounds after a batch's first are a few rows
+wide, so the arithmetic is laid out for few calls per round: a user's decoded state is one record
+(``_WORK``), gathered and scattered with one index per round; the 1 h and 24 h rings sit side by
+side, the card slots' counters beside the user's own, merchants, countries and devices beside each
+other, so one call does a step for all of them; and what depends on an event alone (its second,
+its slots) is computed once per batch.
 """
 
 from __future__ import annotations
@@ -84,6 +91,47 @@ STATE = np.dtype(
 )
 
 
+# The decoded state as the arithmetic works on it: float64 (times absolute ms, -1 = none) but ids.
+# Counter sets: the user's own, then one per card slot (a card's counters share the user's head).
+# A card set's recent list holds KRC times, padded to KR with +inf: never the oldest (so never
+# replaced), never in a minute, never in an evaluation's own slot.
+# Ring columns: the 1 h ring's N1H slots, then the 24 h ring's N24.
+# Entity kinds: merchants, countries, devices (id 0 = empty slot, first and last seen in Unix
+# seconds), each padded to _KE slots with ones that never match, are never empty, never known and
+# never the least recently seen (id -1, times +inf).
+_SETS = 1 + KCARD
+_KINDS = (("merchant", KM), ("country", KC), ("device", KD))
+_KE = max(size for _name, size in _KINDS)
+_WORK = np.dtype(
+    [
+        ("head", "<f8"),
+        ("n", "<f8"),
+        ("mean", "<f8"),
+        ("recent", "<f8", (_SETS, KR)),
+        ("recent_amount", "<f8", (KR,)),
+        ("counts", "<f8", (_SETS, N1H + N24)),
+        ("sum_24h", "<f8", (N24,)),
+        ("card", "<i8", (KCARD,)),
+        ("entity", "<i8", (len(_KINDS), _KE)),
+        ("entity_first", "<f8", (len(_KINDS), _KE)),
+        ("entity_last", "<f8", (len(_KINDS), _KE)),
+    ]
+)
+# Per ring column: its slot length, its ring's size, its place in its ring.
+_RING_SIZE = np.repeat([float(S1H), float(S24)], [N1H, N24])
+_RING_N = np.repeat([N1H, N24], [N1H, N24])
+_RING_POS = np.concatenate([np.arange(N1H), np.arange(N24)])
+# Per window (1 h, 24 h): its slot length, its first ring column.
+_WINDOW_SIZE = np.array([float(S1H), float(S24)])
+_WINDOW_START = np.array([0, N1H])
+_SLOT_POS = np.arange(max(KR, _KE, KCARD))
+_ENTITY_PADDING = _SLOT_POS[:_KE] >= np.array([[size] for _name, size in _KINDS])
+_DISTINCT_SPANS = np.array([3600.0, 86400.0])  # seconds: 1 h, 24 h
+# A record as raw bytes: gathered and scattered with a copy of each (a structured copy goes field
+# by field, several times slower).
+_RECORD = np.dtype((np.void, _WORK.itemsize))
+
+
 def _empty_state() -> bytes:
     rec = np.zeros(1, dtype=STATE)
     rec["head_ms"] = -1.0
@@ -97,33 +145,19 @@ _EMPTY_STATE = _empty_state()
 
 
 @dataclass(slots=True)
-class Entities:
-    """Remembered (id, first seen, last seen) per user; id 0 = empty slot, times in Unix seconds."""
-
-    ids: np.ndarray  # int64 (U, K)
-    first: np.ndarray  # float64 (U, K)
-    last: np.ndarray  # float64 (U, K)
-
-
-@dataclass(slots=True)
 class States:
-    """Decoded states of U users, as float64 work arrays (times absolute ms, -1 = none)."""
+    """Decoded states of U users, one ``_WORK`` record each (kept as ``_RECORD``)."""
 
-    head: np.ndarray  # (U,) newest event time applied
-    n: np.ndarray  # (U,)
-    mean: np.ndarray  # (U,) running mean amount
-    recent: np.ndarray  # (U, KR)
-    recent_amount: np.ndarray  # (U, KR)
-    count_1h: np.ndarray  # (U, N1H) ring indexed by absolute slot number mod N1H
-    count_24h: np.ndarray  # (U, N24)
-    sum_24h: np.ndarray  # (U, N24)
-    merchants: Entities
-    countries: Entities
-    devices: Entities
-    card: np.ndarray  # int64 (U, KCARD) card hash, 0 = empty
-    card_recent: np.ndarray  # (U, KCARD, KRC)
-    card_count_1h: np.ndarray  # (U, KCARD, N1H)
-    card_count_24h: np.ndarray  # (U, KCARD, N24)
+    records: np.ndarray
+
+    def of(self, users: np.ndarray) -> np.ndarray:
+        """A copy of the users' records."""
+        records: np.ndarray = self.records[users].view(_WORK)
+        return records
+
+    def put(self, users: np.ndarray, w: np.ndarray) -> None:
+        """Stores the users' records (each user at most once)."""
+        self.records[users] = w.view(_RECORD)
 
 
 @dataclass(slots=True)
@@ -144,46 +178,55 @@ class Transactions:
 def decode(blobs: list[bytes | None]) -> States:
     """States from stored blobs; a missing one (new or idle user) is the empty state."""
     rec = np.frombuffer(b"".join([_EMPTY_STATE if b is None else b for b in blobs]), dtype=STATE)
+    w = np.empty(len(rec), dtype=_WORK)
     head = rec["head_ms"].astype(np.float64)
-    return States(
-        head=head,
-        n=rec["n"].astype(np.float64),
-        mean=rec["mean"].astype(np.float64),
-        recent=_times(head, rec["recent_ago"], 1),
-        recent_amount=rec["recent_amount"].astype(np.float64),
-        count_1h=rec["count_1h"].astype(np.float64),
-        count_24h=rec["count_24h"].astype(np.float64),
-        sum_24h=rec["sum_24h"].astype(np.float64),
-        merchants=_entities(rec, "merchant"),
-        countries=_entities(rec, "country"),
-        devices=_entities(rec, "device"),
-        card=rec["card"].astype(np.int64),
-        card_recent=_times(head, rec["card_recent_ago"], 2),
-        card_count_1h=rec["card_count_1h"].astype(np.float64),
-        card_count_24h=rec["card_count_24h"].astype(np.float64),
-    )
+    w["head"] = head
+    w["n"] = rec["n"]
+    w["mean"] = rec["mean"]
+    recent, counts = w["recent"], w["counts"]
+    recent[:, 0] = _times(head, rec["recent_ago"], 1)
+    recent[:, 1:, :KRC] = _times(head, rec["card_recent_ago"], 2)
+    recent[:, 1:, KRC:] = np.inf
+    w["recent_amount"] = rec["recent_amount"]
+    counts[:, 0, :N1H] = rec["count_1h"]
+    counts[:, 0, N1H:] = rec["count_24h"]
+    counts[:, 1:, :N1H] = rec["card_count_1h"]
+    counts[:, 1:, N1H:] = rec["card_count_24h"]
+    w["sum_24h"] = rec["sum_24h"]
+    w["card"] = rec["card"]
+    ids, first, last = w["entity"], w["entity_first"], w["entity_last"]
+    for k, (name, size) in enumerate(_KINDS):
+        ids[:, k, :size] = rec[name]
+        first[:, k, :size] = rec[name + "_first"]
+        last[:, k, :size] = rec[name + "_last"]
+    ids[:, _ENTITY_PADDING] = -1
+    first[:, _ENTITY_PADDING] = np.inf
+    last[:, _ENTITY_PADDING] = np.inf
+    return States(w.view(_RECORD))
 
 
 def encode(s: States, rows: np.ndarray) -> bytes:
     """The given users' states, concatenated (fixed size each), with one ``tobytes``."""
+    w = s.of(rows)
     rec = np.empty(len(rows), dtype=STATE)
-    head = s.head[rows]
+    head = w["head"]
+    recent, counts = w["recent"], w["counts"]
     rec["head_ms"] = head
-    rec["n"] = s.n[rows]
-    rec["mean"] = s.mean[rows]
-    rec["recent_ago"] = _offsets(head, s.recent[rows], 1)
-    rec["recent_amount"] = s.recent_amount[rows]
-    rec["count_1h"] = s.count_1h[rows]
-    rec["count_24h"] = s.count_24h[rows]
-    rec["sum_24h"] = s.sum_24h[rows]
-    for name, ent in (("merchant", s.merchants), ("country", s.countries), ("device", s.devices)):
-        rec[name] = ent.ids[rows]
-        rec[name + "_first"] = ent.first[rows]
-        rec[name + "_last"] = ent.last[rows]
-    rec["card"] = s.card[rows]
-    rec["card_recent_ago"] = _offsets(head, s.card_recent[rows], 2)
-    rec["card_count_1h"] = s.card_count_1h[rows]
-    rec["card_count_24h"] = s.card_count_24h[rows]
+    rec["n"] = w["n"]
+    rec["mean"] = w["mean"]
+    rec["recent_ago"] = _offsets(head, recent[:, 0], 1)
+    rec["recent_amount"] = w["recent_amount"]
+    rec["count_1h"] = counts[:, 0, :N1H]
+    rec["count_24h"] = counts[:, 0, N1H:]
+    rec["sum_24h"] = w["sum_24h"]
+    for k, (name, size) in enumerate(_KINDS):
+        rec[name] = w["entity"][:, k, :size]
+        rec[name + "_first"] = w["entity_first"][:, k, :size]
+        rec[name + "_last"] = w["entity_last"][:, k, :size]
+    rec["card"] = w["card"]
+    rec["card_recent_ago"] = _offsets(head, recent[:, 1:, :KRC], 2)
+    rec["card_count_1h"] = counts[:, 1:, :N1H]
+    rec["card_count_24h"] = counts[:, 1:, N1H:]
     return rec.tobytes()
 
 
@@ -198,17 +241,78 @@ def compute(s: States, tx: Transactions) -> np.ndarray:
     new = np.flatnonzero(tx.new)
     order = new[np.lexsort((new, tx.t_ms[new], tx.user[new]))]
     if len(order):
-        users = tx.user[order]
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        # Each row's rank among its user's new rows: its place minus the place of the user's first.
+        users, place = tx.user[order], np.arange(len(order))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = users[1:] != users[:-1]
+        rank = place - np.maximum.accumulate(np.where(first, place, 0))
         by_rank = order[np.argsort(rank, kind="stable")]
-        for rows in np.split(by_rank, np.cumsum(np.bincount(rank))[:-1]):
-            _apply(s, tx, rows)
-            out[rows] = _evaluate(s, tx, rows)
+        ends = np.cumsum(np.bincount(rank)).tolist()
+        rows = _Rows.of(tx, by_rank)
+        features = np.empty((len(by_rank), out.shape[1]))
+        for start, end in zip([0, *ends[:-1]], ends):
+            r = rows[start:end]
+            records = s.of(r.user)
+            _apply(records, r)
+            s.put(r.user, records)
+            _evaluate(records, r, features[start:end])
+        out[by_rank] = features
     old = np.flatnonzero(~tx.new)
     if len(old):
-        out[old] = _evaluate(s, tx, old)
+        r = _Rows.of(tx, old)
+        features = np.empty((len(old), out.shape[1]))
+        _evaluate(s.of(r.user), r, features)
+        out[old] = features
     return out
+
+
+@dataclass(slots=True)
+class _Rows:
+    """Rows of a batch in the order the arithmetic takes them, with what depends on each event
+    alone computed once for all of them rather than once per round."""
+
+    user: np.ndarray
+    t_ms: np.ndarray
+    amount: np.ndarray
+    entities: np.ndarray  # int64 (m, kinds): merchant, country, device
+    card: np.ndarray
+    tsec: np.ndarray  # the event's second
+    slot: np.ndarray  # (m, ring columns) the event's absolute slot in each column's ring
+    latest: np.ndarray  # (m, ring columns) the latest absolute slot at or before it each column holds
+    own: np.ndarray  # (m, ring columns) the column the event counts in, of each ring
+    window_slot: np.ndarray  # (m, windows) the event's absolute slot, per window
+
+    @classmethod
+    def of(cls, tx: Transactions, rows: np.ndarray) -> _Rows:
+        t = tx.t_ms[rows]
+        slot = np.floor(t[:, None] / _RING_SIZE)
+        latest = slot - (slot.astype(np.int64) - _RING_POS) % _RING_N  # in integers: a float mod is slow
+        return cls(
+            user=tx.user[rows],
+            t_ms=t,
+            amount=tx.amount[rows],
+            entities=np.array([tx.merchant[rows], tx.country[rows], tx.device[rows]]).T,
+            card=tx.card[rows],
+            tsec=np.floor(t / 1000),
+            slot=slot,
+            latest=latest,
+            own=latest == slot,
+            window_slot=slot[:, _WINDOW_START],
+        )
+
+    def __getitem__(self, part: slice) -> _Rows:
+        return _Rows(
+            self.user[part],
+            self.t_ms[part],
+            self.amount[part],
+            self.entities[part],
+            self.card[part],
+            self.tsec[part],
+            self.slot[part],
+            self.latest[part],
+            self.own[part],
+            self.window_slot[part],
+        )
 
 
 def _times(head: np.ndarray, ago: np.ndarray, extra_dims: int) -> np.ndarray:
@@ -221,249 +325,183 @@ def _offsets(head: np.ndarray, times: np.ndarray, extra_dims: int) -> np.ndarray
     return np.where(times < 0, _EMPTY, np.minimum(ago, _EMPTY - 1)).astype(np.uint32)
 
 
-def _entities(rec: np.ndarray, name: str) -> Entities:
-    return Entities(rec[name].astype(np.int64), rec[name + "_first"].astype(np.float64), rec[name + "_last"].astype(np.float64))
+def _slot(ids: np.ndarray, last: np.ndarray, want: np.ndarray, now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each wanted entity goes among ``ids`` (last axis): its own slot, else the first empty
+    one, else the least recently seen, taken only by an observation newer than that one's last; an
+    absent entity (0) goes nowhere. Returns the masks (of the shape of ``ids``) of that slot and of
+    the entity's own.
+
+    One ``argmin`` of a key picks the slot (own, then empty, then least recent), and the key itself
+    at that slot says whether it may be taken: masks only, as reductions over a short last axis
+    cost numpy a loop per row."""
+    match = ids == want[..., None]
+    key = np.where(match, -np.inf, np.where(ids == 0, np.finfo(np.float64).min, last))
+    at: np.ndarray = (
+        (_SLOT_POS[: ids.shape[-1]] == key.argmin(axis=-1)[..., None]) & (now[..., None] > key) & (want > 0)[..., None]
+    )
+    return at, match
 
 
-def _cleared(head: np.ndarray, slot: np.ndarray, moved: np.ndarray, size: int, n: int) -> np.ndarray:
-    """(R, n) mask of the ring slots a head moving from ``head`` to the event of absolute slot
-    ``slot`` passes (to be zeroed); ``moved``: the event is later than the head.
-
-    Slot j is passed when some absolute slot in (h, s] maps to it; a gap of a whole ring or more
-    clears everything, so a long silence resets the window."""
-    h = np.floor(head / size)
-    d = np.mod(np.arange(n)[None, :] - h[:, None] - 1, n)
-    return moved[:, None] & (d < (slot - h)[:, None])
+def _remember(recent: np.ndarray, t: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Recent event times (last axis, unsorted): t replaces the oldest if it is newer, ``where``
+    (the other axes). Returns the mask of the replaced times."""
+    oldest = _SLOT_POS[: recent.shape[-1]] == recent.argmin(axis=-1)[..., None]
+    put: np.ndarray = oldest & (t[..., None] > recent) & where[..., None]
+    np.copyto(recent, t[..., None], where=put)
+    return put
 
 
-def _ring_index(
-    index: tuple[np.ndarray, ...], head: np.ndarray, slot: np.ndarray, size: int, n: int
-) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
-    """Where events of absolute ``slot`` go in a ring, leaving out those older than its reach from
-    ``head``; and the mask of the events kept, None when all are (events in order: no selection)."""
-    ok = slot > np.floor(head / size) - n
-    if ok.all():
-        return (*index, np.mod(slot, n).astype(np.intp)), None
-    return (*(i[ok] for i in index), np.mod(slot[ok], n).astype(np.intp)), ok
+def _apply(w: np.ndarray, r: _Rows) -> None:
+    """Adds each row's transaction to its user's record in ``w`` (each user at most once).
+
+    A ring column is passed by a head moving from slot h to the event's slot s when some absolute
+    slot in (h, s] maps to it, i.e. when the latest it holds up to s is after h: zeroed, so a gap of
+    a whole ring or more clears everything (a long silence resets the window), and an event at or
+    before the head (s <= h) clears nothing. An event older than a ring's reach from the head
+    (s <= h - n; the new head max(h, s) reaches as far) is not counted in it: the exact recent list
+    still knows it."""
+    head = w["head"]
+    h = np.floor(head[:, None] / _RING_SIZE)
+    passed = r.latest > h
+    counted = r.own & (r.slot > h - _RING_N)
+    counts, sums = w["counts"], w["sum_24h"]
+    np.copyto(counts, 0.0, where=passed[:, None])
+    np.copyto(sums, 0.0, where=passed[:, N1H:])
+    np.maximum(head, r.t_ms, out=head)
+    sets = _take_card(w, r)
+    np.copyto(counts, np.minimum(counts + 1.0, _COUNT_CAP), where=sets[:, :, None] & counted[:, None])
+    np.copyto(sums, sums + r.amount[:, None], where=counted[:, N1H:])
+    put = _remember(w["recent"], r.t_ms[:, None], sets)
+    np.copyto(w["recent_amount"], r.amount[:, None], where=put[:, 0])
+    n, mean = w["n"], w["mean"]
+    n += 1.0
+    mean += (r.amount - mean) / n
+    _observe(w, r)
 
 
-def _add(ring: np.ndarray, at: tuple[tuple[np.ndarray, ...], np.ndarray | None], x: np.ndarray | float, cap: float) -> None:
-    """Adds x to the slots ``_ring_index`` found (the events it kept)."""
-    idx, ok = at
-    if ok is not None and isinstance(x, np.ndarray):
-        x = x[ok]
-    ring[idx] = np.minimum(ring[idx] + x, cap)
+def _take_card(w: np.ndarray, r: _Rows) -> np.ndarray:
+    """Puts each row's card in a slot (a card taking over a slot starts with an empty history);
+    returns the counter sets (R, _SETS) the transaction counts in: the user's own and its card's."""
+    card_recent = w["recent"][:, 1:, :KRC]
+    at, match = _slot(w["card"], card_recent.max(axis=2), r.card, r.t_ms)
+    fresh = (at & ~match)[:, :, None]
+    np.copyto(card_recent, -1.0, where=fresh)
+    np.copyto(w["counts"][:, 1:], 0.0, where=fresh)
+    np.copyto(w["card"], r.card[:, None], where=at)
+    return np.concatenate([np.ones((len(at), 1), dtype=bool), at], axis=1)
 
 
-def _remember(recent: np.ndarray, amounts: np.ndarray | None, ts: np.ndarray, amount: np.ndarray | None) -> None:
-    """Recent event times (R, K), unsorted: a new one replaces the oldest if it is newer."""
-    r = np.arange(len(ts))
-    oldest = np.argmin(recent, axis=1)
-    take = ts > recent[r, oldest]
-    recent[r[take], oldest[take]] = ts[take]
-    if amounts is not None and amount is not None:
-        amounts[r[take], oldest[take]] = amount[take]
-
-
-def _slot(ids: np.ndarray, last: np.ndarray, want: np.ndarray, now: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where an entity goes: its own slot, else the first empty one, else the least recently seen
-    (taken only by an observation newer than that one's last). Returns (slot, found, write)."""
-    match = ids == want[:, None]
-    found = match.any(axis=1)
-    empty = ids == 0
-    any_empty = empty.any(axis=1)
-    slot = np.where(found, match.argmax(axis=1), np.where(any_empty, empty.argmax(axis=1), last.argmin(axis=1)))
-    write = found | any_empty | (now > last[np.arange(len(want)), slot])
-    return slot, found, write
-
-
-def _observe(ent: Entities, users: np.ndarray, ids: np.ndarray, tsec: np.ndarray) -> None:
-    keep = ids > 0
-    if not keep.all():
-        users, ids, tsec = users[keep], ids[keep], tsec[keep]
-    slot, found, write = _slot(ent.ids[users], ent.last[users], ids, tsec)
-    if not write.all():
-        users, slot, found, tsec, ids = users[write], slot[write], found[write], tsec[write], ids[write]
-    at = (users, slot)
-    ent.first[at] = np.where(found, np.minimum(ent.first[at], tsec), tsec)
-    ent.last[at] = np.where(found, np.maximum(ent.last[at], tsec), tsec)
-    ent.ids[at] = ids
-
-
-def _apply(s: States, tx: Transactions, rows: np.ndarray) -> None:
-    """Adds one transaction to each user's state (each user at most once in ``rows``)."""
-    u, ts, amount = tx.user[rows], tx.t_ms[rows], tx.amount[rows]
-    head = s.head[u]
-    moved = ts > head
-    slot_1h, slot_24 = np.floor(ts / S1H), np.floor(ts / S24)
-    if moved.any():
-        for slot, size, n, user_rings, card_rings in (
-            (slot_1h, S1H, N1H, (s.count_1h,), s.card_count_1h),
-            (slot_24, S24, N24, (s.count_24h, s.sum_24h), s.card_count_24h),
-        ):
-            clear = _cleared(head, slot, moved, size, n)
-            if clear.any():
-                for ring in user_rings:
-                    ring[u] = np.where(clear, 0.0, ring[u])
-                card_rings[u] = np.where(clear[:, None, :], 0.0, card_rings[u])
-        head = np.maximum(head, ts)
-        s.head[u] = head
-    _add(s.count_1h, _ring_index((u,), head, slot_1h, S1H, N1H), 1.0, _COUNT_CAP)
-    at_24 = _ring_index((u,), head, slot_24, S24, N24)
-    _add(s.count_24h, at_24, 1.0, _COUNT_CAP)
-    _add(s.sum_24h, at_24, amount, np.inf)
-    recent, amounts = s.recent[u], s.recent_amount[u]
-    _remember(recent, amounts, ts, amount)
-    s.recent[u], s.recent_amount[u] = recent, amounts
-    n = s.n[u] + 1
-    s.n[u] = n
-    mean = s.mean[u]
-    s.mean[u] = mean + (amount - mean) / n
-    tsec = np.floor(ts / 1000)
-    _observe(s.merchants, u, tx.merchant[rows], tsec)
-    _observe(s.countries, u, tx.country[rows], tsec)
-    _observe(s.devices, u, tx.device[rows], tsec)
-
-    card = tx.card[rows]
-    with_card = np.flatnonzero(card > 0)
-    if len(with_card) == 0:
-        return
-    u, ts, head, card = u[with_card], ts[with_card], head[with_card], card[with_card]
-    slot_1h, slot_24 = slot_1h[with_card], slot_24[with_card]
-    slot, found, write = _slot(s.card[u], s.card_recent[u].max(axis=2), card, ts)
-    if not write.all():
-        u, ts, head, slot, card, found = u[write], ts[write], head[write], slot[write], card[write], found[write]
-        slot_1h, slot_24 = slot_1h[write], slot_24[write]
-    fresh = ~found
-    if fresh.any():
-        # A card taking over a slot starts with an empty history.
-        taken = (u[fresh], slot[fresh])
-        s.card_recent[taken] = -1.0
-        s.card_count_1h[taken] = 0.0
-        s.card_count_24h[taken] = 0.0
-    s.card[u, slot] = card
-    _add(s.card_count_1h, _ring_index((u, slot), head, slot_1h, S1H, N1H), 1.0, _COUNT_CAP)
-    _add(s.card_count_24h, _ring_index((u, slot), head, slot_24, S24, N24), 1.0, _COUNT_CAP)
-    recent = s.card_recent[u, slot]
-    _remember(recent, None, ts, None)
-    s.card_recent[u, slot] = recent
+def _observe(w: np.ndarray, r: _Rows) -> None:
+    """Remembers each row's merchant, country and device (all three kinds at once), at its second."""
+    ids, first, last = w["entity"], w["entity_first"], w["entity_last"]
+    at, match = _slot(ids, last, r.entities, r.tsec[:, None])
+    t, seen = r.tsec[:, None, None], at & match
+    np.copyto(first, np.where(seen, np.minimum(first, t), t), where=at)
+    np.copyto(last, np.where(seen, np.maximum(last, t), t), where=at)
+    np.copyto(ids, r.entities[..., None], where=at)
 
 
 class _Window:
-    """The slots of a ring that make the window ending at each event time t, for every ring of one
-    slot size read at the same (head, t): computed once, applied to each ring."""
+    """The ring columns inside the 1 h and 24 h windows ending at each event time t, read at the
+    same (head, t) for every counter set: computed once, applied to each."""
 
-    __slots__ = ("before_head", "inside", "size", "slot", "t")
+    __slots__ = ("before_head", "inside", "rows")
 
-    def __init__(self, size: int, n: int, head: np.ndarray, t: np.ndarray) -> None:
-        s, h = np.floor(t / size), np.floor(head / size)
-        lo = np.maximum(s, h) - n + 1
-        hi = np.minimum(s, h)
-        absolute = hi[:, None] - np.mod(hi[:, None] - np.arange(n)[None, :], n)
-        self.size, self.slot, self.t = size, s, t
-        self.inside = absolute >= lo[:, None]
-        # Only an evaluation before the head (out of order, redelivered) has later transactions.
-        before = (hi == s) & (t < head)
+    def __init__(self, head: np.ndarray, r: _Rows) -> None:
+        # A column is inside when the latest absolute slot it holds up to the earlier of the event's
+        # slot s and the head's h is within the window's reach from the later, max(s, h) - n.
+        h = np.floor(head[:, None] / _RING_SIZE)
+        latest = r.latest
+        if (r.t_ms > head).any():  # s can be after h only then (evaluated where no state knew t)
+            latest = np.minimum(latest, h - np.mod(h - _RING_POS, _RING_N))
+        self.inside = latest > np.maximum(r.slot, h) - _RING_N
+        self.rows = r
+        # Only an evaluation before the head (out of order, redelivered) has later transactions;
+        # such a t is in a slot at or before the head's, so its slot is the window's last.
+        before = r.t_ms < head
         self.before_head = before if before.any() else None
 
     def later(self, recent: np.ndarray) -> np.ndarray | None:
-        """Which of the recent transactions are later than t in t's own slot (the only slot of t's
-        window a later transaction can be in); None when no evaluation is before its head."""
+        """Which of the recent transactions (R, sets, K) are later than t in t's own slot of each
+        window (the only slot of t's window a later transaction can be in), (R, sets, K, windows);
+        None when no evaluation is before its head."""
         if self.before_head is None:
             return None
-        t = self.t[:, None]
-        later: np.ndarray = self.before_head[:, None] & (recent > t) & (np.floor(recent / self.size) == self.slot[:, None])
+        t = self.rows.t_ms[:, None, None]
+        candidates = (self.before_head[:, None, None] & (recent > t))[..., None]
+        later: np.ndarray = candidates & (np.floor(recent[..., None] / _WINDOW_SIZE) == self.rows.window_slot[:, None, None])
         return later
 
-    def total(self, ring: np.ndarray, later: np.ndarray | None, amounts: np.ndarray | None) -> np.ndarray:
-        """Sum of the window, minus the ``later`` transactions (their amounts, else 1 each)."""
-        total = np.where(self.inside, ring, 0.0).sum(axis=1)
+    def counts(self, counts: np.ndarray, later: np.ndarray | None) -> np.ndarray:
+        """Each counter set's count (R, sets, windows), minus the ``later`` transactions."""
+        total = np.add.reduceat(np.where(self.inside[:, None], counts, 0.0), _WINDOW_START, axis=2)
         if later is not None:
-            total -= np.where(later, 1.0 if amounts is None else amounts, 0.0).sum(axis=1)
+            total -= later.sum(axis=2)
+        clipped: np.ndarray = np.maximum(total, 0.0)
+        return clipped
+
+    def amount(self, sums: np.ndarray, later: np.ndarray | None, amounts: np.ndarray) -> np.ndarray:
+        """The 24 h amount, minus the ``later`` transactions' amounts of the user's own set."""
+        total = np.where(self.inside[:, N1H:], sums, 0.0).sum(axis=1)
+        if later is not None:
+            total -= np.where(later[:, 0, :, 1], amounts, 0.0).sum(axis=1)
         clipped: np.ndarray = np.maximum(total, 0.0)
         return clipped
 
 
-def _recent_stats(recent: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(count in the minute (t - 60 s, t] capped at 255, seconds since the previous or -1)."""
-    tt = t[:, None]
-    c1m = np.minimum(((recent <= tt) & (recent > tt - MINUTE_MS)).sum(axis=1), 255).astype(np.float64)
-    prev = np.where(recent < tt, recent, -1.0).max(axis=1)
-    return c1m, np.where(prev < 0, -1.0, (t - prev) / 1000)
-
-
-def _first_time(ids: np.ndarray, first: np.ndarray, want: np.ndarray, tsec: np.ndarray) -> np.ndarray:
-    """1 where no observation of the entity is earlier than tsec (absent id: 0); ``ids`` and
-    ``first``: the users' remembered entities."""
-    match = ids == want[:, None]
-    first_of = first[np.arange(len(want)), match.argmax(axis=1)]
-    first_seen: np.ndarray = np.where(want == 0, 0.0, np.where(match.any(axis=1) & (first_of < tsec), 0.0, 1.0))
-    return first_seen
-
-
-def _distinct(ids: np.ndarray, first: np.ndarray, last: np.ndarray, tsec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """How many of the users' remembered entities were seen within 1 h and within 24 h up to tsec."""
-    tt = tsec[:, None]
-    known = (ids != 0) & (first <= tt)
-    return (
-        (known & (last > tt - 3600.0)).sum(axis=1).astype(np.float64),
-        (known & (last > tt - 86400.0)).sum(axis=1).astype(np.float64),
-    )
-
-
-def _evaluate(s: States, tx: Transactions, rows: np.ndarray) -> np.ndarray:
-    """Features as of each row's event time, read-only (users may repeat); the state already
-    holds the transaction itself."""
-    u, t, amount = tx.user[rows], tx.t_ms[rows], tx.amount[rows]
-    tsec = np.floor(t / 1000)
-    head = s.head[u]
-    recent = s.recent[u]
-    recent_amount = s.recent_amount[u]
-    c1m, since = _recent_stats(recent, t)
-    w1h, w24 = _Window(S1H, N1H, head, t), _Window(S24, N24, head, t)
-    later_1h, later_24 = w1h.later(recent), w24.later(recent)
-    # An event older than a ring's reach still counts what the exact recent list knows of it.
-    c1h = np.maximum(w1h.total(s.count_1h[u], later_1h, None), c1m)
-    c24 = np.maximum(w24.total(s.count_24h[u], later_24, None), c1h)
-    sum24 = w24.total(s.sum_24h[u], later_24, recent_amount).astype(np.float32)
+def _evaluate(w: np.ndarray, r: _Rows, out: np.ndarray) -> None:
+    """Features as of each row's event time into ``out``, read-only; ``w``: the rows' users'
+    records (users may repeat), which already hold the transactions themselves."""
+    t = r.t_ms
+    head, recent, amounts = w["head"], w["recent"], w["recent_amount"]
+    own = recent[:, 0]
+    tt, t3 = t[:, None], t[:, None, None]
+    window = _Window(head, r)
+    later = window.later(recent)
+    # Per counter set: the 1-minute count (exact, capped at 255), then the windows' counts. An event
+    # older than a ring's reach still counts what the exact recent list knows of it.
+    c1m = np.minimum(((recent <= t3) & (recent > t3 - MINUTE_MS)).sum(axis=2), 255).astype(np.float64)
+    c1h_24 = window.counts(w["counts"], later)
+    c1h = np.maximum(c1h_24[:, :, 0], c1m)
+    sets = np.empty(c1h.shape + (3,))  # per counter set: count_1m, count_1h, count_24h
+    sets[:, :, 0] = c1m
+    np.minimum(c1h, _COUNT_CAP, out=sets[:, :, 1])
+    np.minimum(np.maximum(c1h_24[:, :, 1], c1h), _COUNT_CAP, out=sets[:, :, 2])
+    out[:, 0:3] = sets[:, 0]
+    # The card's set is the one whose slot holds the row's card; none (0) without one.
+    card = (w["card"] == r.card[:, None]) & (r.card > 0)[:, None]
+    out[:, 13:16] = np.where(card[:, :, None], sets[:, 1:], 0.0).sum(axis=1)
+    out[:, 3] = window.amount(w["sum_24h"], later, amounts).astype(np.float32)
 
     # Mean of the user's transactions before t: the running mean with the recent ones at or after
     # t taken back out, so a redelivery sees what the original saw.
-    at_or_after = recent >= t[:, None]
-    n = s.n[u]
+    at_or_after = own >= tt
+    n = w["n"]
     count = n - at_or_after.sum(axis=1)
-    total = n * s.mean[u] - np.where(at_or_after, recent_amount, 0.0).sum(axis=1)
+    total = n * w["mean"] - np.where(at_or_after, amounts, 0.0).sum(axis=1)
     mean = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32).astype(np.float64)
-    to_mean = np.divide(amount, mean, out=np.ones(len(rows)), where=mean > 0)
+    out[:, 4] = np.divide(r.amount, mean, out=np.ones(len(t)), where=mean > 0)
 
-    out = np.empty((len(rows), len(BEHAVIOUR_FEATURES)))
-    card = tx.card[rows]
-    match = (s.card[u] == card[:, None]) & (card > 0)[:, None]
-    has_card = match.any(axis=1)
-    if has_card.any():
-        slot = match.argmax(axis=1)
-        card_recent = s.card_recent[u, slot]
-        cc1m = np.where(has_card, _recent_stats(card_recent, t)[0], 0.0)
-        cc1h = np.maximum(w1h.total(s.card_count_1h[u, slot], w1h.later(card_recent), None), cc1m)
-        cc24 = np.maximum(w24.total(s.card_count_24h[u, slot], w24.later(card_recent), None), cc1h)
-        out[:, 13] = cc1m
-        out[:, 14] = np.where(has_card, np.minimum(cc1h, _COUNT_CAP), 0.0)
-        out[:, 15] = np.where(has_card, np.minimum(cc24, _COUNT_CAP), 0.0)
-    else:
-        out[:, 13:] = 0.0
-
-    merchants, countries, devices = s.merchants, s.countries, s.devices
-    merchant_ids, merchant_first = merchants.ids[u], merchants.first[u]
-    country_ids, country_first = countries.ids[u], countries.first[u]
-    out[:, 0] = c1m
-    out[:, 1] = np.minimum(c1h, _COUNT_CAP)
-    out[:, 2] = np.minimum(c24, _COUNT_CAP)
-    out[:, 3] = sum24
-    out[:, 4] = to_mean
-    out[:, 5], out[:, 6] = _distinct(merchant_ids, merchant_first, merchants.last[u], tsec)
-    out[:, 7], out[:, 8] = _distinct(country_ids, country_first, countries.last[u], tsec)
+    prev = np.where(own < tt, own, -1.0).max(axis=1)
+    since = np.where(prev < 0, -1.0, (t - prev) / 1000)
     out[:, 9] = np.where((since < 0) | (since > SECONDS_SINCE_PREV_CAP), SECONDS_SINCE_PREV_CAP, since)
-    out[:, 10] = _first_time(devices.ids[u], devices.first[u], tx.device[rows], tsec)
-    out[:, 11] = _first_time(country_ids, country_first, tx.country[rows], tsec)
-    out[:, 12] = _first_time(merchant_ids, merchant_first, tx.merchant[rows], tsec)
-    return out
+    out[:, 5:9] = _distinct(w, r.tsec)
+    out[:, 10:13] = _first_time(w, r)[:, ::-1]
+
+
+def _first_time(w: np.ndarray, r: _Rows) -> np.ndarray:
+    """Per kind (R, kinds), 1 where no observation of the row's entity is earlier than its second
+    (absent entity: 0). An entity is in at most one slot of its kind."""
+    earlier = (w["entity"] == r.entities[..., None]) & (w["entity_first"] < r.tsec[:, None, None])
+    first_seen: np.ndarray = ((r.entities != 0) & ~earlier.any(axis=2)).astype(np.float64)
+    return first_seen
+
+
+def _distinct(w: np.ndarray, tsec: np.ndarray) -> np.ndarray:
+    """How many of the users' remembered merchants, then countries, were seen within 1 h and
+    within 24 h up to tsec: (R, 4)."""
+    tt = tsec[:, None, None]
+    known = (w["entity"][:, :2] != 0) & (w["entity_first"][:, :2] <= tt)
+    seen = w["entity_last"][:, :2, None] > (tt - _DISTINCT_SPANS[:, None])[:, None]
+    distinct: np.ndarray = (known[:, :, None] & seen).sum(axis=3).reshape(len(tsec), 4).astype(np.float64)
+    return distinct

@@ -121,32 +121,45 @@ def test_features_preparation(benchmark, payload_batches: list[list[bytes]]) -> 
     assert len(p.tx.user) == BATCH and len(p.names) > BATCH // 2
 
 
-@pytest.mark.parametrize("tx_per_second", [1000.0, 1.0], ids=["1-second-batches", "17-minute-batches"])
-def test_behaviour_arithmetic(benchmark, payload_batches: list[list[bytes]], tx_per_second: float) -> None:
+@pytest.mark.parametrize(
+    ("tx_per_second", "size"),
+    [(1000.0, BATCH), (1.0, BATCH), (1.0, 130)],
+    ids=["1-second-batches", "17-minute-batches", "130-entry-batches"],
+)
+def test_behaviour_arithmetic(benchmark, payload_batches: list[list[bytes]], tx_per_second: float, size: int) -> None:
     """The behaviour states of a batch's users decoded, its transactions applied and evaluated, the
     written states encoded: the worker's own part of the features stage, without Redis.
 
     A batch spanning more event time holds more transactions per user (bursts of fraud whole, not
-    cut over batches): more rounds of the arithmetic, each costing its numpy calls."""
+    cut over batches): more rounds of the arithmetic, each costing its numpy calls. Batches of 130
+    are a worker's at half load: a round after the first holds few rows, so what a round costs
+    whatever its width counts most. Each call computes the ``BATCH // size`` batches that follow
+    ROUNDS * BATCH transactions of history (their rounds vary), so divide by their transactions."""
     if tx_per_second != 1000.0:
         payload_batches = generated_batches(tx_per_second)
+    payloads = [payload for batch in payload_batches for payload in batch]
+    history = ROUNDS * BATCH
     stored: dict[str, bytes] = {}
-    for payloads in payload_batches[:ROUNDS]:  # the users' states as the earlier batches left them
-        p = prepare(decoded(payloads))
-        states = behaviour.decode([stored.get(name) for name in p.names])
+    timed: list[tuple[Prepared, list[bytes | None]]] = []
+    for start in range(0, history + size * (BATCH // size), size):
+        p = prepare(decoded(payloads[start : start + size]))
+        blobs = [stored.get(name) for name in p.names]
+        if start >= history:
+            timed.append((p, blobs))
+        states = behaviour.decode(blobs)  # the users' states as the earlier batches left them
         behaviour.compute(states, p.tx)
         stored.update(zip(p.names, split_states(behaviour.encode(states, np.arange(len(p.names))))))
-    p = prepare(decoded(payload_batches[ROUNDS]))
-    blobs = [stored.get(name) for name in p.names]
 
     def arithmetic() -> np.ndarray:
-        states = behaviour.decode(blobs)
-        columns = behaviour.compute(states, p.tx)
-        behaviour.encode(states, np.unique(p.tx.user))
+        for p, blobs in timed:
+            states = behaviour.decode(blobs)
+            columns = behaviour.compute(states, p.tx)
+            behaviour.encode(states, np.unique(p.tx.user))
         return columns
 
     columns = benchmark(arithmetic)
-    assert columns.shape == (BATCH, len(behaviour.BEHAVIOUR_FEATURES)) and sum(b is not None for b in blobs) > BATCH // 4
+    p, blobs = timed[-1]
+    assert columns.shape == (size, len(behaviour.BEHAVIOUR_FEATURES)) and sum(b is not None for b in blobs) > size // 4
 
 
 @pytest.mark.parametrize("shards", [1, 4])
