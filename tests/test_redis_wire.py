@@ -13,7 +13,7 @@ import redis
 import redis.asyncio
 from redis.cluster import RedisCluster
 
-from fraudd.runtime.redis_wire import Watch, refresh_slots, round_trip, round_trip_async
+from fraudd.runtime.redis_wire import Watch, pack, refresh_slots, round_trip, round_trip_async, sharing_tail
 
 from .conftest import REDIS_URL
 
@@ -48,6 +48,25 @@ def test_round_trip_on_a_single_connection_client_takes_redis_pys_path(key: str)
     try:
         assert client.connection is not None
         assert round_trip(client, [("SET", key, "y"), ("GET", key)]) == [True, b"y"]
+    finally:
+        client.close()
+
+
+def test_commands_sharing_a_tail_are_packed_as_each_whole_command() -> None:
+    tail = ["a", "é", "", "x" * 300]
+    heads = [("HMGET", "k:1"), ("HMGET", "key:22"), ("EXISTS",)]
+    assert [p.data for p in sharing_tail(heads, tail)] == [pack((*head, *tail)) for head in heads]
+    assert [p.command() for p in sharing_tail(heads, tail)] == [(*head, *tail) for head in heads]
+
+
+def test_commands_sharing_a_tail_go_through_both_paths(redis_client: redis.Redis, key: str) -> None:
+    redis_client.hset(key, mapping={"a": 1, "c": 3})
+    shared = sharing_tail([("HMGET", key), ("HMGET", f"{key}:absent")], ["a", "b", "c"])
+    expected = [[b"1", None, b"3"], [None, None, None]]
+    assert round_trip(redis_client, shared) == expected
+    client = redis.Redis.from_url(REDIS_URL, protocol=2, single_connection_client=True)
+    try:
+        assert round_trip(client, shared) == expected
     finally:
         client.close()
 

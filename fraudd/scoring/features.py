@@ -34,7 +34,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.keys import BLOCKLIST_KINDS, Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, on_node, redis_error_code
-from fraudd.runtime.redis_wire import Command, round_trip
+from fraudd.runtime.redis_wire import Command, Outgoing, round_trip
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
@@ -435,7 +435,7 @@ class ShardCalls:
         self.node: redis.Redis | None = None
         load_library(client)
 
-    def round_trip(self, commands: list[Command]) -> list[Any]:
+    def round_trip(self, commands: Sequence[Outgoing]) -> list[Any]:
         """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``)."""
         return on_node(self.client, self.keys.stream, lambda client: round_trip(client, commands), self.node)
 

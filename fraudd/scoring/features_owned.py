@@ -40,7 +40,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.keys import BLOCKLIST_KINDS, Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, node_client, on_node, redis_error_code
-from fraudd.runtime.redis_wire import Command, Watch
+from fraudd.runtime.redis_wire import Command, Outgoing, Watch, sharing_tail
 from fraudd.scoring import behaviour, joined
 from fraudd.scoring.confirmed import ConfirmedFraud
 from fraudd.scoring.decode import DecodedBatch
@@ -137,7 +137,7 @@ class _Read:
     values: list[list[bytes]]  # per part, per BLOCKLIST_KINDS, its values to look up (NUL-joined)
     held: list[list[int]]  # per part, the kinds whose values the read holds back (blocklist unused)
     called: list[bool]  # per part, whether the read calls the Function for its blocklists
-    commands: list[Command]
+    commands: list[Outgoing]
 
 
 @dataclass(slots=True)
@@ -233,13 +233,13 @@ def _read_of(stores: list[OwnedFeatureStore], batches: list[DecodedBatch], now: 
     values = [p.blocklist_values(j) for j in range(len(stores))]
     held: list[list[int]] = []
     called: list[bool] = []
-    periods: list[Command] = []
+    periods: list[Outgoing] = []
     blocklists: list[Command] = []
     probes: list[Command] = []
     for j, store in enumerate(stores):
         absent = [name for name in p.names[p.user_bounds[j] : p.user_bounds[j + 1]] if name not in store._states]
         missing.append(absent)
-        periods += [("HMGET", key, *absent) for key in reversed(state_periods(store._keys, now))] if absent else []
+        periods += sharing_tail([("HMGET", key) for key in reversed(state_periods(store._keys, now))], absent) if absent else []
         held.append([k for k, (unused, value) in enumerate(zip(store._unused_blocklists, values[j])) if unused and value])
         probes += [("EXISTS", *(store._calls.blocklist_keys[k] for k in held[j]))] if held[j] else []
         sent = [b"" if k in held[j] else value for k, value in enumerate(values[j])]
@@ -364,7 +364,7 @@ def _writes(stores: list[OwnedFeatureStore], read: _Read, written: list[dict[str
 
 
 def _read_watched(
-    client: redis.Redis | RedisCluster, watch: Watch, leases: list[str], commands: list[Command]
+    client: redis.Redis | RedisCluster, watch: Watch, leases: list[str], commands: list[Outgoing]
 ) -> tuple[list[Any], list[Any]]:
     """``watch.read``; after a restarted Redis without persistence, or FUNCTION FLUSH, dropped the
     library, once more with it loaded again."""

@@ -15,7 +15,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from fraudd.keys import Keys
-from fraudd.runtime.redis_wire import Command
+from fraudd.runtime.redis_wire import Command, sharing_tail
 from fraudd.scoring import behaviour
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES
 from fraudd.scoring.confirmed import ConfirmedFraud
@@ -95,7 +95,7 @@ class SharedFeatureStore:
         """The users' latest states as stored (None = absent), and the reply of the command
         ``also`` if any: one round trip, no Lua. The next period's hash exists only when another
         host's clock is ahead: its HMGET is a few nils."""
-        periods = [("HMGET", key, *names) for key in reversed(state_periods(self._keys))] if names else []
+        periods = sharing_tail([("HMGET", key) for key in reversed(state_periods(self._keys))], names) if names else []
         replies = self._calls.round_trip([*periods, *also]) if periods or also else []
         return newest_states(replies[: len(periods)]), replies[-1] if also else None
 
