@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.ingest import Publisher
@@ -112,14 +113,24 @@ def test_a_worker_reads_the_new_entries_of_all_its_shards_in_one_read(redis_clie
         reader.shards[1].consumer._next_claim = 0.0
         users = [f"user-{i}" for i in range(200)]
         Publisher(redis_client, ns.stream, shards).publish(payloads_of(users))
+        reads, entries = read_metrics()
         read = reader.read()
         per_shard = Counter(shard_of(u, shards) for u in users)
         # One XREADGROUP: up to ceil(100 / 4) new entries of every shard, each part held by its shard's consumer.
         assert {shard.index: len(part) for shard, part in reader.parts} == {k: min(25, per_shard[k]) for k in range(shards)}
         assert len(read) == sum(len(part) for _shard, part in reader.parts)
         assert all(shard.consumer.held == len(part) for shard, part in reader.parts)
+        # The read is one batch to the metrics, like every later stage of it: timed and sized once.
+        assert read_metrics() == (reads + 1, entries + len(read))
     finally:
         reader.release_all()
+
+
+def read_metrics() -> tuple[float, float]:
+    """(reads, entries read) as this process's metrics count them."""
+    sample = REGISTRY.get_sample_value
+    reads = sample("fraudd_stage_duration_seconds_count", {"stage": "read"}) or 0.0
+    return reads, sample("fraudd_batch_size_sum") or 0.0
 
 
 def test_a_read_that_blocked_takes_what_every_shard_received_meanwhile(redis_client: redis.Redis, ns: Namespace) -> None:

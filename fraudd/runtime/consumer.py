@@ -131,6 +131,13 @@ def _extra_fields(fields: list[bytes]) -> dict[bytes, bytes]:
     return {name: value for name, value in zip(fields[::2], fields[1::2]) if name != b"data"}
 
 
+def observe_read(entries: Entries, started: float) -> None:
+    """The metrics of one read that began at ``started`` (``perf_counter``): its time and its size,
+    once per read, however many streams it spans, like every other stage of a batch."""
+    metrics.stage_duration.labels("read").observe(time.perf_counter() - started)
+    metrics.batch_size.observe(len(entries))
+
+
 class StreamConsumer:
     """Consumer ``name`` of ``options.group`` on ``options.stream``, in worker process ``process``.
 
@@ -173,14 +180,13 @@ class StreamConsumer:
         started = time.perf_counter()
         entries = self.until_done(lambda: self._next_entries(new), "redis")
         if entries:
-            self.hold(entries, started)
+            self.hold(entries)
+            observe_read(entries, started)
         return entries
 
-    def hold(self, entries: Entries, read_started: float) -> None:
+    def hold(self, entries: Entries) -> None:
         """``entries``, read from this consumer's stream (here or in a read of several streams),
         are held until ``release``d."""
-        metrics.stage_duration.labels("read").observe(time.perf_counter() - read_started)
-        metrics.batch_size.observe(len(entries))
         self._held.append(entries.ids)
 
     @property

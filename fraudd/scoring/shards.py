@@ -48,7 +48,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from ..keys import Keys, shard_stream
-from ..runtime.consumer import Entries, StreamConsumer, ensure_group, read_entries
+from ..runtime.consumer import Entries, StreamConsumer, ensure_group, observe_read, read_entries
 from ..runtime.process import WorkerProcess
 from ..runtime.redis_clients import FUNCTION_NOT_FOUND, REDIS_FAILURES, REPLICA_WAIT_MS, on_node, redis_error_code
 from .features import LEASE_FUNCTION, FeatureStore, load_library
@@ -202,9 +202,12 @@ class ShardReader:
         for shard in shards:
             if shard.keys.stream in by_stream:
                 entries = read_entries(by_stream[shard.keys.stream])
-                shard.consumer.hold(entries, started)
+                shard.consumer.hold(entries)
                 self.parts.append((shard, entries))
-        return _together(part for _shard, part in self.parts)
+        read = _together(part for _shard, part in self.parts)
+        if read:
+            observe_read(read, started)
+        return read
 
     def _new_entries(self, shards: list[Shard], count: int, block: bool) -> dict[str, list[Any]]:
         """Stream -> its raw entries, of the streams that had any, in one XREADGROUP of up to
