@@ -59,8 +59,8 @@ def stored_rows(ns: Namespace) -> list[tuple]:
 def expected_rows(scored: ScoredBatch) -> list[tuple]:
     b = scored.batch
     rows = []
-    for i in range(len(b)):
-        row = orjson.loads(orjson.dumps(scored.row(i)))  # the row as the alert stream carries it
+    for i, document in enumerate(scored.rows(list(range(len(b))))):
+        row = orjson.loads(orjson.dumps(document))  # the row as the alert stream carries it
         shadow = scored.shadow
         rows.append(
             (

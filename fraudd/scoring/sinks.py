@@ -143,13 +143,10 @@ class ScoredBatch:
             None if self.shadow_rules is None else self.shadow_rules.take(index),
         )
 
-    def row(self, i: int) -> dict[str, Any]:
-        """Row ``i`` as the JSON document the alert stream carries (the ``transactions`` row)."""
-        return self.rows([i])[0]
-
     def rows(self, index: list[int]) -> list[dict[str, Any]]:
-        """``row`` of each of ``index``, made a column at a time: numpy converts a column's values of
-        those rows in one call, where a value read alone costs a numpy scalar and its conversion."""
+        """Rows ``index`` as the JSON documents the alert stream carries (the ``transactions`` rows),
+        made a column at a time: numpy converts a column's values of those rows in one call, where
+        a value read alone costs a numpy scalar and its conversion."""
         b = self.batch
         at = np.asarray(index, dtype=np.intp)
         scored_at = self.scored_at_ms / 1000.0
