@@ -358,8 +358,11 @@ def _columns(
             [column[i] for i in keep] for column in (entry_ids, txid, user, merchant, card, device, ip)
         )
         amounts, seconds = amounts[rows], seconds[rows]
-    optional = tuple([g(name) for g in get] for name in ("currency", "mcc", "country", "channel", "lat", "lon"))
-    return _batch(entry_ids, txid, user, merchant, amounts, seconds, (card, *optional[:3], device, ip, *optional[3:]), rejected)
+    currency, mcc, country, channel, lat, lon = (
+        [g(name) for g in get] for name in ("currency", "mcc", "country", "channel", "lat", "lon")
+    )
+    optional = (card, currency, mcc, country, device, ip, channel, lat, lon)
+    return _batch(entry_ids, txid, user, merchant, amounts, seconds, optional, rejected)
 
 
 def _batch(
