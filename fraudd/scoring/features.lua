@@ -51,7 +51,8 @@ end
 local BLOCKLISTS = 5  -- merchant, device, ip, country, card (BLOCKLIST_KINDS in features.py)
 
 -- Read here rather than in the worker's read so an empty list (the usual case) costs one SCARD,
--- and operators' edits apply from the next batch on.
+-- and operators' edits apply from the next batch on. A list found empty is not sent values again
+-- (ShardCalls.held_back in features.py) until an EXISTS in the worker's read finds it filled.
 local function blocklist_flags(key, joined)
     if joined == '' or redis.call('SCARD', key) == 0 then return '' end
     local values = split(joined)

@@ -38,7 +38,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from fraudd.keys import BLOCKLIST_KINDS, Keys
+from fraudd.keys import Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, node_client, on_node, redis_error_code
 from fraudd.runtime.redis_wire import Command, Outgoing, Watch, sharing_tail
 from fraudd.scoring import behaviour, joined
@@ -94,9 +94,6 @@ class OwnedFeatureStore:
         # host's clock is behind the previous owner's.
         self._latest_period = -1
         self._confirmed = ConfirmedFraud(redis_client, keys)
-        # Per BLOCKLIST_KINDS, whether its blocklist was empty when last looked at: a read then sends
-        # none of that kind's values, only an EXISTS of the set (``_read_of``).
-        self._unused_blocklists = [False] * len(BLOCKLIST_KINDS)
 
     def compute(self, batch: DecodedBatch) -> Features:
         (features,) = compute_owned([(self, batch)])
@@ -219,11 +216,9 @@ def _read_of(stores: list[OwnedFeatureStore], batches: list[DecodedBatch], now: 
     HMGET itself (``python -m bench redis-instructions``: the read's ≈ 8,700 instructions of
     Redis per transaction at 8 shards became ≈ 2,500). The Function is called without users or
     markers, for the blocklists alone, and without the values of a kind whose blocklist was empty
-    at the shard's last read: the values (≈ 85 bytes a transaction over the five kinds) cost Redis
-    ≈ 0.2 µs per transaction as Lua strings, even to learn that the set is empty. Those kinds are
-    probed with one EXISTS instead (an empty set is no key), and a shard with no other values to
-    look up calls no Function; one found filled since is looked up in one more round trip
-    (``_blocklist_hits``)."""
+    at the shard's last read (``ShardCalls.held_back``): those kinds are probed with one EXISTS,
+    a shard with no other values to look up calls no Function, and one found filled since is
+    looked up in one more round trip (``_blocklist_hits``)."""
     batch = joined.batches(batches)
     bounds = list(itertools.accumulate(map(len, batches), initial=0))
     p = prepare(batch, bounds)
@@ -240,8 +235,8 @@ def _read_of(stores: list[OwnedFeatureStore], batches: list[DecodedBatch], now: 
         absent = [name for name in p.names[p.user_bounds[j] : p.user_bounds[j + 1]] if name not in store._states]
         missing.append(absent)
         periods += sharing_tail([("HMGET", key) for key in reversed(state_periods(store._keys, now))], absent) if absent else []
-        held.append([k for k, (unused, value) in enumerate(zip(store._unused_blocklists, values[j])) if unused and value])
-        probes += [("EXISTS", *(store._calls.blocklist_keys[k] for k in held[j]))] if held[j] else []
+        held.append(store._calls.held_back(values[j]))
+        probes += store._calls.probe(held[j])
         sent = [b"" if k in held[j] else value for k, value in enumerate(values[j])]
         called.append(any(sent))
         if called[j]:
@@ -319,9 +314,7 @@ def _blocklist_hits(
             READ_FUNCTION, *_blocklist_read(store, now, [value if k in held else b"" for k, value in enumerate(values)])
         )
         flags = [cast(list[bytes], reply)[3 + k] if k in held else hits for k, hits in enumerate(flags)]
-    for k, (value, hits) in enumerate(zip(values, flags)):
-        if value and (filled or k not in held):
-            store._unused_blocklists[k] = hits == b""
+    store._calls.learn(values, flags, (k for k in range(len(values)) if filled or k not in held))
     return flags
 
 

@@ -10,6 +10,8 @@ concerned only, so idempotency costs extra only when a duplicate or a race actua
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import redis
 from redis.cluster import RedisCluster
@@ -68,9 +70,17 @@ class SharedFeatureStore:
         pending = np.arange(len(names))
         blocklist_hits: list[bytes] = []
         also_reply: object = None
+        values = p.blocklist_values()
+        held = self._calls.held_back(values)
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             if attempt == 0:
-                blobs, also_reply = self._read(names, also)
+                blobs, (also_reply, *probed) = self._read(names, also, *self._calls.probe(held))
+                # A kind whose blocklist was empty is looked up again only once its set exists.
+                if held and not probed[0]:
+                    values = [b"" if k in held else value for k, value in enumerate(values)]
+                    looked_up = [k for k in range(len(values)) if k not in held]
+                else:
+                    looked_up = list(range(len(values)))
             else:
                 blobs, _ = self._read([names[i] for i in pending])
             # Copies take their original's event time, which a commit conflict may have corrected.
@@ -82,8 +92,10 @@ class SharedFeatureStore:
             states = behaviour.decode(blobs)
             behaviour_columns[rows] = behaviour.compute(states, sub)
             # Blocklists are looked up once, in the first commit call.
-            joined = [] if blocklist_hits else p.blocklist_values()
+            joined = [] if blocklist_hits else values
             pending, hits = self._commit(states, sub, rows, blobs, pending, names, transaction_ids, tx, joined)
+            if hits and not blocklist_hits:
+                self._calls.learn(values, hits, looked_up)
             blocklist_hits = blocklist_hits or hits
             if len(pending) == 0:
                 return behaviour_columns, blocklist_hits, also_reply
@@ -91,13 +103,13 @@ class SharedFeatureStore:
             f"behaviour state of {len(pending)} users still conflicting after {MAX_COMMIT_ATTEMPTS} attempts"
         )
 
-    def _read(self, names: list[str], *also: Command) -> tuple[list[bytes | None], object]:
-        """The users' latest states as stored (None = absent), and the reply of the command
-        ``also`` if any: one round trip, no Lua. The next period's hash exists only when another
-        host's clock is ahead: its HMGET is a few nils."""
+    def _read(self, names: list[str], *also: Command) -> tuple[list[bytes | None], list[Any]]:
+        """The users' latest states as stored (None = absent), and the replies of the commands
+        ``also``: one round trip, no Lua. The next period's hash exists only when another host's
+        clock is ahead: its HMGET is a few nils."""
         periods = sharing_tail([("HMGET", key) for key in reversed(state_periods(self._keys))], names) if names else []
         replies = self._calls.round_trip([*periods, *also]) if periods or also else []
-        return newest_states(replies[: len(periods)]), replies[-1] if also else None
+        return newest_states(replies[: len(periods)]), replies[len(periods) :]
 
     def _commit(
         self,
