@@ -4,6 +4,7 @@ a redis-py release that changes any of it fails here rather than on the hot path
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import redis
 import redis.asyncio
 from redis.cluster import RedisCluster
 
-from fraudd.runtime.redis_wire import Watch, pack, refresh_slots, round_trip, round_trip_async, sharing_tail
+from fraudd.runtime.redis_wire import HeldConnection, Watch, pack, refresh_slots, round_trip, round_trip_async, sharing_tail
 
 from .conftest import REDIS_URL
 
@@ -84,6 +85,60 @@ def test_round_trip_after_the_server_closed_the_connection_goes_through_redis_py
         killer.close()
     # The pooled connection is dead; the round trip reconnects through redis-py and still answers.
     assert round_trip(redis_client, [("GET", key)]) == [b"z"]
+
+
+def test_held_connection_serves_every_round_trip_and_reads_every_reply(redis_client: redis.Redis, key: str) -> None:
+    held = HeldConnection()
+    first = held.round_trip(redis_client, [("CLIENT", "ID"), ("SET", key, "v")])
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        held.round_trip(redis_client, [("HSET", key, "a", 1), ("GET", key)])
+    assert held.round_trip(redis_client, [("CLIENT", "ID"), ("GET", key)]) == [first[0], b"v"]
+    # Held out of the pool: the client's own commands take another connection.
+    assert redis_client.client_id() != first[0]
+
+
+def test_held_connection_closed_by_the_server_answers_and_is_opened_again(redis_client: redis.Redis, key: str) -> None:
+    redis_client.set(key, "z")
+    held = HeldConnection()
+    (connection,) = held.round_trip(redis_client, [("CLIENT", "ID")])
+    redis_client.client_kill_filter(_id=connection)
+    # This call meets the closed connection and goes through redis-py; the next opens it again.
+    assert held.round_trip(redis_client, [("GET", key)]) == [b"z"]
+    reopened, value = held.round_trip(redis_client, [("CLIENT", "ID"), ("GET", key)])
+    assert value == b"z" and reopened != connection
+
+
+def test_held_connection_cut_off_mid_reply_is_not_read_again(redis_client: redis.Redis, key: str, monkeypatch) -> None:
+    redis_client.set(key, "w")
+    held = HeldConnection()
+    held.round_trip(redis_client, [("PING",)])
+    ((_, connection),) = held._held.values()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(connection, "read_response", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        held.round_trip(redis_client, [("GET", key)])
+    monkeypatch.undo()
+    # The unread reply went with the closed connection: the next call meets its own.
+    assert held.round_trip(redis_client, [("SET", key, "u"), ("GET", key)]) == [b"OK", b"u"]
+
+
+def test_held_connection_of_a_parent_process_is_not_used_after_a_fork(redis_client: redis.Redis, key: str) -> None:
+    held = HeldConnection()
+    (parents,) = held.round_trip(redis_client, [("CLIENT", "ID")])
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            (own,) = held.round_trip(redis_client, [("CLIENT", "ID")])
+            os.write(writer, b"ok" if own != parents else b"shared")
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(reader, 16) == b"ok"
+    assert held.round_trip(redis_client, [("CLIENT", "ID")]) == [parents]
 
 
 def test_watch_applies_only_while_no_watched_key_changed(redis_client: redis.Redis, key: str) -> None:

@@ -11,12 +11,15 @@ MGET, MULTI, EXEC, XADD, WAIT, EVALSHA).
 
 What this relies on in redis-py (>= 5.3, pinned in pyproject.toml and by tests/test_redis_wire.py):
 ``ConnectionPool.get_connection()`` without arguments, ``send_packed_command(list of bytes,
-check_health=False)``, ``read_response()`` raising an error reply as ``ResponseError`` with the
-connection left usable, and ``RedisCluster.nodes_manager.initialize()`` learning the slot map.
+check_health=False)`` opening a closed connection again, ``read_response()`` raising an error reply
+as ``ResponseError`` with the connection left usable, and ``RedisCluster.nodes_manager.initialize()``
+learning the slot map.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +69,43 @@ def round_trip(client: redis.Redis, commands: Sequence[Outgoing], errors_as_repl
         finally:
             pool.release(conn)
     return [_executed(client, c, errors_as_replies) for c in commands]
+
+
+class HeldConnection:
+    """``round_trip`` on a connection held across calls, one per client: for a user whose calls run
+    in one thread at a time (a worker's feature store), in place of a connection taken from the
+    pool and given back per call.
+
+    Why: redis-py's pool checks a connection out with a fork check, a lock, a poll of the socket for
+    stray replies and its observability records, and back in with another lock, ≈ 7 µs a call and
+    more on a loaded box, per round trip of every batch whatever its size. Held, the connection
+    needs none of that: every reply is read before a call returns, and a call cut off before that
+    closes the connection, which redis-py opens again at the next write. A broken connection sends
+    the call through redis-py's own path, as ``round_trip``; one held before a fork is left to the
+    parent and a new one taken. Held per client, weakly: on a cluster, a node's client dropped from
+    the slot map takes its connection with it."""
+
+    def __init__(self) -> None:
+        self._held: weakref.WeakKeyDictionary[redis.Redis, tuple[int, Any]] = weakref.WeakKeyDictionary()
+
+    def round_trip(self, client: redis.Redis, commands: Sequence[Outgoing], errors_as_replies: bool = False) -> list[Any]:
+        """``round_trip(client, commands, errors_as_replies)`` on the held connection."""
+        if client.connection is not None:  # a client with a single dedicated connection
+            return round_trip(client, commands, errors_as_replies)
+        held = self._held.get(client)
+        if held is None or held[0] != os.getpid():
+            held = self._held[client] = (os.getpid(), client.connection_pool.get_connection())
+        conn = held[1]
+        try:
+            return _send(conn, commands, errors_as_replies)
+        except redis.ResponseError:  # raised once every reply was read: the connection is clean
+            raise
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        return [_executed(client, c, errors_as_replies) for c in commands]
 
 
 def _executed(client: redis.Redis, command: Outgoing, errors_as_replies: bool) -> Any:

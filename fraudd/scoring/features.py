@@ -34,7 +34,7 @@ from redis.cluster import RedisCluster
 
 from fraudd.keys import BLOCKLIST_KINDS, Keys
 from fraudd.runtime.redis_clients import FUNCTION_NOT_FOUND, on_node, redis_error_code
-from fraudd.runtime.redis_wire import Command, Outgoing, round_trip
+from fraudd.runtime.redis_wire import Command, HeldConnection, Outgoing
 from fraudd.scoring import behaviour, dedup
 from fraudd.scoring.behaviour import BEHAVIOUR_FEATURES, SECONDS_SINCE_PREV_CAP
 from fraudd.scoring.confirmed import CONFIRMED_COLUMNS, ConfirmedFraud
@@ -438,6 +438,8 @@ class ShardCalls:
         # kinds) cost Redis ≈ 0.2 µs per transaction as Lua strings, even to learn the set is empty.
         self._unused_blocklists = [False] * len(BLOCKLIST_KINDS)
         self.node: redis.Redis | None = None
+        # A store's calls run in one thread (the worker's batch loop): one connection per node, held.
+        self._connection = HeldConnection()
         load_library(client)
 
     def held_back(self, values: Sequence[bytes]) -> list[int]:
@@ -457,8 +459,9 @@ class ShardCalls:
                 self._unused_blocklists[k] = flags[k] == b""
 
     def round_trip(self, commands: Sequence[Outgoing]) -> list[Any]:
-        """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``)."""
-        return on_node(self.client, self.keys.stream, lambda client: round_trip(client, commands), self.node)
+        """The raw replies of ``commands``, sent in one round trip (``redis_wire.round_trip``) on the
+        connection the store holds to the node."""
+        return on_node(self.client, self.keys.stream, lambda client: self._connection.round_trip(client, commands), self.node)
 
     def fcall(self, function: str, keys: list[str], args: list[Any], *also: Command) -> tuple[list[Any], object]:
         """The function's reply, and the reply of the command ``also`` if any, in one round trip."""

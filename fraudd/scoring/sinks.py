@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from ..keys import Keys
 from ..runtime.deadletters import Rejected, kept_field_pairs
 from ..runtime.redis_clients import ReplicaWait, redis_error_code
-from ..runtime.redis_wire import round_trip
+from ..runtime.redis_wire import HeldConnection, round_trip
 from ..schema import connect
 from . import pgbinary, vectors
 from .decode import DecodedBatch
@@ -479,6 +479,8 @@ class Settler:
         self._script = client.register_script(SETTLE_SCRIPT)
         self._split = isinstance(client, RedisCluster)
         self._replicas = ReplicaWait()
+        # A shard's settles run one at a time (in the batch loop, or in its settling thread).
+        self._connection = HeldConnection()
         # Alerted markers live with the fraud stream, whatever the shard count: a transaction re-sent
         # after --shards changed lands on another shard and must still find its marker. Dead letters'
         # are per shard (in the DLQ's slot when split), as entry ids are.
@@ -538,10 +540,10 @@ class Settler:
         restart, SCRIPT FLUSH) ran nothing: it is loaded again and the call sent once more."""
         client = cast(redis.Redis, self._client)
         try:
-            return round_trip(client, [command])[0]
+            return self._connection.round_trip(client, [command])[0]
         except redis.exceptions.NoScriptError:
             client.script_load(SETTLE_SCRIPT)
-        return round_trip(client, [command])[0]
+        return self._connection.round_trip(client, [command])[0]
 
     def _fenced(self, exc: redis.ResponseError) -> Fenced | redis.ResponseError:
         """What the script's error means: ``Fenced`` for a lost lease, else the error itself."""

@@ -22,6 +22,7 @@ import redis
 
 from fraudd.generator import GeneratorConfig, TransactionGenerator
 from fraudd.keys import Keys, shard_of, shard_stream
+from fraudd.runtime.deadletters import Rejected
 from fraudd.runtime.process import keep_freed_memory
 from fraudd.runtime.redis_wire import pack
 from fraudd.scoring import behaviour, joined, pgbinary
@@ -33,7 +34,7 @@ from fraudd.scoring.leases import Fenced, Lease
 from fraudd.scoring.model import FraudModel
 from fraudd.scoring.rules import Rules
 from fraudd.scoring.settings import DEFAULT_MODEL, DEFAULT_RULES
-from fraudd.scoring.sinks import DecisionStore, ScoredBatch, Settler, _copy_binary, alert_documents
+from fraudd.scoring.sinks import AlertDocument, DecisionStore, ScoredBatch, Settler, _copy_binary, alert_documents
 from fraudd.scoring.worker import score_batch, scored_batch
 
 from ..conftest import REDIS_URL, Namespace, migrated_namespace
@@ -106,6 +107,22 @@ def test_features(benchmark, payload_batches: list[list[bytes]], store: FeatureS
     batches = iter([decoded(p) for p in payload_batches[:ROUNDS]])
     features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     assert features.matrix.shape == (BATCH, len(FEATURE_NAMES)) and not features.seen.any()
+
+
+def test_features_of_half_load_reads(benchmark, payload_batches: list[list[bytes]], keys: Keys) -> None:
+    """``test_features`` on reads of HALF_LOAD entries, where what a read costs whatever its size
+    (its round trips, its numpy calls) counts most; a store of its own, so none is seen before."""
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    half = Keys(f"{keys.stream}:half", keys.fraud_stream, keys.dlq_stream)
+    store = SharedFeatureStore(client, half, dedup_window_ms=3_600_000)
+    batches = iter([decoded(p[:HALF_LOAD]) for p in payload_batches[:ROUNDS]])
+    try:
+        features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
+    finally:
+        stale = list(client.scan_iter(match=half.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000))
+        for start in range(0, len(stale), 1000):
+            client.unlink(*stale[start : start + 1000])
+    assert features.matrix.shape == (HALF_LOAD, len(FEATURE_NAMES)) and not features.seen.any()
 
 
 def test_features_preparation(benchmark, payload_batches: list[list[bytes]]) -> None:
@@ -309,3 +326,27 @@ def test_settle_encoding(benchmark, scored: ScoredBatch, keys: Keys, rows: int) 
     packed = benchmark(encode)
     assert len(packed) > rows * 10
     assert np.count_nonzero(scored.decision) == len(alert_documents(scored))
+
+
+@pytest.mark.parametrize("rows", [BATCH, HALF_LOAD], ids=["1000-entry-reads", "130-entry-reads"])
+def test_settle_call(benchmark, scored: ScoredBatch, keys: Keys, rows: int) -> None:
+    """``test_settle_encoding`` and the script's round trip: the batch's entries acked, its alerts
+    (new transactions each round) written, as the worker settles a read on one Redis."""
+    client = redis.Redis.from_url(REDIS_URL, protocol=2)
+    group = f"group-{rows}"
+    client.xgroup_create(keys.stream, group, id="0", mkstream=True)
+    settler = Settler(client, keys, group, "consumer", 3_600_000)
+    rounds = iter(range(ROUNDS))
+
+    def fresh() -> tuple[tuple[list[str], list[AlertDocument], list[Rejected]], dict]:
+        batch = scored.take(range(rows))
+        suffix = f"-{rows}-{next(rounds)}"
+        batch.batch.transaction_id = [t + suffix for t in batch.batch.transaction_id]
+        _copy_binary([batch])  # made the explanations' JSON, which the alerts carry too, as in the worker
+        return (batch.entry_ids, alert_documents(batch), []), {}
+
+    try:
+        settled = benchmark.pedantic(settler.settle, setup=fresh, rounds=ROUNDS)
+        assert settled.alerts == len(alert_documents(scored.take(range(rows)))) > 0
+    finally:
+        client.delete(keys.stream, keys.fraud_stream)
