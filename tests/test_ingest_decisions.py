@@ -3,12 +3,16 @@ the stored decision for a duplicate; the fallback on timeout, the transaction st
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
+
+from fraudd.ingest.decisions import Decisions
+from fraudd.runtime.redis_clients import AsyncNodes
 
 from .conftest import Namespace, wait_for
 from .ingest_server import IngestServer, post, tx
@@ -147,3 +151,22 @@ def test_sharded_input(ns: Namespace, redis_client: redis.Redis, tmp_path: Path)
         written = {orjson.loads(f[b"data"])["user_id"] for _i, f in redis_client.xrange(shard_stream(ns.stream, 3, k))}
         assert written == {f"user_{i}" for i in range(30) if shard_of(f"user_{i}", 3) == k}
     assert not redis_client.exists(ns.stream)
+
+
+def test_a_stop_while_the_channels_are_being_subscribed_ends_within_a_turn(ns: Namespace) -> None:
+    """An ingest stopped as it starts meets its decision channels half subscribed, the connection
+    maybe in its handshake: its stop ends there, not at the supervisor's kill."""
+
+    async def start_then_stop(delay: float) -> None:
+        nodes = AsyncNodes(ns.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        decisions = Decisions(nodes, [f"{ns.stream}:decisions"])
+        decisions.start()
+        await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(decisions.stop(), 5)  # a turn of the subscription's loops is a second
+        finally:
+            await nodes.aclose()
+
+    # Stops spread over the subscription's first milliseconds, several times over.
+    for delay in [ms / 1000 for ms in range(20)] * 5:
+        asyncio.run(start_then_stop(delay))

@@ -56,6 +56,10 @@ class Decisions:
         self._live: set[str] = set()  # channels subscribed, with no break since
         self._task: asyncio.Task | None = None
         self._broken = False  # logged once per episode
+        # Why stop() does not rely on the cancel alone: redis-py swallows a cancel that lands while
+        # a connection does its handshake (its connect() returns normally), and the subscription
+        # would then go on until the process is killed. Both loops end at their next turn instead.
+        self._stopping = False
 
     def start(self) -> None:
         """Subscribe in the background (Redis may be away at start: the API serves meanwhile)."""
@@ -66,6 +70,7 @@ class Decisions:
         return len(self._live) == len(self.channels)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -94,7 +99,7 @@ class Decisions:
         """Keep one subscription per node serving some of the channels, as the slot map says."""
         links: dict[redis.asyncio.Redis, tuple[frozenset[str], asyncio.Task]] = {}
         try:
-            while True:
+            while not self._stopping:
                 try:
                     serving = await self._serving()
                 except (*REDIS_FAILURES, OSError):
@@ -132,7 +137,7 @@ class Decisions:
             # One command per channel: each lives in its own shard's slot.
             for channel in channels:
                 await pubsub.ssubscribe(channel)
-            while True:
+            while not self._stopping:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
