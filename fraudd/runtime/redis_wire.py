@@ -4,8 +4,9 @@ connection internals (``get_connection``, ``send_packed_command``, ``read_respon
 
 Why: redis-py packs a command by inspecting every argument in Python, ≈ 3 µs per transaction with
 the one-per-user and one-per-transaction arguments of the features read and commit; hiredis packs
-each command in one C call. So a batch's commands are packed by hiredis and written to a pooled
-connection at once, and their replies read back in order. No response callbacks apply: callers
+each command in one C call. So a batch's commands are packed by hiredis and written at once to a
+connection (pooled, or held by a caller whose calls run one at a time: ``HeldConnection``), and
+their replies read back in order. No response callbacks apply: callers
 send only commands whose raw reply they use (HMGET, HSET, PEXPIRE, FCALL, WATCH, UNWATCH, GET,
 MGET, MULTI, EXEC, XADD, WAIT, EVALSHA).
 
