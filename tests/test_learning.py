@@ -378,7 +378,7 @@ def test_labels_stream_lands_in_the_table_once_and_bad_entries_in_the_dlq(
 def test_train_from_postgres_and_backtest_of_the_running_model(ns: Namespace, redis_client: redis.Redis, tmp_path: Path) -> None:
     traffic = Simulator(
         SimulatorConfig(
-            seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
+            seed=10, n_customers=300, n_terminals=600, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
         )
     ).history()
     Publisher(redis_client, ns.stream).publish(traffic.payloads())

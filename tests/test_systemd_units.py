@@ -341,7 +341,7 @@ def test_retrain_uses_only_what_its_sandbox_allows(ns: Namespace, redis_client: 
 
     traffic = Simulator(
         SimulatorConfig(
-            seed=10, n_customers=600, n_terminals=1_200, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
+            seed=10, n_customers=300, n_terminals=600, days=20, card_thefts_per_day=4e-3, customer_compromises_per_day=4e-3
         )
     ).history()
     Publisher(redis_client, ns.stream).publish(traffic.payloads())
