@@ -73,8 +73,16 @@ def keys() -> Iterator[Keys]:
     name = f"bench-{uuid.uuid4().hex[:10]}"
     k = Keys(f"{name}:raw", f"{name}:fraud", f"{name}:dlq")
     yield k
-    client = redis.Redis.from_url(REDIS_URL)
-    stale = list(client.scan_iter(match=k.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000))
+    remove_keys(redis.Redis.from_url(REDIS_URL), k.prefix)
+
+
+def remove_keys(client: redis.Redis, *prefixes: str) -> None:
+    """Every key under ``prefixes``, a benchmark's own, in a few UNLINKs."""
+    stale = [
+        key
+        for prefix in prefixes
+        for key in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000)
+    ]
     for start in range(0, len(stale), 1000):
         client.unlink(*stale[start : start + 1000])
 
@@ -119,9 +127,7 @@ def test_features_of_half_load_reads(benchmark, payload_batches: list[list[bytes
     try:
         features: Features = benchmark.pedantic(store.compute, setup=lambda: ((next(batches),), {}), rounds=ROUNDS)
     finally:
-        stale = list(client.scan_iter(match=half.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000))
-        for start in range(0, len(stale), 1000):
-            client.unlink(*stale[start : start + 1000])
+        remove_keys(client, half.prefix)
     assert features.matrix.shape == (HALF_LOAD, len(FEATURE_NAMES)) and not features.seen.any()
 
 
@@ -205,13 +211,7 @@ def test_features_of_owned_shards(benchmark, payload_batches: list[list[bytes]],
     try:
         features = benchmark.pedantic(compute_owned, setup=lambda: ((next(reads),), {}), rounds=ROUNDS)
     finally:
-        stale = [
-            key
-            for store in stores
-            for key in client.scan_iter(match=store._keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*", count=10_000)
-        ]
-        for start in range(0, len(stale), 1000):
-            client.unlink(*stale[start : start + 1000])
+        remove_keys(client, *(store._keys.prefix for store in stores))
     assert sum(len(f) for f in features if isinstance(f, Features)) == read and not any(isinstance(f, Fenced) for f in features)
 
 
