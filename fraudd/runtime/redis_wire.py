@@ -64,12 +64,12 @@ def round_trip(client: redis.Redis, commands: Sequence[Outgoing], errors_as_repl
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            return _send(conn, commands, errors_as_replies)
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
+            replies = _sent(conn, commands, errors_as_replies)
         finally:
             pool.release(conn)
-    return [_executed(client, c, errors_as_replies) for c in commands]
+        if replies is not None:
+            return replies
+    return _through_redis_py(client, commands, errors_as_replies)
 
 
 class HeldConnection:
@@ -96,17 +96,30 @@ class HeldConnection:
         held = self._held.get(client)
         if held is None or held[0] != os.getpid():
             held = self._held[client] = (os.getpid(), client.connection_pool.get_connection())
-        conn = held[1]
-        try:
-            return _send(conn, commands, errors_as_replies)
-        except redis.ResponseError:  # raised once every reply was read: the connection is clean
-            raise
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
-        except BaseException:
-            conn.disconnect()  # replies may be left unread on it
-            raise
-        return [_executed(client, c, errors_as_replies) for c in commands]
+        replies = _sent(held[1], commands, errors_as_replies)
+        return replies if replies is not None else _through_redis_py(client, commands, errors_as_replies)
+
+
+def _sent(conn: Any, commands: Sequence[Outgoing], errors_as_replies: bool) -> list[Any] | None:
+    """The replies of ``commands`` on ``conn``, or None when the connection broke: it is closed, and
+    the caller sends them through redis-py. A call cut off before every reply was read closes the
+    connection too, so no later call on it reads a reply that is not its own."""
+    try:
+        return _send(conn, commands, errors_as_replies)
+    except redis.ResponseError:  # raised once every reply was read: the connection is clean
+        raise
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()
+        return None
+    except BaseException:
+        conn.disconnect()
+        raise
+
+
+def _through_redis_py(client: redis.Redis, commands: Sequence[Outgoing], errors_as_replies: bool) -> list[Any]:
+    """``commands`` one by one on redis-py's own path, which reconnects and retries as the client
+    is configured to."""
+    return [_executed(client, c, errors_as_replies) for c in commands]
 
 
 def _executed(client: redis.Redis, command: Outgoing, errors_as_replies: bool) -> Any:
